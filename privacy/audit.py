@@ -1,0 +1,287 @@
+"""`fedshield audit`: verify a privacy ledger and recompute every site's ε independently.
+
+Input: a run directory (`<run>/privacy/ledger.jsonl`), a site state folder
+(`<state>/ledger.jsonl` + `site.pub`), or a ledger file.
+
+1. Verify (privacy.ledger.verify_ledger): per-site hash chains, site signatures, rounds
+   forward, cumulative ε never down.
+2. Recompute, from the recorded (noise_multiplier, sample_rate, steps) only and never from
+   the recorded ε, each site's cumulative ε after every entry with Google's dp-accounting:
+   RDP (Opacus' orders) and, per site at the end (and per entry for "prv" entries), PLD.
+3. Flag every entry whose recorded ε is below the recomputation of its accountant
+   ("rdp": dp-accounting RDP; "prv": dp-accounting PLD) by more than 1e-6 relative, and
+   every site whose ε (the larger of recorded and recomputed) is past its budget.
+
+Site public keys: `--site-keys DIR` (`DIR/<site>.pub`), the ones an auditor got from the
+sites themselves. Otherwise the run directory's `privacy/site-keys/<site>.pub` (or a
+state folder's `site.pub`) is used, and the report says that such keys are only as
+trustworthy as the run directory. Without any key, signatures are not checked and the
+audit does not pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from privacy import signing
+from privacy.accountant import Spend, epsilon_dp_accounting_pld, epsilon_dp_accounting_rdp
+from privacy.errors import FedShieldError
+from privacy.ledger import Ledger, VerifyResult, verify_ledger
+
+TOLERANCE = 1e-6  # relative: recorded ε may not be below the recomputation by more than this
+
+
+@dataclass
+class SiteAudit:
+    site: str
+    entries: int
+    runs: list[str]
+    rounds: int  # distinct (run, round) pairs with a spend
+    steps: int
+    noise_multipliers: list[float]
+    sample_rates: list[float]
+    max_grad_norms: list[float]
+    deltas: list[float]
+    accountants: list[str]
+    recorded_epsilon: float
+    rdp_epsilon: float  # dp-accounting RDP over the entries in this ledger
+    pld_epsilon: float  # dp-accounting PLD over the entries in this ledger
+    partial: bool = False  # this ledger does not hold the site's first spends
+    budget: float | None = None
+    over_budget: bool = False
+    key_fingerprint: str = ""
+
+
+@dataclass
+class AuditResult:
+    ok: bool
+    ledger_path: Path
+    run_dir: Path | None
+    verify: VerifyResult
+    sites: dict[str, SiteAudit]
+    entries: list[dict]  # per entry: index, site, run_id, round, recorded, rdp, pld, reference, flag
+    flags: list[str] = field(default_factory=list)  # each problem, one line, the first first
+    notes: list[str] = field(default_factory=list)
+    key_source: str = ""  # "given" | "run directory" | "state folder" | "none"
+    key_note: str = ""
+    budget_source: str = ""
+    torn_message: str = ""
+
+    @property
+    def first_problem(self) -> str:
+        return self.flags[0] if self.flags else ""
+
+    def to_json(self) -> dict:
+        def clean(x):
+            if isinstance(x, float) and not math.isfinite(x):
+                return str(x)
+            if isinstance(x, dict):
+                return {str(k): clean(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [clean(v) for v in x]
+            if isinstance(x, Path):
+                return str(x)
+            return x
+
+        v = self.verify
+        return clean({
+            "ok": self.ok,
+            "ledger": self.ledger_path,
+            "run_dir": self.run_dir,
+            "verification": {
+                "ok": v.ok, "first_bad_index": v.first_bad_index, "reason": v.reason,
+                "signatures_checked": v.signatures_checked, "checked": v.checked,
+                "problems": [p for _, p in v.problems],
+            },
+            "key_source": self.key_source, "key_note": self.key_note,
+            "budget_source": self.budget_source,
+            "sites": {k: asdict(s) for k, s in self.sites.items()},
+            "entries": self.entries,
+            "flags": self.flags, "notes": self.notes, "torn": self.torn_message,
+        })
+
+
+def _locate(path: Path) -> tuple[Path, Path | None, Path | None]:
+    """(ledger file, run directory or None, state folder or None)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "privacy" / "ledger.jsonl").is_file():
+            return path / "privacy" / "ledger.jsonl", path, None
+        if (path / "ledger.jsonl").is_file():
+            return path / "ledger.jsonl", None, path
+        raise FedShieldError(f"{path}: no privacy/ledger.jsonl (run directory) or ledger.jsonl (site state folder) in it")
+    if path.is_file():
+        if path.parent.name == "privacy" and (path.parent / "site-keys").is_dir():
+            return path, path.parent.parent, None
+        return path, None, path.parent if (path.parent / "site.pub").is_file() else None
+    raise FedShieldError(f"{path}: not found")
+
+
+def _load_keys(
+    sites: list[str], site_keys_dir: Path | None, run_dir: Path | None, state_dir: Path | None
+) -> tuple[dict | None, str, str]:
+    if site_keys_dir is not None:
+        d = Path(site_keys_dir)
+        if not d.is_dir():
+            raise FedShieldError(f"--site-keys {d}: not a folder")
+        keys = {s: signing.load_public_key(d / f"{s}.pub") for s in sites if (d / f"{s}.pub").is_file()}
+        return keys, "given", f"site public keys from {d} (as given to the auditor)"
+    if run_dir is not None and (run_dir / "privacy" / "site-keys").is_dir():
+        d = run_dir / "privacy" / "site-keys"
+        keys = {s: signing.load_public_key(d / f"{s}.pub") for s in sites if (d / f"{s}.pub").is_file()}
+        return keys, "run directory", (
+            f"site public keys were taken from the run directory ({d}); they are only as "
+            "trustworthy as the run directory itself: for an audit independent of the "
+            "coordinator, get each site's public key from the site and pass --site-keys"
+        )
+    if state_dir is not None and (state_dir / "site.pub").is_file() and len(sites) == 1:
+        keys = {sites[0]: signing.load_public_key(state_dir / "site.pub")}
+        return keys, "state folder", (
+            f"the site public key was taken from {state_dir / 'site.pub'}, next to the ledger; it is "
+            "only as trustworthy as that folder: pass --site-keys for an independent check"
+        )
+    return None, "none", "no site public keys: signatures were NOT checked (pass --site-keys DIR)"
+
+
+def _budgets_from_run(run_dir: Path | None) -> tuple[dict[str, float], dict[str, float]]:
+    """Budgets and final ε per site from the run's privacy/sites.json, if there is one."""
+    if run_dir is None:
+        return {}, {}
+    p = run_dir / "privacy" / "sites.json"
+    if not p.is_file():
+        return {}, {}
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise FedShieldError(f"{p}: not readable JSON ({exc})") from None
+    budgets, eps = {}, {}
+    for site, s in data.items() if isinstance(data, dict) else []:
+        if isinstance(s, dict):
+            if isinstance(s.get("budget"), (int, float)):
+                budgets[site] = float(s["budget"])
+            if isinstance(s.get("epsilon"), (int, float)):
+                eps[site] = float(s["epsilon"])
+    return budgets, eps
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def audit(path: Path, site_keys_dir: Path | None = None, budgets: dict[str, float] | None = None) -> AuditResult:
+    ledger_path, run_dir, state_dir = _locate(Path(path))
+    read = Ledger(ledger_path).read()  # read only: an auditor does not repair
+    entries = read.entries
+    if not entries:
+        raise FedShieldError(f"ledger {ledger_path}: no entries")
+    site_names = sorted({str(e.get("site")) for e in entries if isinstance(e, dict)})
+    keys, key_source, key_note = _load_keys(site_names, site_keys_dir, run_dir, state_dir)
+    verify = verify_ledger(entries, keys)
+
+    run_budgets, run_eps = _budgets_from_run(run_dir)
+    if budgets:
+        budget_source = "given on the command line"
+    elif run_budgets:
+        budgets, budget_source = run_budgets, f"the run's {run_dir / 'privacy' / 'sites.json'}"
+    else:
+        budgets, budget_source = {}, "none given"
+
+    flags: list[str] = []
+    notes: list[str] = list(verify.notes)
+    if not verify.ok:
+        flags.append(f"verification failed: {verify.reason}")
+        flags += [f"verification failed: {p}" for _, p in verify.problems[1:]]
+    if not verify.signatures_checked:
+        flags.append("signatures not checked: no site public keys (pass --site-keys DIR)")
+    if read.truncated_bytes:
+        notes.append(read.message + " (the cut entry is not part of this audit)")
+
+    # Recompute, site by site, in ledger order, from (σ, q, steps) only.
+    per_entry: list[dict] = []
+    history: dict[str, list[Spend]] = {}
+    for i, e in enumerate(entries):
+        site = str(e.get("site"))
+        row = {"index": i, "site": site, "run_id": e.get("run_id"), "round": e.get("round"),
+               "accountant": e.get("accountant"), "recorded": e.get("epsilon"),
+               "rdp": None, "pld": None, "reference": None, "flag": ""}
+        per_entry.append(row)
+        try:
+            spend = Spend(e["noise_multiplier"], e["sample_rate"], e["steps"])
+            delta = float(e["delta"])
+            if not 0 < delta < 1:
+                raise ValueError
+        except (KeyError, TypeError, ValueError, FedShieldError):
+            row["flag"] = "cannot recompute: bad or missing σ, q, steps or δ"
+            flags.append(f"entry {i} (round {e.get('round')!r}, site {site!r}): {row['flag']}")
+            continue
+        h = history.setdefault(site, [])
+        h.append(spend)
+        row["rdp"] = epsilon_dp_accounting_rdp(h, delta)
+        if e.get("accountant") == "prv":
+            row["pld"] = epsilon_dp_accounting_pld(h, delta)
+            row["reference"] = row["pld"]
+        else:
+            row["reference"] = row["rdp"]
+        rec = e.get("epsilon")
+        ref = row["reference"]
+        if not _is_number(rec) or (math.isfinite(ref) and rec < ref * (1 - TOLERANCE)) or (
+            not math.isfinite(ref) and rec != math.inf
+        ):
+            row["flag"] = "under-reported ε"
+            flags.append(
+                f"entry {i} (round {e.get('round')!r}, site {site!r}): recorded ε={rec!r} is below the "
+                f"recomputed {'PLD' if e.get('accountant') == 'prv' else 'RDP'} ε={ref:.6g} "
+                f"(σ={spend.noise_multiplier:g}, q={spend.sample_rate:g}, {spend.steps} steps so far)"
+            )
+
+    sites: dict[str, SiteAudit] = {}
+    for site in site_names:
+        mine = [e for e in entries if isinstance(e, dict) and str(e.get("site")) == site]
+        rows = [r for r in per_entry if r["site"] == site and r["rdp"] is not None]
+        h = history.get(site, [])
+        last = mine[-1]
+        delta = float(last.get("delta")) if _is_number(last.get("delta")) and 0 < last.get("delta") < 1 else None
+        pld = epsilon_dp_accounting_pld(h, delta) if (h and delta) else 0.0
+        rdp = rows[-1]["rdp"] if rows else 0.0
+        recorded = last.get("epsilon") if _is_number(last.get("epsilon")) else math.nan
+        s = SiteAudit(
+            site=site, entries=len(mine),
+            runs=sorted({str(e.get("run_id")) for e in mine}),
+            rounds=len({(e.get("run_id"), e.get("round")) for e in mine}),
+            steps=sum(sp.steps for sp in h),
+            noise_multipliers=sorted({float(sp.noise_multiplier) for sp in h}),
+            sample_rates=sorted({float(sp.sample_rate) for sp in h}),
+            max_grad_norms=sorted({e.get("max_grad_norm") for e in mine if _is_number(e.get("max_grad_norm"))}),
+            deltas=sorted({e.get("delta") for e in mine if _is_number(e.get("delta"))}),
+            accountants=sorted({str(e.get("accountant")) for e in mine}),
+            recorded_epsilon=recorded, rdp_epsilon=rdp, pld_epsilon=pld,
+            partial=site in verify.partial_sites,
+            key_fingerprint=str(last.get("key_fingerprint", "")),
+        )
+        budget = (budgets or {}).get(site)
+        if budget is not None:
+            s.budget = float(budget)
+            ref = rows[-1]["reference"] if rows else 0.0
+            spent = max(x for x in (recorded, ref) if _is_number(x) and not math.isnan(x)) if rows else 0.0
+            if spent > s.budget:
+                s.over_budget = True
+                flags.append(f"site {site}: ε={spent:.6g} is past its budget {s.budget:g} (δ={delta:g})")
+        if site in run_eps and _is_number(recorded) and run_eps[site] > recorded * (1 + TOLERANCE) + 1e-12:
+            flags.append(
+                f"site {site}: the run summary reports ε={run_eps[site]:.6g} but the ledger's last entry "
+                f"says {recorded:.6g}: entries are missing at the end of the ledger"
+            )
+        sites[site] = s
+    if budgets:
+        for site in sorted(set(budgets) - set(sites)):
+            notes.append(f"budget given for site {site}, which has no entries in this ledger")
+
+    ok = not flags
+    return AuditResult(
+        ok=ok, ledger_path=ledger_path, run_dir=run_dir, verify=verify, sites=sites,
+        entries=per_entry, flags=flags, notes=notes, key_source=key_source, key_note=key_note,
+        budget_source=budget_source, torn_message=read.message if read.truncated_bytes else "",
+    )

@@ -1,0 +1,107 @@
+"""`fedshield audit RUN_DIR_OR_LEDGER [--site-keys DIR] [--json] [--out DIR] [--budget SITE=EPS ...]`
+
+Exit status: 0 everything verifies (chain, signatures) and nothing is flagged; 1 tampering,
+unchecked signatures, an under-reported ε or a site over budget (the first problem is
+printed); 2 bad input (one line: "error: ...").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from privacy.errors import FedShieldError
+
+
+def _budget(text: str) -> tuple[str, float]:
+    site, sep, eps = text.rpartition("=")
+    try:
+        value = float(eps)
+    except ValueError:
+        value = math.nan
+    if not sep or not site or not (value > 0) or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"--budget {text!r}: expected SITE=EPS with EPS > 0")
+    return site, value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, as for every bad input
+        raise FedShieldError(f"audit: {message}")
+
+
+def audit_main(argv: list[str]) -> int:
+    p = _Parser(prog="fedshield audit", description="Verify a privacy ledger and recompute ε independently.")
+    p.add_argument("path", metavar="RUN_DIR_OR_LEDGER", type=Path)
+    p.add_argument("--site-keys", type=Path, default=None, help="folder with <site>.pub public keys")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default <run_dir>/audit/)")
+    p.add_argument("--budget", type=_budget, action="append", default=[], metavar="SITE=EPS")
+    try:
+        args = p.parse_args(argv)
+        from privacy.audit import audit
+        from privacy.report import write_report
+
+        result = audit(args.path, args.site_keys, dict(args.budget) or None)
+        if args.out is not None:
+            out = args.out
+        elif result.run_dir is not None:
+            out = result.run_dir / "audit"
+        else:
+            out = result.ledger_path.parent / "audit"
+        md, html = write_report(result, out)
+    except FedShieldError as exc:
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return 2
+    if args.json:
+        data = result.to_json()
+        data["report"] = {"markdown": str(md), "html": str(html)}
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        _print_summary(result, md, html)
+    if not result.ok:
+        print(f"AUDIT FAILED: {result.first_problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return "inf" if math.isinf(x) else f"{x:.4f}"
+    return "-" if x is None else str(x)
+
+
+def _print_summary(result, md: Path, html: Path) -> None:
+    v = result.verify
+    print(f"ledger: {result.ledger_path}")
+    print(f"entries: {v.checked.get('entries', 0)}, sites: {v.checked.get('sites', 0)}, "
+          f"chain: {'ok' if v.ok else 'BROKEN'}, signatures: "
+          + (f"{v.checked.get('signatures', 0)} verified" if v.signatures_checked else "NOT CHECKED"))
+    print(f"keys: {result.key_note}")
+    head = f"{'site':<20} {'entries':>7} {'steps':>7} {'δ':>9} {'acct':>5} {'ε recorded':>11} {'ε RDP':>9} {'ε PLD':>9} {'budget':>8}  status"
+    print(head)
+    for name, s in sorted(result.sites.items()):
+        flagged = any(r["flag"] for r in result.entries if r["site"] == name)
+        status = "UNDER-REPORTED" if flagged else "OVER BUDGET" if s.over_budget else "ok"
+        if s.partial:
+            status += " (partial history)"
+        print(f"{name:<20} {s.entries:>7} {s.steps:>7} {','.join(f'{d:g}' for d in s.deltas):>9} "
+              f"{','.join(s.accountants):>5} {_fmt(s.recorded_epsilon):>11} {_fmt(s.rdp_epsilon):>9} "
+              f"{_fmt(s.pld_epsilon):>9} {_fmt(s.budget):>8}  {status}")
+    for n in result.notes:
+        print(f"note: {n}")
+    print(f"report: {md}  {html}")
+    print("audit: PASSED" if result.ok else f"audit: FAILED ({len(result.flags)} problem(s))")
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(audit_main(sys.argv[1:]))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,456 @@
+"""The privacy ledger: append-only JSON lines, a hash chain per site, site signatures.
+
+One line per privacy spend (one DP-SGD segment: σ, q, steps). Fields of an entry:
+
+    run_id, round, site, mechanism ("dp-sgd-poisson-gaussian"), privacy_unit ("record"),
+    noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant ("rdp"|"prv"),
+    epsilon   cumulative ε of this site after this spend, over ALL of this site's entries
+              in the ledger it was appended to (the site's own ledger: every round, run
+              and restart), computed by `privacy.accountant.epsilon` (the larger of Opacus
+              and dp-accounting); a caller's larger value is kept, a smaller one never
+    seq       index of the entry in its site's chain (0, 1, 2, ...)
+    run_seq   index of the entry among its site's entries of the same run_id (0, 1, ...)
+    time      ISO 8601 UTC
+    key_fingerprint   "SHA256:<hex>" of the site's public key
+    prev_hash the hash of the previous entry OF THE SAME SITE ("0"*64 for seq 0)
+    hash      sha256 hex of the canonical JSON of every field except hash and signature
+    signature base64 ECDSA-P256-SHA256 signature by the site key over `hash` (ASCII bytes)
+
+Canonical JSON: sort_keys, separators (",", ":"), ensure_ascii. Fields other than these
+are allowed and are covered by the hash and the signature.
+
+The chain is PER SITE. A site appends to its own ledger in its own state folder; the
+coordinator concatenates the entries it receives from many sites into the run's
+`privacy/ledger.jsonl`. In such a combined file, each entry's prev_hash links to the
+previous entry of the same site in the file, so each site's sub-sequence is its own chain,
+signed by its own key, and the coordinator cannot edit, drop, reorder or insert a site's
+entries without breaking that site's chain or signature. A site's chain in a run's ledger
+may start after seq 0 (the site spent budget in earlier runs): `verify_ledger` reports
+that as a partial history (not tampering) provided it starts at the first spend of a run
+(run_seq 0); its ε then covers spends that are not in the file, and only the site's own
+ledger allows a full recomputation. Entries missing at the start of a run (run_seq > 0 as
+the first entry of that run) are a failure.
+
+What a chain cannot show: the removal of a site's LAST entries (a truncated chain is
+still a valid chain). The audit cross-checks against the run's summary where one exists;
+the site's own ledger is the authority.
+
+Durability: each entry is written with one write() to a file opened O_APPEND, then
+flush + fsync (and the directory is fsynced when the file is created): spend before
+release. A crash can only cut the last line; `read` keeps every whole line and reports
+the cut tail, `recover` sets the tail aside in `<ledger>.torn-<timestamp>` and rewrites
+the ledger atomically. A damaged line in the middle is not recoverable: LedgerError.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import math
+import numbers
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from privacy import signing
+from privacy.accountant import ACCOUNTANTS, Spend, epsilon
+from privacy.errors import FedShieldError, LedgerError
+
+MECHANISM = "dp-sgd-poisson-gaussian"
+PRIVACY_UNIT = "record"
+GENESIS = "0" * 64
+FILLED = ("prev_hash", "hash", "signature", "key_fingerprint", "time", "seq", "run_seq")
+REQUIRED = (
+    "run_id", "round", "site", "mechanism", "privacy_unit", "noise_multiplier", "sample_rate",
+    "steps", "max_grad_norm", "delta", "epsilon", "accountant", "time", "seq", "run_seq", "prev_hash",
+    "hash", "signature", "key_fingerprint",
+)
+
+
+def canonical(obj: dict) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def entry_hash(entry: dict) -> str:
+    body = {k: v for k, v in entry.items() if k not in ("hash", "signature")}
+    return hashlib.sha256(canonical(body)).hexdigest()
+
+
+@dataclass
+class LedgerRead:
+    entries: list[dict]
+    truncated_bytes: int = 0
+    message: str = ""
+    truncated_at: int | None = None  # byte offset where the cut tail starts
+    missing_newline: bool = False  # the last entry is whole but lacks its newline
+    torn_copy: Path | None = None  # where recover() kept the lost bytes
+    line_numbers: list[int] = field(default_factory=list)
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    # -- reading -----------------------------------------------------------------
+    def read(self) -> LedgerRead:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return LedgerRead([], 0, f"ledger {self.path}: no entries yet")
+        except IsADirectoryError:
+            raise LedgerError(f"ledger {str(self.path)!r}: is a folder, not a ledger file") from None
+        except OSError as exc:
+            raise LedgerError(f"ledger {str(self.path)!r}: cannot read: {exc.strerror}") from None
+        return parse_ledger_bytes(data, str(self.path))
+
+    def recover(self) -> LedgerRead:
+        """read(); if the last line was cut, keep its bytes aside and rewrite the ledger without it."""
+        with self._lock():
+            return self._recover_locked()
+
+    def _recover_locked(self) -> LedgerRead:
+        r = self.read()
+        if not r.truncated_bytes and not r.missing_newline:
+            return r
+        data = self.path.read_bytes()
+        if r.truncated_bytes:
+            stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+            torn = self.path.with_name(f"{self.path.name}.torn-{stamp}")
+            _write_atomic(torn, data[r.truncated_at:])
+            keep = data[: r.truncated_at]
+            r.torn_copy = torn
+            r.message += f"; the lost bytes are kept in {torn}"
+        else:
+            keep = data + b"\n"
+        _write_atomic(self.path, keep)
+        return r
+
+    def history(self, site: str) -> list[Spend]:
+        return [_spend(e) for e in self.read().entries if e.get("site") == site]
+
+    # -- writing -----------------------------------------------------------------
+    def append(self, fields: dict, key: signing.PrivateKey) -> dict:
+        """Sign and append one spend; fsynced before this returns. Returns the entry as written."""
+        entry = {k: v for k, v in fields.items() if k not in FILLED}
+        entry.setdefault("mechanism", MECHANISM)
+        entry.setdefault("privacy_unit", PRIVACY_UNIT)
+        missing = [k for k in ("run_id", "round", "site", "noise_multiplier", "sample_rate", "steps",
+                               "max_grad_norm", "delta", "accountant") if k not in entry]
+        if missing:
+            raise LedgerError(f"ledger {self.path}: entry lacks {', '.join(missing)}")
+        problem = _field_problem(entry, need_epsilon=False)
+        if problem:
+            raise LedgerError(f"ledger {self.path}: refusing to append: {problem}")
+        site = entry["site"]
+        fp = signing.fingerprint(key)
+        with self._lock():
+            r = self._recover_locked()
+            mine = [e for e in r.entries if e.get("site") == site]
+            last = mine[-1] if mine else None
+            if last is not None:
+                if last.get("key_fingerprint") != fp:
+                    raise LedgerError(
+                        f"ledger {self.path}: site {site}'s entries are signed by {last.get('key_fingerprint')}, "
+                        f"not by this key ({fp}); one site keeps one key per ledger"
+                    )
+                if last.get("run_id") == entry["run_id"] and int(entry["round"]) < int(last["round"]):
+                    raise LedgerError(
+                        f"ledger {self.path}: site {site}: round {entry['round']} after round {last['round']} "
+                        f"of run {entry['run_id']}"
+                    )
+            spend = _spend(entry)
+            eps = epsilon([*(_spend(e) for e in mine), spend], float(entry["delta"]), entry["accountant"])
+            given = entry.get("epsilon")
+            entry["epsilon"] = float(eps) if given is None else max(float(given), float(eps))
+            entry["seq"] = int(last["seq"]) + 1 if last is not None else 0
+            entry["run_seq"] = sum(1 for e in mine if e.get("run_id") == entry["run_id"])
+            entry["prev_hash"] = last["hash"] if last is not None else GENESIS
+            entry["time"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+            entry["key_fingerprint"] = fp
+            entry["hash"] = entry_hash(entry)
+            entry["signature"] = base64.b64encode(signing.sign(key, entry["hash"].encode("ascii"))).decode("ascii")
+            line = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True) + "\n"
+            self._write_line(line.encode("ascii"))
+        return entry
+
+    def _write_line(self, data: bytes) -> None:
+        created = not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_dir(self.path.parent)
+
+    def _lock(self):
+        return _FileLock(self.path.with_name(self.path.name + ".lock"))
+
+
+class _FileLock:
+    """An exclusive flock on a side file (the ledger itself is replaced by recover())."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        return False
+
+
+def parse_ledger_bytes(data: bytes, name: str) -> LedgerRead:
+    """Entries of a ledger file's bytes; see `Ledger.read`."""
+    cut = data.rfind(b"\n") + 1  # bytes [cut:] are after the last newline
+    body, tail = data[:cut], data[cut:]
+    entries: list[dict] = []
+    lines: list[int] = []
+    for n, raw in enumerate(body.split(b"\n")[:-1], start=1):
+        if not raw.strip():
+            continue
+        obj = _parse_line(raw)
+        if obj is None:
+            raise LedgerError(
+                f"ledger {name}: line {n} is not a valid entry; a damaged line in the middle of a "
+                "ledger cannot be recovered automatically (restore it from a copy)"
+            )
+        entries.append(obj)
+        lines.append(n)
+    r = LedgerRead(entries, 0, f"ledger {name}: {len(entries)} entries", line_numbers=lines)
+    if tail:
+        obj = _parse_line(tail)
+        n = body.count(b"\n") + 1
+        if obj is not None:  # a whole entry whose newline was not written
+            entries.append(obj)
+            lines.append(n)
+            r.missing_newline = True
+            r.message = f"ledger {name}: {len(entries)} entries (the last one lacks its newline)"
+        else:
+            r.truncated_bytes = len(tail)
+            r.truncated_at = cut
+            r.message = (
+                f"ledger {name}: last entry cut off at byte {cut} ({len(tail)} bytes); "
+                f"recovered {len(entries)} entries"
+            )
+    return r
+
+
+def _parse_line(raw: bytes) -> dict | None:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _spend(e: dict) -> Spend:
+    try:
+        return Spend(e["noise_multiplier"], e["sample_rate"], e["steps"])
+    except KeyError as exc:
+        raise LedgerError(f"ledger entry of site {e.get('site')!r} round {e.get('round')!r}: no {exc.args[0]}") from None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _field_problem(e: dict, need_epsilon: bool = True) -> str:
+    """What is wrong with an entry's fields, or ''."""
+    if not isinstance(e.get("site"), str) or not e.get("site"):
+        return "site must be a non-empty string"
+    if not isinstance(e.get("run_id"), str):
+        return "run_id must be a string"
+    if isinstance(e.get("round"), bool) or not isinstance(e.get("round"), int) or e["round"] < 0:
+        return f"round must be an integer >= 0, got {e.get('round')!r}"
+    if e.get("mechanism") != MECHANISM:
+        return f"mechanism {e.get('mechanism')!r} is not {MECHANISM!r}"
+    if e.get("privacy_unit") != PRIVACY_UNIT:
+        return f"privacy_unit {e.get('privacy_unit')!r} is not {PRIVACY_UNIT!r}"
+    if e.get("accountant") not in ACCOUNTANTS:
+        return f"accountant {e.get('accountant')!r} is not one of {', '.join(ACCOUNTANTS)}"
+    s, q, t = e.get("noise_multiplier"), e.get("sample_rate"), e.get("steps")
+    if not (_real(s) and math.isfinite(s) and s >= 0):
+        return f"noise_multiplier must be a finite number >= 0, got {s!r}"
+    if not (_real(q) and 0 <= q <= 1):
+        return f"sample_rate must be in [0, 1], got {q!r}"
+    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+        return f"steps must be an integer >= 0, got {t!r}"
+    if not (_real(e.get("delta")) and 0 < e["delta"] < 1):
+        return f"delta must be in (0, 1), got {e.get('delta')!r}"
+    if not (_real(e.get("max_grad_norm")) and e["max_grad_norm"] > 0):
+        return f"max_grad_norm must be > 0, got {e.get('max_grad_norm')!r}"
+    if need_epsilon or "epsilon" in e and e["epsilon"] is not None:
+        if not (_real(e.get("epsilon")) and e["epsilon"] >= 0):
+            return f"epsilon must be a number >= 0, got {e.get('epsilon')!r}"
+    return ""
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    first_bad_index: int | None = None
+    reason: str = ""
+    problems: list[tuple[int, str]] = field(default_factory=list)  # every problem found, in order
+    checked: dict = field(default_factory=dict)  # entries, hashes, links, signatures, sites
+    signatures_checked: bool = False
+    notes: list[str] = field(default_factory=list)  # not failures: partial histories, δ changes
+    partial_sites: dict[str, int] = field(default_factory=dict)  # site -> seq of its first entry here
+
+
+def _where(i: int, e: dict) -> str:
+    return f"entry {i} (round {e.get('round')!r}, site {e.get('site')!r})"
+
+
+def verify_ledger(entries: list[dict], public_keys: dict[str, signing.PublicKey] | None) -> VerifyResult:
+    """Check the per-site hash chains, the signatures, rounds and cumulative ε.
+
+    `public_keys`: site -> public key. With keys, every entry's signature must verify under
+    its site's key (a site without a key is a failure). With None, signatures are NOT
+    checked and the result says so (`signatures_checked` False): anyone can recompute
+    hashes, so an unsigned check shows accidents, not tampering.
+    """
+    res = VerifyResult(ok=True, signatures_checked=public_keys is not None)
+    counts = {"entries": len(entries), "hashes": 0, "links": 0, "signatures": 0, "sites": 0}
+    last: dict[str, dict] = {}
+    last_round: dict[tuple[str, str], int] = {}
+    fps: dict[str, str] = {}
+    run_seq: dict[tuple[str, str], int] = {}
+
+    def bad(i: int, e: dict, why: str) -> None:
+        res.problems.append((i, f"{_where(i, e)}: {why}"))
+
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            res.problems.append((i, f"entry {i}: not a JSON object"))
+            continue
+        missing = [k for k in REQUIRED if k not in e]
+        if missing:
+            bad(i, e, f"missing field(s) {', '.join(missing)}")
+            continue
+        problem = _field_problem(e)
+        if problem:
+            bad(i, e, problem)
+        if any(isinstance(e.get(k), bool) or not isinstance(e.get(k), int) or e[k] < 0 for k in ("seq", "run_seq")):
+            bad(i, e, f"seq and run_seq must be integers >= 0, got {e.get('seq')!r}, {e.get('run_seq')!r}")
+            continue
+        site = e["site"] if isinstance(e["site"], str) else repr(e["site"])
+        rs_key = (str(e["run_id"]), site)
+        want = run_seq.get(rs_key, -1) + 1
+        if e["run_seq"] != want:
+            bad(i, e, f"it is spend #{e['run_seq']} of run {e['run_id']} but spend #{want} was expected: "
+                      "an entry of this run was removed, inserted or reordered")
+        run_seq[rs_key] = e["run_seq"]
+        # 1. the hash covers the contents
+        if entry_hash(e) != e["hash"]:
+            bad(i, e, "its hash does not match its contents (the entry was edited)")
+        else:
+            counts["hashes"] += 1
+        # 2. the link to the same site's previous entry
+        prev = last.get(site)
+        if prev is None:
+            if e["seq"] == 0:
+                if e["prev_hash"] != GENESIS:
+                    bad(i, e, "seq 0 but prev_hash is not the genesis hash")
+                else:
+                    counts["links"] += 1
+            else:
+                if e["prev_hash"] == GENESIS:
+                    bad(i, e, f"seq {e['seq']} but prev_hash is the genesis hash")
+                res.partial_sites[site] = e["seq"]
+                res.notes.append(
+                    f"site {site}: this ledger starts at its spend #{e['seq']} (seq {e['seq']}): "
+                    f"{e['seq']} earlier spend(s) of this site are not here; the recorded ε includes them"
+                )
+        else:
+            if e["prev_hash"] != prev["hash"]:
+                bad(i, e, f"prev_hash does not link to site {site}'s previous entry (seq {prev['seq']}): "
+                          "an entry was removed, inserted or reordered")
+            elif e["seq"] != prev["seq"] + 1:
+                bad(i, e, f"seq {e['seq']} follows seq {prev['seq']}")
+            else:
+                counts["links"] += 1
+        # 3. the signature
+        if public_keys is not None:
+            key = public_keys.get(site)
+            if key is None:
+                bad(i, e, f"no public key for site {site}: its signature cannot be checked")
+            else:
+                fp = fps.setdefault(site, signing.fingerprint(key))
+                if e["key_fingerprint"] != fp:
+                    bad(i, e, f"signed with key {e['key_fingerprint']}, not site {site}'s key {fp}")
+                else:
+                    try:
+                        sig = base64.b64decode(str(e["signature"]), validate=True)
+                    except (binascii.Error, ValueError):
+                        sig = b""
+                    if sig and signing.verify(key, sig, str(e["hash"]).encode("ascii", "replace")):
+                        counts["signatures"] += 1
+                    else:
+                        bad(i, e, f"the signature does not verify under site {site}'s key")
+        # 4. rounds move forward per (run, site); several spends may share a round
+        rk = (str(e["run_id"]), site)
+        if isinstance(e["round"], int) and rk in last_round and e["round"] < last_round[rk]:
+            bad(i, e, f"round {e['round']} comes after round {last_round[rk]} of run {e['run_id']}: "
+                      "rounds went backwards")
+        if isinstance(e["round"], int):
+            last_round[rk] = max(e["round"], last_round.get(rk, e["round"]))
+        # 5. cumulative ε never decreases (at the same δ and accountant)
+        if prev is not None and _real(e.get("epsilon")) and _real(prev.get("epsilon")):
+            if (e.get("delta"), e.get("accountant")) == (prev.get("delta"), prev.get("accountant")):
+                if e["epsilon"] < prev["epsilon"]:
+                    bad(i, e, f"cumulative ε went down from {prev['epsilon']:.6g} to {e['epsilon']:.6g}")
+            else:
+                res.notes.append(
+                    f"site {site}: δ/accountant changed at entry {i} ({prev.get('delta')}/{prev.get('accountant')}"
+                    f" -> {e.get('delta')}/{e.get('accountant')}); ε is not comparable across the change"
+                )
+        last[site] = e
+    counts["sites"] = len(last)
+    res.checked = counts
+    if res.problems:
+        res.ok = False
+        res.first_bad_index, res.reason = res.problems[0]
+    if public_keys is None:
+        res.notes.append("signatures not checked (no site public keys given)")
+    return res

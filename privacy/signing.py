@@ -1,0 +1,139 @@
+"""Site signing keys: ECDSA P-256 (SECP256R1) with SHA-256, `cryptography` only.
+
+Private keys: PEM, PKCS#8, unencrypted (the site's state folder is the protection), created
+with mode 0600 from the first byte (os.open with O_CREAT|O_EXCL, 0o600) and never
+overwritten unless `force`. Public keys: PEM SubjectPublicKeyInfo. These are the standard
+`cryptography` serialisations, so the same EC key can also be converted to the OpenSSH form
+Flower's SuperNode authentication reads (`serialization.Encoding.OpenSSH`).
+
+Fingerprint: "SHA256:<hex>" of the DER SubjectPublicKeyInfo.
+Every error a user can cause (missing file, not a key, wrong key type) is a one-line
+`FedShieldError` naming the path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from privacy.errors import FedShieldError
+
+CURVE = ec.SECP256R1
+PrivateKey = ec.EllipticCurvePrivateKey
+PublicKey = ec.EllipticCurvePublicKey
+
+
+def _private_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def public_key_pem(priv: PrivateKey | PublicKey) -> bytes:
+    pub = priv.public_key() if isinstance(priv, ec.EllipticCurvePrivateKey) else priv
+    return pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def generate_site_key(path: Path, force: bool = False) -> bytes:
+    """Make a P-256 key at `path` (0600, PKCS#8 PEM); returns the public key PEM."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise FedShieldError(f"site key {str(path)!r} already exists; refusing to overwrite it (use force)")
+    key = ec.generate_private_key(CURVE())
+    data = _private_pem(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if force:
+            # Write a fresh 0600 file next to it, then rename over: never a moment with a
+            # half-written or wider-permission key.
+            tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+            if tmp.exists():
+                tmp.unlink()
+            _write_new(tmp, data)
+            os.replace(tmp, path)
+        else:
+            _write_new(path, data)
+    except FileExistsError:
+        raise FedShieldError(f"site key {str(path)!r} already exists; refusing to overwrite it (use force)") from None
+    except OSError as exc:
+        raise FedShieldError(f"site key {str(path)!r}: cannot write: {exc.strerror}") from None
+    return public_key_pem(key)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # in case the umask was stricter than needed, or odd
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise FedShieldError(f"{what} {str(path)!r}: not found") from None
+    except IsADirectoryError:
+        raise FedShieldError(f"{what} {str(path)!r}: is a folder, not a key file") from None
+    except OSError as exc:
+        raise FedShieldError(f"{what} {str(path)!r}: cannot read: {exc.strerror}") from None
+
+
+def load_private_key(path: Path) -> PrivateKey:
+    data = _read(path, "site key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise FedShieldError(f"site key {str(path)!r}: is encrypted; fedshield needs an unencrypted key") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise FedShieldError(f"site key {str(path)!r}: not a PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, CURVE):
+        raise FedShieldError(f"site key {str(path)!r}: not an ECDSA P-256 key ({type(key).__name__})")
+    return key
+
+
+def load_public_key(path_or_pem: Path | str | bytes) -> PublicKey:
+    """A P-256 public key from a PEM file path or from PEM bytes/str."""
+    if isinstance(path_or_pem, bytes) or (isinstance(path_or_pem, str) and "-----BEGIN" in path_or_pem):
+        data = path_or_pem.encode() if isinstance(path_or_pem, str) else path_or_pem
+        where = "public key (PEM text)"
+    else:
+        data = _read(Path(path_or_pem), "public key")
+        where = f"public key {str(path_or_pem)!r}"
+    try:
+        if data.lstrip().startswith(b"ecdsa-sha2-"):  # the OpenSSH one-line form of the same key
+            key = serialization.load_ssh_public_key(data.strip())
+        else:
+            key = serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        raise FedShieldError(f"{where}: not a PEM (or OpenSSH) public key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, CURVE):
+        raise FedShieldError(f"{where}: not an ECDSA P-256 key ({type(key).__name__})")
+    return key
+
+
+def fingerprint(public_key: PublicKey | PrivateKey) -> str:
+    pub = public_key.public_key() if isinstance(public_key, ec.EllipticCurvePrivateKey) else public_key
+    der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "SHA256:" + hashlib.sha256(der).hexdigest()
+
+
+def sign(priv: PrivateKey, data: bytes) -> bytes:
+    return priv.sign(data, ec.ECDSA(hashes.SHA256()))
+
+
+def verify(pub: PublicKey, sig: bytes, data: bytes) -> bool:
+    try:
+        pub.verify(sig, data, ec.ECDSA(hashes.SHA256()))
+        return True
+    except (InvalidSignature, ValueError, TypeError):
+        return False

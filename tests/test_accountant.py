@@ -1,0 +1,151 @@
+"""Accountants: Opacus and Google's dp-accounting agree where they compute the same thing,
+and where they differ (fractional RDP orders) fedshield records the larger."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from privacy.accountant import (
+    OPACUS_RDP_ORDERS,
+    Spend,
+    calibrate_noise_multiplier,
+    epsilon,
+    epsilon_dp_accounting_pld,
+    epsilon_dp_accounting_rdp,
+    epsilon_opacus,
+    planned_epsilon,
+)
+from privacy.errors import FedShieldError
+
+DELTA = 1e-5
+INTEGER_ORDERS = [float(a) for a in range(2, 64)]
+GRID = list(itertools.product((0.5, 1.0, 2.0), (0.01, 0.1, 0.5), (1, 10, 100)))
+
+
+def _opacus_rdp(history, delta, orders):
+    acc = RDPAccountant()
+    acc.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in history]
+    return acc.get_privacy_spent(delta=delta, alphas=orders)[0]
+
+
+def test_orders_are_opacus_defaults():
+    assert OPACUS_RDP_ORDERS == RDPAccountant.DEFAULT_ALPHAS
+
+
+@pytest.mark.parametrize("sigma,q,steps", GRID)
+def test_opacus_and_dp_accounting_rdp_agree_on_integer_orders(sigma, q, steps):
+    h = [Spend(sigma, q, steps)]
+    ours = _opacus_rdp(h, DELTA, INTEGER_ORDERS)
+    theirs = epsilon_dp_accounting_rdp(h, DELTA, orders=INTEGER_ORDERS)
+    assert theirs == pytest.approx(ours, rel=1e-9)
+
+
+@pytest.mark.parametrize("sigma,q,steps", GRID)
+def test_dp_accounting_rdp_is_never_below_opacus_and_recorded_is_the_max(sigma, q, steps):
+    h = [Spend(sigma, q, steps)]
+    o, d = epsilon_opacus(h, DELTA), epsilon_dp_accounting_rdp(h, DELTA)
+    # Same conversion; dp-accounting's fractional-order RDP is an upper bound of the exact one.
+    assert d >= o * (1 - 1e-12)
+    assert epsilon(h, DELTA) == max(o, d)
+    # Both are at most what the integer orders alone give (more orders can only help).
+    assert d <= epsilon_dp_accounting_rdp(h, DELTA, orders=INTEGER_ORDERS) * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("sigma,q,steps", [(1.0, 0.01, 100), (2.0, 0.01, 10), (2.0, 0.1, 1), (1.0, 0.1, 1)])
+def test_opacus_and_dp_accounting_rdp_agree_where_optimum_is_integer_or_small_q(sigma, q, steps):
+    h = [Spend(sigma, q, steps)]
+    assert epsilon_dp_accounting_rdp(h, DELTA) == pytest.approx(epsilon_opacus(h, DELTA), rel=1e-6)
+
+
+def test_opacus_fractional_rdp_matches_numerical_integration():
+    """The reason Opacus is below dp-accounting: Opacus' A_alpha is exact."""
+    from opacus.accountants.analysis.rdp import _compute_rdp
+    from scipy import integrate
+
+    for sigma, q, a in [(1.0, 0.1, 2.5), (1.0, 0.25, 3.7)]:
+        def f(z):
+            r = (1 - q) + q * math.exp((2 * z - 1) / (2 * sigma**2))
+            return math.exp(-z * z / (2 * sigma**2) - 0.5 * math.log(2 * math.pi * sigma**2) + a * math.log(r))
+
+        val, _ = integrate.quad(f, -40, 40, epsabs=0, epsrel=1e-12, limit=1000, points=[0, 0.5, 1])
+        assert _compute_rdp(q, sigma, a) == pytest.approx(math.log(val) / (a - 1), rel=1e-8)
+
+
+MULTI = [
+    [Spend(1.0, 0.02, 50), Spend(0.8, 0.05, 30), Spend(1.5, 0.01, 200)],
+    [Spend(1.1, 0.05, 40)] * 5,
+    [Spend(2.0, 0.01, 100), Spend(2.0, 0.01, 100), Spend(1.2, 0.03, 10)],
+]
+
+
+@pytest.mark.parametrize("history", MULTI)
+def test_multi_segment_histories(history):
+    o = epsilon_opacus(history, DELTA)
+    d = epsilon_dp_accounting_rdp(history, DELTA)
+    assert d >= o * (1 - 1e-12) and d <= o * 1.01
+    assert _opacus_rdp(history, DELTA, INTEGER_ORDERS) == pytest.approx(
+        epsilon_dp_accounting_rdp(history, DELTA, orders=INTEGER_ORDERS), rel=1e-9)
+    # grouping equal (σ, q) spends is exact composition: same as Opacus on the raw history
+    assert o == pytest.approx(_opacus_rdp(history, DELTA, OPACUS_RDP_ORDERS), rel=1e-12)
+    pld = epsilon_dp_accounting_pld(history, DELTA)
+    assert 0 < pld <= d * 1.001
+
+
+@pytest.mark.parametrize("sigma,q,steps", [(1.0, 0.01, 100), (1.0, 0.1, 10), (2.0, 0.1, 100), (1.0, 0.5, 10)])
+def test_pld_is_tighter_than_rdp(sigma, q, steps):
+    h = [Spend(sigma, q, steps)]
+    assert 0 < epsilon_dp_accounting_pld(h, DELTA) <= epsilon_dp_accounting_rdp(h, DELTA) * 1.001
+
+
+def test_edge_cases():
+    assert epsilon_opacus([], DELTA) == 0.0
+    assert epsilon_dp_accounting_rdp([], DELTA) == 0.0
+    assert epsilon_dp_accounting_pld([], DELTA) == 0.0
+    for f in (epsilon_opacus, epsilon_dp_accounting_rdp, epsilon_dp_accounting_pld, epsilon):
+        assert f([Spend(0.0, 0.1, 5)], DELTA) == math.inf  # no noise: no privacy
+        assert f([Spend(1.0, 0.1, 0)], DELTA) == 0.0
+    full = [Spend(1.0, 1.0, 10)]  # q = 1: the plain Gaussian mechanism, in both
+    assert epsilon_dp_accounting_rdp(full, DELTA) == pytest.approx(epsilon_opacus(full, DELTA), rel=1e-9)
+    with pytest.raises(FedShieldError):
+        Spend(-1.0, 0.1, 1)
+    with pytest.raises(FedShieldError):
+        Spend(1.0, 1.5, 1)
+    with pytest.raises(FedShieldError):
+        epsilon_opacus([Spend(1.0, 0.1, 1)], 0.0)
+    with pytest.raises(FedShieldError):
+        epsilon_opacus([Spend(1.0, 0.1, 1)], DELTA, "moments")
+
+
+def test_monotone_in_steps():
+    prev = 0.0
+    for steps in (1, 5, 20, 100, 500):
+        e = epsilon([Spend(1.0, 0.05, steps)], DELTA)
+        assert e > prev
+        prev = e
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_calibration_hits_target_from_below(accountant):
+    target, q, steps = 3.0, 0.05, 100
+    sigma = calibrate_noise_multiplier(target, DELTA, q, steps, accountant)
+    plan = [Spend(sigma, q, steps)]
+    assert epsilon_opacus(plan, DELTA, accountant) <= target
+    assert epsilon(plan, DELTA, accountant) <= target
+    assert epsilon(plan, DELTA, accountant) > target - 0.05  # close: not wastefully noisy
+    assert epsilon([Spend(sigma * 0.97, q, steps)], DELTA, accountant) > target
+
+
+def test_calibration_refuses_impossible():
+    with pytest.raises(FedShieldError):
+        calibrate_noise_multiplier(1.0, DELTA, 0.0, 10)
+
+
+def test_planned_epsilon_composes():
+    h = [Spend(1.0, 0.05, 100)]
+    p = Spend(1.0, 0.05, 100)
+    assert planned_epsilon(h, p, DELTA) == pytest.approx(epsilon([Spend(1.0, 0.05, 200)], DELTA), rel=1e-12)
+    assert planned_epsilon(h, p, DELTA) > epsilon(h, DELTA)
