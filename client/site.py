@@ -1,0 +1,121 @@
+"""A site's privacy state, on the site's own disk.
+
+    <state_dir>/
+      site.key, site.pub   the site's signing key (0600); signs every ledger entry
+      ledger.jsonl         every privacy spend of this site, across rounds, runs, restarts
+      runs/<run_id>.json   the noise multiplier calibrated for that run (reused on restart)
+      cache/               frozen-prefix features: derived from private data, stays here
+
+The ledger is the accountant's history: ε is always recomputed from all of the site's
+entries, never reset per round or per run. The site checks its budget before it touches
+a record, and writes (and fsyncs) its entry before its update leaves it: a crash can
+over-count a spend, never under-count it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from privacy.accountant import Spend, calibrate_noise_multiplier, epsilon, planned_epsilon
+from privacy.errors import BudgetExceeded, FedShieldError
+from privacy.ledger import Ledger
+from privacy.signing import generate_site_key, load_private_key, public_key_pem
+
+
+@dataclass(frozen=True)
+class BudgetDecision:
+    ok: bool
+    epsilon_now: float
+    epsilon_after: float
+    budget: float
+    reason: str = ""
+
+
+class SiteState:
+    def __init__(self, state_dir: Path, site: str, key_path: Path | None = None) -> None:
+        self.dir = Path(state_dir)
+        self.site = site
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FedShieldError(f"site state folder {str(self.dir)!r}: {exc.strerror}") from None
+        self.key_path = key_path or self.dir / "site.key"
+        if not self.key_path.exists():
+            if key_path is not None:
+                raise FedShieldError(f"site key {str(key_path)!r}: not found")
+            pub = generate_site_key(self.key_path)
+            (self.dir / "site.pub").write_bytes(pub)
+        self.key = load_private_key(self.key_path)
+        self.ledger = Ledger(self.dir / "ledger.jsonl")
+        read = self.ledger.recover()  # a torn last line from a crash is set aside, reported
+        self.recovery_message = read.message if read.truncated_bytes else ""
+
+    def public_key_pem(self) -> str:
+        return public_key_pem(self.key).decode()
+
+    def history(self) -> list[Spend]:
+        return self.ledger.history(self.site)
+
+    def epsilon(self, delta: float, accountant: str) -> float:
+        return epsilon(self.history(), delta, accountant)
+
+    def check_budget(self, planned: Spend, budget: float, delta: float, accountant: str) -> BudgetDecision:
+        now = self.epsilon(delta, accountant)
+        after = planned_epsilon(self.history(), planned, delta, accountant)
+        if after > budget:
+            reason = (
+                f"this round would take ε from {now:.3f} to "
+                f"{after:.3f}, past its budget {budget:g} (δ={delta:g})"
+            )
+            return BudgetDecision(False, now, after, budget, reason)
+        return BudgetDecision(True, now, after, budget)
+
+    def noise_multiplier(
+        self, run_id: str, target_epsilon: float, delta: float, sample_rate: float,
+        steps_per_round: int, rounds: int, accountant: str,
+    ) -> float:
+        """σ that makes this run's spend alone reach target_epsilon after `rounds` rounds.
+
+        Calibrated once per run and kept, so a restarted site keeps the same noise.
+        """
+        path = self.dir / "runs" / f"{_safe(run_id)}.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if (saved["sample_rate"], saved["steps_per_round"]) == (sample_rate, steps_per_round):
+                return float(saved["noise_multiplier"])
+        sigma = calibrate_noise_multiplier(
+            target_epsilon, delta, sample_rate, steps_per_round * rounds, accountant
+        )
+        record = {
+            "run_id": run_id, "noise_multiplier": sigma, "sample_rate": sample_rate,
+            "steps_per_round": steps_per_round, "rounds": rounds,
+            "target_epsilon": target_epsilon, "delta": delta, "accountant": accountant,
+        }
+        _atomic_write(path, json.dumps(record, indent=2))
+        return sigma
+
+    def record_spend(self, fields: dict) -> dict:
+        """Append the signed entry and fsync it; returns the entry as written."""
+        return self.ledger.append(fields, self.key)
+
+
+def require_budget(decision: BudgetDecision) -> None:
+    if not decision.ok:
+        raise BudgetExceeded(decision.reason)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

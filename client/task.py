@@ -1,0 +1,179 @@
+"""A task: its data, its model, and how records become tensors.
+
+Shared by the site (training) and the server (initial model, central evaluation). The
+held-out test split is fixed by task.split_seed and never reaches a site in simulation.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from client.model import (
+    TrainView,
+    build_tabular_model,
+    build_text_model,
+    load_tokenizer,
+    make_train_view,
+    prefix_hidden_states,
+)
+from client.tasks.data import (
+    LabeledData,
+    load_heart_disease,
+    load_news_topics,
+    load_text_file,
+    train_test_split,
+)
+
+
+def is_text_task(cfg: DictConfig) -> bool:
+    return cfg.task.name != "heart-disease"
+
+
+@lru_cache(maxsize=4)
+def _pool_and_test(task_yaml: str) -> tuple[LabeledData, LabeledData]:
+    from omegaconf import OmegaConf
+
+    t = OmegaConf.create(task_yaml)
+    if t.name == "news-topics":
+        data = load_news_topics()
+    elif t.name == "heart-disease":
+        data = load_heart_disease()
+    else:
+        data = read_text_file(t, t.data_path)
+        if t.test_path:
+            return data, read_text_file(t, t.test_path, labels=data.class_names)
+    return train_test_split(data, t.test_fraction, t.split_seed)
+
+
+def read_text_file(task: DictConfig, path: str, labels: list[str] | None = None) -> LabeledData:
+    return load_text_file(
+        path,
+        text_column=task.text_column,
+        label_column=task.label_column,
+        labels=labels if labels is not None else (list(task.labels) or None),
+        site_column=task.site_column,
+    )
+
+
+def pool_and_test(cfg: DictConfig) -> tuple[LabeledData, LabeledData]:
+    """The training pool (split across virtual sites) and the held-out test split."""
+    from omegaconf import OmegaConf
+
+    return _pool_and_test(OmegaConf.to_yaml(cfg.task))
+
+
+def class_names(cfg: DictConfig) -> list[str]:
+    return pool_and_test(cfg)[1].class_names
+
+
+@lru_cache(maxsize=2)
+def _base_model(task_yaml: str, seed: int, num_features: int, classes: tuple[str, ...]) -> nn.Module:
+    from omegaconf import OmegaConf
+
+    t = OmegaConf.create(task_yaml)
+    if t.name == "heart-disease":
+        return build_tabular_model(num_features, len(classes), t.hidden_units, seed)
+    return build_text_model(t.model, list(classes), seed)
+
+
+def build_model(cfg: DictConfig) -> nn.Module:
+    """A fresh copy of the task's initial model (pretrained body, seeded head)."""
+    from omegaconf import OmegaConf
+
+    test = pool_and_test(cfg)[1]
+    num_features = 0 if test.features is None else int(test.features.shape[1])
+    base = _base_model(
+        OmegaConf.to_yaml(cfg.task), int(cfg.federation.seed), num_features, tuple(test.class_names)
+    )
+    return copy.deepcopy(base)
+
+
+def build_view(cfg: DictConfig, device: torch.device | None = None) -> TrainView:
+    model = build_model(cfg)
+    if device is not None:
+        model.to(device)  # before LoRA wrapping: see client.model.add_lora
+    tr = cfg.training
+    return make_train_view(model, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha)
+
+
+@lru_cache(maxsize=2)
+def _tokenizer(model: str):
+    return load_tokenizer(model)
+
+
+def _tokenize(cfg: DictConfig, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = _tokenizer(cfg.task.model)(
+        texts,
+        truncation=True,
+        max_length=int(cfg.task.max_length),
+        padding="max_length",
+        return_tensors="pt",
+    )
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def encode(
+    cfg: DictConfig,
+    view: TrainView,
+    data: LabeledData,
+    cache_dir: Path | None = None,
+    device: torch.device = torch.device("cpu"),
+) -> TensorDataset:
+    """Records -> (inputs..., labels). In last_layers mode the inputs are the frozen
+    prefix's hidden states, computed once and kept in `cache_dir` (keyed by the frozen
+    weights and the token ids, so a different model or data never reuses a stale cache).
+    """
+    labels = torch.as_tensor(data.labels, dtype=torch.long)
+    if data.features is not None:
+        return TensorDataset(torch.as_tensor(data.features, dtype=torch.float32), labels)
+    ids, mask = _tokenize(cfg, list(data.texts or []))
+    if view.prefix_layers is None:
+        return TensorDataset(ids, mask, labels)
+    key = _prefix_key(view, ids)
+    path = cache_dir / f"prefix-{key}.pt" if cache_dir is not None else None
+    hidden = None
+    if path is not None and path.is_file():
+        try:
+            hidden = torch.load(path, weights_only=True)
+        except Exception:  # a torn cache file is rebuilt, never trusted
+            hidden = None
+    if hidden is None or len(hidden) != len(ids):
+        hidden = prefix_hidden_states(view.model, ids, mask, view.prefix_layers, device=str(device))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(hidden, tmp)
+            os.replace(tmp, path)
+    return TensorDataset(hidden, mask[:, : hidden.shape[1]], labels)
+
+
+def _prefix_key(view: TrainView, ids: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(str(view.prefix_layers).encode())
+    h.update(ids.numpy().tobytes())
+    bert = view.model.bert
+    frozen = [bert.embeddings, *bert.encoder.layer[: view.prefix_layers]]
+    for module in frozen:
+        for t in module.state_dict().values():
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def to_arrays(state: dict[str, np.ndarray]) -> "ArrayRecord":  # noqa: F821
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def from_arrays(record) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}

@@ -1,0 +1,71 @@
+"""DP-SGD at a site: a thin wrapper over Opacus' PrivacyEngine.
+
+Poisson sampling (each record joins each step independently with rate q), per-sample
+clipping to `max_grad_norm`, Gaussian noise of std `noise_multiplier * max_grad_norm`.
+Opacus' own accountant counts the steps that really ran; `spends()` reads them back so
+the site records what happened, not what was planned.
+
+Noise comes from torch's generator. Opacus' secure_mode needs torchcsprng, which does not
+install here; the site seeds torch from os.urandom in deployment (see client/app.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+@dataclass
+class PrivateTraining:
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    criterion: nn.Module
+    engine: PrivacyEngine
+
+
+def make_private(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    grad_sample_mode: str = "hooks",
+    accountant: str = "rdp",
+) -> PrivateTraining:
+    """Wrap module/optimizer/loader for DP-SGD. `module` must be in train mode."""
+    module.train()
+    engine = PrivacyEngine(accountant=accountant)
+    criterion = nn.CrossEntropyLoss()
+    if grad_sample_mode == "ghost":
+        m, opt, crit, dl = engine.make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=loader,
+            criterion=criterion,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode="ghost",
+        )
+        return PrivateTraining(m, opt, dl, crit, engine)
+    m, opt, dl = engine.make_private(
+        module=module,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode=grad_sample_mode,
+    )
+    return PrivateTraining(m, opt, dl, criterion, engine)
+
+
+def spends(engine: PrivacyEngine) -> list[tuple[float, float, int]]:
+    """(noise_multiplier, sample_rate, steps) segments Opacus' accountant recorded."""
+    return [(float(s), float(q), int(n)) for s, q, n in engine.accountant.history]

@@ -1,0 +1,89 @@
+"""A site's privacy state: ε composes across rounds and restarts; the budget is the site's."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+
+from client.site import SiteState
+from privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp
+
+
+def _entry(site: str, run: str, rnd: int, spend: Spend, eps: float) -> dict:
+    return {
+        "run_id": run, "round": rnd, "site": site, "mechanism": "dp-sgd-poisson-gaussian",
+        "privacy_unit": "record", "noise_multiplier": spend.noise_multiplier,
+        "sample_rate": spend.sample_rate, "steps": spend.steps, "max_grad_norm": 1.0,
+        "delta": 1e-5, "accountant": "rdp", "epsilon": eps,
+    }
+
+
+def _spend_rounds(state: SiteState, spend: Spend, rounds: range, run: str = "run-1") -> list[float]:
+    eps = []
+    for r in rounds:
+        history = state.history() + [spend]
+        e = epsilon(history, 1e-5)
+        state.record_spend(_entry(state.site, run, r, spend, e))
+        eps.append(e)
+    return eps
+
+
+def test_epsilon_grows_every_round_and_survives_a_restart(tmp_path):
+    spend = Spend(1.1, 0.25, 4)
+    state = SiteState(tmp_path / "site", "st-marys")
+    first = _spend_rounds(state, spend, range(1, 4))
+    assert all(b > a for a, b in zip(first, first[1:]))
+    # Restart: a new process reads the same folder and continues from where it was.
+    again = SiteState(tmp_path / "site", "st-marys")
+    assert again.history() == [spend] * 3
+    assert again.epsilon(1e-5, "rdp") == pytest.approx(first[-1])
+    later = _spend_rounds(again, spend, range(4, 6), run="run-2")  # a later run adds, never resets
+    assert later[0] > first[-1]
+    assert later[-1] == pytest.approx(epsilon_dp_accounting_rdp([spend] * 5, 1e-5), rel=1e-9)
+
+
+def test_site_key_is_private_and_kept(tmp_path):
+    state = SiteState(tmp_path / "site", "a")
+    mode = stat.S_IMODE((tmp_path / "site" / "site.key").stat().st_mode)
+    assert mode == 0o600
+    pem = state.public_key_pem()
+    assert SiteState(tmp_path / "site", "a").public_key_pem() == pem
+
+
+def test_budget_check_declines_a_round_that_would_cross_and_survives_restart(tmp_path):
+    spend = Spend(0.8, 0.5, 10)
+    state = SiteState(tmp_path / "site", "bank-1")
+    budget = epsilon([spend] * 2, 1e-5) + 1e-3  # room for exactly two rounds
+    for r in (1, 2):
+        decision = state.check_budget(spend, budget, 1e-5, "rdp")
+        assert decision.ok
+        _spend_rounds(state, spend, range(r, r + 1))
+    decision = state.check_budget(spend, budget, 1e-5, "rdp")
+    assert not decision.ok
+    assert "budget" in decision.reason and f"{budget:g}" in decision.reason
+    assert decision.epsilon_after > budget >= decision.epsilon_now
+    restarted = SiteState(tmp_path / "site", "bank-1")
+    assert not restarted.check_budget(spend, budget, 1e-5, "rdp").ok
+
+
+def test_noise_calibration_is_kept_per_run(tmp_path):
+    state = SiteState(tmp_path / "site", "s")
+    sigma = state.noise_multiplier("run-a", 8.0, 1e-5, 0.25, 4, 5, "rdp")
+    assert epsilon([Spend(sigma, 0.25, 20)], 1e-5) <= 8.0
+    saved = json.loads((tmp_path / "site" / "runs" / "run-a.json").read_text())
+    assert saved["noise_multiplier"] == sigma
+    assert SiteState(tmp_path / "site", "s").noise_multiplier("run-a", 8.0, 1e-5, 0.25, 4, 5, "rdp") == sigma
+
+
+def test_torn_ledger_line_is_set_aside_and_reported(tmp_path):
+    state = SiteState(tmp_path / "site", "s")
+    _spend_rounds(state, Spend(1.0, 0.1, 10), range(1, 3))
+    ledger = tmp_path / "site" / "ledger.jsonl"
+    with open(ledger, "a") as f:
+        f.write('{"run_id": "run-1", "round": 3, "si')  # the process died mid-write
+    restarted = SiteState(tmp_path / "site", "s")
+    assert len(restarted.history()) == 2
+    assert restarted.recovery_message
+    assert list((tmp_path / "site").glob("ledger.jsonl.torn-*"))
