@@ -1,0 +1,265 @@
+"""The fedshield ServerApp: one federated run, on Flower's round loop.
+
+`run_federation` is the whole coordinator: it is what `flwr run .` executes (through
+`app`, config from Flower's run config), what `fedshield simulate` executes (through
+`build_server_app(cfg)`), and what `fedshield server` executes on a SuperLink.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig
+
+import conf
+from client.model import frozen_fingerprint
+from client.task import build_view, from_arrays, pool_and_test, to_arrays
+from privacy.errors import FedShieldError
+from server.evaluate import CentralEvaluator
+from server.export import export_model
+from server.plots import plot_run
+from server.run_dir import append_jsonl, new_run_dir
+from strategies.fedshield import RoundReport, make_strategy
+
+log = logging.getLogger("fedshield.server")
+
+
+def say(text: str) -> None:
+    """Progress for the person running the job (stdout, unbuffered)."""
+    print(text, flush=True)
+
+
+def discover_sites(grid: Grid, cfg: DictConfig, plan: ConfigRecord, expected: int, timeout: float) -> dict[int, dict]:
+    """Wait for `expected` sites, then ask each who it is (name, records, public key)."""
+    deadline = time.time() + timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < expected and time.time() < deadline:
+        time.sleep(1.0)
+        nodes = list(grid.get_node_ids())
+    if len(nodes) < expected:
+        say(f"waited {timeout:.0f}s: {len(nodes)} of {expected} sites connected; going on with them")
+    messages = [
+        Message(content=RecordDict({"config": plan}), message_type=MessageType.QUERY, dst_node_id=n)
+        for n in nodes
+    ]
+    sites: dict[int, dict] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            say(f"site on node {node}: failed to start: {reply.error.reason.strip().splitlines()[-1]}")
+            continue
+        site = dict(reply.content["site"])
+        metrics = dict(reply.content["metrics"])
+        if int(metrics.get("declined", 0)):
+            say(f"site {site.get('site', node)}: not joining: {site.get('reason')}")
+            continue
+        sites[node] = {"site": str(site["site"]), "n": int(metrics["num-examples"]),
+                       "public_key": str(site["public-key"])}
+    names = [s["site"] for s in sites.values()]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise FedShieldError(f"two connected sites share the name {sorted(dup)[0]!r}; site names must be unique")
+    return sites
+
+
+class RoundLog:
+    """Collects each round's site replies and ledger entries, writes metrics, shows progress."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, sites: dict[int, dict]) -> None:
+        self.run_dir, self.cfg = run_dir, cfg
+        self.epsilon = {s["site"]: 0.0 for s in sites.values()}
+        self.declines: dict[str, list[str]] = {}
+        self.pending: RoundReport | None = None
+        self.rows: list[dict] = []
+        self.t0 = time.time()
+
+    def on_round(self, report: RoundReport) -> None:
+        ledger = self.run_dir / "privacy" / "ledger.jsonl"
+        for r in report.replies:
+            for entry in r.ledger_entries:  # spent whether or not the update is used
+                append_jsonl(ledger, entry)
+                self.epsilon[r.site] = float(entry["epsilon"])
+            if r.status != "trained":
+                self.declines.setdefault(r.site, []).append(f"round {report.server_round}: {r.status}: {r.reason}")
+                say(f"  {r.site}: {r.status}: {r.reason}")
+        self.pending = report
+
+    def on_evaluated(self, server_round: int, metrics: dict) -> dict:
+        report, self.pending = self.pending, None
+        eps = list(self.epsilon.values()) or [0.0]
+        row = {
+            "round": server_round,
+            "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro_f1"],
+            "per_class": metrics["per_class"],
+            "epsilon": dict(self.epsilon),
+            "epsilon_max": max(eps),
+            "epsilon_mean": float(np.mean(eps)),
+            "sampled": report.sampled if report else [],
+            "trained": report.count("trained") if report else 0,
+            "declined": report.count("declined") if report else 0,
+            "declined_sites": [r.site for r in report.replies if r.status == "declined"] if report else [],
+            "rejected": report.count("rejected") if report else 0,
+            "failed": report.count("failed") if report else 0,
+            "elapsed_s": round(time.time() - self.t0, 1),
+        }
+        append_jsonl(self.run_dir / "metrics.jsonl", row)
+        self.rows.append(row)
+        total = self.cfg.federation.rounds
+        sites = (f" | sites {row['trained']} trained, {row['declined']} declined, "
+                 f"{row['rejected'] + row['failed']} dropped") if server_round else ""
+        say(f"round {server_round:>3}/{total} | acc {row['accuracy']:.3f} | macro-F1 {row['macro_f1']:.3f}"
+            f" | ε max {row['epsilon_max']:.2f} mean {row['epsilon_mean']:.2f}{sites} | {row['elapsed_s']:.0f}s")
+        return row
+
+
+def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None) -> Path:
+    """One whole run; returns the run directory."""
+    run_dir = run_dir or new_run_dir(cfg)
+    say(f"run directory: {run_dir}")
+    torch.manual_seed(int(cfg.federation.seed))
+    device = torch.device("cuda" if cfg.training.device != "cpu" and torch.cuda.is_available() else "cpu")
+    view = build_view(cfg, device)
+    initial = view.trainable_state()
+    plan = ConfigRecord({
+        "fedshield-config": conf.to_yaml(cfg),
+        "run-id": run_dir.name,
+        "run-dir": str(run_dir),
+        "frozen-fingerprint": frozen_fingerprint(view.model, view.trainable_names),
+        "class-names": list(pool_and_test(cfg)[1].class_names),
+    })
+    sites = discover_sites(grid, cfg, plan, cfg.federation.num_sites, cfg.federation.round_timeout_s)
+    if len(sites) < cfg.federation.min_sites:
+        raise FedShieldError(
+            f"only {len(sites)} site(s) can join, fewer than federation.min_sites={cfg.federation.min_sites}"
+        )
+    for s in sites.values():
+        (run_dir / "privacy" / "site-keys" / f"{s['site']}.pub").write_text(s["public_key"])
+    say(f"{len(sites)} sites: " + ", ".join(f"{s['site']} (n={s['n']})" for s in sorted(sites.values(), key=lambda s: s["site"])))
+
+    evaluator = CentralEvaluator(cfg, view, device)
+    rounds = RoundLog(run_dir, cfg, sites)
+    strategy = make_strategy(
+        cfg.federation.strategy,
+        proximal_mu=cfg.federation.proximal_mu,
+        server_learning_rate=cfg.federation.server_learning_rate,
+    )
+    strategy.setup_sites(
+        {nid: s["site"] for nid, s in sites.items()},
+        cfg.federation.fraction_train,
+        int(cfg.federation.seed),
+        {k: (v.shape, v.dtype) for k, v in initial.items()},
+        rounds.on_round,
+    )
+
+    def evaluate(server_round: int, arrays) -> MetricRecord:
+        metrics = evaluator(from_arrays(arrays))
+        row = rounds.on_evaluated(server_round, metrics)
+        return MetricRecord({"accuracy": row["accuracy"], "macro-f1": row["macro_f1"],
+                             "epsilon-max": row["epsilon_max"]})
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=to_arrays(initial),
+        num_rounds=int(cfg.federation.rounds),
+        timeout=float(cfg.federation.round_timeout_s),
+        train_config=plan,
+        evaluate_fn=evaluate,
+    )
+    final = from_arrays(result.arrays) if result.arrays else initial  # no round trained: initial
+    view.load_trainable(final)
+    summary = summarize(run_dir, cfg, sites, rounds)
+    plot_run(run_dir, rounds.rows, summary)
+    if cfg.output.save_model:
+        export_model(cfg, view, run_dir / "model")
+    write_report(run_dir, cfg, rounds.rows, summary)
+    return run_dir
+
+
+def summarize(run_dir: Path, cfg: DictConfig, sites: dict[int, dict], rounds: RoundLog) -> dict:
+    budget = cfg.privacy.budget_epsilon if cfg.privacy.budget_epsilon is not None else cfg.privacy.target_epsilon
+    summary = {
+        s["site"]: {
+            "records": s["n"], "epsilon": rounds.epsilon[s["site"]], "delta": cfg.privacy.delta,
+            "budget": budget if cfg.privacy.mode != "none" else None,
+            "accountant": cfg.privacy.accountant, "privacy_unit": "record",
+            "mechanism": "DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise)"
+            if cfg.privacy.mode != "none" else "none",
+            "not_trained": rounds.declines.get(s["site"], []),
+        }
+        for s in sites.values()
+    }
+    (run_dir / "privacy" / "sites.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return summary
+
+
+def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict) -> None:
+    last = rows[-1] if rows else {}
+    p = cfg.privacy
+    lines = [
+        f"# fedshield run {run_dir.name}", "",
+        f"Task `{cfg.task.name}`, {len(summary)} sites, {cfg.federation.rounds} rounds, "
+        f"strategy `{cfg.federation.strategy}`, partition `{cfg.federation.partition}`, seed {cfg.federation.seed}.",
+        "",
+        f"Final central accuracy **{last.get('accuracy', float('nan')):.4f}**, macro-F1 "
+        f"**{last.get('macro_f1', float('nan')):.4f}** on the held-out test split.", "",
+        "## Privacy", "",
+    ]
+    if p.mode == "none":
+        lines += ["No differential privacy: sites trained without DP. Nothing was accounted.", ""]
+    else:
+        lines += [
+            "- Privacy unit: one record of a site (sample-level DP, per site).",
+            "- Mechanism: DP-SGD (Opacus): Poisson sampling at rate q per step, per-sample "
+            f"clipping to {p.max_grad_norm}, Gaussian noise.",
+            f"- Accountant: {p.accountant.upper()} (Opacus), composed over every spend in each "
+            f"site's ledger; δ = {p.delta:g}. Recompute with `fedshield audit {run_dir}`.", "",
+            "| site | records | ε | budget | rounds not trained |", "|---|---:|---:|---:|---|",
+        ]
+        for name, s in sorted(summary.items()):
+            lines.append(f"| {name} | {s['records']} | {s['epsilon']:.4f} | {s['budget']} | "
+                         f"{'; '.join(s['not_trained']) or '-'} |")
+    lines += ["", "## Rounds", "", "| round | accuracy | macro-F1 | ε max | trained | declined | dropped |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['round']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['epsilon_max']:.3f} | "
+                     f"{r['trained']} | {r['declined']} | {r['rejected'] + r['failed']} |")
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+RUN_CONFIG_YAML_KEY = "fedshield-config-yaml"
+
+
+def config_from_run_config(run_config: dict) -> DictConfig:
+    """Flower's run config: the whole config as one YAML string (lists survive), or
+    dotted keys (`flwr run . --run-config "federation.rounds=3"`)."""
+    if RUN_CONFIG_YAML_KEY in run_config:
+        base = conf.from_yaml(str(run_config.pop(RUN_CONFIG_YAML_KEY)))
+        return conf.load_config(base={**conf.to_flat(base), **run_config})
+    return conf.load_config(base=run_config)
+
+
+def build_server_app(cfg: DictConfig | None = None, run_dir: Path | None = None) -> ServerApp:
+    """The ServerApp; with no `cfg` it reads Flower's run config (`flwr run .`)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
+        run_federation(grid, run_cfg, run_dir)
+
+    return server_app
+
+
+app = build_server_app()

@@ -1,0 +1,37 @@
+"""The final model, in a format its users load without fedshield.
+
+Text tasks: Hugging Face `save_pretrained` + tokenizer (LoRA adapters merged), so that
+`transformers.pipeline("text-classification", model=<run>/model)` works offline.
+Tabular tasks: safetensors weights + a config.json describing the MLP and its features.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig
+from safetensors.torch import save_file
+
+from client.model import TabularMLP, TrainView, is_bert_like
+from client.task import _tokenizer, pool_and_test
+
+
+def export_model(cfg: DictConfig, view: TrainView, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    model = view.model
+    if hasattr(model, "merge_and_unload"):  # peft: fold LoRA into the base weights
+        model = model.merge_and_unload()
+    if is_bert_like(model):
+        model.cpu().save_pretrained(out)
+        _tokenizer(cfg.task.model).save_pretrained(out)
+        return out
+    assert isinstance(model, TabularMLP)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+    test = pool_and_test(cfg)[1]
+    (out / "config.json").write_text(json.dumps({
+        "architecture": "TabularMLP", "num_features": model.num_features,
+        "num_classes": model.num_classes, "hidden_units": model.hidden,
+        "class_names": test.class_names, "feature_names": test.feature_names,
+    }, indent=2))
+    return out

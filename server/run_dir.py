@@ -1,0 +1,51 @@
+"""The run directory: everything a run leaves behind.
+
+    <run>/config.yaml            the resolved config
+    <run>/metrics.jsonl          one line per round (central metrics, ε per site, sites)
+    <run>/privacy/ledger.jsonl   the sites' signed ledger entries, as received
+    <run>/privacy/site-keys/     the sites' public keys (<site>.pub)
+    <run>/privacy/sites.json     per-site summary: final ε, budget, δ, accountant, declines
+    <run>/plots/*.png            accuracy and ε per site over rounds
+    <run>/model/                 the final model (save_pretrained + tokenizer)
+    <run>/report.md              what ran and what it cost, in words
+    <run>/sites/<site>/          simulation only: each virtual site's own state folder
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+import conf
+
+
+def new_run_dir(cfg: DictConfig) -> Path:
+    name = cfg.output.run_name or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+    path = Path(cfg.output.dir).expanduser().resolve() / name
+    if path.exists() and any(path.iterdir()):
+        raise conf.ConfigError(
+            f"output.run_name={name!r}: {path} already holds a run; choose another name"
+        )
+    (path / "privacy" / "site-keys").mkdir(parents=True, exist_ok=True)
+    (path / "plots").mkdir(exist_ok=True)
+    (path / "config.yaml").write_text(conf.to_yaml(cfg))
+    return path
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """One line, flushed and fsynced: a crash loses at most the line being written."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,94 @@
+"""The `fedshield` command.
+
+This module is the composition root: each subcommand's code lives in the package it
+belongs to (server/, client/, privacy/, simulations/), and only this dispatcher knows
+them all. It sits in simulations/ because that is the one package allowed to depend on
+every other (nothing imports simulations).
+
+Errors a user can cause end in one line on stderr, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before anything imports flwr
+
+import argparse
+import sys
+
+USAGE = """usage: fedshield COMMAND [options] [key=value ...]
+
+commands:
+  simulate   run a federation of virtual sites on this machine (Flower simulation runtime)
+  sweep      one simulation per ε value: accuracy vs privacy table and plot
+  server     coordinator: a TLS SuperLink with site authentication + the ServerApp
+  client     site agent: a SuperNode that trains on local data with a local budget
+  certs      CA, server certificate and site keys (init | site | show)
+  audit      verify a privacy ledger and recompute ε independently
+
+`fedshield COMMAND --help` tells more. Config overrides: key=value (e.g. federation.rounds=3),
+presets: task=heart-disease|news-topics|text-file, privacy=none|dp-sgd.
+"""
+
+
+def simulate_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fedshield simulate", description="Simulate a federation of virtual sites.")
+    parser.add_argument("--config", help="a YAML config file (defaults: conf/schema.py)")
+    parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides and presets")
+    args = parser.parse_args(argv)
+
+    import conf
+    from simulations.simulate import final_table, run_simulation
+
+    cfg = conf.load_config_file(args.config, args.overrides) if args.config else conf.load_config(args.overrides)
+    run_dir = run_simulation(cfg, verbose=args.verbose)
+    print()
+    print(final_table(run_dir))
+    print(f"\nrun directory: {run_dir}")
+    return 0
+
+
+def _lazy(module: str, func: str):
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return importlib.import_module(module).__dict__[func](argv)
+
+    return run
+
+
+COMMANDS = {
+    "simulate": simulate_main,
+    "sweep": _lazy("simulations.sweep", "sweep_main"),
+    "server": _lazy("server.cli", "server_main"),
+    "client": _lazy("client.cli", "client_main"),
+    "certs": _lazy("privacy.pki", "certs_main"),
+    "audit": _lazy("privacy.cli", "audit_main"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    from privacy.errors import FedShieldError
+
+    try:
+        return int(COMMANDS[command](rest) or 0)
+    except FedShieldError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: stopped cleanly; the run directory keeps what was done", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

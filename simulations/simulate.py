@@ -1,0 +1,118 @@
+"""`fedshield simulate`: many virtual sites on one machine (or a Ray cluster).
+
+The very ServerApp and ClientApp of deployment run on Flower's simulation runtime (Ray
+backend). Everything that can be wrong with the config or the data is checked here,
+before Ray starts: every virtual site's share is computed and its δ < 1/n verified.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported
+
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+import conf
+from client.partition import partition, site_names
+from client.task import pool_and_test
+from server.run_dir import new_run_dir, read_jsonl
+
+
+def check_sites(cfg: DictConfig) -> list[tuple[str, int]]:
+    """(site, records) for every virtual site; refuses a δ that is not below 1/n."""
+    pool, _ = pool_and_test(cfg)
+    fed = cfg.federation
+    parts = partition(pool.labels, fed.num_sites, fed.partition, seed=fed.seed,
+                      alpha=fed.dirichlet_alpha, groups=pool.groups)
+    names = site_names(fed.partition, fed.num_sites, pool.groups)
+    sizes = [(name, len(idx)) for name, idx in zip(names, parts)]
+    if cfg.privacy.mode != "none":
+        name, smallest = min(sizes, key=lambda s: s[1])
+        if cfg.privacy.delta >= 1.0 / smallest:
+            raise conf.ConfigError(
+                f"privacy.delta={cfg.privacy.delta:g}: must be below 1/n = {1.0 / smallest:.3g} "
+                f"for the smallest site ({name}, n={smallest})"
+            )
+    return sizes
+
+
+def backend_config(cfg: DictConfig) -> dict:
+    sim = cfg.simulation
+    resources = {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus}
+    if sim.ray_address:
+        return {"client_resources": resources, "init_args": {}}
+    num_cpus = sim.num_cpus or os.cpu_count() or 1
+    return {"client_resources": resources, "init_args": {"num_cpus": num_cpus, "num_gpus": 0 if not sim.client_gpus else None}}
+
+
+def _connect_ray(address: str) -> None:
+    """Attach to an existing Ray cluster; Flower's backend then reuses this connection."""
+    import ray
+
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    except Exception as exc:
+        raise conf.ConfigError(f"simulation.ray_address={address!r}: cannot connect to Ray: {exc}") from None
+
+
+def run_simulation(cfg: DictConfig, verbose: bool = False) -> Path:
+    from flwr.simulation import run_simulation as flower_run_simulation
+
+    from client.app import app as client_app
+    from server.app import build_server_app, say
+
+    sizes = check_sites(cfg)
+    run_dir = new_run_dir(cfg)
+    say(f"simulating {len(sizes)} sites x {cfg.federation.rounds} rounds on Flower's simulation "
+        f"runtime (task {cfg.task.name}, privacy {cfg.privacy.mode}"
+        + (f", target ε={cfg.privacy.target_epsilon:g} at δ={cfg.privacy.delta:g}" if cfg.privacy.mode != "none" else "")
+        + ")")
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore")
+        # Ray workers inherit the driver's environment: keep library warnings out of the
+        # progress lines there too (errors still come through).
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    config = backend_config(cfg)
+    if config["init_args"].get("num_gpus") is None:
+        config["init_args"].pop("num_gpus", None)
+    if cfg.simulation.ray_address:
+        _connect_ray(cfg.simulation.ray_address)
+    try:
+        flower_run_simulation(
+            server_app=build_server_app(cfg, run_dir),
+            client_app=client_app,
+            num_supernodes=cfg.federation.num_sites,
+            backend_config=config,
+            verbose_logging=verbose,
+        )
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        # Frozen-prefix caches are derived from (simulated) private data and large; the
+        # sites' ledgers and keys stay.
+        for cache in (run_dir / "sites").glob("*/cache"):
+            shutil.rmtree(cache, ignore_errors=True)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    if len(rows) != cfg.federation.rounds + 1:
+        raise conf.ConfigError(f"simulation ended early: {len(rows) - 1} of {cfg.federation.rounds} rounds ran; see the log above")
+    return run_dir
+
+
+def final_table(run_dir: Path) -> str:
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    lines = ["round  accuracy  macro-F1  ε max   ε mean  trained  declined  dropped"]
+    for r in rows:
+        lines.append(
+            f"{r['round']:>5}  {r['accuracy']:>8.4f}  {r['macro_f1']:>8.4f}  {r['epsilon_max']:>6.3f}  "
+            f"{r['epsilon_mean']:>6.3f}  {r['trained']:>7}  {r['declined']:>8}  {r['rejected'] + r['failed']:>7}"
+        )
+    return "\n".join(lines)
