@@ -1,0 +1,320 @@
+"""Deployment on loopback: `fedshield certs`, `fedshield server`, three `fedshield client`s.
+
+Real processes: a SuperLink (TLS, SuperNode authentication), the ServerApp, three
+SuperNodes each with its own CSV and state folder, 2 rounds of a tiny BERT with DP-SGD.
+Then the refusals, all against one coordinator run that must still complete with its good
+sites: an unregistered key, a wrong CA, a plaintext client, bad data files; and a
+coordinator certificate that has expired or names another host.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import synthetic_rows, tiny_overrides, write_csv
+from privacy import pki
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update({"FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+              "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e["PATH"] = str(Path(sys.executable).parent) + os.pathsep + e.get("PATH", "")  # flower-superexec
+    return e
+
+
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def reap():
+    """A failed assertion must not leave coordinators or sites running."""
+    yield
+    for p in STARTED:
+        if p.poll() is None:
+            p.terminate()  # fedshield server/client stop their own children on SIGTERM
+    for p in STARTED:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def fedshield(*args: str, cwd: Path) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-m", "simulations.cli", *args], cwd=cwd, env=env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    STARTED.append(p)
+    return p
+
+
+def finish(p: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str]:
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        out, _ = p.communicate(timeout=30)
+        raise AssertionError(f"timed out after {timeout}s:\n{out[-4000:]}")
+    return p.returncode, out
+
+
+def server_args(pki_dir: Path, keys: list[Path], port: int, tiny_bert: Path, data: Path, tmp: Path,
+                **extra) -> list[str]:
+    over = tiny_overrides(tiny_bert, data, tmp, **{"federation.round_timeout_s": 120,
+                                                  "output.run_name": "deploy", **extra})
+    over = [o for o in over if not o.startswith("simulation.")]
+    return ["server", "--pki", str(pki_dir), "--site-keys", *map(str, keys),
+            "--address", f"127.0.0.1:{port}", *over]
+
+
+def client_args(port: int, ca: Path, key: Path, data: Path, state: Path, *extra: str) -> list[str]:
+    return ["client", "--server", f"127.0.0.1:{port}", "--ca", str(ca), "--key", str(key),
+            "--data", str(data), "--state-dir", str(state), "--connect-timeout", "60",
+            "--reconnect-s", "5", *extra]
+
+
+@pytest.fixture(scope="module")
+def pki_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    assert pki.certs_main(["init", "--out", str(d), "--server-name", "fl.example.org", "--san", "127.0.0.1"]) == 0
+    for name in ("st-marys", "st-johns", "city-bank", "rogue"):
+        assert pki.certs_main(["site", name, "--out", str(d)]) == 0
+    return d
+
+
+def last_epsilon(ledger: Path) -> float:
+    lines = [json.loads(x) for x in ledger.read_text().splitlines() if x.strip()]
+    return float(lines[-1]["epsilon"])
+
+
+# ------------------------------------------------------------------ the happy path
+
+
+def test_three_sites_two_rounds_with_dp(pki_dir, tiny_bert, tmp_path):
+    t0 = time.time()
+    server_data = write_csv(tmp_path / "server.csv", synthetic_rows(120, seed=7))
+    port = free_port()
+    names = ("st-marys", "st-johns", "city-bank")
+    server = fedshield(*server_args(pki_dir, [pki_dir / f"{n}.pub" for n in names], port,
+                                    tiny_bert, server_data, tmp_path), cwd=tmp_path)
+    sites = {}
+    for i, n in enumerate(names):
+        data = write_csv(tmp_path / f"{n}.csv", synthetic_rows(60, seed=10 + i))
+        sites[n] = fedshield(*client_args(port, pki_dir / "ca.crt", pki_dir / f"{n}.key", data,
+                                          tmp_path / f"state-{n}"), cwd=tmp_path)
+    rc, out = finish(server)
+    outs = {n: finish(p, 120) for n, p in sites.items()}
+    assert rc == 0, out[-4000:]
+    run_dir = tmp_path / "runs" / "deploy"
+    assert f"run directory: {run_dir}" in out
+    for n, (crc, cout) in outs.items():
+        assert crc == 0, f"{n}:\n{cout[-3000:]}"
+        assert "admitted by the coordinator" in cout
+
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics][-2:] == [1, 2]
+    assert metrics[-1]["trained"] == 3
+    ledger = [json.loads(x) for x in (run_dir / "privacy" / "ledger.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "privacy" / "sites.json").read_text())
+    for n in names:
+        own = tmp_path / f"state-{n}" / "ledger.jsonl"
+        own_entries = [json.loads(x) for x in own.read_text().splitlines() if x.strip()]
+        mine = [e for e in ledger if e["site"] == n]
+        assert len(mine) == 2 and {e["round"] for e in mine} == {1, 2}
+        assert mine == own_entries[-2:]  # the coordinator's copy is the site's own entries
+        assert summary[n]["epsilon"] == pytest.approx(last_epsilon(own))
+        assert 0 < summary[n]["epsilon"] <= 8.0
+        assert (run_dir / "privacy" / "site-keys" / f"{n}.pub").is_file()
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
+    assert model.config.num_labels == 2
+    assert (run_dir / "report.md").is_file()
+    print(f"deployment e2e: {time.time() - t0:.0f}s")
+
+
+# ------------------------------------------------------------------ refusals, one coordinator run
+
+
+BAD_DATA = {
+    "missing": (None, "no such file"),
+    "empty": ("", "file is empty"),
+    "malformed": ('text,label\n"sunny rain",weather\n"stock,markets\n', "malformed.csv:3"),
+    "label": ("text,label\nsunny rain,weather\nstock bank,sports\n", "label.csv:3: label 'sports'"),
+}
+
+
+@pytest.fixture(scope="module")
+def refusals(pki_dir, tiny_bert, tmp_path_factory) -> dict:
+    """A coordinator expecting 2 good sites, while intruders and broken sites try to join."""
+    tmp = tmp_path_factory.mktemp("refusals")
+    server_data = write_csv(tmp / "server.csv", synthetic_rows(120, seed=7))
+    port = free_port()
+    registered = [pki_dir / f"{n}.pub" for n in ("st-marys", "st-johns", "city-bank")]
+    server = fedshield(*server_args(pki_dir, registered, port, tiny_bert, server_data, tmp,
+                                    **{"federation.num_sites": 2, "federation.rounds": 1}), cwd=tmp)
+    ca = pki_dir / "ca.crt"
+    procs: dict[str, subprocess.Popen] = {}
+
+    # intruders first, so that they are there while the coordinator waits for sites
+    other = tmp / "other-pki"
+    pki.init_pki(other, "fl.example.org", ["127.0.0.1"])
+    good_csv = write_csv(tmp / "good.csv", synthetic_rows(60, seed=3))
+    procs["rogue"] = fedshield(*client_args(port, ca, pki_dir / "rogue.key", good_csv, tmp / "state-rogue"), cwd=tmp)
+    procs["wrong-ca"] = fedshield(*client_args(port, other / "ca.crt", pki_dir / "city-bank.key", good_csv,
+                                               tmp / "state-wrong-ca"), cwd=tmp)
+    procs["insecure-cli"] = fedshield(*client_args(port, ca, pki_dir / "city-bank.key", good_csv,
+                                                   tmp / "state-insecure", "--insecure"), cwd=tmp)
+    bindir = Path(sys.executable).parent
+    procs["plaintext"] = subprocess.Popen(
+        [str(bindir / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--insecure",
+         "--max-retries", "3", "--max-wait-time", "20", "--port", str(free_port())],
+        cwd=tmp, env={**env(), "FLWR_HOME": str(tmp / "plain-home")}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    STARTED.append(procs["plaintext"])
+    for kind, (content, _) in BAD_DATA.items():
+        path = tmp / f"{kind}.csv"
+        if content is not None:
+            path.write_text(content)
+        procs[f"data-{kind}"] = fedshield(*client_args(port, ca, pki_dir / "city-bank.key", path,
+                                                       tmp / f"state-{kind}", "--labels", "markets,weather"), cwd=tmp)
+    # the good sites
+    for i, n in enumerate(("st-marys", "st-johns")):
+        data = write_csv(tmp / f"{n}.csv", synthetic_rows(60, seed=20 + i))
+        procs[n] = fedshield(*client_args(port, ca, pki_dir / f"{n}.key", data, tmp / f"state-{n}"), cwd=tmp)
+
+    # a raw plaintext HTTP request to the TLS port while the run goes on
+    plain_http = {}
+
+    def poke() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    s.sendall(b"POST /v1/control/list-runs HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+                    plain_http["reply"] = s.recv(200)
+                    return
+            except ConnectionRefusedError:
+                time.sleep(1)
+            except OSError as exc:
+                plain_http["reply"] = repr(exc).encode()
+                return
+
+    t = threading.Thread(target=poke)
+    t.start()
+    results = {"server": finish(server)}
+    for name, p in procs.items():
+        results[name] = finish(p, 180)
+    t.join()
+    results["plain-http"] = plain_http.get("reply", b"")
+    results["tmp"] = tmp
+    return results
+
+
+def test_refusal_run_completes_with_the_good_sites(refusals):
+    rc, out = refusals["server"]
+    assert rc == 0, out[-4000:]
+    run_dir = refusals["tmp"] / "runs" / "deploy"
+    sites = json.loads((run_dir / "privacy" / "sites.json").read_text())
+    assert sorted(sites) == ["st-johns", "st-marys"]
+    for n in ("st-marys", "st-johns"):
+        assert refusals[n][0] == 0, refusals[n][1][-3000:]
+
+
+def test_unregistered_site_key_is_refused(refusals):
+    rc, out = refusals["rogue"]
+    assert rc == 2, out[-3000:]
+    assert "error: the coordinator refused site key rogue.key" in out
+    assert "not registered" in out
+
+
+def test_site_with_another_ca_is_refused(refusals):
+    rc, out = refusals["wrong-ca"]
+    assert rc == 2
+    assert "its TLS certificate is not signed by" in out and "wrong CA" in out
+
+
+def test_plaintext_client_is_refused(refusals):
+    rc, out = refusals["insecure-cli"]
+    assert rc == 2 and "--insecure: refused" in out
+    rc, out = refusals["plaintext"]
+    assert rc != 0  # Flower's own SuperNode over plaintext never gets in
+    assert "SuperNode ID" not in out
+    assert b"HTTP/1.1 200" not in refusals["plain-http"]
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_DATA))
+def test_bad_data_file_is_refused(refusals, kind):
+    rc, out = refusals[f"data-{kind}"]
+    assert rc == 2, out
+    lines = [x for x in out.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1 and BAD_DATA[kind][1] in lines[0], out
+    assert f"{kind}.csv" in lines[0]
+
+
+# ------------------------------------------------------------------ the coordinator's certificate
+
+
+def _tls_server(cert: Path, key: Path) -> tuple[int, threading.Thread]:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4)
+
+    def serve() -> None:
+        sock.settimeout(30)
+        try:
+            conn, _ = sock.accept()
+            try:
+                ctx.wrap_socket(conn, server_side=True).close()
+            except (ssl.SSLError, OSError):
+                conn.close()
+        except OSError:
+            pass
+        sock.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return sock.getsockname()[1], t
+
+
+@pytest.mark.parametrize("case", ["expired", "other-host"])
+def test_bad_coordinator_certificate_is_refused(pki_dir, tmp_path, case):
+    d = tmp_path / case
+    if case == "expired":
+        pki.init_pki(d, "fl.example.org", ["127.0.0.1"], days=1,
+                     not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=10))
+        want = "its TLS certificate has expired"
+    else:
+        pki.init_pki(d, "other.example.org", [])
+        want = "its TLS certificate is for another host"
+    port, t = _tls_server(d / "server.crt", d / "server.key")
+    data = write_csv(tmp_path / "d.csv", synthetic_rows(20, seed=1))
+    p = fedshield(*client_args(port, d / "ca.crt", pki_dir / "st-marys.key", data, tmp_path / "state"), cwd=tmp_path)
+    rc, out = finish(p, 60)
+    t.join(5)
+    assert rc == 2, out
+    assert want in out

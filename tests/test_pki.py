@@ -1,0 +1,117 @@
+"""PKI: certificates with the right SANs, 0600 keys, no silent overwrite, `certs show`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import ssl
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from privacy import pki
+from privacy.errors import FedShieldError
+
+
+def mode(p) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_init_makes_ca_and_server_cert_with_sans(tmp_path):
+    made = pki.init_pki(tmp_path, "fl.example.org", ["127.0.0.1", "fl2.example.org", "::1"])
+    assert [m.path.name for m in made] == ["ca.crt", "ca.key", "server.crt", "server.key"]
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org", "fl2.example.org"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert x509.oid.ExtendedKeyUsageOID.SERVER_AUTH in eku
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    cert.verify_directly_issued_by(ca)
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == dt.timedelta(days=pki.DEFAULT_DAYS)
+    # Python's TLS stack accepts the pair and the CA (what the sites' pre-flight uses).
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp_path / "server.crt", tmp_path / "server.key")
+    ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+    assert made[2].fingerprint == cert.fingerprint(__import__("cryptography").hazmat.primitives.hashes.SHA256()).hex(":")
+
+
+def test_private_keys_are_0600_and_public_files_are_not_secret(tmp_path):
+    pki.init_pki(tmp_path, "fl.example.org", [])
+    pki.site_key_pair("st-marys", tmp_path)
+    assert mode(tmp_path / "ca.key") == 0o600
+    assert mode(tmp_path / "server.key") == 0o600
+    assert mode(tmp_path / "st-marys.key") == 0o600
+    assert mode(tmp_path / "ca.crt") == 0o644
+    assert mode(tmp_path / "st-marys.pub") == 0o644
+
+
+def test_never_overwrites_without_force(tmp_path):
+    pki.init_pki(tmp_path, "fl.example.org", [])
+    before = (tmp_path / "ca.key").read_bytes()
+    with pytest.raises(FedShieldError, match="ca.crt: already exists"):
+        pki.init_pki(tmp_path, "fl.example.org", [])
+    assert (tmp_path / "ca.key").read_bytes() == before
+    pki.init_pki(tmp_path, "fl.example.org", [], force=True)
+    assert (tmp_path / "ca.key").read_bytes() != before
+    assert mode(tmp_path / "ca.key") == 0o600
+    pki.site_key_pair("a", tmp_path)
+    with pytest.raises(FedShieldError, match=r"a\.key: already exists.*--force"):
+        pki.site_key_pair("a", tmp_path)
+
+
+def test_site_key_is_in_the_format_flower_loads(tmp_path):
+    made = pki.site_key_pair("bank-1", tmp_path)
+    # flower-supernode --auth-supernode-private-key: load_ssh_private_key, EC.
+    key = serialization.load_ssh_private_key((tmp_path / "bank-1.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    # flwr supernode register: load_ssh_public_key, a NIST curve.
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    assert try_load_public_key(tmp_path / "bank-1.pub") == public_key_to_bytes(key.public_key())
+    assert made[0].fingerprint == made[1].fingerprint == pki.public_key_fingerprint(key.public_key())
+    assert (tmp_path / "bank-1.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+
+
+def test_bad_names_and_files_are_one_line_errors(tmp_path):
+    with pytest.raises(FedShieldError, match="site name"):
+        pki.site_key_pair("../evil", tmp_path)
+    with pytest.raises(FedShieldError, match="not a host name"):
+        pki.init_pki(tmp_path, "fl.example.org", ["a b"])
+    (tmp_path / "junk.key").write_text("hello")
+    with pytest.raises(FedShieldError, match="not an OpenSSH ECDSA private key"):
+        pki.load_site_private_key(tmp_path / "junk.key")
+    with pytest.raises(FedShieldError, match="no such file"):
+        pki.describe(tmp_path / "missing.crt")
+
+
+def test_show_describes_certificates_and_keys(tmp_path, capsys):
+    made = pki.init_pki(tmp_path, "fl.example.org", ["127.0.0.1"])
+    pki.site_key_pair("st-marys", tmp_path)
+    text = pki.describe(tmp_path / "server.crt")
+    assert "subject:      CN=fl.example.org" in text
+    assert "issuer:       CN=fedshield CA" in text
+    assert "DNS:fl.example.org, IP:127.0.0.1" in text
+    assert "valid until:" in text and "days left" in text
+    assert made[2].fingerprint in text
+    assert "public key, ECDSA secp384r1" in pki.describe(tmp_path / "st-marys.pub")
+    assert "private key, ECDSA secp384r1" in pki.describe(tmp_path / "st-marys.key")
+    assert "private key" in pki.describe(tmp_path / "ca.key")
+    # the command prints fingerprints of what it made
+    assert pki.certs_main(["site", "other", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "other.key" in out and "SHA256:" in out
+    assert pki.certs_main(["show", str(tmp_path / "ca.crt")]) == 0
+    assert "certificate:  CA" in capsys.readouterr().out
+
+
+def test_expired_certificate_is_shown_as_expired(tmp_path):
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
+    pki.init_pki(tmp_path, "fl.example.org", [], days=2, not_before=past)
+    assert "EXPIRED" in pki.describe(tmp_path / "server.crt")
