@@ -32,10 +32,10 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
 import conf
-from client.model import ModelError, frozen_fingerprint
+from client.model import ModelError
 from client.partition import partition, site_names
 from client.site import SiteState
-from client.task import build_view, encode, from_arrays, pool_and_test, read_text_file, to_arrays
+from client.task import build_view, encode, from_arrays, pool_and_test, read_text_file, to_arrays, view_fingerprint
 from client.tasks.data import LabeledData
 from client.trainer import LocalPlan, TrainingError, batches_per_epoch, poisson_rate, train_local
 from privacy.accountant import Spend, epsilon
@@ -180,7 +180,7 @@ def _train(msg: Message, site: Site) -> Message:
     view = build_view(cfg, device)
     view.load_trainable(from_arrays(msg.content["arrays"]))
     expected = str(config.get("frozen-fingerprint", ""))
-    if expected and frozen_fingerprint(view.model, view.trainable_names) != expected:
+    if expected and view_fingerprint(view) != expected:
         raise ModelError(
             f"site {site.name}: its copy of the model's frozen weights differs from the "
             "coordinator's (another model version?); not training"

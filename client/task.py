@@ -20,6 +20,7 @@ from torch.utils.data import TensorDataset
 
 from client.model import (
     TrainView,
+    frozen_fingerprint,
     build_tabular_model,
     build_text_model,
     load_tokenizer,
@@ -103,7 +104,17 @@ def build_view(cfg: DictConfig, device: torch.device | None = None) -> TrainView
     if device is not None:
         model.to(device)  # before LoRA wrapping: see client.model.add_lora
     tr = cfg.training
-    return make_train_view(model, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha)
+    view = make_train_view(model, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha)
+    # The frozen weights are fixed by the config (checkpoint, seed, what trains), so their
+    # hash is computed once per process: hashing 22M weights per message would dominate.
+    from omegaconf import OmegaConf
+
+    key = (OmegaConf.to_yaml(cfg.task), int(cfg.federation.seed), tr.trainable, tr.last_layers,
+           tr.lora_r, tr.lora_alpha)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = frozen_fingerprint(view.model, view.trainable_names)
+    view.fingerprint = _FINGERPRINTS[key]
+    return view
 
 
 @lru_cache(maxsize=2)
@@ -160,13 +171,16 @@ def encode(
 def _prefix_key(view: TrainView, ids: torch.Tensor) -> str:
     h = hashlib.sha256()
     h.update(str(view.prefix_layers).encode())
+    h.update(view_fingerprint(view).encode())  # every frozen weight, the prefix's included
     h.update(ids.numpy().tobytes())
-    bert = view.model.bert
-    frozen = [bert.embeddings, *bert.encoder.layer[: view.prefix_layers]]
-    for module in frozen:
-        for t in module.state_dict().values():
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:24]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def view_fingerprint(view: TrainView) -> str:
+    return view.fingerprint or frozen_fingerprint(view.model, view.trainable_names)
 
 
 def to_arrays(state: dict[str, np.ndarray]) -> "ArrayRecord":  # noqa: F821

@@ -59,6 +59,7 @@ from pathlib import Path
 from privacy import signing
 from privacy.accountant import ACCOUNTANTS, Spend, epsilon
 from privacy.errors import FedShieldError, LedgerError
+from privacy.files import write_fully
 
 MECHANISM = "dp-sgd-poisson-gaussian"
 PRIVACY_UNIT = "record"
@@ -182,10 +183,7 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            write_fully(fd, data)
         finally:
             os.close(fd)
         if created:
@@ -268,10 +266,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        write_fully(fd, data)
     finally:
         os.close(fd)
     os.replace(tmp, path)

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from privacy.errors import FedShieldError
+from privacy.files import create_file, read_file
 
 
 class PKIError(FedShieldError):
@@ -75,17 +76,7 @@ def _write(path: Path, data: bytes, private: bool, force: bool) -> None:
         if not force:
             raise PKIError(f"{path}: already exists; not overwriting it (use --force to replace it)")
         path.unlink()
-    mode = 0o600 if private else 0o644
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    except OSError as exc:
-        raise PKIError(f"{path}: cannot create: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if private:
-        os.chmod(path, 0o600)  # in case a umask-less filesystem ignored the mode
+    create_file(path, data, private=private, error=PKIError)
 
 
 def _check_free(paths: list[Path], force: bool) -> None:
@@ -259,12 +250,7 @@ def site_key_pair(name: str, out: str | Path, force: bool = False) -> list[Made]
 def load_site_private_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
     """The SuperNode authentication key, checked the way flower-supernode loads it."""
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise PKIError(f"site key {p}: no such file") from None
-    except OSError as exc:
-        raise PKIError(f"site key {p}: cannot read: {exc.strerror}") from None
+    data = read_file(p, "site key", PKIError)
     try:
         key = serialization.load_ssh_private_key(data, None)
     except (ValueError, UnsupportedAlgorithm, TypeError):
@@ -277,12 +263,7 @@ def load_site_private_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
 def load_site_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
     """A site's public key as `flwr supernode register` reads it."""
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise PKIError(f"site public key {p}: no such file") from None
-    except OSError as exc:
-        raise PKIError(f"site public key {p}: cannot read: {exc.strerror}") from None
+    data = read_file(p, "site public key", PKIError)
     try:
         key = serialization.load_ssh_public_key(data.strip())
     except (ValueError, UnsupportedAlgorithm, TypeError):
@@ -297,12 +278,7 @@ def load_site_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
 
 def load_certificates(path: str | Path) -> list[x509.Certificate]:
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise PKIError(f"{p}: no such file") from None
-    except OSError as exc:
-        raise PKIError(f"{p}: cannot read: {exc.strerror}") from None
+    data = read_file(p, "certificate", PKIError)
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError:

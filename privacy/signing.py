@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from privacy.errors import FedShieldError
+from privacy.files import create_file, read_file
 
 CURVE = ec.SECP256R1
 PrivateKey = ec.EllipticCurvePrivateKey
@@ -66,26 +67,11 @@ def generate_site_key(path: Path, force: bool = False) -> bytes:
 
 
 def _write_new(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # in case the umask was stricter than needed, or odd
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    create_file(path, data, private=True)
 
 
 def _read(path: Path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise FedShieldError(f"{what} {str(path)!r}: not found") from None
-    except IsADirectoryError:
-        raise FedShieldError(f"{what} {str(path)!r}: is a folder, not a key file") from None
-    except OSError as exc:
-        raise FedShieldError(f"{what} {str(path)!r}: cannot read: {exc.strerror}") from None
+    return read_file(path, what)
 
 
 def load_private_key(path: Path) -> PrivateKey:

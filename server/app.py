@@ -23,8 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 import conf
-from client.model import frozen_fingerprint
-from client.task import build_view, from_arrays, pool_and_test, to_arrays
+from client.task import build_view, from_arrays, pool_and_test, to_arrays, view_fingerprint
 from privacy.errors import FedShieldError
 from server.evaluate import CentralEvaluator
 from server.export import export_model
@@ -136,7 +135,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None) -> 
         "fedshield-config": conf.to_yaml(cfg),
         "run-id": run_dir.name,
         "run-dir": str(run_dir),
-        "frozen-fingerprint": frozen_fingerprint(view.model, view.trainable_names),
+        "frozen-fingerprint": view_fingerprint(view),
         "class-names": list(pool_and_test(cfg)[1].class_names),
     })
     sites = discover_sites(grid, cfg, plan, cfg.federation.num_sites, cfg.federation.round_timeout_s)

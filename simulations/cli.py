@@ -66,6 +66,7 @@ COMMANDS = {
     "client": _lazy("client.cli", "client_main"),
     "certs": _lazy("privacy.pki", "certs_main"),
     "audit": _lazy("privacy.cli", "audit_main"),
+    "audit-empirical": _lazy("simulations.empirical", "empirical_main"),
 }
 
 
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from privacy.errors import FedShieldError
 
+    if command == "audit" and "--empirical" in rest:  # runs a simulation: lives in simulations/
+        command, rest = "audit-empirical", [a for a in rest if a != "--empirical"]
     try:
         return int(COMMANDS[command](rest) or 0)
     except FedShieldError as exc:

@@ -74,7 +74,9 @@ def run_simulation(cfg: DictConfig, verbose: bool = False) -> Path:
         + (f", target ε={cfg.privacy.target_epsilon:g} at δ={cfg.privacy.delta:g}" if cfg.privacy.mode != "none" else "")
         + ")")
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        # run_simulation's deprecation notice and "federated evaluation skipped" are
+        # deliberate choices here (see README); fedshield prints its own progress.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore")
         # Ray workers inherit the driver's environment: keep library warnings out of the
         # progress lines there too (errors still come through).

@@ -80,6 +80,7 @@ def tiny_overrides(tiny_bert: Path, data: Path, tmp_path: Path, **extra: object)
         "training.local_epochs": 3,
         "training.learning_rate": 1.0,
         "privacy.delta": 1e-3,
+        "privacy.max_grad_norm": 1.0,
         "output.dir": str(tmp_path / "runs"),
         "simulation.client_cpus": 1,
     }
