@@ -140,7 +140,8 @@ class _FullBert(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         b, n = input_ids.shape
-        position_ids = torch.arange(n, device=input_ids.device).unsqueeze(0).expand(b, n)
+        # A contiguous copy per row (not expand): ghost clipping views these tensors.
+        position_ids = torch.arange(n, device=input_ids.device).repeat(b, 1)
         token_type_ids = torch.zeros_like(input_ids)
         out = self.model(
             input_ids=input_ids,

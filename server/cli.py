@@ -47,7 +47,6 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported 
 
 import argparse
 import datetime as dt
-import math
 import secrets
 import shutil
 import signal
@@ -190,36 +189,17 @@ def resolve_config(args: argparse.Namespace):
     return cfg, run_dir
 
 
-def toml_value(key: str, value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise FedShieldError(f"{key}={value}: not a finite number")
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    raise FedShieldError(f"{key}={value!r}: cannot be sent in Flower's run config (only numbers, booleans, strings)")
-
-
 def write_app(app_dir: Path, cfg) -> None:
-    """A Flower app folder with only a pyproject.toml: components + the resolved config."""
-    import conf
+    """A Flower app folder with only a pyproject.toml: the components + the resolved config.
 
-    lines = []
-    for key, value in sorted(conf.to_flat(cfg).items()):
-        if value is None:
-            continue  # null = the schema default (noise_multiplier, budget_epsilon)
-        if isinstance(value, (list, tuple)):
-            if not value:
-                continue  # [] = the default
-            raise FedShieldError(
-                f"{key}={list(value)}: Flower's run config cannot carry lists; leave it empty "
-                "(the classes are then the sorted labels of the coordinator's data file)"
-            )
-        lines.append(f'"{key}" = {toml_value(key, value)}')
+    The config travels as one YAML string (`server.app.RUN_CONFIG_YAML_KEY`): Flower's run
+    config holds only scalars, and the YAML keeps lists (task.labels) and nulls intact.
+    """
+    import json
+
+    import conf
+    from server.app import RUN_CONFIG_YAML_KEY
+
     app_dir.mkdir(parents=True, exist_ok=True)
     (app_dir / "pyproject.toml").write_text(
         "[build-system]\nrequires = [\"setuptools>=68\"]\nbuild-backend = \"setuptools.build_meta\"\n\n"
@@ -228,7 +208,8 @@ def write_app(app_dir: Path, cfg) -> None:
         "license = \"Apache-2.0\"\ndependencies = []\n\n"
         "[tool.flwr.app]\npublisher = \"fedshield\"\n\n"
         "[tool.flwr.app.components]\nserverapp = \"server.app:app\"\nclientapp = \"client.app:app\"\n\n"
-        "[tool.flwr.app.config]\n" + "\n".join(lines) + "\n"
+        # a JSON string is a valid TOML basic string (same escapes)
+        f"[tool.flwr.app.config]\n{json.dumps(RUN_CONFIG_YAML_KEY)} = {json.dumps(conf.to_yaml(cfg))}\n"
     )
 
 

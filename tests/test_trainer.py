@@ -65,8 +65,9 @@ def test_last_layers_zero_trains_only_pooler_and_classifier(cfg):
     assert view.trainable_names and all(k.startswith(("bert.pooler", "classifier")) for k in view.trainable_names)
 
 
-def test_ghost_clipping_mode_trains(cfg):
-    _, before, after, _, result, _ = _train(cfg, "last_layers", grad_sample_mode="ghost")
+@pytest.mark.parametrize("trainable", ["all", "last_layers"])
+def test_ghost_clipping_mode_trains(cfg, trainable):
+    _, before, after, _, result, _ = _train(cfg, trainable, grad_sample_mode="ghost")
     assert result.spends and any(not np.array_equal(before[k], after[k]) for k in after)
 
 
