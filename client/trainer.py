@@ -68,6 +68,10 @@ def train_local(
 ) -> LocalResult:
     """Train `module` in place on `dataset` (inputs..., labels) for `plan.epochs` epochs.
 
+    Without DP the batch gradient is clipped to the same max_grad_norm, so that a
+    `privacy=none` baseline differs from the private run only by what DP adds (per-sample
+    clipping, noise, Poisson sampling), not by an optimizer tuned for clipped steps.
+
     FedProx's proximal term is applied as a separate step w -= lr*mu*(w - w_global) after
     each optimizer step: it does not depend on the data, so it is post-processing of the
     private gradient (adding it to the loss would bypass Opacus' per-sample hooks).
@@ -126,6 +130,8 @@ def _epoch(module, optimizer, loader, criterion, device, losses, plan, params, a
             loss = criterion(module(*inputs), labels)
             loss.backward()
             losses.append(float(loss.detach()))
+            if not plan.dp:
+                torch.nn.utils.clip_grad_norm_(params, plan.max_grad_norm)
         # An empty Poisson batch still takes a (pure-noise) step: the accountant counts it.
         optimizer.step()
         if not getattr(optimizer, "_is_last_step_skipped", False):
