@@ -87,3 +87,16 @@ def test_torn_ledger_line_is_set_aside_and_reported(tmp_path):
     assert len(restarted.history()) == 2
     assert restarted.recovery_message
     assert list((tmp_path / "site").glob("ledger.jsonl.torn-*"))
+
+
+def test_the_coordinators_plan_cannot_raise_a_sites_budget():
+    """In deployment the site's own node config wins over everything the coordinator sends."""
+    import conf
+    from client.app import site_config
+
+    plan = conf.load_config(["privacy.budget_epsilon=100", "privacy.target_epsilon=50", "privacy.delta=1e-3"])
+    own = site_config(plan, {"site-name": "st-marys", "privacy.budget_epsilon": 2.0, "privacy.delta": 1e-6})
+    assert own.privacy.budget_epsilon == 2.0 and own.privacy.delta == 1e-6
+    assert own.privacy.target_epsilon == 50  # what the site did not set comes from the plan
+    with pytest.raises(conf.ConfigError, match="cannot be set by a site"):
+        site_config(plan, {"federation.rounds": 3})
