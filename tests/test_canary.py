@@ -144,7 +144,9 @@ def _audit(tiny_bert, tmp_path, name: str, **extra) -> dict:
 
 @pytest.mark.e2e
 def test_memorizing_task_without_dp_gives_a_lower_bound_clearly_above_one(tiny_bert, tmp_path):
-    r = _audit(tiny_bert, tmp_path, "no-dp", privacy="none")
+    # Without DP the site still clips the batch gradient at privacy.max_grad_norm (a fair
+    # baseline for DP runs); here we want a model free to memorize, so the norm is lifted.
+    r = _audit(tiny_bert, tmp_path, "no-dp", privacy="none", **{"privacy.max_grad_norm": 1e6})
     print("\nno DP:", {k: r[k] for k in ("epsilon_lower_bound", "guesses", "correct", "canary_losses")})
     assert r["m"] == 200 and r["privacy"] == "none" and r["accounted_epsilon"] is None
     assert r["epsilon_lower_bound"] > 1.5
