@@ -42,27 +42,14 @@ def make_private(
     module.train()
     engine = PrivacyEngine(accountant=accountant)
     criterion = nn.CrossEntropyLoss()
-    if grad_sample_mode == "ghost":
-        m, opt, crit, dl = engine.make_private(
-            module=module,
-            optimizer=optimizer,
-            data_loader=loader,
-            criterion=criterion,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode="ghost",
-        )
-        return PrivateTraining(m, opt, dl, crit, engine)
-    m, opt, dl = engine.make_private(
-        module=module,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        poisson_sampling=True,
-        grad_sample_mode=grad_sample_mode,
+    common = dict(
+        module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode,
     )
+    if grad_sample_mode == "ghost":  # ghost clipping wraps the loss too (two backward passes)
+        m, opt, crit, dl = engine.make_private(criterion=criterion, **common)
+        return PrivateTraining(m, opt, dl, crit, engine)
+    m, opt, dl = engine.make_private(**common)
     return PrivateTraining(m, opt, dl, criterion, engine)
 
 
