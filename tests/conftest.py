@@ -75,6 +75,7 @@ def tiny_overrides(tiny_bert: Path, data: Path, tmp_path: Path, **extra: object)
         # DP-SGD clips every per-sample gradient of a random tiny model: plain SGD with a
         # large step learns the synthetic task reliably (Adam turns the noise into steps).
         "training.trainable": "last_layers",
+        "training.last_layers": 1,
         "training.optimizer": "sgd",
         "training.batch_size": 32,
         "training.local_epochs": 3,
