@@ -47,8 +47,10 @@ def backend_config(cfg: DictConfig) -> dict:
     resources = {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus}
     if sim.ray_address:
         return {"client_resources": resources, "init_args": {}}
-    num_cpus = sim.num_cpus or os.cpu_count() or 1
-    return {"client_resources": resources, "init_args": {"num_cpus": num_cpus, "num_gpus": 0 if not sim.client_gpus else None}}
+    init_args: dict = {"num_cpus": sim.num_cpus or os.cpu_count() or 1}
+    if not sim.client_gpus:
+        init_args["num_gpus"] = 0  # keep Ray off any GPU the sites were not given
+    return {"client_resources": resources, "init_args": init_args}
 
 
 def _connect_ray(address: str) -> None:
@@ -82,8 +84,6 @@ def run_simulation(cfg: DictConfig, verbose: bool = False) -> Path:
         # progress lines there too (errors still come through).
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
     config = backend_config(cfg)
-    if config["init_args"].get("num_gpus") is None:
-        config["init_args"].pop("num_gpus", None)
     if cfg.simulation.ray_address:
         _connect_ray(cfg.simulation.ray_address)
     try:
