@@ -126,16 +126,21 @@ def _opacus_cached(spends: tuple[tuple[float, float, int], ...], delta: float, a
         ) from None
 
 
-def epsilon_opacus(history: Sequence[Spend], delta: float, accountant: str = "rdp") -> float:
-    """ε of the composed history with Opacus' accountant ("rdp" or "prv")."""
+def _compose(history: Sequence[Spend], delta: float, compute) -> float:
+    """The shared guard of every accountant: ∞ if any spend has σ=0, 0 for no spend."""
     _check_delta(delta)
-    _check_accountant(accountant)
     spends = _grouped(history)
     if spends is None:
         return math.inf
     if not spends:
         return 0.0
-    return _opacus_cached(spends, float(delta), accountant)
+    return compute(spends)
+
+
+def epsilon_opacus(history: Sequence[Spend], delta: float, accountant: str = "rdp") -> float:
+    """ε of the composed history with Opacus' accountant ("rdp" or "prv")."""
+    _check_accountant(accountant)
+    return _compose(history, delta, lambda spends: _opacus_cached(spends, float(delta), accountant))
 
 
 class _quiet:
@@ -187,13 +192,7 @@ def epsilon_dp_accounting_rdp(
     history: Sequence[Spend], delta: float, orders: Sequence[float] = OPACUS_RDP_ORDERS
 ) -> float:
     """ε with Google dp-accounting's RDP accountant over `orders` (Opacus' by default)."""
-    _check_delta(delta)
-    spends = _grouped(history)
-    if spends is None:
-        return math.inf
-    if not spends:
-        return 0.0
-    return _dp_rdp_cached(spends, float(delta), tuple(float(a) for a in orders))
+    return _compose(history, delta, lambda spends: _dp_rdp_cached(spends, float(delta), tuple(float(a) for a in orders)))
 
 
 PLD_DISCRETIZATION = 1e-4
@@ -208,13 +207,7 @@ def epsilon_dp_accounting_pld(
     result is an upper bound on the true ε; the interval (1e-4 in privacy-loss units) only
     trades tightness for time.
     """
-    _check_delta(delta)
-    spends = _grouped(history)
-    if spends is None:
-        return math.inf
-    if not spends:
-        return 0.0
-    return _dp_pld_cached(spends, float(delta), float(value_discretization_interval))
+    return _compose(history, delta, lambda spends: _dp_pld_cached(spends, float(delta), float(value_discretization_interval)))
 
 
 def epsilon(history: Sequence[Spend], delta: float, accountant: str = "rdp") -> float:
