@@ -7,7 +7,10 @@ come from the SuperNode's node config, which `fedshield client` fills from the s
 command line. In simulation a virtual site takes its share of the bundled data (its
 partition id) and keeps its state in the run directory.
 
-Replies: `arrays` (trained trainable weights only), `metrics` (num-examples, loss, ε),
+Messages: `query` (who is this site), `query.feature_mean` (once per run, before round 1:
+the site's noisy feature sum for feature centering, client/centering.py) and `train`.
+
+Train replies: `arrays` (trained trainable weights only), `metrics` (num-examples, loss, ε),
 and `site` (site name, and the signed ledger entry of the spend, written before the reply
 leaves). A site that declines (budget, bad data, bad plan) replies with `declined=1` and
 a one-line reason instead of weights; the coordinator carries on without it.
@@ -32,7 +35,8 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
 import conf
-from client.model import ModelError
+from client import centering
+from client.model import ModelError, TrainView
 from client.partition import partition, site_names
 from client.site import SiteState
 from client.task import build_view, encode, from_arrays, pool_and_test, read_text_file, to_arrays, view_fingerprint
@@ -46,7 +50,8 @@ log = logging.getLogger("fedshield.site")
 # Node-config keys a deployed site sets for itself (see client/cli.py).
 NODE_SITE_NAME, NODE_DATA, NODE_STATE, NODE_KEY = "site-name", "data-path", "state-dir", "site-key"
 SITE_OVERRIDABLE = ("privacy.budget_epsilon", "privacy.target_epsilon", "privacy.delta",
-                    "privacy.max_grad_norm", "privacy.mode", "training.device",
+                    "privacy.max_grad_norm", "privacy.mode", "privacy.center_noise_multiplier",
+                    "privacy.center_clip_norm", "training.device",
                     "training.max_physical_batch_size")
 
 app = ClientApp()
@@ -161,11 +166,16 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    return _guarded(msg, context, _train)
+
+
+def _guarded(msg: Message, context: Context, handler) -> Message:
+    """Run `handler(msg, site)`; a fedshield error becomes a one-line decline, not a crash."""
     name = str(context.node_config.get(NODE_SITE_NAME, context.node_config.get("partition-id", "?")))
     try:
         site = resolve_site(msg, context)
         name = site.name
-        return _train(msg, site)
+        return handler(msg, site)
     except FedShieldError as exc:
         kind = "budget" if exc.__class__.__name__ == "BudgetExceeded" else "error"
         return _decline(msg, name, str(exc), kind)
@@ -177,27 +187,24 @@ def _train(msg: Message, site: Site) -> Message:
     run_id, server_round = str(config["run-id"]), int(config["server-round"])
     check_delta(site)
     device = _device(cfg)
-    view = build_view(cfg, device)
+    view, dataset = _prepare(site, config, device)
     view.load_trainable(from_arrays(msg.content["arrays"]))
-    expected = str(config.get("frozen-fingerprint", ""))
-    if expected and view_fingerprint(view) != expected:
-        raise ModelError(
-            f"site {site.name}: its copy of the model's frozen weights differs from the "
-            "coordinator's (another model version?); not training"
-        )
-    dataset = encode(cfg, view, site.data, cache_dir=site.state.dir / "cache", device=device)
+    if centering.PLAN_KEY in config and centering.applies(cfg, view):
+        centering.set_center(view, list(config[centering.PLAN_KEY]))
     n = len(dataset)
     dp = priv.mode == "dp-sgd"
-    budget = float(priv.budget_epsilon if priv.budget_epsilon is not None else priv.target_epsilon)
     q = poisson_rate(n, tr.batch_size)
     steps = tr.local_epochs * batches_per_epoch(n, tr.batch_size)
     sigma = 0.0
     if dp:
+        # The run's feature-mean release counts against the same target, whether or not
+        # this site made it (over-count, never under-count).
+        release = centering.release_spend(cfg, view)
         sigma = float(priv.noise_multiplier) if priv.noise_multiplier else site.state.noise_multiplier(
             run_id, float(priv.target_epsilon), float(priv.delta), q, steps,
-            int(cfg.federation.rounds), priv.accountant,
+            int(cfg.federation.rounds), priv.accountant, before=[release] if release else [],
         )
-        decision = site.state.check_budget(Spend(sigma, q, steps), budget, priv.delta, priv.accountant)
+        decision = site.state.check_budget(Spend(sigma, q, steps), _budget(site), priv.delta, priv.accountant)
         if not decision.ok:
             return _decline(msg, site.name, decision.reason, "budget", decision.epsilon_now)
     plan = LocalPlan(
@@ -213,25 +220,14 @@ def _train(msg: Message, site: Site) -> Message:
     result = train_local(view.module, dataset, plan, device=device, generator=generator)
     state = view.trainable_state()
 
-    entry_json, eps = "", 0.0
+    entries: list[dict] = []
     if dp:
         # Spend before release: the entry is on disk (fsync) before the weights leave.
         ran = [Spend(*s) for s in result.spends]
         if sum(s.steps for s in ran) != steps or any(s.sample_rate != q for s in ran):
             raise TrainingError(f"site {site.name}: ran {ran}, planned {steps} steps at q={q}")
-        history = site.state.history()
-        entries = []
-        for spend in ran:
-            history.append(spend)
-            entries.append(site.state.record_spend({
-                "run_id": run_id, "round": server_round, "site": site.name,
-                "mechanism": "dp-sgd-poisson-gaussian", "privacy_unit": "record",
-                "noise_multiplier": spend.noise_multiplier, "sample_rate": spend.sample_rate,
-                "steps": spend.steps, "max_grad_norm": float(priv.max_grad_norm),
-                "delta": float(priv.delta), "accountant": priv.accountant,
-                "epsilon": epsilon(history, priv.delta, priv.accountant),
-            }))
-        entry_json, eps = json.dumps(entries), float(entries[-1]["epsilon"])
+        entries = _record(site, run_id, server_round, ran, float(priv.max_grad_norm), {"release": "dp-sgd"})
+    entry_json, eps = json.dumps(entries), float(entries[-1]["epsilon"]) if entries else 0.0
     metrics = MetricRecord({
         "num-examples": n, "declined": 0, "train-loss": float(result.mean_loss),
         "epsilon": eps, "noise-multiplier": sigma, "seconds": time.time() - t0,
@@ -239,6 +235,76 @@ def _train(msg: Message, site: Site) -> Message:
     site_record = ConfigRecord({"site": site.name, "ledger-entries": entry_json})
     content = RecordDict({"arrays": to_arrays(state), "metrics": metrics, "site": site_record})
     return Message(content=content, reply_to=msg)
+
+
+@app.query("feature_mean")
+def feature_mean(msg: Message, context: Context) -> Message:
+    """The site's noisy sum of [CLS] features (client.centering), spent before it leaves."""
+    return _guarded(msg, context, _feature_mean)
+
+
+def _feature_mean(msg: Message, site: Site) -> Message:
+    cfg, priv = site.cfg, site.cfg.privacy
+    config = msg.content["config"]
+    check_delta(site)
+    view, dataset = _prepare(site, config, _device(cfg))
+    if not centering.applies(cfg, view):
+        raise conf.ConfigError("training.center_features: this model and training.trainable have no pooler input to centre")
+    spend = centering.release_spend(cfg, view)
+    clip = centering.clip_norm(cfg, view)
+    if spend is not None:
+        decision = site.state.check_budget(spend, _budget(site), priv.delta, priv.accountant)
+        if not decision.ok:
+            return _decline(msg, site.name, decision.reason, "budget", decision.epsilon_now)
+    generator = torch.Generator().manual_seed(_seed(cfg, site, 0) + 7)
+    noise_std = spend.noise_multiplier * clip if spend is not None else 0.0
+    total = centering.noisy_feature_sum(view, dataset, clip, noise_std, generator, _device(cfg))
+    entries = []
+    if spend is not None:
+        entries = _record(site, str(config["run-id"]), 0, [spend], clip, {"release": "feature-mean"})
+    content = RecordDict({
+        "arrays": to_arrays({"feature-sum": total}),
+        "metrics": MetricRecord({"num-examples": len(dataset), "declined": 0,
+                                 "epsilon": float(entries[-1]["epsilon"]) if entries else 0.0}),
+        "site": ConfigRecord({"site": site.name, "ledger-entries": json.dumps(entries)}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def _prepare(site: Site, config, device: torch.device) -> tuple[TrainView, "torch.utils.data.TensorDataset"]:
+    """The model view (its frozen weights checked against the coordinator's) and the
+    site's encoded records."""
+    view = build_view(site.cfg, device)
+    expected = str(config.get("frozen-fingerprint", ""))
+    if expected and view_fingerprint(view) != expected:
+        raise ModelError(
+            f"site {site.name}: its copy of the model's frozen weights differs from the "
+            "coordinator's (another model version?); not training"
+        )
+    return view, encode(site.cfg, view, site.data, cache_dir=site.state.dir / "cache", device=device)
+
+
+def _budget(site: Site) -> float:
+    priv = site.cfg.privacy
+    return float(priv.budget_epsilon if priv.budget_epsilon is not None else priv.target_epsilon)
+
+
+def _record(site: Site, run_id: str, server_round: int, spends: list[Spend], clip: float, extra: dict) -> list[dict]:
+    """Append (signed, fsynced) one ledger entry per spend; ε is over the whole history."""
+    priv = site.cfg.privacy
+    history = site.state.history()
+    entries = []
+    for spend in spends:
+        history.append(spend)
+        entries.append(site.state.record_spend({
+            "run_id": run_id, "round": server_round, "site": site.name,
+            "mechanism": "dp-sgd-poisson-gaussian", "privacy_unit": "record",
+            "noise_multiplier": spend.noise_multiplier, "sample_rate": spend.sample_rate,
+            "steps": spend.steps, "max_grad_norm": float(clip),
+            "delta": float(priv.delta), "accountant": priv.accountant,
+            "epsilon": epsilon(history, priv.delta, priv.accountant), **extra,
+        }))
+    return entries
 
 
 def _seed(cfg: DictConfig, site: Site, server_round: int) -> int:

@@ -75,24 +75,28 @@ class SiteState:
 
     def noise_multiplier(
         self, run_id: str, target_epsilon: float, delta: float, sample_rate: float,
-        steps_per_round: int, rounds: int, accountant: str,
+        steps_per_round: int, rounds: int, accountant: str, before: list[Spend] | None = None,
     ) -> float:
-        """σ that makes this run's spend alone reach target_epsilon after `rounds` rounds.
+        """σ that makes this run's spend alone reach target_epsilon after `rounds` rounds,
+        together with the run's other releases `before` (the feature mean).
 
         Calibrated once per run and kept, so a restarted site keeps the same noise.
         """
+        before = list(before or [])
         path = self.dir / "runs" / f"{_safe(run_id)}.json"
         if path.is_file():
             saved = json.loads(path.read_text())
-            if (saved["sample_rate"], saved["steps_per_round"]) == (sample_rate, steps_per_round):
+            same_plan = (saved["sample_rate"], saved["steps_per_round"]) == (sample_rate, steps_per_round)
+            if same_plan and saved.get("before", []) == [list(s.as_tuple()) for s in before]:
                 return float(saved["noise_multiplier"])
         sigma = calibrate_noise_multiplier(
-            target_epsilon, delta, sample_rate, steps_per_round * rounds, accountant
+            target_epsilon, delta, sample_rate, steps_per_round * rounds, accountant, before=before
         )
         record = {
             "run_id": run_id, "noise_multiplier": sigma, "sample_rate": sample_rate,
             "steps_per_round": steps_per_round, "rounds": rounds,
             "target_epsilon": target_epsilon, "delta": delta, "accountant": accountant,
+            "before": [list(s.as_tuple()) for s in before],
         }
         _atomic_write(path, json.dumps(record, indent=2))
         return sigma

@@ -225,13 +225,17 @@ def epsilon(history: Sequence[Spend], delta: float, accountant: str = "rdp") -> 
 
 
 def calibrate_noise_multiplier(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp",
+    before: Sequence[Spend] = (),
 ) -> float:
-    """The σ that keeps `steps` steps at rate `sample_rate` within (target_epsilon, δ).
+    """The σ that keeps `steps` steps at rate `sample_rate` within (target_epsilon, δ),
+    composed after the spends `before` (another release of the same run, e.g. the feature
+    mean): ε(before + these steps) <= target.
 
-    Opacus' binary search (`get_noise_multiplier`), then checked: the returned σ gives
-    `epsilon_opacus` <= target AND the recorded `epsilon` (the larger of both
-    implementations) <= target; σ is raised in 0.1% steps until it does, or this raises.
+    Without `before`: Opacus' binary search (`get_noise_multiplier`). With it: the same
+    bisection over σ with Opacus' accountant on the composed history. Then checked: the
+    returned σ gives `epsilon_opacus` <= target AND the recorded `epsilon` (the larger of
+    both implementations) <= target; σ is raised in 0.1% steps until it does, or this raises.
     """
     _check_delta(delta)
     _check_accountant(accountant)
@@ -240,22 +244,44 @@ def calibrate_noise_multiplier(
     Spend(1.0, sample_rate, steps)  # validates q and steps
     if steps == 0 or sample_rate == 0:
         raise FedShieldError(f"cannot calibrate noise for {steps} steps at sample rate {sample_rate}: nothing to spend")
-    from opacus.accountants.utils import get_noise_multiplier
+    # Cached: in a simulation every virtual site of the same size asks the same question.
+    return _calibrate(float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant,
+                      tuple((s if isinstance(s, Spend) else Spend(*s)).as_tuple() for s in before))
 
-    try:
-        with warnings.catch_warnings(), _quiet():
-            warnings.simplefilter("ignore")
-            sigma = float(get_noise_multiplier(
-                target_epsilon=float(target_epsilon), target_delta=float(delta),
-                sample_rate=float(sample_rate), steps=int(steps), accountant=accountant,
-            ))
-    except ValueError as exc:
-        raise FedShieldError(
-            f"no noise multiplier reaches ε={target_epsilon:g} at δ={delta:g} with q={sample_rate:g} "
-            f"over {steps} steps: {exc}"
-        ) from None
+
+@functools.lru_cache(maxsize=256)
+def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+               before_tuples: tuple[tuple[float, float, int], ...]) -> float:
+    before = [Spend(*t) for t in before_tuples]
+    if before:
+        spent = epsilon(before, delta, accountant)
+        if spent >= target_epsilon:
+            raise FedShieldError(
+                f"the run's other releases alone spend ε={spent:.4g} >= target ε={target_epsilon:g} "
+                f"(δ={delta:g}); nothing is left for training"
+            )
+        # Start from the σ without the other releases (a lower bound): a few bisection steps.
+        sigma = _bisect_sigma(
+            lambda s: epsilon_opacus([*before, Spend(s, sample_rate, steps)], delta, accountant),
+            target_epsilon, _calibrate(target_epsilon, delta, sample_rate, steps, accountant, ()),
+        )
+    else:
+        from opacus.accountants.utils import get_noise_multiplier
+
+        try:
+            with warnings.catch_warnings(), _quiet():
+                warnings.simplefilter("ignore")
+                sigma = float(get_noise_multiplier(
+                    target_epsilon=float(target_epsilon), target_delta=float(delta),
+                    sample_rate=float(sample_rate), steps=int(steps), accountant=accountant,
+                ))
+        except ValueError as exc:
+            raise FedShieldError(
+                f"no noise multiplier reaches ε={target_epsilon:g} at δ={delta:g} with q={sample_rate:g} "
+                f"over {steps} steps: {exc}"
+            ) from None
     for _ in range(200):
-        plan = [Spend(sigma, float(sample_rate), int(steps))]
+        plan = [*before, Spend(sigma, float(sample_rate), int(steps))]
         if epsilon_opacus(plan, delta, accountant) <= target_epsilon and epsilon(plan, delta, accountant) <= target_epsilon:
             return sigma
         sigma *= 1.001
@@ -263,6 +289,23 @@ def calibrate_noise_multiplier(
         f"calibration failed: σ={sigma!r} still gives ε={epsilon(plan, delta, accountant)!r} > target "
         f"{target_epsilon!r} (δ={delta:g}, q={sample_rate:g}, {steps} steps, {accountant})"
     )
+
+
+def _bisect_sigma(eps_of, target: float, lower: float) -> float:
+    """Smallest σ (to 0.1%) with eps_of(σ) <= target, given eps_of(lower) > target or
+    close to it; eps_of decreases in σ."""
+    lo, hi = lower, lower * 1.05
+    while eps_of(hi) > target:
+        lo, hi = hi, hi * 1.5
+        if hi > 1e6:
+            raise FedShieldError(f"no noise multiplier up to 1e6 reaches ε={target:g}")
+    while hi - lo > 1e-3 * hi:
+        mid = (lo + hi) / 2
+        if eps_of(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 def planned_epsilon(

@@ -91,7 +91,9 @@ def _sections(result: AuditResult) -> tuple[list[tuple[str, list[str]]], list[st
         "Privacy unit: one record (one training example) of a site: sample-level DP, stated per site. "
         "Each site's guarantee covers that site's own records only.",
         "Mechanism: DP-SGD (Opacus): per-sample gradient clipping to the clipping norm C, Gaussian noise "
-        "with standard deviation σ·C added to the sum of clipped gradients, every step.",
+        "with standard deviation σ·C added to the sum of clipped gradients, every step. Entries with "
+        "release=feature-mean (round 0) are the feature-centering release: the sum of the site's features, "
+        "each clipped to C, plus Gaussian noise σ·C: the same mechanism with q = 1 and one step.",
         "Sampling assumption: Poisson sampling: each step includes each record independently with "
         "probability q (the sample rate); the analysis is the Poisson-subsampled Gaussian mechanism under "
         "add-or-remove-one-record adjacency.",

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 import conf
+from client import centering
 from client.task import build_view, from_arrays, pool_and_test, to_arrays, view_fingerprint
 from privacy.errors import FedShieldError
 from server.evaluate import CentralEvaluator
@@ -72,6 +73,43 @@ def discover_sites(grid: Grid, cfg: DictConfig, plan: ConfigRecord, expected: in
     return sites
 
 
+def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict], rounds: "RoundLog",
+                         width: int, timeout: float) -> np.ndarray | None:
+    """Ask every site for its noisy feature sum (client.centering); their mean, or None."""
+    messages = [Message(content=RecordDict({"config": plan}), message_type=centering.QUERY, dst_node_id=n)
+                for n in sites]
+    sums, counts = [], []
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        name = sites.get(reply.metadata.src_node_id, {}).get("site", str(reply.metadata.src_node_id))
+        if reply.has_error():
+            say(f"  {name}: feature mean failed: {reply.error.reason.strip().splitlines()[-1]}")
+            continue
+        site_rec, metrics = dict(reply.content["site"]), dict(reply.content["metrics"])
+        if int(metrics.get("declined", 0)):
+            say(f"  {name}: no feature mean: {site_rec.get('reason')}")
+            continue
+        try:
+            entries = json.loads(str(site_rec.get("ledger-entries") or "[]"))
+            total = reply.content["arrays"]["feature-sum"].numpy().astype(np.float64)
+        except (KeyError, ValueError) as exc:
+            say(f"  {name}: unreadable feature-mean reply ({exc}); not used")
+            continue
+        rounds.record(name, entries)  # spent, whether or not the sum is usable
+        if total.shape != (width,) or not np.isfinite(total).all():
+            say(f"  {name}: feature sum has a wrong shape or non-finite values; not used")
+            continue
+        sums.append(total)
+        counts.append(int(metrics["num-examples"]))
+    if not sums:
+        say("feature centering: no site released a feature mean; training without centering")
+        return None
+    center = centering.combine(sums, counts)
+    eps = max(rounds.epsilon.values(), default=0.0)
+    say(f"feature centering: mean [CLS] feature from {len(sums)} sites ({sum(counts)} records, "
+        f"|mean| {np.linalg.norm(center):.2f}; ε max after it {eps:.3f})")
+    return center
+
+
 class RoundLog:
     """Collects each round's site replies and ledger entries, writes metrics, shows progress."""
 
@@ -83,12 +121,15 @@ class RoundLog:
         self.rows: list[dict] = []
         self.t0 = time.time()
 
+    def record(self, site: str, entries: list[dict]) -> None:
+        """A site's signed spends into the run's ledger; its ε is the last entry's."""
+        for entry in entries:
+            append_jsonl(self.run_dir / "privacy" / "ledger.jsonl", entry)
+            self.epsilon[site] = float(entry["epsilon"])
+
     def on_round(self, report: RoundReport) -> None:
-        ledger = self.run_dir / "privacy" / "ledger.jsonl"
         for r in report.replies:
-            for entry in r.ledger_entries:  # spent whether or not the update is used
-                append_jsonl(ledger, entry)
-                self.epsilon[r.site] = float(entry["epsilon"])
+            self.record(r.site, r.ledger_entries)  # spent whether or not the update is used
             if r.status != "trained":
                 self.declines.setdefault(r.site, []).append(f"round {report.server_round}: {r.status}: {r.reason}")
                 say(f"  {r.site}: {r.status}: {r.reason}")
@@ -147,8 +188,14 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None) -> 
         (run_dir / "privacy" / "site-keys" / f"{s['site']}.pub").write_text(s["public_key"])
     say(f"{len(sites)} sites: " + ", ".join(f"{s['site']} (n={s['n']})" for s in sorted(sites.values(), key=lambda s: s["site"])))
 
-    evaluator = CentralEvaluator(cfg, view, device)
     rounds = RoundLog(run_dir, cfg, sites)
+    if centering.applies(cfg, view):
+        center = collect_feature_mean(grid, plan, sites, rounds, int(view.module.center.shape[0]),
+                                      float(cfg.federation.round_timeout_s))
+        if center is not None:
+            centering.set_center(view, center)
+            plan[centering.PLAN_KEY] = [float(v) for v in center]
+    evaluator = CentralEvaluator(cfg, view, device)
     strategy = make_strategy(
         cfg.federation.strategy,
         proximal_mu=cfg.federation.proximal_mu,
@@ -182,7 +229,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None) -> 
     plot_run(run_dir, rounds.rows, summary)
     if cfg.output.save_model:
         export_model(cfg, view, run_dir / "model")
-    write_report(run_dir, cfg, rounds.rows, summary)
+    write_report(run_dir, cfg, rounds.rows, summary, centered=centering.PLAN_KEY in plan)
     return run_dir
 
 
@@ -203,7 +250,7 @@ def summarize(run_dir: Path, cfg: DictConfig, sites: dict[int, dict], rounds: Ro
     return summary
 
 
-def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict) -> None:
+def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict, centered: bool = False) -> None:
     last = rows[-1] if rows else {}
     p = cfg.privacy
     lines = [
@@ -222,6 +269,10 @@ def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict
             "- Privacy unit: one record of a site (sample-level DP, per site).",
             "- Mechanism: DP-SGD (Opacus): Poisson sampling at rate q per step, per-sample "
             f"clipping to {p.max_grad_norm}, Gaussian noise.",
+            *([f"- Feature centering: before round 1 each site released the sum of its [CLS] features, "
+               f"each clipped, plus Gaussian noise (noise multiplier {p.center_noise_multiplier:g}): one "
+               "full-batch step of the same mechanism, in its ledger as round 0 (`release: feature-mean`)."]
+              if centered else []),
             f"- Accountant: {p.accountant.upper()} (Opacus), composed over every spend in each "
             f"site's ledger; δ = {p.delta:g}. Recompute with `fedshield audit {run_dir}`.", "",
             "| site | records | ε | budget | rounds not trained |", "|---|---:|---:|---:|---|",

@@ -13,12 +13,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
-from client.model import TabularMLP, TrainView, is_bert_like
+from client.model import TabularMLP, TrainView, fold_center, is_bert_like
 from client.task import _tokenizer, pool_and_test
 
 
 def export_model(cfg: DictConfig, view: TrainView, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
+    fold_center(view)  # pooler(x - c) becomes pooler(x) with bias - W c: a plain BERT
     model = view.model
     if hasattr(model, "merge_and_unload"):  # peft: fold LoRA into the base weights
         model = model.merge_and_unload()

@@ -165,8 +165,9 @@ def test_three_sites_two_rounds_with_dp(pki_dir, tiny_bert, tmp_path):
         own = tmp_path / f"state-{n}" / "ledger.jsonl"
         own_entries = [json.loads(x) for x in own.read_text().splitlines() if x.strip()]
         mine = [e for e in ledger if e["site"] == n]
-        assert len(mine) == 2 and {e["round"] for e in mine} == {1, 2}
-        assert mine == own_entries[-2:]  # the coordinator's copy is the site's own entries
+        # The feature-mean release (round 0), then one spend per round.
+        assert [(e["release"], e["round"]) for e in mine] == [("feature-mean", 0), ("dp-sgd", 1), ("dp-sgd", 2)]
+        assert mine == own_entries[-3:]  # the coordinator's copy is the site's own entries
         assert summary[n]["epsilon"] == pytest.approx(last_epsilon(own))
         assert 0 < summary[n]["epsilon"] <= 8.0
         assert (run_dir / "privacy" / "site-keys" / f"{n}.pub").is_file()
