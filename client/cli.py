@@ -148,9 +148,11 @@ def _toml(value: object) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     s = str(value)
-    if '"' in s or "\n" in s:
-        raise FedShieldError(f"{s!r}: quotes and newlines are not allowed here")
-    return f'"{s}"'
+    # A TOML literal string ('...'): backslashes stay as written (Flower's parser takes
+    # '...' or "..." values with no quote of the same kind inside).
+    if "'" in s or "\n" in s:
+        raise FedShieldError(f"{s!r}: single quotes and newlines are not allowed here")
+    return f"'{s}'"
 
 
 def node_config(name: str, data: Path, state: Path, overrides: dict[str, object]) -> str:

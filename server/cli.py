@@ -332,7 +332,10 @@ def last_error(log: Path) -> str:
 
 
 def run(cmd: list[str], env: dict, what: str) -> str:
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise FedShieldError(f"{what}: no answer within 120 s (is the SuperLink up? see its log)") from None
     if r.returncode != 0:
         msg = (r.stderr.strip() or r.stdout.strip()).splitlines()
         raise FedShieldError(f"{what}: {msg[-1] if msg else 'failed'} (exit {r.returncode})")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import stat
+from pathlib import Path
 
 import pytest
 
 from client.site import SiteState
+from privacy.errors import FedShieldError
 from privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp
 
 
@@ -100,3 +102,19 @@ def test_the_coordinators_plan_cannot_raise_a_sites_budget():
     assert own.privacy.target_epsilon == 50  # what the site did not set comes from the plan
     with pytest.raises(conf.ConfigError, match="cannot be set by a site"):
         site_config(plan, {"federation.rounds": 3})
+
+
+def test_node_config_round_trips_through_flowers_parser():
+    """What `fedshield client` hands flower-supernode is read back exactly, odd paths included."""
+    from flwr.common.config import parse_config_args
+
+    from client.cli import node_config
+
+    line = node_config("st-marys", Path(r"/secure/notes dir\2026.csv"), Path("/var/lib/fedshield"),
+                       {"privacy.budget_epsilon": 4.0, "privacy.mode": "dp-sgd"})
+    assert parse_config_args([line]) == {
+        "site-name": "st-marys", "data-path": r"/secure/notes dir\2026.csv",
+        "state-dir": "/var/lib/fedshield", "privacy.budget_epsilon": 4.0, "privacy.mode": "dp-sgd",
+    }
+    with pytest.raises(FedShieldError, match="single quotes"):
+        node_config("st-marys", Path("/x/o'brien.csv"), Path("/s"), {})
