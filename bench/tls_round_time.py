@@ -193,18 +193,6 @@ def write_plain_flower_config(home: Path, port: int) -> None:
     )
 
 
-def tail_error(log: Path) -> str:
-    """The last `error: ...` or exception line of a log, else its last line."""
-    try:
-        lines = [x.strip() for x in log.read_text(errors="replace").splitlines() if x.strip()]
-    except OSError:
-        return "?"
-    for x in reversed(lines):
-        if x.startswith("error:") or "Error:" in x:
-            return x[-300:]
-    return lines[-1][-300:] if lines else "(empty log)"
-
-
 def finished(run_dir: Path) -> bool:
     report = run_dir / "report.md"  # the last file run_federation writes (server.cli._finished)
     return report.is_file() and report.stat().st_size > 0
@@ -218,7 +206,7 @@ def wait_run(run_dir: Path, watched: dict[str, tuple[subprocess.Popen, Path]], t
             return time.time()
         for what, (p, log) in watched.items():
             if p.poll() is not None and not finished(run_dir):
-                raise BenchError(f"{what} ended (exit {p.returncode}) before the run completed: {tail_error(log)} ({log})")
+                raise BenchError(f"{what} ended (exit {p.returncode}) before the run completed: {last_error(log)} ({log})")
         time.sleep(0.2)
     raise BenchError(f"no report.md after {timeout:.0f}s ({run_dir})")
 

@@ -247,7 +247,8 @@ def _feature_mean(msg: Message, site: Site) -> Message:
     cfg, priv = site.cfg, site.cfg.privacy
     config = msg.content["config"]
     check_delta(site)
-    view, dataset = _prepare(site, config, _device(cfg))
+    device = _device(cfg)
+    view, dataset = _prepare(site, config, device)
     if not centering.applies(cfg, view):
         raise conf.ConfigError("training.center_features: this model and training.trainable have no pooler input to centre")
     spend = centering.release_spend(cfg, view)
@@ -258,7 +259,7 @@ def _feature_mean(msg: Message, site: Site) -> Message:
             return _decline(msg, site.name, decision.reason, "budget", decision.epsilon_now)
     generator = torch.Generator().manual_seed(_seed(cfg, site, 0) + 7)
     noise_std = spend.noise_multiplier * clip if spend is not None else 0.0
-    total = centering.noisy_feature_sum(view, dataset, clip, noise_std, generator, _device(cfg))
+    total = centering.noisy_feature_sum(view, dataset, clip, noise_std, generator, device)
     entries = []
     if spend is not None:
         entries = _record(site, str(config["run-id"]), 0, [spend], clip, {"release": "feature-mean"})

@@ -45,6 +45,7 @@ import threading
 import time
 from pathlib import Path
 
+from client.processes import stop_process_groups
 from privacy.errors import FedShieldError
 
 NOT_REGISTERED = ("Failed to activate SuperNode", "[code: 2004]")
@@ -262,12 +263,12 @@ def client_main(argv: list[str]) -> int:
         reader.join(timeout=5)
     except Interrupted:
         print(f"site {name}: interrupted; stopping the SuperNode (its ledger is on disk: {state})", file=sys.stderr)
-        _stop(proc)
+        stop_process_groups([proc])
         return 130
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        _stop(proc)
+        stop_process_groups([proc])
     if seen["refused"]:
         raise FedShieldError(
             f"the coordinator refused site key {key_path.name} (SHA256:{public_key_fingerprint(key.public_key())}): "
@@ -282,20 +283,3 @@ def _worth_showing(line: str) -> bool:
     if "uvicorn" in line or "retrying in" in line or "DEBUG" in line:
         return False
     return any(s in line for s in ("ERROR", "WARNING", "declin", "fedshield", "round", "Giving up"))
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()

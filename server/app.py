@@ -31,6 +31,7 @@ from server.export import export_model
 from server.plots import plot_run
 from server.run_dir import append_jsonl, new_run_dir
 from strategies.fedshield import RoundReport, make_strategy
+from strategies.validation import ledger_entries
 
 log = logging.getLogger("fedshield.server")
 
@@ -89,7 +90,7 @@ def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict],
             say(f"  {name}: no feature mean: {site_rec.get('reason')}")
             continue
         try:
-            entries = json.loads(str(site_rec.get("ledger-entries") or "[]"))
+            entries = ledger_entries(site_rec)
             total = reply.content["arrays"]["feature-sum"].numpy().astype(np.float64)
         except (KeyError, ValueError) as exc:
             say(f"  {name}: unreadable feature-mean reply ({exc}); not used")

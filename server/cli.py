@@ -58,6 +58,7 @@ import threading
 import time
 from pathlib import Path
 
+from client.processes import stop_process_groups
 from privacy.errors import FedShieldError
 
 CONNECTION = "fedshield"
@@ -288,22 +289,7 @@ class Children:
         return p
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)  # the child and what it started (SuperExec, ServerApp)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        deadline = time.time() + 10
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                p.wait()
+        stop_process_groups(self.procs)  # the children and what they started (SuperExec, ServerApp)
 
 
 def wait_tls(port: int, ca: Path, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:

@@ -13,7 +13,6 @@ The round loop itself is Flower's `Strategy.start`.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from strategies.validation import update_problem
+from strategies.validation import ledger_entries, update_problem
 
 
 @dataclass
@@ -117,11 +116,10 @@ class SiteAwareMixin:
             else:
                 update = {k: v.numpy() for k, v in msg.content["arrays"].items()}
                 problem = update_problem(update, self.expected_arrays)
-            raw = str(site_rec.get("ledger-entries", "") or "[]")
             try:
-                entries = json.loads(raw)
-            except json.JSONDecodeError:
-                entries, problem = [], "unreadable ledger entries"
+                entries = ledger_entries(site_rec)
+            except ValueError as exc:
+                entries, problem = [], str(exc)
             if problem:
                 report.replies.append(SiteReply(name, node, "rejected", problem, metrics, entries))
                 continue

@@ -6,6 +6,8 @@ round with one line that names the site and the tensor; the round goes on withou
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 
@@ -29,3 +31,15 @@ def update_problem(
             bad = int((~np.isfinite(arr)).sum())
             return f"tensor {name!r} has {bad} non-finite values (NaN/Inf)"
     return None
+
+
+def ledger_entries(site_record: dict) -> list[dict]:
+    """The signed ledger entries a site sent with its reply (a JSON list); ValueError if unreadable."""
+    raw = str(site_record.get("ledger-entries", "") or "[]")
+    try:
+        entries = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError("unreadable ledger entries") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError("unreadable ledger entries")
+    return entries

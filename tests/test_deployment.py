@@ -169,7 +169,8 @@ def test_three_sites_two_rounds_with_dp(pki_dir, tiny_bert, tmp_path):
         assert [(e["release"], e["round"]) for e in mine] == [("feature-mean", 0), ("dp-sgd", 1), ("dp-sgd", 2)]
         assert mine == own_entries[-3:]  # the coordinator's copy is the site's own entries
         assert summary[n]["epsilon"] == pytest.approx(last_epsilon(own))
-        assert 0 < summary[n]["epsilon"] <= 8.0
+        # Calibrated so that the release and the 2 rounds together spend the target, not more.
+        assert 7.8 < summary[n]["epsilon"] <= 8.0
         assert (run_dir / "privacy" / "site-keys" / f"{n}.pub").is_file()
     from transformers import AutoModelForSequenceClassification
 

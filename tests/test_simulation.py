@@ -51,6 +51,7 @@ def test_three_sites_two_rounds_beats_chance_and_writes_the_run_directory(tiny_b
 
     for name in ("config.yaml", "report.md", "plots/accuracy.png", "plots/epsilon.png"):
         assert (run / name).is_file(), name
+    assert "release: feature-mean" in (run / "report.md").read_text()  # the report states the release
     assert not list(run.glob("sites/*/cache"))  # derived features are not kept
 
     from transformers import pipeline

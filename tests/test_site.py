@@ -79,6 +79,19 @@ def test_noise_calibration_is_kept_per_run(tmp_path):
     assert SiteState(tmp_path / "site", "s").noise_multiplier("run-a", 8.0, 1e-5, 0.25, 4, 5, "rdp") == sigma
 
 
+def test_noise_calibration_leaves_room_for_the_runs_feature_mean_release(tmp_path):
+    state = SiteState(tmp_path / "site", "s")
+    release = Spend(4.0, 1.0, 1)
+    alone = state.noise_multiplier("run-a", 8.0, 1e-5, 0.25, 4, 5, "rdp")
+    sigma = state.noise_multiplier("run-b", 8.0, 1e-5, 0.25, 4, 5, "rdp", before=[release])
+    assert sigma > alone
+    assert epsilon([release, Spend(sigma, 0.25, 20)], 1e-5) <= 8.0 < epsilon([release, Spend(alone, 0.25, 20)], 1e-5)
+    # A restarted site keeps it; a plan with another release is calibrated again.
+    assert SiteState(tmp_path / "site", "s").noise_multiplier("run-b", 8.0, 1e-5, 0.25, 4, 5, "rdp",
+                                                              before=[release]) == sigma
+    assert state.noise_multiplier("run-b", 8.0, 1e-5, 0.25, 4, 5, "rdp", before=[]) == pytest.approx(alone)
+
+
 def test_torn_ledger_line_is_set_aside_and_reported(tmp_path):
     state = SiteState(tmp_path / "site", "s")
     _spend_rounds(state, Spend(1.0, 0.1, 10), range(1, 3))
