@@ -59,8 +59,8 @@ class Variant:
         from torch.utils.data import DataLoader
 
         import conf
-        from client.task import build_view, encode, pool_and_test
-        from client.trainer import _optimizer
+        from task.pipeline import build_view, encode, pool_and_test
+        from task.trainer import _optimizer
         from privacy.dpsgd import make_private
 
         self.mode, self.k, self.gsm = mode, k, gsm

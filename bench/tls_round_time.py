@@ -7,7 +7,7 @@ flipping a flag of the product. This script runs the same federated job three wa
 
   A  plaintext   `flower-superlink --insecure` on 127.0.0.1 + N `flower-supernode --insecure`.
   B  tls-direct  `flower-superlink --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile` with a
-                 loopback PKI (privacy.pki.init_pki, "localhost" + 127.0.0.1) + N
+                 loopback PKI (deploy.pki.init_pki, "localhost" + 127.0.0.1) + N
                  `flower-supernode --root-certificates ca.crt`.
   C  fedshield   the product path: `fedshield server` (TLS SuperLink on loopback, SuperNode
                  authentication with registered site keys, and the Fleet-only TLS front
@@ -225,7 +225,7 @@ class Assets:
 
 
 def make_assets(work: Path, payloads: list[str]) -> Assets:
-    from privacy import pki
+    from deploy import pki
     from tests.conftest import synthetic_rows, write_csv
 
     tiny = None
@@ -233,7 +233,7 @@ def make_assets(work: Path, payloads: list[str]) -> Assets:
         import torch
         from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-        from client.model import bundled_model_path
+        from task.model import bundled_model_path
 
         tiny = work / "tiny-bert"
         torch.manual_seed(0)
@@ -284,7 +284,7 @@ def overrides(payload: Payload, assets: Assets, out_dir: Path, run_name: str) ->
 def payload_mb(payload: Payload, assets: Assets) -> float:
     """float32 MB of what travels: the trainable state the ServerApp sends (server.app)."""
     import conf
-    from client.task import build_view
+    from task.pipeline import build_view
 
     cfg = conf.load_config(overrides(payload, assets, assets.work / "unused", "x"))
     state = build_view(cfg).trainable_state()

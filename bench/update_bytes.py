@@ -17,7 +17,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 import copy
 
 import conf
-from client.task import build_view, to_arrays
+from task.pipeline import build_view, to_arrays
 
 
 def wire_bytes(record) -> int:

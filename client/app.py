@@ -35,13 +35,13 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
 import conf
-from client import centering
-from client.model import ModelError, TrainView
-from client.partition import partition, site_names
+from task import centering
+from task.model import ModelError, TrainView
+from task.partition import partition, site_names
 from client.site import SiteState
-from client.task import build_view, encode, from_arrays, pool_and_test, read_text_file, to_arrays, view_fingerprint
-from client.tasks.data import LabeledData
-from client.trainer import LocalPlan, TrainingError, batches_per_epoch, poisson_rate, train_local
+from task.pipeline import build_view, encode, from_arrays, pool_and_test, read_text_file, to_arrays, view_fingerprint
+from task.data import LabeledData
+from task.trainer import LocalPlan, TrainingError, batches_per_epoch, poisson_rate, train_local
 from privacy.accountant import Spend, epsilon
 from privacy.errors import FedShieldError
 
@@ -239,7 +239,7 @@ def _train(msg: Message, site: Site) -> Message:
 
 @app.query("feature_mean")
 def feature_mean(msg: Message, context: Context) -> Message:
-    """The site's noisy sum of [CLS] features (client.centering), spent before it leaves."""
+    """The site's noisy sum of [CLS] features (task.centering), spent before it leaves."""
     return _guarded(msg, context, _feature_mean)
 
 

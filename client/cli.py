@@ -45,7 +45,7 @@ import threading
 import time
 from pathlib import Path
 
-from client.processes import stop_process_groups
+from deploy.processes import stop_process_groups
 from privacy.errors import FedShieldError
 
 NOT_REGISTERED = ("Failed to activate SuperNode", "[code: 2004]")
@@ -106,7 +106,7 @@ def tls_preflight(host: str, port: int, ca: Path, timeout: float) -> None:
 
 
 def check_ca(ca: Path) -> None:
-    from privacy.pki import load_certificates
+    from deploy.pki import load_certificates
 
     if not ca.is_file():
         raise FedShieldError(f"--ca {ca}: no such file")
@@ -119,7 +119,7 @@ def check_ca(ca: Path) -> None:
 
 def check_data(path: Path, labels: list[str] | None, text_column: str, label_column: str):
     import conf
-    from client.task import read_text_file
+    from task.pipeline import read_text_file
 
     cfg = conf.load_config(["task=text-file", f"task.data_path={path}",
                             f"task.text_column={text_column}", f"task.label_column={label_column}"])
@@ -186,7 +186,7 @@ def client_main(argv: list[str]) -> int:
         raise FedShieldError("--insecure: refused; a fedshield site only connects with TLS (give the coordinator's --ca)")
     host, port = parse_server(args.server)
     key_path = Path(args.key).expanduser().resolve()
-    from privacy.pki import check_site_name, load_site_private_key, public_key_fingerprint
+    from deploy.pki import check_site_name, load_site_private_key, public_key_fingerprint
 
     key = load_site_private_key(key_path)
     name = check_site_name(args.name or key_path.stem)

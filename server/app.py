@@ -23,8 +23,8 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 import conf
-from client import centering
-from client.task import build_view, from_arrays, pool_and_test, to_arrays, view_fingerprint
+from task import centering
+from task.pipeline import build_view, from_arrays, pool_and_test, to_arrays, view_fingerprint
 from privacy.errors import FedShieldError
 from server.evaluate import CentralEvaluator
 from server.export import export_model
@@ -76,7 +76,7 @@ def discover_sites(grid: Grid, cfg: DictConfig, plan: ConfigRecord, expected: in
 
 def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict], rounds: "RoundLog",
                          width: int, timeout: float) -> np.ndarray | None:
-    """Ask every site for its noisy feature sum (client.centering); their mean, or None."""
+    """Ask every site for its noisy feature sum (task.centering); their mean, or None."""
     messages = [Message(content=RecordDict({"config": plan}), message_type=centering.QUERY, dst_node_id=n)
                 for n in sites]
     sums, counts = [], []

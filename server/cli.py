@@ -58,7 +58,7 @@ import threading
 import time
 from pathlib import Path
 
-from client.processes import stop_process_groups
+from deploy.processes import stop_process_groups
 from privacy.errors import FedShieldError
 
 CONNECTION = "fedshield"
@@ -117,7 +117,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def check_pki(pki: Path) -> dict[str, Path]:
     from cryptography import x509
 
-    from privacy.pki import PKIError, load_certificates
+    from deploy.pki import PKIError, load_certificates
 
     files = {n: pki / n for n in ("ca.crt", "server.crt", "server.key")}
     for name, p in files.items():
@@ -146,7 +146,7 @@ def check_pki(pki: Path) -> dict[str, Path]:
 
 
 def collect_site_keys(items: list[str]) -> list[Path]:
-    from privacy.pki import load_site_public_key
+    from deploy.pki import load_site_public_key
 
     keys: list[Path] = []
     for item in items:
@@ -352,7 +352,7 @@ def server_main(argv: list[str]) -> int:
     home = Path(cfg.output.dir) / f".{cfg.output.run_name}.flower"
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o700)
-    from privacy.pki import init_pki
+    from deploy.pki import init_pki
 
     internal = home / "loopback-pki"
     init_pki(internal, "localhost", ["127.0.0.1"], days=30, ca_days=30, force=True)
@@ -384,7 +384,7 @@ def server_main(argv: list[str]) -> int:
         wait_tls(link_port, internal / "ca.crt", superlink, log)
         print(f"SuperLink up (loopback 127.0.0.1:{link_port}, TLS, SuperNode authentication on; log {log})", flush=True)
 
-        from privacy.pki import load_site_public_key, public_key_fingerprint
+        from deploy.pki import load_site_public_key, public_key_fingerprint
 
         for k in keys:
             run([flwr_bin("flwr"), "supernode", "register", str(k), CONNECTION, "--name", k.stem[:64]], env,

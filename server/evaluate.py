@@ -7,9 +7,9 @@ import torch
 from omegaconf import DictConfig
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
-from client.model import TrainView
-from client.task import encode, pool_and_test
-from client.trainer import predict
+from task.model import TrainView
+from task.pipeline import encode, pool_and_test
+from task.trainer import predict
 
 
 def classification_metrics(labels: np.ndarray, preds: np.ndarray, class_names: list[str]) -> dict:

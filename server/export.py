@@ -13,8 +13,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
-from client.model import TabularMLP, TrainView, fold_center, is_bert_like
-from client.task import _tokenizer, pool_and_test
+from task.model import TabularMLP, TrainView, fold_center, is_bert_like
+from task.pipeline import _tokenizer, pool_and_test
 
 
 def export_model(cfg: DictConfig, view: TrainView, out: Path) -> Path:

@@ -64,7 +64,7 @@ COMMANDS = {
     "sweep": _lazy("simulations.sweep", "sweep_main"),
     "server": _lazy("server.cli", "server_main"),
     "client": _lazy("client.cli", "client_main"),
-    "certs": _lazy("privacy.pki", "certs_main"),
+    "certs": _lazy("deploy.pki", "certs_main"),
     "audit": _lazy("privacy.cli", "audit_main"),
     "audit-empirical": _lazy("simulations.empirical", "empirical_main"),
 }

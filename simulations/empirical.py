@@ -63,7 +63,7 @@ def synthetic_base(n: int, rng: random.Random) -> tuple[list[tuple[str, str]], l
 
 
 def news_base(n: int, rng: random.Random) -> tuple[list[tuple[str, str]], list[str]]:
-    from client.tasks.data import DataError, load_news_topics
+    from task.data import DataError, load_news_topics
 
     data = load_news_topics()
     if n > len(data):
@@ -74,7 +74,7 @@ def news_base(n: int, rng: random.Random) -> tuple[list[tuple[str, str]], list[s
 
 def canary_vocabulary(model: str, exclude: set[str]) -> list[str]:
     """Whole-word, alphabetic tokens of the model's tokenizer: one token per canary word."""
-    from client.model import load_tokenizer
+    from task.model import load_tokenizer
 
     vocab = load_tokenizer(model).get_vocab()
     return sorted(w for w in vocab if w.isascii() and w.isalpha() and len(w) >= 4 and w not in exclude)

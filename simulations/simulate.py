@@ -19,8 +19,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 import conf
-from client.partition import partition, site_names
-from client.task import pool_and_test
+from task.partition import partition, site_names
+from task.pipeline import pool_and_test
 from server.run_dir import new_run_dir, read_jsonl
 
 

@@ -44,7 +44,7 @@ def tiny_bert(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from client.model import bundled_model_path
+    from task.model import bundled_model_path
 
     out = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import conf
-from client import centering
-from client.model import default_center_clip_norm, fold_center, supports_centering
-from client.task import build_view, encode, pool_and_test
-from client.trainer import predict
+from task import centering
+from task.model import default_center_clip_norm, fold_center, supports_centering
+from task.pipeline import build_view, encode, pool_and_test
+from task.trainer import predict
 from privacy.accountant import Spend, calibrate_noise_multiplier, epsilon
 from tests.conftest import tiny_overrides
 
@@ -43,7 +43,7 @@ def test_exported_model_computes_the_centred_model_without_a_centring_step(cfg, 
     fold_center(view)
     assert not view.module.center.any()
     pool, _ = pool_and_test(cfg)
-    from client.task import _tokenize
+    from task.pipeline import _tokenize
 
     ids, mask = _tokenize(cfg, pool.subset(np.arange(48)).texts)
     view.model.eval()

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.tasks import data as data_mod
-from client.tasks.data import (
+from task import data as data_mod
+from task.data import (
     DataError,
     LabeledData,
     load_heart_disease,

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import synthetic_rows, tiny_overrides, write_csv
-from privacy import pki
+from deploy import pki
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from privacy import pki
+from deploy import pki
 from privacy.errors import FedShieldError
 
 

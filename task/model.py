@@ -217,7 +217,7 @@ class TrainView:
     module: nn.Module  # inputs -> logits; holds exactly the trainable parameters
     trainable_names: list[str]  # full-model state-dict names of the trainable weights
     prefix_layers: int | None  # last_layers mode: encoder layers computed once and cached
-    fingerprint: str = ""  # sha256 of the frozen weights (client.task.build_view fills it)
+    fingerprint: str = ""  # sha256 of the frozen weights (task.pipeline.build_view fills it)
 
     def trainable_state(self) -> dict[str, np.ndarray]:
         sd = self.model.state_dict()

@@ -21,7 +21,7 @@ that both together stay within the site's target ε.
 
 The coordinator's mean is sum(noisy sums) / sum(n), with n the record count every site
 already reports (FedAvg's weights). The centre travels in the plan; the exported model
-folds it into the pooler's bias (client.model.fold_center).
+folds it into the pooler's bias (task.model.fold_center).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.model import TrainView, default_center_clip_norm, supports_centering
+from task.model import TrainView, default_center_clip_norm, supports_centering
 from privacy.accountant import Spend
 
 PLAN_KEY = "feature-center"  # the centre in the run's plan (a list of floats)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from client.model import (
+from task.model import (
     TrainView,
     frozen_fingerprint,
     build_tabular_model,
@@ -27,7 +27,7 @@ from client.model import (
     make_train_view,
     prefix_hidden_states,
 )
-from client.tasks.data import (
+from task.data import (
     LabeledData,
     load_heart_disease,
     load_news_topics,
@@ -102,7 +102,7 @@ def build_model(cfg: DictConfig) -> nn.Module:
 def build_view(cfg: DictConfig, device: torch.device | None = None) -> TrainView:
     model = build_model(cfg)
     if device is not None:
-        model.to(device)  # before LoRA wrapping: see client.model.add_lora
+        model.to(device)  # before LoRA wrapping: see task.model.add_lora
     tr = cfg.training
     view = make_train_view(model, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha)
     # The frozen weights are fixed by the config (checkpoint, seed, what trains), so their
