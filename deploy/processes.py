@@ -1,15 +1,131 @@
-"""Child processes of the `fedshield server` and `fedshield client` commands.
+"""Flower processes of the `fedshield server` and `fedshield client` commands.
 
-Flower's SuperLink and SuperNode start processes of their own (SuperExec, ServerApp,
-ClientApp), so each child runs in its own session and is stopped as a process group.
+The helpers both agent commands need, each written once:
+
+- `flwr_bin`: a Flower console script (`flower-superlink`, `flower-supernode`, `flwr`) from
+  this interpreter's environment, never another installation found first on PATH.
+- `flower_env`: the environment every Flower child gets: its own FLWR_HOME, telemetry off
+  (FLWR_TELEMETRY_ENABLED=0, read by flwr at import time), Hugging Face offline, no runtime
+  dependency installation (FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1: the SuperLink's
+  SuperExec would otherwise `uv sync` app dependencies, a download; the SuperNode never
+  installs unless `--allow-runtime-dependency-installation` is passed, and we never pass
+  it), and this venv's bin first on PATH (the SuperLink/SuperNode start `flower-superexec`
+  by name).
+- `parse_host_port` (one HOST:PORT parser; the error names the flag), `free_port`.
+- `interrupts_raise` / `Interrupted`: SIGINT and SIGTERM become an exception for the span
+  of a `with` block, and the previous handlers come back after it.
+- `stop_process_groups`: Flower's SuperLink and SuperNode start processes of their own
+  (SuperExec, ServerApp, ClientApp), so each child runs in its own session and is stopped
+  as a process group.
+- `run_flower_cli` (a `flwr ...` command with a timeout and a one-line error), `last_error`
+  (the line of a Flower log worth quoting).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from privacy.errors import FedShieldError
+
+CLI_TIMEOUT_S = 120.0  # a `flwr` command against a local SuperLink answers in seconds
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived inside `interrupts_raise()`."""
+
+
+@contextlib.contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM raise `Interrupted`; the old handlers are back after it.
+
+    Callers catch `Interrupted` outside the block, so that their clean-up (stopping children)
+    runs with the previous handlers again.
+    """
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        raise Interrupted()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def flwr_bin(name: str) -> str:
+    """A Flower console script from this interpreter's environment (never another one)."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise FedShieldError(f"{name}: not found next to {sys.executable}; is flwr 1.41 installed?")
+    return found
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """The environment of a Flower child whose FLWR_HOME is `home`."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
+    })
+    return env
+
+
+def parse_host_port(value: str, flag: str, example: str, default_host: str | None = None) -> tuple[str, int]:
+    """HOST:PORT (IPv6 in brackets) -> (host, port); an empty HOST is `default_host` or an error
+    that names `flag`."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]") or (default_host or "")
+    if not sep or not host or not port.isdigit() or not (0 < int(port) < 65536):
+        raise FedShieldError(f"{flag} {value!r}: expected HOST:PORT, e.g. {example}")
+    return host, int(port)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def last_error(log: Path) -> str:
+    """The last line of `log` that reports an error, else its last line ("?" if none)."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "?"
+    for ln in reversed(lines):
+        if "ERROR" in ln or "rror" in ln:
+            return ln[-300:]
+    return lines[-1][-300:] if lines else "?"
+
+
+def run_flower_cli(cmd: list[str], env: dict[str, str], what: str, timeout_s: float = CLI_TIMEOUT_S) -> str:
+    """Run a Flower CLI command; its stdout, or a one-line FedShieldError that starts with `what`."""
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise FedShieldError(f"{what}: no answer within {timeout_s:.0f} s (is the SuperLink up? see its log)") from None
+    if r.returncode != 0:
+        msg = (r.stderr.strip() or r.stdout.strip()).splitlines()
+        raise FedShieldError(f"{what}: {msg[-1] if msg else 'failed'} (exit {r.returncode})")
+    return r.stdout
 
 
 def stop_process_groups(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
