@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import typing
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
 from privacy.errors import FedShieldError
 from privacy.files import create_file, read_file
@@ -107,8 +109,14 @@ def load_public_key(path_or_pem: Path | str | bytes) -> PublicKey:
     return key
 
 
-def fingerprint(public_key: PublicKey | PrivateKey) -> str:
-    pub = public_key.public_key() if isinstance(public_key, ec.EllipticCurvePrivateKey) else public_key
+def fingerprint(key: PublicKeyTypes | PrivateKeyTypes) -> str:
+    """fedshield's one key fingerprint: "SHA256:<lowercase hex>" of the DER SubjectPublicKeyInfo.
+
+    Any `cryptography` public key, or a private key (its public half: a pair's two halves
+    have one fingerprint): ledger signing keys (P-256), connection keys (P-384), TLS keys.
+    Ledger entries store it in `key_fingerprint`.
+    """
+    pub = key.public_key() if isinstance(key, typing.get_args(PrivateKeyTypes)) else key
     der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return "SHA256:" + hashlib.sha256(der).hexdigest()
 
