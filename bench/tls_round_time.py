@@ -10,12 +10,12 @@ flipping a flag of the product. This script runs the same federated job three wa
                  loopback PKI (deploy.pki.init_pki, "localhost" + 127.0.0.1) + N
                  `flower-supernode --root-certificates ca.crt`.
   C  fedshield   the product path: `fedshield server` (TLS SuperLink on loopback, SuperNode
-                 authentication with registered site keys, and the Fleet-only TLS front
-                 `FleetFront` that the sites connect to) + N `fedshield client`, launched as
-                 tests/test_deployment.py launches them.
+                 authentication with registered connection keys, and the Fleet-only TLS
+                 front `deploy.front.FleetFront` that the sites connect to) + N
+                 `fedshield client`, launched as tests/test_deployment.py launches them.
 
-A and B are assembled from server/cli.py's own pieces (resolve_config, write_app,
-write_flower_config, flower_env, flwr_bin, Children, wait_tls) and submit the same
+A and B are assembled from the product's own pieces (server/cli.py's resolve_config, write_app,
+write_flower_config, Children, wait_tls; deploy/processes.py's flower_env, flwr_bin) and submit the same
 generated fedshield app with `flwr run APP fedshield --stream`; their SuperNodes get the
 node config that `fedshield client` passes (client.cli.node_config: site-name, data-path,
 state-dir) and the same --max-wait-time. So A vs B differs only by TLS on the Fleet,
@@ -82,14 +82,11 @@ os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.
 import psutil  # noqa: E402
 
 from client.cli import node_config  # noqa: E402
+from deploy.processes import flower_env, flwr_bin, free_port, last_error  # noqa: E402
 from privacy.errors import FedShieldError  # noqa: E402
 from server.cli import (  # noqa: E402
     CONNECTION,
     Children,
-    flower_env,
-    flwr_bin,
-    free_port,
-    last_error,
     resolve_config,
     wait_tls,
     write_app,
@@ -357,7 +354,7 @@ def run_fedshield(payload: Payload, assets: Assets, job: Path, procs: Procs) -> 
     slog = job / "server.log"
     with log_file(slog) as f:
         server = procs.start([*fedshield, "server", "--pki", str(pki_dir),
-                              "--site-keys", *(str(pki_dir / f"{s}.pub") for s in SITES),
+                              "--connection-keys", *(str(pki_dir / f"{s}.pub") for s in SITES),
                               "--address", f"127.0.0.1:{port}",
                               *overrides(payload, assets, job / "runs", "C")],
                              dict(os.environ), stdout=f, stderr=subprocess.STDOUT, cwd=str(job))
@@ -367,7 +364,7 @@ def run_fedshield(payload: Payload, assets: Assets, job: Path, procs: Procs) -> 
         with log_file(clog) as f:
             watched[f"fedshield client {site}"] = (procs.start([
                 *fedshield, "client", "--server", f"127.0.0.1:{port}", "--ca", str(pki_dir / "ca.crt"),
-                "--key", str(pki_dir / f"{site}.key"), "--data", str(assets.site_csv[payload.name][site]),
+                "--connection-key", str(pki_dir / f"{site}.key"), "--data", str(assets.site_csv[payload.name][site]),
                 "--state-dir", str(job / f"state-{site}"), "--connect-timeout", "60",
                 "--reconnect-s", str(RECONNECT_S),
             ], dict(os.environ), stdout=f, stderr=subprocess.STDOUT, cwd=str(job)), clog)

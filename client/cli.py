@@ -1,12 +1,20 @@
 """`fedshield client`: a site's agent, a Flower SuperNode that only connects outbound.
 
-    fedshield client --server fl.example.org:9092 --ca ca.crt --key st-marys.key \\
+    fedshield client --server fl.example.org:9092 --ca ca.crt --connection-key st-marys.key \\
         --data /secure/notes.csv [--name st-marys] [--state-dir DIR] [privacy.budget_epsilon=3 ...]
+
+Two keys, not to be confused: the site's **connection key** (`--connection-key`, made by
+`fedshield certs site NAME`, an OpenSSH ECDSA P-384 key) authenticates its SuperNode to the
+coordinator, which admits its public half (`NAME.pub`, `fedshield server --connection-keys`);
+the site's **ledger signing key** (P-256, `<state-dir>/site.key`, made on first start by
+client/site.py) signs its privacy ledger entries, which an auditor checks with
+`fedshield audit --ledger-keys`. Both fingerprints print as `SHA256:<hex>`
+(`privacy.signing.fingerprint`). `--key` is the old spelling of `--connection-key`.
 
 Before anything connects, every input is checked and a problem ends in one line (exit 2):
 the data file is read with the task's text-file loader (missing, unreadable, empty, a
-malformed row, a label outside `--labels`: named by file and line), the key must be an
-OpenSSH ECDSA key (what flower-supernode loads), the CA must parse, overrides must be keys a
+malformed row, a label outside `--labels`: named by file and line), the connection key must
+be an OpenSSH ECDSA key (what flower-supernode loads), the CA must parse, overrides must be keys a
 site may set (`client.app.SITE_OVERRIDABLE`). Then a TLS pre-flight with Python's `ssl`
 module verifies the coordinator's chain against `--ca` and its host name, so a wrong CA,
 an expired certificate or another host's certificate is one clear line, not Flower's retry
@@ -17,14 +25,15 @@ Then `flower-supernode` runs (subprocess, this environment's copy) with
 `--node-config "site-name=... data-path=... state-dir=..."` (read by client/app.py; the
 path and rows never leave the site), its local Runtime API on a free 127.0.0.1 port, and no
 runtime dependency installation (the SuperNode default in 1.41; the flag that would turn it
-on is never passed). FLWR_HOME is `<state-dir>/.flower` (0700); telemetry is off.
+on is never passed). FLWR_HOME is `<state-dir>/.flower` (0700); the environment is
+`deploy.processes.flower_env` (telemetry off, offline).
 
 When is the job over? A 1.41 SuperNode has no "stop after N runs" flag: it serves runs
 until its SuperLink goes away. `fedshield server` stops its SuperLink when the run ends,
 so the SuperNode runs with `--max-wait-time` (`--reconnect-s`, default 120 s): once the
 coordinator has been unreachable that long, the SuperNode gives up and this command ends
 (exit 0 if it had joined). A coordinator that comes back within that window (a restart to
-resume) is rejoined. If the coordinator refuses the site's key (not registered), Flower
+resume) is rejoined. If the coordinator refuses the site's connection key (not registered), Flower
 exits with code 305 after its retries; this command says so in one line (exit 2).
 Ctrl-C / SIGTERM stops the SuperNode and its ClientApp processes (exit 130).
 """
@@ -36,7 +45,6 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported anywhere
 
 import argparse
-import signal
 import socket
 import ssl
 import subprocess
@@ -45,28 +53,20 @@ import threading
 import time
 from pathlib import Path
 
-from deploy.processes import stop_process_groups
+from deploy.processes import (
+    Interrupted,
+    add_deprecated_alias,
+    flower_env,
+    flwr_bin,
+    free_port,
+    interrupts_raise,
+    parse_host_port,
+    stop_process_groups,
+)
 from privacy.errors import FedShieldError
+from privacy.signing import fingerprint
 
 NOT_REGISTERED = ("Failed to activate SuperNode", "[code: 2004]")
-
-
-class Interrupted(Exception):
-    pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def parse_server(server: str) -> tuple[str, int]:
-    host, sep, port = server.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not (0 < int(port) < 65536):
-        raise FedShieldError(f"--server {server!r}: expected HOST:PORT, e.g. fl.example.org:9092")
-    return host, int(port)
 
 
 def tls_preflight(host: str, port: int, ca: Path, timeout: float) -> None:
@@ -167,10 +167,15 @@ def client_main(argv: list[str]) -> int:
         description="Site agent: a Flower SuperNode (outbound TLS only) training on this site's own data.")
     parser.add_argument("--server", required=True, help="the coordinator, HOST:PORT (e.g. fl.example.org:9092)")
     parser.add_argument("--ca", required=True, help="the federation's CA certificate (ca.crt)")
-    parser.add_argument("--key", required=True, help="this site's private key (fedshield certs site NAME)")
+    key_flag = parser.add_mutually_exclusive_group(required=True)
+    key_flag.add_argument("--connection-key", metavar="KEY",
+                          help="this site's connection key, NAME.key from `fedshield certs site NAME` "
+                               "(SuperNode authentication; not the ledger signing key in --state-dir)")
+    add_deprecated_alias(key_flag, "--key", "--connection-key")
     parser.add_argument("--data", required=True, help="this site's CSV or JSONL file (text + label columns)")
-    parser.add_argument("--name", help="site name (default: the key file's name)")
-    parser.add_argument("--state-dir", help="privacy state: ledger, keys, caches (default ./fedshield-site-<name>)")
+    parser.add_argument("--name", help="site name (default: the connection key file's name)")
+    parser.add_argument("--state-dir", help="privacy state: ledger, ledger signing key, caches "
+                                            "(default ./fedshield-site-<name>)")
     parser.add_argument("--labels", help="the task's classes, comma-separated: rows with other labels are refused up front")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="label")
@@ -184,11 +189,11 @@ def client_main(argv: list[str]) -> int:
 
     if args.insecure:
         raise FedShieldError("--insecure: refused; a fedshield site only connects with TLS (give the coordinator's --ca)")
-    host, port = parse_server(args.server)
-    key_path = Path(args.key).expanduser().resolve()
-    from deploy.pki import check_site_name, load_site_private_key, public_key_fingerprint
+    host, port = parse_host_port(args.server, "--server", "fl.example.org:9092")
+    key_path = Path(args.connection_key).expanduser().resolve()
+    from deploy.pki import check_site_name, load_connection_private_key
 
-    key = load_site_private_key(key_path)
+    key = load_connection_private_key(key_path)
     name = check_site_name(args.name or key_path.stem)
     if key_path.stat().st_mode & 0o077:
         print(f"warning: {key_path} is readable by others; chmod 600 it", file=sys.stderr)
@@ -207,38 +212,24 @@ def client_main(argv: list[str]) -> int:
     except OSError as exc:
         raise FedShieldError(f"--state-dir {state}: {exc.strerror}") from None
     print(f"site {name}: {len(site_data)} records in {data} ({', '.join(site_data.class_names)}); "
-          f"key SHA256:{public_key_fingerprint(key.public_key())}; state {state}", flush=True)
+          f"connection key {fingerprint(key)}; state {state}", flush=True)
 
     tls_preflight(host, port, ca, args.connect_timeout)
     print(f"coordinator {host}:{port}: TLS certificate verified with {ca}", flush=True)
 
-    bindir = Path(sys.executable).parent
-    supernode = str(bindir / "flower-supernode") if (bindir / "flower-supernode").exists() else "flower-supernode"
     cmd = [
-        supernode,
+        flwr_bin("flower-supernode"),
         "--superlink", f"{host}:{port}",
         "--root-certificates", str(ca),
         "--auth-supernode-private-key", str(key_path),
         "--node-config", node_config(name, data, state, overrides),
-        "--host", "127.0.0.1", "--port", str(_free_port()),
+        "--host", "127.0.0.1", "--port", str(free_port()),
         "--max-wait-time", str(args.reconnect_s),
     ]
-    env = dict(os.environ)
-    env.update({"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-                "PATH": str(bindir) + os.pathsep + env.get("PATH", "")})
-    env.pop("FLWR_ALLOW_RUNTIME_DEPENDENCY_INSTALLATION", None)
-
-    def on_signal(signum, frame):  # noqa: ARG001
-        raise Interrupted()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    proc = subprocess.Popen(cmd, env=env, cwd=str(state), start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
     seen = {"joined": False, "refused": False, "gone": False}
     log_path = state / "supernode.log"
 
-    def pump() -> None:
+    def pump(proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
         with open(log_path, "a", encoding="utf-8") as log_f:
             for line in proc.stdout:
@@ -255,24 +246,26 @@ def client_main(argv: list[str]) -> int:
                 if args.verbose or _worth_showing(line):
                     print(line.rstrip(), flush=True)
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
+    procs: list[subprocess.Popen] = []
     try:
-        while proc.poll() is None and not seen["gone"]:
-            time.sleep(0.2)
-        reader.join(timeout=5)
+        with interrupts_raise():  # from before the SuperNode starts: it never outlives this command
+            procs.append(subprocess.Popen(cmd, env=flower_env(home), cwd=str(state), start_new_session=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1))
+            proc = procs[0]
+            reader = threading.Thread(target=pump, args=(proc,), daemon=True)
+            reader.start()
+            while proc.poll() is None and not seen["gone"]:
+                time.sleep(0.2)
+            reader.join(timeout=5)
     except Interrupted:
         print(f"site {name}: interrupted; stopping the SuperNode (its ledger is on disk: {state})", file=sys.stderr)
-        stop_process_groups([proc])
         return 130
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        stop_process_groups([proc])
+        stop_process_groups(procs)
     if seen["refused"]:
         raise FedShieldError(
-            f"the coordinator refused site key {key_path.name} (SHA256:{public_key_fingerprint(key.public_key())}): "
-            "it is not registered there; send {0}.pub to the coordinator operator".format(key_path.stem))
+            f"the coordinator refused connection key {key_path.name} ({fingerprint(key)}): "
+            f"it is not registered there; send {key_path.stem}.pub to the coordinator operator")
     if not seen["joined"]:
         raise FedShieldError(f"site {name}: the SuperNode stopped before joining (exit {proc.returncode}); see {log_path}")
     print(f"site {name}: the coordinator closed the federation; done (ledger: {state / 'ledger.jsonl'})", flush=True)

@@ -1,4 +1,4 @@
-"""PKI for a deployment: a CA, the coordinator's TLS certificate, and site key pairs.
+"""PKI for a deployment: a CA, the coordinator's TLS certificate, and sites' connection keys.
 
     fedshield certs init --out pki/ --server-name fl.example.org --san 127.0.0.1
         ca.crt  ca.key  server.crt  server.key
@@ -13,8 +13,9 @@ Formats, as Flower 1.41 expects them:
   server certificate (ECDSA P-384, SANs: DNS entries for names, IP entries for addresses,
   EKU serverAuth). `ca.crt` is what sites pass as `--ca`; `server.crt`/`server.key` go to
   the coordinator only.
-- Site keys (SuperNode authentication): an ECDSA key on a NIST curve (P-384, like
-  `ssh-keygen -t ecdsa -b 384`). `flower-supernode --auth-supernode-private-key` reads the
+- Connection keys (a site's SuperNode authentication key; not its ledger signing key, the
+  P-256 key in its state folder that `client/site.py` makes and that signs its privacy
+  ledger): an ECDSA key on a NIST curve (P-384, like `ssh-keygen -t ecdsa -b 384`). `flower-supernode --auth-supernode-private-key` reads the
   private key with `load_ssh_private_key` (OpenSSH private key format), and
   `flwr supernode register` reads the public key with `load_ssh_public_key` (one line,
   `ecdsa-sha2-nistp384 AAAA...`). So `NAME.key` is an OpenSSH private key and `NAME.pub` an
@@ -23,8 +24,12 @@ Formats, as Flower 1.41 expects them:
   over only NAME.pub.
 
 Private keys are created with mode 0600 from the first byte (os.open with O_EXCL), never
-overwritten without `force`; every function returns, and every command prints, the SHA-256
-fingerprints of what it made.
+overwritten without `force`; every function returns, and every command prints, the
+fingerprints of what it made, in fedshield's one format `SHA256:<lowercase hex>`: of the
+DER SubjectPublicKeyInfo for a key (`privacy.signing.fingerprint`, the same for both halves
+of a pair and the same as a ledger entry's `key_fingerprint`), of the DER certificate for a
+certificate (the digest `openssl x509 -noout -fingerprint -sha256` prints, in upper case
+with colons).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from privacy.errors import FedShieldError
 from privacy.files import create_file, read_file
+from privacy.signing import fingerprint as key_fingerprint
 
 
 class PKIError(FedShieldError):
@@ -63,7 +69,7 @@ class Made:
     fingerprint: str
 
     def line(self) -> str:
-        return f"{self.kind:<22} {self.path}  SHA256:{self.fingerprint}"
+        return f"{self.kind:<22} {self.path}  {self.fingerprint}"
 
 
 # ------------------------------------------------------------------ writing files
@@ -92,15 +98,8 @@ def _check_free(paths: list[Path], force: bool) -> None:
 
 
 def cert_fingerprint(cert: x509.Certificate) -> str:
-    return cert.fingerprint(hashes.SHA256()).hex(":")
-
-
-def public_key_fingerprint(key) -> str:
-    """SHA-256 over the DER SubjectPublicKeyInfo (the same for a key pair's two halves)."""
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    h = hashes.Hash(hashes.SHA256())
-    h.update(der)
-    return h.finalize().hex(":")
+    """`SHA256:<lowercase hex>` of the DER certificate (keys: `privacy.signing.fingerprint`)."""
+    return "SHA256:" + cert.fingerprint(hashes.SHA256()).hex()
 
 
 # ------------------------------------------------------------------ CA + server
@@ -215,13 +214,13 @@ def init_pki(out: str | Path, server_name: str, sans: list[str] | None = None, d
     _write(paths["server.crt"], _cert_pem(cert), False, force)
     return [
         Made(paths["ca.crt"], "CA certificate", cert_fingerprint(ca_cert)),
-        Made(paths["ca.key"], "CA private key", public_key_fingerprint(ca_key.public_key())),
+        Made(paths["ca.key"], "CA private key", key_fingerprint(ca_key)),
         Made(paths["server.crt"], "server certificate", cert_fingerprint(cert)),
-        Made(paths["server.key"], "server private key", public_key_fingerprint(key.public_key())),
+        Made(paths["server.key"], "server private key", key_fingerprint(key)),
     ]
 
 
-# ------------------------------------------------------------------ site keys
+# ------------------------------------------------------------------ connection keys
 
 
 def check_site_name(name: str) -> str:
@@ -230,8 +229,9 @@ def check_site_name(name: str) -> str:
     return name
 
 
-def site_key_pair(name: str, out: str | Path, force: bool = False) -> list[Made]:
-    """NAME.key (OpenSSH private key, 0600) and NAME.pub (OpenSSH public key line)."""
+def connection_key_pair(name: str, out: str | Path, force: bool = False) -> list[Made]:
+    """A site's connection key: NAME.key (OpenSSH private key, 0600) and NAME.pub (OpenSSH
+    public key line, what the coordinator admits with `fedshield server --connection-keys`)."""
     check_site_name(name)
     out = Path(out)
     key_path, pub_path = out / f"{name}.key", out / f"{name}.pub"
@@ -243,33 +243,33 @@ def site_key_pair(name: str, out: str | Path, force: bool = False) -> list[Made]
                                            serialization.PublicFormat.OpenSSH) + f" {name}\n".encode()
     _write(key_path, private, True, force)
     _write(pub_path, public, False, force)
-    fp = public_key_fingerprint(key.public_key())
-    return [Made(key_path, "site private key", fp), Made(pub_path, "site public key", fp)]
+    fp = key_fingerprint(key)
+    return [Made(key_path, "connection private key", fp), Made(pub_path, "connection public key", fp)]
 
 
-def load_site_private_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
-    """The SuperNode authentication key, checked the way flower-supernode loads it."""
+def load_connection_private_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
+    """A site's connection key (SuperNode authentication), checked the way flower-supernode loads it."""
     p = Path(path)
-    data = read_file(p, "site key", PKIError)
+    data = read_file(p, "connection key", PKIError)
     try:
         key = serialization.load_ssh_private_key(data, None)
     except (ValueError, UnsupportedAlgorithm, TypeError):
-        raise PKIError(f"site key {p}: not an OpenSSH ECDSA private key (make one with `fedshield certs site NAME`)") from None
+        raise PKIError(f"connection key {p}: not an OpenSSH ECDSA private key (make one with `fedshield certs site NAME`)") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise PKIError(f"site key {p}: a {type(key).__name__}, but SuperNode authentication needs an ECDSA (NIST curve) key")
+        raise PKIError(f"connection key {p}: a {type(key).__name__}, but SuperNode authentication needs an ECDSA (NIST curve) key")
     return key
 
 
-def load_site_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
-    """A site's public key as `flwr supernode register` reads it."""
+def load_connection_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
+    """A site's connection public key as `flwr supernode register` reads it."""
     p = Path(path)
-    data = read_file(p, "site public key", PKIError)
+    data = read_file(p, "connection public key", PKIError)
     try:
         key = serialization.load_ssh_public_key(data.strip())
     except (ValueError, UnsupportedAlgorithm, TypeError):
-        raise PKIError(f"site public key {p}: not an OpenSSH public key line (ecdsa-sha2-nistp384 AAAA...)") from None
+        raise PKIError(f"connection public key {p}: not an OpenSSH public key line (ecdsa-sha2-nistp384 AAAA...)") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise PKIError(f"site public key {p}: a {type(key).__name__}, but SuperNode authentication needs ECDSA")
+        raise PKIError(f"connection public key {p}: a {type(key).__name__}, but SuperNode authentication needs ECDSA")
     return key
 
 
@@ -333,8 +333,8 @@ def _describe_cert(cert: x509.Certificate) -> str:
         f"SANs:         {', '.join(certificate_sans(cert)) or '-'}",
         f"valid from:   {start.isoformat()}",
         f"valid until:  {end.isoformat()} ({state})",
-        f"key:          {_key_type(cert.public_key())}",
-        f"SHA-256:      {cert_fingerprint(cert)}",
+        f"key:          {_key_type(cert.public_key())}, {key_fingerprint(cert.public_key())}",
+        f"fingerprint:  {cert_fingerprint(cert)} (of the certificate)",
     ]
     return "\n".join(lines)
 
@@ -353,7 +353,7 @@ def _try_private(data: bytes) -> str:
         except (ValueError, TypeError, UnsupportedAlgorithm):
             continue
         return (f"type:         private key, {_key_type(key)}\n"
-                f"SHA-256:      {public_key_fingerprint(key.public_key())} (of its public key)")
+                f"fingerprint:  {key_fingerprint(key)} (of its public key)")
     return ""
 
 
@@ -364,7 +364,7 @@ def _try_public(data: bytes) -> str:
             key = load(data)
         except (ValueError, TypeError, UnsupportedAlgorithm):
             continue
-        return f"type:         public key, {_key_type(key)}\nSHA-256:      {public_key_fingerprint(key)}"
+        return f"type:         public key, {_key_type(key)}\nfingerprint:  {key_fingerprint(key)}"
     return ""
 
 
@@ -372,7 +372,8 @@ def _try_public(data: bytes) -> str:
 
 
 def certs_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fedshield certs", description="CA, server certificate and site keys.")
+    parser = argparse.ArgumentParser(prog="fedshield certs",
+                                     description="CA, server certificate and sites' connection keys.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_init = sub.add_parser("init", help="a CA and the coordinator's TLS certificate")
     p_init.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.crt, server.key")
@@ -381,7 +382,7 @@ def certs_main(argv: list[str]) -> int:
     p_init.add_argument("--days", type=int, default=DEFAULT_DAYS, help=f"server certificate validity (default {DEFAULT_DAYS})")
     p_init.add_argument("--ca-days", type=int, default=DEFAULT_CA_DAYS, help=f"CA validity (default {DEFAULT_CA_DAYS})")
     p_init.add_argument("--force", action="store_true", help="replace existing files")
-    p_site = sub.add_parser("site", help="a site's key pair for SuperNode authentication")
+    p_site = sub.add_parser("site", help="a site's connection key pair (SuperNode authentication)")
     p_site.add_argument("name", help="site name, e.g. st-marys")
     p_site.add_argument("--out", required=True, help="folder for NAME.key and NAME.pub")
     p_site.add_argument("--force", action="store_true", help="replace existing files")
@@ -398,7 +399,8 @@ def certs_main(argv: list[str]) -> int:
         print(f"\nsecret (keep on the coordinator, 0600): {made[1].path}, {made[3].path}"
               f"\ngive to every site: {made[0].path}")
         return 0
-    made = site_key_pair(args.name, args.out, args.force)
+    made = connection_key_pair(args.name, args.out, args.force)
     print("\n".join(m.line() for m in made))
-    print(f"\nsecret (stays at the site, 0600): {made[0].path}\ngive to the coordinator: {made[1].path}")
+    print(f"\nsecret (stays at the site, 0600): {made[0].path}  (fedshield client --connection-key)"
+          f"\ngive to the coordinator, with its fingerprint: {made[1].path}  (fedshield server --connection-keys)")
     return 0

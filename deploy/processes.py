@@ -19,10 +19,13 @@ The helpers both agent commands need, each written once:
   as a process group.
 - `run_flower_cli` (a `flwr ...` command with a timeout and a one-line error), `last_error`
   (the line of a Flower log worth quoting).
+- `add_deprecated_alias`: an old flag spelling kept working (scripts exist), hidden from
+  `--help`, with a one-line note on stderr.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -60,6 +63,18 @@ def interrupts_raise() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def add_deprecated_alias(container, old: str, new: str, **kwargs) -> None:
+    """`old` as a hidden spelling of the option `new` (same destination); using it prints a
+    one-line deprecation note to stderr. `container`: a parser or an argument group."""
+
+    class Alias(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"note: {option_string} is deprecated; use {new}", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+
+    container.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=Alias, help=argparse.SUPPRESS, **kwargs)
 
 
 def flwr_bin(name: str) -> str:

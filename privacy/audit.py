@@ -12,11 +12,12 @@ Input: a run directory (`<run>/privacy/ledger.jsonl`), a site state folder
    ("rdp": dp-accounting RDP; "prv": dp-accounting PLD) by more than 1e-6 relative, and
    every site whose ε (the larger of recorded and recomputed) is past its budget.
 
-Site public keys: `--site-keys DIR` (`DIR/<site>.pub`), the ones an auditor got from the
-sites themselves. Otherwise the run directory's `privacy/site-keys/<site>.pub` (or a
-state folder's `site.pub`) is used, and the report says that such keys are only as
-trustworthy as the run directory. Without any key, signatures are not checked and the
-audit does not pass.
+Keys: the public halves of the sites' ledger signing keys (P-256, `<state-dir>/site.pub`;
+not their connection keys): `--ledger-keys DIR` (`DIR/<site>.pub`), the ones an auditor got
+from the sites themselves. Otherwise the run directory's `privacy/ledger-keys/<site>.pub`
+(`privacy/site-keys/` in run directories written before the rename), or a state folder's
+`site.pub`, is used, and the report says that such keys are only as trustworthy as the run
+directory. Without any key, signatures are not checked and the audit does not pass.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from privacy.errors import FedShieldError
 from privacy.ledger import Ledger, VerifyResult, verify_ledger
 
 TOLERANCE = 1e-6  # relative: recorded ε may not be below the recomputation by more than this
+RUN_KEY_DIRS = ("ledger-keys", "site-keys")  # under <run>/privacy/: the current name, then the old one
 
 
 @dataclass
@@ -114,36 +116,38 @@ def _locate(path: Path) -> tuple[Path, Path | None, Path | None]:
             return path / "ledger.jsonl", None, path
         raise FedShieldError(f"{path}: no privacy/ledger.jsonl (run directory) or ledger.jsonl (site state folder) in it")
     if path.is_file():
-        if path.parent.name == "privacy" and (path.parent / "site-keys").is_dir():
+        if path.parent.name == "privacy" and any((path.parent / d).is_dir() for d in RUN_KEY_DIRS):
             return path, path.parent.parent, None
         return path, None, path.parent if (path.parent / "site.pub").is_file() else None
     raise FedShieldError(f"{path}: not found")
 
 
 def _load_keys(
-    sites: list[str], site_keys_dir: Path | None, run_dir: Path | None, state_dir: Path | None
+    sites: list[str], ledger_keys_dir: Path | None, run_dir: Path | None, state_dir: Path | None
 ) -> tuple[dict | None, str, str]:
-    if site_keys_dir is not None:
-        d = Path(site_keys_dir)
+    if ledger_keys_dir is not None:
+        d = Path(ledger_keys_dir)
         if not d.is_dir():
-            raise FedShieldError(f"--site-keys {d}: not a folder")
+            raise FedShieldError(f"--ledger-keys {d}: not a folder")
         keys = {s: signing.load_public_key(d / f"{s}.pub") for s in sites if (d / f"{s}.pub").is_file()}
-        return keys, "given", f"site public keys from {d} (as given to the auditor)"
-    if run_dir is not None and (run_dir / "privacy" / "site-keys").is_dir():
-        d = run_dir / "privacy" / "site-keys"
+        return keys, "given", f"ledger signing keys (public) from {d} (as given to the auditor)"
+    run_keys = [run_dir / "privacy" / n for n in RUN_KEY_DIRS] if run_dir is not None else []
+    d = next((d for d in run_keys if d.is_dir()), None)
+    if d is not None:
         keys = {s: signing.load_public_key(d / f"{s}.pub") for s in sites if (d / f"{s}.pub").is_file()}
         return keys, "run directory", (
-            f"site public keys were taken from the run directory ({d}); they are only as "
+            f"ledger signing keys (public) were taken from the run directory ({d}); they are only as "
             "trustworthy as the run directory itself: for an audit independent of the "
-            "coordinator, get each site's public key from the site and pass --site-keys"
+            "coordinator, get each site's ledger public key (<state-dir>/site.pub) from the site "
+            "and pass --ledger-keys"
         )
     if state_dir is not None and (state_dir / "site.pub").is_file() and len(sites) == 1:
         keys = {sites[0]: signing.load_public_key(state_dir / "site.pub")}
         return keys, "state folder", (
-            f"the site public key was taken from {state_dir / 'site.pub'}, next to the ledger; it is "
-            "only as trustworthy as that folder: pass --site-keys for an independent check"
+            f"the ledger signing key (public) was taken from {state_dir / 'site.pub'}, next to the ledger; "
+            "it is only as trustworthy as that folder: pass --ledger-keys for an independent check"
         )
-    return None, "none", "no site public keys: signatures were NOT checked (pass --site-keys DIR)"
+    return None, "none", "no ledger signing keys: signatures were NOT checked (pass --ledger-keys DIR)"
 
 
 def _budgets_from_run(run_dir: Path | None) -> tuple[dict[str, float], dict[str, float]]:
@@ -171,14 +175,14 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def audit(path: Path, site_keys_dir: Path | None = None, budgets: dict[str, float] | None = None) -> AuditResult:
+def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, float] | None = None) -> AuditResult:
     ledger_path, run_dir, state_dir = _locate(Path(path))
     read = Ledger(ledger_path).read()  # read only: an auditor does not repair
     entries = read.entries
     if not entries:
         raise FedShieldError(f"ledger {ledger_path}: no entries")
     site_names = sorted({str(e.get("site")) for e in entries if isinstance(e, dict)})
-    keys, key_source, key_note = _load_keys(site_names, site_keys_dir, run_dir, state_dir)
+    keys, key_source, key_note = _load_keys(site_names, ledger_keys_dir, run_dir, state_dir)
     verify = verify_ledger(entries, keys)
 
     run_budgets, run_eps = _budgets_from_run(run_dir)
@@ -195,7 +199,7 @@ def audit(path: Path, site_keys_dir: Path | None = None, budgets: dict[str, floa
         flags.append(f"verification failed: {verify.reason}")
         flags += [f"verification failed: {p}" for _, p in verify.problems[1:]]
     if not verify.signatures_checked:
-        flags.append("signatures not checked: no site public keys (pass --site-keys DIR)")
+        flags.append("signatures not checked: no ledger signing keys (pass --ledger-keys DIR)")
     if read.truncated_bytes:
         notes.append(read.message + " (the cut entry is not part of this audit)")
 

@@ -1,4 +1,8 @@
-"""`fedshield audit RUN_DIR_OR_LEDGER [--site-keys DIR] [--json] [--out DIR] [--budget SITE=EPS ...]`
+"""`fedshield audit RUN_DIR_OR_LEDGER [--ledger-keys DIR] [--json] [--out DIR] [--budget SITE=EPS ...]`
+
+`--ledger-keys DIR`: the public halves of the sites' ledger signing keys (`<site>.pub`, each
+site's `<state-dir>/site.pub`), not their connection keys. `--site-keys` is its old
+spelling: it still works, with a note on stderr.
 
 Exit status: 0 everything verifies (chain, signatures) and nothing is flagged; 1 tampering,
 unchecked signatures, an under-reported ε or a site over budget (the first problem is
@@ -27,6 +31,12 @@ def _budget(text: str) -> tuple[str, float]:
     return site, value
 
 
+class _OldLedgerKeys(argparse.Action):  # --site-keys, the old spelling of --ledger-keys
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is deprecated; use --ledger-keys", file=sys.stderr)
+        namespace.ledger_keys = values
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, as for every bad input
         raise FedShieldError(f"audit: {message}")
@@ -35,7 +45,10 @@ class _Parser(argparse.ArgumentParser):
 def audit_main(argv: list[str]) -> int:
     p = _Parser(prog="fedshield audit", description="Verify a privacy ledger and recompute ε independently.")
     p.add_argument("path", metavar="RUN_DIR_OR_LEDGER", type=Path)
-    p.add_argument("--site-keys", type=Path, default=None, help="folder with <site>.pub public keys")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--ledger-keys", type=Path, default=None, metavar="DIR",
+                      help="folder with each site's ledger signing public key as <site>.pub, obtained from the sites")
+    keys.add_argument("--site-keys", type=Path, dest="ledger_keys", action=_OldLedgerKeys, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out", type=Path, default=None, help="report folder (default <run_dir>/audit/)")
     p.add_argument("--budget", type=_budget, action="append", default=[], metavar="SITE=EPS")
@@ -44,7 +57,7 @@ def audit_main(argv: list[str]) -> int:
         from privacy.audit import audit
         from privacy.report import write_report
 
-        result = audit(args.path, args.site_keys, dict(args.budget) or None)
+        result = audit(args.path, args.ledger_keys, dict(args.budget) or None)
         if args.out is not None:
             out = args.out
         elif result.run_dir is not None:

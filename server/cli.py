@@ -1,6 +1,6 @@
 """`fedshield server`: the coordinator on Flower's deployment runtime.
 
-    fedshield server --pki pki/ --site-keys pki/ [--address 0.0.0.0:9092] [--config FILE] [key=value ...]
+    fedshield server --pki pki/ --connection-keys pki/ [--address 0.0.0.0:9092] [--config FILE] [key=value ...]
 
 What it starts, and why (flwr 1.41, read from its source):
 
@@ -12,15 +12,18 @@ What it starts, and why (flwr 1.41, read from its source):
    messages), and the open-source build has no Control API authentication (NoOp plugin).
    Exposing that port would let any site that reaches it submit runs or register keys.
    So the SuperLink listens on loopback with a throw-away loopback certificate, and
-2. a Fleet-only TLS front (`FleetFront`, in this process) listens on `--address` with the
-   coordinator's certificate and forwards only `/v1/fleet/*` requests, byte for byte, to
-   the SuperLink. It is not a transport: requests, node signatures and replies are
-   Flower's own; it only refuses every other path (403). This is the one port sites need.
+2. the Fleet-only TLS front (`deploy.front.FleetFront`, in this process) listens on
+   `--address` with the coordinator's certificate and forwards only Fleet API requests
+   (POST, plain `/v1/fleet/...` paths, bodies up to `deploy.front.MAX_BODY_BYTES`), byte
+   for byte, to the SuperLink. It is not a transport: requests, node signatures and replies
+   are Flower's own; it refuses everything else (403). This is the one port sites need.
 3. Site admission: `--enable-supernode-auth` makes the SuperLink refuse every SuperNode
    whose public key was not registered through the Control API. The deprecated
-   `--auth-list-public-keys` CSV is rejected by 1.41 ("no longer supported"), so each key
-   given with `--site-keys` is registered with `flwr supernode register KEY.pub` (the
-   supported path) before the run starts. Nothing else is admitted.
+   `--auth-list-public-keys` CSV is rejected by 1.41 ("no longer supported"), so each
+   site's connection key given with `--connection-keys` (`NAME.pub`, made by
+   `fedshield certs site NAME`; not the site's ledger signing key) is registered with
+   `flwr supernode register KEY.pub` (the supported path) before the run starts. Nothing
+   else is admitted. The old spelling `--site-keys` still works, with a note.
 4. The run: `flwr run APP fedshield --stream`. APP is a private Flower app folder holding
    only a generated pyproject.toml: the components (`server.app:app`, `client.app:app`) and
    the whole resolved fedshield config as flat dotted keys in `[tool.flwr.app.config]`
@@ -32,10 +35,11 @@ What it starts, and why (flwr 1.41, read from its source):
    a simulation (`output.dir`/`output.run_name`).
 5. FLWR_HOME is a private folder (0700) next to the run directory
    (`<output.dir>/.<run_name>.flower/`): Flower's config.toml, the loopback certificate,
-   the app folder and the SuperLink log. Telemetry is off (FLWR_TELEMETRY_ENABLED=0).
+   the app folder and the SuperLink log. The children's environment is
+   `deploy.processes.flower_env` (telemetry off, offline, no dependency installation).
 
 On Ctrl-C / SIGTERM every child (SuperLink, its SuperExec and ServerApp, `flwr run`) is
-terminated and the command exits 130.
+terminated and the command exits 130; they are stopped too when the start fails.
 """
 
 from __future__ import annotations
@@ -48,67 +52,33 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported 
 import argparse
 import datetime as dt
 import secrets
-import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from deploy.processes import stop_process_groups
+from deploy.processes import (
+    Interrupted,
+    add_deprecated_alias,
+    flower_env,
+    flwr_bin,
+    free_port,
+    interrupts_raise,
+    last_error,
+    parse_host_port,
+    run_flower_cli,
+    stop_process_groups,
+)
 from privacy.errors import FedShieldError
+from privacy.signing import fingerprint
+
+if TYPE_CHECKING:
+    from deploy.front import FleetFront
 
 CONNECTION = "fedshield"
-# Only plain Fleet endpoint paths: no dot-segments, no percent-encoding, no empty segments,
-# so that no normalisation downstream can turn an allowed path into a Control API one.
-FLEET_PATH = re.compile(r"^/v1/fleet(/[A-Za-z0-9_-]+)+$")
-HOP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
-               "upgrade", "proxy-authorization", "proxy-connection", "trailer", "content-encoding"}
-
-
-class Interrupted(Exception):
-    pass
-
-
-def flwr_bin(name: str) -> str:
-    """A Flower console script from this interpreter's environment (never another one)."""
-    here = Path(sys.executable).parent / name
-    if here.exists():
-        return str(here)
-    found = shutil.which(name)
-    if not found:
-        raise FedShieldError(f"{name}: not found next to {sys.executable}; is flwr 1.41 installed?")
-    return found
-
-
-def flower_env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-        "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
-    })
-    return env
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not (0 < int(port) < 65536):
-        raise FedShieldError(f"--address {address!r}: expected HOST:PORT, e.g. 0.0.0.0:9092")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ inputs
@@ -145,8 +115,9 @@ def check_pki(pki: Path) -> dict[str, Path]:
     return files
 
 
-def collect_site_keys(items: list[str]) -> list[Path]:
-    from deploy.pki import load_site_public_key
+def collect_connection_keys(items: list[str]) -> list[Path]:
+    """The sites' connection public keys (*.pub) in files and folders; each loads, none repeats."""
+    from deploy.pki import load_connection_public_key
 
     keys: list[Path] = []
     for item in items:
@@ -156,18 +127,15 @@ def collect_site_keys(items: list[str]) -> list[Path]:
         elif p.is_file():
             keys.append(p)
         else:
-            raise FedShieldError(f"--site-keys {item}: no such file or folder")
+            raise FedShieldError(f"--connection-keys {item}: no such file or folder")
     if not keys:
-        raise FedShieldError(f"--site-keys {' '.join(items)}: no site public keys (*.pub) found")
-    seen: dict[bytes, Path] = {}
-    from cryptography.hazmat.primitives import serialization
-
+        raise FedShieldError(f"--connection-keys {' '.join(items)}: no connection public keys (*.pub) found")
+    seen: dict[str, Path] = {}
     for k in keys:
-        pub = load_site_public_key(k)
-        der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        if der in seen:
-            raise FedShieldError(f"{k}: the same key as {seen[der]}; every site needs its own key pair")
-        seen[der] = k
+        fp = fingerprint(load_connection_public_key(k))
+        if fp in seen:
+            raise FedShieldError(f"{k}: the same connection key as {seen[fp]}; every site needs its own key pair")
+        seen[fp] = k
     return keys
 
 
@@ -221,61 +189,6 @@ def write_flower_config(home: Path, port: int, ca: Path) -> None:
     )
 
 
-# ------------------------------------------------------------------ the Fleet-only front
-
-
-class FleetFront:
-    """TLS listener on the public address that forwards only Fleet API requests."""
-
-    def __init__(self, host: str, port: int, certfile: Path, keyfile: Path, upstream_port: int, upstream_ca: Path):
-        import httpx
-        import uvicorn
-        from starlette.applications import Starlette
-        from starlette.requests import Request
-        from starlette.responses import PlainTextResponse, Response
-        from starlette.routing import Route
-
-        ctx = ssl.create_default_context(cafile=str(upstream_ca))
-        upstream = f"https://127.0.0.1:{upstream_port}"
-        self.client: httpx.AsyncClient | None = None
-        self.refused = 0
-
-        async def forward(request: Request) -> Response:
-            path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
-            if not FLEET_PATH.match(path) or request.method != "POST" or request.url.query:
-                self.refused += 1
-                return PlainTextResponse("fedshield coordinator: only the Flower Fleet API is served here\n", 403)
-            if self.client is None:
-                self.client = httpx.AsyncClient(verify=ctx, timeout=httpx.Timeout(600.0, connect=10.0))
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
-            body = await request.body()
-            try:
-                r = await self.client.request("POST", upstream + path, content=body, headers=headers,
-                                              params=request.query_params)
-            except httpx.HTTPError:
-                return PlainTextResponse("fedshield coordinator: SuperLink unavailable\n", 503)
-            out = {k: v for k, v in r.headers.items() if k.lower() not in HOP_HEADERS}
-            return Response(content=r.content, status_code=r.status_code, headers=out)
-
-        app = Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST", "PUT", "DELETE", "PATCH"])])
-        config = uvicorn.Config(app, host=host, port=port, ssl_certfile=str(certfile), ssl_keyfile=str(keyfile),
-                                log_level="warning", access_log=False, lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="fleet-front", daemon=True)
-
-    def start(self, timeout: float = 20.0) -> None:
-        self.thread.start()
-        deadline = time.time() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.time() > deadline:
-                raise FedShieldError("could not listen on the coordinator address (in use? permission?)")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=5)
-
-
 # ------------------------------------------------------------------ children
 
 
@@ -306,28 +219,6 @@ def wait_tls(port: int, ca: Path, proc: subprocess.Popen, log: Path, timeout: fl
     raise FedShieldError(f"the SuperLink did not come up in {timeout:.0f}s (log: {log})")
 
 
-def last_error(log: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "?"
-    for ln in reversed(lines):
-        if "ERROR" in ln or "rror" in ln:
-            return ln[-300:]
-    return lines[-1][-300:] if lines else "?"
-
-
-def run(cmd: list[str], env: dict, what: str) -> str:
-    try:
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        raise FedShieldError(f"{what}: no answer within 120 s (is the SuperLink up? see its log)") from None
-    if r.returncode != 0:
-        msg = (r.stderr.strip() or r.stdout.strip()).splitlines()
-        raise FedShieldError(f"{what}: {msg[-1] if msg else 'failed'} (exit {r.returncode})")
-    return r.stdout
-
-
 # ------------------------------------------------------------------ command
 
 
@@ -336,7 +227,11 @@ def server_main(argv: list[str]) -> int:
         prog="fedshield server",
         description="Coordinator: a TLS SuperLink that admits only registered sites, and the fedshield ServerApp.")
     parser.add_argument("--pki", required=True, help="folder with ca.crt, server.crt, server.key (fedshield certs init)")
-    parser.add_argument("--site-keys", required=True, nargs="+", help="site public keys (*.pub files or folders of them)")
+    keys_flag = parser.add_mutually_exclusive_group(required=True)
+    keys_flag.add_argument("--connection-keys", nargs="+", metavar="PUB",
+                           help="the sites' connection public keys (NAME.pub from `fedshield certs site NAME`, "
+                                "or folders of *.pub): only these sites are admitted")
+    add_deprecated_alias(keys_flag, "--site-keys", "--connection-keys", nargs="+")
     parser.add_argument("--address", default="0.0.0.0:9092", help="where sites connect (default 0.0.0.0:9092)")
     parser.add_argument("--config", help="a YAML config file")
     parser.add_argument("--verbose", action="store_true", help="also show the SuperLink's log")
@@ -345,14 +240,15 @@ def server_main(argv: list[str]) -> int:
 
     pki = Path(args.pki).expanduser().resolve()
     files = check_pki(pki)
-    host, port = parse_address(args.address)
-    keys = collect_site_keys(args.site_keys)
+    host, port = parse_host_port(args.address, "--address", "0.0.0.0:9092", default_host="0.0.0.0")
+    keys = collect_connection_keys(args.connection_keys)
     cfg, run_dir = resolve_config(args)
 
     home = Path(cfg.output.dir) / f".{cfg.output.run_name}.flower"
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o700)
-    from deploy.pki import init_pki
+    from deploy.front import FleetFront
+    from deploy.pki import init_pki, load_connection_public_key
 
     internal = home / "loopback-pki"
     init_pki(internal, "localhost", ["127.0.0.1"], days=30, ca_days=30, force=True)
@@ -365,57 +261,52 @@ def server_main(argv: list[str]) -> int:
     children = Children()
     front: FleetFront | None = None
     failure = ""
-
-    def on_signal(signum, frame):  # noqa: ARG001
-        raise Interrupted()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    interrupted = False
     try:
-        with open(log, "ab") as log_f:
-            superlink = children.start([
-                flwr_bin("flower-superlink"),
-                "--ssl-ca-certfile", str(internal / "ca.crt"),
-                "--ssl-certfile", str(internal / "server.crt"),
-                "--ssl-keyfile", str(internal / "server.key"),
-                "--enable-supernode-auth",
-                "--disable-runtime-dependency-installation",
-                "--host", "127.0.0.1", "--port", str(link_port),
-            ], env, stdout=log_f, stderr=subprocess.STDOUT, cwd=str(home))
-        wait_tls(link_port, internal / "ca.crt", superlink, log)
-        print(f"SuperLink up (loopback 127.0.0.1:{link_port}, TLS, SuperNode authentication on; log {log})", flush=True)
+        with interrupts_raise():
+            with open(log, "ab") as log_f:
+                superlink = children.start([
+                    flwr_bin("flower-superlink"),
+                    "--ssl-ca-certfile", str(internal / "ca.crt"),
+                    "--ssl-certfile", str(internal / "server.crt"),
+                    "--ssl-keyfile", str(internal / "server.key"),
+                    "--enable-supernode-auth",
+                    "--disable-runtime-dependency-installation",
+                    "--host", "127.0.0.1", "--port", str(link_port),
+                ], env, stdout=log_f, stderr=subprocess.STDOUT, cwd=str(home))
+            wait_tls(link_port, internal / "ca.crt", superlink, log)
+            print(f"SuperLink up (loopback 127.0.0.1:{link_port}, TLS, SuperNode authentication on; log {log})",
+                  flush=True)
 
-        from deploy.pki import load_site_public_key, public_key_fingerprint
+            for k in keys:
+                run_flower_cli([flwr_bin("flwr"), "supernode", "register", str(k), CONNECTION, "--name", k.stem[:64]],
+                               env, f"registering connection key {k}")
+                print(f"admitted connection key {k.stem}: {fingerprint(load_connection_public_key(k))}", flush=True)
 
-        for k in keys:
-            run([flwr_bin("flwr"), "supernode", "register", str(k), CONNECTION, "--name", k.stem[:64]], env,
-                f"registering site key {k}")
-            print(f"admitted site key {k.stem}: SHA256:{public_key_fingerprint(load_site_public_key(k))}", flush=True)
+            front = FleetFront(host, port, files["server.crt"], files["server.key"], link_port, internal / "ca.crt")
+            front.start()
+            print(f"listening for sites on {host}:{port} (TLS, Fleet API only); waiting for "
+                  f"{cfg.federation.num_sites} sites, {cfg.federation.rounds} rounds", flush=True)
 
-        front = FleetFront(host, port, files["server.crt"], files["server.key"], link_port, internal / "ca.crt")
-        front.start()
-        print(f"listening for sites on {host}:{port} (TLS, Fleet API only); waiting for "
-              f"{cfg.federation.num_sites} sites, {cfg.federation.rounds} rounds", flush=True)
-
-        flwr_run = children.start(
-            [flwr_bin("flwr"), "run", str(home / "app"), CONNECTION, "--stream"], env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        assert flwr_run.stdout is not None
-        for line in flwr_run.stdout:
-            if _APP_ERROR.search(line):
-                failure = _APP_ERROR.search(line).group(1).strip()
-            if args.verbose or not _noise(line):
-                print(line.rstrip(), flush=True)
-            if (run_dir / "report.md").is_file() and _finished(run_dir):
-                break
+            flwr_run = children.start(
+                [flwr_bin("flwr"), "run", str(home / "app"), CONNECTION, "--stream"], env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            assert flwr_run.stdout is not None
+            for line in flwr_run.stdout:
+                if _APP_ERROR.search(line):
+                    failure = _APP_ERROR.search(line).group(1).strip()
+                if args.verbose or not _noise(line):
+                    print(line.rstrip(), flush=True)
+                if (run_dir / "report.md").is_file() and _finished(run_dir):
+                    break
     except Interrupted:
         print("interrupted: stopping the SuperLink and the ServerApp", file=sys.stderr, flush=True)
+        interrupted = True
+    finally:  # also when starting failed (a refused key, a port in use): no SuperLink left behind
         _shutdown(front, children)
+    if interrupted:
         print(f"run directory (partial): {run_dir}", file=sys.stderr)
         return 130
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    _shutdown(front, children)
     if not (run_dir / "report.md").is_file():
         raise FedShieldError(f"the run did not complete: {failure or last_error(log)} (SuperLink log: {log})")
     print(f"\nrun directory: {run_dir}", flush=True)

@@ -25,6 +25,7 @@ import pytest
 
 from conftest import synthetic_rows, tiny_overrides, write_csv
 from deploy import pki
+from privacy.signing import fingerprint
 
 pytestmark = pytest.mark.e2e
 
@@ -108,12 +109,12 @@ def server_args(pki_dir: Path, keys: list[Path], port: int, tiny_bert: Path, dat
     over = tiny_overrides(tiny_bert, data, tmp, **{"federation.round_timeout_s": 120,
                                                   "output.run_name": "deploy", **extra})
     over = [o for o in over if not o.startswith("simulation.")]
-    return ["server", "--pki", str(pki_dir), "--site-keys", *map(str, keys),
+    return ["server", "--pki", str(pki_dir), "--connection-keys", *map(str, keys),
             "--address", f"127.0.0.1:{port}", *over]
 
 
 def client_args(port: int, ca: Path, key: Path, data: Path, state: Path, *extra: str) -> list[str]:
-    return ["client", "--server", f"127.0.0.1:{port}", "--ca", str(ca), "--key", str(key),
+    return ["client", "--server", f"127.0.0.1:{port}", "--ca", str(ca), "--connection-key", str(key),
             "--data", str(data), "--state-dir", str(state), "--connect-timeout", "60",
             "--reconnect-s", "5", *extra]
 
@@ -155,6 +156,9 @@ def test_three_sites_two_rounds_with_dp(pki_dir, tiny_bert, tmp_path):
     for n, (crc, cout) in outs.items():
         assert crc == 0, f"{n}:\n{cout[-3000:]}"
         assert "admitted by the coordinator" in cout
+        fp = fingerprint(pki.load_connection_public_key(pki_dir / f"{n}.pub"))  # one format on both sides
+        assert f"admitted connection key {n}: {fp}" in out
+        assert f"connection key {fp}" in cout
 
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics][-2:] == [1, 2]
@@ -171,7 +175,7 @@ def test_three_sites_two_rounds_with_dp(pki_dir, tiny_bert, tmp_path):
         assert summary[n]["epsilon"] == pytest.approx(last_epsilon(own))
         # Calibrated so that the release and the 2 rounds together spend the target, not more.
         assert 7.8 < summary[n]["epsilon"] <= 8.0
-        assert (run_dir / "privacy" / "site-keys" / f"{n}.pub").is_file()
+        assert (run_dir / "privacy" / "ledger-keys" / f"{n}.pub").is_file()
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
@@ -272,10 +276,10 @@ def test_refusal_run_completes_with_the_good_sites(refusals):
         assert refusals[n][0] == 0, refusals[n][1][-3000:]
 
 
-def test_unregistered_site_key_is_refused(refusals):
+def test_unregistered_connection_key_is_refused(refusals):
     rc, out = refusals["rogue"]
     assert rc == 2, out[-3000:]
-    assert "error: the coordinator refused site key rogue.key" in out
+    assert "error: the coordinator refused connection key rogue.key (SHA256:" in out
     assert "not registered" in out
 
 

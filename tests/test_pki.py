@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 import ssl
 import stat
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from deploy import pki
+from privacy import signing
 from privacy.errors import FedShieldError
+
+FINGERPRINT = r"SHA256:[0-9a-f]{64}"
 
 
 def mode(p) -> int:
@@ -38,12 +42,12 @@ def test_init_makes_ca_and_server_cert_with_sans(tmp_path):
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(tmp_path / "server.crt", tmp_path / "server.key")
     ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
-    assert made[2].fingerprint == cert.fingerprint(__import__("cryptography").hazmat.primitives.hashes.SHA256()).hex(":")
+    assert made[2].fingerprint == "SHA256:" + cert.fingerprint(hashes.SHA256()).hex()
 
 
 def test_private_keys_are_0600_and_public_files_are_not_secret(tmp_path):
     pki.init_pki(tmp_path, "fl.example.org", [])
-    pki.site_key_pair("st-marys", tmp_path)
+    pki.connection_key_pair("st-marys", tmp_path)
     assert mode(tmp_path / "ca.key") == 0o600
     assert mode(tmp_path / "server.key") == 0o600
     assert mode(tmp_path / "st-marys.key") == 0o600
@@ -60,13 +64,13 @@ def test_never_overwrites_without_force(tmp_path):
     pki.init_pki(tmp_path, "fl.example.org", [], force=True)
     assert (tmp_path / "ca.key").read_bytes() != before
     assert mode(tmp_path / "ca.key") == 0o600
-    pki.site_key_pair("a", tmp_path)
+    pki.connection_key_pair("a", tmp_path)
     with pytest.raises(FedShieldError, match=r"a\.key: already exists.*--force"):
-        pki.site_key_pair("a", tmp_path)
+        pki.connection_key_pair("a", tmp_path)
 
 
-def test_site_key_is_in_the_format_flower_loads(tmp_path):
-    made = pki.site_key_pair("bank-1", tmp_path)
+def test_connection_key_is_in_the_format_flower_loads(tmp_path):
+    made = pki.connection_key_pair("bank-1", tmp_path)
     # flower-supernode --auth-supernode-private-key: load_ssh_private_key, EC.
     key = serialization.load_ssh_private_key((tmp_path / "bank-1.key").read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
@@ -75,25 +79,26 @@ def test_site_key_is_in_the_format_flower_loads(tmp_path):
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
     assert try_load_public_key(tmp_path / "bank-1.pub") == public_key_to_bytes(key.public_key())
-    assert made[0].fingerprint == made[1].fingerprint == pki.public_key_fingerprint(key.public_key())
+    assert made[0].fingerprint == made[1].fingerprint == signing.fingerprint(key) == signing.fingerprint(key.public_key())
+    assert re.fullmatch(FINGERPRINT, made[0].fingerprint)
     assert (tmp_path / "bank-1.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
 
 
 def test_bad_names_and_files_are_one_line_errors(tmp_path):
     with pytest.raises(FedShieldError, match="site name"):
-        pki.site_key_pair("../evil", tmp_path)
+        pki.connection_key_pair("../evil", tmp_path)
     with pytest.raises(FedShieldError, match="not a host name"):
         pki.init_pki(tmp_path, "fl.example.org", ["a b"])
     (tmp_path / "junk.key").write_text("hello")
     with pytest.raises(FedShieldError, match="not an OpenSSH ECDSA private key"):
-        pki.load_site_private_key(tmp_path / "junk.key")
+        pki.load_connection_private_key(tmp_path / "junk.key")
     with pytest.raises(FedShieldError, match="no such file"):
         pki.describe(tmp_path / "missing.crt")
 
 
 def test_show_describes_certificates_and_keys(tmp_path, capsys):
     made = pki.init_pki(tmp_path, "fl.example.org", ["127.0.0.1"])
-    pki.site_key_pair("st-marys", tmp_path)
+    pki.connection_key_pair("st-marys", tmp_path)
     text = pki.describe(tmp_path / "server.crt")
     assert "subject:      CN=fl.example.org" in text
     assert "issuer:       CN=fedshield CA" in text
@@ -115,3 +120,32 @@ def test_expired_certificate_is_shown_as_expired(tmp_path):
     past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
     pki.init_pki(tmp_path, "fl.example.org", [], days=2, not_before=past)
     assert "EXPIRED" in pki.describe(tmp_path / "server.crt")
+
+
+def test_one_fingerprint_format_for_every_key_and_certificate(tmp_path, capsys):
+    """`SHA256:<lowercase hex>` everywhere: what certs init/site/show print, and what a ledger
+    entry stores in `key_fingerprint` for a site's ledger signing key (P-256)."""
+    made = pki.init_pki(tmp_path, "fl.example.org", [])
+    made += pki.connection_key_pair("st-marys", tmp_path)
+    for m in made:
+        assert re.fullmatch(FINGERPRINT, m.fingerprint), m
+        assert m.line().endswith(f"  {m.fingerprint}")
+    connection = serialization.load_ssh_private_key((tmp_path / "st-marys.key").read_bytes(), None)
+    assert f"fingerprint:  {signing.fingerprint(connection)}" in pki.describe(tmp_path / "st-marys.pub")
+    server_key = serialization.load_pem_private_key((tmp_path / "server.key").read_bytes(), None)
+    shown = pki.describe(tmp_path / "server.crt")
+    assert f"secp384r1, {signing.fingerprint(server_key)}" in shown  # the certificate's key
+    assert f"fingerprint:  {made[2].fingerprint} (of the certificate)" in shown
+    assert made[2].fingerprint != signing.fingerprint(server_key)
+
+    ledger_pem = signing.generate_site_key(tmp_path / "state" / "site.key")
+    (tmp_path / "state" / "site.pub").write_bytes(ledger_pem)
+    ledger_key = signing.load_public_key(ledger_pem)
+    assert f"fingerprint:  {signing.fingerprint(ledger_key)}" in pki.describe(tmp_path / "state" / "site.pub")
+    assert f"fingerprint:  {signing.fingerprint(ledger_key)} (of its public key)" in pki.describe(tmp_path / "state" / "site.key")
+
+    assert pki.certs_main(["site", "bank-1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    fps = re.findall(r"SHA256:\S+", out)
+    assert len(fps) == 2 and fps[0] == fps[1] and re.fullmatch(FINGERPRINT, fps[0])
+    assert "--connection-keys" in out and "--connection-key" in out
