@@ -42,8 +42,10 @@ import logging
 import math
 import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
 
 from privacy.errors import FedShieldError
 
@@ -51,6 +53,9 @@ ACCOUNTANTS = ("rdp", "prv")
 
 # Exactly opacus.accountants.RDPAccountant.DEFAULT_ALPHAS (checked by the tests).
 OPACUS_RDP_ORDERS: list[float] = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+# Spends as the accountants cache them: (σ, q, steps), equal (σ, q) merged.
+Grouped = tuple[tuple[float, float, int], ...]
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,7 @@ def _check_accountant(accountant: str) -> None:
         raise FedShieldError(f"accountant {accountant!r}: allowed values are {', '.join(ACCOUNTANTS)}")
 
 
-def _grouped(history: Sequence[Spend]) -> tuple[tuple[float, float, int], ...] | None:
+def _grouped(history: Sequence[Spend]) -> Grouped | None:
     """Spends that cost something, with equal (σ, q) merged (steps added), in first-seen order.
 
     None when one of them is not private at all (σ = 0 with q > 0 and steps > 0).
@@ -103,7 +108,7 @@ def _grouped(history: Sequence[Spend]) -> tuple[tuple[float, float, int], ...] |
 
 
 @functools.lru_cache(maxsize=4096)
-def _opacus_cached(spends: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+def _opacus_cached(spends: Grouped, delta: float, accountant: str) -> float:
     if accountant == "rdp":
         from opacus.accountants import RDPAccountant
 
@@ -126,7 +131,7 @@ def _opacus_cached(spends: tuple[tuple[float, float, int], ...], delta: float, a
         ) from None
 
 
-def _compose(history: Sequence[Spend], delta: float, compute) -> float:
+def _compose(history: Sequence[Spend], delta: float, compute: Callable[[Grouped], float]) -> float:
     """The shared guard of every accountant: ∞ if any spend has σ=0, 0 for no spend."""
     _check_delta(delta)
     spends = _grouped(history)
@@ -146,17 +151,18 @@ def epsilon_opacus(history: Sequence[Spend], delta: float, accountant: str = "rd
 class _quiet:
     """dp-accounting logs a warning per RDP order it drops; the number stays a valid bound."""
 
-    def __enter__(self):
+    def __enter__(self) -> None:
         self._logger = logging.getLogger()
         self._level = self._logger.level
         self._logger.setLevel(logging.ERROR)
 
-    def __exit__(self, *exc):
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:  # exceptions propagate
         self._logger.setLevel(self._level)
-        return False
 
 
-def _events(spends: tuple[tuple[float, float, int], ...]):
+def _events(spends: Grouped) -> list[Any]:  # dp_accounting.DpEvent (untyped package)
     import dp_accounting
 
     return [
@@ -168,7 +174,7 @@ def _events(spends: tuple[tuple[float, float, int], ...]):
 
 
 @functools.lru_cache(maxsize=4096)
-def _dp_rdp_cached(spends, delta: float, orders: tuple[float, ...]) -> float:
+def _dp_rdp_cached(spends: Grouped, delta: float, orders: tuple[float, ...]) -> float:
     from dp_accounting.rdp import RdpAccountant
 
     acc = RdpAccountant(list(orders))
@@ -179,7 +185,7 @@ def _dp_rdp_cached(spends, delta: float, orders: tuple[float, ...]) -> float:
 
 
 @functools.lru_cache(maxsize=1024)
-def _dp_pld_cached(spends, delta: float, interval: float) -> float:
+def _dp_pld_cached(spends: Grouped, delta: float, interval: float) -> float:
     from dp_accounting.pld import PLDAccountant
 
     acc = PLDAccountant(value_discretization_interval=interval)
@@ -192,7 +198,8 @@ def epsilon_dp_accounting_rdp(
     history: Sequence[Spend], delta: float, orders: Sequence[float] = OPACUS_RDP_ORDERS
 ) -> float:
     """ε with Google dp-accounting's RDP accountant over `orders` (Opacus' by default)."""
-    return _compose(history, delta, lambda spends: _dp_rdp_cached(spends, float(delta), tuple(float(a) for a in orders)))
+    grid = tuple(float(a) for a in orders)
+    return _compose(history, delta, lambda spends: _dp_rdp_cached(spends, float(delta), grid))
 
 
 PLD_DISCRETIZATION = 1e-4
@@ -207,7 +214,8 @@ def epsilon_dp_accounting_pld(
     result is an upper bound on the true ε; the interval (1e-4 in privacy-loss units) only
     trades tightness for time.
     """
-    return _compose(history, delta, lambda spends: _dp_pld_cached(spends, float(delta), float(value_discretization_interval)))
+    interval = float(value_discretization_interval)
+    return _compose(history, delta, lambda spends: _dp_pld_cached(spends, float(delta), interval))
 
 
 def epsilon(history: Sequence[Spend], delta: float, accountant: str = "rdp") -> float:
@@ -282,7 +290,8 @@ def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: i
             ) from None
     for _ in range(200):
         plan = [*before, Spend(sigma, float(sample_rate), int(steps))]
-        if epsilon_opacus(plan, delta, accountant) <= target_epsilon and epsilon(plan, delta, accountant) <= target_epsilon:
+        if (epsilon_opacus(plan, delta, accountant) <= target_epsilon
+                and epsilon(plan, delta, accountant) <= target_epsilon):
             return sigma
         sigma *= 1.001
     raise FedShieldError(
@@ -291,7 +300,7 @@ def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: i
     )
 
 
-def _bisect_sigma(eps_of, target: float, lower: float) -> float:
+def _bisect_sigma(eps_of: Callable[[float], float], target: float, lower: float) -> float:
     """Smallest σ (to 0.1%) with eps_of(σ) <= target, given eps_of(lower) > target or
     close to it; eps_of decreases in σ."""
     lo, hi = lower, lower * 1.05

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 class PrivateTraining:
     module: nn.Module
     optimizer: torch.optim.Optimizer
-    loader: DataLoader
+    loader: DataLoader[tuple[torch.Tensor, ...]]
     criterion: nn.Module
     engine: PrivacyEngine
 
@@ -31,7 +31,7 @@ class PrivateTraining:
 def make_private(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
+    loader: DataLoader[tuple[torch.Tensor, ...]],
     *,
     noise_multiplier: float,
     max_grad_norm: float,

@@ -55,10 +55,12 @@ import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeGuard
 
 from privacy import signing
 from privacy.accountant import ACCOUNTANTS, Spend, epsilon
-from privacy.errors import FedShieldError, LedgerError
+from privacy.errors import LedgerError
 from privacy.files import write_fully
 
 MECHANISM = "dp-sgd-poisson-gaussian"
@@ -72,18 +74,21 @@ REQUIRED = (
 )
 
 
-def canonical(obj: dict) -> bytes:
+Entry = dict[str, Any]  # one ledger entry, a JSON object
+
+
+def canonical(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
-def entry_hash(entry: dict) -> str:
+def entry_hash(entry: Entry) -> str:
     body = {k: v for k, v in entry.items() if k not in ("hash", "signature")}
     return hashlib.sha256(canonical(body)).hexdigest()
 
 
 @dataclass
 class LedgerRead:
-    entries: list[dict]
+    entries: list[Entry]
     truncated_bytes: int = 0
     message: str = ""
     truncated_at: int | None = None  # byte offset where the cut tail starts
@@ -119,7 +124,7 @@ class Ledger:
             return r
         data = self.path.read_bytes()
         if r.truncated_bytes:
-            stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
             torn = self.path.with_name(f"{self.path.name}.torn-{stamp}")
             _write_atomic(torn, data[r.truncated_at:])
             keep = data[: r.truncated_at]
@@ -134,7 +139,7 @@ class Ledger:
         return [_spend(e) for e in self.read().entries if e.get("site") == site]
 
     # -- writing -----------------------------------------------------------------
-    def append(self, fields: dict, key: signing.PrivateKey) -> dict:
+    def append(self, fields: dict[str, Any], key: signing.PrivateKey) -> Entry:
         """Sign and append one spend; fsynced before this returns. Returns the entry as written."""
         entry = {k: v for k, v in fields.items() if k not in FILLED}
         entry.setdefault("mechanism", MECHANISM)
@@ -170,7 +175,7 @@ class Ledger:
             entry["seq"] = int(last["seq"]) + 1 if last is not None else 0
             entry["run_seq"] = sum(1 for e in mine if e.get("run_id") == entry["run_id"])
             entry["prev_hash"] = last["hash"] if last is not None else GENESIS
-            entry["time"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+            entry["time"] = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
             entry["key_fingerprint"] = fp
             entry["hash"] = entry_hash(entry)
             entry["signature"] = base64.b64encode(signing.sign(key, entry["hash"].encode("ascii"))).decode("ascii")
@@ -189,7 +194,7 @@ class Ledger:
         if created:
             _fsync_dir(self.path.parent)
 
-    def _lock(self):
+    def _lock(self) -> _FileLock:
         return _FileLock(self.path.with_name(self.path.name + ".lock"))
 
 
@@ -199,23 +204,24 @@ class _FileLock:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def __enter__(self):
+    def __enter__(self) -> _FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:  # exceptions propagate
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
-        return False
 
 
 def parse_ledger_bytes(data: bytes, name: str) -> LedgerRead:
     """Entries of a ledger file's bytes; see `Ledger.read`."""
     cut = data.rfind(b"\n") + 1  # bytes [cut:] are after the last newline
     body, tail = data[:cut], data[cut:]
-    entries: list[dict] = []
+    entries: list[Entry] = []
     lines: list[int] = []
     for n, raw in enumerate(body.split(b"\n")[:-1], start=1):
         if not raw.strip():
@@ -247,7 +253,7 @@ def parse_ledger_bytes(data: bytes, name: str) -> LedgerRead:
     return r
 
 
-def _parse_line(raw: bytes) -> dict | None:
+def _parse_line(raw: bytes) -> Entry | None:
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -255,11 +261,12 @@ def _parse_line(raw: bytes) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _spend(e: dict) -> Spend:
+def _spend(e: Entry) -> Spend:
     try:
         return Spend(e["noise_multiplier"], e["sample_rate"], e["steps"])
     except KeyError as exc:
-        raise LedgerError(f"ledger entry of site {e.get('site')!r} round {e.get('round')!r}: no {exc.args[0]}") from None
+        where = f"ledger entry of site {e.get('site')!r} round {e.get('round')!r}"
+        raise LedgerError(f"{where}: no {exc.args[0]}") from None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -286,11 +293,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _real(v) -> bool:
+def _real(v: object) -> TypeGuard[float]:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _field_problem(e: dict, need_epsilon: bool = True) -> str:
+def _field_problem(e: Entry, need_epsilon: bool = True) -> str:
     """What is wrong with an entry's fields, or ''."""
     if not isinstance(e.get("site"), str) or not e.get("site"):
         return "site must be a non-empty string"
@@ -327,17 +334,17 @@ class VerifyResult:
     first_bad_index: int | None = None
     reason: str = ""
     problems: list[tuple[int, str]] = field(default_factory=list)  # every problem found, in order
-    checked: dict = field(default_factory=dict)  # entries, hashes, links, signatures, sites
+    checked: dict[str, int] = field(default_factory=dict)  # entries, hashes, links, signatures, sites
     signatures_checked: bool = False
     notes: list[str] = field(default_factory=list)  # not failures: partial histories, δ changes
     partial_sites: dict[str, int] = field(default_factory=dict)  # site -> seq of its first entry here
 
 
-def _where(i: int, e: dict) -> str:
+def _where(i: int, e: Entry) -> str:
     return f"entry {i} (round {e.get('round')!r}, site {e.get('site')!r})"
 
 
-def verify_ledger(entries: list[dict], public_keys: dict[str, signing.PublicKey] | None) -> VerifyResult:
+def verify_ledger(entries: list[Entry], public_keys: dict[str, signing.PublicKey] | None) -> VerifyResult:
     """Check the per-site hash chains, the signatures, rounds and cumulative ε.
 
     `public_keys`: site -> public key. With keys, every entry's signature must verify under
@@ -347,12 +354,12 @@ def verify_ledger(entries: list[dict], public_keys: dict[str, signing.PublicKey]
     """
     res = VerifyResult(ok=True, signatures_checked=public_keys is not None)
     counts = {"entries": len(entries), "hashes": 0, "links": 0, "signatures": 0, "sites": 0}
-    last: dict[str, dict] = {}
+    last: dict[str, Entry] = {}
     last_round: dict[tuple[str, str], int] = {}
     fps: dict[str, str] = {}
     run_seq: dict[tuple[str, str], int] = {}
 
-    def bad(i: int, e: dict, why: str) -> None:
+    def bad(i: int, e: Entry, why: str) -> None:
         res.problems.append((i, f"{_where(i, e)}: {why}"))
 
     for i, e in enumerate(entries):

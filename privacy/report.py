@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 from privacy.audit import AuditResult
@@ -19,7 +20,7 @@ from privacy.audit import AuditResult
 MAX_PLOTTED_SITES = 20
 
 
-def _f(x, nd: int = 4) -> str:
+def _f(x: object, nd: int = 4) -> str:
     if x is None:
         return "-"
     if isinstance(x, float) and math.isnan(x):
@@ -31,7 +32,7 @@ def _f(x, nd: int = 4) -> str:
     return str(x)
 
 
-def _list(xs) -> str:
+def _list(xs: Iterable[object]) -> str:
     return ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in xs) or "-"
 
 
@@ -75,7 +76,8 @@ def _sections(result: AuditResult) -> tuple[list[tuple[str, list[str]]], list[st
         f"Ledger: `{result.ledger_path}` ({v.checked.get('entries', 0)} entries, {v.checked.get('sites', 0)} sites).",
         f"Hash chain: {v.checked.get('hashes', 0)} hashes recomputed, {v.checked.get('links', 0)} links checked "
         "(one chain per site: each entry's prev_hash is its site's previous entry's hash).",
-        (f"Signatures: {v.checked.get('signatures', 0)} of {v.checked.get('entries', 0)} verified (ECDSA P-256, SHA-256)."
+        (f"Signatures: {v.checked.get('signatures', 0)} of {v.checked.get('entries', 0)} verified "
+         "(ECDSA P-256, SHA-256)."
          if v.signatures_checked else "Signatures: **not checked** (no site public keys)."),
         f"Keys: {result.key_note}.",
         f"Budgets: {result.budget_source}.",
@@ -99,12 +101,13 @@ def _sections(result: AuditResult) -> tuple[list[tuple[str, list[str]]], list[st
         "add-or-remove-one-record adjacency.",
         f"δ: {_list(deltas)}.",
         f"Accountant recorded by the sites: {', '.join(a.upper() for a in accountants)} (Opacus; fedshield records "
-        "the larger of Opacus and dp-accounting), composed over every spend in the site's ledger, never reset per round.",
+        "the larger of Opacus and dp-accounting), composed over every spend in the site's ledger, never reset per "
+        "round.",
         "Recomputation (independent of the recorded ε): Google dp-accounting, RDP accountant over Opacus' "
         "orders, and PLD accountant (pessimistic discretisation, interval 1e-4), composing "
         "PoissonSampledDpEvent(q, GaussianDpEvent(σ)) self-composed over the recorded steps.",
-        f"Check: an entry is flagged if its recorded ε is below the recomputed ε of its accountant (RDP, or "
-        f"PLD for PRV) by more than 1e-6 relative; a site is flagged if its ε is past its budget.",
+        "Check: an entry is flagged if its recorded ε is below the recomputed ε of its accountant (RDP, or "
+        "PLD for PRV) by more than 1e-6 relative; a site is flagged if its ε is past its budget.",
     ]
     header = ["site", "entries", "runs", "rounds", "steps", "σ", "q", "C (clip)", "δ", "accountant",
               "ε recorded", "ε RDP (recomputed)", "ε PLD (recomputed)", "budget", "status"]

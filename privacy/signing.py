@@ -97,6 +97,7 @@ def load_public_key(path_or_pem: Path | str | bytes) -> PublicKey:
     else:
         data = _read(Path(path_or_pem), "public key")
         where = f"public key {str(path_or_pem)!r}"
+    key: PublicKeyTypes
     try:
         if data.lstrip().startswith(b"ecdsa-sha2-"):  # the OpenSSH one-line form of the same key
             key = serialization.load_ssh_public_key(data.strip())
