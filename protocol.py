@@ -1,1 +1,535 @@
-"""placeholder"""
+"""The wire between the coordinator and its sites: every message kind, every record key, and
+a typed builder and parser for each message, both ways. This is the only module that
+spells a record key; client/, server/ and strategies/ build and read messages through it.
+
+    coordinator -> site                     site -> coordinator
+    HELLO        (query)               ->   SiteHello        | Decline
+    FEATURE_SUM  (query.feature_mean)  ->   FeatureSumReply  | Decline
+    TRAIN        (train)               ->   TrainReply       | Decline
+
+Every instruction carries the run's plan (`PLAN`, a ConfigRecord): the resolved config as
+YAML, the run id, the frozen-weight fingerprint, the class names, the feature centre once
+it is known, and what Flower's strategy adds to a training round (`server-round`,
+`proximal-mu`). TRAIN also carries the trainable weights (`ARRAYS`); Flower's strategy
+builds it, with this module's record names given to the strategy's constructor.
+
+Every reply carries `SITE` (the site's name). Then:
+
+    SiteHello        METRICS {num-examples}, SITE {name, ledger-public-key}
+    FeatureSumReply  ARRAYS {feature-sum}, METRICS {num-examples}, LEDGER {entries}
+    TrainReply       ARRAYS {trainable weights}, METRICS {num-examples, train-loss, seconds},
+                     LEDGER {entries}
+    Decline          DECLINE {kind, reason}
+
+`LEDGER.entries` is the JSON list of the signed ledger entries of the spends behind the
+reply (written and fsynced at the site before the reply left it). What each field reveals
+and how it is protected is the data-flow table in docs/auditor.md.
+
+Parsing is strict: a record or key that is missing, extra or of the wrong type rejects
+the message with one line. The coordinator's readers (`read_*`) never raise — whatever a
+site sends, they return `Rejected(reason)` or `Failed(reason)` — so that no reply can
+crash Flower's round loop. The site's reader (`read_plan`) raises `ProtocolError`, which
+the site turns into a decline of kind `protocol`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from privacy.errors import FedShieldError
+
+# ---------------------------------------------------------------- message kinds
+
+HELLO = MessageType.QUERY  # who is this site: name, record count, ledger public key
+FEATURE_SUM = MessageType.QUERY + ".feature_mean"  # once per run: the noisy feature sum
+TRAIN = MessageType.TRAIN
+FEATURE_SUM_HANDLER = "feature_mean"  # the name the ClientApp registers for FEATURE_SUM
+
+# ---------------------------------------------------------------- record names
+
+PLAN = "config"  # ConfigRecord: the run's plan (Flower's strategies call this `configrecord_key`)
+ARRAYS = "arrays"  # ArrayRecord: weights or the feature sum (`arrayrecord_key`)
+METRICS = "metrics"  # MetricRecord: counts and figures
+SITE = "site"  # ConfigRecord: who replies
+LEDGER = "ledger"  # ConfigRecord: the signed spends behind the reply
+DECLINE = "decline"  # ConfigRecord: why the site did not do what it was asked
+
+# ---------------------------------------------------------------- keys
+
+# in PLAN
+CONFIG_YAML = "fedshield-config"
+RUN_ID = "run-id"
+RUN_DIR = "run-dir"  # simulation only: where virtual sites keep their state; deployed sites ignore it
+FROZEN_FINGERPRINT = "frozen-fingerprint"
+CLASS_NAMES = "class-names"
+FEATURE_CENTER = "feature-center"
+SERVER_ROUND = "server-round"  # added by Flower's strategies to every TRAIN
+PROXIMAL_MU = "proximal-mu"  # added by FedProx to every TRAIN
+# in METRICS
+NUM_EXAMPLES = "num-examples"  # also the weighting key of Flower's strategies (`weighted_by_key`)
+TRAIN_LOSS = "train-loss"
+SECONDS = "seconds"
+# in SITE
+NAME = "name"
+LEDGER_PUBLIC_KEY = "ledger-public-key"
+# in LEDGER
+ENTRIES = "entries"
+# in DECLINE
+KIND = "kind"
+REASON = "reason"
+# in ARRAYS of a FeatureSumReply
+FEATURE_SUM_ARRAY = "feature-sum"
+
+DECLINE_KINDS = ("budget", "policy", "protocol", "error")
+
+SITE_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9 _.-]{0,62}[A-Za-z0-9_.-])?$")
+SITE_NAME_RULE = "1-64 letters, digits, spaces, '.', '_' or '-', starting with a letter or digit"
+MAX_REASON = 500  # characters of a decline reason
+MAX_ENTRIES = 10_000  # ledger entries in one reply
+MAX_COUNT = 2**31 - 1  # records at one site
+MAX_PEM = 4096
+
+
+class ProtocolError(FedShieldError):
+    """A message is not what the protocol says: one line that names the field."""
+
+
+# ---------------------------------------------------------------- typed messages
+
+ArraySpec = tuple[tuple[int, ...], np.dtype[Any]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the coordinator asks a site to do (read at the site by `read_plan`)."""
+
+    config_yaml: str
+    run_id: str
+    run_dir: str
+    frozen_fingerprint: str
+    class_names: tuple[str, ...]
+    feature_center: tuple[float, ...] | None = None
+    server_round: int | None = None
+    proximal_mu: float | None = None
+
+
+@dataclass(frozen=True)
+class SiteHello:
+    site: str
+    num_examples: int
+    ledger_public_key: str  # PEM
+
+
+@dataclass(frozen=True)
+class FeatureSumReply:
+    site: str
+    num_examples: int
+    feature_sum: np.ndarray[Any, np.dtype[np.float64]]
+    ledger_entries: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    site: str
+    num_examples: int
+    train_loss: float
+    seconds: float
+    arrays: dict[str, np.ndarray[Any, Any]]
+    ledger_entries: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class Decline:
+    site: str
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """The reply broke the protocol; `site` is the name it claimed, if it was readable."""
+
+    reason: str
+    site: str | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Flower reported an error instead of a reply (the ClientApp crashed, timed out, ...)."""
+
+    reason: str
+
+
+# ---------------------------------------------------------------- arrays
+
+
+def to_array_record(arrays: Mapping[str, np.ndarray[Any, Any]]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray[Any, Any]]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def update_problem(update: Mapping[str, np.ndarray[Any, Any]], expected: Mapping[str, ArraySpec]) -> str | None:
+    """None if `update` has exactly the expected tensors, shapes, dtypes and finite values."""
+    missing = sorted(set(expected) - set(update))
+    if missing:
+        return f"missing tensor {missing[0]!r} ({len(missing)} missing)"
+    extra = sorted(set(update) - set(expected))
+    if extra:
+        return f"unexpected tensor {extra[0]!r}"
+    for name, (shape, dtype) in expected.items():
+        arr = update[name]
+        if tuple(arr.shape) != tuple(shape):
+            return f"tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}"
+        if arr.dtype != dtype:
+            return f"tensor {name!r} has dtype {arr.dtype}, expected {dtype}"
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            return f"tensor {name!r} has {bad} non-finite values (NaN/Inf)"
+    return None
+
+
+# ---------------------------------------------------------------- field readers (raise ProtocolError)
+
+
+def _records(content: RecordDict, required: Sequence[str], optional: Sequence[str] = ()) -> None:
+    names = set(content.keys())
+    missing = [r for r in required if r not in names]
+    if missing:
+        raise ProtocolError(f"record {missing[0]!r} is missing")
+    extra = sorted(names - set(required) - set(optional))
+    if extra:
+        raise ProtocolError(f"unexpected record {extra[0]!r}")
+
+
+def _record(content: RecordDict, name: str, kind: type[Any]) -> Any:
+    record = content[name]
+    if not isinstance(record, kind):
+        raise ProtocolError(f"record {name!r} is a {type(record).__name__}, expected a {kind.__name__}")
+    return record
+
+
+def _keys(record: Mapping[str, Any], where: str, required: Sequence[str], optional: Sequence[str] = ()) -> None:
+    missing = [k for k in required if k not in record]
+    if missing:
+        raise ProtocolError(f"{where}: {missing[0]!r} is missing")
+    extra = sorted(set(record.keys()) - set(required) - set(optional))
+    if extra:
+        raise ProtocolError(f"{where}: unexpected key {extra[0]!r}")
+
+
+def _str(record: Mapping[str, Any], key: str, where: str, max_len: int = 1 << 20) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise ProtocolError(f"{where}.{key}: expected text, got {type(value).__name__}")
+    if len(value) > max_len:
+        raise ProtocolError(f"{where}.{key}: longer than {max_len} characters")
+    return value
+
+
+def _count(record: Mapping[str, Any], key: str, where: str, low: int = 1) -> int:
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"{where}.{key}: expected an integer, got {type(value).__name__}")
+    if not low <= value <= MAX_COUNT:
+        raise ProtocolError(f"{where}.{key}={value}: must be between {low} and {MAX_COUNT}")
+    return value
+
+
+def _real(record: Mapping[str, Any], key: str, where: str, low: float = -math.inf) -> float:
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"{where}.{key}: expected a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < low:
+        raise ProtocolError(f"{where}.{key}={value}: must be a finite number >= {low:g}")
+    return value
+
+
+def _site_name(value: str, where: str) -> str:
+    if not SITE_NAME.match(value):
+        raise ProtocolError(f"{where}: site name {value[:70]!r} is not valid ({SITE_NAME_RULE})")
+    return value
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= MAX_REASON else line[: MAX_REASON - 3] + "..."
+
+
+def parse_ledger_entries(text: str) -> tuple[dict[str, Any], ...]:
+    """The signed ledger entries of a reply (a JSON list of objects)."""
+    try:
+        entries = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise ProtocolError("ledger.entries: not valid JSON") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ProtocolError("ledger.entries: expected a JSON list of entries")
+    if len(entries) > MAX_ENTRIES:
+        raise ProtocolError(f"ledger.entries: more than {MAX_ENTRIES} entries")
+    return tuple(entries)
+
+
+def _ledger(content: RecordDict) -> tuple[dict[str, Any], ...]:
+    record = _record(content, LEDGER, ConfigRecord)
+    _keys(record, LEDGER, [ENTRIES])
+    return parse_ledger_entries(_str(record, ENTRIES, LEDGER))
+
+
+def _arrays(content: RecordDict) -> dict[str, np.ndarray[Any, Any]]:
+    record = _record(content, ARRAYS, ArrayRecord)
+    try:
+        return from_array_record(record)
+    except Exception as exc:  # a tensor that does not deserialize
+        raise ProtocolError(f"arrays: unreadable tensor ({type(exc).__name__})") from None
+
+
+def _site(content: RecordDict, optional: Sequence[str] = ()) -> tuple[str, ConfigRecord]:
+    record = _record(content, SITE, ConfigRecord)
+    _keys(record, SITE, [NAME], optional)
+    return _site_name(_str(record, NAME, SITE, 64), SITE), record
+
+
+def _claimed_name(msg: Message) -> str | None:
+    """The site name a reply claims, if it is readable and valid (for messages only)."""
+    try:
+        name, _ = _site(msg.content, optional=(LEDGER_PUBLIC_KEY,))
+        return name
+    except Exception:
+        return None
+
+
+def _decline(content: RecordDict, site: str) -> Decline:
+    _records(content, [SITE, DECLINE])
+    record = _record(content, DECLINE, ConfigRecord)
+    _keys(record, DECLINE, [KIND, REASON])
+    kind = _str(record, KIND, DECLINE, 32)
+    if kind not in DECLINE_KINDS:
+        raise ProtocolError(f"decline.kind={kind[:32]!r}: must be one of {', '.join(DECLINE_KINDS)}")
+    return Decline(site, kind, _one_line(_str(record, REASON, DECLINE, 10 * MAX_REASON)))
+
+
+def _failure_line(msg: Message) -> str:
+    lines = [ln for ln in str(msg.error.reason).strip().splitlines() if ln.strip()]
+    return _one_line(lines[-1]) if lines else f"error code {msg.error.code}"
+
+
+def _guard(msg: Message, parse: Any) -> Any:
+    """Run a reply parser so that nothing it meets can raise into the caller."""
+    try:
+        if msg.has_error():
+            return Failed(_failure_line(msg))
+        return parse(msg.content)
+    except ProtocolError as exc:
+        return Rejected(str(exc), _claimed_name(msg))
+    except Exception as exc:  # whatever a hostile reply holds, the coordinator goes on
+        return Rejected(f"unreadable reply ({type(exc).__name__})", _claimed_name(msg))
+
+
+# ---------------------------------------------------------------- coordinator -> site
+
+
+def plan_record(
+    *, config_yaml: str, run_id: str, run_dir: str, frozen_fingerprint: str, class_names: Sequence[str]
+) -> ConfigRecord:
+    return ConfigRecord({
+        CONFIG_YAML: config_yaml, RUN_ID: run_id, RUN_DIR: run_dir,
+        FROZEN_FINGERPRINT: frozen_fingerprint, CLASS_NAMES: [str(c) for c in class_names],
+    })
+
+
+def with_feature_center(plan: ConfigRecord, center: Sequence[float]) -> ConfigRecord:
+    """The plan with the federation's feature centre (sent with every later instruction)."""
+    out = ConfigRecord(dict(plan))
+    out[FEATURE_CENTER] = [float(v) for v in center]
+    return out
+
+
+def instruction(kind: str, plan: ConfigRecord, node_id: int) -> Message:
+    """A HELLO or FEATURE_SUM message to one site (TRAIN messages come from Flower's strategy)."""
+    if kind not in (HELLO, FEATURE_SUM):
+        raise ValueError(f"instruction: {kind!r} is not a query kind")
+    return Message(content=RecordDict({PLAN: plan}), message_type=kind, dst_node_id=node_id)
+
+
+def read_plan(msg: Message) -> Plan:
+    """The plan of an instruction, checked field by field (raises ProtocolError)."""
+    content = msg.content
+    is_train = msg.metadata.message_type == TRAIN
+    _records(content, [PLAN, ARRAYS] if is_train else [PLAN])
+    record = _record(content, PLAN, ConfigRecord)
+    _keys(record, PLAN, [CONFIG_YAML, RUN_ID, RUN_DIR, FROZEN_FINGERPRINT, CLASS_NAMES],
+          [FEATURE_CENTER, SERVER_ROUND, PROXIMAL_MU])
+    classes = record[CLASS_NAMES]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ProtocolError(f"{PLAN}.{CLASS_NAMES}: expected a non-empty list of text")
+    center = record.get(FEATURE_CENTER)
+    if center is not None:
+        if not isinstance(center, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in center
+        ):
+            raise ProtocolError(f"{PLAN}.{FEATURE_CENTER}: expected a list of finite numbers")
+        center = tuple(float(v) for v in center)
+    server_round = _count(record, SERVER_ROUND, PLAN) if SERVER_ROUND in record else None
+    if is_train and server_round is None:
+        raise ProtocolError(f"{PLAN}.{SERVER_ROUND} is missing from a training instruction")
+    mu = _real(record, PROXIMAL_MU, PLAN, 0.0) if PROXIMAL_MU in record else None
+    return Plan(
+        config_yaml=_str(record, CONFIG_YAML, PLAN),
+        run_id=_str(record, RUN_ID, PLAN, 256),
+        run_dir=_str(record, RUN_DIR, PLAN, 4096),
+        frozen_fingerprint=_str(record, FROZEN_FINGERPRINT, PLAN, 256),
+        class_names=tuple(classes),
+        feature_center=center,
+        server_round=server_round,
+        proximal_mu=mu,
+    )
+
+
+def train_weights(msg: Message) -> dict[str, np.ndarray[Any, Any]]:
+    """The global trainable weights of a TRAIN instruction (raises ProtocolError)."""
+    return _arrays(msg.content)
+
+
+# ---------------------------------------------------------------- site -> coordinator: builders
+
+
+def _reply(msg: Message, records: dict[str, Any]) -> Message:
+    return Message(content=RecordDict(records), reply_to=msg)
+
+
+def hello_reply(msg: Message, *, site: str, num_examples: int, ledger_public_key: str) -> Message:
+    return _reply(msg, {
+        SITE: ConfigRecord({NAME: site, LEDGER_PUBLIC_KEY: ledger_public_key}),
+        METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples)}),
+    })
+
+
+def feature_sum_reply(
+    msg: Message, *, site: str, num_examples: int, feature_sum: np.ndarray[Any, Any],
+    ledger_entries: Sequence[Mapping[str, Any]],
+) -> Message:
+    return _reply(msg, {
+        SITE: ConfigRecord({NAME: site}),
+        ARRAYS: to_array_record({FEATURE_SUM_ARRAY: np.asarray(feature_sum, dtype=np.float64)}),
+        METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples)}),
+        LEDGER: ConfigRecord({ENTRIES: json.dumps(list(ledger_entries))}),
+    })
+
+
+def train_reply(
+    msg: Message, *, site: str, arrays: Mapping[str, np.ndarray[Any, Any]], num_examples: int,
+    train_loss: float, seconds: float, ledger_entries: Sequence[Mapping[str, Any]],
+) -> Message:
+    return _reply(msg, {
+        SITE: ConfigRecord({NAME: site}),
+        ARRAYS: to_array_record(arrays),
+        METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples), TRAIN_LOSS: float(train_loss),
+                               SECONDS: float(seconds)}),
+        LEDGER: ConfigRecord({ENTRIES: json.dumps(list(ledger_entries))}),
+    })
+
+
+def decline_reply(msg: Message, *, site: str, kind: str, reason: str) -> Message:
+    if kind not in DECLINE_KINDS:
+        raise ValueError(f"decline kind {kind!r}: must be one of {', '.join(DECLINE_KINDS)}")
+    return _reply(msg, {
+        SITE: ConfigRecord({NAME: site}),
+        DECLINE: ConfigRecord({KIND: kind, REASON: _one_line(reason)}),
+    })
+
+
+# ---------------------------------------------------------------- site -> coordinator: readers (never raise)
+
+
+def read_hello(msg: Message) -> SiteHello | Decline | Rejected | Failed:
+    def parse(content: RecordDict) -> SiteHello | Decline:
+        name, site = _site(content, optional=(LEDGER_PUBLIC_KEY,))
+        if DECLINE in content:
+            if LEDGER_PUBLIC_KEY in site:
+                raise ProtocolError(f"{SITE}: unexpected key {LEDGER_PUBLIC_KEY!r} in a decline")
+            return _decline(content, name)
+        _records(content, [SITE, METRICS])
+        if LEDGER_PUBLIC_KEY not in site:
+            raise ProtocolError(f"{SITE}: {LEDGER_PUBLIC_KEY!r} is missing")
+        metrics = _record(content, METRICS, MetricRecord)
+        _keys(metrics, METRICS, [NUM_EXAMPLES])
+        pem = _str(site, LEDGER_PUBLIC_KEY, SITE, MAX_PEM)
+        if not pem.startswith("-----BEGIN PUBLIC KEY-----"):
+            raise ProtocolError(f"{SITE}.{LEDGER_PUBLIC_KEY}: not a PEM public key")
+        return SiteHello(name, _count(metrics, NUM_EXAMPLES, METRICS), pem)
+
+    result: SiteHello | Decline | Rejected | Failed = _guard(msg, parse)
+    return result
+
+
+def _plain_site(content: RecordDict) -> str | Decline:
+    name, _ = _site(content)
+    if DECLINE in content:
+        return _decline(content, name)
+    return name
+
+
+def read_feature_sum(msg: Message, width: int) -> FeatureSumReply | Decline | Rejected | Failed:
+    def parse(content: RecordDict) -> FeatureSumReply | Decline:
+        name = _plain_site(content)
+        if isinstance(name, Decline):
+            return name
+        _records(content, [SITE, ARRAYS, METRICS, LEDGER])
+        metrics = _record(content, METRICS, MetricRecord)
+        _keys(metrics, METRICS, [NUM_EXAMPLES])
+        arrays = _arrays(content)
+        problem = update_problem(arrays, {FEATURE_SUM_ARRAY: ((width,), np.dtype(np.float64))})
+        if problem:
+            raise ProtocolError(f"arrays: {problem}")
+        return FeatureSumReply(name, _count(metrics, NUM_EXAMPLES, METRICS), arrays[FEATURE_SUM_ARRAY],
+                               _ledger(content))
+
+    result: FeatureSumReply | Decline | Rejected | Failed = _guard(msg, parse)
+    return result
+
+
+def read_train_reply(msg: Message, expected: Mapping[str, ArraySpec]) -> TrainReply | Decline | Rejected | Failed:
+    """A training reply, its weights checked against `expected` (names, shapes, dtypes, finite)."""
+
+    def parse(content: RecordDict) -> TrainReply | Decline:
+        name = _plain_site(content)
+        if isinstance(name, Decline):
+            return name
+        _records(content, [SITE, ARRAYS, METRICS, LEDGER])
+        metrics = _record(content, METRICS, MetricRecord)
+        _keys(metrics, METRICS, [NUM_EXAMPLES, TRAIN_LOSS, SECONDS])
+        arrays = _arrays(content)
+        problem = update_problem(arrays, expected)
+        if problem:
+            raise ProtocolError(f"arrays: {problem}")
+        return TrainReply(
+            site=name, num_examples=_count(metrics, NUM_EXAMPLES, METRICS),
+            train_loss=_real(metrics, TRAIN_LOSS, METRICS, 0.0), seconds=_real(metrics, SECONDS, METRICS, 0.0),
+            arrays=arrays, ledger_entries=_ledger(content),
+        )
+
+    result: TrainReply | Decline | Rejected | Failed = _guard(msg, parse)
+    return result
+
+
+def aggregation_content(reply: TrainReply) -> RecordDict:
+    """What Flower's aggregation sees of a checked reply: the weights and the weighting count.
+
+    Nothing else of the reply reaches Flower's strategy, so no extra or odd field a site
+    sends can change the aggregate or break Flower's reply-consistency checks.
+    """
+    return RecordDict({
+        ARRAYS: to_array_record(reply.arrays),
+        METRICS: MetricRecord({NUM_EXAMPLES: reply.num_examples}),
+    })

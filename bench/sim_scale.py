@@ -99,7 +99,8 @@ def plain_client_app():
 
         import conf
         from task.partition import partition
-        from task.pipeline import build_view, encode, from_arrays, pool_and_test, to_arrays
+        from protocol import from_array_record as from_arrays, to_array_record as to_arrays
+        from task.pipeline import build_view, encode, pool_and_test
         from task.trainer import LocalPlan, train_local
 
         cfg = conf.from_yaml(str(msg.content["config"]["cfg"]))
@@ -135,7 +136,8 @@ def run_plain(cfg, work: Path) -> dict:
     from flwr.simulation import run_simulation
 
     import conf
-    from task.pipeline import build_view, to_arrays
+    from protocol import to_array_record as to_arrays
+    from task.pipeline import build_view
     from simulations.simulate import backend_config
 
     n = int(cfg.federation.num_sites)

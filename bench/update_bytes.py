@@ -17,7 +17,8 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 import copy
 
 import conf
-from task.pipeline import build_view, to_arrays
+from protocol import to_array_record as to_arrays
+from task.pipeline import build_view
 
 
 def wire_bytes(record) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from privacy.accountant import Spend, calibrate_noise_multiplier, epsilon, planned_epsilon
 from privacy.errors import BudgetExceeded, FedShieldError
-from privacy.ledger import Ledger
+from privacy.ledger import Ledger, site_history
 from privacy.signing import generate_site_key, load_private_key, public_key_pem
 
 
@@ -50,14 +50,22 @@ class SiteState:
             (self.dir / "site.pub").write_bytes(pub)
         self.key = load_private_key(self.key_path)
         self.ledger = Ledger(self.dir / "ledger.jsonl")
-        read = self.ledger.recover()  # a torn last line from a crash is set aside, reported
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the ledger (once per message): every decision until the next refresh uses
+        this reading, and the entries this state appends. A torn last line from a crash is
+        set aside and reported."""
+        read = self.ledger.recover()
         self.recovery_message = read.message if read.truncated_bytes else ""
+        self._history = site_history(read.entries, self.site)
 
     def public_key_pem(self) -> str:
         return public_key_pem(self.key).decode()
 
     def history(self) -> list[Spend]:
-        return self.ledger.history(self.site)
+        """This site's spends, oldest first, as of the last `refresh` and own appends."""
+        return list(self._history)
 
     def epsilon(self, delta: float, accountant: str) -> float:
         return epsilon(self.history(), delta, accountant)
@@ -103,7 +111,9 @@ class SiteState:
 
     def record_spend(self, fields: dict) -> dict:
         """Append the signed entry and fsync it; returns the entry as written."""
-        return self.ledger.append(fields, self.key)
+        entry = self.ledger.append(fields, self.key)
+        self._history.extend(site_history([entry], self.site))
+        return entry
 
 
 def require_budget(decision: BudgetDecision) -> None:

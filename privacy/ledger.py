@@ -136,7 +136,7 @@ class Ledger:
         return r
 
     def history(self, site: str) -> list[Spend]:
-        return [_spend(e) for e in self.read().entries if e.get("site") == site]
+        return site_history(self.read().entries, site)
 
     # -- writing -----------------------------------------------------------------
     def append(self, fields: dict[str, Any], key: signing.PrivateKey) -> Entry:
@@ -259,6 +259,11 @@ def _parse_line(raw: bytes) -> Entry | None:
     except (UnicodeDecodeError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def site_history(entries: list[dict], site: str) -> list[Spend]:
+    """The spends of `site` among `entries`, in order."""
+    return [_spend(e) for e in entries if e.get("site") == site]
 
 
 def _spend(e: Entry) -> Spend:

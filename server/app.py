@@ -14,24 +14,26 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported
 import json
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 import conf
+import protocol
 from task import centering
-from task.pipeline import build_view, from_arrays, pool_and_test, to_arrays, view_fingerprint
+from task.pipeline import build_view, pool_and_test, view_fingerprint
 from privacy.errors import FedShieldError
 from server.evaluate import CentralEvaluator
 from server.export import export_model
 from server.plots import plot_run
-from server.run_dir import append_jsonl, new_run_dir
-from strategies.fedshield import RoundReport, make_strategy
-from strategies.validation import ledger_entries
+from server.run_dir import LEDGER_KEYS, append_jsonl, new_run_dir
+from strategies.flower import flower_strategy
+from strategies.site_aware import RoundReport, SiteAwareStrategy
 
 log = logging.getLogger("fedshield.server")
 
@@ -41,32 +43,31 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def discover_sites(grid: Grid, cfg: DictConfig, plan: ConfigRecord, expected: int, timeout: float) -> dict[int, dict]:
-    """Wait for `expected` sites, then ask each who it is (name, records, public key)."""
+def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float) -> dict[int, dict]:
+    """Wait for `expected` sites, then ask each who it is (name, records, ledger public key)."""
     deadline = time.time() + timeout
     nodes = list(grid.get_node_ids())
+    if len(nodes) < expected:
+        say(f"waiting for {expected} sites to connect ({len(nodes)} so far)")
     while len(nodes) < expected and time.time() < deadline:
         time.sleep(1.0)
         nodes = list(grid.get_node_ids())
     if len(nodes) < expected:
         say(f"waited {timeout:.0f}s: {len(nodes)} of {expected} sites connected; going on with them")
-    messages = [
-        Message(content=RecordDict({"config": plan}), message_type=MessageType.QUERY, dst_node_id=n)
-        for n in nodes
-    ]
+    say(f"asking {len(nodes)} sites who they are")
+    messages = [protocol.instruction(protocol.HELLO, plan, n) for n in nodes]
     sites: dict[int, dict] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
-        if reply.has_error():
-            say(f"site on node {node}: failed to start: {reply.error.reason.strip().splitlines()[-1]}")
-            continue
-        site = dict(reply.content["site"])
-        metrics = dict(reply.content["metrics"])
-        if int(metrics.get("declined", 0)):
-            say(f"site {site.get('site', node)}: not joining: {site.get('reason')}")
-            continue
-        sites[node] = {"site": str(site["site"]), "n": int(metrics["num-examples"]),
-                       "public_key": str(site["public-key"])}
+        hello = protocol.read_hello(reply)
+        if isinstance(hello, protocol.Failed):
+            say(f"site on node {node}: failed to start: {hello.reason}")
+        elif isinstance(hello, protocol.Rejected):
+            say(f"site on node {node}: not joining: its reply broke the protocol: {hello.reason}")
+        elif isinstance(hello, protocol.Decline):
+            say(f"site {hello.site}: not joining: {hello.reason}")
+        else:
+            sites[node] = {"site": hello.site, "n": hello.num_examples, "public_key": hello.ledger_public_key}
     names = [s["site"] for s in sites.values()]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -77,30 +78,25 @@ def discover_sites(grid: Grid, cfg: DictConfig, plan: ConfigRecord, expected: in
 def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict], rounds: "RoundLog",
                          width: int, timeout: float) -> np.ndarray | None:
     """Ask every site for its noisy feature sum (task.centering); their mean, or None."""
-    messages = [Message(content=RecordDict({"config": plan}), message_type=centering.QUERY, dst_node_id=n)
-                for n in sites]
+    say(f"feature centering: asking {len(sites)} sites for their noisy feature sums (each site first "
+        "encodes its records with the frozen model, once per run: this is the slow step on a CPU)")
+    messages = [protocol.instruction(protocol.FEATURE_SUM, plan, n) for n in sites]
     sums, counts = [], []
     for reply in grid.send_and_receive(messages, timeout=timeout):
         name = sites.get(reply.metadata.src_node_id, {}).get("site", str(reply.metadata.src_node_id))
-        if reply.has_error():
-            say(f"  {name}: feature mean failed: {reply.error.reason.strip().splitlines()[-1]}")
-            continue
-        site_rec, metrics = dict(reply.content["site"]), dict(reply.content["metrics"])
-        if int(metrics.get("declined", 0)):
-            say(f"  {name}: no feature mean: {site_rec.get('reason')}")
-            continue
-        try:
-            entries = ledger_entries(site_rec)
-            total = reply.content["arrays"]["feature-sum"].numpy().astype(np.float64)
-        except (KeyError, ValueError) as exc:
-            say(f"  {name}: unreadable feature-mean reply ({exc}); not used")
-            continue
-        rounds.record(name, entries)  # spent, whether or not the sum is usable
-        if total.shape != (width,) or not np.isfinite(total).all():
-            say(f"  {name}: feature sum has a wrong shape or non-finite values; not used")
-            continue
-        sums.append(total)
-        counts.append(int(metrics["num-examples"]))
+        got = protocol.read_feature_sum(reply, width)
+        if isinstance(got, protocol.Failed):
+            say(f"  {name}: feature mean failed: {got.reason}")
+        elif isinstance(got, protocol.Rejected):
+            say(f"  {name}: feature-mean reply broke the protocol ({got.reason}); not used")
+        elif got.site != name:
+            say(f"  {name}: feature-mean reply names site {got.site!r}; not used")
+        elif isinstance(got, protocol.Decline):
+            say(f"  {name}: no feature mean: {got.reason}")
+        else:
+            rounds.record(name, got.ledger_entries)  # spent, whether or not the sum is usable
+            sums.append(got.feature_sum)
+            counts.append(got.num_examples)
     if not sums:
         say("feature centering: no site released a feature mean; training without centering")
         return None
@@ -118,11 +114,11 @@ class RoundLog:
         self.run_dir, self.cfg = run_dir, cfg
         self.epsilon = {s["site"]: 0.0 for s in sites.values()}
         self.declines: dict[str, list[str]] = {}
-        self.pending: RoundReport | None = None
+        self.reports: dict[int, RoundReport] = {}  # server round -> its sites' outcomes
         self.rows: list[dict] = []
         self.t0 = time.time()
 
-    def record(self, site: str, entries: list[dict]) -> None:
+    def record(self, site: str, entries: Iterable[dict]) -> None:
         """A site's signed spends into the run's ledger; its ε is the last entry's."""
         for entry in entries:
             append_jsonl(self.run_dir / "privacy" / "ledger.jsonl", entry)
@@ -134,10 +130,10 @@ class RoundLog:
             if r.status != "trained":
                 self.declines.setdefault(r.site, []).append(f"round {report.server_round}: {r.status}: {r.reason}")
                 say(f"  {r.site}: {r.status}: {r.reason}")
-        self.pending = report
+        self.reports[report.server_round] = report
 
     def on_evaluated(self, server_round: int, metrics: dict) -> dict:
-        report, self.pending = self.pending, None
+        report = self.reports.pop(server_round, None)  # none for round 0, or a round nobody was asked
         eps = list(self.epsilon.values()) or [0.0]
         row = {
             "round": server_round,
@@ -150,7 +146,7 @@ class RoundLog:
             "sampled": report.sampled if report else [],
             "trained": report.count("trained") if report else 0,
             "declined": report.count("declined") if report else 0,
-            "declined_sites": [r.site for r in report.replies if r.status == "declined"] if report else [],
+            "declined_sites": report.sites("declined") if report else [],
             "rejected": report.count("rejected") if report else 0,
             "failed": report.count("failed") if report else 0,
             "elapsed_s": round(time.time() - self.t0, 1),
@@ -173,64 +169,66 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None) -> 
     device = torch.device("cuda" if cfg.training.device != "cpu" and torch.cuda.is_available() else "cpu")
     view = build_view(cfg, device)
     initial = view.trainable_state()
-    plan = ConfigRecord({
-        "fedshield-config": conf.to_yaml(cfg),
-        "run-id": run_dir.name,
-        "run-dir": str(run_dir),
-        "frozen-fingerprint": view_fingerprint(view),
-        "class-names": list(pool_and_test(cfg)[1].class_names),
-    })
-    sites = discover_sites(grid, cfg, plan, cfg.federation.num_sites, cfg.federation.round_timeout_s)
+    plan = protocol.plan_record(
+        config_yaml=conf.to_yaml(cfg), run_id=run_dir.name, run_dir=str(run_dir),
+        frozen_fingerprint=view_fingerprint(view), class_names=pool_and_test(cfg)[1].class_names,
+    )
+    sites = discover_sites(grid, plan, cfg.federation.num_sites, cfg.federation.round_timeout_s)
     if len(sites) < cfg.federation.min_sites:
         raise FedShieldError(
             f"only {len(sites)} site(s) can join, fewer than federation.min_sites={cfg.federation.min_sites}"
         )
     for s in sites.values():
-        (run_dir / "privacy" / "site-keys" / f"{s['site']}.pub").write_text(s["public_key"])
+        (run_dir / "privacy" / LEDGER_KEYS / f"{s['site']}.pub").write_text(s["public_key"])
     say(f"{len(sites)} sites: " + ", ".join(f"{s['site']} (n={s['n']})" for s in sorted(sites.values(), key=lambda s: s["site"])))
 
     rounds = RoundLog(run_dir, cfg, sites)
+    centered = False
     if centering.applies(cfg, view):
         center = collect_feature_mean(grid, plan, sites, rounds, int(view.module.center.shape[0]),
                                       float(cfg.federation.round_timeout_s))
         if center is not None:
             centering.set_center(view, center)
-            plan[centering.PLAN_KEY] = [float(v) for v in center]
+            plan = protocol.with_feature_center(plan, center)
+            centered = True
     evaluator = CentralEvaluator(cfg, view, device)
-    strategy = make_strategy(
+    inner = flower_strategy(
         cfg.federation.strategy,
         proximal_mu=cfg.federation.proximal_mu,
         server_learning_rate=cfg.federation.server_learning_rate,
     )
-    strategy.setup_sites(
+    strategy = SiteAwareStrategy(
+        inner,
         {nid: s["site"] for nid, s in sites.items()},
-        cfg.federation.fraction_train,
-        int(cfg.federation.seed),
-        {k: (v.shape, v.dtype) for k, v in initial.items()},
-        rounds.on_round,
+        fraction_train=cfg.federation.fraction_train,
+        seed=int(cfg.federation.seed),
+        expected_arrays={k: (tuple(v.shape), v.dtype) for k, v in initial.items()},
+        on_round=rounds.on_round,
     )
 
     def evaluate(server_round: int, arrays) -> MetricRecord:
-        metrics = evaluator(from_arrays(arrays))
+        metrics = evaluator(protocol.from_array_record(arrays))
         row = rounds.on_evaluated(server_round, metrics)
         return MetricRecord({"accuracy": row["accuracy"], "macro-f1": row["macro_f1"],
                              "epsilon-max": row["epsilon_max"]})
 
+    say(f"round 1 of {cfg.federation.rounds}: {len(strategy.sample(1))} sites train (in its first round each "
+        "site calibrates its noise for the whole run)")
     result = strategy.start(
         grid=grid,
-        initial_arrays=to_arrays(initial),
+        initial_arrays=protocol.to_array_record(initial),
         num_rounds=int(cfg.federation.rounds),
         timeout=float(cfg.federation.round_timeout_s),
         train_config=plan,
         evaluate_fn=evaluate,
     )
-    final = from_arrays(result.arrays) if result.arrays else initial  # no round trained: initial
+    final = protocol.from_array_record(result.arrays) if result.arrays else initial  # no round trained: initial
     view.load_trainable(final)
     summary = summarize(run_dir, cfg, sites, rounds)
     plot_run(run_dir, rounds.rows, summary)
     if cfg.output.save_model:
         export_model(cfg, view, run_dir / "model")
-    write_report(run_dir, cfg, rounds.rows, summary, centered=centering.PLAN_KEY in plan)
+    write_report(run_dir, cfg, rounds.rows, summary, centered=centered)
     return run_dir
 
 

@@ -3,7 +3,7 @@
     <run>/config.yaml            the resolved config
     <run>/metrics.jsonl          one line per round (central metrics, ε per site, sites)
     <run>/privacy/ledger.jsonl   the sites' signed ledger entries, as received
-    <run>/privacy/site-keys/     the sites' public keys (<site>.pub)
+    <run>/privacy/ledger-keys/   the sites' ledger signing public keys (<site>.pub)
     <run>/privacy/sites.json     per-site summary: final ε, budget, δ, accountant, declines
     <run>/plots/*.png            accuracy and ε per site over rounds
     <run>/model/                 the final model (save_pretrained + tokenizer)
@@ -23,6 +23,8 @@ from omegaconf import DictConfig
 
 import conf
 
+LEDGER_KEYS = "ledger-keys"  # <run>/privacy/<this>/<site>.pub: what signed each site's entries
+
 
 def new_run_dir(cfg: DictConfig) -> Path:
     name = cfg.output.run_name or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
@@ -31,7 +33,7 @@ def new_run_dir(cfg: DictConfig) -> Path:
         raise conf.ConfigError(
             f"output.run_name={name!r}: {path} already holds a run; choose another name"
         )
-    (path / "privacy" / "site-keys").mkdir(parents=True, exist_ok=True)
+    (path / "privacy" / LEDGER_KEYS).mkdir(parents=True, exist_ok=True)
     (path / "plots").mkdir(exist_ok=True)
     (path / "config.yaml").write_text(conf.to_yaml(cfg))
     return path

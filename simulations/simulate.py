@@ -19,26 +19,15 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 import conf
-from task.partition import partition, site_names
-from task.pipeline import pool_and_test
+from task.sites import check_delta, virtual_sites
 from server.run_dir import new_run_dir, read_jsonl
 
 
 def check_sites(cfg: DictConfig) -> list[tuple[str, int]]:
     """(site, records) for every virtual site; refuses a δ that is not below 1/n."""
-    pool, _ = pool_and_test(cfg)
-    fed = cfg.federation
-    parts = partition(pool.labels, fed.num_sites, fed.partition, seed=fed.seed,
-                      alpha=fed.dirichlet_alpha, groups=pool.groups)
-    names = site_names(fed.partition, fed.num_sites, pool.groups)
-    sizes = [(name, len(idx)) for name, idx in zip(names, parts)]
-    if cfg.privacy.mode != "none":
-        name, smallest = min(sizes, key=lambda s: s[1])
-        if cfg.privacy.delta >= 1.0 / smallest:
-            raise conf.ConfigError(
-                f"privacy.delta={cfg.privacy.delta:g}: must be below 1/n = {1.0 / smallest:.3g} "
-                f"for the smallest site ({name}, n={smallest})"
-            )
+    sizes = [(name, len(data)) for name, data in virtual_sites(cfg)]
+    name, smallest = min(sizes, key=lambda s: s[1])
+    check_delta(cfg, name, smallest)
     return sizes
 
 

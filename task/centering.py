@@ -34,9 +34,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from task.model import TrainView, default_center_clip_norm, supports_centering
 from privacy.accountant import Spend
 
-PLAN_KEY = "feature-center"  # the centre in the run's plan (a list of floats)
-QUERY = "query.feature_mean"  # Flower message type of the release
-
 
 def applies(cfg: DictConfig, view: TrainView) -> bool:
     return bool(cfg.training.center_features) and supports_centering(view)

@@ -12,7 +12,6 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -181,13 +180,3 @@ _FINGERPRINTS: dict[tuple, str] = {}
 
 def view_fingerprint(view: TrainView) -> str:
     return view.fingerprint or frozen_fingerprint(view.model, view.trainable_names)
-
-
-def to_arrays(state: dict[str, np.ndarray]) -> "ArrayRecord":  # noqa: F821
-    from flwr.app import Array, ArrayRecord
-
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
-
-
-def from_arrays(record) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}

@@ -46,7 +46,7 @@ def test_three_sites_two_rounds_beats_chance_and_writes_the_run_directory(tiny_b
         assert own[-1]["epsilon"] == pytest.approx(max(epsilon_opacus(history, cfg.privacy.delta),
                                                        epsilon_dp_accounting_rdp(history, cfg.privacy.delta)))
         assert summary[site]["epsilon"] == own[-1]["epsilon"]
-        assert (run / "privacy" / "site-keys" / f"{site}.pub").is_file()
+        assert (run / "privacy" / "ledger-keys" / f"{site}.pub").is_file()
     assert rows[-1]["epsilon_max"] == max(e["epsilon"] for e in entries)
 
     for name in ("config.yaml", "report.md", "plots/accuracy.png", "plots/epsilon.png"):

@@ -1,0 +1,206 @@
+"""A site-aware wrapper around any Flower Message-API `Strategy`.
+
+Flower's strategies sample nodes by their ids and aggregate every reply that carries
+content. A privacy-aware coordinator needs more, and this wrapper adds it in the style of
+Flower's own `DifferentialPrivacyFixedClippingBase` (behaviour added by wrapping, the
+wrapped strategy untouched, per-round state keyed by round):
+
+- **Selection by site, reproducible.** Flower's node ids are random per run, site names
+  are not: each round samples `round(fraction_train * number of sites)` sites from a
+  `random.Random(seed, round)`, so a seed fixes who trains when. Flower's own sampling then
+  sees only that selection (its fractions are 1).
+- **Budget exclusion.** A site that declined for budget is never asked again in this run.
+- **Every reply parsed by the protocol** (`protocol.read_train_reply`): replies are sorted
+  into trained / declined / rejected (broke the protocol: a missing, extra or ill-typed
+  field, a wrong or non-finite tensor) / failed (Flower reported an error). Only trained
+  replies reach the wrapped strategy's aggregation, and only their weights and record
+  count (`protocol.aggregation_content`): no field a site adds can reach Flower's code.
+- **A report per round** (`RoundReport`) to `on_round`, before aggregation, so that the
+  coordinator records every spend whether or not the update is used.
+- Federated evaluation is off: evaluation is central, on held-out data.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+import protocol
+
+log = logging.getLogger("fedshield.strategy")
+
+STATUSES = ("trained", "declined", "rejected", "failed")
+
+
+@dataclass
+class SiteReply:
+    site: str
+    node_id: int
+    status: str  # one of STATUSES
+    reason: str = ""
+    num_examples: int = 0
+    ledger_entries: tuple[dict[str, Any], ...] = ()  # signed spends, in order
+    decline_kind: str = ""
+
+
+@dataclass
+class RoundReport:
+    server_round: int
+    sampled: list[str]
+    replies: list[SiteReply] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.replies)
+
+    def sites(self, status: str) -> list[str]:
+        return [r.site for r in self.replies if r.status == status]
+
+
+class _Selected:
+    """The part of a Grid that Flower's node sampling reads, limited to our selection."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._ids)
+
+    def __getattr__(self, name: str) -> Any:  # anything else a strategy asks of the grid
+        return getattr(self._grid, name)
+
+
+class SiteAwareStrategy(Strategy):
+    """Wrap `strategy` with site selection, budget exclusion and protocol checks.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        Any Flower Message-API strategy, built with the protocol's record names
+        (`strategies.flower.flower_strategy`).
+    sites : Mapping[int, str]
+        Node id -> site name, from the coordinator's site discovery. Names must be unique.
+    fraction_train : float
+        Fraction of the sites asked to train each round, in (0, 1].
+    seed : int
+        Fixes which sites are sampled in which round.
+    expected_arrays : Mapping[str, (shape, dtype)]
+        The trainable tensors every update must have, exactly.
+    on_round : Callable[[RoundReport], None], optional
+        Called once per round with every sampled site's outcome, before aggregation.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        sites: Mapping[int, str],
+        *,
+        fraction_train: float,
+        seed: int,
+        expected_arrays: Mapping[str, protocol.ArraySpec],
+        on_round: Callable[[RoundReport], None] | None = None,
+    ) -> None:
+        if not 0.0 < fraction_train <= 1.0:
+            raise ValueError(f"fraction_train={fraction_train}: must be in (0, 1]")
+        if not sites:
+            raise ValueError("no sites to train with")
+        names = list(sites.values())
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})[0]
+            raise ValueError(f"two nodes share the site name {dup!r}")
+        if not expected_arrays:
+            raise ValueError("expected_arrays: no trainable tensors")
+        self.strategy = strategy
+        self.sites = dict(sites)
+        self.fraction_train = fraction_train
+        self.seed = int(seed)
+        self.expected_arrays = dict(expected_arrays)
+        self.on_round = on_round
+        self.excluded: dict[str, str] = {}  # site -> why it is not asked any more (budget)
+        self._sampled: dict[int, list[int]] = {}  # server round -> node ids asked
+
+    # ------------------------------------------------------------ selection
+
+    def eligible(self) -> list[int]:
+        """Node ids still asked to train, in site-name order."""
+        return sorted((n for n, s in self.sites.items() if s not in self.excluded), key=self.sites.__getitem__)
+
+    def sample(self, server_round: int) -> list[int]:
+        """The node ids asked to train in `server_round` (deterministic in seed and round)."""
+        eligible = self.eligible()
+        k = min(max(1, round(self.fraction_train * len(self.sites))), len(eligible))
+        chosen = random.Random(self.seed * 7919 + server_round).sample(eligible, k) if k else []
+        return sorted(chosen, key=self.sites.__getitem__)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        chosen = self.sample(server_round)
+        self._sampled[server_round] = chosen
+        if not chosen:
+            return []
+        return self.strategy.configure_train(server_round, arrays, config, _Selected(grid, chosen))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------ replies
+
+    def sort_replies(self, server_round: int, replies: Iterable[Message]) -> tuple[RoundReport, list[Message]]:
+        """Every reply parsed and sorted; the trained ones, reduced to what aggregation needs."""
+        asked = self._sampled.pop(server_round, [])
+        report = RoundReport(server_round, [self.sites[n] for n in asked])
+        valid: list[Message] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if node not in asked:  # Flower only returns replies to what was sent; be sure
+                log.warning("round %s: a reply from node %s, which was not asked; ignored", server_round, node)
+                continue
+            name = self.sites[node]
+            parsed = protocol.read_train_reply(msg, self.expected_arrays)
+            if isinstance(parsed, protocol.Failed):
+                report.replies.append(SiteReply(name, node, "failed", parsed.reason))
+            elif isinstance(parsed, protocol.Rejected):
+                report.replies.append(SiteReply(name, node, "rejected", parsed.reason))
+            elif parsed.site != name:
+                report.replies.append(SiteReply(
+                    name, node, "rejected", f"the reply names site {parsed.site!r}, not {name!r}"))
+            elif isinstance(parsed, protocol.Decline):
+                if parsed.kind == "budget":
+                    self.excluded[name] = parsed.reason
+                report.replies.append(SiteReply(name, node, "declined", parsed.reason, decline_kind=parsed.kind))
+            else:
+                report.replies.append(SiteReply(name, node, "trained", "", parsed.num_examples,
+                                                parsed.ledger_entries))
+                msg.content = protocol.aggregation_content(parsed)
+                valid.append(msg)
+        return report, valid
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        report, valid = self.sort_replies(server_round, replies)
+        if self.on_round is not None:
+            self.on_round(report)
+        if not valid:
+            return None, None
+        return self.strategy.aggregate_train(server_round, valid)
+
+    # ------------------------------------------------------------ no federated evaluation
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        log.info("fedshield site-aware strategy: %d sites, fraction_train %s, seed %d, around:",
+                 len(self.sites), self.fraction_train, self.seed)
+        self.strategy.summary()
