@@ -2,16 +2,17 @@
 
     cfg = load_config(["task=heart-disease", "privacy.target_epsilon=4"])
 
-Presets are named by group (`task=`, `privacy=`, `deploy=`); any other `a.b=value` sets a
-key. The result is a typed OmegaConf object: assigning an unknown key or a wrong type
+Presets are named by group (`task=`, `privacy=`: conf/<group>/<name>.yaml); any other
+`group.key=value` sets a key. The result is a typed OmegaConf object: assigning an unknown key or a wrong type
 fails, so a config that loads is a config that is valid.
 """
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -21,7 +22,7 @@ from privacy.errors import FedShieldError
 from .schema import FedShieldConfig, validation_errors
 
 CONF_DIR = Path(__file__).resolve().parent
-PRESET_GROUPS = ("task", "privacy", "deploy")
+PRESET_GROUPS = ("task", "privacy")  # the folders of conf/ (a test checks)
 
 
 class ConfigError(FedShieldError):
@@ -42,21 +43,34 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-_KNOWN_KEYS = _all_keys(OmegaConf.structured(FedShieldConfig))
+_DEFAULTS = OmegaConf.structured(FedShieldConfig)
+_KNOWN_KEYS = _all_keys(_DEFAULTS)
+GROUPS = tuple(str(k) for k in _DEFAULTS)  # task, federation, ...: the schema's order
+_SECTIONS = {k for k in _KNOWN_KEYS if OmegaConf.is_dict(OmegaConf.select(_DEFAULTS, k))}
+
+
+def _unknown_key(key: str) -> str:
+    candidates = [k for k in _KNOWN_KEYS if k not in _SECTIONS] if "." in key else list(GROUPS)
+    close = difflib.get_close_matches(key, candidates, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    parts = key.split(".")
+    # The deepest known section above the key: what may be set there.
+    above = [s for s in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if s in _SECTIONS]
+    if above:
+        section = above[0]
+        allowed = sorted(k for k in _KNOWN_KEYS if k.rsplit(".", 1)[0] == section and "." in k)
+        return f"unknown key {key!r}{hint}; allowed here: {', '.join(allowed)}"
+    presets_text = ", ".join(f"{g}={'|'.join(presets(g))}" for g in PRESET_GROUPS)
+    what = f"no group {parts[0]!r}" if len(parts) > 1 else "a key is GROUP.KEY"
+    return f"unknown key {key!r}{hint}: {what}; groups: {', '.join(GROUPS)}; presets: {presets_text}"
 
 
 def _check_keys(flat: Mapping[str, Any], where: str) -> None:
-    for key in flat:
+    for key, value in flat.items():
         if key not in _KNOWN_KEYS:
-            close = difflib.get_close_matches(key, _KNOWN_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            section = key.rsplit(".", 1)[0] if "." in key else ""
-            allowed = sorted(
-                k for k in _KNOWN_KEYS if k.rsplit(".", 1)[0] == section and "." in k
-            ) if section else sorted(k for k in _KNOWN_KEYS if "." not in k)
-            raise ConfigError(
-                f"{where}: unknown key {key!r}{hint}; allowed here: {', '.join(allowed)}"
-            )
+            raise ConfigError(f"{where}: {_unknown_key(key)}")
+        if key in _SECTIONS:
+            raise ConfigError(f"{where}: {key}={value!r}: {key!r} is a group; set its keys ({key}.KEY=value)")
 
 
 def _flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -134,15 +134,6 @@ class OutputConfig:
 
 
 @dataclass
-class SiteConfig:
-    """What a site decides for itself (deployment). The coordinator never sets these."""
-
-    name: str = ""
-    data_path: str = ""
-    state_dir: str = ""
-
-
-@dataclass
 class FedShieldConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
@@ -150,7 +141,6 @@ class FedShieldConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    site: SiteConfig = field(default_factory=SiteConfig)
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> str | None:
@@ -248,7 +238,7 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
         _check("simulation.num_cpus", s.num_cpus >= 0, ">= 0", s.num_cpus),
     ]
     errors = [c for c in checks if c]
-    if t.name == "text-file" and not t.data_path and not cfg.site.data_path:
+    if t.name == "text-file" and not t.data_path:
         errors.append("task.data_path='': the text-file task needs a CSV or JSONL file")
     has_site_column = t.name == "heart-disease" or (t.name == "text-file" and t.site_column)
     if f.partition == "natural" and not has_site_column:

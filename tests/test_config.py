@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import conf
 from simulations.cli import main
+
+GROUPS = "task, federation, training, privacy, simulation, output"
 
 
 def test_defaults_are_the_documented_default_run():
@@ -40,7 +44,11 @@ def test_privacy_none_preset():
         (["training.trainable=some"], ["training.trainable", "all, last_layers, lora"]),
         (["training.batch_size=abc"], ["training.batch_size"]),
         (["task=nope"], ["task", "heart-disease", "news-topics", "text-file"]),
-        (["bogus=1"], ["bogus"]),
+        (["bogus=1"], ["bogus", GROUPS, "presets: task=heart-disease|news-topics|text-file, privacy=dp-sgd|none"]),
+        (["foo.bar=1"], ["foo.bar", "no group 'foo'", GROUPS]),
+        (["fedration.rounds=3"], ["did you mean 'federation.rounds'?", GROUPS]),
+        (["site.data_path=x.csv"], ["site.data_path", GROUPS]),  # no such section: sites set their own
+        (["federation=3"], ["federation", "is a group", "federation.KEY=value"]),
         (["federation.rounds"], ["key=value"]),
         (["task=text-file"], ["task.data_path"]),
         (["federation.partition=natural"], ["federation.partition", "site column"]),
@@ -53,6 +61,13 @@ def test_bad_config_fails_with_one_line_naming_key_and_allowed(override, must_me
     assert "\n" not in msg
     for word in must_mention:
         assert word in msg
+
+
+def test_groups_and_preset_folders():
+    assert ", ".join(conf.GROUPS) == GROUPS
+    folders = {p.parent.name for p in Path(conf.CONF_DIR).glob("*/*.yaml")}
+    assert set(conf.PRESET_GROUPS) == folders
+    assert all(conf.presets(group) for group in conf.PRESET_GROUPS)
 
 
 def test_flat_round_trip_matches_flower_run_config_style():
