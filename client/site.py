@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from privacy.accountant import Spend, calibrate_noise_multiplier, epsilon, planned_epsilon
-from privacy.errors import BudgetExceeded, FedShieldError
+from privacy.errors import FedShieldError
 from privacy.ledger import Ledger, site_history
 from privacy.signing import generate_site_key, load_private_key, public_key_pem
 
@@ -114,11 +114,6 @@ class SiteState:
         entry = self.ledger.append(fields, self.key)
         self._history.extend(site_history([entry], self.site))
         return entry
-
-
-def require_budget(decision: BudgetDecision) -> None:
-    if not decision.ok:
-        raise BudgetExceeded(decision.reason)
 
 
 def _safe(name: str) -> str:
