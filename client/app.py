@@ -191,7 +191,8 @@ def _feature_sum(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     device = _device(cfg)
     view, dataset = _prepare(site, plan, device)
     if not centering.applies(cfg, view):
-        raise conf.ConfigError("training.center_features: this model and training.trainable have no pooler input to centre")
+        raise conf.ConfigError(
+            "training.center_features: this model and training.trainable have no pooler input to centre")
     spend = centering.release_spend(cfg, view)
     clip = centering.clip_norm(cfg, view)
     if spend is not None:

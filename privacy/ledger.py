@@ -261,7 +261,7 @@ def _parse_line(raw: bytes) -> Entry | None:
     return obj if isinstance(obj, dict) else None
 
 
-def site_history(entries: list[dict], site: str) -> list[Spend]:
+def site_history(entries: list[Entry], site: str) -> list[Spend]:
     """The spends of `site` among `entries`, in order."""
     return [_spend(e) for e in entries if e.get("site") == site]
 

@@ -25,8 +25,6 @@ from omegaconf import DictConfig
 
 import conf
 import protocol
-from task import centering
-from task.pipeline import build_view, pool_and_test, view_fingerprint
 from privacy.errors import FedShieldError
 from server.evaluate import CentralEvaluator
 from server.export import export_model
@@ -34,6 +32,8 @@ from server.plots import plot_run
 from server.run_dir import LEDGER_KEYS, append_jsonl, new_run_dir
 from strategies.flower import flower_strategy
 from strategies.site_aware import RoundReport, SiteAwareStrategy
+from task import centering
+from task.pipeline import build_view, pool_and_test, view_fingerprint
 
 log = logging.getLogger("fedshield.server")
 
@@ -75,7 +75,7 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
     return sites
 
 
-def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict], rounds: "RoundLog",
+def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict], rounds: RoundLog,
                          width: int, timeout: float) -> np.ndarray | None:
     """Ask every site for its noisy feature sum (task.centering); their mean, or None."""
     say(f"feature centering: asking {len(sites)} sites for their noisy feature sums (each site first "
@@ -180,7 +180,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None) -> 
         )
     for s in sites.values():
         (run_dir / "privacy" / LEDGER_KEYS / f"{s['site']}.pub").write_text(s["public_key"])
-    say(f"{len(sites)} sites: " + ", ".join(f"{s['site']} (n={s['n']})" for s in sorted(sites.values(), key=lambda s: s["site"])))
+    listed = sorted(sites.values(), key=lambda s: s["site"])
+    say(f"{len(sites)} sites: " + ", ".join(f"{s['site']} (n={s['n']})" for s in listed))
 
     rounds = RoundLog(run_dir, cfg, sites)
     centered = False

@@ -178,6 +178,10 @@ class SiteAwareStrategy(Strategy):
                                                 parsed.ledger_entries))
                 msg.content = protocol.aggregation_content(parsed)
                 valid.append(msg)
+        # Replies arrive in any order: sorted by site, the report reads the same every run
+        # and the aggregate's floating-point sum is reproducible.
+        report.replies.sort(key=lambda r: r.site)
+        valid.sort(key=lambda m: self.sites[m.metadata.src_node_id])
         return report, valid
 
     def aggregate_train(

@@ -1,0 +1,207 @@
+"""The wire: every builder's message parses back to what was built, and every way a reply
+can break the protocol is one line from a reader that never raises."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+import protocol
+
+EXPECTED = {"w": ((2, 3), np.dtype(np.float32)), "b": ((3,), np.dtype(np.float32))}
+PEM = "-----BEGIN PUBLIC KEY-----\nMFkw...\n-----END PUBLIC KEY-----\n"
+
+
+@pytest.fixture(autouse=True)
+def flower_task_identity():
+    """Flower stamps messages with the run and task of the process (set by its runtimes)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def plan(**extra) -> ConfigRecord:
+    record = protocol.plan_record(config_yaml="task:\n  name: news-topics\n", run_id="run-1", run_dir="/runs/run-1",
+                                  frozen_fingerprint="abc", class_names=["a", "b"])
+    for k, v in extra.items():
+        record[k] = v
+    return record
+
+
+def train_instruction(node: int = 5, **extra) -> Message:
+    weights = {k: np.zeros(shape, dtype) for k, (shape, dtype) in EXPECTED.items()}
+    content = RecordDict({protocol.PLAN: plan(**{protocol.SERVER_ROUND: 3, **extra}),
+                          protocol.ARRAYS: protocol.to_array_record(weights)})
+    return Message(content=content, message_type=protocol.TRAIN, dst_node_id=node)
+
+
+def weights(**changes) -> dict[str, np.ndarray]:
+    out = {k: np.ones(shape, dtype) for k, (shape, dtype) in EXPECTED.items()}
+    out.update(changes)
+    return out
+
+
+def good_train_reply(instruction: Message | None = None, **metrics) -> Message:
+    msg = instruction or train_instruction()
+    return protocol.train_reply(msg, site="st-marys", arrays=weights(), num_examples=40, train_loss=0.5,
+                                seconds=1.5, ledger_entries=[{"seq": 0, "epsilon": 1.0}])
+
+
+def with_content(msg: Message, content: RecordDict) -> Message:
+    msg.content = content
+    return msg
+
+
+# ------------------------------------------------------------ round trips
+
+
+def test_plan_round_trips_and_adds_what_flower_adds():
+    got = protocol.read_plan(train_instruction(**{protocol.PROXIMAL_MU: 0.1}))
+    assert got == protocol.Plan(config_yaml="task:\n  name: news-topics\n", run_id="run-1", run_dir="/runs/run-1",
+                                frozen_fingerprint="abc", class_names=("a", "b"), server_round=3, proximal_mu=0.1)
+    centred = protocol.with_feature_center(plan(), [0.5, -1.0])
+    hello = protocol.instruction(protocol.FEATURE_SUM, centred, 9)
+    assert hello.metadata.message_type == "query.feature_mean" and hello.metadata.dst_node_id == 9
+    assert protocol.read_plan(hello).feature_center == (0.5, -1.0)
+    assert protocol.FEATURE_CENTER not in plan()  # with_feature_center copies
+
+
+def test_train_reply_round_trips():
+    got = protocol.read_train_reply(good_train_reply(), EXPECTED)
+    assert isinstance(got, protocol.TrainReply)
+    assert (got.site, got.num_examples, got.train_loss, got.seconds) == ("st-marys", 40, 0.5, 1.5)
+    assert got.ledger_entries == ({"seq": 0, "epsilon": 1.0},)
+    assert set(got.arrays) == {"w", "b"} and got.arrays["w"].sum() == 6
+    content = protocol.aggregation_content(got)
+    assert set(content.keys()) == {protocol.ARRAYS, protocol.METRICS}
+    assert dict(content[protocol.METRICS]) == {protocol.NUM_EXAMPLES: 40}
+
+
+def test_hello_feature_sum_and_decline_round_trip():
+    q = protocol.instruction(protocol.HELLO, plan(), 4)
+    hello = protocol.read_hello(protocol.hello_reply(q, site="VA Long Beach", num_examples=12, ledger_public_key=PEM))
+    assert hello == protocol.SiteHello("VA Long Beach", 12, PEM)
+    fs = protocol.instruction(protocol.FEATURE_SUM, plan(), 4)
+    total = np.arange(4, dtype=np.float64)
+    got = protocol.read_feature_sum(protocol.feature_sum_reply(fs, site="a", num_examples=3, feature_sum=total,
+                                                               ledger_entries=[]), width=4)
+    assert isinstance(got, protocol.FeatureSumReply) and got.feature_sum.tolist() == [0, 1, 2, 3]
+    assert protocol.read_feature_sum(protocol.feature_sum_reply(fs, site="a", num_examples=3, feature_sum=total,
+                                                                ledger_entries=[]), width=5) == protocol.Rejected(
+        "arrays: tensor 'feature-sum' has shape (4,), expected (5,)", "a")
+    no = protocol.decline_reply(q, site="a", kind="budget", reason="over\nbudget   now")
+    for read in (protocol.read_hello, lambda m: protocol.read_train_reply(m, EXPECTED),
+                 lambda m: protocol.read_feature_sum(m, 4)):
+        assert read(no) == protocol.Decline("a", "budget", "over budget now")  # one line
+
+
+def test_flower_errors_are_failures_with_the_last_line():
+    err = Message(Error(code=3, reason="Traceback (most recent call last):\n  File x\nValueError: bad thing\n"),
+                  reply_to=train_instruction())
+    assert protocol.read_train_reply(err, EXPECTED) == protocol.Failed("ValueError: bad thing")
+
+
+# ------------------------------------------------------------ hostile replies
+
+
+def _bad(mutate) -> protocol.Rejected:
+    msg = good_train_reply()
+    mutate(msg.content)
+    got = protocol.read_train_reply(msg, EXPECTED)
+    assert isinstance(got, protocol.Rejected), got
+    assert "\n" not in got.reason
+    return got
+
+
+@pytest.mark.parametrize("mutate, says", [
+    (lambda c: c.__delitem__(protocol.LEDGER), "record 'ledger' is missing"),
+    (lambda c: c.__setitem__("extra", ConfigRecord({"x": 1})), "unexpected record 'extra'"),
+    (lambda c: c[protocol.METRICS].__setitem__("accuracy", 0.9), "metrics: unexpected key 'accuracy'"),
+    (lambda c: c[protocol.METRICS].__delitem__(protocol.NUM_EXAMPLES), "metrics: 'num-examples' is missing"),
+    (lambda c: c[protocol.METRICS].__setitem__(protocol.NUM_EXAMPLES, 1e9), "expected an integer"),
+    (lambda c: c[protocol.METRICS].__setitem__(protocol.NUM_EXAMPLES, 0), "must be between 1 and"),
+    (lambda c: c[protocol.METRICS].__setitem__(protocol.NUM_EXAMPLES, -5), "must be between 1 and"),
+    (lambda c: c[protocol.METRICS].__setitem__(protocol.NUM_EXAMPLES, 2**40), "must be between 1 and"),
+    (lambda c: c[protocol.METRICS].__setitem__(protocol.TRAIN_LOSS, math.nan), "must be a finite number"),
+    (lambda c: c[protocol.METRICS].__setitem__(protocol.SECONDS, -1.0), "must be a finite number >= 0"),
+    (lambda c: c.__setitem__(protocol.METRICS, ConfigRecord({"num-examples": 4})), "expected a MetricRecord"),
+    (lambda c: c[protocol.SITE].__setitem__(protocol.NAME, "/abs/dir/evil2"), "name '/abs/dir/evil2' is not valid"),
+    (lambda c: c[protocol.SITE].__setitem__(protocol.NAME, ".."), "is not valid"),
+    (lambda c: c[protocol.SITE].__setitem__(protocol.NAME, 7), "site.name: expected text"),
+    (lambda c: c[protocol.SITE].__setitem__("role", "admin"), "site: unexpected key 'role'"),
+    (lambda c: c[protocol.LEDGER].__setitem__(protocol.ENTRIES, "{not json"), "ledger.entries: not valid JSON"),
+    (lambda c: c[protocol.LEDGER].__setitem__(protocol.ENTRIES, json.dumps({"a": 1})), "expected a JSON list"),
+    (lambda c: c[protocol.LEDGER].__setitem__(protocol.ENTRIES, "[1, 2]"), "expected a JSON list of entries"),
+    (lambda c: c[protocol.ARRAYS].__setitem__("w", Array(np.full((2, 3), np.nan, np.float32))), "non-finite"),
+    (lambda c: c[protocol.ARRAYS].__setitem__("w", Array(np.zeros((3, 2), np.float32))), "has shape (3, 2)"),
+    (lambda c: c[protocol.ARRAYS].__setitem__("w", Array(np.zeros((2, 3), np.float64))), "has dtype float64"),
+    (lambda c: c[protocol.ARRAYS].__delitem__("b"), "missing tensor 'b'"),
+    (lambda c: c[protocol.ARRAYS].__setitem__("z", Array(np.zeros(1, np.float32))), "unexpected tensor 'z'"),
+])
+def test_a_reply_that_breaks_the_protocol_is_rejected_in_one_line(mutate, says):
+    assert says in _bad(mutate).reason
+
+
+def test_a_decline_must_be_exactly_a_decline():
+    q = train_instruction()
+    msg = protocol.decline_reply(q, site="a", kind="budget", reason="no")
+    msg.content[protocol.DECLINE][protocol.KIND] = "vacation"
+    assert "decline.kind='vacation'" in protocol.read_train_reply(msg, EXPECTED).reason
+    msg = protocol.decline_reply(q, site="a", kind="budget", reason="no")
+    msg.content[protocol.ARRAYS] = ArrayRecord()  # weights smuggled into a decline
+    assert protocol.read_train_reply(msg, EXPECTED) == protocol.Rejected("unexpected record 'arrays'", "a")
+
+
+def test_a_reply_of_the_wrong_record_types_never_raises():
+    msg = with_content(good_train_reply(), RecordDict({protocol.SITE: MetricRecord({"x": 1.0}),
+                                                       protocol.ARRAYS: ConfigRecord({"w": 1})}))
+    got = protocol.read_train_reply(msg, EXPECTED)
+    assert isinstance(got, protocol.Rejected) and "expected a ConfigRecord" in got.reason and got.site is None
+    assert isinstance(protocol.read_hello(with_content(good_train_reply(), RecordDict())), protocol.Rejected)
+
+
+def test_hello_needs_a_pem_key_and_a_count():
+    q = protocol.instruction(protocol.HELLO, plan(), 4)
+    msg = protocol.hello_reply(q, site="a", num_examples=3, ledger_public_key="ssh-rsa AAAA")
+    assert "not a PEM public key" in protocol.read_hello(msg).reason
+    msg = protocol.hello_reply(q, site="a", num_examples=3, ledger_public_key=PEM)
+    msg.content[protocol.METRICS][protocol.NUM_EXAMPLES] = 3.0
+    assert "expected an integer, got float" in protocol.read_hello(msg).reason
+
+
+# ------------------------------------------------------------ the site reads the plan
+
+
+@pytest.mark.parametrize("change, says", [
+    ({protocol.SERVER_ROUND: "3"}, "config.server-round: expected an integer, got str"),
+    ({"shell": "rm -rf /"}, "config: unexpected key 'shell'"),
+    ({protocol.CLASS_NAMES: []}, "expected a non-empty list of text"),
+    ({protocol.FEATURE_CENTER: [0.1, math.inf]}, "expected a list of finite numbers"),
+    ({protocol.PROXIMAL_MU: -1.0}, "must be a finite number >= 0"),
+])
+def test_the_site_refuses_a_plan_that_breaks_the_protocol(change, says):
+    with pytest.raises(protocol.ProtocolError) as info:
+        protocol.read_plan(train_instruction(**change))
+    assert says in str(info.value)
+
+
+def test_a_training_instruction_needs_its_round_and_weights():
+    msg = protocol.instruction(protocol.HELLO, plan(), 4)
+    msg.metadata.message_type = protocol.TRAIN
+    with pytest.raises(protocol.ProtocolError, match="record 'arrays' is missing"):
+        protocol.read_plan(msg)
+    bare = train_instruction()
+    del bare.content[protocol.PLAN][protocol.SERVER_ROUND]
+    with pytest.raises(protocol.ProtocolError, match="server-round is missing"):
+        protocol.read_plan(bare)
+    with pytest.raises(ValueError, match="not a query kind"):
+        protocol.instruction(protocol.TRAIN, plan(), 4)
+    with pytest.raises(ValueError, match="decline kind"):
+        protocol.decline_reply(bare, site="a", kind="bored", reason="x")

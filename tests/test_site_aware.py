@@ -1,0 +1,176 @@
+"""SiteAwareStrategy around Flower's own strategies, driven through Flower's round loop
+(`Strategy.start`) with a fake Grid: sampling determinism, budget exclusion, rejected and
+failed replies, and per-round state keyed by round."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Error, Message
+from flwr.serverapp.strategy import FedAvg
+
+import protocol
+from strategies.flower import flower_strategy
+from strategies.site_aware import RoundReport, SiteAwareStrategy
+
+EXPECTED = {"w": ((3,), np.dtype(np.float32))}
+SITES = {101: "alpha", 202: "bravo", 303: "charlie", 404: "delta"}
+
+
+@pytest.fixture(autouse=True)
+def flower_task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+Behaviour = Callable[[Message, str, int], Message]
+
+
+def trains(value: float, n: int = 10) -> Behaviour:
+    def reply(msg: Message, site: str, server_round: int) -> Message:
+        return protocol.train_reply(msg, site=site, arrays={"w": np.full(3, value, np.float32)}, num_examples=n,
+                                    train_loss=0.1, seconds=0.5, ledger_entries=[{"site": site, "round": server_round}])
+    return reply
+
+
+def declines(kind: str) -> Behaviour:
+    return lambda msg, site, r: protocol.decline_reply(msg, site=site, kind=kind, reason=f"{kind} says no")
+
+
+class FakeGrid:
+    """Answers every message by calling the named site's behaviour; records what was sent."""
+
+    def __init__(self, behaviours: dict[str, Behaviour]) -> None:
+        self.behaviours = behaviours
+        self.sent: list[tuple[int, str]] = []  # (server round, site)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(SITES)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            site = SITES[msg.metadata.dst_node_id]
+            server_round = int(msg.content[protocol.PLAN][protocol.SERVER_ROUND])
+            self.sent.append((server_round, site))
+            reply = self.behaviours[site](msg, site, server_round)
+            replies.append(reply)
+        return replies
+
+
+def run(behaviours: dict[str, Behaviour], rounds: int = 3, fraction: float = 1.0, seed: int = 1,
+        inner=None) -> tuple[SiteAwareStrategy, FakeGrid, list[RoundReport], object]:
+    grid = FakeGrid(behaviours)
+    reports: list[RoundReport] = []
+    strategy = SiteAwareStrategy(inner or flower_strategy("fedavg"), SITES, fraction_train=fraction, seed=seed,
+                                 expected_arrays=EXPECTED, on_round=reports.append)
+    plan = protocol.plan_record(config_yaml="x: 1\n", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
+    result = strategy.start(grid=grid, initial_arrays=protocol.to_array_record({"w": np.zeros(3, np.float32)}),
+                            num_rounds=rounds, timeout=5, train_config=plan)
+    return strategy, grid, reports, result
+
+
+def test_every_round_aggregates_only_the_checked_weights_weighted_by_records():
+    behaviours = {"alpha": trains(1.0, 10), "bravo": trains(3.0, 30), "charlie": trains(0.0, 10),
+                  "delta": trains(0.0, 10)}
+    _, grid, reports, result = run(behaviours, rounds=2)
+    assert [r.server_round for r in reports] == [1, 2]
+    assert all(r.count("trained") == 4 for r in reports)
+    expected = (1.0 * 10 + 3.0 * 30) / 60
+    assert np.allclose(result.arrays["w"].numpy(), expected)
+    assert {s for _, s in grid.sent} == set(SITES.values())
+    assert reports[0].replies[0].ledger_entries == ({"site": "alpha", "round": 1},)
+
+
+def test_sampling_is_deterministic_in_seed_and_round_and_differs_across_rounds():
+    behaviours = {s: trains(1.0) for s in SITES.values()}
+    a, b, c = (sorted(run(behaviours, rounds=4, fraction=0.5, seed=seed)[1].sent) for seed in (3, 3, 4))
+    assert a == b and a != c
+    per_round = {r: [s for rr, s in a if rr == r] for r in range(1, 5)}
+    assert all(len(v) == 2 for v in per_round.values())
+    assert len({tuple(v) for v in per_round.values()}) > 1  # not the same two sites every round
+    strategy = SiteAwareStrategy(flower_strategy("fedavg"), SITES, fraction_train=0.5, seed=3, expected_arrays=EXPECTED)
+    assert [strategy.sites[n] for n in strategy.sample(1)] == per_round[1]
+
+
+def test_a_site_that_declines_for_budget_is_never_asked_again():
+    behaviours = {"alpha": declines("budget"), "bravo": declines("error"), "charlie": trains(2.0), "delta": trains(2.0)}
+    strategy, grid, reports, result = run(behaviours, rounds=3)
+    assert [s for r, s in grid.sent if s == "alpha"] == ["alpha"]  # round 1 only
+    assert [r for r, s in grid.sent if s == "bravo"] == [1, 2, 3]  # an error is not a budget
+    assert strategy.excluded == {"alpha": "budget says no"}
+    assert reports[0].sites("declined") == ["alpha", "bravo"] and reports[1].sampled == ["bravo", "charlie", "delta"]
+    assert np.allclose(result.arrays["w"].numpy(), 2.0)
+
+
+def test_hostile_replies_are_rejected_and_never_reach_the_aggregate():
+    def huge_count(msg, site, r):
+        reply = trains(1000.0)(msg, site, r)
+        reply.content[protocol.METRICS][protocol.NUM_EXAMPLES] = 1e9
+        return reply
+
+    def extra_metric(msg, site, r):
+        reply = trains(1000.0)(msg, site, r)
+        reply.content[protocol.METRICS]["accuracy"] = 1.0
+        return reply
+
+    def impostor(msg, site, r):
+        return trains(1000.0)(msg, "charlie", r)
+
+    behaviours = {"alpha": huge_count, "bravo": extra_metric, "charlie": trains(1.0), "delta": impostor}
+    _, _, reports, result = run(behaviours, rounds=2)
+    by_site = {x.site: x for x in reports[0].replies}
+    assert by_site["alpha"].status == "rejected" and "expected an integer" in by_site["alpha"].reason
+    assert by_site["bravo"].status == "rejected" and "unexpected key 'accuracy'" in by_site["bravo"].reason
+    assert by_site["delta"].status == "rejected" and "names site 'charlie', not 'delta'" in by_site["delta"].reason
+    assert by_site["charlie"].status == "trained"
+    assert np.allclose(result.arrays["w"].numpy(), 1.0)  # only the honest site's weights
+
+
+def test_a_failed_site_is_reported_and_a_round_with_nothing_valid_keeps_the_model():
+    def crashes(msg, site, r):
+        return Message(Error(code=1, reason="Traceback ...\nRuntimeError: out of memory"), reply_to=msg)
+
+    def nan(msg, site, r):
+        return trains(float("nan"))(msg, site, r)
+
+    _, _, reports, result = run({"alpha": crashes, "bravo": nan, "charlie": crashes, "delta": nan}, rounds=1)
+    assert reports[0].count("failed") == 2 and reports[0].count("rejected") == 2
+    assert reports[0].replies[0].reason == "RuntimeError: out of memory"
+    assert not result.arrays  # no round aggregated anything: the caller keeps its initial model
+
+
+def test_per_round_state_is_keyed_by_round():
+    strategy = SiteAwareStrategy(flower_strategy("fedavg"), SITES, fraction_train=0.5, seed=9, expected_arrays=EXPECTED)
+    grid = FakeGrid({s: trains(1.0) for s in SITES.values()})
+    plan = protocol.plan_record(config_yaml="x", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
+    arrays = protocol.to_array_record({"w": np.zeros(3, np.float32)})
+    m1 = list(strategy.configure_train(1, arrays, ConfigRecord(dict(plan)), grid))
+    m2 = list(strategy.configure_train(2, arrays, ConfigRecord(dict(plan)), grid))
+    # Round 2 was configured before round 1's replies came back: each round keeps its own selection.
+    report2, valid2 = strategy.sort_replies(2, grid.send_and_receive(m2))
+    report1, valid1 = strategy.sort_replies(1, grid.send_and_receive(m1))
+    assert report1.sampled == sorted(SITES[m.metadata.dst_node_id] for m in m1)
+    assert report2.sampled == sorted(SITES[m.metadata.dst_node_id] for m in m2)
+    assert len(valid1) == len(m1) and len(valid2) == len(m2)
+    # A reply for a round that asked nobody (or from a node not asked) is ignored.
+    assert strategy.sort_replies(3, grid.send_and_receive(m1))[1] == []
+
+
+def test_wraps_any_flower_strategy_and_checks_its_arguments():
+    for name in ("fedavg", "fedprox", "fedadam"):
+        _, _, reports, result = run({s: trains(1.0) for s in SITES.values()}, rounds=1, inner=flower_strategy(name))
+        assert reports[0].count("trained") == 4 and result.arrays is not None
+    assert run({s: trains(1.0) for s in SITES.values()}, rounds=1, inner=FedAvg(min_available_nodes=1))[3].arrays
+    with pytest.raises(ValueError, match="fraction_train"):
+        SiteAwareStrategy(FedAvg(), SITES, fraction_train=0.0, seed=1, expected_arrays=EXPECTED)
+    with pytest.raises(ValueError, match="share the site name 'alpha'"):
+        SiteAwareStrategy(FedAvg(), {1: "alpha", 2: "alpha"}, fraction_train=1.0, seed=1, expected_arrays=EXPECTED)
+    with pytest.raises(ValueError, match="federation.strategy='krum'"):
+        flower_strategy("krum")
