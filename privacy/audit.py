@@ -26,6 +26,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict, TypeGuard
 
 from privacy import signing
 from privacy.accountant import Spend, epsilon_dp_accounting_pld, epsilon_dp_accounting_rdp
@@ -34,6 +35,21 @@ from privacy.ledger import Ledger, VerifyResult, verify_ledger
 
 TOLERANCE = 1e-6  # relative: recorded ε may not be below the recomputation by more than this
 RUN_KEY_DIRS = ("ledger-keys", "site-keys")  # under <run>/privacy/: the current name, then the old one
+
+
+class EntryCheck(TypedDict):
+    """The audit of one ledger entry (a row of the report; `AuditResult.to_json()["entries"]`)."""
+
+    index: int
+    site: str
+    run_id: Any  # run_id, round, accountant and the recorded ε as the entry has them
+    round: Any
+    accountant: Any
+    recorded: Any
+    rdp: float | None  # dp-accounting RDP ε after this entry; None: it cannot be recomputed
+    pld: float | None  # dp-accounting PLD ε, for "prv" entries
+    reference: float | None  # the recomputation the recorded ε is checked against
+    flag: str
 
 
 @dataclass
@@ -64,7 +80,7 @@ class AuditResult:
     run_dir: Path | None
     verify: VerifyResult
     sites: dict[str, SiteAudit]
-    entries: list[dict]  # per entry: index, site, run_id, round, recorded, rdp, pld, reference, flag
+    entries: list[EntryCheck]
     flags: list[str] = field(default_factory=list)  # each problem, one line, the first first
     notes: list[str] = field(default_factory=list)
     key_source: str = ""  # "given" | "run directory" | "state folder" | "none"
@@ -76,8 +92,8 @@ class AuditResult:
     def first_problem(self) -> str:
         return self.flags[0] if self.flags else ""
 
-    def to_json(self) -> dict:
-        def clean(x):
+    def to_json(self) -> dict[str, Any]:
+        def clean(x: object) -> object:
             if isinstance(x, float) and not math.isfinite(x):
                 return str(x)
             if isinstance(x, dict):
@@ -89,7 +105,7 @@ class AuditResult:
             return x
 
         v = self.verify
-        return clean({
+        out: dict[str, object] = {
             "ok": self.ok,
             "ledger": self.ledger_path,
             "run_dir": self.run_dir,
@@ -103,7 +119,8 @@ class AuditResult:
             "sites": {k: asdict(s) for k, s in self.sites.items()},
             "entries": self.entries,
             "flags": self.flags, "notes": self.notes, "torn": self.torn_message,
-        })
+        }
+        return {k: clean(x) for k, x in out.items()}
 
 
 def _locate(path: Path) -> tuple[Path, Path | None, Path | None]:
@@ -114,7 +131,9 @@ def _locate(path: Path) -> tuple[Path, Path | None, Path | None]:
             return path / "privacy" / "ledger.jsonl", path, None
         if (path / "ledger.jsonl").is_file():
             return path / "ledger.jsonl", None, path
-        raise FedShieldError(f"{path}: no privacy/ledger.jsonl (run directory) or ledger.jsonl (site state folder) in it")
+        raise FedShieldError(
+            f"{path}: no privacy/ledger.jsonl (run directory) or ledger.jsonl (site state folder) in it"
+        )
     if path.is_file():
         if path.parent.name == "privacy" and any((path.parent / d).is_dir() for d in RUN_KEY_DIRS):
             return path, path.parent.parent, None
@@ -124,7 +143,7 @@ def _locate(path: Path) -> tuple[Path, Path | None, Path | None]:
 
 def _load_keys(
     sites: list[str], ledger_keys_dir: Path | None, run_dir: Path | None, state_dir: Path | None
-) -> tuple[dict | None, str, str]:
+) -> tuple[dict[str, signing.PublicKey] | None, str, str]:
     if ledger_keys_dir is not None:
         d = Path(ledger_keys_dir)
         if not d.is_dir():
@@ -171,7 +190,7 @@ def _budgets_from_run(run_dir: Path | None) -> tuple[dict[str, float], dict[str,
     return budgets, eps
 
 
-def _is_number(x) -> bool:
+def _is_number(x: object) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -188,7 +207,7 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
     run_budgets, run_eps = _budgets_from_run(run_dir)
     if budgets:
         budget_source = "given on the command line"
-    elif run_budgets:
+    elif run_budgets and run_dir is not None:
         budgets, budget_source = run_budgets, f"the run's {run_dir / 'privacy' / 'sites.json'}"
     else:
         budgets, budget_source = {}, "none given"
@@ -204,11 +223,11 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
         notes.append(read.message + " (the cut entry is not part of this audit)")
 
     # Recompute, site by site, in ledger order, from (σ, q, steps) only.
-    per_entry: list[dict] = []
+    per_entry: list[EntryCheck] = []
     history: dict[str, list[Spend]] = {}
     for i, e in enumerate(entries):
         site = str(e.get("site"))
-        row = {"index": i, "site": site, "run_id": e.get("run_id"), "round": e.get("round"),
+        row: EntryCheck = {"index": i, "site": site, "run_id": e.get("run_id"), "round": e.get("round"),
                "accountant": e.get("accountant"), "recorded": e.get("epsilon"),
                "rdp": None, "pld": None, "reference": None, "flag": ""}
         per_entry.append(row)
@@ -223,14 +242,13 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
             continue
         h = history.setdefault(site, [])
         h.append(spend)
-        row["rdp"] = epsilon_dp_accounting_rdp(h, delta)
+        rdp = row["rdp"] = epsilon_dp_accounting_rdp(h, delta)
         if e.get("accountant") == "prv":
-            row["pld"] = epsilon_dp_accounting_pld(h, delta)
-            row["reference"] = row["pld"]
+            ref = row["pld"] = epsilon_dp_accounting_pld(h, delta)
         else:
-            row["reference"] = row["rdp"]
+            ref = rdp
+        row["reference"] = ref
         rec = e.get("epsilon")
-        ref = row["reference"]
         if not _is_number(rec) or (math.isfinite(ref) and rec < ref * (1 - TOLERANCE)) or (
             not math.isfinite(ref) and rec != math.inf
         ):
@@ -247,10 +265,12 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
         rows = [r for r in per_entry if r["site"] == site and r["rdp"] is not None]
         h = history.get(site, [])
         last = mine[-1]
-        delta = float(last.get("delta")) if _is_number(last.get("delta")) and 0 < last.get("delta") < 1 else None
-        pld = epsilon_dp_accounting_pld(h, delta) if (h and delta) else 0.0
-        rdp = rows[-1]["rdp"] if rows else 0.0
-        recorded = last.get("epsilon") if _is_number(last.get("epsilon")) else math.nan
+        last_delta = last.get("delta")
+        site_delta = float(last_delta) if _is_number(last_delta) and 0 < last_delta < 1 else None
+        pld = epsilon_dp_accounting_pld(h, site_delta) if (h and site_delta) else 0.0
+        rdp = (rows[-1]["rdp"] or 0.0) if rows else 0.0
+        last_epsilon = last.get("epsilon")
+        recorded = float(last_epsilon) if _is_number(last_epsilon) else math.nan
         s = SiteAudit(
             site=site, entries=len(mine),
             runs=sorted({str(e.get("run_id")) for e in mine}),
@@ -258,8 +278,8 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
             steps=sum(sp.steps for sp in h),
             noise_multipliers=sorted({float(sp.noise_multiplier) for sp in h}),
             sample_rates=sorted({float(sp.sample_rate) for sp in h}),
-            max_grad_norms=sorted({e.get("max_grad_norm") for e in mine if _is_number(e.get("max_grad_norm"))}),
-            deltas=sorted({e.get("delta") for e in mine if _is_number(e.get("delta"))}),
+            max_grad_norms=sorted({e["max_grad_norm"] for e in mine if _is_number(e.get("max_grad_norm"))}),
+            deltas=sorted({e["delta"] for e in mine if _is_number(e.get("delta"))}),
             accountants=sorted({str(e.get("accountant")) for e in mine}),
             recorded_epsilon=recorded, rdp_epsilon=rdp, pld_epsilon=pld,
             partial=site in verify.partial_sites,
@@ -268,11 +288,12 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
         budget = (budgets or {}).get(site)
         if budget is not None:
             s.budget = float(budget)
-            ref = rows[-1]["reference"] if rows else 0.0
-            spent = max(x for x in (recorded, ref) if _is_number(x) and not math.isnan(x)) if rows else 0.0
+            last_ref = rows[-1]["reference"] if rows else 0.0
+            spent = max(x for x in (recorded, last_ref) if _is_number(x) and not math.isnan(x)) if rows else 0.0
             if spent > s.budget:
                 s.over_budget = True
-                flags.append(f"site {site}: ε={spent:.6g} is past its budget {s.budget:g} (δ={delta:g})")
+                at = f" (δ={site_delta:g})" if site_delta is not None else ""
+                flags.append(f"site {site}: ε={spent:.6g} is past its budget {s.budget:g}{at}")
         if site in run_eps and _is_number(recorded) and run_eps[site] > recorded * (1 + TOLERANCE) + 1e-12:
             flags.append(
                 f"site {site}: the run summary reports ε={run_eps[site]:.6g} but the ledger's last entry "

@@ -16,8 +16,12 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from privacy.errors import FedShieldError
+
+if TYPE_CHECKING:  # imported when an audit runs: `--help` and bad input stay fast
+    from privacy.audit import AuditResult
 
 
 def _budget(text: str) -> tuple[str, float]:
@@ -38,7 +42,7 @@ class _OldLedgerKeys(argparse.Action):  # --site-keys, the old spelling of --led
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2, as for every bad input
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, as for every bad input
         raise FedShieldError(f"audit: {message}")
 
 
@@ -83,20 +87,21 @@ def audit_main(argv: list[str]) -> int:
     return 0
 
 
-def _fmt(x) -> str:
+def _fmt(x: object) -> str:
     if isinstance(x, float):
         return "inf" if math.isinf(x) else f"{x:.4f}"
     return "-" if x is None else str(x)
 
 
-def _print_summary(result, md: Path, html: Path) -> None:
+def _print_summary(result: AuditResult, md: Path, html: Path) -> None:
     v = result.verify
     print(f"ledger: {result.ledger_path}")
     print(f"entries: {v.checked.get('entries', 0)}, sites: {v.checked.get('sites', 0)}, "
           f"chain: {'ok' if v.ok else 'BROKEN'}, signatures: "
           + (f"{v.checked.get('signatures', 0)} verified" if v.signatures_checked else "NOT CHECKED"))
     print(f"keys: {result.key_note}")
-    head = f"{'site':<20} {'entries':>7} {'steps':>7} {'δ':>9} {'acct':>5} {'ε recorded':>11} {'ε RDP':>9} {'ε PLD':>9} {'budget':>8}  status"
+    head = (f"{'site':<20} {'entries':>7} {'steps':>7} {'δ':>9} {'acct':>5} {'ε recorded':>11} {'ε RDP':>9} "
+            f"{'ε PLD':>9} {'budget':>8}  status")
     print(head)
     for name, s in sorted(result.sites.items()):
         flagged = any(r["flag"] for r in result.entries if r["site"] == name)

@@ -52,7 +52,8 @@ def _plot(result: AuditResult) -> bytes | None:
         color = f"C{k % 10}"
         rec = [r["recorded"] if isinstance(r["recorded"], (int, float)) else math.nan for r in rows]
         ax.plot(xs, rec, "-o", color=color, ms=3, label=f"{site} recorded")
-        ax.plot(xs, [r["rdp"] for r in rows], ":", color=color, label=f"{site} recomputed (RDP)")
+        rdp = [r["rdp"] for r in rows if r["rdp"] is not None]
+        ax.plot(xs, rdp, ":", color=color, label=f"{site} recomputed (RDP)")
         b = result.sites[site].budget
         if b is not None:
             ax.axhline(b, color=color, ls="--", lw=1, label=f"{site} budget {b:g}")
