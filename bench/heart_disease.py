@@ -44,7 +44,8 @@ from torch.utils.data import TensorDataset  # noqa: E402
 import conf  # noqa: E402
 from task.model import build_tabular_model  # noqa: E402
 from task.pipeline import pool_and_test  # noqa: E402
-from task.trainer import LocalPlan, batches_per_epoch, poisson_rate, predict, train_local  # noqa: E402
+from task.evaluation import predict  # noqa: E402
+from task.trainer import LocalPlan, batches_per_epoch, poisson_rate, train_local  # noqa: E402
 from privacy.accountant import Spend, calibrate_noise_multiplier, epsilon  # noqa: E402
 
 

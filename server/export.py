@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from task.model import TabularMLP, TrainView, fold_center, is_bert_like
-from task.pipeline import _tokenizer, pool_and_test
+from task.pipeline import pool_and_test, tokenizer
 
 
 def export_model(cfg: DictConfig, view: TrainView, out: Path) -> Path:
@@ -25,7 +25,7 @@ def export_model(cfg: DictConfig, view: TrainView, out: Path) -> Path:
         model = model.merge_and_unload()
     if is_bert_like(model):
         model.cpu().save_pretrained(out)
-        _tokenizer(cfg.task.model).save_pretrained(out)
+        tokenizer(cfg.task.model).save_pretrained(out)
         return out
     assert isinstance(model, TabularMLP)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")

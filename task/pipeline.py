@@ -117,12 +117,13 @@ def build_view(cfg: DictConfig, device: torch.device | None = None) -> TrainView
 
 
 @lru_cache(maxsize=2)
-def _tokenizer(model: str):
+def tokenizer(model: str):
+    """The task's tokenizer, loaded once per process."""
     return load_tokenizer(model)
 
 
 def _tokenize(cfg: DictConfig, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = _tokenizer(cfg.task.model)(
+    enc = tokenizer(cfg.task.model)(
         texts,
         truncation=True,
         max_length=int(cfg.task.max_length),

@@ -141,16 +141,3 @@ def _epoch(module, optimizer, loader, criterion, device, losses, plan, params, a
                 for p, a in zip(params, anchors):
                     p.sub_(plan.learning_rate * plan.proximal_mu * (p - a))
     return steps
-
-
-@torch.no_grad()
-def predict(module: nn.Module, dataset: TensorDataset, device: torch.device, batch_size: int = 128) -> np.ndarray:
-    """Argmax predictions and labels of `module` on `dataset` (inputs..., labels)."""
-    module.to(device)
-    module.eval()
-    preds = []
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        *inputs, _ = (t.to(device) for t in batch)
-        preds.append(module(*inputs).argmax(-1).cpu())
-    module.train()
-    return torch.cat(preds).numpy() if preds else np.empty(0, dtype=np.int64)

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 import conf
+from privacy.accountant import Spend, calibrate_noise_multiplier, epsilon
 from task import centering
 from task.model import default_center_clip_norm, fold_center, supports_centering
 from task.pipeline import build_view, encode, pool_and_test
-from task.trainer import predict
-from privacy.accountant import Spend, calibrate_noise_multiplier, epsilon
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 @pytest.fixture()
@@ -43,9 +42,9 @@ def test_exported_model_computes_the_centred_model_without_a_centring_step(cfg, 
     fold_center(view)
     assert not view.module.center.any()
     pool, _ = pool_and_test(cfg)
-    from task.pipeline import _tokenize
-
-    ids, mask = _tokenize(cfg, pool.subset(np.arange(48)).texts)
+    whole = copy.deepcopy(cfg)
+    whole.training.trainable = "all"  # no frozen prefix: encode gives the token ids and mask
+    ids, mask, _ = encode(whole, build_view(whole), pool.subset(np.arange(48))).tensors
     view.model.eval()
     with torch.no_grad():
         plain = view.model(input_ids=ids, attention_mask=mask).logits  # what save_pretrained holds
