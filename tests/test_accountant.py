@@ -67,7 +67,7 @@ def test_opacus_fractional_rdp_matches_numerical_integration():
     from scipy import integrate
 
     for sigma, q, a in [(1.0, 0.1, 2.5), (1.0, 0.25, 3.7)]:
-        def f(z):
+        def f(z, sigma=sigma, q=q, a=a):  # the density of this loop's (σ, q, α)
             r = (1 - q) + q * math.exp((2 * z - 1) / (2 * sigma**2))
             return math.exp(-z * z / (2 * sigma**2) - 0.5 * math.log(2 * math.pi * sigma**2) + a * math.log(r))
 

@@ -28,7 +28,7 @@ def _q(eps: float) -> float:
 
 def test_monotone_in_correct_guesses():
     bounds = [epsilon_lower_bound(v, 100, 1e-5, m=200) for v in range(0, 101, 5)]
-    assert all(a <= b + 1e-12 for a, b in zip(bounds, bounds[1:]))
+    assert all(a <= b + 1e-12 for a, b in zip(bounds, bounds[1:], strict=False))
     assert bounds[0] == 0 and bounds[-1] > 3  # 100/100 right certifies a lot
     assert len(set(bounds)) > 5  # and strictly grows past chance
 
@@ -161,7 +161,8 @@ def test_with_dp_the_lower_bound_is_at_or_below_the_accounted_epsilon(tiny_bert,
                                                                "privacy.max_grad_norm": 1.0,
                                                                "training.local_epochs": 3,
                                                                "federation.rounds": 1})
-    print("\nDP:", {k: r[k] for k in ("epsilon_lower_bound", "accounted_epsilon", "guesses", "correct", "canary_losses")})
+    shown = ("epsilon_lower_bound", "accounted_epsilon", "guesses", "correct", "canary_losses")
+    print("\nDP:", {k: r[k] for k in shown})
     assert 0 < r["accounted_epsilon"] <= 4 + 1e-6
     assert r["epsilon_lower_bound"] <= r["accounted_epsilon"]
     assert not r["leaks_more_than_claimed"] and r["exit_code"] == 0

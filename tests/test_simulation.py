@@ -12,13 +12,14 @@ import conf
 from privacy.accountant import Spend, epsilon_dp_accounting_rdp, epsilon_opacus
 from server.run_dir import read_jsonl
 from simulations.simulate import run_simulation
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 pytestmark = pytest.mark.e2e
 
 
 def test_three_sites_two_rounds_beats_chance_and_writes_the_run_directory(tiny_bert, synthetic_csv, tmp_path):
-    cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{"privacy.noise_multiplier": 0.5, "privacy.budget_epsilon": 100}))
+    extra = {"privacy.noise_multiplier": 0.5, "privacy.budget_epsilon": 100}
+    cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **extra))
     run = run_simulation(cfg)
 
     rows = read_jsonl(run / "metrics.jsonl")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from client.site import SiteState
-from privacy.errors import FedShieldError
 from privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp
+from privacy.errors import FedShieldError
 
 
 def _entry(site: str, run: str, rnd: int, spend: Spend, eps: float) -> dict:
@@ -36,7 +36,7 @@ def test_epsilon_grows_every_round_and_survives_a_restart(tmp_path):
     spend = Spend(1.1, 0.25, 4)
     state = SiteState(tmp_path / "site", "st-marys")
     first = _spend_rounds(state, spend, range(1, 4))
-    assert all(b > a for a, b in zip(first, first[1:]))
+    assert all(b > a for a, b in zip(first, first[1:], strict=False))
     # Restart: a new process reads the same folder and continues from where it was.
     again = SiteState(tmp_path / "site", "st-marys")
     assert again.history() == [spend] * 3

@@ -7,7 +7,7 @@ import csv
 import pytest
 
 from simulations.sweep import point_overrides, split_axes, sweep_main
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def test_axes_and_inf_means_no_dp():

@@ -11,11 +11,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 import conf
+from privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp, epsilon_opacus
 from task.model import frozen_fingerprint, make_train_view
 from task.pipeline import build_model, build_view, encode, pool_and_test
 from task.trainer import LocalPlan, batches_per_epoch, poisson_rate, train_local
-from privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp, epsilon_opacus
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 @pytest.fixture()
