@@ -85,7 +85,8 @@ CONNECTION = "fedshield"
 
 
 def check_pki(pki: Path) -> dict[str, Path]:
-    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
 
     from deploy.pki import PKIError, load_certificates
 
@@ -101,17 +102,14 @@ def check_pki(pki: Path) -> dict[str, Path]:
                        "issue a new one with `fedshield certs init --force`")
     try:
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, Exception):  # InvalidSignature is not a ValueError
+    except (ValueError, TypeError, InvalidSignature):
         raise PKIError(f"{files['server.crt']}: not signed by {files['ca.crt']}; sites would refuse it") from None
-    from cryptography.hazmat.primitives import serialization
-
     try:
         key = serialization.load_pem_private_key(files["server.key"].read_bytes(), None)
     except (ValueError, TypeError):
         raise PKIError(f"{files['server.key']}: not a PEM private key") from None
     if key.public_key().public_numbers() != cert.public_key().public_numbers():
         raise PKIError(f"{files['server.key']}: does not belong to {files['server.crt']}")
-    _ = x509  # noqa
     return files
 
 
