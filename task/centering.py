@@ -31,8 +31,8 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
-from task.model import TrainView, default_center_clip_norm, supports_centering
 from privacy.accountant import Spend
+from task.model import TrainView, default_center_clip_norm, supports_centering
 
 
 def applies(cfg: DictConfig, view: TrainView) -> bool:

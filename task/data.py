@@ -244,7 +244,9 @@ def _jsonl_records(p: Path, text: str, columns: list[str]) -> list[tuple[int, li
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{lineno}: invalid JSON ({e.msg}, column {e.colno}); expected one object per line") from None
+            raise DataError(
+                f"{p}:{lineno}: invalid JSON ({e.msg}, column {e.colno}); expected one object per line"
+            ) from None
         if not isinstance(obj, dict):
             raise DataError(f"{p}:{lineno}: expected a JSON object per line, found {type(obj).__name__}")
         missing = [c for c in columns if c not in obj]
@@ -360,6 +362,6 @@ def train_test_split(
             quota[mine[np.argmax(sizes[mine])]] += 1
         elif (sizes[mine] - quota[mine]).sum() == 0:
             quota[mine[np.argmax(quota[mine])]] -= 1
-    test = np.sort(np.concatenate([m[:q] for m, q in zip(members, quota)]))
-    train = np.sort(np.concatenate([m[q:] for m, q in zip(members, quota)]))
+    test = np.sort(np.concatenate([m[:q] for m, q in zip(members, quota, strict=True)]))
+    train = np.sort(np.concatenate([m[q:] for m, q in zip(members, quota, strict=True)]))
     return data.subset(train), data.subset(test)

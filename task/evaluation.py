@@ -30,7 +30,9 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, class_names: l
     )
     return {
         "accuracy": float(accuracy_score(labels, preds)),
-        "macro_f1": float(f1_score(labels, preds, average="macro", labels=list(range(len(class_names))), zero_division=0)),
+        "macro_f1": float(
+            f1_score(labels, preds, average="macro", labels=list(range(len(class_names))), zero_division=0)
+        ),
         "per_class": {
             c: {k: float(report[c][k]) for k in ("precision", "recall", "f1-score", "support")}
             for c in class_names

@@ -22,9 +22,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -186,11 +186,11 @@ class _BertSuffix(nn.Module):
         return self.classifier(self.dropout(pooled))
 
 
-def supports_centering(view: "TrainView") -> bool:
+def supports_centering(view: TrainView) -> bool:
     return isinstance(view.module, _BertSuffix) and view.module.pooler is not None
 
 
-def default_center_clip_norm(view: "TrainView") -> float:
+def default_center_clip_norm(view: TrainView) -> float:
     """The norm of a typical [CLS] feature, from public weights only: the final LayerNorm
     maps a token to gamma * z + beta with z of mean 0 and variance 1 per coordinate, so
     E|.|^2 ~ |gamma|^2 + |beta|^2. For all-MiniLM-L6-v2 that is 12.6 (its BBC News [CLS]
@@ -200,7 +200,7 @@ def default_center_clip_norm(view: "TrainView") -> float:
 
 
 @torch.no_grad()
-def fold_center(view: "TrainView") -> None:
+def fold_center(view: TrainView) -> None:
     """Make the model compute pooler(x - c) with no centring step: bias -= W c, c = 0."""
     if not supports_centering(view) or not bool(view.module.center.any()):
         return

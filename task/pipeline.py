@@ -17,21 +17,21 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from task.model import (
-    TrainView,
-    frozen_fingerprint,
-    build_tabular_model,
-    build_text_model,
-    load_tokenizer,
-    make_train_view,
-    prefix_hidden_states,
-)
 from task.data import (
     LabeledData,
     load_heart_disease,
     load_news_topics,
     load_text_file,
     train_test_split,
+)
+from task.model import (
+    TrainView,
+    build_tabular_model,
+    build_text_model,
+    frozen_fingerprint,
+    load_tokenizer,
+    make_train_view,
+    prefix_hidden_states,
 )
 
 

@@ -138,6 +138,6 @@ def _epoch(module, optimizer, loader, criterion, device, losses, plan, params, a
             steps += 1
         if anchors:
             with torch.no_grad():
-                for p, a in zip(params, anchors):
+                for p, a in zip(params, anchors, strict=True):
                     p.sub_(plan.learning_rate * plan.proximal_mu * (p - a))
     return steps
