@@ -59,9 +59,8 @@ class Variant:
         from torch.utils.data import DataLoader
 
         import conf
-        from task.pipeline import build_view, encode, pool_and_test
-        from task.trainer import _optimizer
         from privacy.dpsgd import make_private
+        from task.pipeline import build_view, encode, pool_and_test
 
         self.mode, self.k, self.gsm = mode, k, gsm
         self.name = f"{mode_name(mode, k)} / {gsm or 'non-DP'}"
@@ -78,8 +77,9 @@ class Variant:
         self.module.train()
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
-        self.update_bytes = sum(p.numel() * 4 for n, p in view.model.named_parameters() if n in set(view.trainable_names))
-        self.optimizer = _optimizer("sgd", params, 1e-3)
+        trained = set(view.trainable_names)
+        self.update_bytes = sum(p.numel() * 4 for n, p in view.model.named_parameters() if n in trained)
+        self.optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)  # what training.optimizer=sgd trains with
         self.criterion = nn.CrossEntropyLoss()
         self.times: list[float] = []
         if gsm:
@@ -133,7 +133,8 @@ def measure_memory(steps: int, threads: int) -> dict[str, dict]:
     out = {}
     for mode, k in MODES:
         for gsm in PRIV:
-            cmd = [sys.executable, __file__, "--mem-one", mode, str(k), gsm or "none", "--steps", str(steps), "--threads", str(threads)]
+            cmd = [sys.executable, __file__, "--mem-one", mode, str(k), gsm or "none",
+                   "--steps", str(steps), "--threads", str(threads)]
             r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             line = (r.stdout.strip().splitlines() or ["{}"])[-1]
             try:
@@ -184,14 +185,17 @@ def main() -> None:
         print(f"  round {r + 1}/{warmup + steps} done ({time.time() - t_start:.0f} s)", flush=True)
 
     mem = {} if (a.no_memory or a.quick) else measure_memory(1, a.threads)
-    med = {(v.mode, v.k, v.gsm): (statistics.median(v.times) * 1e3 if v.times and not v.error else None) for v in variants}
+    med = {(v.mode, v.k, v.gsm): (statistics.median(v.times) * 1e3 if v.times and not v.error else None)
+           for v in variants}
     base_all = med[("all", 0, None)]
 
     def fmt(x, spec=".0f"):
         return "-" if x is None else format(x, spec)
 
     print()
-    print("| mode | grad_sample_mode | trainable params | update MB | ms/step non-DP | ms/step DP | DP/non-DP | non-DP vs all non-DP | DP vs all non-DP | step peak RSS growth MB (non-DP / DP) | process ru_maxrss MB (DP) |")
+    print("| mode | grad_sample_mode | trainable params | update MB | ms/step non-DP | ms/step DP | DP/non-DP "
+          "| non-DP vs all non-DP | DP vs all non-DP | step peak RSS growth MB (non-DP / DP) "
+          "| process ru_maxrss MB (DP) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     errors = []
     for mode, k in MODES:
@@ -204,9 +208,11 @@ def main() -> None:
                 errors.append(f"{mode_name(mode, k)} / {gsm}: {v.error}")
             m0, m1 = mem.get((mode, k, None), {}), mem.get((mode, k, gsm), {})
             print(
-                f"| {mode_name(mode, k)} | {gsm} | {vb.trainable:,} | {vb.update_bytes / 2**20:.2f} | {fmt(base, '.1f')} | "
+                f"| {mode_name(mode, k)} | {gsm} | {vb.trainable:,} | {vb.update_bytes / 2**20:.2f} | "
+                f"{fmt(base, '.1f')} | "
                 f"{fmt(dp, '.1f') if not v.error else 'fails'} | {fmt(dp / base if dp and base else None, '.2f')} | "
-                f"{fmt(base / base_all if base and base_all else None, '.3f')} | {fmt(dp / base_all if dp and base_all else None, '.3f')} | "
+                f"{fmt(base / base_all if base and base_all else None, '.3f')} | "
+                f"{fmt(dp / base_all if dp and base_all else None, '.3f')} | "
                 f"{fmt(m0.get('delta_mb'))} / {fmt(m1.get('delta_mb'))} | {fmt(m1.get('peak_mb'))} |"
             )
     print()

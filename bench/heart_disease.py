@@ -42,11 +42,11 @@ import torch  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
 import conf  # noqa: E402
+from privacy.accountant import Spend, calibrate_noise_multiplier, epsilon  # noqa: E402
+from task.evaluation import predict  # noqa: E402
 from task.model import build_tabular_model  # noqa: E402
 from task.pipeline import pool_and_test  # noqa: E402
-from task.evaluation import predict  # noqa: E402
 from task.trainer import LocalPlan, batches_per_epoch, poisson_rate, train_local  # noqa: E402
-from privacy.accountant import Spend, calibrate_noise_multiplier, epsilon  # noqa: E402
 
 
 def dataset(data) -> TensorDataset:
@@ -116,7 +116,8 @@ def main() -> None:
     print(f"heart_disease: {len(pool)} training / {len(test)} held-out records; "
           + ", ".join(f"{h} {int((pool.groups == h).sum())}/{int((test.groups == h).sum())}" for h in hospitals))
     print(f"preset: MLP hidden={base.task.hidden_units}, {tr.optimizer} lr={tr.learning_rate}, batch {tr.batch_size}, "
-          f"{fed.rounds} rounds x {tr.local_epochs} local epoch(s) (= {fed.rounds * tr.local_epochs} epochs for pooled/local), "
+          f"{fed.rounds} rounds x {tr.local_epochs} local epoch(s) "
+          f"(= {fed.rounds * tr.local_epochs} epochs for pooled/local), "
           f"clip {pr.max_grad_norm}, δ={pr.delta:g}, accountant {pr.accountant}; seeds {a.seeds}", flush=True)
     t0 = time.time()
     table: dict[tuple[str, str], dict[str, float]] = {}
@@ -159,7 +160,8 @@ def main() -> None:
             r = table[(setting, priv)]
             print(f"| {setting} | {priv} | " + " | ".join(f"{r[h]:.3f}" for h in hospitals)
                   + f" | {r['overall']:.3f} | {eps[(setting, priv)]} |")
-    majority = {h: max(np.mean(test.labels[test.groups == h]), 1 - np.mean(test.labels[test.groups == h])) for h in hospitals}
+    share = {h: float(np.mean(test.labels[test.groups == h])) for h in hospitals}  # of label 1
+    majority = {h: max(share[h], 1 - share[h]) for h in hospitals}
     print("| majority class (reference) | - | " + " | ".join(f"{majority[h]:.3f}" for h in hospitals)
           + f" | {max(test.labels.mean(), 1 - test.labels.mean()):.3f} | - |")
     print(f"total {time.time() - t0:.0f} s")

@@ -23,8 +23,8 @@ Each (app, N) runs in its own subprocess (a clean Ray); the variants are interle
 Updates/s (headline) = N / duration of the last round (warm workers). Over both rounds it
 is shown too: there the plain app's round 1 pays the Ray workers' cold start (imports,
 model load) that fedshield pays in its site-discovery query before round 1. The total
-wall time (Ray start-up, discovery, export) is shown too. Peak memory = the largest sum of RSS over the subprocess and all its
-descendants (the Ray GCS, raylet and worker processes), sampled every 0.2 s with psutil.
+wall time (Ray start-up, discovery, export) is shown too. Peak memory = the largest sum of RSS over the subprocess and
+all its descendants (the Ray GCS, raylet and worker processes), sampled every 0.2 s with psutil.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def overrides(model: Path, data: Path, work: Path, n_sites: int, tag: str) -> li
 # ------------------------------------------------------------------ the plain Flower app
 
 def plain_client_app():
-    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
@@ -98,8 +98,9 @@ def plain_client_app():
         import torch
 
         import conf
+        from protocol import from_array_record as from_arrays
+        from protocol import to_array_record as to_arrays
         from task.partition import partition
-        from protocol import from_array_record as from_arrays, to_array_record as to_arrays
         from task.pipeline import build_view, encode, pool_and_test
         from task.trainer import LocalPlan, train_local
 
@@ -137,8 +138,8 @@ def run_plain(cfg, work: Path) -> dict:
 
     import conf
     from protocol import to_array_record as to_arrays
-    from task.pipeline import build_view
     from simulations.simulate import backend_config
+    from task.pipeline import build_view
 
     n = int(cfg.federation.num_sites)
     stamps: list[float] = []
@@ -275,7 +276,8 @@ def main() -> None:
 
     print()
     print("| sites/round | fedshield updates/s (last round) | plain Flower updates/s (last round) | fedshield/plain | "
-          "fedshield/plain (both rounds) | fedshield peak MB | plain peak MB | fedshield/plain (memory) | fedshield wall s | plain wall s |")
+          "fedshield/plain (both rounds) | fedshield peak MB | plain peak MB | fedshield/plain (memory) "
+          "| fedshield wall s | plain wall s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
         fu, pu = med("fedshield", n, "updates_per_s"), med("plain", n, "updates_per_s")
