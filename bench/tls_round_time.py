@@ -203,7 +203,8 @@ def wait_run(run_dir: Path, watched: dict[str, tuple[subprocess.Popen, Path]], t
             return time.time()
         for what, (p, log) in watched.items():
             if p.poll() is not None and not finished(run_dir):
-                raise BenchError(f"{what} ended (exit {p.returncode}) before the run completed: {last_error(log)} ({log})")
+                raise BenchError(f"{what} ended (exit {p.returncode}) before the run completed: "
+                                 f"{last_error(log)} ({log})")
         time.sleep(0.2)
     raise BenchError(f"no report.md after {timeout:.0f}s ({run_dir})")
 
@@ -434,7 +435,8 @@ def table(results: list[Result], payloads: list[str], load_start, load_end, repe
             "|---|---:|---|---|---:|---:|---:|"]
     for r in results:
         out.append(f"| {r.payload} | {r.rep} | {r.variant} {VARIANTS[r.variant]} | "
-                   f"{' '.join(f'{x:.1f}' for x in r.rounds_s)} | {med(r.measured):.1f} | {r.wall_s:.0f} | {r.load1:.2f} |")
+                   f"{' '.join(f'{x:.1f}' for x in r.rounds_s)} | {med(r.measured):.1f} | {r.wall_s:.0f} "
+                   f"| {r.load1:.2f} |")
     la = lambda t: " ".join(f"{x:.2f}" for x in t)  # noqa: E731
     out += ["", f"load average (1/5/15 min): start {la(load_start)}, end {la(load_end)}; "
             f"{os.cpu_count()} CPUs; repeat {repeat}, order A B C per repetition"]

@@ -95,7 +95,7 @@ def tls_preflight(host: str, port: int, ca: Path, timeout: float) -> None:
         except ssl.SSLError as exc:
             raise FedShieldError(f"coordinator {host}:{port}: TLS handshake failed ({exc.reason or exc}); "
                                  "is it a fedshield coordinator with TLS?") from None
-        except (ConnectionRefusedError, socket.timeout, TimeoutError, OSError) as exc:
+        except (ConnectionRefusedError, TimeoutError, OSError) as exc:
             last = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             if isinstance(exc, socket.gaierror):
                 raise FedShieldError(f"coordinator {host}:{port}: unknown host ({last})") from None
@@ -176,10 +176,12 @@ def client_main(argv: list[str]) -> int:
     parser.add_argument("--name", help="site name (default: the connection key file's name)")
     parser.add_argument("--state-dir", help="privacy state: ledger, ledger signing key, caches "
                                             "(default ./fedshield-site-<name>)")
-    parser.add_argument("--labels", help="the task's classes, comma-separated: rows with other labels are refused up front")
+    parser.add_argument("--labels",
+                        help="the task's classes, comma-separated: rows with other labels are refused up front")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="label")
-    parser.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to wait for the coordinator at start")
+    parser.add_argument("--connect-timeout", type=float, default=120.0,
+                        help="seconds to wait for the coordinator at start")
     parser.add_argument("--reconnect-s", type=float, default=120.0,
                         help="end when the coordinator has been gone this long (the run is over)")
     parser.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
@@ -188,7 +190,8 @@ def client_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     if args.insecure:
-        raise FedShieldError("--insecure: refused; a fedshield site only connects with TLS (give the coordinator's --ca)")
+        raise FedShieldError("--insecure: refused; a fedshield site only connects with TLS "
+                             "(give the coordinator's --ca)")
     host, port = parse_host_port(args.server, "--server", "fl.example.org:9092")
     key_path = Path(args.connection_key).expanduser().resolve()
     from deploy.pki import check_site_name, load_connection_private_key
@@ -267,7 +270,8 @@ def client_main(argv: list[str]) -> int:
             f"the coordinator refused connection key {key_path.name} ({fingerprint(key)}): "
             f"it is not registered there; send {key_path.stem}.pub to the coordinator operator")
     if not seen["joined"]:
-        raise FedShieldError(f"site {name}: the SuperNode stopped before joining (exit {proc.returncode}); see {log_path}")
+        raise FedShieldError(f"site {name}: the SuperNode stopped before joining (exit {proc.returncode}); "
+                             f"see {log_path}")
     print(f"site {name}: the coordinator closed the federation; done (ledger: {state / 'ledger.jsonl'})", flush=True)
     return 0
 

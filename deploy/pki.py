@@ -15,13 +15,13 @@ Formats, as Flower 1.41 expects them:
   the coordinator only.
 - Connection keys (a site's SuperNode authentication key; not its ledger signing key, the
   P-256 key in its state folder that `client/site.py` makes and that signs its privacy
-  ledger): an ECDSA key on a NIST curve (P-384, like `ssh-keygen -t ecdsa -b 384`). `flower-supernode --auth-supernode-private-key` reads the
-  private key with `load_ssh_private_key` (OpenSSH private key format), and
-  `flwr supernode register` reads the public key with `load_ssh_public_key` (one line,
-  `ecdsa-sha2-nistp384 AAAA...`). So `NAME.key` is an OpenSSH private key and `NAME.pub` an
-  OpenSSH public key. A site can make its pair on its own machine (this command, or
-  `ssh-keygen -t ecdsa -b 384 -N "" -f NAME.key` and rename NAME.key.pub to NAME.pub) and hand
-  over only NAME.pub.
+  ledger): an ECDSA key on a NIST curve (P-384, like `ssh-keygen -t ecdsa -b 384`).
+  `flower-supernode --auth-supernode-private-key` reads the private key with
+  `load_ssh_private_key` (OpenSSH private key format), and `flwr supernode register` reads
+  the public key with `load_ssh_public_key` (one line, `ecdsa-sha2-nistp384 AAAA...`). So
+  `NAME.key` is an OpenSSH private key and `NAME.pub` an OpenSSH public key. A site can make
+  its pair on its own machine (this command, or `ssh-keygen -t ecdsa -b 384 -N "" -f NAME.key`
+  and rename NAME.key.pub to NAME.pub) and hand over only NAME.pub.
 
 Private keys are created with mode 0600 from the first byte (os.open with O_EXCL), never
 overwritten without `force`; every function returns, and every command prints, the
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,7 +131,7 @@ def _san_entries(names: list[str]) -> list[x509.GeneralName]:
 def _validity(days: int, not_before: dt.datetime | None) -> tuple[dt.datetime, dt.datetime]:
     if days < 1:
         raise PKIError(f"validity {days} days: must be at least 1 day")
-    start = not_before or (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5))
+    start = not_before or (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5))
     return start, start + dt.timedelta(days=days)
 
 
@@ -254,9 +253,11 @@ def load_connection_private_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
     try:
         key = serialization.load_ssh_private_key(data, None)
     except (ValueError, UnsupportedAlgorithm, TypeError):
-        raise PKIError(f"connection key {p}: not an OpenSSH ECDSA private key (make one with `fedshield certs site NAME`)") from None
+        raise PKIError(f"connection key {p}: not an OpenSSH ECDSA private key "
+                       "(make one with `fedshield certs site NAME`)") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise PKIError(f"connection key {p}: a {type(key).__name__}, but SuperNode authentication needs an ECDSA (NIST curve) key")
+        raise PKIError(f"connection key {p}: a {type(key).__name__}, "
+                       "but SuperNode authentication needs an ECDSA (NIST curve) key")
     return key
 
 
@@ -267,7 +268,8 @@ def load_connection_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
     try:
         key = serialization.load_ssh_public_key(data.strip())
     except (ValueError, UnsupportedAlgorithm, TypeError):
-        raise PKIError(f"connection public key {p}: not an OpenSSH public key line (ecdsa-sha2-nistp384 AAAA...)") from None
+        raise PKIError(f"connection public key {p}: "
+                       "not an OpenSSH public key line (ecdsa-sha2-nistp384 AAAA...)") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise PKIError(f"connection public key {p}: a {type(key).__name__}, but SuperNode authentication needs ECDSA")
     return key
@@ -319,7 +321,7 @@ def describe(path: str | Path) -> str:
 
 
 def _describe_cert(cert: x509.Certificate) -> str:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
     state = "EXPIRED" if now > end else ("not yet valid" if now < start else f"valid, {(end - now).days} days left")
     try:
@@ -379,7 +381,8 @@ def certs_main(argv: list[str]) -> int:
     p_init.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.crt, server.key")
     p_init.add_argument("--server-name", required=True, help="the host name sites connect to (a SAN and the CN)")
     p_init.add_argument("--san", action="append", default=[], help="another host name or IP address (repeatable)")
-    p_init.add_argument("--days", type=int, default=DEFAULT_DAYS, help=f"server certificate validity (default {DEFAULT_DAYS})")
+    p_init.add_argument("--days", type=int, default=DEFAULT_DAYS,
+                        help=f"server certificate validity (default {DEFAULT_DAYS})")
     p_init.add_argument("--ca-days", type=int, default=DEFAULT_CA_DAYS, help=f"CA validity (default {DEFAULT_CA_DAYS})")
     p_init.add_argument("--force", action="store_true", help="replace existing files")
     p_site = sub.add_parser("site", help="a site's connection key pair (SuperNode authentication)")

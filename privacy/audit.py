@@ -151,11 +151,11 @@ def _load_keys(
         keys = {s: signing.load_public_key(d / f"{s}.pub") for s in sites if (d / f"{s}.pub").is_file()}
         return keys, "given", f"ledger signing keys (public) from {d} (as given to the auditor)"
     run_keys = [run_dir / "privacy" / n for n in RUN_KEY_DIRS] if run_dir is not None else []
-    d = next((d for d in run_keys if d.is_dir()), None)
-    if d is not None:
-        keys = {s: signing.load_public_key(d / f"{s}.pub") for s in sites if (d / f"{s}.pub").is_file()}
+    found = next((k for k in run_keys if k.is_dir()), None)
+    if found is not None:
+        keys = {s: signing.load_public_key(found / f"{s}.pub") for s in sites if (found / f"{s}.pub").is_file()}
         return keys, "run directory", (
-            f"ledger signing keys (public) were taken from the run directory ({d}); they are only as "
+            f"ledger signing keys (public) were taken from the run directory ({found}); they are only as "
             "trustworthy as the run directory itself: for an audit independent of the "
             "coordinator, get each site's ledger public key (<state-dir>/site.pub) from the site "
             "and pass --ledger-keys"

@@ -36,7 +36,8 @@ def _budget(text: str) -> tuple[str, float]:
 
 
 class _OldLedgerKeys(argparse.Action):  # --site-keys, the old spelling of --ledger-keys
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
         print(f"note: {option_string} is deprecated; use --ledger-keys", file=sys.stderr)
         namespace.ledger_keys = values
 

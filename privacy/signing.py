@@ -117,7 +117,8 @@ def fingerprint(key: PublicKeyTypes | PrivateKeyTypes) -> str:
     have one fingerprint): ledger signing keys (P-256), connection keys (P-384), TLS keys.
     Ledger entries store it in `key_fingerprint`.
     """
-    pub = key.public_key() if isinstance(key, typing.get_args(PrivateKeyTypes)) else key
+    private_types = typing.get_args(PrivateKeyTypes)  # a runtime tuple: mypy cannot narrow on it, hence the cast
+    pub = typing.cast(PublicKeyTypes, key.public_key() if isinstance(key, private_types) else key)
     der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return "SHA256:" + hashlib.sha256(der).hexdigest()
 

@@ -91,12 +91,12 @@ def check_pki(pki: Path) -> dict[str, Path]:
     from deploy.pki import PKIError, load_certificates
 
     files = {n: pki / n for n in ("ca.crt", "server.crt", "server.key")}
-    for name, p in files.items():
+    for p in files.values():
         if not p.is_file():
             raise PKIError(f"{p}: not found (make it with `fedshield certs init --out {pki} ...`)")
     ca = load_certificates(files["ca.crt"])[0]
     cert = load_certificates(files["server.crt"])[0]
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     if now > cert.not_valid_after_utc:
         raise PKIError(f"{files['server.crt']}: expired on {cert.not_valid_after_utc:%Y-%m-%d}; "
                        "issue a new one with `fedshield certs init --force`")
@@ -152,7 +152,8 @@ def resolve_config(args: argparse.Namespace):
         cfg.output.run_name = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
     run_dir = Path(cfg.output.dir) / cfg.output.run_name
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise conf.ConfigError(f"output.run_name={cfg.output.run_name!r}: {run_dir} already holds a run; choose another name")
+        raise conf.ConfigError(f"output.run_name={cfg.output.run_name!r}: {run_dir} already holds a run; "
+                               "choose another name")
     return cfg, run_dir
 
 
@@ -208,9 +209,11 @@ def wait_tls(port: int, ca: Path, proc: subprocess.Popen, log: Path, timeout: fl
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise FedShieldError(f"the SuperLink stopped at start (exit {proc.returncode}): {last_error(log)} (log: {log})")
+            raise FedShieldError(f"the SuperLink stopped at start (exit {proc.returncode}): {last_error(log)} "
+                                 f"(log: {log})")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as s, ctx.wrap_socket(s, server_hostname="127.0.0.1"):
+            with (socket.create_connection(("127.0.0.1", port), timeout=2) as s,
+                  ctx.wrap_socket(s, server_hostname="127.0.0.1")):
                 return
         except OSError:
             time.sleep(0.3)
@@ -224,7 +227,8 @@ def server_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fedshield server",
         description="Coordinator: a TLS SuperLink that admits only registered sites, and the fedshield ServerApp.")
-    parser.add_argument("--pki", required=True, help="folder with ca.crt, server.crt, server.key (fedshield certs init)")
+    parser.add_argument("--pki", required=True,
+                        help="folder with ca.crt, server.crt, server.key (fedshield certs init)")
     keys_flag = parser.add_mutually_exclusive_group(required=True)
     keys_flag.add_argument("--connection-keys", nargs="+", metavar="PUB",
                            help="the sites' connection public keys (NAME.pub from `fedshield certs site NAME`, "
@@ -316,7 +320,8 @@ def _finished(run_dir: Path) -> bool:
     return (run_dir / "report.md").stat().st_size > 0
 
 
-_APP_ERROR = re.compile(r"(?:FedShieldError|ConfigError|DataError|PKIError|LedgerError|BudgetExceeded|ModelError|TrainingError): (.+)$")
+_APP_ERROR = re.compile(
+    r"(?:FedShieldError|ConfigError|DataError|PKIError|LedgerError|BudgetExceeded|ModelError|TrainingError): (.+)$")
 _TRACEBACK = re.compile(r"^(Traceback |  File |    |\s*\^+\s*$|\d\d/\d\d/\d{4} .*:(ERROR|INFO|WARNING):)")
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import synthetic_rows, tiny_overrides, write_csv
 from deploy import pki
 from privacy.signing import fingerprint
+from tests.helpers import synthetic_rows, tiny_overrides, write_csv
 
 pytestmark = pytest.mark.e2e
 
@@ -100,7 +100,7 @@ def finish(p: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         p.terminate()
         out, _ = p.communicate(timeout=30)
-        raise AssertionError(f"timed out after {timeout}s:\n{out[-4000:]}")
+        raise AssertionError(f"timed out after {timeout}s:\n{out[-4000:]}") from None
     return p.returncode, out
 
 
@@ -339,7 +339,7 @@ def test_bad_coordinator_certificate_is_refused(pki_dir, tmp_path, case):
     d = tmp_path / case
     if case == "expired":
         pki.init_pki(d, "fl.example.org", ["127.0.0.1"], days=1,
-                     not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=10))
+                     not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=10))
         want = "its TLS certificate has expired"
     else:
         pki.init_pki(d, "other.example.org", [])

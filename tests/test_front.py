@@ -170,7 +170,8 @@ def test_header_order_duplicates_and_hop_by_hop_headers():
     names = [k.lower() for k, _ in req.headers.raw]
     for hop in (b"connection", b"x-secret", b"te", b"upgrade", b"proxy-authorization", b"expect"):
         assert hop not in names, hop
-    assert [(k, v) for k, v in req.headers.raw if k.startswith(b"x-")] == [(b"x-b", b"2"), (b"x-a", b"1"), (b"x-b", b"3")]
+    custom = [(k, v) for k, v in req.headers.raw if k.startswith(b"x-")]
+    assert custom == [(b"x-b", b"2"), (b"x-a", b"1"), (b"x-b", b"3")]
 
 
 @pytest.mark.parametrize("status", [200, 401, 404, 500])

@@ -79,7 +79,8 @@ def test_connection_key_is_in_the_format_flower_loads(tmp_path):
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
     assert try_load_public_key(tmp_path / "bank-1.pub") == public_key_to_bytes(key.public_key())
-    assert made[0].fingerprint == made[1].fingerprint == signing.fingerprint(key) == signing.fingerprint(key.public_key())
+    assert made[0].fingerprint == made[1].fingerprint == signing.fingerprint(key)
+    assert signing.fingerprint(key) == signing.fingerprint(key.public_key())
     assert re.fullmatch(FINGERPRINT, made[0].fingerprint)
     assert (tmp_path / "bank-1.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
 
@@ -117,7 +118,7 @@ def test_show_describes_certificates_and_keys(tmp_path, capsys):
 
 
 def test_expired_certificate_is_shown_as_expired(tmp_path):
-    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
     pki.init_pki(tmp_path, "fl.example.org", [], days=2, not_before=past)
     assert "EXPIRED" in pki.describe(tmp_path / "server.crt")
 
@@ -142,7 +143,8 @@ def test_one_fingerprint_format_for_every_key_and_certificate(tmp_path, capsys):
     (tmp_path / "state" / "site.pub").write_bytes(ledger_pem)
     ledger_key = signing.load_public_key(ledger_pem)
     assert f"fingerprint:  {signing.fingerprint(ledger_key)}" in pki.describe(tmp_path / "state" / "site.pub")
-    assert f"fingerprint:  {signing.fingerprint(ledger_key)} (of its public key)" in pki.describe(tmp_path / "state" / "site.key")
+    shown = pki.describe(tmp_path / "state" / "site.key")
+    assert f"fingerprint:  {signing.fingerprint(ledger_key)} (of its public key)" in shown
 
     assert pki.certs_main(["site", "bank-1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -68,8 +68,8 @@ def test_last_error_and_flower_cli_errors_are_one_line(tmp_path):
     assert last_error(tmp_path / "missing.log") == "?"
     assert run_flower_cli([sys.executable, "-c", "print('ok')"], dict(os.environ), "probe") == "ok\n"
     with pytest.raises(FedShieldError, match=r"^registering x: Invalid key file \(exit 3\)$"):
-        run_flower_cli([sys.executable, "-c", "import sys; print('a\\nInvalid key file', file=sys.stderr); sys.exit(3)"],
-                       dict(os.environ), "registering x")
+        fail = "import sys; print('a\\nInvalid key file', file=sys.stderr); sys.exit(3)"
+        run_flower_cli([sys.executable, "-c", fail], dict(os.environ), "registering x")
     with pytest.raises(FedShieldError, match=r"^slow: no answer within 1 s"):
         run_flower_cli([sys.executable, "-c", "import time; time.sleep(30)"], dict(os.environ), "slow", timeout_s=1)
 
