@@ -26,11 +26,7 @@ import pytest
 
 import conf
 from server.run_dir import read_jsonl
-
-try:
-    from tests.helpers import tiny_overrides
-except ImportError:  # the shared helpers are moving from conftest.py to helpers.py
-    from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 pytestmark = [
     pytest.mark.e2e,
