@@ -35,8 +35,7 @@ Pure math: numpy and scipy only, nothing else of ours but privacy.errors.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import binom
@@ -63,9 +62,6 @@ class CanaryResult:
     beta: float = BETA
     delta: float = 0.0
     grid_size: int = 1
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _q(epsilon: float) -> float:

@@ -93,8 +93,6 @@ class LedgerRead:
     message: str = ""
     truncated_at: int | None = None  # byte offset where the cut tail starts
     missing_newline: bool = False  # the last entry is whole but lacks its newline
-    torn_copy: Path | None = None  # where recover() kept the lost bytes
-    line_numbers: list[int] = field(default_factory=list)
 
 
 class Ledger:
@@ -128,7 +126,6 @@ class Ledger:
             torn = self.path.with_name(f"{self.path.name}.torn-{stamp}")
             _write_atomic(torn, data[r.truncated_at:])
             keep = data[: r.truncated_at]
-            r.torn_copy = torn
             r.message += f"; the lost bytes are kept in {torn}"
         else:
             keep = data + b"\n"
@@ -222,7 +219,6 @@ def parse_ledger_bytes(data: bytes, name: str) -> LedgerRead:
     cut = data.rfind(b"\n") + 1  # bytes [cut:] are after the last newline
     body, tail = data[:cut], data[cut:]
     entries: list[Entry] = []
-    lines: list[int] = []
     for n, raw in enumerate(body.split(b"\n")[:-1], start=1):
         if not raw.strip():
             continue
@@ -233,14 +229,11 @@ def parse_ledger_bytes(data: bytes, name: str) -> LedgerRead:
                 "ledger cannot be recovered automatically (restore it from a copy)"
             )
         entries.append(obj)
-        lines.append(n)
-    r = LedgerRead(entries, 0, f"ledger {name}: {len(entries)} entries", line_numbers=lines)
+    r = LedgerRead(entries, 0, f"ledger {name}: {len(entries)} entries")
     if tail:
         obj = _parse_line(tail)
-        n = body.count(b"\n") + 1
         if obj is not None:  # a whole entry whose newline was not written
             entries.append(obj)
-            lines.append(n)
             r.missing_newline = True
             r.message = f"ledger {name}: {len(entries)} entries (the last one lacks its newline)"
         else:
