@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported
+import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
+
+# isort: split
 
 import hashlib
 import logging

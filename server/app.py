@@ -7,9 +7,9 @@
 
 from __future__ import annotations
 
-import os
+import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported
+# isort: split
 
 import json
 import logging
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from omegaconf import DictConfig
+from flwr.superlink.grid import InMemoryGrid
+from omegaconf import DictConfig, OmegaConf
 
 import conf
 import protocol
@@ -47,6 +48,8 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
     """Wait for `expected` sites, then ask each who it is (name, records, ledger public key)."""
     deadline = time.time() + timeout
     nodes = list(grid.get_node_ids())
+    if isinstance(grid, InMemoryGrid):  # Flower's simulation runtime: its SuperNodes never change
+        nodes = _simulated_nodes(grid, expected, min(timeout, 30.0))
     if len(nodes) < expected:
         say(f"waiting for {expected} sites to connect ({len(nodes)} so far)")
     while len(nodes) < expected and time.time() < deadline:
@@ -73,6 +76,26 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
     if dup:
         raise FedShieldError(f"two connected sites share the name {sorted(dup)[0]!r}; site names must be unique")
     return sites
+
+
+def _simulated_nodes(grid: Grid, expected: int, settle_s: float) -> list[int]:
+    """The simulation runtime registers all its SuperNodes at once and none can join later:
+    a count other than `expected` is a config mismatch, said at once instead of waiting
+    round_timeout_s for sites that cannot come."""
+    deadline, last, stable_since = time.time() + settle_s, -1, time.time()
+    nodes = list(grid.get_node_ids())
+    while len(nodes) != expected and time.time() < deadline:
+        if len(nodes) != last:
+            last, stable_since = len(nodes), time.time()
+        elif nodes and time.time() - stable_since > 2.0:
+            break
+        time.sleep(0.25)
+        nodes = list(grid.get_node_ids())
+    if len(nodes) != expected:
+        raise FedShieldError(
+            f"Flower's simulation runtime started {len(nodes)} SuperNode(s) but federation.num_sites={expected}; "
+            f'with `flwr run` pass --federation-config "num-supernodes={expected}"')
+    return nodes
 
 
 def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict], rounds: RoundLog,
@@ -294,10 +317,12 @@ RUN_CONFIG_YAML_KEY = "fedshield-config-yaml"
 def config_from_run_config(run_config: dict) -> DictConfig:
     """Flower's run config: the whole config as one YAML string (lists survive), or
     dotted keys (`flwr run . --run-config "federation.rounds=3"`)."""
-    if RUN_CONFIG_YAML_KEY in run_config:
-        base = conf.from_yaml(str(run_config.pop(RUN_CONFIG_YAML_KEY)))
-        return conf.load_config(base={**conf.to_flat(base), **run_config})
-    return conf.load_config(base=run_config)
+    run_config = dict(run_config)
+    text = str(run_config.pop(RUN_CONFIG_YAML_KEY, "") or "")
+    # Flower merges the app's declared defaults (pyproject's [tool.flwr.app.config]) into
+    # every run config, so a key written in the YAML must win over a dotted default.
+    written = conf.to_flat(OmegaConf.create(text)) if text.strip() else {}
+    return conf.load_config(base={**run_config, **written})
 
 
 def build_server_app(cfg: DictConfig | None = None, run_dir: Path | None = None) -> ServerApp:

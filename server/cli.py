@@ -47,7 +47,9 @@ from __future__ import annotations
 import os
 import re
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported anywhere
+import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
+
+# isort: split
 
 import argparse
 import datetime as dt

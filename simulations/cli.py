@@ -10,9 +10,9 @@ Errors a user can cause end in one line on stderr, exit code 2, no traceback.
 
 from __future__ import annotations
 
-import os
+import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before anything imports flwr
+# isort: split
 
 import argparse
 import sys

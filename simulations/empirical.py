@@ -18,9 +18,9 @@ The canaries are only in the training file: the held-out test set is a separate 
 
 from __future__ import annotations
 
-import os
+import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported
+# isort: split
 
 import argparse
 import csv
@@ -113,14 +113,14 @@ def build_dataset(out: Path, sites: list[str], canary_site: str, base: str, base
     test = [(t, lab, sites[0]) for t, lab in rows[base_rows * len(sites):]]
     base_words = {w.lower() for t, _ in rows for w in t.split()}
     can = make_canaries(m, classes, canary_vocabulary(model, base_words), words, seed + 1)
-    train += [(t, lab, canary_site) for t, lab, inc in zip(can.texts, can.labels, can.included) if inc]
+    train += [(t, lab, canary_site) for t, lab, inc in zip(can.texts, can.labels, can.included, strict=False) if inc]
     rng.shuffle(train)
     out.mkdir(parents=True, exist_ok=True)
     header = ["text", "label", SITE_COLUMN]
     train_path = _write(out / "train.csv", header, train)
     test_path = _write(out / "test.csv", header, test)
     _write(out / "canaries.csv", ["text", "label", "included"],
-           [(t, lab, int(inc)) for t, lab, inc in zip(can.texts, can.labels, can.included)])
+           [(t, lab, int(inc)) for t, lab, inc in zip(can.texts, can.labels, can.included, strict=False)])
     return train_path, test_path, classes, can
 
 
@@ -143,7 +143,8 @@ def canary_losses(model_dir: Path, texts: list[str], labels: list[str], max_leng
     return torch.cat(losses).numpy().astype(np.float64)
 
 
-def report(result: CanaryResult, site: str, accounted: float | None, dp_on: bool, run_dir: Path) -> tuple[dict, str, bool]:
+def report(result: CanaryResult, site: str, accounted: float | None, dp_on: bool,
+           run_dir: Path) -> tuple[dict, str, bool]:
     leak = dp_on and accounted is not None and result.epsilon_lb > accounted
     record = {
         "canary_site": site,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported
+import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
+
+# isort: split
 
 import logging
 import shutil
@@ -19,8 +21,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 import conf
-from task.sites import check_delta, virtual_sites
 from server.run_dir import new_run_dir, read_jsonl
+from task.sites import check_delta, virtual_sites
 
 
 def check_sites(cfg: DictConfig) -> list[tuple[str, int]]:
@@ -62,7 +64,8 @@ def run_simulation(cfg: DictConfig, verbose: bool = False) -> Path:
     run_dir = new_run_dir(cfg)
     say(f"simulating {len(sizes)} sites x {cfg.federation.rounds} rounds on Flower's simulation "
         f"runtime (task {cfg.task.name}, privacy {cfg.privacy.mode}"
-        + (f", target ε={cfg.privacy.target_epsilon:g} at δ={cfg.privacy.delta:g}" if cfg.privacy.mode != "none" else "")
+        + (f", target ε={cfg.privacy.target_epsilon:g} at δ={cfg.privacy.delta:g}"
+           if cfg.privacy.mode != "none" else "")
         + ")")
     if not verbose:
         # run_simulation's deprecation notice and "federated evaluation skipped" are
@@ -94,7 +97,8 @@ def run_simulation(cfg: DictConfig, verbose: bool = False) -> Path:
             shutil.rmtree(cache, ignore_errors=True)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     if len(rows) != cfg.federation.rounds + 1:
-        raise conf.ConfigError(f"simulation ended early: {len(rows) - 1} of {cfg.federation.rounds} rounds ran; see the log above")
+        raise conf.ConfigError(f"simulation ended early: {len(rows) - 1} of {cfg.federation.rounds} rounds ran; "
+                               "see the log above")
     return run_dir
 
 

@@ -54,10 +54,11 @@ def sweep_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     axes, fixed = split_axes(args.overrides)
     if not axes:
-        raise conf.ConfigError("sweep: give at least one key with comma-separated values, e.g. privacy.target_epsilon=1,4,8,inf")
+        raise conf.ConfigError("sweep: give at least one key with comma-separated values, "
+                               "e.g. privacy.target_epsilon=1,4,8,inf")
     base = conf.load_config(fixed)
     out = Path(args.out or Path(base.output.dir) / time.strftime("sweep-%Y%m%d-%H%M%S")).resolve()
-    points = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    points = [dict(zip(axes, values, strict=False)) for values in itertools.product(*axes.values())]
     configs = []
     for point in points:  # validate every point before the first simulation starts
         name = "_".join(f"{k.split('.')[-1]}-{v}" for k, v in point.items())
@@ -85,7 +86,8 @@ def write_results(out: Path, rows: list[dict], axes: list[str]) -> None:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[tuple(r[k] for k in group_keys)].append(r)
-    lines = ["| " + " | ".join(group_keys) + " | runs | accuracy (mean ± sd) | macro-F1 (mean ± sd) | ε spent (max site) |",
+    lines = ["| " + " | ".join(group_keys)
+             + " | runs | accuracy (mean ± sd) | macro-F1 (mean ± sd) | ε spent (max site) |",
              "|" + "---|" * (len(group_keys) + 4)]
     summary = []
     for key, rs in groups.items():
@@ -94,7 +96,7 @@ def write_results(out: Path, rows: list[dict], axes: list[str]) -> None:
         eps = max(r["epsilon_max"] for r in rs)
         lines.append("| " + " | ".join(key) + f" | {len(rs)} | {acc.mean():.4f} ± {acc.std():.4f} | "
                      f"{f1.mean():.4f} ± {f1.std():.4f} | {eps:.3f} |")
-        summary.append((dict(zip(group_keys, key)), acc, f1))
+        summary.append((dict(zip(group_keys, key, strict=False)), acc, f1))
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(out, summary)
@@ -124,7 +126,7 @@ def _plot(out: Path, summary: list[tuple[dict, np.ndarray, np.ndarray]]) -> None
             sd = np.array([p[idx].std() for p in finite])
             ax.errorbar(xs, ys, yerr=sd, marker="o", capsize=3, label=label)
         ax.set_xscale("log")
-    for eps, acc, f1 in pts:
+    for eps, acc, _f1 in pts:
         if not math.isfinite(eps):
             ax.axhline(acc.mean(), color="gray", linestyle="--", label="accuracy without DP")
     ax.set(xlabel="target ε per site (δ fixed)", ylabel="final central metric", ylim=(0, 1),

@@ -146,7 +146,11 @@ def _audit(tiny_bert, tmp_path, name: str, **extra) -> dict:
 def test_memorizing_task_without_dp_gives_a_lower_bound_clearly_above_one(tiny_bert, tmp_path):
     # Without DP the site still clips the batch gradient at privacy.max_grad_norm (a fair
     # baseline for DP runs); here we want a model free to memorize, so the norm is lifted.
-    r = _audit(tiny_bert, tmp_path, "no-dp", privacy="none", **{"privacy.max_grad_norm": 1e6})
+    # Five local epochs, not fifteen: trained longer, the tiny model grows so confident on
+    # every unseen canary that an excluded canary whose random label matches its guess
+    # scores like a memorized one (measured: bound 0.08 at 15 epochs, 2.74 at 5, seeds 3 and 4).
+    r = _audit(tiny_bert, tmp_path, "no-dp", privacy="none",
+               **{"privacy.max_grad_norm": 1e6, "training.local_epochs": 5})
     print("\nno DP:", {k: r[k] for k in ("epsilon_lower_bound", "guesses", "correct", "canary_losses")})
     assert r["m"] == 200 and r["privacy"] == "none" and r["accounted_epsilon"] is None
     assert r["epsilon_lower_bound"] > 1.5

@@ -1,0 +1,41 @@
+"""What every entry point does before any work: nothing phones home, and Flower's run
+config becomes the config its writer meant."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRY_POINTS = ["simulations.cli", "simulations.simulate", "server.app", "server.cli", "client.app", "client.cli"]
+SWITCHES = ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK", "RAY_USAGE_STATS_ENABLED", "HF_HUB_OFFLINE")
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_importing_an_entry_point_turns_off_every_phone_home_before_flower_reads_it(module):
+    env = {k: v for k, v in os.environ.items() if k not in SWITCHES and not k.startswith("FLWR_")}
+    code = (f"import {module}\n"
+            "import os, flwr.supercore.telemetry as t\n"
+            "print(t.FLWR_TELEMETRY_ENABLED, *(os.environ.get(k) for k in "
+            f"{SWITCHES[1:]!r}))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # Flower read FLWR_TELEMETRY_ENABLED when it was imported: "0" means it was set first.
+    assert out.stdout.split() == ["0", "1", "0", "1"]
+
+
+def test_flowers_run_config_the_yaml_wins_over_the_declared_default():
+    import conf
+    from server.app import RUN_CONFIG_YAML_KEY, config_from_run_config
+
+    yaml = conf.to_yaml(conf.load_config(["federation.rounds=3", "privacy.target_epsilon=4"]))
+    cfg = config_from_run_config({"federation.rounds": 40, RUN_CONFIG_YAML_KEY: yaml})
+    assert cfg.federation.rounds == 3 and cfg.privacy.target_epsilon == 4
+    cfg = config_from_run_config({"federation.rounds": 7, RUN_CONFIG_YAML_KEY: ""})
+    assert cfg.federation.rounds == 7
+    with pytest.raises(conf.ConfigError, match="unknown key"):
+        config_from_run_config({"federation.roundz": 7})
