@@ -14,11 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
-    synthetic_rows,
-    tiny_overrides,  # noqa: F401  until tests/test_deployment.py imports it from tests.helpers
-    write_csv,
-)
+from tests.helpers import synthetic_rows, write_csv
 
 
 @pytest.fixture(scope="session")
