@@ -1,7 +1,7 @@
 """A site's privacy state, on the site's own disk.
 
     <state_dir>/
-      site.key, site.pub   the site's signing key (0600); signs every ledger entry
+      site.key, site.pub   the site's ledger signing key (0600); signs every ledger entry
       ledger.jsonl         every privacy spend of this site, across rounds, runs, restarts
       runs/<run_id>.json   the noise multiplier calibrated for that run (reused on restart)
       cache/               frozen-prefix features: derived from private data, stays here
@@ -45,7 +45,7 @@ class SiteState:
         self.key_path = key_path or self.dir / "site.key"
         if not self.key_path.exists():
             if key_path is not None:
-                raise FedShieldError(f"site key {str(key_path)!r}: not found")
+                raise FedShieldError(f"ledger signing key {str(key_path)!r}: not found")
             pub = generate_site_key(self.key_path)
             (self.dir / "site.pub").write_bytes(pub)
         self.key = load_private_key(self.key_path)

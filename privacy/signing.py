@@ -46,7 +46,7 @@ def generate_site_key(path: Path, force: bool = False) -> bytes:
     """Make a P-256 key at `path` (0600, PKCS#8 PEM); returns the public key PEM."""
     path = Path(path)
     if path.exists() and not force:
-        raise FedShieldError(f"site key {str(path)!r} already exists; refusing to overwrite it (use force)")
+        raise FedShieldError(f"ledger signing key {str(path)!r} already exists; refusing to overwrite it (use force)")
     key = ec.generate_private_key(CURVE())
     data = _private_pem(key)
     try:
@@ -62,9 +62,9 @@ def generate_site_key(path: Path, force: bool = False) -> bytes:
         else:
             _write_new(path, data)
     except FileExistsError:
-        raise FedShieldError(f"site key {str(path)!r} already exists; refusing to overwrite it (use force)") from None
+        raise FedShieldError(f"ledger signing key {str(path)!r} already exists; refusing to overwrite it (use force)") from None
     except OSError as exc:
-        raise FedShieldError(f"site key {str(path)!r}: cannot write: {exc.strerror}") from None
+        raise FedShieldError(f"ledger signing key {str(path)!r}: cannot write: {exc.strerror}") from None
     return public_key_pem(key)
 
 
@@ -77,15 +77,15 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def load_private_key(path: Path) -> PrivateKey:
-    data = _read(path, "site key")
+    data = _read(path, "ledger signing key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
-        raise FedShieldError(f"site key {str(path)!r}: is encrypted; fedshield needs an unencrypted key") from None
+        raise FedShieldError(f"ledger signing key {str(path)!r}: is encrypted; fedshield needs an unencrypted key") from None
     except (ValueError, UnsupportedAlgorithm):
-        raise FedShieldError(f"site key {str(path)!r}: not a PEM private key") from None
+        raise FedShieldError(f"ledger signing key {str(path)!r}: not a PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, CURVE):
-        raise FedShieldError(f"site key {str(path)!r}: not an ECDSA P-256 key ({type(key).__name__})")
+        raise FedShieldError(f"ledger signing key {str(path)!r}: not an ECDSA P-256 key ({type(key).__name__})")
     return key
 
 
