@@ -62,7 +62,9 @@ def generate_site_key(path: Path, force: bool = False) -> bytes:
         else:
             _write_new(path, data)
     except FileExistsError:
-        raise FedShieldError(f"ledger signing key {str(path)!r} already exists; refusing to overwrite it (use force)") from None
+        raise FedShieldError(
+            f"ledger signing key {str(path)!r} already exists; refusing to overwrite it (use force)"
+        ) from None
     except OSError as exc:
         raise FedShieldError(f"ledger signing key {str(path)!r}: cannot write: {exc.strerror}") from None
     return public_key_pem(key)
@@ -81,7 +83,9 @@ def load_private_key(path: Path) -> PrivateKey:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
-        raise FedShieldError(f"ledger signing key {str(path)!r}: is encrypted; fedshield needs an unencrypted key") from None
+        raise FedShieldError(
+            f"ledger signing key {str(path)!r}: is encrypted; fedshield needs an unencrypted key"
+        ) from None
     except (ValueError, UnsupportedAlgorithm):
         raise FedShieldError(f"ledger signing key {str(path)!r}: not a PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, CURVE):
