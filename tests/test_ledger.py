@@ -239,7 +239,7 @@ def test_forged_signature_is_detected(world, tmp_path):
 
 
 def test_round_going_backwards_is_detected(world, tmp_path):
-    root, run0, keys = world
+    root, _, keys = world
     # a site's chain that is intact but whose rounds go backwards (re-signed by the site key itself)
     entries = []
     prev = GENESIS
@@ -306,7 +306,7 @@ def test_audit_recomputes_what_honest_sites_recorded(world, tmp_path):
 
 
 def test_audit_flags_under_reported_epsilon(world, tmp_path):
-    root, run0, keys = world
+    root, _, keys = world
     run = _copy_run(world, tmp_path)
     # a site that signs a too-small ε (its chain and signature are fine)
     e = _signed(keys["alpha"], dict(_fields("alpha", 1), epsilon=0.5), 0, GENESIS)
