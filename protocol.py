@@ -155,10 +155,14 @@ class Decline:
 
 @dataclass(frozen=True)
 class Rejected:
-    """The reply broke the protocol; `site` is the name it claimed, if it was readable."""
+    """The reply broke the protocol; `site` is the name it claimed, if it was readable.
+
+    `ledger_entries` are the reply's entries when only its payload was wrong (e.g. a NaN
+    weight): the spend happened, so the coordinator still checks and records them."""
 
     reason: str
     site: str | None = None
+    ledger_entries: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -481,19 +485,19 @@ def _plain_site(content: RecordDict) -> str | Decline:
 
 
 def read_feature_sum(msg: Message, width: int) -> FeatureSumReply | Decline | Rejected | Failed:
-    def parse(content: RecordDict) -> FeatureSumReply | Decline:
+    def parse(content: RecordDict) -> FeatureSumReply | Decline | Rejected:
         name = _plain_site(content)
         if isinstance(name, Decline):
             return name
         _records(content, [SITE, ARRAYS, METRICS, LEDGER])
+        entries = _ledger(content)
         metrics = _record(content, METRICS, MetricRecord)
         _keys(metrics, METRICS, [NUM_EXAMPLES])
         arrays = _arrays(content)
         problem = update_problem(arrays, {FEATURE_SUM_ARRAY: ((width,), np.dtype(np.float64))})
         if problem:
-            raise ProtocolError(f"arrays: {problem}")
-        return FeatureSumReply(name, _count(metrics, NUM_EXAMPLES, METRICS), arrays[FEATURE_SUM_ARRAY],
-                               _ledger(content))
+            return Rejected(f"arrays: {problem}", name, entries)
+        return FeatureSumReply(name, _count(metrics, NUM_EXAMPLES, METRICS), arrays[FEATURE_SUM_ARRAY], entries)
 
     result: FeatureSumReply | Decline | Rejected | Failed = _guard(msg, parse)
     return result
@@ -502,21 +506,22 @@ def read_feature_sum(msg: Message, width: int) -> FeatureSumReply | Decline | Re
 def read_train_reply(msg: Message, expected: Mapping[str, ArraySpec]) -> TrainReply | Decline | Rejected | Failed:
     """A training reply, its weights checked against `expected` (names, shapes, dtypes, finite)."""
 
-    def parse(content: RecordDict) -> TrainReply | Decline:
+    def parse(content: RecordDict) -> TrainReply | Decline | Rejected:
         name = _plain_site(content)
         if isinstance(name, Decline):
             return name
         _records(content, [SITE, ARRAYS, METRICS, LEDGER])
+        entries = _ledger(content)
         metrics = _record(content, METRICS, MetricRecord)
         _keys(metrics, METRICS, [NUM_EXAMPLES, TRAIN_LOSS, SECONDS])
         arrays = _arrays(content)
         problem = update_problem(arrays, expected)
         if problem:
-            raise ProtocolError(f"arrays: {problem}")
+            return Rejected(f"arrays: {problem}", name, entries)
         return TrainReply(
             site=name, num_examples=_count(metrics, NUM_EXAMPLES, METRICS),
             train_loss=_real(metrics, TRAIN_LOSS, METRICS, 0.0), seconds=_real(metrics, SECONDS, METRICS, 0.0),
-            arrays=arrays, ledger_entries=_ledger(content),
+            arrays=arrays, ledger_entries=entries,
         )
 
     result: TrainReply | Decline | Rejected | Failed = _guard(msg, parse)

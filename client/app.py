@@ -48,7 +48,7 @@ import conf
 import protocol
 from client.site import SiteState
 from privacy.accountant import Spend, epsilon
-from privacy.errors import BudgetExceeded, FedShieldError
+from privacy.errors import FedShieldError
 from task import centering
 from task.data import LabeledData
 from task.model import ModelError, TrainView
@@ -122,12 +122,16 @@ def _state(state_dir: Path, name: str, key: Path | None) -> SiteState:
         state = _STATES[cache_key] = SiteState(state_dir, name, key)  # reads the ledger
     else:
         state.refresh()
+    if state.recovery_message:  # a torn last line from a crash was set aside: the operator must know
+        log.warning("%s: %s", name, state.recovery_message)
     return state
 
 
 def resolve_site(plan: protocol.Plan, context: Context) -> Site:
     node = dict(context.node_config)
-    cfg = _config(plan.config_yaml, tuple(sorted(node.items())))
+    # Only dotted keys are config (the site's own settings); the rest (partition-id, paths)
+    # must not split the cache: a worker serves many virtual sites with one plan.
+    cfg = _config(plan.config_yaml, tuple(sorted((k, v) for k, v in node.items() if "." in k)))
     if NODE_SITE_NAME in node:  # deployment: everything local comes from the site itself
         name = str(node[NODE_SITE_NAME])
         # The coordinator's classes: a site row with any other label is refused (file, line).
@@ -157,8 +161,6 @@ def _handle(msg: Message, context: Context, handler: Callable[[Message, protocol
         return handler(msg, plan, site)
     except protocol.ProtocolError as exc:
         return _decline(msg, name, f"the coordinator's message broke the protocol: {exc}", "protocol")
-    except BudgetExceeded as exc:
-        return _decline(msg, name, str(exc), "budget")
     except FedShieldError as exc:
         return _decline(msg, name, str(exc), "error")
 

@@ -26,17 +26,23 @@ from omegaconf import DictConfig, OmegaConf
 
 import conf
 import protocol
+from privacy import signing
 from privacy.errors import FedShieldError
 from server.evaluate import CentralEvaluator
 from server.export import export_model
 from server.plots import plot_run
 from server.run_dir import LEDGER_KEYS, append_jsonl, new_run_dir
 from strategies.flower import flower_strategy
+from strategies.ledger_check import Expected, LedgerCheck
 from strategies.site_aware import RoundReport, SiteAwareStrategy
 from task import centering
 from task.pipeline import build_view, pool_and_test, view_fingerprint
+from task.trainer import batches_per_epoch, poisson_rate
 
 log = logging.getLogger("fedshield.server")
+
+REJECTED_ENTRIES = "rejected-entries.jsonl"  # <run>/privacy/: entries that did not verify, kept apart
+RELEASE_SPEND = Expected(sample_rate=1.0, steps=1)  # the feature-mean release (task.centering)
 
 
 def say(text: str) -> None:
@@ -60,6 +66,7 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
     say(f"asking {len(nodes)} sites who they are")
     messages = [protocol.instruction(protocol.HELLO, plan, n) for n in nodes]
     sites: dict[int, dict] = {}
+    taken: dict[str, int] = {}  # site name -> node id
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         hello = protocol.read_hello(reply)
@@ -69,12 +76,19 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
             say(f"site on node {node}: not joining: its reply broke the protocol: {hello.reason}")
         elif isinstance(hello, protocol.Decline):
             say(f"site {hello.site}: not joining: {hello.reason}")
+        elif hello.site in taken:
+            # The first to claim a name keeps it; a second site of that name (a misconfigured
+            # or hostile client) is refused, never the run.
+            say(f"site on node {node}: not joining: the name {hello.site!r} is taken by node {taken[hello.site]}")
         else:
-            sites[node] = {"site": hello.site, "n": hello.num_examples, "public_key": hello.ledger_public_key}
-    names = [s["site"] for s in sites.values()]
-    dup = {n for n in names if names.count(n) > 1}
-    if dup:
-        raise FedShieldError(f"two connected sites share the name {sorted(dup)[0]!r}; site names must be unique")
+            try:
+                key = signing.load_public_key(hello.ledger_public_key)
+            except FedShieldError as exc:
+                say(f"site {hello.site}: not joining: its ledger public key is not usable ({exc})")
+                continue
+            taken[hello.site] = node
+            sites[node] = {"site": hello.site, "n": hello.num_examples, "public_key": hello.ledger_public_key,
+                           "key": key}
     return sites
 
 
@@ -99,7 +113,7 @@ def _simulated_nodes(grid: Grid, expected: int, settle_s: float) -> list[int]:
 
 
 def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict], rounds: RoundLog,
-                         width: int, timeout: float) -> np.ndarray | None:
+                         books: LedgerCheck, width: int, timeout: float) -> np.ndarray | None:
     """Ask every site for its noisy feature sum (task.centering); their mean, or None."""
     say(f"feature centering: asking {len(sites)} sites for their noisy feature sums (each site first "
         "encodes its records with the frozen model, once per run: this is the slow step on a CPU)")
@@ -110,16 +124,26 @@ def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict],
         got = protocol.read_feature_sum(reply, width)
         if isinstance(got, protocol.Failed):
             say(f"  {name}: feature mean failed: {got.reason}")
-        elif isinstance(got, protocol.Rejected):
-            say(f"  {name}: feature-mean reply broke the protocol ({got.reason}); not used")
-        elif got.site != name:
+        elif got.site not in (None, name):
             say(f"  {name}: feature-mean reply names site {got.site!r}; not used")
         elif isinstance(got, protocol.Decline):
             say(f"  {name}: no feature mean: {got.reason}")
         else:
+            problem = books.check(name, 0, got.ledger_entries, RELEASE_SPEND)
+            if problem:
+                rounds.keep_apart(name, got.ledger_entries)
+                say(f"  {name}: feature-mean reply rejected: {problem}; not used")
+                continue
             rounds.record(name, got.ledger_entries)  # spent, whether or not the sum is usable
-            sums.append(got.feature_sum)
-            counts.append(got.num_examples)
+            declared = sites[reply.metadata.src_node_id]["n"]
+            if isinstance(got, protocol.Rejected):
+                say(f"  {name}: feature-mean reply broke the protocol ({got.reason}); not used")
+            elif got.num_examples != declared:
+                say(f"  {name}: feature-mean reply claims {got.num_examples} records, not the {declared} "
+                    "it declared; not used")
+            else:
+                sums.append(got.feature_sum)
+                counts.append(got.num_examples)
     if not sums:
         say("feature centering: no site released a feature mean; training without centering")
         return None
@@ -142,14 +166,20 @@ class RoundLog:
         self.t0 = time.time()
 
     def record(self, site: str, entries: Iterable[dict]) -> None:
-        """A site's signed spends into the run's ledger; its ε is the last entry's."""
+        """A site's verified spends into the run's ledger; its ε is the last entry's."""
         for entry in entries:
             append_jsonl(self.run_dir / "privacy" / "ledger.jsonl", entry)
             self.epsilon[site] = float(entry["epsilon"])
 
+    def keep_apart(self, site: str, entries: Iterable[dict]) -> None:
+        """Entries that did not verify: kept for the record, never in the run's ledger."""
+        for entry in entries:
+            append_jsonl(self.run_dir / "privacy" / REJECTED_ENTRIES, {"from_site": site, "entry": entry})
+
     def on_round(self, report: RoundReport) -> None:
         for r in report.replies:
             self.record(r.site, r.ledger_entries)  # spent whether or not the update is used
+            self.keep_apart(r.site, r.rejected_entries)
             if r.status != "trained":
                 self.declines.setdefault(r.site, []).append(f"round {report.server_round}: {r.status}: {r.reason}")
                 say(f"  {r.site}: {r.status}: {r.reason}")
@@ -207,9 +237,12 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None) -> 
     say(f"{len(sites)} sites: " + ", ".join(f"{s['site']} (n={s['n']})" for s in listed))
 
     rounds = RoundLog(run_dir, cfg, sites)
+    books = LedgerCheck(run_dir.name, {s["site"]: s["key"] for s in sites.values()},
+                        dp=cfg.privacy.mode == "dp-sgd", delta=float(cfg.privacy.delta),
+                        accountant=str(cfg.privacy.accountant))
     centered = False
     if centering.applies(cfg, view):
-        center = collect_feature_mean(grid, plan, sites, rounds, int(view.module.center.shape[0]),
+        center = collect_feature_mean(grid, plan, sites, rounds, books, int(view.module.center.shape[0]),
                                       float(cfg.federation.round_timeout_s))
         if center is not None:
             centering.set_center(view, center)
@@ -221,6 +254,10 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None) -> 
         proximal_mu=cfg.federation.proximal_mu,
         server_learning_rate=cfg.federation.server_learning_rate,
     )
+    tr = cfg.training
+    planned = {s["site"]: Expected(poisson_rate(s["n"], tr.batch_size),
+                                   tr.local_epochs * batches_per_epoch(s["n"], tr.batch_size))
+               for s in sites.values()}  # what each site's round must spend, from its declared n
     strategy = SiteAwareStrategy(
         inner,
         {nid: s["site"] for nid, s in sites.items()},
@@ -228,6 +265,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None) -> 
         seed=int(cfg.federation.seed),
         expected_arrays={k: (tuple(v.shape), v.dtype) for k, v in initial.items()},
         on_round=rounds.on_round,
+        records={nid: s["n"] for nid, s in sites.items()},
+        check_ledger=lambda site, server_round, entries: books.check(site, server_round, entries, planned[site]),
     )
 
     def evaluate(server_round: int, arrays) -> MetricRecord:

@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 import conf
+import protocol
 from server.run_dir import new_run_dir, read_jsonl
 from task.sites import check_delta, virtual_sites
 
@@ -28,6 +29,10 @@ from task.sites import check_delta, virtual_sites
 def check_sites(cfg: DictConfig) -> list[tuple[str, int]]:
     """(site, records) for every virtual site; refuses a δ that is not below 1/n."""
     sizes = [(name, len(data)) for name, data in virtual_sites(cfg)]
+    for name, _ in sizes:  # names from a data file's site column become folder names
+        if not protocol.SITE_NAME.match(name):
+            raise conf.ConfigError(
+                f"task.site_column: site name {name[:70]!r} is not valid ({protocol.SITE_NAME_RULE})")
     name, smallest = min(sizes, key=lambda s: s[1])
     check_delta(cfg, name, smallest)
     return sizes

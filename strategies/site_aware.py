@@ -15,8 +15,12 @@ wrapped strategy untouched, per-round state keyed by round):
   field, a wrong or non-finite tensor) / failed (Flower reported an error). Only trained
   replies reach the wrapped strategy's aggregation, and only their weights and record
   count (`protocol.aggregation_content`): no field a site adds can reach Flower's code.
+- **Declared counts and signed books.** A reply's record count must be the one the site
+  declared at discovery (`records`), and its ledger entries must pass `check_ledger`
+  (strategies.ledger_check: chain, signature, the planned spend, ε not under-reported). A
+  site whose entries fail is rejected, its entries are kept apart, and it is not asked again.
 - **A report per round** (`RoundReport`) to `on_round`, before aggregation, so that the
-  coordinator records every spend whether or not the update is used.
+  coordinator records every verified spend whether or not the update is used.
 - Federated evaluation is off: evaluation is central, on held-out data.
 """
 
@@ -36,18 +40,16 @@ import protocol
 
 log = logging.getLogger("fedshield.strategy")
 
-STATUSES = ("trained", "declined", "rejected", "failed")
-
-
 @dataclass
 class SiteReply:
     site: str
     node_id: int
-    status: str  # one of STATUSES
+    status: str  # trained | declined | rejected | failed
     reason: str = ""
     num_examples: int = 0
-    ledger_entries: tuple[dict[str, Any], ...] = ()  # signed spends, in order
+    ledger_entries: tuple[dict[str, Any], ...] = ()  # signed spends that verified, in order
     decline_kind: str = ""
+    rejected_entries: tuple[dict[str, Any], ...] = ()  # entries that did not verify: kept apart
 
 
 @dataclass
@@ -95,6 +97,11 @@ class SiteAwareStrategy(Strategy):
         The trainable tensors every update must have, exactly.
     on_round : Callable[[RoundReport], None], optional
         Called once per round with every sampled site's outcome, before aggregation.
+    records : Mapping[int, int], optional
+        Node id -> the record count the site declared at discovery; a reply must match it.
+    check_ledger : Callable[[str, int, entries], str | None], optional
+        (site, server round, ledger entries) -> None if the entries may join the run's
+        ledger, else why not.
     """
 
     def __init__(
@@ -106,6 +113,8 @@ class SiteAwareStrategy(Strategy):
         seed: int,
         expected_arrays: Mapping[str, protocol.ArraySpec],
         on_round: Callable[[RoundReport], None] | None = None,
+        records: Mapping[int, int] | None = None,
+        check_ledger: Callable[[str, int, tuple[dict[str, Any], ...]], str | None] | None = None,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train={fraction_train}: must be in (0, 1]")
@@ -123,7 +132,9 @@ class SiteAwareStrategy(Strategy):
         self.seed = int(seed)
         self.expected_arrays = dict(expected_arrays)
         self.on_round = on_round
-        self.excluded: dict[str, str] = {}  # site -> why it is not asked any more (budget)
+        self.records = dict(records or {})
+        self.check_ledger = check_ledger
+        self.excluded: dict[str, str] = {}  # site -> why it is not asked any more (budget, books)
         self._sampled: dict[int, list[int]] = {}  # server round -> node ids asked
 
     # ------------------------------------------------------------ selection
@@ -164,25 +175,45 @@ class SiteAwareStrategy(Strategy):
             parsed = protocol.read_train_reply(msg, self.expected_arrays)
             if isinstance(parsed, protocol.Failed):
                 report.replies.append(SiteReply(name, node, "failed", parsed.reason))
-            elif isinstance(parsed, protocol.Rejected):
-                report.replies.append(SiteReply(name, node, "rejected", parsed.reason))
-            elif parsed.site != name:
+            elif parsed.site not in (None, name):
                 report.replies.append(SiteReply(
                     name, node, "rejected", f"the reply names site {parsed.site!r}, not {name!r}"))
+            elif isinstance(parsed, protocol.Rejected):
+                reply = SiteReply(name, node, "rejected", parsed.reason)
+                self._books(reply, server_round, parsed.ledger_entries)  # spent even if unusable
+                report.replies.append(reply)
             elif isinstance(parsed, protocol.Decline):
                 if parsed.kind == "budget":
                     self.excluded[name] = parsed.reason
                 report.replies.append(SiteReply(name, node, "declined", parsed.reason, decline_kind=parsed.kind))
             else:
-                report.replies.append(SiteReply(name, node, "trained", "", parsed.num_examples,
-                                                parsed.ledger_entries))
-                msg.content = protocol.aggregation_content(parsed)
-                valid.append(msg)
+                reply = SiteReply(name, node, "trained", "", parsed.num_examples)
+                declared = self.records.get(node)
+                if not self._books(reply, server_round, parsed.ledger_entries):
+                    reply.status = "rejected"
+                elif declared is not None and parsed.num_examples != declared:
+                    reply.status, reply.reason = "rejected", (
+                        f"claims {parsed.num_examples} records; it declared {declared} at discovery")
+                else:
+                    msg.content = protocol.aggregation_content(parsed)
+                    valid.append(msg)
+                report.replies.append(reply)
         # Replies arrive in any order: sorted by site, the report reads the same every run
         # and the aggregate's floating-point sum is reproducible.
         report.replies.sort(key=lambda r: r.site)
         valid.sort(key=lambda m: self.sites[m.metadata.src_node_id])
         return report, valid
+
+    def _books(self, reply: SiteReply, server_round: int, entries: tuple[dict[str, Any], ...]) -> bool:
+        """Check a reply's ledger entries into `reply`; False (and the site excluded) if they fail."""
+        problem = self.check_ledger(reply.site, server_round, entries) if self.check_ledger else None
+        if problem is None:
+            reply.ledger_entries = entries
+            return True
+        reply.rejected_entries = entries
+        reply.reason = f"{reply.reason}; {problem}" if reply.reason else problem
+        self.excluded[reply.site] = problem
+        return False
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -35,10 +35,6 @@ from task.model import (
 )
 
 
-def is_text_task(cfg: DictConfig) -> bool:
-    return cfg.task.name != "heart-disease"
-
-
 @lru_cache(maxsize=4)
 def _pool_and_test(task_yaml: str) -> tuple[LabeledData, LabeledData]:
     from omegaconf import OmegaConf

@@ -174,3 +174,30 @@ def test_wraps_any_flower_strategy_and_checks_its_arguments():
         SiteAwareStrategy(FedAvg(), {1: "alpha", 2: "alpha"}, fraction_train=1.0, seed=1, expected_arrays=EXPECTED)
     with pytest.raises(ValueError, match="federation.strategy='krum'"):
         flower_strategy("krum")
+
+
+def test_declared_counts_and_signed_books_gate_the_aggregate():
+    """A reply must carry the record count declared at discovery, and its ledger entries must
+    pass the coordinator's check; a site whose books fail is kept apart and not asked again."""
+    seen: list[tuple[str, int]] = []
+
+    def check_ledger(site, server_round, entries):
+        seen.append((site, server_round))
+        return "its ledger entries do not verify: forged" if site == "charlie" else None
+
+    grid = FakeGrid({"alpha": trains(1.0, 10), "bravo": trains(1000.0, 999), "charlie": trains(1000.0, 10),
+                     "delta": trains(1.0, 10)})
+    reports: list[RoundReport] = []
+    strategy = SiteAwareStrategy(flower_strategy("fedavg"), SITES, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
+                                 on_round=reports.append, records=dict.fromkeys(SITES, 10), check_ledger=check_ledger)
+    plan = protocol.plan_record(config_yaml="x", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
+    result = strategy.start(grid=grid, initial_arrays=protocol.to_array_record({"w": np.zeros(3, np.float32)}),
+                            num_rounds=2, timeout=5, train_config=plan)
+    first = {r.site: r for r in reports[0].replies}
+    assert first["bravo"].status == "rejected" and "claims 999 records; it declared 10" in first["bravo"].reason
+    assert first["bravo"].ledger_entries  # its spend verified: it is recorded, the update is not used
+    assert first["charlie"].status == "rejected" and "do not verify" in first["charlie"].reason
+    assert first["charlie"].rejected_entries and not first["charlie"].ledger_entries
+    assert "charlie" in strategy.excluded and ("charlie", 2) not in seen  # never asked again
+    assert reports[1].sampled == ["alpha", "bravo", "delta"]
+    assert np.allclose(result.arrays["w"].numpy(), 1.0)

@@ -1,0 +1,117 @@
+"""The coordinator's check of every ledger entry a site sends, on arrival.
+
+A reply's entries are the site's signed account of what its release cost. The coordinator
+keeps a copy per run (`<run>/privacy/ledger.jsonl`) for the auditor, so before an entry is
+copied there it must be what the site really signed, for what the plan asked, and not
+under-report:
+
+1. **Chain and signature** (`privacy.ledger.verify_ledger`): the new entries continue the
+   site's chain from its last accepted entry of this run (hash links, seq, run_seq, rounds
+   forward, ε never down), each signed by the ledger signing key the site presented at
+   discovery (its `SiteHello`).
+2. **Provenance**: each entry names this site, this run and this round.
+3. **The plan**: a release's entries spend exactly the planned Poisson rate and steps
+   (`Expected`, from the record count the site declared), with σ > 0, the run's accountant
+   and the run's δ or a smaller one (a site may be stricter than the plan, never looser).
+   No entry in a DP run's release (the site trained without DP, or dropped the account)
+   is a rejection.
+4. **ε recomputed**: the recorded cumulative ε is at least what the accountant
+   (`privacy.accountant.epsilon`, the larger of Opacus and dp-accounting) computes over the
+   site's entries of this run alone. Earlier runs only add to the true ε, so this is a
+   lower bound the site cannot go under; the site's own ledger is the full account.
+
+A reply whose entries fail is rejected and its entries are kept apart (the caller writes
+them to `privacy/rejected-entries.jsonl`); the site's chain state does not advance, so a
+site whose books failed once cannot be accepted again in this run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from privacy import signing
+from privacy.accountant import Spend, epsilon
+from privacy.ledger import verify_ledger
+
+TOLERANCE = 1e-6  # relative, as the audit's
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What one release of a site must spend: `steps` steps at Poisson rate `sample_rate`."""
+
+    sample_rate: float
+    steps: int
+
+
+class LedgerCheck:
+    """Per-run, per-site state of the entries accepted so far; `check` each reply's entries.
+
+    Parameters
+    ----------
+    run_id : str
+        The run every entry must name.
+    public_keys : Mapping[str, PublicKey]
+        Site -> its ledger signing public key, from discovery.
+    dp : bool
+        Whether the run's plan is record-level DP: then every release needs its entries.
+    delta, accountant : float, str
+        The plan's δ and accountant; entries must use them.
+    """
+
+    def __init__(self, run_id: str, public_keys: Mapping[str, signing.PublicKey], *, dp: bool,
+                 delta: float, accountant: str) -> None:
+        self.run_id = run_id
+        self.public_keys = dict(public_keys)
+        self.dp = dp
+        self.delta = float(delta)
+        self.accountant = accountant
+        self.accepted: dict[str, list[dict[str, Any]]] = {site: [] for site in self.public_keys}
+
+    def check(self, site: str, server_round: int, entries: Sequence[dict[str, Any]],
+              expected: Expected | None) -> str | None:
+        """None if `entries` may join the run's ledger (and they are then accepted), else why not.
+
+        `expected` is the spend the plan asked for (None: nothing to check, e.g. a site
+        that declined after spending)."""
+        problem = self._problem(site, server_round, list(entries), expected)
+        if problem is None:
+            self.accepted[site].extend(entries)
+        return problem
+
+    def _problem(self, site: str, server_round: int, entries: list[dict[str, Any]],
+                 expected: Expected | None) -> str | None:
+        if site not in self.public_keys:
+            return f"no ledger key for site {site!r} from discovery"
+        if not entries:
+            return "no ledger entry: a DP release must come with its signed spend" if self.dp and expected else None
+        for e in entries:
+            if (e.get("site"), e.get("run_id"), e.get("round")) != (site, self.run_id, server_round):
+                return (f"a ledger entry names site {e.get('site')!r}, run {e.get('run_id')!r}, round "
+                        f"{e.get('round')!r}; expected {site!r}, {self.run_id!r}, {server_round}")
+            # A site may be stricter than the plan (a smaller δ of its own), never looser.
+            if e.get("accountant") != self.accountant or not isinstance(e.get("delta"), float) \
+                    or not 0 < e["delta"] <= self.delta:
+                return (f"a ledger entry is at δ={e.get('delta')!r} with {e.get('accountant')!r}; the run allows "
+                        f"δ <= {self.delta:g} with {self.accountant!r}")
+        history = [*self.accepted[site], *entries]
+        verified = verify_ledger(history, {site: self.public_keys[site]})
+        if not verified.ok:
+            return f"its ledger entries do not verify: {verified.reason}"
+        spends = [Spend(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
+        if expected is not None:
+            if any(s.sample_rate != expected.sample_rate for s in spends) or \
+                    sum(s.steps for s in spends) != expected.steps:
+                got = ", ".join(f"{s.steps} steps at q={s.sample_rate:g}" for s in spends)
+                return (f"its ledger entries spend {got}; the plan asks {expected.steps} steps "
+                        f"at q={expected.sample_rate:g}")
+            if any(s.noise_multiplier <= 0 for s in spends):
+                return "a ledger entry records noise multiplier 0: no DP"
+        floor = epsilon([Spend(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in history],
+                        float(entries[-1]["delta"]), self.accountant)
+        recorded = float(entries[-1]["epsilon"])
+        if recorded < floor * (1 - TOLERANCE):
+            return f"its ledger records ε={recorded:.6g}, below the {floor:.6g} that this run's entries alone cost"
+        return None

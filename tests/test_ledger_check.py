@@ -1,0 +1,148 @@
+"""The coordinator's check of a site's ledger entries on arrival: what a site really signed,
+for what the plan asked, never under-reported; everything else is refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from privacy import signing
+from privacy.accountant import Spend, epsilon
+from privacy.ledger import Ledger
+from strategies.ledger_check import Expected, LedgerCheck
+
+PLAN = Expected(sample_rate=0.25, steps=4)
+DELTA = 1e-5
+
+
+class Site:
+    """A site with its own signed ledger, as client/site.py keeps it."""
+
+    def __init__(self, tmp_path, name="st-marys"):
+        self.name = name
+        key_path = tmp_path / name / "site.key"
+        signing.generate_site_key(key_path)
+        self.key = signing.load_private_key(key_path)
+        self.ledger = Ledger(tmp_path / name / "ledger.jsonl")
+
+    def spend(self, server_round, sigma=1.1, q=0.25, steps=4, run="run-1", **extra):
+        return self.ledger.append({"run_id": run, "round": server_round, "site": self.name,
+                                   "noise_multiplier": sigma, "sample_rate": q, "steps": steps,
+                                   "max_grad_norm": 1.0, "delta": DELTA, "accountant": "rdp", **extra}, self.key)
+
+    @property
+    def public(self):
+        return self.key.public_key()
+
+
+def books(*sites, dp=True):
+    return LedgerCheck("run-1", {s.name: s.public for s in sites}, dp=dp, delta=DELTA, accountant="rdp")
+
+
+def test_honest_entries_are_accepted_round_after_round(tmp_path):
+    site = Site(tmp_path)
+    check = books(site)
+    for r in (1, 2, 3):
+        assert check.check(site.name, r, [site.spend(r)], PLAN) is None
+    assert [e["round"] for e in check.accepted[site.name]] == [1, 2, 3]
+
+
+def test_a_site_with_earlier_runs_starts_mid_chain(tmp_path):
+    site = Site(tmp_path)
+    site.spend(1, run="run-0")
+    site.spend(2, run="run-0")
+    assert books(site).check(site.name, 1, [site.spend(1)], PLAN) is None  # seq 2, partial history
+
+
+def test_forged_and_foreign_entries_are_refused(tmp_path):
+    site, other = Site(tmp_path), Site(tmp_path, "impostor")
+    check = books(site)
+    forged = other.spend(1)
+    forged["site"] = site.name  # another key's entry, renamed
+    assert "do not verify" in check.check(site.name, 1, [forged], PLAN)
+    entry = site.spend(1)
+    edited = copy.deepcopy(entry)
+    edited["noise_multiplier"] = 5.0  # looks like more noise than was used
+    assert "do not verify" in check.check(site.name, 1, [edited], PLAN)
+    assert check.check(site.name, 1, [entry], PLAN) is None  # the real one still passes
+    assert "names site" in check.check(site.name, 2, [other.spend(2)], PLAN)
+    assert "no ledger key" in check.check("nobody", 1, [entry], PLAN)
+
+
+def test_entries_for_another_run_round_or_delta_are_refused(tmp_path):
+    site = Site(tmp_path)
+    assert "expected 'st-marys', 'run-1', 1" in books(site).check(site.name, 1, [site.spend(1, run="run-9")], PLAN)
+    assert "expected 'st-marys', 'run-1', 2" in books(site).check(site.name, 2, [site.spend(1)], PLAN)
+    loose = site.ledger.append({"run_id": "run-1", "round": 3, "site": site.name, "noise_multiplier": 1.0,
+                                "sample_rate": 0.25, "steps": 4, "max_grad_norm": 1.0, "delta": 1e-3,
+                                "accountant": "rdp"}, site.key)
+    assert "the run allows δ <= 1e-05" in books(site).check(site.name, 3, [loose], PLAN)
+
+
+def test_a_chain_with_a_gap_or_a_replay_is_refused(tmp_path):
+    site = Site(tmp_path)
+    check = books(site)
+    first = site.spend(1)
+    assert check.check(site.name, 1, [first], PLAN) is None
+    site.spend(2)  # spent but never shown to the coordinator
+    third = site.spend(3)
+    assert "do not verify" in check.check(site.name, 3, [third], PLAN)
+    assert "do not verify" in books(site).check(site.name, 1, [first, first], PLAN)  # the same entry twice
+
+
+@pytest.mark.parametrize("spend, says", [
+    (dict(steps=1), "its ledger entries spend 1 steps at q=0.25; the plan asks 4 steps at q=0.25"),
+    (dict(q=0.5), "the plan asks 4 steps at q=0.25"),
+    (dict(sigma=0.0), "noise multiplier 0"),
+])
+def test_a_spend_other_than_the_plan_or_without_noise_is_refused(tmp_path, spend, says):
+    site = Site(tmp_path)
+    assert says in books(site).check(site.name, 1, [site.spend(1, **spend)], PLAN)
+
+
+def test_a_spend_in_segments_that_add_up_to_the_plan_is_accepted(tmp_path):
+    site = Site(tmp_path)
+    split = [site.spend(1, steps=1), site.spend(1, steps=3)]  # Opacus may record segments
+    assert books(site).check(site.name, 1, split, PLAN) is None
+
+
+def test_no_entry_in_a_dp_run_is_refused_and_none_needed_without_dp(tmp_path):
+    site = Site(tmp_path)
+    assert "must come with its signed spend" in books(site).check(site.name, 1, [], PLAN)
+    assert books(site, dp=False).check(site.name, 1, [], PLAN) is None
+    assert books(site).check(site.name, 1, [], None) is None  # nothing was asked of it
+
+
+def _resigned(site, entry, **changes):
+    """The site's own key over a changed entry: a valid signature on a lie."""
+    import base64
+
+    from privacy.ledger import entry_hash
+
+    lie = dict(entry, **changes)
+    lie["hash"] = entry_hash(lie)
+    lie["signature"] = base64.b64encode(signing.sign(site.key, lie["hash"].encode())).decode()
+    return lie
+
+
+def test_an_under_reported_epsilon_is_refused(tmp_path):
+    site = Site(tmp_path)
+    honest = site.spend(1)
+    assert honest["epsilon"] >= epsilon([Spend(1.1, 0.25, 4)], DELTA, "rdp")
+    check = books(site)
+    assert "below the" in check.check(site.name, 1, [_resigned(site, honest, epsilon=0.5)], PLAN)
+    assert check.accepted[site.name] == []  # the refused entry is not taken in
+    assert check.check(site.name, 1, [honest], PLAN) is None
+    later = _resigned(site, site.spend(2), epsilon=honest["epsilon"])  # a round that cost nothing?
+    assert "below the" in check.check(site.name, 2, [later], PLAN)
+    assert check.accepted[site.name] == [honest]
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_a_site_stricter_than_the_plan_is_accepted(tmp_path, dp):
+    site = Site(tmp_path)
+    strict = site.ledger.append({"run_id": "run-1", "round": 1, "site": site.name, "noise_multiplier": 3.0,
+                                 "sample_rate": 0.25, "steps": 4, "max_grad_norm": 0.5, "delta": 1e-7,
+                                 "accountant": "rdp"}, site.key)
+    assert books(site, dp=dp).check(site.name, 1, [strict], PLAN) is None
