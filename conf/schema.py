@@ -9,6 +9,7 @@ with one line that names the key and what is allowed.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 TASKS = ("news-topics", "heart-disease", "text-file")
@@ -20,6 +21,26 @@ DEVICES = ("auto", "cpu", "cuda")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 PRIVACY_MODES = ("none", "dp-sgd")
 ACCOUNTANTS = ("rdp", "prv")
+
+# federation.num_sites: the simulation is documented for 10 to 10,000 virtual sites on one
+# machine (each a Flower SuperNode with its own partition; bench/sim_scale.py measures 10
+# to 1,000), and a deployment's sites are real machines that an operator enrols one by
+# one, each with its own key, so 10,000 bounds both; a larger count is a typo
+# (num_sites=1000000) that would fail only after minutes of start-up, or exhaust memory.
+MAX_SITES = 10_000
+# federation.seed, task.split_seed: numpy's generators refuse negative seeds and torch
+# refuses seeds of 2**64 and above; 32 bits is the range every library takes.
+MAX_SEED = 2**32 - 1
+# output.run_name is one folder under output.dir (and `.<run_name>.flower` beside it):
+# a plain name, so that no value can leave output.dir ('..', '/', a leading '.', which
+# would also hide the run) or hold control characters. 128 keeps
+# `.<run_name>.flower` well inside the 255-byte file name limit.
+RUN_NAME_MAX = 128
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*", re.ASCII)
+RUN_NAME_RULE = (
+    f"a plain folder name of at most {RUN_NAME_MAX} characters: ASCII letters, digits, '-', '_' "
+    "and '.', not starting with '.' or '-' (\"\" = a timestamped name)"
+)
 
 
 @dataclass
@@ -153,35 +174,79 @@ def _check(key: str, ok: bool, what: str, value: object) -> str | None:
     return None if ok else f"{key}={value!r}: must be {what}"
 
 
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def _positive(key: str, value: float, what: str = "a finite number > 0") -> str | None:
+    return _check(key, _finite(value) and value > 0, what, value)
+
+
+def _non_negative(key: str, value: float) -> str | None:
+    return _check(key, _finite(value) and value >= 0, "a finite number >= 0", value)
+
+
+def _seed(key: str, value: int) -> str | None:
+    return _check(key, 0 <= value <= MAX_SEED, f"an integer from 0 to {MAX_SEED}", value)
+
+
+def _path(key: str, value: str, required: bool = False) -> str | None:
+    if required and not value.strip():
+        return f"{key}={value!r}: must be a folder path (not empty)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return f"{key}={value!r}: must be a path without NUL or other control characters"
+    return None
+
+
+def run_name_error(name: str) -> str | None:
+    """Why `name` cannot be output.run_name, or None ("" = a timestamped name)."""
+    if len(name) > RUN_NAME_MAX:
+        return f"output.run_name={name[:32]!r}... ({len(name)} characters): must be {RUN_NAME_RULE}"
+    ok = name == "" or RUN_NAME_RE.fullmatch(name) is not None
+    return _check("output.run_name", ok, RUN_NAME_RULE, name)
+
+
 def validation_errors(cfg: FedShieldConfig) -> list[str]:
-    """Range and enum checks that need no data. Returns messages naming key and allowed."""
+    """Range and enum checks that need no data. Returns messages naming key and allowed.
+
+    Every float is checked finite as well as in range: OmegaConf reads `inf` and `nan` as
+    floats, and a NaN fails every comparison silently (an infinite clipping norm is no
+    clipping at all, an infinite learning rate NaNs the model).
+    """
     t, f, tr, p, s = cfg.task, cfg.federation, cfg.training, cfg.privacy, cfg.simulation
+    o = cfg.output
     checks = [
         _one_of("task.name", t.name, TASKS),
+        _path("task.model", t.model),
         _check("task.max_length", 8 <= t.max_length <= 512, "between 8 and 512", t.max_length),
         _check("task.test_fraction", 0 < t.test_fraction < 1, "in (0, 1)", t.test_fraction),
+        _seed("task.split_seed", t.split_seed),
+        _path("task.data_path", t.data_path),
+        _path("task.test_path", t.test_path),
         _check("task.hidden_units", t.hidden_units >= 0, ">= 0", t.hidden_units),
-        _check("federation.num_sites", f.num_sites >= 1, ">= 1", f.num_sites),
+        _check(
+            "federation.num_sites",
+            1 <= f.num_sites <= MAX_SITES,
+            f"between 1 and {MAX_SITES:,}",
+            f.num_sites,
+        ),
         _check("federation.rounds", f.rounds >= 1, ">= 1", f.rounds),
         _check(
             "federation.fraction_train", 0 < f.fraction_train <= 1, "in (0, 1]", f.fraction_train
         ),
-        _check("federation.min_sites", f.min_sites >= 1, ">= 1", f.min_sites),
+        _check(
+            "federation.min_sites",
+            1 <= f.min_sites <= max(f.num_sites, 1),
+            f"between 1 and federation.num_sites={f.num_sites}",
+            f.min_sites,
+        ),
         _one_of("federation.partition", f.partition, PARTITIONS),
-        _check(
-            "federation.dirichlet_alpha", f.dirichlet_alpha > 0, "> 0", f.dirichlet_alpha
-        ),
+        _positive("federation.dirichlet_alpha", f.dirichlet_alpha),
         _one_of("federation.strategy", f.strategy, STRATEGIES),
-        _check("federation.proximal_mu", f.proximal_mu >= 0, ">= 0", f.proximal_mu),
-        _check(
-            "federation.server_learning_rate",
-            f.server_learning_rate > 0,
-            "> 0",
-            f.server_learning_rate,
-        ),
-        _check(
-            "federation.round_timeout_s", f.round_timeout_s > 0, "> 0", f.round_timeout_s
-        ),
+        _non_negative("federation.proximal_mu", f.proximal_mu),
+        _positive("federation.server_learning_rate", f.server_learning_rate),
+        _seed("federation.seed", f.seed),
+        _positive("federation.round_timeout_s", f.round_timeout_s, "a finite number of seconds > 0"),
         _one_of("training.trainable", tr.trainable, TRAINABLE),
         _check("training.last_layers", tr.last_layers >= 0, ">= 0", tr.last_layers),
         _check("training.lora_r", tr.lora_r >= 1, ">= 1", tr.lora_r),
@@ -193,9 +258,7 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
             ">= 1",
             tr.max_physical_batch_size,
         ),
-        _check(
-            "training.learning_rate", tr.learning_rate > 0, "> 0", tr.learning_rate
-        ),
+        _positive("training.learning_rate", tr.learning_rate),
         _one_of("training.optimizer", tr.optimizer, OPTIMIZERS),
         _one_of("training.device", tr.device, DEVICES),
         _one_of("training.grad_sample_mode", tr.grad_sample_mode, GRAD_SAMPLE_MODES),
@@ -209,11 +272,11 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
         _check("privacy.delta", 0 < p.delta < 1, "in (0, 1) and below 1/n of every site", p.delta),
         _check(
             "privacy.noise_multiplier",
-            p.noise_multiplier is None or p.noise_multiplier > 0,
-            "> 0 or null (calibrate to target_epsilon)",
+            p.noise_multiplier is None or (_finite(p.noise_multiplier) and p.noise_multiplier > 0),
+            "a finite number > 0 or null (calibrate to target_epsilon)",
             p.noise_multiplier,
         ),
-        _check("privacy.max_grad_norm", p.max_grad_norm > 0, "> 0", p.max_grad_norm),
+        _positive("privacy.max_grad_norm", p.max_grad_norm),
         _one_of("privacy.accountant", p.accountant, ACCOUNTANTS),
         _check(
             "privacy.center_noise_multiplier",
@@ -233,9 +296,11 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
             "a finite number > 0 or null (= target_epsilon)",
             p.budget_epsilon,
         ),
-        _check("simulation.client_cpus", s.client_cpus > 0, "> 0", s.client_cpus),
-        _check("simulation.client_gpus", s.client_gpus >= 0, ">= 0", s.client_gpus),
+        _positive("simulation.client_cpus", s.client_cpus),
+        _non_negative("simulation.client_gpus", s.client_gpus),
         _check("simulation.num_cpus", s.num_cpus >= 0, ">= 0", s.num_cpus),
+        _path("output.dir", o.dir, required=True),
+        run_name_error(o.run_name),
     ]
     errors = [c for c in checks if c]
     if t.name == "text-file" and not t.data_path:

@@ -10,9 +10,12 @@ line, where one applies), because site operators fix their files from that line 
 from __future__ import annotations
 
 import csv
+import errno
 import importlib.util
 import io
 import json
+import os
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -181,21 +184,74 @@ def load_heart_disease() -> LabeledData:
 # ----------------------------------------------------------------- site-owned files
 
 TEXT_FILE_SUFFIXES = (".csv", ".jsonl", ".json")
+# The whole file is read into memory, decoded and parsed (and, for text, tokenised): 1 GiB
+# of text is already hours of DP-SGD on the CPUs a site has, and a larger "data file" is
+# more likely a disk image or a log than a dataset. Refused before a byte is read.
+MAX_DATA_FILE_BYTES = 1 << 30
 
 
-def _read_utf8(p: Path) -> str:
-    if not p.exists():
-        raise DataError(f"{p}: no such file")
-    if p.is_dir():
-        raise DataError(f"{p}: is a directory, expected a CSV or JSONL file")
+def _not_regular(p: Path, mode: int) -> DataError:
+    if stat.S_ISDIR(mode):
+        return DataError(f"{p}: is a directory, expected a CSV or JSONL file")
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
+    kind = next((f"is {name}, not" for test, name in kinds if test(mode)), "is not")
+    return DataError(f"{p}: {kind} a regular file; expected a CSV or JSONL file")
+
+
+def check_data_file(path: str | Path) -> Path:
+    """A site data file as far as it can be checked without reading it: it exists, is a
+    regular file (a symlink to one is fine), has a CSV/JSONL suffix and is not too large.
+
+    Checked with `os.stat` before anything opens it: opening a FIFO for reading blocks
+    until a writer comes, and a device or a socket is no dataset. Raises `DataError`.
+    """
+    if not str(path).strip():
+        raise DataError("no data file given (the path is empty)")
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise DataError(f"{p}: no such file") from None
+    except PermissionError:
+        raise DataError(f"{p}: permission denied") from None
+    except (OSError, ValueError) as e:  # ValueError: an embedded NUL byte
+        raise DataError(f"{p}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(p, st.st_mode)
     if p.suffix.lower() not in TEXT_FILE_SUFFIXES:
         raise DataError(f"{p}: unsupported file type {p.suffix!r}; expected one of {', '.join(TEXT_FILE_SUFFIXES)}")
+    if st.st_size > MAX_DATA_FILE_BYTES:
+        raise DataError(f"{p}: {st.st_size:,} bytes, more than the {MAX_DATA_FILE_BYTES:,} a data file may have")
+    return p
+
+
+def _read_regular(p: Path) -> bytes:
+    """The bytes of `p`, never blocking on a file that was swapped for a FIFO after the
+    check: O_NONBLOCK makes open() return at once, and fstat on the open file decides."""
     try:
-        raw = p.read_bytes()
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except PermissionError:
         raise DataError(f"{p}: permission denied") from None
     except OSError as e:
+        if e.errno == errno.ENXIO:  # open() of a socket (swapped in after the check)
+            raise DataError(f"{p}: is not a regular file; expected a CSV or JSONL file") from None
         raise DataError(f"{p}: cannot read: {e.strerror}") from None
+    with open(fd, "rb", closefd=True) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(p, st.st_mode)
+        try:
+            raw = f.read(MAX_DATA_FILE_BYTES + 1)
+        except OSError as e:
+            raise DataError(f"{p}: cannot read: {e.strerror}") from None
+    if len(raw) > MAX_DATA_FILE_BYTES:  # it grew after the check
+        raise DataError(f"{p}: more than the {MAX_DATA_FILE_BYTES:,} bytes a data file may have")
+    return raw
+
+
+def _read_utf8(p: Path) -> str:
+    raw = _read_regular(p)
     try:
         return raw.decode("utf-8-sig")  # a BOM (spreadsheet exports) is not part of the header
     except UnicodeDecodeError as e:
@@ -279,9 +335,7 @@ def load_text_file(
     `labels` fixes the task's classes (every site and the server must agree on them);
     without it the classes are the file's sorted distinct labels.
     """
-    if not str(path).strip():
-        raise DataError("no data file given (the path is empty)")
-    p = Path(path)
+    p = check_data_file(path)
     text = _read_utf8(p)
     if not text.strip():
         raise DataError(f"{p}: file is empty")

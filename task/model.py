@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +47,156 @@ def bundled_model_path() -> Path:
     return Path(spec.origin).parent / "model"
 
 
+# What `from_pretrained` reads from a local folder, in the order it looks
+# (transformers.modeling_utils._get_resolved_checkpoint_files): the first one present wins.
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)  # fmt: skip
+# A BERT tokenizer needs its vocabulary: the fast tokenizer's file or WordPiece's vocab.txt.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+# The text tasks fine-tune a BERT encoder (TrainView reaches into `model.bert`: the frozen
+# prefix, the pooler, the expanded position ids); another architecture would fail only
+# after the federation started.
+TEXT_MODEL_TYPES = ("bert",)
+MAX_JSON_BYTES = 16 << 20  # config.json / a shard index: a few KB in practice
+MAX_SAFETENSORS_HEADER = 100_000_000  # the limit of the safetensors format itself
+
+
+def _regular(p: Path) -> os.stat_result | None:
+    """stat of `p` (following symlinks) if it is a regular file, else None: never open a
+    FIFO (it blocks) or a device to find out what it is."""
+    try:
+        st = p.stat()
+    except (OSError, ValueError):
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def _read_head(p: Path, n: int, where: str) -> bytes:
+    """Up to n bytes from the start of the regular file `p` (O_NONBLOCK + fstat: a file
+    swapped for a FIFO after the check cannot block us)."""
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ModelError(f"{where}: cannot read {p.name}: {e.strerror}") from None
+    with open(fd, "rb", closefd=True) as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ModelError(f"{where}: {p.name} is not a regular file")
+        try:
+            return f.read(n)
+        except OSError as e:
+            raise ModelError(f"{where}: cannot read {p.name}: {e.strerror}") from None
+
+
+def _read_json(p: Path, where: str) -> dict:
+    st = _regular(p)
+    if st is None:
+        raise ModelError(f"{where}: no {p.name} there (a from_pretrained folder has config.json and weights)")
+    if st.st_size > MAX_JSON_BYTES:
+        raise ModelError(f"{where}: {p.name} has {st.st_size:,} bytes; at most {MAX_JSON_BYTES:,} are read")
+    raw = _read_head(p, MAX_JSON_BYTES + 1, where)
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        detail = f"{e.msg}, line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise ModelError(f"{where}: {p.name} is not valid JSON ({detail})") from None
+    if not isinstance(obj, dict):
+        raise ModelError(f"{where}: {p.name} holds {type(obj).__name__}, expected a JSON object")
+    return obj
+
+
+def _check_safetensors(p: Path, where: str) -> None:
+    """The header of a safetensors file and that the file holds every byte it declares:
+    a truncated copy (an interrupted transfer) fails here, not minutes into a run."""
+    st = _regular(p)
+    if st is None:
+        raise ModelError(f"{where}: {p.name} is missing or not a regular file")
+    head = _read_head(p, 8, where)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 2 <= n <= min(MAX_SAFETENSORS_HEADER, st.st_size - 8):
+        raise ModelError(f"{where}: {p.name} is not a safetensors file (bad header length), or is truncated")
+    try:
+        header = json.loads(_read_head(p, 8 + n, where)[8:].decode("utf-8"))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise ModelError(f"{where}: {p.name} has a corrupt safetensors header") from None
+    expected = 8 + n + max(ends, default=0)
+    if expected != st.st_size:
+        raise ModelError(
+            f"{where}: {p.name} has {st.st_size:,} bytes but its header declares {expected:,}; "
+            "the copy is truncated or corrupt"
+        )
+
+
+def _check_weights(folder: Path, name: str, where: str) -> None:
+    p = folder / name
+    if name.endswith(".index.json"):
+        weight_map = _read_json(p, where).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelError(f"{where}: {name} has no weight_map")
+        for shard in sorted({str(v) for v in weight_map.values()}):
+            if Path(shard).name != shard:
+                raise ModelError(f"{where}: {name} names a shard outside the folder: {shard!r}")
+            if shard.endswith(".safetensors"):
+                _check_safetensors(folder / shard, where)
+            elif _regular(folder / shard) is None:
+                raise ModelError(f"{where}: shard {shard} (named in {name}) is missing or not a regular file")
+    elif name.endswith(".safetensors"):
+        _check_safetensors(p, where)
+    else:
+        st = _regular(p)
+        if st is None or st.st_size == 0:
+            raise ModelError(f"{where}: {name} is empty or not a regular file")
+
+
+def check_model_folder(path: str | os.PathLike[str], where: str = "") -> Path:
+    """Check a text model folder without loading it; the folder, or `ModelError` (one line).
+
+    What `AutoModelForSequenceClassification.from_pretrained` and `AutoTokenizer` need
+    from a local folder: a folder; a config.json that parses, of a BERT model; a weights
+    file (safetensors checked against its header, so a truncated copy fails); a tokenizer
+    vocabulary. Reads a few kilobytes, never follows a FIFO, takes milliseconds: the
+    coordinator calls it before it starts Flower, the site before it joins. `where` starts
+    the message (default: `task.model='<path>'`).
+    """
+    p = Path(path)
+    where = where or f"task.model={str(path)!r}"
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise ModelError(f"{where}: no such folder (a from_pretrained folder: config.json and weights)") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{where}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ModelError(f"{where}: not a folder (a from_pretrained folder: config.json and weights)")
+    config = _read_json(p / "config.json", where)
+    model_type = config.get("model_type")
+    if model_type not in TEXT_MODEL_TYPES:
+        raise ModelError(
+            f"{where}: config.json has model_type {model_type!r}; the text tasks fine-tune "
+            f"{' or '.join(repr(t) for t in TEXT_MODEL_TYPES)} models (as all-MiniLM-L6-v2)"
+        )
+    explicit = config.get("transformers_weights")  # from_pretrained reads this file if set
+    if explicit is not None:
+        if not isinstance(explicit, str) or Path(explicit).name != explicit:
+            raise ModelError(f"{where}: config.json transformers_weights={explicit!r} is not a file in the folder")
+        _check_weights(p, explicit, where)
+    else:
+        found = next((name for name in WEIGHT_FILES if _regular(p / name) is not None), None)
+        if found is None:
+            raise ModelError(f"{where}: no weights there; expected one of {', '.join(WEIGHT_FILES)}")
+        _check_weights(p, found, where)
+    if not any(_regular(p / name) is not None for name in TOKENIZER_FILES):
+        raise ModelError(f"{where}: no tokenizer there; expected {' or '.join(TOKENIZER_FILES)}")
+    return p
+
+
 def text_model_path(model: str) -> Path:
-    path = Path(model) if model else bundled_model_path()
-    if not (path / "config.json").is_file():
-        raise ModelError(f"task.model={str(path)!r}: no config.json there (a from_pretrained folder)")
-    return path
+    """The folder of a text model: `task.model`, or the bundled one if "" (checked)."""
+    if model:
+        return check_model_folder(model)
+    path = bundled_model_path()
+    return check_model_folder(path, where=f"task.model='' (the bundled all-MiniLM-L6-v2 at {path})")
 
 
 def _quiet_transformers() -> None:

@@ -91,3 +91,121 @@ def test_missing_data_file_is_named(capsys, tmp_path):
     code = main(["simulate", "task=text-file", f"task.data_path={missing}", f"output.dir={tmp_path / 'runs'}"])
     err = capsys.readouterr().err
     assert code == 2 and str(missing) in err and err.count("\n") == 1
+
+
+# Floats: OmegaConf reads inf and nan as floats, and NaN fails every comparison silently.
+FINITE_KEYS = [
+    "task.test_fraction", "federation.fraction_train", "federation.dirichlet_alpha",
+    "federation.proximal_mu", "federation.server_learning_rate", "federation.round_timeout_s",
+    "training.learning_rate", "privacy.target_epsilon", "privacy.delta", "privacy.noise_multiplier",
+    "privacy.max_grad_norm", "privacy.center_noise_multiplier", "privacy.center_clip_norm",
+    "privacy.budget_epsilon", "simulation.client_cpus", "simulation.client_gpus",
+]  # fmt: skip
+
+
+def test_every_float_key_is_checked_finite():
+    floats = [k for k, v in conf.to_flat(conf.load_config()).items() if isinstance(v, float)]
+    nullable = ["privacy.noise_multiplier", "privacy.center_clip_norm", "privacy.budget_epsilon"]
+    assert sorted(floats + nullable) == sorted(FINITE_KEYS)
+
+
+@pytest.mark.parametrize("key", FINITE_KEYS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_floats_are_refused(key, value):
+    with pytest.raises(conf.ConfigError) as err:
+        conf.load_config([f"{key}={value}"])
+    msg = str(err.value)
+    assert "\n" not in msg and f"{key}={value}" in msg and "must be" in msg
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "federation.proximal_mu=0", "simulation.client_gpus=0", "privacy.max_grad_norm=1e6",
+        "training.learning_rate=1e-9", "federation.round_timeout_s=1e9", "federation.dirichlet_alpha=1e3",
+        "privacy.noise_multiplier=100", "federation.server_learning_rate=1e-6", "simulation.client_cpus=0.25",
+    ],
+)  # fmt: skip
+def test_finite_boundaries_are_accepted(override):
+    conf.load_config([override])
+
+
+@pytest.mark.parametrize(
+    "override, must_mention",
+    [
+        (["privacy.max_grad_norm=inf"], ["privacy.max_grad_norm=inf", "a finite number > 0"]),
+        (["federation.num_sites=1000000"], ["federation.num_sites=1000000", "between 1 and 10,000"]),
+        (["federation.num_sites=10001"], ["federation.num_sites=10001", "between 1 and 10,000"]),
+        (["federation.num_sites=0"], ["federation.num_sites=0"]),
+        (["federation.min_sites=9"], ["federation.min_sites=9", "federation.num_sites=8"]),
+        (["federation.num_sites=3", "federation.min_sites=4"], ["federation.min_sites=4", "between 1 and"]),
+        (["federation.min_sites=0"], ["federation.min_sites=0"]),
+        (["federation.seed=-1"], ["federation.seed=-1", "from 0 to 4294967295"]),
+        (["federation.seed=4294967296"], ["federation.seed=4294967296"]),
+        (["task.split_seed=-5"], ["task.split_seed=-5", "from 0 to"]),
+        (["output.dir="], ["output.dir=''", "not empty"]),
+        (["output.dir=' '"], ["output.dir=' '", "not empty"]),
+    ],
+)
+def test_absurd_values_are_refused(override, must_mention):
+    with pytest.raises(conf.ConfigError) as err:
+        conf.load_config(override)
+    msg = str(err.value)
+    assert "\n" not in msg
+    for word in must_mention:
+        assert word in msg
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        ["federation.num_sites=10000"], ["federation.num_sites=1"],
+        ["federation.num_sites=10000", "federation.min_sites=10000"], ["federation.min_sites=8"],
+        ["federation.seed=0"], ["federation.seed=4294967295"], ["task.split_seed=0"],
+    ],
+)  # fmt: skip
+def test_count_and_seed_boundaries_are_accepted(override):
+    conf.load_config(override)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "..", ".", "../..", "../x", "a/b", "/abs", "a\\b", ".hidden", "-flag", "has space", "tab\tx",
+        "x\n", "caf\u00e9", "a\x00b", "semi;colon", "a:b", "x" * 129,
+    ],
+)  # fmt: skip
+def test_run_name_must_be_a_plain_folder_name(name):
+    with pytest.raises(conf.ConfigError) as err:
+        conf.load_config(base={"output": {"run_name": name}})
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("config: output.run_name=")
+    assert "plain folder name" in msg and "letters, digits, '-', '_' and '.'" in msg
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "", "20261201-074921-68b9", "deploy", "job-7", "default-eps8-idle", "target_epsilon-4",
+        "target_epsilon-inf_seed-1", "learning_rate-1e-05", "run.v2", "_tmp", "x" * 128,
+    ],
+)  # fmt: skip
+def test_run_names_in_use_are_accepted(name):
+    assert conf.load_config([f"output.run_name={name}"]).output.run_name == name
+
+
+@pytest.mark.parametrize("key", ["task.model", "task.data_path", "task.test_path", "output.dir"])
+def test_paths_with_nul_or_control_characters_are_refused(key):
+    section, leaf = key.split(".")
+    with pytest.raises(conf.ConfigError) as err:
+        conf.load_config(base={section: {leaf: "runs\x00/x"}})
+    msg = str(err.value)
+    assert "\n" not in msg and key in msg and "NUL" in msg
+
+
+def test_run_name_cannot_leave_output_dir(capsys, tmp_path):
+    out = tmp_path / "a" / "b" / "runs"
+    code = main(["simulate", "output.run_name=../..", f"output.dir={out}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "output.run_name='../..'" in err
+    assert not any(tmp_path.iterdir())  # nothing was made, inside or outside output.dir

@@ -5,22 +5,27 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import task.data
 from privacy.errors import FedShieldError
 from task.data import (
     DataError,
     LabeledData,
+    check_data_file,
     load_heart_disease,
     load_news_topics,
     load_text_file,
     train_test_split,
 )
+from task.model import ModelError, check_model_folder, text_model_path
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +229,14 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
 def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     p = write(tmp_path / "secret.csv", "text,label\nx,a\n")
 
-    def denied(self: Path) -> bytes:  # root ignores chmod, so simulate the OS refusing
-        raise PermissionError(13, "Permission denied", str(self))
+    real_open = os.open
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    def denied(path, flags, *args, **kwargs):  # root ignores chmod, so simulate the OS refusing
+        if Path(path) == p:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
     with pytest.raises(DataError) as err:
         load_text_file(p)
     assert one_line(err) == f"{p}: permission denied"
@@ -259,6 +268,186 @@ def test_duplicate_class_names(tmp_path: Path) -> None:
     p = write(tmp_path / "d.csv", "text,label\nx,a\n")
     with pytest.raises(DataError, match="class names repeat: a, a"):
         load_text_file(p, labels=["a", "a"])
+
+
+# A data file that is not a regular file is refused before anything opens it: opening a
+# FIFO for reading blocks until a writer comes (the site would hang with no output).
+NOT_REGULAR = "not a regular file; expected a CSV or JSONL file"
+
+
+@pytest.mark.timeout(20)
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "site.csv"
+    os.mkfifo(fifo)
+    for load in (load_text_file, check_data_file):
+        with pytest.raises(DataError) as err:
+            load(fifo)
+        assert one_line(err) == f"{fifo}: is a FIFO (named pipe), {NOT_REGULAR}"
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(fifo)
+    with pytest.raises(DataError, match=re.escape(f"{link}: is a FIFO")):
+        load_text_file(link)
+
+
+@pytest.mark.timeout(20)
+def test_fifo_swapped_in_after_the_check_does_not_block(tmp_path: Path) -> None:
+    fifo = tmp_path / "site.csv"
+    os.mkfifo(fifo)  # what the reader finds if the file is replaced between stat and open
+    with pytest.raises(DataError) as err:
+        task.data._read_regular(fifo)
+    assert one_line(err) == f"{fifo}: is a FIFO (named pipe), {NOT_REGULAR}"
+
+
+@pytest.mark.timeout(20)
+def test_device_and_socket_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    null = tmp_path / "null.csv"
+    null.symlink_to(os.devnull)
+    with pytest.raises(DataError) as err:
+        load_text_file(null)
+    assert one_line(err) == f"{null}: is a character device, {NOT_REGULAR}"
+    monkeypatch.chdir(tmp_path)  # a short relative name: AF_UNIX paths hold ~100 bytes
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind("s.csv")
+        with pytest.raises(DataError) as err:
+            load_text_file(tmp_path / "s.csv")
+        assert one_line(err) == f"{tmp_path / 's.csv'}: is a socket, {NOT_REGULAR}"
+
+
+def test_symlink_to_a_regular_file_is_read(tmp_path: Path) -> None:
+    real = write(tmp_path / "real.csv", "text,label\nx,a\ny,b\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    assert load_text_file(link).texts == ["x", "y"]
+    assert check_data_file(link) == link
+
+
+def test_data_file_size_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert task.data.MAX_DATA_FILE_BYTES == 1 << 30
+    p = write(tmp_path / "big.csv", "text,label\n" + "some words,a\n" * 100)
+    monkeypatch.setattr(task.data, "MAX_DATA_FILE_BYTES", p.stat().st_size)
+    assert len(load_text_file(p)) == 100  # at the limit: read
+    monkeypatch.setattr(task.data, "MAX_DATA_FILE_BYTES", p.stat().st_size - 1)
+    with pytest.raises(DataError) as err:
+        load_text_file(p)
+    size = p.stat().st_size
+    assert one_line(err) == f"{p}: {size:,} bytes, more than the {size - 1:,} a data file may have"
+
+
+def test_check_data_file_reads_nothing(tmp_path: Path) -> None:
+    p = write(tmp_path / "d.csv", "not, even, a header\n\"")
+    assert check_data_file(p) == p  # only what stat can tell; parsing is load_text_file's
+    with pytest.raises(DataError, match="no data file given"):
+        check_data_file(" ")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'd.txt'}: no such file")):
+        check_data_file(tmp_path / "d.txt")
+
+
+# ------------------------------------------- model folders (task.model), not loaded
+# tests/test_model.py would be their home; the check is task.model.check_model_folder.
+
+
+def _model_folder(root: Path, files: dict[str, bytes | str] | None = None) -> Path:
+    """A folder with what from_pretrained needs: config.json, real safetensors weights
+    (written by the safetensors library) and a vocabulary; `files` replaces or adds
+    (a value of "" removes the file)."""
+    from safetensors.numpy import save_file
+
+    root.mkdir()
+    save_file({"w": np.zeros((4, 3), np.float32), "b": np.ones(3, np.float32)}, str(root / "model.safetensors"))
+    write(root / "config.json", json.dumps({"model_type": "bert", "hidden_size": 4}))
+    write(root / "vocab.txt", "[PAD]\n[UNK]\n")
+    for name, content in (files or {}).items():
+        if content == "":
+            (root / name).unlink()
+        elif isinstance(content, bytes):
+            (root / name).write_bytes(content)
+        else:
+            write(root / name, content)
+    return root
+
+
+def test_bundled_and_saved_models_pass(tiny_bert: Path, tmp_path: Path) -> None:
+    bundled = text_model_path("")
+    assert (bundled / "model.safetensors").is_file()
+    assert text_model_path(str(tiny_bert)) == tiny_bert
+    assert check_model_folder(_model_folder(tmp_path / "m")) == tmp_path / "m"
+
+
+def _model_error(folder: Path) -> str:
+    with pytest.raises(ModelError) as err:
+        check_model_folder(folder)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"task.model={str(folder)!r}: ")
+    return msg.split(": ", 1)[1]
+
+
+def test_missing_model_folder_and_a_file(tmp_path: Path) -> None:
+    assert _model_error(tmp_path / "nope").startswith("no such folder")
+    assert _model_error(write(tmp_path / "f", "x")).startswith("not a folder")
+    with pytest.raises(ModelError, match=re.escape(f"task.model={str(tmp_path / 'nope')!r}: no such folder")):
+        text_model_path(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"config.json": ""}, "no config.json there"),
+        ({"config.json": "{not json"}, "config.json is not valid JSON (Expecting property name"),
+        ({"config.json": b"\xff\xfe"}, "config.json is not valid JSON (not UTF-8)"),
+        ({"config.json": "[1, 2]"}, "config.json holds list, expected a JSON object"),
+        ({"config.json": "{}"}, "config.json has model_type None; the text tasks fine-tune 'bert' models"),
+        ({"config.json": '{"model_type": "roberta"}'}, "config.json has model_type 'roberta'"),
+        ({"model.safetensors": ""}, "no weights there; expected one of model.safetensors, "
+                                    "model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json"),
+        ({"model.safetensors": b"\x01"}, "model.safetensors is not a safetensors file"),
+        ({"model.safetensors": b"\xff" * 64}, "model.safetensors is not a safetensors file"),
+        ({"model.safetensors": b"\x04\0\0\0\0\0\0\0[1]}"}, "model.safetensors has a corrupt safetensors header"),
+        ({"model.safetensors": "", "pytorch_model.bin": b""}, "pytorch_model.bin is empty or not a regular file"),
+        ({"model.safetensors": "", "model.safetensors.index.json": '{"weight_map": {"w": "a.safetensors"}}'},
+         "a.safetensors is missing or not a regular file"),
+        ({"model.safetensors": "", "pytorch_model.bin.index.json": '{"weight_map": {"w": "../x.bin"}}'},
+         "pytorch_model.bin.index.json names a shard outside the folder: '../x.bin'"),
+        ({"model.safetensors": "", "pytorch_model.bin.index.json": '{"metadata": {}}'},
+         "pytorch_model.bin.index.json has no weight_map"),
+        ({"config.json": '{"model_type": "bert", "transformers_weights": "../w.safetensors"}'},
+         "config.json transformers_weights='../w.safetensors' is not a file in the folder"),
+        ({"vocab.txt": ""}, "no tokenizer there; expected tokenizer.json or vocab.txt"),
+    ],
+)  # fmt: skip
+def test_unusable_model_folders(tmp_path: Path, files: dict, expected: str) -> None:
+    folder = _model_folder(tmp_path / "m", files)
+    assert _model_error(folder).startswith(expected)
+
+
+def test_truncated_weights_are_found_without_loading(tmp_path: Path) -> None:
+    folder = _model_folder(tmp_path / "m")
+    w = folder / "model.safetensors"
+    size = w.stat().st_size
+    with open(w, "r+b") as f:
+        f.truncate(size - 5)
+    assert _model_error(folder) == (
+        f"model.safetensors has {size - 5:,} bytes but its header declares {size:,}; the copy is truncated or corrupt"
+    )
+
+
+def test_sharded_and_pytorch_weights_pass(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    index = '{"weight_map": {"a": "1.safetensors", "b": "2.safetensors"}}'
+    sharded = _model_folder(tmp_path / "s", {"model.safetensors": "", "model.safetensors.index.json": index})
+    for shard in ("1", "2"):
+        save_file({"a": np.zeros(2, np.float32)}, str(sharded / f"{shard}.safetensors"))
+    assert check_model_folder(sharded) == sharded
+    bin_folder = _model_folder(tmp_path / "b", {"model.safetensors": "", "pytorch_model.bin": b"PK\x03\x04..."})
+    assert check_model_folder(bin_folder) == bin_folder
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "vocab.txt"])
+def test_fifo_in_a_model_folder_does_not_block(tmp_path: Path, name: str) -> None:
+    folder = _model_folder(tmp_path / "m", {name: ""})
+    os.mkfifo(folder / name)
+    assert _model_error(folder)  # refused (as missing: from_pretrained skips non-files too)
 
 
 # ---------------------------------------------------------------------- splitting
