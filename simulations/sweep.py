@@ -14,6 +14,7 @@ import argparse
 import csv
 import itertools
 import math
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -61,7 +62,9 @@ def sweep_main(argv: list[str]) -> int:
     points = [dict(zip(axes, values, strict=False)) for values in itertools.product(*axes.values())]
     configs = []
     for point in points:  # validate every point before the first simulation starts
-        name = "_".join(f"{k.split('.')[-1]}-{v}" for k, v in point.items())
+        # One folder name per point (output.run_name allows letters, digits, "-", "_", "."):
+        # it starts with a key's name, so with a letter.
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", "_".join(f"{k.split('.')[-1]}-{v}" for k, v in point.items()))[:128]
         cfg = conf.load_config(fixed + point_overrides(point) + [f"output.dir={out}", f"output.run_name={name}"])
         configs.append((point, cfg))
     out.mkdir(parents=True, exist_ok=True)
