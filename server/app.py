@@ -129,12 +129,12 @@ def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict],
         elif isinstance(got, protocol.Decline):
             say(f"  {name}: no feature mean: {got.reason}")
         else:
-            problem = books.check(name, 0, got.ledger_entries, RELEASE_SPEND)
-            if problem:
+            verdict = books.check(name, 0, got.ledger_entries, RELEASE_SPEND)
+            if verdict.problem:
                 rounds.keep_apart(name, got.ledger_entries)
-                say(f"  {name}: feature-mean reply rejected: {problem}; not used")
+                say(f"  {name}: feature-mean reply rejected: {verdict.problem}; not used")
                 continue
-            rounds.record(name, got.ledger_entries)  # spent, whether or not the sum is usable
+            rounds.record(name, verdict.new_entries)  # spent, whether or not the sum is usable
             declared = sites[reply.metadata.src_node_id]["n"]
             if isinstance(got, protocol.Rejected):
                 say(f"  {name}: feature-mean reply broke the protocol ({got.reason}); not used")

@@ -39,6 +39,14 @@ TOLERANCE = 1e-6  # relative, as the audit's
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """`problem` None: the entries may join the run's ledger; `new_entries` are those it lacks."""
+
+    problem: str | None
+    new_entries: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
 class Expected:
     """What one release of a site must spend: `steps` steps at Poisson rate `sample_rate`."""
 
@@ -70,18 +78,44 @@ class LedgerCheck:
         self.accountant = accountant
         self.accepted: dict[str, list[dict[str, Any]]] = {site: [] for site in self.public_keys}
 
+    def restore(self, entries: Sequence[dict[str, Any]]) -> str | None:
+        """Take in a run's ledger as written before a restart (resume); None, or why it
+        cannot be trusted (each site's entries must verify under its key, as on arrival)."""
+        by_site: dict[str, list[dict[str, Any]]] = {}
+        for e in entries:
+            by_site.setdefault(str(e.get("site")), []).append(e)
+        for site, own in by_site.items():
+            if site not in self.public_keys:
+                return f"the run's ledger has entries of site {site!r}, which did not rejoin"
+            verified = verify_ledger(own, {site: self.public_keys[site]})
+            if not verified.ok:
+                return f"the run's ledger does not verify: {verified.reason}"
+            self.accepted[site] = list(own)
+        return None
+
     def check(self, site: str, server_round: int, entries: Sequence[dict[str, Any]],
-              expected: Expected | None) -> str | None:
-        """None if `entries` may join the run's ledger (and they are then accepted), else why not.
+              expected: Expected | None) -> Verdict:
+        """Whether `entries` may join the run's ledger; accepted ones are taken in.
 
         `expected` is the spend the plan asked for (None: nothing to check, e.g. a site
-        that declined after spending)."""
-        problem = self._problem(site, server_round, list(entries), expected)
-        if problem is None:
-            self.accepted[site].extend(entries)
-        return problem
+        that declined after spending). Entries this run already accepted (a site replaying
+        its last release after a coordinator restart) are recognised, not counted twice:
+        `Verdict.new_entries` is what the run's ledger still lacks."""
+        entries = list(entries)
+        accepted = self.accepted.get(site, [])
+        known = {e.get("hash"): e for e in accepted}
+        replayed = [e for e in entries if e.get("hash") in known]
+        if replayed:
+            if entries[: len(replayed)] != replayed or accepted[-len(replayed):] != replayed:
+                return Verdict("its ledger entries repeat accepted ones out of order or changed")
+        fresh = entries[len(replayed):]
+        problem = self._problem(site, server_round, entries, fresh, expected)
+        if problem is not None:
+            return Verdict(problem)
+        accepted.extend(fresh)
+        return Verdict(None, tuple(fresh))
 
-    def _problem(self, site: str, server_round: int, entries: list[dict[str, Any]],
+    def _problem(self, site: str, server_round: int, entries: list[dict[str, Any]], fresh: list[dict[str, Any]],
                  expected: Expected | None) -> str | None:
         if site not in self.public_keys:
             return f"no ledger key for site {site!r} from discovery"
@@ -96,7 +130,7 @@ class LedgerCheck:
                     or not 0 < e["delta"] <= self.delta:
                 return (f"a ledger entry is at δ={e.get('delta')!r} with {e.get('accountant')!r}; the run allows "
                         f"δ <= {self.delta:g} with {self.accountant!r}")
-        history = [*self.accepted[site], *entries]
+        history = [*self.accepted[site], *fresh]
         verified = verify_ledger(history, {site: self.public_keys[site]})
         if not verified.ok:
             return f"its ledger entries do not verify: {verified.reason}"

@@ -37,6 +37,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 import protocol
+from strategies.ledger_check import Verdict
 
 log = logging.getLogger("fedshield.strategy")
 
@@ -99,9 +100,9 @@ class SiteAwareStrategy(Strategy):
         Called once per round with every sampled site's outcome, before aggregation.
     records : Mapping[int, int], optional
         Node id -> the record count the site declared at discovery; a reply must match it.
-    check_ledger : Callable[[str, int, entries], str | None], optional
-        (site, server round, ledger entries) -> None if the entries may join the run's
-        ledger, else why not.
+    check_ledger : Callable[[str, int, entries], Verdict], optional
+        (site, server round, ledger entries) -> whether the entries may join the run's
+        ledger (strategies.ledger_check.LedgerCheck.check).
     """
 
     def __init__(
@@ -114,7 +115,7 @@ class SiteAwareStrategy(Strategy):
         expected_arrays: Mapping[str, protocol.ArraySpec],
         on_round: Callable[[RoundReport], None] | None = None,
         records: Mapping[int, int] | None = None,
-        check_ledger: Callable[[str, int, tuple[dict[str, Any], ...]], str | None] | None = None,
+        check_ledger: Callable[[str, int, tuple[dict[str, Any], ...]], Verdict] | None = None,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train={fraction_train}: must be in (0, 1]")
@@ -206,9 +207,13 @@ class SiteAwareStrategy(Strategy):
 
     def _books(self, reply: SiteReply, server_round: int, entries: tuple[dict[str, Any], ...]) -> bool:
         """Check a reply's ledger entries into `reply`; False (and the site excluded) if they fail."""
-        problem = self.check_ledger(reply.site, server_round, entries) if self.check_ledger else None
-        if problem is None:
+        if self.check_ledger is None:
             reply.ledger_entries = entries
+            return True
+        verdict = self.check_ledger(reply.site, server_round, entries)
+        problem = verdict.problem
+        if problem is None:
+            reply.ledger_entries = verdict.new_entries  # replayed entries are recorded once
             return True
         reply.rejected_entries = entries
         reply.reason = f"{reply.reason}; {problem}" if reply.reason else problem

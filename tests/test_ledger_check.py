@@ -44,7 +44,7 @@ def test_honest_entries_are_accepted_round_after_round(tmp_path):
     site = Site(tmp_path)
     check = books(site)
     for r in (1, 2, 3):
-        assert check.check(site.name, r, [site.spend(r)], PLAN) is None
+        assert check.check(site.name, r, [site.spend(r)], PLAN).problem is None
     assert [e["round"] for e in check.accepted[site.name]] == [1, 2, 3]
 
 
@@ -52,7 +52,7 @@ def test_a_site_with_earlier_runs_starts_mid_chain(tmp_path):
     site = Site(tmp_path)
     site.spend(1, run="run-0")
     site.spend(2, run="run-0")
-    assert books(site).check(site.name, 1, [site.spend(1)], PLAN) is None  # seq 2, partial history
+    assert books(site).check(site.name, 1, [site.spend(1)], PLAN).problem is None  # seq 2, partial history
 
 
 def test_forged_and_foreign_entries_are_refused(tmp_path):
@@ -60,35 +60,35 @@ def test_forged_and_foreign_entries_are_refused(tmp_path):
     check = books(site)
     forged = other.spend(1)
     forged["site"] = site.name  # another key's entry, renamed
-    assert "do not verify" in check.check(site.name, 1, [forged], PLAN)
+    assert "do not verify" in check.check(site.name, 1, [forged], PLAN).problem
     entry = site.spend(1)
     edited = copy.deepcopy(entry)
     edited["noise_multiplier"] = 5.0  # looks like more noise than was used
-    assert "do not verify" in check.check(site.name, 1, [edited], PLAN)
-    assert check.check(site.name, 1, [entry], PLAN) is None  # the real one still passes
-    assert "names site" in check.check(site.name, 2, [other.spend(2)], PLAN)
-    assert "no ledger key" in check.check("nobody", 1, [entry], PLAN)
+    assert "do not verify" in check.check(site.name, 1, [edited], PLAN).problem
+    assert check.check(site.name, 1, [entry], PLAN).problem is None  # the real one still passes
+    assert "names site" in check.check(site.name, 2, [other.spend(2)], PLAN).problem
+    assert "no ledger key" in check.check("nobody", 1, [entry], PLAN).problem
 
 
 def test_entries_for_another_run_round_or_delta_are_refused(tmp_path):
     site = Site(tmp_path)
-    assert "expected 'st-marys', 'run-1', 1" in books(site).check(site.name, 1, [site.spend(1, run="run-9")], PLAN)
-    assert "expected 'st-marys', 'run-1', 2" in books(site).check(site.name, 2, [site.spend(1)], PLAN)
+    assert "expected 'st-marys', 'run-1', 1" in books(site).check(site.name, 1, [site.spend(1, run="run-9")], PLAN).problem
+    assert "expected 'st-marys', 'run-1', 2" in books(site).check(site.name, 2, [site.spend(1)], PLAN).problem
     loose = site.ledger.append({"run_id": "run-1", "round": 3, "site": site.name, "noise_multiplier": 1.0,
                                 "sample_rate": 0.25, "steps": 4, "max_grad_norm": 1.0, "delta": 1e-3,
                                 "accountant": "rdp"}, site.key)
-    assert "the run allows δ <= 1e-05" in books(site).check(site.name, 3, [loose], PLAN)
+    assert "the run allows δ <= 1e-05" in books(site).check(site.name, 3, [loose], PLAN).problem
 
 
 def test_a_chain_with_a_gap_or_a_replay_is_refused(tmp_path):
     site = Site(tmp_path)
     check = books(site)
     first = site.spend(1)
-    assert check.check(site.name, 1, [first], PLAN) is None
+    assert check.check(site.name, 1, [first], PLAN).problem is None
     site.spend(2)  # spent but never shown to the coordinator
     third = site.spend(3)
-    assert "do not verify" in check.check(site.name, 3, [third], PLAN)
-    assert "do not verify" in books(site).check(site.name, 1, [first, first], PLAN)  # the same entry twice
+    assert "do not verify" in check.check(site.name, 3, [third], PLAN).problem
+    assert "do not verify" in books(site).check(site.name, 1, [first, first], PLAN).problem  # the same entry twice
 
 
 @pytest.mark.parametrize("spend, says", [
@@ -98,20 +98,20 @@ def test_a_chain_with_a_gap_or_a_replay_is_refused(tmp_path):
 ])
 def test_a_spend_other_than_the_plan_or_without_noise_is_refused(tmp_path, spend, says):
     site = Site(tmp_path)
-    assert says in books(site).check(site.name, 1, [site.spend(1, **spend)], PLAN)
+    assert says in books(site).check(site.name, 1, [site.spend(1, **spend)], PLAN).problem
 
 
 def test_a_spend_in_segments_that_add_up_to_the_plan_is_accepted(tmp_path):
     site = Site(tmp_path)
     split = [site.spend(1, steps=1), site.spend(1, steps=3)]  # Opacus may record segments
-    assert books(site).check(site.name, 1, split, PLAN) is None
+    assert books(site).check(site.name, 1, split, PLAN).problem is None
 
 
 def test_no_entry_in_a_dp_run_is_refused_and_none_needed_without_dp(tmp_path):
     site = Site(tmp_path)
-    assert "must come with its signed spend" in books(site).check(site.name, 1, [], PLAN)
-    assert books(site, dp=False).check(site.name, 1, [], PLAN) is None
-    assert books(site).check(site.name, 1, [], None) is None  # nothing was asked of it
+    assert "must come with its signed spend" in books(site).check(site.name, 1, [], PLAN).problem
+    assert books(site, dp=False).check(site.name, 1, [], PLAN).problem is None
+    assert books(site).check(site.name, 1, [], None).problem is None  # nothing was asked of it
 
 
 def _resigned(site, entry, **changes):
@@ -131,11 +131,11 @@ def test_an_under_reported_epsilon_is_refused(tmp_path):
     honest = site.spend(1)
     assert honest["epsilon"] >= epsilon([Spend(1.1, 0.25, 4)], DELTA, "rdp")
     check = books(site)
-    assert "below the" in check.check(site.name, 1, [_resigned(site, honest, epsilon=0.5)], PLAN)
+    assert "below the" in check.check(site.name, 1, [_resigned(site, honest, epsilon=0.5)], PLAN).problem
     assert check.accepted[site.name] == []  # the refused entry is not taken in
-    assert check.check(site.name, 1, [honest], PLAN) is None
+    assert check.check(site.name, 1, [honest], PLAN).problem is None
     later = _resigned(site, site.spend(2), epsilon=honest["epsilon"])  # a round that cost nothing?
-    assert "below the" in check.check(site.name, 2, [later], PLAN)
+    assert "below the" in check.check(site.name, 2, [later], PLAN).problem
     assert check.accepted[site.name] == [honest]
 
 
@@ -145,4 +145,25 @@ def test_a_site_stricter_than_the_plan_is_accepted(tmp_path, dp):
     strict = site.ledger.append({"run_id": "run-1", "round": 1, "site": site.name, "noise_multiplier": 3.0,
                                  "sample_rate": 0.25, "steps": 4, "max_grad_norm": 0.5, "delta": 1e-7,
                                  "accountant": "rdp"}, site.key)
-    assert books(site, dp=dp).check(site.name, 1, [strict], PLAN) is None
+    assert books(site, dp=dp).check(site.name, 1, [strict], PLAN).problem is None
+
+
+def test_a_release_replayed_after_a_coordinator_restart_is_recognised_not_counted_twice(tmp_path):
+    site = Site(tmp_path)
+    first, second = site.spend(1), site.spend(2)
+    check = books(site)
+    assert check.restore([first, second]) is None  # the run's ledger as the crash left it
+    verdict = check.check(site.name, 2, [second], PLAN)  # round 2 asked again: the site replays it
+    assert verdict.problem is None and verdict.new_entries == ()
+    assert check.accepted[site.name] == [first, second]
+    again = site.spend(2)  # or it trains round 2 again, and spends again: a continuation
+    verdict = check.check(site.name, 2, [again], PLAN)
+    assert verdict.problem is None and verdict.new_entries == (again,)
+    assert "out of order or changed" in check.check(site.name, 2, [first], PLAN).problem
+
+
+def test_a_ledger_that_does_not_verify_cannot_be_resumed(tmp_path):
+    site = Site(tmp_path)
+    first = site.spend(1)
+    assert "does not verify" in books(site).restore([dict(first, steps=1)])
+    assert "did not rejoin" in books(site).restore([Site(tmp_path, "gone").spend(1)])

@@ -13,6 +13,7 @@ from flwr.serverapp.strategy import FedAvg
 
 import protocol
 from strategies.flower import flower_strategy
+from strategies.ledger_check import Verdict
 from strategies.site_aware import RoundReport, SiteAwareStrategy
 
 EXPECTED = {"w": ((3,), np.dtype(np.float32))}
@@ -183,7 +184,7 @@ def test_declared_counts_and_signed_books_gate_the_aggregate():
 
     def check_ledger(site, server_round, entries):
         seen.append((site, server_round))
-        return "its ledger entries do not verify: forged" if site == "charlie" else None
+        return Verdict("its ledger entries do not verify: forged") if site == "charlie" else Verdict(None, entries)
 
     grid = FakeGrid({"alpha": trains(1.0, 10), "bravo": trains(1000.0, 999), "charlie": trains(1000.0, 10),
                      "delta": trains(1.0, 10)})
