@@ -219,9 +219,19 @@ def train(msg: Message, context: Context) -> Message:
 def _train(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     cfg, priv, tr = site.cfg, site.cfg.privacy, site.cfg.training
     assert plan.server_round is not None  # read_plan requires it for TRAIN
+    weights = protocol.train_weights(msg)
+    digest = _request_digest(plan, weights)
+    kept = site.state.stored_release(plan.run_id, plan.server_round, digest)
+    if kept is not None:  # this very round was released already (the coordinator restarted)
+        arrays, meta, entries = kept
+        log.warning("%s: round %s of run %s was released already; sending the same reply again (no new spend)",
+                    site.name, plan.server_round, plan.run_id)
+        return protocol.train_reply(msg, site=site.name, arrays=arrays, num_examples=int(meta["num_examples"]),
+                                    train_loss=float(meta["train_loss"]), seconds=float(meta["seconds"]),
+                                    ledger_entries=entries)
     device = _device(cfg)
     view, dataset = _prepare(site, plan, device)
-    view.load_trainable(protocol.train_weights(msg))
+    view.load_trainable(weights)
     if plan.feature_center is not None and centering.applies(cfg, view):
         centering.set_center(view, list(plan.feature_center))
     n = len(dataset)
@@ -260,10 +270,20 @@ def _train(msg: Message, plan: protocol.Plan, site: Site) -> Message:
         if sum(s.steps for s in ran) != steps or any(s.sample_rate != q for s in ran):
             raise TrainingError(f"site {site.name}: ran {ran}, planned {steps} steps at q={q}")
         entries = _record(site, plan.run_id, plan.server_round, ran, float(priv.max_grad_norm), {"release": "dp-sgd"})
-    return protocol.train_reply(
-        msg, site=site.name, arrays=view.trainable_state(), num_examples=n,
-        train_loss=float(result.mean_loss), seconds=time.time() - t0, ledger_entries=entries,
-    )
+    arrays = view.trainable_state()
+    meta = {"num_examples": n, "train_loss": float(result.mean_loss), "seconds": time.time() - t0}
+    site.state.save_release(plan.run_id, plan.server_round, digest, arrays, meta, entries)
+    return protocol.train_reply(msg, site=site.name, arrays=arrays, ledger_entries=entries, **meta)
+
+
+def _request_digest(plan: protocol.Plan, weights: Mapping[str, Any]) -> str:
+    """What identifies a training request: run, round, centre and the global weights."""
+    h = hashlib.sha256(f"{plan.run_id}\0{plan.server_round}\0{plan.feature_center}\0".encode())
+    for name in sorted(weights):
+        arr = weights[name]
+        h.update(f"{name}:{arr.dtype}:{arr.shape}\0".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------ helpers

@@ -4,6 +4,7 @@
       site.key, site.pub   the site's ledger signing key (0600); signs every ledger entry
       ledger.jsonl         every privacy spend of this site, across rounds, runs, restarts
       runs/<run_id>.json   the noise multiplier calibrated for that run (reused on restart)
+      runs/<run_id>.release.npz   the last reply of that run, re-sent if the same round is asked again
       cache/               frozen-prefix features: derived from private data, stays here
 
 The ledger is the accountant's history: ε is always recomputed from all of the site's
@@ -14,10 +15,13 @@ over-count a spend, never under-count it.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from privacy.accountant import Spend, calibrate_noise_multiplier, epsilon, planned_epsilon
 from privacy.errors import FedShieldError
@@ -59,6 +63,7 @@ class SiteState:
         read = self.ledger.recover()
         self.recovery_message = read.message if read.truncated_bytes else ""
         self._history = site_history(read.entries, self.site)
+        self._hashes = {e.get("hash") for e in read.entries if e.get("site") == self.site}
 
     def public_key_pem(self) -> str:
         return public_key_pem(self.key).decode()
@@ -113,11 +118,57 @@ class SiteState:
         """Append the signed entry and fsync it; returns the entry as written."""
         entry = self.ledger.append(fields, self.key)
         self._history.extend(site_history([entry], self.site))
+        self._hashes.add(entry["hash"])
         return entry
+
+    # A release is kept until the next one, so that a coordinator that restarts and asks for
+    # the same round again (same run, round and input) gets the very same reply: re-sending
+    # a release is post-processing and costs nothing, where training again would spend again.
+
+    def save_release(self, run_id: str, server_round: int, digest: str, arrays: dict[str, np.ndarray],
+                     meta: dict, entries: list[dict]) -> None:
+        record = {"run_id": run_id, "round": server_round, "digest": digest, "meta": meta, "entries": entries}
+        blobs = {f"w/{k}": v for k, v in arrays.items()}
+        blobs["__release__"] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
+        buf = io.BytesIO()
+        np.savez(buf, **blobs)
+        _atomic_write_bytes(self._release_path(run_id), buf.getvalue())
+
+    def stored_release(self, run_id: str, server_round: int, digest: str) -> tuple[dict, dict, list[dict]] | None:
+        """(arrays, meta, entries) of the kept release for exactly this request, if its
+        entries are in this site's verified ledger; else None (train and spend anew)."""
+        path = self._release_path(run_id)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                blobs = {k: data[k] for k in data.files}
+            record = json.loads(bytes(blobs.pop("__release__")).decode())
+        except Exception:  # a torn or damaged copy is never replayed
+            return None
+        if (record.get("run_id"), record.get("round"), record.get("digest")) != (run_id, server_round, digest):
+            return None
+        entries = record.get("entries", [])
+        if not all(e.get("hash") in self._hashes for e in entries):
+            return None
+        return {k[2:]: v for k, v in blobs.items() if k.startswith("w/")}, record.get("meta", {}), entries
+
+    def _release_path(self, run_id: str) -> Path:
+        return self.dir / "runs" / f"{_safe(run_id)}.release.npz"
 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _atomic_write(path: Path, text: str) -> None:

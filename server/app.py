@@ -13,6 +13,7 @@ import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,10 +29,11 @@ import conf
 import protocol
 from privacy import signing
 from privacy.errors import FedShieldError
+from server import checkpoint
 from server.evaluate import CentralEvaluator
 from server.export import export_model
 from server.plots import plot_run
-from server.run_dir import LEDGER_KEYS, append_jsonl, new_run_dir
+from server.run_dir import LEDGER_KEYS, append_jsonl, existing_run_dir, new_run_dir, read_jsonl
 from strategies.flower import flower_strategy
 from strategies.ledger_check import Expected, LedgerCheck
 from strategies.site_aware import RoundReport, SiteAwareStrategy
@@ -171,6 +173,21 @@ class RoundLog:
             append_jsonl(self.run_dir / "privacy" / "ledger.jsonl", entry)
             self.epsilon[site] = float(entry["epsilon"])
 
+    def restore(self, ckpt: checkpoint.Checkpoint) -> None:
+        """The round log as it was after the checkpoint's round: ε, declines and metrics
+        rows (rows of a round after it, written before the crash, are dropped)."""
+        self.epsilon.update({k: v for k, v in ckpt.epsilon.items() if k in self.epsilon})
+        self.declines = {k: list(v) for k, v in ckpt.declines.items()}
+        path = self.run_dir / "metrics.jsonl"
+        rows = read_jsonl(path)
+        self.rows = [r for r in rows if r["round"] <= ckpt.server_round]
+        if len(self.rows) != len(rows):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
+            os.replace(tmp, path)
+        if self.rows:
+            self.t0 = time.time() - float(self.rows[-1].get("elapsed_s", 0.0))
+
     def keep_apart(self, site: str, entries: Iterable[dict]) -> None:
         """Entries that did not verify: kept for the record, never in the run's ledger."""
         for entry in entries:
@@ -214,10 +231,13 @@ class RoundLog:
         return row
 
 
-def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None) -> Path:
-    """One whole run; returns the run directory."""
-    run_dir = run_dir or new_run_dir(cfg)
-    say(f"run directory: {run_dir}")
+def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) -> Path:
+    """One whole run; returns the run directory. With `resume`, the run continues from its
+    checkpoint (server/checkpoint.py) at the round after the last completed one."""
+    run_dir = run_dir or (existing_run_dir(cfg) if resume else new_run_dir(cfg))
+    say(f"run directory: {run_dir}" + (" (resuming)" if resume else ""))
+    digest = checkpoint.config_digest(run_config_yaml(cfg))
+    ckpt = checkpoint.load(run_dir, run_dir.name, digest) if resume else None
     torch.manual_seed(int(cfg.federation.seed))
     device = torch.device("cuda" if cfg.training.device != "cpu" and torch.cuda.is_available() else "cpu")
     view = build_view(cfg, device)
@@ -227,6 +247,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None) -> 
         frozen_fingerprint=view_fingerprint(view), class_names=pool_and_test(cfg)[1].class_names,
     )
     sites = discover_sites(grid, plan, cfg.federation.num_sites, cfg.federation.round_timeout_s)
+    if ckpt is not None:
+        sites = rejoined_sites(run_dir, sites)
     if len(sites) < cfg.federation.min_sites:
         raise FedShieldError(
             f"only {len(sites)} site(s) can join, fewer than federation.min_sites={cfg.federation.min_sites}"
@@ -240,24 +262,33 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None) -> 
     books = LedgerCheck(run_dir.name, {s["site"]: s["key"] for s in sites.values()},
                         dp=cfg.privacy.mode == "dp-sgd", delta=float(cfg.privacy.delta),
                         accountant=str(cfg.privacy.accountant))
-    centered = False
-    if centering.applies(cfg, view):
+    center = None
+    if ckpt is not None:
+        problem = books.restore(read_jsonl(run_dir / "privacy" / "ledger.jsonl"))
+        if problem:
+            raise checkpoint.CheckpointError(f"cannot resume {run_dir.name}: {problem}")
+        rounds.restore(ckpt)
+        initial, center = ckpt.weights, ckpt.center
+        say(f"resuming after round {ckpt.server_round} of {cfg.federation.rounds}")
+    elif centering.applies(cfg, view):
         center = collect_feature_mean(grid, plan, sites, rounds, books, int(view.module.center.shape[0]),
                                       float(cfg.federation.round_timeout_s))
-        if center is not None:
-            centering.set_center(view, center)
-            plan = protocol.with_feature_center(plan, center)
-            centered = True
+    if center is not None:
+        centering.set_center(view, center)
+        plan = protocol.with_feature_center(plan, center)
     evaluator = CentralEvaluator(cfg, view, device)
     inner = flower_strategy(
         cfg.federation.strategy,
         proximal_mu=cfg.federation.proximal_mu,
         server_learning_rate=cfg.federation.server_learning_rate,
     )
+    if ckpt is not None:
+        checkpoint.restore_strategy_state(inner, ckpt.strategy_state)
     tr = cfg.training
     planned = {s["site"]: Expected(poisson_rate(s["n"], tr.batch_size),
                                    tr.local_epochs * batches_per_epoch(s["n"], tr.batch_size))
                for s in sites.values()}  # what each site's round must spend, from its declared n
+    done = ckpt.server_round if ckpt is not None else 0
     strategy = SiteAwareStrategy(
         inner,
         {nid: s["site"] for nid, s in sites.items()},
@@ -267,20 +298,34 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None) -> 
         on_round=rounds.on_round,
         records={nid: s["n"] for nid, s in sites.items()},
         check_ledger=lambda site, server_round, entries: books.check(site, server_round, entries, planned[site]),
+        first_round=done + 1,
+        excluded=ckpt.excluded if ckpt is not None else None,
     )
 
-    def evaluate(server_round: int, arrays) -> MetricRecord:
-        metrics = evaluator(protocol.from_array_record(arrays))
-        row = rounds.on_evaluated(server_round, metrics)
+    def evaluate(flower_round: int, arrays) -> MetricRecord:
+        server_round = strategy.run_round(flower_round) if flower_round else done
+        weights = protocol.from_array_record(arrays)
+        if flower_round == 0 and ckpt is not None:  # the checkpoint's model: evaluated and logged already
+            row = rounds.rows[-1]
+        else:
+            row = rounds.on_evaluated(server_round, evaluator(weights))
+            checkpoint.save(run_dir, checkpoint.Checkpoint(
+                run_id=run_dir.name, config_sha256=digest, server_round=server_round, weights=weights,
+                strategy_state=checkpoint.strategy_state(inner), excluded=dict(strategy.excluded),
+                epsilon=dict(rounds.epsilon), declines=dict(rounds.declines),
+                center=None if center is None else [float(v) for v in center]))
         return MetricRecord({"accuracy": row["accuracy"], "macro-f1": row["macro_f1"],
                              "epsilon-max": row["epsilon_max"]})
 
-    say(f"round 1 of {cfg.federation.rounds}: {len(strategy.sample(1))} sites train (in its first round each "
-        "site calibrates its noise for the whole run)")
+    remaining = int(cfg.federation.rounds) - done
+    if remaining > 0:
+        calibrates = " (in its first round each site calibrates its noise for the whole run)" \
+            if cfg.privacy.mode == "dp-sgd" and not done else ""
+        say(f"round {done + 1} of {cfg.federation.rounds}: {len(strategy.sample(done + 1))} sites train{calibrates}")
     result = strategy.start(
         grid=grid,
         initial_arrays=protocol.to_array_record(initial),
-        num_rounds=int(cfg.federation.rounds),
+        num_rounds=remaining,
         timeout=float(cfg.federation.round_timeout_s),
         train_config=plan,
         evaluate_fn=evaluate,
@@ -291,8 +336,30 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None) -> 
     plot_run(run_dir, rounds.rows, summary)
     if cfg.output.save_model:
         export_model(cfg, view, run_dir / "model")
-    write_report(run_dir, cfg, rounds.rows, summary, centered=centered)
+    write_report(run_dir, cfg, rounds.rows, summary, centered=center is not None)
     return run_dir
+
+
+def run_config_yaml(cfg: DictConfig) -> str:
+    """The config that fixes what a run computes: everything but `output.*` (where it is
+    written), so that a resumed run may be pointed at its folder differently."""
+    data = OmegaConf.to_container(cfg)
+    assert isinstance(data, dict)
+    data.pop("output", None)
+    return json.dumps(data, sort_keys=True)
+
+
+def rejoined_sites(run_dir: Path, sites: dict[int, dict]) -> dict[int, dict]:
+    """On resume, a site must present the ledger signing key it had before the restart."""
+    kept = {}
+    for node, s in sites.items():
+        before = run_dir / "privacy" / LEDGER_KEYS / f"{s['site']}.pub"
+        if before.is_file() and signing.fingerprint(signing.load_public_key(before.read_bytes())) != \
+                signing.fingerprint(s["key"]):
+            say(f"site {s['site']}: not rejoining: its ledger signing key is not the one it had in this run")
+            continue
+        kept[node] = s
+    return kept
 
 
 def summarize(run_dir: Path, cfg: DictConfig, sites: dict[int, dict], rounds: RoundLog) -> dict:
@@ -351,6 +418,7 @@ def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict
 
 
 RUN_CONFIG_YAML_KEY = "fedshield-config-yaml"
+RESUME_KEY = "fedshield-resume"  # run config: continue the run output.run_name from its checkpoint
 
 
 def config_from_run_config(run_config: dict) -> DictConfig:
@@ -364,14 +432,16 @@ def config_from_run_config(run_config: dict) -> DictConfig:
     return conf.load_config(base={**run_config, **written})
 
 
-def build_server_app(cfg: DictConfig | None = None, run_dir: Path | None = None) -> ServerApp:
+def build_server_app(cfg: DictConfig | None = None, run_dir: Path | None = None, resume: bool = False) -> ServerApp:
     """The ServerApp; with no `cfg` it reads Flower's run config (`flwr run .`)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
-        run_federation(grid, run_cfg, run_dir)
+        run_config = dict(context.run_config)
+        again = resume or bool(run_config.pop(RESUME_KEY, False))
+        run_cfg = cfg if cfg is not None else config_from_run_config(run_config)
+        run_federation(grid, run_cfg, run_dir, resume=again)
 
     return server_app
 

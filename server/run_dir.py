@@ -8,6 +8,8 @@
     <run>/plots/*.png            accuracy and ε per site over rounds
     <run>/model/                 the final model (save_pretrained + tokenizer)
     <run>/report.md              what ran and what it cost, in words
+    <run>/checkpoint.npz         after every round: what --resume continues from (server/checkpoint.py)
+    <run>/privacy/rejected-entries.jsonl   ledger entries that did not verify on arrival, kept apart
     <run>/sites/<site>/          simulation only: each virtual site's own state folder
 """
 
@@ -36,6 +38,17 @@ def new_run_dir(cfg: DictConfig) -> Path:
     (path / "privacy" / LEDGER_KEYS).mkdir(parents=True, exist_ok=True)
     (path / "plots").mkdir(exist_ok=True)
     (path / "config.yaml").write_text(conf.to_yaml(cfg))
+    return path
+
+
+def existing_run_dir(cfg: DictConfig) -> Path:
+    """The folder of the run `output.run_name` to resume; its config must be the one given
+    (server/checkpoint.py checks everything but `output.*`)."""
+    if not cfg.output.run_name:
+        raise conf.ConfigError("--resume: say which run with output.run_name=NAME (its folder under output.dir)")
+    path = Path(cfg.output.dir).expanduser().resolve() / cfg.output.run_name
+    if not (path / "config.yaml").is_file():
+        raise conf.ConfigError(f"output.run_name={cfg.output.run_name!r}: {path} holds no run to resume")
     return path
 
 

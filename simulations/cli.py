@@ -36,6 +36,9 @@ def simulate_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fedshield simulate", description="Simulate a federation of virtual sites.")
     parser.add_argument("--config", help="a YAML config file (defaults: conf/schema.py)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run output.run_name=NAME from its last completed round (its config is "
+                             "read from the run directory)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides and presets")
     args = parser.parse_args(argv)
 
@@ -43,7 +46,11 @@ def simulate_main(argv: list[str]) -> int:
     from simulations.simulate import final_table, run_simulation
 
     cfg = conf.load_config_file(args.config, args.overrides) if args.config else conf.load_config(args.overrides)
-    run_dir = run_simulation(cfg, verbose=args.verbose)
+    if args.resume:
+        from server.run_dir import existing_run_dir
+
+        cfg = conf.load_config_file(existing_run_dir(cfg) / "config.yaml", args.overrides)
+    run_dir = run_simulation(cfg, verbose=args.verbose, resume=args.resume)
     print()
     print(final_table(run_dir))
     print(f"\nrun directory: {run_dir}")

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 import conf
 import protocol
-from server.run_dir import new_run_dir, read_jsonl
+from server.run_dir import existing_run_dir, new_run_dir, read_jsonl
 from task.sites import check_delta, virtual_sites
 
 
@@ -59,14 +59,22 @@ def _connect_ray(address: str) -> None:
         raise conf.ConfigError(f"simulation.ray_address={address!r}: cannot connect to Ray: {exc}") from None
 
 
-def run_simulation(cfg: DictConfig, verbose: bool = False) -> Path:
+def run_simulation(cfg: DictConfig, verbose: bool = False, resume: bool = False) -> Path:
+    """Run (or with `resume`, continue from its checkpoint) the simulated federation."""
     from flwr.simulation import run_simulation as flower_run_simulation
 
     from client.app import app as client_app
     from server.app import build_server_app, say
 
     sizes = check_sites(cfg)
-    run_dir = new_run_dir(cfg)
+    if resume:  # a run that cannot be continued is refused before Ray starts
+        from server.app import run_config_yaml
+        from server.checkpoint import config_digest, load
+
+        run_dir = existing_run_dir(cfg)
+        load(run_dir, run_dir.name, config_digest(run_config_yaml(cfg)))
+    else:
+        run_dir = new_run_dir(cfg)
     say(f"simulating {len(sizes)} sites x {cfg.federation.rounds} rounds on Flower's simulation "
         f"runtime (task {cfg.task.name}, privacy {cfg.privacy.mode}"
         + (f", target ε={cfg.privacy.target_epsilon:g} at δ={cfg.privacy.delta:g}"
@@ -85,7 +93,7 @@ def run_simulation(cfg: DictConfig, verbose: bool = False) -> Path:
         _connect_ray(cfg.simulation.ray_address)
     try:
         flower_run_simulation(
-            server_app=build_server_app(cfg, run_dir),
+            server_app=build_server_app(cfg, run_dir, resume=resume),
             client_app=client_app,
             num_supernodes=cfg.federation.num_sites,
             backend_config=config,
@@ -103,7 +111,10 @@ def run_simulation(cfg: DictConfig, verbose: bool = False) -> Path:
     rows = read_jsonl(run_dir / "metrics.jsonl")
     if len(rows) != cfg.federation.rounds + 1:
         raise conf.ConfigError(f"simulation ended early: {len(rows) - 1} of {cfg.federation.rounds} rounds ran; "
-                               "see the log above")
+                               f"see the log above (continue it with output.run_name={run_dir.name} --resume)")
+    # The run is complete: the sites' kept last replies (for a restarted coordinator) go.
+    for kept in (run_dir / "sites").glob("*/runs/*.release.npz"):
+        kept.unlink(missing_ok=True)
     return run_dir
 
 

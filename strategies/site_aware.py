@@ -103,6 +103,11 @@ class SiteAwareStrategy(Strategy):
     check_ledger : Callable[[str, int, entries], Verdict], optional
         (site, server round, ledger entries) -> whether the entries may join the run's
         ledger (strategies.ledger_check.LedgerCheck.check).
+    first_round : int
+        The run's round that Flower's round 1 is (a resumed run continues at the round
+        after its checkpoint; Flower's `Strategy.start` always counts from 1).
+    excluded : Mapping[str, str], optional
+        Sites not to ask any more, and why (restored from a checkpoint).
     """
 
     def __init__(
@@ -116,6 +121,8 @@ class SiteAwareStrategy(Strategy):
         on_round: Callable[[RoundReport], None] | None = None,
         records: Mapping[int, int] | None = None,
         check_ledger: Callable[[str, int, tuple[dict[str, Any], ...]], Verdict] | None = None,
+        first_round: int = 1,
+        excluded: Mapping[str, str] | None = None,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train={fraction_train}: must be in (0, 1]")
@@ -135,7 +142,10 @@ class SiteAwareStrategy(Strategy):
         self.on_round = on_round
         self.records = dict(records or {})
         self.check_ledger = check_ledger
-        self.excluded: dict[str, str] = {}  # site -> why it is not asked any more (budget, books)
+        if first_round < 1:
+            raise ValueError(f"first_round={first_round}: must be >= 1")
+        self.first_round = int(first_round)
+        self.excluded: dict[str, str] = dict(excluded or {})  # site -> why it is not asked any more
         self._sampled: dict[int, list[int]] = {}  # server round -> node ids asked
 
     # ------------------------------------------------------------ selection
@@ -151,9 +161,14 @@ class SiteAwareStrategy(Strategy):
         chosen = random.Random(self.seed * 7919 + server_round).sample(eligible, k) if k else []
         return sorted(chosen, key=self.sites.__getitem__)
 
+    def run_round(self, flower_round: int) -> int:
+        """The run's round number for Flower's `flower_round` (they differ after a resume)."""
+        return flower_round + self.first_round - 1
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round = self.run_round(server_round)
         chosen = self.sample(server_round)
         self._sampled[server_round] = chosen
         if not chosen:
@@ -223,6 +238,7 @@ class SiteAwareStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round = self.run_round(server_round)
         report, valid = self.sort_replies(server_round, replies)
         if self.on_round is not None:
             self.on_round(report)

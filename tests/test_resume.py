@@ -1,0 +1,93 @@
+"""kill -9 of the coordinator mid-run, then `--resume`: the run ends as if nothing happened.
+
+One uninterrupted simulation and one killed (its whole process group: the driver, Ray and
+the workers, as a machine crash would) once round 2 is logged, then continued with
+`fedshield simulate output.run_name=RUN --resume`. The final model, every site's ε and
+every site's ledger must equal the uninterrupted run's: the checkpoint restored the model,
+FedAdam's moments and the sampler; a round the sites had already trained for is re-sent
+from their kept replies, not spent twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from tests.helpers import tiny_overrides
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fedshield(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def rows(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def own_ledgers(run: Path) -> dict[str, list[tuple]]:
+    out = {}
+    for ledger in sorted((run / "sites").glob("*/ledger.jsonl")):
+        entries = [json.loads(x) for x in ledger.read_text().splitlines()]
+        out[ledger.parent.name] = [(e["round"], e["noise_multiplier"], e["sample_rate"], e["steps"], e["epsilon"])
+                                   for e in entries]
+    return out
+
+
+def test_a_killed_coordinator_resumes_to_the_same_model_and_epsilon(tiny_bert, synthetic_csv, tmp_path):
+    overrides = tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
+        "federation.rounds": 4, "federation.strategy": "fedadam", "federation.fraction_train": 0.7,
+        "training.local_epochs": 1, "privacy.target_epsilon": 6})
+    whole = fedshield(*overrides, "output.run_name=whole")
+    out, _ = whole.communicate(timeout=600)
+    assert whole.returncode == 0, out[-3000:]
+
+    run = tmp_path / "runs" / "crashed"
+    crashed = fedshield(*overrides, "output.run_name=crashed")
+    deadline = time.time() + 600
+    while time.time() < deadline and crashed.poll() is None and len(rows(run)) < 3:  # rounds 0, 1, 2
+        time.sleep(0.2)
+    assert crashed.poll() is None, "the run ended before it could be killed"
+    os.killpg(crashed.pid, signal.SIGKILL)
+    crashed.wait(timeout=60)
+    assert len(rows(run)) < 5 and (run / "checkpoint.npz").is_file() and not (run / "report.md").exists()
+
+    resumed = fedshield(f"output.dir={tmp_path / 'runs'}", "output.run_name=crashed", "--resume")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resuming after round" in out
+
+    a, b = tmp_path / "runs" / "whole", run
+    assert [r["round"] for r in rows(b)] == [0, 1, 2, 3, 4]
+    assert [r["sampled"] for r in rows(b)] == [r["sampled"] for r in rows(a)]
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+    sa, sb = (json.loads((r / "privacy" / "sites.json").read_text()) for r in (a, b))
+    assert {k: v["epsilon"] for k, v in sa.items()} == {k: v["epsilon"] for k, v in sb.items()}
+    assert own_ledgers(a) == own_ledgers(b)  # not one spend more at any site
+    entries = [json.loads(x) for x in (b / "privacy" / "ledger.jsonl").read_text().splitlines()]
+    assert len({e["hash"] for e in entries}) == len(entries)  # the run's copy holds each spend once
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path):
+    from simulations.cli import main
+
+    assert main(["simulate", f"output.dir={tmp_path}", "output.run_name=nothing-here", "--resume"]) == 2
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.yaml").write_text("federation:\n  rounds: 2\n")
+    assert main(["simulate", f"output.dir={tmp_path}", "output.run_name=half", "--resume"]) == 2
