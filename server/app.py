@@ -34,7 +34,7 @@ from server.evaluate import CentralEvaluator
 from server.export import export_model
 from server.plots import plot_run
 from server.run_dir import LEDGER_KEYS, append_jsonl, existing_run_dir, new_run_dir, read_jsonl
-from strategies.flower import flower_strategy
+from strategies.flower import ROBUST, flower_strategy, shortfall
 from strategies.ledger_check import Expected, LedgerCheck
 from strategies.site_aware import RoundReport, SiteAwareStrategy
 from task import centering
@@ -200,6 +200,13 @@ class RoundLog:
             if r.status != "trained":
                 self.declines.setdefault(r.site, []).append(f"round {report.server_round}: {r.status}: {r.reason}")
                 say(f"  {r.site}: {r.status}: {r.reason}")
+            elif r.clipped:
+                say(f"  {r.site}: update clipped: norm {r.update_norm:.4g} scaled down to "
+                    f"federation.update_norm_bound={self.cfg.federation.update_norm_bound:g}")
+        if report.left_out():
+            say(f"  {report.rule} left out {len(report.left_out())} update(s): {', '.join(report.left_out())}")
+        if report.skipped:
+            say(f"  round {report.server_round}: nothing aggregated, the global model is kept: {report.skipped}")
         self.reports[report.server_round] = report
 
     def on_evaluated(self, server_round: int, metrics: dict) -> dict:
@@ -219,6 +226,17 @@ class RoundLog:
             "declined_sites": report.sites("declined") if report else [],
             "rejected": report.count("rejected") if report else 0,
             "failed": report.count("failed") if report else 0,
+            # Poisoning defences: why each refused reply was refused, each usable update's norm
+            # (from the round's global weights), which were clipped to the bound or left out by
+            # the rule's selection (krum, multikrum, bulyan), and why nothing was aggregated.
+            "rejected_reasons": {r.site: r.reason for r in report.replies if r.status == "rejected"} if report else {},
+            "update_norms": {r.site: r.update_norm for r in report.replies if r.update_norm is not None}
+            if report else {},
+            "clipped": len(report.clipped()) if report else 0,
+            "clipped_sites": report.clipped() if report else [],
+            "failed_sites": report.sites("failed") if report else [],
+            "left_out_sites": report.left_out() if report else [],
+            "skipped": report.skipped if report else "",
             "elapsed_s": round(time.time() - self.t0, 1),
         }
         append_jsonl(self.run_dir / "metrics.jsonl", row)
@@ -242,6 +260,9 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     device = torch.device("cuda" if cfg.training.device != "cpu" and torch.cuda.is_available() else "cpu")
     view = build_view(cfg, device)
     initial = view.trainable_state()
+    # What every update must be, from the model itself (a checkpoint's weights may have been
+    # widened by the strategy's arithmetic, e.g. FedAdam's float64).
+    spec = {k: (tuple(v.shape), v.dtype) for k, v in initial.items()}
     plan = protocol.plan_record(
         config_yaml=conf.to_yaml(cfg), run_id=run_dir.name, run_dir=str(run_dir),
         frozen_fingerprint=view_fingerprint(view), class_names=pool_and_test(cfg)[1].class_names,
@@ -277,10 +298,10 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         centering.set_center(view, center)
         plan = protocol.with_feature_center(plan, center)
     evaluator = CentralEvaluator(cfg, view, device)
+    fed = cfg.federation
     inner = flower_strategy(
-        cfg.federation.strategy,
-        proximal_mu=cfg.federation.proximal_mu,
-        server_learning_rate=cfg.federation.server_learning_rate,
+        fed.strategy, proximal_mu=fed.proximal_mu, server_learning_rate=fed.server_learning_rate,
+        num_malicious=int(fed.num_malicious), trim_fraction=float(fed.trim_fraction), krum_select=int(fed.krum_select),
     )
     if ckpt is not None:
         checkpoint.restore_strategy_state(inner, ckpt.strategy_state)
@@ -294,13 +315,19 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         {nid: s["site"] for nid, s in sites.items()},
         fraction_train=cfg.federation.fraction_train,
         seed=int(cfg.federation.seed),
-        expected_arrays={k: (tuple(v.shape), v.dtype) for k, v in initial.items()},
+        expected_arrays=spec,
         on_round=rounds.on_round,
         records={nid: s["n"] for nid, s in sites.items()},
         check_ledger=lambda site, server_round, entries: books.check(site, server_round, entries, planned[site]),
         first_round=done + 1,
         excluded=ckpt.excluded if ckpt is not None else None,
+        update_norm_bound=None if fed.update_norm_bound is None else float(fed.update_norm_bound),
+        update_norm_action=str(fed.update_norm_action),
     )
+    short = shortfall(inner, strategy.per_round())  # fewer sites joined than the config's check assumed
+    if short:
+        raise FedShieldError(f"{len(sites)} site(s) joined, {strategy.per_round()} asked per round: {short}; "
+                             "lower federation.num_malicious or add sites")
 
     def evaluate(flower_round: int, arrays) -> MetricRecord:
         server_round = strategy.run_round(flower_round) if flower_round else done
@@ -409,12 +436,65 @@ def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict
         for name, s in sorted(summary.items()):
             lines.append(f"| {name} | {s['records']} | {s['epsilon']:.4f} | {s['budget']} | "
                          f"{'; '.join(s['not_trained']) or '-'} |")
-    lines += ["", "## Rounds", "", "| round | accuracy | macro-F1 | ε max | trained | declined | dropped |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += defence_lines(cfg, rows, sorted(summary))
+    lines += ["", "## Rounds", "",
+              "| round | accuracy | macro-F1 | ε max | trained | declined | dropped | clipped | left out | note |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        note = f"nothing aggregated: {r['skipped']}" if r.get("skipped") else ""
         lines.append(f"| {r['round']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['epsilon_max']:.3f} | "
-                     f"{r['trained']} | {r['declined']} | {r['rejected'] + r['failed']} |")
+                     f"{r['trained']} | {r['declined']} | {r['rejected'] + r['failed']} | {r.get('clipped', 0)} | "
+                     f"{len(r.get('left_out_sites', []))} | {note} |")
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def defence_lines(cfg: DictConfig, rows: list[dict], sites: list[str]) -> list[str]:
+    """The report's poisoning-defence section: the rule and the bound, then per site what
+    became of its updates over the run (from the metrics rows, so a resumed run's too)."""
+    f = cfg.federation
+    rule = f"`{f.strategy}`" + (f", withstanding federation.num_malicious={f.num_malicious} poisoned update(s) "
+                                "per round" if f.strategy in ROBUST else " (no robust rule)")
+    if f.strategy == "fedtrimmedavg":
+        rule += f", trimming federation.trim_fraction={f.trim_fraction:g} per tail"
+    bound = (f"update norm bound {f.update_norm_bound:g} (L2 norm of update - the round's global weights), "
+             f"action `{f.update_norm_action}`" if f.update_norm_bound is not None else "no update norm bound")
+    lines = ["", "## Poisoning defences", "",
+             f"Aggregation {rule}; {bound}. Every reply is parsed strictly and must carry the record count its "
+             "site declared at discovery and ledger entries that verify.", "",
+             "| site | updates aggregated | clipped | left out by the rule | rejected | failed | declined | "
+             "largest update norm | why rejected |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rounds = [r for r in rows if r["round"] > 0]
+    for site in sites:
+        norms = [r.get("update_norms", {})[site] for r in rounds if site in r.get("update_norms", {})]
+        reasons: dict[str, list[int]] = {}
+        for r in rounds:
+            if site in r.get("rejected_reasons", {}):
+                reasons.setdefault(r["rejected_reasons"][site], []).append(r["round"])
+        used = sum(site in r.get("update_norms", {}) and site not in r.get("rejected_reasons", {})
+                   and site not in r.get("left_out_sites", []) and not r.get("skipped") for r in rounds)
+        why = "; ".join(f"{reason} (round{'s' if len(rs) > 1 else ''} {_rounds(rs)})"
+                        for reason, rs in reasons.items()).replace("|", "\\|")  # a site's key names are text
+        lines.append(
+            f"| {site} | {used} | {sum(site in r.get('clipped_sites', []) for r in rounds)} | "
+            f"{sum(site in r.get('left_out_sites', []) for r in rounds)} | {sum(len(rs) for rs in reasons.values())} | "
+            f"{sum(site in r.get('failed_sites', []) for r in rounds)} | "
+            f"{sum(site in r.get('declined_sites', []) for r in rounds)} | "
+            f"{f'{max(norms):.4g}' if norms else '-'} | {why or '-'} |")
+    skipped = [r["round"] for r in rounds if r.get("skipped")]
+    if skipped:
+        lines += ["", f"Rounds that aggregated nothing (the global model was kept): {_rounds(skipped)}."]
+    return lines
+
+
+def _rounds(numbers: list[int]) -> str:
+    """1, 2, 3, 5 -> '1-3, 5'."""
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 RUN_CONFIG_YAML_KEY = "fedshield-config-yaml"

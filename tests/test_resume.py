@@ -72,7 +72,8 @@ def test_a_killed_coordinator_resumes_to_the_same_model_and_epsilon(tiny_bert, s
 
     a, b = tmp_path / "runs" / "whole", run
     assert [r["round"] for r in rows(b)] == [0, 1, 2, 3, 4]
-    assert [r["sampled"] for r in rows(b)] == [r["sampled"] for r in rows(a)]
+    outcome = ("sampled", "trained", "declined", "rejected", "failed")
+    assert [[r[k] for k in outcome] for r in rows(b)] == [[r[k] for k in outcome] for r in rows(a)]
     wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
