@@ -157,8 +157,9 @@ class Decline:
 class Rejected:
     """The reply broke the protocol; `site` is the name it claimed, if it was readable.
 
-    `ledger_entries` are the reply's entries when only its payload was wrong (e.g. a NaN
-    weight): the spend happened, so the coordinator still checks and records them."""
+    `ledger_entries` are the reply's entries when they were readable and something after
+    them was wrong (a NaN weight, an extra metric): the spend happened, so the coordinator
+    still checks and records them."""
 
     reason: str
     site: str | None = None
@@ -491,13 +492,16 @@ def read_feature_sum(msg: Message, width: int) -> FeatureSumReply | Decline | Re
             return name
         _records(content, [SITE, ARRAYS, METRICS, LEDGER])
         entries = _ledger(content)
-        metrics = _record(content, METRICS, MetricRecord)
-        _keys(metrics, METRICS, [NUM_EXAMPLES])
-        arrays = _arrays(content)
-        problem = update_problem(arrays, {FEATURE_SUM_ARRAY: ((width,), np.dtype(np.float64))})
-        if problem:
-            return Rejected(f"arrays: {problem}", name, entries)
-        return FeatureSumReply(name, _count(metrics, NUM_EXAMPLES, METRICS), arrays[FEATURE_SUM_ARRAY], entries)
+        try:  # past this point the spend is readable: a rejection keeps it for the books
+            metrics = _record(content, METRICS, MetricRecord)
+            _keys(metrics, METRICS, [NUM_EXAMPLES])
+            arrays = _arrays(content)
+            problem = update_problem(arrays, {FEATURE_SUM_ARRAY: ((width,), np.dtype(np.float64))})
+            if problem:
+                raise ProtocolError(f"arrays: {problem}")
+            return FeatureSumReply(name, _count(metrics, NUM_EXAMPLES, METRICS), arrays[FEATURE_SUM_ARRAY], entries)
+        except ProtocolError as exc:
+            return Rejected(str(exc), name, entries)
 
     result: FeatureSumReply | Decline | Rejected | Failed = _guard(msg, parse)
     return result
@@ -512,17 +516,20 @@ def read_train_reply(msg: Message, expected: Mapping[str, ArraySpec]) -> TrainRe
             return name
         _records(content, [SITE, ARRAYS, METRICS, LEDGER])
         entries = _ledger(content)
-        metrics = _record(content, METRICS, MetricRecord)
-        _keys(metrics, METRICS, [NUM_EXAMPLES, TRAIN_LOSS, SECONDS])
-        arrays = _arrays(content)
-        problem = update_problem(arrays, expected)
-        if problem:
-            return Rejected(f"arrays: {problem}", name, entries)
-        return TrainReply(
-            site=name, num_examples=_count(metrics, NUM_EXAMPLES, METRICS),
-            train_loss=_real(metrics, TRAIN_LOSS, METRICS, 0.0), seconds=_real(metrics, SECONDS, METRICS, 0.0),
-            arrays=arrays, ledger_entries=entries,
-        )
+        try:  # past this point the spend is readable: a rejection keeps it for the books
+            metrics = _record(content, METRICS, MetricRecord)
+            _keys(metrics, METRICS, [NUM_EXAMPLES, TRAIN_LOSS, SECONDS])
+            arrays = _arrays(content)
+            problem = update_problem(arrays, expected)
+            if problem:
+                raise ProtocolError(f"arrays: {problem}")
+            return TrainReply(
+                site=name, num_examples=_count(metrics, NUM_EXAMPLES, METRICS),
+                train_loss=_real(metrics, TRAIN_LOSS, METRICS, 0.0), seconds=_real(metrics, SECONDS, METRICS, 0.0),
+                arrays=arrays, ledger_entries=entries,
+            )
+        except ProtocolError as exc:
+            return Rejected(str(exc), name, entries)
 
     result: TrainReply | Decline | Rejected | Failed = _guard(msg, parse)
     return result
