@@ -52,8 +52,18 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float) -> dict[int, dict]:
-    """Wait for `expected` sites, then ask each who it is (name, records, ledger public key)."""
+def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float,
+                   refused: list[str] | None = None) -> dict[int, dict]:
+    """Wait for `expected` sites, then ask each who it is (name, records, ledger public key).
+
+    A site that cannot join is refused alone, never the run; why is said and appended to
+    `refused` (for the report)."""
+    refused = refused if refused is not None else []
+
+    def refuse(why: str) -> None:
+        say(why)
+        refused.append(why)
+
     deadline = time.time() + timeout
     nodes = list(grid.get_node_ids())
     if isinstance(grid, InMemoryGrid):  # Flower's simulation runtime: its SuperNodes never change
@@ -69,24 +79,24 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
     messages = [protocol.instruction(protocol.HELLO, plan, n) for n in nodes]
     sites: dict[int, dict] = {}
     taken: dict[str, int] = {}  # site name -> node id
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in sorted(grid.send_and_receive(messages, timeout=timeout), key=lambda m: m.metadata.src_node_id):
         node = reply.metadata.src_node_id
         hello = protocol.read_hello(reply)
         if isinstance(hello, protocol.Failed):
-            say(f"site on node {node}: failed to start: {hello.reason}")
+            refuse(f"site on node {node}: failed to start: {hello.reason}")
         elif isinstance(hello, protocol.Rejected):
-            say(f"site on node {node}: not joining: its reply broke the protocol: {hello.reason}")
+            refuse(f"site on node {node}: not joining: its reply broke the protocol: {hello.reason}")
         elif isinstance(hello, protocol.Decline):
-            say(f"site {hello.site}: not joining: {hello.reason}")
+            refuse(f"site {hello.site}: not joining: {hello.reason}")
         elif hello.site in taken:
             # The first to claim a name keeps it; a second site of that name (a misconfigured
             # or hostile client) is refused, never the run.
-            say(f"site on node {node}: not joining: the name {hello.site!r} is taken by node {taken[hello.site]}")
+            refuse(f"site on node {node}: not joining: the name {hello.site!r} is taken by node {taken[hello.site]}")
         else:
             try:
                 key = signing.load_public_key(hello.ledger_public_key)
             except FedShieldError as exc:
-                say(f"site {hello.site}: not joining: its ledger public key is not usable ({exc})")
+                refuse(f"site {hello.site}: not joining: its ledger public key is not usable ({exc})")
                 continue
             taken[hello.site] = node
             sites[node] = {"site": hello.site, "n": hello.num_examples, "public_key": hello.ledger_public_key,
@@ -267,7 +277,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         config_yaml=conf.to_yaml(cfg), run_id=run_dir.name, run_dir=str(run_dir),
         frozen_fingerprint=view_fingerprint(view), class_names=pool_and_test(cfg)[1].class_names,
     )
-    sites = discover_sites(grid, plan, cfg.federation.num_sites, cfg.federation.round_timeout_s)
+    refused: list[str] = []
+    sites = discover_sites(grid, plan, cfg.federation.num_sites, cfg.federation.round_timeout_s, refused)
     if ckpt is not None:
         sites = rejoined_sites(run_dir, sites)
     if len(sites) < cfg.federation.min_sites:
@@ -363,7 +374,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     plot_run(run_dir, rounds.rows, summary)
     if cfg.output.save_model:
         export_model(cfg, view, run_dir / "model")
-    write_report(run_dir, cfg, rounds.rows, summary, centered=center is not None)
+    write_report(run_dir, cfg, rounds.rows, summary, centered=center is not None, refused=refused)
     return run_dir
 
 
@@ -406,7 +417,8 @@ def summarize(run_dir: Path, cfg: DictConfig, sites: dict[int, dict], rounds: Ro
     return summary
 
 
-def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict, centered: bool = False) -> None:
+def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict, centered: bool = False,
+                 refused: list[str] | None = None) -> None:
     last = rows[-1] if rows else {}
     p = cfg.privacy
     lines = [
@@ -437,6 +449,8 @@ def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict
             lines.append(f"| {name} | {s['records']} | {s['epsilon']:.4f} | {s['budget']} | "
                          f"{'; '.join(s['not_trained']) or '-'} |")
     lines += defence_lines(cfg, rows, sorted(summary))
+    if refused:  # at discovery: a bad name, a name already taken, a broken or declined hello
+        lines += ["", "## Sites not admitted", "", *(f"- {why}" for why in refused)]
     lines += ["", "## Rounds", "",
               "| round | accuracy | macro-F1 | ε max | trained | declined | dropped | clipped | left out | note |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]

@@ -1,0 +1,118 @@
+"""Hostile sites against the coordinator's checks, end to end on Flower's simulation runtime.
+
+One DP simulation of nine virtual sites; seven of them are the real site (client.app) with
+one attack each on what they send, two are honest. Every attack must be refused alone,
+named in the report, and the run must complete with the honest sites:
+
+    1  calls itself "/abs/dir/evil2" (a path, not a name)   refused at discovery
+    2  claims an honest site's name                          one of the two refused at discovery
+    3  adds a metric key                                     rejected: unexpected key
+    4  sends ledger entries it re-signed (ε lowered)         rejected, kept apart, not asked again
+    5  trains, but drops its ledger entries ("no DP")        rejected, not asked again
+    6  claims -5 records                                     rejected: out of range
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import conf
+from server.run_dir import read_jsonl
+from tests.helpers import tiny_overrides
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+
+def hostile_app():
+    """client.app's ClientApp with the attacks above, by partition id (defined inside so
+    that Ray ships it to its workers by value)."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.clientapp import ClientApp
+
+    import client.app as real
+    import protocol as wire
+    from privacy import signing
+    from privacy.ledger import entry_hash
+
+    app = ClientApp()
+
+    def pid(context):
+        return int(context.node_config["partition-id"])
+
+    @app.query()
+    def hello(msg, context):
+        reply = real.hello(msg, context)
+        if wire.SITE in reply.content and pid(context) in (1, 2):
+            reply.content[wire.SITE][wire.NAME] = "/abs/dir/evil2" if pid(context) == 1 else "site-7"
+        return reply
+
+    @app.query(wire.FEATURE_SUM_HANDLER)
+    def feature_sum(msg, context):
+        return real.feature_sum(msg, context)
+
+    @app.train()
+    def train(msg, context):
+        reply = real.train(msg, context)
+        if wire.ARRAYS not in reply.content:
+            return reply
+        attack = pid(context)
+        if attack == 3:
+            reply.content[wire.METRICS]["accuracy"] = 1.0
+        elif attack == 4:
+            forger = ec.generate_private_key(ec.SECP256R1())
+            entries = json.loads(reply.content[wire.LEDGER][wire.ENTRIES])
+            for e in entries:
+                e["epsilon"] = 0.0
+                e["hash"] = entry_hash(e)
+                e["signature"] = base64.b64encode(signing.sign(forger, e["hash"].encode())).decode()
+            reply.content[wire.LEDGER][wire.ENTRIES] = json.dumps(entries)
+        elif attack == 5:
+            reply.content[wire.LEDGER][wire.ENTRIES] = "[]"
+        elif attack == 6:
+            reply.content[wire.METRICS][wire.NUM_EXAMPLES] = -5
+        return reply
+
+    return app
+
+
+def test_each_hostile_site_is_refused_alone_and_named_and_the_honest_sites_carry_the_run(
+        tiny_bert, synthetic_csv, tmp_path, monkeypatch):
+    import client.app
+    from simulations.simulate import run_simulation
+
+    cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
+        "federation.num_sites": 9, "federation.rounds": 2, "privacy.noise_multiplier": 0.5,
+        "privacy.budget_epsilon": 100, "output.save_model": False, "training.center_features": False}))
+    monkeypatch.setattr(client.app, "app", hostile_app())  # what run_simulation starts
+    run = run_simulation(cfg)
+
+    report = (run / "report.md").read_text()
+    admitted = json.loads((run / "privacy" / "sites.json").read_text())
+    assert "site-1" not in admitted and "/abs/dir/evil2" not in admitted
+    assert "site name '/abs/dir/evil2' is not valid" in report
+    assert "is taken by node" in report  # the honest site-7 or its impostor, never both, never the run
+    assert not list((run / "privacy" / "ledger-keys").glob("*evil*")) and not (run.parent / "abs").exists()
+
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    first = rows[1]["rejected_reasons"]
+    assert "unexpected key 'accuracy'" in first["site-3"]
+    assert "do not verify" in first["site-4"]
+    assert "no ledger entry" in first["site-5"]
+    assert "num-examples=-5: must be between 1 and" in first["site-6"]
+    assert {"site-4", "site-5"}.isdisjoint(rows[2]["sampled"])  # books failed: never asked again
+    assert {"site-0", "site-8"} <= set(rows[2]["sampled"]) and rows[2]["trained"] >= 2
+
+    ledger = read_jsonl(run / "privacy" / "ledger.jsonl")
+    assert not [e for e in ledger if e["site"] == "site-4"]  # the forged entries are not in the run's ledger
+    apart = read_jsonl(run / "privacy" / "rejected-entries.jsonl")
+    assert {x["from_site"] for x in apart} == {"site-4"} and all(x["entry"]["epsilon"] == 0.0 for x in apart)
+    for site in ("site-0", "site-8", "site-3", "site-6"):  # honest spends, even of refused updates, are recorded
+        assert [e["round"] for e in ledger if e["site"] == site][:1] == [1]
+    from privacy.audit import audit
+
+    assert audit(run).ok  # the run's ledger verifies and recomputes
