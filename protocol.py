@@ -17,13 +17,15 @@ Every reply carries `SITE` (the site's name). Then:
 
     SiteHello        METRICS {num-examples}, SITE {name, ledger-public-key}
     FeatureSumReply  ARRAYS {feature-sum}, METRICS {num-examples}, LEDGER {entries}
-    TrainReply       ARRAYS {trainable weights}, METRICS {num-examples, train-loss, seconds},
-                     LEDGER {entries}
+    TrainReply       ARRAYS {trainable weights}, METRICS {num-examples}, LEDGER {entries}
     Decline          DECLINE {kind, reason}
 
 `LEDGER.entries` is the JSON list of the signed ledger entries of the spends behind the
-reply (written and fsynced at the site before the reply left it). What each field reveals
-and how it is protected is the data-flow table in docs/auditor.md.
+reply (written and fsynced at the site before the reply left it). Nothing else leaves a
+site: no training loss or timing (noiseless functions of the private data), and a decline's
+reason is a generic line for errors (the details, which may name a data file or a row,
+stay in the site's log). What each field reveals and how it is protected is the data-flow
+table in docs/auditor.md; tests/test_data_flow.py checks that a site sends exactly that.
 
 Parsing is strict: a record or key that is missing, extra or of the wrong type rejects
 the message with one line. The coordinator's readers (`read_*`) never raise — whatever a
@@ -75,8 +77,6 @@ SERVER_ROUND = "server-round"  # added by Flower's strategies to every TRAIN
 PROXIMAL_MU = "proximal-mu"  # added by FedProx to every TRAIN
 # in METRICS
 NUM_EXAMPLES = "num-examples"  # also the weighting key of Flower's strategies (`weighted_by_key`)
-TRAIN_LOSS = "train-loss"
-SECONDS = "seconds"
 # in SITE
 NAME = "name"
 LEDGER_PUBLIC_KEY = "ledger-public-key"
@@ -140,8 +140,6 @@ class FeatureSumReply:
 class TrainReply:
     site: str
     num_examples: int
-    train_loss: float
-    seconds: float
     arrays: dict[str, np.ndarray[Any, Any]]
     ledger_entries: tuple[dict[str, Any], ...]
 
@@ -434,13 +432,12 @@ def feature_sum_reply(
 
 def train_reply(
     msg: Message, *, site: str, arrays: Mapping[str, np.ndarray[Any, Any]], num_examples: int,
-    train_loss: float, seconds: float, ledger_entries: Sequence[Mapping[str, Any]],
+    ledger_entries: Sequence[Mapping[str, Any]],
 ) -> Message:
     return _reply(msg, {
         SITE: ConfigRecord({NAME: site}),
         ARRAYS: to_array_record(arrays),
-        METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples), TRAIN_LOSS: float(train_loss),
-                               SECONDS: float(seconds)}),
+        METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples)}),
         LEDGER: ConfigRecord({ENTRIES: json.dumps(list(ledger_entries))}),
     })
 
@@ -518,16 +515,13 @@ def read_train_reply(msg: Message, expected: Mapping[str, ArraySpec]) -> TrainRe
         entries = _ledger(content)
         try:  # past this point the spend is readable: a rejection keeps it for the books
             metrics = _record(content, METRICS, MetricRecord)
-            _keys(metrics, METRICS, [NUM_EXAMPLES, TRAIN_LOSS, SECONDS])
+            _keys(metrics, METRICS, [NUM_EXAMPLES])
             arrays = _arrays(content)
             problem = update_problem(arrays, expected)
             if problem:
                 raise ProtocolError(f"arrays: {problem}")
-            return TrainReply(
-                site=name, num_examples=_count(metrics, NUM_EXAMPLES, METRICS),
-                train_loss=_real(metrics, TRAIN_LOSS, METRICS, 0.0), seconds=_real(metrics, SECONDS, METRICS, 0.0),
-                arrays=arrays, ledger_entries=entries,
-            )
+            return TrainReply(site=name, num_examples=_count(metrics, NUM_EXAMPLES, METRICS), arrays=arrays,
+                              ledger_entries=entries)
         except ProtocolError as exc:
             return Rejected(str(exc), name, entries)
 

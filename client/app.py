@@ -162,7 +162,11 @@ def _handle(msg: Message, context: Context, handler: Callable[[Message, protocol
     except protocol.ProtocolError as exc:
         return _decline(msg, name, f"the coordinator's message broke the protocol: {exc}", "protocol")
     except FedShieldError as exc:
-        return _decline(msg, name, str(exc), "error")
+        # The details (a data file's path, a row, a label) stay in the site's log: the
+        # coordinator learns that the site could not take part, and the kind of error.
+        log.warning("%s: declines: %s", name, exc)
+        return protocol.decline_reply(msg, site=name, kind="error", reason=(
+            f"the site could not process this message ({type(exc).__name__}); the details are in its log"))
 
 
 def _decline(msg: Message, site: str, reason: str, kind: str) -> Message:
@@ -227,7 +231,6 @@ def _train(msg: Message, plan: protocol.Plan, site: Site) -> Message:
         log.warning("%s: round %s of run %s was released already; sending the same reply again (no new spend)",
                     site.name, plan.server_round, plan.run_id)
         return protocol.train_reply(msg, site=site.name, arrays=arrays, num_examples=int(meta["num_examples"]),
-                                    train_loss=float(meta["train_loss"]), seconds=float(meta["seconds"]),
                                     ledger_entries=entries)
     device = _device(cfg)
     view, dataset = _prepare(site, plan, device)
@@ -271,9 +274,11 @@ def _train(msg: Message, plan: protocol.Plan, site: Site) -> Message:
             raise TrainingError(f"site {site.name}: ran {ran}, planned {steps} steps at q={q}")
         entries = _record(site, plan.run_id, plan.server_round, ran, float(priv.max_grad_norm), {"release": "dp-sgd"})
     arrays = view.trainable_state()
-    meta = {"num_examples": n, "train_loss": float(result.mean_loss), "seconds": time.time() - t0}
-    site.state.save_release(plan.run_id, plan.server_round, digest, arrays, meta, entries)
-    return protocol.train_reply(msg, site=site.name, arrays=arrays, ledger_entries=entries, **meta)
+    # The loss and the time are noiseless functions of the private data: they stay here.
+    log.info("%s: round %s trained: mean loss %.4f, %.1fs", site.name, plan.server_round, result.mean_loss,
+             time.time() - t0)
+    site.state.save_release(plan.run_id, plan.server_round, digest, arrays, {"num_examples": n}, entries)
+    return protocol.train_reply(msg, site=site.name, arrays=arrays, num_examples=n, ledger_entries=entries)
 
 
 def _request_digest(plan: protocol.Plan, weights: Mapping[str, Any]) -> str:

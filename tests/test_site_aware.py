@@ -1,6 +1,7 @@
 """SiteAwareStrategy around Flower's own strategies, driven through Flower's round loop
 (`Strategy.start`) with a fake Grid: sampling determinism, budget exclusion, rejected and
-failed replies, and per-round state keyed by round."""
+failed replies, per-round state keyed by round, the update norm bound, and Flower's robust
+rules against a poisoned update."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from flwr.app import ConfigRecord, Error, Message
 from flwr.serverapp.strategy import FedAvg
 
 import protocol
+from strategies import flower
 from strategies.flower import flower_strategy
 from strategies.ledger_check import Verdict
 from strategies.site_aware import RoundReport, SiteAwareStrategy
@@ -36,7 +38,7 @@ Behaviour = Callable[[Message, str, int], Message]
 def trains(value: float, n: int = 10) -> Behaviour:
     def reply(msg: Message, site: str, server_round: int) -> Message:
         return protocol.train_reply(msg, site=site, arrays={"w": np.full(3, value, np.float32)}, num_examples=n,
-                                    train_loss=0.1, seconds=0.5, ledger_entries=[{"site": site, "round": server_round}])
+                                    ledger_entries=[{"site": site, "round": server_round}])
     return reply
 
 
@@ -47,17 +49,18 @@ def declines(kind: str) -> Behaviour:
 class FakeGrid:
     """Answers every message by calling the named site's behaviour; records what was sent."""
 
-    def __init__(self, behaviours: dict[str, Behaviour]) -> None:
+    def __init__(self, behaviours: dict[str, Behaviour], sites: dict[int, str] | None = None) -> None:
         self.behaviours = behaviours
+        self.site_names = dict(sites or SITES)
         self.sent: list[tuple[int, str]] = []  # (server round, site)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(SITES)
+        return list(self.site_names)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for msg in messages:
-            site = SITES[msg.metadata.dst_node_id]
+            site = self.site_names[msg.metadata.dst_node_id]
             server_round = int(msg.content[protocol.PLAN][protocol.SERVER_ROUND])
             self.sent.append((server_round, site))
             reply = self.behaviours[site](msg, site, server_round)
@@ -66,11 +69,13 @@ class FakeGrid:
 
 
 def run(behaviours: dict[str, Behaviour], rounds: int = 3, fraction: float = 1.0, seed: int = 1,
-        inner=None) -> tuple[SiteAwareStrategy, FakeGrid, list[RoundReport], object]:
-    grid = FakeGrid(behaviours)
+        inner=None, sites: dict[int, str] | None = None,
+        **wrapper: object) -> tuple[SiteAwareStrategy, FakeGrid, list[RoundReport], object]:
+    grid = FakeGrid(behaviours, sites)
     reports: list[RoundReport] = []
-    strategy = SiteAwareStrategy(inner or flower_strategy("fedavg"), SITES, fraction_train=fraction, seed=seed,
-                                 expected_arrays=EXPECTED, on_round=reports.append)
+    strategy = SiteAwareStrategy(inner or flower_strategy("fedavg"), sites or SITES, fraction_train=fraction,
+                                 seed=seed, expected_arrays=EXPECTED, on_round=reports.append,
+                                 **wrapper)  # type: ignore[arg-type]
     plan = protocol.plan_record(config_yaml="x: 1\n", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
     result = strategy.start(grid=grid, initial_arrays=protocol.to_array_record({"w": np.zeros(3, np.float32)}),
                             num_rounds=rounds, timeout=5, train_config=plan)
@@ -173,8 +178,8 @@ def test_wraps_any_flower_strategy_and_checks_its_arguments():
         SiteAwareStrategy(FedAvg(), SITES, fraction_train=0.0, seed=1, expected_arrays=EXPECTED)
     with pytest.raises(ValueError, match="share the site name 'alpha'"):
         SiteAwareStrategy(FedAvg(), {1: "alpha", 2: "alpha"}, fraction_train=1.0, seed=1, expected_arrays=EXPECTED)
-    with pytest.raises(ValueError, match="federation.strategy='krum'"):
-        flower_strategy("krum")
+    with pytest.raises(ValueError, match="federation.strategy='fedsgd'"):
+        flower_strategy("fedsgd")
 
 
 def test_declared_counts_and_signed_books_gate_the_aggregate():
@@ -202,3 +207,163 @@ def test_declared_counts_and_signed_books_gate_the_aggregate():
     assert "charlie" in strategy.excluded and ("charlie", 2) not in seen  # never asked again
     assert reports[1].sampled == ["alpha", "bravo", "delta"]
     assert np.allclose(result.arrays["w"].numpy(), 1.0)
+
+
+# ------------------------------------------------------------ poisoning defences
+
+EIGHT = {100 + i: f"site-{i}" for i in range(8)}
+STEP = np.array([1.0, -0.5, 0.25])  # what every honest site moves the model by, each round
+
+
+def moves(site_index: int, attack: str = "") -> Behaviour:
+    """An honest site moves the global weights by STEP plus its own small offset; an attacker
+    sends the honest move scaled x50 or sign-flipped."""
+    jitter = np.random.default_rng(site_index).normal(0.0, 0.05, 3)
+
+    def reply(msg: Message, site: str, server_round: int) -> Message:
+        start = protocol.train_weights(msg)["w"].astype(np.float64)
+        delta = STEP + jitter
+        delta = {"": delta, "scaled": 50.0 * delta, "sign-flip": -delta}[attack]
+        return protocol.train_reply(msg, site=site, arrays={"w": (start + delta).astype(np.float32)}, num_examples=10,
+                                    ledger_entries=[])
+    return reply
+
+
+def federation(attacks: dict[int, str], n: int = 8) -> tuple[dict[int, str], dict[str, Behaviour]]:
+    sites = dict(list(EIGHT.items())[:n])
+    return sites, {name: moves(i, attacks.get(i, "")) for i, name in enumerate(sites.values())}
+
+
+ROUNDS = 3
+HONEST = ROUNDS * STEP  # where honest sites alone take the model (up to their small offsets)
+
+
+@pytest.mark.parametrize("attack", ["scaled", "sign-flip"])
+@pytest.mark.parametrize("rule", flower.ROBUST)
+def test_each_robust_rule_withstands_one_poisoned_update_of_eight(rule, attack):
+    sites, behaviours = federation({3: attack})
+    _, _, reports, result = run(behaviours, rounds=ROUNDS, sites=sites, inner=flower_strategy(rule, num_malicious=1))
+    final = result.arrays["w"].numpy()
+    assert np.abs(final - HONEST).max() < 0.3 * np.abs(STEP).max(), (rule, final)
+    assert all(r.count("trained") == 8 and not r.skipped and r.rule == rule for r in reports)
+    if rule in ("krum", "multikrum", "bulyan"):  # the rules that select updates name the one they left out
+        assert all("site-3" in r.left_out() for r in reports)
+        assert all(x.selected is not None for r in reports for x in r.replies)
+    else:
+        assert all(x.selected is None for r in reports for x in r.replies)
+    # Plain FedAvg on the same replies is pulled far off (the attack is real).
+    _, _, _, plain = run(behaviours, rounds=ROUNDS, sites=sites)
+    assert np.abs(plain.arrays["w"].numpy() - HONEST).max() > 0.4 * np.abs(STEP).max()
+
+
+def test_multikrum_averages_all_but_f_of_each_rounds_updates_and_krum_one():
+    sites, behaviours = federation({0: "scaled", 5: "sign-flip"})
+    for rule, kept in (("multikrum", 6), ("krum", 1)):
+        _, _, reports, result = run(behaviours, rounds=2, sites=sites, inner=flower_strategy(rule, num_malicious=2))
+        assert all(len(r.left_out()) == 8 - kept and {"site-0", "site-5"} <= set(r.left_out()) for r in reports)
+        assert np.abs(result.arrays["w"].numpy() - 2 * STEP).max() < 0.3
+    fixed = flower_strategy("multikrum", num_malicious=2, krum_select=3)
+    _, _, reports, _ = run(behaviours, rounds=1, sites=sites, inner=fixed)
+    assert len(reports[0].left_out()) == 5
+
+
+def test_the_norm_bound_clips_an_update_to_the_bound_and_reports_every_norm():
+    sites, behaviours = federation({2: "scaled"})
+    bound = 2.0 * float(np.linalg.norm(STEP))
+    _, _, reports, result = run(behaviours, rounds=ROUNDS, sites=sites, update_norm_bound=bound)
+    for r in reports:
+        by_site = {x.site: x for x in r.replies}
+        assert r.clipped() == ["site-2"] and by_site["site-2"].status == "trained"
+        assert by_site["site-2"].update_norm == pytest.approx(50 * np.linalg.norm(STEP), rel=0.1)
+        # Every usable update's norm is measured from that round's global weights, not from 0.
+        assert all(x.update_norm == pytest.approx(np.linalg.norm(STEP), rel=0.15) for x in r.replies if not x.clipped)
+    final = result.arrays["w"].numpy()
+    # The clipped update keeps its direction at norm `bound`: the average moves by (7 + 2) / 8 steps a round.
+    assert np.abs(final - HONEST * 9 / 8).max() < 0.1
+    _, _, _, unbounded = run(behaviours, rounds=ROUNDS, sites=sites)
+    assert np.abs(unbounded.arrays["w"].numpy() - HONEST).max() > 5
+
+
+def test_the_norm_bound_rejects_with_one_line_and_the_others_carry_on():
+    sites, behaviours = federation({2: "scaled", 6: "scaled"})
+    bound = 2.0 * float(np.linalg.norm(STEP))
+    strategy, grid, reports, result = run(behaviours, rounds=2, sites=sites, update_norm_bound=bound,
+                                          update_norm_action="reject")
+    for r in reports:
+        assert r.sites("rejected") == ["site-2", "site-6"] and r.count("trained") == 6 and not r.clipped()
+        reason = {x.site: x.reason for x in r.replies}["site-2"]
+        assert reason.startswith("update norm ") and f"above federation.update_norm_bound={bound:g}" in reason
+        assert "\n" not in reason
+    assert not strategy.excluded and [s for rr, s in grid.sent if s == "site-2"] == ["site-2", "site-2"]
+    assert np.abs(result.arrays["w"].numpy() - 2 * STEP).max() < 0.1
+    with pytest.raises(ValueError, match="update_norm_bound"):
+        SiteAwareStrategy(FedAvg(), SITES, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
+                          update_norm_bound=float("nan"))
+    with pytest.raises(ValueError, match="update_norm_action"):
+        SiteAwareStrategy(FedAvg(), SITES, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
+                          update_norm_action="drop")
+
+
+def test_norms_are_measured_from_each_rounds_own_weights_keyed_by_the_runs_round():
+    sites, behaviours = federation({})
+    grid = FakeGrid(behaviours, sites)
+    strategy = SiteAwareStrategy(flower_strategy("fedavg"), sites, fraction_train=1.0, seed=1,
+                                 expected_arrays=EXPECTED, first_round=5, update_norm_bound=1e-6)
+    plan = protocol.plan_record(config_yaml="x", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
+    far = protocol.to_array_record({"w": np.full(3, 100.0, np.float32)})
+    m1 = list(strategy.configure_train(1, protocol.to_array_record({"w": np.zeros(3, np.float32)}),
+                                       ConfigRecord(dict(plan)), grid))
+    m2 = list(strategy.configure_train(2, far, ConfigRecord(dict(plan)), grid))
+    assert sorted(strategy._global) == [5, 6]  # the run's rounds (resumed at 5), not Flower's
+    report6, valid6 = strategy.sort_replies(6, grid.send_and_receive(m2))
+    report5, valid5 = strategy.sort_replies(5, grid.send_and_receive(m1))
+    for report, valid, start in ((report5, valid5, 0.0), (report6, valid6, 100.0)):
+        assert all(x.clipped and x.update_norm == pytest.approx(np.linalg.norm(STEP), rel=0.15) for x in report.replies)
+        got = [protocol.from_array_record(m.content[protocol.ARRAYS])["w"] for m in valid]
+        assert all(np.linalg.norm(w - start) == pytest.approx(1e-6, rel=0.5, abs=1e-5) for w in got)
+    assert strategy._global == {}
+
+
+def test_a_round_with_too_few_usable_updates_for_the_rule_is_skipped_with_one_line():
+    # Bulyan with f=1 needs 7 updates; 8 sites, 2 of them refused for their record count.
+    sites, behaviours = federation({})
+
+    def claims_more(msg, site, r):
+        reply = behaviours["site-0"](msg, site, r)
+        reply.content[protocol.METRICS][protocol.NUM_EXAMPLES] = 11
+        return reply
+
+    behaviours = {**behaviours, "site-1": claims_more, "site-4": claims_more}
+    grid = FakeGrid(behaviours, sites)
+    reports: list[RoundReport] = []
+    strategy = SiteAwareStrategy(flower_strategy("bulyan", num_malicious=1), sites, fraction_train=1.0, seed=1,
+                                 expected_arrays=EXPECTED, on_round=reports.append, records=dict.fromkeys(sites, 10))
+    plan = protocol.plan_record(config_yaml="x", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
+    result = strategy.start(grid=grid, initial_arrays=protocol.to_array_record({"w": np.zeros(3, np.float32)}),
+                            num_rounds=2, timeout=5, train_config=plan)
+    assert not result.arrays  # nothing aggregated: the caller keeps its model
+    for r in reports:
+        assert r.count("trained") == 6 and r.count("rejected") == 2
+        assert r.skipped == "6 usable update(s): bulyan withstands federation.num_malicious=1 only with at least 7"
+    # With enough sites the same rule aggregates; with no usable update the round says so.
+    assert run(federation({})[1], rounds=1, sites=sites, inner=flower_strategy("bulyan"))[3].arrays
+    _, _, reports, _ = run({s: declines("error") for s in SITES.values()}, rounds=1)
+    assert reports[0].skipped == "no usable update"
+
+
+def test_each_rules_minimum_and_what_flower_builds():
+    f = 2
+    assert [flower.min_replies_for(r, f, 0.25) for r in flower.ROBUST] == [5, 8, 7, 7, 11]
+    assert flower.min_replies_for("fedtrimmedavg", 1, 0.2) == 5  # floor(0.2 * 5) = 1
+    assert flower.min_replies_for("fedtrimmedavg", 1, 0.0) > 10_000  # trims nothing: withstands nobody
+    assert flower.min_replies_for("multikrum", 1, krum_select=6) == 7  # a fixed m keeps at most n - f
+    assert flower.min_replies_for("fedavg", 3) == 1
+    for name in flower.STRATEGIES:
+        built = flower_strategy(name, num_malicious=f, trim_fraction=0.25)
+        assert flower.rule_name(built) == name
+        assert flower.min_replies(built) == flower.min_replies_for(name, f, 0.25)
+        assert built.arrayrecord_key == protocol.ARRAYS and built.weighted_by_key == protocol.NUM_EXAMPLES
+    assert flower_strategy("fedtrimmedavg", trim_fraction=0.3).beta == 0.3
+    assert flower_strategy("bulyan", num_malicious=3).num_malicious_nodes == 3
+    with pytest.raises(ValueError, match="beta"):
+        flower_strategy("fedtrimmedavg", trim_fraction=0.5)

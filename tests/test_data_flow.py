@@ -1,0 +1,107 @@
+"""What a site really sends equals docs/auditor.md's data-flow table: no field more, none less.
+
+A real site (client.app's handlers, in simulation mode on the tiny model) answers each
+message kind; every (reply, record, field) it sends must be a row of the table, and every
+row must be something it sends. A field added to a reply without its row in the auditor's
+table, or a row for a field no longer sent, fails here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+import conf
+import protocol
+from tests.helpers import tiny_overrides
+
+TABLE = Path(__file__).resolve().parents[1] / "docs" / "auditor.md"
+TENSORS = "(each trainable tensor)"
+
+
+@pytest.fixture(autouse=True)
+def flower_task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def documented() -> set[tuple[str, str, str]]:
+    text = TABLE.read_text(encoding="utf-8").split("## What leaves a site", 1)[1].split("\n## ", 1)[0]
+    rows = set()
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and re.fullmatch(r"[A-Z][A-Za-z]+", cells[0]) and cells[0] != "reply":
+            rows.add((cells[0], cells[1], cells[2]))
+    return rows
+
+
+def sent(kind: str, reply: Message, tensors: set[str]) -> set[tuple[str, str, str]]:
+    out = set()
+    for record_name, record in reply.content.items():
+        for field in record.keys():
+            out.add((kind, record_name, TENSORS if isinstance(record, ArrayRecord) and field in tensors else field))
+    return out
+
+
+def test_a_site_sends_exactly_the_fields_of_the_auditors_table(tiny_bert, synthetic_csv, tmp_path):
+    import client.app as site
+    from task.pipeline import build_view, pool_and_test, view_fingerprint
+
+    cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{"privacy.noise_multiplier": 1.0}))
+    view = build_view(cfg)
+    plan = protocol.plan_record(config_yaml=conf.to_yaml(cfg), run_id="flow", run_dir=str(tmp_path / "run"),
+                                frozen_fingerprint=view_fingerprint(view),
+                                class_names=pool_and_test(cfg)[1].class_names)
+    context = Context(run_id=7, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                      run_config={})
+    weights = view.trainable_state()
+    tensors = set(weights)
+
+    got = sent("SiteHello", site.hello(protocol.instruction(protocol.HELLO, plan, 1), context), tensors)
+    assert isinstance(protocol.read_hello(site.hello(protocol.instruction(protocol.HELLO, plan, 1), context)),
+                      protocol.SiteHello)
+    got |= sent("FeatureSumReply", site.feature_sum(protocol.instruction(protocol.FEATURE_SUM, plan, 1), context),
+                tensors)
+    train_plan = ConfigRecord(dict(plan))
+    train_plan[protocol.SERVER_ROUND] = 1
+    train = Message(content=RecordDict({protocol.PLAN: train_plan, protocol.ARRAYS: protocol.to_array_record(weights)}),
+                    message_type=protocol.TRAIN, dst_node_id=1)
+    reply = site.train(train, context)
+    assert isinstance(protocol.read_train_reply(reply, {k: (v.shape, v.dtype) for k, v in weights.items()}),
+                      protocol.TrainReply)
+    got |= sent("TrainReply", reply, tensors)
+    broken = Message(content=RecordDict({protocol.PLAN: ConfigRecord({"x": 1})}), message_type=protocol.TRAIN,
+                     dst_node_id=1)
+    decline = site.train(broken, context)
+    assert isinstance(protocol.read_train_reply(decline, {}), protocol.Decline)
+    got |= sent("Decline", decline, tensors)
+
+    assert got == documented()
+
+
+def test_an_error_reason_does_not_carry_the_sites_details(tiny_bert, tmp_path):
+    """A site whose data cannot be read says so to the coordinator in one generic line;
+    its path and the offending row stay in its own log."""
+    import client.app as site
+
+    bad = tmp_path / "secret-ward-7.csv"
+    bad.write_text("text,label\nthe patient in bed 12 has,cancer\n")
+    cfg = conf.load_config(["task=text-file", f"task.data_path={bad}", f"task.model={tiny_bert}",
+                            "task.labels=[weather,markets]"])
+    plan = protocol.plan_record(config_yaml=conf.to_yaml(cfg), run_id="r", run_dir=str(tmp_path),
+                                frozen_fingerprint="", class_names=["markets", "weather"])
+    context = Context(run_id=7, node_id=1, node_config={"site-name": "st-marys", "data-path": str(bad),
+                                                        "state-dir": str(tmp_path / "state")},
+                      state=RecordDict(), run_config={})
+    reply = protocol.read_hello(site.hello(protocol.instruction(protocol.HELLO, plan, 1), context))
+    assert isinstance(reply, protocol.Decline) and reply.kind == "error"
+    assert "DataError" in reply.reason
+    for secret in ("secret-ward-7", "bed 12", "cancer", str(tmp_path)):
+        assert secret not in reply.reason
