@@ -60,10 +60,17 @@ log = logging.getLogger("fedshield.site")
 
 # Node-config keys a deployed site sets for itself (see client/cli.py).
 NODE_SITE_NAME, NODE_DATA, NODE_STATE, NODE_KEY = "site-name", "data-path", "state-dir", "site-key"
-SITE_OVERRIDABLE = ("privacy.budget_epsilon", "privacy.target_epsilon", "privacy.delta",
-                    "privacy.max_grad_norm", "privacy.mode", "privacy.center_noise_multiplier",
-                    "privacy.center_clip_norm", "training.device",
-                    "training.max_physical_batch_size")
+# The site's privacy policy: what it decides for its own data. A coordinator's plan may be
+# stricter (then the plan's value is used) but never looser: a looser one is declined, kind
+# `policy`, naming the key. Keys the site did not set take the schema's defaults (DP on,
+# δ = 1e-5, ε = 8 per run, budget = ε, center noise 4), so a site started with no setting at
+# all still refuses a plan without DP. `budget_epsilon` null means the site's target ε.
+POLICY = ("privacy.mode", "privacy.target_epsilon", "privacy.budget_epsilon", "privacy.delta",
+          "privacy.min_noise_multiplier", "privacy.center_noise_multiplier")
+# Operational settings a site may set for itself; they apply over the plan as they are.
+OPERATIONAL = ("privacy.max_grad_norm", "privacy.center_clip_norm", "training.device",
+               "training.max_physical_batch_size")
+SITE_OVERRIDABLE = POLICY + OPERATIONAL
 
 app = ClientApp()
 
@@ -71,34 +78,72 @@ app = ClientApp()
 @dataclass
 class Site:
     name: str
-    cfg: DictConfig  # the coordinator's plan with the site's own settings on top
+    cfg: DictConfig  # the coordinator's plan, checked against the site's policy (site_config)
     data: LabeledData
     state: SiteState
     simulated: bool
 
 
-def site_config(plan: DictConfig, node_config: Mapping[str, Any]) -> DictConfig:
-    """The coordinator's plan, overridden by what the site set for itself."""
-    own = {k: v for k, v in node_config.items() if k in SITE_OVERRIDABLE}
-    unknown = [k for k in node_config if "." in k and k not in SITE_OVERRIDABLE]
+class PolicyError(FedShieldError):
+    """The coordinator's plan asks for less privacy than the site's policy allows."""
+
+
+def site_config(plan: DictConfig, node_config: Mapping[str, Any], deployed: bool = True) -> DictConfig:
+    """The config a site works with: the coordinator's plan, checked against the site's
+    privacy policy (deployed sites; PolicyError if the plan is looser) and with the site's
+    operational settings on top. A simulation's virtual sites take the plan as it is."""
+    own = {k: v for k, v in node_config.items() if "." in k}
+    unknown = [k for k in own if k not in SITE_OVERRIDABLE]
     if unknown:
         raise conf.ConfigError(
             f"site config: {unknown[0]!r} cannot be set by a site; allowed: {', '.join(SITE_OVERRIDABLE)}"
         )
-    if not own:
+    operational = {k: v for k, v in own.items() if k in OPERATIONAL}
+    if deployed:
+        policy = conf.load_config([f"{k}={v}" for k, v in own.items() if k in POLICY])
+        check_policy(plan, policy)
+        floor = policy.privacy.min_noise_multiplier
+        if floor is not None and (plan.privacy.min_noise_multiplier or 0.0) < floor:
+            operational["privacy.min_noise_multiplier"] = floor  # a plan silent on it gets the site's floor
+    if not operational:
         return plan
     flat = conf.to_flat(plan)
-    flat.update(own)
+    flat.update(operational)
     return conf.load_config(base=flat)
+
+
+def check_policy(plan: DictConfig, policy: DictConfig) -> None:
+    """Refuse, naming the key, a plan that is looser than the site's policy on any field."""
+    p, mine = plan.privacy, policy.privacy
+    if mine.mode == "dp-sgd" and p.mode != "dp-sgd":
+        raise PolicyError(f"privacy.mode={p.mode!r}: this site trains only with DP (dp-sgd)")
+    if p.mode != "dp-sgd":
+        return  # the site's own policy is no DP, and so is the plan
+    if p.target_epsilon > mine.target_epsilon:
+        raise PolicyError(f"privacy.target_epsilon={p.target_epsilon:g}: above this site's {mine.target_epsilon:g}")
+    budget = p.budget_epsilon if p.budget_epsilon is not None else p.target_epsilon
+    own_budget = mine.budget_epsilon if mine.budget_epsilon is not None else mine.target_epsilon
+    if budget > own_budget:
+        raise PolicyError(f"privacy.budget_epsilon={budget:g}: above this site's {own_budget:g}")
+    if p.delta > mine.delta:
+        raise PolicyError(f"privacy.delta={p.delta:g}: above this site's {mine.delta:g}")
+    floor = mine.min_noise_multiplier
+    if floor is not None and p.noise_multiplier is not None and p.noise_multiplier < floor:
+        raise PolicyError(f"privacy.noise_multiplier={p.noise_multiplier:g}: below this site's minimum {floor:g}")
+    if floor is not None and p.min_noise_multiplier is not None and p.min_noise_multiplier < floor:
+        raise PolicyError(f"privacy.min_noise_multiplier={p.min_noise_multiplier:g}: below this site's {floor:g}")
+    if p.center_noise_multiplier < mine.center_noise_multiplier:
+        raise PolicyError(f"privacy.center_noise_multiplier={p.center_noise_multiplier:g}: below this site's "
+                          f"{mine.center_noise_multiplier:g}")
 
 
 # ------------------------------------------------------------ per-worker caches
 
 
 @lru_cache(maxsize=16)
-def _config(config_yaml: str, node_items: tuple[tuple[str, Any], ...]) -> DictConfig:
-    """The plan's config with the site's own settings, parsed once per (plan, node)."""
-    cfg = site_config(conf.from_yaml(config_yaml), dict(node_items))
+def _config(config_yaml: str, node_items: tuple[tuple[str, Any], ...], deployed: bool) -> DictConfig:
+    """The plan's config for this site (site_config), parsed once per (plan, node)."""
+    cfg = site_config(conf.from_yaml(config_yaml), dict(node_items), deployed)
     OmegaConf.set_readonly(cfg, True)  # shared by every message of this worker
     return cfg
 
@@ -131,7 +176,8 @@ def resolve_site(plan: protocol.Plan, context: Context) -> Site:
     node = dict(context.node_config)
     # Only dotted keys are config (the site's own settings); the rest (partition-id, paths)
     # must not split the cache: a worker serves many virtual sites with one plan.
-    cfg = _config(plan.config_yaml, tuple(sorted((k, v) for k, v in node.items() if "." in k)))
+    cfg = _config(plan.config_yaml, tuple(sorted((k, v) for k, v in node.items() if "." in k)),
+                  NODE_SITE_NAME in node)
     if NODE_SITE_NAME in node:  # deployment: everything local comes from the site itself
         name = str(node[NODE_SITE_NAME])
         # The coordinator's classes: a site row with any other label is refused (file, line).
@@ -161,6 +207,8 @@ def _handle(msg: Message, context: Context, handler: Callable[[Message, protocol
         return handler(msg, plan, site)
     except protocol.ProtocolError as exc:
         return _decline(msg, name, f"the coordinator's message broke the protocol: {exc}", "protocol")
+    except PolicyError as exc:
+        return _decline(msg, name, f"the plan asks for less privacy than this site allows: {exc}", "policy")
     except FedShieldError as exc:
         # The details (a data file's path, a row, a label) stay in the site's log: the
         # coordinator learns that the site could not take part, and the kind of error.
@@ -250,6 +298,7 @@ def _train(msg: Message, plan: protocol.Plan, site: Site) -> Message:
             plan.run_id, float(priv.target_epsilon), float(priv.delta), q, steps,
             int(cfg.federation.rounds), priv.accountant, before=[release] if release else [],
         )
+        sigma = max(sigma, float(priv.min_noise_multiplier or 0.0))  # more noise than asked: stricter
         decision = site.state.check_budget(Spend(sigma, q, steps), _budget(site), priv.delta, priv.accountant)
         if not decision.ok:
             return _decline(msg, site.name, decision.reason, "budget")

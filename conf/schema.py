@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 TASKS = ("news-topics", "heart-disease", "text-file")
 PARTITIONS = ("iid", "dirichlet", "natural")
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+UPDATE_NORM_ACTIONS = ("clip", "reject")
 TRAINABLE = ("all", "last_layers", "lora")
 OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
@@ -78,9 +79,30 @@ class FederationConfig:
     min_sites: int = 1  # a round runs with at least this many sites that accept
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
+    # fedavg, fedprox, fedadam, or a robust rule against poisoned updates: fedmedian,
+    # fedtrimmedavg, krum, multikrum, bulyan (Flower's own classes; strategies/flower.py).
     strategy: str = "fedavg"
     proximal_mu: float = 0.01  # fedprox only
     server_learning_rate: float = 0.1  # fedadam only
+    # Robust rules: how many poisoned updates among a round's usable ones the rule must
+    # withstand (f; Flower's num_malicious_nodes). A rule needs enough updates per round
+    # (n = round(fraction_train * num_sites) sites are asked): fedmedian n >= 2f+1,
+    # fedtrimmedavg floor(trim_fraction * n) >= f, krum and multikrum n >= 2f+3 (n > 2f+2),
+    # bulyan n >= 4f+3. A config that cannot meet it is refused; a round left with fewer
+    # usable updates (declines, rejections, failures) aggregates nothing and says so.
+    num_malicious: int = 1
+    # fedtrimmedavg: the fraction cut off each tail, per coordinate, in [0, 0.5) (Flower's
+    # beta). 0.2 trims 1 of 8 updates per side.
+    trim_fraction: float = 0.2
+    # multikrum: how many of the best-scored updates are averaged (Flower's
+    # num_nodes_to_select); 0 = each round's usable updates minus num_malicious.
+    krum_select: int = 0
+    # Coordinator-side bound on each site's update, for every strategy: the L2 norm of
+    # (update - the round's global weights) over all trainable tensors. null = no bound
+    # (the norm is still reported per site in metrics.jsonl). Above it, `clip` scales the
+    # update down to the bound, `reject` refuses the reply. Post-processing: no privacy cost.
+    update_norm_bound: float | None = None
+    update_norm_action: str = "clip"
     seed: int = 42
     round_timeout_s: float = 3600.0
 
@@ -135,6 +157,10 @@ class PrivacyConfig:
     # The site's lifetime budget for its dataset across all runs (None = target_epsilon).
     # The site enforces it itself: no coordinator setting can make it spend past it.
     budget_epsilon: float | None = None
+    # A deployed site's floor on the DP-SGD noise multiplier (None = no floor): a plan that
+    # sets a smaller one is declined, and a calibrated σ below it is raised to it. Part of
+    # the site's privacy policy (client/app.py, `fedshield client privacy.*=...`).
+    min_noise_multiplier: float | None = None
 
 
 @dataclass
@@ -206,6 +232,55 @@ def run_name_error(name: str) -> str | None:
     return _check("output.run_name", ok, RUN_NAME_RULE, name)
 
 
+def rule_min_sites(strategy: str, num_malicious: int, trim_fraction: float, krum_select: int = 0) -> int:
+    """Usable updates per round that `strategy` needs to withstand `num_malicious` poisoned
+    ones (FederationConfig's comments; the runtime check is strategies.flower.min_replies_for,
+    and a test keeps the two equal). 1 for fedavg, fedprox and fedadam."""
+    f = num_malicious
+    if strategy == "fedmedian":
+        return 2 * f + 1
+    if strategy == "fedtrimmedavg":
+        if f == 0:
+            return 1
+        if not trim_fraction > 0:
+            return 2**31
+        n = max(1, math.ceil(f / trim_fraction))
+        while math.floor(trim_fraction * n) < f:
+            n += 1
+        return n
+    if strategy == "krum":
+        return 2 * f + 3
+    if strategy == "multikrum":
+        return max(2 * f + 3, krum_select + f)
+    if strategy == "bulyan":
+        return 4 * f + 3
+    return 1
+
+
+def _rule_error(f: FederationConfig) -> str | None:
+    """A robust rule that the configured sites per round cannot satisfy, in one line."""
+    if f.strategy not in STRATEGIES[3:] or f.num_malicious < 0 or f.krum_select < 0 \
+            or not 0 <= f.trim_fraction < 0.5 or not 1 <= f.num_sites <= MAX_SITES:
+        return None  # not a robust rule, or a value that has its own message
+    per_round = min(max(1, round(f.fraction_train * f.num_sites)), f.num_sites)
+    need = rule_min_sites(f.strategy, f.num_malicious, f.trim_fraction, f.krum_select)
+    if per_round >= need:
+        return None
+    rule = {
+        "fedmedian": "2 * num_malicious + 1",
+        "fedtrimmedavg": "floor(federation.trim_fraction * n) >= num_malicious",
+        "krum": "2 * num_malicious + 3",
+        "multikrum": "max(2 * num_malicious + 3, federation.krum_select + num_malicious)",
+        "bulyan": "4 * num_malicious + 3",
+    }[f.strategy]
+    asked = f"federation.num_sites={f.num_sites}" + (
+        f" x federation.fraction_train={f.fraction_train:g}" if f.fraction_train != 1 else "")
+    return (f"federation.strategy={f.strategy!r} with federation.num_malicious={f.num_malicious}"
+            + (f", federation.trim_fraction={f.trim_fraction:g}" if f.strategy == "fedtrimmedavg" else "")
+            + (f", federation.krum_select={f.krum_select}" if f.strategy == "multikrum" and f.krum_select else "")
+            + f": needs at least {need} sites per round ({rule}); {asked} asks {per_round}")
+
+
 def validation_errors(cfg: FedShieldConfig) -> list[str]:
     """Range and enum checks that need no data. Returns messages naming key and allowed.
 
@@ -245,6 +320,20 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
         _one_of("federation.strategy", f.strategy, STRATEGIES),
         _non_negative("federation.proximal_mu", f.proximal_mu),
         _positive("federation.server_learning_rate", f.server_learning_rate),
+        _check("federation.num_malicious", 0 <= f.num_malicious <= MAX_SITES, f"between 0 and {MAX_SITES:,}",
+               f.num_malicious),
+        _check("federation.trim_fraction", _finite(f.trim_fraction) and 0 <= f.trim_fraction < 0.5,
+               "in [0, 0.5)", f.trim_fraction),
+        _check("federation.krum_select", 0 <= f.krum_select <= MAX_SITES,
+               f"between 0 and {MAX_SITES:,} (0 = each round's usable updates minus num_malicious)", f.krum_select),
+        _check(
+            "federation.update_norm_bound",
+            f.update_norm_bound is None or (_finite(f.update_norm_bound) and f.update_norm_bound > 0),
+            "a finite number > 0 or null (no bound)",
+            f.update_norm_bound,
+        ),
+        _one_of("federation.update_norm_action", f.update_norm_action, UPDATE_NORM_ACTIONS),
+        _rule_error(f),
         _seed("federation.seed", f.seed),
         _positive("federation.round_timeout_s", f.round_timeout_s, "a finite number of seconds > 0"),
         _one_of("training.trainable", tr.trainable, TRAINABLE),
@@ -295,6 +384,12 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
             p.budget_epsilon is None or (p.budget_epsilon > 0 and math.isfinite(p.budget_epsilon)),
             "a finite number > 0 or null (= target_epsilon)",
             p.budget_epsilon,
+        ),
+        _check(
+            "privacy.min_noise_multiplier",
+            p.min_noise_multiplier is None or (_finite(p.min_noise_multiplier) and p.min_noise_multiplier > 0),
+            "a finite number > 0 or null (no floor)",
+            p.min_noise_multiplier,
         ),
         _positive("simulation.client_cpus", s.client_cpus),
         _non_negative("simulation.client_gpus", s.client_gpus),

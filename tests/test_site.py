@@ -105,16 +105,23 @@ def test_torn_ledger_line_is_set_aside_and_reported(tmp_path):
 
 
 def test_the_coordinators_plan_cannot_raise_a_sites_budget():
-    """In deployment the site's own node config wins over everything the coordinator sends."""
+    """In deployment the site's own policy bounds the plan: a plan asking for a larger
+    budget is refused; a stricter one is used; what is not policy is the site's own."""
     import conf
-    from client.app import site_config
+    from client.app import PolicyError, site_config
 
-    plan = conf.load_config(["privacy.budget_epsilon=100", "privacy.target_epsilon=50", "privacy.delta=1e-3"])
-    own = site_config(plan, {"site-name": "st-marys", "privacy.budget_epsilon": 2.0, "privacy.delta": 1e-6})
-    assert own.privacy.budget_epsilon == 2.0 and own.privacy.delta == 1e-6
-    assert own.privacy.target_epsilon == 50  # what the site did not set comes from the plan
+    node = {"site-name": "st-marys", "privacy.budget_epsilon": 2.0, "privacy.target_epsilon": 2.0,
+            "privacy.delta": 1e-6, "training.device": "cpu"}
+    with pytest.raises(PolicyError, match="privacy.budget_epsilon=100: above this site's 2"):
+        site_config(conf.load_config(["privacy.budget_epsilon=100", "privacy.target_epsilon=1",
+                                      "privacy.delta=1e-6"]), node)
+    strict = site_config(conf.load_config(["privacy.target_epsilon=1", "privacy.delta=1e-7"]), node)
+    assert strict.privacy.target_epsilon == 1 and strict.privacy.delta == 1e-7  # the plan's, stricter
+    assert strict.training.device == "cpu"  # the site's operational setting
     with pytest.raises(conf.ConfigError, match="cannot be set by a site"):
-        site_config(plan, {"federation.rounds": 3})
+        site_config(conf.load_config([]), {"federation.rounds": 3})
+    loose = conf.load_config(["privacy=none"])
+    assert site_config(loose, {}, deployed=False).privacy.mode == "none"  # a simulation's one config
 
 
 def test_node_config_round_trips_through_flowers_parser():
