@@ -106,7 +106,9 @@ def finish(p: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str]:
 
 def server_args(pki_dir: Path, keys: list[Path], port: int, tiny_bert: Path, data: Path, tmp: Path,
                 **extra) -> list[str]:
-    over = tiny_overrides(tiny_bert, data, tmp, **{"federation.round_timeout_s": 120,
+    # δ = 1e-5: a deployed site's policy (its defaults, as no site here sets one) refuses a
+    # plan with a larger δ (client/app.py, POLICY).
+    over = tiny_overrides(tiny_bert, data, tmp, **{"federation.round_timeout_s": 120, "privacy.delta": 1e-5,
                                                   "output.run_name": "deploy", **extra})
     over = [o for o in over if not o.startswith("simulation.")]
     return ["server", "--pki", str(pki_dir), "--connection-keys", *map(str, keys),
@@ -279,7 +281,7 @@ def test_refusal_run_completes_with_the_good_sites(refusals):
 def test_unregistered_connection_key_is_refused(refusals):
     rc, out = refusals["rogue"]
     assert rc == 2, out[-3000:]
-    assert "error: the coordinator refused connection key rogue.key (SHA256:" in out
+    assert "error: site rogue: the coordinator refused connection key rogue.key (SHA256:" in out
     assert "not registered" in out
 
 
@@ -351,3 +353,112 @@ def test_bad_coordinator_certificate_is_refused(pki_dir, tmp_path, case):
     t.join(5)
     assert rc == 2, out
     assert want in out
+
+
+# ------------------------------------------------------------------ crashes
+
+
+def flower_processes(home: Path) -> list[int]:
+    """Live processes whose FLWR_HOME is `home`: every Flower process of one agent command."""
+    want = f"FLWR_HOME={home}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if want in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_for(what, timeout: float, step: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = what()
+        if got:
+            return got
+        time.sleep(step)
+    return what()
+
+
+def log_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+ROUNDS = 30  # many: the run must outlast a site's restart; the coordinator is killed long before the end
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_crashes_leave_no_orphans_sites_rejoin_and_say_how_it_ended(pki_dir, tiny_bert, tmp_path):
+    """kill -9 of a site's agent mid-run: its SuperNode and ClientApp go with it, and the
+    agent started again rejoins the run. kill -9 of the coordinator: no SuperLink, SuperExec,
+    ServerApp or `flwr run` survives it (no orphan writes a report), and each site exits 3
+    with one line saying after which round it lost the coordinator."""
+    server_data = write_csv(tmp_path / "server.csv", synthetic_rows(120, seed=7))
+    port = free_port()
+    names = ("st-marys", "st-johns")
+    server = fedshield(*server_args(pki_dir, [pki_dir / f"{n}.pub" for n in names], port, tiny_bert, server_data,
+                                    tmp_path, **{"federation.num_sites": 2, "federation.rounds": ROUNDS,
+                                                 "federation.round_timeout_s": 30}), cwd=tmp_path)
+    data = {n: write_csv(tmp_path / f"{n}.csv", synthetic_rows(60, seed=30 + i)) for i, n in enumerate(names)}
+    state = {n: tmp_path / f"state-{n}" for n in names}
+    sites = {n: fedshield(*client_args(port, pki_dir / "ca.crt", pki_dir / f"{n}.key", data[n], state[n]),
+                          cwd=tmp_path) for n in names}
+    run_dir = tmp_path / "runs" / "deploy"
+    coordinator_home = tmp_path / "runs" / ".deploy.flower"
+
+    # 1. a site's agent killed while it trains round 1
+    marys_log = state["st-marys"] / "supernode.log"
+    assert wait_for(lambda: "Receiving: train message" in log_text(marys_log), 240), log_text(marys_log)[-3000:]
+    assert flower_processes(state["st-marys"] / ".flower")
+    sites["st-marys"].kill()
+    rc, first = finish(sites["st-marys"], 30)
+    assert rc == -signal.SIGKILL
+    left = wait_for(lambda: not flower_processes(state["st-marys"] / ".flower"), 20)
+    assert left, f"the killed site's Flower processes survived: {flower_processes(state['st-marys'] / '.flower')}"
+
+    # 2. started again with the same state folder: admitted again (at once, or once its old session expired)
+    again = fedshield(*client_args(port, pki_dir / "ca.crt", pki_dir / "st-marys.key", data["st-marys"],
+                                   state["st-marys"]), cwd=tmp_path)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(again.stdout), daemon=True)
+    reader.start()
+    assert wait_for(lambda: any("admitted by the coordinator" in x for x in lines), 150), "".join(lines)[-3000:]
+    assert not any("not registered" in x for x in lines)
+
+    # 3. the coordinator killed once the rejoined site has trained a round of this session
+    def rounds_done() -> int:
+        try:
+            return max(json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines())
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    def marys_trained_again() -> bool:
+        return log_text(marys_log).count("Receiving: train message") >= 2 and rounds_done() >= 2
+
+    assert wait_for(marys_trained_again, 300), log_text(marys_log)[-3000:]
+    assert rounds_done() < ROUNDS, "the run ended before the coordinator could be killed"
+    assert flower_processes(coordinator_home)
+    server.kill()
+    finish(server, 30)
+    gone = wait_for(lambda: not flower_processes(coordinator_home), 20)
+    assert gone, f"orphans of the coordinator: {flower_processes(coordinator_home)}"
+    time.sleep(3)
+    assert not (run_dir / "report.md").exists()  # no orphan ServerApp finishing the run on its own
+
+    # 4. each site says it lost the coordinator, and after which round (exit 3)
+    reader.join(120)
+    again.wait(30)
+    outs = {"st-marys": (again.returncode, "".join(lines)), "st-johns": finish(sites["st-johns"], 120)}
+    for n, (rc, out) in outs.items():
+        assert rc == 3, f"{n} (exit {rc}):\n{out[-3000:]}"
+        lost = [x for x in out.splitlines() if "lost the coordinator during the run, after round" in x]
+        assert len(lost) == 1 and f"site {n}:" in lost[0] and f" of {ROUNDS} " in lost[0], out[-3000:]
+        assert "the coordinator closed the federation; done" not in out
+        assert not flower_processes(state[n] / ".flower")
+    access = (coordinator_home / "front-access.log").read_text().splitlines()
+    assert any(" POST /v1/fleet/push-object 200 " in x for x in access)
