@@ -62,6 +62,8 @@ class SiteState:
         set aside and reported."""
         read = self.ledger.recover()
         self.recovery_message = read.message if read.truncated_bytes else ""
+        # The site's own books must verify, whole, before it decides anything with them.
+        self.ledger.check_own(self.site, self.key.public_key(), read.entries)
         self._history = site_history(read.entries, self.site)
         self._hashes = {e.get("hash") for e in read.entries if e.get("site") == self.site}
 

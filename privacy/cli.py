@@ -1,4 +1,9 @@
 """`fedshield audit RUN_DIR_OR_LEDGER [--ledger-keys DIR] [--json] [--out DIR] [--budget SITE=EPS ...]`
+`fedshield audit --site STATE_DIR`: a site's own books (at the site, or a copy of its folder)
+
+`--site STATE_DIR` checks what a run directory cannot show: that the site's ledger is whole,
+from its first spend (seq 0) to the newest one its signed head record names (nothing cut off
+the end), every entry signed by the site's `site.pub`; then it audits the ledger as usual.
 
 `--ledger-keys DIR`: the public halves of the sites' ledger signing keys (`<site>.pub`, each
 site's `<state-dir>/site.pub`), not their connection keys. `--site-keys` is its old
@@ -49,7 +54,9 @@ class _Parser(argparse.ArgumentParser):
 
 def audit_main(argv: list[str]) -> int:
     p = _Parser(prog="fedshield audit", description="Verify a privacy ledger and recompute ε independently.")
-    p.add_argument("path", metavar="RUN_DIR_OR_LEDGER", type=Path)
+    p.add_argument("path", metavar="RUN_DIR_OR_LEDGER", type=Path, nargs="?")
+    p.add_argument("--site", type=Path, default=None, metavar="STATE_DIR",
+                   help="a site's state folder: also check its books are whole (seq 0 to its signed head)")
     keys = p.add_mutually_exclusive_group()
     keys.add_argument("--ledger-keys", type=Path, default=None, metavar="DIR",
                       help="folder with each site's ledger signing public key as <site>.pub, obtained from the sites")
@@ -59,10 +66,18 @@ def audit_main(argv: list[str]) -> int:
     p.add_argument("--budget", type=_budget, action="append", default=[], metavar="SITE=EPS")
     try:
         args = p.parse_args(argv)
+        if (args.path is None) == (args.site is None):
+            raise FedShieldError("audit: give a run directory or ledger, or --site STATE_DIR (one of the two)")
         from privacy.audit import audit
         from privacy.report import write_report
 
-        result = audit(args.path, args.ledger_keys, dict(args.budget) or None)
+        if args.site is not None:
+            problem = _site_books(args.site)
+            if problem:
+                print(f"AUDIT FAILED: {problem}", file=sys.stderr)
+                return 1
+            print(f"site books: {args.site / 'ledger.jsonl'} is whole from seq 0 to its signed head record")
+        result = audit(args.path or args.site, args.ledger_keys, dict(args.budget) or None)
         if args.out is not None:
             out = args.out
         elif result.run_dir is not None:
@@ -86,6 +101,25 @@ def audit_main(argv: list[str]) -> int:
         print(f"AUDIT FAILED: {result.first_problem}", file=sys.stderr)
         return 1
     return 0
+
+
+def _site_books(state: Path) -> str:
+    """'' if the site's own ledger is whole and signed by its key, else the first problem."""
+    from privacy import signing
+    from privacy.errors import LedgerError
+    from privacy.ledger import Ledger
+
+    if not (state / "ledger.jsonl").is_file():
+        raise FedShieldError(f"--site {state}: no ledger.jsonl (is it a site's state folder?)")
+    key = signing.load_public_key(state / "site.pub")
+    ledger = Ledger(state / "ledger.jsonl")
+    entries = ledger.read().entries
+    try:
+        for site in sorted({str(e.get("site")) for e in entries}):
+            ledger.check_own(site, key, entries)
+    except LedgerError as exc:
+        return str(exc)
+    return ""
 
 
 def _fmt(x: object) -> str:

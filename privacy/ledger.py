@@ -178,7 +178,75 @@ class Ledger:
             entry["signature"] = base64.b64encode(signing.sign(key, entry["hash"].encode("ascii"))).decode("ascii")
             line = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True) + "\n"
             self._write_line(line.encode("ascii"))
+            self._write_head(entry, key)
         return entry
+
+    # -- the head record: what the chain alone cannot show ---------------------------
+    # A chain shows an edited, removed or inserted entry, but not its last entries cut off.
+    # After every append the signer also writes `<ledger>.head`: per site, the seq and hash
+    # of its newest entry, signed with the same key. A ledger whose newest entry is older
+    # than its head was truncated; a crash between the two writes leaves the ledger one
+    # entry ahead of its head, which is fine (the head catches up at the next append).
+
+    @property
+    def head_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".head")
+
+    def _write_head(self, entry: Entry, key: signing.PrivateKey) -> None:
+        heads = self._read_heads() if self.head_path.is_file() else {}
+        mark = {"site": entry["site"], "seq": entry["seq"], "hash": entry["hash"]}
+        mark["signature"] = base64.b64encode(signing.sign(key, canonical(mark))).decode("ascii")
+        heads[str(entry["site"])] = mark
+        _write_atomic(self.head_path, (json.dumps(heads, sort_keys=True) + "\n").encode("ascii"))
+
+    def _read_heads(self) -> dict[str, Any]:
+        try:
+            heads = json.loads(self.head_path.read_bytes().decode("ascii"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            raise LedgerError(f"ledger {self.path}: its head record {self.head_path.name} is unreadable") from None
+        if not isinstance(heads, dict):
+            raise LedgerError(f"ledger {self.path}: its head record {self.head_path.name} is not a record")
+        return heads
+
+    def check_own(self, site: str, public_key: signing.PublicKey, entries: list[Entry] | None = None) -> None:
+        """The site's own books, as the site must find them before it trains: its whole chain
+        from seq 0, every hash and signature by its key, and not cut short of its head
+        record. LedgerError (one line naming the entry, and what to do) otherwise."""
+        entries = self.read().entries if entries is None else entries
+        own = [e for e in entries if e.get("site") == site]
+        repair = ("the site will not train on books that do not verify: restore ledger.jsonl and "
+                  "ledger.jsonl.head from a backup (docs/site-operator.md)")
+        if not own:
+            if self.head_path.is_file() and site in self._read_heads():
+                raise LedgerError(f"ledger {self.path}: empty, but its head record says site {site} has "
+                                  f"entries up to seq {self._read_heads()[site].get('seq')}: truncated; {repair}")
+            return
+        if own[0].get("seq") != 0:
+            raise LedgerError(f"ledger {self.path}: site {site}'s chain starts at seq {own[0].get('seq')}, "
+                              f"not 0: its first entries are missing; {repair}")
+        verified = verify_ledger(own, {site: public_key})
+        if not verified.ok:
+            raise LedgerError(f"ledger {self.path}: {verified.reason}; {repair}")
+        if not self.head_path.is_file():
+            raise LedgerError(f"ledger {self.path}: its head record {self.head_path.name} is missing; {repair}")
+        mark = self._read_heads().get(site)
+        if not isinstance(mark, dict):
+            raise LedgerError(f"ledger {self.path}: its head record has no entry for site {site}; {repair}")
+        body = {k: mark.get(k) for k in ("site", "seq", "hash")}
+        try:
+            sig = base64.b64decode(str(mark.get("signature", "")), validate=True)
+        except (binascii.Error, ValueError):
+            sig = b""
+        if not sig or not signing.verify(public_key, sig, canonical(body)):
+            raise LedgerError(f"ledger {self.path}: its head record for site {site} is not signed by the "
+                              f"site's key; {repair}")
+        last = own[-1]
+        if not isinstance(body["seq"], int) or last["seq"] < body["seq"]:
+            raise LedgerError(f"ledger {self.path}: it ends at site {site}'s seq {last['seq']}, but the site "
+                              f"signed entries up to seq {body['seq']}: its last entries were cut off; {repair}")
+        if own[body["seq"]].get("hash") != body["hash"]:
+            raise LedgerError(f"ledger {self.path}: site {site}'s entry seq {body['seq']} is not the one its head "
+                              f"record signed; {repair}")
 
     def _write_line(self, data: bytes) -> None:
         created = not self.path.exists()

@@ -99,13 +99,14 @@ FINITE_KEYS = [
     "federation.proximal_mu", "federation.server_learning_rate", "federation.round_timeout_s",
     "training.learning_rate", "privacy.target_epsilon", "privacy.delta", "privacy.noise_multiplier",
     "privacy.max_grad_norm", "privacy.center_noise_multiplier", "privacy.center_clip_norm",
-    "privacy.budget_epsilon", "simulation.client_cpus", "simulation.client_gpus",
+    "privacy.budget_epsilon", "privacy.min_noise_multiplier", "simulation.client_cpus", "simulation.client_gpus",
 ]  # fmt: skip
 
 
 def test_every_float_key_is_checked_finite():
     floats = [k for k, v in conf.to_flat(conf.load_config()).items() if isinstance(v, float)]
-    nullable = ["privacy.noise_multiplier", "privacy.center_clip_norm", "privacy.budget_epsilon"]
+    nullable = ["privacy.noise_multiplier", "privacy.center_clip_norm", "privacy.budget_epsilon",
+                "privacy.min_noise_multiplier"]
     assert sorted(floats + nullable) == sorted(FINITE_KEYS)
 
 

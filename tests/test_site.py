@@ -165,3 +165,135 @@ def test_a_kept_release_is_replayed_only_for_the_same_request_and_a_spend_in_the
     path = tmp_path / "site" / "runs" / "run-1.release.npz"
     path.write_bytes(path.read_bytes()[:50])  # torn by a crash
     assert SiteState(tmp_path / "site", "s").stored_release("run-1", 3, "digest-a") is None
+
+
+# ------------------------------------------------------------ the site's own books
+
+
+def _books(tmp_path, rounds=4) -> Path:
+    state = SiteState(tmp_path / "site", "st-marys")
+    _spend_rounds(state, Spend(1.1, 0.25, 4), range(1, rounds + 1))
+    return tmp_path / "site" / "ledger.jsonl"
+
+
+def _rewrite(path: Path, change) -> None:
+    lines = path.read_text().splitlines()
+    change(lines)
+    path.write_text("".join(x + "\n" for x in lines))
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda lines: lines.__setitem__(1, lines[1].replace('"noise_multiplier":1.1', '"noise_multiplier":1.9')),
+     "its hash does not match its contents"),
+    (lambda lines: lines.pop(), "its last entries were cut off"),
+    (lambda lines: (lines.pop(), lines.pop()), "its last entries were cut off"),
+    (lambda lines: lines.pop(0), "starts at seq 1, not 0"),
+    (lambda lines: lines.__setitem__(2, lines[1]), "removed, inserted or reordered"),
+])
+def test_a_site_refuses_books_that_do_not_verify(tmp_path, damage, says):
+    from privacy.errors import LedgerError
+
+    ledger = _books(tmp_path)
+    _rewrite(ledger, damage)
+    with pytest.raises(LedgerError, match="restore ledger.jsonl") as err:
+        SiteState(tmp_path / "site", "st-marys")
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_forged_entry_and_a_missing_or_forged_head_are_refused(tmp_path):
+    import base64
+
+    from privacy import signing
+    from privacy.errors import LedgerError
+    from privacy.ledger import entry_hash
+
+    ledger = _books(tmp_path)
+    signing.generate_site_key(tmp_path / "other.key")
+    other = signing.load_private_key(tmp_path / "other.key")
+
+    def forge(lines):
+        e = json.loads(lines[-1])
+        e["epsilon"] = 0.1  # a lower ε, re-hashed, signed with another key
+        e["hash"] = entry_hash(e)
+        e["signature"] = base64.b64encode(signing.sign(other, e["hash"].encode())).decode()
+        lines[-1] = json.dumps(e, sort_keys=True, separators=(",", ":"))
+
+    original = ledger.read_text()
+    _rewrite(ledger, forge)
+    with pytest.raises(LedgerError, match="signature does not verify"):
+        SiteState(tmp_path / "site", "st-marys")
+    ledger.write_text(original)
+    head = ledger.with_name("ledger.jsonl.head")
+    saved = head.read_text()
+    head.unlink()
+    with pytest.raises(LedgerError, match="head record ledger.jsonl.head is missing"):
+        SiteState(tmp_path / "site", "st-marys")
+    head.write_text(saved.replace('"seq":3', '"seq":2').replace('"seq": 3', '"seq": 2'))
+    with pytest.raises(LedgerError, match="not signed by the site's key"):
+        SiteState(tmp_path / "site", "st-marys")
+    head.write_text(saved)
+    assert len(SiteState(tmp_path / "site", "st-marys").history()) == 4  # restored from a backup: trains again
+
+
+def test_a_crash_between_the_entry_and_its_head_is_not_tampering(tmp_path):
+    ledger = _books(tmp_path, rounds=3)
+    head = ledger.with_name("ledger.jsonl.head")
+    before = head.read_text()
+    state = SiteState(tmp_path / "site", "st-marys")
+    _spend_rounds(state, Spend(1.1, 0.25, 4), range(4, 5))
+    head.write_text(before)  # the process died after the entry, before the head
+    assert len(SiteState(tmp_path / "site", "st-marys").history()) == 4
+
+
+def test_a_site_with_damaged_books_releases_nothing(tiny_bert, tmp_path):
+    """Through the ClientApp: the train message is declined and the ledger is not touched."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import client.app as site
+    import conf
+    import protocol
+    from task.pipeline import build_view, pool_and_test, view_fingerprint
+    from tests.helpers import synthetic_rows, tiny_overrides, write_csv
+
+    data = write_csv(tmp_path / "site.csv", synthetic_rows(200, seed=3))
+    cfg = conf.load_config(tiny_overrides(tiny_bert, data, tmp_path, **{"privacy.delta": 1e-5,
+                                                                        "training.center_features": False}))
+    state = SiteState(tmp_path / "state", "st-marys")
+    _spend_rounds(state, Spend(1.1, 0.25, 4), range(1, 3), run="old-run")
+    ledger = tmp_path / "state" / "ledger.jsonl"
+    _rewrite(ledger, lambda lines: lines.pop())  # a local attacker erases the last spend
+    damaged = ledger.read_bytes()
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
+    try:
+        view = build_view(cfg)
+        plan = protocol.plan_record(config_yaml=conf.to_yaml(cfg), run_id="run-2", run_dir="",
+                                    frozen_fingerprint=view_fingerprint(view),
+                                    class_names=pool_and_test(cfg)[1].class_names)
+        plan[protocol.SERVER_ROUND] = 1
+        msg = Message(content=RecordDict({protocol.PLAN: plan,
+                                          protocol.ARRAYS: protocol.to_array_record(view.trainable_state())}),
+                      message_type=protocol.TRAIN, dst_node_id=1)
+        context = Context(run_id=7, node_id=1, node_config={"site-name": "st-marys", "data-path": str(data),
+                                                            "state-dir": str(tmp_path / "state")},
+                          state=RecordDict(), run_config={})
+        got = protocol.read_train_reply(site.train(msg, context), {})
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    assert isinstance(got, protocol.Decline) and "LedgerError" in got.reason
+    assert ledger.read_bytes() == damaged  # nothing spent, nothing released
+
+
+def test_fedshield_audit_site_checks_the_books_are_whole(tmp_path, capsys):
+    from privacy.cli import audit_main
+
+    ledger = _books(tmp_path)
+    state = tmp_path / "site"
+    assert audit_main(["--site", str(state), "--out", str(tmp_path / "audit")]) == 0
+    assert "is whole from seq 0" in capsys.readouterr().out
+    _rewrite(ledger, lambda lines: lines.pop())  # cut the last spend: a chain alone still verifies
+    assert audit_main([str(state), "--out", str(tmp_path / "audit2")]) == 0  # the plain audit cannot see it
+    assert audit_main(["--site", str(state), "--out", str(tmp_path / "audit3")]) == 1
+    assert "its last entries were cut off" in capsys.readouterr().err
+    assert audit_main(["--site", str(state), str(state)]) == 2
