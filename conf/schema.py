@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 TASKS = ("news-topics", "heart-disease", "text-file")
 PARTITIONS = ("iid", "dirichlet", "natural")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", *ROBUST_STRATEGIES)
 UPDATE_NORM_ACTIONS = ("clip", "reject")
 TRAINABLE = ("all", "last_layers", "lora")
 OPTIMIZERS = ("adamw", "sgd")
@@ -259,7 +260,7 @@ def rule_min_sites(strategy: str, num_malicious: int, trim_fraction: float, krum
 
 def _rule_error(f: FederationConfig) -> str | None:
     """A robust rule that the configured sites per round cannot satisfy, in one line."""
-    if f.strategy not in STRATEGIES[3:] or f.num_malicious < 0 or f.krum_select < 0 \
+    if f.strategy not in ROBUST_STRATEGIES or f.num_malicious < 0 or f.krum_select < 0 \
             or not 0 <= f.trim_fraction < 0.5 or not 1 <= f.num_sites <= MAX_SITES:
         return None  # not a robust rule, or a value that has its own message
     per_round = min(max(1, round(f.fraction_train * f.num_sites)), f.num_sites)

@@ -14,6 +14,7 @@ import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -480,17 +481,19 @@ def defence_lines(cfg: DictConfig, rows: list[dict], sites: list[str]) -> list[s
     rounds = [r for r in rows if r["round"] > 0]
     for site in sites:
         norms = [r.get("update_norms", {})[site] for r in rounds if site in r.get("update_norms", {})]
-        reasons: dict[str, list[int]] = {}
+        reasons: dict[str, tuple[str, list[int]]] = {}  # reason with its figures masked -> (first, rounds)
         for r in rounds:
             if site in r.get("rejected_reasons", {}):
-                reasons.setdefault(r["rejected_reasons"][site], []).append(r["round"])
+                reason = r["rejected_reasons"][site]
+                reasons.setdefault(re.sub(r"\d[\d.e+-]*", "#", reason), (reason, []))[1].append(r["round"])
         used = sum(site in r.get("update_norms", {}) and site not in r.get("rejected_reasons", {})
                    and site not in r.get("left_out_sites", []) and not r.get("skipped") for r in rounds)
         why = "; ".join(f"{reason} (round{'s' if len(rs) > 1 else ''} {_rounds(rs)})"
-                        for reason, rs in reasons.items()).replace("|", "\\|")  # a site's key names are text
+                        for reason, rs in reasons.values()).replace("|", "\\|")  # a site's key names are text
         lines.append(
             f"| {site} | {used} | {sum(site in r.get('clipped_sites', []) for r in rounds)} | "
-            f"{sum(site in r.get('left_out_sites', []) for r in rounds)} | {sum(len(rs) for rs in reasons.values())} | "
+            f"{sum(site in r.get('left_out_sites', []) for r in rounds)} | "
+            f"{sum(len(rs) for _, rs in reasons.values())} | "
             f"{sum(site in r.get('failed_sites', []) for r in rounds)} | "
             f"{sum(site in r.get('declined_sites', []) for r in rounds)} | "
             f"{f'{max(norms):.4g}' if norms else '-'} | {why or '-'} |")

@@ -4,30 +4,192 @@ The wrapper (strategies.site_aware) does the sampling, so Flower's strategy sees
 sites chosen for the round: its fractions are 1 and its minimums 1. Federated evaluation
 on the sites' private data is off (metrics computed on private data would leave a site
 without DP); evaluation is central, on held-out data.
+
+Robust rules (Flower 1.41's classes, their aggregation untouched) and what each needs to
+withstand f poisoned updates among the n it aggregates in a round (`min_replies`):
+
+=============  ===========================================  =====================  ==================
+rule           Flower class, what it aggregates             withstands f if        source
+=============  ===========================================  =====================  ==================
+fedmedian      FedMedian: coordinate-wise median            n >= 2f + 1            Yin et al. 2018
+fedtrimmedavg  FedTrimmedAvg: coordinate-wise mean after    floor(beta n) >= f     Yin et al. 2018
+               cutting floor(beta n) values off each tail
+krum           Krum: the one update whose n - f - 2         n >= 2f + 3            Blanchard et al.
+               nearest updates are closest (n > 2f + 2)                            2017
+multikrum      MultiKrum: the mean of the m best by Krum's  n >= 2f + 3            Blanchard et al.
+               score (fedshield: m = n - f by default)                             2017
+bulyan         Bulyan: Multi-Krum picks n - 2f, then a      n >= 4f + 3            El Mhamdi et al.
+               coordinate-wise mean of the n - 4f values                           2018
+               nearest the median
+=============  ===========================================  =====================  ==================
+
+Below those counts Flower's code either still returns an aggregate that no longer carries
+the guarantee (median, trimmed mean, Krum), or logs and returns nothing (Bulyan). The
+wrapper therefore checks `shortfall` before it hands a round's usable updates to the rule
+and skips the round with one line instead; `requirement` refuses a run whose rounds could
+never reach the count. Weighting: Krum and MultiKrum average the updates they select
+weighted by record count (safe: counts must equal what each site declared at discovery);
+the median and the trimmed mean are unweighted, coordinate by coordinate.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.app import RecordDict
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
+from flwr.serverapp.strategy.multikrum import select_multikrum
 
 import protocol
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
 
-def flower_strategy(name: str, *, proximal_mu: float = 0.01, server_learning_rate: float = 0.1) -> Strategy:
-    """Flower's strategy of that name, speaking the protocol's record names."""
+class MultiKrumRest(MultiKrum):
+    """Flower's MultiKrum averaging the round's n usable updates minus f (`num_nodes_to_select=0`).
+
+    Blanchard et al.'s Multi-Krum with m = n - f: every update that may be honest is kept,
+    whatever number of replies a round brings (a fixed m larger than n - f would let a
+    poisoned update in when a site drops out). Aggregation is Flower's own."""
+
+    def select_count(self, n: int) -> int:
+        return self.num_nodes_to_select or max(1, n - self.num_malicious_nodes)
+
+    def aggregate_train(self, server_round: int, replies: Any) -> Any:
+        replies = list(replies)
+        chosen = self.num_nodes_to_select
+        self.num_nodes_to_select = self.select_count(len(replies))
+        try:
+            return super().aggregate_train(server_round, replies)
+        finally:
+            self.num_nodes_to_select = chosen
+
+
+def flower_strategy(
+    name: str, *, proximal_mu: float = 0.01, server_learning_rate: float = 0.1, num_malicious: int = 1,
+    trim_fraction: float = 0.2, krum_select: int = 0,
+) -> Strategy:
+    """Flower's strategy of that name, speaking the protocol's record names.
+
+    `num_malicious` (f: krum, multikrum, bulyan), `trim_fraction` (beta: fedtrimmedavg) and
+    `krum_select` (m: multikrum; 0 = each round's usable updates minus f) are Flower's
+    `num_malicious_nodes`, `beta` and `num_nodes_to_select`.
+    """
     common: dict[str, Any] = dict(
         fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0,
         min_available_nodes=1, weighted_by_key=protocol.NUM_EXAMPLES,
         arrayrecord_key=protocol.ARRAYS, configrecord_key=protocol.PLAN,
     )
+    if num_malicious < 0 or krum_select < 0:
+        raise ValueError(f"num_malicious={num_malicious}, krum_select={krum_select}: must be >= 0")
     if name == "fedavg":
         return FedAvg(**common)
     if name == "fedprox":
         return FedProx(proximal_mu=proximal_mu, **common)
     if name == "fedadam":
         return FedAdam(eta=server_learning_rate, **common)
+    if name == "fedmedian":
+        # Flower's median and trimmed mean take no f; it is kept on them, under Krum's
+        # attribute name, for `min_replies` (how many updates a round needs).
+        strategy: Strategy = FedMedian(**common)
+        strategy.num_malicious_nodes = num_malicious  # type: ignore[attr-defined]
+        return strategy
+    if name == "fedtrimmedavg":
+        strategy = FedTrimmedAvg(beta=trim_fraction, **common)
+        strategy.num_malicious_nodes = num_malicious  # type: ignore[attr-defined]
+        return strategy
+    if name == "krum":
+        return Krum(num_malicious_nodes=num_malicious, **common)
+    if name == "multikrum":
+        return MultiKrumRest(num_malicious_nodes=num_malicious, num_nodes_to_select=krum_select, **common)
+    if name == "bulyan":
+        return Bulyan(num_malicious_nodes=num_malicious, **common)
     raise ValueError(f"federation.strategy={name!r}: must be one of {', '.join(STRATEGIES)}")
+
+
+def min_replies_for(name: str, num_malicious: int, trim_fraction: float = 0.2, krum_select: int = 0) -> int:
+    """The fewest updates with which rule `name` withstands `num_malicious` poisoned ones
+    (module docstring); 1 for the plain averages. A huge number if no count suffices."""
+    f = int(num_malicious)
+    if name == "fedmedian":
+        return 2 * f + 1
+    if name == "fedtrimmedavg":
+        if f == 0:
+            return 1
+        if trim_fraction <= 0:
+            return 2**31
+        n = max(1, math.ceil(f / trim_fraction))
+        while math.floor(trim_fraction * n) < f:  # float rounding at the boundary
+            n += 1
+        return n
+    if name in ("krum", "multikrum"):
+        # Multi-Krum with a fixed m must also keep at most n - f updates.
+        return max(2 * f + 3, krum_select + f) if name == "multikrum" else 2 * f + 3
+    if name == "bulyan":
+        return 4 * f + 3
+    return 1
+
+
+def rule_name(strategy: Strategy) -> str:
+    """The federation.strategy name of a Flower strategy ("" if it is none of ours)."""
+    for name, kind in (("multikrum", MultiKrumRest), ("krum", Krum), ("multikrum", MultiKrum), ("bulyan", Bulyan),
+                       ("fedtrimmedavg", FedTrimmedAvg), ("fedmedian", FedMedian), ("fedadam", FedAdam),
+                       ("fedprox", FedProx), ("fedavg", FedAvg)):
+        if isinstance(strategy, kind):
+            return name
+    return ""
+
+
+def min_replies(strategy: Strategy) -> int:
+    """The fewest usable updates a round must have for `strategy` to keep its guarantee."""
+    name = rule_name(strategy)
+    if name not in ROBUST:
+        return 1
+    f = int(getattr(strategy, "num_malicious_nodes", 0))
+    select = int(getattr(strategy, "num_nodes_to_select", 0))
+    return min_replies_for(name, f, float(getattr(strategy, "beta", 0.0)), select)
+
+
+def shortfall(strategy: Strategy, n: int) -> str | None:
+    """None if `n` usable updates are enough for `strategy`; else why not, in one line."""
+    need = min_replies(strategy)
+    if n >= need:
+        return None
+    name = rule_name(strategy)
+    f = int(getattr(strategy, "num_malicious_nodes", 0))
+    return (f"{n} usable update(s): {name} withstands federation.num_malicious={f} only with at least {need}"
+            + (f" (federation.trim_fraction={getattr(strategy, 'beta', 0.0):g})" if name == "fedtrimmedavg" else ""))
+
+
+def selection(strategy: Strategy, contents: list[RecordDict]) -> list[int] | None:
+    """Indices of the updates in `contents` that a selecting rule will aggregate (Krum,
+    MultiKrum: the updates it averages; Bulyan: its Multi-Krum stage), computed with
+    Flower's own selection on the same contents, in the same order; None for rules that
+    use every update (averages, coordinate-wise median and trimmed mean).
+
+    Costs one more pairwise-distance matrix per round (n^2 d), as much as the rule's own."""
+    if not contents:
+        return None
+    f = int(getattr(strategy, "num_malicious_nodes", 0))
+    if isinstance(strategy, MultiKrumRest):
+        chosen = select_multikrum(contents, f, strategy.select_count(len(contents)))
+    elif isinstance(strategy, MultiKrum):  # Krum too (num_nodes_to_select=1)
+        chosen = select_multikrum(contents, f, strategy.num_nodes_to_select)
+    elif isinstance(strategy, Bulyan):
+        chosen = strategy.selection_rule(contents, f, len(contents) - 2 * f)
+    else:
+        return None
+    ids = [id(c) for c in chosen]
+    return [i for i, c in enumerate(contents) if id(c) in ids]

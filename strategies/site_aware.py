@@ -19,6 +19,18 @@ wrapped strategy untouched, per-round state keyed by round):
   declared at discovery (`records`), and its ledger entries must pass `check_ledger`
   (strategies.ledger_check: chain, signature, the planned spend, ε not under-reported). A
   site whose entries fail is rejected, its entries are kept apart, and it is not asked again.
+- **Update norm bound** (`update_norm_bound`, `update_norm_action`): the L2 norm of (update -
+  the round's global weights) over all trainable tensors, kept per round from
+  `configure_train`, is reported for every usable reply; above the bound the update is
+  scaled down to it (`clip`: the site's direction kept, its reach bounded) or the reply is
+  refused (`reject`). A scaled-up update moves a plain average by at most bound / n per
+  site; it cannot stop a sign flip or a label flip of ordinary size (the robust rules,
+  strategies.flower, are for those). The bound is coordinator-side post-processing of a
+  released update: it changes nothing in any site's privacy account.
+- **Robust rules get what they need or nothing.** A round with fewer usable updates than
+  the wrapped rule needs to withstand its f (`strategies.flower.shortfall`) is skipped with
+  one line (the global model is kept); for Krum, Multi-Krum and Bulyan the report names the
+  updates the rule's selection left out (`SiteReply.selected`).
 - **A report per round** (`RoundReport`) to `on_round`, before aggregation, so that the
   coordinator records every verified spend whether or not the update is used.
 - Federated evaluation is off: evaluation is central, on held-out data.
@@ -27,16 +39,19 @@ wrapped strategy untouched, per-round state keyed by round):
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 import protocol
+from strategies import flower
 from strategies.ledger_check import Verdict
 
 log = logging.getLogger("fedshield.strategy")
@@ -51,6 +66,13 @@ class SiteReply:
     ledger_entries: tuple[dict[str, Any], ...] = ()  # signed spends that verified, in order
     decline_kind: str = ""
     rejected_entries: tuple[dict[str, Any], ...] = ()  # entries that did not verify: kept apart
+    # L2 norm of (update - the round's global weights), for every reply that passed the checks
+    # before the bound (None: not usable, or the round's weights unknown); `clipped`: scaled
+    # down to the bound; `selected`: False if Krum/Multi-Krum/Bulyan's selection left it out
+    # (None: the rule selects no updates, or the update was not aggregated).
+    update_norm: float | None = None
+    clipped: bool = False
+    selected: bool | None = None
 
 
 @dataclass
@@ -58,12 +80,21 @@ class RoundReport:
     server_round: int
     sampled: list[str]
     replies: list[SiteReply] = field(default_factory=list)
+    rule: str = ""  # the aggregation rule (federation.strategy)
+    skipped: str = ""  # why nothing was aggregated this round ("" = it was)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.replies)
 
     def sites(self, status: str) -> list[str]:
         return [r.site for r in self.replies if r.status == status]
+
+    def clipped(self) -> list[str]:
+        return [r.site for r in self.replies if r.clipped]
+
+    def left_out(self) -> list[str]:
+        """Usable updates that the rule's selection did not aggregate."""
+        return [r.site for r in self.replies if r.selected is False]
 
 
 class _Selected:
@@ -108,6 +139,11 @@ class SiteAwareStrategy(Strategy):
         after its checkpoint; Flower's `Strategy.start` always counts from 1).
     excluded : Mapping[str, str], optional
         Sites not to ask any more, and why (restored from a checkpoint).
+    update_norm_bound : float, optional
+        Bound on the L2 norm of each update's difference from the round's global weights
+        (None: no bound; the norm is still reported).
+    update_norm_action : str
+        ``clip`` (scale the difference down to the bound) or ``reject`` (refuse the reply).
     """
 
     def __init__(
@@ -123,6 +159,8 @@ class SiteAwareStrategy(Strategy):
         check_ledger: Callable[[str, int, tuple[dict[str, Any], ...]], Verdict] | None = None,
         first_round: int = 1,
         excluded: Mapping[str, str] | None = None,
+        update_norm_bound: float | None = None,
+        update_norm_action: str = "clip",
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train={fraction_train}: must be in (0, 1]")
@@ -147,6 +185,14 @@ class SiteAwareStrategy(Strategy):
         self.first_round = int(first_round)
         self.excluded: dict[str, str] = dict(excluded or {})  # site -> why it is not asked any more
         self._sampled: dict[int, list[int]] = {}  # server round -> node ids asked
+        if update_norm_bound is not None and not (math.isfinite(update_norm_bound) and update_norm_bound > 0):
+            raise ValueError(f"update_norm_bound={update_norm_bound}: must be a finite number > 0 or None")
+        if update_norm_action not in ("clip", "reject"):
+            raise ValueError(f"update_norm_action={update_norm_action!r}: must be clip or reject")
+        self.update_norm_bound = None if update_norm_bound is None else float(update_norm_bound)
+        self.update_norm_action = update_norm_action
+        self.rule = flower.rule_name(strategy) or type(strategy).__name__
+        self._global: dict[int, dict[str, np.ndarray[Any, Any]]] = {}  # server round -> the weights sent
 
     # ------------------------------------------------------------ selection
 
@@ -161,6 +207,10 @@ class SiteAwareStrategy(Strategy):
         chosen = random.Random(self.seed * 7919 + server_round).sample(eligible, k) if k else []
         return sorted(chosen, key=self.sites.__getitem__)
 
+    def per_round(self) -> int:
+        """How many sites each round asks while none is excluded."""
+        return min(max(1, round(self.fraction_train * len(self.sites))), len(self.sites))
+
     def run_round(self, flower_round: int) -> int:
         """The run's round number for Flower's `flower_round` (they differ after a resume)."""
         return flower_round + self.first_round - 1
@@ -173,6 +223,7 @@ class SiteAwareStrategy(Strategy):
         self._sampled[server_round] = chosen
         if not chosen:
             return []
+        self._global[server_round] = protocol.from_array_record(arrays)  # what each update is measured from
         return self.strategy.configure_train(server_round, arrays, config, _Selected(grid, chosen))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ replies
@@ -180,7 +231,8 @@ class SiteAwareStrategy(Strategy):
     def sort_replies(self, server_round: int, replies: Iterable[Message]) -> tuple[RoundReport, list[Message]]:
         """Every reply parsed and sorted; the trained ones, reduced to what aggregation needs."""
         asked = self._sampled.pop(server_round, [])
-        report = RoundReport(server_round, [self.sites[n] for n in asked])
+        base = self._global.pop(server_round, None)
+        report = RoundReport(server_round, [self.sites[n] for n in asked], rule=self.rule)
         valid: list[Message] = []
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -210,8 +262,8 @@ class SiteAwareStrategy(Strategy):
                 elif declared is not None and parsed.num_examples != declared:
                     reply.status, reply.reason = "rejected", (
                         f"claims {parsed.num_examples} records; it declared {declared} at discovery")
-                else:
-                    msg.content = protocol.aggregation_content(parsed)
+                elif (bounded := self._bound(reply, parsed, base)) is not None:
+                    msg.content = protocol.aggregation_content(bounded)
                     valid.append(msg)
                 report.replies.append(reply)
         # Replies arrive in any order: sorted by site, the report reads the same every run
@@ -219,6 +271,30 @@ class SiteAwareStrategy(Strategy):
         report.replies.sort(key=lambda r: r.site)
         valid.sort(key=lambda m: self.sites[m.metadata.src_node_id])
         return report, valid
+
+    def _bound(self, reply: SiteReply, parsed: protocol.TrainReply,
+               base: Mapping[str, np.ndarray[Any, Any]] | None) -> protocol.TrainReply | None:
+        """The update's norm into `reply`; the update as it may be aggregated (clipped to the
+        bound), or None if it is refused (`reject`)."""
+        if base is None:
+            return parsed
+        deltas = {k: v.astype(np.float64) - base[k] for k, v in parsed.arrays.items()
+                  if np.issubdtype(v.dtype, np.floating)}
+        norm = math.sqrt(sum(float(np.vdot(d, d)) for d in deltas.values()))
+        reply.update_norm = norm
+        bound = self.update_norm_bound
+        if bound is None or norm <= bound:
+            return parsed
+        if self.update_norm_action == "reject":
+            reply.status, reply.reason = "rejected", (
+                f"update norm {norm:.4g} is above federation.update_norm_bound={bound:g}")
+            return None
+        reply.clipped = True
+        scale = bound / norm
+        arrays = dict(parsed.arrays)
+        for k, d in deltas.items():
+            arrays[k] = (base[k] + d * scale).astype(parsed.arrays[k].dtype)
+        return replace(parsed, arrays=arrays)
 
     def _books(self, reply: SiteReply, server_round: int, entries: tuple[dict[str, Any], ...]) -> bool:
         """Check a reply's ledger entries into `reply`; False (and the site excluded) if they fail."""
@@ -240,9 +316,22 @@ class SiteAwareStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round = self.run_round(server_round)
         report, valid = self.sort_replies(server_round, replies)
+        short = flower.shortfall(self.strategy, len(valid)) if valid else None
+        if not valid:
+            report.skipped = "no usable update" if report.sampled else ""
+        elif short:
+            report.skipped = short
+        else:
+            chosen = flower.selection(self.strategy, [m.content for m in valid])
+            if chosen is not None:
+                by_site = {r.site: r for r in report.replies}
+                for i, m in enumerate(valid):
+                    by_site[self.sites[m.metadata.src_node_id]].selected = i in chosen
+        if report.skipped:
+            log.info("round %s: nothing aggregated: %s", server_round, report.skipped)
         if self.on_round is not None:
             self.on_round(report)
-        if not valid:
+        if report.skipped:
             return None, None
         return self.strategy.aggregate_train(server_round, valid)
 
