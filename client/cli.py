@@ -31,11 +31,41 @@ on is never passed). FLWR_HOME is `<state-dir>/.flower` (0700); the environment 
 When is the job over? A 1.41 SuperNode has no "stop after N runs" flag: it serves runs
 until its SuperLink goes away. `fedshield server` stops its SuperLink when the run ends,
 so the SuperNode runs with `--max-wait-time` (`--reconnect-s`, default 120 s): once the
-coordinator has been unreachable that long, the SuperNode gives up and this command ends
-(exit 0 if it had joined). A coordinator that comes back within that window (a restart to
-resume) is rejoined. If the coordinator refuses the site's connection key (not registered), Flower
-exits with code 305 after its retries; this command says so in one line (exit 2).
-Ctrl-C / SIGTERM stops the SuperNode and its ClientApp processes (exit 130).
+coordinator has been unreachable that long, the SuperNode gives up and this command ends.
+To rejoin a coordinator that was restarted (a new SuperLink, a resumed run), start this
+command again with the same state folder.
+
+How did it end? Exit codes:
+- 0: the run completed: the site sent its reply to the plan's last round. What the site
+  trained and answered comes from the SuperNode's log (`Receiving: train message`, `Sent
+  successfully`) and the site's ledger (one signed entry per round trained); the plan's
+  `federation.rounds` and run id from the site's own disk (the Flower app the SuperNode
+  installed, `<state>/.flower/apps/*/pyproject.toml`, holds the whole resolved plan).
+- 3 (`EXIT_COORDINATOR_LOST`): the coordinator went away before that: one line saying after
+  which round, that the ledger is kept and the ε spent stays spent, and to start the
+  command again when the coordinator is back (a resumed run is rejoined). With
+  `federation.fraction_train` < 1 a site not picked for the last rounds ends here too, and
+  the line says so.
+- 2: a problem the site can fix, one line (bad input, wrong CA, refused key, ...).
+- 130: Ctrl-C / SIGTERM: the SuperNode and its ClientApp processes are stopped first.
+
+Refused at activation. Flower answers `[code: 2004] Failed to activate SuperNode` both when
+the connection key is not registered and when the key's previous session is still online
+at the SuperLink (a site restarted after a crash, before its heartbeat expired: up to
+2 x 30 s); the site sees only the code. This command tells them apart with what it knows:
+another `flower-supernode` with this key still running on this machine is named; if this
+state folder was admitted by this coordinator and last seen connected less than
+`STALE_SESSION_S` ago (`<state>/.flower/agent.json`), it waits and retries every 10 s until
+that session has expired; otherwise the key is not registered (exit 2, with what to send
+to the coordinator operator). One agent per state folder: a second `fedshield client` on
+the same folder (the same ledger) is refused at once (`agent.lock`).
+
+If this command is killed outright (SIGKILL, OOM killer), a watchdog sends the SuperNode
+and its SuperExec and ClientApp processes SIGTERM together (`deploy.processes.Children`);
+the SuperNode then signs off at the coordinator (deactivates) and exits: nothing keeps
+training, or holds the site's session, after the agent is gone. The SuperNode writes its
+log to `<state>/supernode.log` itself (this command follows the file), so that it can
+still do so when this command is gone.
 """
 
 from __future__ import annotations
@@ -47,6 +77,9 @@ import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline
 # isort: split
 
 import argparse
+import dataclasses
+import json
+import re
 import socket
 import ssl
 import subprocess
@@ -56,6 +89,7 @@ import time
 from pathlib import Path
 
 from deploy.processes import (
+    Children,
     Interrupted,
     add_deprecated_alias,
     flower_env,
@@ -63,7 +97,6 @@ from deploy.processes import (
     free_port,
     interrupts_raise,
     parse_host_port,
-    stop_process_groups,
 )
 from privacy.errors import FedShieldError
 from privacy.signing import fingerprint
@@ -200,6 +233,15 @@ def client_main(argv: list[str]) -> int:
 
     key = load_connection_private_key(key_path)
     name = check_site_name(args.name or key_path.stem)
+    try:
+        return _run_site(args, name, host, port, key_path, key)
+    except FedShieldError as exc:  # every failure names the site, once
+        if str(exc).startswith(f"site {name}:"):
+            raise
+        raise FedShieldError(f"site {name}: {exc}") from None
+
+
+def _run_site(args: argparse.Namespace, name: str, host: str, port: int, key_path: Path, key) -> int:
     if key_path.stat().st_mode & 0o077:
         print(f"warning: {key_path} is readable by others; chmod 600 it", file=sys.stderr)
     ca = Path(args.ca).expanduser().resolve()
@@ -222,60 +264,338 @@ def client_main(argv: list[str]) -> int:
     tls_preflight(host, port, ca, args.connect_timeout)
     print(f"coordinator {host}:{port}: TLS certificate verified with {ca}", flush=True)
 
+    lock = lock_state(state, name)
+    agent = AgentRecord(home / AGENT_FILE, f"{host}:{port}", fingerprint(key))
     cmd = [
         flwr_bin("flower-supernode"),
         "--superlink", f"{host}:{port}",
         "--root-certificates", str(ca),
         "--auth-supernode-private-key", str(key_path),
         "--node-config", node_config(name, data, state, overrides),
-        "--host", "127.0.0.1", "--port", str(free_port()),
+        "--host", "127.0.0.1", "--port", "0",
         "--max-wait-time", str(args.reconnect_s),
     ]
-    seen = {"joined": False, "refused": False, "gone": False}
     log_path = state / "supernode.log"
-
-    def pump(proc: subprocess.Popen) -> None:
-        assert proc.stdout is not None
-        with open(log_path, "a", encoding="utf-8") as log_f:
-            for line in proc.stdout:
-                log_f.write(line)
-                log_f.flush()
-                if "SuperNode ID:" in line and not seen["joined"]:
-                    seen["joined"] = True
-                    print(f"site {name}: admitted by the coordinator; waiting for rounds", flush=True)
-                    continue
-                if any(s in line for s in NOT_REGISTERED):
-                    seen["refused"] = True
-                if "Giving up reconnection" in line and seen["joined"]:
-                    seen["gone"] = True  # the SuperNode logs this but keeps its process alive
-                if args.verbose or _worth_showing(line):
-                    print(line.rstrip(), flush=True)
-
-    procs: list[subprocess.Popen] = []
+    session = SupernodeLog()
+    children = Children(pdeathsig=None)  # deploy/processes.py: why the watchdog alone
     try:
         with interrupts_raise():  # from before the SuperNode starts: it never outlives this command
-            procs.append(subprocess.Popen(cmd, env=flower_env(home), cwd=str(state), start_new_session=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1))
-            proc = procs[0]
-            reader = threading.Thread(target=pump, args=(proc,), daemon=True)
-            reader.start()
-            while proc.poll() is None and not seen["gone"]:
-                time.sleep(0.2)
-            reader.join(timeout=5)
+            while True:
+                attempt = SupernodeLog()
+                cmd[cmd.index("--port") + 1] = str(free_port())
+                # The SuperNode writes its log itself (not into a pipe to this process): if this
+                # process dies, the SuperNode still logs, signs off at the coordinator and exits.
+                with open(log_path, "ab") as log_f:
+                    offset = log_f.tell()
+                    proc = children.start(cmd, flower_env(home), cwd=str(state), stdout=log_f,
+                                          stderr=subprocess.STDOUT)
+                done = threading.Event()
+                reader = threading.Thread(target=_follow, args=(log_path, offset, attempt, name, args.verbose, done),
+                                          daemon=True)
+                reader.start()
+                last_note = 0.0
+                while proc.poll() is None and not attempt.gone:
+                    time.sleep(0.2)
+                    if attempt.joined and time.time() - last_note > AGENT_NOTE_S:
+                        agent.seen()  # roughly the SuperNode's last heartbeat, for a restart's wait
+                        last_note = time.time()
+                children.stop()
+                done.set()
+                reader.join(timeout=5)
+                session.merge(attempt)
+                if not attempt.refused or session.joined:
+                    break
+                wait = rejoin_wait(agent, key_path, name)  # FedShieldError: not registered
+                children = Children(pdeathsig=None)
+                time.sleep(wait)
     except Interrupted:
         print(f"site {name}: interrupted; stopping the SuperNode (its ledger is on disk: {state})", file=sys.stderr)
         return 130
     finally:
-        stop_process_groups(procs)
-    if seen["refused"]:
-        raise FedShieldError(
-            f"the coordinator refused connection key {key_path.name} ({fingerprint(key)}): "
-            f"it is not registered there; send {key_path.stem}.pub to the coordinator operator")
-    if not seen["joined"]:
+        children.stop()
+        lock.close()
+    if not session.joined:
         raise FedShieldError(f"site {name}: the SuperNode stopped before joining (exit {proc.returncode}); "
                              f"see {log_path}")
-    print(f"site {name}: the coordinator closed the federation; done (ledger: {state / 'ledger.jsonl'})", flush=True)
-    return 0
+    agent.left()
+    return finish(name, state, home, session)
+
+
+# ------------------------------------------------------------------ how the job ended
+
+EXIT_COORDINATOR_LOST = 3
+AGENT_FILE = "agent.json"
+AGENT_NOTE_S = 10.0
+# flwr 1.41: a node's online_until is its last heartbeat + HEARTBEAT_PATIENCE (2) x the
+# interval the SuperNode asks for (HEARTBEAT_DEFAULT_INTERVAL, 30 s); activation is refused
+# (code 2004) until then. Plus a margin.
+STALE_SESSION_S = 2 * 30.0 + 10.0
+REJOIN_RETRY_S = 10.0
+RUN_CONFIG_YAML_KEY = "fedshield-config-yaml"  # server.app.RUN_CONFIG_YAML_KEY (client may not import server)
+
+_RUN = re.compile(r"\[RUN (\d+)(?:, ROUND \d+)?\]")
+_KIND = re.compile(r"(Receiving|Sending): (\S+) message")
+
+
+class SupernodeLog:
+    """What the SuperNode's log says about this session: admitted? refused? how many train
+    instructions of which (Flower) run came in, and how many train replies went out. (The
+    round number is in the instruction's plan, not in Flower's log: fedshield's messages
+    carry no group id.)"""
+
+    def __init__(self) -> None:
+        self.joined = self.refused = self.gone = False
+        self.received: dict[int, int] = {}
+        self.replied: dict[int, int] = {}
+        self._run: int | None = None
+        self._sending = ""
+
+    def feed(self, line: str) -> str | None:
+        """Reads one line; returns an event worth printing ("joined") or None."""
+        if "SuperNode ID:" in line and not self.joined:
+            self.joined = True
+            return "joined"
+        if any(s in line for s in NOT_REGISTERED):
+            self.refused = True
+        if "Giving up reconnection" in line and self.joined:
+            self.gone = True  # the SuperNode logs this but keeps its process alive
+        if m := _RUN.search(line):
+            self._run, self._sending = int(m.group(1)), ""
+        elif (m := _KIND.search(line)) and self._run is not None:
+            if m.group(1) == "Receiving" and m.group(2) == "train":
+                self.received[self._run] = self.received.get(self._run, 0) + 1
+            elif m.group(1) == "Sending":
+                self._sending = m.group(2)
+        elif "Sent successfully" in line and self._run is not None and self._sending == "train":
+            self.replied[self._run] = self.replied.get(self._run, 0) + 1
+            self._sending = ""
+        return None
+
+    def merge(self, other: SupernodeLog) -> None:
+        self.joined |= other.joined
+        self.refused = other.refused
+        self.gone = other.gone
+        for run, n in other.received.items():
+            self.received[run] = self.received.get(run, 0) + n
+        for run, n in other.replied.items():
+            self.replied[run] = self.replied.get(run, 0) + n
+
+
+def _follow(path: Path, offset: int, seen: SupernodeLog, name: str, verbose: bool, done: threading.Event) -> None:
+    """Read the SuperNode's log as it grows (from `offset`), until `done` and its end."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        f.seek(offset)
+        pending = ""
+        while True:
+            chunk = f.read()
+            if chunk:
+                pending += chunk
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    if seen.feed(line) == "joined":
+                        print(f"site {name}: admitted by the coordinator; waiting for rounds", flush=True)
+                    elif verbose or _worth_showing(line):
+                        print(line.rstrip(), flush=True)
+            elif done.is_set():
+                if pending:
+                    seen.feed(pending)
+                return
+            else:
+                time.sleep(0.2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    run_id: str  # fedshield's run id: output.run_name (what the site's ledger entries name)
+    rounds: int
+    fraction_train: float
+
+
+def installed_plan(home: Path) -> Plan | None:
+    """The plan of the run this site took part in, as on its own disk: the newest Flower app
+    the SuperNode installed (FLWR_HOME/apps/*/pyproject.toml, whose run config holds the
+    whole resolved config, server/cli.py `write_app`). None if there is none."""
+    import tomllib
+
+    import yaml
+
+    try:
+        apps = sorted((home / "apps").glob("*/pyproject.toml"), key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return None
+    for app in apps:
+        try:
+            text = tomllib.loads(app.read_text())["tool"]["flwr"]["app"]["config"][RUN_CONFIG_YAML_KEY]
+            cfg = yaml.safe_load(text)
+            fed = cfg["federation"]
+            return Plan(str(cfg["output"]["run_name"]), int(fed["rounds"]), float(fed.get("fraction_train", 1.0)))
+        except (OSError, KeyError, TypeError, ValueError, tomllib.TOMLDecodeError, yaml.YAMLError):
+            continue
+    return None
+
+
+def rounds_trained(ledger: Path, site: str, run_id: str) -> int:
+    """The last round of `run_id` this site spent privacy on (its ledger's dp-sgd entries; 0 if none)."""
+    last = 0
+    try:
+        lines = ledger.read_text(errors="replace").splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue  # a torn last line: the ledger's own recovery deals with it
+        if isinstance(e, dict) and e.get("run_id") == run_id and e.get("site") == site \
+                and e.get("release") == "dp-sgd" and isinstance(e.get("round"), int):
+            last = max(last, e["round"])
+    return last
+
+
+def finish(name: str, state: Path, home: Path, session: SupernodeLog) -> int:
+    """Exit 0 only if the run this site joined completed; else one line and exit 3.
+
+    Completed: every train instruction that came in was answered, and the last one was the
+    plan's last round. The round comes from the site's ledger (DP runs: one signed entry
+    per round trained, resumed runs included); without entries (privacy.mode=none), from
+    the number of train instructions of this session."""
+    ledger = state / "ledger.jsonl"
+    kept = f"its ledger is kept ({ledger}); the ε it spent stays spent"
+    if not session.received:
+        print(f"site {name}: the coordinator went away before this site trained a round ({kept}). "
+              f"If a run was under way, start this command again when the coordinator is back",
+              file=sys.stderr, flush=True)
+        return EXIT_COORDINATOR_LOST
+    run = max(session.received, key=lambda r: session.received[r])
+    answered = session.replied.get(run, 0) >= session.received[run]
+    plan = installed_plan(home)
+    last = (rounds_trained(ledger, name, plan.run_id) if plan else 0) or session.received[run]
+    if not answered:
+        last -= 1  # trained, maybe, but the reply never left
+    if plan is not None and answered and last >= plan.rounds:
+        print(f"site {name}: the run completed ({plan.run_id}, {plan.rounds} rounds, this site's last reply "
+              f"sent); done (ledger: {ledger})", flush=True)
+        return 0
+    of = f" of {plan.rounds}" if plan else " (the plan's number of rounds is not on this site's disk)"
+    maybe = (f"; with federation.fraction_train={plan.fraction_train:g} this site may just not have been picked "
+             "for the last rounds: ask the coordinator operator") if plan and plan.fraction_train < 1 else ""
+    print(f"site {name}: lost the coordinator during the run, after round {max(last, 0)}{of} ({kept}). "
+          f"Start this command again when the coordinator is back, to rejoin a resumed run{maybe}",
+          file=sys.stderr, flush=True)
+    return EXIT_COORDINATOR_LOST
+
+
+# ------------------------------------------------------------------ restarts
+
+
+class AgentRecord:
+    """This state folder's memory of the coordinators it was admitted by
+    (`<state>/.flower/agent.json`: per HOST:PORT, the connection key's fingerprint, when it
+    joined, when it was last seen connected, whether it left cleanly)."""
+
+    def __init__(self, path: Path, server: str, key: str):
+        self.path, self.server, self.key = path, server, key
+
+    def read(self) -> dict:
+        try:
+            entry = json.loads(self.path.read_text()).get(self.server, {})
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return entry if isinstance(entry, dict) and entry.get("key") == self.key else {}
+
+    def _write(self, **fields: object) -> None:
+        try:
+            data = json.loads(self.path.read_text())
+            data = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            data = {}
+        entry = {**(self.read() or {"key": self.key}), **fields}
+        data[self.server] = entry
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a convenience for restarts, never a reason to stop
+
+    def seen(self) -> None:
+        now = time.time()
+        self._write(**({} if self.read().get("connected") else {"joined": now}), connected=True, last_seen=now)
+
+    def left(self) -> None:
+        self._write(connected=False, last_seen=time.time())
+
+
+def rejoin_wait(agent: AgentRecord, key_path: Path, name: str) -> float:
+    """After Flower's "[code: 2004] Failed to activate SuperNode": seconds to wait before
+    trying again, or a FedShieldError that says which of its two causes it is.
+
+    Flower 1.41 answers 2004 both for a key that is not registered (`No SuperNode found with
+    the given public key`) and for a node that is still online (`could not be activated`:
+    the earlier session of this key, until its heartbeat expires); the site sees only the
+    code, the reason is in the coordinator's log. So: a SuperNode of this key still running
+    on this machine is named; if this state folder was admitted by this coordinator and its
+    last session may still be open there, wait (up to STALE_SESSION_S after it was last seen)
+    and retry; otherwise it is "not registered"."""
+    fp = agent.key
+    stray = _running_supernodes(key_path)
+    if stray:
+        raise FedShieldError(
+            f"site {name}: the coordinator refused this site's connection: another SuperNode with connection key "
+            f"{key_path.name} is still running on this machine (pid {', '.join(map(str, stray))}); stop it, "
+            "then start this command again")
+    record = agent.read()
+    until = float(record.get("last_seen", 0)) + STALE_SESSION_S
+    if record and time.time() < until:
+        wait = min(REJOIN_RETRY_S, max(1.0, until - time.time()))
+        print(f"site {name}: the coordinator still holds this site's previous session (connection key {fp}); it "
+              f"expires by {time.strftime('%H:%M:%S', time.localtime(until))}; trying again in {wait:.0f} s",
+              file=sys.stderr, flush=True)
+        return wait
+    if record:
+        raise FedShieldError(
+            f"site {name}: the coordinator refused connection key {key_path.name} ({fp}), which it admitted before: "
+            f"it is not registered there any more (a new job without {key_path.stem}.pub?), or another "
+            "machine is connected with this key; ask the coordinator operator")
+    raise FedShieldError(
+        f"site {name}: the coordinator refused connection key {key_path.name} ({fp}): it is not registered there; "
+        f"send {key_path.stem}.pub to the coordinator operator. (If this key was connected from another state "
+        "folder or machine in the last minute, that session is still open there: start again in a minute.)")
+
+
+def _running_supernodes(key_path: Path) -> list[int]:
+    """pids of flower-supernode processes on this machine that use `key_path` (Linux /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"flower-supernode") for a in argv[:2]) and str(key_path).encode() in argv:
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def lock_state(state: Path, name: str):
+    """One agent per state folder (two would spend one ledger's budget twice): an exclusive
+    lock on `<state>/.flower/agent.lock`, released by the kernel however this process ends."""
+    import fcntl
+
+    path = state / ".flower" / "agent.lock"
+    f = open(path, "a+")  # noqa: SIM115 - held for the life of the command
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        other = f.read().strip() or "?"
+        f.close()
+        raise FedShieldError(f"site {name}: another fedshield client is running with state folder {state} "
+                             f"(pid {other}); one agent per state folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def _worth_showing(line: str) -> bool:

@@ -8,7 +8,8 @@ plugin). Publishing that port would let any site, or anyone who reaches it, subm
 register keys. So `fedshield server` binds the SuperLink to loopback and publishes only
 this front. It is not a transport: requests, SuperNode signatures (`flwr-public-key`,
 `flwr-signature`, `flwr-timestamp` headers) and replies are Flower's own and are checked by
-the SuperLink; the front only decides what may pass.
+the SuperLink; the front only decides what may pass, and bounds what one client can make
+the coordinator hold.
 
 What passes, and nothing else:
 - method POST (every Fleet RPC in 1.41 is a unary POST);
@@ -18,53 +19,97 @@ What passes, and nothing else:
   ASCII, so that no normalisation downstream can turn an allowed path into a Control or
   Runtime API one;
 - no query string;
-- a body of at most `max_body_bytes` (below).
-Anything else gets 403 (413 for a body over the limit) and never reaches the SuperLink.
-A SuperLink that cannot be reached (or does not answer in time) gives 503.
+- a Content-Length (Flower's client, httpx with a bytes body, always sends one; 411 without
+  it, 400 for a malformed or repeated one or a Transfer-Encoding) of at most the body limit
+  (413 above it, answered before a byte of the body is read).
+Anything else gets 403 and never reaches the SuperLink. A SuperLink that cannot be reached,
+or does not answer in time, gives 503. Every refusal closes the connection (the unread body
+of a refused request is never read).
+
+Streaming, both ways. The body goes on to the SuperLink as it arrives (never buffered whole:
+uvicorn hands it over in pieces of at most 64 KiB and stops reading the socket until the
+front has passed them on), with the client's Content-Length; the reply comes back the same
+way, with the SuperLink's Content-Length. One request costs the front a few hundred KiB
+whatever its size (bench/RESULTS.md, "Fleet front under load").
 
 Forwarding is byte for byte: the body as received; the request headers in their order and
 spelling, less the hop-by-hop ones (RFC 9110 7.6.1: Connection and the headers it names,
-Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade, Proxy-*), Host and Content-Length
-(the new hop sets its own) and Expect (the front has the whole body before it forwards);
-and back, the SuperLink's status, headers (less the same) and undecoded body (its
-Content-Encoding, if any, stays with it).
+Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade, Proxy-*), Host and Expect (the new hop
+sets its own Host; the front answers `100-continue` itself); and back, the SuperLink's
+status, headers (less the same) and undecoded body (its Content-Encoding stays with it).
 
-Body limit: checked while the body streams in (`Request.stream()`), never after buffering
-it whole. A Content-Length over the limit is refused before a byte of the body is read; a
-chunked body is refused as soon as what arrived passes the limit. The front then holds at
-most the limit per request in memory, and the SuperLink never sees the refused request.
+The body limit (`MAX_BODY_BYTES`, derived, below; `fedshield server --max-body-mb`). The
+largest legitimate request is not the largest update: Flower 1.41 sends a message as
+objects, one object per `push-object` request, and splits every array into chunks of at
+most `FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE` bytes (5 MiB; flwr/app/message/array.py
+`slice_array`, flwr/supernode/fleet_http_connection.py `push_object`). A full
+all-MiniLM-L6-v2 update (90.9 MB) thus travels as ~20 requests of at most 5 MiB each. The
+other objects a fedshield site sends are small (record headers, a round's signed ledger
+entries: kilobytes), and `push-messages` carries the message without its content plus the
+object tree (tens of KB for 200 tensors). So the limit is Flower's chunk size plus a 1 MiB
+margin for protobuf framing and those objects: 6 MiB. A coordinator whose sites change
+`FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE` must raise it to match.
+
+What one client can hold (`FrontLimits`; hand-written here only what uvicorn 0.49 lacks):
+- TLS handshake: `handshake_timeout_s` (asyncio's default is 60 s; uvicorn does not expose
+  it, so the event loop's `create_server` is given it);
+- the request head (line and headers): at most `max_header_bytes` (h11's
+  `max_incomplete_event_size`, uvicorn `h11_max_incomplete_event_size`; 400 beyond) and
+  complete within `header_timeout_s` of the connection (or of the previous reply): uvicorn
+  has only an idle keep-alive timer, which any byte resets, so a client sending its head a
+  byte at a time would hold a connection for ever; here it gets 408 and is closed;
+- idle keep-alive: `keep_alive_s` (uvicorn `timeout_keep_alive`);
+- the body: no byte for `body_idle_timeout_s`, or not complete within `body_timeout_s`:
+  408 (written by the front; uvicorn has no body timeout);
+- the reply: a client that does not read it for `send_timeout_s` is disconnected;
+- connections: at most `max_per_address` at once from one source address (503 and closed
+  beyond: uvicorn has no per-address cap) and `max_connections` in total (uvicorn
+  `limit_concurrency`: 503 beyond); `backlog` (uvicorn) unaccepted ones;
+- the SuperLink: at most `upstream_connections` requests in flight to it (httpx pool);
+  a request that waits for one longer than the pool timeout gets 503 (Flower retries 503).
+
+Access log (`AccessLog`): one line per request, and per connection refused or timed out,
+never a traceback: ISO time (UTC), source address:port, method, path (escaped, cut at 120
+characters), status, bytes in and out, duration, and a note when the request did not end
+normally (e.g. `client disconnected after 300000 of 10000000 bytes`, status 499).
+uvicorn's own messages for a connection ("Invalid HTTP request received.", "Exceeded
+concurrency limit.") and the event loop's errors go there too, one line each.
 
 The ASGI app (`fleet_app`) is separate from the server that runs it (`FleetFront`: uvicorn
 with the coordinator's certificate, in a thread of `fedshield server`), so that the
-allow-list is tested in-process with an in-memory client (tests/test_front.py).
+allow-list and the body handling are tested in-process with an in-memory client
+(tests/test_front.py); the connection limits are tested over loopback sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
+import datetime as dt
+import logging
+import logging.handlers
 import re
 import ssl
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
+import h11
 import httpx
-from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from privacy.errors import FedShieldError
 
 # Used with fullmatch (a `$` would also match before a trailing newline).
 FLEET_PATH = re.compile(r"/v1/fleet(/[A-Za-z0-9_-]+)+")
 
-# The largest legitimate message today is a full all-MiniLM-L6-v2 update (training.trainable=all):
-# 90.9 MB (bench/RESULTS.md). Flower 1.41 normally sends arrays as objects of at most 5 MiB each
-# (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE, one object per push-object request), so Fleet requests are
-# usually far smaller; the limit bounds what one request can make the front hold in memory, and
-# 256 MiB is 2.8x that largest message, so even a whole message in one request passes.
-MAX_BODY_BYTES = 256 * 1024 * 1024
+MIB = 1024 * 1024
+FLOWER_CHUNK_BYTES = 5 * MIB  # flwr 1.41 FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE default (checked in tests)
+BODY_MARGIN_BYTES = 1 * MIB
+MAX_BODY_BYTES = FLOWER_CHUNK_BYTES + BODY_MARGIN_BYTES
 
 HOP_HEADERS = frozenset({
     b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
@@ -73,6 +118,141 @@ HOP_HEADERS = frozenset({
 })
 
 REFUSED = "fedshield coordinator: only the Flower Fleet API is served here\n"
+UNAVAILABLE = "fedshield coordinator: SuperLink unavailable\n"
+CLIENT_GONE = 499  # the nginx convention: the client closed the connection before the reply
+
+
+def max_body_bytes(chunk_bytes: int | None = None) -> int:
+    """The derived body limit: Flower's array chunk size (as this process's flwr reads it,
+    or `chunk_bytes`) plus `BODY_MARGIN_BYTES` (see the module docstring)."""
+    if chunk_bytes is None:
+        from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE as chunk_bytes
+    return int(chunk_bytes) + BODY_MARGIN_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontLimits:
+    """What one client may make the front hold, and for how long (module docstring)."""
+
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_connections: int = 256
+    max_per_address: int = 16
+    handshake_timeout_s: float = 10.0
+    header_timeout_s: float = 10.0
+    keep_alive_s: int = 5
+    body_idle_timeout_s: float = 30.0
+    body_timeout_s: float = 300.0
+    send_timeout_s: float = 60.0
+    max_header_bytes: int = 16 * 1024
+    backlog: int = 256
+    upstream_connections: int = 64
+    upstream_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{f.name}={value!r}: must be a positive number")
+        for name in ("max_body_bytes", "max_connections", "max_per_address", "keep_alive_s",
+                     "max_header_bytes", "backlog", "upstream_connections"):
+            if not isinstance(getattr(self, name), int):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be a positive int")
+
+
+# ------------------------------------------------------------------ access log
+
+
+def _escape(text: str, limit: int = 120) -> str:
+    """Printable ASCII as is; anything else (controls, spaces, quotes, backslash, non-ASCII)
+    as \\xNN; cut at `limit` characters."""
+    out = "".join(c if 0x21 <= ord(c) < 0x7F and c not in '"\\' else f"\\x{ord(c):02x}" for c in text)
+    return out if len(out) <= limit else out[:limit] + "..."
+
+
+def _address(client: Any) -> str:
+    if not client:
+        return "-"
+    host, port = client[0], client[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+class AccessLog:
+    """One line per request or refused connection; to a file (rotated at 64 MiB, 3 kept)
+    and the last `keep` lines in memory (`lines`, for tests and diagnostics)."""
+
+    _count = 0
+
+    def __init__(self, path: Path | None = None, keep: int = 1000):
+        self.path = path
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        AccessLog._count += 1
+        self._logger = logging.getLogger(f"fedshield.front.access.{AccessLog._count}")
+        self._logger.propagate = False
+        self._logger.setLevel(logging.INFO)
+        self._handler: logging.Handler | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._handler = logging.handlers.RotatingFileHandler(path, maxBytes=64 * MIB, backupCount=3,
+                                                                 encoding="ascii", errors="backslashreplace")
+            self._handler.setFormatter(logging.Formatter("%(message)s"))
+            self._logger.addHandler(self._handler)
+
+    def write(self, client: Any, method: str, path: str, status: int | str, bytes_in: int, bytes_out: int,
+              seconds: float, note: str = "") -> None:
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        line = (f"{now} {_address(client)} {_escape(method, 16) or '-'} {_escape(path) or '-'} {status} "
+                f"in={bytes_in} out={bytes_out} {seconds:.3f}s")
+        if note:
+            line += f' note="{_escape(note, 300)}"'
+        self.lines.append(line)
+        self._logger.info(line)
+
+    def event(self, client: Any, status: int | str, note: str) -> None:
+        """A connection-level event (no request line): refused, timed out, uvicorn's message."""
+        self.write(client, "-", "-", status, 0, 0, 0.0, note)
+
+    def close(self) -> None:
+        if self._handler is not None:
+            self._logger.removeHandler(self._handler)
+            self._handler.close()
+
+
+class _ConnectionLogger:
+    """Stands in for uvicorn's "uvicorn.error" logger on one connection: its messages become
+    access-log events with the client's address, one line each, never a traceback."""
+
+    level = logging.WARNING
+
+    def __init__(self, access: AccessLog, protocol: H11Protocol):
+        self.access, self.protocol = access, protocol
+
+    def log(self, level: int, msg: str, *args: Any, exc_info: Any = None, **kwargs: Any) -> None:
+        if level < self.level:
+            return
+        text = str(msg) % args if args else str(msg)
+        text = " ".join(text.split())
+        if isinstance(exc_info, BaseException):
+            text += f" {type(exc_info).__name__}: {exc_info}"
+        status = 503 if "concurrency limit" in text else 400 if "Invalid HTTP" in text else "-"
+        self.access.event(self.protocol.client, status, text)
+
+    def debug(self, msg: str, *args: Any, **kw: Any) -> None:
+        self.log(logging.DEBUG, msg, *args, **kw)
+
+    def info(self, msg: str, *args: Any, **kw: Any) -> None:
+        self.log(logging.INFO, msg, *args, **kw)
+
+    def warning(self, msg: str, *args: Any, **kw: Any) -> None:
+        self.log(logging.WARNING, msg, *args, **kw)
+
+    def error(self, msg: str, *args: Any, **kw: Any) -> None:
+        self.log(logging.ERROR, msg, *args, **kw)
+
+    exception = error
+    critical = error
+
+
+# ------------------------------------------------------------------ the app
 
 
 def fleet_path(scope: dict) -> str | None:
@@ -93,7 +273,40 @@ def end_to_end_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, byte
     return [(k, v) for k, v in raw if k.lower() not in HOP_HEADERS and k.lower() not in named]
 
 
-def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+class _Refused(Exception):
+    """The request ends with the front's own answer (`status`, one line) or, for 499, none."""
+
+    def __init__(self, status: int, text: str, note: str = ""):
+        super().__init__(text)
+        self.status, self.text, self.note = status, text, note or text
+
+
+@dataclasses.dataclass
+class _Exchange:
+    status: int | str = "-"
+    bytes_in: int = 0
+    bytes_out: int = 0
+    note: str = ""
+
+
+def _content_length(headers: list[tuple[bytes, bytes]], limit: int) -> int:
+    declared = [v for k, v in headers if k.lower() == b"content-length"]
+    if any(k.lower() == b"transfer-encoding" for k, _ in headers):
+        raise _Refused(400, "fedshield coordinator: Transfer-Encoding is not accepted; send a Content-Length\n")
+    if not declared:
+        raise _Refused(411, "fedshield coordinator: a Content-Length is required\n")
+    if len(set(declared)) != 1 or not declared[0].isdigit():
+        raise _Refused(400, "fedshield coordinator: malformed Content-Length\n")
+    length = int(declared[0])
+    if length > limit:
+        raise _Refused(413, f"fedshield coordinator: request body over the limit of {limit} bytes\n",
+                       f"Content-Length {length} over the limit of {limit}")
+    return length
+
+
+def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | None = None, *,
+              limits: FrontLimits | None = None, access: AccessLog | None = None,
+              clock: Callable[[], float] = time.monotonic) -> Callable:
     """The front as an ASGI app.
 
     Parameters
@@ -102,99 +315,287 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int = MA
         The SuperLink's base URL, e.g. ``https://127.0.0.1:PORT``; the allowed raw path is
         appended to it as is.
     client : httpx.AsyncClient
-        What reaches the SuperLink (its TLS verification and timeouts are the caller's). The
-        caller owns it and closes it.
-    max_body_bytes : int
-        The largest request body forwarded (default `MAX_BODY_BYTES`).
+        What reaches the SuperLink (its TLS verification, timeouts and pool limits are the
+        caller's). The caller owns it and closes it.
+    max_body_bytes : int, optional
+        The largest request body forwarded (default: `limits.max_body_bytes`).
+    limits : FrontLimits, optional
+        Body limit and timeouts (default `FrontLimits()`); the connection limits in it are
+        `FleetFront`'s.
+    access : AccessLog, optional
+        Where each request's line goes (default: an in-memory `AccessLog`).
     """
-    if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
-        raise ValueError(f"max_body_bytes={max_body_bytes!r}: must be a positive int")
+    limits = limits or FrontLimits()
+    if max_body_bytes is not None:
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes={max_body_bytes!r}: must be a positive int")
+        limits = dataclasses.replace(limits, max_body_bytes=max_body_bytes)
+    log = access if access is not None else AccessLog()
     base = upstream.rstrip("/")
 
-    async def forward(request: Request) -> Response:
-        path = fleet_path(request.scope)
-        if path is None or request.method != "POST":
-            return PlainTextResponse(REFUSED, 403)
-        body = await read_body(request, max_body_bytes)
-        if isinstance(body, Response):
-            return body
-        out = httpx.Request("POST", base + path, headers=end_to_end_headers(request.headers.raw), content=body)
+    async def app(scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":
+            return
+        t0 = clock()
+        ex = _Exchange()
         try:
-            reply = await client.send(out, stream=True)
+            await _exchange(scope, receive, send, ex, t0)
+        finally:
+            raw = scope.get("raw_path")
+            path = raw.decode("latin-1") if isinstance(raw, bytes) else str(scope.get("path", "-"))
+            if scope.get("query_string"):
+                path += "?" + scope["query_string"].decode("latin-1")
+            log.write(scope.get("client"), scope.get("method", "-"), path, ex.status, ex.bytes_in,
+                      ex.bytes_out, clock() - t0, ex.note)
+
+    async def _exchange(scope: dict, receive: Callable, send: Callable, ex: _Exchange, t0: float) -> None:
+        try:
+            path = fleet_path(scope)
+            if path is None or scope.get("method") != "POST":
+                raise _Refused(403, REFUSED, "not a Fleet API request")
+            headers = list(scope.get("headers", []))
+            length = _content_length(headers, limits.max_body_bytes)
+            request = httpx.Request("POST", base + path,
+                                    headers=[*end_to_end_headers(headers), (b"content-length", str(length).encode())],
+                                    content=_body(receive, length, ex, t0))
             try:
-                content = b"".join([chunk async for chunk in reply.aiter_raw()])
-            finally:
-                await reply.aclose()
-        except httpx.HTTPError:
-            return PlainTextResponse("fedshield coordinator: SuperLink unavailable\n", 503)
-        response = Response(content, status_code=reply.status_code)  # sets Content-Length
-        response.raw_headers.extend(end_to_end_headers(reply.headers.raw))
-        return response
+                reply = await client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise _Refused(503, UNAVAILABLE, f"SuperLink: {type(exc).__name__}") from None
+        except _Refused as r:
+            ex.status, ex.note = r.status, r.note
+            if r.status != CLIENT_GONE:
+                ex.bytes_out = await _answer(send, r.status, r.text)
+            return
+        try:
+            await _relay(reply, send, ex)
+        finally:
+            await reply.aclose()
 
-    async def refuse(request: Request, exc: Exception) -> Response:  # noqa: ARG001
-        return PlainTextResponse(REFUSED, 403)
+    async def _body(receive: Callable, length: int, ex: _Exchange, t0: float) -> AsyncIterator[bytes]:
+        deadline = t0 + limits.body_timeout_s
+        while True:
+            wait = min(limits.body_idle_timeout_s, deadline - clock())
+            try:
+                if wait <= 0:
+                    raise TimeoutError
+                message = await asyncio.wait_for(receive(), wait)
+            except TimeoutError:
+                total = deadline - clock() <= 0
+                raise _Refused(408, "fedshield coordinator: the request body came too slowly\n",
+                               f"body {'not complete within' if total else 'idle for'} "
+                               f"{limits.body_timeout_s if total else limits.body_idle_timeout_s:g} s "
+                               f"after {ex.bytes_in} of {length} bytes") from None
+            if message["type"] == "http.disconnect":
+                raise _Refused(CLIENT_GONE, "", f"client disconnected after {ex.bytes_in} of {length} bytes")
+            chunk = message.get("body", b"")
+            if ex.bytes_in + len(chunk) > length:
+                raise _Refused(400, "fedshield coordinator: the body is longer than its Content-Length\n",
+                               f"body longer than its Content-Length {length}")
+            ex.bytes_in += len(chunk)
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                break
+        if ex.bytes_in != length:
+            raise _Refused(400, "fedshield coordinator: the body is shorter than its Content-Length\n",
+                           f"body of {ex.bytes_in} bytes, Content-Length {length}")
 
-    # One catch-all POST route; `forward` checks the raw path and the method again itself. What
-    # the route does not match (another method: 405; a path such as `*`: 404) is refused alike,
-    # and never redirected (Starlette would answer 307 to a path it can "fix" with a slash).
-    app = Starlette(routes=[Route("/{path:path}", forward, methods=["POST"])],
-                    exception_handlers={404: refuse, 405: refuse})
-    app.router.redirect_slashes = False
+    async def _relay(reply: httpx.Response, send: Callable, ex: _Exchange) -> None:
+        ex.status = reply.status_code
+        headers = end_to_end_headers(reply.headers.raw)
+        declared = reply.headers.get_list("content-length")
+        if len(declared) == 1 and declared[0].isdigit():
+            headers.append((b"content-length", declared[0].encode()))
+        try:
+            await _send(send, {"type": "http.response.start", "status": reply.status_code, "headers": headers})
+            async for chunk in reply.aiter_raw():
+                await _send(send, {"type": "http.response.body", "body": chunk, "more_body": True})
+                ex.bytes_out += len(chunk)
+            await _send(send, {"type": "http.response.body", "body": b"", "more_body": False})
+        except httpx.HTTPError as exc:  # uvicorn closes the connection: the reply is incomplete
+            ex.note = f"SuperLink reply cut after {ex.bytes_out} bytes: {type(exc).__name__}"
+        except TimeoutError:
+            ex.note = f"client did not read the reply for {limits.send_timeout_s:g} s"
+
+    async def _send(send: Callable, message: dict) -> None:
+        await asyncio.wait_for(send(message), limits.send_timeout_s)
+
+    async def _answer(send: Callable, status: int, text: str) -> int:
+        body = text.encode()
+        try:
+            await _send(send, {"type": "http.response.start", "status": status, "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close")]})  # the unread body of a refused request is never read
+            await _send(send, {"type": "http.response.body", "body": body, "more_body": False})
+        except TimeoutError:
+            return 0
+        return len(body)
+
     return app
 
 
-async def read_body(request: Request, limit: int) -> bytes | Response:
-    """The whole body, or a 400/413 response as soon as it is known to be malformed or too big."""
-    declared = request.headers.getlist("content-length")
-    if declared:
-        if len(set(declared)) != 1 or not declared[0].isdigit():
-            return PlainTextResponse("fedshield coordinator: malformed Content-Length\n", 400)
-        if int(declared[0]) > limit:
-            return too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
+# ------------------------------------------------------------------ the server around it
+
+
+class _FrontProtocol(H11Protocol):
+    """uvicorn's h11 protocol with what uvicorn lacks: a per-address connection cap, a
+    request-head deadline, and its messages in the access log (see `FrontLimits`).
+    `FleetFront` makes a subclass per front with `limits`, `access` and `per_address` set."""
+
+    limits: FrontLimits
+    access: AccessLog
+    per_address: collections.Counter[str]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.logger = _ConnectionLogger(self.access, self)  # type: ignore[assignment]
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._counted: str | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        address = str(self.client[0]) if self.client else "-"
+        self.per_address[address] += 1
+        self._counted = address
+        if self.per_address[address] > self.limits.max_per_address:
+            self._refuse(503, f"more than {self.limits.max_per_address} connections at once from this address")
+            return
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if self._counted is not None:
+            self.per_address[self._counted] -= 1
+            if self.per_address[self._counted] <= 0:
+                del self.per_address[self._counted]
+            self._counted = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._head_timer is not None and self.conn.their_state is not h11.IDLE:
+            self._disarm()  # the request head is complete: the body has its own timeouts
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._arm()  # the next request's head has the same deadline
+
+    def send_400_response(self, msg: str) -> None:
+        self.access.event(self.client, 400, msg)
+        super().send_400_response(msg)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timeout)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        self._refuse(408, f"request head not complete within {self.limits.header_timeout_s:g} s")
+
+    def _refuse(self, status: int, note: str) -> None:
+        """Answer outside any request (`Connection: close`) and close; one access-log line."""
+        self.access.event(self.client, status, note)
+        reason = {408: b"Request Timeout", 503: b"Service Unavailable"}[status]
+        body = b"fedshield coordinator: " + note.encode() + b"\n"
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                             % (status, reason, len(body), body))
+        self.transport.close()  # TLS close_notify, bounded by the loop's ssl_shutdown_timeout
+        self.connections.discard(self)  # no longer counts against the total cap (uvicorn's set)
+
+
+def _loop_factory(limits: FrontLimits) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop uvicorn would pick (uvloop, else asyncio's), whose `create_server`
+    bounds the TLS handshake and shutdown (uvicorn passes neither)."""
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return too_large(limit)
-            chunks.append(chunk)
-    except ClientDisconnect:
-        return PlainTextResponse("fedshield coordinator: the request body was cut off\n", 400)
-    return b"".join(chunks)
+        import uvloop
 
+        base: type = uvloop.Loop
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard] here
+        base = asyncio.SelectorEventLoop
 
-def too_large(limit: int) -> Response:
-    return PlainTextResponse(f"fedshield coordinator: request body over the limit of {limit} bytes\n", 413)
+    class Loop(base):  # type: ignore[misc, valid-type]
+        async def create_server(self, *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("ssl") is not None:
+                kwargs.setdefault("ssl_handshake_timeout", limits.handshake_timeout_s)
+                kwargs.setdefault("ssl_shutdown_timeout", min(5.0, limits.handshake_timeout_s))
+            return await super().create_server(*args, **kwargs)
+
+    return Loop
 
 
 class FleetFront:
     """`fleet_app` on a TLS listener (uvicorn, the coordinator's certificate) in a thread.
 
     The SuperLink is reached at ``https://127.0.0.1:upstream_port``, verified with
-    `upstream_ca` (the per-job loopback CA).
+    `upstream_ca` (the per-job loopback CA). `access_log`: the access log's file (None: in
+    memory only, `self.access.lines`).
     """
 
     def __init__(self, host: str, port: int, certfile: Path, keyfile: Path, upstream_port: int,
-                 upstream_ca: Path, max_body_bytes: int = MAX_BODY_BYTES, upstream_timeout_s: float = 600.0):
+                 upstream_ca: Path, max_body_bytes: int | None = None, upstream_timeout_s: float | None = None,
+                 *, limits: FrontLimits | None = None, access_log: Path | None = None):
         import uvicorn
 
+        limits = limits or FrontLimits()
+        if max_body_bytes is not None:
+            limits = dataclasses.replace(limits, max_body_bytes=max_body_bytes)
+        if upstream_timeout_s is not None:
+            limits = dataclasses.replace(limits, upstream_timeout_s=upstream_timeout_s)
+        self.limits = limits
+        self.access = AccessLog(access_log)
         ctx = ssl.create_default_context(cafile=str(upstream_ca))
-        self.client = httpx.AsyncClient(verify=ctx, timeout=httpx.Timeout(upstream_timeout_s, connect=10.0))
-        self.app = fleet_app(f"https://127.0.0.1:{upstream_port}", self.client, max_body_bytes)
+        self.client = httpx.AsyncClient(
+            verify=ctx, timeout=httpx.Timeout(limits.upstream_timeout_s, connect=10.0, pool=30.0),
+            limits=httpx.Limits(max_connections=limits.upstream_connections,
+                                max_keepalive_connections=min(16, limits.upstream_connections)))
+        self.app = fleet_app(f"https://127.0.0.1:{upstream_port}", self.client, limits=limits, access=self.access)
+        protocol = type("FrontProtocol", (_FrontProtocol,),
+                        {"limits": limits, "access": self.access, "per_address": collections.Counter()})
         config = uvicorn.Config(self.app, host=host, port=port, ssl_certfile=str(certfile), ssl_keyfile=str(keyfile),
-                                log_level="warning", access_log=False, lifespan="off",
-                                server_header=False, date_header=False)  # the SuperLink's own come back
+                                http=protocol, ws="none", lifespan="off", log_level="warning", access_log=False,
+                                server_header=False, date_header=False,  # the SuperLink's own come back
+                                limit_concurrency=limits.max_connections, backlog=limits.backlog,
+                                timeout_keep_alive=limits.keep_alive_s,
+                                h11_max_incomplete_event_size=limits.max_header_bytes,
+                                timeout_graceful_shutdown=3)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name="fleet-front", daemon=True)
 
     def _run(self) -> None:
         async def serve() -> None:
+            asyncio.get_running_loop().set_exception_handler(self._loop_error)
             async with self.client:  # closed on the loop that used it
                 await self.server.serve()
 
-        with asyncio.Runner(loop_factory=self.server.config.get_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=_loop_factory(self.limits)) as runner:
             runner.run(serve())
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:  # noqa: ARG002
+        exc = context.get("exception")
+        text = str(context.get("message", "event loop error"))
+        if exc is not None:
+            text += f": {type(exc).__name__}: {exc}"
+        peer = None
+        transport = context.get("transport")
+        if transport is not None:
+            try:
+                peer = transport.get_extra_info("peername")
+            except Exception:  # noqa: BLE001 - a closed transport; the line goes out without it
+                peer = None
+        self.access.event(peer, "-", text)
 
     def start(self, timeout: float = 20.0) -> None:
         self.thread.start()
@@ -206,4 +607,5 @@ class FleetFront:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=5)
+        self.thread.join(timeout=10)
+        self.access.close()

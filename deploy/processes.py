@@ -14,9 +14,21 @@ The helpers both agent commands need, each written once:
 - `parse_host_port` (one HOST:PORT parser; the error names the flag), `free_port`.
 - `interrupts_raise` / `Interrupted`: SIGINT and SIGTERM become an exception for the span
   of a `with` block, and the previous handlers come back after it.
-- `stop_process_groups`: Flower's SuperLink and SuperNode start processes of their own
-  (SuperExec, ServerApp, ClientApp), so each child runs in its own session and is stopped
-  as a process group.
+- `Children`: the Flower processes of one agent command. Flower's SuperLink and SuperNode
+  start processes of their own (SuperExec, ServerApp, ClientApp; the SuperLink starts its
+  SuperExec in a new session), so each child runs in its own session and is stopped as a
+  process group (`stop_process_groups`), and every child dies with the command, however the
+  command ends (SIGKILL included): the kernel sends the direct child SIGTERM when the command
+  dies (PR_SET_PDEATHSIG, set between fork and exec), and a watchdog process
+  (deploy/watchdog.py) that holds the read end of a pipe only the command can write to
+  stops the children, their sessions and all their descendants when that pipe closes.
+  Children are reaped: `stop` waits for each (and for the watchdog).
+  PDEATHSIG reaches the direct child alone, first: measured with flwr 1.41, a SuperNode
+  that gets its SIGTERM that way, ahead of its SuperExec, does not sign off at the
+  SuperLink before Flower's 5 s force-exit (its runtime API waits for the SuperExec's
+  connection), while one signalled together with its SuperExec by the watchdog does. So
+  `fedshield client` starts its SuperNode with `pdeathsig=None` (the watchdog alone);
+  `fedshield server`'s SuperLink and `flwr run` keep it.
 - `run_flower_cli` (a `flwr ...` command with a timeout and a one-line error), `last_error`
   (the line of a Flower log worth quoting).
 - `add_deprecated_alias`: an old flag spelling kept working (scripts exist), hidden from
@@ -27,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -163,3 +176,100 @@ def _signal_group(p: subprocess.Popen, sig: int) -> None:
         os.killpg(p.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+# ------------------------------------------------------------------ children that die with their parent
+
+WATCHDOG = Path(__file__).with_name("watchdog.py")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STOP_GRACE_S = 10.0
+
+
+def _prctl() -> ctypes._CFuncPtr | None:
+    """libc's prctl, looked up here (in the parent), so that the child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def die_with_parent(sig: int = signal.SIGTERM):
+    """A `preexec_fn`: the child gets `sig` when the thread that started it ends (the
+    command's main thread: call `Popen` from it), and exits at once if its parent is gone
+    already (the parent died between fork and prctl). None where there is no prctl."""
+    prctl, parent = _prctl(), os.getpid()
+    if prctl is None:
+        return None
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+class Children:
+    """The Flower processes of an agent command (module docstring).
+
+    `start` runs a command in a session of its own, with PR_SET_PDEATHSIG (`pdeathsig`; None:
+    the watchdog alone), registered with the watchdog (started with the first child);
+    `stop` closes the watchdog's pipe and waits for it (it stops the children, their
+    sessions and descendants: SIGTERM, SIGKILL after `grace_s`), then stops what is left of
+    the children's groups itself (in case the watchdog is gone) and reaps the children.
+    """
+
+    def __init__(self, grace_s: float = STOP_GRACE_S, pdeathsig: int | None = signal.SIGTERM) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.grace_s = grace_s
+        self.pdeathsig = pdeathsig
+        self.watchdog: subprocess.Popen | None = None
+        self._pipe: int | None = None
+
+    def _guard(self) -> int:
+        if self._pipe is None:
+            read, write = os.pipe()  # both ends non-inheritable: no child gets the write end
+            try:
+                self.watchdog = subprocess.Popen(
+                    [sys.executable, "-I", str(WATCHDOG), str(read), str(self.grace_s)], pass_fds=(read,),
+                    start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            finally:
+                os.close(read)
+            self._pipe = write
+        return self._pipe
+
+    def start(self, cmd: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+        pipe = self._guard()
+        preexec = die_with_parent(self.pdeathsig) if self.pdeathsig else None
+        p = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=preexec, **kw)
+        self.procs.append(p)
+        os.write(pipe, f"{p.pid} {'d' if preexec else '-'}\n".encode())
+        return p
+
+    def stop(self) -> None:
+        if self._pipe is not None:
+            # While the process tree is whole: the watchdog reads it and stops all of it, also
+            # what left the children's groups (Flower's SuperExec, its ServerApp). Signalling
+            # the children here first would orphan their descendants before it looked.
+            os.write(self._pipe, b"stop\n")  # an orderly stop: the watchdog sends every SIGTERM
+            os.close(self._pipe)
+            self._pipe = None
+        if self.watchdog is not None:
+            try:
+                self.watchdog.wait(timeout=self.grace_s + 5)
+            except subprocess.TimeoutExpired:
+                self.watchdog.kill()
+                self.watchdog.wait()
+            self.watchdog = None
+        stop_process_groups(self.procs, self.grace_s)  # what is left (no watchdog?), and reaps the children
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

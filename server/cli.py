@@ -14,9 +14,13 @@ What it starts, and why (flwr 1.41, read from its source):
    So the SuperLink listens on loopback with a throw-away loopback certificate, and
 2. the Fleet-only TLS front (`deploy.front.FleetFront`, in this process) listens on
    `--address` with the coordinator's certificate and forwards only Fleet API requests
-   (POST, plain `/v1/fleet/...` paths, bodies up to `deploy.front.MAX_BODY_BYTES`), byte
-   for byte, to the SuperLink. It is not a transport: requests, node signatures and replies
-   are Flower's own; it refuses everything else (403). This is the one port sites need.
+   (POST, plain `/v1/fleet/...` paths, a Content-Length up to `--max-body-mb`, default
+   Flower's 5 MiB array chunk + 1 MiB: the largest request a site sends, see
+   deploy/front.py), streamed byte for byte to the SuperLink. It is not a transport:
+   requests, node signatures and replies are Flower's own; it refuses everything else
+   (403), bounds what one client can hold (timeouts, `--max-connections`,
+   `--max-connections-per-address`) and writes one access-log line per request to
+   `<flower home>/front-access.log`. This is the one port sites need.
 3. Site admission: `--enable-supernode-auth` makes the SuperLink refuse every SuperNode
    whose public key was not registered through the Control API. The deprecated
    `--auth-list-public-keys` CSV is rejected by 1.41 ("no longer supported"), so each
@@ -38,8 +42,22 @@ What it starts, and why (flwr 1.41, read from its source):
    the app folder and the SuperLink log. The children's environment is
    `deploy.processes.flower_env` (telemetry off, offline, no dependency installation).
 
+Before anything starts, and before any folder is made, the inputs are checked, each failure
+one line (exit 2): the certificates, the connection keys, the config (schema, keys, values),
+the task's data files loaded as the ServerApp loads them (`task.pipeline.pool_and_test`),
+the model folder (`task.model.text_model_path`: config.json, weights, tokenizer), that
+`federation.min_sites` is not more than the sites admitted, and that `--address` can be
+bound. A bad override thus costs a second, not a SuperLink start and a half-made run.
+
+`--resume` continues the run `output.run_name` (its folder must hold it) from its last
+checkpoint: the manifest then carries `server.app.RESUME_KEY`, and the ServerApp resumes
+(server/app.py, server/checkpoint.py); the same config must be given.
+
 On Ctrl-C / SIGTERM every child (SuperLink, its SuperExec and ServerApp, `flwr run`) is
-terminated and the command exits 130; they are stopped too when the start fails.
+terminated and the command exits 130; they are stopped too when the start fails. If this
+command is killed outright (SIGKILL, OOM killer, a crash), its children die with it
+(`deploy.processes.Children`: PR_SET_PDEATHSIG and a watchdog): no orphan SuperLink keeps
+the port or a ServerApp its run.
 """
 
 from __future__ import annotations
@@ -60,9 +78,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from deploy.front import MIB, FleetFront, FrontLimits, max_body_bytes
 from deploy.processes import (
+    Children,
     Interrupted,
     add_deprecated_alias,
     flower_env,
@@ -72,13 +91,9 @@ from deploy.processes import (
     last_error,
     parse_host_port,
     run_flower_cli,
-    stop_process_groups,
 )
 from privacy.errors import FedShieldError
 from privacy.signing import fingerprint
-
-if TYPE_CHECKING:
-    from deploy.front import FleetFront
 
 CONNECTION = "fedshield"
 
@@ -150,25 +165,63 @@ def resolve_config(args: argparse.Namespace):
             cfg[section][leaf] = str(Path(value).expanduser().resolve())
         elif value:
             cfg[section][leaf] = str(Path(value).expanduser())
+    if getattr(args, "resume", False):  # the run's own folder, which must hold it
+        from server.run_dir import existing_run_dir
+
+        return cfg, existing_run_dir(cfg)
     if not cfg.output.run_name:
         cfg.output.run_name = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
     run_dir = Path(cfg.output.dir) / cfg.output.run_name
     if run_dir.exists() and any(run_dir.iterdir()):
         raise conf.ConfigError(f"output.run_name={cfg.output.run_name!r}: {run_dir} already holds a run; "
-                               "choose another name")
+                               "choose another name, or continue it with --resume")
     return cfg, run_dir
 
 
-def write_app(app_dir: Path, cfg) -> None:
+def check_inputs(cfg, admitted: int) -> str:
+    """The run's model folder and data, checked as the ServerApp will load them, and the
+    site counts against the keys admitted; a one-line summary, or a FedShieldError."""
+    import conf
+    from task.model import text_model_path
+    from task.pipeline import pool_and_test
+
+    if cfg.federation.min_sites > admitted:
+        raise conf.ConfigError(f"federation.min_sites={cfg.federation.min_sites}: only {admitted} connection "
+                               f"key{'s are' if admitted != 1 else ' is'} admitted (--connection-keys)")
+    model = ""
+    if cfg.task.name != "heart-disease":  # the text tasks fine-tune task.model ("": the bundled one)
+        model = f"; model {text_model_path(str(cfg.task.model))}"
+    pool, test = pool_and_test(cfg)
+    return (f"task {cfg.task.name}: {len(pool)} training and {len(test)} test records, classes "
+            f"{', '.join(test.class_names)}{model}")
+
+
+def check_address(host: str, port: int) -> None:
+    """--address can be bound now (as the front will, SO_REUSEADDR), before anything starts."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise FedShieldError(f"--address {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            raise FedShieldError(f"--address {host}:{port}: cannot listen there ({exc.strerror})") from None
+
+
+def write_app(app_dir: Path, cfg, resume: bool = False) -> None:
     """A Flower app folder with only a pyproject.toml: the components + the resolved config.
 
     The config travels as one YAML string (`server.app.RUN_CONFIG_YAML_KEY`): Flower's run
     config holds only scalars, and the YAML keeps lists (task.labels) and nulls intact.
+    `resume`: the ServerApp continues the run from its checkpoint (`server.app.RESUME_KEY`).
     """
     import json
 
     import conf
-    from server.app import RUN_CONFIG_YAML_KEY
+    from server.app import RESUME_KEY, RUN_CONFIG_YAML_KEY
 
     app_dir.mkdir(parents=True, exist_ok=True)
     (app_dir / "pyproject.toml").write_text(
@@ -180,6 +233,7 @@ def write_app(app_dir: Path, cfg) -> None:
         "[tool.flwr.app.components]\nserverapp = \"server.app:app\"\nclientapp = \"client.app:app\"\n\n"
         # a JSON string is a valid TOML basic string (same escapes)
         f"[tool.flwr.app.config]\n{json.dumps(RUN_CONFIG_YAML_KEY)} = {json.dumps(conf.to_yaml(cfg))}\n"
+        + (f"{json.dumps(RESUME_KEY)} = true\n" if resume else "")
     )
 
 
@@ -191,19 +245,6 @@ def write_flower_config(home: Path, port: int, ca: Path) -> None:
 
 
 # ------------------------------------------------------------------ children
-
-
-class Children:
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, cmd: list[str], env: dict, **kw) -> subprocess.Popen:
-        p = subprocess.Popen(cmd, env=env, start_new_session=True, **kw)
-        self.procs.append(p)
-        return p
-
-    def stop(self) -> None:
-        stop_process_groups(self.procs)  # the children and what they started (SuperExec, ServerApp)
 
 
 def wait_tls(port: int, ca: Path, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
@@ -238,6 +279,17 @@ def server_main(argv: list[str]) -> int:
     add_deprecated_alias(keys_flag, "--site-keys", "--connection-keys", nargs="+")
     parser.add_argument("--address", default="0.0.0.0:9092", help="where sites connect (default 0.0.0.0:9092)")
     parser.add_argument("--config", help="a YAML config file")
+    parser.add_argument("--max-body-mb", type=float, default=None, metavar="MB",
+                        help=f"largest request body a site may send, in MiB (default: Flower's array chunk size "
+                             f"+ 1 MiB = {max_body_bytes() / MIB:g}; raise it only if sites change "
+                             "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)")
+    parser.add_argument("--max-connections", type=int, default=FrontLimits.max_connections,
+                        help="connections at once in total (default %(default)s; 503 beyond)")
+    parser.add_argument("--max-connections-per-address", type=int, default=FrontLimits.max_per_address,
+                        help="connections at once from one source address (default %(default)s; 503 beyond; "
+                             "raise it for many sites behind one NAT)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run output.run_name from its last checkpoint (same config)")
     parser.add_argument("--verbose", action="store_true", help="also show the SuperLink's log")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides and presets")
     args = parser.parse_args(argv)
@@ -245,18 +297,27 @@ def server_main(argv: list[str]) -> int:
     pki = Path(args.pki).expanduser().resolve()
     files = check_pki(pki)
     host, port = parse_host_port(args.address, "--address", "0.0.0.0:9092", default_host="0.0.0.0")
+    limits = front_limits(args)
     keys = collect_connection_keys(args.connection_keys)
     cfg, run_dir = resolve_config(args)
+    summary = check_inputs(cfg, len(keys))
+    check_address(host, port)
+    print(f"checked: {summary}", flush=True)
+    if cfg.federation.num_sites > len(keys):
+        print(f"warning: federation.num_sites={cfg.federation.num_sites} but {len(keys)} connection keys are "
+              f"admitted: the run waits federation.round_timeout_s for sites that cannot come", file=sys.stderr)
 
     home = Path(cfg.output.dir) / f".{cfg.output.run_name}.flower"
-    home.mkdir(parents=True, exist_ok=True)
-    os.chmod(home, 0o700)
-    from deploy.front import FleetFront
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        os.chmod(home, 0o700)
+    except OSError as exc:
+        raise FedShieldError(f"output.dir={cfg.output.dir!r}: cannot make {home} ({exc.strerror})") from None
     from deploy.pki import init_pki, load_connection_public_key
 
     internal = home / "loopback-pki"
     init_pki(internal, "localhost", ["127.0.0.1"], days=30, ca_days=30, force=True)
-    write_app(home / "app", cfg)
+    write_app(home / "app", cfg, resume=args.resume)
     link_port = free_port()
     write_flower_config(home, link_port, internal / "ca.crt")
     env = flower_env(home)
@@ -287,9 +348,11 @@ def server_main(argv: list[str]) -> int:
                                env, f"registering connection key {k}")
                 print(f"admitted connection key {k.stem}: {fingerprint(load_connection_public_key(k))}", flush=True)
 
-            front = FleetFront(host, port, files["server.crt"], files["server.key"], link_port, internal / "ca.crt")
+            front = FleetFront(host, port, files["server.crt"], files["server.key"], link_port, internal / "ca.crt",
+                               limits=limits, access_log=home / "front-access.log")
             front.start()
-            print(f"listening for sites on {host}:{port} (TLS, Fleet API only); waiting for "
+            print(f"listening for sites on {host}:{port} (TLS, Fleet API only, bodies up to "
+                  f"{limits.max_body_bytes / MIB:g} MiB; access log {home / 'front-access.log'}); waiting for "
                   f"{cfg.federation.num_sites} sites, {cfg.federation.rounds} rounds", flush=True)
 
             flwr_run = children.start(
@@ -315,6 +378,21 @@ def server_main(argv: list[str]) -> int:
         raise FedShieldError(f"the run did not complete: {failure or last_error(log)} (SuperLink log: {log})")
     print(f"\nrun directory: {run_dir}", flush=True)
     return 0
+
+
+def front_limits(args: argparse.Namespace) -> FrontLimits:
+    body = max_body_bytes() if args.max_body_mb is None else int(args.max_body_mb * MIB)
+    if args.max_body_mb is not None and not (0 < args.max_body_mb <= 4096):
+        raise FedShieldError(f"--max-body-mb {args.max_body_mb:g}: expected more than 0 and at most 4096")
+    for flag, value in (("--max-connections", args.max_connections),
+                        ("--max-connections-per-address", args.max_connections_per_address)):
+        if value < 1:
+            raise FedShieldError(f"{flag} {value}: expected a positive number")
+    if args.max_connections_per_address > args.max_connections:
+        raise FedShieldError(f"--max-connections-per-address {args.max_connections_per_address}: "
+                             f"more than --max-connections {args.max_connections}")
+    return FrontLimits(max_body_bytes=body, max_connections=args.max_connections,
+                       max_per_address=args.max_connections_per_address)
 
 
 def _finished(run_dir: Path) -> bool:

@@ -4,7 +4,9 @@ Real processes: a SuperLink (TLS, SuperNode authentication), the ServerApp, thre
 SuperNodes each with its own CSV and state folder, 2 rounds of a tiny BERT with DP-SGD.
 Then the refusals, all against one coordinator run that must still complete with its good
 sites: an unregistered key, a wrong CA, a plaintext client, bad data files; and a
-coordinator certificate that has expired or names another host.
+coordinator certificate that has expired or names another host. Last, crashes: a site's
+agent and then the coordinator killed with SIGKILL mid-run (no orphan Flower process, the
+site rejoins, each site's exit code and line say how the run ended).
 """
 
 from __future__ import annotations

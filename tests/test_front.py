@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
+import logging
+import os
+import re
+import socket
 import ssl
+import struct
+import threading
+import time
 import urllib.parse
 
 import httpx
 import pytest
 
 from deploy import front
-from deploy.front import MAX_BODY_BYTES, FleetFront, fleet_app
+from deploy.front import MAX_BODY_BYTES, AccessLog, FleetFront, FrontLimits, fleet_app
 from deploy.processes import free_port
 
 UPSTREAM = "https://127.0.0.1:9999"
@@ -83,19 +91,26 @@ class Sent:
 
 def via_asgi(link: SuperLink, method: str, raw_path: bytes, headers: list[tuple[bytes, bytes]] | None = None,
              chunks: list[bytes] | None = None, query: bytes = b"", limit: int = MAX_BODY_BYTES,
-             scope_extra: dict | None = None, drop: tuple[str, ...] = ()) -> Sent:
-    """Call the app as uvicorn does: `raw_path` is the request target's bytes before `?`."""
+             scope_extra: dict | None = None, drop: tuple[str, ...] = (), length: bool = True,
+             access: AccessLog | None = None, limits: FrontLimits | None = None,
+             receive_hook=None) -> Sent:
+    """Call the app as uvicorn does: `raw_path` is the request target's bytes before `?`.
+    A Content-Length of the chunks' total is added unless `headers` has one or `length` is
+    False. `receive_hook(n)` runs (awaited) before the n-th body message is handed over."""
     chunks = list(chunks or [])
     sent = Sent()
+    headers = list(headers or [])
+    if length and not any(k.lower() == b"content-length" for k, _ in headers):
+        headers.append((b"content-length", str(sum(map(len, chunks))).encode()))
 
     async def go() -> None:
         async with link.client() as upstream:
-            app = fleet_app(UPSTREAM, upstream, limit)
+            app = fleet_app(UPSTREAM, upstream, limit, limits=limits, access=access)
             scope = {
                 "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
                 "scheme": "https", "path": urllib.parse.unquote(raw_path.decode("latin-1")),
                 "raw_path": raw_path, "query_string": query, "root_path": "",
-                "headers": [(b"host", b"fl.example.org:9092"), *(headers or [])],
+                "headers": [(b"host", b"fl.example.org:9092"), *headers],
                 "client": ("203.0.113.7", 50000), "server": ("0.0.0.0", 9092), **(scope_extra or {}),
             }
             for key in drop:
@@ -103,6 +118,10 @@ def via_asgi(link: SuperLink, method: str, raw_path: bytes, headers: list[tuple[
             pending = list(chunks)
 
             async def receive():
+                if receive_hook is not None:
+                    message = await receive_hook(sent.chunks_read)
+                    if message is not None:
+                        return message
                 if not pending:
                     return {"type": "http.request", "body": b"", "more_body": False}
                 sent.chunks_read += 1
@@ -185,11 +204,20 @@ def test_the_superlinks_status_and_body_come_back(status):
 def test_an_encoded_reply_comes_back_undecoded():
     packed = gzip.compress(b"a reply" * 100)
     link = SuperLink(body=packed, headers=[(b"content-type", b"application/protobuf"),
-                                           (b"content-encoding", b"gzip")])
+                                           (b"content-encoding", b"gzip"),
+                                           (b"content-length", str(len(packed)).encode())])
     sent = via_asgi(link, "POST", PATH.encode(), chunks=[b"q"])
     assert sent.body == packed
     assert header(sent.headers, b"content-encoding") == [b"gzip"]
-    assert header(sent.headers, b"content-length") == [str(len(packed)).encode()]
+    assert header(sent.headers, b"content-length") == [str(len(packed)).encode()]  # the SuperLink's
+
+
+def test_a_reply_without_a_length_goes_back_without_one():
+    """Streamed as it comes: the front never adds a Content-Length it would have to buffer for."""
+    link = SuperLink(body=b"r" * 100)
+    sent = via_asgi(link, "POST", PATH.encode(), chunks=[b"q"])
+    assert sent.body == b"r" * 100
+    assert header(sent.headers, b"content-length") == []
 
 
 def test_every_fleet_rpc_of_flower_passes_and_no_other_api_does():
@@ -313,35 +341,47 @@ def test_a_content_length_over_the_limit_is_refused_before_the_body_is_read():
                     chunks=[b"x" * (LIMIT + 1)], limit=LIMIT)
     assert sent.status == 413
     assert sent.chunks_read == 0
+    assert header(sent.headers, b"connection") == [b"close"]  # the rest of the body is never read
     assert link.requests == []
     r = via_http(SuperLink(), "POST", PATH, content=b"x" * (LIMIT + 1), limit=LIMIT)
     assert r.status_code == 413
 
 
-def test_a_streamed_body_is_refused_as_soon_as_it_passes_the_limit():
+def test_a_body_without_a_content_length_is_refused_unread():
+    """Flower's client always declares the length (httpx, bytes body): a chunked body is
+    refused before a byte of it is read, so the limit is always known up front."""
     link = SuperLink()
-    chunks = [b"y" * 100] * 50  # 5,000 bytes, no Content-Length (chunked on the wire)
-    sent = via_asgi(link, "POST", PATH.encode(), chunks=chunks, limit=LIMIT)
-    assert sent.status == 413
-    assert sent.chunks_read == LIMIT // 100 + 1  # stopped at the chunk that crossed 1,024
+    sent = via_asgi(link, "POST", PATH.encode(), chunks=[b"y" * 100] * 50, limit=LIMIT, length=False)
+    assert sent.status == 411
+    assert sent.chunks_read == 0
     assert link.requests == []
 
     async def gen():
-        for c in chunks:
-            yield c
+        for _ in range(50):
+            yield b"y" * 100
 
-    r = via_http(link, "POST", PATH, content=gen(), limit=LIMIT)
-    assert r.status_code == 413
+    r = via_http(link, "POST", PATH, content=gen(), limit=LIMIT)  # Transfer-Encoding: chunked
+    assert r.status_code == 400
+    assert "Transfer-Encoding" in r.text
     assert link.requests == []
 
 
-def test_a_body_that_lies_about_its_length_is_cut_at_the_limit():
-    """A small Content-Length followed by a long body: counted as it streams, not trusted."""
+def test_a_body_longer_than_its_content_length_is_cut():
+    """A small Content-Length followed by a long body (an ASGI server that does not frame):
+    counted as it streams, not trusted, and nothing past the declared length is forwarded."""
     link = SuperLink()
     sent = via_asgi(link, "POST", PATH.encode(), headers=[(b"content-length", b"10")],
                     chunks=[b"z" * 600, b"z" * 600, b"z" * 600], limit=LIMIT)
-    assert sent.status == 413
-    assert sent.chunks_read == 2
+    assert sent.status == 400
+    assert b"longer than its Content-Length" in sent.body
+    assert sent.chunks_read == 1
+    assert link.requests == []
+
+
+def test_a_body_shorter_than_its_content_length_is_refused():
+    link = SuperLink()
+    sent = via_asgi(link, "POST", PATH.encode(), headers=[(b"content-length", b"100")], chunks=[b"z" * 60])
+    assert sent.status == 400
     assert link.requests == []
 
 
@@ -356,6 +396,7 @@ def test_a_body_exactly_at_the_limit_is_forwarded():
     assert sent.status == 200
     assert link.requests[0][1] == body
     assert link.requests[0][0].headers["content-length"] == str(LIMIT)
+    assert "transfer-encoding" not in link.requests[0][0].headers
 
 
 def test_an_empty_body_is_forwarded():
@@ -373,11 +414,161 @@ def test_a_malformed_content_length_is_refused(values):
     assert link.requests == []
 
 
-def test_the_default_limit_admits_a_full_minilm_update_with_margin():
-    assert MAX_BODY_BYTES >= 2 * 90.9e6  # the largest legitimate message today (bench/RESULTS.md)
-    assert MAX_BODY_BYTES <= 1 << 30
+def test_the_default_limit_is_flowers_chunk_plus_a_margin():
+    """Derived, not guessed: Flower 1.41 sends every array as chunks of at most
+    FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE, one object per push-object request; the largest such
+    request, built with Flower's own code from a full-size MiniLM tensor, fits."""
+    import numpy as np
+    from flwr.app import Array
+    from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+    from flwr.proto.message_pb2 import PushObjectRequest
+    from flwr.proto.node_pb2 import Node
+
+    assert FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE == front.FLOWER_CHUNK_BYTES == 5 * 1024 * 1024
+    assert MAX_BODY_BYTES == front.max_body_bytes() == FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE + 1024 * 1024
+    assert front.max_body_bytes(8 * 1024 * 1024) == 9 * 1024 * 1024
+    embeddings = Array(np.ones((30522, 384), dtype=np.float32))  # all-MiniLM-L6-v2's largest tensor: 46.9 MB
+    chunks = embeddings.slice_array()
+    assert len(chunks) == 9
+    biggest = max(
+        len(PushObjectRequest(node=Node(node_id=2**63), run_id=2**63, object_id=oid, session_id="s" * 64,
+                              object_content=chunk.deflate()).SerializeToString())
+        for oid, chunk in chunks)
+    assert FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE < biggest < MAX_BODY_BYTES - 1024 * 1024 + 4096
     with pytest.raises(ValueError, match="max_body_bytes"):
         fleet_app(UPSTREAM, httpx.AsyncClient(), 0)
+    with pytest.raises(ValueError, match="max_per_address"):
+        FrontLimits(max_per_address=0)
+    with pytest.raises(ValueError, match="header_timeout_s"):
+        FrontLimits(header_timeout_s=-1.0)
+
+
+# ------------------------------------------------------------------ streaming, timeouts, the access log
+
+
+class Recorder(SuperLink):
+    """A SuperLink that reads the body piece by piece and notes how much of it the client
+    had handed over when each piece arrived."""
+
+    def __init__(self, sent: Sent, **kw):
+        super().__init__(**kw)
+        self.sent = sent
+        self.progress: list[int] = []
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        got = b""
+        async for piece in request.stream:
+            self.progress.append(self.sent.chunks_read)
+            got += piece
+        self.requests.append((request, got))
+        return httpx.Response(200, headers=[(b"content-length", str(len(self.body)).encode())],
+                              stream=Stream(self.body))
+
+    def client(self) -> httpx.AsyncClient:
+        link = self
+
+        class Transport(httpx.AsyncBaseTransport):  # MockTransport would read the whole body first
+            async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+                return await link.handle(request)
+
+        return httpx.AsyncClient(transport=Transport())
+
+
+def test_the_body_is_streamed_to_the_superlink_as_it_arrives():
+    """Piece i reaches the SuperLink before the client has handed over piece i+2: the front
+    holds one piece at a time, never the body."""
+    sent = Sent()
+    pieces = [bytes([i]) * 1000 for i in range(20)]
+
+    async def go() -> None:
+        link = Recorder(sent, body=b"\x08\x01" * 500)
+        async with link.client() as upstream:
+            app = fleet_app(UPSTREAM, upstream)
+            pending = list(pieces)
+
+            async def receive():
+                sent.chunks_read += 1
+                return {"type": "http.request", "body": pending.pop(0), "more_body": bool(pending)}
+
+            async def send(message):
+                if message["type"] == "http.response.start":
+                    sent.status = message["status"]
+                else:
+                    sent.body += message.get("body", b"")
+
+            scope = {"type": "http", "method": "POST", "raw_path": PATH.encode(), "path": PATH,
+                     "query_string": b"", "headers": [(b"content-length", b"20000")], "client": ("198.51.100.2", 4)}
+            await app(scope, receive, send)
+            assert link.requests[0][1] == b"".join(pieces)
+            assert link.progress == list(range(1, 21))
+
+    asyncio.run(go())
+    assert sent.status == 200
+    assert sent.body == b"\x08\x01" * 500
+
+
+def test_a_client_that_stops_sending_gets_408_and_one_log_line():
+    access = AccessLog()
+    limits = FrontLimits(body_idle_timeout_s=0.2)
+
+    async def stall(n):
+        if n == 2:
+            await asyncio.sleep(5)
+        return None
+
+    sent = via_asgi(SuperLink(), "POST", PATH.encode(), chunks=[b"a" * 10, b"b" * 10, b"c" * 10],
+                    access=access, limits=limits, receive_hook=stall)
+    assert sent.status == 408
+    assert header(sent.headers, b"connection") == [b"close"]
+    [line] = access.lines
+    assert ' 408 in=20 ' in line and 'note="body\\x20idle\\x20for\\x200.2\\x20s\\x20after\\x2020\\x20of\\x2030' in line
+
+
+def test_a_body_that_drips_past_the_deadline_gets_408():
+    limits = FrontLimits(body_idle_timeout_s=1.0, body_timeout_s=0.3)
+
+    async def drip(n):
+        await asyncio.sleep(0.1)
+        return None
+
+    access = AccessLog()
+    sent = via_asgi(SuperLink(), "POST", PATH.encode(), chunks=[b"d"] * 20, access=access, limits=limits,
+                    receive_hook=drip)
+    assert sent.status == 408
+    assert "not\\x20complete\\x20within\\x200.3\\x20s" in access.lines[-1]
+
+
+def test_a_client_that_disconnects_mid_upload_is_one_line_and_no_answer():
+    access = AccessLog()
+    link = SuperLink()
+
+    async def leave(n):
+        return {"type": "http.disconnect"} if n == 2 else None
+
+    sent = via_asgi(link, "POST", PATH.encode(), chunks=[b"e" * 100] * 5, access=access, receive_hook=leave)
+    assert sent.status == 0  # nothing is written to a client that is gone
+    assert link.requests == []  # the SuperLink's half-sent request was abandoned
+    [line] = access.lines
+    assert " 499 in=200 " in line
+    assert "client\\x20disconnected\\x20after\\x20200\\x20of\\x20500\\x20bytes" in line
+
+
+def test_the_access_log_line(tmp_path):
+    access = AccessLog(tmp_path / "access.log")
+    via_asgi(SuperLink(body=b"R" * 17), "POST", PATH.encode(), chunks=[b"x" * 33], access=access)
+    weird = b"/v1/control/" + b"a" * 300 + b"\x00\xff \"\\\n"
+    via_asgi(SuperLink(), "POST", weird, chunks=[b"m"], access=access, query=b"q=1")
+    access.close()
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    assert lines == list(access.lines)
+    ok, refused = (line.split(" ") for line in lines)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ok[0])
+    assert ok[1:8] == ["203.0.113.7:50000", "POST", PATH, "200", "in=33", "out=17", ok[7]]
+    assert re.fullmatch(r"\d+\.\d{3}s", ok[7]) and len(ok) == 8
+    assert refused[2:4] == ["POST", "/v1/control/" + "a" * 108 + "..."]
+    assert refused[4] == "403" and 'note="not\\x20a\\x20Fleet\\x20API\\x20request"' in lines[1]
+    assert all(32 <= ord(c) < 127 for line in lines for c in line)  # escaped: one line per request, ASCII
+    assert front._escape('/a b"\\\x00\xe9') == "/a\\x20b\\x22\\x5c\\x00\\xe9"
 
 
 # ------------------------------------------------------------------ upstream trouble
@@ -431,3 +622,199 @@ def test_fleet_front_serves_the_app_over_tls(tmp_path):
     finally:
         f.stop()
     assert not f.thread.is_alive()
+
+
+# ------------------------------------------------------------------ connection limits, over loopback sockets
+
+
+class Upstream:
+    """A stand-in SuperLink on loopback TLS: reads each body as it streams, answers with its
+    length and SHA-256."""
+
+    def __init__(self, pki_dir):
+        import uvicorn
+
+        async def app(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            digest, size = hashlib.sha256(), 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                digest.update(message.get("body", b""))
+                size += len(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+            body = f"{size} {digest.hexdigest()}".encode()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, ssl_certfile=str(pki_dir / "server.crt"),
+            ssl_keyfile=str(pki_dir / "server.key"), log_level="critical", access_log=False, lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "the stand-in SuperLink did not start"
+            time.sleep(0.05)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def loopback_pki(tmp_path_factory):
+    from deploy import pki
+
+    d = tmp_path_factory.mktemp("front-pki")
+    pki.init_pki(d, "localhost", ["127.0.0.1"], days=2, ca_days=2)
+    return d
+
+
+@pytest.fixture()
+def live(loopback_pki, tmp_path):
+    """A FleetFront with tight limits in front of a stand-in SuperLink."""
+    upstream = Upstream(loopback_pki)
+    limits = FrontLimits(max_body_bytes=4 * 1024 * 1024, max_connections=12, max_per_address=3,
+                         handshake_timeout_s=1.0, header_timeout_s=1.0, body_idle_timeout_s=1.0)
+    port = free_port()
+    f = FleetFront("127.0.0.1", port, loopback_pki / "server.crt", loopback_pki / "server.key", upstream.port,
+                   loopback_pki / "ca.crt", limits=limits, access_log=tmp_path / "access.log")
+    f.start()
+    f.port = port
+    f.ctx = ssl.create_default_context(cafile=str(loopback_pki / "ca.crt"))
+    yield f
+    f.stop()
+    upstream.stop()
+
+
+def honest(f, body: bytes = b"\x08\x01heartbeat", source: str | None = None) -> httpx.Response:
+    """One Fleet request on a fresh connection, as a site after a reconnect."""
+    transport = httpx.HTTPTransport(verify=f.ctx, local_address=source)
+    with httpx.Client(transport=transport, base_url=f"https://127.0.0.1:{f.port}", timeout=10) as c:
+        return c.post("/v1/fleet/send-node-heartbeat", content=body)
+
+
+def tls_socket(f, source: str) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", f.port), timeout=10, source_address=(source, 0))
+    return f.ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def read_all(s: socket.socket, timeout: float = 10.0) -> bytes:
+    s.settimeout(timeout)
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except (ConnectionResetError, ssl.SSLError):
+        pass
+    return out
+
+
+def test_a_body_crosses_the_front_intact_over_tls(live):
+    body = os.urandom(3 * 1024 * 1024 + 7)
+    r = honest(live, body)
+    assert r.status_code == 200
+    assert r.text == f"{len(body)} {hashlib.sha256(body).hexdigest()}"
+    assert r.headers["content-length"] == str(len(r.content))
+
+
+def test_a_head_sent_a_byte_at_a_time_is_cut_at_the_deadline(live):
+    s = tls_socket(live, "127.0.0.2")
+    t0 = time.time()
+    head = b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+    got = b""
+    s.settimeout(0.2)
+    for byte in head:
+        try:
+            s.sendall(bytes([byte]))
+        except OSError:
+            break
+        try:
+            got += s.recv(4096)
+            if got:
+                break
+        except TimeoutError:
+            pass
+        except (ssl.SSLError, OSError):
+            break
+        assert honest(live).status_code == 200 if byte == ord("v") else True  # others are served meanwhile
+    got += read_all(s, 5)
+    assert got.startswith(b"HTTP/1.1 408 "), got
+    assert time.time() - t0 < 4
+    s.close()
+    assert any("127.0.0.2:" in x and " 408 " in x and "request\\x20head" in x for x in live.access.lines)
+
+
+def test_connections_per_address_are_capped_and_other_addresses_are_served(live):
+    held = [tls_socket(live, "127.0.0.3") for _ in range(3)]
+    extra = tls_socket(live, "127.0.0.3")
+    reply = read_all(extra, 5)
+    assert reply.startswith(b"HTTP/1.1 503 "), reply
+    assert b"more than 3 connections at once from this address" in reply
+    assert honest(live).status_code == 200
+    for s in held:
+        s.close()
+    extra.close()
+    assert sum("127.0.0.3:" in x and " 503 " in x for x in live.access.lines) == 1
+
+
+def test_the_total_cap_answers_503_until_idle_connections_time_out(live):
+    held = [tls_socket(live, f"127.0.1.{i}") for i in range(1, 13)]  # 12: the total cap, one per address
+    time.sleep(0.2)
+    r = honest(live)
+    assert r.status_code == 503  # uvicorn's limit_concurrency; Flower's client retries 503
+    time.sleep(1.5)  # their request heads are overdue: each got 408 and was closed
+    assert honest(live).status_code == 200
+    for s in held:
+        assert read_all(s, 2).startswith(b"HTTP/1.1 408 ")
+        s.close()
+    assert any("Exceeded\\x20concurrency\\x20limit" in x and " 503 " in x for x in live.access.lines)
+
+
+def test_a_tls_handshake_that_never_starts_is_dropped(live):
+    raw = socket.create_connection(("127.0.0.1", live.port), timeout=10, source_address=("127.0.0.4", 0))
+    t0 = time.time()
+    raw.settimeout(5)
+    try:
+        assert raw.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    assert time.time() - t0 < 3
+    raw.close()
+
+
+def test_a_declared_200_mb_body_is_refused_before_it_is_sent(live):
+    s = tls_socket(live, "127.0.0.5")
+    s.sendall(b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: x\r\nContent-Length: 209715200\r\n\r\n")
+    reply = read_all(s, 5)
+    assert reply.startswith(b"HTTP/1.1 413 ")
+    assert b"connection: close" in reply.lower()
+    s.close()
+
+
+def test_aborted_uploads_are_one_line_each_and_never_a_traceback(live, capfd, caplog):
+    caplog.set_level(logging.DEBUG)
+    for i in range(20):
+        s = tls_socket(live, "127.0.0.6")
+        s.sendall(b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+                  + b"u" * 300_000)
+        time.sleep(0.05)
+        if i % 2:  # half of them reset the connection, half close it
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    deadline = time.time() + 10
+    while sum(" 499 " in x for x in live.access.lines) < 20 and time.time() < deadline:
+        time.sleep(0.1)
+    assert honest(live).status_code == 200
+    lines = [x for x in live.access.lines if "127.0.0.6:" in x]
+    assert len(lines) == 20, lines
+    assert all(" 499 " in x and "client\\x20disconnected\\x20after" in x for x in lines)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "Traceback" not in caplog.text
+    assert (live.access.path.read_text().count("\n")) == len(live.access.lines)

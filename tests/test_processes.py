@@ -135,3 +135,109 @@ def test_audit_site_keys_is_the_old_spelling_of_ledger_keys(tmp_path, capsys, mo
     assert audit_main([str(tmp_path), "--ledger-keys", str(tmp_path / "keys2")]) == 2
     assert "deprecated" not in capsys.readouterr().err
     assert seen == [tmp_path / "keys", tmp_path / "keys2"]
+
+
+# ------------------------------------------------------------------ children die with their parent
+
+PARENT = r'''
+import signal, subprocess, sys, time
+from deploy.processes import Children
+
+children = Children(grace_s=2, pdeathsig=PDEATHSIG)
+code = """
+import subprocess, sys, time
+same = subprocess.Popen(["sleep", "300"])                            # stays in the child's session
+away = subprocess.Popen(["sleep", "301"], start_new_session=True)    # as Flower starts its SuperExec
+print(same.pid, away.pid, flush=True)
+time.sleep(300)
+"""
+child = children.start([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+grandchildren = child.stdout.readline().split()
+time.sleep(1)  # the tree has been up a moment, as Flower's has (deploy/watchdog.py: what it can miss)
+print(children.watchdog.pid, child.pid, *grandchildren, flush=True)
+time.sleep(300)
+'''
+
+# A subreaper stands in for init: the orphans come to it and it reaps them, so that "gone"
+# means exited and reaped, whatever this machine's PID 1 does with zombies.
+HARNESS = r'''
+import ctypes, os, signal, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+parent = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=subprocess.PIPE, text=True)
+pids = [int(x) for x in parent.stdout.readline().split()]
+os.kill(parent.pid, signal.SIGKILL)
+parent.wait()
+t0 = time.time()
+
+def alive(p):
+    try:
+        state = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+while time.time() - t0 < 15 and any(alive(p) for p in pids):
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+    time.sleep(0.05)
+print(f"{time.time() - t0:.2f}", *[p for p in pids if alive(p)])
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux")
+@pytest.mark.parametrize("pdeathsig", ["signal.SIGTERM", "None"], ids=["pdeathsig+watchdog", "watchdog-alone"])
+def test_children_and_grandchildren_die_when_the_parent_is_killed(pdeathsig):
+    """kill -9 of a wrapper-like parent: its child (own session, like the SuperLink), a
+    grandchild in the child's session and one in a session of its own (like Flower's
+    SuperExec) are all gone within seconds, and so is the watchdog."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    parent = PARENT.replace("PDEATHSIG", pdeathsig)
+    r = subprocess.run([sys.executable, "-c", HARNESS, parent], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    elapsed, *left = r.stdout.split()
+    assert left == [], f"still running after {elapsed}s: {left}"
+    assert float(elapsed) < 5
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux")
+def test_stop_reaps_the_children_and_what_left_their_session(tmp_path):
+    import subprocess
+
+    from deploy.processes import Children
+
+    code = ("import subprocess, time; p = subprocess.Popen(['sleep', '302'], start_new_session=True); "
+            "print(p.pid, flush=True); time.sleep(300)")
+    with Children(grace_s=2) as children:
+        child = children.start([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        away = int(child.stdout.readline())
+        watchdog = children.watchdog
+        assert watchdog is not None and watchdog.poll() is None
+    assert child.returncode is not None and watchdog.returncode == 0  # both reaped
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            state = Path(f"/proc/{away}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"pid {away} (a grandchild in its own session) survived stop()")
+
+
+def test_the_watchdog_never_signals_a_reused_pid(monkeypatch):
+    from deploy import watchdog
+
+    tables = iter([{10: (1, 10, 500), 11: (10, 10, 501)}, {10: (1, 10, 500), 11: (1, 11, 999)}])
+    monkeypatch.setattr(watchdog, "read_table", lambda: next(tables))
+    w = watchdog.Watch()
+    w.register(10)
+    assert w.known == {10: 500, 11: 501}
+    w.scan()  # pid 11 now belongs to another process (another start time): forgotten
+    assert w.known == {10: 500}

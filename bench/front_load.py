@@ -1,0 +1,348 @@
+"""The Fleet front under attack: does it keep serving honest sites, and what does it cost?
+
+    .venv/bin/python bench/front_load.py [--slow 250] [--bodies 3] [--body-mb 200] [--phase-s 20]
+
+On loopback only, a real `deploy.front.FleetFront` (its own process, default limits, so
+that its RSS is its own) in front of a stand-in SuperLink (its own process: uvicorn with
+TLS, reads every body as it streams and drops it, answers a 64-byte reply), while:
+
+  honest   a site: one small Fleet request (`send-node-heartbeat`, 22 bytes) at a time on a
+           fresh TLS connection (as after a reconnect), from 127.0.0.1, all along;
+  slow     N connections (default 250, each from its own loopback address 127.0.1.x /
+           127.0.2.x: a botnet, so the per-address cap does not help and the total cap and
+           the header deadline must) that complete TLS and then send a request head one
+           byte a second, never finishing it; cut ones reconnect after 1 s;
+  bodies   B uploads (default 3) of 200 MB each, from 127.0.0.2.., sent as fast as loopback
+           TLS allows, each with its Content-Length.
+
+Phases, in one run, side by side (the machine is shared and noisy):
+
+  1 baseline       honest alone
+  2 slow           honest + the slow connections
+  3 slow+bodies    honest + slow + the bodies, at the default body limit (refused: 413)
+  4 bodies-stream  honest + slow + the bodies with the limit raised to 256 MiB (a second
+                   front process: the bodies stream through to the stand-in SuperLink)
+  5 = 4 before     phase 4 against the front as it was before (`--old-ref`, default
+                   1decbf3: every body read whole, then forwarded), for the memory it cost
+
+For each: honest requests, their success rate and latency (p50/p95/max), the front's RSS
+at the start and its peak (psutil, sampled every 0.1 s; growth = peak - start), the slow connections the front
+held and for how long at most, what happened to the bodies. The attackers run in a process
+of their own (asyncio) so that they do not share the honest client's interpreter.
+
+Bounded: every loop has a deadline; every process it starts is stopped (by pid) at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+
+HEARTBEAT = b"\x0a\x02\x08\x01\x11\x00\x00\x00\x00\x00\x00\x3e\x40" + b"\x00" * 9  # 22 bytes
+
+
+# ------------------------------------------------------------------ the pieces, each its own process
+
+
+def serve_upstream(pki: Path, port: int) -> None:
+    import uvicorn
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        while True:
+            m = await receive()
+            if m["type"] == "http.disconnect" or not m.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/protobuf"), (b"content-length", b"64")]})
+        await send({"type": "http.response.body", "body": b"\x08" * 64})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, ssl_certfile=str(pki / "server.crt"),
+                ssl_keyfile=str(pki / "server.key"), log_level="critical", access_log=False, lifespan="off")
+
+
+def serve_front(pki: Path, port: int, upstream: int, body_mb: float, log: Path, old: str = "") -> None:
+    if old:  # the front as it was before (a file from `git show REF:deploy/front.py`)
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("old_front", old)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        front = module.FleetFront("127.0.0.1", port, pki / "server.crt", pki / "server.key", upstream, pki / "ca.crt",
+                                  max_body_bytes=int(body_mb * 2**20))
+        front.start()
+        print("ready", flush=True)
+        sys.stdin.read()
+        front.stop()
+        return
+    from deploy.front import MIB, FleetFront, FrontLimits
+
+    limits = FrontLimits() if body_mb <= 0 else FrontLimits(max_body_bytes=int(body_mb * MIB))
+    front = FleetFront("127.0.0.1", port, pki / "server.crt", pki / "server.key", upstream, pki / "ca.crt",
+                       limits=limits, access_log=log)
+    front.start()
+    print("ready", flush=True)
+    sys.stdin.read()  # until the bench closes our stdin
+    front.stop()
+
+
+def attack(pki: Path, port: int, slow: int, bodies: int, body_mb: float, seconds: float, out: Path) -> None:
+    """The slow connections and the big bodies, for `seconds`; results as JSON in `out`."""
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    stop_at = time.monotonic() + seconds
+    held: list[float] = []
+    stats = {"slow_opened": 0, "slow_cut": 0, "slow_refused_at_connect": 0, "bodies": []}
+
+    async def slow_one(i: int) -> None:
+        source = f"127.0.{1 + i // 250}.{2 + i % 250}"
+        head = b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: fl\r\nContent-Length: 1\r\nX-Pad: " + b"a" * 4000
+        while time.monotonic() < stop_at:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                    "127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1", local_addr=(source, 0)), 15)
+            except (OSError, TimeoutError):
+                stats["slow_refused_at_connect"] += 1
+                await asyncio.sleep(1)
+                continue
+            stats["slow_opened"] += 1
+            t0 = time.monotonic()
+            try:
+                for b in head:
+                    if time.monotonic() >= stop_at:
+                        break
+                    writer.write(bytes([b]))
+                    await writer.drain()
+                    try:
+                        data = await asyncio.wait_for(reader.read(1024), 1.0)
+                    except TimeoutError:
+                        continue
+                    stats["slow_cut"] += 1  # an answer (408/503) or EOF: the front cut it
+                    del data
+                    break
+            except (OSError, ssl.SSLError):
+                stats["slow_cut"] += 1
+            held.append(time.monotonic() - t0)
+            writer.close()
+            await asyncio.sleep(1)
+
+    async def body_one(i: int) -> None:
+        size = int(body_mb * 1024 * 1024)
+        t0 = time.monotonic()
+        result = {"sent_mb": 0.0, "status": None, "seconds": None}
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1",
+                                                           local_addr=(f"127.0.0.{2 + i}", 0))
+            writer.write(b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: fl\r\nContent-Type: application/protobuf\r\n"
+                         b"Content-Length: %d\r\n\r\n" % size)
+
+            async def status() -> None:
+                line = await reader.readline()
+                result["status"] = int(line.split()[1]) if line.startswith(b"HTTP/1.1") else None
+
+            answer = asyncio.create_task(status())
+            chunk = b"\x00" * (1 << 20)
+            sent = 0
+            while sent < size and not answer.done() and time.monotonic() < stop_at + 60:
+                writer.write(chunk[: size - sent])
+                await writer.drain()
+                sent += min(len(chunk), size - sent)
+            result["sent_mb"] = round(sent / 2**20, 1)
+            await asyncio.wait_for(answer, 60)
+            writer.close()
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            result["error"] = type(exc).__name__
+        result["seconds"] = round(time.monotonic() - t0, 1)
+        stats["bodies"].append(result)
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(slow_one(i)) for i in range(slow)]
+        await asyncio.sleep(min(3.0, seconds / 4) if slow else 0)  # the slow ones first, then the bodies
+        tasks += [asyncio.create_task(body_one(i)) for i in range(bodies)]
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    stats["slow_held_max_s"] = round(max(held), 1) if held else None
+    out.write_text(json.dumps(stats))
+
+
+# ------------------------------------------------------------------ the bench
+
+
+class Sampler(threading.Thread):
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.peak = self.start_rss = self.proc.memory_info().rss
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.1):
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+
+
+def honest(port: int, ctx: ssl.SSLContext, seconds: float) -> list[float | None]:
+    """Latency of each honest request (None: failed), one after the other, fresh connections."""
+    import httpx
+
+    out: list[float | None] = []
+    stop_at = time.monotonic() + seconds
+    while time.monotonic() < stop_at:
+        t0 = time.monotonic()
+        try:
+            with httpx.Client(verify=ctx, timeout=10) as c:
+                r = c.post(f"https://127.0.0.1:{port}/v1/fleet/send-node-heartbeat", content=HEARTBEAT,
+                           headers={"content-type": "application/protobuf"})
+            out.append(time.monotonic() - t0 if r.status_code == 200 else None)
+        except httpx.HTTPError:
+            out.append(None)
+        time.sleep(0.1)
+    return out
+
+
+def start(args: list[str], started: list[subprocess.Popen], **kw) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, __file__, *args], **kw)
+    started.append(p)
+    return p
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--slow", type=int, default=250)
+    ap.add_argument("--bodies", type=int, default=3)
+    ap.add_argument("--body-mb", type=float, default=200.0)
+    ap.add_argument("--phase-s", type=float, default=20.0)
+    ap.add_argument("--old-ref", default="1decbf3",
+                    help="also run phase 4 against deploy/front.py as of this git ref (the buffering front; "
+                         "'' to skip)")
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args()
+    from deploy import pki as pki_mod
+    from deploy.processes import free_port
+
+    tmp = Path(tempfile.mkdtemp(prefix="front-load-"))
+    pki = tmp / "pki"
+    pki_mod.init_pki(pki, "localhost", ["127.0.0.1"], days=2, ca_days=2)
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    started: list[subprocess.Popen] = []
+    rows = []
+    try:
+        up = free_port()
+        start(["--serve-upstream", str(pki), str(up)], started)
+        fronts = {}
+        old = ""
+        if args.old_ref:
+            shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{args.old_ref}:deploy/front.py"],
+                                   capture_output=True, text=True)
+            if shown.returncode == 0:
+                old = str(tmp / "old_front.py")
+                Path(old).write_text(shown.stdout)
+            else:
+                print(f"--old-ref {args.old_ref}: {shown.stderr.strip()}; skipping the old front", flush=True)
+        for label, mb, source in (("default", 0.0, ""), ("256MiB", 256.0, ""), ("old-256MiB", 256.0, old)):
+            if label.startswith("old") and not source:
+                continue
+            port = free_port()
+            p = start(["--serve-front", str(pki), str(port), str(up), str(mb), str(tmp / f"access-{label}.log"),
+                       source], started, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready", "the front did not start"
+            fronts[label] = (port, p)
+        time.sleep(2)
+        honest(fronts["default"][0], ctx, 1.0)  # warm-up (imports, first handshakes)
+
+        phases = [("1 baseline", "default", 0, 0), ("2 slow", "default", args.slow, 0),
+                  ("3 slow+bodies (413)", "default", args.slow, args.bodies),
+                  ("4 bodies-stream (256 MiB)", "256MiB", args.slow, args.bodies)]
+        if "old-256MiB" in fronts:
+            phases.append((f"5 = 4, front at {args.old_ref}", "old-256MiB", args.slow, args.bodies))
+        for name, label, slow, bodies in phases:
+            port, proc = fronts[label]
+            sampler = Sampler(proc.pid)
+            sampler.start()
+            result = tmp / f"attack-{name[0]}.json"
+            attacker = None
+            if slow or bodies:
+                attacker = start(["--attack", str(pki), str(port), str(slow), str(bodies), str(args.body_mb),
+                                  str(args.phase_s), str(result)], started)
+                time.sleep(2)
+            lat = honest(port, ctx, args.phase_s)
+            stats = {}
+            if attacker is not None:
+                attacker.wait(timeout=args.phase_s + 180)
+                stats = json.loads(result.read_text()) if result.exists() else {}
+            sampler.done.set()
+            sampler.join()
+            ok = [x for x in lat if x is not None]
+            ms = sorted(1000 * x for x in ok)
+            rows.append({
+                "phase": name, "honest": len(lat), "ok_pct": round(100 * len(ok) / max(1, len(lat)), 1),
+                "p50_ms": round(statistics.median(ms), 1) if ms else None,
+                "p95_ms": round(ms[int(0.95 * (len(ms) - 1))], 1) if ms else None,
+                "max_ms": round(ms[-1], 1) if ms else None,
+                "rss_start_mb": round(sampler.start_rss / 2**20, 1), "rss_peak_mb": round(sampler.peak / 2**20, 1),
+                **stats,
+            })
+            print(json.dumps(rows[-1]), flush=True)
+            time.sleep(12)  # the previous phase's connections time out before the next one
+    finally:
+        for p in started:
+            if p.stdin:
+                p.stdin.close()
+        for p in reversed(started):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in started:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    base = rows[0]
+    print(f"\n{'phase':28} {'honest':>6} {'ok %':>6} {'p50 ms':>7} {'p95 ms':>7} {'max ms':>7} "
+          f"{'RSS MB':>7} {'peak':>7} {'growth':>7}  slow held max / cut / bodies")
+    for r in rows:
+        bodies = ", ".join(f"{b.get('status')} after {b.get('sent_mb')} MB in {b.get('seconds')} s"
+                           for b in r.get("bodies", []))
+        print(f"{r['phase']:28} {r['honest']:>6} {r['ok_pct']:>6} {r['p50_ms']!s:>7} {r['p95_ms']!s:>7} "
+              f"{r['max_ms']!s:>7} {r['rss_start_mb']:>7} {r['rss_peak_mb']:>7} "
+              f"{r['rss_peak_mb'] - r['rss_start_mb']:>+7.1f}  "
+              f"{r.get('slow_held_max_s', '-')} s / {r.get('slow_cut', '-')} / {bodies or '-'}")
+    ratio = [r["p50_ms"] / base["p50_ms"] for r in rows[1:] if r["p50_ms"] and base["p50_ms"]]
+    if ratio:
+        print("honest p50 latency vs baseline: " + ", ".join(f"{x:.2f}x" for x in ratio))
+    lines = {p.name: sum(1 for _ in open(p)) for p in sorted(tmp.glob("access-*.log"))}
+    print(f"access-log lines: {lines}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-upstream":
+        serve_upstream(Path(sys.argv[2]), int(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--serve-front":
+        serve_front(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), Path(sys.argv[6]),
+                    sys.argv[7])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--attack":
+        attack(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]),
+               float(sys.argv[7]), Path(sys.argv[8]))
+    else:
+        sys.exit(main())

@@ -1,0 +1,126 @@
+"""`fedshield server` checks its inputs before anything starts, and leaves nothing behind when one fails.
+
+No Flower process is started here: every case fails (or is stopped) before the SuperLink
+would start, and the test checks that no folder was made (not the run directory, not the
+private Flower home).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from deploy import pki
+from deploy.front import MAX_BODY_BYTES, MIB
+from privacy.errors import FedShieldError
+from tests.helpers import synthetic_rows, tiny_overrides, write_csv
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("coordinator-pki")
+    pki.init_pki(d, "fl.example.org", ["127.0.0.1"])
+    pki.connection_key_pair("st-marys", d / "keys")
+    pki.connection_key_pair("st-johns", d / "keys")
+    return d, d / "keys"
+
+
+def run(coordinator, tiny_bert, tmp_path, *extra_args, **overrides):
+    from server.cli import server_main
+
+    d, keys = coordinator
+    data = write_csv(tmp_path / "server.csv", synthetic_rows(40, seed=1))
+    over = tiny_overrides(tiny_bert, data, tmp_path, **{"federation.num_sites": 2, "output.run_name": "job",
+                                                       **overrides})
+    over = [o for o in over if not o.startswith("simulation.")]
+    return server_main(["--pki", str(d), "--connection-keys", str(keys), "--address", "127.0.0.1:1",
+                        *extra_args, *over])
+
+
+def nothing_made(tmp_path: Path) -> bool:
+    return not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"task.data_path": "/nonexistent/site.csv"}, r"/nonexistent/site.csv.*no such file"),
+    ({"task.test_path": "/nonexistent/test.csv"}, r"/nonexistent/test.csv.*no such file"),
+    ({"task.model": "/nonexistent/model"}, r"^task.model='/nonexistent/model': no such folder"),
+    ({"federation.num_sites": 3, "federation.min_sites": 3},
+     r"^federation.min_sites=3: only 2 connection keys are admitted"),
+    ({"federation.rounds": 0}, r"federation.rounds"),
+])
+def test_a_bad_input_is_one_line_before_anything_starts(coordinator, tiny_bert, tmp_path, override, message):
+    with pytest.raises(FedShieldError, match=message):
+        run(coordinator, tiny_bert, tmp_path, **override)
+    assert nothing_made(tmp_path)
+
+
+def test_a_model_folder_without_weights_is_refused_up_front(coordinator, tiny_bert, tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_bert / "config.json").read_text())
+    with pytest.raises(FedShieldError, match=r"broken-model"):
+        run(coordinator, tiny_bert, tmp_path, **{"task.model": str(broken)})
+    assert nothing_made(tmp_path)
+
+
+def test_an_address_in_use_is_refused_before_anything_starts(coordinator, tiny_bert, tmp_path):
+    from server.cli import server_main
+
+    d, keys = coordinator
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        data = write_csv(tmp_path / "server.csv", synthetic_rows(40, seed=1))
+        over = [o for o in tiny_overrides(tiny_bert, data, tmp_path, **{"federation.num_sites": 2})
+                if not o.startswith("simulation.")]
+        with pytest.raises(FedShieldError, match=rf"^--address 127.0.0.1:{port}: cannot listen there"):
+            server_main(["--pki", str(d), "--connection-keys", str(keys), "--address", f"127.0.0.1:{port}", *over])
+    assert nothing_made(tmp_path)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-body-mb", "0"], r"^--max-body-mb 0: expected more than 0"),
+    (["--max-connections", "0"], r"^--max-connections 0: expected a positive number"),
+    (["--max-connections", "4", "--max-connections-per-address", "8"], r"more than --max-connections 4"),
+])
+def test_front_limit_flags_are_checked(coordinator, tiny_bert, tmp_path, args, message):
+    with pytest.raises(FedShieldError, match=message):
+        run(coordinator, tiny_bert, tmp_path, *args)
+    assert nothing_made(tmp_path)
+
+
+def test_the_body_limit_defaults_to_the_derived_one():
+    import argparse
+
+    from server.cli import front_limits
+
+    args = argparse.Namespace(max_body_mb=None, max_connections=256, max_connections_per_address=16)
+    assert front_limits(args).max_body_bytes == MAX_BODY_BYTES == 6 * MIB
+    args.max_body_mb = 96.5
+    assert front_limits(args).max_body_bytes == int(96.5 * MIB)
+
+
+def test_resume_needs_the_runs_folder_and_tells_the_serverapp(coordinator, tiny_bert, tmp_path):
+    import tomllib
+
+    import conf
+    from server.app import RESUME_KEY, RUN_CONFIG_YAML_KEY
+    from server.cli import write_app
+
+    with pytest.raises(FedShieldError, match=r"output.run_name='job': .* holds no run to resume"):
+        run(coordinator, tiny_bert, tmp_path, "--resume")
+    assert nothing_made(tmp_path)
+    with pytest.raises(FedShieldError, match=r"already holds a run; choose another name, or continue it with --resume"):
+        (tmp_path / "runs" / "job").mkdir(parents=True)
+        (tmp_path / "runs" / "job" / "config.yaml").write_text("{}")
+        run(coordinator, tiny_bert, tmp_path)
+    cfg = conf.load_config(["task=text-file", "task.data_path=x.csv"])
+    for resume in (False, True):
+        write_app(tmp_path / f"app-{resume}", cfg, resume=resume)
+        config = tomllib.loads((tmp_path / f"app-{resume}" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+        assert RUN_CONFIG_YAML_KEY in config["config"]
+        assert config["config"].get(RESUME_KEY, False) is resume
