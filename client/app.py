@@ -273,7 +273,7 @@ def _train(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     assert plan.server_round is not None  # read_plan requires it for TRAIN
     weights = protocol.train_weights(msg)
     digest = _request_digest(plan, weights)
-    kept = site.state.stored_release(plan.run_id, plan.server_round, digest)
+    kept = site.state.stored_release(plan.run_id, plan.server_round, digest, cfg.privacy.mode == "dp-sgd")
     if kept is not None:  # this very round was released already (the coordinator restarted)
         arrays, meta, entries = kept
         log.warning("%s: round %s of run %s was released already; sending the same reply again (no new spend)",
@@ -315,6 +315,9 @@ def _train(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     t0 = time.time()
     result = train_local(view.module, dataset, local, device=device, generator=generator)
 
+    arrays = view.trainable_state()
+    # Kept first (for a coordinator that restarts: SiteState.save_release), then spent.
+    site.state.save_release(plan.run_id, plan.server_round, digest, arrays, {"num_examples": n})
     entries: list[dict[str, Any]] = []
     if dp:
         # Spend before release: the entry is on disk (fsync) before the weights leave.
@@ -322,11 +325,9 @@ def _train(msg: Message, plan: protocol.Plan, site: Site) -> Message:
         if sum(s.steps for s in ran) != steps or any(s.sample_rate != q for s in ran):
             raise TrainingError(f"site {site.name}: ran {ran}, planned {steps} steps at q={q}")
         entries = _record(site, plan.run_id, plan.server_round, ran, float(priv.max_grad_norm), {"release": "dp-sgd"})
-    arrays = view.trainable_state()
     # The loss and the time are noiseless functions of the private data: they stay here.
     log.info("%s: round %s trained: mean loss %.4f, %.1fs", site.name, plan.server_round, result.mean_loss,
              time.time() - t0)
-    site.state.save_release(plan.run_id, plan.server_round, digest, arrays, {"num_examples": n}, entries)
     return protocol.train_reply(msg, site=site.name, arrays=arrays, num_examples=n, ledger_entries=entries)
 
 

@@ -65,7 +65,7 @@ class SiteState:
         # The site's own books must verify, whole, before it decides anything with them.
         self.ledger.check_own(self.site, self.key.public_key(), read.entries)
         self._history = site_history(read.entries, self.site)
-        self._hashes = {e.get("hash") for e in read.entries if e.get("site") == self.site}
+        self._entries = [e for e in read.entries if e.get("site") == self.site]
 
     def public_key_pem(self) -> str:
         return public_key_pem(self.key).decode()
@@ -120,25 +120,30 @@ class SiteState:
         """Append the signed entry and fsync it; returns the entry as written."""
         entry = self.ledger.append(fields, self.key)
         self._history.extend(site_history([entry], self.site))
-        self._hashes.add(entry["hash"])
+        self._entries.append(entry)
         return entry
 
     # A release is kept until the next one, so that a coordinator that restarts and asks for
     # the same round again (same run, round and input) gets the very same reply: re-sending
     # a release is post-processing and costs nothing, where training again would spend again.
+    # The trained weights are kept *before* their spend is recorded; the spend is the ledger's
+    # entries of that run and round. A crash between the two leaves weights whose spend is
+    # not in the ledger: they were never released, and are never replayed (DP runs).
 
     def save_release(self, run_id: str, server_round: int, digest: str, arrays: dict[str, np.ndarray],
-                     meta: dict, entries: list[dict]) -> None:
-        record = {"run_id": run_id, "round": server_round, "digest": digest, "meta": meta, "entries": entries}
+                     meta: dict) -> None:
+        record = {"run_id": run_id, "round": server_round, "digest": digest, "meta": meta}
         blobs = {f"w/{k}": v for k, v in arrays.items()}
         blobs["__release__"] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
         buf = io.BytesIO()
         np.savez(buf, **blobs)
         _atomic_write_bytes(self._release_path(run_id), buf.getvalue())
 
-    def stored_release(self, run_id: str, server_round: int, digest: str) -> tuple[dict, dict, list[dict]] | None:
-        """(arrays, meta, entries) of the kept release for exactly this request, if its
-        entries are in this site's verified ledger; else None (train and spend anew)."""
+    def stored_release(self, run_id: str, server_round: int, digest: str,
+                       dp: bool) -> tuple[dict, dict, list[dict]] | None:
+        """(arrays, meta, entries) of the kept release for exactly this request, with the
+        spends this site's verified ledger holds for that run and round; None if there is no
+        such release, or (DP) its spend was never recorded: then train and spend anew."""
         path = self._release_path(run_id)
         if not path.is_file():
             return None
@@ -150,8 +155,9 @@ class SiteState:
             return None
         if (record.get("run_id"), record.get("round"), record.get("digest")) != (run_id, server_round, digest):
             return None
-        entries = record.get("entries", [])
-        if not all(e.get("hash") in self._hashes for e in entries):
+        entries = [e for e in self._entries if e.get("run_id") == run_id and e.get("round") == server_round
+                   and e.get("release") == "dp-sgd"]
+        if dp and not entries:
             return None
         return {k[2:]: v for k, v in blobs.items() if k.startswith("w/")}, record.get("meta", {}), entries
 

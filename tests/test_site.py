@@ -142,29 +142,28 @@ def test_node_config_round_trips_through_flowers_parser():
 
 def test_a_kept_release_is_replayed_only_for_the_same_request_and_a_spend_in_the_ledger(tmp_path):
     """After a coordinator restart the site re-sends its last reply instead of spending again:
-    only for the same run, round and input, and only if its ledger holds that reply's spend."""
+    only for the same run, round and input, and (DP) only if its ledger holds that round's spend."""
     import numpy as np
 
     state = SiteState(tmp_path / "site", "s")
+    arrays = {"w": np.arange(4, dtype=np.float32)}
+    meta = {"num_examples": 10}
+    state.save_release("run-1", 3, "digest-a", arrays, meta)
+    assert state.stored_release("run-1", 3, "digest-a", dp=True) is None  # kept, but its spend never recorded
+    assert state.stored_release("run-1", 3, "digest-a", dp=False)[1] == meta  # no DP: nothing to spend
     entry = state.record_spend({"run_id": "run-1", "round": 3, "site": "s", "noise_multiplier": 1.0,
                                 "sample_rate": 0.5, "steps": 2, "max_grad_norm": 1.0, "delta": 1e-5,
-                                "accountant": "rdp"})
-    arrays = {"w": np.arange(4, dtype=np.float32)}
-    meta = {"num_examples": 10, "train_loss": 0.3, "seconds": 1.0}
-    state.save_release("run-1", 3, "digest-a", arrays, meta, [entry])
+                                "accountant": "rdp", "release": "dp-sgd"})
     restarted = SiteState(tmp_path / "site", "s")
-    got = restarted.stored_release("run-1", 3, "digest-a")
+    got = restarted.stored_release("run-1", 3, "digest-a", dp=True)
     assert got is not None and got[1] == meta and got[2] == [entry]
     np.testing.assert_array_equal(got[0]["w"], arrays["w"])
-    assert restarted.stored_release("run-1", 3, "digest-b") is None  # other global weights: train anew
-    assert restarted.stored_release("run-1", 4, "digest-a") is None
-    assert restarted.stored_release("run-2", 3, "digest-a") is None
-    forged = dict(entry, hash="f" * 64)  # a reply whose spend is not in the ledger is never re-sent
-    state.save_release("run-1", 3, "digest-a", arrays, meta, [forged])
-    assert SiteState(tmp_path / "site", "s").stored_release("run-1", 3, "digest-a") is None
+    assert restarted.stored_release("run-1", 3, "digest-b", dp=True) is None  # other global weights: train anew
+    assert restarted.stored_release("run-1", 4, "digest-a", dp=True) is None
+    assert restarted.stored_release("run-2", 3, "digest-a", dp=True) is None
     path = tmp_path / "site" / "runs" / "run-1.release.npz"
     path.write_bytes(path.read_bytes()[:50])  # torn by a crash
-    assert SiteState(tmp_path / "site", "s").stored_release("run-1", 3, "digest-a") is None
+    assert SiteState(tmp_path / "site", "s").stored_release("run-1", 3, "digest-a", dp=True) is None
 
 
 # ------------------------------------------------------------ the site's own books
