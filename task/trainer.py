@@ -132,7 +132,13 @@ def _epoch(module, optimizer, loader, criterion, device, losses, plan, params, a
             losses.append(float(loss.detach()))
             if not plan.dp:
                 torch.nn.utils.clip_grad_norm_(params, plan.max_grad_norm)
-        # An empty Poisson batch still takes a (pure-noise) step: the accountant counts it.
+        elif plan.dp:
+            # An empty Poisson batch takes the pure-noise step the accountant counts: the
+            # forward and backward pass over zero records give Opacus empty per-sample
+            # gradients (a summed loss: the mean of nothing would be NaN), which it clips to
+            # a zero sum before adding its noise.
+            empty = criterion(module(*inputs), labels)
+            (empty.backward() if plan.grad_sample_mode == "ghost" else empty.sum().mul(0.0).backward())
         optimizer.step()
         if not getattr(optimizer, "_is_last_step_skipped", False):
             steps += 1
