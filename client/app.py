@@ -384,7 +384,9 @@ def _record(site: Site, run_id: str, server_round: int, spends: list[Spend], cli
             "noise_multiplier": spend.noise_multiplier, "sample_rate": spend.sample_rate,
             "steps": spend.steps, "max_grad_norm": float(clip),
             "delta": float(priv.delta), "accountant": priv.accountant,
-            "epsilon": epsilon(history, priv.delta, priv.accountant), **extra,
+            "epsilon": epsilon(history, priv.delta, priv.accountant),
+            "budget_epsilon": _budget(site),  # signed: an audit takes the site's budget from here
+            **extra,
         }))
     return entries
 

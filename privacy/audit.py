@@ -31,7 +31,7 @@ from typing import Any, TypedDict, TypeGuard
 from privacy import signing
 from privacy.accountant import Spend, epsilon_dp_accounting_pld, epsilon_dp_accounting_rdp
 from privacy.errors import FedShieldError
-from privacy.ledger import Ledger, VerifyResult, verify_ledger
+from privacy.ledger import Entry, Ledger, VerifyResult, verify_ledger
 
 TOLERANCE = 1e-6  # relative: recorded ε may not be below the recomputation by more than this
 RUN_KEY_DIRS = ("ledger-keys", "site-keys")  # under <run>/privacy/: the current name, then the old one
@@ -194,7 +194,20 @@ def _is_number(x: object) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, float] | None = None) -> AuditResult:
+WEAK_EPSILON = 10.0  # above this, the audit says the guarantee is weak (a note, not a failure)
+
+
+def _signed_budgets(entries: list[Entry]) -> dict[str, float]:
+    """Each site's budget as the site itself signed it into its newest entry."""
+    out: dict[str, float] = {}
+    for e in entries:
+        if isinstance(e, dict) and _is_number(e.get("budget_epsilon")) and e["budget_epsilon"] > 0:
+            out[str(e.get("site"))] = float(e["budget_epsilon"])
+    return out
+
+
+def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, float] | None = None,
+          max_epsilon: float | None = None) -> AuditResult:
     ledger_path, run_dir, state_dir = _locate(Path(path))
     read = Ledger(ledger_path).read()  # read only: an auditor does not repair
     entries = read.entries
@@ -205,10 +218,18 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
     verify = verify_ledger(entries, keys)
 
     run_budgets, run_eps = _budgets_from_run(run_dir)
+    signed = _signed_budgets(entries)
     if budgets:
         budget_source = "given on the command line"
+    elif signed:
+        # The site's own word, covered by its signature: the coordinator cannot change it.
+        budgets = {**{k: v for k, v in run_budgets.items() if k not in signed}, **signed}
+        budget_source = "signed by each site in its entries" + (
+            "; for sites whose entries carry none, the run's sites.json (the coordinator's word)"
+            if set(budgets) - set(signed) else "")
     elif run_budgets and run_dir is not None:
-        budgets, budget_source = run_budgets, f"the run's {run_dir / 'privacy' / 'sites.json'}"
+        budgets, budget_source = run_budgets, (f"the run's {run_dir / 'privacy' / 'sites.json'} (the coordinator's "
+                                               "word: its entries carry no signed budget)")
     else:
         budgets, budget_source = {}, "none given"
 
@@ -294,6 +315,11 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
                 s.over_budget = True
                 at = f" (δ={site_delta:g})" if site_delta is not None else ""
                 flags.append(f"site {site}: ε={spent:.6g} is past its budget {s.budget:g}{at}")
+        worst = max([x for x in (recorded, rdp, pld) if _is_number(x) and not math.isnan(x)], default=0.0)
+        if max_epsilon is not None and worst > max_epsilon:
+            flags.append(f"site {site}: ε={worst:.6g} is above --max-epsilon {max_epsilon:g}")
+        if worst > WEAK_EPSILON:
+            notes.append(f"warning: site {site}: ε={worst:.4g} is above {WEAK_EPSILON:g}: a weak guarantee")
         if site in run_eps and _is_number(recorded) and run_eps[site] > recorded * (1 + TOLERANCE) + 1e-12:
             flags.append(
                 f"site {site}: the run summary reports ε={run_eps[site]:.6g} but the ledger's last entry "

@@ -40,6 +40,16 @@ def _budget(text: str) -> tuple[str, float]:
     return site, value
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0) or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number > 0")
+    return value
+
+
 class _OldLedgerKeys(argparse.Action):  # --site-keys, the old spelling of --ledger-keys
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: object, option_string: str | None = None) -> None:
@@ -64,6 +74,8 @@ def audit_main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out", type=Path, default=None, help="report folder (default <run_dir>/audit/)")
     p.add_argument("--budget", type=_budget, action="append", default=[], metavar="SITE=EPS")
+    p.add_argument("--max-epsilon", type=_positive, default=None, metavar="EPS",
+                   help="fail if any site's ε (recorded or recomputed) is above EPS")
     try:
         args = p.parse_args(argv)
         if (args.path is None) == (args.site is None):
@@ -77,7 +89,7 @@ def audit_main(argv: list[str]) -> int:
                 print(f"AUDIT FAILED: {problem}", file=sys.stderr)
                 return 1
             print(f"site books: {args.site / 'ledger.jsonl'} is whole from seq 0 to its signed head record")
-        result = audit(args.path or args.site, args.ledger_keys, dict(args.budget) or None)
+        result = audit(args.path or args.site, args.ledger_keys, dict(args.budget) or None, args.max_epsilon)
         if args.out is not None:
             out = args.out
         elif result.run_dir is not None:

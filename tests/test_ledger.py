@@ -389,3 +389,39 @@ def test_run_ledger_of_a_later_run_is_partial_but_losing_its_first_entry_is_not(
     assert not res.ok and res.first_bad_index == 0 and "removed" in res.reason
     del entries[0]  # a site's own ledger that lost its first entry
     assert not verify_ledger(entries, {"s": key.public_key()}).ok
+
+
+# ------------------------------------------------------------ what the audit takes on whose word
+
+
+def _site_folder(tmp_path, sigma: float, rounds: int, budget: float | None):
+    state = tmp_path / "site"
+    pub = generate_site_key(state / "site.key")
+    (state / "site.pub").write_bytes(pub)
+    key = load_private_key(state / "site.key")
+    ledger = Ledger(state / "ledger.jsonl")
+    for r in range(1, rounds + 1):
+        fields = {"run_id": "run-1", "round": r, "site": "st-marys", "noise_multiplier": sigma, "sample_rate": 0.5,
+                  "steps": 2, "max_grad_norm": 1.0, "delta": 1e-5, "accountant": "rdp"}
+        if budget is not None:
+            fields["budget_epsilon"] = budget
+        ledger.append(fields, key)
+    return state
+
+
+def test_the_audit_takes_a_sites_budget_from_what_the_site_signed(tmp_path):
+    result = audit(_site_folder(tmp_path, 1.0, 5, budget=1.0))
+    assert result.budget_source.startswith("signed by each site")
+    assert not result.ok and any("past its budget 1" in f for f in result.flags)
+
+
+def test_max_epsilon_fails_the_audit_and_a_weak_guarantee_is_said(tmp_path):
+    state = _site_folder(tmp_path, 0.6, 20, budget=None)
+    relaxed = audit(state)
+    eps = relaxed.sites["st-marys"].rdp_epsilon
+    assert eps > 10 and relaxed.ok
+    assert any(n.startswith("warning: site st-marys") and "weak guarantee" in n for n in relaxed.notes)
+    strict = audit(state, max_epsilon=5.0)
+    assert not strict.ok and any("above --max-epsilon 5" in f for f in strict.flags)
+    assert audit_main([str(state), "--max-epsilon", "5", "--out", str(tmp_path / "a")]) == 1
+    assert audit_main([str(state), "--max-epsilon", "-1"]) == 2
