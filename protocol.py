@@ -6,6 +6,7 @@ spells a record key; client/, server/ and strategies/ build and read messages th
     HELLO        (query)               ->   SiteHello        | Decline
     FEATURE_SUM  (query.feature_mean)  ->   FeatureSumReply  | Decline
     TRAIN        (train)               ->   TrainReply       | Decline
+    DONE         (query.done)          ->   Done             | Decline   (the run completed)
 
 Every instruction carries the run's plan (`PLAN`, a ConfigRecord): the resolved config as
 YAML, the run id, the frozen-weight fingerprint, the class names, the feature centre once
@@ -17,6 +18,7 @@ Every reply carries `SITE` (the site's name). Then:
 
     SiteHello        METRICS {num-examples}, SITE {name, ledger-public-key}
     FeatureSumReply  ARRAYS {feature-sum}, METRICS {num-examples}, LEDGER {entries}
+    Done             nothing more
     TrainReply       ARRAYS {trainable weights}, METRICS {num-examples}, LEDGER {entries}
     Decline          DECLINE {kind, reason}
 
@@ -54,6 +56,8 @@ HELLO = MessageType.QUERY  # who is this site: name, record count, ledger public
 FEATURE_SUM = MessageType.QUERY + ".feature_mean"  # once per run: the noisy feature sum
 TRAIN = MessageType.TRAIN
 FEATURE_SUM_HANDLER = "feature_mean"  # the name the ClientApp registers for FEATURE_SUM
+DONE = MessageType.QUERY + ".done"  # after the run's report: a site not picked for the last round knows it ended
+DONE_HANDLER = "done"
 
 # ---------------------------------------------------------------- record names
 
@@ -359,8 +363,8 @@ def with_feature_center(plan: ConfigRecord, center: Sequence[float]) -> ConfigRe
 
 
 def instruction(kind: str, plan: ConfigRecord, node_id: int) -> Message:
-    """A HELLO or FEATURE_SUM message to one site (TRAIN messages come from Flower's strategy)."""
-    if kind not in (HELLO, FEATURE_SUM):
+    """A HELLO, FEATURE_SUM or DONE message to one site (TRAIN messages come from Flower's strategy)."""
+    if kind not in (HELLO, FEATURE_SUM, DONE):
         raise ValueError(f"instruction: {kind!r} is not a query kind")
     return Message(content=RecordDict({PLAN: plan}), message_type=kind, dst_node_id=node_id)
 
@@ -440,6 +444,10 @@ def train_reply(
         METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples)}),
         LEDGER: ConfigRecord({ENTRIES: json.dumps(list(ledger_entries))}),
     })
+
+
+def done_reply(msg: Message, *, site: str) -> Message:
+    return _reply(msg, {SITE: ConfigRecord({NAME: site})})
 
 
 def decline_reply(msg: Message, *, site: str, kind: str, reason: str) -> Message:

@@ -263,6 +263,17 @@ def _feature_sum(msg: Message, plan: protocol.Plan, site: Site) -> Message:
                                       ledger_entries=entries)
 
 
+@app.query(protocol.DONE_HANDLER)
+def done(msg: Message, context: Context) -> Message:
+    """The run is over: noted in the site's state (for its agent's exit code); nothing is released."""
+    return _handle(msg, context, _done)
+
+
+def _done(msg: Message, plan: protocol.Plan, site: Site) -> Message:
+    site.state.mark_done(plan.run_id)
+    return protocol.done_reply(msg, site=site.name)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     return _handle(msg, context, _train)

@@ -459,6 +459,8 @@ def finish(name: str, state: Path, home: Path, session: SupernodeLog) -> int:
     plan's last round. The round comes from the site's ledger (DP runs: one signed entry
     per round trained, resumed runs included); without entries (privacy.mode=none), from
     the number of train instructions of this session."""
+    from client.site import done_path
+
     ledger = state / "ledger.jsonl"
     kept = f"its ledger is kept ({ledger}); the ε it spent stays spent"
     if not session.received:
@@ -469,6 +471,10 @@ def finish(name: str, state: Path, home: Path, session: SupernodeLog) -> int:
     run = max(session.received, key=lambda r: session.received[r])
     answered = session.replied.get(run, 0) >= session.received[run]
     plan = installed_plan(home)
+    if plan is not None and answered and done_path(state, plan.run_id).is_file():
+        print(f"site {name}: the run completed ({plan.run_id}: the coordinator said so after its report); "
+              f"done (ledger: {ledger})", flush=True)
+        return 0
     last = (rounds_trained(ledger, name, plan.run_id) if plan else 0) or session.received[run]
     if not answered:
         last -= 1  # trained, maybe, but the reply never left

@@ -5,6 +5,7 @@
       ledger.jsonl         every privacy spend of this site, across rounds, runs, restarts
       runs/<run_id>.json   the noise multiplier calibrated for that run (reused on restart)
       runs/<run_id>.release.npz   the last reply of that run, re-sent if the same round is asked again
+      runs/<run_id>.done   the coordinator said the run completed
       cache/               frozen-prefix features: derived from private data, stays here
 
 The ledger is the accountant's history: ε is always recomputed from all of the site's
@@ -161,8 +162,17 @@ class SiteState:
             return None
         return {k[2:]: v for k, v in blobs.items() if k.startswith("w/")}, record.get("meta", {}), entries
 
+    def mark_done(self, run_id: str) -> None:
+        """The coordinator said the run ended (its report is written): `fedshield client`
+        then exits 0 even if this site was not picked for the last round."""
+        _atomic_write(done_path(self.dir, run_id), run_id + "\n")
+
     def _release_path(self, run_id: str) -> Path:
         return self.dir / "runs" / f"{_safe(run_id)}.release.npz"
+
+
+def done_path(state_dir: Path, run_id: str) -> Path:
+    return Path(state_dir) / "runs" / f"{_safe(run_id)}.done"
 
 
 def _safe(name: str) -> str:

@@ -376,6 +376,9 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     if cfg.output.save_model:
         export_model(cfg, view, run_dir / "model")
     write_report(run_dir, cfg, rounds.rows, summary, centered=center is not None, refused=refused)
+    # Tell every site the run is over (a site not picked for the last round cannot tell that
+    # from a lost coordinator); a site that does not answer in time changes nothing.
+    grid.send_and_receive([protocol.instruction(protocol.DONE, plan, n) for n in sites], timeout=10.0)
     return run_dir
 
 

@@ -49,9 +49,10 @@ the model folder (`task.model.text_model_path`: config.json, weights, tokenizer)
 `federation.min_sites` is not more than the sites admitted, and that `--address` can be
 bound. A bad override thus costs a second, not a SuperLink start and a half-made run.
 
-`--resume` continues the run `output.run_name` (its folder must hold it) from its last
-checkpoint: the manifest then carries `server.app.RESUME_KEY`, and the ServerApp resumes
-(server/app.py, server/checkpoint.py); the same config must be given.
+`--resume RUN` (or `--resume` with `output.run_name=RUN`) continues that run from its last
+checkpoint, with the config it started with (its run directory's config.yaml; `output.*`
+overrides still apply): the manifest then carries `server.app.RESUME_KEY`, and the
+ServerApp resumes (server/app.py, server/checkpoint.py).
 
 On Ctrl-C / SIGTERM every child (SuperLink, its SuperExec and ServerApp, `flwr run`) is
 terminated and the command exits 130; they are stopped too when the start fails. If this
@@ -157,7 +158,16 @@ def collect_connection_keys(items: list[str]) -> list[Path]:
 def resolve_config(args: argparse.Namespace):
     import conf
 
-    cfg = conf.load_config_file(args.config, args.overrides) if args.config else conf.load_config(args.overrides)
+    resume = getattr(args, "resume", False)
+    overrides = list(args.overrides)
+    if isinstance(resume, str):  # --resume RUN
+        overrides.append(f"output.run_name={resume}")
+    cfg = conf.load_config_file(args.config, overrides) if args.config else conf.load_config(overrides)
+    if resume:  # the run's own config, as it was written when the run started (only output.* may change)
+        from server.run_dir import existing_run_dir
+
+        out = [o for o in overrides if o.startswith("output.")]
+        cfg = conf.load_config_file(existing_run_dir(cfg) / "config.yaml", out)
     for key in ("task.model", "task.data_path", "task.test_path", "output.dir"):
         section, leaf = key.split(".")
         value = str(cfg[section][leaf])
@@ -165,7 +175,7 @@ def resolve_config(args: argparse.Namespace):
             cfg[section][leaf] = str(Path(value).expanduser().resolve())
         elif value:
             cfg[section][leaf] = str(Path(value).expanduser())
-    if getattr(args, "resume", False):  # the run's own folder, which must hold it
+    if resume:  # the run's own folder, which must hold it
         from server.run_dir import existing_run_dir
 
         return cfg, existing_run_dir(cfg)
@@ -288,11 +298,15 @@ def server_main(argv: list[str]) -> int:
     parser.add_argument("--max-connections-per-address", type=int, default=FrontLimits.max_per_address,
                         help="connections at once from one source address (default %(default)s; 503 beyond; "
                              "raise it for many sites behind one NAT)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run output.run_name from its last checkpoint (same config)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
+                        help="continue the run RUN (or output.run_name) from its last checkpoint, with the config "
+                             "it started with (read from its run directory)")
     parser.add_argument("--verbose", action="store_true", help="also show the SuperLink's log")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides and presets")
     args = parser.parse_args(argv)
+    if isinstance(args.resume, str) and "=" in args.resume:  # `--resume key=value`: the flag, then an override
+        args.overrides.insert(0, args.resume)
+        args.resume = True
 
     pki = Path(args.pki).expanduser().resolve()
     files = check_pki(pki)
@@ -317,7 +331,7 @@ def server_main(argv: list[str]) -> int:
 
     internal = home / "loopback-pki"
     init_pki(internal, "localhost", ["127.0.0.1"], days=30, ca_days=30, force=True)
-    write_app(home / "app", cfg, resume=args.resume)
+    write_app(home / "app", cfg, resume=bool(args.resume))
     link_port = free_port()
     write_flower_config(home, link_port, internal / "ca.crt")
     env = flower_env(home)

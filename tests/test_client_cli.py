@@ -206,3 +206,17 @@ def test_the_agent_record_keeps_other_coordinators(tmp_path):
     assert a.read() == {}  # a damaged record is ignored, never fatal
     a.seen()
     assert a.read()["connected"] is True
+
+
+def test_a_site_the_coordinator_told_the_run_is_over_exits_0_though_not_picked_last(tmp_path, capsys):
+    """With site sampling a site may sit out the last round: the coordinator's DONE message
+    (written by the ClientApp as <state>/runs/<run>.done) is what tells it the run completed."""
+    from client.site import SiteState
+
+    state, home = state_folder(tmp_path, rounds=3, fraction=0.5, trained=1)
+    log = feed(SESSION + REPLY)
+    assert finish("city-bank", state, home, log) == 3
+    capsys.readouterr()
+    SiteState(state, "city-bank").mark_done("job-7")
+    assert finish("city-bank", state, home, log) == 0
+    assert "the run completed (job-7: the coordinator said so" in capsys.readouterr().out

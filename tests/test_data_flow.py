@@ -77,6 +77,7 @@ def test_a_site_sends_exactly_the_fields_of_the_auditors_table(tiny_bert, synthe
     assert isinstance(protocol.read_train_reply(reply, {k: (v.shape, v.dtype) for k, v in weights.items()}),
                       protocol.TrainReply)
     got |= sent("TrainReply", reply, tensors)
+    got |= sent("Done", site.done(protocol.instruction(protocol.DONE, plan, 1), context), tensors)
     broken = Message(content=RecordDict({protocol.PLAN: ConfigRecord({"x": 1})}), message_type=protocol.TRAIN,
                      dst_node_id=1)
     decline = site.train(broken, context)

@@ -464,3 +464,62 @@ def test_crashes_leave_no_orphans_sites_rejoin_and_say_how_it_ended(pki_dir, tin
         assert not flower_processes(state[n] / ".flower")
     access = (coordinator_home / "front-access.log").read_text().splitlines()
     assert any(" POST /v1/fleet/push-object 200 " in x for x in access)
+
+
+# ------------------------------------------------------------------ resume after a coordinator crash
+
+
+@pytest.mark.timeout(900)
+def test_a_killed_coordinator_resumes_and_no_site_spends_a_round_twice(pki_dir, tiny_bert, tmp_path):
+    """kill -9 of the coordinator after round 2 of 5, then `fedshield server --resume deploy`
+    and the two sites started again: the run completes; each site's ledger holds the release
+    and exactly one spend per round (the round in flight is re-sent from the site's kept
+    reply, or trained once), and its ε is the uninterrupted run's (calibrated to the target)."""
+    rounds = 5
+    server_data = write_csv(tmp_path / "server.csv", synthetic_rows(120, seed=7))
+    port = free_port()
+    names = ("st-marys", "st-johns")
+    keys = [pki_dir / f"{n}.pub" for n in names]
+    extra = {"federation.num_sites": 2, "federation.rounds": rounds, "federation.round_timeout_s": 60}
+    server = fedshield(*server_args(pki_dir, keys, port, tiny_bert, server_data, tmp_path, **extra), cwd=tmp_path)
+    data = {n: write_csv(tmp_path / f"{n}.csv", synthetic_rows(60, seed=40 + i)) for i, n in enumerate(names)}
+    state = {n: tmp_path / f"state-{n}" for n in names}
+
+    def start_sites() -> dict[str, subprocess.Popen]:
+        return {n: fedshield(*client_args(port, pki_dir / "ca.crt", pki_dir / f"{n}.key", data[n], state[n]),
+                             cwd=tmp_path) for n in names}
+
+    sites = start_sites()
+    run_dir = tmp_path / "runs" / "deploy"
+
+    def rounds_logged() -> int:
+        try:
+            return max(json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines())
+        except (OSError, ValueError, KeyError):
+            return -1
+
+    assert wait_for(lambda: rounds_logged() >= 2, 400), finish(server, 5)[1][-3000:]
+    server.kill()
+    finish(server, 30)
+    for n, p in sites.items():
+        assert finish(p, 120)[0] == 3, n  # each says it lost the coordinator
+    assert not (run_dir / "report.md").exists() and (run_dir / "checkpoint.npz").is_file()
+
+    resumed = fedshield(*server_args(pki_dir, keys, port, tiny_bert, server_data, tmp_path, **extra)[:6 + len(keys)],
+                        "--resume", "deploy", f"output.dir={tmp_path / 'runs'}", cwd=tmp_path)
+    sites = start_sites()
+    rc, out = finish(resumed, 600)
+    assert rc == 0, out[-4000:]
+    assert "resuming after round" in out
+    outs = {n: finish(p, 120) for n, p in sites.items()}
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == list(range(rounds + 1))
+    summary = json.loads((run_dir / "privacy" / "sites.json").read_text())
+    for n in names:
+        assert outs[n][0] == 0, f"{n}:\n{outs[n][1][-3000:]}"
+        own = [json.loads(x) for x in (state[n] / "ledger.jsonl").read_text().splitlines() if x.strip()]
+        assert [(e["release"], e["round"]) for e in own] == [("feature-mean", 0)] + [
+            ("dp-sgd", r) for r in range(1, rounds + 1)]
+        assert 7.8 < summary[n]["epsilon"] <= 8.0 and summary[n]["epsilon"] == pytest.approx(own[-1]["epsilon"])
+    copy = [json.loads(x) for x in (run_dir / "privacy" / "ledger.jsonl").read_text().splitlines()]
+    assert len({e["hash"] for e in copy}) == len(copy) == 2 * (rounds + 1)
