@@ -16,15 +16,7 @@ EXPECTED = {"w": ((2, 3), np.dtype(np.float32)), "b": ((3,), np.dtype(np.float32
 PEM = "-----BEGIN PUBLIC KEY-----\nMFkw...\n-----END PUBLIC KEY-----\n"
 
 
-@pytest.fixture(autouse=True)
-def flower_task_identity():
-    """Flower stamps messages with the run and task of the process (set by its runtimes)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
 
 
 def plan(**extra) -> ConfigRecord:

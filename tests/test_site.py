@@ -244,10 +244,10 @@ def test_a_crash_between_the_entry_and_its_head_is_not_tampering(tmp_path):
     assert len(SiteState(tmp_path / "site", "st-marys").history()) == 4
 
 
+@pytest.mark.usefixtures("flower_task_identity")
 def test_a_site_with_damaged_books_releases_nothing(tiny_bert, tmp_path):
     """Through the ClientApp: the train message is declined and the ledger is not touched."""
     from flwr.app import Context, Message, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     import client.app as site
     import conf
@@ -263,23 +263,18 @@ def test_a_site_with_damaged_books_releases_nothing(tiny_bert, tmp_path):
     ledger = tmp_path / "state" / "ledger.jsonl"
     _rewrite(ledger, lambda lines: lines.pop())  # a local attacker erases the last spend
     damaged = ledger.read_bytes()
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
-    try:
-        view = build_view(cfg)
-        plan = protocol.plan_record(config_yaml=conf.to_yaml(cfg), run_id="run-2", run_dir="",
-                                    frozen_fingerprint=view_fingerprint(view),
-                                    class_names=pool_and_test(cfg)[1].class_names)
-        plan[protocol.SERVER_ROUND] = 1
-        msg = Message(content=RecordDict({protocol.PLAN: plan,
-                                          protocol.ARRAYS: protocol.to_array_record(view.trainable_state())}),
-                      message_type=protocol.TRAIN, dst_node_id=1)
-        context = Context(run_id=7, node_id=1, node_config={"site-name": "st-marys", "data-path": str(data),
-                                                            "state-dir": str(tmp_path / "state")},
-                          state=RecordDict(), run_config={})
-        got = protocol.read_train_reply(site.train(msg, context), {})
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    view = build_view(cfg)
+    plan = protocol.plan_record(config_yaml=conf.to_yaml(cfg), run_id="run-2", run_dir="",
+                                frozen_fingerprint=view_fingerprint(view),
+                                class_names=pool_and_test(cfg)[1].class_names)
+    plan[protocol.SERVER_ROUND] = 1
+    msg = Message(content=RecordDict({protocol.PLAN: plan,
+                                      protocol.ARRAYS: protocol.to_array_record(view.trainable_state())}),
+                  message_type=protocol.TRAIN, dst_node_id=1)
+    context = Context(run_id=7, node_id=1, node_config={"site-name": "st-marys", "data-path": str(data),
+                                                        "state-dir": str(tmp_path / "state")},
+                      state=RecordDict(), run_config={})
+    got = protocol.read_train_reply(site.train(msg, context), {})
     assert isinstance(got, protocol.Decline) and "LedgerError" in got.reason
     assert ledger.read_bytes() == damaged  # nothing spent, nothing released
 

@@ -22,14 +22,7 @@ EXPECTED = {"w": ((3,), np.dtype(np.float32))}
 SITES = {101: "alpha", 202: "bravo", 303: "charlie", 404: "delta"}
 
 
-@pytest.fixture(autouse=True)
-def flower_task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
 
 
 Behaviour = Callable[[Message, str, int], Message]

@@ -13,15 +13,7 @@ import conf
 import protocol
 from tests.helpers import synthetic_rows, tiny_overrides, write_csv
 
-
-@pytest.fixture(autouse=True)
-def flower_task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
 
 
 def coordinator_plan(tiny_bert, data, tmp_path, **hostile) -> tuple[ConfigRecord, dict]:
