@@ -125,7 +125,7 @@ def test_audit_site_keys_is_the_old_spelling_of_ledger_keys(tmp_path, capsys, mo
 
     seen = []
 
-    def fake_audit(path, ledger_keys_dir, budgets):
+    def fake_audit(path, ledger_keys_dir, budgets, max_epsilon=None):
         seen.append(ledger_keys_dir)
         raise FedShieldError("stop here")
 
