@@ -195,9 +195,10 @@ def _node_name(context: Context) -> str:
     return str(node.get(NODE_SITE_NAME, f"site-{node.get('partition-id', '?')}"))
 
 
-def _handle(msg: Message, context: Context, handler: Callable[[Message, protocol.Plan, Site], Message]) -> Message:
+def handle(msg: Message, context: Context, handler: Callable[[Message, protocol.Plan, Site], Message]) -> Message:
     """Parse the plan, resolve the site, run `handler`; a fedshield error becomes a
-    one-line decline, not a crash."""
+    one-line decline, not a crash. Public with `train_round`: a ClientApp built around
+    the site's own pipeline (tests and bench/poisoning.py build hostile sites so) uses them."""
     name = _node_name(context)
     try:
         plan = protocol.read_plan(msg)
@@ -228,7 +229,7 @@ def _decline(msg: Message, site: str, reason: str, kind: str) -> Message:
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
     """Who is this site: its name, record count and ledger public key (for sampling and audit)."""
-    return _handle(msg, context, _hello)
+    return handle(msg, context, _hello)
 
 
 def _hello(msg: Message, plan: protocol.Plan, site: Site) -> Message:
@@ -239,7 +240,7 @@ def _hello(msg: Message, plan: protocol.Plan, site: Site) -> Message:
 @app.query(protocol.FEATURE_SUM_HANDLER)
 def feature_sum(msg: Message, context: Context) -> Message:
     """The site's noisy sum of [CLS] features (task.centering), spent before it leaves."""
-    return _handle(msg, context, _feature_sum)
+    return handle(msg, context, _feature_sum)
 
 
 def _feature_sum(msg: Message, plan: protocol.Plan, site: Site) -> Message:
@@ -266,7 +267,7 @@ def _feature_sum(msg: Message, plan: protocol.Plan, site: Site) -> Message:
 @app.query(protocol.DONE_HANDLER)
 def done(msg: Message, context: Context) -> Message:
     """The run is over: noted in the site's state (for its agent's exit code); nothing is released."""
-    return _handle(msg, context, _done)
+    return handle(msg, context, _done)
 
 
 def _done(msg: Message, plan: protocol.Plan, site: Site) -> Message:
@@ -276,10 +277,11 @@ def _done(msg: Message, plan: protocol.Plan, site: Site) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, _train)
+    return handle(msg, context, train_round)
 
 
-def _train(msg: Message, plan: protocol.Plan, site: Site) -> Message:
+def train_round(msg: Message, plan: protocol.Plan, site: Site) -> Message:
+    """One round of local training at `site` for `plan`: budget, DP-SGD, spend, reply."""
     cfg, priv, tr = site.cfg, site.cfg.privacy, site.cfg.training
     assert plan.server_round is not None  # read_plan requires it for TRAIN
     weights = protocol.train_weights(msg)

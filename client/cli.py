@@ -544,7 +544,7 @@ def rejoin_wait(agent: AgentRecord, key_path: Path, name: str) -> float:
     last session may still be open there, wait (up to STALE_SESSION_S after it was last seen)
     and retry; otherwise it is "not registered"."""
     fp = agent.key
-    stray = _running_supernodes(key_path)
+    stray = running_supernodes(key_path)
     if stray:
         raise FedShieldError(
             f"site {name}: the coordinator refused this site's connection: another SuperNode with connection key "
@@ -569,7 +569,7 @@ def rejoin_wait(agent: AgentRecord, key_path: Path, name: str) -> float:
         "folder or machine in the last minute, that session is still open there: start again in a minute.)")
 
 
-def _running_supernodes(key_path: Path) -> list[int]:
+def running_supernodes(key_path: Path) -> list[int]:
     """pids of flower-supernode processes on this machine that use `key_path` (Linux /proc)."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):

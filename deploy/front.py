@@ -162,7 +162,7 @@ class FrontLimits:
 # ------------------------------------------------------------------ access log
 
 
-def _escape(text: str, limit: int = 120) -> str:
+def escape_for_log(text: str, limit: int = 120) -> str:
     """Printable ASCII as is; anything else (controls, spaces, quotes, backslash, non-ASCII)
     as \\xNN; cut at `limit` characters."""
     out = "".join(c if 0x21 <= ord(c) < 0x7F and c not in '"\\' else f"\\x{ord(c):02x}" for c in text)
@@ -200,10 +200,10 @@ class AccessLog:
     def write(self, client: Any, method: str, path: str, status: int | str, bytes_in: int, bytes_out: int,
               seconds: float, note: str = "") -> None:
         now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        line = (f"{now} {_address(client)} {_escape(method, 16) or '-'} {_escape(path) or '-'} {status} "
+        line = (f"{now} {_address(client)} {escape_for_log(method, 16) or '-'} {escape_for_log(path) or '-'} {status} "
                 f"in={bytes_in} out={bytes_out} {seconds:.3f}s")
         if note:
-            line += f' note="{_escape(note, 300)}"'
+            line += f' note="{escape_for_log(note, 300)}"'
         self.lines.append(line)
         self._logger.info(line)
 

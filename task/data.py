@@ -226,7 +226,7 @@ def check_data_file(path: str | Path) -> Path:
     return p
 
 
-def _read_regular(p: Path) -> bytes:
+def read_regular_file(p: Path) -> bytes:
     """The bytes of `p`, never blocking on a file that was swapped for a FIFO after the
     check: O_NONBLOCK makes open() return at once, and fstat on the open file decides."""
     try:
@@ -251,7 +251,7 @@ def _read_regular(p: Path) -> bytes:
 
 
 def _read_utf8(p: Path) -> str:
-    raw = _read_regular(p)
+    raw = read_regular_file(p)
     try:
         return raw.decode("utf-8-sig")  # a BOM (spreadsheet exports) is not part of the header
     except UnicodeDecodeError as e:

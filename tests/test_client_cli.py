@@ -171,7 +171,7 @@ def test_a_stray_supernode_of_this_key_is_named(tmp_path):
     p = subprocess.Popen([str(fake), "--auth-supernode-private-key", str(key)])
     try:
         deadline = time.time() + 10
-        while p.pid not in cli._running_supernodes(key) and time.time() < deadline:
+        while p.pid not in cli.running_supernodes(key) and time.time() < deadline:
             time.sleep(0.05)
         agent = AgentRecord(tmp_path / "agent.json", "fl.example.org:9092", "SHA256:ab")
         with pytest.raises(FedShieldError, match=rf"is still running on this machine \(pid {p.pid}\)"):

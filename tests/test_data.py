@@ -294,7 +294,7 @@ def test_fifo_swapped_in_after_the_check_does_not_block(tmp_path: Path) -> None:
     fifo = tmp_path / "site.csv"
     os.mkfifo(fifo)  # what the reader finds if the file is replaced between stat and open
     with pytest.raises(DataError) as err:
-        task.data._read_regular(fifo)
+        task.data.read_regular_file(fifo)
     assert one_line(err) == f"{fifo}: is a FIFO (named pipe), {NOT_REGULAR}"
 
 

@@ -568,7 +568,7 @@ def test_the_access_log_line(tmp_path):
     assert refused[2:4] == ["POST", "/v1/control/" + "a" * 108 + "..."]
     assert refused[4] == "403" and 'note="not\\x20a\\x20Fleet\\x20API\\x20request"' in lines[1]
     assert all(32 <= ord(c) < 127 for line in lines for c in line)  # escaped: one line per request, ASCII
-    assert front._escape('/a b"\\\x00\xe9') == "/a\\x20b\\x22\\x5c\\x00\\xe9"
+    assert front.escape_for_log('/a b"\\\x00\xe9') == "/a\\x20b\\x22\\x5c\\x00\\xe9"
 
 
 # ------------------------------------------------------------------ upstream trouble

@@ -44,13 +44,13 @@ def malicious_app(attacks: dict[int, str]):
     def flipped(msg, plan, site):
         labels = site.data.labels
         data = replace(site.data, labels=(labels + 1) % len(site.data.class_names))
-        return real._train(msg, plan, replace(site, data=data))
+        return real.train_round(msg, plan, replace(site, data=data))
 
     @app.train()
     def train(msg, context):
         attack = attacks.get(int(context.node_config["partition-id"]), "")
         if attack == "label-flip":  # trains on wrong labels: a valid reply, signed books and all
-            return real._handle(msg, context, flipped)
+            return real.handle(msg, context, flipped)
         reply = real.train(msg, context)
         if wire.ARRAYS not in reply.content:  # a decline stays a decline
             return reply
