@@ -15,7 +15,8 @@ are the real ClientApp. Every attacker trains honestly, then tampers with its re
 - label-flip: trains on labels y -> (y + 1) mod 5 (a valid reply: signed books and all)
 
 Rules, each configured once per attacker count a (sites per round n = 8):
-fedavg; fedmedian (f = a); fedtrimmedavg (trim_fraction = a/8: cuts a of 8 per side);
+fedavg; fedmedian (f = a); fedtrimmedavg (f = a, trim_fraction 0.2 for a = 1 and 0.34 for a = 2:
+cuts a per side of 8 updates, and of the 8 - a left when a replies are refused);
 krum and multikrum (f = a; multikrum averages n - f); bulyan (f = 1: 8 sites allow no more,
 4f + 3 <= 8); fedavg + bound (federation.update_norm_bound, clip; the bound is 1.5x the
 largest honest update norm of the clean FedAvg run of the same protocol, or --bound).
@@ -55,6 +56,7 @@ import deploy.offline  # noqa: E402,F401  (first: nothing phones home)
 
 ATTACKS = ("scaled", "sign-flip", "huge-n", "nan-n", "label-flip")
 RULES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "fedavg+bound")
+TRIM = {1: 0.2, 2: 0.34}  # fedtrimmedavg's trim_fraction for f: floor(beta n) = f for n = 8 - f .. 8
 PROTOCOLS = {
     "default": [],
     "reduced": ["privacy=none", "federation.rounds=10"],
@@ -81,15 +83,19 @@ def malicious_app(attacks: dict[int, str]):
     def feature_sum(msg, context):
         return real.feature_sum(msg, context)
 
+    @app.query(wire.DONE_HANDLER)
+    def done(msg, context):
+        return real.done(msg, context)
+
     def flipped(msg, plan, site):
         data = replace(site.data, labels=(site.data.labels + 1) % len(site.data.class_names))
-        return real._train(msg, plan, replace(site, data=data))
+        return real.train_round(msg, plan, replace(site, data=data))
 
     @app.train()
     def train(msg, context):
         attack = attacks.get(int(context.node_config["partition-id"]), "")
         if attack == "label-flip":
-            return real._handle(msg, context, flipped)
+            return real.handle(msg, context, flipped)
         reply = real.train(msg, context)
         if wire.ARRAYS not in reply.content:
             return reply
@@ -127,6 +133,19 @@ class InProcessGrid:
         return [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
 
 
+def _cache_the_test_split(folder: Path) -> None:
+    """The coordinator's evaluator encodes the held-out split with the frozen model in every
+    run; in one process the runs share that encoding through task.pipeline.encode's own
+    cache (keyed by the frozen weights and the token ids)."""
+    import server.evaluate
+    from task.pipeline import encode
+
+    def encode_cached(cfg, view, data, cache_dir=None, **kw):
+        return encode(cfg, view, data, cache_dir=cache_dir or folder, **kw)
+
+    server.evaluate.encode = encode_cached
+
+
 def rule_overrides(rule: str, attackers: int, bound: float | None) -> list[str]:
     if rule == "fedavg+bound":
         return ["federation.strategy=fedavg", f"federation.update_norm_bound={bound}"]
@@ -134,8 +153,8 @@ def rule_overrides(rule: str, attackers: int, bound: float | None) -> list[str]:
     f = max(attackers, 1)
     if rule in ("fedmedian", "krum", "multikrum", "fedtrimmedavg"):
         out.append(f"federation.num_malicious={f}")
-    if rule == "fedtrimmedavg":
-        out.append(f"federation.trim_fraction={f / 8}")
+    if rule == "fedtrimmedavg":  # cuts f per side of the 8 - f updates left when f replies are refused
+        out.append(f"federation.trim_fraction={TRIM[f]}")
     if rule == "bulyan":
         out.append("federation.num_malicious=1")
     return out
@@ -149,6 +168,7 @@ def run_one(args, protocol: str, rule: str, attack: str, attackers: int, bound: 
     overrides = [*PROTOCOLS[protocol], *rule_overrides(rule, attackers, bound), f"output.dir={work / 'runs'}",
                  f"output.run_name={name}", "output.save_model=false", f"federation.seed={args.seed}"]
     cfg = conf.load_config(overrides)
+    shutil.rmtree(work / "runs" / name, ignore_errors=True)  # a cell not in results.jsonl did not finish
     attacks = {i: attack for i in range(attackers)} if attack != "none" else {}
     app = malicious_app(attacks)
     t0 = time.time()
@@ -170,6 +190,7 @@ def run_one(args, protocol: str, rule: str, attack: str, attackers: int, bound: 
         from server.app import run_federation
 
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+        _cache_the_test_split(work / "test-cache")
         run_dir = new_run_dir(cfg)
         cache = work / "cache"
         for site_cache in cache.glob("site-*"):  # the frozen-prefix features of an earlier run

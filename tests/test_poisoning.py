@@ -41,6 +41,10 @@ def malicious_app(attacks: dict[int, str]):
     def feature_sum(msg, context):
         return real.feature_sum(msg, context)
 
+    @app.query(wire.DONE_HANDLER)
+    def done(msg, context):
+        return real.done(msg, context)
+
     def flipped(msg, plan, site):
         labels = site.data.labels
         data = replace(site.data, labels=(labels + 1) % len(site.data.class_names))
