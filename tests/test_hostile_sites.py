@@ -54,6 +54,10 @@ def hostile_app():
     def feature_sum(msg, context):
         return real.feature_sum(msg, context)
 
+    @app.query(wire.DONE_HANDLER)
+    def done(msg, context):
+        return real.done(msg, context)
+
     @app.train()
     def train(msg, context):
         reply = real.train(msg, context)
