@@ -214,6 +214,10 @@ class RoundLog:
             elif r.clipped:
                 say(f"  {r.site}: update clipped: norm {r.update_norm:.4g} scaled down to "
                     f"federation.update_norm_bound={self.cfg.federation.update_norm_bound:g}")
+        if report.breaches() and report.withstood is not None:
+            say(f"  {report.rule}: {len(report.breaches())} attacker(s) unmasked by a breach "
+                f"({', '.join(report.breaches())}); it withstands {report.withstood} more of "
+                f"federation.num_malicious={self.cfg.federation.num_malicious} among the rest")
         if report.left_out():
             say(f"  {report.rule} left out {len(report.left_out())} update(s): {', '.join(report.left_out())}")
         if report.skipped:
@@ -247,6 +251,8 @@ class RoundLog:
             "clipped_sites": report.clipped() if report else [],
             "failed_sites": report.sites("failed") if report else [],
             "left_out_sites": report.left_out() if report else [],
+            "breach_sites": report.breaches() if report else [],  # refused for proof of an attack
+            "withstood": report.withstood if report else None,  # the f the robust rule withstood
             "skipped": report.skipped if report else "",
             "elapsed_s": round(time.time() - self.t0, 1),
         }

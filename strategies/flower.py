@@ -34,7 +34,9 @@ the median and the trimmed mean are unweighted, coordinate by coordinate.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from flwr.app import RecordDict
@@ -162,14 +164,39 @@ def min_replies(strategy: Strategy) -> int:
     return min_replies_for(name, f, float(getattr(strategy, "beta", 0.0)), select)
 
 
-def shortfall(strategy: Strategy, n: int) -> str | None:
-    """None if `n` usable updates are enough for `strategy`; else why not, in one line."""
+def num_malicious(strategy: Strategy) -> int:
+    """The f that `strategy` is configured to withstand (0 for the plain averages)."""
+    return int(getattr(strategy, "num_malicious_nodes", 0)) if rule_name(strategy) in ROBUST else 0
+
+
+@contextlib.contextmanager
+def withstanding(strategy: Strategy, f: int) -> Iterator[None]:
+    """`strategy` set to withstand `f` poisoned updates for the duration (its own f restored
+    after). Used when a round's refused replies have already unmasked some of the f attackers:
+    the rule then needs to withstand only the ones still unaccounted for among the rest."""
+    if rule_name(strategy) not in ROBUST:
+        yield
+        return
+    configured = strategy.num_malicious_nodes  # type: ignore[attr-defined]
+    strategy.num_malicious_nodes = f  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        strategy.num_malicious_nodes = configured  # type: ignore[attr-defined]
+
+
+def shortfall(strategy: Strategy, n: int, unmasked: int = 0) -> str | None:
+    """None if `n` usable updates are enough for `strategy`; else why not, in one line.
+    `unmasked`: attackers already refused this round (the strategy is set, by `withstanding`,
+    to the f left of federation.num_malicious)."""
     need = min_replies(strategy)
     if n >= need:
         return None
     name = rule_name(strategy)
     f = int(getattr(strategy, "num_malicious_nodes", 0))
-    return (f"{n} usable update(s): {name} withstands federation.num_malicious={f} only with at least {need}"
+    which = (f"the {f} attacker(s) of federation.num_malicious={f + unmasked} not unmasked by a breach"
+             if unmasked else f"federation.num_malicious={f}")
+    return (f"{n} usable update(s): {name} withstands {which} only with at least {need}"
             + (f" (federation.trim_fraction={getattr(strategy, 'beta', 0.0):g})" if name == "fedtrimmedavg" else ""))
 
 

@@ -31,6 +31,14 @@ wrapped strategy untouched, per-round state keyed by round):
   the wrapped rule needs to withstand its f (`strategies.flower.shortfall`) is skipped with
   one line (the global model is kept); for Krum, Multi-Krum and Bulyan the report names the
   updates the rule's selection left out (`SiteReply.selected`).
+- **Unmasked attackers count against f.** A reply refused for breaking the protocol (a
+  malformed or non-finite field, a record count other than the one declared, books that do
+  not verify) cannot come from the stock site, so its sender is one of the f attackers the
+  rule was set to withstand. The rule then withstands f minus those among the usable rest
+  (`SiteReply.breach`, `RoundReport.withstood`): two attackers whose counts are refused no
+  longer leave Krum with f = 2 among 6 and the round skipped, since neither can reach the
+  aggregate. A reply refused by the norm bound, a failure or a decline is not proof of an
+  attack (an honest site can be slow, out of budget or unusually far off) and leaves f as is.
 - **A report per round** (`RoundReport`) to `on_round`, before aggregation, so that the
   coordinator records every verified spend whether or not the update is used.
 - Federated evaluation is off: evaluation is central, on held-out data.
@@ -73,6 +81,9 @@ class SiteReply:
     update_norm: float | None = None
     clipped: bool = False
     selected: bool | None = None
+    # True if the reply was refused for something the stock site never sends (a protocol
+    # breach, a count other than declared, books that fail): proof its sender attacks.
+    breach: bool = False
 
 
 @dataclass
@@ -82,6 +93,9 @@ class RoundReport:
     replies: list[SiteReply] = field(default_factory=list)
     rule: str = ""  # the aggregation rule (federation.strategy)
     skipped: str = ""  # why nothing was aggregated this round ("" = it was)
+    # The f the robust rule withstood among the usable updates (federation.num_malicious
+    # less the attackers unmasked by a breach); None for the plain averages.
+    withstood: int | None = None
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.replies)
@@ -95,6 +109,10 @@ class RoundReport:
     def left_out(self) -> list[str]:
         """Usable updates that the rule's selection did not aggregate."""
         return [r.site for r in self.replies if r.selected is False]
+
+    def breaches(self) -> list[str]:
+        """Sites whose replies were refused for a breach (proof of an attack)."""
+        return [r.site for r in self.replies if r.breach]
 
 
 class _Selected:
@@ -245,9 +263,9 @@ class SiteAwareStrategy(Strategy):
                 report.replies.append(SiteReply(name, node, "failed", parsed.reason))
             elif parsed.site not in (None, name):
                 report.replies.append(SiteReply(
-                    name, node, "rejected", f"the reply names site {parsed.site!r}, not {name!r}"))
+                    name, node, "rejected", f"the reply names site {parsed.site!r}, not {name!r}", breach=True))
             elif isinstance(parsed, protocol.Rejected):
-                reply = SiteReply(name, node, "rejected", parsed.reason)
+                reply = SiteReply(name, node, "rejected", parsed.reason, breach=True)
                 self._books(reply, server_round, parsed.ledger_entries)  # spent even if unusable
                 report.replies.append(reply)
             elif isinstance(parsed, protocol.Decline):
@@ -258,9 +276,9 @@ class SiteAwareStrategy(Strategy):
                 reply = SiteReply(name, node, "trained", "", parsed.num_examples)
                 declared = self.records.get(node)
                 if not self._books(reply, server_round, parsed.ledger_entries):
-                    reply.status = "rejected"
+                    reply.status, reply.breach = "rejected", True
                 elif declared is not None and parsed.num_examples != declared:
-                    reply.status, reply.reason = "rejected", (
+                    reply.status, reply.breach, reply.reason = "rejected", True, (
                         f"claims {parsed.num_examples} records; it declared {declared} at discovery")
                 elif (bounded := self._bound(reply, parsed, base)) is not None:
                     msg.content = protocol.aggregation_content(bounded)
@@ -316,24 +334,33 @@ class SiteAwareStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round = self.run_round(server_round)
         report, valid = self.sort_replies(server_round, replies)
-        short = flower.shortfall(self.strategy, len(valid)) if valid else None
-        if not valid:
-            report.skipped = "no usable update" if report.sampled else ""
-        elif short:
-            report.skipped = short
-        else:
-            chosen = flower.selection(self.strategy, [m.content for m in valid])
-            if chosen is not None:
-                by_site = {r.site: r for r in report.replies}
-                for i, m in enumerate(valid):
-                    by_site[self.sites[m.metadata.src_node_id]].selected = i in chosen
-        if report.skipped:
-            log.info("round %s: nothing aggregated: %s", server_round, report.skipped)
-        if self.on_round is not None:
-            self.on_round(report)
-        if report.skipped:
-            return None, None
-        return self.strategy.aggregate_train(server_round, valid)
+        f = flower.num_malicious(self.strategy)
+        if flower.rule_name(self.strategy) in flower.ROBUST:
+            report.withstood = max(0, f - len(report.breaches()))
+            if report.withstood < f:
+                log.info("round %s: %d of federation.num_malicious=%d unmasked by a breach (%s): %s withstands %d "
+                         "among the %d usable update(s)", server_round, f - report.withstood, f,
+                         ", ".join(report.breaches()), report.rule, report.withstood, len(valid))
+        withstood = f if report.withstood is None else report.withstood
+        with flower.withstanding(self.strategy, withstood):
+            short = flower.shortfall(self.strategy, len(valid), f - withstood) if valid else None
+            if not valid:
+                report.skipped = "no usable update" if report.sampled else ""
+            elif short:
+                report.skipped = short
+            else:
+                chosen = flower.selection(self.strategy, [m.content for m in valid])
+                if chosen is not None:
+                    by_site = {r.site: r for r in report.replies}
+                    for i, m in enumerate(valid):
+                        by_site[self.sites[m.metadata.src_node_id]].selected = i in chosen
+            if report.skipped:
+                log.info("round %s: nothing aggregated: %s", server_round, report.skipped)
+            if self.on_round is not None:
+                self.on_round(report)
+            if report.skipped:
+                return None, None
+            return self.strategy.aggregate_train(server_round, valid)
 
     # ------------------------------------------------------------ no federated evaluation
 

@@ -317,31 +317,77 @@ def test_norms_are_measured_from_each_rounds_own_weights_keyed_by_the_runs_round
     assert strategy._global == {}
 
 
-def test_a_round_with_too_few_usable_updates_for_the_rule_is_skipped_with_one_line():
-    # Bulyan with f=1 needs 7 updates; 8 sites, 2 of them refused for their record count.
-    sites, behaviours = federation({})
+def claims_more(honest: Behaviour) -> Behaviour:
+    """A reply that claims one record more than the site declared at discovery (a breach)."""
+    def reply(msg, site, r):
+        out = honest(msg, site, r)
+        out.content[protocol.METRICS][protocol.NUM_EXAMPLES] = 11
+        return out
+    return reply
 
-    def claims_more(msg, site, r):
-        reply = behaviours["site-0"](msg, site, r)
-        reply.content[protocol.METRICS][protocol.NUM_EXAMPLES] = 11
-        return reply
 
-    behaviours = {**behaviours, "site-1": claims_more, "site-4": claims_more}
+def run_declared(behaviours: dict[str, Behaviour], sites: dict[int, str], inner, rounds: int = 2):
     grid = FakeGrid(behaviours, sites)
     reports: list[RoundReport] = []
-    strategy = SiteAwareStrategy(flower_strategy("bulyan", num_malicious=1), sites, fraction_train=1.0, seed=1,
-                                 expected_arrays=EXPECTED, on_round=reports.append, records=dict.fromkeys(sites, 10))
+    strategy = SiteAwareStrategy(inner, sites, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
+                                 on_round=reports.append, records=dict.fromkeys(sites, 10))
     plan = protocol.plan_record(config_yaml="x", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
     result = strategy.start(grid=grid, initial_arrays=protocol.to_array_record({"w": np.zeros(3, np.float32)}),
-                            num_rounds=2, timeout=5, train_config=plan)
+                            num_rounds=rounds, timeout=5, train_config=plan)
+    return strategy, reports, result
+
+
+def test_a_round_with_too_few_usable_updates_for_the_rule_is_skipped_with_one_line():
+    # Bulyan with f=1 needs 7 updates; 8 sites, 2 of them fail (not proof of an attack: f stays 1).
+    sites, behaviours = federation({})
+    behaviours = {**behaviours, "site-1": declines("error"), "site-4": declines("error")}
+    strategy, reports, result = run_declared(behaviours, sites, flower_strategy("bulyan", num_malicious=1))
     assert not result.arrays  # nothing aggregated: the caller keeps its model
     for r in reports:
-        assert r.count("trained") == 6 and r.count("rejected") == 2
+        assert r.count("trained") == 6 and r.count("declined") == 2 and r.withstood == 1
         assert r.skipped == "6 usable update(s): bulyan withstands federation.num_malicious=1 only with at least 7"
+    assert strategy.strategy.num_malicious_nodes == 1
     # With enough sites the same rule aggregates; with no usable update the round says so.
     assert run(federation({})[1], rounds=1, sites=sites, inner=flower_strategy("bulyan"))[3].arrays
     _, _, reports, _ = run({s: declines("error") for s in SITES.values()}, rounds=1)
     assert reports[0].skipped == "no usable update"
+
+
+@pytest.mark.parametrize("rule", ["krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg"])
+def test_attackers_unmasked_by_a_breach_count_against_f_and_the_round_still_aggregates(rule):
+    # f = 2 and both attackers send a count other than declared: 6 usable updates, all honest.
+    # Krum needs 2f + 3 = 7 for f = 2, but only f = 0 is left to withstand among the 6.
+    sites, behaviours = federation({})
+    behaviours = {**behaviours, "site-0": claims_more(behaviours["site-0"]),
+                  "site-5": claims_more(behaviours["site-5"])}
+    inner = flower_strategy(rule, num_malicious=2, trim_fraction=0.34)
+    strategy, reports, result = run_declared(behaviours, sites, inner)
+    assert result.arrays and np.abs(result.arrays["w"].numpy() - 2 * STEP).max() < 0.3
+    for r in reports:
+        assert not r.skipped and r.breaches() == ["site-0", "site-5"] and r.withstood == 0
+        assert r.count("trained") == 6 and r.count("rejected") == 2
+    assert inner.num_malicious_nodes == 2  # the configured f is restored after each round
+    # One breach, one honest failure: f = 1 is left (Krum needs 5 of the 6 usable updates).
+    if rule == "krum":
+        behaviours["site-5"] = declines("error")
+        _, reports, result = run_declared(behaviours, sites, flower_strategy("krum", num_malicious=2))
+        assert result.arrays and all(r.withstood == 1 and not r.skipped for r in reports)
+        assert all(len(r.left_out()) == 5 for r in reports)  # Krum keeps one of the 6
+        # Krum short even so: a breach and four failures leave 3 updates, f = 1 needs 5.
+        for s in ("site-1", "site-2", "site-3"):
+            behaviours[s] = declines("error")
+        _, reports, _ = run_declared(behaviours, sites, flower_strategy("krum", num_malicious=2), rounds=1)
+        assert reports[0].skipped == ("3 usable update(s): krum withstands the 1 attacker(s) of "
+                                      "federation.num_malicious=2 not unmasked by a breach only with at least 5")
+
+
+def test_a_norm_rejection_is_not_proof_of_an_attack():
+    sites, behaviours = federation({2: "scaled", 6: "scaled"})
+    bound = 2.0 * float(np.linalg.norm(STEP))
+    _, _, reports, _ = run(behaviours, rounds=1, sites=sites, inner=flower_strategy("krum", num_malicious=2),
+                           update_norm_bound=bound, update_norm_action="reject")
+    assert reports[0].sites("rejected") == ["site-2", "site-6"] and reports[0].breaches() == []
+    assert reports[0].withstood == 2 and reports[0].skipped.startswith("6 usable update(s): krum withstands")
 
 
 def test_each_rules_minimum_and_what_flower_builds():
