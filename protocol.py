@@ -128,8 +128,9 @@ class Plan:
 @dataclass(frozen=True)
 class SiteHello:
     site: str
-    num_examples: int
+    num_examples: int  # the count the site releases (add-remove: its noisy count)
     ledger_public_key: str  # PEM
+    ledger_entries: tuple[dict[str, Any], ...] = ()  # the count's release, in the run that spent it
 
 
 @dataclass(frozen=True)
@@ -415,10 +416,12 @@ def _reply(msg: Message, records: dict[str, Any]) -> Message:
     return Message(content=RecordDict(records), reply_to=msg)
 
 
-def hello_reply(msg: Message, *, site: str, num_examples: int, ledger_public_key: str) -> Message:
+def hello_reply(msg: Message, *, site: str, num_examples: int, ledger_public_key: str,
+                ledger_entries: Sequence[Mapping[str, Any]] = ()) -> Message:
     return _reply(msg, {
         SITE: ConfigRecord({NAME: site, LEDGER_PUBLIC_KEY: ledger_public_key}),
         METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples)}),
+        LEDGER: ConfigRecord({ENTRIES: json.dumps(list(ledger_entries))}),
     })
 
 
@@ -469,7 +472,7 @@ def read_hello(msg: Message) -> SiteHello | Decline | Rejected | Failed:
             if LEDGER_PUBLIC_KEY in site:
                 raise ProtocolError(f"{SITE}: unexpected key {LEDGER_PUBLIC_KEY!r} in a decline")
             return _decline(content, name)
-        _records(content, [SITE, METRICS])
+        _records(content, [SITE, METRICS, LEDGER])
         if LEDGER_PUBLIC_KEY not in site:
             raise ProtocolError(f"{SITE}: {LEDGER_PUBLIC_KEY!r} is missing")
         metrics = _record(content, METRICS, MetricRecord)
@@ -477,7 +480,7 @@ def read_hello(msg: Message) -> SiteHello | Decline | Rejected | Failed:
         pem = _str(site, LEDGER_PUBLIC_KEY, SITE, MAX_PEM)
         if not pem.startswith("-----BEGIN PUBLIC KEY-----"):
             raise ProtocolError(f"{SITE}.{LEDGER_PUBLIC_KEY}: not a PEM public key")
-        return SiteHello(name, _count(metrics, NUM_EXAMPLES, METRICS), pem)
+        return SiteHello(name, _count(metrics, NUM_EXAMPLES, METRICS), pem, _ledger(content))
 
     result: SiteHello | Decline | Rejected | Failed = _guard(msg, parse)
     return result

@@ -31,6 +31,7 @@ import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline
 # isort: split
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -39,6 +40,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -46,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import conf
 import protocol
-from client.site import SiteState
+from client.site import COUNT_RELEASE, SiteState
 from privacy.accountant import Spend, epsilon
 from privacy.errors import FedShieldError
 from task import centering
@@ -66,7 +68,8 @@ NODE_SITE_NAME, NODE_DATA, NODE_STATE, NODE_KEY = "site-name", "data-path", "sta
 # δ = 1e-5, ε = 8 per run, budget = ε, center noise 4), so a site started with no setting at
 # all still refuses a plan without DP. `budget_epsilon` null means the site's target ε.
 POLICY = ("privacy.mode", "privacy.target_epsilon", "privacy.budget_epsilon", "privacy.delta",
-          "privacy.min_noise_multiplier", "privacy.center_noise_multiplier")
+          "privacy.min_noise_multiplier", "privacy.center_noise_multiplier", "privacy.neighbouring",
+          "privacy.count_noise_multiplier")
 # Operational settings a site may set for itself; they apply over the plan as they are.
 OPERATIONAL = ("privacy.max_grad_norm", "privacy.center_clip_norm", "training.device",
                "training.max_physical_batch_size")
@@ -135,6 +138,12 @@ def check_policy(plan: DictConfig, policy: DictConfig) -> None:
     if p.center_noise_multiplier < mine.center_noise_multiplier:
         raise PolicyError(f"privacy.center_noise_multiplier={p.center_noise_multiplier:g}: below this site's "
                           f"{mine.center_noise_multiplier:g}")
+    # The two relations' ε do not compare: the site's is the only one it accounts under.
+    if p.neighbouring != mine.neighbouring:
+        raise PolicyError(f"privacy.neighbouring={p.neighbouring!r}: this site accounts under {mine.neighbouring!r}")
+    if p.count_noise_multiplier < mine.count_noise_multiplier:
+        raise PolicyError(f"privacy.count_noise_multiplier={p.count_noise_multiplier:g}: below this site's "
+                          f"{mine.count_noise_multiplier:g}")
 
 
 # ------------------------------------------------------------ per-worker caches
@@ -205,6 +214,10 @@ def handle(msg: Message, context: Context, handler: Callable[[Message, protocol.
         site = resolve_site(plan, context)
         name = site.name
         check_delta(site.cfg, site.name, len(site.data))
+        booked = site.state.neighbouring()
+        if site.cfg.privacy.mode == "dp-sgd" and booked not in (None, site.cfg.privacy.neighbouring):
+            raise PolicyError(f"privacy.neighbouring={site.cfg.privacy.neighbouring!r}: this site's ledger is "
+                              f"accounted under {booked!r}, and one site's ε is composed under one relation")
         return handler(msg, plan, site)
     except protocol.ProtocolError as exc:
         return _decline(msg, name, f"the coordinator's message broke the protocol: {exc}", "protocol")
@@ -233,8 +246,68 @@ def hello(msg: Message, context: Context) -> Message:
 
 
 def _hello(msg: Message, plan: protocol.Plan, site: Site) -> Message:
-    return protocol.hello_reply(msg, site=site.name, num_examples=len(site.data),
-                                ledger_public_key=site.state.public_key_pem())
+    count = public_count(site, plan.run_id)
+    if isinstance(count, str):
+        return _decline(msg, site.name, count, "budget")
+    n, entry = count
+    # The count's entry goes with the hello of the run that spent it (again after a
+    # coordinator restart: the coordinator's books recognise an entry they hold already).
+    entries = [entry] if entry is not None and entry.get("run_id") == plan.run_id else []
+    return protocol.hello_reply(msg, site=site.name, num_examples=n,
+                                ledger_public_key=site.state.public_key_pem(), ledger_entries=entries)
+
+
+def public_count(site: Site, run_id: str) -> tuple[int, dict[str, Any] | None] | str:
+    """The record count this site releases, and the ledger entry that released it (None:
+    it is public), or why it cannot (a budget reason).
+
+    replace-one, or no DP: the exact count (public under that relation). add-remove: the
+    count is protected (privacy.neighbouring): released once per dataset as
+    max(1, round(n + N(0, s^2))) with s = privacy.count_noise_multiplier, a Gaussian mechanism
+    of sensitivity 1 (one step at q = 1, composed in the same accountant), spent before it
+    leaves; later runs on the same data reuse it (post-processing, no spend)."""
+    priv = site.cfg.privacy
+    n = len(site.data)
+    if priv.mode != "dp-sgd" or priv.neighbouring != "add-remove":
+        return n, None
+    digest = site.state.data_digest(_data_bytes(site.data))
+    found = site.state.released_count(digest)
+    if found is not None:
+        return found
+    spend = Spend(float(priv.count_noise_multiplier), 1.0, 1)
+    decision = site.state.check_budget(spend, _budget(site), priv.delta, priv.accountant, priv.neighbouring)
+    if not decision.ok:
+        return f"releasing its record count: {decision.reason}"
+    generator = torch.Generator().manual_seed(_seed(site.cfg, site, 0) + 11)
+    noisy = n + float(priv.count_noise_multiplier) * float(torch.randn((), generator=generator, dtype=torch.float64))
+    released = max(1, round(noisy))  # post-processing of the Gaussian count
+    entry = _record(site, run_id, 0, [spend], 1.0, {  # clip 1.0: the count's sensitivity
+        "release": COUNT_RELEASE, "released_count": released, "data_digest": digest})[0]
+    return released, entry
+
+
+def _data_bytes(data: LabeledData) -> bytes:
+    """The site's records, canonically (what its count counts)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(data.class_names).encode())
+    h.update(np.ascontiguousarray(data.labels, dtype=np.int64).tobytes())
+    if data.texts is not None:
+        for t in data.texts:
+            h.update(t.encode("utf-8", "surrogatepass") + b"\0")
+    if data.features is not None:
+        h.update(np.ascontiguousarray(data.features, dtype=np.float32).tobytes())
+    return h.digest()
+
+
+def _counted(msg: Message, plan: protocol.Plan, site: Site) -> tuple[int, list[dict[str, Any]]] | Message:
+    """The released count for a FEATURE_SUM or TRAIN reply, with the count's entry if this
+    very message released it (a coordinator that skipped HELLO); a decline if it cannot."""
+    spent_before = len(site.state.entries())
+    count = public_count(site, plan.run_id)
+    if isinstance(count, str):
+        return _decline(msg, site.name, count, "budget")
+    n, entry = count
+    return n, ([entry] if entry is not None and len(site.state.entries()) > spent_before else [])
 
 
 @app.query(protocol.FEATURE_SUM_HANDLER)
@@ -250,18 +323,22 @@ def _feature_sum(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     if not centering.applies(cfg, view):
         raise conf.ConfigError(
             "training.center_features: this model and training.trainable have no pooler input to centre")
+    counted = _counted(msg, plan, site)
+    if isinstance(counted, Message):
+        return counted
+    n, count_entries = counted
     spend = centering.release_spend(cfg, view)
     clip = centering.clip_norm(cfg, view)
     if spend is not None:
-        decision = site.state.check_budget(spend, _budget(site), priv.delta, priv.accountant)
+        decision = site.state.check_budget(spend, _budget(site), priv.delta, priv.accountant, priv.neighbouring)
         if not decision.ok:
             return _decline(msg, site.name, decision.reason, "budget")
     generator = torch.Generator().manual_seed(_seed(cfg, site, 0) + 7)
     noise_std = spend.noise_multiplier * clip if spend is not None else 0.0
     total = centering.noisy_feature_sum(view, dataset, clip, noise_std, generator, device)
     entries = _record(site, plan.run_id, 0, [spend], clip, {"release": "feature-mean"}) if spend else []
-    return protocol.feature_sum_reply(msg, site=site.name, num_examples=len(dataset), feature_sum=total,
-                                      ledger_entries=entries)
+    return protocol.feature_sum_reply(msg, site=site.name, num_examples=n, feature_sum=total,
+                                      ledger_entries=count_entries + entries)
 
 
 @app.query(protocol.DONE_HANDLER)
@@ -298,21 +375,29 @@ def train_round(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     view.load_trainable(weights)
     if plan.feature_center is not None and centering.applies(cfg, view):
         centering.set_center(view, list(plan.feature_center))
-    n = len(dataset)
+    counted = _counted(msg, plan, site)
+    if isinstance(counted, Message):
+        return counted
+    # n: the count this site released (add-remove: the noisy one). Everything that leaves
+    # and depends on the number of records (q, steps, σ, the FedAvg weight, the update's
+    # scale) is computed from it, never from the exact count.
+    n, count_entries = counted
     dp = priv.mode == "dp-sgd"
     q = poisson_rate(n, tr.batch_size)
     steps = tr.local_epochs * batches_per_epoch(n, tr.batch_size)
     sigma = 0.0
     if dp:
-        # The run's feature-mean release counts against the same target, whether or not
-        # this site made it (over-count, never under-count).
-        release = centering.release_spend(cfg, view)
+        # The run's other releases count against the same target: the feature mean whether
+        # or not this site made it (over-count, never under-count), the count if this run
+        # released it.
+        before = [s for s in (centering.release_spend(cfg, view), _count_spend_of_run(site, plan.run_id)) if s]
         sigma = float(priv.noise_multiplier) if priv.noise_multiplier else site.state.noise_multiplier(
             plan.run_id, float(priv.target_epsilon), float(priv.delta), q, steps,
-            int(cfg.federation.rounds), priv.accountant, before=[release] if release else [],
+            int(cfg.federation.rounds), priv.accountant, before=before, neighbouring=priv.neighbouring,
         )
         sigma = max(sigma, float(priv.min_noise_multiplier or 0.0))  # more noise than asked: stricter
-        decision = site.state.check_budget(Spend(sigma, q, steps), _budget(site), priv.delta, priv.accountant)
+        decision = site.state.check_budget(Spend(sigma, q, steps), _budget(site), priv.delta, priv.accountant,
+                                           priv.neighbouring)
         if not decision.ok:
             return _decline(msg, site.name, decision.reason, "budget")
     local = LocalPlan(
@@ -320,7 +405,7 @@ def train_round(msg: Message, plan: protocol.Plan, site: Site) -> Message:
         max_physical_batch_size=tr.max_physical_batch_size, learning_rate=tr.learning_rate,
         optimizer=tr.optimizer, dp=dp, noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm,
         grad_sample_mode=tr.grad_sample_mode, accountant=priv.accountant,
-        proximal_mu=float(plan.proximal_mu or 0.0),
+        proximal_mu=float(plan.proximal_mu or 0.0), sample_rate=q, expected_batch_size=max(1, round(q * n)),
     )
     seed = _seed(cfg, site, plan.server_round)
     torch.manual_seed(seed)
@@ -337,7 +422,8 @@ def train_round(msg: Message, plan: protocol.Plan, site: Site) -> Message:
         ran = [Spend(*s) for s in result.spends]
         if sum(s.steps for s in ran) != steps or any(s.sample_rate != q for s in ran):
             raise TrainingError(f"site {site.name}: ran {ran}, planned {steps} steps at q={q}")
-        entries = _record(site, plan.run_id, plan.server_round, ran, float(priv.max_grad_norm), {"release": "dp-sgd"})
+        entries = count_entries + _record(site, plan.run_id, plan.server_round, ran, float(priv.max_grad_norm),
+                                          {"release": "dp-sgd"})
     # The loss and the time are noiseless functions of the private data: they stay here.
     log.info("%s: round %s trained: mean loss %.4f, %.1fs", site.name, plan.server_round, result.mean_loss,
              time.time() - t0)
@@ -396,12 +482,20 @@ def _record(site: Site, run_id: str, server_round: int, spends: list[Spend], cli
             "mechanism": "dp-sgd-poisson-gaussian", "privacy_unit": "record",
             "noise_multiplier": spend.noise_multiplier, "sample_rate": spend.sample_rate,
             "steps": spend.steps, "max_grad_norm": float(clip),
-            "delta": float(priv.delta), "accountant": priv.accountant,
-            "epsilon": epsilon(history, priv.delta, priv.accountant),
+            "delta": float(priv.delta), "accountant": priv.accountant, "neighbouring": priv.neighbouring,
+            "epsilon": epsilon(history, priv.delta, priv.accountant, priv.neighbouring),
             "budget_epsilon": _budget(site),  # signed: an audit takes the site's budget from here
             **extra,
         }))
     return entries
+
+
+def _count_spend_of_run(site: Site, run_id: str) -> Spend | None:
+    """The record count's spend if this run released it (its entry names this run)."""
+    for e in site.state.entries():
+        if e.get("release") == COUNT_RELEASE and e.get("run_id") == run_id:
+            return Spend(e["noise_multiplier"], e["sample_rate"], e["steps"])
+    return None
 
 
 def _seed(cfg: DictConfig, site: Site, server_round: int) -> int:

@@ -8,6 +8,11 @@
       runs/<run_id>.done   the coordinator said the run completed
       cache/               frozen-prefix features: derived from private data, stays here
 
+Under add-remove (privacy.neighbouring) the record count is protected: the site releases
+it once per dataset, with Gaussian noise, as a `release: record-count` entry of its ledger
+(`released_count`: the noisy count and a keyed digest of the data it counted), and every
+later run reuses that noisy count: re-using a release is post-processing and spends nothing.
+
 The ledger is the accountant's history: ε is always recomputed from all of the site's
 entries, never reset per round or per run. The site checks its budget before it touches
 a record, and writes (and fsyncs) its entry before its update leaves it: a crash can
@@ -16,6 +21,8 @@ over-count a spend, never under-count it.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import json
 import os
@@ -23,11 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives import serialization
 
-from privacy.accountant import Spend, calibrate_noise_multiplier, epsilon, planned_epsilon
+from privacy.accountant import ADD_REMOVE, Spend, calibrate_noise_multiplier, epsilon, planned_epsilon
 from privacy.errors import FedShieldError
-from privacy.ledger import Ledger, site_history
+from privacy.ledger import Ledger, neighbouring_of, site_history
 from privacy.signing import generate_site_key, load_private_key, public_key_pem
+
+COUNT_RELEASE = "record-count"
 
 
 @dataclass(frozen=True)
@@ -75,12 +85,21 @@ class SiteState:
         """This site's spends, oldest first, as of the last `refresh` and own appends."""
         return list(self._history)
 
-    def epsilon(self, delta: float, accountant: str) -> float:
-        return epsilon(self.history(), delta, accountant)
+    def entries(self) -> list[dict]:
+        """This site's ledger entries, oldest first (as `history`)."""
+        return list(self._entries)
 
-    def check_budget(self, planned: Spend, budget: float, delta: float, accountant: str) -> BudgetDecision:
-        now = self.epsilon(delta, accountant)
-        after = planned_epsilon(self.history(), planned, delta, accountant)
+    def neighbouring(self) -> str | None:
+        """The relation this site's ledger is accounted under (None: no spend yet)."""
+        return neighbouring_of(self._entries[-1]) if self._entries else None
+
+    def epsilon(self, delta: float, accountant: str, neighbouring: str = ADD_REMOVE) -> float:
+        return epsilon(self.history(), delta, accountant, neighbouring)
+
+    def check_budget(self, planned: Spend, budget: float, delta: float, accountant: str,
+                     neighbouring: str = ADD_REMOVE) -> BudgetDecision:
+        now = self.epsilon(delta, accountant, neighbouring)
+        after = planned_epsilon(self.history(), planned, delta, accountant, neighbouring)
         if after > budget:
             reason = (
                 f"this round would take ε from {now:.3f} to "
@@ -92,9 +111,10 @@ class SiteState:
     def noise_multiplier(
         self, run_id: str, target_epsilon: float, delta: float, sample_rate: float,
         steps_per_round: int, rounds: int, accountant: str, before: list[Spend] | None = None,
+        neighbouring: str = ADD_REMOVE,
     ) -> float:
         """σ that makes this run's spend alone reach target_epsilon after `rounds` rounds,
-        together with the run's other releases `before` (the feature mean).
+        together with the run's other releases `before` (the feature mean, the count).
 
         Calibrated once per run and kept, so a restarted site keeps the same noise.
         """
@@ -103,19 +123,40 @@ class SiteState:
         if path.is_file():
             saved = json.loads(path.read_text())
             same_plan = (saved["sample_rate"], saved["steps_per_round"]) == (sample_rate, steps_per_round)
-            if same_plan and saved.get("before", []) == [list(s.as_tuple()) for s in before]:
+            if same_plan and saved.get("before", []) == [list(s.as_tuple()) for s in before] \
+                    and saved.get("neighbouring", ADD_REMOVE) == neighbouring:
                 return float(saved["noise_multiplier"])
         sigma = calibrate_noise_multiplier(
-            target_epsilon, delta, sample_rate, steps_per_round * rounds, accountant, before=before
+            target_epsilon, delta, sample_rate, steps_per_round * rounds, accountant, before=before,
+            neighbouring=neighbouring,
         )
         record = {
             "run_id": run_id, "noise_multiplier": sigma, "sample_rate": sample_rate,
             "steps_per_round": steps_per_round, "rounds": rounds,
             "target_epsilon": target_epsilon, "delta": delta, "accountant": accountant,
-            "before": [list(s.as_tuple()) for s in before],
+            "neighbouring": neighbouring, "before": [list(s.as_tuple()) for s in before],
         }
         _atomic_write(path, json.dumps(record, indent=2))
         return sigma
+
+    # -- the protected record count (add-remove) ----------------------------------
+
+    def data_digest(self, canonical: bytes) -> str:
+        """A digest of the site's data keyed by its secret signing key: it tells the site
+        whether its data changed since it released a count, and tells nobody else anything
+        (without the key, a guessed dataset cannot be confirmed against it)."""
+        secret = hashlib.sha256(b"fedshield record-count\0" + self.key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())).digest()
+        return hmac.new(secret, canonical, hashlib.sha256).hexdigest()
+
+    def released_count(self, digest: str) -> tuple[int, dict] | None:
+        """(the noisy count, its entry) this site released for the data of `digest`, if any."""
+        for e in reversed(self._entries):
+            if e.get("release") == COUNT_RELEASE and e.get("data_digest") == digest:
+                count = e.get("released_count")
+                if isinstance(count, int) and not isinstance(count, bool) and count >= 1:
+                    return count, e
+        return None
 
     def record_spend(self, fields: dict) -> dict:
         """Append the signed entry and fsync it; returns the entry as written."""

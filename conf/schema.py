@@ -23,6 +23,7 @@ DEVICES = ("auto", "cpu", "cuda")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 PRIVACY_MODES = ("none", "dp-sgd")
 ACCOUNTANTS = ("rdp", "prv")
+NEIGHBOURING = ("add-remove", "replace-one")  # privacy.accountant.NEIGHBOURING (tests check they agree)
 
 # federation.num_sites: the simulation is documented for 10 to 10,000 virtual sites on one
 # machine (each a Flower SuperNode with its own partition; bench/sim_scale.py measures 10
@@ -147,6 +148,15 @@ class PrivacyConfig:
     noise_multiplier: float | None = None
     max_grad_norm: float = 0.1
     accountant: str = "rdp"
+    # What "one record's difference" means in the guarantee. add-remove (default): one record
+    # added or removed, so that membership itself is protected; then the record count is
+    # protected too: each site releases it once, with Gaussian noise of std
+    # count_noise_multiplier (sensitivity 1, accounted in its ledger), and everything that
+    # leaves the site and depends on n (the FedAvg weight, q, steps, σ) is computed from that
+    # noisy count. replace-one: one record replaced by another; the exact count is public and
+    # ε is accounted under that relation (dp-accounting PLD, REPLACE_ONE): about twice the ε.
+    neighbouring: str = "add-remove"
+    count_noise_multiplier: float = 10.0
     # Feature centering's one release per site and run: the sum of the site's [CLS]
     # features, each clipped to center_clip_norm (None = the norm the model's final
     # LayerNorm gives a typical token: sqrt(|gamma|^2 + |beta|^2), public), plus Gaussian
@@ -368,6 +378,13 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
         ),
         _positive("privacy.max_grad_norm", p.max_grad_norm),
         _one_of("privacy.accountant", p.accountant, ACCOUNTANTS),
+        _one_of("privacy.neighbouring", p.neighbouring, NEIGHBOURING),
+        _check(
+            "privacy.count_noise_multiplier",
+            _finite(p.count_noise_multiplier) and p.count_noise_multiplier > 0,
+            "a finite number > 0 (std of the noise on the released record count)",
+            p.count_noise_multiplier,
+        ),
         _check(
             "privacy.center_noise_multiplier",
             p.center_noise_multiplier > 0 and math.isfinite(p.center_noise_multiplier),

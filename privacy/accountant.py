@@ -30,6 +30,14 @@ steps, and up to 40% larger in extreme regimes (σ=0.5, q=0.5, 100 steps: 146.7 
 Both are valid upper bounds; fedshield records the larger. PLD (pessimistic
 discretisation, also an upper bound) is tighter than RDP: typically 5-30% below it.
 
+Neighbouring relation (`neighbouring`): "add-remove" (one record added or removed; the
+relation of Opacus' analysis and of everything above) or "replace-one" (one record
+replaced by another; the dataset size is public). Under replace-one neither Opacus nor
+dp-accounting's RDP accountant analyses the Poisson-subsampled Gaussian; its ε is
+dp-accounting's PLD with `NeighboringRelation.REPLACE_ONE` (pessimistic discretisation: an
+upper bound), whatever `accountant` says. A history is accounted under one relation: the
+two ε are not comparable, and a site's ledger never mixes them (client/site.py).
+
 Edge cases: σ = 0 (no noise) gives ε = inf in every accountant; q = 0 or 0 steps spend
 nothing; q = 1 (full batch) is the plain Gaussian mechanism. Empty history -> ε = 0.0.
 Calibration is verified after the search, against the recorded (larger) ε.
@@ -50,6 +58,8 @@ from typing import Any
 from privacy.errors import FedShieldError
 
 ACCOUNTANTS = ("rdp", "prv")
+ADD_REMOVE, REPLACE_ONE = "add-remove", "replace-one"
+NEIGHBOURING = (ADD_REMOVE, REPLACE_ONE)
 
 # Exactly opacus.accountants.RDPAccountant.DEFAULT_ALPHAS (checked by the tests).
 OPACUS_RDP_ORDERS: list[float] = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
@@ -87,6 +97,11 @@ def _check_delta(delta: float) -> None:
 def _check_accountant(accountant: str) -> None:
     if accountant not in ACCOUNTANTS:
         raise FedShieldError(f"accountant {accountant!r}: allowed values are {', '.join(ACCOUNTANTS)}")
+
+
+def _check_neighbouring(neighbouring: str) -> None:
+    if neighbouring not in NEIGHBOURING:
+        raise FedShieldError(f"neighbouring relation {neighbouring!r}: allowed values are {', '.join(NEIGHBOURING)}")
 
 
 def _grouped(history: Sequence[Spend]) -> Grouped | None:
@@ -185,10 +200,13 @@ def _dp_rdp_cached(spends: Grouped, delta: float, orders: tuple[float, ...]) -> 
 
 
 @functools.lru_cache(maxsize=1024)
-def _dp_pld_cached(spends: Grouped, delta: float, interval: float) -> float:
+def _dp_pld_cached(spends: Grouped, delta: float, interval: float, neighbouring: str = ADD_REMOVE) -> float:
+    import dp_accounting
     from dp_accounting.pld import PLDAccountant
 
-    acc = PLDAccountant(value_discretization_interval=interval)
+    relation = (dp_accounting.NeighboringRelation.REPLACE_ONE if neighbouring == REPLACE_ONE
+                else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    acc = PLDAccountant(neighboring_relation=relation, value_discretization_interval=interval)
     for event in _events(spends):
         acc.compose(event)
     return float(acc.get_epsilon(delta))
@@ -206,24 +224,30 @@ PLD_DISCRETIZATION = 1e-4
 
 
 def epsilon_dp_accounting_pld(
-    history: Sequence[Spend], delta: float, value_discretization_interval: float = PLD_DISCRETIZATION
+    history: Sequence[Spend], delta: float, value_discretization_interval: float = PLD_DISCRETIZATION,
+    neighbouring: str = ADD_REMOVE,
 ) -> float:
-    """ε with dp-accounting's PLD accountant.
+    """ε with dp-accounting's PLD accountant, under the `neighbouring` relation.
 
     The PLD is built with pessimistic discretisation (dp-accounting's default), so the
     result is an upper bound on the true ε; the interval (1e-4 in privacy-loss units) only
     trades tightness for time.
     """
+    _check_neighbouring(neighbouring)
     interval = float(value_discretization_interval)
-    return _compose(history, delta, lambda spends: _dp_pld_cached(spends, float(delta), interval))
+    return _compose(history, delta, lambda spends: _dp_pld_cached(spends, float(delta), interval, neighbouring))
 
 
-def epsilon(history: Sequence[Spend], delta: float, accountant: str = "rdp") -> float:
+def epsilon(history: Sequence[Spend], delta: float, accountant: str = "rdp", neighbouring: str = ADD_REMOVE) -> float:
     """The ε fedshield records and budgets: the larger of the two implementations.
 
-    "rdp": max(Opacus RDP, dp-accounting RDP); "prv": max(Opacus PRV, dp-accounting PLD).
+    Add-remove: "rdp": max(Opacus RDP, dp-accounting RDP); "prv": max(Opacus PRV,
+    dp-accounting PLD). Replace-one: dp-accounting PLD under REPLACE_ONE (module docstring).
     """
     _check_accountant(accountant)
+    _check_neighbouring(neighbouring)
+    if neighbouring == REPLACE_ONE:
+        return epsilon_dp_accounting_pld(history, delta, neighbouring=REPLACE_ONE)
     ours = epsilon_opacus(history, delta, accountant)
     if accountant == "rdp":
         theirs = epsilon_dp_accounting_rdp(history, delta)
@@ -234,7 +258,7 @@ def epsilon(history: Sequence[Spend], delta: float, accountant: str = "rdp") -> 
 
 def calibrate_noise_multiplier(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp",
-    before: Sequence[Spend] = (),
+    before: Sequence[Spend] = (), neighbouring: str = ADD_REMOVE,
 ) -> float:
     """The σ that keeps `steps` steps at rate `sample_rate` within (target_epsilon, δ),
     composed after the spends `before` (another release of the same run, e.g. the feature
@@ -244,17 +268,44 @@ def calibrate_noise_multiplier(
     bisection over σ with Opacus' accountant on the composed history. Then checked: the
     returned σ gives `epsilon_opacus` <= target AND the recorded `epsilon` (the larger of
     both implementations) <= target; σ is raised in 0.1% steps until it does, or this raises.
+    Replace-one: the same bisection with the recorded ε (dp-accounting PLD, REPLACE_ONE),
+    from the add-remove σ (replacing a record is removing one and adding another: it needs
+    at least as much noise).
     """
     _check_delta(delta)
     _check_accountant(accountant)
+    _check_neighbouring(neighbouring)
     if not (isinstance(target_epsilon, numbers.Real) and 0 < target_epsilon < math.inf):
         raise FedShieldError(f"target_epsilon must be a positive finite number, got {target_epsilon!r}")
     Spend(1.0, sample_rate, steps)  # validates q and steps
     if steps == 0 or sample_rate == 0:
         raise FedShieldError(f"cannot calibrate noise for {steps} steps at sample rate {sample_rate}: nothing to spend")
     # Cached: in a simulation every virtual site of the same size asks the same question.
-    return _calibrate(float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant,
-                      tuple((s if isinstance(s, Spend) else Spend(*s)).as_tuple() for s in before))
+    before_tuples = tuple((s if isinstance(s, Spend) else Spend(*s)).as_tuple() for s in before)
+    if neighbouring == REPLACE_ONE:
+        return _calibrate_replace_one(float(target_epsilon), float(delta), float(sample_rate), int(steps),
+                                      accountant, before_tuples)
+    return _calibrate(float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant, before_tuples)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrate_replace_one(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                           before_tuples: tuple[tuple[float, float, int], ...]) -> float:
+    before = [Spend(*t) for t in before_tuples]
+    spent = epsilon(before, delta, accountant, REPLACE_ONE) if before else 0.0
+    if spent >= target_epsilon:
+        raise FedShieldError(
+            f"the run's other releases alone spend ε={spent:.4g} >= target ε={target_epsilon:g} "
+            f"(δ={delta:g}, replace-one); nothing is left for training"
+        )
+    start = _calibrate(target_epsilon, delta, sample_rate, steps, accountant, ())
+    sigma = _bisect_sigma(
+        lambda s: epsilon([*before, Spend(s, sample_rate, steps)], delta, accountant, REPLACE_ONE),
+        target_epsilon, start,
+    )
+    if epsilon([*before, Spend(sigma, sample_rate, steps)], delta, accountant, REPLACE_ONE) > target_epsilon:
+        raise FedShieldError(f"calibration failed under replace-one: σ={sigma!r} exceeds ε={target_epsilon:g}")
+    return sigma
 
 
 @functools.lru_cache(maxsize=256)
@@ -318,8 +369,8 @@ def _bisect_sigma(eps_of: Callable[[float], float], target: float, lower: float)
 
 
 def planned_epsilon(
-    history: Sequence[Spend], planned: Spend, delta: float, accountant: str = "rdp"
+    history: Sequence[Spend], planned: Spend, delta: float, accountant: str = "rdp", neighbouring: str = ADD_REMOVE,
 ) -> float:
     """The recorded ε (`epsilon`) after `history` plus the `planned` spend: what a site
     checks against its budget before it trains."""
-    return epsilon([*history, planned], delta, accountant)
+    return epsilon([*history, planned], delta, accountant, neighbouring)

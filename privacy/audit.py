@@ -9,7 +9,9 @@ Input: a run directory (`<run>/privacy/ledger.jsonl`), a site state folder
    the recorded ε, each site's cumulative ε after every entry with Google's dp-accounting:
    RDP (Opacus' orders) and, per site at the end (and per entry for "prv" entries), PLD.
 3. Flag every entry whose recorded ε is below the recomputation of its accountant
-   ("rdp": dp-accounting RDP; "prv": dp-accounting PLD) by more than 1e-6 relative, and
+   ("rdp": dp-accounting RDP; "prv": dp-accounting PLD) under its neighbouring relation
+   (add-remove; replace-one: dp-accounting PLD with REPLACE_ONE, the only analysis of
+   the Poisson-subsampled Gaussian under that relation) by more than 1e-6 relative, and
    every site whose ε (the larger of recorded and recomputed) is past its budget.
 
 Keys: the public halves of the sites' ledger signing keys (P-256, `<state-dir>/site.pub`;
@@ -29,9 +31,9 @@ from pathlib import Path
 from typing import Any, TypedDict, TypeGuard
 
 from privacy import signing
-from privacy.accountant import Spend, epsilon_dp_accounting_pld, epsilon_dp_accounting_rdp
+from privacy.accountant import REPLACE_ONE, Spend, epsilon_dp_accounting_pld, epsilon_dp_accounting_rdp
 from privacy.errors import FedShieldError
-from privacy.ledger import Entry, Ledger, VerifyResult, verify_ledger
+from privacy.ledger import Entry, Ledger, VerifyResult, neighbouring_of, verify_ledger
 
 TOLERANCE = 1e-6  # relative: recorded ε may not be below the recomputation by more than this
 RUN_KEY_DIRS = ("ledger-keys", "site-keys")  # under <run>/privacy/: the current name, then the old one
@@ -46,8 +48,9 @@ class EntryCheck(TypedDict):
     round: Any
     accountant: Any
     recorded: Any
-    rdp: float | None  # dp-accounting RDP ε after this entry; None: it cannot be recomputed
-    pld: float | None  # dp-accounting PLD ε, for "prv" entries
+    neighbouring: str  # the relation the entry is accounted (and recomputed) under
+    rdp: float | None  # dp-accounting RDP ε after this entry; None: not recomputed (or replace-one)
+    pld: float | None  # dp-accounting PLD ε, for "prv" and replace-one entries
     reference: float | None  # the recomputation the recorded ε is checked against
     flag: str
 
@@ -64,6 +67,7 @@ class SiteAudit:
     max_grad_norms: list[float]
     deltas: list[float]
     accountants: list[str]
+    neighbouring: str  # the relation of the site's chain (one per chain: verify_ledger)
     recorded_epsilon: float
     rdp_epsilon: float  # dp-accounting RDP over the entries in this ledger
     pld_epsilon: float  # dp-accounting PLD over the entries in this ledger
@@ -250,7 +254,7 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
         site = str(e.get("site"))
         row: EntryCheck = {"index": i, "site": site, "run_id": e.get("run_id"), "round": e.get("round"),
                "accountant": e.get("accountant"), "recorded": e.get("epsilon"),
-               "rdp": None, "pld": None, "reference": None, "flag": ""}
+               "neighbouring": neighbouring_of(e), "rdp": None, "pld": None, "reference": None, "flag": ""}
         per_entry.append(row)
         try:
             spend = Spend(e["noise_multiplier"], e["sample_rate"], e["steps"])
@@ -263,11 +267,12 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
             continue
         h = history.setdefault(site, [])
         h.append(spend)
-        rdp = row["rdp"] = epsilon_dp_accounting_rdp(h, delta)
-        if e.get("accountant") == "prv":
-            ref = row["pld"] = epsilon_dp_accounting_pld(h, delta)
+        relation = neighbouring_of(e)
+        if relation == REPLACE_ONE:
+            ref = row["pld"] = epsilon_dp_accounting_pld(h, delta, neighbouring=REPLACE_ONE)
         else:
-            ref = rdp
+            rdp = row["rdp"] = epsilon_dp_accounting_rdp(h, delta)
+            ref = row["pld"] = epsilon_dp_accounting_pld(h, delta) if e.get("accountant") == "prv" else rdp
         row["reference"] = ref
         rec = e.get("epsilon")
         if not _is_number(rec) or (math.isfinite(ref) and rec < ref * (1 - TOLERANCE)) or (
@@ -276,20 +281,22 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
             row["flag"] = "under-reported ε"
             flags.append(
                 f"entry {i} (round {e.get('round')!r}, site {site!r}): recorded ε={rec!r} is below the "
-                f"recomputed {'PLD' if e.get('accountant') == 'prv' else 'RDP'} ε={ref:.6g} "
-                f"(σ={spend.noise_multiplier:g}, q={spend.sample_rate:g}, {spend.steps} steps so far)"
+                f"recomputed {'RDP' if row['rdp'] is not None and row['pld'] is None else 'PLD'} ε={ref:.6g} "
+                f"({relation}, "
+                f"σ={spend.noise_multiplier:g}, q={spend.sample_rate:g}, {spend.steps} steps so far)"
             )
 
     sites: dict[str, SiteAudit] = {}
     for site in site_names:
         mine = [e for e in entries if isinstance(e, dict) and str(e.get("site")) == site]
-        rows = [r for r in per_entry if r["site"] == site and r["rdp"] is not None]
+        rows = [r for r in per_entry if r["site"] == site and r["reference"] is not None]
         h = history.get(site, [])
         last = mine[-1]
+        relation = neighbouring_of(last)
         last_delta = last.get("delta")
         site_delta = float(last_delta) if _is_number(last_delta) and 0 < last_delta < 1 else None
-        pld = epsilon_dp_accounting_pld(h, site_delta) if (h and site_delta) else 0.0
-        rdp = (rows[-1]["rdp"] or 0.0) if rows else 0.0
+        pld = epsilon_dp_accounting_pld(h, site_delta, neighbouring=relation) if (h and site_delta) else 0.0
+        rdp = (rows[-1]["rdp"] or 0.0) if rows and relation != REPLACE_ONE else math.nan
         last_epsilon = last.get("epsilon")
         recorded = float(last_epsilon) if _is_number(last_epsilon) else math.nan
         s = SiteAudit(
@@ -302,6 +309,7 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
             max_grad_norms=sorted({e["max_grad_norm"] for e in mine if _is_number(e.get("max_grad_norm"))}),
             deltas=sorted({e["delta"] for e in mine if _is_number(e.get("delta"))}),
             accountants=sorted({str(e.get("accountant")) for e in mine}),
+            neighbouring=relation,
             recorded_epsilon=recorded, rdp_epsilon=rdp, pld_epsilon=pld,
             partial=site in verify.partial_sites,
             key_fingerprint=str(last.get("key_fingerprint", "")),

@@ -136,7 +136,7 @@ def _site_books(state: Path) -> str:
 
 def _fmt(x: object) -> str:
     if isinstance(x, float):
-        return "inf" if math.isinf(x) else f"{x:.4f}"
+        return "inf" if math.isinf(x) else "n/a" if math.isnan(x) else f"{x:.4f}"
     return "-" if x is None else str(x)
 
 
@@ -147,8 +147,8 @@ def _print_summary(result: AuditResult, md: Path, html: Path) -> None:
           f"chain: {'ok' if v.ok else 'BROKEN'}, signatures: "
           + (f"{v.checked.get('signatures', 0)} verified" if v.signatures_checked else "NOT CHECKED"))
     print(f"keys: {result.key_note}")
-    head = (f"{'site':<20} {'entries':>7} {'steps':>7} {'δ':>9} {'acct':>5} {'ε recorded':>11} {'ε RDP':>9} "
-            f"{'ε PLD':>9} {'budget':>8}  status")
+    head = (f"{'site':<20} {'entries':>7} {'steps':>7} {'δ':>9} {'acct':>5} {'neighbouring':>12} {'ε recorded':>11} "
+            f"{'ε RDP':>9} {'ε PLD':>9} {'budget':>8}  status")
     print(head)
     for name, s in sorted(result.sites.items()):
         flagged = any(r["flag"] for r in result.entries if r["site"] == name)
@@ -156,7 +156,8 @@ def _print_summary(result: AuditResult, md: Path, html: Path) -> None:
         if s.partial:
             status += " (partial history)"
         print(f"{name:<20} {s.entries:>7} {s.steps:>7} {','.join(f'{d:g}' for d in s.deltas):>9} "
-              f"{','.join(s.accountants):>5} {_fmt(s.recorded_epsilon):>11} {_fmt(s.rdp_epsilon):>9} "
+              f"{','.join(s.accountants):>5} {s.neighbouring:>12} {_fmt(s.recorded_epsilon):>11} "
+              f"{_fmt(s.rdp_epsilon):>9} "
               f"{_fmt(s.pld_epsilon):>9} {_fmt(s.budget):>8}  {status}")
     for n in result.notes:
         print(f"note: {n}")

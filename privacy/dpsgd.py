@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -37,20 +38,35 @@ def make_private(
     max_grad_norm: float,
     grad_sample_mode: str = "hooks",
     accountant: str = "rdp",
+    sample_rate: float | None = None,
+    expected_batch_size: int | None = None,
 ) -> PrivateTraining:
-    """Wrap module/optimizer/loader for DP-SGD. `module` must be in train mode."""
+    """Wrap module/optimizer/loader for DP-SGD. `module` must be in train mode.
+
+    `sample_rate`: the Poisson rate q (default: Opacus' 1 / len(loader), which is a function
+    of the exact record count). Given, the loader is Opacus' own `DPDataLoader` at that rate
+    (1 / q steps per epoch), and `expected_batch_size` replaces Opacus' int(n q) as the
+    divisor of each step's noisy sum: with q and the divisor computed from a released
+    (noisy) count, nothing in the update is a function of the exact count."""
     module.train()
     engine = PrivacyEngine(accountant=accountant)
     criterion = nn.CrossEntropyLoss()
+    poisson = True
+    if sample_rate is not None:
+        loader = DPDataLoader(loader.dataset, sample_rate=sample_rate, generator=loader.generator)
+        poisson = False  # the loader samples already; Opacus keeps it as it is
     common = dict(
         module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode,
+        max_grad_norm=max_grad_norm, poisson_sampling=poisson, grad_sample_mode=grad_sample_mode,
     )
     if grad_sample_mode == "ghost":  # ghost clipping wraps the loss too (two backward passes)
         m, opt, crit, dl = engine.make_private(criterion=criterion, **common)
-        return PrivateTraining(m, opt, dl, crit, engine)
-    m, opt, dl = engine.make_private(**common)
-    return PrivateTraining(m, opt, dl, criterion, engine)
+    else:
+        m, opt, dl = engine.make_private(**common)
+        crit = criterion
+    if expected_batch_size is not None:
+        opt.expected_batch_size = int(expected_batch_size)
+    return PrivateTraining(m, opt, dl, crit, engine)
 
 
 def spends(engine: PrivacyEngine) -> list[tuple[float, float, int]]:

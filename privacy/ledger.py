@@ -4,6 +4,8 @@ One line per privacy spend (one DP-SGD segment: σ, q, steps). Fields of an entr
 
     run_id, round, site, mechanism ("dp-sgd-poisson-gaussian"), privacy_unit ("record"),
     noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant ("rdp"|"prv"),
+    neighbouring  "add-remove" | "replace-one" (absent in entries written before it existed:
+              add-remove, the relation they were accounted under); one per site's chain
     epsilon   cumulative ε of this site after this spend, over ALL of this site's entries
               in the ledger it was appended to (the site's own ledger: every round, run
               and restart), computed by `privacy.accountant.epsilon` (the larger of Opacus
@@ -59,7 +61,7 @@ from types import TracebackType
 from typing import Any, TypeGuard
 
 from privacy import signing
-from privacy.accountant import ACCOUNTANTS, Spend, epsilon
+from privacy.accountant import ACCOUNTANTS, ADD_REMOVE, NEIGHBOURING, Spend, epsilon
 from privacy.errors import LedgerError
 from privacy.files import write_fully
 
@@ -165,8 +167,14 @@ class Ledger:
                         f"ledger {self.path}: site {site}: round {entry['round']} after round {last['round']} "
                         f"of run {entry['run_id']}"
                     )
+            relation = neighbouring_of(entry)
+            if last is not None and neighbouring_of(last) != relation:
+                raise LedgerError(
+                    f"ledger {self.path}: site {site}'s spends are accounted under {neighbouring_of(last)}; "
+                    f"a spend under {relation} cannot join them (the two ε do not compose)"
+                )
             spend = _spend(entry)
-            eps = epsilon([*(_spend(e) for e in mine), spend], float(entry["delta"]), entry["accountant"])
+            eps = epsilon([*(_spend(e) for e in mine), spend], float(entry["delta"]), entry["accountant"], relation)
             given = entry.get("epsilon")
             entry["epsilon"] = float(eps) if given is None else max(float(given), float(eps))
             entry["seq"] = int(last["seq"]) + 1 if last is not None else 0
@@ -327,6 +335,11 @@ def site_history(entries: list[Entry], site: str) -> list[Spend]:
     return [_spend(e) for e in entries if e.get("site") == site]
 
 
+def neighbouring_of(e: Entry) -> str:
+    """The neighbouring relation an entry is accounted under (add-remove if it predates the field)."""
+    return str(e.get("neighbouring", ADD_REMOVE))
+
+
 def _spend(e: Entry) -> Spend:
     try:
         return Spend(e["noise_multiplier"], e["sample_rate"], e["steps"])
@@ -377,6 +390,8 @@ def _field_problem(e: Entry, need_epsilon: bool = True) -> str:
         return f"privacy_unit {e.get('privacy_unit')!r} is not {PRIVACY_UNIT!r}"
     if e.get("accountant") not in ACCOUNTANTS:
         return f"accountant {e.get('accountant')!r} is not one of {', '.join(ACCOUNTANTS)}"
+    if neighbouring_of(e) not in NEIGHBOURING:
+        return f"neighbouring {e.get('neighbouring')!r} is not one of {', '.join(NEIGHBOURING)}"
     s, q, t = e.get("noise_multiplier"), e.get("sample_rate"), e.get("steps")
     if not (_real(s) and math.isfinite(s) and s >= 0):
         return f"noise_multiplier must be a finite number >= 0, got {s!r}"
@@ -503,7 +518,10 @@ def verify_ledger(entries: list[Entry], public_keys: dict[str, signing.PublicKey
                       "rounds went backwards")
         if isinstance(e["round"], int):
             last_round[rk] = max(e["round"], last_round.get(rk, e["round"]))
-        # 5. cumulative ε never decreases (at the same δ and accountant)
+        # 5. one neighbouring relation per chain; cumulative ε never decreases (same δ and accountant)
+        if prev is not None and neighbouring_of(prev) != neighbouring_of(e):
+            bad(i, e, f"accounted under {neighbouring_of(e)} after spends under {neighbouring_of(prev)}: "
+                      "one site's ε is composed under one relation")
         if prev is not None and _real(e.get("epsilon")) and _real(prev.get("epsilon")):
             if (e.get("delta"), e.get("accountant")) == (prev.get("delta"), prev.get("accountant")):
                 if e["epsilon"] < prev["epsilon"]:

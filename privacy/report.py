@@ -90,6 +90,7 @@ def _sections(result: AuditResult) -> tuple[list[tuple[str, list[str]]], list[st
 
     deltas = sorted({d for s in result.sites.values() for d in s.deltas})
     accountants = sorted({a for s in result.sites.values() for a in s.accountants})
+    relations = sorted({s.neighbouring for s in result.sites.values()})
     model = [
         "Privacy unit: one record (one training example) of a site: sample-level DP, stated per site. "
         "Each site's guarantee covers that site's own records only.",
@@ -99,7 +100,10 @@ def _sections(result: AuditResult) -> tuple[list[tuple[str, list[str]]], list[st
         "each clipped to C, plus Gaussian noise σ·C: the same mechanism with q = 1 and one step.",
         "Sampling assumption: Poisson sampling: each step includes each record independently with "
         "probability q (the sample rate); the analysis is the Poisson-subsampled Gaussian mechanism under "
-        "add-or-remove-one-record adjacency.",
+        f"the neighbouring relation each site's entries state: {_list(relations)}. add-remove: one record "
+        "added or removed; the site's record count is protected (released once, with Gaussian noise, as the "
+        "release=record-count entry; q, steps, σ and the FedAvg weight are computed from that noisy count). "
+        "replace-one: one record replaced by another; the record count is public.",
         f"δ: {_list(deltas)}.",
         f"Accountant recorded by the sites: {', '.join(a.upper() for a in accountants)} (Opacus; fedshield records "
         "the larger of Opacus and dp-accounting), composed over every spend in the site's ledger, never reset per "

@@ -46,6 +46,7 @@ log = logging.getLogger("fedshield.server")
 
 REJECTED_ENTRIES = "rejected-entries.jsonl"  # <run>/privacy/: entries that did not verify, kept apart
 RELEASE_SPEND = Expected(sample_rate=1.0, steps=1)  # the feature-mean release (task.centering)
+COUNT_SPEND = Expected(sample_rate=1.0, steps=1)  # the record count's release (add-remove; client/app.py)
 
 
 def say(text: str) -> None:
@@ -101,8 +102,35 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
                 continue
             taken[hello.site] = node
             sites[node] = {"site": hello.site, "n": hello.num_examples, "public_key": hello.ledger_public_key,
-                           "key": key}
+                           "key": key, "entries": hello.ledger_entries}
     return sites
+
+
+def check_released_counts(sites: dict[int, dict], books: LedgerCheck, refused: list[str]
+                          ) -> tuple[list[tuple[str, tuple]], list[tuple[str, tuple]]]:
+    """Each site's record-count release (add-remove: sent with its HELLO in the run that
+    spent it) checked like any spend, and its released count equal to the count it declared.
+    A site whose entries fail is refused (removed from `sites`); returns the entries to
+    record and those to keep apart, by site."""
+    counted, apart = [], []
+    for node, s in sorted(sites.items()):
+        entries = tuple(s.pop("entries", ()))
+        if not entries:
+            continue  # no DP, replace-one, or the count was released in an earlier run
+        verdict = books.check(s["site"], 0, entries, COUNT_SPEND)
+        problem = verdict.problem
+        if problem is None and any(e.get("release") != "record-count" or e.get("released_count") != s["n"]
+                                   for e in entries):
+            problem = f"its count release does not say the {s['n']} records it declared"
+        if problem:
+            why = f"site {s['site']}: not joining: its record-count release was refused: {problem}"
+            say(why)
+            refused.append(why)
+            apart.append((s["site"], entries))
+            del sites[node]
+        else:
+            counted.append((s["site"], verdict.new_entries))
+    return counted, apart
 
 
 def _simulated_nodes(grid: Grid, expected: int, settle_s: float) -> list[int]:
@@ -292,20 +320,30 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         raise FedShieldError(
             f"only {len(sites)} site(s) can join, fewer than federation.min_sites={cfg.federation.min_sites}"
         )
+    books = LedgerCheck(run_dir.name, {s["site"]: s["key"] for s in sites.values()},
+                        dp=cfg.privacy.mode == "dp-sgd", delta=float(cfg.privacy.delta),
+                        accountant=str(cfg.privacy.accountant), neighbouring=str(cfg.privacy.neighbouring))
+    if ckpt is not None:
+        problem = books.restore(read_jsonl(run_dir / "privacy" / "ledger.jsonl"))
+        if problem:
+            raise checkpoint.CheckpointError(f"cannot resume {run_dir.name}: {problem}")
+    counted, apart = check_released_counts(sites, books, refused)
+    if len(sites) < cfg.federation.min_sites:
+        raise FedShieldError(
+            f"only {len(sites)} site(s) can join, fewer than federation.min_sites={cfg.federation.min_sites}"
+        )
     for s in sites.values():
         (run_dir / "privacy" / LEDGER_KEYS / f"{s['site']}.pub").write_text(s["public_key"])
     listed = sorted(sites.values(), key=lambda s: s["site"])
     say(f"{len(sites)} sites: " + ", ".join(f"{s['site']} (n={s['n']})" for s in listed))
 
     rounds = RoundLog(run_dir, cfg, sites)
-    books = LedgerCheck(run_dir.name, {s["site"]: s["key"] for s in sites.values()},
-                        dp=cfg.privacy.mode == "dp-sgd", delta=float(cfg.privacy.delta),
-                        accountant=str(cfg.privacy.accountant))
+    for site, entries in apart:
+        rounds.keep_apart(site, entries)
+    for site, entries in counted:
+        rounds.record(site, entries)
     center = None
     if ckpt is not None:
-        problem = books.restore(read_jsonl(run_dir / "privacy" / "ledger.jsonl"))
-        if problem:
-            raise checkpoint.CheckpointError(f"cannot resume {run_dir.name}: {problem}")
         rounds.restore(ckpt)
         initial, center = ckpt.weights, ckpt.center
         say(f"resuming after round {ckpt.server_round} of {cfg.federation.rounds}")

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from privacy import signing
-from privacy.accountant import Spend, epsilon
-from privacy.ledger import verify_ledger
+from privacy.accountant import ADD_REMOVE, Spend, epsilon
+from privacy.ledger import neighbouring_of, verify_ledger
 
 TOLERANCE = 1e-6  # relative, as the audit's
 
@@ -65,13 +65,14 @@ class LedgerCheck:
         Site -> its ledger signing public key, from discovery.
     dp : bool
         Whether the run's plan is record-level DP: then every release needs its entries.
-    delta, accountant : float, str
-        The plan's δ and accountant; entries must use them.
+    delta, accountant, neighbouring : float, str, str
+        The plan's δ, accountant and neighbouring relation; entries must use them.
     """
 
     def __init__(self, run_id: str, public_keys: Mapping[str, signing.PublicKey], *, dp: bool,
-                 delta: float, accountant: str) -> None:
+                 delta: float, accountant: str, neighbouring: str = ADD_REMOVE) -> None:
         self.run_id = run_id
+        self.neighbouring = neighbouring
         self.public_keys = dict(public_keys)
         self.dp = dp
         self.delta = float(delta)
@@ -130,6 +131,9 @@ class LedgerCheck:
                     or not 0 < e["delta"] <= self.delta:
                 return (f"a ledger entry is at δ={e.get('delta')!r} with {e.get('accountant')!r}; the run allows "
                         f"δ <= {self.delta:g} with {self.accountant!r}")
+            if neighbouring_of(e) != self.neighbouring:
+                return (f"a ledger entry is accounted under {neighbouring_of(e)}; the run's relation is "
+                        f"{self.neighbouring}")
         history = [*self.accepted[site], *fresh]
         verified = verify_ledger(history, {site: self.public_keys[site]})
         if not verified.ok:
@@ -144,7 +148,7 @@ class LedgerCheck:
             if any(s.noise_multiplier <= 0 for s in spends):
                 return "a ledger entry records noise multiplier 0: no DP"
         floor = epsilon([Spend(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in history],
-                        float(entries[-1]["delta"]), self.accountant)
+                        float(entries[-1]["delta"]), self.accountant, self.neighbouring)
         recorded = float(entries[-1]["epsilon"])
         if recorded < floor * (1 - TOLERANCE):
             return f"its ledger records ε={recorded:.6g}, below the {floor:.6g} that this run's entries alone cost"

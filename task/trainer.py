@@ -34,6 +34,11 @@ class LocalPlan:
     grad_sample_mode: str = "hooks"
     accountant: str = "rdp"
     proximal_mu: float = 0.0
+    # DP: the Poisson rate, from the count the site released (None: from the data, 1 /
+    # batches_per_epoch(len(dataset))). Steps per epoch are 1 / q and every step's noisy sum
+    # is divided by round(q * count): no figure of the update depends on the exact count.
+    sample_rate: float | None = None
+    expected_batch_size: int | None = None
 
 
 def batches_per_epoch(n: int, batch_size: int) -> int:
@@ -93,6 +98,8 @@ def train_local(
             max_grad_norm=plan.max_grad_norm,
             grad_sample_mode=plan.grad_sample_mode,
             accountant=plan.accountant,
+            sample_rate=plan.sample_rate,
+            expected_batch_size=plan.expected_batch_size,
         )
         module, optimizer, loader = private.module, private.optimizer, private.loader
         criterion, engine = private.criterion, private.engine

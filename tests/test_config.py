@@ -100,7 +100,7 @@ FINITE_KEYS = [
     "training.learning_rate", "privacy.target_epsilon", "privacy.delta", "privacy.noise_multiplier",
     "privacy.max_grad_norm", "privacy.center_noise_multiplier", "privacy.center_clip_norm",
     "privacy.budget_epsilon", "privacy.min_noise_multiplier", "simulation.client_cpus", "simulation.client_gpus",
-    "federation.trim_fraction", "federation.update_norm_bound",
+    "federation.trim_fraction", "federation.update_norm_bound", "privacy.count_noise_multiplier",
 ]  # fmt: skip
 
 

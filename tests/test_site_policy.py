@@ -61,6 +61,11 @@ def site_data(tmp_path):
     ({"privacy.noise_multiplier": 0.3}, {"privacy.min_noise_multiplier": 1.0},
      "privacy.noise_multiplier=0.3: below this site's minimum 1"),
     ({"privacy.center_noise_multiplier": 0.5}, {}, "privacy.center_noise_multiplier=0.5: below this site's 4"),
+    ({"privacy.neighbouring": "replace-one"}, {}, "privacy.neighbouring='replace-one': this site accounts under "
+                                                   "'add-remove'"),
+    ({"privacy.neighbouring": "add-remove"}, {"privacy.neighbouring": "replace-one"},
+     "privacy.neighbouring='add-remove': this site accounts under 'replace-one'"),
+    ({"privacy.count_noise_multiplier": 1.0}, {}, "privacy.count_noise_multiplier=1: below this site's 10"),
 ])
 def test_a_hostile_plan_is_declined_field_by_field_and_nothing_is_spent_or_released(
         tiny_bert, site_data, tmp_path, hostile, policy, says):
@@ -84,6 +89,8 @@ def test_a_stricter_plan_is_used_and_the_sites_noise_floor_holds(tiny_bert, site
     plan, weights = coordinator_plan(tiny_bert, site_data, tmp_path, **{"privacy.target_epsilon": 4})
     got = ask_to_train(plan, weights, deployed(tmp_path, site_data, **{"privacy.min_noise_multiplier": 3.0}))
     assert isinstance(got, protocol.TrainReply), got
-    [entry] = spent(tmp_path)
+    count, entry = spent(tmp_path)  # no HELLO first: the round released the protected count too
+    assert count["release"] == "record-count" and got.num_examples == count["released_count"]
+    assert [e["hash"] for e in got.ledger_entries] == [count["hash"], entry["hash"]]
     assert entry["noise_multiplier"] >= 3.0  # calibration for ε=4 over 2 rounds needs less: the floor wins
     assert entry["epsilon"] <= 4.0
