@@ -338,7 +338,7 @@ def _feature_sum(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     total = centering.noisy_feature_sum(view, dataset, clip, noise_std, generator, device)
     entries = _record(site, plan.run_id, 0, [spend], clip, {"release": "feature-mean"}) if spend else []
     return protocol.feature_sum_reply(msg, site=site.name, num_examples=n, feature_sum=total,
-                                      ledger_entries=count_entries + entries)
+                                      ledger_entries=_with_unreported(site, plan.run_id, count_entries + entries))
 
 
 @app.query(protocol.DONE_HANDLER)
@@ -369,7 +369,7 @@ def train_round(msg: Message, plan: protocol.Plan, site: Site) -> Message:
         log.warning("%s: round %s of run %s was released already; sending the same reply again (no new spend)",
                     site.name, plan.server_round, plan.run_id)
         return protocol.train_reply(msg, site=site.name, arrays=arrays, num_examples=int(meta["num_examples"]),
-                                    ledger_entries=entries)
+                                    ledger_entries=_with_unreported(site, plan.run_id, entries))
     device = _device(cfg)
     view, dataset = _prepare(site, plan, device)
     view.load_trainable(weights)
@@ -427,7 +427,19 @@ def train_round(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     # The loss and the time are noiseless functions of the private data: they stay here.
     log.info("%s: round %s trained: mean loss %.4f, %.1fs", site.name, plan.server_round, result.mean_loss,
              time.time() - t0)
-    return protocol.train_reply(msg, site=site.name, arrays=arrays, num_examples=n, ledger_entries=entries)
+    return protocol.train_reply(msg, site=site.name, arrays=arrays, num_examples=n,
+                                ledger_entries=_with_unreported(site, plan.run_id, entries))
+
+
+def _with_unreported(site: Site, run_id: str, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A reply's entries, after any of this run's spends that a crash interrupted and the
+    site has since counted (client/site.py), in ledger order, each once."""
+    late = site.state.take_unreported(run_id)
+    if late:
+        log.warning("%s: reporting %d interrupted spend(s) counted after a crash (seq %s)", site.name, len(late),
+                    ", ".join(str(e.get("seq")) for e in late))
+    merged = {e["hash"]: e for e in [*late, *entries]}
+    return sorted(merged.values(), key=lambda e: int(e["seq"]))
 
 
 def _request_digest(plan: protocol.Plan, weights: Mapping[str, Any]) -> str:

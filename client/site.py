@@ -72,7 +72,10 @@ class SiteState:
         this reading, and the entries this state appends. A torn last line from a crash is
         set aside and reported."""
         read = self.ledger.recover()
-        self.recovery_message = read.message if read.truncated_bytes else ""
+        self.recovery_message = read.message if read.truncated_bytes or read.recovered else ""
+        if read.recovered:  # interrupted spends, now counted: the coordinator hears of them in the next reply
+            marks = self._unreported_hashes() + [str(e.get("hash")) for e in read.recovered]
+            _atomic_write(self._unreported_path(), json.dumps(marks) + "\n")
         # The site's own books must verify, whole, before it decides anything with them.
         self.ledger.check_own(self.site, self.key.public_key(), read.entries)
         self._history = site_history(read.entries, self.site)
@@ -84,6 +87,26 @@ class SiteState:
     def history(self) -> list[Spend]:
         """This site's spends, oldest first, as of the last `refresh` and own appends."""
         return list(self._history)
+
+    def _unreported_path(self) -> Path:
+        return self.dir / "ledger.jsonl.unreported"
+
+    def _unreported_hashes(self) -> list[str]:
+        try:
+            marks = json.loads(self._unreported_path().read_text())
+        except (OSError, ValueError):
+            return []
+        return [str(h) for h in marks] if isinstance(marks, list) else []
+
+    def take_unreported(self, run_id: str) -> list[dict]:
+        """Spends that a crash interrupted and `refresh` counted, to go with the next reply of
+        `run_id` (entries of another run stay in this ledger only: the site's own books)."""
+        marks = self._unreported_hashes()
+        if not marks:
+            return []
+        found = [e for e in self._entries if e.get("hash") in marks and e.get("run_id") == run_id]
+        self._unreported_path().unlink(missing_ok=True)
+        return found
 
     def entries(self) -> list[dict]:
         """This site's ledger entries, oldest first (as `history`)."""

@@ -39,9 +39,14 @@ the site's own ledger is the authority.
 
 Durability: each entry is written with one write() to a file opened O_APPEND, then
 flush + fsync (and the directory is fsynced when the file is created): spend before
-release. A crash can only cut the last line; `read` keeps every whole line and reports
-the cut tail, `recover` sets the tail aside in `<ledger>.torn-<timestamp>` and rewrites
-the ledger atomically. A damaged line in the middle is not recoverable: LedgerError.
+release. Before that write, the whole signed line is saved in `<ledger>.pending` (atomic,
+fsynced), and removed once the line and the head record are on disk. A crash can only
+cut the last line; `read` keeps every whole line and reports the cut tail, `recover` sets
+the tail aside in `<ledger>.torn-<timestamp>`, rewrites the ledger atomically, and then
+**counts the interrupted spend as spent**: a pending line that the ledger does not hold is
+appended as it was signed (over-count, never under-count: the crash may have come before
+or after anything left the process). A damaged line in the middle is not recoverable:
+LedgerError.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ class LedgerRead:
     message: str = ""
     truncated_at: int | None = None  # byte offset where the cut tail starts
     missing_newline: bool = False  # the last entry is whole but lacks its newline
+    recovered: list[Entry] = field(default_factory=list)  # interrupted spends booked by `recover`
 
 
 class Ledger:
@@ -120,19 +126,46 @@ class Ledger:
 
     def _recover_locked(self) -> LedgerRead:
         r = self.read()
-        if not r.truncated_bytes and not r.missing_newline:
-            return r
-        data = self.path.read_bytes()
-        if r.truncated_bytes:
-            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-            torn = self.path.with_name(f"{self.path.name}.torn-{stamp}")
-            _write_atomic(torn, data[r.truncated_at:])
-            keep = data[: r.truncated_at]
-            r.message += f"; the lost bytes are kept in {torn}"
-        else:
-            keep = data + b"\n"
-        _write_atomic(self.path, keep)
+        if r.truncated_bytes or r.missing_newline:
+            data = self.path.read_bytes()
+            if r.truncated_bytes:
+                stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+                torn = self.path.with_name(f"{self.path.name}.torn-{stamp}")
+                _write_atomic(torn, data[r.truncated_at:])
+                keep = data[: r.truncated_at]
+                r.message += f"; the lost bytes are kept in {torn}"
+            else:
+                keep = data + b"\n"
+            _write_atomic(self.path, keep)
+        self._book_pending(r)
         return r
+
+    @property
+    def pending_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".pending")
+
+    def _book_pending(self, r: LedgerRead) -> None:
+        """A spend whose write was interrupted is counted: appended as it was signed."""
+        if not self.pending_path.is_file():
+            return
+        line = self.pending_path.read_bytes()
+        entry = _parse_line(line.strip())
+        if entry is None:  # the crash came while the pending copy itself was written: nothing was appended
+            self.pending_path.unlink()
+            return
+        if any(e.get("hash") == entry.get("hash") for e in r.entries):
+            self.pending_path.unlink()  # the write had completed
+            return
+        mine = [e for e in r.entries if e.get("site") == entry.get("site")]
+        if (mine[-1]["hash"] if mine else GENESIS) != entry.get("prev_hash"):
+            raise LedgerError(f"ledger {self.path}: {self.pending_path.name} does not continue the ledger; "
+                              "restore ledger.jsonl from a backup (docs/site-operator.md)")
+        self._write_line(line if line.endswith(b"\n") else line + b"\n")
+        r.entries.append(entry)
+        r.recovered.append(entry)
+        r.message += (f"; the interrupted spend of run {entry.get('run_id')} round {entry.get('round')} "
+                      f"(seq {entry.get('seq')}) is counted as spent")
+        self.pending_path.unlink()
 
     def history(self, site: str) -> list[Spend]:
         return site_history(self.read().entries, site)
@@ -185,8 +218,10 @@ class Ledger:
             entry["hash"] = entry_hash(entry)
             entry["signature"] = base64.b64encode(signing.sign(key, entry["hash"].encode("ascii"))).decode("ascii")
             line = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True) + "\n"
+            _write_atomic(self.pending_path, line.encode("ascii"))  # booked by `recover` if the write is cut
             self._write_line(line.encode("ascii"))
             self._write_head(entry, key)
+            self.pending_path.unlink()
         return entry
 
     # -- the head record: what the chain alone cannot show ---------------------------

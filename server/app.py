@@ -455,6 +455,8 @@ def summarize(run_dir: Path, cfg: DictConfig, sites: dict[int, dict], rounds: Ro
             "records": s["n"], "epsilon": rounds.epsilon[s["site"]], "delta": cfg.privacy.delta,
             "budget": budget if cfg.privacy.mode != "none" else None,
             "accountant": cfg.privacy.accountant, "privacy_unit": "record",
+            # records: the count the site released (add-remove: its noisy count, in its ledger)
+            "neighbouring": cfg.privacy.neighbouring if cfg.privacy.mode != "none" else None,
             "mechanism": "DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise)"
             if cfg.privacy.mode != "none" else "none",
             "not_trained": rounds.declines.get(s["site"], []),
@@ -483,6 +485,13 @@ def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict
     else:
         lines += [
             "- Privacy unit: one record of a site (sample-level DP, per site).",
+            (f"- Neighbouring relation: add-remove (one record added or removed). Each site's record count "
+             f"is protected: released once per dataset with Gaussian noise (noise multiplier "
+             f"{p.count_noise_multiplier:g}, sensitivity 1), in its ledger as round 0 (`release: record-count`); "
+             "the records column below is that noisy count, and every count-dependent figure comes from it."
+             if p.neighbouring == "add-remove" else
+             "- Neighbouring relation: replace-one (one record replaced by another); the record counts below "
+             "are exact and public, and ε is accounted under replace-one (dp-accounting PLD)."),
             "- Mechanism: DP-SGD (Opacus): Poisson sampling at rate q per step, per-sample "
             f"clipping to {p.max_grad_norm}, Gaussian noise.",
             *([f"- Feature centering: before round 1 each site released the sum of its [CLS] features, "
@@ -491,7 +500,8 @@ def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict
               if centered else []),
             f"- Accountant: {p.accountant.upper()} (Opacus), composed over every spend in each "
             f"site's ledger; δ = {p.delta:g}. Recompute with `fedshield audit {run_dir}`.", "",
-            "| site | records | ε | budget | rounds not trained |", "|---|---:|---:|---:|---|",
+            f"| site | records{' (noisy)' if p.neighbouring == 'add-remove' else ''} | ε | budget | "
+            "rounds not trained |", "|---|---:|---:|---:|---|",
         ]
         for name, s in sorted(summary.items()):
             lines.append(f"| {name} | {s['records']} | {s['epsilon']:.4f} | {s['budget']} | "

@@ -9,7 +9,9 @@ under-report:
    site's chain from its last accepted entry of this run (hash links, seq, run_seq, rounds
    forward, ε never down), each signed by the ledger signing key the site presented at
    discovery (its `SiteHello`).
-2. **Provenance**: each entry names this site, this run and this round.
+2. **Provenance**: each entry names this site, this run and this round, or an earlier
+   round of this run that the coordinator does not hold (a late spend: one that a crash
+   interrupted and the site counted since; recorded, not checked against this round's plan).
 3. **The plan**: a release's entries spend exactly the planned Poisson rate and steps
    (`Expected`, from the record count the site declared), with σ > 0, the run's accountant
    and the run's δ or a smaller one (a site may be stricter than the plan, never looser).
@@ -123,7 +125,11 @@ class LedgerCheck:
         if not entries:
             return "no ledger entry: a DP release must come with its signed spend" if self.dp and expected else None
         for e in entries:
-            if (e.get("site"), e.get("run_id"), e.get("round")) != (site, self.run_id, server_round):
+            # An earlier round of this run is a late spend (one a crash interrupted, counted
+            # by the site since): recorded, and not part of this round's planned spend.
+            late = isinstance(e.get("round"), int) and not isinstance(e.get("round"), bool) \
+                and 0 <= e["round"] < server_round
+            if (e.get("site"), e.get("run_id")) != (site, self.run_id) or not (late or e.get("round") == server_round):
                 return (f"a ledger entry names site {e.get('site')!r}, run {e.get('run_id')!r}, round "
                         f"{e.get('round')!r}; expected {site!r}, {self.run_id!r}, {server_round}")
             # A site may be stricter than the plan (a smaller δ of its own), never looser.
@@ -138,11 +144,12 @@ class LedgerCheck:
         verified = verify_ledger(history, {site: self.public_keys[site]})
         if not verified.ok:
             return f"its ledger entries do not verify: {verified.reason}"
-        spends = [Spend(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
+        spends = [Spend(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries
+                  if e.get("round") == server_round]
         if expected is not None:
             if any(s.sample_rate != expected.sample_rate for s in spends) or \
                     sum(s.steps for s in spends) != expected.steps:
-                got = ", ".join(f"{s.steps} steps at q={s.sample_rate:g}" for s in spends)
+                got = ", ".join(f"{s.steps} steps at q={s.sample_rate:g}" for s in spends) or "nothing for this round"
                 return (f"its ledger entries spend {got}; the plan asks {expected.steps} steps "
                         f"at q={expected.sample_rate:g}")
             if any(s.noise_multiplier <= 0 for s in spends):

@@ -173,9 +173,11 @@ def test_three_sites_two_rounds_with_dp(pki_dir, tiny_bert, tmp_path):
         own = tmp_path / f"state-{n}" / "ledger.jsonl"
         own_entries = [json.loads(x) for x in own.read_text().splitlines() if x.strip()]
         mine = [e for e in ledger if e["site"] == n]
-        # The feature-mean release (round 0), then one spend per round.
-        assert [(e["release"], e["round"]) for e in mine] == [("feature-mean", 0), ("dp-sgd", 1), ("dp-sgd", 2)]
-        assert mine == own_entries[-3:]  # the coordinator's copy is the site's own entries
+        # The protected record count and the feature-mean release (round 0), then one spend per round.
+        assert [(e["release"], e["round"]) for e in mine] == [
+            ("record-count", 0), ("feature-mean", 0), ("dp-sgd", 1), ("dp-sgd", 2)]
+        assert mine == own_entries[-4:]  # the coordinator's copy is the site's own entries
+        assert mine[0]["released_count"] == summary[n]["records"] and summary[n]["neighbouring"] == "add-remove"
         assert summary[n]["epsilon"] == pytest.approx(last_epsilon(own))
         # Calibrated so that the release and the 2 rounds together spend the target, not more.
         assert 7.8 < summary[n]["epsilon"] <= 8.0
@@ -518,8 +520,8 @@ def test_a_killed_coordinator_resumes_and_no_site_spends_a_round_twice(pki_dir, 
     for n in names:
         assert outs[n][0] == 0, f"{n}:\n{outs[n][1][-3000:]}"
         own = [json.loads(x) for x in (state[n] / "ledger.jsonl").read_text().splitlines() if x.strip()]
-        assert [(e["release"], e["round"]) for e in own] == [("feature-mean", 0)] + [
+        assert [(e["release"], e["round"]) for e in own] == [("record-count", 0), ("feature-mean", 0)] + [
             ("dp-sgd", r) for r in range(1, rounds + 1)]
         assert 7.8 < summary[n]["epsilon"] <= 8.0 and summary[n]["epsilon"] == pytest.approx(own[-1]["epsilon"])
     copy = [json.loads(x) for x in (run_dir / "privacy" / "ledger.jsonl").read_text().splitlines()]
-    assert len({e["hash"] for e in copy}) == len(copy) == 2 * (rounds + 1)
+    assert len({e["hash"] for e in copy}) == len(copy) == len(names) * (rounds + 2)

@@ -74,7 +74,10 @@ def test_entries_for_another_run_round_or_delta_are_refused(tmp_path):
     site = Site(tmp_path)
     other_run = site.spend(1, run="run-9")
     assert "expected 'st-marys', 'run-1', 1" in books(site).check(site.name, 1, [other_run], PLAN).problem
-    assert "expected 'st-marys', 'run-1', 2" in books(site).check(site.name, 2, [site.spend(1)], PLAN).problem
+    # An earlier round's entry alone is a late spend, not round 2's: the round is short of its plan.
+    assert "spend nothing for this round; the plan asks" in books(site).check(site.name, 2, [site.spend(1)],
+                                                                             PLAN).problem
+    assert "expected 'st-marys', 'run-1', 1" in books(site).check(site.name, 1, [site.spend(2)], PLAN).problem
     loose = site.ledger.append({"run_id": "run-1", "round": 3, "site": site.name, "noise_multiplier": 1.0,
                                 "sample_rate": 0.25, "steps": 4, "max_grad_norm": 1.0, "delta": 1e-3,
                                 "accountant": "rdp"}, site.key)

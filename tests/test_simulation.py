@@ -32,17 +32,20 @@ def test_three_sites_two_rounds_beats_chance_and_writes_the_run_directory(tiny_b
     # below target, growing over rounds, and what an accountant computes for the history.
     entries = read_jsonl(run / "privacy" / "ledger.jsonl")
     sites = {e["site"] for e in entries}
-    # Per site: the feature-mean release (round 0, one full-batch Gaussian step), then a round each.
-    assert sites == {"site-0", "site-1", "site-2"} and len(entries) == 9
+    # Per site: the protected record count and the feature-mean release (round 0, each one
+    # full-batch Gaussian step), then a round each.
+    assert sites == {"site-0", "site-1", "site-2"} and len(entries) == 12
     summary = json.loads((run / "privacy" / "sites.json").read_text())
     for site in sites:
         own = read_jsonl(run / "sites" / site / "ledger.jsonl")
         assert [e["hash"] for e in own] == [e["hash"] for e in entries if e["site"] == site]
-        assert [(e["release"], e["round"]) for e in own] == [("feature-mean", 0), ("dp-sgd", 1), ("dp-sgd", 2)]
-        assert (own[0]["sample_rate"], own[0]["steps"], own[0]["noise_multiplier"]) == (1.0, 1, 4.0)
-        assert own[0]["epsilon"] < own[1]["epsilon"] < own[2]["epsilon"]
+        assert [(e["release"], e["round"]) for e in own] == [
+            ("record-count", 0), ("feature-mean", 0), ("dp-sgd", 1), ("dp-sgd", 2)]
+        assert (own[0]["sample_rate"], own[0]["steps"], own[0]["noise_multiplier"]) == (1.0, 1, 10.0)
+        assert (own[1]["sample_rate"], own[1]["steps"], own[1]["noise_multiplier"]) == (1.0, 1, 4.0)
+        assert own[0]["epsilon"] < own[1]["epsilon"] < own[2]["epsilon"] < own[3]["epsilon"]
         history = [Spend(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in own]
-        assert all(e["noise_multiplier"] == 0.5 for e in own[1:])
+        assert all(e["noise_multiplier"] == 0.5 for e in own[2:])
         # The recorded ε is the larger of Opacus' and dp-accounting's RDP: never below either.
         assert own[-1]["epsilon"] == pytest.approx(max(epsilon_opacus(history, cfg.privacy.delta),
                                                        epsilon_dp_accounting_rdp(history, cfg.privacy.delta)))
