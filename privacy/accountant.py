@@ -12,10 +12,19 @@ their steps added (composition is exactly that; it keeps long histories fast).
   independent accountant for audits: `PoissonSampledDpEvent(q, GaussianDpEvent(σ))`
   self-composed `steps` times per spend, add-or-remove-one neighbouring relation (the
   relation of Opacus' analysis).
-- `epsilon` (what fedshield records, budgets and prints): the LARGER of the two
-  implementations, "rdp": max(Opacus RDP, dp-accounting RDP), "prv": max(Opacus PRV,
+- `epsilon` (what fedshield records, budgets and prints): "pld" (the default): dp-accounting's
+  PLD with pessimistic discretisation at interval `PLD_RECORD_INTERVAL` (1e-3), the tightest
+  certified bound an auditor reproduces exactly with the same call. "rdp": the LARGER of
+  the two implementations, max(Opacus RDP, dp-accounting RDP); "prv": max(Opacus PRV,
   dp-accounting PLD). An auditor who recomputes with dp-accounting can never find a
   recorded ε below their own number.
+
+  Why PLD: RDP's conversion to (ε, δ) is loose; for the default run's history (σ ≈ 3,
+  q = 0.5, 80 steps and two full-batch releases) RDP says 7.99 where PLD says 7.36, so
+  calibrating to ε = 8 with PLD needs σ = 2.85 instead of 3.04 (6% less noise for the same
+  certified guarantee). Interval 1e-3 gives the same ε as 1e-4 to 4 decimals in that regime
+  (7.9779 both) and is ~18x faster (0.13 s against 2.5 s a history), which is what lets a
+  site record the composed ε after every round.
 
 Measured (opacus 1.6.0, dp-accounting 0.6.0, same orders): the RDP -> (ε, δ) conversion is
 the same in both (Balle et al. 2020 Thm 21: ε = r + log(1 - 1/α) - log(δ α)/(α - 1);
@@ -57,7 +66,9 @@ from typing import Any
 
 from privacy.errors import FedShieldError
 
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = ("pld", "rdp", "prv")
+PLD_RECORD_INTERVAL = 1e-3  # the discretisation of the ε recorded with accountant "pld" (and replace-one)
+OPACUS_ACCOUNTANTS = ("rdp", "prv")
 ADD_REMOVE, REPLACE_ONE = "add-remove", "replace-one"
 NEIGHBOURING = (ADD_REMOVE, REPLACE_ONE)
 
@@ -159,7 +170,8 @@ def _compose(history: Sequence[Spend], delta: float, compute: Callable[[Grouped]
 
 def epsilon_opacus(history: Sequence[Spend], delta: float, accountant: str = "rdp") -> float:
     """ε of the composed history with Opacus' accountant ("rdp" or "prv")."""
-    _check_accountant(accountant)
+    if accountant not in OPACUS_ACCOUNTANTS:
+        raise FedShieldError(f"Opacus has no accountant {accountant!r}: {', '.join(OPACUS_ACCOUNTANTS)}")
     return _compose(history, delta, lambda spends: _opacus_cached(spends, float(delta), accountant))
 
 
@@ -247,7 +259,9 @@ def epsilon(history: Sequence[Spend], delta: float, accountant: str = "rdp", nei
     _check_accountant(accountant)
     _check_neighbouring(neighbouring)
     if neighbouring == REPLACE_ONE:
-        return epsilon_dp_accounting_pld(history, delta, neighbouring=REPLACE_ONE)
+        return epsilon_dp_accounting_pld(history, delta, PLD_RECORD_INTERVAL, neighbouring=REPLACE_ONE)
+    if accountant == "pld":
+        return epsilon_dp_accounting_pld(history, delta, PLD_RECORD_INTERVAL)
     ours = epsilon_opacus(history, delta, accountant)
     if accountant == "rdp":
         theirs = epsilon_dp_accounting_rdp(history, delta)
@@ -282,29 +296,35 @@ def calibrate_noise_multiplier(
         raise FedShieldError(f"cannot calibrate noise for {steps} steps at sample rate {sample_rate}: nothing to spend")
     # Cached: in a simulation every virtual site of the same size asks the same question.
     before_tuples = tuple((s if isinstance(s, Spend) else Spend(*s)).as_tuple() for s in before)
-    if neighbouring == REPLACE_ONE:
-        return _calibrate_replace_one(float(target_epsilon), float(delta), float(sample_rate), int(steps),
-                                      accountant, before_tuples)
+    if neighbouring == REPLACE_ONE or accountant == "pld":
+        return _calibrate_recorded(float(target_epsilon), float(delta), float(sample_rate), int(steps),
+                                   accountant, neighbouring, before_tuples)
     return _calibrate(float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant, before_tuples)
 
 
 @functools.lru_cache(maxsize=256)
-def _calibrate_replace_one(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
-                           before_tuples: tuple[tuple[float, float, int], ...]) -> float:
+def _calibrate_recorded(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                        neighbouring: str, before_tuples: tuple[tuple[float, float, int], ...]) -> float:
+    """Bisection on the recorded ε itself (PLD: Opacus has no search for it), bracketed below
+    by halving the RDP σ until ε is above the target."""
     before = [Spend(*t) for t in before_tuples]
-    spent = epsilon(before, delta, accountant, REPLACE_ONE) if before else 0.0
+    spent = epsilon(before, delta, accountant, neighbouring) if before else 0.0
     if spent >= target_epsilon:
         raise FedShieldError(
             f"the run's other releases alone spend ε={spent:.4g} >= target ε={target_epsilon:g} "
-            f"(δ={delta:g}, replace-one); nothing is left for training"
+            f"(δ={delta:g}, {neighbouring}); nothing is left for training"
         )
-    start = _calibrate(target_epsilon, delta, sample_rate, steps, accountant, ())
-    sigma = _bisect_sigma(
-        lambda s: epsilon([*before, Spend(s, sample_rate, steps)], delta, accountant, REPLACE_ONE),
-        target_epsilon, start,
-    )
-    if epsilon([*before, Spend(sigma, sample_rate, steps)], delta, accountant, REPLACE_ONE) > target_epsilon:
-        raise FedShieldError(f"calibration failed under replace-one: σ={sigma!r} exceeds ε={target_epsilon:g}")
+
+    def eps_of(sigma: float) -> float:
+        return epsilon([*before, Spend(sigma, sample_rate, steps)], delta, accountant, neighbouring)
+
+    lo = _calibrate(target_epsilon, delta, sample_rate, steps, "rdp", ()) * 0.5
+    while eps_of(lo) <= target_epsilon and lo > 1e-3:
+        lo *= 0.5
+    sigma = _bisect_sigma(eps_of, target_epsilon, lo)
+    if eps_of(sigma) > target_epsilon:
+        raise FedShieldError(f"calibration failed: σ={sigma!r} exceeds ε={target_epsilon:g} ({accountant}, "
+                             f"{neighbouring})")
     return sigma
 
 

@@ -9,7 +9,7 @@ Input: a run directory (`<run>/privacy/ledger.jsonl`), a site state folder
    the recorded ε, each site's cumulative ε after every entry with Google's dp-accounting:
    RDP (Opacus' orders) and, per site at the end (and per entry for "prv" entries), PLD.
 3. Flag every entry whose recorded ε is below the recomputation of its accountant
-   ("rdp": dp-accounting RDP; "prv": dp-accounting PLD) under its neighbouring relation
+   ("rdp": dp-accounting RDP; "prv" and "pld": dp-accounting PLD) under its neighbouring relation
    (add-remove; replace-one: dp-accounting PLD with REPLACE_ONE, the only analysis of
    the Poisson-subsampled Gaussian under that relation) by more than 1e-6 relative, and
    every site whose ε (the larger of recorded and recomputed) is past its budget.
@@ -31,7 +31,13 @@ from pathlib import Path
 from typing import Any, TypedDict, TypeGuard
 
 from privacy import signing
-from privacy.accountant import REPLACE_ONE, Spend, epsilon_dp_accounting_pld, epsilon_dp_accounting_rdp
+from privacy.accountant import (
+    PLD_RECORD_INTERVAL,
+    REPLACE_ONE,
+    Spend,
+    epsilon_dp_accounting_pld,
+    epsilon_dp_accounting_rdp,
+)
 from privacy.errors import FedShieldError
 from privacy.ledger import Entry, Ledger, VerifyResult, neighbouring_of, verify_ledger
 
@@ -269,7 +275,10 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
         h.append(spend)
         relation = neighbouring_of(e)
         if relation == REPLACE_ONE:
-            ref = row["pld"] = epsilon_dp_accounting_pld(h, delta, neighbouring=REPLACE_ONE)
+            ref = row["pld"] = epsilon_dp_accounting_pld(h, delta, PLD_RECORD_INTERVAL, neighbouring=REPLACE_ONE)
+        elif e.get("accountant") == "pld":  # exactly the site's computation: dp-accounting is the reference
+            ref = row["pld"] = epsilon_dp_accounting_pld(h, delta, PLD_RECORD_INTERVAL)
+            row["rdp"] = None
         else:
             rdp = row["rdp"] = epsilon_dp_accounting_rdp(h, delta)
             ref = row["pld"] = epsilon_dp_accounting_pld(h, delta) if e.get("accountant") == "prv" else rdp
@@ -295,8 +304,14 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
         relation = neighbouring_of(last)
         last_delta = last.get("delta")
         site_delta = float(last_delta) if _is_number(last_delta) and 0 < last_delta < 1 else None
-        pld = epsilon_dp_accounting_pld(h, site_delta, neighbouring=relation) if (h and site_delta) else 0.0
-        rdp = (rows[-1]["rdp"] or 0.0) if rows and relation != REPLACE_ONE else math.nan
+        pld = epsilon_dp_accounting_pld(h, site_delta, PLD_RECORD_INTERVAL, neighbouring=relation) \
+            if (h and site_delta) else 0.0
+        if relation == REPLACE_ONE:
+            rdp = math.nan  # no RDP analysis of the subsampled Gaussian under replace-one
+        elif rows and rows[-1]["rdp"] is not None:
+            rdp = rows[-1]["rdp"]
+        else:  # "pld" entries: RDP once per site, as a second, looser opinion
+            rdp = epsilon_dp_accounting_rdp(h, site_delta) if (h and site_delta) else 0.0
         last_epsilon = last.get("epsilon")
         recorded = float(last_epsilon) if _is_number(last_epsilon) else math.nan
         s = SiteAudit(

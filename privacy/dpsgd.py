@@ -19,6 +19,8 @@ from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader
 
+from privacy.accountant import OPACUS_ACCOUNTANTS
+
 
 @dataclass
 class PrivateTraining:
@@ -49,7 +51,9 @@ def make_private(
     divisor of each step's noisy sum: with q and the divisor computed from a released
     (noisy) count, nothing in the update is a function of the exact count."""
     module.train()
-    engine = PrivacyEngine(accountant=accountant)
+    # Opacus' accountant only logs the steps that ran (`spends`); fedshield's own accountant
+    # (privacy.accountant) computes ε. "pld" is not an Opacus accountant: its log is the same.
+    engine = PrivacyEngine(accountant=accountant if accountant in OPACUS_ACCOUNTANTS else "rdp")
     criterion = nn.CrossEntropyLoss()
     poisson = True
     if sample_rate is not None:

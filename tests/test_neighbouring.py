@@ -18,6 +18,7 @@ from dp_accounting.pld import PLDAccountant
 import protocol
 from privacy import signing
 from privacy.accountant import (
+    PLD_RECORD_INTERVAL,
     REPLACE_ONE,
     Spend,
     calibrate_noise_multiplier,
@@ -41,7 +42,7 @@ HISTORY = [Spend(4.0, 1.0, 1), Spend(3.04, 0.5, 80)]
 
 def test_replace_one_is_dp_accountings_pld_under_replace_one_and_larger_than_add_remove():
     acc = PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
-                        value_discretization_interval=1e-4)
+                        value_discretization_interval=PLD_RECORD_INTERVAL)
     for s in HISTORY:
         acc.compose(dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(s.sample_rate, dp_accounting.GaussianDpEvent(s.noise_multiplier)),
@@ -134,9 +135,10 @@ def test_a_site_releases_a_noisy_count_once_and_derives_everything_from_it(tiny_
     assert train["sample_rate"] == poisson_rate(first.num_examples, tr["batch_size"])
     assert train["steps"] == tr["local_epochs"] * batches_per_epoch(first.num_examples, tr["batch_size"])
     # σ was calibrated with the count's spend (this run's other release) inside the target.
+    assert train["accountant"] == "pld"  # the default: dp-accounting's PLD
     assert train["epsilon"] <= 8.0 and train["epsilon"] == pytest.approx(
         epsilon([Spend(10.0, 1.0, 1), Spend(train["noise_multiplier"], train["sample_rate"], train["steps"])],
-                1e-5), rel=1e-9)
+                1e-5, "pld"), rel=1e-9)
 
     # Other data for the next run (the site's file replaced, the same state folder): a new
     # count, spent anew.
