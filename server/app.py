@@ -36,7 +36,7 @@ from server.export import export_model
 from server.plots import plot_run
 from server.run_dir import LEDGER_KEYS, append_jsonl, existing_run_dir, new_run_dir, read_jsonl
 from strategies.flower import ROBUST, flower_strategy, shortfall
-from strategies.ledger_check import Expected, LedgerCheck
+from strategies.ledger_check import Expected, LedgerCheck, Verdict
 from strategies.site_aware import RoundReport, SiteAwareStrategy
 from task import centering
 from task.pipeline import build_view, pool_and_test, view_fingerprint
@@ -117,7 +117,8 @@ def check_released_counts(sites: dict[int, dict], books: LedgerCheck, refused: l
         entries = tuple(s.pop("entries", ()))
         if not entries:
             continue  # no DP, replace-one, or the count was released in an earlier run
-        verdict = books.check(s["site"], 0, entries, COUNT_SPEND)
+        fresh = tuple(e for e in entries if not books.holds(s["site"], e))  # a resumed run holds it already
+        verdict = books.check(s["site"], 0, fresh, COUNT_SPEND) if fresh else Verdict(None)
         problem = verdict.problem
         if problem is None and any(e.get("release") != "record-count" or e.get("released_count") != s["n"]
                                    for e in entries):

@@ -96,6 +96,10 @@ class LedgerCheck:
             self.accepted[site] = list(own)
         return None
 
+    def holds(self, site: str, entry: Mapping[str, Any]) -> bool:
+        """Whether this run's ledger already holds `entry` of `site` (by its hash)."""
+        return any(e.get("hash") == entry.get("hash") for e in self.accepted.get(site, []))
+
     def check(self, site: str, server_round: int, entries: Sequence[dict[str, Any]],
               expected: Expected | None) -> Verdict:
         """Whether `entries` may join the run's ledger; accepted ones are taken in.

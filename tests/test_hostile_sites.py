@@ -112,11 +112,13 @@ def test_each_hostile_site_is_refused_alone_and_named_and_the_honest_sites_carry
     assert {"site-0", "site-8"} <= set(rows[2]["sampled"]) and rows[2]["trained"] >= 2
 
     ledger = read_jsonl(run / "privacy" / "ledger.jsonl")
-    assert not [e for e in ledger if e["site"] == "site-4"]  # the forged entries are not in the run's ledger
+    # The forged entries are not in the run's ledger (its genuine count release, at discovery, is).
+    assert [e["release"] for e in ledger if e["site"] == "site-4"] == ["record-count"]
     apart = read_jsonl(run / "privacy" / "rejected-entries.jsonl")
     assert {x["from_site"] for x in apart} == {"site-4"} and all(x["entry"]["epsilon"] == 0.0 for x in apart)
     for site in ("site-0", "site-8", "site-3", "site-6"):  # honest spends, even of refused updates, are recorded
-        assert [e["round"] for e in ledger if e["site"] == site][:1] == [1]
+        assert [(e["release"], e["round"]) for e in ledger if e["site"] == site][:2] == [("record-count", 0),
+                                                                                        ("dp-sgd", 1)]
     from privacy.audit import audit
 
     assert audit(run).ok  # the run's ledger verifies and recomputes

@@ -236,8 +236,8 @@ def test_under_dp_a_refused_update_is_named_and_its_spend_still_recorded(tiny_be
         assert f"is above federation.update_norm_bound={bound:g}" in r["rejected_reasons"]["site-0"]
         assert all(r["update_norms"][f"site-{i}"] < bound for i in (2, 3, 4))
     entries = read_jsonl(run / "privacy" / "ledger.jsonl")
-    for site in ("site-0", "site-1", "site-2"):  # the release (round 0) and both rounds, refused or not
-        assert sorted(e["round"] for e in entries if e["site"] == site) == [0, 1, 2]
+    for site in ("site-0", "site-1", "site-2"):  # the count and the release (round 0), both rounds, refused or not
+        assert sorted(e["round"] for e in entries if e["site"] == site) == [0, 0, 1, 2]
     report = (run / "report.md").read_text()
     assert "Aggregation `fedmedian`, withstanding federation.num_malicious=1" in report
     assert "action `reject`" in report and "claims 1000000000 records" in report
