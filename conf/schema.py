@@ -174,6 +174,17 @@ class PrivacyConfig:
     # sets a smaller one is declined, and a calibrated σ below it is raised to it. Part of
     # the site's privacy policy (client/app.py, `fedshield client privacy.*=...`).
     min_noise_multiplier: float | None = None
+    # Site-level DP (strategies/site_dp.py): "site" adds DP-FedAvg on top of whatever
+    # record-level DP the sites apply (privacy.mode): Poisson sampling of sites at rate
+    # federation.fraction_train, each site's update clipped to site_clip_norm, Gaussian
+    # noise of site_noise_multiplier x site_clip_norm on the sum (null: calibrated so that
+    # all rounds reach site_target_epsilon at site_delta), the sum over q x num_sites. The
+    # coordinator records each round in its own signed ledger. "record": no site-level DP.
+    unit: str = "record"
+    site_clip_norm: float = 1.0
+    site_noise_multiplier: float | None = None
+    site_target_epsilon: float = 8.0
+    site_delta: float = 1e-5
 
 
 @dataclass
@@ -270,6 +281,23 @@ def rule_min_sites(strategy: str, num_malicious: int, trim_fraction: float, krum
     return 1
 
 
+def _site_unit_error(p: PrivacyConfig, f: FederationConfig) -> str | None:
+    """Combinations that site-level DP cannot make honest, in one line."""
+    if p.unit != "site":
+        return None
+    if f.strategy != "fedavg":
+        return (f"privacy.unit=site with federation.strategy={f.strategy}: DP-FedAvg aggregates by its own "
+                "clipped, noised sum of the sites' updates (federation.strategy=fedavg); a robust rule picks "
+                "individual updates and FedAdam/FedProx keep state the noise analysis does not cover")
+    if f.update_norm_bound is not None:
+        return ("privacy.unit=site with federation.update_norm_bound: privacy.site_clip_norm already bounds "
+                "every update (leave update_norm_bound null)")
+    if f.num_sites >= 1 and not p.site_delta < 1 / f.num_sites:
+        return (f"privacy.site_delta={p.site_delta:g}: must be below 1 / federation.num_sites = "
+                f"{1 / f.num_sites:g} (the unit is a site)")
+    return None
+
+
 def _rule_error(f: FederationConfig) -> str | None:
     """A robust rule that the configured sites per round cannot satisfy, in one line."""
     if f.strategy not in ROBUST_STRATEGIES or f.num_malicious < 0 or f.krum_select < 0 \
@@ -347,6 +375,7 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
         ),
         _one_of("federation.update_norm_action", f.update_norm_action, UPDATE_NORM_ACTIONS),
         _rule_error(f),
+        _site_unit_error(cfg.privacy, f),
         _seed("federation.seed", f.seed),
         _positive("federation.round_timeout_s", f.round_timeout_s, "a finite number of seconds > 0"),
         _one_of("training.trainable", tr.trainable, TRAINABLE),
@@ -381,6 +410,18 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
         _positive("privacy.max_grad_norm", p.max_grad_norm),
         _one_of("privacy.accountant", p.accountant, ACCOUNTANTS),
         _one_of("privacy.neighbouring", p.neighbouring, NEIGHBOURING),
+        _one_of("privacy.unit", p.unit, ("record", "site")),
+        _positive("privacy.site_clip_norm", p.site_clip_norm),
+        _check(
+            "privacy.site_noise_multiplier",
+            p.site_noise_multiplier is None or (_finite(p.site_noise_multiplier) and p.site_noise_multiplier > 0),
+            "a finite number > 0 or null (calibrate to site_target_epsilon)",
+            p.site_noise_multiplier,
+        ),
+        _check("privacy.site_target_epsilon", _finite(p.site_target_epsilon) and p.site_target_epsilon > 0,
+               "a finite number > 0", p.site_target_epsilon),
+        _check("privacy.site_delta", 0 < p.site_delta < 1, "in (0, 1) and below 1 / federation.num_sites",
+               p.site_delta),
         _check(
             "privacy.count_noise_multiplier",
             _finite(p.count_noise_multiplier) and p.count_noise_multiplier > 0,

@@ -353,6 +353,10 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
         for site in sorted(set(budgets) - set(sites)):
             notes.append(f"budget given for site {site}, which has no entries in this ledger")
 
+    federation = run_dir / "privacy" / "federation-ledger.jsonl" if run_dir is not None else None
+    if federation is not None and federation.is_file() and ledger_path != federation:
+        notes.append(f"this run also has a site-level DP ledger (the coordinator's): audit it with "
+                     f"`fedshield audit {federation}`")
     ok = not flags
     return AuditResult(
         ok=ok, ledger_path=ledger_path, run_dir=run_dir, verify=verify, sites=sites,

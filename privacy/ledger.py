@@ -72,6 +72,12 @@ from privacy.files import write_fully
 
 MECHANISM = "dp-sgd-poisson-gaussian"
 PRIVACY_UNIT = "record"
+# The coordinator's own ledger under privacy.unit=site (strategies/site_dp.py): one entry per
+# round, the Poisson-subsampled Gaussian on the clipped sum of the sites' updates.
+SITE_MECHANISM = "dp-fedavg-poisson-gaussian"
+SITE_UNIT = "site"
+FEDERATION = "@federation"  # the name its entries carry (no site may be called so: protocol.SITE_NAME_RULE)
+MECHANISMS = {MECHANISM: PRIVACY_UNIT, SITE_MECHANISM: SITE_UNIT}
 GENESIS = "0" * 64
 FILLED = ("prev_hash", "hash", "signature", "key_fingerprint", "time", "seq", "run_seq")
 REQUIRED = (
@@ -419,10 +425,11 @@ def _field_problem(e: Entry, need_epsilon: bool = True) -> str:
         return "run_id must be a string"
     if isinstance(e.get("round"), bool) or not isinstance(e.get("round"), int) or e["round"] < 0:
         return f"round must be an integer >= 0, got {e.get('round')!r}"
-    if e.get("mechanism") != MECHANISM:
-        return f"mechanism {e.get('mechanism')!r} is not {MECHANISM!r}"
-    if e.get("privacy_unit") != PRIVACY_UNIT:
-        return f"privacy_unit {e.get('privacy_unit')!r} is not {PRIVACY_UNIT!r}"
+    if e.get("mechanism") not in MECHANISMS:
+        return f"mechanism {e.get('mechanism')!r} is not one of {', '.join(MECHANISMS)}"
+    if e.get("privacy_unit") != MECHANISMS[str(e.get("mechanism"))]:
+        return (f"privacy_unit {e.get('privacy_unit')!r} is not {MECHANISMS[str(e.get('mechanism'))]!r} "
+                f"(the unit of {e.get('mechanism')})")
     if e.get("accountant") not in ACCOUNTANTS:
         return f"accountant {e.get('accountant')!r} is not one of {', '.join(ACCOUNTANTS)}"
     if neighbouring_of(e) not in NEIGHBOURING:

@@ -33,6 +33,8 @@ from privacy.errors import FedShieldError
 from server import checkpoint
 from server.evaluate import CentralEvaluator
 from server.export import export_model
+from server.federation_books import LEDGER_FILE as FEDERATION_LEDGER
+from server.federation_books import open_books
 from server.plots import plot_run
 from server.run_dir import LEDGER_KEYS, append_jsonl, existing_run_dir, new_run_dir, read_jsonl
 from strategies.flower import ROBUST, flower_strategy, shortfall
@@ -206,6 +208,7 @@ class RoundLog:
         self.reports: dict[int, RoundReport] = {}  # server round -> its sites' outcomes
         self.rows: list[dict] = []
         self.t0 = time.time()
+        self.site_level_epsilon: float | None = None  # privacy.unit=site: the federation's ε so far
 
     def record(self, site: str, entries: Iterable[dict]) -> None:
         """A site's verified spends into the run's ledger; its ε is the last entry's."""
@@ -264,6 +267,7 @@ class RoundLog:
             "epsilon": dict(self.epsilon),
             "epsilon_max": max(eps),
             "epsilon_mean": float(np.mean(eps)),
+            "site_level_epsilon": self.site_level_epsilon,  # privacy.unit=site (server/federation_books.py)
             "sampled": report.sampled if report else [],
             "trained": report.count("trained") if report else 0,
             "declined": report.count("declined") if report else 0,
@@ -367,6 +371,19 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
                                    tr.local_epochs * batches_per_epoch(s["n"], tr.batch_size))
                for s in sites.values()}  # what each site's round must spend, from its declared n
     done = ckpt.server_round if ckpt is not None else 0
+    books_fed = open_books(cfg, run_dir, isinstance(grid, InMemoryGrid)) if cfg.privacy.unit == "site" else None
+
+    def release(server_round: int) -> None:
+        assert books_fed is not None
+        rounds.site_level_epsilon = books_fed.record_round(server_round)
+
+    if books_fed is not None:
+        rounds.site_level_epsilon = books_fed.epsilon
+        m = books_fed.mechanism
+        say(f"site-level DP: each site sampled with q={m.sample_rate:g} per round, updates clipped to "
+            f"S={m.clip_norm:g}, noise z={m.noise_multiplier:.4g} on the sum over {m.denominator:g}; "
+            f"ε={float(cfg.privacy.site_target_epsilon):g} at δ={float(cfg.privacy.site_delta):g} after "
+            f"{cfg.federation.rounds} rounds (per site, add/remove one site)")
     strategy = SiteAwareStrategy(
         inner,
         {nid: s["site"] for nid, s in sites.items()},
@@ -380,6 +397,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         excluded=ckpt.excluded if ckpt is not None else None,
         update_norm_bound=None if fed.update_norm_bound is None else float(fed.update_norm_bound),
         update_norm_action=str(fed.update_norm_action),
+        site_dp=books_fed.mechanism if books_fed is not None else None,
+        on_release=release if books_fed is not None else None,
     )
     short = shortfall(inner, strategy.per_round())  # fewer sites joined than the config's check assumed
     if short:
@@ -405,7 +424,9 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     if remaining > 0:
         calibrates = " (in its first round each site calibrates its noise for the whole run)" \
             if cfg.privacy.mode == "dp-sgd" and not done else ""
-        say(f"round {done + 1} of {cfg.federation.rounds}: {len(strategy.sample(done + 1))} sites train{calibrates}")
+        asked = (f"each site with probability {cfg.federation.fraction_train:g}" if books_fed is not None
+                 else f"{len(strategy.sample(done + 1))} sites")
+        say(f"round {done + 1} of {cfg.federation.rounds}: {asked} train{calibrates}")
     result = strategy.start(
         grid=grid,
         initial_arrays=protocol.to_array_record(initial),
@@ -468,6 +489,13 @@ def summarize(run_dir: Path, cfg: DictConfig, sites: dict[int, dict], rounds: Ro
     return summary
 
 
+ACCOUNTANT_NAMES = {
+    "pld": "PLD (dp-accounting, pessimistic discretisation)",
+    "rdp": "RDP (the larger of Opacus' and dp-accounting's)",
+    "prv": "PRV/PLD (the larger of Opacus' PRV and dp-accounting's PLD)",
+}
+
+
 def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict, centered: bool = False,
                  refused: list[str] | None = None) -> None:
     last = rows[-1] if rows else {}
@@ -482,7 +510,8 @@ def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict
         "## Privacy", "",
     ]
     if p.mode == "none":
-        lines += ["No differential privacy: sites trained without DP. Nothing was accounted.", ""]
+        lines += ["No record-level differential privacy: sites trained without DP; nothing was accounted in "
+                  "their ledgers.", ""]
     else:
         lines += [
             "- Privacy unit: one record of a site (sample-level DP, per site).",
@@ -499,14 +528,32 @@ def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict
                f"each clipped, plus Gaussian noise (noise multiplier {p.center_noise_multiplier:g}): one "
                "full-batch step of the same mechanism, in its ledger as round 0 (`release: feature-mean`)."]
               if centered else []),
-            f"- Accountant: {p.accountant.upper()} (Opacus), composed over every spend in each "
-            f"site's ledger; δ = {p.delta:g}. Recompute with `fedshield audit {run_dir}`.", "",
+            f"- Accountant: {ACCOUNTANT_NAMES.get(str(p.accountant), p.accountant)}, composed over every spend in "
+            f"each site's ledger; δ = {p.delta:g}. Recompute with `fedshield audit {run_dir}`.", "",
             f"| site | records{' (noisy)' if p.neighbouring == 'add-remove' else ''} | ε | budget | "
             "rounds not trained |", "|---|---:|---:|---:|---|",
         ]
         for name, s in sorted(summary.items()):
             lines.append(f"| {name} | {s['records']} | {s['epsilon']:.4f} | {s['budget']} | "
                          f"{'; '.join(s['not_trained']) or '-'} |")
+    if p.unit == "site":
+        fed = [json.loads(x) for x in (run_dir / "privacy" / FEDERATION_LEDGER).read_text().splitlines() if x]
+        last_fed = fed[-1] if fed else {}
+        lines += [
+            "", "### Site-level DP (DP-FedAvg, McMahan et al. 2018)", "",
+            "- Privacy unit: one whole site (user-level DP): the released global models are (ε, δ)-DP with "
+            "respect to adding or removing any one site with all its records.",
+            f"- Mechanism: each round each site is asked with probability q = {cfg.federation.fraction_train:g} "
+            f"(Poisson sampling); each usable update clipped to S = {p.site_clip_norm:g}; Gaussian noise of "
+            f"z = {last_fed.get('noise_multiplier', float('nan')):.4g} x S on the sum; the sum divided by "
+            f"q x {cfg.federation.num_sites} (fixed). Added by the coordinator: the guarantee holds against "
+            "everyone who sees the models, not against the coordinator (no secure aggregation).",
+            f"- ε = **{float(last_fed.get('epsilon', 0.0)):.4f}** at δ = {p.site_delta:g} after {len(fed)} "
+            f"round(s) ({ACCOUNTANT_NAMES.get(str(p.accountant), p.accountant)}), in the coordinator's signed "
+            f"ledger: `fedshield audit {run_dir / 'privacy' / FEDERATION_LEDGER}`.",
+            "- Both guarantees hold together: record-level at each site (above, against the coordinator too), "
+            "site-level for the federation's models.",
+        ]
     lines += defence_lines(cfg, rows, sorted(summary))
     if refused:  # at discovery: a bad name, a name already taken, a broken or declined hello
         lines += ["", "## Sites not admitted", "", *(f"- {why}" for why in refused)]

@@ -141,6 +141,9 @@ class LedgerCheck:
                     or not 0 < e["delta"] <= self.delta:
                 return (f"a ledger entry is at δ={e.get('delta')!r} with {e.get('accountant')!r}; the run allows "
                         f"δ <= {self.delta:g} with {self.accountant!r}")
+            if e.get("mechanism") != "dp-sgd-poisson-gaussian" or e.get("privacy_unit") != "record":
+                return f"a ledger entry records {e.get('mechanism')!r} for unit {e.get('privacy_unit')!r}: a site's " \
+                       "releases are record-level DP-SGD"
             if neighbouring_of(e) != self.neighbouring:
                 return (f"a ledger entry is accounted under {neighbouring_of(e)}; the run's relation is "
                         f"{self.neighbouring}")

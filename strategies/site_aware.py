@@ -41,6 +41,10 @@ wrapped strategy untouched, per-round state keyed by round):
   attack (an honest site can be slow, out of budget or unusually far off) and leaves f as is.
 - **A report per round** (`RoundReport`) to `on_round`, before aggregation, so that the
   coordinator records every verified spend whether or not the update is used.
+- **Site-level DP** (`site_dp`, strategies/site_dp.py): Poisson sampling of sites, each
+  usable update clipped to S, Gaussian noise on the sum, a fixed denominator; the wrapped
+  strategy's aggregation is not used (it must be FedAvg). `on_release(round)` is called
+  before the round's noisy model is returned (the coordinator records the spend there).
 - Federated evaluation is off: evaluation is central, on held-out data.
 """
 
@@ -61,6 +65,7 @@ from flwr.serverapp.strategy import Strategy
 import protocol
 from strategies import flower
 from strategies.ledger_check import Verdict
+from strategies.site_dp import SiteLevelDP
 
 log = logging.getLogger("fedshield.strategy")
 
@@ -179,6 +184,8 @@ class SiteAwareStrategy(Strategy):
         excluded: Mapping[str, str] | None = None,
         update_norm_bound: float | None = None,
         update_norm_action: str = "clip",
+        site_dp: SiteLevelDP | None = None,
+        on_release: Callable[[int], None] | None = None,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train={fraction_train}: must be in (0, 1]")
@@ -211,6 +218,11 @@ class SiteAwareStrategy(Strategy):
         self.update_norm_action = update_norm_action
         self.rule = flower.rule_name(strategy) or type(strategy).__name__
         self._global: dict[int, dict[str, np.ndarray[Any, Any]]] = {}  # server round -> the weights sent
+        if site_dp is not None and (self.rule != "fedavg" or update_norm_bound is not None):
+            raise ValueError("site-level DP aggregates by its own clipped, noised sum: it replaces the "
+                             "aggregation rule (fedavg only) and the norm bound (its clip norm bounds each update)")
+        self.site_dp = site_dp
+        self.on_release = on_release
 
     # ------------------------------------------------------------ selection
 
@@ -219,8 +231,11 @@ class SiteAwareStrategy(Strategy):
         return sorted((n for n, s in self.sites.items() if s not in self.excluded), key=self.sites.__getitem__)
 
     def sample(self, server_round: int) -> list[int]:
-        """The node ids asked to train in `server_round` (deterministic in seed and round)."""
+        """The node ids asked to train in `server_round` (deterministic in seed and round;
+        with site-level DP, Poisson sampling at rate fraction_train)."""
         eligible = self.eligible()
+        if self.site_dp is not None:
+            return sorted(self.site_dp.sample(eligible, server_round), key=self.sites.__getitem__)
         k = min(max(1, round(self.fraction_train * len(self.sites))), len(eligible))
         chosen = random.Random(self.seed * 7919 + server_round).sample(eligible, k) if k else []
         return sorted(chosen, key=self.sites.__getitem__)
@@ -239,9 +254,11 @@ class SiteAwareStrategy(Strategy):
         server_round = self.run_round(server_round)
         chosen = self.sample(server_round)
         self._sampled[server_round] = chosen
-        if not chosen:
+        if not chosen and self.site_dp is None:
             return []
         self._global[server_round] = protocol.from_array_record(arrays)  # what each update is measured from
+        if not chosen:
+            return []  # site-level DP: an empty Poisson sample still releases a noised model
         return self.strategy.configure_train(server_round, arrays, config, _Selected(grid, chosen))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ replies
@@ -333,6 +350,8 @@ class SiteAwareStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round = self.run_round(server_round)
+        if self.site_dp is not None:
+            return self._site_dp_round(server_round, replies)
         report, valid = self.sort_replies(server_round, replies)
         f = flower.num_malicious(self.strategy)
         if flower.rule_name(self.strategy) in flower.ROBUST:
@@ -361,6 +380,31 @@ class SiteAwareStrategy(Strategy):
             if report.skipped:
                 return None, None
             return self.strategy.aggregate_train(server_round, valid)
+
+    def _site_dp_round(self, server_round: int, replies: Iterable[Message]
+                       ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """DP-FedAvg: every usable update clipped, the noised sum over a fixed denominator;
+        spent (on_release) before the model is returned, whatever number of sites replied."""
+        assert self.site_dp is not None
+        base = self._global.get(server_round)
+        report, valid = self.sort_replies(server_round, replies)
+        if base is None:  # nothing was sent this round: no weights to start from (not a DP release)
+            report.skipped = "no weights for this round"
+            if self.on_round is not None:
+                self.on_round(report)
+            return None, None
+        updates = [protocol.from_array_record(m.content[protocol.ARRAYS]) for m in valid]
+        new, norms = self.site_dp.aggregate(base, updates, server_round)
+        by_site = {r.site: r for r in report.replies}
+        for m, norm in zip(valid, norms, strict=True):
+            reply = by_site[self.sites[m.metadata.src_node_id]]
+            reply.update_norm = norm
+            reply.clipped = norm > self.site_dp.clip_norm
+        if self.on_round is not None:
+            self.on_round(report)
+        if self.on_release is not None:
+            self.on_release(server_round)  # spend before release
+        return protocol.to_array_record(new), None
 
     # ------------------------------------------------------------ no federated evaluation
 

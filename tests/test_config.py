@@ -101,13 +101,14 @@ FINITE_KEYS = [
     "privacy.max_grad_norm", "privacy.center_noise_multiplier", "privacy.center_clip_norm",
     "privacy.budget_epsilon", "privacy.min_noise_multiplier", "simulation.client_cpus", "simulation.client_gpus",
     "federation.trim_fraction", "federation.update_norm_bound", "privacy.count_noise_multiplier",
+    "privacy.site_clip_norm", "privacy.site_noise_multiplier", "privacy.site_target_epsilon", "privacy.site_delta",
 ]  # fmt: skip
 
 
 def test_every_float_key_is_checked_finite():
     floats = [k for k, v in conf.to_flat(conf.load_config()).items() if isinstance(v, float)]
     nullable = ["privacy.noise_multiplier", "privacy.center_clip_norm", "privacy.budget_epsilon",
-                "privacy.min_noise_multiplier", "federation.update_norm_bound"]
+                "privacy.min_noise_multiplier", "federation.update_norm_bound", "privacy.site_noise_multiplier"]
     assert sorted(floats + nullable) == sorted(FINITE_KEYS)
 
 

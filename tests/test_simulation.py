@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import conf
-from privacy.accountant import Spend, epsilon_dp_accounting_rdp, epsilon_opacus
+from privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp
 from server.run_dir import read_jsonl
 from simulations.simulate import run_simulation
 from tests.helpers import tiny_overrides
@@ -46,9 +46,10 @@ def test_three_sites_two_rounds_beats_chance_and_writes_the_run_directory(tiny_b
         assert own[0]["epsilon"] < own[1]["epsilon"] < own[2]["epsilon"] < own[3]["epsilon"]
         history = [Spend(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in own]
         assert all(e["noise_multiplier"] == 0.5 for e in own[2:])
-        # The recorded ε is the larger of Opacus' and dp-accounting's RDP: never below either.
-        assert own[-1]["epsilon"] == pytest.approx(max(epsilon_opacus(history, cfg.privacy.delta),
-                                                       epsilon_dp_accounting_rdp(history, cfg.privacy.delta)))
+        # The recorded ε is dp-accounting's PLD (the default accountant), below the RDP bound.
+        assert own[-1]["accountant"] == "pld"
+        assert own[-1]["epsilon"] == pytest.approx(epsilon(history, cfg.privacy.delta, "pld"), rel=1e-12)
+        assert own[-1]["epsilon"] < epsilon_dp_accounting_rdp(history, cfg.privacy.delta)
         assert summary[site]["epsilon"] == own[-1]["epsilon"]
         assert (run / "privacy" / "ledger-keys" / f"{site}.pub").is_file()
     assert rows[-1]["epsilon_max"] == max(e["epsilon"] for e in entries)

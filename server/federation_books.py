@@ -1,0 +1,82 @@
+"""The coordinator's own privacy ledger, for site-level DP (`privacy.unit=site`).
+
+    runs/<run>/privacy/federation.key              the coordinator's ledger signing key (0600)
+    runs/<run>/privacy/ledger-keys/@federation.pub its public half (what `fedshield audit` uses)
+    runs/<run>/privacy/federation-ledger.jsonl     one signed, hash-chained entry per round
+
+Each round of DP-FedAvg (strategies/site_dp.py) is one step of the Poisson-subsampled
+Gaussian mechanism on the clipped sum of the sites' updates: the entry records it exactly as
+a site records a DP-SGD segment (σ = z, q, 1 step, clip S, δ, accountant, add-remove of one
+site), written and fsynced before the round's model is released, so that `fedshield audit
+runs/<run>/privacy/federation-ledger.jsonl` verifies and recomputes it like a site's ledger.
+A resumed run keeps appending to the same chain (a round redone after a crash is charged
+twice: over-count, never under-count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from privacy import signing
+from privacy.accountant import ADD_REMOVE, calibrate_noise_multiplier
+from privacy.ledger import FEDERATION, SITE_MECHANISM, SITE_UNIT, Ledger
+from server.run_dir import LEDGER_KEYS
+from strategies.site_dp import SiteLevelDP
+
+LEDGER_FILE = "federation-ledger.jsonl"
+KEY_FILE = "federation.key"
+
+
+@dataclass
+class FederationBooks:
+    mechanism: SiteLevelDP
+    ledger: Ledger
+    key: signing.PrivateKey
+    run_id: str
+    delta: float
+    accountant: str
+    budget: float
+    epsilon: float = 0.0  # after the last recorded round
+
+    def record_round(self, server_round: int) -> float:
+        """Sign and fsync the round's spend (before its model leaves); the composed ε."""
+        m = self.mechanism
+        entry = self.ledger.append({
+            "run_id": self.run_id, "round": int(server_round), "site": FEDERATION,
+            "mechanism": SITE_MECHANISM, "privacy_unit": SITE_UNIT,
+            "noise_multiplier": float(m.noise_multiplier), "sample_rate": float(m.sample_rate), "steps": 1,
+            "max_grad_norm": float(m.clip_norm), "delta": self.delta, "accountant": self.accountant,
+            "neighbouring": ADD_REMOVE, "release": "global-model", "planned_sites": int(m.planned_sites),
+            "budget_epsilon": self.budget,
+        }, self.key)
+        self.epsilon = float(entry["epsilon"])
+        return self.epsilon
+
+
+def open_books(cfg: DictConfig, run_dir: Path, simulated: bool) -> FederationBooks:
+    """The site-level mechanism of this run and its ledger (made, or reopened on resume)."""
+    p, fed = cfg.privacy, cfg.federation
+    q, rounds = float(fed.fraction_train), int(fed.rounds)
+    z = float(p.site_noise_multiplier) if p.site_noise_multiplier is not None else calibrate_noise_multiplier(
+        float(p.site_target_epsilon), float(p.site_delta), q, rounds, str(p.accountant))
+    folder = run_dir / "privacy"
+    key_path = folder / KEY_FILE
+    if not key_path.exists():
+        pub = signing.generate_site_key(key_path)
+        (folder / LEDGER_KEYS).mkdir(parents=True, exist_ok=True)
+        (folder / LEDGER_KEYS / f"{FEDERATION}.pub").write_bytes(pub)
+    key = signing.load_private_key(key_path)
+    ledger = Ledger(folder / LEDGER_FILE)
+    read = ledger.recover()
+    ledger.check_own(FEDERATION, key.public_key(), read.entries)  # the coordinator's own books verify
+    mechanism = SiteLevelDP(clip_norm=float(p.site_clip_norm), noise_multiplier=z, sample_rate=q,
+                            planned_sites=int(fed.num_sites),
+                            seed=int(fed.seed) * 1_000_033 + 17 if simulated else None)
+    books = FederationBooks(mechanism, ledger, key, run_dir.name, float(p.site_delta), str(p.accountant),
+                            float(p.site_target_epsilon))
+    if read.entries:
+        books.epsilon = float(read.entries[-1]["epsilon"])
+    return books
