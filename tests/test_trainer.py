@@ -116,17 +116,22 @@ def test_tensor_dataset_labels_are_the_task_labels(cfg):
     assert set(data.tensors[-1].tolist()) <= {0, 1}
 
 
+@pytest.mark.parametrize("released", [None, 12])  # q from the data (10 records), or from a released count
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_empty_poisson_batches_take_the_noise_only_step_the_accountant_counts(mode):
+def test_empty_poisson_batches_take_the_noise_only_step_the_accountant_counts(mode, released):
     """n = 10, expected batch 1: about a third of Poisson batches are empty. Each still takes
-    a step of pure noise (as the accountant assumes), and the round spends what was planned."""
+    a step of pure noise (as the accountant assumes), and the round spends what was planned.
+    With a released (noisy) count of 12, q and the steps are the count's: 1/12, 12 a pass."""
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(4, 2))
     data = TensorDataset(torch.randn(10, 4), torch.randint(0, 2, (10,)))
+    q = None if released is None else 1.0 / released
     plan = LocalPlan(epochs=3, batch_size=1, max_physical_batch_size=1, learning_rate=0.1, optimizer="sgd",
-                     dp=True, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode)
+                     dp=True, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, sample_rate=q,
+                     expected_batch_size=None if released is None else 1)
     before = module[0].weight.detach().clone()
     result = train_local(module, data, plan, device=torch.device("cpu"), generator=torch.Generator().manual_seed(1))
-    assert result.steps == 30 and result.spends == [(1.0, 0.1, 30)]
+    steps = 3 * (released or 10)
+    assert result.steps == steps and result.spends == [(1.0, 1.0 / (released or 10), steps)]
     after = next(p for n, p in module.named_parameters() if n.endswith("weight"))
     assert torch.isfinite(after).all() and not torch.equal(after.detach(), before)
