@@ -204,8 +204,8 @@ class AccessLog:
                 f"in={bytes_in} out={bytes_out} {seconds:.3f}s")
         if note:
             line += f' note="{escape_for_log(note, 300)}"'
+        self._logger.info(line)  # the file first: `lines` never shows a line the file lacks
         self.lines.append(line)
-        self._logger.info(line)
 
     def event(self, client: Any, status: int | str, note: str) -> None:
         """A connection-level event (no request line): refused, timed out, uvicorn's message."""

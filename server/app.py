@@ -244,8 +244,10 @@ class RoundLog:
                 self.declines.setdefault(r.site, []).append(f"round {report.server_round}: {r.status}: {r.reason}")
                 say(f"  {r.site}: {r.status}: {r.reason}")
             elif r.clipped:
-                say(f"  {r.site}: update clipped: norm {r.update_norm:.4g} scaled down to "
-                    f"federation.update_norm_bound={self.cfg.federation.update_norm_bound:g}")
+                p, fed = self.cfg.privacy, self.cfg.federation
+                bound = (f"privacy.site_clip_norm={p.site_clip_norm:g}" if p.unit == "site"
+                         else f"federation.update_norm_bound={fed.update_norm_bound:g}")
+                say(f"  {r.site}: update clipped: norm {r.update_norm:.4g} scaled down to {bound}")
         if report.breaches() and report.withstood is not None:
             say(f"  {report.rule}: {len(report.breaches())} attacker(s) unmasked by a breach "
                 f"({', '.join(report.breaches())}); it withstands {report.withstood} more of "
