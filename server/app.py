@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 import conf
 import protocol
 from privacy import signing
+from privacy.accountant import Spend, epsilon
 from privacy.errors import FedShieldError
 from server import checkpoint
 from server.evaluate import CentralEvaluator
@@ -556,6 +557,12 @@ def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict
             "- Both guarantees hold together: record-level at each site (above, against the coordinator too), "
             "site-level for the federation's models.",
         ]
+        if fed:  # what the same noise and rounds are worth without amplification by sampling
+            plain = epsilon([Spend(float(last_fed["noise_multiplier"]), 1.0, len(fed))], float(p.site_delta),
+                            str(p.accountant))
+            lines.append(f"- Without amplification by sampling (every site every round: the accounting of "
+                         f"Flower's server-side DP, which samples a fixed number of sites), the same noise and "
+                         f"rounds would state ε = {plain:.4f}.")
     lines += defence_lines(cfg, rows, sorted(summary))
     if refused:  # at discovery: a bad name, a name already taken, a broken or declined hello
         lines += ["", "## Sites not admitted", "", *(f"- {why}" for why in refused)]

@@ -10,7 +10,9 @@ a site records a DP-SGD segment (σ = z, q, 1 step, clip S, δ, accountant, add-
 site), written and fsynced before the round's model is released, so that `fedshield audit
 runs/<run>/privacy/federation-ledger.jsonl` verifies and recomputes it like a site's ledger.
 A resumed run keeps appending to the same chain (a round redone after a crash is charged
-twice: over-count, never under-count).
+twice: over-count, never under-count). `privacy.site_target_epsilon` is the federation's
+budget: an explicit `privacy.site_noise_multiplier` whose planned rounds would spend more is
+refused before the run starts.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from privacy import signing
-from privacy.accountant import ADD_REMOVE, calibrate_noise_multiplier
+from privacy.accountant import ADD_REMOVE, Spend, calibrate_noise_multiplier, epsilon
+from privacy.errors import FedShieldError
 from privacy.ledger import FEDERATION, SITE_MECHANISM, SITE_UNIT, Ledger
 from server.run_dir import LEDGER_KEYS
 from strategies.site_dp import SiteLevelDP
@@ -62,6 +65,12 @@ def open_books(cfg: DictConfig, run_dir: Path, simulated: bool) -> FederationBoo
     q, rounds = float(fed.fraction_train), int(fed.rounds)
     z = float(p.site_noise_multiplier) if p.site_noise_multiplier is not None else calibrate_noise_multiplier(
         float(p.site_target_epsilon), float(p.site_delta), q, rounds, str(p.accountant))
+    planned = epsilon([Spend(z, q, rounds)], float(p.site_delta), str(p.accountant))
+    if planned > float(p.site_target_epsilon):  # an explicit z: the target is the federation's budget
+        raise FedShieldError(
+            f"privacy.site_noise_multiplier={z:g}: {rounds} rounds at q={q:g} spend site-level ε={planned:.4g} "
+            f"> privacy.site_target_epsilon={float(p.site_target_epsilon):g} (δ={float(p.site_delta):g}); raise "
+            "the noise or the target")
     folder = run_dir / "privacy"
     key_path = folder / KEY_FILE
     if not key_path.exists():

@@ -148,5 +148,23 @@ def test_site_level_dp_in_simulation_writes_a_ledger_that_audits(tiny_bert, synt
     assert rows[-1]["site_level_epsilon"] == pytest.approx(fed[-1]["epsilon"])
     report = (run / "report.md").read_text()
     assert "### Site-level DP (DP-FedAvg" in report and "one whole site" in report
+    assert "Without amplification by sampling" in report
     assert (run / "privacy" / "federation.key").stat().st_mode & 0o077 == 0
     assert audit(run).ok  # the sites' own record-level ledger, as before
+
+
+def test_an_explicit_site_noise_that_would_overspend_the_target_is_refused(tmp_path):
+    from privacy.errors import FedShieldError
+    from server.federation_books import open_books
+
+    (tmp_path / "run" / "privacy").mkdir(parents=True)
+    cfg = conf.load_config(["privacy.unit=site", "privacy.site_noise_multiplier=0.3", "privacy.site_target_epsilon=2",
+                            "federation.rounds=40"])
+    with pytest.raises(FedShieldError, match=r"privacy\.site_noise_multiplier=0\.3: 40 rounds at q=1 spend"):
+        open_books(cfg, tmp_path / "run", simulated=True)
+    ok = conf.load_config(["privacy.unit=site", "privacy.site_target_epsilon=2", "federation.rounds=40",
+                           "federation.fraction_train=0.5"])
+    books = open_books(ok, tmp_path / "run", simulated=True)
+    assert books.mechanism.sample_rate == 0.5 and books.epsilon == 0.0
+    assert epsilon([Spend(books.mechanism.noise_multiplier, 0.5, 40)], 1e-5, "pld") <= 2.0
+    assert (tmp_path / "run" / "privacy" / "federation.key").stat().st_mode & 0o077 == 0
