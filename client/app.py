@@ -249,17 +249,32 @@ def _hello(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     count = public_count(site, plan.run_id)
     if isinstance(count, str):
         return _decline(msg, site.name, count, "budget")
-    n, entry = count
     # The count's entry goes with the hello of the run that spent it (again after a
     # coordinator restart: the coordinator's books recognise an entry they hold already).
-    entries = [entry] if entry is not None and entry.get("run_id") == plan.run_id else []
-    return protocol.hello_reply(msg, site=site.name, num_examples=n,
+    entries = [count.entry] if count.spent_in(plan.run_id) else []
+    return protocol.hello_reply(msg, site=site.name, num_examples=count.n,
                                 ledger_public_key=site.state.public_key_pem(), ledger_entries=entries)
 
 
-def public_count(site: Site, run_id: str) -> tuple[int, dict[str, Any] | None] | str:
-    """The record count this site releases, and the ledger entry that released it (None:
-    it is public), or why it cannot (a budget reason).
+@dataclass(frozen=True)
+class PublicCount:
+    """The record count a site releases: `n`, the ledger entry that released it (None: the
+    count is public), and whether this very call spent it (`fresh`)."""
+
+    n: int
+    entry: dict[str, Any] | None = None
+    fresh: bool = False
+
+    def spent_in(self, run_id: str) -> bool:
+        return self.entry is not None and self.entry.get("run_id") == run_id
+
+    def spend(self) -> Spend:
+        assert self.entry is not None
+        return Spend(self.entry["noise_multiplier"], self.entry["sample_rate"], self.entry["steps"])
+
+
+def public_count(site: Site, run_id: str) -> PublicCount | str:
+    """The record count this site releases, or why it cannot (a budget reason).
 
     replace-one, or no DP: the exact count (public under that relation). add-remove: the
     count is protected (privacy.neighbouring): released once per dataset as
@@ -269,11 +284,11 @@ def public_count(site: Site, run_id: str) -> tuple[int, dict[str, Any] | None] |
     priv = site.cfg.privacy
     n = len(site.data)
     if priv.mode != "dp-sgd" or priv.neighbouring != "add-remove":
-        return n, None
+        return PublicCount(n)
     digest = site.state.data_digest(_data_bytes(site.data))
     found = site.state.released_count(digest)
     if found is not None:
-        return found
+        return PublicCount(*found)
     spend = Spend(float(priv.count_noise_multiplier), 1.0, 1)
     decision = site.state.check_budget(spend, _budget(site), priv.delta, priv.accountant, priv.neighbouring)
     if not decision.ok:
@@ -283,11 +298,19 @@ def public_count(site: Site, run_id: str) -> tuple[int, dict[str, Any] | None] |
     released = max(1, round(noisy))  # post-processing of the Gaussian count
     entry = _record(site, run_id, 0, [spend], 1.0, {  # clip 1.0: the count's sensitivity
         "release": COUNT_RELEASE, "released_count": released, "data_digest": digest})[0]
-    return released, entry
+    return PublicCount(released, entry, fresh=True)
+
+
+# id(data) -> (data, digest): a worker's site data objects are cached (_site_file, virtual_sites),
+# so each is hashed once, not on every message; the object is kept so that its id is not reused.
+_DIGESTS: dict[int, tuple[LabeledData, bytes]] = {}
 
 
 def _data_bytes(data: LabeledData) -> bytes:
-    """The site's records, canonically (what its count counts)."""
+    """A digest of the site's records, canonically (what its count counts)."""
+    kept = _DIGESTS.get(id(data))
+    if kept is not None and kept[0] is data:
+        return kept[1]
     h = hashlib.sha256()
     h.update(json.dumps(data.class_names).encode())
     h.update(np.ascontiguousarray(data.labels, dtype=np.int64).tobytes())
@@ -296,18 +319,20 @@ def _data_bytes(data: LabeledData) -> bytes:
             h.update(t.encode("utf-8", "surrogatepass") + b"\0")
     if data.features is not None:
         h.update(np.ascontiguousarray(data.features, dtype=np.float32).tobytes())
+    if len(_DIGESTS) >= 64:
+        _DIGESTS.clear()
+    _DIGESTS[id(data)] = (data, h.digest())
     return h.digest()
 
 
-def _counted(msg: Message, plan: protocol.Plan, site: Site) -> tuple[int, list[dict[str, Any]]] | Message:
-    """The released count for a FEATURE_SUM or TRAIN reply, with the count's entry if this
-    very message released it (a coordinator that skipped HELLO); a decline if it cannot."""
-    spent_before = len(site.state.entries())
+def _counted(msg: Message, plan: protocol.Plan, site: Site) -> PublicCount | Message:
+    """The released count for a FEATURE_SUM or TRAIN reply (its entry goes with the reply
+    if this very message released it: a coordinator that skipped HELLO); a decline if the
+    count cannot be released."""
     count = public_count(site, plan.run_id)
     if isinstance(count, str):
         return _decline(msg, site.name, count, "budget")
-    n, entry = count
-    return n, ([entry] if entry is not None and len(site.state.entries()) > spent_before else [])
+    return count
 
 
 @app.query(protocol.FEATURE_SUM_HANDLER)
@@ -323,10 +348,9 @@ def _feature_sum(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     if not centering.applies(cfg, view):
         raise conf.ConfigError(
             "training.center_features: this model and training.trainable have no pooler input to centre")
-    counted = _counted(msg, plan, site)
-    if isinstance(counted, Message):
-        return counted
-    n, count_entries = counted
+    count = _counted(msg, plan, site)
+    if isinstance(count, Message):
+        return count
     spend = centering.release_spend(cfg, view)
     clip = centering.clip_norm(cfg, view)
     if spend is not None:
@@ -337,7 +361,8 @@ def _feature_sum(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     noise_std = spend.noise_multiplier * clip if spend is not None else 0.0
     total = centering.noisy_feature_sum(view, dataset, clip, noise_std, generator, device)
     entries = _record(site, plan.run_id, 0, [spend], clip, {"release": "feature-mean"}) if spend else []
-    return protocol.feature_sum_reply(msg, site=site.name, num_examples=n, feature_sum=total,
+    count_entries = [count.entry] if count.fresh and count.entry is not None else []
+    return protocol.feature_sum_reply(msg, site=site.name, num_examples=count.n, feature_sum=total,
                                       ledger_entries=_with_unreported(site, plan.run_id, count_entries + entries))
 
 
@@ -375,13 +400,14 @@ def train_round(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     view.load_trainable(weights)
     if plan.feature_center is not None and centering.applies(cfg, view):
         centering.set_center(view, list(plan.feature_center))
-    counted = _counted(msg, plan, site)
-    if isinstance(counted, Message):
-        return counted
+    count = _counted(msg, plan, site)
+    if isinstance(count, Message):
+        return count
     # n: the count this site released (add-remove: the noisy one). Everything that leaves
     # and depends on the number of records (q, steps, σ, the FedAvg weight, the update's
     # scale) is computed from it, never from the exact count.
-    n, count_entries = counted
+    n = count.n
+    count_entries = [count.entry] if count.fresh and count.entry is not None else []
     dp = priv.mode == "dp-sgd"
     q = poisson_rate(n, tr.batch_size)
     steps = tr.local_epochs * batches_per_epoch(n, tr.batch_size)
@@ -390,7 +416,8 @@ def train_round(msg: Message, plan: protocol.Plan, site: Site) -> Message:
         # The run's other releases count against the same target: the feature mean whether
         # or not this site made it (over-count, never under-count), the count if this run
         # released it.
-        before = [s for s in (centering.release_spend(cfg, view), _count_spend_of_run(site, plan.run_id)) if s]
+        before = [s for s in (centering.release_spend(cfg, view),
+                              count.spend() if count.spent_in(plan.run_id) else None) if s]
         sigma = float(priv.noise_multiplier) if priv.noise_multiplier else site.state.noise_multiplier(
             plan.run_id, float(priv.target_epsilon), float(priv.delta), q, steps,
             int(cfg.federation.rounds), priv.accountant, before=before, neighbouring=priv.neighbouring,
@@ -500,14 +527,6 @@ def _record(site: Site, run_id: str, server_round: int, spends: list[Spend], cli
             **extra,
         }))
     return entries
-
-
-def _count_spend_of_run(site: Site, run_id: str) -> Spend | None:
-    """The record count's spend if this run released it (its entry names this run)."""
-    for e in site.state.entries():
-        if e.get("release") == COUNT_RELEASE and e.get("run_id") == run_id:
-            return Spend(e["noise_multiplier"], e["sample_rate"], e["steps"])
-    return None
 
 
 def _seed(cfg: DictConfig, site: Site, server_round: int) -> int:

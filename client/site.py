@@ -64,6 +64,7 @@ class SiteState:
             pub = generate_site_key(self.key_path)
             (self.dir / "site.pub").write_bytes(pub)
         self.key = load_private_key(self.key_path)
+        self._digest_key: bytes | None = None  # data_digest's HMAC key, derived from `key` once
         self.ledger = Ledger(self.dir / "ledger.jsonl")
         self.refresh()
 
@@ -168,9 +169,10 @@ class SiteState:
         """A digest of the site's data keyed by its secret signing key: it tells the site
         whether its data changed since it released a count, and tells nobody else anything
         (without the key, a guessed dataset cannot be confirmed against it)."""
-        secret = hashlib.sha256(b"fedshield record-count\0" + self.key.private_bytes(
-            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())).digest()
-        return hmac.new(secret, canonical, hashlib.sha256).hexdigest()
+        if self._digest_key is None:
+            self._digest_key = hashlib.sha256(b"fedshield record-count\0" + self.key.private_bytes(
+                serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())).digest()
+        return hmac.new(self._digest_key, canonical, hashlib.sha256).hexdigest()
 
     def released_count(self, digest: str) -> tuple[int, dict] | None:
         """(the noisy count, its entry) this site released for the data of `digest`, if any."""

@@ -151,21 +151,25 @@ class Ledger:
         return self.path.with_name(self.path.name + ".pending")
 
     def _book_pending(self, r: LedgerRead) -> None:
-        """A spend whose write was interrupted is counted: appended as it was signed."""
+        """A spend whose write was interrupted is counted: appended as it was signed. The
+        pending copy is written atomically and fsynced, so one that does not parse, whose hash
+        does not cover it, or that does not continue the chain was damaged afterwards: refused
+        (whether it was a spend cannot be told). Its signature is the owner's check
+        (`check_own`), which a site runs right after."""
         if not self.pending_path.is_file():
             return
         line = self.pending_path.read_bytes()
         entry = _parse_line(line.strip())
-        if entry is None:  # the crash came while the pending copy itself was written: nothing was appended
-            self.pending_path.unlink()
-            return
-        if any(e.get("hash") == entry.get("hash") for e in r.entries):
+        repair = "restore ledger.jsonl from a backup (docs/site-operator.md)"
+        if entry is None or entry.get("hash") != entry_hash(entry) or _field_problem(entry):
+            raise LedgerError(f"ledger {self.path}: {self.pending_path.name} (an interrupted spend) is damaged: "
+                              f"it may have been released and cannot be counted; {repair}")
+        if any(e.get("hash") == entry["hash"] for e in r.entries):
             self.pending_path.unlink()  # the write had completed
             return
         mine = [e for e in r.entries if e.get("site") == entry.get("site")]
         if (mine[-1]["hash"] if mine else GENESIS) != entry.get("prev_hash"):
-            raise LedgerError(f"ledger {self.path}: {self.pending_path.name} does not continue the ledger; "
-                              "restore ledger.jsonl from a backup (docs/site-operator.md)")
+            raise LedgerError(f"ledger {self.path}: {self.pending_path.name} does not continue the ledger; {repair}")
         self._write_line(line if line.endswith(b"\n") else line + b"\n")
         r.entries.append(entry)
         r.recovered.append(entry)

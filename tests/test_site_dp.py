@@ -97,6 +97,8 @@ def test_config_refuses_what_site_level_dp_cannot_make_honest():
 def test_the_federation_ledger_is_the_poisson_gaussian_composition_and_audits(tmp_path):
     from privacy.audit import audit
 
+    assert not protocol.SITE_NAME.match(FEDERATION)  # no site can sign as the federation's books
+
     key_path = tmp_path / "federation.key"
     (tmp_path / "keys").mkdir()
     (tmp_path / "keys" / f"{FEDERATION}.pub").write_bytes(signing.generate_site_key(key_path))

@@ -38,14 +38,20 @@ def crash_while_writing(monkeypatch, keep_bytes: int | None) -> None:
     monkeypatch.setattr(Ledger, "_write_line", cut)
 
 
-@pytest.mark.parametrize("keep_bytes", [0, 150])  # nothing written, a torn line
-def test_an_interrupted_spend_is_counted_once_and_the_books_verify(tmp_path, monkeypatch, keep_bytes):
+def crashed_site(tmp_path, monkeypatch, keep_bytes: int | None, second: dict) -> SiteState:
+    """A site that spent round 1, then was killed while writing `second` (crash_while_writing)."""
     state = SiteState(tmp_path / "state", "a")
     state.record_spend(spend(1))
     with monkeypatch.context() as m:
         crash_while_writing(m, keep_bytes)
         with pytest.raises(Crash):
-            state.record_spend(spend(2, sigma=1.5))
+            state.record_spend(second)
+    return state
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 150])  # nothing written, a torn line
+def test_an_interrupted_spend_is_counted_once_and_the_books_verify(tmp_path, monkeypatch, keep_bytes):
+    state = crashed_site(tmp_path, monkeypatch, keep_bytes, spend(2, sigma=1.5))
     pending = json.loads(state.ledger.pending_path.read_text())
 
     after = SiteState(tmp_path / "state", "a")  # the site restarts: its books are read and checked
@@ -61,12 +67,7 @@ def test_an_interrupted_spend_is_counted_once_and_the_books_verify(tmp_path, mon
 
 @pytest.mark.parametrize("keep_bytes", [None, -1])  # the whole line, all but its newline
 def test_a_write_that_completed_before_the_crash_is_not_booked_twice(tmp_path, monkeypatch, keep_bytes):
-    state = SiteState(tmp_path / "state", "a")
-    state.record_spend(spend(1))
-    with monkeypatch.context() as m:
-        crash_while_writing(m, keep_bytes)
-        with pytest.raises(Crash):
-            state.record_spend(spend(2))
+    state = crashed_site(tmp_path, monkeypatch, keep_bytes, spend(2))
     # the line is whole; the crash came before the pending copy was removed (and before the head)
     assert state.ledger.pending_path.exists()
     after = SiteState(tmp_path / "state", "a")
@@ -100,12 +101,34 @@ def test_the_next_reply_carries_the_late_spend_and_the_coordinator_books_it(tmp_
 
 
 def test_a_late_spend_of_another_run_stays_in_the_sites_own_books(tmp_path, monkeypatch):
-    state = SiteState(tmp_path / "state", "a")
-    state.record_spend(spend(1))
-    with monkeypatch.context() as m:
-        crash_while_writing(m, 0)
-        with pytest.raises(Crash):
-            state.record_spend(spend(2))
+    crashed_site(tmp_path, monkeypatch, 0, spend(2))
     after = SiteState(tmp_path / "state", "a")
     assert after.take_unreported("another-run") == []
     assert len(after.entries()) == 2  # counted all the same
+
+
+@pytest.mark.parametrize("damage", ["garbage", "edited", "resigned-by-another-key"])
+def test_a_damaged_or_planted_pending_spend_is_refused_and_nothing_is_trained_on(tmp_path, monkeypatch, damage):
+    """A local attacker edits the interrupted spend (less noise) or plants one of their own:
+    the site refuses its books, naming the file, instead of counting a spend it cannot trust."""
+    import base64
+
+    from privacy import signing
+    from privacy.errors import LedgerError
+    from privacy.ledger import entry_hash
+
+    state = crashed_site(tmp_path, monkeypatch, 150, spend(2))
+    pending = json.loads(state.ledger.pending_path.read_text())
+    if damage == "garbage":
+        state.ledger.pending_path.write_bytes(b"{not json")
+    else:
+        pending["noise_multiplier"] = 9.0  # "more noise than I used": ε would be under-counted
+        if damage == "resigned-by-another-key":
+            signing.generate_site_key(tmp_path / "other.key")
+            other = signing.load_private_key(tmp_path / "other.key")
+            pending["hash"] = entry_hash(pending)
+            pending["signature"] = base64.b64encode(signing.sign(other, pending["hash"].encode())).decode()
+        state.ledger.pending_path.write_text(json.dumps(pending) + "\n")
+    says = "do not verify|not signed|signature" if damage == "resigned-by-another-key" else "pending .* is damaged"
+    with pytest.raises(LedgerError, match=says):
+        SiteState(tmp_path / "state", "a")
