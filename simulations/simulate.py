@@ -43,7 +43,10 @@ def backend_config(cfg: DictConfig) -> dict:
     resources = {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus}
     if sim.ray_address:
         return {"client_resources": resources, "init_args": {}}
-    init_args: dict = {"num_cpus": sim.num_cpus or os.cpu_count() or 1}
+    # address="local": always a fresh Ray instance of this run's own, never a cluster that
+    # happens to run on the machine (RAY_ADDRESS, another simulation): the sites' resources
+    # are what this config says, and two simulations side by side do not collide.
+    init_args: dict = {"address": "local", "num_cpus": sim.num_cpus or os.cpu_count() or 1}
     if not sim.client_gpus:
         init_args["num_gpus"] = 0  # keep Ray off any GPU the sites were not given
     return {"client_resources": resources, "init_args": init_args}
