@@ -8,6 +8,19 @@ spells a record key; client/, server/ and strategies/ build and read messages th
     TRAIN        (train)               ->   TrainReply       | Decline
     DONE         (query.done)          ->   Done             | Decline   (the run completed)
 
+With secure aggregation (federation.secure_aggregation=secaggplus) a training round is
+four exchanges (the SecAgg+ stages; privacy/secure_sum.py has the arithmetic):
+
+    SECAGG_SETUP  (query.secagg_setup)  ->  SecAggKeys    | Decline   the site's two public keys
+    SECAGG_SHARE  (query.secagg_share)  ->  SecAggShares  | Decline   its secrets' shares, encrypted
+                                                                      for each neighbour
+    TRAIN + SECAGG {sources, ciphertexts} -> TrainReply   | Decline   ARRAYS is the masked vector
+                                                                      (uint64), never the weights
+    SECAGG_UNMASK (query.secagg_unmask) ->  SecAggUnmask  | Decline   shares that remove the masks
+
+Sites are named in these stages by their slot in the round (1..m), not by Flower's node
+id (a uint64 that a ConfigRecord's sint64 cannot carry).
+
 Every instruction carries the run's plan (`PLAN`, a ConfigRecord): the resolved config as
 YAML, the run id, the frozen-weight fingerprint, the class names, the feature centre once
 it is known, and what Flower's strategy adds to a training round (`server-round`,
@@ -58,6 +71,10 @@ TRAIN = MessageType.TRAIN
 FEATURE_SUM_HANDLER = "feature_mean"  # the name the ClientApp registers for FEATURE_SUM
 DONE = MessageType.QUERY + ".done"  # after the run's report: a site not picked for the last round knows it ended
 DONE_HANDLER = "done"
+SECAGG_SETUP_HANDLER, SECAGG_SHARE_HANDLER, SECAGG_UNMASK_HANDLER = "secagg_setup", "secagg_share", "secagg_unmask"
+SECAGG_SETUP = MessageType.QUERY + "." + SECAGG_SETUP_HANDLER
+SECAGG_SHARE = MessageType.QUERY + "." + SECAGG_SHARE_HANDLER
+SECAGG_UNMASK = MessageType.QUERY + "." + SECAGG_UNMASK_HANDLER
 
 # ---------------------------------------------------------------- record names
 
@@ -67,6 +84,7 @@ METRICS = "metrics"  # MetricRecord: counts and figures
 SITE = "site"  # ConfigRecord: who replies
 LEDGER = "ledger"  # ConfigRecord: the signed spends behind the reply
 DECLINE = "decline"  # ConfigRecord: why the site did not do what it was asked
+SECAGG = "secagg"  # ConfigRecord: a SecAgg+ stage's fields, both ways
 
 # ---------------------------------------------------------------- keys
 
@@ -91,6 +109,32 @@ KIND = "kind"
 REASON = "reason"
 # in ARRAYS of a FeatureSumReply
 FEATURE_SUM_ARRAY = "feature-sum"
+# in SECAGG
+SA_ROUND = "round"
+SA_SLOT = "slot"  # the site's own slot (setup)
+SA_SLOTS = "slots"  # the neighbourhood, the site itself included (share); whose shares (unmask reply)
+SA_PK1S, SA_PK2S = "pk1s", "pk2s"  # their public keys, in slot order (share)
+SA_PK1, SA_PK2 = "pk1", "pk2"  # mask key, encryption key (setup reply)
+SA_DESTINATIONS = "destinations"  # share reply: the slot each ciphertext is for
+SA_SOURCES = "sources"  # collect: the slot each forwarded ciphertext came from
+SA_CIPHERTEXTS = "ciphertexts"
+SA_COMMITMENT = "commitment"  # share reply: SHA-256 commitment to the private-mask seed
+SA_ACTIVE, SA_DROPPED = "active", "dropped"  # unmask: slots whose masked vector is / is not in the sum
+SA_SHARES = "shares"  # unmask reply
+
+SECAGG_STAGES = {  # stage -> the kind of message, and its SECAGG fields: int | ints | bytes | bytes-list
+    "setup": (SECAGG_SETUP, {SA_ROUND: "int", SA_SLOT: "int"}),
+    "share": (SECAGG_SHARE, {SA_ROUND: "int", SA_SLOTS: "ints", SA_PK1S: "bytes-list", SA_PK2S: "bytes-list"}),
+    "collect": (TRAIN, {SA_ROUND: "int", SA_SOURCES: "ints", SA_CIPHERTEXTS: "bytes-list"}),
+    "unmask": (SECAGG_UNMASK, {SA_ROUND: "int", SA_ACTIVE: "ints", SA_DROPPED: "ints"}),
+}
+SECAGG_REPLIES = {
+    "setup": {SA_PK1: "bytes", SA_PK2: "bytes"},
+    "share": {SA_DESTINATIONS: "ints", SA_CIPHERTEXTS: "bytes-list", SA_COMMITMENT: "bytes"},
+    "unmask": {SA_SLOTS: "ints", SA_SHARES: "bytes-list"},
+}
+MAX_SLOTS = 100_000  # sites in one secure round
+MAX_SECAGG_BYTES = 4096  # one key, share or ciphertext
 
 DECLINE_KINDS = ("budget", "policy", "protocol", "error")
 
@@ -147,6 +191,25 @@ class TrainReply:
     num_examples: int
     arrays: dict[str, np.ndarray[Any, Any]]
     ledger_entries: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class SecAggStep:
+    """A SecAgg+ stage as the site reads it: which stage, the round, the stage's fields
+    (checked against SECAGG_STAGES)."""
+
+    stage: str
+    server_round: int
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SecAggReply:
+    """A site's SecAgg+ reply as the coordinator reads it (checked against SECAGG_REPLIES)."""
+
+    site: str
+    stage: str
+    fields: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -275,6 +338,34 @@ def _one_line(text: str) -> str:
     return line if len(line) <= MAX_REASON else line[: MAX_REASON - 3] + "..."
 
 
+def _secagg_fields(record: Mapping[str, Any], spec: Mapping[str, str]) -> dict[str, Any]:
+    """A SECAGG record's fields, each of the kind `spec` names, within the size limits."""
+    _keys(record, SECAGG, list(spec))
+    out: dict[str, Any] = {}
+    for key, kind in spec.items():
+        value, where = record[key], f"{SECAGG}.{key}"
+        if kind == "int":
+            out[key] = _count(record, key, SECAGG)
+        elif kind == "bytes":
+            if not isinstance(value, bytes) or not 0 < len(value) <= MAX_SECAGG_BYTES:
+                raise ProtocolError(f"{where}: expected 1 to {MAX_SECAGG_BYTES} bytes")
+            out[key] = value
+        else:
+            item = int if kind == "ints" else bytes
+            if not isinstance(value, list) or len(value) > MAX_SLOTS or not all(
+                    type(v) is item for v in value):
+                raise ProtocolError(f"{where}: expected a list of at most {MAX_SLOTS} "
+                                    f"{'integers' if item is int else 'byte strings'}")
+            if item is int and not all(1 <= v <= MAX_SLOTS for v in value):
+                raise ProtocolError(f"{where}: a slot must be between 1 and {MAX_SLOTS}")
+            if item is bytes and not all(0 < len(v) <= MAX_SECAGG_BYTES for v in value):
+                raise ProtocolError(f"{where}: an item must have 1 to {MAX_SECAGG_BYTES} bytes")
+            if item is int and len(set(value)) != len(value):
+                raise ProtocolError(f"{where}: a slot is listed twice")
+            out[key] = list(value)
+    return out
+
+
 def parse_ledger_entries(text: str) -> tuple[dict[str, Any], ...]:
     """The signed ledger entries of a reply (a JSON list of objects)."""
     try:
@@ -370,11 +461,45 @@ def instruction(kind: str, plan: ConfigRecord, node_id: int) -> Message:
     return Message(content=RecordDict({PLAN: plan}), message_type=kind, dst_node_id=node_id)
 
 
+def secagg_instruction(stage: str, plan: ConfigRecord, node_id: int, fields: Mapping[str, Any]) -> Message:
+    """A SecAgg+ setup, share or unmask message to one site."""
+    kind, spec = SECAGG_STAGES[stage]
+    if kind == TRAIN or set(fields) != set(spec):
+        raise ValueError(f"secagg_instruction: {stage!r} takes {sorted(spec)}, got {sorted(fields)}")
+    return Message(content=RecordDict({PLAN: plan, SECAGG: ConfigRecord(dict(fields))}),
+                   message_type=kind, dst_node_id=node_id)
+
+
+def with_secagg(msg: Message, fields: Mapping[str, Any]) -> Message:
+    """A TRAIN instruction (built by Flower's strategy) with the SecAgg+ collect stage's fields."""
+    spec = SECAGG_STAGES["collect"][1]
+    if set(fields) != set(spec):
+        raise ValueError(f"with_secagg: takes {sorted(spec)}, got {sorted(fields)}")
+    # Flower's strategies give every TRAIN message of a round one shared RecordDict: a new
+    # one per site, or every site would get the last site's shares.
+    content = RecordDict(dict(msg.content.items()))
+    content[SECAGG] = ConfigRecord(dict(fields))
+    msg.content = content
+    return msg
+
+
+def read_secagg(msg: Message) -> SecAggStep | None:
+    """The SecAgg+ stage of an instruction (None: a TRAIN in the clear); raises ProtocolError."""
+    kind = msg.metadata.message_type
+    stages = [name for name, (k, _) in SECAGG_STAGES.items() if k == kind]
+    if not stages or (kind == TRAIN and SECAGG not in msg.content):
+        return None
+    fields = _secagg_fields(_record(msg.content, SECAGG, ConfigRecord), SECAGG_STAGES[stages[0]][1])
+    return SecAggStep(stages[0], fields[SA_ROUND], fields)
+
+
 def read_plan(msg: Message) -> Plan:
     """The plan of an instruction, checked field by field (raises ProtocolError)."""
     content = msg.content
-    is_train = msg.metadata.message_type == TRAIN
-    _records(content, [PLAN, ARRAYS] if is_train else [PLAN])
+    kind = msg.metadata.message_type
+    is_train = kind == TRAIN
+    secagg = [SECAGG] if kind in (SECAGG_SETUP, SECAGG_SHARE, SECAGG_UNMASK) else []
+    _records(content, [PLAN, ARRAYS] if is_train else [PLAN, *secagg], [SECAGG] if is_train else [])
     record = _record(content, PLAN, ConfigRecord)
     _keys(record, PLAN, [CONFIG_YAML, RUN_ID, RUN_DIR, FROZEN_FINGERPRINT, CLASS_NAMES],
           [FEATURE_CENTER, SERVER_ROUND, PROXIMAL_MU])
@@ -449,6 +574,14 @@ def train_reply(
     })
 
 
+def secagg_reply(msg: Message, *, site: str, stage: str, fields: Mapping[str, Any]) -> Message:
+    """A site's reply to a SecAgg+ setup, share or unmask stage."""
+    spec = SECAGG_REPLIES[stage]
+    if set(fields) != set(spec):
+        raise ValueError(f"secagg_reply: {stage!r} takes {sorted(spec)}, got {sorted(fields)}")
+    return _reply(msg, {SITE: ConfigRecord({NAME: site}), SECAGG: ConfigRecord(dict(fields))})
+
+
 def done_reply(msg: Message, *, site: str) -> Message:
     return _reply(msg, {SITE: ConfigRecord({NAME: site})})
 
@@ -512,6 +645,20 @@ def read_feature_sum(msg: Message, width: int) -> FeatureSumReply | Decline | Re
             return Rejected(str(exc), name, entries)
 
     result: FeatureSumReply | Decline | Rejected | Failed = _guard(msg, parse)
+    return result
+
+
+def read_secagg_reply(msg: Message, stage: str) -> SecAggReply | Decline | Rejected | Failed:
+    """A site's reply to the SecAgg+ `stage` (setup, share, unmask), its fields checked."""
+
+    def parse(content: RecordDict) -> SecAggReply | Decline:
+        name = _plain_site(content)
+        if isinstance(name, Decline):
+            return name
+        _records(content, [SITE, SECAGG])
+        return SecAggReply(name, stage, _secagg_fields(_record(content, SECAGG, ConfigRecord), SECAGG_REPLIES[stage]))
+
+    result: SecAggReply | Decline | Rejected | Failed = _guard(msg, parse)
     return result
 
 

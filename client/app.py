@@ -48,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import conf
 import protocol
+from client import secagg
 from client.site import COUNT_RELEASE, SiteState
 from privacy.accountant import Spend, epsilon
 from privacy.errors import FedShieldError
@@ -69,7 +70,7 @@ NODE_SITE_NAME, NODE_DATA, NODE_STATE, NODE_KEY = "site-name", "data-path", "sta
 # all still refuses a plan without DP. `budget_epsilon` null means the site's target ε.
 POLICY = ("privacy.mode", "privacy.target_epsilon", "privacy.budget_epsilon", "privacy.delta",
           "privacy.min_noise_multiplier", "privacy.center_noise_multiplier", "privacy.neighbouring",
-          "privacy.count_noise_multiplier")
+          "privacy.count_noise_multiplier", "federation.secure_aggregation")
 # Operational settings a site may set for itself; they apply over the plan as they are.
 OPERATIONAL = ("privacy.max_grad_norm", "privacy.center_clip_norm", "training.device",
                "training.max_physical_batch_size")
@@ -121,6 +122,7 @@ def check_policy(plan: DictConfig, policy: DictConfig) -> None:
     if mine.mode == "dp-sgd" and p.mode != "dp-sgd":
         raise PolicyError(f"privacy.mode={p.mode!r}: this site trains only with DP (dp-sgd)")
     if p.mode != "dp-sgd":
+        _check_secure(plan, policy)
         return  # the site's own policy is no DP, and so is the plan
     if p.target_epsilon > mine.target_epsilon:
         raise PolicyError(f"privacy.target_epsilon={p.target_epsilon:g}: above this site's {mine.target_epsilon:g}")
@@ -144,6 +146,14 @@ def check_policy(plan: DictConfig, policy: DictConfig) -> None:
     if p.count_noise_multiplier < mine.count_noise_multiplier:
         raise PolicyError(f"privacy.count_noise_multiplier={p.count_noise_multiplier:g}: below this site's "
                           f"{mine.count_noise_multiplier:g}")
+    _check_secure(plan, policy)
+
+
+def _check_secure(plan: DictConfig, policy: DictConfig) -> None:
+    """A site that requires secure aggregation sends no update in the clear (whatever its DP mode)."""
+    if policy.federation.secure_aggregation != "off" and plan.federation.secure_aggregation == "off":
+        raise PolicyError("federation.secure_aggregation='off': this site sends its update only masked "
+                          f"({policy.federation.secure_aggregation})")
 
 
 # ------------------------------------------------------------ per-worker caches
@@ -379,11 +389,91 @@ def _done(msg: Message, plan: protocol.Plan, site: Site) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return handle(msg, context, train_round)
+    return handle(msg, context, lambda m, plan, site: _train(m, plan, site, context))
+
+
+def _train(msg: Message, plan: protocol.Plan, site: Site, context: Context) -> Message:
+    step = protocol.read_secagg(msg)
+    secure = site.cfg.federation.secure_aggregation != "off"
+    if step is None and secure:
+        return _decline(msg, site.name, "this run aggregates securely (federation.secure_aggregation="
+                        f"{site.cfg.federation.secure_aggregation}): an update in the clear is refused", "protocol")
+    if step is None:
+        return train_round(msg, plan, site)
+    if not secure:
+        return _decline(msg, site.name, "a secure-aggregation stage in a run whose plan has "
+                        "federation.secure_aggregation=off", "protocol")
+    try:
+        if step.server_round != plan.server_round:
+            raise secagg.SecAggError(f"secure aggregation: the stage is for round {step.server_round}, the "
+                                     f"training instruction for round {plan.server_round}")
+        state = secagg.receive_shares(context, step, plan.run_id)  # before any training: refuse early
+        update = local_update(msg, plan, site)
+        if isinstance(update, Message):
+            return update
+        secagg.claim_round(site.state.dir, plan.run_id, step.server_round)
+        weight = 1 if site.cfg.privacy.unit == "site" else update.num_examples
+        vector = secagg.masked(context, state, update.arrays, update.weights, weight, site.cfg)
+    except secagg.SecAggError as exc:
+        return _decline(msg, site.name, str(exc), "protocol")
+    return protocol.train_reply(msg, site=site.name, arrays=vector, num_examples=update.num_examples,
+                                ledger_entries=update.ledger_entries)
+
+
+def _secagg_handler(stage: str) -> Callable[[Message, Context], Message]:
+    """The ClientApp handler of a SecAgg+ key stage (setup, share, unmask)."""
+
+    def run(msg: Message, plan: protocol.Plan, site: Site, context: Context) -> Message:
+        step = protocol.read_secagg(msg)
+        if step is None or step.stage != stage:
+            raise protocol.ProtocolError(f"expected a secure-aggregation {stage} stage")
+        if site.cfg.federation.secure_aggregation == "off":
+            return _decline(msg, site.name, f"a secure-aggregation {stage} stage in a run whose plan has "
+                            "federation.secure_aggregation=off", "protocol")
+        try:
+            if stage == "setup":
+                fields = secagg.setup(context, step, plan.run_id)
+            elif stage == "share":
+                fields = secagg.share(context, step, plan.run_id, site.cfg)
+            else:
+                fields = secagg.unmask(context, step, plan.run_id)
+        except secagg.SecAggError as exc:
+            return _decline(msg, site.name, str(exc), "protocol")
+        return protocol.secagg_reply(msg, site=site.name, stage=stage, fields=fields)
+
+    def handler(msg: Message, context: Context) -> Message:
+        return handle(msg, context, lambda m, plan, site: run(m, plan, site, context))
+
+    return handler
+
+
+app.query(protocol.SECAGG_SETUP_HANDLER)(_secagg_handler("setup"))
+app.query(protocol.SECAGG_SHARE_HANDLER)(_secagg_handler("share"))
+app.query(protocol.SECAGG_UNMASK_HANDLER)(_secagg_handler("unmask"))
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    """What a round of local training produced, before it leaves (in the clear or masked)."""
+
+    weights: dict[str, np.ndarray]  # the global trainable weights the round started from
+    arrays: dict[str, np.ndarray]  # the trained ones
+    num_examples: int  # the released count (the FedAvg weight)
+    ledger_entries: list[dict[str, Any]]
 
 
 def train_round(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     """One round of local training at `site` for `plan`: budget, DP-SGD, spend, reply."""
+    update = local_update(msg, plan, site)
+    if isinstance(update, Message):
+        return update
+    return protocol.train_reply(msg, site=site.name, arrays=update.arrays, num_examples=update.num_examples,
+                                ledger_entries=update.ledger_entries)
+
+
+def local_update(msg: Message, plan: protocol.Plan, site: Site) -> LocalUpdate | Message:
+    """Train (or, for a round released already, take the kept result); a decline instead
+    if the budget, the policy or the data says no. The spend is on disk before this returns."""
     cfg, priv, tr = site.cfg, site.cfg.privacy, site.cfg.training
     assert plan.server_round is not None  # read_plan requires it for TRAIN
     weights = protocol.train_weights(msg)
@@ -393,8 +483,7 @@ def train_round(msg: Message, plan: protocol.Plan, site: Site) -> Message:
         arrays, meta, entries = kept
         log.warning("%s: round %s of run %s was released already; sending the same reply again (no new spend)",
                     site.name, plan.server_round, plan.run_id)
-        return protocol.train_reply(msg, site=site.name, arrays=arrays, num_examples=int(meta["num_examples"]),
-                                    ledger_entries=_with_unreported(site, plan.run_id, entries))
+        return LocalUpdate(weights, arrays, int(meta["num_examples"]), _with_unreported(site, plan.run_id, entries))
     device = _device(cfg)
     view, dataset = _prepare(site, plan, device)
     view.load_trainable(weights)
@@ -454,8 +543,7 @@ def train_round(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     # The loss and the time are noiseless functions of the private data: they stay here.
     log.info("%s: round %s trained: mean loss %.4f, %.1fs", site.name, plan.server_round, result.mean_loss,
              time.time() - t0)
-    return protocol.train_reply(msg, site=site.name, arrays=arrays, num_examples=n,
-                                ledger_entries=_with_unreported(site, plan.run_id, entries))
+    return LocalUpdate(weights, arrays, n, _with_unreported(site, plan.run_id, entries))
 
 
 def _with_unreported(site: Site, run_id: str, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

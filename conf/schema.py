@@ -107,6 +107,23 @@ class FederationConfig:
     update_norm_action: str = "clip"
     seed: int = 42
     round_timeout_s: float = 3600.0
+    # Secure aggregation (privacy/secure_sum.py, strategies/secagg.py): "secaggplus" runs
+    # SecAgg+ (Bell et al. 2020) so that the coordinator sees only the sum of the round's
+    # updates. Each site clips every coordinate of (update - global weights) to
+    # [-secagg_clip_range, secagg_clip_range] and quantizes it to secagg_bits bits; it masks
+    # with secagg_neighbours others (0 = every sampled site; an even number >= 4 for large
+    # federations, e.g. 2 * ceil(log2 n)); the masks of sites that vanish are removed from
+    # the survivors' Shamir shares, with a threshold that leaves room for
+    # secagg_max_dropout_fraction of each neighbourhood to vanish (and is a strict majority);
+    # a round that cannot be unmasked is skipped. secagg_timeout_s bounds each key-exchange
+    # stage (training has round_timeout_s). fedavg and fedprox only: the other rules need
+    # individual updates or keep state per site.
+    secure_aggregation: str = "off"
+    secagg_clip_range: float = 1.0
+    secagg_bits: int = 20
+    secagg_neighbours: int = 0
+    secagg_max_dropout_fraction: float = 0.3
+    secagg_timeout_s: float = 120.0
 
 
 @dataclass
@@ -298,6 +315,36 @@ def _site_unit_error(p: PrivacyConfig, f: FederationConfig) -> str | None:
     return None
 
 
+SECURE_AGGREGATION = ("off", "secaggplus")
+
+
+def _secagg_error(f: FederationConfig) -> str | None:
+    """Secure aggregation settings out of range, or combined with what needs individual updates."""
+    if f.secure_aggregation != "secaggplus":
+        return None
+    from privacy.secure_sum import SecAggSettings
+
+    problem = SecAggSettings(f.secagg_clip_range, f.secagg_bits, f.secagg_neighbours,
+                             f.secagg_max_dropout_fraction).problem()
+    if problem:
+        return problem
+    if f.strategy not in ("fedavg", "fedprox"):
+        return (f"federation.secure_aggregation=secaggplus with federation.strategy={f.strategy}: the coordinator "
+                "sees only the sum, so a robust rule (which compares individual updates) or FedAdam (a server "
+                "optimizer fedshield does not run on a masked sum) cannot run; use fedavg or fedprox")
+    if f.update_norm_bound is not None:
+        return ("federation.secure_aggregation=secaggplus with federation.update_norm_bound: the coordinator never "
+                "sees one update, so it cannot bound one; leave update_norm_bound null (privacy.unit=site clips "
+                "each update at its site)")
+    per_round = min(max(1, round(f.fraction_train * f.num_sites)), f.num_sites)
+    if per_round < 3:
+        return (f"federation.secure_aggregation=secaggplus with {per_round} site(s) per round: a sum of fewer than 3 "
+                "updates tells each site the other's (it subtracts its own); ask at least 3")
+    if not (_finite(f.secagg_timeout_s) and f.secagg_timeout_s > 0):
+        return f"federation.secagg_timeout_s={f.secagg_timeout_s}: must be a finite number of seconds > 0"
+    return None
+
+
 def _rule_error(f: FederationConfig) -> str | None:
     """A robust rule that the configured sites per round cannot satisfy, in one line."""
     if f.strategy not in ROBUST_STRATEGIES or f.num_malicious < 0 or f.krum_select < 0 \
@@ -375,6 +422,8 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
         ),
         _one_of("federation.update_norm_action", f.update_norm_action, UPDATE_NORM_ACTIONS),
         _rule_error(f),
+        _one_of("federation.secure_aggregation", f.secure_aggregation, SECURE_AGGREGATION),
+        _secagg_error(f),
         _site_unit_error(cfg.privacy, f),
         _seed("federation.seed", f.seed),
         _positive("federation.round_timeout_s", f.round_timeout_s, "a finite number of seconds > 0"),

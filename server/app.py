@@ -14,6 +14,7 @@ import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline
 import json
 import logging
 import os
+import random
 import re
 import time
 from collections.abc import Iterable
@@ -31,6 +32,7 @@ import protocol
 from privacy import signing
 from privacy.accountant import Spend, epsilon
 from privacy.errors import FedShieldError
+from privacy.secure_sum import SecAggSettings
 from server import checkpoint
 from server.evaluate import CentralEvaluator
 from server.export import export_model
@@ -40,6 +42,7 @@ from server.plots import plot_run
 from server.run_dir import LEDGER_KEYS, append_jsonl, existing_run_dir, new_run_dir, read_jsonl
 from strategies.flower import ROBUST, flower_strategy, shortfall
 from strategies.ledger_check import Expected, LedgerCheck, Verdict
+from strategies.secagg import SecAggPlus
 from strategies.site_aware import RoundReport, SiteAwareStrategy
 from task import centering
 from task.pipeline import build_view, pool_and_test, view_fingerprint
@@ -255,6 +258,8 @@ class RoundLog:
                 f"federation.num_malicious={self.cfg.federation.num_malicious} among the rest")
         if report.left_out():
             say(f"  {report.rule} left out {len(report.left_out())} update(s): {', '.join(report.left_out())}")
+        for site, stage in sorted((report.dropped or {}).items()):
+            say(f"  {site}: dropped out of secure aggregation at {stage}")
         if report.skipped:
             say(f"  round {report.server_round}: nothing aggregated, the global model is kept: {report.skipped}")
         self.reports[report.server_round] = report
@@ -290,6 +295,8 @@ class RoundLog:
             "breach_sites": report.breaches() if report else [],  # refused for proof of an attack
             "withstood": report.withstood if report else None,  # the f the robust rule withstood
             "skipped": report.skipped if report else "",
+            # Secure aggregation: who dropped out of the round, at which stage (None: SecAgg+ off)
+            "secagg_dropped": report.dropped if report else None,
             "elapsed_s": round(time.time() - self.t0, 1),
         }
         append_jsonl(self.run_dir / "metrics.jsonl", row)
@@ -402,6 +409,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         update_norm_action=str(fed.update_norm_action),
         site_dp=books_fed.mechanism if books_fed is not None else None,
         on_release=release if books_fed is not None else None,
+        secagg=secure_aggregation(cfg, {nid: s["site"] for nid, s in sites.items()}, isinstance(grid, InMemoryGrid)),
     )
     short = shortfall(inner, strategy.per_round())  # fewer sites joined than the config's check assumed
     if short:
@@ -449,6 +457,21 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     # from a lost coordinator); a site that does not answer in time changes nothing.
     grid.send_and_receive([protocol.instruction(protocol.DONE, plan, n) for n in sites], timeout=10.0)
     return run_dir
+
+
+def secure_aggregation(cfg: DictConfig, names: dict[int, str], simulated: bool) -> SecAggPlus | None:
+    """The run's SecAgg+ stages (federation.secure_aggregation=secaggplus), or None."""
+    f = cfg.federation
+    if f.secure_aggregation != "secaggplus":
+        return None
+    settings = SecAggSettings(float(f.secagg_clip_range), int(f.secagg_bits), int(f.secagg_neighbours),
+                              float(f.secagg_max_dropout_fraction))
+    # The ring of neighbourhoods is public; seeded in simulation so that a seed fixes a run.
+    rng = random.Random(int(f.seed) * 31 + 7) if simulated else None
+    say(f"secure aggregation: SecAgg+, updates quantized to {settings.bits} bits in ±{settings.clip_range:g}, "
+        + (f"{settings.neighbours} neighbours each" if settings.neighbours else "every sampled site masks with "
+           "every other") + f", up to {settings.max_dropout_fraction:.0%} of a neighbourhood may drop")
+    return SecAggPlus(settings, names, timeout=float(f.secagg_timeout_s), rng=rng)
 
 
 def run_config_yaml(cfg: DictConfig) -> str:

@@ -45,6 +45,12 @@ wrapped strategy untouched, per-round state keyed by round):
   usable update clipped to S, Gaussian noise on the sum, a fixed denominator; the wrapped
   strategy's aggregation is not used (it must be FedAvg). `on_release(round)` is called
   before the round's noisy model is returned (the coordinator records the spend there).
+- **Secure aggregation** (`secagg`, strategies/secagg.py): `configure_train` runs SecAgg+'s
+  key stages before the TRAIN messages leave and adds each site's forwarded shares to its
+  message; replies carry masked vectors (checked like weights: names, shapes, uint64) and
+  their signed books in the clear; `aggregate_train` unmasks the sum of the usable ones,
+  checks that its weights add up to the counts the sites in it declared, and moves the
+  global model by the weighted mean. The report lists who dropped at which stage.
 - Federated evaluation is off: evaluation is central, on held-out data.
 """
 
@@ -63,8 +69,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 import protocol
+from privacy.secure_sum import WEIGHT_SLOT
 from strategies import flower
 from strategies.ledger_check import Verdict
+from strategies.secagg import SecAggPlus, Unmasked
 from strategies.site_dp import SiteLevelDP
 
 log = logging.getLogger("fedshield.strategy")
@@ -101,6 +109,9 @@ class RoundReport:
     # The f the robust rule withstood among the usable updates (federation.num_malicious
     # less the attackers unmasked by a breach); None for the plain averages.
     withstood: int | None = None
+    # Secure aggregation: site -> the stage at which it dropped out of the round (its masks
+    # removed from the survivors' shares if it had shared them); None without SecAgg+.
+    dropped: dict[str, str] | None = None
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.replies)
@@ -186,6 +197,7 @@ class SiteAwareStrategy(Strategy):
         update_norm_action: str = "clip",
         site_dp: SiteLevelDP | None = None,
         on_release: Callable[[int], None] | None = None,
+        secagg: SecAggPlus | None = None,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train={fraction_train}: must be in (0, 1]")
@@ -223,6 +235,12 @@ class SiteAwareStrategy(Strategy):
                              "aggregation rule (fedavg only) and the norm bound (its clip norm bounds each update)")
         self.site_dp = site_dp
         self.on_release = on_release
+        if secagg is not None and (self.rule not in ("fedavg", "fedprox") or update_norm_bound is not None
+                                   or site_dp is not None):
+            raise ValueError("secure aggregation shows the coordinator only the sum: it cannot run a rule that "
+                             "needs individual updates, a norm bound, or coordinator-side site-level noise")
+        self.secagg = secagg
+        self._grid: dict[int, Grid] = {}  # server round -> the grid its unmasking stage runs on
 
     # ------------------------------------------------------------ selection
 
@@ -259,15 +277,30 @@ class SiteAwareStrategy(Strategy):
         self._global[server_round] = protocol.from_array_record(arrays)  # what each update is measured from
         if not chosen:
             return []  # site-level DP: an empty Poisson sample still releases a noised model
-        return self.strategy.configure_train(server_round, arrays, config, _Selected(grid, chosen))  # type: ignore[arg-type]
+        messages = self.strategy.configure_train(server_round, arrays, config, _Selected(grid, chosen))  # type: ignore[arg-type]
+        if self.secagg is None:
+            return messages
+        messages = list(messages)
+        self._grid[server_round] = grid
+        rnd = self.secagg.prepare(server_round, chosen, config, grid)
+        out = []
+        for msg in messages:
+            fields = self.secagg.collect_fields(server_round, msg.metadata.dst_node_id)
+            if fields is not None:
+                out.append(protocol.with_secagg(msg, fields))
+        return out if not rnd.skipped else []
 
     # ------------------------------------------------------------ replies
 
     def sort_replies(self, server_round: int, replies: Iterable[Message]) -> tuple[RoundReport, list[Message]]:
-        """Every reply parsed and sorted; the trained ones, reduced to what aggregation needs."""
+        """Every reply parsed and sorted; the trained ones, reduced to what aggregation needs
+        (with secure aggregation: masked vectors, which no norm bound can measure)."""
         asked = self._sampled.pop(server_round, [])
         base = self._global.pop(server_round, None)
         report = RoundReport(server_round, [self.sites[n] for n in asked], rule=self.rule)
+        expected = self.expected_arrays if self.secagg is None else self.secagg.expected(self.expected_arrays)
+        if self.secagg is not None:
+            base = None  # a masked vector has no norm to bound
         valid: list[Message] = []
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -275,7 +308,7 @@ class SiteAwareStrategy(Strategy):
                 log.warning("round %s: a reply from node %s, which was not asked; ignored", server_round, node)
                 continue
             name = self.sites[node]
-            parsed = protocol.read_train_reply(msg, self.expected_arrays)
+            parsed = protocol.read_train_reply(msg, expected)
             if isinstance(parsed, protocol.Failed):
                 report.replies.append(SiteReply(name, node, "failed", parsed.reason))
             elif parsed.site not in (None, name):
@@ -352,6 +385,8 @@ class SiteAwareStrategy(Strategy):
         server_round = self.run_round(server_round)
         if self.site_dp is not None:
             return self._site_dp_round(server_round, replies)
+        if self.secagg is not None:
+            return self._secure_round(server_round, replies)
         report, valid = self.sort_replies(server_round, replies)
         f = flower.num_malicious(self.strategy)
         if flower.rule_name(self.strategy) in flower.ROBUST:
@@ -404,6 +439,42 @@ class SiteAwareStrategy(Strategy):
             self.on_round(report)
         if self.on_release is not None:
             self.on_release(server_round)  # spend before release
+        return protocol.to_array_record(new), None
+
+    def _secure_round(self, server_round: int, replies: Iterable[Message]
+                      ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """SecAgg+: unmask the sum of the usable masked vectors; the global model moves by
+        their weighted mean (the weights are the counts the sites released)."""
+        assert self.secagg is not None
+        base = self._global.get(server_round)
+        report, valid = self.sort_replies(server_round, replies)
+        state = self.secagg.round_state(server_round)
+        grid = self._grid.pop(server_round, None)
+        if state is None or base is None or grid is None:  # nobody was asked
+            report.skipped = "no usable update" if report.sampled else ""
+            if self.on_round is not None:
+                self.on_round(report)
+            return None, None
+        vectors = {m.metadata.src_node_id: protocol.from_array_record(m.content[protocol.ARRAYS]) for m in valid}
+        declared = {m.metadata.src_node_id: int(m.content[protocol.METRICS][protocol.NUM_EXAMPLES]) for m in valid}
+        outcome = self.secagg.finish(server_round, vectors, grid)
+        report.dropped = dict(state.dropped)
+        if isinstance(outcome, Unmasked):
+            counted = sum(declared[n] for n in vectors if self.sites[n] in outcome.sites)
+            if outcome.total_weight != counted:
+                report.skipped = (f"secure aggregation: the unmasked weights add up to {outcome.total_weight}, "
+                                  f"the {len(outcome.sites)} sites in the sum declared {counted} (a site sent a "
+                                  "wrong weight): the round is not released")
+        else:
+            report.skipped = outcome.skipped or "secure aggregation: nothing to unmask"
+        if report.skipped:
+            log.info("round %s: nothing aggregated: %s", server_round, report.skipped)
+        if self.on_round is not None:
+            self.on_round(report)
+        if report.skipped or not isinstance(outcome, Unmasked):
+            return None, None
+        new = {k: (base[k].astype(np.float64) + outcome.mean[k]).astype(base[k].dtype) if k in outcome.mean
+               else base[k] for k in base if k != WEIGHT_SLOT}
         return protocol.to_array_record(new), None
 
     # ------------------------------------------------------------ no federated evaluation

@@ -1,0 +1,224 @@
+"""The site's side of SecAgg+ (federation.secure_aggregation=secaggplus).
+
+A round is four messages (protocol.py): SETUP (make two fresh key pairs), SHARE (split the
+private-mask seed b and the mask key sk1 into Shamir shares, one per neighbour, each
+encrypted for that neighbour), TRAIN with the forwarded shares (train, then send the
+masked vector only) and UNMASK (hand over the shares that remove the masks: b's for the
+neighbours whose vector is in the sum, sk1's for those who vanished). The arithmetic and
+the primitives are privacy/secure_sum.py's and Flower's.
+
+What a site checks, because the coordinator may be curious (SecAgg+'s semi-honest model)
+and a hostile one will try its luck:
+- the stages come in order, for one run and round, with this site's own keys in its
+  neighbourhood and no key twice; a neighbourhood no larger than the run's setting;
+- every share it receives decrypts, comes from the slot that claims it and is for this
+  site; it masks only with the neighbours whose shares it holds, and only if those and
+  itself reach the threshold;
+- at UNMASK, it never hands over both shares of one neighbour (the slots marked alive and
+  those marked gone are disjoint), only for neighbours it holds shares of, itself among
+  the alive, and only if at least a threshold of them is alive;
+- **one masked vector per round, ever** (a marker in the site's state folder, written
+  before the vector leaves): two unmasked sums over different sets of sites that both
+  hold this site's update would give its update away by subtraction. A round asked
+  again (a coordinator restart) is declined; the run goes on without this site for it.
+
+The secrets (the key pairs, b, the shares) live in the Flower node's in-memory context
+for the round and are erased at UNMASK; nothing of them touches disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context
+from flwr.common.secure_aggregation.crypto.shamir import create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
+from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat, share_keys_plaintext_separate
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
+from omegaconf import DictConfig
+
+import protocol
+from privacy import secure_sum
+from privacy.errors import FedShieldError
+
+STATE = "fedshield-secagg"  # the record in the node's context that holds the round's secrets
+
+
+class SecAggError(FedShieldError):
+    """A SecAgg+ stage that this site will not go through (one line)."""
+
+
+def settings(cfg: DictConfig) -> secure_sum.SecAggSettings:
+    f = cfg.federation
+    return secure_sum.SecAggSettings(float(f.secagg_clip_range), int(f.secagg_bits), int(f.secagg_neighbours),
+                                     float(f.secagg_max_dropout_fraction))
+
+
+def _b64(value: bytes) -> str:
+    return base64.b64encode(value).decode()
+
+
+def _unb64(value: str) -> bytes:
+    return base64.b64decode(value)
+
+
+def _load(context: Context, run_id: str, server_round: int, stage: str) -> dict[str, Any]:
+    """The round's state, which must be at `stage` for this run and round."""
+    record = context.state.get(STATE)
+    state = json.loads(str(record["state"])) if isinstance(record, ConfigRecord) and "state" in record else {}
+    if state.get("run") != run_id or state.get("round") != server_round or state.get("stage") != stage:
+        raise SecAggError(f"secure aggregation: a {_next(stage)} message for round {server_round} came "
+                          f"out of order (this site is at {state.get('stage', 'no stage')} of round "
+                          f"{state.get('round', '-')})")
+    return state
+
+
+def _next(stage: str) -> str:
+    return {"setup": "share", "share": "collect", "collect": "unmask"}.get(stage, "?")
+
+
+def _save(context: Context, state: Mapping[str, Any] | None) -> None:
+    context.state[STATE] = ConfigRecord({"state": json.dumps(state or {})})
+
+
+def setup(context: Context, step: protocol.SecAggStep, run_id: str) -> dict[str, Any]:
+    """Two fresh key pairs: sk1/pk1 for the pairwise masks, sk2/pk2 to encrypt shares."""
+    sk1, pk1 = generate_key_pairs()
+    sk2, pk2 = generate_key_pairs()
+    state = {"run": run_id, "round": step.server_round, "stage": "setup", "slot": step.fields[protocol.SA_SLOT],
+             "sk1": _b64(private_key_to_bytes(sk1)), "pk1": _b64(public_key_to_bytes(pk1)),
+             "sk2": _b64(private_key_to_bytes(sk2)), "pk2": _b64(public_key_to_bytes(pk2))}
+    _save(context, state)
+    return {protocol.SA_PK1: public_key_to_bytes(pk1), protocol.SA_PK2: public_key_to_bytes(pk2)}
+
+
+def share(context: Context, step: protocol.SecAggStep, run_id: str, cfg: DictConfig) -> dict[str, Any]:
+    """Shares of b and sk1 for the neighbourhood, each encrypted for its holder."""
+    state = _load(context, run_id, step.server_round, "setup")
+    slots, pk1s, pk2s = (step.fields[k] for k in (protocol.SA_SLOTS, protocol.SA_PK1S, protocol.SA_PK2S))
+    me = int(state["slot"])
+    if not len(slots) == len(pk1s) == len(pk2s):
+        raise SecAggError("secure aggregation: the neighbourhood's slots and keys differ in number")
+    if me not in slots or (pk1s[slots.index(me)], pk2s[slots.index(me)]) != (_unb64(state["pk1"]),
+                                                                           _unb64(state["pk2"])):
+        raise SecAggError("secure aggregation: this site's own keys are not in its neighbourhood as it sent them")
+    if len(set(pk1s) | set(pk2s)) != 2 * len(slots):
+        raise SecAggError("secure aggregation: a public key appears twice in the neighbourhood")
+    s = settings(cfg)
+    if s.neighbours and len(slots) > s.neighbours + 1:
+        raise SecAggError(f"secure aggregation: a neighbourhood of {len(slots)} is larger than "
+                          f"federation.secagg_neighbours={s.neighbours} + 1")
+    threshold = s.threshold(len(slots))
+    if threshold > len(slots):
+        raise SecAggError(f"secure aggregation: a neighbourhood of {len(slots)} cannot reach the threshold "
+                          f"{threshold}")
+    seed = os.urandom(secure_sum.SEED_BYTES)
+    b_shares = create_shares(seed, threshold, len(slots))
+    sk1_shares = create_shares(_unb64(state["sk1"]), threshold, len(slots))
+    sk2 = bytes_to_private_key(_unb64(state["sk2"]))
+    destinations, ciphertexts = [], []
+    held_b, held_sk1 = {}, {}
+    for i, (slot, pk2) in enumerate(zip(slots, pk2s, strict=True)):
+        if slot == me:
+            held_b[str(me)], held_sk1[str(me)] = _b64(b_shares[i]), _b64(sk1_shares[i])
+            continue
+        key = generate_shared_key(sk2, bytes_to_public_key(pk2))
+        destinations.append(slot)
+        ciphertexts.append(encrypt(key, share_keys_plaintext_concat(me, slot, b_shares[i], sk1_shares[i])))
+    state.update(stage="share", seed=_b64(seed), threshold=threshold, slots=slots,
+                 pk1s=[_b64(k) for k in pk1s], pk2s=[_b64(k) for k in pk2s], b_shares=held_b, sk1_shares=held_sk1)
+    _save(context, state)
+    return {protocol.SA_DESTINATIONS: destinations, protocol.SA_CIPHERTEXTS: ciphertexts,
+            protocol.SA_COMMITMENT: secure_sum.commitment(seed)}
+
+
+def receive_shares(context: Context, step: protocol.SecAggStep, run_id: str) -> dict[str, Any]:
+    """The COLLECT stage's first half: decrypt and keep the neighbours' shares (before training)."""
+    state = _load(context, run_id, step.server_round, "share")
+    me, slots = int(state["slot"]), list(state["slots"])
+    sources, ciphertexts = step.fields[protocol.SA_SOURCES], step.fields[protocol.SA_CIPHERTEXTS]
+    if len(sources) != len(ciphertexts) or not set(sources) <= set(slots) - {me}:
+        raise SecAggError("secure aggregation: forwarded shares from slots outside this site's neighbourhood")
+    if len(sources) + 1 < int(state["threshold"]):
+        raise SecAggError(f"secure aggregation: shares of {len(sources)} neighbour(s) and this site's own "
+                          f"are fewer than the threshold {state['threshold']}: not masking with so few")
+    sk2 = bytes_to_private_key(_unb64(state["sk2"]))
+    for src, ciphertext in zip(sources, ciphertexts, strict=True):
+        key = generate_shared_key(sk2, bytes_to_public_key(_unb64(state["pk2s"][slots.index(src)])))
+        try:
+            actual, dst, b_share, sk1_share = share_keys_plaintext_separate(decrypt(key, ciphertext))
+        except Exception:
+            raise SecAggError(f"secure aggregation: the share from slot {src} does not decrypt") from None
+        if (actual, dst) != (src, me):
+            raise SecAggError(f"secure aggregation: the share forwarded as from slot {src} to {me} says "
+                              f"{actual} to {dst}")
+        state["b_shares"][str(src)], state["sk1_shares"][str(src)] = _b64(b_share), _b64(sk1_share)
+    state["sources"] = sources
+    return state
+
+
+def claim_round(state_dir: Path, run_id: str, server_round: int) -> None:
+    """Mark (run, round) as masked once, before the vector leaves; refuse a second time."""
+    folder = state_dir / "secagg"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    try:
+        os.close(os.open(folder / f"{name}.round-{server_round}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        raise SecAggError(f"secure aggregation: this site sent a masked update for round {server_round} of run "
+                          f"{run_id} already; a second sum over other sites could give it away") from None
+
+
+def masked(context: Context, state: dict[str, Any], update: Mapping[str, np.ndarray[Any, Any]],
+           weights: Mapping[str, np.ndarray[Any, Any]], weight: int, cfg: DictConfig,
+           noise: Mapping[str, np.ndarray[Any, Any]] | None = None) -> dict[str, np.ndarray[Any, Any]]:
+    """The COLLECT stage's second half: weight × quantized(update - weights), masked."""
+    s = settings(cfg)
+    delta = {k: np.asarray(update[k], np.float64) - np.asarray(weights[k], np.float64) for k in sorted(update)}
+    if cfg.privacy.unit == "site":  # DP-FedAvg: the site clips its whole update to S itself
+        norm = math.sqrt(sum(float(np.vdot(d, d)) for d in delta.values()))
+        clip = float(cfg.privacy.site_clip_norm)
+        if norm > clip:
+            delta = {k: d * (clip / norm) for k, d in delta.items()}
+    encoded = secure_sum.encode(delta, weight, s, noise)
+    me, slots = int(state["slot"]), list(state["slots"])
+    sk1 = bytes_to_private_key(_unb64(state["sk1"]))
+    pairwise = {src: secure_sum.pairwise_seed(generate_shared_key(
+        sk1, bytes_to_public_key(_unb64(state["pk1s"][slots.index(src)])))) for src in state["sources"]}
+    out = secure_sum.mask(encoded, me, _unb64(state["seed"]), pairwise)
+    state["stage"] = "collect"
+    _save(context, state)
+    return out
+
+
+def unmask(context: Context, step: protocol.SecAggStep, run_id: str) -> dict[str, Any]:
+    """b's shares for the neighbours in the sum, sk1's for those who vanished; never both."""
+    state = _load(context, run_id, step.server_round, "collect")
+    me = int(state["slot"])
+    active, dropped = step.fields[protocol.SA_ACTIVE], step.fields[protocol.SA_DROPPED]
+    held = {me, *state["sources"]}
+    if set(active) & set(dropped):
+        raise SecAggError("secure aggregation: the unmask request marks a neighbour both in the sum and gone "
+                          "(both its shares would rebuild its update)")
+    if me not in active or not set(active) | set(dropped) <= held:
+        raise SecAggError("secure aggregation: the unmask request names slots this site holds no shares of")
+    if len(active) < int(state["threshold"]):
+        raise SecAggError(f"secure aggregation: {len(active)} neighbour(s) in the sum, fewer than the "
+                          f"threshold {state['threshold']}: not unmasking")
+    shares = [_unb64(state["b_shares"][str(a)]) for a in active] + [
+        _unb64(state["sk1_shares"][str(d)]) for d in dropped]
+    _save(context, None)  # the round is over for this site: its secrets go
+    return {protocol.SA_SLOTS: list(active) + list(dropped), protocol.SA_SHARES: shares}

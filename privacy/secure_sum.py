@@ -1,0 +1,223 @@
+"""The arithmetic of SecAgg+ (Bell, Bonawitz, Gascón, Lepoint, Raykova, CCS 2020): what a
+site does to its update before it leaves, and what the coordinator does to the sum.
+
+Both sides of the protocol (client/secagg.py at the site, strategies/secagg.py at the
+coordinator) call these functions; the messages themselves are protocol.py's. The
+cryptographic primitives are Flower's (`flwr.common.secure_aggregation`: Shamir shares,
+ECDH + HKDF shared keys, Fernet encryption, quantization; `flwr.supercore.primitives.
+asymmetric`: SECP384R1 key pairs) and `cryptography`'s AES, never our own:
+
+- **Quantization** (Flower's `quantize` / `dequantize`, stochastic rounding): every
+  coordinate of a site's update minus the round's global weights is clipped to
+  [-clip_range, clip_range] and mapped to an integer in [0, 2^bits - 1]; the site
+  multiplies it by its integer weight (its released record count, or 1 for site-level DP)
+  and adds the weight itself as the first coordinate, so that the sum carries Σ w and
+  Σ w·q and the coordinator divides one by the other (FedAvg) without learning any w.
+- **Masks in Z_2^64**: uint64 arithmetic wraps, so the sum needs no modular reduction
+  and, for the default sizes, cannot overflow (check_capacity). Each site adds a private
+  mask PRG(b) and, for every neighbour j, ±PRG(s_ij) with s_ij = ECDH(sk1_i, pk1_j): the
+  pairwise masks cancel in the sum, the private ones are removed with b reconstructed
+  from t Shamir shares, and a neighbour that dropped after sharing its keys has its
+  pairwise masks removed with its sk1 reconstructed the same way.
+- **The PRG is AES-256 in counter mode** (`cryptography`), keyed by the 32-byte seed.
+  Flower's `pseudo_rand_gen` is not used: it folds the seed to 32 bits and draws from
+  numpy's Mersenne Twister, so a curious coordinator could search all 2^32 seeds of a
+  site's private mask; AES-CTR is a PRG under the standard assumption on AES, and it is
+  also faster (bench/RESULTS.md).
+- **Threshold**: each site splits b and sk1 into one share per member of its
+  neighbourhood (itself included), t of which reconstruct. t is the largest number of
+  shares that the tolerated dropout fraction still leaves, and never below a strict
+  majority of the neighbourhood, so that no minority of colluding sites can rebuild a
+  secret; a round in which some needed secret has fewer than t shares is skipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+UInt64Array = np.ndarray[Any, np.dtype[np.uint64]]
+FloatArray = np.ndarray[Any, np.dtype[np.float64]]
+
+MAX_BITS = 30  # Flower's quantizer rounds into int32
+MIN_BITS = 2
+SEED_BYTES = 32
+WEIGHT_SLOT = "@weight"  # the name of the first coordinate: the site's integer weight
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """The SecAgg+ parameters of a run (federation.secagg_*), checked by `problem`."""
+
+    clip_range: float = 1.0
+    bits: int = 16
+    neighbours: int = 0  # sites each site masks with (even; 0 = every other sampled site)
+    max_dropout_fraction: float = 0.3
+
+    def problem(self) -> str | None:
+        """One line naming the setting that is out of range, or None."""
+        if not (math.isfinite(self.clip_range) and self.clip_range > 0):
+            return f"federation.secagg_clip_range={self.clip_range}: must be a finite number > 0"
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            return f"federation.secagg_bits={self.bits}: must be between {MIN_BITS} and {MAX_BITS}"
+        if self.neighbours < 0 or self.neighbours % 2 or self.neighbours == 2:
+            return (f"federation.secagg_neighbours={self.neighbours}: must be 0 (every sampled site) or an even "
+                    "number >= 4 (the neighbourhood is a ring, k/2 on each side)")
+        if not 0 <= self.max_dropout_fraction < 0.5:
+            return (f"federation.secagg_max_dropout_fraction={self.max_dropout_fraction}: must be in [0, 0.5): "
+                    "the reconstruction threshold stays a strict majority of each neighbourhood")
+        return None
+
+    @property
+    def levels(self) -> int:
+        """The largest quantized value (Flower's `target_range`)."""
+        return int(2**self.bits - 1)
+
+    @property
+    def scale(self) -> float:
+        """Quantization levels per unit of the update."""
+        return self.levels / (2 * self.clip_range)
+
+    def share_count(self, active: int) -> int:
+        """Shares per secret (the neighbourhood with the site itself) among `active` sites."""
+        if self.neighbours == 0 or self.neighbours + 1 >= active:
+            return active
+        return self.neighbours + 1
+
+    def threshold(self, shares: int) -> int:
+        """Shares that reconstruct a secret: as many as `max_dropout_fraction` leaves, and
+        at least a strict majority (and 2)."""
+        majority = shares // 2 + 1
+        return max(2, majority, math.floor((1 - self.max_dropout_fraction) * shares + 1e-9))
+
+
+def neighbourhoods(node_ids: Sequence[int], settings: SecAggSettings,
+                   rng: random.Random) -> dict[int, tuple[int, ...]]:
+    """Each node's neighbourhood (itself included): a ring over a random order of the nodes,
+    `neighbours / 2` on each side (Bell et al.'s random k-regular graph as Flower builds it),
+    or everyone."""
+    order = list(node_ids)
+    rng.shuffle(order)
+    count = settings.share_count(len(order))
+    if count >= len(order):
+        return {n: tuple(sorted(order)) for n in order}
+    half = (count - 1) // 2
+    return {n: tuple(sorted({order[(i + off) % len(order)] for off in range(-half, half + 1)}))
+            for i, n in enumerate(order)}
+
+
+def prg(seed: bytes, shapes: Sequence[tuple[int, ...]]) -> list[UInt64Array]:
+    """Uniform uint64 arrays of `shapes` from AES-256-CTR keyed by a 32-byte seed."""
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"a mask seed has {SEED_BYTES} bytes, not {len(seed)}")
+    sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+    stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(8 * sum(sizes)))
+    flat = np.frombuffer(stream, dtype="<u8").astype(np.uint64)
+    out, at = [], 0
+    for shape, size in zip(shapes, sizes, strict=True):
+        out.append(flat[at:at + size].reshape(shape))
+        at += size
+    return out
+
+
+def pairwise_seed(shared_key: bytes) -> bytes:
+    """The 32-byte mask seed of a pair, from Flower's `generate_shared_key` (urlsafe base64)."""
+    raw = base64.urlsafe_b64decode(shared_key)
+    return hashlib.sha256(b"fedshield secagg+ pairwise mask\0" + raw).digest()
+
+
+def commitment(seed: bytes) -> bytes:
+    """What a site publishes of its private-mask seed, so that a reconstruction from bad
+    shares is detected instead of released (the seed is 32 random bytes: the hash hides it)."""
+    return hashlib.sha256(b"fedshield secagg+ seed commitment\0" + seed).digest()
+
+
+def encode(update: Mapping[str, FloatArray], weight: int, settings: SecAggSettings,
+           noise: Mapping[str, np.ndarray[Any, np.dtype[np.int64]]] | None = None) -> dict[str, UInt64Array]:
+    """A site's contribution before masking: its weight, then weight × quantized(update)
+    (+ integer noise, for distributed DP), every value in Z_2^64."""
+    if weight < 1:
+        raise ValueError(f"weight={weight}: must be >= 1")
+    names = sorted(update)
+    quantized = quantize([np.asarray(update[k], dtype=np.float64) for k in names], settings.clip_range,
+                         settings.levels)
+    out: dict[str, UInt64Array] = {WEIGHT_SLOT: np.array([weight], dtype=np.uint64)}
+    for name, q in zip(names, quantized, strict=True):
+        value = q.astype(np.int64) * np.int64(weight)
+        if noise is not None:
+            value = value + noise[name]
+        out[name] = value.astype(np.uint64)  # two's complement: negative noise wraps, the sum unwraps
+    return out
+
+
+def _shapes(values: Mapping[str, np.ndarray[Any, Any]]) -> list[tuple[int, ...]]:
+    return [tuple(values[k].shape) for k in sorted(values)]
+
+
+def _add(into: dict[str, UInt64Array], masks: list[UInt64Array], sign: int) -> None:
+    for name, mask in zip(sorted(into), masks, strict=True):
+        into[name] = into[name] + mask if sign > 0 else into[name] - mask
+
+
+def mask(encoded: Mapping[str, UInt64Array], node_id: int, private_seed: bytes,
+         pairwise: Mapping[int, bytes]) -> dict[str, UInt64Array]:
+    """Add the private mask and, for every neighbour j (node id -> pairwise seed), +PRG(s_ij)
+    if this node's id is the larger, else -PRG(s_ij): the pair's masks cancel in the sum."""
+    out = {k: np.array(v, dtype=np.uint64) for k, v in encoded.items()}
+    shapes = _shapes(out)
+    _add(out, prg(private_seed, shapes), +1)
+    for other, seed in pairwise.items():
+        if other != node_id:
+            _add(out, prg(seed, shapes), +1 if node_id > other else -1)
+    return out
+
+
+def add_up(vectors: Sequence[Mapping[str, UInt64Array]]) -> dict[str, UInt64Array]:
+    """The sum of masked vectors in Z_2^64."""
+    total = {k: np.zeros_like(v, dtype=np.uint64) for k, v in vectors[0].items()}
+    for v in vectors:
+        for k in total:
+            total[k] = total[k] + v[k]
+    return total
+
+
+def unmask(total: Mapping[str, UInt64Array], private_seeds: Sequence[bytes],
+           dropped_pairs: Sequence[tuple[int, int, bytes]]) -> dict[str, UInt64Array]:
+    """Remove the survivors' private masks and, for each (dropped node d, surviving
+    neighbour j, pairwise seed of the pair), the mask j added for d."""
+    out = {k: np.array(v, dtype=np.uint64) for k, v in total.items()}
+    shapes = _shapes(out)
+    for seed in private_seeds:
+        _add(out, prg(seed, shapes), -1)
+    for dropped, survivor, seed in dropped_pairs:
+        _add(out, prg(seed, shapes), -1 if survivor > dropped else +1)
+    return out
+
+
+def decode(total: Mapping[str, UInt64Array], settings: SecAggSettings) -> tuple[int, dict[str, FloatArray]]:
+    """(Σ w, Σ w·update / Σ w): the weighted mean of the updates that are in the sum
+    (within the quantization error: one level, 2·clip_range / (2^bits - 1), per update)."""
+    weight = int(total[WEIGHT_SLOT].view(np.int64)[0])
+    if weight < 1:
+        raise ValueError(f"the unmasked sum of weights is {weight}: the masks did not cancel")
+    names = sorted(k for k in total if k != WEIGHT_SLOT)
+    sums = [total[k].view(np.int64).astype(np.float64) / weight for k in names]
+    means = dequantize(sums, settings.clip_range, settings.levels)  # type: ignore[arg-type]  # floats work
+    return weight, dict(zip(names, means, strict=True))
+
+
+def check_capacity(total_weight: int, settings: SecAggSettings) -> str | None:
+    """None if a sum of updates with weights adding up to `total_weight` fits in int64."""
+    if total_weight * (settings.levels + 1) >= 2**62:
+        return (f"secure aggregation: weights adding up to {total_weight} times 2^{settings.bits} levels "
+                "overflow the 64-bit sum; lower federation.secagg_bits")
+    return None

@@ -1,0 +1,294 @@
+"""The coordinator's side of SecAgg+ (Bell et al., CCS 2020) on Flower's Message API.
+
+Flower 1.41 ships SecAgg+ as `SecAggPlusWorkflow` + `secaggplus_mod`, but the workflow
+drives the legacy `DefaultWorkflow` (`configure_fit`, `FitRes`) and the mod reads the
+reply through `compat.recorddict_to_fitres`: neither runs under a Message-API `Strategy`.
+So the stages are written here, as Flower's workflow writes them, with Flower's `Grid`
+for every message and Flower's primitives (through privacy/secure_sum.py) for every
+cryptographic step. `SiteAwareStrategy` calls `prepare` from `configure_train` (setup and
+key sharing, before the TRAIN messages leave) and `finish` from `aggregate_train`
+(unmasking), so the round loop stays Flower's `Strategy.start`.
+
+Sites are named by slots 1..m in the round (Flower's node ids are uint64; a ConfigRecord
+carries sint64). Per round, with A1 the sites that sent keys, A2 those that sent their
+shares and A3 those whose masked vector is usable:
+
+- **setup**: every sampled site makes two key pairs (pk1 for masks, pk2 for shares);
+- **share**: the neighbourhoods are a random ring over A1 (`neighbourhoods`); each site
+  gets its neighbours' keys and returns one encrypted share of b and sk1 per neighbour,
+  plus a commitment to b; the round is skipped here if some site of A2 keeps fewer than
+  t neighbours of A2 (its masks could not be removed);
+- **collect** (the TRAIN message): each site of A2 gets the ciphertexts its neighbours in
+  A2 made for it, trains and sends weight × quantized(update - global) + masks;
+- **unmask**: each site of A3 is told which neighbours are in the sum (A3: it returns b's
+  share) and which vanished after sharing (A2 - A3: it returns sk1's share). Every secret
+  needs t shares; a rebuilt b must match its commitment and a rebuilt sk1 its pk1, so a
+  wrong share skips the round instead of releasing a corrupted model.
+
+A round that cannot be unmasked is skipped with one line, and nothing of a single site is
+revealed: no site hands over shares unless at least t of its neighbours are in the sum,
+and none hands over both shares of one neighbour (client/secagg.py). Who dropped, and at
+which stage, is in the round's report.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+from flwr.serverapp import Grid
+from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key, public_key_to_bytes
+
+import protocol
+from privacy import secure_sum
+
+log = logging.getLogger("fedshield.secagg")
+
+Vector = Mapping[str, np.ndarray[Any, Any]]
+
+
+@dataclass
+class SecureRound:
+    """One round's SecAgg+ state at the coordinator (public values only)."""
+
+    server_round: int
+    slot_of: dict[int, int]  # node id -> slot
+    node_of: dict[int, int]  # slot -> node id
+    names: dict[int, str]  # slot -> site name
+    neighbourhood: dict[int, tuple[int, ...]] = field(default_factory=dict)  # slot -> slots, itself included
+    threshold: dict[int, int] = field(default_factory=dict)  # slot -> t of its secrets
+    pk1: dict[int, bytes] = field(default_factory=dict)
+    pk2: dict[int, bytes] = field(default_factory=dict)
+    commitment: dict[int, bytes] = field(default_factory=dict)
+    shared: set[int] = field(default_factory=set)  # A2: sent their shares
+    forward: dict[int, tuple[list[int], list[bytes]]] = field(default_factory=dict)  # slot -> (sources, ctexts)
+    dropped: dict[str, str] = field(default_factory=dict)  # site -> the stage it vanished at
+    skipped: str = ""
+
+    def drop(self, slot: int, stage: str) -> None:
+        self.dropped.setdefault(self.names[slot], stage)
+
+
+@dataclass(frozen=True)
+class Unmasked:
+    """The round's sum, unmasked and decoded: Σ w over the sites in it, Σ w·update / Σ w."""
+
+    total_weight: int
+    mean: dict[str, np.ndarray[Any, Any]]
+    sites: tuple[str, ...]
+
+
+class SecAggPlus:
+    """SecAgg+ stages over a Flower `Grid`.
+
+    Parameters
+    ----------
+    settings : SecAggSettings
+        Quantization, neighbourhood and dropout settings (checked here).
+    names : Mapping[int, str]
+        Node id -> site name.
+    timeout : float
+        Seconds each key stage waits for replies (federation.secagg_timeout_s).
+    rng : random.Random, optional
+        Orders the neighbourhood ring (default: the system's CSPRNG).
+    """
+
+    def __init__(self, settings: secure_sum.SecAggSettings, names: Mapping[int, str], *, timeout: float,
+                 rng: random.Random | None = None) -> None:
+        problem = settings.problem()
+        if problem:
+            raise ValueError(problem)
+        self.settings = settings
+        self.names = dict(names)
+        self.timeout = float(timeout)
+        self.rng = rng or random.SystemRandom()
+        self._rounds: dict[int, SecureRound] = {}
+        self._plans: dict[int, ConfigRecord] = {}
+
+    # ------------------------------------------------------------ stages 0 and 1
+
+    def prepare(self, server_round: int, node_ids: Sequence[int], plan: ConfigRecord, grid: Grid) -> SecureRound:
+        """Setup and key sharing with the sampled `node_ids`; the round's state (check `skipped`)."""
+        order = sorted(node_ids, key=self.names.__getitem__)
+        rnd = SecureRound(server_round, {n: i + 1 for i, n in enumerate(order)},
+                          {i + 1: n for i, n in enumerate(order)}, {i + 1: self.names[n] for i, n in enumerate(order)})
+        self._rounds[server_round] = rnd
+        self._plans[server_round] = plan
+        keys = self._ask(grid, rnd, "setup", {s: {protocol.SA_ROUND: server_round, protocol.SA_SLOT: s}
+                                              for s in rnd.node_of})
+        for slot, reply in keys.items():
+            pk1, pk2 = reply.fields[protocol.SA_PK1], reply.fields[protocol.SA_PK2]
+            try:
+                bytes_to_public_key(pk1)
+                bytes_to_public_key(pk2)
+            except Exception:
+                rnd.drop(slot, "setup: unreadable public key")
+                continue
+            rnd.pk1[slot], rnd.pk2[slot] = pk1, pk2
+        if self._too_few(rnd, set(rnd.pk1), "after key setup"):
+            return rnd
+        rnd.neighbourhood = secure_sum.neighbourhoods(sorted(rnd.pk1), self.settings, self.rng)
+        for slot, hood in rnd.neighbourhood.items():
+            rnd.threshold[slot] = self.settings.threshold(len(hood))
+        asks = {s: {protocol.SA_ROUND: server_round, protocol.SA_SLOTS: list(hood),
+                    protocol.SA_PK1S: [rnd.pk1[h] for h in hood], protocol.SA_PK2S: [rnd.pk2[h] for h in hood]}
+                for s, hood in rnd.neighbourhood.items()}
+        inbox: dict[int, tuple[list[int], list[bytes]]] = {s: ([], []) for s in rnd.neighbourhood}
+        for slot, reply in self._ask(grid, rnd, "share", asks).items():
+            destinations = reply.fields[protocol.SA_DESTINATIONS]
+            ciphertexts = reply.fields[protocol.SA_CIPHERTEXTS]
+            if sorted(destinations) != sorted(set(rnd.neighbourhood[slot]) - {slot}) \
+                    or len(ciphertexts) != len(destinations):
+                rnd.drop(slot, "share: shares not for exactly its neighbourhood")
+                continue
+            rnd.shared.add(slot)
+            rnd.commitment[slot] = reply.fields[protocol.SA_COMMITMENT]
+            for dst, ciphertext in zip(destinations, ciphertexts, strict=True):
+                inbox[dst][0].append(slot)
+                inbox[dst][1].append(ciphertext)
+        for slot in rnd.shared:  # forward only what came from sites that shared
+            rnd.forward[slot] = ([s for s in inbox[slot][0] if s in rnd.shared],
+                                 [c for s, c in zip(*inbox[slot], strict=True) if s in rnd.shared])
+        self._too_few(rnd, rnd.shared, "after key sharing")
+        return rnd
+
+    def collect_fields(self, server_round: int, node_id: int) -> dict[str, Any] | None:
+        """The SECAGG fields of the TRAIN message to `node_id` (None: it is not in the round any more)."""
+        rnd = self._rounds[server_round]
+        slot = rnd.slot_of.get(node_id)
+        if rnd.skipped or slot not in rnd.shared:
+            return None
+        sources, ciphertexts = rnd.forward[slot]
+        return {protocol.SA_ROUND: server_round, protocol.SA_SOURCES: sources, protocol.SA_CIPHERTEXTS: ciphertexts}
+
+    def expected(self, arrays: Mapping[str, protocol.ArraySpec]) -> dict[str, protocol.ArraySpec]:
+        """What a masked vector must be: one uint64 tensor per trainable tensor, and the weight."""
+        out: dict[str, protocol.ArraySpec] = {k: (shape, np.dtype(np.uint64)) for k, (shape, _) in arrays.items()}
+        out[secure_sum.WEIGHT_SLOT] = ((1,), np.dtype(np.uint64))
+        return out
+
+    # ------------------------------------------------------------ stages 2 and 3
+
+    def round_state(self, server_round: int) -> SecureRound | None:
+        return self._rounds.get(server_round)
+
+    def finish(self, server_round: int, vectors: Mapping[int, Vector], grid: Grid) -> SecureRound | Unmasked:
+        """Unmask the sum of the usable masked `vectors` (node id -> vector); the round's
+        state with `skipped` set if it cannot be."""
+        rnd = self._rounds.pop(server_round)
+        plan = self._plans.pop(server_round)
+        if rnd.skipped:
+            return rnd
+        alive = {rnd.slot_of[n] for n in vectors if rnd.slot_of.get(n) in rnd.shared}
+        for slot in rnd.shared - alive:
+            rnd.drop(slot, "collect")
+        gone = rnd.shared - alive
+        if self._too_few(rnd, alive, "in the sum", needs_of=rnd.shared):
+            return rnd
+        asks = {s: {protocol.SA_ROUND: server_round,
+                    protocol.SA_ACTIVE: [h for h in rnd.neighbourhood[s] if h in alive],
+                    protocol.SA_DROPPED: [h for h in rnd.neighbourhood[s] if h in gone]} for s in sorted(alive)}
+        shares: dict[int, list[bytes]] = {s: [] for s in rnd.shared}
+        replies = self._ask(grid, rnd, "unmask", asks, plan=plan)
+        for slot, reply in replies.items():
+            owners, got = reply.fields[protocol.SA_SLOTS], reply.fields[protocol.SA_SHARES]
+            if len(owners) != len(got) or set(owners) != set(asks[slot][protocol.SA_ACTIVE]) | set(
+                    asks[slot][protocol.SA_DROPPED]):
+                rnd.drop(slot, "unmask: shares for other slots than asked (its vector stays in the sum)")
+                continue
+            for owner, share in zip(owners, got, strict=True):
+                shares[owner].append(share)
+        for slot in alive - set(replies):
+            rnd.dropped.setdefault(rnd.names[slot], "unmask (its vector stays in the sum)")
+        seeds, pairs = [], []
+        for slot in sorted(rnd.shared):
+            secret = self._rebuild(rnd, slot, shares[slot])
+            if secret is None:
+                return rnd
+            if slot in alive:
+                seeds.append(secret)
+                continue
+            sk1 = bytes_to_private_key(secret)
+            for other in rnd.neighbourhood[slot]:
+                if other in alive:
+                    key = generate_shared_key(sk1, bytes_to_public_key(rnd.pk1[other]))
+                    pairs.append((slot, other, secure_sum.pairwise_seed(key)))
+        total = secure_sum.unmask(secure_sum.add_up([vectors[rnd.node_of[s]] for s in sorted(alive)]), seeds, pairs)
+        try:
+            weight, mean = secure_sum.decode(total, self.settings)
+        except ValueError as exc:
+            rnd.skipped = f"secure aggregation: {exc}"
+            return rnd
+        return Unmasked(weight, mean, tuple(sorted(rnd.names[s] for s in alive)))
+
+    # ------------------------------------------------------------ helpers
+
+    def _rebuild(self, rnd: SecureRound, slot: int, shares: list[bytes]) -> bytes | None:
+        """b (if `slot` is in the sum) or sk1 (if it vanished) from its shares, checked."""
+        need = rnd.threshold[slot]
+        what = "mask seed" if rnd.names[slot] not in rnd.dropped or rnd.dropped[rnd.names[slot]].startswith(
+            "unmask") else "mask key"
+        if len(shares) < need:
+            rnd.skipped = (f"secure aggregation: {len(shares)} share(s) of {rnd.names[slot]}'s {what}, "
+                           f"fewer than the threshold {need}: the sum cannot be unmasked")
+            return None
+        try:
+            secret = combine_shares(shares)
+            if what == "mask seed":
+                ok = secure_sum.commitment(secret) == rnd.commitment[slot]
+            else:
+                ok = public_key_to_bytes(bytes_to_private_key(secret).public_key()) == rnd.pk1[slot]
+        except Exception:
+            ok = False
+        if not ok:
+            rnd.skipped = (f"secure aggregation: {rnd.names[slot]}'s {what} rebuilt from its shares does not match "
+                           "what it published (a wrong share): the round is not released")
+            return None
+        return secret
+
+    def _too_few(self, rnd: SecureRound, alive: set[int], when: str, needs_of: set[int] | None = None) -> bool:
+        """Skip the round if fewer than 3 sites remain, or some site's secrets (or, for
+        `needs_of`, those of every site the sum must clear) have fewer than t holders."""
+        if len(alive) < 3:
+            rnd.skipped = (f"secure aggregation: {len(alive)} site(s) {when}, fewer than 3 (a smaller sum "
+                           "gives each site the other's update)")
+        else:
+            for slot in sorted(needs_of or alive):
+                hood = rnd.neighbourhood.get(slot, ())
+                holders = sum(h in alive for h in hood)
+                if hood and holders < rnd.threshold[slot]:
+                    rnd.skipped = (f"secure aggregation: {holders} of {rnd.names[slot]}'s {len(hood)} neighbours "
+                                   f"{when}, fewer than the threshold {rnd.threshold[slot]} (more dropped than "
+                                   "federation.secagg_max_dropout_fraction allows)")
+                    break
+        if rnd.skipped:
+            log.info("round %s: %s", rnd.server_round, rnd.skipped)
+        return bool(rnd.skipped)
+
+    def _ask(self, grid: Grid, rnd: SecureRound, stage: str, asks: Mapping[int, Mapping[str, Any]],
+             plan: ConfigRecord | None = None) -> dict[int, protocol.SecAggReply]:
+        """Send a key stage to the slots in `asks`; the usable replies by slot (the rest dropped)."""
+        plan = plan or self._plans[rnd.server_round]
+        messages = [protocol.secagg_instruction(stage, plan, rnd.node_of[s], fields) for s, fields in asks.items()]
+        out: dict[int, protocol.SecAggReply] = {}
+        for msg in grid.send_and_receive(messages, timeout=self.timeout):
+            slot = rnd.slot_of.get(msg.metadata.src_node_id)
+            if slot is None or slot not in asks:
+                continue
+            parsed = protocol.read_secagg_reply(msg, stage)
+            if isinstance(parsed, protocol.SecAggReply) and parsed.site == rnd.names[slot]:
+                out[slot] = parsed
+            else:
+                reason = getattr(parsed, "reason", f"replied as {getattr(parsed, 'site', '?')!r}")
+                rnd.drop(slot, f"{stage}: {reason}")
+        for slot in asks:
+            if slot not in out:
+                rnd.drop(slot, stage if stage != "unmask" else "unmask (its vector stays in the sum)")
+        return out
