@@ -338,8 +338,8 @@ def _secagg_error(f: FederationConfig) -> str | None:
                 "each update at its site)")
     per_round = min(max(1, round(f.fraction_train * f.num_sites)), f.num_sites)
     if per_round < 3:
-        return (f"federation.secure_aggregation=secaggplus with {per_round} site(s) per round: a sum of fewer than 3 "
-                "updates tells each site the other's (it subtracts its own); ask at least 3")
+        return (f"federation.secure_aggregation=secaggplus with {per_round} site(s) per round: needs at least 3 "
+                "(with 2, the threshold is both of them and a single dropout leaves one update, nothing to hide in)")
     if not (_finite(f.secagg_timeout_s) and f.secagg_timeout_s > 0):
         return f"federation.secagg_timeout_s={f.secagg_timeout_s}: must be a finite number of seconds > 0"
     return None

@@ -254,11 +254,11 @@ class SecAggPlus:
         return secret
 
     def _too_few(self, rnd: SecureRound, alive: set[int], when: str, needs_of: set[int] | None = None) -> bool:
-        """Skip the round if fewer than 3 sites remain, or some site's secrets (or, for
+        """Skip the round if fewer than 2 sites remain, or some site's secrets (or, for
         `needs_of`, those of every site the sum must clear) have fewer than t holders."""
-        if len(alive) < 3:
-            rnd.skipped = (f"secure aggregation: {len(alive)} site(s) {when}, fewer than 3 (a smaller sum "
-                           "gives each site the other's update)")
+        if len(alive) < 2:
+            rnd.skipped = (f"secure aggregation: {len(alive)} site(s) {when}: a sum of one update would "
+                           "be that update")
         else:
             for slot in sorted(needs_of or alive):
                 hood = rnd.neighbourhood.get(slot, ())

@@ -192,10 +192,14 @@ def test_more_dropouts_than_tolerated_skip_the_round_before_any_share_is_asked_f
     assert out.dropped == {"site-0": "collect", "site-1": "collect", "site-2": "collect"}
 
 
-def test_fewer_than_three_sites_in_the_sum_skip_the_round():
-    fed = Federation(3, vanish=[("site-1", "collect")])
+def test_three_sites_survive_one_dropout_but_not_two():
+    fed = Federation(3, vanish=[("site-1", "collect")])  # t = 2 of 3
     out = fed.run()
-    assert isinstance(out, SecureRound) and "fewer than 3" in out.skipped
+    assert isinstance(out, Unmasked) and out.sites == ("site-0", "site-2")
+    fed = Federation(3, vanish=[("site-1", "collect"), ("site-2", "collect")])
+    out = fed.run()
+    assert isinstance(out, SecureRound) and "a sum of one update" in out.skipped
+    assert not [s for s in fed.sent if s[0] == "unmask"]
 
 
 def test_unmask_dropouts_beyond_the_threshold_skip_the_round():
@@ -321,7 +325,7 @@ def test_the_threshold_is_a_majority_that_leaves_room_for_the_tolerated_dropouts
     (["federation.secure_aggregation=secaggplus", "federation.strategy=krum"], ["robust rule", "fedavg or fedprox"]),
     (["federation.secure_aggregation=secaggplus", "federation.strategy=fedadam"], ["FedAdam"]),
     (["federation.secure_aggregation=secaggplus", "federation.update_norm_bound=1"], ["update_norm_bound"]),
-    (["federation.secure_aggregation=secaggplus", "federation.num_sites=2"], ["fewer than 3"]),
+    (["federation.secure_aggregation=secaggplus", "federation.num_sites=2"], ["needs at least 3"]),
     (["federation.secure_aggregation=secaggplus", "federation.secagg_bits=40"], ["secagg_bits=40", "30"]),
     (["federation.secure_aggregation=secaggplus", "federation.secagg_neighbours=5"], ["secagg_neighbours=5"]),
     (["federation.secure_aggregation=secaggplus", "federation.secagg_max_dropout_fraction=0.5"], ["[0, 0.5)"]),
