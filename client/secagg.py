@@ -17,6 +17,9 @@ and a hostile one will try its luck:
 - at UNMASK, it never hands over both shares of one neighbour (the slots marked alive and
   those marked gone are disjoint), only for neighbours it holds shares of, itself among
   the alive, and only if at least a threshold of them is alive;
+- with `privacy.unit=site`, it clips its whole update to privacy.site_clip_norm and adds
+  its share μ / t of the round's Skellam noise (privacy/secure_sum.py) before masking, μ
+  computed from its own copy of the plan: the coordinator never sees a noise-free sum;
 - **one masked vector per round, ever** (a marker in the site's state folder, written
   before the vector leaves): two unmasked sums over different sets of sites that both
   hold this site's update would give its update away by subtraction. A round asked
@@ -53,6 +56,7 @@ from omegaconf import DictConfig
 import protocol
 from privacy import secure_sum
 from privacy.errors import FedShieldError
+from privacy.skellam import sample_skellam
 
 STATE = "fedshield-secagg"  # the record in the node's context that holds the round's secrets
 
@@ -65,6 +69,18 @@ def settings(cfg: DictConfig) -> secure_sum.SecAggSettings:
     f = cfg.federation
     return secure_sum.SecAggSettings(float(f.secagg_clip_range), int(f.secagg_bits), int(f.secagg_neighbours),
                                      float(f.secagg_max_dropout_fraction))
+
+
+def round_noise(cfg: DictConfig, dim: int) -> secure_sum.DistributedNoise:
+    """The Skellam noise a round's sum must hold, from this site's own copy of the plan
+    (the coordinator computes the same from its own, and records what the sum held)."""
+    p = cfg.privacy
+    try:
+        return secure_sum.distributed_noise(
+            settings(cfg), float(p.site_clip_norm), dim, float(p.site_target_epsilon), float(p.site_delta),
+            int(cfg.federation.rounds), None if p.site_noise_multiplier is None else float(p.site_noise_multiplier))
+    except ValueError as exc:
+        raise SecAggError(str(exc)) from None
 
 
 def _b64(value: bytes) -> str:
@@ -193,6 +209,11 @@ def masked(context: Context, state: dict[str, Any], update: Mapping[str, np.ndar
         clip = float(cfg.privacy.site_clip_norm)
         if norm > clip:
             delta = {k: d * (clip / norm) for k, d in delta.items()}
+    if cfg.privacy.unit == "site" and noise is None:  # this site's share of the round's Skellam noise
+        dim = sum(int(d.size) for d in delta.values())
+        per_site = round_noise(cfg, dim).per_site(int(state["threshold"]))
+        rng = np.random.default_rng(int.from_bytes(os.urandom(16), "big"))  # never a shared or logged seed
+        noise = {k: sample_skellam(rng, per_site, d.shape) for k, d in delta.items()}
     encoded = secure_sum.encode(delta, weight, s, noise)
     me, slots = int(state["slot"]), list(state["slots"])
     sk1 = bytes_to_private_key(_unb64(state["sk1"]))

@@ -320,14 +320,16 @@ SECURE_AGGREGATION = ("off", "secaggplus")
 
 def _secagg_error(f: FederationConfig) -> str | None:
     """Secure aggregation settings out of range, or combined with what needs individual updates."""
-    if f.secure_aggregation != "secaggplus":
-        return None
     from privacy.secure_sum import SecAggSettings
 
     problem = SecAggSettings(f.secagg_clip_range, f.secagg_bits, f.secagg_neighbours,
                              f.secagg_max_dropout_fraction).problem()
     if problem:
         return problem
+    if not (_finite(f.secagg_timeout_s) and f.secagg_timeout_s > 0):
+        return f"federation.secagg_timeout_s={f.secagg_timeout_s}: must be a finite number of seconds > 0"
+    if f.secure_aggregation != "secaggplus":
+        return None
     if f.strategy not in ("fedavg", "fedprox"):
         return (f"federation.secure_aggregation=secaggplus with federation.strategy={f.strategy}: the coordinator "
                 "sees only the sum, so a robust rule (which compares individual updates) or FedAdam (a server "
@@ -340,8 +342,6 @@ def _secagg_error(f: FederationConfig) -> str | None:
     if per_round < 3:
         return (f"federation.secure_aggregation=secaggplus with {per_round} site(s) per round: needs at least 3 "
                 "(with 2, the threshold is both of them and a single dropout leaves one update, nothing to hide in)")
-    if not (_finite(f.secagg_timeout_s) and f.secagg_timeout_s > 0):
-        return f"federation.secagg_timeout_s={f.secagg_timeout_s}: must be a finite number of seconds > 0"
     return None
 
 

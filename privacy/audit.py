@@ -39,7 +39,17 @@ from privacy.accountant import (
     epsilon_dp_accounting_rdp,
 )
 from privacy.errors import FedShieldError
-from privacy.ledger import Entry, Ledger, VerifyResult, neighbouring_of, verify_ledger
+from privacy.ledger import (
+    SKELLAM_MECHANISM,
+    Entry,
+    Ledger,
+    VerifyResult,
+    mechanism_of,
+    neighbouring_of,
+    skellam_spend,
+    verify_ledger,
+)
+from privacy.skellam import skellam_history_epsilon
 
 TOLERANCE = 1e-6  # relative: recorded ε may not be below the recomputation by more than this
 RUN_KEY_DIRS = ("ledger-keys", "site-keys")  # under <run>/privacy/: the current name, then the old one
@@ -256,12 +266,29 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
     # Recompute, site by site, in ledger order, from (σ, q, steps) only.
     per_entry: list[EntryCheck] = []
     history: dict[str, list[Spend]] = {}
+    skellams: dict[str, list[tuple[float, float, float]]] = {}  # site -> (variance, l1, l2) of its Skellam spends
     for i, e in enumerate(entries):
         site = str(e.get("site"))
         row: EntryCheck = {"index": i, "site": site, "run_id": e.get("run_id"), "round": e.get("round"),
                "accountant": e.get("accountant"), "recorded": e.get("epsilon"),
                "neighbouring": neighbouring_of(e), "rdp": None, "pld": None, "reference": None, "flag": ""}
         per_entry.append(row)
+        if mechanism_of(e) == SKELLAM_MECHANISM:  # SecAgg+ with distributed noise: privacy/skellam.py
+            try:
+                delta = float(e["delta"])
+                sk = skellams.setdefault(site, [])
+                sk.append(skellam_spend(e))
+                ref = row["rdp"] = row["reference"] = skellam_history_epsilon(sk, delta)
+            except (KeyError, TypeError, ValueError, FedShieldError):
+                row["flag"] = "cannot recompute: bad or missing Skellam variance, sensitivities or δ"
+                flags.append(f"entry {i} (round {e.get('round')!r}, site {site!r}): {row['flag']}")
+                continue
+            rec = e.get("epsilon")
+            if not _is_number(rec) or rec < ref * (1 - TOLERANCE):
+                row["flag"] = "under-reported ε"
+                flags.append(f"entry {i} (round {e.get('round')!r}, site {site!r}): recorded ε={rec!r} is below "
+                             f"the recomputed Skellam RDP ε={ref:.6g}")
+            continue
         try:
             spend = Spend(e["noise_multiplier"], e["sample_rate"], e["steps"])
             delta = float(e["delta"])
@@ -306,7 +333,9 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
         site_delta = float(last_delta) if _is_number(last_delta) and 0 < last_delta < 1 else None
         pld = epsilon_dp_accounting_pld(h, site_delta, PLD_RECORD_INTERVAL, neighbouring=relation) \
             if (h and site_delta) else 0.0
-        if relation == REPLACE_ONE:
+        if site in skellams:  # the Skellam bound is an RDP one; dp-accounting has no PLD of it
+            rdp, pld = float(rows[-1]["rdp"] or 0.0) if rows else 0.0, math.nan
+        elif relation == REPLACE_ONE:
             rdp = math.nan  # no RDP analysis of the subsampled Gaussian under replace-one
         elif rows and rows[-1]["rdp"] is not None:
             rdp = rows[-1]["rdp"]

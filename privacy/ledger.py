@@ -69,15 +69,23 @@ from privacy import signing
 from privacy.accountant import ACCOUNTANTS, ADD_REMOVE, NEIGHBOURING, Spend, epsilon
 from privacy.errors import LedgerError
 from privacy.files import write_fully
+from privacy.skellam import skellam_history_epsilon
 
 MECHANISM = "dp-sgd-poisson-gaussian"
 PRIVACY_UNIT = "record"
 # The coordinator's own ledger under privacy.unit=site (strategies/site_dp.py): one entry per
 # round, the Poisson-subsampled Gaussian on the clipped sum of the sites' updates.
 SITE_MECHANISM = "dp-fedavg-poisson-gaussian"
+# Site-level DP under secure aggregation: the sites add Skellam noise before masking
+# (privacy/skellam.py). Its entries carry the noise that the round's sum really held
+# (`skellam_variance`, in quantization levels²) and the integer sensitivities
+# (`skellam_l1`, `skellam_l2`); noise_multiplier is the equivalent sqrt(variance) / l2
+# (for reading only), sample_rate 1 (no amplification claimed), one step.
+SKELLAM_MECHANISM = "secagg-distributed-skellam"
+SKELLAM_FIELDS = ("skellam_variance", "skellam_l1", "skellam_l2")
 SITE_UNIT = "site"
 FEDERATION = "@federation"  # the name its entries carry (no site may be called so: protocol.SITE_NAME_RULE)
-MECHANISMS = {MECHANISM: PRIVACY_UNIT, SITE_MECHANISM: SITE_UNIT}
+MECHANISMS = {MECHANISM: PRIVACY_UNIT, SITE_MECHANISM: SITE_UNIT, SKELLAM_MECHANISM: SITE_UNIT}
 GENESIS = "0" * 64
 FILLED = ("prev_hash", "hash", "signature", "key_fingerprint", "time", "seq", "run_seq")
 REQUIRED = (
@@ -216,8 +224,11 @@ class Ledger:
                     f"ledger {self.path}: site {site}'s spends are accounted under {neighbouring_of(last)}; "
                     f"a spend under {relation} cannot join them (the two ε do not compose)"
                 )
-            spend = _spend(entry)
-            eps = epsilon([*(_spend(e) for e in mine), spend], float(entry["delta"]), entry["accountant"], relation)
+            if last is not None and mechanism_of(last) != mechanism_of(entry):
+                raise LedgerError(
+                    f"ledger {self.path}: site {site}'s spends are of mechanism {mechanism_of(last)}; a "
+                    f"{mechanism_of(entry)} spend cannot join them (one chain, one accountant)")
+            eps = chain_epsilon([*mine, entry], float(entry["delta"]))
             given = entry.get("epsilon")
             entry["epsilon"] = float(eps) if given is None else max(float(given), float(eps))
             entry["seq"] = int(last["seq"]) + 1 if last is not None else 0
@@ -380,6 +391,28 @@ def site_history(entries: list[Entry], site: str) -> list[Spend]:
     return [_spend(e) for e in entries if e.get("site") == site]
 
 
+def mechanism_of(e: Entry) -> str:
+    return str(e.get("mechanism", MECHANISM))
+
+
+def skellam_spend(e: Entry) -> tuple[float, float, float]:
+    """(total variance, l1, l2) of a Skellam entry."""
+    try:
+        return (float(e["skellam_variance"]), float(e["skellam_l1"]), float(e["skellam_l2"]))
+    except (KeyError, TypeError, ValueError):
+        where = f"ledger entry of site {e.get('site')!r} round {e.get('round')!r}"
+        raise LedgerError(f"{where}: no {', '.join(SKELLAM_FIELDS)}") from None
+
+
+def chain_epsilon(chain: list[Entry], delta: float) -> float:
+    """ε at δ of one site's chain of spends (one mechanism, one relation), as its entries record them."""
+    if not chain:
+        return 0.0
+    if mechanism_of(chain[-1]) == SKELLAM_MECHANISM:
+        return skellam_history_epsilon([skellam_spend(e) for e in chain], delta)
+    return epsilon([_spend(e) for e in chain], delta, chain[-1]["accountant"], neighbouring_of(chain[-1]))
+
+
 def neighbouring_of(e: Entry) -> str:
     """The neighbouring relation an entry is accounted under (add-remove if it predates the field)."""
     return str(e.get("neighbouring", ADD_REMOVE))
@@ -449,6 +482,9 @@ def _field_problem(e: Entry, need_epsilon: bool = True) -> str:
         return f"delta must be in (0, 1), got {e.get('delta')!r}"
     if not (_real(e.get("max_grad_norm")) and e["max_grad_norm"] > 0):
         return f"max_grad_norm must be > 0, got {e.get('max_grad_norm')!r}"
+    if e.get("mechanism") == SKELLAM_MECHANISM and not all(
+            _real(e.get(k)) and math.isfinite(e[k]) and e[k] > 0 for k in SKELLAM_FIELDS):
+        return f"{', '.join(SKELLAM_FIELDS)} must be finite numbers > 0"
     if need_epsilon or "epsilon" in e and e["epsilon"] is not None:
         if not (_real(e.get("epsilon")) and e["epsilon"] >= 0):
             return f"epsilon must be a number >= 0, got {e.get('epsilon')!r}"

@@ -24,6 +24,13 @@ asymmetric`: SECP384R1 key pairs) and `cryptography`'s AES, never our own:
   numpy's Mersenne Twister, so a curious coordinator could search all 2^32 seeds of a
   site's private mask; AES-CTR is a PRG under the standard assumption on AES, and it is
   also faster (bench/RESULTS.md).
+- **Distributed noise** (`privacy.unit=site`): each site clips its whole update to L2 norm
+  S, and adds integer Skellam noise (privacy/skellam.py, Agarwal et al. 2021) of variance
+  μ / t before masking, t its neighbourhood's threshold. No site unmasks unless t of its
+  neighbours are in the sum, so the sum holds at least t · μ / t = μ, whoever dropped;
+  the coordinator records what the survivors really put in (Σ μ / t_i), never less.
+  The neighbouring relation is replace-one site's update (the coordinator knows who took
+  part); Flower's quantizer adds an offset that cancels in that difference.
 - **Threshold**: each site splits b and sk1 into one share per member of its
   neighbourhood (itself included), t of which reconstruct. t is the largest number of
   shares that the tolerated dropout fraction still leaves, and never below a strict
@@ -39,11 +46,14 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+from privacy.skellam import calibrate_skellam_variance, integer_sensitivities, skellam_epsilon
 
 UInt64Array = np.ndarray[Any, np.dtype[np.uint64]]
 FloatArray = np.ndarray[Any, np.dtype[np.float64]]
@@ -59,7 +69,7 @@ class SecAggSettings:
     """The SecAgg+ parameters of a run (federation.secagg_*), checked by `problem`."""
 
     clip_range: float = 1.0
-    bits: int = 16
+    bits: int = 20
     neighbours: int = 0  # sites each site masks with (even; 0 = every other sampled site)
     max_dropout_fraction: float = 0.3
 
@@ -221,3 +231,41 @@ def check_capacity(total_weight: int, settings: SecAggSettings) -> str | None:
         return (f"secure aggregation: weights adding up to {total_weight} times 2^{settings.bits} levels "
                 "overflow the 64-bit sum; lower federation.secagg_bits")
     return None
+
+
+@dataclass(frozen=True)
+class DistributedNoise:
+    """The Skellam noise one round's sum must hold (in quantization levels²), and the
+    integer sensitivities it is accounted at (replace one site's clipped update)."""
+
+    total_variance: float
+    l1: float
+    l2: float
+
+    def per_site(self, threshold: int) -> float:
+        """What one site adds: enough that any t of them reach the total."""
+        return self.total_variance / threshold
+
+    @property
+    def noise_multiplier(self) -> float:
+        """The equivalent Gaussian z = sqrt(μ) / Δ2 (for reading; the accounting is Skellam's)."""
+        return math.sqrt(self.total_variance) / self.l2
+
+
+@lru_cache(maxsize=32)
+def distributed_noise(settings: SecAggSettings, clip_norm: float, dim: int, target_epsilon: float, delta: float,
+                      rounds: int, noise_multiplier: float | None = None) -> DistributedNoise:
+    """The round's Skellam noise for site-level DP under SecAgg+: calibrated so that `rounds`
+    releases spend `target_epsilon` at `delta`, or (explicit z) μ = (z Δ2)², which must not
+    spend more (ValueError, one line)."""
+    one = integer_sensitivities(clip_norm, settings.scale, dim)
+    l1, l2 = 2 * one.l1, 2 * one.l2  # replace-one: the triangle inequality doubles both
+    if noise_multiplier is None:
+        return DistributedNoise(calibrate_skellam_variance(target_epsilon, delta, l1, l2, rounds), l1, l2)
+    variance = (noise_multiplier * l2) ** 2
+    planned, _ = skellam_epsilon(variance, l1, l2, rounds, delta)
+    if planned > target_epsilon:
+        raise ValueError(f"privacy.site_noise_multiplier={noise_multiplier:g}: {rounds} rounds of distributed "
+                         f"Skellam noise spend site-level ε={planned:.4g} > privacy.site_target_epsilon="
+                         f"{target_epsilon:g} (δ={delta:g}); raise the noise or the target")
+    return DistributedNoise(variance, l1, l2)

@@ -268,3 +268,21 @@ def sample_skellam(
     second = rng.poisson(half, size=shape).astype(np.int64)
     result: npt.NDArray[np.int64] = first - second
     return result
+
+
+def skellam_history_epsilon(
+    spends: Sequence[tuple[float, float, float]], delta: float,
+    orders: Sequence[float] | npt.NDArray[np.generic] = DEFAULT_ORDERS,
+) -> float:
+    """ε at δ of a history of Skellam releases, each (total variance, l1, l2) as it really
+    ran (rounds may differ in the noise their survivors put in): their RDP adds up, then
+    dp-accounting's `compute_epsilon`. An empty history spends nothing."""
+    d = _check_delta(delta)
+    if not spends:
+        return 0.0
+    alphas = _check_orders(orders)
+    rdp = np.zeros(len(alphas))
+    for variance, l1, l2 in spends:
+        rdp = rdp + skellam_rdp(alphas, variance, l1, l2)
+    eps, _ = compute_epsilon(alphas.tolist(), rdp.tolist(), d)
+    return float(eps)

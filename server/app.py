@@ -32,7 +32,7 @@ import protocol
 from privacy import signing
 from privacy.accountant import Spend, epsilon
 from privacy.errors import FedShieldError
-from privacy.secure_sum import SecAggSettings
+from privacy.secure_sum import DistributedNoise, SecAggSettings
 from server import checkpoint
 from server.evaluate import CentralEvaluator
 from server.export import export_model
@@ -381,13 +381,30 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
                                    tr.local_epochs * batches_per_epoch(s["n"], tr.batch_size))
                for s in sites.values()}  # what each site's round must spend, from its declared n
     done = ckpt.server_round if ckpt is not None else 0
-    books_fed = open_books(cfg, run_dir, isinstance(grid, InMemoryGrid)) if cfg.privacy.unit == "site" else None
+    dim = sum(int(np.prod(shape)) for shape, _ in spec.values())
+    books_fed = open_books(cfg, run_dir, isinstance(grid, InMemoryGrid), dim) if cfg.privacy.unit == "site" else None
 
-    def release(server_round: int) -> None:
+    def release(server_round: int, variance: float | None) -> bool:
         assert books_fed is not None
-        rounds.site_level_epsilon = books_fed.record_round(server_round)
+        if variance is None:
+            rounds.site_level_epsilon = books_fed.record_round(server_round)
+            return True
+        if not books_fed.record_skellam_round(server_round, variance):
+            say(f"  round {server_round}: not released: it would take site-level ε past "
+                f"privacy.site_target_epsilon={float(cfg.privacy.site_target_epsilon):g}")
+            return False
+        rounds.site_level_epsilon = books_fed.epsilon
+        return True
 
-    if books_fed is not None:
+    if books_fed is not None and books_fed.noise is not None:
+        rounds.site_level_epsilon = books_fed.epsilon
+        m, noise = books_fed.mechanism, books_fed.noise
+        say(f"site-level DP under secure aggregation: each site sampled with q={m.sample_rate:g} per round, clips "
+            f"its update to S={m.clip_norm:g} and adds its share of Skellam noise (variance {noise.total_variance:.4g} "
+            f"levels² in the sum, z≈{noise.noise_multiplier:.3g}); ε≤{float(cfg.privacy.site_target_epsilon):g} "
+            f"at δ={float(cfg.privacy.site_delta):g} after {cfg.federation.rounds} rounds (replace one site, "
+            "no amplification)")
+    elif books_fed is not None:
         rounds.site_level_epsilon = books_fed.epsilon
         m = books_fed.mechanism
         say(f"site-level DP: each site sampled with q={m.sample_rate:g} per round, updates clipped to "
@@ -409,7 +426,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         update_norm_action=str(fed.update_norm_action),
         site_dp=books_fed.mechanism if books_fed is not None else None,
         on_release=release if books_fed is not None else None,
-        secagg=secure_aggregation(cfg, {nid: s["site"] for nid, s in sites.items()}, isinstance(grid, InMemoryGrid)),
+        secagg=secure_aggregation(cfg, {nid: s["site"] for nid, s in sites.items()}, isinstance(grid, InMemoryGrid),
+                                  books_fed.noise if books_fed is not None else None),
     )
     short = shortfall(inner, strategy.per_round())  # fewer sites joined than the config's check assumed
     if short:
@@ -459,7 +477,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     return run_dir
 
 
-def secure_aggregation(cfg: DictConfig, names: dict[int, str], simulated: bool) -> SecAggPlus | None:
+def secure_aggregation(cfg: DictConfig, names: dict[int, str], simulated: bool,
+                       noise: DistributedNoise | None = None) -> SecAggPlus | None:
     """The run's SecAgg+ stages (federation.secure_aggregation=secaggplus), or None."""
     f = cfg.federation
     if f.secure_aggregation != "secaggplus":
@@ -471,7 +490,7 @@ def secure_aggregation(cfg: DictConfig, names: dict[int, str], simulated: bool) 
     say(f"secure aggregation: SecAgg+, updates quantized to {settings.bits} bits in ±{settings.clip_range:g}, "
         + (f"{settings.neighbours} neighbours each" if settings.neighbours else "every sampled site masks with "
            "every other") + f", up to {settings.max_dropout_fraction:.0%} of a neighbourhood may drop")
-    return SecAggPlus(settings, names, timeout=float(f.secagg_timeout_s), rng=rng)
+    return SecAggPlus(settings, names, timeout=float(f.secagg_timeout_s), rng=rng, noise=noise)
 
 
 def run_config_yaml(cfg: DictConfig) -> str:
@@ -565,22 +584,33 @@ def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict
     if p.unit == "site":
         fed = [json.loads(x) for x in (run_dir / "privacy" / FEDERATION_LEDGER).read_text().splitlines() if x]
         last_fed = fed[-1] if fed else {}
+        secure = cfg.federation.secure_aggregation != "off"
+        accounting = ("the Skellam RDP bound, fedshield's own accountant" if secure
+                      else ACCOUNTANT_NAMES.get(str(p.accountant), p.accountant))
         lines += [
             "", "### Site-level DP (DP-FedAvg, McMahan et al. 2018)", "",
             "- Privacy unit: one whole site (user-level DP): the released global models are (ε, δ)-DP with "
-            "respect to adding or removing any one site with all its records.",
-            f"- Mechanism: each round each site is asked with probability q = {cfg.federation.fraction_train:g} "
+            + ("respect to replacing any one site's update (all its records) by another; the coordinator knows "
+               "who took part, so participation is not hidden." if secure else
+               "respect to adding or removing any one site with all its records."),
+            (f"- Mechanism: each round each site is asked with probability q = {cfg.federation.fraction_train:g}; "
+             f"each site clips its own update to S = {p.site_clip_norm:g}, quantizes it and adds its share of "
+             "integer Skellam noise (Agarwal et al. 2021) before SecAgg+ masks it, so the coordinator sees only "
+             "the noisy sum (never a noise-free one); each round's entry records the noise the survivors really "
+             "put in the sum. Accounted by the Skellam RDP bound composed over rounds without amplification by "
+             f"sampling; the sum divided by q x {cfg.federation.num_sites} (fixed)." if secure else
+             f"- Mechanism: each round each site is asked with probability q = {cfg.federation.fraction_train:g} "
             f"(Poisson sampling); each usable update clipped to S = {p.site_clip_norm:g}; Gaussian noise of "
             f"z = {last_fed.get('noise_multiplier', float('nan')):.4g} x S on the sum; the sum divided by "
             f"q x {cfg.federation.num_sites} (fixed). Added by the coordinator: the guarantee holds against "
-            "everyone who sees the models, not against the coordinator (no secure aggregation).",
+            "everyone who sees the models, not against the coordinator (no secure aggregation)."),
             f"- ε = **{float(last_fed.get('epsilon', 0.0)):.4f}** at δ = {p.site_delta:g} after {len(fed)} "
-            f"round(s) ({ACCOUNTANT_NAMES.get(str(p.accountant), p.accountant)}), in the coordinator's signed "
+            f"round(s) ({accounting}), in the coordinator's signed "
             f"ledger: `fedshield audit {run_dir / 'privacy' / FEDERATION_LEDGER}`.",
             "- Both guarantees hold together: record-level at each site (above, against the coordinator too), "
             "site-level for the federation's models.",
         ]
-        if fed:  # what the same noise and rounds are worth without amplification by sampling
+        if fed and not secure:  # what the same noise and rounds are worth without amplification by sampling
             plain = epsilon([Spend(float(last_fed["noise_multiplier"]), 1.0, len(fed))], float(p.site_delta),
                             str(p.accountant))
             lines.append(f"- Without amplification by sampling (every site every round: the accounting of "

@@ -13,19 +13,28 @@ A resumed run keeps appending to the same chain (a round redone after a crash is
 twice: over-count, never under-count). `privacy.site_target_epsilon` is the federation's
 budget: an explicit `privacy.site_noise_multiplier` whose planned rounds would spend more is
 refused before the run starts.
+
+Under secure aggregation (federation.secure_aggregation=secaggplus) the sites add the noise
+(distributed Skellam, privacy/secure_sum.py) and each round's entry records the noise the
+unmasked sum really held (Σ μ / t over the sites in it, never less than the planned μ),
+mechanism `secagg-distributed-skellam`, replace-one site, no amplification (q = 1); a round
+that would take ε past `privacy.site_target_epsilon` (a run resumed after a crash) is not
+released.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from privacy import signing
-from privacy.accountant import ADD_REMOVE, Spend, calibrate_noise_multiplier, epsilon
+from privacy.accountant import ADD_REMOVE, REPLACE_ONE, Spend, calibrate_noise_multiplier, epsilon
 from privacy.errors import FedShieldError
-from privacy.ledger import FEDERATION, SITE_MECHANISM, SITE_UNIT, Ledger
+from privacy.ledger import FEDERATION, SITE_MECHANISM, SITE_UNIT, SKELLAM_MECHANISM, Ledger, chain_epsilon
+from privacy.secure_sum import DistributedNoise, SecAggSettings, distributed_noise
 from server.run_dir import LEDGER_KEYS
 from strategies.site_dp import SiteLevelDP
 
@@ -43,6 +52,29 @@ class FederationBooks:
     accountant: str
     budget: float
     epsilon: float = 0.0  # after the last recorded round
+    noise: DistributedNoise | None = None  # secure aggregation: the sites' Skellam noise
+
+    def record_skellam_round(self, server_round: int, variance: float) -> bool:
+        """Sign and fsync a secure round's spend, the noise its sum held; False (nothing
+        written, the round not to be released) if it would pass the federation's budget."""
+        assert self.noise is not None
+        if variance < self.noise.total_variance * (1 - 1e-12):
+            raise FedShieldError(f"round {server_round}: the sum held Skellam noise of variance {variance:.6g}, "
+                                 f"less than the planned {self.noise.total_variance:.6g}")
+        fields = {
+            "run_id": self.run_id, "round": int(server_round), "site": FEDERATION,
+            "mechanism": SKELLAM_MECHANISM, "privacy_unit": SITE_UNIT,
+            "noise_multiplier": math.sqrt(variance) / self.noise.l2, "sample_rate": 1.0, "steps": 1,
+            "max_grad_norm": float(self.mechanism.clip_norm), "delta": self.delta, "accountant": "rdp",
+            "neighbouring": REPLACE_ONE, "release": "global-model", "planned_sites": int(self.mechanism.planned_sites),
+            "budget_epsilon": self.budget, "skellam_variance": float(variance),
+            "skellam_l1": float(self.noise.l1), "skellam_l2": float(self.noise.l2),
+        }
+        after = chain_epsilon([*self.ledger.read().entries, fields], self.delta)
+        if after > self.budget * (1 + 1e-9):
+            return False
+        self.epsilon = float(self.ledger.append(fields, self.key)["epsilon"])
+        return True
 
     def record_round(self, server_round: int) -> float:
         """Sign and fsync the round's spend (before its model leaves); the composed ε."""
@@ -59,10 +91,24 @@ class FederationBooks:
         return self.epsilon
 
 
-def open_books(cfg: DictConfig, run_dir: Path, simulated: bool) -> FederationBooks:
-    """The site-level mechanism of this run and its ledger (made, or reopened on resume)."""
+def open_books(cfg: DictConfig, run_dir: Path, simulated: bool, dim: int = 0) -> FederationBooks:
+    """The site-level mechanism of this run and its ledger (made, or reopened on resume);
+    `dim`: the number of trainable coordinates (for the integer sensitivities under SecAgg+)."""
     p, fed = cfg.privacy, cfg.federation
     q, rounds = float(fed.fraction_train), int(fed.rounds)
+    if fed.secure_aggregation != "off":
+        settings = SecAggSettings(float(fed.secagg_clip_range), int(fed.secagg_bits), int(fed.secagg_neighbours),
+                                  float(fed.secagg_max_dropout_fraction))
+        try:
+            noise = distributed_noise(settings, float(p.site_clip_norm), int(dim), float(p.site_target_epsilon),
+                                      float(p.site_delta), rounds,
+                                      None if p.site_noise_multiplier is None else float(p.site_noise_multiplier))
+        except ValueError as exc:
+            raise FedShieldError(str(exc)) from None
+        return _books(cfg, run_dir, SiteLevelDP(
+            clip_norm=float(p.site_clip_norm), noise_multiplier=noise.noise_multiplier, sample_rate=q,
+            planned_sites=int(fed.num_sites), seed=int(fed.seed) * 1_000_033 + 17 if simulated else None,
+            distributed=True), noise)
     z = float(p.site_noise_multiplier) if p.site_noise_multiplier is not None else calibrate_noise_multiplier(
         float(p.site_target_epsilon), float(p.site_delta), q, rounds, str(p.accountant))
     planned = epsilon([Spend(z, q, rounds)], float(p.site_delta), str(p.accountant))
@@ -71,6 +117,14 @@ def open_books(cfg: DictConfig, run_dir: Path, simulated: bool) -> FederationBoo
             f"privacy.site_noise_multiplier={z:g}: {rounds} rounds at q={q:g} spend site-level ε={planned:.4g} "
             f"> privacy.site_target_epsilon={float(p.site_target_epsilon):g} (δ={float(p.site_delta):g}); raise "
             "the noise or the target")
+    mechanism = SiteLevelDP(clip_norm=float(p.site_clip_norm), noise_multiplier=z, sample_rate=q,
+                            planned_sites=int(fed.num_sites),
+                            seed=int(fed.seed) * 1_000_033 + 17 if simulated else None)
+    return _books(cfg, run_dir, mechanism, None)
+
+
+def _books(cfg: DictConfig, run_dir: Path, mechanism: SiteLevelDP, noise: DistributedNoise | None) -> FederationBooks:
+    p = cfg.privacy
     folder = run_dir / "privacy"
     key_path = folder / KEY_FILE
     if not key_path.exists():
@@ -81,11 +135,8 @@ def open_books(cfg: DictConfig, run_dir: Path, simulated: bool) -> FederationBoo
     ledger = Ledger(folder / LEDGER_FILE)
     read = ledger.recover()
     ledger.check_own(FEDERATION, key.public_key(), read.entries)  # the coordinator's own books verify
-    mechanism = SiteLevelDP(clip_norm=float(p.site_clip_norm), noise_multiplier=z, sample_rate=q,
-                            planned_sites=int(fed.num_sites),
-                            seed=int(fed.seed) * 1_000_033 + 17 if simulated else None)
     books = FederationBooks(mechanism, ledger, key, run_dir.name, float(p.site_delta), str(p.accountant),
-                            float(p.site_target_epsilon))
+                            float(p.site_target_epsilon), noise=noise)
     if read.entries:
         books.epsilon = float(read.entries[-1]["epsilon"])
     return books

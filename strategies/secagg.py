@@ -83,6 +83,7 @@ class Unmasked:
     total_weight: int
     mean: dict[str, np.ndarray[Any, Any]]
     sites: tuple[str, ...]
+    thresholds: tuple[int, ...] = ()  # each summed site's threshold t (its noise share is μ / t)
 
 
 class SecAggPlus:
@@ -98,10 +99,12 @@ class SecAggPlus:
         Seconds each key stage waits for replies (federation.secagg_timeout_s).
     rng : random.Random, optional
         Orders the neighbourhood ring (default: the system's CSPRNG).
+    noise : DistributedNoise, optional
+        With site-level DP: the noise the sites add (each μ / t), to account what a sum held.
     """
 
     def __init__(self, settings: secure_sum.SecAggSettings, names: Mapping[int, str], *, timeout: float,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, noise: secure_sum.DistributedNoise | None = None) -> None:
         problem = settings.problem()
         if problem:
             raise ValueError(problem)
@@ -109,6 +112,7 @@ class SecAggPlus:
         self.names = dict(names)
         self.timeout = float(timeout)
         self.rng = rng or random.SystemRandom()
+        self.noise = noise  # site-level DP: the Skellam noise each round's sum must hold
         self._rounds: dict[int, SecureRound] = {}
         self._plans: dict[int, ConfigRecord] = {}
 
@@ -226,7 +230,8 @@ class SecAggPlus:
         except ValueError as exc:
             rnd.skipped = f"secure aggregation: {exc}"
             return rnd
-        return Unmasked(weight, mean, tuple(sorted(rnd.names[s] for s in alive)))
+        order = sorted(alive, key=rnd.names.__getitem__)
+        return Unmasked(weight, mean, tuple(rnd.names[s] for s in order), tuple(rnd.threshold[s] for s in order))
 
     # ------------------------------------------------------------ helpers
 

@@ -196,7 +196,7 @@ class SiteAwareStrategy(Strategy):
         update_norm_bound: float | None = None,
         update_norm_action: str = "clip",
         site_dp: SiteLevelDP | None = None,
-        on_release: Callable[[int], None] | None = None,
+        on_release: Callable[[int, float | None], bool] | None = None,
         secagg: SecAggPlus | None = None,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
@@ -236,9 +236,11 @@ class SiteAwareStrategy(Strategy):
         self.site_dp = site_dp
         self.on_release = on_release
         if secagg is not None and (self.rule not in ("fedavg", "fedprox") or update_norm_bound is not None
-                                   or site_dp is not None):
+                                   or (site_dp is not None and not site_dp.distributed)):
             raise ValueError("secure aggregation shows the coordinator only the sum: it cannot run a rule that "
                              "needs individual updates, a norm bound, or coordinator-side site-level noise")
+        if site_dp is not None and site_dp.distributed and secagg is None:
+            raise ValueError("distributed site-level noise needs secure aggregation")
         self.secagg = secagg
         self._grid: dict[int, Grid] = {}  # server round -> the grid its unmasking stage runs on
 
@@ -383,10 +385,10 @@ class SiteAwareStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round = self.run_round(server_round)
-        if self.site_dp is not None:
-            return self._site_dp_round(server_round, replies)
         if self.secagg is not None:
             return self._secure_round(server_round, replies)
+        if self.site_dp is not None:
+            return self._site_dp_round(server_round, replies)
         report, valid = self.sort_replies(server_round, replies)
         f = flower.num_malicious(self.strategy)
         if flower.rule_name(self.strategy) in flower.ROBUST:
@@ -437,8 +439,8 @@ class SiteAwareStrategy(Strategy):
             reply.clipped = norm > self.site_dp.clip_norm
         if self.on_round is not None:
             self.on_round(report)
-        if self.on_release is not None:
-            self.on_release(server_round)  # spend before release
+        if self.on_release is not None and not self.on_release(server_round, None):  # spend before release
+            return None, None
         return protocol.to_array_record(new), None
 
     def _secure_round(self, server_round: int, replies: Iterable[Message]
@@ -460,7 +462,9 @@ class SiteAwareStrategy(Strategy):
         outcome = self.secagg.finish(server_round, vectors, grid)
         report.dropped = dict(state.dropped)
         if isinstance(outcome, Unmasked):
-            counted = sum(declared[n] for n in vectors if self.sites[n] in outcome.sites)
+            # Site-level DP: each site's weight is 1 (the sum is over a fixed denominator).
+            counted = len(outcome.sites) if self.site_dp is not None else sum(
+                declared[n] for n in vectors if self.sites[n] in outcome.sites)
             if outcome.total_weight != counted:
                 report.skipped = (f"secure aggregation: the unmasked weights add up to {outcome.total_weight}, "
                                   f"the {len(outcome.sites)} sites in the sum declared {counted} (a site sent a "
@@ -473,9 +477,21 @@ class SiteAwareStrategy(Strategy):
             self.on_round(report)
         if report.skipped or not isinstance(outcome, Unmasked):
             return None, None
-        new = {k: (base[k].astype(np.float64) + outcome.mean[k]).astype(base[k].dtype) if k in outcome.mean
-               else base[k] for k in base if k != WEIGHT_SLOT}
+        if self.site_dp is None:  # FedAvg: the weighted mean of the updates in the sum
+            step = outcome.mean
+        else:  # DP-FedAvg: the noisy sum of clipped updates over the fixed q N
+            scale = outcome.total_weight / self.site_dp.denominator
+            step = {k: v * scale for k, v in outcome.mean.items()}
+            variance = sum(self._noise_share(t) for t in outcome.thresholds)
+            if self.on_release is not None and not self.on_release(server_round, variance):
+                return None, None  # the federation's budget would not allow it: nothing released
+        new = {k: (base[k].astype(np.float64) + step[k]).astype(base[k].dtype) if k in step else base[k]
+               for k in base if k != WEIGHT_SLOT}
         return protocol.to_array_record(new), None
+
+    def _noise_share(self, threshold: int) -> float:
+        assert self.secagg is not None and self.secagg.noise is not None
+        return self.secagg.noise.per_site(threshold)
 
     # ------------------------------------------------------------ no federated evaluation
 

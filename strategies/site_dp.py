@@ -23,6 +23,11 @@ so the federation's ε composes over rounds exactly as a site's DP-SGD steps do
 writes each round's spend into its own signed, hash-chained ledger before the new global
 model leaves it (server/app.py), and `fedshield audit` verifies and recomputes it.
 
+With secure aggregation (`distributed`, federation.secure_aggregation=secaggplus) the noise
+is the sites' own: each adds integer Skellam noise before masking (privacy/secure_sum.py),
+the coordinator sees only the noisy sum, and each round is accounted as it ran, without
+amplification (server/federation_books.py).
+
 Trust: without secure aggregation the coordinator sees each site's update and adds the
 noise itself, so the site-level guarantee holds against everyone who sees the released
 models (other sites, the model's users), not against the coordinator. A site's record-level
@@ -55,6 +60,9 @@ class SiteLevelDP:
     sample_rate: float  # q
     planned_sites: int  # N: the denominator is q N
     seed: int | None = None  # None (deployment): sampling and noise from os.urandom
+    # True under secure aggregation: the sites add the noise (Skellam, before masking) and
+    # the coordinator adds none; noise_multiplier is then the equivalent sqrt(μ) / Δ2.
+    distributed: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):

@@ -102,6 +102,7 @@ FINITE_KEYS = [
     "privacy.budget_epsilon", "privacy.min_noise_multiplier", "simulation.client_cpus", "simulation.client_gpus",
     "federation.trim_fraction", "federation.update_norm_bound", "privacy.count_noise_multiplier",
     "privacy.site_clip_norm", "privacy.site_noise_multiplier", "privacy.site_target_epsilon", "privacy.site_delta",
+    "federation.secagg_clip_range", "federation.secagg_max_dropout_fraction", "federation.secagg_timeout_s",
 ]  # fmt: skip
 
 

@@ -359,3 +359,70 @@ def test_the_mask_prg_is_aes_ctr_and_pairwise_masks_cancel():
     two = secure_sum.mask(zero, 2, b"\x03" * 32, {1: b})
     total = secure_sum.unmask(secure_sum.add_up([one, two]), [a, b"\x03" * 32], [])
     assert not total["w"].any()
+
+
+# ---------------------------------------------------------------- site-level DP: distributed Skellam noise
+
+
+def test_with_site_level_dp_each_site_clips_and_the_sum_holds_the_planned_skellam_noise():
+    fed = Federation(5)
+    fed.cfg = OmegaConf.merge(fed.cfg, {"privacy": {"unit": "site", "site_clip_norm": 0.5, "site_target_epsilon": 50.0,
+                                                    "site_delta": 1e-3, "site_noise_multiplier": None},
+                                        "federation": {"rounds": 3}})
+    rng = np.random.default_rng(2)
+    dim = 40_000
+    fed.updates = {nid: {"w": rng.normal(0, 0.01, dim)} for nid in fed.names}
+    fed.base = {"w": np.zeros(dim)}
+    fed.weights = dict.fromkeys(fed.names, 1)
+    out = fed.run()
+    assert isinstance(out, Unmasked) and out.total_weight == 5 and len(out.thresholds) == 5
+    clipped = [u["w"] * min(1.0, 0.5 / np.linalg.norm(u["w"])) for u in fed.updates.values()]
+    residual = out.mean["w"] * out.total_weight - sum(clipped)  # the noise, in the update's units
+    noise = site_side.round_noise(fed.cfg, dim)
+    expected = sum(noise.per_site(t) for t in out.thresholds) / site_side.settings(fed.cfg).scale ** 2
+    assert sum(noise.per_site(t) for t in out.thresholds) >= noise.total_variance  # over-provisioned for dropouts
+    assert np.var(residual) == pytest.approx(expected, rel=0.05)
+    assert abs(np.mean(residual)) < 5 * np.sqrt(expected / dim)
+
+
+def test_the_federation_records_what_the_sum_held_and_the_audit_recomputes_the_skellam_bound(tmp_path):
+    import json
+
+    from privacy.audit import audit
+    from privacy.ledger import SKELLAM_MECHANISM
+    from privacy.skellam import skellam_history_epsilon
+    from server.federation_books import open_books
+
+    cfg = conf.load_config(["federation.secure_aggregation=secaggplus", "privacy.unit=site", "federation.rounds=3",
+                            "privacy.site_target_epsilon=4", "privacy.site_delta=1e-3"])
+    run = tmp_path / "run"
+    books = open_books(cfg, run, simulated=True, dim=1000)
+    assert books.noise is not None and books.mechanism.distributed
+    mu = books.noise.total_variance
+    for r, extra in ((1, 1.0), (2, 1.4), (3, 1.0)):
+        assert books.record_skellam_round(r, mu * extra)
+    assert not books.record_skellam_round(4, mu)  # a fourth round would pass the budget: not written
+    ledger = run / "privacy" / "federation-ledger.jsonl"
+    entries = [json.loads(x) for x in ledger.read_text().splitlines()]
+    assert [e["mechanism"] for e in entries] == [SKELLAM_MECHANISM] * 3
+    assert entries[-1]["epsilon"] == pytest.approx(skellam_history_epsilon(
+        [(mu, books.noise.l1, books.noise.l2), (1.4 * mu, books.noise.l1, books.noise.l2),
+         (mu, books.noise.l1, books.noise.l2)], 1e-3))
+    assert entries[-1]["epsilon"] < 4.0
+    result = audit(ledger)
+    assert result.ok, result.flags
+    with pytest.raises(Exception, match="less than the planned"):
+        books.record_skellam_round(5, mu / 2)
+    edited = dict(entries[1], skellam_variance=entries[1]["skellam_variance"] * 10)
+    ledger.write_text("\n".join(json.dumps(e) for e in [entries[0], edited, entries[2]]) + "\n")
+    assert not audit(ledger).ok  # a tampered entry fails
+
+
+def test_an_explicit_site_noise_that_overspends_under_secure_aggregation_is_refused(tmp_path):
+    from privacy.errors import FedShieldError
+    from server.federation_books import open_books
+
+    cfg = conf.load_config(["federation.secure_aggregation=secaggplus", "privacy.unit=site",
+                            "privacy.site_noise_multiplier=0.1", "privacy.site_delta=1e-3"])
+    with pytest.raises(FedShieldError, match="distributed Skellam noise spend"):
+        open_books(cfg, tmp_path, simulated=True, dim=100)

@@ -71,7 +71,7 @@ def test_the_strategy_releases_the_noised_model_after_the_spend_every_round():
     spent: list[int] = []
     dp = mechanism(sample_rate=1.0, clip_norm=10.0)
     strategy = SiteAwareStrategy(flower_strategy("fedavg"), sites, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
-                                 site_dp=dp, on_release=spent.append)
+                                 site_dp=dp, on_release=lambda r, variance: spent.append(r) is None)
     plan = protocol.plan_record(config_yaml="x", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
     result = strategy.start(grid=FakeGrid(behaviours, sites),
                             initial_arrays=protocol.to_array_record({"w": np.zeros(3, np.float32)}),
@@ -170,3 +170,31 @@ def test_an_explicit_site_noise_that_would_overspend_the_target_is_refused(tmp_p
     assert books.mechanism.sample_rate == 0.5 and books.epsilon == 0.0
     assert epsilon([Spend(books.mechanism.noise_multiplier, 0.5, 40)], 1e-5, "pld") <= 2.0
     assert (tmp_path / "run" / "privacy" / "federation.key").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.e2e
+def test_site_level_dp_under_secure_aggregation_records_the_sites_skellam_noise(tiny_bert, synthetic_csv, tmp_path):
+    from privacy.audit import audit
+    from privacy.ledger import SKELLAM_MECHANISM
+    from server.run_dir import read_jsonl
+    from simulations.simulate import run_simulation
+    from tests.helpers import tiny_overrides
+
+    cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
+        "privacy.unit": "site", "privacy.budget_epsilon": 100, "federation.secure_aggregation": "secaggplus",
+        "federation.num_sites": 4, "federation.fraction_train": 1.0, "federation.rounds": 2,
+        "privacy.site_clip_norm": 5.0, "privacy.site_target_epsilon": 20.0, "privacy.site_delta": 0.01,
+        "output.save_model": False,
+    }))
+    run = run_simulation(cfg)
+    fed = read_jsonl(run / "privacy" / "federation-ledger.jsonl")
+    assert [e["round"] for e in fed] == [1, 2] and {e["mechanism"] for e in fed} == {SKELLAM_MECHANISM}
+    assert all(e["neighbouring"] == "replace-one" and e["sample_rate"] == 1.0 for e in fed)
+    assert fed[-1]["epsilon"] <= 20.0
+    assert audit(run / "privacy" / "federation-ledger.jsonl").ok
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert all(r["skipped"] == "" and r["secagg_dropped"] == {} for r in rows[1:])
+    assert rows[-1]["site_level_epsilon"] == pytest.approx(fed[-1]["epsilon"])
+    report = (run / "report.md").read_text()
+    assert "Skellam" in report and "never a noise-free one" in report
+    assert audit(run).ok
