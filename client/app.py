@@ -447,9 +447,9 @@ def _secagg_handler(stage: str) -> Callable[[Message, Context], Message]:
     return handler
 
 
-app.query(protocol.SECAGG_SETUP_HANDLER)(_secagg_handler("setup"))
-app.query(protocol.SECAGG_SHARE_HANDLER)(_secagg_handler("share"))
-app.query(protocol.SECAGG_UNMASK_HANDLER)(_secagg_handler("unmask"))
+secagg_setup = app.query(protocol.SECAGG_SETUP_HANDLER)(_secagg_handler("setup"))
+secagg_share = app.query(protocol.SECAGG_SHARE_HANDLER)(_secagg_handler("share"))
+secagg_unmask = app.query(protocol.SECAGG_UNMASK_HANDLER)(_secagg_handler("unmask"))
 
 
 @dataclass(frozen=True)

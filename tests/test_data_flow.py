@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
@@ -76,8 +77,61 @@ def test_a_site_sends_exactly_the_fields_of_the_auditors_table(tiny_bert, synthe
     decline = site.train(broken, context)
     assert isinstance(protocol.read_train_reply(decline, {}), protocol.Decline)
     got |= sent("Decline", decline, tensors)
+    got |= secure_round(site, cfg, view, weights, tensors, tmp_path)
 
     assert got == documented()
+
+
+def secure_round(site, cfg, view, weights, tensors, tmp_path) -> set[tuple[str, str, str]]:
+    """The same site through one SecAgg+ round (federation.secure_aggregation=secaggplus),
+    two other sites' stage code holding the other slots."""
+    from client import secagg as site_side
+    from task.pipeline import pool_and_test, view_fingerprint
+
+    secure = conf.load_config(tiny_overrides(Path(cfg.task.model), Path(cfg.task.data_path), tmp_path, **{
+        "privacy.noise_multiplier": 1.0, "federation.secure_aggregation": "secaggplus"}))
+    plan = protocol.plan_record(config_yaml=conf.to_yaml(secure), run_id="flow-secure",
+                                run_dir=str(tmp_path / "run"), frozen_fingerprint=view_fingerprint(view),
+                                class_names=pool_and_test(secure)[1].class_names)
+    context = Context(run_id=7, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                      run_config={})
+    others = {slot: Context(run_id=7, node_id=slot, node_config={}, state=RecordDict(), run_config={})
+              for slot in (2, 3)}
+
+    def step(stage: str, **fields) -> protocol.SecAggStep:
+        return protocol.SecAggStep(stage, 1, {protocol.SA_ROUND: 1, **fields})
+
+    got = set()
+    reply = site.secagg_setup(protocol.secagg_instruction(
+        "setup", plan, 1, {protocol.SA_ROUND: 1, protocol.SA_SLOT: 1}), context)
+    keys = {1: protocol.read_secagg_reply(reply, "setup").fields}
+    got |= sent("SecAggKeys", reply, tensors)
+    for slot, ctx in others.items():
+        keys[slot] = site_side.setup(ctx, step("setup", slot=slot), "flow-secure")
+    hood = {protocol.SA_SLOTS: [1, 2, 3], protocol.SA_PK1S: [keys[s][protocol.SA_PK1] for s in (1, 2, 3)],
+            protocol.SA_PK2S: [keys[s][protocol.SA_PK2] for s in (1, 2, 3)]}
+    reply = site.secagg_share(protocol.secagg_instruction("share", plan, 1, {protocol.SA_ROUND: 1, **hood}), context)
+    assert isinstance(protocol.read_secagg_reply(reply, "share"), protocol.SecAggReply)
+    got |= sent("SecAggShares", reply, tensors)
+    to_me = []
+    for slot, ctx in others.items():
+        out = site_side.share(ctx, step("share", **hood), "flow-secure", secure)
+        to_me.append(out[protocol.SA_CIPHERTEXTS][out[protocol.SA_DESTINATIONS].index(1)])
+    train_plan = ConfigRecord(dict(plan))
+    train_plan[protocol.SERVER_ROUND] = 1
+    train = Message(content=RecordDict({protocol.PLAN: train_plan, protocol.ARRAYS: protocol.to_array_record(weights)}),
+                    message_type=protocol.TRAIN, dst_node_id=1)
+    train = protocol.with_secagg(train, {protocol.SA_ROUND: 1, protocol.SA_SOURCES: [2, 3],
+                                         protocol.SA_CIPHERTEXTS: to_me})
+    reply = site.train(train, context)
+    masked = {k: (v.shape, np.dtype(np.uint64)) for k, v in weights.items()} | {"@weight": ((1,), np.dtype(np.uint64))}
+    assert isinstance(protocol.read_train_reply(reply, masked), protocol.TrainReply)  # masked, never the weights
+    got |= sent("TrainReply", reply, tensors)
+    reply = site.secagg_unmask(protocol.secagg_instruction(
+        "unmask", plan, 1, {protocol.SA_ROUND: 1, protocol.SA_ACTIVE: [1, 2], protocol.SA_DROPPED: [3]}), context)
+    assert isinstance(protocol.read_secagg_reply(reply, "unmask"), protocol.SecAggReply)
+    got |= sent("SecAggUnmask", reply, tensors)
+    return got
 
 
 def test_an_error_reason_does_not_carry_the_sites_details(tiny_bert, tmp_path):
