@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -58,6 +59,7 @@ from privacy import secure_sum
 from privacy.errors import FedShieldError
 from privacy.skellam import sample_skellam
 
+log = logging.getLogger("fedshield.site")
 STATE = "fedshield-secagg"  # the record in the node's context that holds the round's secrets
 
 
@@ -214,6 +216,11 @@ def masked(context: Context, state: dict[str, Any], update: Mapping[str, np.ndar
         per_site = round_noise(cfg, dim).per_site(int(state["threshold"]))
         rng = np.random.default_rng(int.from_bytes(os.urandom(16), "big"))  # never a shared or logged seed
         noise = {k: sample_skellam(rng, per_site, d.shape) for k, d in delta.items()}
+    beyond = sum(int(np.count_nonzero(np.abs(d) > s.clip_range)) for d in delta.values())
+    if beyond:  # the site's own log: the quantizer clips these (a bias, not a refusal)
+        log.warning("secure aggregation: %d of %d coordinates of this update are beyond "
+                    "federation.secagg_clip_range=%g and are clipped to it", beyond,
+                    sum(int(d.size) for d in delta.values()), s.clip_range)
     encoded = secure_sum.encode(delta, weight, s, noise)
     me, slots = int(state["slot"]), list(state["slots"])
     sk1 = bytes_to_private_key(_unb64(state["sk1"]))
