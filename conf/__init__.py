@@ -2,7 +2,8 @@
 
     cfg = load_config(["task=heart-disease", "privacy.target_epsilon=4"])
 
-Presets are named by group (`task=`, `privacy=`: conf/<group>/<name>.yaml); any other
+Presets are named by group (`preset=`, `task=`, `privacy=`: conf/<group>/<name>.yaml;
+`preset=` names a whole scenario, e.g. `preset=cross-device`); any other
 `group.key=value` sets a key. The result is a typed OmegaConf object: assigning an unknown key or a wrong type
 fails, so a config that loads is a config that is valid.
 """
@@ -22,7 +23,7 @@ from privacy.errors import FedShieldError
 from .schema import FedShieldConfig, validation_errors
 
 CONF_DIR = Path(__file__).resolve().parent
-PRESET_GROUPS = ("task", "privacy")  # the folders of conf/ (a test checks)
+PRESET_GROUPS = ("task", "privacy", "preset")  # the folders of conf/ (a test checks)
 
 
 class ConfigError(FedShieldError):
@@ -118,13 +119,17 @@ def load_config(
     """Defaults, then `base` (a flat or nested mapping), then presets and overrides.
 
     Presets are applied before plain keys, whatever their order on the command line, so
-    that `privacy.target_epsilon=4 privacy=dp-sgd` means what its writer meant.
+    that `privacy.target_epsilon=4 privacy=dp-sgd` means what its writer meant; a
+    `preset=` (conf/preset/: a whole scenario) before the group presets.
     """
     cfg = OmegaConf.structured(FedShieldConfig)
     if base:
         _merge(cfg, _flatten(dict(base)), "config")
     parsed = [parse_override(item) for item in overrides]
-    for key, value in parsed:
+    # A whole-run preset (`preset=`, several groups at once) goes first, so that a group
+    # preset or a key named with it refines it whatever the order on the command line.
+    ordered = [kv for kv in parsed if kv[0] == "preset"] + [kv for kv in parsed if kv[0] != "preset"]
+    for key, value in ordered:
         if key in PRESET_GROUPS:
             _merge(cfg, _load_preset(key, str(value)), f"preset {key}={value}")
     plain = {k: v for k, v in parsed if k not in PRESET_GROUPS}
