@@ -68,9 +68,7 @@ class SecAggError(FedShieldError):
 
 
 def settings(cfg: DictConfig) -> secure_sum.SecAggSettings:
-    f = cfg.federation
-    return secure_sum.SecAggSettings(float(f.secagg_clip_range), int(f.secagg_bits), int(f.secagg_neighbours),
-                                     float(f.secagg_max_dropout_fraction))
+    return secure_sum.settings_of(cfg.federation)
 
 
 def round_noise(cfg: DictConfig, dim: int) -> secure_sum.DistributedNoise:

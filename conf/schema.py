@@ -115,7 +115,8 @@ class FederationConfig:
     # federations, e.g. 2 * ceil(log2 n)); the masks of sites that vanish are removed from
     # the survivors' Shamir shares, with a threshold that leaves room for
     # secagg_max_dropout_fraction of each neighbourhood to vanish (and is a strict majority);
-    # a round that cannot be unmasked is skipped. secagg_timeout_s bounds each key-exchange
+    # a round that cannot be unmasked is skipped (secagg_reconstruction_threshold sets that
+    # threshold as a fraction of the neighbourhood instead). secagg_timeout_s bounds each key-exchange
     # stage (training has round_timeout_s). fedavg and fedprox only: the other rules need
     # individual updates or keep state per site.
     secure_aggregation: str = "off"
@@ -123,6 +124,7 @@ class FederationConfig:
     secagg_bits: int = 20
     secagg_neighbours: int = 0
     secagg_max_dropout_fraction: float = 0.3
+    secagg_reconstruction_threshold: float | None = None  # fraction of a neighbourhood; null = derived
     secagg_timeout_s: float = 120.0
 
 
@@ -320,10 +322,9 @@ SECURE_AGGREGATION = ("off", "secaggplus")
 
 def _secagg_error(f: FederationConfig) -> str | None:
     """Secure aggregation settings out of range, or combined with what needs individual updates."""
-    from privacy.secure_sum import SecAggSettings
+    from privacy.secure_sum import settings_of
 
-    problem = SecAggSettings(f.secagg_clip_range, f.secagg_bits, f.secagg_neighbours,
-                             f.secagg_max_dropout_fraction).problem()
+    problem = settings_of(f).problem()
     if problem:
         return problem
     if not (_finite(f.secagg_timeout_s) and f.secagg_timeout_s > 0):

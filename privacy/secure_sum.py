@@ -72,6 +72,9 @@ class SecAggSettings:
     bits: int = 20
     neighbours: int = 0  # sites each site masks with (even; 0 = every other sampled site)
     max_dropout_fraction: float = 0.3
+    # The share of a neighbourhood whose shares rebuild a secret (None: the largest that the
+    # tolerated dropouts leave); more is harder to collude against, less tolerates more loss.
+    reconstruction_threshold: float | None = None
 
     def problem(self) -> str | None:
         """One line naming the setting that is out of range, or None."""
@@ -85,6 +88,15 @@ class SecAggSettings:
         if not 0 <= self.max_dropout_fraction < 0.5:
             return (f"federation.secagg_max_dropout_fraction={self.max_dropout_fraction}: must be in [0, 0.5): "
                     "the reconstruction threshold stays a strict majority of each neighbourhood")
+        t = self.reconstruction_threshold
+        if t is not None and not (math.isfinite(t) and 0.5 < t <= 1):
+            return (f"federation.secagg_reconstruction_threshold={t}: must be in (0.5, 1] (a strict majority of a "
+                    "neighbourhood) or null")
+        if t is not None and t > 1 - self.max_dropout_fraction + 1e-9:
+            left = 1 - self.max_dropout_fraction
+            return (f"federation.secagg_reconstruction_threshold={t:g} with federation.secagg_max_dropout_fraction="
+                    f"{self.max_dropout_fraction:g}: after the tolerated dropouts only {left:g} of a neighbourhood "
+                    "is left to rebuild a secret; lower one of them")
         return None
 
     @property
@@ -107,7 +119,17 @@ class SecAggSettings:
         """Shares that reconstruct a secret: as many as `max_dropout_fraction` leaves, and
         at least a strict majority (and 2)."""
         majority = shares // 2 + 1
+        if self.reconstruction_threshold is not None:
+            return min(shares, max(2, majority, math.ceil(self.reconstruction_threshold * shares - 1e-9)))
         return max(2, majority, math.floor((1 - self.max_dropout_fraction) * shares + 1e-9))
+
+
+def settings_of(federation: Any) -> SecAggSettings:
+    """The SecAgg+ settings of a config's `federation` section (its secagg_* keys)."""
+    t = federation.secagg_reconstruction_threshold
+    return SecAggSettings(float(federation.secagg_clip_range), int(federation.secagg_bits),
+                          int(federation.secagg_neighbours), float(federation.secagg_max_dropout_fraction),
+                          None if t is None else float(t))
 
 
 def neighbourhoods(node_ids: Sequence[int], settings: SecAggSettings,

@@ -32,7 +32,7 @@ import protocol
 from privacy import signing
 from privacy.accountant import Spend, epsilon
 from privacy.errors import FedShieldError
-from privacy.secure_sum import DistributedNoise, SecAggSettings
+from privacy.secure_sum import DistributedNoise, settings_of
 from server import checkpoint
 from server.evaluate import CentralEvaluator
 from server.export import export_model
@@ -483,8 +483,7 @@ def secure_aggregation(cfg: DictConfig, names: dict[int, str], simulated: bool,
     f = cfg.federation
     if f.secure_aggregation != "secaggplus":
         return None
-    settings = SecAggSettings(float(f.secagg_clip_range), int(f.secagg_bits), int(f.secagg_neighbours),
-                              float(f.secagg_max_dropout_fraction))
+    settings = settings_of(f)
     # The ring of neighbourhoods is public; seeded in simulation so that a seed fixes a run.
     rng = random.Random(int(f.seed) * 31 + 7) if simulated else None
     say(f"secure aggregation: SecAgg+, updates quantized to {settings.bits} bits in ±{settings.clip_range:g}, "

@@ -34,7 +34,7 @@ from privacy import signing
 from privacy.accountant import ADD_REMOVE, REPLACE_ONE, Spend, calibrate_noise_multiplier, epsilon
 from privacy.errors import FedShieldError
 from privacy.ledger import FEDERATION, SITE_MECHANISM, SITE_UNIT, SKELLAM_MECHANISM, Ledger, chain_epsilon
-from privacy.secure_sum import DistributedNoise, SecAggSettings, distributed_noise
+from privacy.secure_sum import DistributedNoise, distributed_noise, settings_of
 from server.run_dir import LEDGER_KEYS
 from strategies.site_dp import SiteLevelDP
 
@@ -97,8 +97,7 @@ def open_books(cfg: DictConfig, run_dir: Path, simulated: bool, dim: int = 0) ->
     p, fed = cfg.privacy, cfg.federation
     q, rounds = float(fed.fraction_train), int(fed.rounds)
     if fed.secure_aggregation != "off":
-        settings = SecAggSettings(float(fed.secagg_clip_range), int(fed.secagg_bits), int(fed.secagg_neighbours),
-                                  float(fed.secagg_max_dropout_fraction))
+        settings = settings_of(fed)
         try:
             noise = distributed_noise(settings, float(p.site_clip_norm), int(dim), float(p.site_target_epsilon),
                                       float(p.site_delta), rounds,

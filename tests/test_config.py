@@ -103,13 +103,15 @@ FINITE_KEYS = [
     "federation.trim_fraction", "federation.update_norm_bound", "privacy.count_noise_multiplier",
     "privacy.site_clip_norm", "privacy.site_noise_multiplier", "privacy.site_target_epsilon", "privacy.site_delta",
     "federation.secagg_clip_range", "federation.secagg_max_dropout_fraction", "federation.secagg_timeout_s",
+    "federation.secagg_reconstruction_threshold",
 ]  # fmt: skip
 
 
 def test_every_float_key_is_checked_finite():
     floats = [k for k, v in conf.to_flat(conf.load_config()).items() if isinstance(v, float)]
     nullable = ["privacy.noise_multiplier", "privacy.center_clip_norm", "privacy.budget_epsilon",
-                "privacy.min_noise_multiplier", "federation.update_norm_bound", "privacy.site_noise_multiplier"]
+                "privacy.min_noise_multiplier", "federation.update_norm_bound", "privacy.site_noise_multiplier",
+                "federation.secagg_reconstruction_threshold"]
     assert sorted(floats + nullable) == sorted(FINITE_KEYS)
 
 

@@ -114,7 +114,7 @@ def secure_round(site, cfg, view, weights, tensors, tmp_path) -> set[tuple[str, 
     assert isinstance(protocol.read_secagg_reply(reply, "share"), protocol.SecAggReply)
     got |= sent("SecAggShares", reply, tensors)
     to_me = []
-    for slot, ctx in others.items():
+    for ctx in others.values():
         out = site_side.share(ctx, step("share", **hood), "flow-secure", secure)
         to_me.append(out[protocol.SA_CIPHERTEXTS][out[protocol.SA_DESTINATIONS].index(1)])
     train_plan = ConfigRecord(dict(plan))

@@ -31,7 +31,8 @@ SHAPES = {"head.weight": (4, 3), "head.bias": (4,)}
 def site_cfg(**fed: object):
     return OmegaConf.create({
         "federation": {"secure_aggregation": "secaggplus", "secagg_clip_range": 1.0, "secagg_bits": 20,
-                       "secagg_neighbours": 0, "secagg_max_dropout_fraction": 0.3, **fed},
+                       "secagg_neighbours": 0, "secagg_max_dropout_fraction": 0.3,
+                       "secagg_reconstruction_threshold": None, **fed},
         "privacy": {"unit": "record", "site_clip_norm": 1.0},
     })
 
@@ -101,10 +102,7 @@ class Federation:
         return coordinator.finish(server_round, self.collect(coordinator, server_round), self)
 
     def coordinator(self) -> SecAggPlus:
-        c = self.cfg.federation
-        settings = SecAggSettings(c.secagg_clip_range, c.secagg_bits, c.secagg_neighbours,
-                                  c.secagg_max_dropout_fraction)
-        return SecAggPlus(settings, self.names, timeout=1.0, rng=random.Random(3))
+        return SecAggPlus(secure_sum.settings_of(self.cfg.federation), self.names, timeout=1.0, rng=random.Random(3))
 
     def plain_mean(self, sites: Iterable[str]) -> dict[str, np.ndarray]:
         nids = [n for n, s in self.names.items() if s in set(sites)]
@@ -319,6 +317,8 @@ def test_the_threshold_is_a_majority_that_leaves_room_for_the_tolerated_dropouts
     assert [s.threshold(n) for n in (3, 5, 6, 10, 11)] == [2, 3, 4, 7, 7]
     assert all(s.threshold(n) > n / 2 and n - s.threshold(n) >= int(0.3 * n) for n in range(3, 200))
     assert SecAggSettings(max_dropout_fraction=0.0).threshold(10) == 10
+    explicit = SecAggSettings(max_dropout_fraction=0.2, reconstruction_threshold=0.6)
+    assert [explicit.threshold(n) for n in (3, 5, 10)] == [2, 3, 6]
 
 
 @pytest.mark.parametrize("override, words", [
@@ -331,6 +331,8 @@ def test_the_threshold_is_a_majority_that_leaves_room_for_the_tolerated_dropouts
     (["federation.secure_aggregation=secaggplus", "federation.secagg_max_dropout_fraction=0.5"], ["[0, 0.5)"]),
     (["federation.secure_aggregation=secaggplus", "federation.secagg_clip_range=0"], ["secagg_clip_range"]),
     (["federation.secure_aggregation=shamir"], ["off, secaggplus"]),
+    (["federation.secagg_reconstruction_threshold=0.5"], ["(0.5, 1]"]),
+    (["federation.secagg_reconstruction_threshold=0.9"], ["secagg_max_dropout_fraction=0.3", "lower one"]),
 ])
 def test_settings_that_cannot_be_honest_are_refused_in_one_line(override, words):
     with pytest.raises(conf.ConfigError) as err:
