@@ -419,7 +419,10 @@ def _decline(content: RecordDict, site: str) -> Decline:
 
 
 def _failure_line(msg: Message) -> str:
-    lines = [ln for ln in str(msg.error.reason).strip().splitlines() if ln.strip()]
+    reason = str(msg.error.reason).strip()
+    if reason.startswith("<class '") and reason.endswith("'>"):  # Flower's "<class 'X'>:<'text'>" wrapper
+        reason = reason[:-2]
+    lines = [ln for ln in reason.splitlines() if ln.strip()]
     return _one_line(lines[-1]) if lines else f"error code {msg.error.code}"
 
 

@@ -76,7 +76,6 @@ OPERATIONAL = ("privacy.max_grad_norm", "privacy.center_clip_norm", "training.de
                "training.max_physical_batch_size")
 SITE_OVERRIDABLE = POLICY + OPERATIONAL
 
-app = ClientApp()
 
 
 @dataclass
@@ -249,7 +248,6 @@ def _decline(msg: Message, site: str, reason: str, kind: str) -> Message:
 # ------------------------------------------------------------ handlers
 
 
-@app.query()
 def hello(msg: Message, context: Context) -> Message:
     """Who is this site: its name, record count and ledger public key (for sampling and audit)."""
     return handle(msg, context, _hello)
@@ -345,7 +343,6 @@ def _counted(msg: Message, plan: protocol.Plan, site: Site) -> PublicCount | Mes
     return count
 
 
-@app.query(protocol.FEATURE_SUM_HANDLER)
 def feature_sum(msg: Message, context: Context) -> Message:
     """The site's noisy sum of [CLS] features (task.centering), spent before it leaves."""
     return handle(msg, context, _feature_sum)
@@ -376,7 +373,6 @@ def _feature_sum(msg: Message, plan: protocol.Plan, site: Site) -> Message:
                                       ledger_entries=_with_unreported(site, plan.run_id, count_entries + entries))
 
 
-@app.query(protocol.DONE_HANDLER)
 def done(msg: Message, context: Context) -> Message:
     """The run is over: noted in the site's state (for its agent's exit code); nothing is released."""
     return handle(msg, context, _done)
@@ -387,7 +383,6 @@ def _done(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     return protocol.done_reply(msg, site=site.name)
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     return handle(msg, context, lambda m, plan, site: _train(m, plan, site, context))
 
@@ -447,9 +442,36 @@ def _secagg_handler(stage: str) -> Callable[[Message, Context], Message]:
     return handler
 
 
-secagg_setup = app.query(protocol.SECAGG_SETUP_HANDLER)(_secagg_handler("setup"))
-secagg_share = app.query(protocol.SECAGG_SHARE_HANDLER)(_secagg_handler("share"))
-secagg_unmask = app.query(protocol.SECAGG_UNMASK_HANDLER)(_secagg_handler("unmask"))
+secagg_setup = _secagg_handler("setup")
+secagg_share = _secagg_handler("share")
+secagg_unmask = _secagg_handler("unmask")
+
+Handler = Callable[[Message, Context], Message]
+
+
+def site_app(**replaced: Handler) -> ClientApp:
+    """The site's ClientApp: every handler, under the message kind protocol.py gives it.
+    Any may be `replaced` by name (tests and bench/poisoning.py build hostile or vanishing
+    sites around the real handlers so); an unknown name is a ValueError."""
+    handlers: dict[str, Handler] = {"hello": hello, "feature_sum": feature_sum, "done": done, "train": train,
+                                    "secagg_setup": secagg_setup, "secagg_share": secagg_share,
+                                    "secagg_unmask": secagg_unmask}
+    unknown = sorted(set(replaced) - set(handlers))
+    if unknown:
+        raise ValueError(f"site_app: no handler {unknown[0]!r}; handlers: {', '.join(handlers)}")
+    handlers.update(replaced)
+    out = ClientApp()
+    out.query()(handlers["hello"])
+    out.query(protocol.FEATURE_SUM_HANDLER)(handlers["feature_sum"])
+    out.query(protocol.DONE_HANDLER)(handlers["done"])
+    out.train()(handlers["train"])
+    out.query(protocol.SECAGG_SETUP_HANDLER)(handlers["secagg_setup"])
+    out.query(protocol.SECAGG_SHARE_HANDLER)(handlers["secagg_share"])
+    out.query(protocol.SECAGG_UNMASK_HANDLER)(handlers["secagg_unmask"])
+    return out
+
+
+app = site_app()
 
 
 @dataclass(frozen=True)

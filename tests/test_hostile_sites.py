@@ -31,34 +31,21 @@ def hostile_app():
     import base64
 
     from cryptography.hazmat.primitives.asymmetric import ec
-    from flwr.clientapp import ClientApp
 
     import client.app as real
     import protocol as wire
     from privacy import signing
     from privacy.ledger import entry_hash
 
-    app = ClientApp()
-
     def pid(context):
         return int(context.node_config["partition-id"])
 
-    @app.query()
     def hello(msg, context):
         reply = real.hello(msg, context)
         if wire.SITE in reply.content and pid(context) in (1, 2):
             reply.content[wire.SITE][wire.NAME] = "/abs/dir/evil2" if pid(context) == 1 else "site-7"
         return reply
 
-    @app.query(wire.FEATURE_SUM_HANDLER)
-    def feature_sum(msg, context):
-        return real.feature_sum(msg, context)
-
-    @app.query(wire.DONE_HANDLER)
-    def done(msg, context):
-        return real.done(msg, context)
-
-    @app.train()
     def train(msg, context):
         reply = real.train(msg, context)
         if wire.ARRAYS not in reply.content:
@@ -80,7 +67,7 @@ def hostile_app():
             reply.content[wire.METRICS][wire.NUM_EXAMPLES] = -5
         return reply
 
-    return app
+    return real.site_app(hello=hello, train=train)
 
 
 def test_each_hostile_site_is_refused_alone_and_named_and_the_honest_sites_carry_the_run(

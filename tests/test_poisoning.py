@@ -26,31 +26,14 @@ def malicious_app(attacks: dict[int, str]):
     value (the workers need not import this test module)."""
     from dataclasses import replace
 
-    from flwr.clientapp import ClientApp
-
     import client.app as real
     import protocol as wire
-
-    app = ClientApp()
-
-    @app.query()
-    def hello(msg, context):
-        return real.hello(msg, context)
-
-    @app.query(wire.FEATURE_SUM_HANDLER)
-    def feature_sum(msg, context):
-        return real.feature_sum(msg, context)
-
-    @app.query(wire.DONE_HANDLER)
-    def done(msg, context):
-        return real.done(msg, context)
 
     def flipped(msg, plan, site):
         labels = site.data.labels
         data = replace(site.data, labels=(labels + 1) % len(site.data.class_names))
         return real.train_round(msg, plan, replace(site, data=data))
 
-    @app.train()
     def train(msg, context):
         attack = attacks.get(int(context.node_config["partition-id"]), "")
         if attack == "label-flip":  # trains on wrong labels: a valid reply, signed books and all
@@ -70,7 +53,7 @@ def malicious_app(attacks: dict[int, str]):
             reply.content[wire.METRICS][wire.NUM_EXAMPLES] = float("nan")
         return reply
 
-    return app
+    return real.site_app(train=train)
 
 
 # ------------------------------------------------------------ config

@@ -98,6 +98,9 @@ def test_flower_errors_are_failures_with_the_last_line():
     err = Message(Error(code=3, reason="Traceback (most recent call last):\n  File x\nValueError: bad thing\n"),
                   reply_to=train_instruction())
     assert protocol.read_train_reply(err, EXPECTED) == protocol.Failed("ValueError: bad thing")
+    wrapped = Message(Error(code=3, reason="<class 'flwr.ClientAppException'>:<'\nException ClientAppException "
+                            "occurred. Message: boom\nValueError: site vanished'>"), reply_to=train_instruction())
+    assert protocol.read_train_reply(wrapped, EXPECTED) == protocol.Failed("ValueError: site vanished")
 
 
 # ------------------------------------------------------------ hostile replies

@@ -58,12 +58,8 @@ def vanishing_app(vanish: dict[tuple[int, str], tuple[int, ...]]):
     """client.app's ClientApp whose sites die (raise) at the chosen SecAgg+ stages; every
     other message goes to the real handlers. Defined inside a function so that Ray ships
     it to its workers by value."""
-    from flwr.clientapp import ClientApp
-
     import client.app as real
     import protocol as wire
-
-    app = ClientApp()
 
     def dies(msg, context, stage):
         step = wire.read_secagg(msg)
@@ -71,35 +67,16 @@ def vanishing_app(vanish: dict[tuple[int, str], tuple[int, ...]]):
         if step is not None and pid in vanish.get((step.server_round, stage), ()):
             raise RuntimeError(f"site {pid} vanishes at {stage} of round {step.server_round}")
 
-    @app.query()
-    def hello(msg, context):
-        return real.hello(msg, context)
-
-    @app.query(wire.FEATURE_SUM_HANDLER)
-    def feature_sum(msg, context):
-        return real.feature_sum(msg, context)
-
-    @app.query(wire.DONE_HANDLER)
-    def done(msg, context):
-        return real.done(msg, context)
-
-    @app.train()
-    def train(msg, context):
-        dies(msg, context, "collect")
-        return real.train(msg, context)
-
-    def stage(name):
-        forward = real._secagg_handler(name)  # the real site's handler of that key stage
+    def dying(name, stage):
+        forward = getattr(real, name)  # the real site's handler
 
         def run(msg, context):
-            dies(msg, context, name)
+            dies(msg, context, stage)
             return forward(msg, context)
         return run
 
-    for name, handler in (("setup", wire.SECAGG_SETUP_HANDLER), ("share", wire.SECAGG_SHARE_HANDLER),
-                          ("unmask", wire.SECAGG_UNMASK_HANDLER)):
-        app.query(handler)(stage(name))
-    return app
+    return real.site_app(train=dying("train", "collect"), secagg_setup=dying("secagg_setup", "setup"),
+                         secagg_share=dying("secagg_share", "share"), secagg_unmask=dying("secagg_unmask", "unmask"))
 
 
 def test_secagg_simulation_recovers_dropouts_after_sharing_and_skips_a_round_with_too_many(
