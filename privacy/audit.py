@@ -335,6 +335,9 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
             if (h and site_delta) else 0.0
         if site in skellams:  # the Skellam bound is an RDP one; dp-accounting has no PLD of it
             rdp, pld = float(rows[-1]["rdp"] or 0.0) if rows else 0.0, math.nan
+            notes.append(f"site {site}: {SKELLAM_MECHANISM} (secure aggregation with the sites' Skellam noise): ε "
+                         "recomputed with fedshield's own Skellam RDP bound (privacy/skellam.py, Agarwal et al. "
+                         "2021), not an independent library (dp-accounting has no Skellam mechanism)")
         elif relation == REPLACE_ONE:
             rdp = math.nan  # no RDP analysis of the subsampled Gaussian under replace-one
         elif rows and rows[-1]["rdp"] is not None:
@@ -347,7 +350,7 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
             site=site, entries=len(mine),
             runs=sorted({str(e.get("run_id")) for e in mine}),
             rounds=len({(e.get("run_id"), e.get("round")) for e in mine}),
-            steps=sum(sp.steps for sp in h),
+            steps=sum(sp.steps for sp in h) + len(skellams.get(site, [])),
             noise_multipliers=sorted({float(sp.noise_multiplier) for sp in h}),
             sample_rates=sorted({float(sp.sample_rate) for sp in h}),
             max_grad_norms=sorted({e["max_grad_norm"] for e in mine if _is_number(e.get("max_grad_norm"))}),
