@@ -213,7 +213,7 @@ class SecAggPlus:
             rnd.dropped.setdefault(rnd.names[slot], "unmask (its vector stays in the sum)")
         seeds, pairs = [], []
         for slot in sorted(rnd.shared):
-            secret = self._rebuild(rnd, slot, shares[slot])
+            secret = self._rebuild(rnd, slot, shares[slot], in_sum=slot in alive)
             if secret is None:
                 return rnd
             if slot in alive:
@@ -235,11 +235,10 @@ class SecAggPlus:
 
     # ------------------------------------------------------------ helpers
 
-    def _rebuild(self, rnd: SecureRound, slot: int, shares: list[bytes]) -> bytes | None:
-        """b (if `slot` is in the sum) or sk1 (if it vanished) from its shares, checked."""
+    def _rebuild(self, rnd: SecureRound, slot: int, shares: list[bytes], *, in_sum: bool) -> bytes | None:
+        """b (`in_sum`: its vector is in the sum) or sk1 (it vanished) from its shares, checked."""
         need = rnd.threshold[slot]
-        what = "mask seed" if rnd.names[slot] not in rnd.dropped or rnd.dropped[rnd.names[slot]].startswith(
-            "unmask") else "mask key"
+        what = "mask seed" if in_sum else "mask key"
         if len(shares) < need:
             rnd.skipped = (f"secure aggregation: {len(shares)} share(s) of {rnd.names[slot]}'s {what}, "
                            f"fewer than the threshold {need}: the sum cannot be unmasked")
