@@ -300,7 +300,8 @@ def rule_min_sites(strategy: str, num_malicious: int, trim_fraction: float, krum
     return 1
 
 
-def _site_unit_error(p: PrivacyConfig, f: FederationConfig) -> str | None:
+def _site_unit_error(p: PrivacyConfig, f: FederationConfig, center_features: bool = False,
+                     task: str = "") -> str | None:
     """Combinations that site-level DP cannot make honest, in one line."""
     if p.unit != "site":
         return None
@@ -311,6 +312,10 @@ def _site_unit_error(p: PrivacyConfig, f: FederationConfig) -> str | None:
     if f.update_norm_bound is not None:
         return ("privacy.unit=site with federation.update_norm_bound: privacy.site_clip_norm already bounds "
                 "every update (leave update_norm_bound null)")
+    if center_features and task != "heart-disease":
+        return ("privacy.unit=site with training.center_features=true: the feature mean is released by every "
+                "site, unsampled, and folded into the model, outside the site-level accounting; set "
+                "training.center_features=false")
     if f.num_sites >= 1 and not p.site_delta < 1 / f.num_sites:
         return (f"privacy.site_delta={p.site_delta:g}: must be below 1 / federation.num_sites = "
                 f"{1 / f.num_sites:g} (the unit is a site)")
@@ -425,7 +430,7 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
         _rule_error(f),
         _one_of("federation.secure_aggregation", f.secure_aggregation, SECURE_AGGREGATION),
         _secagg_error(f),
-        _site_unit_error(cfg.privacy, f),
+        _site_unit_error(cfg.privacy, f, bool(tr.center_features), t.name),
         _seed("federation.seed", f.seed),
         _positive("federation.round_timeout_s", f.round_timeout_s, "a finite number of seconds > 0"),
         _one_of("training.trainable", tr.trainable, TRAINABLE),

@@ -30,14 +30,13 @@ from omegaconf import DictConfig, OmegaConf
 import conf
 import protocol
 from privacy import signing
-from privacy.accountant import Spend, epsilon
 from privacy.errors import FedShieldError
 from privacy.secure_sum import DistributedNoise, settings_of
 from server import checkpoint
 from server.evaluate import CentralEvaluator
 from server.export import export_model
 from server.federation_books import LEDGER_FILE as FEDERATION_LEDGER
-from server.federation_books import open_books
+from server.federation_books import flower_epsilon_no_amplification, open_books
 from server.plots import plot_run
 from server.run_dir import LEDGER_KEYS, append_jsonl, existing_run_dir, new_run_dir, read_jsonl
 from strategies.flower import ROBUST, flower_strategy, shortfall
@@ -247,11 +246,10 @@ class RoundLog:
             if r.status != "trained":
                 self.declines.setdefault(r.site, []).append(f"round {report.server_round}: {r.status}: {r.reason}")
                 say(f"  {r.site}: {r.status}: {r.reason}")
-            elif r.clipped:
-                p, fed = self.cfg.privacy, self.cfg.federation
-                bound = (f"privacy.site_clip_norm={p.site_clip_norm:g}" if p.unit == "site"
-                         else f"federation.update_norm_bound={fed.update_norm_bound:g}")
-                say(f"  {r.site}: update clipped: norm {r.update_norm:.4g} scaled down to {bound}")
+            elif r.clipped and len(report.clipped()) <= 10:
+                say(f"  {r.site}: update clipped: norm {r.update_norm:.4g} scaled down to {self._bound()}")
+        if len(report.clipped()) > 10:  # many small sites: one line, the norms are in metrics.jsonl
+            say(f"  {len(report.clipped())} of {report.count('trained')} updates clipped to {self._bound()}")
         if report.breaches() and report.withstood is not None:
             say(f"  {report.rule}: {len(report.breaches())} attacker(s) unmasked by a breach "
                 f"({', '.join(report.breaches())}); it withstands {report.withstood} more of "
@@ -263,6 +261,11 @@ class RoundLog:
         if report.skipped:
             say(f"  round {report.server_round}: nothing aggregated, the global model is kept: {report.skipped}")
         self.reports[report.server_round] = report
+
+    def _bound(self) -> str:
+        p, fed = self.cfg.privacy, self.cfg.federation
+        return (f"privacy.site_clip_norm={p.site_clip_norm:g}" if p.unit == "site"
+                else f"federation.update_norm_bound={fed.update_norm_bound:g}")
 
     def on_evaluated(self, server_round: int, metrics: dict) -> dict:
         report = self.reports.pop(server_round, None)  # none for round 0, or a round nobody was asked
@@ -350,7 +353,9 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     for s in sites.values():
         (run_dir / "privacy" / LEDGER_KEYS / f"{s['site']}.pub").write_text(s["public_key"])
     listed = sorted(sites.values(), key=lambda s: s["site"])
-    say(f"{len(sites)} sites: " + ", ".join(f"{s['site']} (n={s['n']})" for s in listed))
+    shown = listed if len(listed) <= 20 else listed[:10]  # a cross-device run has a thousand
+    say(f"{len(sites)} sites: " + ", ".join(f"{s['site']} (n={s['n']})" for s in shown)
+        + (f", ... and {len(listed) - len(shown)} more (privacy/sites.json)" if len(shown) < len(listed) else ""))
 
     rounds = RoundLog(run_dir, cfg, sites)
     for site, entries in apart:
@@ -610,11 +615,10 @@ def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict
             "site-level for the federation's models.",
         ]
         if fed and not secure:  # what the same noise and rounds are worth without amplification by sampling
-            plain = epsilon([Spend(float(last_fed["noise_multiplier"]), 1.0, len(fed))], float(p.site_delta),
-                            str(p.accountant))
-            lines.append(f"- Without amplification by sampling (every site every round: the accounting of "
-                         f"Flower's server-side DP, which samples a fixed number of sites), the same noise and "
-                         f"rounds would state ε = {plain:.4f}.")
+            plain = flower_epsilon_no_amplification(fed)
+            lines.append(f"- Without amplification by sampling, Flower's own server-side accountant (its RDP "
+                         f"accountant with SamplingMethod.NO_AMPLIFICATION, what its fixed-clipping DP wrappers "
+                         f"use) states ε = {plain:.4f} for the same noise and rounds.")
     lines += defence_lines(cfg, rows, sorted(summary))
     if refused:  # at discovery: a bad name, a name already taken, a broken or declined hello
         lines += ["", "## Sites not admitted", "", *(f"- {why}" for why in refused)]

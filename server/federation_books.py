@@ -139,3 +139,45 @@ def _books(cfg: DictConfig, run_dir: Path, mechanism: SiteLevelDP, noise: Distri
     if read.entries:
         books.epsilon = float(read.entries[-1]["epsilon"])
     return books
+
+
+def flower_epsilon_no_amplification(entries: list[dict]) -> float:
+    """The ε Flower 1.41's server-side accountant states for these federation-ledger
+    entries: its RdpAccountant with SamplingMethod.NO_AMPLIFICATION (the only sampling its
+    fixed-clipping DP wrappers accept), add-or-remove-one client, the population the
+    entries planned, one GaussianPrivacyEvent per entry with the entry's noise multiplier,
+    at the entries' δ. Refuses entries that are not that mechanism (the Poisson-sampled
+    Gaussian of DP-FedAvg, add/remove one site: e.g. the distributed Skellam noise of secure
+    aggregation) or that do not share one δ and one population."""
+    from flwr.supercore.privacy_accounting import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    if not entries:
+        raise ValueError("no federation-ledger entries")
+    other = sorted({f"{e.get('mechanism')} ({e.get('neighbouring')})" for e in entries
+                    if e.get("mechanism") != SITE_MECHANISM or e.get("neighbouring") != ADD_REMOVE})
+    if other:
+        raise ValueError(f"not the Gaussian mechanism of Flower's accountant: {', '.join(other)}")
+    deltas = {float(e["delta"]) for e in entries}
+    populations = {int(e["planned_sites"]) for e in entries}
+    if len(deltas) != 1 or len(populations) != 1:
+        raise ValueError(f"federation-ledger entries with several δ {sorted(deltas)} or populations "
+                         f"{sorted(populations)}")
+    (delta,), (population,) = deltas, populations
+    accountant = RdpAccountant(PrivacyConfig(
+        target_delta=delta, population_size=population,
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    for e in entries:
+        # The sample size is metadata under NO_AMPLIFICATION (it does not change ε); Flower's
+        # wrapper would pass its fixed num_sampled_clients: the expected q x N here.
+        size = min(population, max(1, round(float(e["sample_rate"]) * population)))
+        for _ in range(int(e["steps"])):
+            accountant.compose(GaussianPrivacyEvent(noise_multiplier=float(e["noise_multiplier"]),
+                                                    sample_size=size, population_size=population))
+    return float(accountant.get_privacy_spent().epsilon)

@@ -13,7 +13,8 @@ from dp_accounting import rdp
 import conf
 from privacy.accountant import Spend, epsilon
 from privacy.ledger import SITE_MECHANISM
-from simulations.sweep import flower_epsilon_no_amplification, point_overrides, split_axes, sweep_main
+from server.federation_books import flower_epsilon_no_amplification
+from simulations.sweep import point_overrides, split_axes, sweep_main
 from tests.helpers import tiny_overrides
 
 

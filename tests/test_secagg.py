@@ -365,6 +365,8 @@ def test_the_mask_prg_is_aes_ctr_and_pairwise_masks_cancel():
 
 # ---------------------------------------------------------------- site-level DP: distributed Skellam noise
 
+SECURE_SITE_LEVEL = ["federation.secure_aggregation=secaggplus", "privacy.unit=site", "training.center_features=false"]
+
 
 def test_with_site_level_dp_each_site_clips_and_the_sum_holds_the_planned_skellam_noise():
     fed = Federation(5)
@@ -395,8 +397,8 @@ def test_the_federation_records_what_the_sum_held_and_the_audit_recomputes_the_s
     from privacy.skellam import skellam_history_epsilon
     from server.federation_books import open_books
 
-    cfg = conf.load_config(["federation.secure_aggregation=secaggplus", "privacy.unit=site", "federation.rounds=3",
-                            "privacy.site_target_epsilon=4", "privacy.site_delta=1e-3"])
+    cfg = conf.load_config([*SECURE_SITE_LEVEL, "federation.rounds=3", "privacy.site_target_epsilon=4",
+                            "privacy.site_delta=1e-3"])
     run = tmp_path / "run"
     books = open_books(cfg, run, simulated=True, dim=1000)
     assert books.noise is not None and books.mechanism.distributed
@@ -424,7 +426,6 @@ def test_an_explicit_site_noise_that_overspends_under_secure_aggregation_is_refu
     from privacy.errors import FedShieldError
     from server.federation_books import open_books
 
-    cfg = conf.load_config(["federation.secure_aggregation=secaggplus", "privacy.unit=site",
-                            "privacy.site_noise_multiplier=0.1", "privacy.site_delta=1e-3"])
+    cfg = conf.load_config([*SECURE_SITE_LEVEL, "privacy.site_noise_multiplier=0.1", "privacy.site_delta=1e-3"])
     with pytest.raises(FedShieldError, match="distributed Skellam noise spend"):
         open_books(cfg, tmp_path, simulated=True, dim=100)
