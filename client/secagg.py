@@ -143,7 +143,8 @@ def share(context: Context, step: protocol.SecAggStep, run_id: str, cfg: DictCon
                           f"{threshold}")
     seed = os.urandom(secure_sum.SEED_BYTES)
     b_shares = create_shares(seed, threshold, len(slots))
-    sk1_shares = create_shares(_unb64(state["sk1"]), threshold, len(slots))
+    sk1_shares = create_shares(secure_sum.mask_key_secret(bytes_to_private_key(_unb64(state["sk1"]))), threshold,
+                               len(slots))
     sk2 = bytes_to_private_key(_unb64(state["sk2"]))
     destinations, ciphertexts = [], []
     held_b, held_sk1 = {}, {}

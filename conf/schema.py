@@ -111,8 +111,9 @@ class FederationConfig:
     # SecAgg+ (Bell et al. 2020) so that the coordinator sees only the sum of the round's
     # updates. Each site clips every coordinate of (update - global weights) to
     # [-secagg_clip_range, secagg_clip_range] and quantizes it to secagg_bits bits; it masks
-    # with secagg_neighbours others (0 = every sampled site; an even number >= 4 for large
-    # federations, e.g. 2 * ceil(log2 n)); the masks of sites that vanish are removed from
+    # with secagg_neighbours others (null = every sampled site up to 20, else the even
+    # 2 * ceil(log2 n) of SecAgg+; 0 = every sampled site; or an even number >= 4); the
+    # masks of sites that vanish are removed from
     # the survivors' Shamir shares, with a threshold that leaves room for
     # secagg_max_dropout_fraction of each neighbourhood to vanish (and is a strict majority);
     # a round that cannot be unmasked is skipped (secagg_reconstruction_threshold sets that
@@ -122,7 +123,7 @@ class FederationConfig:
     secure_aggregation: str = "off"
     secagg_clip_range: float = 1.0
     secagg_bits: int = 20
-    secagg_neighbours: int = 0
+    secagg_neighbours: int | None = None
     secagg_max_dropout_fraction: float = 0.3
     secagg_reconstruction_threshold: float | None = None  # fraction of a neighbourhood; null = derived
     secagg_timeout_s: float = 120.0

@@ -62,6 +62,7 @@ MAX_BITS = 30  # Flower's quantizer rounds into int32
 MIN_BITS = 2
 SEED_BYTES = 32
 WEIGHT_SLOT = "@weight"  # the name of the first coordinate: the site's integer weight
+AUTO_RING_ABOVE = 20  # secagg_neighbours=null: everyone masks with everyone up to this many sites
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,10 @@ class SecAggSettings:
 
     clip_range: float = 1.0
     bits: int = 20
-    neighbours: int = 0  # sites each site masks with (even; 0 = every other sampled site)
+    # Sites each site masks with: even; 0 = every other sampled site; None (auto) = every
+    # other up to AUTO_RING_ABOVE sampled sites, else the even 2·ceil(log2 n) of SecAgg+ (the
+    # cost of masking with everyone grows with the square of n: bench/RESULTS.md).
+    neighbours: int | None = None
     max_dropout_fraction: float = 0.3
     # The share of a neighbourhood whose shares rebuild a secret (None: the largest that the
     # tolerated dropouts leave); more is harder to collude against, less tolerates more loss.
@@ -82,9 +86,9 @@ class SecAggSettings:
             return f"federation.secagg_clip_range={self.clip_range}: must be a finite number > 0"
         if not MIN_BITS <= self.bits <= MAX_BITS:
             return f"federation.secagg_bits={self.bits}: must be between {MIN_BITS} and {MAX_BITS}"
-        if self.neighbours < 0 or self.neighbours % 2 or self.neighbours == 2:
-            return (f"federation.secagg_neighbours={self.neighbours}: must be 0 (every sampled site) or an even "
-                    "number >= 4 (the neighbourhood is a ring, k/2 on each side)")
+        if self.neighbours is not None and (self.neighbours < 0 or self.neighbours % 2 or self.neighbours == 2):
+            return (f"federation.secagg_neighbours={self.neighbours}: must be null (auto), 0 (every sampled site) "
+                    "or an even number >= 4 (the neighbourhood is a ring, k/2 on each side)")
         if not 0 <= self.max_dropout_fraction < 0.5:
             return (f"federation.secagg_max_dropout_fraction={self.max_dropout_fraction}: must be in [0, 0.5): "
                     "the reconstruction threshold stays a strict majority of each neighbourhood")
@@ -111,9 +115,12 @@ class SecAggSettings:
 
     def share_count(self, active: int) -> int:
         """Shares per secret (the neighbourhood with the site itself) among `active` sites."""
-        if self.neighbours == 0 or self.neighbours + 1 >= active:
+        k = self.neighbours
+        if k is None:
+            k = 0 if active <= AUTO_RING_ABOVE else 2 * math.ceil(math.log2(active))
+        if k == 0 or k + 1 >= active:
             return active
-        return self.neighbours + 1
+        return k + 1
 
     def threshold(self, shares: int) -> int:
         """Shares that reconstruct a secret: as many as `max_dropout_fraction` leaves, and
@@ -128,7 +135,8 @@ def settings_of(federation: Any) -> SecAggSettings:
     """The SecAgg+ settings of a config's `federation` section (its secagg_* keys)."""
     t = federation.secagg_reconstruction_threshold
     return SecAggSettings(float(federation.secagg_clip_range), int(federation.secagg_bits),
-                          int(federation.secagg_neighbours), float(federation.secagg_max_dropout_fraction),
+                          None if federation.secagg_neighbours is None else int(federation.secagg_neighbours),
+                          float(federation.secagg_max_dropout_fraction),
                           None if t is None else float(t))
 
 
@@ -165,6 +173,19 @@ def pairwise_seed(shared_key: bytes) -> bytes:
     """The 32-byte mask seed of a pair, from Flower's `generate_shared_key` (urlsafe base64)."""
     raw = base64.urlsafe_b64decode(shared_key)
     return hashlib.sha256(b"fedshield secagg+ pairwise mask\0" + raw).digest()
+
+
+def mask_key_secret(private_key: Any) -> bytes:
+    """The mask key sk1 as the secret that is shared: its 48-byte scalar (Flower's SecAgg+
+    shares the raw key too), not the 300-byte PEM, which costs 20 Shamir chunks instead of 4."""
+    return int(private_key.private_numbers().private_value).to_bytes(48, "big")
+
+
+def mask_key_from_secret(secret: bytes) -> Any:
+    """sk1 back from its shared scalar (SECP384R1, the curve of Flower's key pairs)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.derive_private_key(int.from_bytes(secret, "big"), ec.SECP384R1())
 
 
 def commitment(seed: bytes) -> bytes:

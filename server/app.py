@@ -31,7 +31,7 @@ import conf
 import protocol
 from privacy import signing
 from privacy.errors import FedShieldError
-from privacy.secure_sum import DistributedNoise, settings_of
+from privacy.secure_sum import AUTO_RING_ABOVE, DistributedNoise, settings_of
 from server import checkpoint
 from server.evaluate import CentralEvaluator
 from server.export import export_model
@@ -491,9 +491,15 @@ def secure_aggregation(cfg: DictConfig, names: dict[int, str], simulated: bool,
     settings = settings_of(f)
     # The ring of neighbourhoods is public; seeded in simulation so that a seed fixes a run.
     rng = random.Random(int(f.seed) * 31 + 7) if simulated else None
+    if settings.neighbours:
+        masks = f"{settings.neighbours} neighbours each"
+    elif settings.neighbours == 0:
+        masks = "every sampled site masks with every other"
+    else:
+        masks = (f"every sampled site masks with every other up to {AUTO_RING_ABOVE} sites a round, with a ring of "
+                 "2·ceil(log2 n) above")
     say(f"secure aggregation: SecAgg+, updates quantized to {settings.bits} bits in ±{settings.clip_range:g}, "
-        + (f"{settings.neighbours} neighbours each" if settings.neighbours else "every sampled site masks with "
-           "every other") + f", up to {settings.max_dropout_fraction:.0%} of a neighbourhood may drop")
+        f"{masks}, up to {settings.max_dropout_fraction:.0%} of a neighbourhood may drop")
     return SecAggPlus(settings, names, timeout=float(f.secagg_timeout_s), rng=rng, noise=noise)
 
 

@@ -44,7 +44,7 @@ from flwr.app import ConfigRecord
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.serverapp import Grid
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key, public_key_to_bytes
+from flwr.supercore.primitives.asymmetric import bytes_to_public_key, public_key_to_bytes
 
 import protocol
 from privacy import secure_sum
@@ -219,7 +219,7 @@ class SecAggPlus:
             if slot in alive:
                 seeds.append(secret)
                 continue
-            sk1 = bytes_to_private_key(secret)
+            sk1 = secure_sum.mask_key_from_secret(secret)
             for other in rnd.neighbourhood[slot]:
                 if other in alive:
                     key = generate_shared_key(sk1, bytes_to_public_key(rnd.pk1[other]))
@@ -243,12 +243,13 @@ class SecAggPlus:
             rnd.skipped = (f"secure aggregation: {len(shares)} share(s) of {rnd.names[slot]}'s {what}, "
                            f"fewer than the threshold {need}: the sum cannot be unmasked")
             return None
-        try:
-            secret = combine_shares(shares)
+        try:  # exactly t shares: more cost time and add nothing (a wrong one fails the check below)
+            secret = combine_shares(shares[:need])
             if what == "mask seed":
                 ok = secure_sum.commitment(secret) == rnd.commitment[slot]
             else:
-                ok = public_key_to_bytes(bytes_to_private_key(secret).public_key()) == rnd.pk1[slot]
+                key = secure_sum.mask_key_from_secret(secret)
+                ok = public_key_to_bytes(key.public_key()) == rnd.pk1[slot]
         except Exception:
             ok = False
         if not ok:

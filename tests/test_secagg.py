@@ -317,6 +317,9 @@ def test_the_threshold_is_a_majority_that_leaves_room_for_the_tolerated_dropouts
     assert [s.threshold(n) for n in (3, 5, 6, 10, 11)] == [2, 3, 4, 7, 7]
     assert all(s.threshold(n) > n / 2 and n - s.threshold(n) >= int(0.3 * n) for n in range(3, 200))
     assert SecAggSettings(max_dropout_fraction=0.0).threshold(10) == 10
+    auto = SecAggSettings()  # secagg_neighbours=null: everyone up to 20 sites, then a ring of 2 ceil(log2 n)
+    assert [auto.share_count(n) for n in (3, 20, 21, 50, 100)] == [3, 20, 11, 13, 15]
+    assert SecAggSettings(neighbours=0).share_count(50) == 50 and SecAggSettings(neighbours=6).share_count(50) == 7
     explicit = SecAggSettings(max_dropout_fraction=0.2, reconstruction_threshold=0.6)
     assert [explicit.threshold(n) for n in (3, 5, 10)] == [2, 3, 6]
 
