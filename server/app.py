@@ -633,6 +633,10 @@ def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         note = f"nothing aggregated: {r['skipped']}" if r.get("skipped") else ""
+        if r.get("secagg_dropped"):  # secure aggregation: who dropped out, at which stage
+            gone = "; ".join(f"{site} at {stage.split(':')[0]}" for site, stage in sorted(r["secagg_dropped"].items()))
+            note = f"{note}; " if note else ""
+            note += f"{len(r['secagg_dropped'])} dropped out of secure aggregation ({gone})"
         lines.append(f"| {r['round']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['epsilon_max']:.3f} | "
                      f"{r['trained']} | {r['declined']} | {r['rejected'] + r['failed']} | {r.get('clipped', 0)} | "
                      f"{len(r.get('left_out_sites', []))} | {note} |")

@@ -119,7 +119,9 @@ def test_secagg_simulation_recovers_dropouts_after_sharing_and_skips_a_round_wit
     said = [x for x in capsys.readouterr().out.splitlines() if "round 3: nothing aggregated" in x]
     assert len(said) == 1 and r3["skipped"] in said[0], said
     assert r3["accuracy"] == r2["accuracy"] and r3["macro_f1"] == r2["macro_f1"]  # the global model kept
-    assert "Rounds that aggregated nothing (the global model was kept): 3" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert "Rounds that aggregated nothing (the global model was kept): 3" in report
+    assert "| 1 dropped out of secure aggregation (site-1 at collect) |" in report  # round 2's row
     assert r2["accuracy"] > 0.6  # the unmasked means moved the model (chance is 0.5)
 
     # The coordinator never held an update in the clear: every TRAIN reply it read was masked.
