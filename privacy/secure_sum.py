@@ -61,6 +61,7 @@ FloatArray = np.ndarray[Any, np.dtype[np.float64]]
 MAX_BITS = 30  # Flower's quantizer rounds into int32
 MIN_BITS = 2
 SEED_BYTES = 32
+COMMITMENT_BYTES = 32  # SHA-256
 WEIGHT_SLOT = "@weight"  # the name of the first coordinate: the site's integer weight
 AUTO_RING_ABOVE = 20  # secagg_neighbours=null: everyone masks with everyone up to this many sites
 

@@ -152,6 +152,9 @@ class SecAggPlus:
                     or len(ciphertexts) != len(destinations):
                 rnd.drop(slot, "share: shares not for exactly its neighbourhood")
                 continue
+            if len(reply.fields[protocol.SA_COMMITMENT]) != secure_sum.COMMITMENT_BYTES:
+                rnd.drop(slot, "share: the seed commitment is not a SHA-256 digest")
+                continue
             rnd.shared.add(slot)
             rnd.commitment[slot] = reply.fields[protocol.SA_COMMITMENT]
             for dst, ciphertext in zip(destinations, ciphertexts, strict=True):

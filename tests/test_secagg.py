@@ -432,3 +432,24 @@ def test_an_explicit_site_noise_that_overspends_under_secure_aggregation_is_refu
     cfg = conf.load_config([*SECURE_SITE_LEVEL, "privacy.site_noise_multiplier=0.1", "privacy.site_delta=1e-3"])
     with pytest.raises(FedShieldError, match="distributed Skellam noise spend"):
         open_books(cfg, tmp_path, simulated=True, dim=100)
+
+
+def test_a_site_whose_seed_commitment_is_not_a_digest_is_dropped_at_sharing_and_the_round_goes_on():
+    fed = Federation(5)
+    real = fed.send_and_receive
+
+    def bad_commitment(messages, *, timeout=None):
+        replies = real(messages, timeout=timeout)
+        for reply in replies:
+            if protocol.SECAGG in reply.content and protocol.SA_COMMITMENT in reply.content[protocol.SECAGG]:
+                if reply.content[protocol.SITE][protocol.NAME] == "site-3":
+                    fields = dict(reply.content[protocol.SECAGG])
+                    fields[protocol.SA_COMMITMENT] = b"x" * 100
+                    reply.content[protocol.SECAGG] = protocol.ConfigRecord(fields)
+        return replies
+
+    fed.send_and_receive = bad_commitment  # type: ignore[method-assign]
+    out = fed.run()
+    assert isinstance(out, Unmasked) and "site-3" not in out.sites
+    plain = fed.plain_mean(out.sites)
+    assert np.max(np.abs(out.mean["head.bias"] - plain["head.bias"])) <= step_size()
