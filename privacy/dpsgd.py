@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -42,6 +43,7 @@ def make_private(
     accountant: str = "rdp",
     sample_rate: float | None = None,
     expected_batch_size: int | None = None,
+    steps: int | None = None,
 ) -> PrivateTraining:
     """Wrap module/optimizer/loader for DP-SGD. `module` must be in train mode.
 
@@ -49,7 +51,13 @@ def make_private(
     of the exact record count). Given, the loader is Opacus' own `DPDataLoader` at that rate
     (1 / q steps per epoch), and `expected_batch_size` replaces Opacus' int(n q) as the
     divisor of each step's noisy sum: with q and the divisor computed from a released
-    (noisy) count, nothing in the update is a function of the exact count."""
+    (noisy) count, nothing in the update is a function of the exact count.
+
+    `steps` (with `sample_rate`): the Poisson draws of one pass. Opacus' sampler runs
+    int(1 / q) of them, and 1 / (1 / 93) is 92.99999999999999: for q = 1/93 it runs 92, and
+    its accountant then logs q as 1 / len(loader) = 1/92, neither what the site planned.
+    Given, the sampler runs exactly `steps` draws at rate q (its `steps` argument), and
+    len(loader) = steps, so Opacus' log holds q itself when q = 1 / steps."""
     module.train()
     # Opacus' accountant only logs the steps that ran (`spends`); fedshield's own accountant
     # (privacy.accountant) computes ε. "pld" is not an Opacus accountant: its log is the same.
@@ -58,6 +66,12 @@ def make_private(
     poisson = True
     if sample_rate is not None:
         loader = DPDataLoader(loader.dataset, sample_rate=sample_rate, generator=loader.generator)
+        if steps is not None:  # the same loader (its collate builds empty batches), `steps` draws long
+            sampler = UniformWithReplacementSampler(num_samples=len(loader.dataset),  # type: ignore[arg-type]
+                                                    sample_rate=sample_rate, generator=loader.generator,
+                                                    steps=int(steps))
+            loader = DataLoader(loader.dataset, batch_sampler=sampler, collate_fn=loader.collate_fn,
+                                generator=loader.generator)
         poisson = False  # the loader samples already; Opacus keeps it as it is
     common = dict(
         module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,

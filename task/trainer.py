@@ -1,4 +1,19 @@
-"""The local training loop of a site: DP-SGD through Opacus, or plain SGD without DP."""
+"""The local training loop of a site: DP-SGD through Opacus, or plain SGD without DP.
+
+Steps. One pass of Poisson sampling at rate q = 1 / b (b = batches_per_epoch) is b draws:
+`steps_per_epoch(q)` is THE number, and the site's plan (client/app.py, what it spends and
+checks its budget with), the sampler (`train_local` hands it to Opacus' sampler) and the
+coordinator's expectation (the same b) all take it from here. Opacus' own sampler would
+run int(1 / q) draws, one fewer whenever 1 / (1 / b) rounds below b (b = 93, 99, 105, ...),
+and log that run at q' = 1 / (b - 1): a site then refused every round for a spend that
+differs from its plan.
+
+Empty Poisson batches. A draw may select no record; the accountant counts that step all the
+same (the noise alone is released). The step is taken without a forward pass (a transformer
+cannot reshape zero rows: BERT's attention views a [0, heads, -1, width] tensor): the
+per-sample gradients of zero records are set as an empty batch, which Opacus' optimizer
+clips to a zero sum and noises, for every trainable view and both clipping modes.
+"""
 
 from __future__ import annotations
 
@@ -50,6 +65,20 @@ def poisson_rate(n: int, batch_size: int) -> float:
     return 1.0 / batches_per_epoch(n, batch_size)
 
 
+def steps_per_epoch(sample_rate: float) -> int:
+    """The Poisson draws of one epoch at rate q: 1 / q, rounded (q = 1 / b gives b exactly;
+    Opacus' int(1 / q) truncates 92.99999999999999 to 92). The one definition of a round's
+    steps: the plan and the sampler both use it (module docstring)."""
+    if not 0 < sample_rate <= 1:
+        raise TrainingError(f"Poisson sample rate {sample_rate!r}: must be in (0, 1]")
+    return max(1, round(1.0 / sample_rate))
+
+
+def round_steps(sample_rate: float, epochs: int) -> int:
+    """The DP-SGD steps of one round of `epochs` epochs at rate q: what the site spends."""
+    return int(epochs) * steps_per_epoch(sample_rate)
+
+
 @dataclass
 class LocalResult:
     mean_loss: float
@@ -90,6 +119,7 @@ def train_local(
     criterion: nn.Module = nn.CrossEntropyLoss()
     engine = None
     if plan.dp:
+        rate = plan.sample_rate if plan.sample_rate is not None else poisson_rate(len(dataset), plan.batch_size)
         private = make_private(
             module,
             optimizer,
@@ -98,8 +128,9 @@ def train_local(
             max_grad_norm=plan.max_grad_norm,
             grad_sample_mode=plan.grad_sample_mode,
             accountant=plan.accountant,
-            sample_rate=plan.sample_rate,
+            sample_rate=rate,
             expected_batch_size=plan.expected_batch_size,
+            steps=steps_per_epoch(rate),
         )
         module, optimizer, loader = private.module, private.optimizer, private.loader
         criterion, engine = private.criterion, private.engine
@@ -140,12 +171,9 @@ def _epoch(module, optimizer, loader, criterion, device, losses, plan, params, a
             if not plan.dp:
                 torch.nn.utils.clip_grad_norm_(params, plan.max_grad_norm)
         elif plan.dp:
-            # An empty Poisson batch takes the pure-noise step the accountant counts: the
-            # forward and backward pass over zero records give Opacus empty per-sample
-            # gradients (a summed loss: the mean of nothing would be NaN), which it clips to
-            # a zero sum before adding its noise.
-            empty = criterion(module(*inputs), labels)
-            (empty.backward() if plan.grad_sample_mode == "ghost" else empty.sum().mul(0.0).backward())
+            # An empty Poisson batch takes the pure-noise step the accountant counts, with
+            # no forward pass (module docstring): zero records' per-sample gradients.
+            _empty_batch(optimizer, plan.grad_sample_mode)
         optimizer.step()
         if not getattr(optimizer, "_is_last_step_skipped", False):
             steps += 1
@@ -154,3 +182,19 @@ def _epoch(module, optimizer, loader, criterion, device, losses, plan, params, a
                 for p, a in zip(params, anchors, strict=True):
                     p.sub_(plan.learning_rate * plan.proximal_mu * (p - a))
     return steps
+
+
+def _empty_batch(optimizer: torch.optim.Optimizer, grad_sample_mode: str) -> None:
+    """What a backward pass over zero records leaves for Opacus' optimizer: per-sample
+    gradients with a batch dimension of 0 (hooks: clipped to a zero sum), or a zero
+    gradient (ghost clipping, which sums before its step). The optimizer adds the noise."""
+    for p in _trainable(optimizer):
+        if grad_sample_mode == "ghost":
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+
+def _trainable(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters Opacus' optimizer steps (its `params`: those that require grad)."""
+    return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]

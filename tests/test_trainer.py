@@ -14,7 +14,7 @@ import conf
 from privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp, epsilon_opacus
 from task.model import frozen_fingerprint, make_train_view
 from task.pipeline import build_model, build_view, encode, pool_and_test
-from task.trainer import LocalPlan, batches_per_epoch, poisson_rate, train_local
+from task.trainer import LocalPlan, batches_per_epoch, poisson_rate, round_steps, train_local
 from tests.helpers import tiny_overrides
 
 
@@ -135,3 +135,42 @@ def test_empty_poisson_batches_take_the_noise_only_step_the_accountant_counts(mo
     assert result.steps == steps and result.spends == [(1.0, 1.0 / (released or 10), steps)]
     after = next(p for n, p in module.named_parameters() if n.endswith("weight"))
     assert torch.isfinite(after).all() and not torch.equal(after.detach(), before)
+
+
+@pytest.mark.parametrize("n, batch_size", [(744, 8), (792, 8), (840, 8), (1488, 16), (100, 8)])
+def test_a_round_runs_the_steps_and_rate_the_plan_spends_for_every_n(n, batch_size):
+    """Opacus' sampler runs int(1/q) draws: for 93, 99, 105 batches an epoch that is one fewer,
+    logged at another q, and the site refused every round. The sampler now runs the plan's
+    steps (task.trainer.round_steps) at the plan's q."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    data = TensorDataset(torch.randn(n, 4), torch.randint(0, 2, (n,)))
+    q = poisson_rate(n, batch_size)
+    plan = LocalPlan(epochs=1, batch_size=batch_size, max_physical_batch_size=batch_size, learning_rate=0.1,
+                     optimizer="sgd", dp=True, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=q,
+                     expected_batch_size=batch_size)
+    result = train_local(module, data, plan, device=torch.device("cpu"), generator=torch.Generator().manual_seed(1))
+    assert round_steps(q, 1) == batches_per_epoch(n, batch_size)
+    assert result.spends == [(1.0, q, round_steps(q, 1))]
+
+
+@pytest.mark.parametrize("trainable, last_layers", [("all", 1), ("last_layers", 1), ("last_layers", 2),
+                                                    ("last_layers", 0), ("lora", 1)])
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_an_empty_poisson_batch_takes_its_noise_step_in_every_trainable_view(cfg, trainable, last_layers, mode):
+    """Tiny BERT, 3 records at batch size 2 (q = 1/2): 30 draws, of which about 4 select no
+    record. A BERT forward over zero rows crashed (attention reshapes [0, heads, -1, width]);
+    each empty draw now takes the noise-only step the accountant counts."""
+    cfg = copy.deepcopy(cfg)
+    cfg.training.trainable, cfg.training.last_layers = trainable, last_layers
+    view = build_view(cfg)
+    pool, _ = pool_and_test(cfg)
+    data = encode(cfg, view, pool.subset(np.arange(3)))
+    before = {k: v.copy() for k, v in view.trainable_state().items()}
+    plan = LocalPlan(epochs=15, batch_size=2, max_physical_batch_size=2, learning_rate=0.01, optimizer="sgd",
+                     dp=True, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode)
+    result = train_local(view.module, data, plan, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    assert result.spends == [(1.0, 0.5, 30)]
+    after = view.trainable_state()
+    assert all(np.isfinite(v).all() for v in after.values())
+    assert not [k for k in after if np.array_equal(before[k], after[k])]
