@@ -57,7 +57,7 @@ from task.data import LabeledData
 from task.model import ModelError, TrainView
 from task.pipeline import build_view, encode, read_text_file, view_fingerprint
 from task.sites import check_delta, virtual_sites
-from task.trainer import LocalPlan, TrainingError, batches_per_epoch, poisson_rate, train_local
+from task.trainer import LocalPlan, TrainingError, poisson_rate, round_steps, train_local
 
 log = logging.getLogger("fedshield.site")
 
@@ -360,8 +360,9 @@ def _feature_sum(msg: Message, plan: protocol.Plan, site: Site) -> Message:
         return count
     spend = centering.release_spend(cfg, view)
     clip = centering.clip_norm(cfg, view)
-    if spend is not None:
-        decision = site.state.check_budget(spend, _budget(site), priv.delta, priv.accountant, priv.neighbouring)
+    if spend is not None:  # within the run's target too (the training rounds were calibrated around it)
+        decision = site.state.check_budget(spend, _budget(site), priv.delta, priv.accountant, priv.neighbouring,
+                                           run_id=plan.run_id, run_target=float(priv.target_epsilon))
         if not decision.ok:
             return _decline(msg, site.name, decision.reason, "budget")
     generator = torch.Generator().manual_seed(_seed(cfg, site, 0) + 7)
@@ -494,18 +495,37 @@ def train_round(msg: Message, plan: protocol.Plan, site: Site) -> Message:
 
 
 def local_update(msg: Message, plan: protocol.Plan, site: Site) -> LocalUpdate | Message:
-    """Train (or, for a round released already, take the kept result); a decline instead
-    if the budget, the policy or the data says no. The spend is on disk before this returns."""
+    """Train (or, for this very request released already, take the kept result); a decline
+    instead if the budget, the policy or the data says no, or if the round was spent for
+    another request.
+
+    Spend before compute (DP): the round's ledger entry, keyed by the request's digest
+    (`plan_digest`: run, round, plan, centre and global weights; `_request_digest`), is
+    written and fsynced before the first DP step, so a training that fails, or a process
+    that dies, after steps ran is still a spend. One release per (run, round): the same
+    request again gets the kept release (post-processing, no spend) or, if its training
+    never completed, a decline (never a second training for free); other weights or another
+    plan for a round spent already are declined, never answered under the old entry. A
+    decline, not a new spend: a coordinator that follows the protocol asks each round once
+    (a restart re-sends the same request), the ledger keeps each run's rounds moving
+    forward (privacy/ledger.py), and the run's target was calibrated for one release a round.
+    """
     cfg, priv, tr = site.cfg, site.cfg.privacy, site.cfg.training
     assert plan.server_round is not None  # read_plan requires it for TRAIN
     weights = protocol.train_weights(msg)
     digest = _request_digest(plan, weights)
-    kept = site.state.stored_release(plan.run_id, plan.server_round, digest, cfg.privacy.mode == "dp-sgd")
-    if kept is not None:  # this very round was released already (the coordinator restarted)
+    dp = priv.mode == "dp-sgd"
+    kept = site.state.stored_release(plan.run_id, plan.server_round, digest, dp)
+    if kept is not None:  # this very request was released already (the coordinator restarted)
         arrays, meta, entries = kept
         log.warning("%s: round %s of run %s was released already; sending the same reply again (no new spend)",
                     site.name, plan.server_round, plan.run_id)
         return LocalUpdate(weights, arrays, int(meta["num_examples"]), _with_unreported(site, plan.run_id, entries))
+    if dp:
+        refused = _round_spent(site, plan, digest)
+        if refused is not None:
+            kind, why = refused
+            return _decline(msg, site.name, f"round {plan.server_round} of run {plan.run_id}: {why}", kind)
     device = _device(cfg)
     view, dataset = _prepare(site, plan, device)
     view.load_trainable(weights)
@@ -518,26 +538,38 @@ def local_update(msg: Message, plan: protocol.Plan, site: Site) -> LocalUpdate |
     # and depends on the number of records (q, steps, σ, the FedAvg weight, the update's
     # scale) is computed from it, never from the exact count.
     n = count.n
-    count_entries = [count.entry] if count.fresh and count.entry is not None else []
-    dp = priv.mode == "dp-sgd"
+    entries: list[dict[str, Any]] = [count.entry] if count.fresh and count.entry is not None else []
     q = poisson_rate(n, tr.batch_size)
-    steps = tr.local_epochs * batches_per_epoch(n, tr.batch_size)
+    steps = round_steps(q, tr.local_epochs)  # what the sampler runs (task/trainer.py)
     sigma = 0.0
     if dp:
         # The run's other releases count against the same target: the feature mean whether
         # or not this site made it (over-count, never under-count), the count if this run
-        # released it.
-        before = [s for s in (centering.release_spend(cfg, view),
-                              count.spend() if count.spent_in(plan.run_id) else None) if s]
+        # released it. σ is calibrated for the plan's rounds at the run's target (the site's,
+        # or the plan's if stricter); whatever σ or rounds the plan states, check_budget
+        # bounds the run's releases by that target and the whole history by the budget.
+        mean = centering.release_spend(cfg, view)
+        before = [s for s in (mean, count.spend() if count.spent_in(plan.run_id) else None) if s]
         sigma = float(priv.noise_multiplier) if priv.noise_multiplier else site.state.noise_multiplier(
             plan.run_id, float(priv.target_epsilon), float(priv.delta), q, steps,
             int(cfg.federation.rounds), priv.accountant, before=before, neighbouring=priv.neighbouring,
         )
         sigma = max(sigma, float(priv.min_noise_multiplier or 0.0))  # more noise than asked: stricter
-        decision = site.state.check_budget(Spend(sigma, q, steps), _budget(site), priv.delta, priv.accountant,
-                                           priv.neighbouring)
+        made = any(e.get("release") == "feature-mean" and e.get("run_id") == plan.run_id
+                   for e in site.state.entries())
+        decision = site.state.check_budget(
+            Spend(sigma, q, steps), _budget(site), priv.delta, priv.accountant, priv.neighbouring,
+            run_id=plan.run_id, run_target=float(priv.target_epsilon),
+            run_assumed=[mean] if mean is not None and not made else [])
         if not decision.ok:
+            if entries:  # the count this message released: the coordinator hears of it with a later reply
+                site.state.mark_unreported(entries)
             return _decline(msg, site.name, decision.reason, "budget")
+        # Spend before compute: on disk (fsync) before the first step that could be released,
+        # and marked for the next reply of this run until a reply carries it.
+        entries += _record(site, plan.run_id, plan.server_round, [Spend(sigma, q, steps)],
+                           float(priv.max_grad_norm), {"release": "dp-sgd", "plan_digest": digest})
+        site.state.mark_unreported(entries)
     local = LocalPlan(
         epochs=tr.local_epochs, batch_size=tr.batch_size,
         max_physical_batch_size=tr.max_physical_batch_size, learning_rate=tr.learning_rate,
@@ -549,23 +581,47 @@ def local_update(msg: Message, plan: protocol.Plan, site: Site) -> LocalUpdate |
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 1)
     t0 = time.time()
-    result = train_local(view.module, dataset, local, device=device, generator=generator)
-
-    arrays = view.trainable_state()
-    # Kept first (for a coordinator that restarts: SiteState.save_release), then spent.
-    site.state.save_release(plan.run_id, plan.server_round, digest, arrays, {"num_examples": n})
-    entries: list[dict[str, Any]] = []
-    if dp:
-        # Spend before release: the entry is on disk (fsync) before the weights leave.
+    try:
+        result = train_local(view.module, dataset, local, device=device, generator=generator)
         ran = [Spend(*s) for s in result.spends]
-        if sum(s.steps for s in ran) != steps or any(s.sample_rate != q for s in ran):
-            raise TrainingError(f"site {site.name}: ran {ran}, planned {steps} steps at q={q}")
-        entries = count_entries + _record(site, plan.run_id, plan.server_round, ran, float(priv.max_grad_norm),
-                                          {"release": "dp-sgd"})
+        if dp and (sum(s.steps for s in ran) != steps or any(s.sample_rate != q or s.noise_multiplier != sigma
+                                                             for s in ran)):
+            raise TrainingError(f"site {site.name}: ran {ran}, planned {steps} steps at q={q}, σ={sigma}")
+    except (FedShieldError, RuntimeError, ValueError) as exc:
+        if not dp:
+            raise
+        # Spent, not released: the entry stays (the steps that ran were a mechanism's run,
+        # and what the coordinator sees of them, this decline, is post-processing of it).
+        log.exception("%s: round %s of run %s: training failed after its spend (seq %s)", site.name,
+                      plan.server_round, plan.run_id, entries[-1]["seq"])
+        return _decline(msg, site.name, (
+            f"round {plan.server_round} of run {plan.run_id}: training failed after its spend was recorded "
+            f"(seq {entries[-1]['seq']}, ε={entries[-1]['epsilon']:.3f}; {type(exc).__name__}): the spend stands, "
+            "nothing was released, and the details are in the site's log"), "error")
+    arrays = view.trainable_state()
+    site.state.save_release(plan.run_id, plan.server_round, digest, arrays, {"num_examples": n})
     # The loss and the time are noiseless functions of the private data: they stay here.
     log.info("%s: round %s trained: mean loss %.4f, %.1fs", site.name, plan.server_round, result.mean_loss,
              time.time() - t0)
     return LocalUpdate(weights, arrays, n, _with_unreported(site, plan.run_id, entries))
+
+
+def _round_spent(site: Site, plan: protocol.Plan, digest: str) -> tuple[str, str] | None:
+    """(decline kind, why) this request must not train (DP), given this site's books; None if it may."""
+    assert plan.server_round is not None
+    done = site.state.train_entries(plan.run_id, plan.server_round)
+    same = [e for e in done if e.get("plan_digest") == digest]
+    if same:  # spent, and no kept release: a failure or a crash came between spend and reply
+        return "error", (f"its training was spent for this very request (seq {same[-1].get('seq')}) and did not "
+                         "complete (a failure or a crash): nothing was released, and it is not trained again")
+    if done:
+        return "protocol", (f"spent already (seq {done[-1].get('seq')}) for other global weights or another plan: "
+                            "one release per round, never a second training nor the old one's weights")
+    later = [int(e["round"]) for e in site.state.entries() if e.get("run_id") == plan.run_id
+             and isinstance(e.get("round"), int) and e["round"] > plan.server_round]
+    if later:
+        return "protocol", f"this site has spent round {max(later)} of that run already: rounds move forward"
+    return None
 
 
 def _with_unreported(site: Site, run_id: str, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -580,8 +636,13 @@ def _with_unreported(site: Site, run_id: str, entries: list[dict[str, Any]]) -> 
 
 
 def _request_digest(plan: protocol.Plan, weights: Mapping[str, Any]) -> str:
-    """What identifies a training request: run, round, centre and the global weights."""
-    h = hashlib.sha256(f"{plan.run_id}\0{plan.server_round}\0{plan.feature_center}\0".encode())
+    """What identifies a training request (its entry's `plan_digest`): run, round, the
+    plan's config, model fingerprint, classes, centre and proximal term, and the global
+    weights. A function of the coordinator's own message only: public."""
+    head = json.dumps([plan.run_id, plan.server_round, plan.config_yaml, plan.frozen_fingerprint,
+                       list(plan.class_names), None if plan.feature_center is None else list(plan.feature_center),
+                       plan.proximal_mu])
+    h = hashlib.sha256(head.encode() + b"\0")
     for name in sorted(weights):
         arr = weights[name]
         h.update(f"{name}:{arr.dtype}:{arr.shape}\0".encode())

@@ -3,7 +3,8 @@
     <state_dir>/
       site.key, site.pub   the site's ledger signing key (0600); signs every ledger entry
       ledger.jsonl         every privacy spend of this site, across rounds, runs, restarts
-      runs/<run_id>.json   the noise multiplier calibrated for that run (reused on restart)
+      runs/<run_id>.json   the noise multiplier calibrated for that run, with what it was
+                           calibrated for (reused on restart for exactly that plan)
       runs/<run_id>.release.npz   the last reply of that run, re-sent if the same round is asked again
       runs/<run_id>.done   the coordinator said the run completed
       cache/               frozen-prefix features: derived from private data, stays here
@@ -14,9 +15,13 @@ it once per dataset, with Gaussian noise, as a `release: record-count` entry of 
 later run reuses that noisy count: re-using a release is post-processing and spends nothing.
 
 The ledger is the accountant's history: ε is always recomputed from all of the site's
-entries, never reset per round or per run. The site checks its budget before it touches
-a record, and writes (and fsyncs) its entry before its update leaves it: a crash can
-over-count a spend, never under-count it.
+entries, never reset per round or per run. The site checks two budgets before it touches a
+record (`check_budget`): the run's releases at this site together with the planned one stay
+within the run's target ε, and its whole history within its lifetime budget, whatever σ or
+number of rounds the plan states. It writes (and fsyncs) a training release's entry before
+the first DP step (client/app.py `local_update`: spend before compute), so a training that
+fails or a process that dies after steps ran is still a spend: a crash can over-count a
+spend, never under-count it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import hmac
 import io
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +44,7 @@ from privacy.ledger import Ledger, neighbouring_of, site_history
 from privacy.signing import generate_site_key, load_private_key, public_key_pem
 
 COUNT_RELEASE = "record-count"
+TRAIN_RELEASE = "dp-sgd"  # a round of local training; its entry carries the request's `plan_digest`
 
 
 @dataclass(frozen=True)
@@ -75,8 +82,7 @@ class SiteState:
         read = self.ledger.recover()
         self.recovery_message = read.message if read.truncated_bytes or read.recovered else ""
         if read.recovered:  # interrupted spends, now counted: the coordinator hears of them in the next reply
-            marks = self._unreported_hashes() + [str(e.get("hash")) for e in read.recovered]
-            _atomic_write(self._unreported_path(), json.dumps(marks) + "\n")
+            self.mark_unreported(read.recovered)
         # The site's own books must verify, whole, before it decides anything with them.
         self.ledger.check_own(self.site, self.key.public_key(), read.entries)
         self._history = site_history(read.entries, self.site)
@@ -99,6 +105,15 @@ class SiteState:
             return []
         return [str(h) for h in marks] if isinstance(marks, list) else []
 
+    def mark_unreported(self, entries: Sequence[dict]) -> None:
+        """Spends the coordinator has not heard of yet (a crash, or a training spent before it
+        ran that may not reach a reply): they go with the next reply of their run
+        (`take_unreported`), so the run's copy of this site's chain has no gap."""
+        marks = self._unreported_hashes()
+        new = [str(e.get("hash")) for e in entries if str(e.get("hash")) not in marks]
+        if new:
+            _atomic_write(self._unreported_path(), json.dumps(marks + new) + "\n")
+
     def take_unreported(self, run_id: str) -> list[dict]:
         """Spends that a crash interrupted and `refresh` counted, to go with the next reply of
         `run_id` (entries of another run stay in this ledger only: the site's own books)."""
@@ -120,9 +135,30 @@ class SiteState:
     def epsilon(self, delta: float, accountant: str, neighbouring: str = ADD_REMOVE) -> float:
         return epsilon(self.history(), delta, accountant, neighbouring)
 
+    def run_history(self, run_id: str) -> list[Spend]:
+        """This site's spends in run `run_id` (its count if released in it, its feature mean,
+        its rounds), oldest first: what the run's target ε bounds."""
+        return site_history([e for e in self._entries if e.get("run_id") == run_id], self.site)
+
     def check_budget(self, planned: Spend, budget: float, delta: float, accountant: str,
-                     neighbouring: str = ADD_REMOVE) -> BudgetDecision:
+                     neighbouring: str = ADD_REMOVE, *, run_id: str | None = None,
+                     run_target: float | None = None, run_assumed: Sequence[Spend] = ()) -> BudgetDecision:
+        """Whether the `planned` spend may go ahead: the whole history after it within the
+        lifetime `budget` and, given `run_id` and `run_target`, the run's spends at this site
+        (`run_history`, plus `run_assumed`: releases of the run counted as if made, e.g. a
+        feature mean the site may not have been asked for: over-count, never under-count)
+        after it within the run's target. Both hold whatever σ or rounds a plan states."""
         now = self.epsilon(delta, accountant, neighbouring)
+        if run_id is not None and run_target is not None:
+            run = [*self.run_history(run_id), *run_assumed]
+            in_run = planned_epsilon(run, planned, delta, accountant, neighbouring)
+            if in_run > run_target:
+                reason = (
+                    f"this round would take run {run_id}'s ε at this site from "
+                    f"{epsilon(run, delta, accountant, neighbouring):.3f} to {in_run:.3f}, past the run's target "
+                    f"{run_target:g} (δ={delta:g})"
+                )
+                return BudgetDecision(False, now, in_run, run_target, reason)
         after = planned_epsilon(self.history(), planned, delta, accountant, neighbouring)
         if after > budget:
             reason = (
@@ -140,26 +176,31 @@ class SiteState:
         """σ that makes this run's spend alone reach target_epsilon after `rounds` rounds,
         together with the run's other releases `before` (the feature mean, the count).
 
-        Calibrated once per run and kept, so a restarted site keeps the same noise.
+        Calibrated once per run and kept, so a restarted site keeps the same noise: reused
+        only for the very same question (q, steps, rounds, target, δ, accountant, relation,
+        `before`), calibrated again otherwise. The σ alone promises nothing: `check_budget`
+        bounds the run's spends by its target whatever the plan's rounds turn out to be.
         """
         before = list(before or [])
         path = self.dir / "runs" / f"{_safe(run_id)}.json"
+        question = {
+            "sample_rate": sample_rate, "steps_per_round": steps_per_round, "rounds": rounds,
+            "target_epsilon": target_epsilon, "delta": delta, "accountant": accountant,
+            "neighbouring": neighbouring, "before": [list(s.as_tuple()) for s in before],
+        }
         if path.is_file():
-            saved = json.loads(path.read_text())
-            same_plan = (saved["sample_rate"], saved["steps_per_round"]) == (sample_rate, steps_per_round)
-            if same_plan and saved.get("before", []) == [list(s.as_tuple()) for s in before] \
-                    and saved.get("neighbouring", ADD_REMOVE) == neighbouring:
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, ValueError):
+                saved = None  # damaged: calibrate again
+            if isinstance(saved, dict) and all(saved.get(k) == v for k, v in question.items()) \
+                    and isinstance(saved.get("noise_multiplier"), float):
                 return float(saved["noise_multiplier"])
         sigma = calibrate_noise_multiplier(
             target_epsilon, delta, sample_rate, steps_per_round * rounds, accountant, before=before,
             neighbouring=neighbouring,
         )
-        record = {
-            "run_id": run_id, "noise_multiplier": sigma, "sample_rate": sample_rate,
-            "steps_per_round": steps_per_round, "rounds": rounds,
-            "target_epsilon": target_epsilon, "delta": delta, "accountant": accountant,
-            "neighbouring": neighbouring, "before": [list(s.as_tuple()) for s in before],
-        }
+        record = {"run_id": run_id, "noise_multiplier": sigma, **question}
         _atomic_write(path, json.dumps(record, indent=2))
         return sigma
 
@@ -191,11 +232,17 @@ class SiteState:
         return entry
 
     # A release is kept until the next one, so that a coordinator that restarts and asks for
-    # the same round again (same run, round and input) gets the very same reply: re-sending
-    # a release is post-processing and costs nothing, where training again would spend again.
-    # The trained weights are kept *before* their spend is recorded; the spend is the ledger's
-    # entries of that run and round. A crash between the two leaves weights whose spend is
-    # not in the ledger: they were never released, and are never replayed (DP runs).
+    # the same round again (the same request: `plan_digest`, client/app.py) gets the very
+    # same reply: re-sending a release is post-processing and costs nothing, where training
+    # again would spend again. Under DP the spend comes first: the round's entry, carrying
+    # the request's digest, is in the ledger before the first step; the weights are kept
+    # after training. A kept release is replayed only with an entry of the very same digest:
+    # never under an entry spent for other weights or another plan.
+
+    def train_entries(self, run_id: str, server_round: int) -> list[dict]:
+        """This site's training spends (`release: dp-sgd`) for round `server_round` of `run_id`."""
+        return [e for e in self._entries if e.get("run_id") == run_id and e.get("round") == server_round
+                and e.get("release") == TRAIN_RELEASE]
 
     def save_release(self, run_id: str, server_round: int, digest: str, arrays: dict[str, np.ndarray],
                      meta: dict) -> None:
@@ -209,8 +256,9 @@ class SiteState:
     def stored_release(self, run_id: str, server_round: int, digest: str,
                        dp: bool) -> tuple[dict, dict, list[dict]] | None:
         """(arrays, meta, entries) of the kept release for exactly this request, with the
-        spends this site's verified ledger holds for that run and round; None if there is no
-        such release, or (DP) its spend was never recorded: then train and spend anew."""
+        spends this site's verified ledger holds for that request (entries of that run and
+        round whose `plan_digest` is `digest`); None if there is no such release, or (DP) no
+        spend of this very request is recorded."""
         path = self._release_path(run_id)
         if not path.is_file():
             return None
@@ -222,8 +270,7 @@ class SiteState:
             return None
         if (record.get("run_id"), record.get("round"), record.get("digest")) != (run_id, server_round, digest):
             return None
-        entries = [e for e in self._entries if e.get("run_id") == run_id and e.get("round") == server_round
-                   and e.get("release") == "dp-sgd"]
+        entries = [e for e in self.train_entries(run_id, server_round) if e.get("plan_digest") == digest]
         if dp and not entries:
             return None
         return {k[2:]: v for k, v in blobs.items() if k.startswith("w/")}, record.get("meta", {}), entries

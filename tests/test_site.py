@@ -142,7 +142,8 @@ def test_node_config_round_trips_through_flowers_parser():
 
 def test_a_kept_release_is_replayed_only_for_the_same_request_and_a_spend_in_the_ledger(tmp_path):
     """After a coordinator restart the site re-sends its last reply instead of spending again:
-    only for the same run, round and input, and (DP) only if its ledger holds that round's spend."""
+    only for the same run, round and input, and (DP) only if its ledger holds the spend of that
+    very request (an entry of that round whose plan_digest is the request's)."""
     import numpy as np
 
     state = SiteState(tmp_path / "site", "s")
@@ -151,9 +152,11 @@ def test_a_kept_release_is_replayed_only_for_the_same_request_and_a_spend_in_the
     state.save_release("run-1", 3, "digest-a", arrays, meta)
     assert state.stored_release("run-1", 3, "digest-a", dp=True) is None  # kept, but its spend never recorded
     assert state.stored_release("run-1", 3, "digest-a", dp=False)[1] == meta  # no DP: nothing to spend
-    entry = state.record_spend({"run_id": "run-1", "round": 3, "site": "s", "noise_multiplier": 1.0,
-                                "sample_rate": 0.5, "steps": 2, "max_grad_norm": 1.0, "delta": 1e-5,
-                                "accountant": "rdp", "release": "dp-sgd"})
+    spend = {"run_id": "run-1", "round": 3, "site": "s", "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2,
+             "max_grad_norm": 1.0, "delta": 1e-5, "accountant": "rdp", "release": "dp-sgd"}
+    state.record_spend({**spend, "plan_digest": "digest-b"})
+    assert state.stored_release("run-1", 3, "digest-a", dp=True) is None  # another request's spend: never re-used
+    entry = state.record_spend({**spend, "plan_digest": "digest-a"})
     restarted = SiteState(tmp_path / "site", "s")
     got = restarted.stored_release("run-1", 3, "digest-a", dp=True)
     assert got is not None and got[1] == meta and got[2] == [entry]
