@@ -169,7 +169,8 @@ def test_an_empty_poisson_batch_takes_its_noise_step_in_every_trainable_view(cfg
     before = {k: v.copy() for k, v in view.trainable_state().items()}
     plan = LocalPlan(epochs=15, batch_size=2, max_physical_batch_size=2, learning_rate=0.01, optimizer="sgd",
                      dp=True, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode)
-    result = train_local(view.module, data, plan, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    result = train_local(view.module, data, plan, device=torch.device("cpu"),
+                         generator=torch.Generator().manual_seed(0))
     assert result.spends == [(1.0, 0.5, 30)]
     after = view.trainable_state()
     assert all(np.isfinite(v).all() for v in after.values())
