@@ -607,20 +607,22 @@ def local_update(msg: Message, plan: protocol.Plan, site: Site) -> LocalUpdate |
 
 
 def _round_spent(site: Site, plan: protocol.Plan, digest: str) -> tuple[str, str] | None:
-    """(decline kind, why) this request must not train (DP), given this site's books; None if it may."""
+    """(decline kind, why) this request must not train (DP), given this site's books; None if
+    it may. Called when no kept release answers the request (`SiteState.stored_release`)."""
     assert plan.server_round is not None
+    later = [int(e["round"]) for e in site.state.entries() if e.get("run_id") == plan.run_id
+             and isinstance(e.get("round"), int) and e["round"] > plan.server_round]
+    if later:  # whatever was asked for this round before: the run has moved on (privacy/ledger.py)
+        return "protocol", f"this site has spent round {max(later)} of that run already: rounds move forward"
     done = site.state.train_entries(plan.run_id, plan.server_round)
     same = [e for e in done if e.get("plan_digest") == digest]
-    if same:  # spent, and no kept release: a failure or a crash came between spend and reply
+    if same:  # spent, and not kept: a failure or a crash came between the spend and the reply
+        site.state.mark_unreported(same)  # in case the crash came before its mark: the next reply carries it
         return "error", (f"its training was spent for this very request (seq {same[-1].get('seq')}) and did not "
                          "complete (a failure or a crash): nothing was released, and it is not trained again")
     if done:
         return "protocol", (f"spent already (seq {done[-1].get('seq')}) for other global weights or another plan: "
                             "one release per round, never a second training nor the old one's weights")
-    later = [int(e["round"]) for e in site.state.entries() if e.get("run_id") == plan.run_id
-             and isinstance(e.get("round"), int) and e["round"] > plan.server_round]
-    if later:
-        return "protocol", f"this site has spent round {max(later)} of that run already: rounds move forward"
     return None
 
 
