@@ -119,7 +119,8 @@ def test_a_training_that_fails_after_steps_ran_is_spent_and_reported_with_the_ne
     so, the same request is not trained again, and the next reply carries the entry."""
     from strategies.ledger_check import Expected, LedgerCheck
 
-    plan, weights = coordinator_plan(tiny_bert, site_data, tmp_path, **{"training.learning_rate": 1e30})
+    plan, weights = coordinator_plan(tiny_bert, site_data, tmp_path, **{"training.learning_rate": 1e30,
+                                                                        "training.local_epochs": 1})
     context = deployed(tmp_path, site_data)
     failed = train(plan, weights, context, 1)
     assert isinstance(failed, protocol.Decline) and failed.kind == "error", failed
@@ -130,7 +131,7 @@ def test_a_training_that_fails_after_steps_ran_is_spent_and_reported_with_the_ne
     assert isinstance(again, protocol.Decline) and "did not complete" in again.reason
     assert len(spent(tmp_path)) == 2  # the count and round 1: nothing more
 
-    good, _ = coordinator_plan(tiny_bert, site_data, tmp_path)
+    good, _ = coordinator_plan(tiny_bert, site_data, tmp_path, **{"training.local_epochs": 1})
     reply = train(good, weights, context, 2)
     assert isinstance(reply, protocol.TrainReply), reply
     ledger = spent(tmp_path)
