@@ -82,7 +82,8 @@ class SiteState:
         read = self.ledger.recover()
         self.recovery_message = read.message if read.truncated_bytes or read.recovered else ""
         if read.recovered:  # interrupted spends, now counted: the coordinator hears of them in the next reply
-            self.mark_unreported(read.recovered)
+            marks = self._unreported_hashes() + [str(e.get("hash")) for e in read.recovered]
+            _atomic_write(self._unreported_path(), json.dumps(marks) + "\n")
         # The site's own books must verify, whole, before it decides anything with them.
         self.ledger.check_own(self.site, self.key.public_key(), read.entries)
         self._history = site_history(read.entries, self.site)
