@@ -488,42 +488,43 @@ def _field_problem(e: Entry, need_epsilon: bool = True) -> str:
     if not isinstance(e.get("run_id"), str):
         return "run_id must be a string"
     if isinstance(e.get("round"), bool) or not isinstance(e.get("round"), int) or not 0 <= e["round"] <= MAX_STEPS:
-        return f"round must be an integer in [0, {MAX_STEPS}], got {_shown(e.get('round'))}"
+        return f"round must be an integer in [0, {MAX_STEPS}], got {shown(e.get('round'))}"
     if e.get("mechanism") not in MECHANISMS:
-        return f"mechanism {_shown(e.get('mechanism'))} is not one of {', '.join(MECHANISMS)}"
+        return f"mechanism {shown(e.get('mechanism'))} is not one of {', '.join(MECHANISMS)}"
     if e.get("privacy_unit") != MECHANISMS[str(e.get("mechanism"))]:
-        return (f"privacy_unit {_shown(e.get('privacy_unit'))} is not {MECHANISMS[str(e.get('mechanism'))]!r} "
+        return (f"privacy_unit {shown(e.get('privacy_unit'))} is not {MECHANISMS[str(e.get('mechanism'))]!r} "
                 f"(the unit of {e.get('mechanism')})")
     if e.get("accountant") not in ACCOUNTANTS:
-        return f"accountant {_shown(e.get('accountant'))} is not one of {', '.join(ACCOUNTANTS)}"
+        return f"accountant {shown(e.get('accountant'))} is not one of {', '.join(ACCOUNTANTS)}"
     if neighbouring_of(e) not in NEIGHBOURING:
-        return f"neighbouring {_shown(e.get('neighbouring'))} is not one of {', '.join(NEIGHBOURING)}"
+        return f"neighbouring {shown(e.get('neighbouring'))} is not one of {', '.join(NEIGHBOURING)}"
     s, q, t = e.get("noise_multiplier"), e.get("sample_rate"), e.get("steps")
     if not _within(s, 0.0, MAX_NOISE_MULTIPLIER):
-        return f"noise_multiplier must be a number in [0, {MAX_NOISE_MULTIPLIER:g}], got {_shown(s)}"
+        return f"noise_multiplier must be a number in [0, {MAX_NOISE_MULTIPLIER:g}], got {shown(s)}"
     if not _within(q, 0.0, 1.0):
-        return f"sample_rate must be in [0, 1], got {_shown(q)}"
+        return f"sample_rate must be in [0, 1], got {shown(q)}"
     if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= MAX_STEPS:
-        return f"steps must be an integer in [0, {MAX_STEPS}], got {_shown(t)}"
+        return f"steps must be an integer in [0, {MAX_STEPS}], got {shown(t)}"
     d = as_float(e.get("delta"))
     if d is None or not 0 < d < 1:
-        return f"delta must be in (0, 1), got {_shown(e.get('delta'))}"
+        return f"delta must be in (0, 1), got {shown(e.get('delta'))}"
     c = as_float(e.get("max_grad_norm"))
     if c is None or not 0 < c < math.inf:
-        return f"max_grad_norm must be a finite number > 0, got {_shown(e.get('max_grad_norm'))}"
+        return f"max_grad_norm must be a finite number > 0, got {shown(e.get('max_grad_norm'))}"
     if e.get("mechanism") == SKELLAM_MECHANISM and not all(
             (f := as_float(e.get(k))) is not None and 0 < f < math.inf for k in SKELLAM_FIELDS):
         return f"{', '.join(SKELLAM_FIELDS)} must be finite numbers > 0"
     if need_epsilon or "epsilon" in e and e["epsilon"] is not None:
         eps = as_float(e.get("epsilon"))
         if eps is None or eps < 0:  # ∞ is allowed: what a spend without noise costs
-            return f"epsilon must be a number >= 0 that a float holds, got {_shown(e.get('epsilon'))}"
+            return f"epsilon must be a number >= 0 that a float holds, got {shown(e.get('epsilon'))}"
     return ""
 
 
-def _shown(v: object) -> str:
-    """A value from an entry as an error line may quote it: repr, at most 40 characters (a
-    401-digit integer is not worth quoting, and its str() may exceed Python's limit)."""
+def shown(v: object) -> str:
+    """A value from an entry as an error line may quote it: repr (which escapes what is not
+    printable), at most 40 characters; an integer above 64 bits by its size (a 401-digit
+    integer is not worth quoting, and str() refuses one past 4300 digits)."""
     if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
         return f"an integer of {v.bit_length()} bits"
     text = repr(v)
@@ -577,8 +578,8 @@ def verify_ledger(entries: list[Entry], public_keys: dict[str, signing.PublicKey
             bad(i, e, problem)
         if any(isinstance(e.get(k), bool) or not isinstance(e.get(k), int) or not 0 <= e[k] <= MAX_STEPS
                for k in ("seq", "run_seq")):
-            bad(i, e, f"seq and run_seq must be integers in [0, {MAX_STEPS}], got {_shown(e.get('seq'))}, "
-                      f"{_shown(e.get('run_seq'))}")
+            bad(i, e, f"seq and run_seq must be integers in [0, {MAX_STEPS}], got {shown(e.get('seq'))}, "
+                      f"{shown(e.get('run_seq'))}")
             continue
         site = e["site"] if isinstance(e["site"], str) else repr(e["site"])
         rs_key = (str(e["run_id"]), site)

@@ -51,7 +51,7 @@ from typing import Any
 
 from privacy import signing
 from privacy.accountant import ADD_REMOVE, Spend, epsilon, epsilon_opacus
-from privacy.ledger import neighbouring_of, verify_ledger
+from privacy.ledger import neighbouring_of, shown, verify_ledger
 
 TOLERANCE = 1e-6  # relative, as the audit's
 # A floor no honest plan goes under: one full-batch step at σ = 0.1 already costs ε ≈ 92
@@ -145,7 +145,7 @@ class LedgerCheck:
         try:
             for e in entries:
                 if e.get("site") != site or e.get("run_id") == self.run_id:
-                    return f"an earlier-run ledger entry names site {e.get('site')!r}, run {e.get('run_id')!r}"
+                    return f"an earlier-run ledger entry names site {shown(e.get('site'))}, run {shown(e.get('run_id'))}"
                 verified = verify_ledger([e], {site: self.public_keys[site]})
                 problems = [why for _, why in verified.problems if "spend #" not in why]  # one entry, not its run
                 if problems:
@@ -195,15 +195,15 @@ class LedgerCheck:
             late = isinstance(e.get("round"), int) and not isinstance(e.get("round"), bool) \
                 and 0 <= e["round"] < server_round
             if (e.get("site"), e.get("run_id")) != (site, self.run_id) or not (late or e.get("round") == server_round):
-                return (f"a ledger entry names site {e.get('site')!r}, run {e.get('run_id')!r}, round "
-                        f"{e.get('round')!r}; expected {site!r}, {self.run_id!r}, {server_round}")
+                return (f"a ledger entry names site {shown(e.get('site'))}, run {shown(e.get('run_id'))}, round "
+                        f"{shown(e.get('round'))}; expected {site!r}, {self.run_id!r}, {server_round}")
             # A site may be stricter than the plan (a smaller δ of its own), never looser.
             if e.get("accountant") != self.accountant or not isinstance(e.get("delta"), float) \
                     or not 0 < e["delta"] <= self.delta:
-                return (f"a ledger entry is at δ={e.get('delta')!r} with {e.get('accountant')!r}; the run allows "
+                return (f"a ledger entry is at δ={shown(e.get('delta'))} with {shown(e.get('accountant'))}; the run allows "
                         f"δ <= {self.delta:g} with {self.accountant!r}")
             if e.get("mechanism") != "dp-sgd-poisson-gaussian" or e.get("privacy_unit") != "record":
-                return f"a ledger entry records {e.get('mechanism')!r} for unit {e.get('privacy_unit')!r}: a site's " \
+                return f"a ledger entry records {shown(e.get('mechanism'))} for unit {shown(e.get('privacy_unit'))}: a site's " \
                        "releases are record-level DP-SGD"
             if neighbouring_of(e) != self.neighbouring:
                 return (f"a ledger entry is accounted under {neighbouring_of(e)}; the run's relation is "
