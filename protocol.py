@@ -175,7 +175,7 @@ class SiteHello:
     site: str
     num_examples: int  # the count the site releases (add-remove: its noisy count)
     ledger_public_key: str  # PEM
-    ledger_entries: tuple[dict[str, Any], ...] = ()  # the count's release, in the run that spent it
+    ledger_entries: tuple[dict[str, Any], ...] = ()  # add-remove: the count's release (maybe an earlier run's)
 
 
 @dataclass(frozen=True)

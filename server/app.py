@@ -392,6 +392,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     for node, s in sorted(sites.items()):
         problem = plan_problem(books.plans[s["site"]])
         if problem:  # its checks would cost more than the coordinator spends on one site
+            # Its count release of this run is recorded (a spend is a spend): its key goes with it.
+            (run_dir / "privacy" / LEDGER_KEYS / f"{s['site']}.pub").write_text(s["public_key"])
             why = f"site {s['site']}: not joining: {problem}"
             say(why)
             refused.append(why)
@@ -643,8 +645,8 @@ def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict
             "rounds not trained |", "|---|---:|---:|---:|---|",
         ]
         for name, s in sorted(summary.items()):
-            lines.append(f"| {name} | {s['records']} | {s['epsilon']:.4f} | {s['budget']} | "
-                         f"{'; '.join(s['not_trained']) or '-'} |")
+            why = "; ".join(s["not_trained"]).replace("|", "\\|")  # a site's words: no forged table cell
+            lines.append(f"| {name} | {s['records']} | {s['epsilon']:.4f} | {s['budget']} | {why or '-'} |")
     if p.unit == "site":
         fed = [json.loads(x) for x in (run_dir / "privacy" / FEDERATION_LEDGER).read_text().splitlines() if x]
         last_fed = fed[-1] if fed else {}

@@ -25,7 +25,7 @@ under-report:
 5. **Bounded before arithmetic, bounded in cost** (issue 21): every number an entry holds
    is range-checked first (`privacy.ledger`: a 401-digit σ or ε is refused, not an
    OverflowError); a late spend is held to the plan of its own round (`plans`; round 0 is
-   the one-step, full-batch releases), never only to "an earlier round"; σ >= 
+   the one-step, full-batch releases), never only to "an earlier round"; σ >=
    `MIN_NOISE_MULTIPLIER`; at most `MAX_MECHANISMS` different (σ, q) per site and run. The
    work of recomputing ε grows with ε itself (dp-accounting's PLD spans the privacy-loss
    range at interval 1e-3: σ = 0.01 cost 152 s, 1e9 steps 250 GiB), so a cheap sound
@@ -145,7 +145,8 @@ class LedgerCheck:
         try:
             for e in entries:
                 if e.get("site") != site or e.get("run_id") == self.run_id:
-                    return f"an earlier-run ledger entry names site {shown(e.get('site'))}, run {shown(e.get('run_id'))}"
+                    return (f"an earlier-run ledger entry names site {shown(e.get('site'))}, "
+                            f"run {shown(e.get('run_id'))}")
                 verified = verify_ledger([e], {site: self.public_keys[site]})
                 problems = [why for _, why in verified.problems if "spend #" not in why]  # one entry, not its run
                 if problems:
@@ -200,11 +201,11 @@ class LedgerCheck:
             # A site may be stricter than the plan (a smaller δ of its own), never looser.
             if e.get("accountant") != self.accountant or not isinstance(e.get("delta"), float) \
                     or not 0 < e["delta"] <= self.delta:
-                return (f"a ledger entry is at δ={shown(e.get('delta'))} with {shown(e.get('accountant'))}; the run allows "
-                        f"δ <= {self.delta:g} with {self.accountant!r}")
+                return (f"a ledger entry is at δ={shown(e.get('delta'))} with {shown(e.get('accountant'))}; the run "
+                        f"allows δ <= {self.delta:g} with {self.accountant!r}")
             if e.get("mechanism") != "dp-sgd-poisson-gaussian" or e.get("privacy_unit") != "record":
-                return f"a ledger entry records {shown(e.get('mechanism'))} for unit {shown(e.get('privacy_unit'))}: a site's " \
-                       "releases are record-level DP-SGD"
+                return (f"a ledger entry records {shown(e.get('mechanism'))} for unit {shown(e.get('privacy_unit'))}: "
+                        "a site's releases are record-level DP-SGD")
             if neighbouring_of(e) != self.neighbouring:
                 return (f"a ledger entry is accounted under {neighbouring_of(e)}; the run's relation is "
                         f"{self.neighbouring}")

@@ -23,8 +23,9 @@ The coordinator's mean is sum(noisy sums) / sum(n), with n the record count ever
 already reports (FedAvg's weights). A sum comes from a site, which may send anything finite
 in float64 (1e300 is; it is inf in the float32 centre): before it is added, its norm must be
 one an honest site can send (`sum_bound`: at most n clipped features plus the noise's
-norm, which exceeds sqrt(d) + 10 standard deviations with probability below e^-50). The centre travels in the plan; the exported model
-folds it into the pooler's bias (task.model.fold_center).
+norm, which exceeds sqrt(d) + 10 standard deviations with probability below e^-50). The
+centre travels in the plan; the exported model folds it into the pooler's bias
+(task.model.fold_center).
 """
 
 from __future__ import annotations
