@@ -23,10 +23,16 @@ wrapped strategy untouched, per-round state keyed by round):
   the round's global weights) over all trainable tensors, kept per round from
   `configure_train`, is reported for every usable reply; above the bound the update is
   scaled down to it (`clip`: the site's direction kept, its reach bounded) or the reply is
-  refused (`reject`). A scaled-up update moves a plain average by at most bound / n per
-  site; it cannot stop a sign flip or a label flip of ordinary size (the robust rules,
+  refused (`reject`). The bound is on each update's share of the step: an update whose
+  FedAvg weight is k > 1 times the round's mean weight is held to bound / k, so a scaled-up
+  update moves a weighted average by at most bound / n per site, as at equal weights; it
+  cannot stop a sign flip or a label flip of ordinary size (the robust rules,
   strategies.flower, are for those). The bound is coordinator-side post-processing of a
   released update: it changes nothing in any site's privacy account.
+- **Weights capped.** A site's FedAvg weight is its declared count, at most
+  `MAX_WEIGHT_RATIO` x the lower median of the counts all sites declared (issue 21: a site
+  declaring 10^6 records took the whole average). Under secure aggregation the weights are
+  inside the masked sum and are not capped.
 - **Robust rules get what they need or nothing.** A round with fewer usable updates than
   the wrapped rule needs to withstand its f (`strategies.flower.shortfall`) is skipped with
   one line (the global model is kept); for Krum, Multi-Krum and Bulyan the report names the
