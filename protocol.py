@@ -138,7 +138,8 @@ MAX_SECAGG_BYTES = 4096  # one key, share or ciphertext
 
 DECLINE_KINDS = ("budget", "policy", "protocol", "error")
 
-SITE_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9 _.-]{0,62}[A-Za-z0-9_.-])?$")
+# \A...\Z, not ^...$: `$` also matches before a trailing newline ("site-1\n" would pass).
+SITE_NAME = re.compile(r"\A[A-Za-z0-9](?:[A-Za-z0-9 _.-]{0,62}[A-Za-z0-9_.-])?\Z")
 SITE_NAME_RULE = "1-64 letters, digits, spaces, '.', '_' or '-', starting with a letter or digit"
 MAX_REASON = 500  # characters of a decline reason
 MAX_ENTRIES = 10_000  # ledger entries in one reply
@@ -174,7 +175,7 @@ class SiteHello:
     site: str
     num_examples: int  # the count the site releases (add-remove: its noisy count)
     ledger_public_key: str  # PEM
-    ledger_entries: tuple[dict[str, Any], ...] = ()  # the count's release, in the run that spent it
+    ledger_entries: tuple[dict[str, Any], ...] = ()  # add-remove: the count's release (maybe an earlier run's)
 
 
 @dataclass(frozen=True)
@@ -333,8 +334,20 @@ def _site_name(value: str, where: str) -> str:
     return value
 
 
+def printable(text: str) -> str:
+    """`text` with every character that is not printable written as its escape (ESC as
+    ``\\x1b``, a bidi override as ``\\u202e``, a newline as ``\\n``).
+
+    The one function every string from a site goes through before it reaches the
+    operator's terminal, a log, report.md or metrics: a decline's reason or a crash line
+    could otherwise carry ANSI escape sequences (move the cursor, recolour or erase what
+    the operator reads) or a line break that forges a line of the report.
+    """
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _one_line(text: str) -> str:
-    line = " ".join(text.split())
+    line = printable(" ".join(text.split()))
     return line if len(line) <= MAX_REASON else line[: MAX_REASON - 3] + "..."
 
 

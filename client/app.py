@@ -257,9 +257,10 @@ def _hello(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     count = public_count(site, plan.run_id)
     if isinstance(count, str):
         return _decline(msg, site.name, count, "budget")
-    # The count's entry goes with the hello of the run that spent it (again after a
-    # coordinator restart: the coordinator's books recognise an entry they hold already).
-    entries = [count.entry] if count.spent_in(plan.run_id) else []
+    # The count's entry goes with every hello: in the run that spent it as a spend (again
+    # after a coordinator restart: the books recognise an entry they hold already), in a later
+    # run as the signed proof that the count is a release (the coordinator refuses a bare count).
+    entries = [count.entry] if count.entry is not None else []
     return protocol.hello_reply(msg, site=site.name, num_examples=count.n,
                                 ledger_public_key=site.state.public_key_pem(), ledger_entries=entries)
 

@@ -454,41 +454,81 @@ def _real(v: object) -> TypeGuard[float]:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+# Bounds on what an entry may say, checked before any arithmetic: an entry comes from a
+# site, which may sign absurd values (a 401-digit integer overflows float() and
+# math.isfinite(); 1e9 steps make the accountant allocate hundreds of GiB). They are far
+# outside anything a site's plan produces (strategies/ledger_check.py then holds each
+# spend to the plan of its round).
+MAX_NOISE_MULTIPLIER = 1e6  # σ: ε is ~0 long before it
+MAX_STEPS = 2**53  # steps: an integer a float holds exactly
+
+
+def as_float(v: object) -> float | None:
+    """`v` as a float if it is a real number (not a bool) that a float holds, else None: a
+    NaN, or an integer too large for a float (OverflowError), is None."""
+    if not _real(v):
+        return None
+    try:
+        f = float(v)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _within(v: object, low: float, high: float) -> bool:
+    f = as_float(v)
+    return f is not None and low <= f <= high
+
+
 def _field_problem(e: Entry, need_epsilon: bool = True) -> str:
-    """What is wrong with an entry's fields, or ''."""
+    """What is wrong with an entry's fields, or ''. Numbers are bounded before they are used:
+    nothing an entry holds can raise (OverflowError) or cost unbounded work here."""
     if not isinstance(e.get("site"), str) or not e.get("site"):
         return "site must be a non-empty string"
     if not isinstance(e.get("run_id"), str):
         return "run_id must be a string"
-    if isinstance(e.get("round"), bool) or not isinstance(e.get("round"), int) or e["round"] < 0:
-        return f"round must be an integer >= 0, got {e.get('round')!r}"
+    if isinstance(e.get("round"), bool) or not isinstance(e.get("round"), int) or not 0 <= e["round"] <= MAX_STEPS:
+        return f"round must be an integer in [0, {MAX_STEPS}], got {shown(e.get('round'))}"
     if e.get("mechanism") not in MECHANISMS:
-        return f"mechanism {e.get('mechanism')!r} is not one of {', '.join(MECHANISMS)}"
+        return f"mechanism {shown(e.get('mechanism'))} is not one of {', '.join(MECHANISMS)}"
     if e.get("privacy_unit") != MECHANISMS[str(e.get("mechanism"))]:
-        return (f"privacy_unit {e.get('privacy_unit')!r} is not {MECHANISMS[str(e.get('mechanism'))]!r} "
+        return (f"privacy_unit {shown(e.get('privacy_unit'))} is not {MECHANISMS[str(e.get('mechanism'))]!r} "
                 f"(the unit of {e.get('mechanism')})")
     if e.get("accountant") not in ACCOUNTANTS:
-        return f"accountant {e.get('accountant')!r} is not one of {', '.join(ACCOUNTANTS)}"
+        return f"accountant {shown(e.get('accountant'))} is not one of {', '.join(ACCOUNTANTS)}"
     if neighbouring_of(e) not in NEIGHBOURING:
-        return f"neighbouring {e.get('neighbouring')!r} is not one of {', '.join(NEIGHBOURING)}"
+        return f"neighbouring {shown(e.get('neighbouring'))} is not one of {', '.join(NEIGHBOURING)}"
     s, q, t = e.get("noise_multiplier"), e.get("sample_rate"), e.get("steps")
-    if not (_real(s) and math.isfinite(s) and s >= 0):
-        return f"noise_multiplier must be a finite number >= 0, got {s!r}"
-    if not (_real(q) and 0 <= q <= 1):
-        return f"sample_rate must be in [0, 1], got {q!r}"
-    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-        return f"steps must be an integer >= 0, got {t!r}"
-    if not (_real(e.get("delta")) and 0 < e["delta"] < 1):
-        return f"delta must be in (0, 1), got {e.get('delta')!r}"
-    if not (_real(e.get("max_grad_norm")) and e["max_grad_norm"] > 0):
-        return f"max_grad_norm must be > 0, got {e.get('max_grad_norm')!r}"
+    if not _within(s, 0.0, MAX_NOISE_MULTIPLIER):
+        return f"noise_multiplier must be a number in [0, {MAX_NOISE_MULTIPLIER:g}], got {shown(s)}"
+    if not _within(q, 0.0, 1.0):
+        return f"sample_rate must be in [0, 1], got {shown(q)}"
+    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= MAX_STEPS:
+        return f"steps must be an integer in [0, {MAX_STEPS}], got {shown(t)}"
+    d = as_float(e.get("delta"))
+    if d is None or not 0 < d < 1:
+        return f"delta must be in (0, 1), got {shown(e.get('delta'))}"
+    c = as_float(e.get("max_grad_norm"))
+    if c is None or not 0 < c < math.inf:
+        return f"max_grad_norm must be a finite number > 0, got {shown(e.get('max_grad_norm'))}"
     if e.get("mechanism") == SKELLAM_MECHANISM and not all(
-            _real(e.get(k)) and math.isfinite(e[k]) and e[k] > 0 for k in SKELLAM_FIELDS):
+            (f := as_float(e.get(k))) is not None and 0 < f < math.inf for k in SKELLAM_FIELDS):
         return f"{', '.join(SKELLAM_FIELDS)} must be finite numbers > 0"
     if need_epsilon or "epsilon" in e and e["epsilon"] is not None:
-        if not (_real(e.get("epsilon")) and e["epsilon"] >= 0):
-            return f"epsilon must be a number >= 0, got {e.get('epsilon')!r}"
+        eps = as_float(e.get("epsilon"))
+        if eps is None or eps < 0:  # ∞ is allowed: what a spend without noise costs
+            return f"epsilon must be a number >= 0 that a float holds, got {shown(e.get('epsilon'))}"
     return ""
+
+
+def shown(v: object) -> str:
+    """A value from an entry as an error line may quote it: repr (which escapes what is not
+    printable), at most 40 characters; an integer above 64 bits by its size (a 401-digit
+    integer is not worth quoting, and str() refuses one past 4300 digits)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
+        return f"an integer of {v.bit_length()} bits"
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass
@@ -536,8 +576,10 @@ def verify_ledger(entries: list[Entry], public_keys: dict[str, signing.PublicKey
         problem = _field_problem(e)
         if problem:
             bad(i, e, problem)
-        if any(isinstance(e.get(k), bool) or not isinstance(e.get(k), int) or e[k] < 0 for k in ("seq", "run_seq")):
-            bad(i, e, f"seq and run_seq must be integers >= 0, got {e.get('seq')!r}, {e.get('run_seq')!r}")
+        if any(isinstance(e.get(k), bool) or not isinstance(e.get(k), int) or not 0 <= e[k] <= MAX_STEPS
+               for k in ("seq", "run_seq")):
+            bad(i, e, f"seq and run_seq must be integers in [0, {MAX_STEPS}], got {shown(e.get('seq'))}, "
+                      f"{shown(e.get('run_seq'))}")
             continue
         site = e["site"] if isinstance(e["site"], str) else repr(e["site"])
         rs_key = (str(e["run_id"]), site)
@@ -604,10 +646,11 @@ def verify_ledger(entries: list[Entry], public_keys: dict[str, signing.PublicKey
         if prev is not None and neighbouring_of(prev) != neighbouring_of(e):
             bad(i, e, f"accounted under {neighbouring_of(e)} after spends under {neighbouring_of(prev)}: "
                       "one site's ε is composed under one relation")
-        if prev is not None and _real(e.get("epsilon")) and _real(prev.get("epsilon")):
+        now, before = as_float(e.get("epsilon")), as_float(prev.get("epsilon")) if prev is not None else None
+        if prev is not None and now is not None and before is not None:
             if (e.get("delta"), e.get("accountant")) == (prev.get("delta"), prev.get("accountant")):
-                if e["epsilon"] < prev["epsilon"]:
-                    bad(i, e, f"cumulative ε went down from {prev['epsilon']:.6g} to {e['epsilon']:.6g}")
+                if now < before:
+                    bad(i, e, f"cumulative ε went down from {before:.6g} to {now:.6g}")
             else:
                 res.notes.append(
                     f"site {site}: δ/accountant changed at entry {i} ({prev.get('delta')}/{prev.get('accountant')}"

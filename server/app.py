@@ -17,7 +17,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 import conf
 import protocol
 from privacy import signing
+from privacy.accountant import ADD_REMOVE
 from privacy.errors import FedShieldError
 from privacy.secure_sum import AUTO_RING_ABOVE, DistributedNoise, settings_of
 from server import checkpoint
@@ -40,7 +41,7 @@ from server.federation_books import flower_epsilon_no_amplification, open_books
 from server.plots import plot_run
 from server.run_dir import LEDGER_KEYS, append_jsonl, existing_run_dir, new_run_dir, read_jsonl
 from strategies.flower import ROBUST, flower_strategy, shortfall
-from strategies.ledger_check import Expected, LedgerCheck, Verdict
+from strategies.ledger_check import Expected, LedgerCheck, Verdict, plan_problem
 from strategies.secagg import SecAggPlus
 from strategies.site_aware import RoundReport, SiteAwareStrategy
 from task import centering
@@ -55,8 +56,9 @@ COUNT_SPEND = Expected(sample_rate=1.0, steps=1)  # the record count's release (
 
 
 def say(text: str) -> None:
-    """Progress for the person running the job (stdout, unbuffered)."""
-    print(text, flush=True)
+    """Progress for the person running the job (stdout, unbuffered). Each line is printable-
+    escaped (protocol.printable): a site's words in it cannot drive the terminal."""
+    print("\n".join(protocol.printable(line) for line in text.split("\n")), flush=True)
 
 
 def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float,
@@ -68,6 +70,7 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
     refused = refused if refused is not None else []
 
     def refuse(why: str) -> None:
+        why = protocol.printable(why)
         say(why)
         refused.append(why)
 
@@ -102,7 +105,7 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
         else:
             try:
                 key = signing.load_public_key(hello.ledger_public_key)
-            except FedShieldError as exc:
+            except (FedShieldError, ValueError) as exc:  # ValueError: text that does not encode
                 refuse(f"site {hello.site}: not joining: its ledger public key is not usable ({exc})")
                 continue
             taken[hello.site] = node
@@ -113,18 +116,31 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
 
 def check_released_counts(sites: dict[int, dict], books: LedgerCheck, refused: list[str]
                           ) -> tuple[list[tuple[str, tuple]], list[tuple[str, tuple]]]:
-    """Each site's record-count release (add-remove: sent with its HELLO in the run that
-    spent it) checked like any spend, and its released count equal to the count it declared.
-    A site whose entries fail is refused (removed from `sites`); returns the entries to
-    record and those to keep apart, by site."""
+    """Each site's record-count release (add-remove: sent with every HELLO) checked like any
+    spend when this run spent it, checked as signed when an earlier run did (the count is
+    released once per dataset; that entry is not a spend of this run and is not recorded), and
+    its released count equal to the count it declared. Under add-remove a DP site whose hello
+    carries no release is refused: its count would be unprotected, or made up. A site whose
+    entries fail is refused (removed from `sites`); returns the entries to record and those
+    to keep apart, by site."""
     counted, apart = [], []
+    required = books.dp and books.neighbouring == ADD_REMOVE
     for node, s in sorted(sites.items()):
         entries = tuple(s.pop("entries", ()))
-        if not entries:
-            continue  # no DP, replace-one, or the count was released in an earlier run
-        fresh = tuple(e for e in entries if not books.holds(s["site"], e))  # a resumed run holds it already
+        if not entries and not required:
+            continue  # no DP, or replace-one: the count is public
+        ours = tuple(e for e in entries if e.get("run_id") == books.run_id)
+        earlier = tuple(e for e in entries if e.get("run_id") != books.run_id)
+        fresh = tuple(e for e in ours if not books.holds(s["site"], e))  # a resumed run holds it already
         verdict = books.check(s["site"], 0, fresh, COUNT_SPEND) if fresh else Verdict(None)
         problem = verdict.problem
+        if not entries:
+            problem = ("its hello carries no record-count release: under add-remove a count is usable only with "
+                       "the signed release that spent it")
+        elif len(entries) != 1:
+            problem = f"its hello carries {len(entries)} ledger entries; a count has one release"
+        if problem is None and earlier:
+            problem = books.earlier_release_problem(s["site"], earlier)
         if problem is None and any(e.get("release") != "record-count" or e.get("released_count") != s["n"]
                                    for e in entries):
             problem = f"its count release does not say the {s['n']} records it declared"
@@ -160,8 +176,12 @@ def _simulated_nodes(grid: Grid, expected: int, settle_s: float) -> list[int]:
 
 
 def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict], rounds: RoundLog,
-                         books: LedgerCheck, width: int, timeout: float) -> np.ndarray | None:
-    """Ask every site for its noisy feature sum (task.centering); their mean, or None."""
+                         books: LedgerCheck, width: int, timeout: float, bound: Callable[[int], float] | None = None
+                         ) -> np.ndarray | None:
+    """Ask every site for its noisy feature sum (task.centering); their mean, or None.
+
+    `bound(n)`: the largest norm an honest sum of a site that declared n records can have
+    (centering.sum_bound); a larger or non-finite sum is not used (that site alone)."""
     say(f"feature centering: asking {len(sites)} sites for their noisy feature sums (each site first "
         "encodes its records with the frozen model, once per run: this is the slow step on a CPU)")
     messages = [protocol.instruction(protocol.FEATURE_SUM, plan, n) for n in sites]
@@ -188,6 +208,8 @@ def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict],
             elif got.num_examples != declared:
                 say(f"  {name}: feature-mean reply claims {got.num_examples} records, not the {declared} "
                     "it declared; not used")
+            elif bound is not None and (problem := centering.sum_problem(got.feature_sum, bound(declared))):
+                say(f"  {name}: feature-mean reply not used: {problem}")
             else:
                 sums.append(got.feature_sum)
                 counts.append(got.num_examples)
@@ -195,7 +217,10 @@ def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict],
         say("feature centering: no site released a feature mean; training without centering")
         return None
     center = centering.combine(sums, counts)
-    eps = max(rounds.epsilon.values(), default=0.0)
+    if not np.isfinite(center).all():  # cannot happen with bounded sums; never the run if it does
+        say("feature centering: the combined feature mean is not finite; training without centering")
+        return None
+    eps = rounds.epsilon_max()
     say(f"feature centering: mean [CLS] feature from {len(sums)} sites ({sum(counts)} records, "
         f"|mean| {np.linalg.norm(center):.2f}; ε max after it {eps:.3f})")
     return center
@@ -204,9 +229,14 @@ def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict],
 class RoundLog:
     """Collects each round's site replies and ledger entries, writes metrics, shows progress."""
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, sites: dict[int, dict]) -> None:
+    def __init__(self, run_dir: Path, cfg: DictConfig, sites: dict[int, dict],
+                 verified: Callable[[str], float] | None = None) -> None:
         self.run_dir, self.cfg = run_dir, cfg
+        # Per site: the cumulative ε its own entries state (earlier runs included; a site may
+        # over-state its own), and `verified`: what this run's verified entries cost it, as the
+        # coordinator recomputes it (LedgerCheck.run_epsilon) -- the run's "ε max" and "ε mean".
         self.epsilon = {s["site"]: 0.0 for s in sites.values()}
+        self.verified = verified
         self.declines: dict[str, list[str]] = {}
         self.reports: dict[int, RoundReport] = {}  # server round -> its sites' outcomes
         self.rows: list[dict] = []
@@ -233,6 +263,15 @@ class RoundLog:
             os.replace(tmp, path)
         if self.rows:
             self.t0 = time.time() - float(self.rows[-1].get("elapsed_s", 0.0))
+
+    def run_epsilons(self) -> list[float]:
+        """Per site, the ε of this run's spends from verified entries (recorded ε without books)."""
+        if self.verified is None:
+            return list(self.epsilon.values())
+        return [self.verified(site) for site in self.epsilon]
+
+    def epsilon_max(self) -> float:
+        return max(self.run_epsilons(), default=0.0)
 
     def keep_apart(self, site: str, entries: Iterable[dict]) -> None:
         """Entries that did not verify: kept for the record, never in the run's ledger."""
@@ -269,7 +308,7 @@ class RoundLog:
 
     def on_evaluated(self, server_round: int, metrics: dict) -> dict:
         report = self.reports.pop(server_round, None)  # none for round 0, or a round nobody was asked
-        eps = list(self.epsilon.values()) or [0.0]
+        eps = self.run_epsilons() or [0.0]
         row = {
             "round": server_round,
             "accuracy": metrics["accuracy"],
@@ -346,6 +385,19 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         if problem:
             raise checkpoint.CheckpointError(f"cannot resume {run_dir.name}: {problem}")
     counted, apart = check_released_counts(sites, books, refused)
+    tr = cfg.training
+    books.plans = {s["site"]: Expected(poisson_rate(s["n"], tr.batch_size),
+                                       tr.local_epochs * batches_per_epoch(s["n"], tr.batch_size))
+                   for s in sites.values()}  # what each site's round must spend, from its declared n
+    for node, s in sorted(sites.items()):
+        problem = plan_problem(books.plans[s["site"]])
+        if problem:  # its checks would cost more than the coordinator spends on one site
+            # Its count release of this run is recorded (a spend is a spend): its key goes with it.
+            (run_dir / "privacy" / LEDGER_KEYS / f"{s['site']}.pub").write_text(s["public_key"])
+            why = f"site {s['site']}: not joining: {problem}"
+            say(why)
+            refused.append(why)
+            del sites[node]
     if len(sites) < cfg.federation.min_sites:
         raise FedShieldError(
             f"only {len(sites)} site(s) can join, fewer than federation.min_sites={cfg.federation.min_sites}"
@@ -357,7 +409,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     say(f"{len(sites)} sites: " + ", ".join(f"{s['site']} (n={s['n']})" for s in shown)
         + (f", ... and {len(listed) - len(shown)} more (privacy/sites.json)" if len(shown) < len(listed) else ""))
 
-    rounds = RoundLog(run_dir, cfg, sites)
+    rounds = RoundLog(run_dir, cfg, sites, verified=books.run_epsilon)
     for site, entries in apart:
         rounds.keep_apart(site, entries)
     for site, entries in counted:
@@ -368,8 +420,15 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         initial, center = ckpt.weights, ckpt.center
         say(f"resuming after round {ckpt.server_round} of {cfg.federation.rounds}")
     elif centering.applies(cfg, view):
-        center = collect_feature_mean(grid, plan, sites, rounds, books, int(view.module.center.shape[0]),
-                                      float(cfg.federation.round_timeout_s))
+        width = int(view.module.center.shape[0])
+        p = cfg.privacy
+        dp = p.mode == "dp-sgd"
+        noise_std = float(p.center_noise_multiplier) * centering.clip_norm(cfg, view) if dp else 0.0
+        # Under add-remove the sum counts the true n, the declared n is its noisy release.
+        slack = 20.0 * float(p.count_noise_multiplier) + 1.0 if dp and p.neighbouring == ADD_REMOVE else 0.0
+        clip = centering.clip_norm(cfg, view)
+        center = collect_feature_mean(grid, plan, sites, rounds, books, width, float(cfg.federation.round_timeout_s),
+                                      bound=lambda n: centering.sum_bound(n + slack, clip, noise_std, width))
     if center is not None:
         centering.set_center(view, center)
         plan = protocol.with_feature_center(plan, center)
@@ -381,10 +440,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     )
     if ckpt is not None:
         checkpoint.restore_strategy_state(inner, ckpt.strategy_state)
-    tr = cfg.training
-    planned = {s["site"]: Expected(poisson_rate(s["n"], tr.batch_size),
-                                   tr.local_epochs * batches_per_epoch(s["n"], tr.batch_size))
-               for s in sites.values()}  # what each site's round must spend, from its declared n
+    planned = books.plans
     done = ckpt.server_round if ckpt is not None else 0
     dim = sum(int(np.prod(shape)) for shape, _ in spec.values())
     books_fed = open_books(cfg, run_dir, isinstance(grid, InMemoryGrid), dim) if cfg.privacy.unit == "site" else None
@@ -589,8 +645,8 @@ def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict
             "rounds not trained |", "|---|---:|---:|---:|---|",
         ]
         for name, s in sorted(summary.items()):
-            lines.append(f"| {name} | {s['records']} | {s['epsilon']:.4f} | {s['budget']} | "
-                         f"{'; '.join(s['not_trained']) or '-'} |")
+            why = "; ".join(s["not_trained"]).replace("|", "\\|")  # a site's words: no forged table cell
+            lines.append(f"| {name} | {s['records']} | {s['epsilon']:.4f} | {s['budget']} | {why or '-'} |")
     if p.unit == "site":
         fed = [json.loads(x) for x in (run_dir / "privacy" / FEDERATION_LEDGER).read_text().splitlines() if x]
         last_fed = fed[-1] if fed else {}

@@ -22,6 +22,22 @@ under-report:
    site's entries of this run alone. Earlier runs only add to the true ε, so this is a
    lower bound the site cannot go under; the site's own ledger is the full account.
 
+5. **Bounded before arithmetic, bounded in cost** (issue 21): every number an entry holds
+   is range-checked first (`privacy.ledger`: a 401-digit σ or ε is refused, not an
+   OverflowError); a late spend is held to the plan of its own round (`plans`; round 0 is
+   the one-step, full-batch releases), never only to "an earlier round"; σ >=
+   `MIN_NOISE_MULTIPLIER`; at most `MAX_MECHANISMS` different (σ, q) per site and run. The
+   work of recomputing ε grows with ε itself (dp-accounting's PLD spans the privacy-loss
+   range at interval 1e-3: σ = 0.01 cost 152 s, 1e9 steps 250 GiB), so a cheap sound
+   estimate comes first: Opacus' RDP ε (milliseconds at any σ, q, steps) above
+   `MAX_CHECKED_EPSILON` refuses the entries before the PLD is built. It only ever refuses
+   (an RDP figure never admits an entry), so the recorded ε stays >= the accountant's.
+   A plan of more than `MAX_PLAN_STEPS` steps a round (`plan_problem`, a declared count
+   of ~10^8 records) is refused at discovery. Measured on this machine: the worst
+   admitted check costs about 2 s (σ = 0.1, q = 1, ε ≈ 1000; 10^6 steps at q = 1e-6).
+   Whatever still goes wrong inside a check (MemoryError included) refuses that site's
+   entries with one line, never the run.
+
 A reply whose entries fail is rejected and its entries are kept apart (the caller writes
 them to `privacy/rejected-entries.jsonl`); the site's chain state does not advance, so a
 site whose books failed once cannot be accepted again in this run.
@@ -34,10 +50,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from privacy import signing
-from privacy.accountant import ADD_REMOVE, Spend, epsilon
-from privacy.ledger import neighbouring_of, verify_ledger
+from privacy.accountant import ADD_REMOVE, Spend, epsilon, epsilon_opacus
+from privacy.ledger import neighbouring_of, shown, verify_ledger
 
 TOLERANCE = 1e-6  # relative, as the audit's
+# A floor no honest plan goes under: one full-batch step at σ = 0.1 already costs ε ≈ 92
+# (PLD, δ = 1e-5); a site calibrated to any target ε a report would print uses σ > 0.5.
+MIN_NOISE_MULTIPLIER = 0.1
+# The ε past which the coordinator does not build a PLD (its cost grows with ε): an RDP
+# estimate above it refuses the entries. ε = 1000 is e^1000: no privacy left to account.
+MAX_CHECKED_EPSILON = 1000.0
+MAX_MECHANISMS = 16  # different (σ, q) in one site's spends of one run (an honest site uses 3)
+MAX_PLAN_STEPS = 10**6  # DP-SGD steps a round's plan may ask of one site (n ≈ 1.3e8 at batch 128)
 
 
 @dataclass(frozen=True)
@@ -56,6 +80,14 @@ class Expected:
     steps: int
 
 
+def plan_problem(expected: Expected) -> str | None:
+    """Why the coordinator cannot check a site held to `expected` at bounded cost, or None."""
+    if expected.steps > MAX_PLAN_STEPS:
+        return (f"its declared record count makes a round {expected.steps} DP-SGD steps, more than the "
+                f"{MAX_PLAN_STEPS} the coordinator checks per round")
+    return None
+
+
 class LedgerCheck:
     """Per-run, per-site state of the entries accepted so far; `check` each reply's entries.
 
@@ -69,11 +101,18 @@ class LedgerCheck:
         Whether the run's plan is record-level DP: then every release needs its entries.
     delta, accountant, neighbouring : float, str, str
         The plan's δ, accountant and neighbouring relation; entries must use them.
+    plans : Mapping[str, Expected], optional
+        Site -> what each of its training rounds must spend (the same every round: from its
+        declared count). A late spend of round r >= 1 is held to it (without it: to the
+        `expected` of the check at hand); a round-0 spend is one full-batch step. Settable
+        after discovery (`self.plans`).
     """
 
     def __init__(self, run_id: str, public_keys: Mapping[str, signing.PublicKey], *, dp: bool,
-                 delta: float, accountant: str, neighbouring: str = ADD_REMOVE) -> None:
+                 delta: float, accountant: str, neighbouring: str = ADD_REMOVE,
+                 plans: Mapping[str, Expected] | None = None) -> None:
         self.run_id = run_id
+        self.plans: dict[str, Expected] = dict(plans or {})
         self.neighbouring = neighbouring
         self.public_keys = dict(public_keys)
         self.dp = dp
@@ -96,6 +135,26 @@ class LedgerCheck:
             self.accepted[site] = list(own)
         return None
 
+    def earlier_release_problem(self, site: str, entries: Sequence[dict[str, Any]]) -> str | None:
+        """Why `entries`, a site's spends of EARLIER runs (its record count, released once per
+        dataset and reused), are not what its key signed, or None. They are not spends of
+        this run: checked (fields in bounds, hash, signature under the site's key) and not
+        recorded; their chain is in the site's own ledger."""
+        if site not in self.public_keys:
+            return f"no ledger key for site {site!r} from discovery"
+        try:
+            for e in entries:
+                if e.get("site") != site or e.get("run_id") == self.run_id:
+                    return (f"an earlier-run ledger entry names site {shown(e.get('site'))}, "
+                            f"run {shown(e.get('run_id'))}")
+                verified = verify_ledger([e], {site: self.public_keys[site]})
+                problems = [why for _, why in verified.problems if "spend #" not in why]  # one entry, not its run
+                if problems:
+                    return f"its earlier-run ledger entry does not verify: {problems[0]}"
+        except Exception as exc:  # noqa: BLE001  whatever a site signed, the run goes on
+            return f"its earlier-run ledger entries could not be checked ({type(exc).__name__})"
+        return None
+
     def holds(self, site: str, entry: Mapping[str, Any]) -> bool:
         """Whether this run's ledger already holds `entry` of `site` (by its hash)."""
         return any(e.get("hash") == entry.get("hash") for e in self.accepted.get(site, []))
@@ -116,7 +175,10 @@ class LedgerCheck:
             if entries[: len(replayed)] != replayed or accepted[-len(replayed):] != replayed:
                 return Verdict("its ledger entries repeat accepted ones out of order or changed")
         fresh = entries[len(replayed):]
-        problem = self._problem(site, server_round, entries, fresh, expected)
+        try:
+            problem = self._problem(site, server_round, entries, fresh, expected)
+        except Exception as exc:  # noqa: BLE001  whatever a site signed, the run goes on
+            problem = f"its ledger entries could not be checked ({type(exc).__name__})"
         if problem is not None:
             return Verdict(problem)
         accepted.extend(fresh)
@@ -134,16 +196,16 @@ class LedgerCheck:
             late = isinstance(e.get("round"), int) and not isinstance(e.get("round"), bool) \
                 and 0 <= e["round"] < server_round
             if (e.get("site"), e.get("run_id")) != (site, self.run_id) or not (late or e.get("round") == server_round):
-                return (f"a ledger entry names site {e.get('site')!r}, run {e.get('run_id')!r}, round "
-                        f"{e.get('round')!r}; expected {site!r}, {self.run_id!r}, {server_round}")
+                return (f"a ledger entry names site {shown(e.get('site'))}, run {shown(e.get('run_id'))}, round "
+                        f"{shown(e.get('round'))}; expected {site!r}, {self.run_id!r}, {server_round}")
             # A site may be stricter than the plan (a smaller δ of its own), never looser.
             if e.get("accountant") != self.accountant or not isinstance(e.get("delta"), float) \
                     or not 0 < e["delta"] <= self.delta:
-                return (f"a ledger entry is at δ={e.get('delta')!r} with {e.get('accountant')!r}; the run allows "
-                        f"δ <= {self.delta:g} with {self.accountant!r}")
+                return (f"a ledger entry is at δ={shown(e.get('delta'))} with {shown(e.get('accountant'))}; the run "
+                        f"allows δ <= {self.delta:g} with {self.accountant!r}")
             if e.get("mechanism") != "dp-sgd-poisson-gaussian" or e.get("privacy_unit") != "record":
-                return f"a ledger entry records {e.get('mechanism')!r} for unit {e.get('privacy_unit')!r}: a site's " \
-                       "releases are record-level DP-SGD"
+                return (f"a ledger entry records {shown(e.get('mechanism'))} for unit {shown(e.get('privacy_unit'))}: "
+                        "a site's releases are record-level DP-SGD")
             if neighbouring_of(e) != self.neighbouring:
                 return (f"a ledger entry is accounted under {neighbouring_of(e)}; the run's relation is "
                         f"{self.neighbouring}")
@@ -161,9 +223,57 @@ class LedgerCheck:
                         f"at q={expected.sample_rate:g}")
             if any(s.noise_multiplier <= 0 for s in spends):
                 return "a ledger entry records noise multiplier 0: no DP"
+        # Past verify_ledger every number is within privacy.ledger's bounds: floats, no overflow.
+        if any(e["noise_multiplier"] < MIN_NOISE_MULTIPLIER for e in fresh):
+            return (f"a ledger entry records noise multiplier {min(e['noise_multiplier'] for e in fresh):.4g}, "
+                    f"below the {MIN_NOISE_MULTIPLIER:g} that any honest plan uses")
+        problem = self._late_problem(site, server_round, fresh, expected)
+        if problem is not None:
+            return problem
+        if len({(float(e["noise_multiplier"]), float(e["sample_rate"])) for e in history}) > MAX_MECHANISMS:
+            return (f"its ledger entries of this run use more than {MAX_MECHANISMS} different (σ, q): more "
+                    "than the coordinator checks")
+        rough = epsilon_opacus([Spend(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in history],
+                               float(entries[-1]["delta"]), "rdp")
+        if rough > MAX_CHECKED_EPSILON:
+            return (f"its ledger entries of this run cost ε ≈ {rough:.4g} (RDP), above the {MAX_CHECKED_EPSILON:g} "
+                    "the coordinator checks: no privacy left to account")
         floor = epsilon([Spend(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in history],
                         float(entries[-1]["delta"]), self.accountant, self.neighbouring)
         recorded = float(entries[-1]["epsilon"])
         if recorded < floor * (1 - TOLERANCE):
             return f"its ledger records ε={recorded:.6g}, below the {floor:.6g} that this run's entries alone cost"
         return None
+
+    def _late_problem(self, site: str, server_round: int, fresh: list[dict[str, Any]],
+                      expected: Expected | None) -> str | None:
+        """A late spend (an earlier round's) held to the plan of its own round: round 0 is a
+        one-step full-batch release; a training round spends at most its plan's steps at its
+        rate. Without this, an entry for 'an earlier round' could say 1e9 steps."""
+        late: dict[int, list[dict[str, Any]]] = {}
+        for e in fresh:
+            if e["round"] < server_round:
+                late.setdefault(e["round"], []).append(e)
+        for r, own in sorted(late.items()):
+            plan = Expected(1.0, len(own)) if r == 0 else self.plans.get(site, expected)
+            if plan is None:
+                return f"a ledger entry of round {r} is a late spend, and no plan of round {r} is known for it"
+            q_ok = all(float(e["sample_rate"]) == plan.sample_rate for e in own)
+            if not q_ok or (r == 0 and any(e["steps"] != 1 for e in own)) or sum(e["steps"] for e in own) > plan.steps:
+                got = ", ".join(f"{e['steps']} steps at q={float(e['sample_rate']):g}" for e in own)
+                return (f"its late ledger entries of round {r} spend {got}; the plan of round {r} asks "
+                        f"{plan.steps} steps at q={plan.sample_rate:g}")
+        return None
+
+    def run_epsilon(self, site: str) -> float:
+        """ε of `site`'s entries accepted in this run, recomputed by the coordinator (at the
+        δ of its last entry): what the run's releases cost it, from verified entries only.
+        (Its entries' own ε may be larger: earlier runs, or a site that over-states.)"""
+        own = self.accepted.get(site, [])
+        if not own:
+            return 0.0
+        try:
+            return epsilon([Spend(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in own],
+                           float(own[-1]["delta"]), self.accountant, self.neighbouring)
+        except Exception:  # noqa: BLE001  accepted entries were computed once already; never the run
+            return float(own[-1]["epsilon"])

@@ -23,10 +23,16 @@ wrapped strategy untouched, per-round state keyed by round):
   the round's global weights) over all trainable tensors, kept per round from
   `configure_train`, is reported for every usable reply; above the bound the update is
   scaled down to it (`clip`: the site's direction kept, its reach bounded) or the reply is
-  refused (`reject`). A scaled-up update moves a plain average by at most bound / n per
-  site; it cannot stop a sign flip or a label flip of ordinary size (the robust rules,
+  refused (`reject`). The bound is on each update's share of the step: an update whose
+  FedAvg weight is k > 1 times the round's mean weight is held to bound / k, so a scaled-up
+  update moves a weighted average by at most bound / n per site, as at equal weights; it
+  cannot stop a sign flip or a label flip of ordinary size (the robust rules,
   strategies.flower, are for those). The bound is coordinator-side post-processing of a
   released update: it changes nothing in any site's privacy account.
+- **Weights capped.** A site's FedAvg weight is its declared count, at most
+  `MAX_WEIGHT_RATIO` x the lower median of the counts all sites declared (issue 21: a site
+  declaring 10^6 records took the whole average). Under secure aggregation the weights are
+  inside the masked sum and are not capped.
 - **Robust rules get what they need or nothing.** A round with fewer usable updates than
   the wrapped rule needs to withstand its f (`strategies.flower.shortfall`) is skipped with
   one line (the global model is kept); for Krum, Multi-Krum and Bulyan the report names the
@@ -76,6 +82,9 @@ from strategies.secagg import SecAggPlus, Unmasked
 from strategies.site_dp import SiteLevelDP
 
 log = logging.getLogger("fedshield.strategy")
+
+# A site's FedAvg weight is at most this many times the (lower) median declared count.
+MAX_WEIGHT_RATIO = 10
 
 @dataclass
 class SiteReply:
@@ -304,6 +313,7 @@ class SiteAwareStrategy(Strategy):
         if self.secagg is not None:
             base = None  # a masked vector has no norm to bound
         valid: list[Message] = []
+        usable: list[tuple[Message, SiteReply, protocol.TrainReply]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if node not in asked:  # Flower only returns replies to what was sent; be sure
@@ -332,32 +342,62 @@ class SiteAwareStrategy(Strategy):
                 elif declared is not None and parsed.num_examples != declared:
                     reply.status, reply.breach, reply.reason = "rejected", True, (
                         f"claims {parsed.num_examples} records; it declared {declared} at discovery")
-                elif (bounded := self._bound(reply, parsed, base)) is not None:
-                    msg.content = protocol.aggregation_content(bounded)
-                    valid.append(msg)
+                else:
+                    usable.append((msg, reply, parsed))
                 report.replies.append(reply)
+        weights = self._weights([parsed for _, _, parsed in usable])
+        total = sum(weights)
+        for (msg, reply, parsed), weight in zip(usable, weights, strict=True):
+            # Each update's bound is on its share of the step: (weight / total) x update moves
+            # the average no more than an update of the bound at equal weights (bound / m).
+            share = 1.0 if total <= 0 else weight * len(usable) / total
+            try:
+                bounded = self._bound(reply, parsed, base, share)
+            except Exception as exc:  # noqa: BLE001  a site's numbers never end the round
+                reply.status, reply.reason = "rejected", f"its update could not be measured ({type(exc).__name__})"
+                continue
+            if bounded is not None:
+                msg.content = protocol.aggregation_content(replace(bounded, num_examples=weight))
+                valid.append(msg)
         # Replies arrive in any order: sorted by site, the report reads the same every run
         # and the aggregate's floating-point sum is reproducible.
         report.replies.sort(key=lambda r: r.site)
         valid.sort(key=lambda m: self.sites[m.metadata.src_node_id])
         return report, valid
 
+    def _weights(self, replies: list[protocol.TrainReply]) -> list[int]:
+        """The FedAvg weight of each usable reply: its declared count, capped at
+        `MAX_WEIGHT_RATIO` x the lower median of the counts all sites declared at discovery
+        (the median of a federation whose majority is honest is an honest count), so that one
+        site declaring 10^6 records cannot take the whole average. Under secure aggregation
+        the weights are inside the masked sum: not capped here (docs/coordinator.md)."""
+        counts = sorted(self.records.values())
+        if self.secagg is not None or not counts:
+            return [r.num_examples for r in replies]
+        cap = MAX_WEIGHT_RATIO * counts[(len(counts) - 1) // 2]
+        return [min(r.num_examples, cap) for r in replies]
+
     def _bound(self, reply: SiteReply, parsed: protocol.TrainReply,
-               base: Mapping[str, np.ndarray[Any, Any]] | None) -> protocol.TrainReply | None:
+               base: Mapping[str, np.ndarray[Any, Any]] | None, share: float = 1.0) -> protocol.TrainReply | None:
         """The update's norm into `reply`; the update as it may be aggregated (clipped to the
-        bound), or None if it is refused (`reject`)."""
+        bound), or None if it is refused (`reject`). `share`: the update's weight over the
+        mean weight of the round's usable updates; the bound applies to share x norm (a site
+        whose weight is k times the mean gets 1/k of the bound), never more than the bound."""
         if base is None:
             return parsed
         deltas = {k: v.astype(np.float64) - base[k] for k, v in parsed.arrays.items()
                   if np.issubdtype(v.dtype, np.floating)}
         norm = math.sqrt(sum(float(np.vdot(d, d)) for d in deltas.values()))
         reply.update_norm = norm
-        bound = self.update_norm_bound
-        if bound is None or norm <= bound:
+        if self.update_norm_bound is None:
+            return parsed
+        bound = self.update_norm_bound / max(1.0, share)
+        if norm <= bound:
             return parsed
         if self.update_norm_action == "reject":
             reply.status, reply.reason = "rejected", (
-                f"update norm {norm:.4g} is above federation.update_norm_bound={bound:g}")
+                f"update norm {norm:.4g} is above federation.update_norm_bound={self.update_norm_bound:g}"
+                + (f" / its weight share {share:.3g}" if share > 1.0 else ""))
             return None
         reply.clipped = True
         scale = bound / norm

@@ -20,11 +20,17 @@ with the run's DP-SGD steps in the same accountants, and the DP-SGD noise is cal
 that both together stay within the site's target ε.
 
 The coordinator's mean is sum(noisy sums) / sum(n), with n the record count every site
-already reports (FedAvg's weights). The centre travels in the plan; the exported model
-folds it into the pooler's bias (task.model.fold_center).
+already reports (FedAvg's weights). A sum comes from a site, which may send anything finite
+in float64 (1e300 is; it is inf in the float32 centre): before it is added, its norm must be
+one an honest site can send (`sum_bound`: at most n clipped features plus the noise's
+norm, which exceeds sqrt(d) + 10 standard deviations with probability below e^-50). The
+centre travels in the plan; the exported model folds it into the pooler's bias
+(task.model.fold_center).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -67,6 +73,26 @@ def noisy_feature_sum(
     if noise_std > 0:
         total += torch.normal(0.0, noise_std, size=total.shape, generator=generator, dtype=torch.float64)
     return total.numpy()
+
+
+def sum_bound(records: float, clip: float, noise_std: float, width: int) -> float:
+    """The largest L2 norm an honest site's noisy sum can have: `records` features clipped to
+    `clip`, plus Gaussian noise of std `noise_std` in `width` coordinates (its norm passes
+    noise_std * (sqrt(width) + 10) with probability below e^-50: the norm is 1-Lipschitz, E|z| <=
+    sqrt(width), and Gaussian concentration gives P(|z| > sqrt(width) + t) <= e^(-t^2/2)). The
+    clipped sum gets 1e-6 relative room for rounding (n aligned features clipped to `clip`)."""
+    return records * clip * (1 + 1e-6) + noise_std * (math.sqrt(width) + 10.0)
+
+
+def sum_problem(feature_sum: np.ndarray, bound: float) -> str | None:
+    """Why a site's feature sum cannot be used (not finite, or larger than `bound`), or None."""
+    values = np.asarray(feature_sum, dtype=np.float64)
+    if not np.isfinite(values).all():
+        return "its feature sum is not finite"
+    norm = float(np.linalg.norm(values))
+    if not norm <= bound:  # inf from an overflowing norm is refused too
+        return f"its feature sum has norm {norm:.4g}, more than the {bound:.4g} its records and noise allow"
+    return None
 
 
 def combine(sums: list[np.ndarray], counts: list[int]) -> np.ndarray:

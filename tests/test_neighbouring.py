@@ -124,11 +124,11 @@ def test_a_site_releases_a_noisy_count_once_and_derives_everything_from_it(tiny_
     assert spent(tmp_path) == [count]  # in the ledger before it left
 
     # Asked again (this run after a restart, or any later run): the same count, no new spend;
-    # the entry goes with the hello of the run that spent it only.
+    # the entry goes with every hello (a later run's: as the signed proof, not a new spend).
     again = hello(plan, deployed(tmp_path, data))
     assert again.num_examples == first.num_examples and again.ledger_entries == first.ledger_entries
     later = protocol.plan_record(**{**_plan_args(plan), "run_id": "run-2"})
-    assert hello(later, deployed(tmp_path, data)).ledger_entries == () and len(spent(tmp_path)) == 1
+    assert hello(later, deployed(tmp_path, data)).ledger_entries == first.ledger_entries and len(spent(tmp_path)) == 1
 
     # Training: q, steps and the reply's count are the noisy count's, never the exact one's.
     reply = ask_to_train(plan, weights, deployed(tmp_path, data))
