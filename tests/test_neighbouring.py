@@ -120,7 +120,8 @@ def test_a_site_releases_a_noisy_count_once_and_derives_everything_from_it(tiny_
     # (each rounds to it with probability 0.04).
     fresh = [hello(plan, deployed(tmp_path / f"fresh-{i}", data)).num_examples for i in range(5)]
     assert len(set(fresh + [first.num_examples])) > 1 and set(fresh) != {200}
-    assert "200" not in json.dumps({k: v for k, v in count.items() if k not in ("hash", "signature", "time")})
+    # The exact count is in no field (the noisy one may round to it: 4%; hex digests may hold "200").
+    assert 200 not in [v for k, v in count.items() if k != "released_count"]
     assert spent(tmp_path) == [count]  # in the ledger before it left
 
     # Asked again (this run after a restart, or any later run): the same count, no new spend;
