@@ -38,14 +38,19 @@ from privacy.accountant import ADD_REMOVE, Spend, epsilon
 from privacy.ledger import neighbouring_of, verify_ledger
 
 TOLERANCE = 1e-6  # relative, as the audit's
+UNVERIFIED = "its ledger entries do not verify"
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """`problem` None: the entries may join the run's ledger; `new_entries` are those it lacks."""
+    """`problem` None: the entries may join the run's ledger; `new_entries` are those it lacks.
+
+    `missing`: what fails is that the entries start after spends of this run that the
+    coordinator never received (a reply lost on the way): refused, but no proof of an attack."""
 
     problem: str | None
     new_entries: tuple[dict[str, Any], ...] = ()
+    missing: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,20 +85,33 @@ class LedgerCheck:
         self.delta = float(delta)
         self.accountant = accountant
         self.accepted: dict[str, list[dict[str, Any]]] = {site: [] for site in self.public_keys}
+        # On resume: site -> its entries in the run's ledger, for the sites that did not rejoin.
+        self.absent: dict[str, list[dict[str, Any]]] = {}
 
-    def restore(self, entries: Sequence[dict[str, Any]]) -> str | None:
+    def restore(self, entries: Sequence[dict[str, Any]],
+                recorded_keys: Mapping[str, signing.PublicKey] | None = None) -> str | None:
         """Take in a run's ledger as written before a restart (resume); None, or why it
-        cannot be trusted (each site's entries must verify under its key, as on arrival)."""
+        cannot be trusted (each site's entries must verify under its key, as on arrival).
+
+        A site that did not rejoin does not stop the resume (docs/coordinator.md §11): its
+        entries must verify under the key the run recorded for it (`recorded_keys`: site ->
+        the key in `privacy/ledger-keys/`), and they are kept in `absent` (the run's ledger
+        keeps them; the site is not asked again)."""
         by_site: dict[str, list[dict[str, Any]]] = {}
         for e in entries:
             by_site.setdefault(str(e.get("site")), []).append(e)
         for site, own in by_site.items():
-            if site not in self.public_keys:
-                return f"the run's ledger has entries of site {site!r}, which did not rejoin"
-            verified = verify_ledger(own, {site: self.public_keys[site]})
+            key = self.public_keys.get(site) or (recorded_keys or {}).get(site)
+            if key is None:
+                return (f"the run's ledger has entries of site {site!r}, which did not rejoin, and the run recorded "
+                        "no ledger key of it to check them")
+            verified = verify_ledger(own, {site: key})
             if not verified.ok:
                 return f"the run's ledger does not verify: {verified.reason}"
-            self.accepted[site] = list(own)
+            if site in self.public_keys:
+                self.accepted[site] = list(own)
+            else:
+                self.absent[site] = list(own)
         return None
 
     def holds(self, site: str, entry: Mapping[str, Any]) -> bool:
@@ -118,9 +136,25 @@ class LedgerCheck:
         fresh = entries[len(replayed):]
         problem = self._problem(site, server_round, entries, fresh, expected)
         if problem is not None:
+            gap = self._gap(site, fresh) if problem.startswith(UNVERIFIED) else None
+            if gap is not None:
+                return Verdict(f"its ledger entries start at spend #{gap[1]} of this run, and this run's ledger "
+                               f"holds its spends up to #{gap[0]}: the reply that carried the spends between was "
+                               "lost (not a breach); its chain cannot be checked across them, so it is not asked "
+                               "again in this run (its own ledger keeps the full account)", missing=True)
             return Verdict(problem)
         accepted.extend(fresh)
         return Verdict(None, tuple(fresh))
+
+    def _gap(self, site: str, fresh: list[dict[str, Any]]) -> tuple[int, int] | None:
+        """(last spend number of this run accepted, first in `fresh`) if `fresh` starts past
+        the next one: spends of this run were never received (their reply was lost)."""
+        first = fresh[0].get("run_seq") if fresh else None
+        if not isinstance(first, int) or isinstance(first, bool):
+            return None
+        held = [e.get("run_seq") for e in self.accepted.get(site, []) if e.get("run_id") == self.run_id]
+        last = max((n for n in held if isinstance(n, int) and not isinstance(n, bool)), default=-1)
+        return (last, first) if first > last + 1 else None
 
     def _problem(self, site: str, server_round: int, entries: list[dict[str, Any]], fresh: list[dict[str, Any]],
                  expected: Expected | None) -> str | None:
@@ -150,7 +184,7 @@ class LedgerCheck:
         history = [*self.accepted[site], *fresh]
         verified = verify_ledger(history, {site: self.public_keys[site]})
         if not verified.ok:
-            return f"its ledger entries do not verify: {verified.reason}"
+            return f"{UNVERIFIED}: {verified.reason}"
         spends = [Spend(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries
                   if e.get("round") == server_round]
         if expected is not None:

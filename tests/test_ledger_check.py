@@ -91,8 +91,11 @@ def test_a_chain_with_a_gap_or_a_replay_is_refused(tmp_path):
     assert check.check(site.name, 1, [first], PLAN).problem is None
     site.spend(2)  # spent but never shown to the coordinator
     third = site.spend(3)
-    assert "do not verify" in check.check(site.name, 3, [third], PLAN).problem
-    assert "do not verify" in books(site).check(site.name, 1, [first, first], PLAN).problem  # the same entry twice
+    gap = check.check(site.name, 3, [third], PLAN)  # refused, but a lost reply is no proof of an attack
+    assert "starts at spend #2 of this run" not in gap.problem and "start at spend #2" in gap.problem
+    assert "was lost (not a breach)" in gap.problem and gap.missing
+    twice = books(site).check(site.name, 1, [first, first], PLAN)  # the same entry twice
+    assert "do not verify" in twice.problem and not twice.missing
 
 
 @pytest.mark.parametrize("spend, says", [
