@@ -38,7 +38,7 @@ from server.export import export_model
 from server.federation_books import LEDGER_FILE as FEDERATION_LEDGER
 from server.federation_books import flower_epsilon_no_amplification, open_books
 from server.plots import plot_run
-from server.run_dir import LEDGER_KEYS, append_jsonl, existing_run_dir, new_run_dir, read_jsonl
+from server.run_dir import LEDGER_KEYS, RUN_STOPPED, append_jsonl, existing_run_dir, new_run_dir, read_jsonl
 from strategies.flower import ROBUST, flower_strategy, shortfall
 from strategies.ledger_check import Expected, LedgerCheck, Verdict
 from strategies.secagg import SecAggPlus
@@ -52,11 +52,9 @@ log = logging.getLogger("fedshield.server")
 REJECTED_ENTRIES = "rejected-entries.jsonl"  # <run>/privacy/: entries that did not verify, kept apart
 RELEASE_SPEND = Expected(sample_rate=1.0, steps=1)  # the feature-mean release (task.centering)
 COUNT_SPEND = Expected(sample_rate=1.0, steps=1)  # the record count's release (add-remove; client/app.py)
-# The ServerApp's own last line when it stops with an error (server/cli.py quotes what follows).
-RUN_STOPPED = "fedshield: the run stopped: "
 
 
-class EmptyRounds(FedShieldError):
+class EmptyRoundsError(FedShieldError):
     """federation.max_empty_rounds rounds in a row trained nothing: the run stops."""
 
 
@@ -490,7 +488,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
                 center=None if center is None else [float(v) for v in center]))
             streak = rounds.empty_streak()
             if server_round and streak >= int(fed.max_empty_rounds):  # after its checkpoint: resumable
-                raise EmptyRounds(empty_rounds_line(rounds, server_round, streak, int(fed.max_empty_rounds)))
+                raise EmptyRoundsError(empty_rounds_line(rounds, server_round, streak, int(fed.max_empty_rounds)))
         return MetricRecord({"accuracy": row["accuracy"], "macro-f1": row["macro_f1"],
                              "epsilon-max": row["epsilon_max"]})
 
@@ -510,7 +508,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
             train_config=plan,
             evaluate_fn=evaluate,
         )
-    except EmptyRounds:
+    except EmptyRoundsError:
         summarize(run_dir, cfg, sites, rounds)  # every spend so far, in sites.json as in the ledger
         raise
     final = protocol.from_array_record(result.arrays) if result.arrays else initial  # no round trained: initial

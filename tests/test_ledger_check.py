@@ -174,3 +174,15 @@ def test_a_ledger_that_does_not_verify_cannot_be_resumed(tmp_path):
     first = site.spend(1)
     assert "does not verify" in books(site).restore([dict(first, steps=1)])
     assert "did not rejoin" in books(site).restore([Site(tmp_path, "gone").spend(1)])
+
+
+def test_a_resume_goes_on_with_the_sites_that_rejoin(tmp_path):
+    stays, gone = Site(tmp_path), Site(tmp_path, "gone")
+    ledger = [stays.spend(1), gone.spend(1), stays.spend(2), gone.spend(2)]  # the run's ledger before the crash
+    check = books(stays)  # only st-marys came back
+    assert check.restore(ledger, {"gone": gone.public}) is None  # its entries checked under the run's recorded key
+    assert list(check.absent) == ["gone"] and len(check.absent["gone"]) == 2
+    assert check.check(stays.name, 3, [stays.spend(3)], PLAN).problem is None  # the run goes on
+    edited = [*ledger[:3], dict(ledger[3], steps=1)]  # an absent site's entries still must verify
+    assert "does not verify" in books(stays).restore(edited, {"gone": gone.public})
+    assert "does not verify" in books(stays).restore(ledger, {"gone": stays.public})  # under its own key

@@ -537,3 +537,31 @@ def test_a_reply_that_misses_its_round_is_still_recorded_and_the_run_books_equal
     result = audit(run_dir / "privacy" / "ledger.jsonl", run_dir / "privacy" / "keys", None, None)
     assert result.ok and result.sites["alpha"].recorded_epsilon == own[-1]["epsilon"]
     assert result.sites["alpha"].rdp_epsilon == pytest.approx(own[-1]["epsilon"], rel=1e-3)
+
+
+def test_rounds_that_trained_nothing_are_reported_and_counted_in_a_row(tmp_path, capsys):
+    import conf
+    from server.app import RoundLog, empty_rounds_line, write_report
+    from server.run_dir import read_jsonl
+    from strategies.site_aware import SiteReply
+
+    cfg = conf.load_config(["privacy=none", f"output.dir={tmp_path}"])
+    log = RoundLog(tmp_path, cfg, {1: {"site": "alpha", "n": 5}, 2: {"site": "bravo", "n": 5}})
+    metrics = {"accuracy": 0.5, "macro_f1": 0.5, "per_class": {}}
+    log.on_evaluated(0, metrics)
+    log.on_round(RoundReport(1, ["alpha", "bravo"], [SiteReply("alpha", 1, "trained", num_examples=5),
+                                                      SiteReply("bravo", 2, "failed", "no reply")]))
+    log.on_evaluated(1, metrics)
+    for r in (2, 3):
+        log.on_round(RoundReport(r, ["alpha", "bravo"], [
+            SiteReply("alpha", 1, "failed", "Error: Node Unavailable - The destination node is currently unavailable"),
+            SiteReply("bravo", 2, "declined", "bravo says no")], skipped="no usable update"))
+        log.on_evaluated(r, metrics)
+    assert [row["empty"] for row in read_jsonl(tmp_path / "metrics.jsonl")] == [False, False, True, True]
+    assert log.empty_streak() == 2 and capsys.readouterr().out.count("TRAINED NOTHING") == 2
+    line = empty_rounds_line(log, 3, 2, 2)
+    assert line.startswith("rounds 2-3 trained nothing (2 in a row; federation.max_empty_rounds=2); in round 3: "
+                           "alpha: failed: Error: Node Unavailable") and "bravo: declined: bravo says no" in line
+    assert "\n" not in line
+    write_report(tmp_path, cfg, log.rows, {"alpha": {}, "bravo": {}})
+    assert "Rounds that aggregated nothing (the global model was kept): 2-3." in (tmp_path / "report.md").read_text()
