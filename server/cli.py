@@ -391,7 +391,7 @@ def server_main(argv: list[str]) -> int:
         print(f"run directory (partial): {run_dir}", file=sys.stderr)
         return 130
     if not (run_dir / "report.md").is_file():
-        failure = run_failure(said) or f"the ServerApp said no cause; last error in the SuperLink log: {last_error(log)}"
+        failure = run_failure(said) or f"the ServerApp said no cause; the SuperLink log's last error: {last_error(log)}"
         raise FedShieldError(f"the run did not complete: {failure} (SuperLink log: {log})")
     print(f"\nrun directory: {run_dir}", flush=True)
     return 0
