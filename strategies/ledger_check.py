@@ -8,7 +8,10 @@ under-report:
 1. **Chain and signature** (`privacy.ledger.verify_ledger`): the new entries continue the
    site's chain from its last accepted entry of this run (hash links, seq, run_seq, rounds
    forward, ε never down), each signed by the ledger signing key the site presented at
-   discovery (its `SiteHello`).
+   discovery (its `SiteHello`). Entries that start past the next spend of this run (a reply
+   with the spends between is late or lost) cannot be checked across the gap: refused as
+   `missing`, not as a breach, and held (`pending`) until the spends between arrive, then
+   taken in after them; a second such reply while entries are held is refused for good.
 2. **Provenance**: each entry names this site, this run and this round, or an earlier
    round of this run that the coordinator does not hold (a late spend: one that a crash
    interrupted and the site counted since; recorded, not checked against this round's plan).
@@ -46,11 +49,14 @@ class Verdict:
     """`problem` None: the entries may join the run's ledger; `new_entries` are those it lacks.
 
     `missing`: what fails is that the entries start after spends of this run that the
-    coordinator never received (a reply lost on the way): refused, but no proof of an attack."""
+    coordinator never received (a reply lost or late on the way): refused, but no proof of
+    an attack. `held`: the entries are kept until those spends arrive (`LedgerCheck.pending`);
+    False: the site had entries held already, its books cannot be completed in this run."""
 
     problem: str | None
     new_entries: tuple[dict[str, Any], ...] = ()
     missing: bool = False
+    held: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,9 @@ class LedgerCheck:
         self.accepted: dict[str, list[dict[str, Any]]] = {site: [] for site in self.public_keys}
         # On resume: site -> its entries in the run's ledger, for the sites that did not rejoin.
         self.absent: dict[str, list[dict[str, Any]]] = {}
+        # Site -> (round, entries, plan) of a reply whose entries start after spends not yet
+        # received: checked and taken in once those arrive (a late reply), as of their round.
+        self.pending: dict[str, tuple[int, list[dict[str, Any]], Expected | None]] = {}
 
     def restore(self, entries: Sequence[dict[str, Any]],
                 recorded_keys: Mapping[str, signing.PublicKey] | None = None) -> str | None:
@@ -137,14 +146,30 @@ class LedgerCheck:
         problem = self._problem(site, server_round, entries, fresh, expected)
         if problem is not None:
             gap = self._gap(site, fresh) if problem.startswith(UNVERIFIED) else None
+            if gap is not None and site not in self.pending:
+                self.pending[site] = (server_round, fresh, expected)
+                return Verdict(f"its ledger entries start at spend #{gap[1]} of this run, and this run's ledger "
+                               f"holds its spends up to #{gap[0]}: the reply with the spends between has not "
+                               "arrived (not a breach); this reply's entries are held until it does, its update "
+                               "is not used", missing=True, held=True)
             if gap is not None:
                 return Verdict(f"its ledger entries start at spend #{gap[1]} of this run, and this run's ledger "
-                               f"holds its spends up to #{gap[0]}: the reply that carried the spends between was "
-                               "lost (not a breach); its chain cannot be checked across them, so it is not asked "
+                               f"holds its spends up to #{gap[0]}: the spends between never arrived (a reply "
+                               "lost, not a breach); its chain cannot be checked across them, so it is not asked "
                                "again in this run (its own ledger keeps the full account)", missing=True)
             return Verdict(problem)
         accepted.extend(fresh)
-        return Verdict(None, tuple(fresh))
+        return Verdict(None, tuple(fresh) + self._adopt(site))
+
+    def _adopt(self, site: str) -> tuple[dict[str, Any], ...]:
+        """The held entries of `site` that now continue its chain, checked as of their own
+        round and taken in (the entries that filled the gap have just been accepted)."""
+        if site not in self.pending:
+            return ()
+        server_round, held, expected = self.pending.pop(site)
+        # Still short of spends: held again; failing on their own: refused for good (they
+        # were kept apart on arrival).
+        return self.check(site, server_round, held, expected).new_entries
 
     def _gap(self, site: str, fresh: list[dict[str, Any]]) -> tuple[int, int] | None:
         """(last spend number of this run accepted, first in `fresh`) if `fresh` starts past

@@ -28,6 +28,8 @@ wrapped strategy untouched, per-round state keyed by round):
   (`RoundReport.late`): the coordinator records them, never uses their stale update, and
   the site's next entries continue its chain. Without it the next reply's entries skip
   the lost ones and an honest site was refused as a breach while its spend went unrecorded.
+  Entries that skip spends not received yet are held, not a breach (`Verdict.held`), and
+  join the books when the late reply comes; a site whose books stay short is not asked again.
 - **Declared counts and signed books.** A reply's record count must be the one the site
   declared at discovery (`records`), and its ledger entries must pass `check_ledger`
   (strategies.ledger_check: chain, signature, the planned spend, ε not under-reported). A
@@ -458,12 +460,14 @@ class SiteAwareStrategy(Strategy):
         problem = verdict.problem
         if problem is None:
             reply.ledger_entries = verdict.new_entries  # replayed entries are recorded once
-            self._held.setdefault(reply.site, set()).update(str(e.get("hash")) for e in entries)
+            held = self._held.setdefault(reply.site, set())
+            held.update(str(e.get("hash")) for e in (*entries, *verdict.new_entries))
             return True
         reply.rejected_entries = entries
         reply.breach = reply.breach or not verdict.missing
         reply.reason = f"{reply.reason}; {problem}" if reply.reason else problem
-        self.excluded[reply.site] = problem
+        if not verdict.held:  # held entries wait for a late reply: the site is still asked
+            self.excluded[reply.site] = problem
         return False
 
     def aggregate_train(

@@ -89,11 +89,18 @@ def test_a_chain_with_a_gap_or_a_replay_is_refused(tmp_path):
     check = books(site)
     first = site.spend(1)
     assert check.check(site.name, 1, [first], PLAN).problem is None
-    site.spend(2)  # spent but never shown to the coordinator
+    second = site.spend(2)  # spent, its reply not (yet) at the coordinator
     third = site.spend(3)
-    gap = check.check(site.name, 3, [third], PLAN)  # refused, but a lost reply is no proof of an attack
-    assert "starts at spend #2 of this run" not in gap.problem and "start at spend #2" in gap.problem
-    assert "was lost (not a breach)" in gap.problem and gap.missing
+    gap = check.check(site.name, 3, [third], PLAN)  # refused, but a late reply is no proof of an attack
+    assert "start at spend #2" in gap.problem and "has not arrived (not a breach)" in gap.problem
+    assert gap.missing and gap.held and check.accepted[site.name] == [first]
+    late = check.check(site.name, 2, [second], PLAN)  # the late reply comes: both join, in chain order
+    assert late.problem is None and late.new_entries == (second, third)
+    assert check.accepted[site.name] == [first, second, third]
+    site.spend(4)  # lost for good
+    check.check(site.name, 5, [site.spend(5)], PLAN)  # held
+    never = check.check(site.name, 6, [site.spend(6)], PLAN)  # still missing: the books cannot be completed
+    assert "never arrived (a reply lost, not a breach)" in never.problem and never.missing and not never.held
     twice = books(site).check(site.name, 1, [first, first], PLAN)  # the same entry twice
     assert "do not verify" in twice.problem and not twice.missing
 

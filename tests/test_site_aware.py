@@ -415,13 +415,15 @@ class LinkGrid(FakeGrid):
     """FakeGrid that behaves as a SuperLink does when replies do not come in time: each
     message gets its id when pushed (as Flower's grids set it); for a site in `unavailable`
     the SuperLink itself answers (Flower's own node-unavailable reply); a reply to a round
-    in `late[site]` reaches the SuperLink after that round's timeout and is handed over
-    only when pulled (`pull_messages`); one in `lost[site]` never arrives."""
+    in `late[site]` reaches the SuperLink after that round's timeout (and after the first
+    `delay` pulls) and is handed over only when pulled (`pull_messages`); one in `lost[site]`
+    never arrives."""
 
-    def __init__(self, behaviours, unavailable=(), late=None, lost=None) -> None:
+    def __init__(self, behaviours, unavailable=(), late=None, lost=None, delay: int = 0) -> None:
         super().__init__(behaviours)
         self.unavailable = set(unavailable)
         self.late, self.lost = dict(late or {}), dict(lost or {})
+        self.delay, self.pulls = delay, 0
         self.kept: dict[str, Message] = {}  # instruction id -> its reply, at the SuperLink after the timeout
 
     def send_and_receive(self, messages, *, timeout=None):
@@ -445,6 +447,9 @@ class LinkGrid(FakeGrid):
         return replies
 
     def pull_messages(self, message_ids):
+        self.pulls += 1
+        if self.pulls <= self.delay:
+            return []
         return [self.kept.pop(i) for i in list(message_ids) if i in self.kept]
 
 
@@ -493,7 +498,7 @@ def signs(site, carries_lost: bool = False) -> Behaviour:
     return reply
 
 
-@pytest.mark.parametrize("how", ["arrives late", "lost, carried by the next reply"])
+@pytest.mark.parametrize("how", ["arrives late", "arrives two rounds late", "lost, carried by the next reply"])
 def test_a_reply_that_misses_its_round_is_still_recorded_and_the_run_books_equal_the_sites(tmp_path, how):
     import conf
     from privacy import signing
@@ -510,9 +515,10 @@ def test_a_reply_that_misses_its_round_is_still_recorded_and_the_run_books_equal
     for name, s in books.items():
         (run_dir / "privacy" / "keys" / f"{name}.pub").write_bytes(signing.public_key_pem(s.public))
     log = RoundLog(run_dir, conf.load_config(), {n: {"site": name} for n, name in sites.items()})
-    late = how == "arrives late"
+    late = how.startswith("arrives")
     grid = LinkGrid({"alpha": signs(books["alpha"], carries_lost=not late), "bravo": signs(books["bravo"])},
-                    late={"alpha": {1}} if late else None, lost=None if late else {"alpha": {1}})
+                    late={"alpha": {1}} if late else None, lost=None if late else {"alpha": {1}},
+                    delay=1 if how == "arrives two rounds late" else 0)
     reports: list[RoundReport] = []
 
     def on_round(report: RoundReport) -> None:
@@ -528,8 +534,12 @@ def test_a_reply_that_misses_its_round_is_still_recorded_and_the_run_books_equal
     assert [r.status for r in reports[0].replies] == ["failed", "trained"]  # alpha's round-1 reply missed it
     assert "alpha" not in strategy.excluded and not any(r.breach for rep in reports for r in rep.replies)
     assert [r.status for r in reports[2].replies] == ["trained", "trained"]  # and alpha is still asked
-    if late:
+    if how == "arrives late":
         assert [(r.site, r.late_round) for r in reports[1].late] == [("alpha", 1)]
+    if how == "arrives two rounds late":  # round 2's entries wait for round 1's, then both join the books
+        alpha = reports[1].replies[0]
+        assert alpha.status == "rejected" and "held until it does" in alpha.reason and not alpha.breach
+        assert [(r.site, r.late_round, len(r.ledger_entries)) for r in reports[2].late] == [("alpha", 1, 2)]
     own = books["alpha"].ledger.read().entries
     recorded = [e for e in (run_dir / "privacy" / "ledger.jsonl").read_text().splitlines()
                 if '"site": "alpha"' in e]
