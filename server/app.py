@@ -400,6 +400,10 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     center = None
     if ckpt is not None:
         rounds.restore(ckpt)
+        for site, own in books.absent.items():  # still in the run's books: its ε, and why it trains no more
+            rounds.epsilon[site] = float(own[-1].get("epsilon", 0.0))
+            rounds.declines.setdefault(site, []).append(
+                f"after round {ckpt.server_round}: did not rejoin the resumed run")
         initial, center = ckpt.weights, ckpt.center
         say(f"resuming after round {ckpt.server_round} of {cfg.federation.rounds}")
     elif centering.applies(cfg, view):
@@ -603,6 +607,9 @@ def summarize(run_dir: Path, cfg: DictConfig, sites: dict[int, dict], rounds: Ro
         }
         for s in sites.values()
     }
+    for site in sorted(set(rounds.epsilon) - set(summary)):  # did not rejoin a resumed run: still in its books
+        summary[site] = {**next(iter(summary.values())), "records": None, "epsilon": rounds.epsilon[site],
+                         "not_trained": rounds.declines.get(site, [])}
     (run_dir / "privacy" / "sites.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary
 
@@ -652,7 +659,8 @@ def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict
             "rounds not trained |", "|---|---:|---:|---:|---|",
         ]
         for name, s in sorted(summary.items()):
-            lines.append(f"| {name} | {s['records']} | {s['epsilon']:.4f} | {s['budget']} | "
+            lines.append(f"| {name} | {'-' if s['records'] is None else s['records']} | {s['epsilon']:.4f} | "
+                         f"{s['budget']} | "
                          f"{'; '.join(s['not_trained']) or '-'} |")
     if p.unit == "site":
         fed = [json.loads(x) for x in (run_dir / "privacy" / FEDERATION_LEDGER).read_text().splitlines() if x]

@@ -125,4 +125,8 @@ def test_a_resume_goes_on_with_the_sites_that_rejoin_and_names_the_one_that_did_
     assert "site-2" not in rows(run)[-1]["sampled"]
     assert "site site-2: did not rejoin the resumed run" in (run / "report.md").read_text()
     kept = [json.loads(x) for x in (run / "privacy" / "ledger.jsonl").read_text().splitlines()]
-    assert [e for e in kept if e["site"] == "site-2"] == [e for e in ledger if e["site"] == "site-2"]
+    gone = [e for e in ledger if e["site"] == "site-2"]
+    assert [e for e in kept if e["site"] == "site-2"] == gone
+    summary = json.loads((run / "privacy" / "sites.json").read_text())  # still in the run's books
+    assert summary["site-2"]["epsilon"] == gone[-1]["epsilon"] and summary["site-2"]["records"] is None
+    assert summary["site-2"]["not_trained"][-1] == "after round 1: did not rejoin the resumed run"
