@@ -434,6 +434,8 @@ def run_failure(lines: Iterable[str]) -> str:
         elif m := _APP_ERROR.search(line):
             raised = f"{m.group(1)}: {m.group(2).strip()}"
     return stated or raised
+
+
 _TRACEBACK = re.compile(r"^(Traceback |  File |    |\s*\^+\s*$|\d\d/\d\d/\d{4} .*:(ERROR|INFO|WARNING):)")
 
 
