@@ -417,8 +417,10 @@ def _finished(run_dir: Path) -> bool:
     return (run_dir / "report.md").stat().st_size > 0
 
 
-# The last line of a Python traceback: `[module.]ExceptionName: message`.
-_APP_ERROR = re.compile(r"(?:^|\s)(?:[A-Za-z_]\w*\.)*([A-Z]\w*(?:Error|Exception|Exceeded|Interrupt)): (.+)$")
+# The last line of a Python traceback, `[module.]ExceptionName: message`, at the start of a
+# line (or after Flower's log level): not a site's failure that the ServerApp printed.
+_APP_ERROR = re.compile(
+    r"^\s*(?:[A-Z]+\s*:\s*)?(?:[A-Za-z_]\w*\.)*([A-Z]\w*(?:Error|Exception|Exceeded|Interrupt)): (.+)$")
 
 
 def run_failure(lines: Iterable[str]) -> str:

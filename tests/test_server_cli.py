@@ -138,3 +138,6 @@ def test_a_run_that_did_not_complete_is_explained_by_the_serverapps_own_cause():
             *traceback[:2], "server.app.EmptyRoundsError: rounds 1-3 trained nothing", "RuntimeError: exit"]
     assert run_failure(said) == "rounds 1-3 trained nothing (3 in a row; federation.max_empty_rounds=3)"
     assert run_failure(["INFO : [ROUND 1/3]", "round   1/3 | acc 0.500"]) == ""  # no cause: said so, not guessed
+    # A site's failure the ServerApp printed is not the ServerApp's own.
+    assert run_failure(["  st-marys: failed: RuntimeError: out of memory"]) == ""
+    assert run_failure(["ERROR :     ValueError: bad"]) == "ValueError: bad"
