@@ -107,6 +107,13 @@ class FederationConfig:
     update_norm_action: str = "clip"
     seed: int = 42
     round_timeout_s: float = 3600.0
+    # A round in which no sampled site's update could be used (every reply failed, timed
+    # out, declined or was refused) trained nothing: it is reported as such (metrics.jsonl
+    # `empty`, the round's line, report.md), and after this many such rounds in a row the
+    # run stops with one line and a non-zero exit (sites unreachable or all refused: more
+    # rounds would only spend the sites' budgets for nothing). The checkpoint stays: fix
+    # the cause and resume. 1 = the first empty round stops the run.
+    max_empty_rounds: int = 3
     # Secure aggregation (privacy/secure_sum.py, strategies/secagg.py): "secaggplus" runs
     # SecAgg+ (Bell et al. 2020) so that the coordinator sees only the sum of the round's
     # updates. Each site clips every coordinate of (update - global weights) to
@@ -434,6 +441,8 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
         _site_unit_error(cfg.privacy, f, bool(tr.center_features), t.name),
         _seed("federation.seed", f.seed),
         _positive("federation.round_timeout_s", f.round_timeout_s, "a finite number of seconds > 0"),
+        _check("federation.max_empty_rounds", f.max_empty_rounds >= 1, ">= 1 (1: the first empty round stops the run)",
+               f.max_empty_rounds),
         _one_of("training.trainable", tr.trainable, TRAINABLE),
         _check("training.last_layers", tr.last_layers >= 0, ">= 0", tr.last_layers),
         _check("training.lora_r", tr.lora_r >= 1, ">= 1", tr.lora_r),

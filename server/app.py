@@ -39,7 +39,7 @@ from server.export import export_model
 from server.federation_books import LEDGER_FILE as FEDERATION_LEDGER
 from server.federation_books import flower_epsilon_no_amplification, open_books
 from server.plots import plot_run
-from server.run_dir import LEDGER_KEYS, append_jsonl, existing_run_dir, new_run_dir, read_jsonl
+from server.run_dir import LEDGER_KEYS, RUN_STOPPED, append_jsonl, existing_run_dir, new_run_dir, read_jsonl
 from strategies.flower import ROBUST, flower_strategy, shortfall
 from strategies.ledger_check import Expected, LedgerCheck, Verdict, plan_problem
 from strategies.secagg import SecAggPlus
@@ -53,6 +53,10 @@ log = logging.getLogger("fedshield.server")
 REJECTED_ENTRIES = "rejected-entries.jsonl"  # <run>/privacy/: entries that did not verify, kept apart
 RELEASE_SPEND = Expected(sample_rate=1.0, steps=1)  # the feature-mean release (task.centering)
 COUNT_SPEND = Expected(sample_rate=1.0, steps=1)  # the record count's release (add-remove; client/app.py)
+
+
+class EmptyRoundsError(FedShieldError):
+    """federation.max_empty_rounds rounds in a row trained nothing: the run stops."""
 
 
 def say(text: str) -> None:
@@ -279,6 +283,16 @@ class RoundLog:
             append_jsonl(self.run_dir / "privacy" / REJECTED_ENTRIES, {"from_site": site, "entry": entry})
 
     def on_round(self, report: RoundReport) -> None:
+        for r in report.late:  # first: the site's chain in the run's ledger continues from them
+            self.record(r.site, r.ledger_entries)
+            self.keep_apart(r.site, r.rejected_entries)
+            if r.status == "trained":
+                say(f"  {r.site}: its round-{r.late_round} reply came after that round's timeout: its spend is "
+                    "recorded, its update not used")
+            else:
+                self.declines.setdefault(r.site, []).append(
+                    f"round {report.server_round}: its late round-{r.late_round} reply: rejected: {r.reason}")
+                say(f"  {r.site}: its late round-{r.late_round} reply was rejected: {r.reason}")
         for r in report.replies:
             self.record(r.site, r.ledger_entries)  # spent whether or not the update is used
             self.keep_apart(r.site, r.rejected_entries)
@@ -299,7 +313,18 @@ class RoundLog:
             say(f"  {site}: dropped out of secure aggregation at {stage}")
         if report.skipped:
             say(f"  round {report.server_round}: nothing aggregated, the global model is kept: {report.skipped}")
+        elif report.empty():
+            say(f"  round {report.server_round}: trained nothing: no sampled site's update was usable")
         self.reports[report.server_round] = report
+
+    def empty_streak(self) -> int:
+        """How many rounds in a row, up to the last one logged, trained nothing."""
+        streak = 0
+        for row in reversed(self.rows):
+            if row["round"] == 0 or not row.get("empty"):
+                break
+            streak += 1
+        return streak
 
     def _bound(self) -> str:
         p, fed = self.cfg.privacy, self.cfg.federation
@@ -337,6 +362,10 @@ class RoundLog:
             "breach_sites": report.breaches() if report else [],  # refused for proof of an attack
             "withstood": report.withstood if report else None,  # the f the robust rule withstood
             "skipped": report.skipped if report else "",
+            # No sampled site's update was aggregated (RoundReport.empty): a round that did not
+            # happen; federation.max_empty_rounds of them in a row stop the run.
+            "empty": report.empty() if report else False,
+            "late_sites": {r.site: r.late_round for r in report.late} if report else {},
             # Secure aggregation: who dropped out of the round, at which stage (None: SecAgg+ off)
             "secagg_dropped": report.dropped if report else None,
             "elapsed_s": round(time.time() - self.t0, 1),
@@ -346,6 +375,7 @@ class RoundLog:
         total = self.cfg.federation.rounds
         sites = (f" | sites {row['trained']} trained, {row['declined']} declined, "
                  f"{row['rejected'] + row['failed']} dropped") if server_round else ""
+        sites += " | TRAINED NOTHING" if row["empty"] else ""
         say(f"round {server_round:>3}/{total} | acc {row['accuracy']:.3f} | macro-F1 {row['macro_f1']:.3f}"
             f" | ε max {row['epsilon_max']:.2f} mean {row['epsilon_mean']:.2f}{sites} | {row['elapsed_s']:.0f}s")
         return row
@@ -381,9 +411,14 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
                         dp=cfg.privacy.mode == "dp-sgd", delta=float(cfg.privacy.delta),
                         accountant=str(cfg.privacy.accountant), neighbouring=str(cfg.privacy.neighbouring))
     if ckpt is not None:
-        problem = books.restore(read_jsonl(run_dir / "privacy" / "ledger.jsonl"))
+        problem = books.restore(read_jsonl(run_dir / "privacy" / "ledger.jsonl"), recorded_ledger_keys(run_dir))
         if problem:
             raise checkpoint.CheckpointError(f"cannot resume {run_dir.name}: {problem}")
+        for site, own in sorted(books.absent.items()):  # the run goes on with the sites that came back
+            why = (f"site {site}: did not rejoin the resumed run; not asked again (its {len(own)} spend(s) of this "
+                   f"run stay in the run's ledger, ε {float(own[-1].get('epsilon', 0.0)):.4g})")
+            say(why)
+            refused.append(why)
     counted, apart = check_released_counts(sites, books, refused)
     tr = cfg.training
     books.plans = {s["site"]: Expected(poisson_rate(s["n"], tr.batch_size),
@@ -417,6 +452,10 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     center = None
     if ckpt is not None:
         rounds.restore(ckpt)
+        for site, own in books.absent.items():  # still in the run's books: its ε, and why it trains no more
+            rounds.epsilon[site] = float(own[-1].get("epsilon", 0.0))
+            rounds.declines.setdefault(site, []).append(
+                f"after round {ckpt.server_round}: did not rejoin the resumed run")
         initial, center = ckpt.weights, ckpt.center
         say(f"resuming after round {ckpt.server_round} of {cfg.federation.rounds}")
     elif centering.applies(cfg, view):
@@ -507,6 +546,9 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
                 strategy_state=checkpoint.strategy_state(inner), excluded=dict(strategy.excluded),
                 epsilon=dict(rounds.epsilon), declines=dict(rounds.declines),
                 center=None if center is None else [float(v) for v in center]))
+            streak = rounds.empty_streak()
+            if server_round and streak >= int(fed.max_empty_rounds):  # after its checkpoint: resumable
+                raise EmptyRoundsError(empty_rounds_line(rounds, server_round, streak, int(fed.max_empty_rounds)))
         return MetricRecord({"accuracy": row["accuracy"], "macro-f1": row["macro_f1"],
                              "epsilon-max": row["epsilon_max"]})
 
@@ -517,14 +559,18 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         asked = (f"each site with probability {cfg.federation.fraction_train:g}" if books_fed is not None
                  else f"{len(strategy.sample(done + 1))} sites")
         say(f"round {done + 1} of {cfg.federation.rounds}: {asked} train{calibrates}")
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=protocol.to_array_record(initial),
-        num_rounds=remaining,
-        timeout=float(cfg.federation.round_timeout_s),
-        train_config=plan,
-        evaluate_fn=evaluate,
-    )
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=protocol.to_array_record(initial),
+            num_rounds=remaining,
+            timeout=float(cfg.federation.round_timeout_s),
+            train_config=plan,
+            evaluate_fn=evaluate,
+        )
+    except EmptyRoundsError:
+        summarize(run_dir, cfg, sites, rounds)  # every spend so far, in sites.json as in the ledger
+        raise
     final = protocol.from_array_record(result.arrays) if result.arrays else initial  # no round trained: initial
     view.load_trainable(final)
     summary = summarize(run_dir, cfg, sites, rounds)
@@ -536,6 +582,21 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     # from a lost coordinator); a site that does not answer in time changes nothing.
     grid.send_and_receive([protocol.instruction(protocol.DONE, plan, n) for n in sites], timeout=10.0)
     return run_dir
+
+
+def empty_rounds_line(rounds: RoundLog, server_round: int, streak: int, limit: int) -> str:
+    """One line: which rounds trained nothing, and what each site said in the last one."""
+    said = [f"{site}: {why.split(': ', 1)[1]}" for site, whys in sorted(rounds.declines.items())
+            for why in whys if why.startswith(f"round {server_round}: ")]
+    row = rounds.rows[-1]
+    if not said:
+        said = [row.get("skipped") or "no site was asked"]
+    shown = "; ".join(said[:3]) + (f"; and {len(said) - 3} more" if len(said) > 3 else "")
+    first = server_round - streak + 1
+    span = f"round {server_round}" if streak == 1 else f"rounds {first}-{server_round}"
+    return (f"{span} trained nothing ({streak} in a row; federation.max_empty_rounds={limit}); in round "
+            f"{server_round}: {shown}. The checkpoint after round {server_round} is kept: resume once the sites "
+            "can train")
 
 
 def secure_aggregation(cfg: DictConfig, names: dict[int, str], simulated: bool,
@@ -581,6 +642,12 @@ def rejoined_sites(run_dir: Path, sites: dict[int, dict]) -> dict[int, dict]:
     return kept
 
 
+def recorded_ledger_keys(run_dir: Path) -> dict[str, signing.PublicKey]:
+    """Site -> the ledger signing key the run recorded for it (privacy/ledger-keys/)."""
+    return {p.stem: signing.load_public_key(p.read_bytes())
+            for p in sorted((run_dir / "privacy" / LEDGER_KEYS).glob("*.pub"))}
+
+
 def summarize(run_dir: Path, cfg: DictConfig, sites: dict[int, dict], rounds: RoundLog) -> dict:
     budget = cfg.privacy.budget_epsilon if cfg.privacy.budget_epsilon is not None else cfg.privacy.target_epsilon
     summary = {
@@ -596,6 +663,9 @@ def summarize(run_dir: Path, cfg: DictConfig, sites: dict[int, dict], rounds: Ro
         }
         for s in sites.values()
     }
+    for site in sorted(set(rounds.epsilon) - set(summary)):  # did not rejoin a resumed run: still in its books
+        summary[site] = {**next(iter(summary.values())), "records": None, "epsilon": rounds.epsilon[site],
+                         "not_trained": rounds.declines.get(site, [])}
     (run_dir / "privacy" / "sites.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary
 
@@ -646,7 +716,8 @@ def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict
         ]
         for name, s in sorted(summary.items()):
             why = "; ".join(s["not_trained"]).replace("|", "\\|")  # a site's words: no forged table cell
-            lines.append(f"| {name} | {s['records']} | {s['epsilon']:.4f} | {s['budget']} | {why or '-'} |")
+            lines.append(f"| {name} | {'-' if s['records'] is None else s['records']} | {s['epsilon']:.4f} | "
+                         f"{s['budget']} | {why or '-'} |")
     if p.unit == "site":
         fed = [json.loads(x) for x in (run_dir / "privacy" / FEDERATION_LEDGER).read_text().splitlines() if x]
         last_fed = fed[-1] if fed else {}
@@ -688,7 +759,12 @@ def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict
               "| round | accuracy | macro-F1 | ε max | trained | declined | dropped | clipped | left out | note |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        note = f"nothing aggregated: {r['skipped']}" if r.get("skipped") else ""
+        note = f"nothing aggregated: {r['skipped']}" if r.get("skipped") else (
+            "trained nothing: no sampled site's update was usable" if r.get("empty") else "")
+        if r.get("late_sites"):  # replies to earlier rounds: their spends recorded, their updates not used
+            late = ", ".join(f"{site} (round {n})" for site, n in sorted(r["late_sites"].items()))
+            note = f"{note}; " if note else ""
+            note += f"late replies, spends recorded: {late}"
         if r.get("secagg_dropped"):  # secure aggregation: who dropped out, at which stage
             gone = "; ".join(f"{site} at {stage.split(':')[0]}" for site, stage in sorted(r["secagg_dropped"].items()))
             note = f"{note}; " if note else ""
@@ -773,8 +849,12 @@ def build_server_app(cfg: DictConfig | None = None, run_dir: Path | None = None,
     def main(grid: Grid, context: Context) -> None:
         run_config = dict(context.run_config)
         again = resume or bool(run_config.pop(RESUME_KEY, False))
-        run_cfg = cfg if cfg is not None else config_from_run_config(run_config)
-        run_federation(grid, run_cfg, run_dir, resume=again)
+        try:
+            run_cfg = cfg if cfg is not None else config_from_run_config(run_config)
+            run_federation(grid, run_cfg, run_dir, resume=again)
+        except FedShieldError as exc:  # the cause, in one line the operator sees (server/cli.py quotes it)
+            say(f"{RUN_STOPPED}{exc}")
+            raise
 
     return server_app
 

@@ -78,6 +78,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from deploy.front import MIB, FleetFront, FrontLimits, max_body_bytes
@@ -95,6 +96,7 @@ from deploy.processes import (
 )
 from privacy.errors import FedShieldError
 from privacy.signing import fingerprint
+from server.run_dir import RUN_STOPPED
 
 CONNECTION = "fedshield"
 
@@ -339,7 +341,7 @@ def server_main(argv: list[str]) -> int:
 
     children = Children()
     front: FleetFront | None = None
-    failure = ""
+    said: list[str] = []  # the lines of the ServerApp's output that state why it stopped
     interrupted = False
     try:
         with interrupts_raise():
@@ -374,8 +376,8 @@ def server_main(argv: list[str]) -> int:
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
             assert flwr_run.stdout is not None
             for line in flwr_run.stdout:
-                if _APP_ERROR.search(line):
-                    failure = _APP_ERROR.search(line).group(1).strip()
+                if RUN_STOPPED in line or _APP_ERROR.search(line):
+                    said.append(line)
                 if args.verbose or not _noise(line):
                     print(line.rstrip(), flush=True)
                 if (run_dir / "report.md").is_file() and _finished(run_dir):
@@ -389,7 +391,8 @@ def server_main(argv: list[str]) -> int:
         print(f"run directory (partial): {run_dir}", file=sys.stderr)
         return 130
     if not (run_dir / "report.md").is_file():
-        raise FedShieldError(f"the run did not complete: {failure or last_error(log)} (SuperLink log: {log})")
+        failure = run_failure(said) or f"the ServerApp said no cause; the SuperLink log's last error: {last_error(log)}"
+        raise FedShieldError(f"the run did not complete: {failure} (SuperLink log: {log})")
     print(f"\nrun directory: {run_dir}", flush=True)
     return 0
 
@@ -414,8 +417,27 @@ def _finished(run_dir: Path) -> bool:
     return (run_dir / "report.md").stat().st_size > 0
 
 
+# The last line of a Python traceback, `[module.]ExceptionName: message`, at the start of a
+# line (or after Flower's log level): not a site's failure that the ServerApp printed.
 _APP_ERROR = re.compile(
-    r"(?:FedShieldError|ConfigError|DataError|PKIError|LedgerError|BudgetExceeded|ModelError|TrainingError): (.+)$")
+    r"^\s*(?:[A-Z]+\s*:\s*)?(?:[A-Za-z_]\w*\.)*([A-Z]\w*(?:Error|Exception|Exceeded|Interrupt)): (.+)$")
+
+
+def run_failure(lines: Iterable[str]) -> str:
+    """Why the ServerApp stopped, from its output: its own last line (server.run_dir.RUN_STOPPED,
+    fedshield's one-line cause), else the last exception a traceback in it names; "" if none.
+    Never a line of the SuperLink's log: that log is about the SuperLink, and its last error
+    is usually an unrelated one (a site's dropped connection)."""
+    stated, raised = "", ""
+    for line in lines:
+        line = line.strip()
+        if RUN_STOPPED in line:
+            stated = line.split(RUN_STOPPED, 1)[1].strip()
+        elif m := _APP_ERROR.search(line):
+            raised = f"{m.group(1)}: {m.group(2).strip()}"
+    return stated or raised
+
+
 _TRACEBACK = re.compile(r"^(Traceback |  File |    |\s*\^+\s*$|\d\d/\d\d/\d{4} .*:(ERROR|INFO|WARNING):)")
 
 

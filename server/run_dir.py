@@ -26,6 +26,8 @@ from omegaconf import DictConfig
 import conf
 
 LEDGER_KEYS = "ledger-keys"  # <run>/privacy/<this>/<site>.pub: what signed each site's entries
+# The ServerApp's last line when a run stops with an error (server/app.py says it, server/cli.py quotes it).
+RUN_STOPPED = "fedshield: the run stopped: "
 
 
 def new_run_dir(cfg: DictConfig) -> Path:

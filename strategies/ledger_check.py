@@ -8,7 +8,10 @@ under-report:
 1. **Chain and signature** (`privacy.ledger.verify_ledger`): the new entries continue the
    site's chain from its last accepted entry of this run (hash links, seq, run_seq, rounds
    forward, ε never down), each signed by the ledger signing key the site presented at
-   discovery (its `SiteHello`).
+   discovery (its `SiteHello`). Entries that start past the next spend of this run (a reply
+   with the spends between is late or lost) cannot be checked across the gap: refused as
+   `missing`, not as a breach, and held (`pending`) until the spends between arrive, then
+   taken in after them; a second such reply while entries are held is refused for good.
 2. **Provenance**: each entry names this site, this run and this round, or an earlier
    round of this run that the coordinator does not hold (a late spend: one that a crash
    interrupted and the site counted since; recorded, not checked against this round's plan).
@@ -62,14 +65,22 @@ MIN_NOISE_MULTIPLIER = 0.1
 MAX_CHECKED_EPSILON = 1000.0
 MAX_MECHANISMS = 16  # different (σ, q) in one site's spends of one run (an honest site uses 3)
 MAX_PLAN_STEPS = 10**6  # DP-SGD steps a round's plan may ask of one site (n ≈ 1.3e8 at batch 128)
+UNVERIFIED = "its ledger entries do not verify"
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """`problem` None: the entries may join the run's ledger; `new_entries` are those it lacks."""
+    """`problem` None: the entries may join the run's ledger; `new_entries` are those it lacks.
+
+    `missing`: what fails is that the entries start after spends of this run that the
+    coordinator never received (a reply lost or late on the way): refused, but no proof of
+    an attack. `held`: the entries are kept until those spends arrive (`LedgerCheck.pending`);
+    False: the site had entries held already, its books cannot be completed in this run."""
 
     problem: str | None
     new_entries: tuple[dict[str, Any], ...] = ()
+    missing: bool = False
+    held: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,20 +130,36 @@ class LedgerCheck:
         self.delta = float(delta)
         self.accountant = accountant
         self.accepted: dict[str, list[dict[str, Any]]] = {site: [] for site in self.public_keys}
+        # On resume: site -> its entries in the run's ledger, for the sites that did not rejoin.
+        self.absent: dict[str, list[dict[str, Any]]] = {}
+        # Site -> (round, entries, plan) of a reply whose entries start after spends not yet
+        # received: checked and taken in once those arrive (a late reply), as of their round.
+        self.pending: dict[str, tuple[int, list[dict[str, Any]], Expected | None]] = {}
 
-    def restore(self, entries: Sequence[dict[str, Any]]) -> str | None:
+    def restore(self, entries: Sequence[dict[str, Any]],
+                recorded_keys: Mapping[str, signing.PublicKey] | None = None) -> str | None:
         """Take in a run's ledger as written before a restart (resume); None, or why it
-        cannot be trusted (each site's entries must verify under its key, as on arrival)."""
+        cannot be trusted (each site's entries must verify under its key, as on arrival).
+
+        A site that did not rejoin does not stop the resume (docs/coordinator.md §11): its
+        entries must verify under the key the run recorded for it (`recorded_keys`: site ->
+        the key in `privacy/ledger-keys/`), and they are kept in `absent` (the run's ledger
+        keeps them; the site is not asked again)."""
         by_site: dict[str, list[dict[str, Any]]] = {}
         for e in entries:
             by_site.setdefault(str(e.get("site")), []).append(e)
         for site, own in by_site.items():
-            if site not in self.public_keys:
-                return f"the run's ledger has entries of site {site!r}, which did not rejoin"
-            verified = verify_ledger(own, {site: self.public_keys[site]})
+            key = self.public_keys.get(site) or (recorded_keys or {}).get(site)
+            if key is None:
+                return (f"the run's ledger has entries of site {site!r}, which did not rejoin, and the run recorded "
+                        "no ledger key of it to check them")
+            verified = verify_ledger(own, {site: key})
             if not verified.ok:
                 return f"the run's ledger does not verify: {verified.reason}"
-            self.accepted[site] = list(own)
+            if site in self.public_keys:
+                self.accepted[site] = list(own)
+            else:
+                self.absent[site] = list(own)
         return None
 
     def earlier_release_problem(self, site: str, entries: Sequence[dict[str, Any]]) -> str | None:
@@ -180,9 +207,41 @@ class LedgerCheck:
         except Exception as exc:  # noqa: BLE001  whatever a site signed, the run goes on
             problem = f"its ledger entries could not be checked ({type(exc).__name__})"
         if problem is not None:
+            gap = self._gap(site, fresh) if problem.startswith(UNVERIFIED) else None
+            if gap is not None and site not in self.pending:
+                self.pending[site] = (server_round, fresh, expected)
+                return Verdict(f"its ledger entries start at spend #{gap[1]} of this run, and this run's ledger "
+                               f"holds its spends up to #{gap[0]}: the reply with the spends between has not "
+                               "arrived (not a breach); this reply's entries are held until it does, its update "
+                               "is not used", missing=True, held=True)
+            if gap is not None:
+                return Verdict(f"its ledger entries start at spend #{gap[1]} of this run, and this run's ledger "
+                               f"holds its spends up to #{gap[0]}: the spends between never arrived (a reply "
+                               "lost, not a breach); its chain cannot be checked across them, so it is not asked "
+                               "again in this run (its own ledger keeps the full account)", missing=True)
             return Verdict(problem)
         accepted.extend(fresh)
-        return Verdict(None, tuple(fresh))
+        return Verdict(None, tuple(fresh) + self._adopt(site))
+
+    def _adopt(self, site: str) -> tuple[dict[str, Any], ...]:
+        """The held entries of `site` that now continue its chain, checked as of their own
+        round and taken in (the entries that filled the gap have just been accepted)."""
+        if site not in self.pending:
+            return ()
+        server_round, held, expected = self.pending.pop(site)
+        # Still short of spends: held again; failing on their own: refused for good (they
+        # were kept apart on arrival).
+        return self.check(site, server_round, held, expected).new_entries
+
+    def _gap(self, site: str, fresh: list[dict[str, Any]]) -> tuple[int, int] | None:
+        """(last spend number of this run accepted, first in `fresh`) if `fresh` starts past
+        the next one: spends of this run were never received (their reply was lost)."""
+        first = fresh[0].get("run_seq") if fresh else None
+        if not isinstance(first, int) or isinstance(first, bool):
+            return None
+        held = [e.get("run_seq") for e in self.accepted.get(site, []) if e.get("run_id") == self.run_id]
+        last = max((n for n in held if isinstance(n, int) and not isinstance(n, bool)), default=-1)
+        return (last, first) if first > last + 1 else None
 
     def _problem(self, site: str, server_round: int, entries: list[dict[str, Any]], fresh: list[dict[str, Any]],
                  expected: Expected | None) -> str | None:
@@ -212,7 +271,7 @@ class LedgerCheck:
         history = [*self.accepted[site], *fresh]
         verified = verify_ledger(history, {site: self.public_keys[site]})
         if not verified.ok:
-            return f"its ledger entries do not verify: {verified.reason}"
+            return f"{UNVERIFIED}: {verified.reason}"
         spends = [Spend(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries
                   if e.get("round") == server_round]
         if expected is not None:

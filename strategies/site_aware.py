@@ -15,6 +15,21 @@ wrapped strategy untouched, per-round state keyed by round):
   field, a wrong or non-finite tensor) / failed (Flower reported an error). Only trained
   replies reach the wrapped strategy's aggregation, and only their weights and record
   count (`protocol.aggregation_content`): no field a site adds can reach Flower's code.
+- **No silent failure.** Flower answers for a node it cannot reach with an error reply
+  that the SuperLink itself sends (`src_node_id` is the SuperLink's, `reply_to_message_id`
+  the instruction's: flwr/server/superlink/linkstate/utils.py); it is put on the site the
+  instruction went to. A sampled site with no reply at all within the round's timeout is
+  failed too. `RoundReport.empty` says a round trained nothing; the coordinator counts
+  those (federation.max_empty_rounds, server/app.py).
+- **Late replies are still books.** A reply that reaches the SuperLink after the round's
+  timeout stays there (Flower keeps an instruction and its reply until both are pulled or
+  its TTL passes); each round first pulls the replies still owed from earlier rounds
+  (`Grid.pull_messages`) and checks their entries as spends of their own round
+  (`RoundReport.late`): the coordinator records them, never uses their stale update, and
+  the site's next entries continue its chain. Without it the next reply's entries skip
+  the lost ones and an honest site was refused as a breach while its spend went unrecorded.
+  Entries that skip spends not received yet are held, not a breach (`Verdict.held`), and
+  join the books when the late reply comes; a site whose books stay short is not asked again.
 - **Declared counts and signed books.** A reply's record count must be the one the site
   declared at discovery (`records`), and its ledger entries must pass `check_ledger`
   (strategies.ledger_check: chain, signature, the planned spend, ε not under-reported). A
@@ -106,6 +121,7 @@ class SiteReply:
     # True if the reply was refused for something the stock site never sends (a protocol
     # breach, a count other than declared, books that fail): proof its sender attacks.
     breach: bool = False
+    late_round: int | None = None  # a late reply: the earlier round it answers (RoundReport.late)
 
 
 @dataclass
@@ -121,6 +137,15 @@ class RoundReport:
     # Secure aggregation: site -> the stage at which it dropped out of the round (its masks
     # removed from the survivors' shares if it had shared them); None without SecAgg+.
     dropped: dict[str, str] | None = None
+    # Replies to earlier rounds that came after those rounds' timeout: their spends are
+    # recorded, their updates never used (status trained: books accepted; rejected: not).
+    late: list[SiteReply] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        """Whether the round trained nothing: sites were asked and no update was aggregated
+        (every reply failed, timed out, declined or was refused, or the round was skipped).
+        An empty Poisson sample under site-level DP asks nobody and is not empty."""
+        return bool(self.skipped) or (bool(self.sampled) and self.count("trained") == 0)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.replies)
@@ -252,6 +277,11 @@ class SiteAwareStrategy(Strategy):
             raise ValueError("distributed site-level noise needs secure aggregation")
         self.secagg = secagg
         self._grid: dict[int, Grid] = {}  # server round -> the grid its unmasking stage runs on
+        self._sent: dict[int, list[Any]] = {}  # server round -> the metadata of the instructions sent
+        # Instructions whose reply did not come in their round: message id -> (round, node id).
+        self._owed: dict[str, tuple[int, int]] = {}
+        self._puller: Grid | None = None  # the grid late replies are pulled from
+        self._held: dict[str, set[str]] = {}  # site -> hashes of its entries the books accepted
 
     # ------------------------------------------------------------ selection
 
@@ -288,10 +318,13 @@ class SiteAwareStrategy(Strategy):
         self._global[server_round] = protocol.from_array_record(arrays)  # what each update is measured from
         if not chosen:
             return []  # site-level DP: an empty Poisson sample still releases a noised model
-        messages = self.strategy.configure_train(server_round, arrays, config, _Selected(grid, chosen))  # type: ignore[arg-type]
+        messages = list(self.strategy.configure_train(server_round, arrays, config, _Selected(grid, chosen)))  # type: ignore[arg-type]
+        self._puller = grid
         if self.secagg is None:
+            # Their metadata, not the messages: the grid sets each message id on it when it
+            # pushes, and a reply Flower sends for an unreachable node names only that id.
+            self._sent[server_round] = [m.metadata for m in messages]
             return messages
-        messages = list(messages)
         self._grid[server_round] = grid
         rnd = self.secagg.prepare(server_round, chosen, config, grid)
         out = []
@@ -299,7 +332,9 @@ class SiteAwareStrategy(Strategy):
             fields = self.secagg.collect_fields(server_round, msg.metadata.dst_node_id)
             if fields is not None:
                 out.append(protocol.with_secagg(msg, fields))
-        return out if not rnd.skipped else []
+        out = out if not rnd.skipped else []
+        self._sent[server_round] = [m.metadata for m in out]
+        return out
 
     # ------------------------------------------------------------ replies
 
@@ -312,13 +347,21 @@ class SiteAwareStrategy(Strategy):
         expected = self.expected_arrays if self.secagg is None else self.secagg.expected(self.expected_arrays)
         if self.secagg is not None:
             base = None  # a masked vector has no norm to bound
+        report.late = self._late_replies(expected)  # first: the site's chain continues from them
+        sent = [(md.message_id, md.dst_node_id) for md in self._sent.pop(server_round, [])]
+        by_id = {msg_id: node for msg_id, node in sent if msg_id}
         valid: list[Message] = []
         usable: list[tuple[Message, SiteReply, protocol.TrainReply]] = []
+        answered: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
-            if node not in asked:  # Flower only returns replies to what was sent; be sure
-                log.warning("round %s: a reply from node %s, which was not asked; ignored", server_round, node)
+            if msg.has_error() and node not in asked:  # Flower's own reply for an unreachable node
+                node = by_id.get(msg.metadata.reply_to_message_id, node)
+            if node not in asked or node in answered:  # Flower only returns replies to what was sent; be sure
+                log.warning("round %s: a reply from node %s, which was not asked or answered already; ignored",
+                            server_round, node)
                 continue
+            answered.add(node)
             name = self.sites[node]
             parsed = protocol.read_train_reply(msg, expected)
             if isinstance(parsed, protocol.Failed):
@@ -338,7 +381,7 @@ class SiteAwareStrategy(Strategy):
                 reply = SiteReply(name, node, "trained", "", parsed.num_examples)
                 declared = self.records.get(node)
                 if not self._books(reply, server_round, parsed.ledger_entries):
-                    reply.status, reply.breach = "rejected", True
+                    reply.status = "rejected"
                 elif declared is not None and parsed.num_examples != declared:
                     reply.status, reply.breach, reply.reason = "rejected", True, (
                         f"claims {parsed.num_examples} records; it declared {declared} at discovery")
@@ -359,6 +402,13 @@ class SiteAwareStrategy(Strategy):
             if bounded is not None:
                 msg.content = protocol.aggregation_content(replace(bounded, num_examples=weight))
                 valid.append(msg)
+        for msg_id, node in sent:
+            if node in asked and node not in answered:
+                answered.add(node)
+                report.replies.append(SiteReply(self.sites[node], node, "failed",
+                                                "no reply within the round's timeout (federation.round_timeout_s)"))
+                if msg_id:  # its reply may still come: pulled next round, for its spend
+                    self._owed[msg_id] = (server_round, node)
         # Replies arrive in any order: sorted by site, the report reads the same every run
         # and the aggregate's floating-point sum is reproducible.
         report.replies.sort(key=lambda r: r.site)
@@ -376,6 +426,39 @@ class SiteAwareStrategy(Strategy):
             return [r.num_examples for r in replies]
         cap = MAX_WEIGHT_RATIO * counts[(len(counts) - 1) // 2]
         return [min(r.num_examples, cap) for r in replies]
+
+    def _late_replies(self, expected: Mapping[str, protocol.ArraySpec]) -> list[SiteReply]:
+        """The replies owed from earlier rounds that have reached the SuperLink since, their
+        entries checked as spends of their own round (never a breach for being late); a
+        failure to pull is a log line, never the run's end."""
+        if not self._owed or self._puller is None:
+            return []
+        try:
+            pulled = list(self._puller.pull_messages(list(self._owed)))
+        except Exception as exc:  # a late reply is a bonus: the round goes on without it
+            log.warning("late replies could not be pulled: %s", exc)
+            return []
+        late: list[SiteReply] = []
+        for msg in pulled:
+            owed = self._owed.pop(msg.metadata.reply_to_message_id, None)
+            if owed is None or msg.has_error():  # Flower's "unavailable": no reply will come
+                continue
+            server_round, node = owed
+            name = self.sites[node]
+            parsed = protocol.read_train_reply(msg, expected)  # only its books are used: the update is stale
+            if isinstance(parsed, (protocol.Failed, protocol.Decline)) or parsed.site not in (None, name):
+                continue
+            # A later reply may have carried these spends already (a site that counted them
+            # as interrupted): what the books hold is not checked twice.
+            held = self._held.get(name, set())
+            entries = tuple(e for e in parsed.ledger_entries if e.get("hash") not in held)
+            if not entries:
+                continue
+            reply = SiteReply(name, node, "trained", "", late_round=server_round)
+            if not self._books(reply, server_round, entries):
+                reply.status = "rejected"
+            late.append(reply)
+        return sorted(late, key=lambda r: (r.late_round or 0, r.site))
 
     def _bound(self, reply: SiteReply, parsed: protocol.TrainReply,
                base: Mapping[str, np.ndarray[Any, Any]] | None, share: float = 1.0) -> protocol.TrainReply | None:
@@ -407,7 +490,9 @@ class SiteAwareStrategy(Strategy):
         return replace(parsed, arrays=arrays)
 
     def _books(self, reply: SiteReply, server_round: int, entries: tuple[dict[str, Any], ...]) -> bool:
-        """Check a reply's ledger entries into `reply`; False (and the site excluded) if they fail."""
+        """Check a reply's ledger entries into `reply`; False (and the site excluded) if they fail:
+        a breach, unless what fails is that entries of this run are missing before them (a
+        reply lost on the way, `Verdict.missing`)."""
         if self.check_ledger is None:
             reply.ledger_entries = entries
             return True
@@ -415,10 +500,14 @@ class SiteAwareStrategy(Strategy):
         problem = verdict.problem
         if problem is None:
             reply.ledger_entries = verdict.new_entries  # replayed entries are recorded once
+            held = self._held.setdefault(reply.site, set())
+            held.update(str(e.get("hash")) for e in (*entries, *verdict.new_entries))
             return True
         reply.rejected_entries = entries
+        reply.breach = reply.breach or not verdict.missing
         reply.reason = f"{reply.reason}; {problem}" if reply.reason else problem
-        self.excluded[reply.site] = problem
+        if not verdict.held:  # held entries wait for a late reply: the site is still asked
+            self.excluded[reply.site] = problem
         return False
 
     def aggregate_train(
@@ -441,7 +530,8 @@ class SiteAwareStrategy(Strategy):
         with flower.withstanding(self.strategy, withstood):
             short = flower.shortfall(self.strategy, len(valid), f - withstood) if valid else None
             if not valid:
-                report.skipped = "no usable update" if report.sampled else ""
+                report.skipped = "no usable update" if report.sampled else \
+                    "no site left to ask (every site is excluded: out of budget, or its books failed)"
             elif short:
                 report.skipped = short
             else:

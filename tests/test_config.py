@@ -215,3 +215,11 @@ def test_run_name_cannot_leave_output_dir(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "output.run_name='../..'" in err
     assert not any(tmp_path.iterdir())  # nothing was made, inside or outside output.dir
+
+
+def test_max_empty_rounds_is_at_least_one():
+    assert conf.load_config([]).federation.max_empty_rounds == 3
+    with pytest.raises(conf.ConfigError) as err:
+        conf.load_config(["federation.max_empty_rounds=0"])
+    assert "federation.max_empty_rounds=0" in str(err.value) and "\n" not in str(err.value)
+    assert conf.load_config(["federation.max_empty_rounds=1"]).federation.max_empty_rounds == 1

@@ -116,3 +116,36 @@ def test_each_hostile_site_is_refused_alone_and_named_and_the_honest_sites_carry
     from privacy.audit import audit
 
     assert audit(run).ok  # the run's ledger verifies and recomputes
+
+
+def never_trains():
+    """client.app's ClientApp whose training always crashes (Flower replies with an error)."""
+    import client.app as real
+
+    def train(msg, context):
+        raise RuntimeError("the site's GPU fell over")
+
+    return real.site_app(train=train)
+
+
+def test_rounds_that_train_nothing_stop_the_run_with_one_line_and_keep_its_books(
+        tiny_bert, synthetic_csv, tmp_path, monkeypatch, capsys):
+    import client.app
+    from server.run_dir import RUN_STOPPED
+    from simulations.cli import main
+
+    overrides = tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
+        "federation.rounds": 4, "federation.max_empty_rounds": 2, "output.save_model": False,
+        "training.center_features": False, "output.run_name": "stuck"})
+    monkeypatch.setattr(client.app, "app", never_trains())  # what run_simulation starts
+    assert main(["simulate", "privacy=none", *overrides]) == 2  # `fedshield simulate` exits non-zero
+    out, err = capsys.readouterr()
+    cause = "rounds 1-2 trained nothing (2 in a row; federation.max_empty_rounds=2); in round 2: site-0: failed: "
+    stopped = [ln for ln in out.splitlines() if RUN_STOPPED in ln]
+    assert len(stopped) == 1 and cause in stopped[0] and "the site's GPU fell over" in stopped[0]
+    assert err.strip().splitlines()[-1].startswith(f"error: {cause}")  # the command's last word: one line
+    assert out.count("TRAINED NOTHING") == 2
+    run = tmp_path / "runs" / "stuck"
+    assert [r["empty"] for r in read_jsonl(run / "metrics.jsonl")] == [False, True, True]
+    assert (run / "checkpoint.npz").is_file() and (run / "privacy" / "sites.json").is_file()
+    assert not (run / "report.md").exists()  # not complete: resumable

@@ -89,10 +89,20 @@ def test_a_chain_with_a_gap_or_a_replay_is_refused(tmp_path):
     check = books(site)
     first = site.spend(1)
     assert check.check(site.name, 1, [first], PLAN).problem is None
-    site.spend(2)  # spent but never shown to the coordinator
+    second = site.spend(2)  # spent, its reply not (yet) at the coordinator
     third = site.spend(3)
-    assert "do not verify" in check.check(site.name, 3, [third], PLAN).problem
-    assert "do not verify" in books(site).check(site.name, 1, [first, first], PLAN).problem  # the same entry twice
+    gap = check.check(site.name, 3, [third], PLAN)  # refused, but a late reply is no proof of an attack
+    assert "start at spend #2" in gap.problem and "has not arrived (not a breach)" in gap.problem
+    assert gap.missing and gap.held and check.accepted[site.name] == [first]
+    late = check.check(site.name, 2, [second], PLAN)  # the late reply comes: both join, in chain order
+    assert late.problem is None and late.new_entries == (second, third)
+    assert check.accepted[site.name] == [first, second, third]
+    site.spend(4)  # lost for good
+    check.check(site.name, 5, [site.spend(5)], PLAN)  # held
+    never = check.check(site.name, 6, [site.spend(6)], PLAN)  # still missing: the books cannot be completed
+    assert "never arrived (a reply lost, not a breach)" in never.problem and never.missing and not never.held
+    twice = books(site).check(site.name, 1, [first, first], PLAN)  # the same entry twice
+    assert "do not verify" in twice.problem and not twice.missing
 
 
 @pytest.mark.parametrize("spend, says", [
@@ -171,3 +181,15 @@ def test_a_ledger_that_does_not_verify_cannot_be_resumed(tmp_path):
     first = site.spend(1)
     assert "does not verify" in books(site).restore([dict(first, steps=1)])
     assert "did not rejoin" in books(site).restore([Site(tmp_path, "gone").spend(1)])
+
+
+def test_a_resume_goes_on_with_the_sites_that_rejoin(tmp_path):
+    stays, gone = Site(tmp_path), Site(tmp_path, "gone")
+    ledger = [stays.spend(1), gone.spend(1), stays.spend(2), gone.spend(2)]  # the run's ledger before the crash
+    check = books(stays)  # only st-marys came back
+    assert check.restore(ledger, {"gone": gone.public}) is None  # its entries checked under the run's recorded key
+    assert list(check.absent) == ["gone"] and len(check.absent["gone"]) == 2
+    assert check.check(stays.name, 3, [stays.spend(3)], PLAN).problem is None  # the run goes on
+    edited = [*ledger[:3], dict(ledger[3], steps=1)]  # an absent site's entries still must verify
+    assert "does not verify" in books(stays).restore(edited, {"gone": gone.public})
+    assert "does not verify" in books(stays).restore(ledger, {"gone": stays.public})  # under its own key

@@ -92,3 +92,41 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.yaml").write_text("federation:\n  rounds: 2\n")
     assert main(["simulate", f"output.dir={tmp_path}", "output.run_name=half", "--resume"]) == 2
+
+
+def test_a_resume_goes_on_with_the_sites_that_rejoin_and_names_the_one_that_did_not(
+        tiny_bert, synthetic_csv, tmp_path, monkeypatch, capsys):
+    """docs/coordinator.md §11: a site that does not come back is left out, not a reason to
+    stop. The first run stops after round 1 (its sites' training fails: federation.max_empty_rounds=1),
+    with each site's record-count release in the run's ledger; site-2 then loses its state
+    folder, so it comes back with another ledger key and cannot rejoin."""
+    import shutil
+
+    import client.app
+    from simulations.cli import main
+    from tests.test_hostile_sites import never_trains
+
+    overrides = tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
+        "federation.rounds": 2, "federation.max_empty_rounds": 1, "training.local_epochs": 1,
+        "privacy.target_epsilon": 6, "output.save_model": False, "output.run_name": "partial"})
+    real = client.app.app
+    monkeypatch.setattr(client.app, "app", never_trains())
+    assert main(["simulate", *overrides]) == 2
+    run = tmp_path / "runs" / "partial"
+    ledger = [json.loads(x) for x in (run / "privacy" / "ledger.jsonl").read_text().splitlines()]
+    assert {e["site"] for e in ledger} == {"site-0", "site-1", "site-2"}  # their count releases
+    shutil.rmtree(run / "sites" / "site-2")
+    monkeypatch.setattr(client.app, "app", real)
+    capsys.readouterr()
+    assert main(["simulate", f"output.dir={tmp_path / 'runs'}", "output.run_name=partial", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "site site-2: did not rejoin the resumed run; not asked again" in out
+    assert [r["round"] for r in rows(run)] == [0, 1, 2] and rows(run)[-1]["trained"] == 2
+    assert "site-2" not in rows(run)[-1]["sampled"]
+    assert "site site-2: did not rejoin the resumed run" in (run / "report.md").read_text()
+    kept = [json.loads(x) for x in (run / "privacy" / "ledger.jsonl").read_text().splitlines()]
+    gone = [e for e in ledger if e["site"] == "site-2"]
+    assert [e for e in kept if e["site"] == "site-2"] == gone
+    summary = json.loads((run / "privacy" / "sites.json").read_text())  # still in the run's books
+    assert summary["site-2"]["epsilon"] == gone[-1]["epsilon"] and summary["site-2"]["records"] is None
+    assert summary["site-2"]["not_trained"][-1] == "after round 1: did not rejoin the resumed run"

@@ -124,3 +124,20 @@ def test_resume_needs_the_runs_folder_and_tells_the_serverapp(coordinator, tiny_
         config = tomllib.loads((tmp_path / f"app-{resume}" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
         assert RUN_CONFIG_YAML_KEY in config["config"]
         assert config["config"].get(RESUME_KEY, False) is resume
+
+
+def test_a_run_that_did_not_complete_is_explained_by_the_serverapps_own_cause():
+    from server.cli import run_failure
+    from server.run_dir import RUN_STOPPED
+
+    traceback = ["Traceback (most recent call last):", '  File "server/app.py", line 371, in run_federation',
+                 "server.checkpoint.CheckpointError: cannot resume job: the run's ledger does not verify: x"]
+    assert run_failure(traceback) == "CheckpointError: cannot resume job: the run's ledger does not verify: x"
+    # The ServerApp's own line states the cause, whatever traceback Flower prints after it.
+    said = [f"{RUN_STOPPED}rounds 1-3 trained nothing (3 in a row; federation.max_empty_rounds=3)",
+            *traceback[:2], "server.app.EmptyRoundsError: rounds 1-3 trained nothing", "RuntimeError: exit"]
+    assert run_failure(said) == "rounds 1-3 trained nothing (3 in a row; federation.max_empty_rounds=3)"
+    assert run_failure(["INFO : [ROUND 1/3]", "round   1/3 | acc 0.500"]) == ""  # no cause: said so, not guessed
+    # A site's failure the ServerApp printed is not the ServerApp's own.
+    assert run_failure(["  st-marys: failed: RuntimeError: out of memory"]) == ""
+    assert run_failure(["ERROR :     ValueError: bad"]) == "ValueError: bad"

@@ -406,3 +406,172 @@ def test_each_rules_minimum_and_what_flower_builds():
     assert flower_strategy("bulyan", num_malicious=3).num_malicious_nodes == 3
     with pytest.raises(ValueError, match="beta"):
         flower_strategy("fedtrimmedavg", trim_fraction=0.5)
+
+
+# ------------------------------------------------------------ no silent round, no unrecorded spend
+
+
+class LinkGrid(FakeGrid):
+    """FakeGrid that behaves as a SuperLink does when replies do not come in time: each
+    message gets its id when pushed (as Flower's grids set it); for a site in `unavailable`
+    the SuperLink itself answers (Flower's own node-unavailable reply); a reply to a round
+    in `late[site]` reaches the SuperLink after that round's timeout (and after the first
+    `delay` pulls) and is handed over only when pulled (`pull_messages`); one in `lost[site]`
+    never arrives."""
+
+    def __init__(self, behaviours, unavailable=(), late=None, lost=None, delay: int = 0) -> None:
+        super().__init__(behaviours)
+        self.unavailable = set(unavailable)
+        self.late, self.lost = dict(late or {}), dict(lost or {})
+        self.delay, self.pulls = delay, 0
+        self.kept: dict[str, Message] = {}  # instruction id -> its reply, at the SuperLink after the timeout
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from uuid import uuid4
+
+        from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as InMemoryGrid.push_messages does
+            site = self.site_names[msg.metadata.dst_node_id]
+            server_round = int(msg.content[protocol.PLAN][protocol.SERVER_ROUND])
+            if site in self.unavailable:
+                replies.append(create_message_error_unavailable_res_message(msg.metadata, "node_unavail"))
+                continue
+            reply = self.behaviours[site](msg, site, server_round)
+            if server_round in self.late.get(site, ()):
+                self.kept[msg.metadata.message_id] = reply
+            elif server_round not in self.lost.get(site, ()):
+                replies.append(reply)
+        return replies
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        if self.pulls <= self.delay:
+            return []
+        return [self.kept.pop(i) for i in list(message_ids) if i in self.kept]
+
+
+def test_flowers_own_error_replies_and_silence_are_failures_of_the_site_asked():
+    behaviours = {s: trains(1.0) for s in SITES.values()}
+    grid = LinkGrid(behaviours, unavailable={"alpha", "bravo"}, lost={"charlie": {1}})
+    reports: list[RoundReport] = []
+    strategy = SiteAwareStrategy(flower_strategy("fedavg"), SITES, fraction_train=1.0, seed=1,
+                                 expected_arrays=EXPECTED, on_round=reports.append)
+    plan = protocol.plan_record(config_yaml="x: 1\n", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
+    strategy.start(grid=grid, initial_arrays=protocol.to_array_record({"w": np.zeros(3, np.float32)}),
+                   num_rounds=2, timeout=5, train_config=plan)
+    first = {r.site: r for r in reports[0].replies}
+    assert sorted(first) == ["alpha", "bravo", "charlie", "delta"]  # every site asked has its outcome
+    assert first["alpha"].status == first["bravo"].status == "failed"
+    assert "Node Unavailable" in first["alpha"].reason
+    assert first["charlie"].status == "failed" and "no reply within" in first["charlie"].reason
+    assert first["delta"].status == "trained" and not reports[0].empty()
+
+
+def test_a_round_in_which_every_site_is_unreachable_trained_nothing():
+    grid = LinkGrid({s: trains(1.0) for s in SITES.values()}, unavailable=set(SITES.values()))
+    reports: list[RoundReport] = []
+    strategy = SiteAwareStrategy(flower_strategy("fedavg"), SITES, fraction_train=1.0, seed=1,
+                                 expected_arrays=EXPECTED, on_round=reports.append)
+    plan = protocol.plan_record(config_yaml="x: 1\n", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
+    result = strategy.start(grid=grid, initial_arrays=protocol.to_array_record({"w": np.zeros(3, np.float32)}),
+                            num_rounds=1, timeout=5, train_config=plan)
+    assert reports[0].count("failed") == 4 and reports[0].empty() and reports[0].skipped == "no usable update"
+    assert not result.arrays
+
+
+def signs(site, carries_lost: bool = False) -> Behaviour:
+    """The stock site's books: each round it spends (its own signed ledger, tests/test_ledger_check.py)
+    and replies with that round's entry; with `carries_lost`, with every spend of the run not
+    yet in a reply that arrived (as a site does with spends a crash interrupted)."""
+    sent: list[dict] = []
+
+    def reply(msg: Message, name: str, server_round: int) -> Message:
+        entry = site.spend(server_round)
+        entries = [e for e in site.ledger.read().entries if e["hash"] not in {s["hash"] for s in sent}] \
+            if carries_lost else [entry]
+        sent.extend(entries if server_round != 1 else [])  # round 1's reply does not arrive
+        return protocol.train_reply(msg, site=name, arrays={"w": np.full(3, 1.0, np.float32)}, num_examples=10,
+                                    ledger_entries=entries)
+    return reply
+
+
+@pytest.mark.parametrize("how", ["arrives late", "arrives two rounds late", "lost, carried by the next reply"])
+def test_a_reply_that_misses_its_round_is_still_recorded_and_the_run_books_equal_the_sites(tmp_path, how):
+    import conf
+    from privacy import signing
+    from privacy.audit import audit
+    from server.app import RoundLog
+    from strategies.ledger_check import LedgerCheck
+    from tests.test_ledger_check import DELTA, PLAN, Site
+
+    sites = {101: "alpha", 202: "bravo"}
+    books = {name: Site(tmp_path, name) for name in sites.values()}
+    check = LedgerCheck("run-1", {n: s.public for n, s in books.items()}, dp=True, delta=DELTA, accountant="rdp")
+    run_dir = tmp_path / "run"
+    (run_dir / "privacy" / "keys").mkdir(parents=True)
+    for name, s in books.items():
+        (run_dir / "privacy" / "keys" / f"{name}.pub").write_bytes(signing.public_key_pem(s.public))
+    log = RoundLog(run_dir, conf.load_config(), {n: {"site": name} for n, name in sites.items()})
+    late = how.startswith("arrives")
+    grid = LinkGrid({"alpha": signs(books["alpha"], carries_lost=not late), "bravo": signs(books["bravo"])},
+                    late={"alpha": {1}} if late else None, lost=None if late else {"alpha": {1}},
+                    delay=1 if how == "arrives two rounds late" else 0)
+    reports: list[RoundReport] = []
+
+    def on_round(report: RoundReport) -> None:
+        reports.append(report)
+        log.on_round(report)
+
+    strategy = SiteAwareStrategy(flower_strategy("fedavg"), sites, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
+                                 on_round=on_round, check_ledger=lambda s, r, e: check.check(s, r, e, PLAN))
+    plan = protocol.plan_record(config_yaml="x: 1\n", run_id="run-1", run_dir="", frozen_fingerprint="",
+                                class_names=["a"])
+    strategy.start(grid=grid, initial_arrays=protocol.to_array_record({"w": np.zeros(3, np.float32)}),
+                   num_rounds=3, timeout=5, train_config=plan)
+    assert [r.status for r in reports[0].replies] == ["failed", "trained"]  # alpha's round-1 reply missed it
+    assert "alpha" not in strategy.excluded and not any(r.breach for rep in reports for r in rep.replies)
+    assert [r.status for r in reports[2].replies] == ["trained", "trained"]  # and alpha is still asked
+    if how == "arrives late":
+        assert [(r.site, r.late_round) for r in reports[1].late] == [("alpha", 1)]
+    if how == "arrives two rounds late":  # round 2's entries wait for round 1's, then both join the books
+        alpha = reports[1].replies[0]
+        assert alpha.status == "rejected" and "held until it does" in alpha.reason and not alpha.breach
+        assert [(r.site, r.late_round, len(r.ledger_entries)) for r in reports[2].late] == [("alpha", 1, 2)]
+    own = books["alpha"].ledger.read().entries
+    recorded = [e for e in (run_dir / "privacy" / "ledger.jsonl").read_text().splitlines()
+                if '"site": "alpha"' in e]
+    assert len(recorded) == len(own) == 3 and log.epsilon["alpha"] == own[-1]["epsilon"]
+    result = audit(run_dir / "privacy" / "ledger.jsonl", run_dir / "privacy" / "keys", None, None)
+    assert result.ok and result.sites["alpha"].recorded_epsilon == own[-1]["epsilon"]
+    assert result.sites["alpha"].rdp_epsilon == pytest.approx(own[-1]["epsilon"], rel=1e-3)
+
+
+def test_rounds_that_trained_nothing_are_reported_and_counted_in_a_row(tmp_path, capsys):
+    import conf
+    from server.app import RoundLog, empty_rounds_line, write_report
+    from server.run_dir import read_jsonl
+    from strategies.site_aware import SiteReply
+
+    cfg = conf.load_config(["privacy=none", f"output.dir={tmp_path}"])
+    log = RoundLog(tmp_path, cfg, {1: {"site": "alpha", "n": 5}, 2: {"site": "bravo", "n": 5}})
+    metrics = {"accuracy": 0.5, "macro_f1": 0.5, "per_class": {}}
+    log.on_evaluated(0, metrics)
+    log.on_round(RoundReport(1, ["alpha", "bravo"], [SiteReply("alpha", 1, "trained", num_examples=5),
+                                                      SiteReply("bravo", 2, "failed", "no reply")]))
+    log.on_evaluated(1, metrics)
+    for r in (2, 3):
+        log.on_round(RoundReport(r, ["alpha", "bravo"], [
+            SiteReply("alpha", 1, "failed", "Error: Node Unavailable - The destination node is currently unavailable"),
+            SiteReply("bravo", 2, "declined", "bravo says no")], skipped="no usable update"))
+        log.on_evaluated(r, metrics)
+    assert [row["empty"] for row in read_jsonl(tmp_path / "metrics.jsonl")] == [False, False, True, True]
+    assert log.empty_streak() == 2 and capsys.readouterr().out.count("TRAINED NOTHING") == 2
+    line = empty_rounds_line(log, 3, 2, 2)
+    assert line.startswith("rounds 2-3 trained nothing (2 in a row; federation.max_empty_rounds=2); in round 3: "
+                           "alpha: failed: Error: Node Unavailable") and "bravo: declined: bravo says no" in line
+    assert "\n" not in line
+    write_report(tmp_path, cfg, log.rows, {"alpha": {}, "bravo": {}})
+    assert "Rounds that aggregated nothing (the global model was kept): 2-3." in (tmp_path / "report.md").read_text()
