@@ -16,7 +16,8 @@ What it starts, and why (flwr 1.41, read from its source):
    `--address` with the coordinator's certificate and forwards only Fleet API requests
    (POST, plain `/v1/fleet/...` paths, a Content-Length up to `--max-body-mb`, default
    Flower's 5 MiB array chunk + 1 MiB: the largest request a site sends, see
-   deploy/front.py), streamed byte for byte to the SuperLink. It is not a transport:
+   deploy/front.py), signed by an admitted connection key (checked on the request head,
+   401 otherwise) and read whole before it goes on to the SuperLink. It is not a transport:
    requests, node signatures and replies are Flower's own; it refuses everything else
    (403), bounds what one client can hold (timeouts, `--max-connections`,
    `--max-connections-per-address`) and writes one access-log line per request to
@@ -80,7 +81,7 @@ import sys
 import time
 from pathlib import Path
 
-from deploy.front import MIB, FleetFront, FrontLimits, max_body_bytes
+from deploy.front import MIB, FleetFront, FrontLimits, max_body_bytes, node_key_bytes
 from deploy.processes import (
     Children,
     Interrupted,
@@ -363,7 +364,9 @@ def server_main(argv: list[str]) -> int:
                 print(f"admitted connection key {k.stem}: {fingerprint(load_connection_public_key(k))}", flush=True)
 
             front = FleetFront(host, port, files["server.crt"], files["server.key"], link_port, internal / "ca.crt",
-                               limits=limits, access_log=home / "front-access.log")
+                               limits=limits, access_log=home / "front-access.log",
+                               authorized_keys={node_key_bytes(load_connection_public_key(k)) for k in keys},
+                               spool_dir=home)
             front.start()
             print(f"listening for sites on {host}:{port} (TLS, Fleet API only, bodies up to "
                   f"{limits.max_body_bytes / MIB:g} MiB; access log {home / 'front-access.log'}); waiting for "
