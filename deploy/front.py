@@ -80,9 +80,10 @@ What one client can hold (`FrontLimits`; hand-written here only what uvicorn 0.4
 - the body: no byte for `body_idle_timeout_s`, not complete within `body_timeout_s`, or,
   after `body_grace_s` (10 s), slower on average than `min_body_bytes_per_s` (16 KiB/s: a
   6 MiB chunk in 6.5 min at worst): 408 (written by the front; uvicorn has no body timeout);
-- uploads: at most `max_uploads_per_address` (4; a SuperNode sends one request at a time)
-  bodies being read at once from one source address, and `max_buffered_bytes` (512 MiB of
-  Content-Lengths) in all; 503 beyond (Flower retries it), before the body is read;
+- uploads: at most `max_uploads_per_address` (8: a SuperNode has up to ~4 requests in
+  flight, so two sites behind one NAT address are never refused) bodies being read at once
+  from one source address, and `max_buffered_bytes` (512 MiB of Content-Lengths) being
+  read or forwarded in all; 503 beyond (Flower retries it), before the body is read;
 - the reply: a client that does not read it for `send_timeout_s` is disconnected;
 - connections: at most `max_per_address` at once from one source address (503 and closed
   beyond: uvicorn has no per-address cap) and `max_connections` in total (uvicorn
@@ -118,6 +119,7 @@ import ssl
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -176,7 +178,7 @@ class FrontLimits:
     upstream_pool_timeout_s: float = 30.0
     body_grace_s: float = 10.0
     min_body_bytes_per_s: int = 16 * 1024
-    max_uploads_per_address: int = 4
+    max_uploads_per_address: int = 8
     max_buffered_bytes: int = 512 * MIB
     memory_body_bytes: int = 256 * 1024
     unadmitted_body_bytes: int = 64 * 1024
@@ -259,7 +261,11 @@ class _ConnectionLogger:
     level = logging.WARNING
 
     def __init__(self, access: AccessLog, protocol: H11Protocol):
-        self.access, self.protocol = access, protocol
+        # A weak reference: protocol -> logger -> protocol was a reference cycle that kept
+        # every closed connection (its transport, TLS and request buffers) alive until a
+        # full garbage collection, which a front under load rarely reaches: 48 refused
+        # 6 MiB uploads left +33 MB per wave (bench/RESULTS.md, "slow uploads").
+        self.access, self._protocol = access, weakref.ref(protocol)
 
     def log(self, level: int, msg: str, *args: Any, exc_info: Any = None, **kwargs: Any) -> None:
         if level < self.level:
@@ -269,7 +275,8 @@ class _ConnectionLogger:
         if isinstance(exc_info, BaseException):
             text += f" {type(exc_info).__name__}: {exc_info}"
         status = 503 if "concurrency limit" in text else 400 if "Invalid HTTP" in text else "-"
-        self.access.event(self.protocol.client, status, text)
+        protocol = self._protocol()
+        self.access.event(protocol.client if protocol is not None else None, status, text)
 
     def debug(self, msg: str, *args: Any, **kw: Any) -> None:
         self.log(logging.DEBUG, msg, *args, **kw)
@@ -513,8 +520,9 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
                     why = None  # validly signed: the SuperLink gives Flower's own answer (module docstring)
                 if why is not None:
                     raise _Refused(401, "fedshield coordinator: SuperNode authentication failed\n", why)
-            async with _upload_slot(scope, length), _Spool(limits.memory_body_bytes, spool_dir) as spool:
-                await _read_body(receive, length, ex, t0, spool)
+            async with _buffer_budget(length), _Spool(limits.memory_body_bytes, spool_dir) as spool:
+                async with _upload_slot(scope):
+                    await _read_body(receive, length, ex, t0, spool)
                 # Only a whole body takes one of the SuperLink connections (module docstring).
                 request = httpx.Request("POST", base + path,
                                         headers=[*end_to_end_headers(headers),
@@ -535,27 +543,35 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
             await reply.aclose()
 
     @contextlib.asynccontextmanager
-    async def _upload_slot(scope: dict, length: int) -> AsyncIterator[None]:
-        """One of `max_uploads_per_address` for this source address, and `length` bytes of
-        `max_buffered_bytes`, while the body is read; 503 (Flower retries it) when either is out."""
+    async def _upload_slot(scope: dict) -> AsyncIterator[None]:
+        """One of `max_uploads_per_address` for this source address while its body is read;
+        503 (Flower retries it) when they are all taken."""
         client_addr = scope.get("client")
         address = str(client_addr[0]) if client_addr else "-"
         if uploads[address] >= limits.max_uploads_per_address:
             raise _Refused(503, f"fedshield coordinator: more than {limits.max_uploads_per_address} uploads at "
                                 "once from this address\n",
                            f"more than {limits.max_uploads_per_address} uploads at once from this address")
+        uploads[address] += 1
+        try:
+            yield
+        finally:
+            uploads[address] -= 1
+            if uploads[address] <= 0:
+                del uploads[address]
+
+    @contextlib.asynccontextmanager
+    async def _buffer_budget(length: int) -> AsyncIterator[None]:
+        """`length` bytes of `max_buffered_bytes` while the body is read and forwarded; 503
+        (Flower retries it) when they are not there, before a byte of the body is read."""
         if buffered[0] + length > limits.max_buffered_bytes:
             raise _Refused(503, "fedshield coordinator: busy, retry\n",
                            f"bodies being read would exceed {limits.max_buffered_bytes} bytes")
-        uploads[address] += 1
         buffered[0] += length
         try:
             yield
         finally:
             buffered[0] -= length
-            uploads[address] -= 1
-            if uploads[address] <= 0:
-                del uploads[address]
 
     async def _read_body(receive: Callable, length: int, ex: _Exchange, t0: float, spool: _Spool) -> None:
         """The whole body into `spool`, or 408 when it is idle for `body_idle_timeout_s`, not
