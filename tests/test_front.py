@@ -872,6 +872,7 @@ def test_a_small_request_validly_signed_by_a_key_not_admitted_gets_flowers_own_a
 
 
 def _unauthenticated(keys):
+    import base64
     import datetime as dt
 
     stale = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=400)).isoformat()
@@ -887,14 +888,24 @@ def _unauthenticated(keys):
         "not base64": [(b"flwr-public-key", b"%%%"), *good[1:]],
         "a repeated key header": [good[0], *good],
         "a signature of another timestamp": [*good[:2], signed_headers(keys[0], stale)[2]],
+        "an RSA key": [(b"flwr-public-key", base64.b64encode(_rsa_pem())), *good[1:]],
+        "not a key": [(b"flwr-public-key", base64.b64encode(b"-----BEGIN PUBLIC KEY-----\nAAAA\n")), *good[1:]],
     }
+
+
+def _rsa_pem() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(65537, 1024).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 @pytest.mark.parametrize("case", [
     "no headers", "an unknown key, validly signed, with a body over 64 KiB", "a signature by another key",
     "a stale timestamp",
     "a timestamp from the future", "a naive timestamp", "not base64", "a repeated key header",
-    "a signature of another timestamp"])
+    "a signature of another timestamp", "an RSA key", "not a key"])
 def test_an_unauthenticated_request_is_refused_before_its_body_is_read(node_keys, case):
     """Issue 21 item 3: 48 x 6 MiB unauthenticated bodies grew the SuperLink by 640 MB. With
     the admitted keys, the front checks Flower's SuperNode signature on the request head:
