@@ -31,6 +31,26 @@ held and for how long at most, what happened to the bodies. The attackers run in
 of their own (asyncio) so that they do not share the honest client's interpreter.
 
 Bounded: every loop has a deadline; every process it starts is stopped (by pid) at the end.
+
+    .venv/bin/python bench/front_load.py --uploads [--slow-uploads 80] [--addresses 5] [--phase-s 15]
+
+Issue 21 item 3 (slow uploads starve honest sites), the front of this checkout against the
+front as it was (`--old-ref`, default c57ace7: bodies streamed on as they arrived, each
+holding one of the 64 SuperLink connections), both with the admitted keys of
+`fedshield server` where they take them. Phases, each with an honest site sending signed
+heartbeats (Flower's own SuperNode headers, an admitted key) one at a time on fresh
+connections, and the front's RSS sampled:
+
+  A baseline       honest alone
+  B slow-unauth    80 uploads (Content-Length 6 MiB) from 5 addresses, unsigned, sending
+                   their body a byte a second; reconnect when cut
+  C slow-signed    the same, each signed by an admitted key (a hostile registered site)
+  D fast-unauth    48 unsigned 6 MiB bodies sent as fast as loopback allows, from 5 addresses
+                   (RSS after: 3 s after the phase)
+  E = D again      whether what D left is held for reuse or grows with each wave
+
+A reduced variant of the reported run: a stand-in SuperLink (reads and drops each body),
+so "rounds train normally" is shown by honest requests served, not by real rounds.
 """
 
 from __future__ import annotations
@@ -83,6 +103,7 @@ def serve_front(pki: Path, port: int, upstream: int, body_mb: float, log: Path, 
 
         spec = importlib.util.spec_from_file_location("old_front", old)
         module = importlib.util.module_from_spec(spec)
+        sys.modules["old_front"] = module  # dataclasses look their module up
         spec.loader.exec_module(module)
         front = module.FleetFront("127.0.0.1", port, pki / "server.crt", pki / "server.key", upstream, pki / "ca.crt",
                                   max_body_bytes=int(body_mb * 2**20))
@@ -181,6 +202,223 @@ def attack(pki: Path, port: int, slow: int, bodies: int, body_mb: float, seconds
     out.write_text(json.dumps(stats))
 
 
+# ------------------------------------------------------------------ slow uploads (issue 21 item 3)
+
+
+def signed_headers(key_pem: Path) -> bytes:
+    """Flower's SuperNode authentication headers, as flwr/supernode/node_auth_http_interceptor.py makes them."""
+    import base64
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import serialization
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+
+    key = serialization.load_pem_private_key(key_pem.read_bytes(), None)
+    ts = dt.datetime.now(dt.UTC).isoformat()
+    return (b"flwr-public-key: " + base64.b64encode(public_key_to_bytes(key.public_key())) + b"\r\n"
+            + b"flwr-timestamp: " + ts.encode() + b"\r\n"
+            + b"flwr-signature: " + base64.b64encode(sign_message(key, ts.encode())) + b"\r\n")
+
+
+def upload_attack(pki: Path, port: int, mode: str, count: int, addresses: int, seconds: float, key: Path,
+                  out: Path) -> None:
+    """`count` uploads from `addresses` loopback addresses for `seconds`: `slow-*` send a
+    6 MiB body a byte a second, `fast` sends it at once; `*-signed` sign their heads."""
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    stop_at = time.monotonic() + seconds
+    stats = {"opened": 0, "answers": {}, "body_bytes_sent": 0}
+    size = 6 * 2**20
+
+    async def one(i: int) -> None:
+        source = f"127.0.4.{1 + i % addresses}"
+        rounds = 0
+        while time.monotonic() < stop_at and (mode.startswith("slow") or rounds == 0):
+            rounds += 1
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                    "127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1", local_addr=(source, 0)), 15)
+            except (OSError, TimeoutError):
+                await asyncio.sleep(1)
+                continue
+            stats["opened"] += 1
+            auth = signed_headers(key) if mode.endswith("signed") else b""
+            writer.write(b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: fl\r\nContent-Type: application/protobuf\r\n"
+                         + auth + b"Content-Length: %d\r\n\r\n" % size)
+            answer = asyncio.ensure_future(reader.readline())
+            try:
+                if mode == "fast":
+                    chunk = b"\x00" * 2**20
+                    for _ in range(6):
+                        if answer.done():
+                            break
+                        writer.write(chunk)
+                        await writer.drain()
+                        stats["body_bytes_sent"] += len(chunk)
+                    line = await asyncio.wait_for(answer, 60)
+                else:
+                    line = b""
+                    while time.monotonic() < stop_at and not answer.done():
+                        writer.write(b"\x00")
+                        await writer.drain()
+                        stats["body_bytes_sent"] += 1
+                        try:
+                            line = await asyncio.wait_for(asyncio.shield(answer), 1.0)
+                        except TimeoutError:
+                            continue
+                status = line.split()[1].decode() if line.startswith(b"HTTP/1.1") else "cut"
+            except (OSError, ssl.SSLError, TimeoutError, IndexError):
+                status = "cut"
+            if time.monotonic() < stop_at or status != "cut":
+                stats["answers"][status] = stats["answers"].get(status, 0) + 1
+            answer.cancel()
+            writer.close()
+            await asyncio.sleep(1)
+
+    async def main() -> None:
+        await asyncio.gather(*(one(i) for i in range(count)))
+
+    asyncio.run(main())
+    out.write_text(json.dumps(stats))
+
+
+def serve_front_keys(pki: Path, port: int, upstream: int, key: Path, log: Path, old: str) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    if old:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("old_front", old)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["old_front"] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+        front = module.FleetFront("127.0.0.1", port, pki / "server.crt", pki / "server.key", upstream, pki / "ca.crt",
+                                  access_log=log)
+    else:
+        from deploy.front import FleetFront, node_key_bytes
+
+        public = serialization.load_pem_private_key(key.read_bytes(), None).public_key()
+        front = FleetFront("127.0.0.1", port, pki / "server.crt", pki / "server.key", upstream, pki / "ca.crt",
+                           access_log=log, authorized_keys={node_key_bytes(public)}, spool_dir=log.parent)
+    front.start()
+    print("ready", flush=True)
+    sys.stdin.read()
+    front.stop()
+
+
+def honest_signed(port: int, ctx: ssl.SSLContext, seconds: float, key: Path) -> list[float | None]:
+    """As `honest`, each request signed by the admitted key."""
+    import httpx
+
+    out: list[float | None] = []
+    stop_at = time.monotonic() + seconds
+    while time.monotonic() < stop_at:
+        headers = {"content-type": "application/protobuf"}
+        for line in signed_headers(key).decode().strip().split("\r\n"):
+            name, value = line.split(": ", 1)
+            headers[name] = value
+        t0 = time.monotonic()
+        try:
+            with httpx.Client(verify=ctx, timeout=10) as c:
+                r = c.post(f"https://127.0.0.1:{port}/v1/fleet/send-node-heartbeat", content=HEARTBEAT, headers=headers)
+            out.append(time.monotonic() - t0 if r.status_code == 200 else None)
+        except httpx.HTTPError:
+            out.append(None)
+        time.sleep(0.1)
+    return out
+
+
+def uploads_main(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from deploy import pki as pki_mod
+    from deploy.processes import free_port
+
+    tmp = Path(tempfile.mkdtemp(prefix="front-uploads-"))
+    pki = tmp / "pki"
+    pki_mod.init_pki(pki, "localhost", ["127.0.0.1"], days=2, ca_days=2)
+    key = tmp / "node.pem"
+    key.write_bytes(ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    started: list[subprocess.Popen] = []
+    rows = []
+    old = ""
+    if args.old_ref:
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{args.old_ref}:deploy/front.py"],
+                               capture_output=True, text=True)
+        if shown.returncode == 0:
+            old = str(tmp / "old_front.py")
+            Path(old).write_text(shown.stdout)
+    try:
+        up = free_port()
+        start(["--serve-upstream", str(pki), str(up)], started)
+        fronts = [("this front", "")] + ([(f"front at {args.old_ref}", old)] if old else [])
+        for label, source in fronts:
+            port = free_port()
+            p = start(["--serve-front-keys", str(pki), str(port), str(up), str(key),
+                       str(tmp / f"access-{len(rows)}.log"), source], started, stdin=subprocess.PIPE,
+                      stdout=subprocess.PIPE, text=True)
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready", "the front did not start"
+            time.sleep(1)
+            honest_signed(port, ctx, 1.0, key)  # warm-up
+            for phase, mode, count in (("A baseline", "", 0), ("B slow-unauth", "slow", args.slow_uploads),
+                                       ("C slow-signed", "slow-signed", args.slow_uploads),
+                                       ("D fast-unauth 6 MiB", "fast", 48), ("E = D again", "fast", 48)):
+                sampler = Sampler(p.pid)
+                sampler.start()
+                result = tmp / f"uploads-{len(rows)}.json"
+                attacker = None
+                if count:
+                    attacker = start(["--upload-attack", str(pki), str(port), mode, str(count), str(args.addresses),
+                                      str(args.phase_s), str(key), str(result)], started)
+                    time.sleep(3)  # the uploads first
+                lat = honest_signed(port, ctx, args.phase_s, key)
+                if attacker is not None:
+                    attacker.wait(timeout=args.phase_s + 120)
+                time.sleep(3)
+                after = psutil.Process(p.pid).memory_info().rss
+                sampler.done.set()
+                sampler.join()
+                stats = json.loads(result.read_text()) if result.exists() else {}
+                ok = [x for x in lat if x is not None]
+                ms = sorted(1000 * x for x in ok)
+                rows.append({"front": label, "phase": phase, "honest": len(lat),
+                             "ok_pct": round(100 * len(ok) / max(1, len(lat)), 1),
+                             "p50_ms": round(statistics.median(ms), 1) if ms else None,
+                             "max_ms": round(ms[-1], 1) if ms else None,
+                             "rss_start_mb": round(sampler.start_rss / 2**20, 1),
+                             "rss_peak_mb": round(sampler.peak / 2**20, 1), "rss_after_mb": round(after / 2**20, 1),
+                             "attack": stats})
+                print(json.dumps(rows[-1]), flush=True)
+                time.sleep(2)
+            p.stdin.close()
+            p.wait(timeout=30)
+    finally:
+        for p in started:
+            if p.stdin and not p.stdin.closed:
+                p.stdin.close()
+        for p in reversed(started):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in started:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    print("\n| front | phase | honest requests | served | p50 ms | max ms | front RSS MB start / peak / after | "
+          "attack answers |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        answers = ", ".join(f"{k}: {v}" for k, v in sorted(r["attack"].get("answers", {}).items())) or "-"
+        print(f"| {r['front']} | {r['phase']} | {r['honest']} | {r['ok_pct']}% | {r['p50_ms']} | {r['max_ms']} | "
+              f"{r['rss_start_mb']} / {r['rss_peak_mb']} / {r['rss_after_mb']} | {answers} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 # ------------------------------------------------------------------ the bench
 
 
@@ -234,7 +472,14 @@ def main() -> int:
                     help="also run phase 4 against deploy/front.py as of this git ref (the buffering front; "
                          "'' to skip)")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--uploads", action="store_true", help="the slow-uploads scenario (issue 21 item 3) instead")
+    ap.add_argument("--slow-uploads", type=int, default=80)
+    ap.add_argument("--addresses", type=int, default=5)
     args = ap.parse_args()
+    if args.uploads:
+        if args.old_ref == "1decbf3":
+            args.old_ref = "c57ace7"
+        return uploads_main(args)
     from deploy import pki as pki_mod
     from deploy.processes import free_port
 
@@ -341,6 +586,12 @@ if __name__ == "__main__":
     elif len(sys.argv) > 1 and sys.argv[1] == "--serve-front":
         serve_front(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), Path(sys.argv[6]),
                     sys.argv[7])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--serve-front-keys":
+        serve_front_keys(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]), Path(sys.argv[6]),
+                         sys.argv[7])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--upload-attack":
+        upload_attack(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6]),
+                      float(sys.argv[7]), Path(sys.argv[8]), Path(sys.argv[9]))
     elif len(sys.argv) > 1 and sys.argv[1] == "--attack":
         attack(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]),
                float(sys.argv[7]), Path(sys.argv[8]))

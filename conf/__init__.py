@@ -104,11 +104,29 @@ def _load_preset(group: str, name: str) -> dict[str, Any]:
     return _flatten(data or {})
 
 
+def _control_character(text: str) -> str | None:
+    """The first control character in `text` (C0, DEL, C1), else None."""
+    return next((c for c in text if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0), None)
+
+
 def parse_override(item: str) -> tuple[str, Any]:
+    """`key=value` -> (key, value parsed as OmegaConf parses a dotlist value).
+
+    A control character anywhere in the item is refused with one line that names the key:
+    the YAML reader under `from_dotlist` would raise a multi-line ReaderError, and a value
+    that reached the run (a name, a path) would carry it into logs and the report.
+    """
     if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value (e.g. federation.rounds=3)")
+        bad = _control_character(item)
+        shown = item if bad is None else item.encode("unicode_escape").decode("ascii")
+        raise ConfigError(f"override {shown!r}: expected key=value (e.g. federation.rounds=3)")
     key, raw = item.split("=", 1)
     key = key.strip()
+    bad = _control_character(item)
+    if bad is not None:
+        name = key.encode("unicode_escape").decode("ascii")
+        raise ConfigError(f"override {name}=...: holds the control character U+{ord(bad):04X}; "
+                          "control characters are not allowed in overrides")
     value = OmegaConf.from_dotlist([f"v={raw}"]).v if raw != "" else ""
     return key, value
 

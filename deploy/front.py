@@ -26,11 +26,29 @@ Anything else gets 403 and never reaches the SuperLink. A SuperLink that cannot 
 or does not answer in time, gives 503. Every refusal closes the connection (the unread body
 of a refused request is never read).
 
-Streaming, both ways. The body goes on to the SuperLink as it arrives (never buffered whole:
-uvicorn hands it over in pieces of at most 64 KiB and stops reading the socket until the
-front has passed them on), with the client's Content-Length; the reply comes back the same
-way, with the SuperLink's Content-Length. One request costs the front a few hundred KiB
-whatever its size (bench/RESULTS.md, "Fleet front under load").
+Authentication first, then the whole body, then the SuperLink (issue 21 item 3). A front
+that streamed each body on as it arrived gave every upload one of its SuperLink connections
+for as long as the body took: 80 slow uploads held all 64 for up to `body_timeout_s`, and
+honest sites got 503 for minutes (measured, bench/RESULTS.md). So, in this order:
+1. with the admitted connection keys (`authorized_keys`, what `fedshield server` registers),
+   the request head must carry Flower's SuperNode authentication (`node_auth_error`: one
+   `flwr-public-key` that is admitted, a `flwr-timestamp` within Flower's window, a valid
+   `flwr-signature` of it: the SuperLink's own check, flwr/superlink/routers/fleet/
+   node_auth.py), else 401 before a byte of the body is read: unauthenticated bodies
+   never reach the SuperLink, whole or in part (the SuperLink checks again, and the node id).
+   One exception keeps Flower's own answer for a site whose key was not registered ("[code:
+   2004] Failed to activate SuperNode", which `fedshield client` explains): a request
+   validly signed by a key that is not admitted passes when its body is at most
+   `unadmitted_body_bytes` (64 KiB: node registration and activation are bytes); a larger
+   one gets 401 unread;
+2. the body is read whole, under the body limits below, into a `_Spool`: memory up to
+   `memory_body_bytes` (256 KiB: every request but an array chunk), beyond that an unlinked
+   temporary file (`spool_dir`: the coordinator's private Flower folder), so that what the
+   front holds in memory is bounded and given back when the request ends;
+3. only then does it take one of the `upstream_connections` and send the body on, with
+   the client's Content-Length; the reply comes back streamed, with the SuperLink's.
+A Fleet request is at most `max_body_bytes`, so holding it whole costs a few MiB of disk at
+most, and a retry, not a SuperLink connection, is what a slow client delays.
 
 Forwarding is byte for byte: the body as received; the request headers in their order and
 spelling, less the hop-by-hop ones (RFC 9110 7.6.1: Connection and the headers it names,
@@ -59,14 +77,20 @@ What one client can hold (`FrontLimits`; hand-written here only what uvicorn 0.4
   has only an idle keep-alive timer, which any byte resets, so a client sending its head a
   byte at a time would hold a connection for ever; here it gets 408 and is closed;
 - idle keep-alive: `keep_alive_s` (uvicorn `timeout_keep_alive`);
-- the body: no byte for `body_idle_timeout_s`, or not complete within `body_timeout_s`:
-  408 (written by the front; uvicorn has no body timeout);
+- the body: no byte for `body_idle_timeout_s`, not complete within `body_timeout_s`, or,
+  after `body_grace_s` (10 s), slower on average than `min_body_bytes_per_s` (16 KiB/s: a
+  6 MiB chunk in 6.5 min at worst): 408 (written by the front; uvicorn has no body timeout);
+- uploads: at most `max_uploads_per_address` (8: a SuperNode has up to ~4 requests in
+  flight, so two sites behind one NAT address are never refused) bodies being read at once
+  from one source address, and `max_buffered_bytes` (512 MiB of Content-Lengths) being
+  read or forwarded in all; 503 beyond (Flower retries it), before the body is read;
 - the reply: a client that does not read it for `send_timeout_s` is disconnected;
 - connections: at most `max_per_address` at once from one source address (503 and closed
   beyond: uvicorn has no per-address cap) and `max_connections` in total (uvicorn
   `limit_concurrency`: 503 beyond); `backlog` (uvicorn) unaccepted ones;
-- the SuperLink: at most `upstream_connections` requests in flight to it (httpx pool);
-  a request that waits for one longer than the pool timeout gets 503 (Flower retries 503).
+- the SuperLink: at most `upstream_connections` requests in flight to it (httpx pool),
+  each with its whole body in hand; a request that waits for one longer than
+  `upstream_pool_timeout_s` gets 503 (Flower retries 503).
 
 Access log (`AccessLog`): one line per request, and per connection refused or timed out,
 never a traceback: ISO time (UTC), source address:port, method, path (escaped, cut at 120
@@ -85,15 +109,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import logging.handlers
 import re
 import ssl
+import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+import weakref
+from collections.abc import AsyncIterator, Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +147,7 @@ HOP_HEADERS = frozenset({
 REFUSED = "fedshield coordinator: only the Flower Fleet API is served here\n"
 UNAVAILABLE = "fedshield coordinator: SuperLink unavailable\n"
 CLIENT_GONE = 499  # the nginx convention: the client closed the connection before the reply
+NOT_ADMITTED = "a SuperNode key that is not admitted"
 
 
 def max_body_bytes(chunk_bytes: int | None = None) -> int:
@@ -147,6 +175,13 @@ class FrontLimits:
     backlog: int = 256
     upstream_connections: int = 64
     upstream_timeout_s: float = 600.0
+    upstream_pool_timeout_s: float = 30.0
+    body_grace_s: float = 10.0
+    min_body_bytes_per_s: int = 16 * 1024
+    max_uploads_per_address: int = 8
+    max_buffered_bytes: int = 512 * MIB
+    memory_body_bytes: int = 256 * 1024
+    unadmitted_body_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -154,7 +189,9 @@ class FrontLimits:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{f.name}={value!r}: must be a positive number")
         for name in ("max_body_bytes", "max_connections", "max_per_address", "keep_alive_s",
-                     "max_header_bytes", "backlog", "upstream_connections"):
+                     "max_header_bytes", "backlog", "upstream_connections", "min_body_bytes_per_s",
+                     "max_uploads_per_address", "max_buffered_bytes", "memory_body_bytes",
+                     "unadmitted_body_bytes"):
             if not isinstance(getattr(self, name), int):
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be a positive int")
 
@@ -224,7 +261,11 @@ class _ConnectionLogger:
     level = logging.WARNING
 
     def __init__(self, access: AccessLog, protocol: H11Protocol):
-        self.access, self.protocol = access, protocol
+        # A weak reference: protocol -> logger -> protocol was a reference cycle that kept
+        # every closed connection (its transport, TLS and request buffers) alive until a
+        # full garbage collection, which a front under load rarely reaches: 48 refused
+        # 6 MiB uploads left +33 MB per wave (bench/RESULTS.md, "slow uploads").
+        self.access, self._protocol = access, weakref.ref(protocol)
 
     def log(self, level: int, msg: str, *args: Any, exc_info: Any = None, **kwargs: Any) -> None:
         if level < self.level:
@@ -234,7 +275,8 @@ class _ConnectionLogger:
         if isinstance(exc_info, BaseException):
             text += f" {type(exc_info).__name__}: {exc_info}"
         status = 503 if "concurrency limit" in text else 400 if "Invalid HTTP" in text else "-"
-        self.access.event(self.protocol.client, status, text)
+        protocol = self._protocol()
+        self.access.event(protocol.client if protocol is not None else None, status, text)
 
     def debug(self, msg: str, *args: Any, **kw: Any) -> None:
         self.log(logging.DEBUG, msg, *args, **kw)
@@ -304,9 +346,111 @@ def _content_length(headers: list[tuple[bytes, bytes]], limit: int) -> int:
     return length
 
 
+class _Spool:
+    """A request body while it arrives: in memory up to `memory_bytes`, beyond that in an
+    unlinked temporary file in `folder` (so that what the front holds in memory is bounded
+    whatever the bodies, and is given back when the request ends); `pieces()` reads it back
+    in 64 KiB pieces for the SuperLink."""
+
+    PIECE = 64 * 1024
+
+    def __init__(self, memory_bytes: int, folder: Path | None):
+        self.memory_bytes, self.folder = memory_bytes, folder
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.file: Any = None
+
+    def write(self, chunk: bytes) -> None:
+        if self.file is None and self.size + len(chunk) > self.memory_bytes:
+            self.file = tempfile.TemporaryFile(dir=self.folder)  # noqa: SIM115 - closed in __aexit__
+            for c in self.chunks:
+                self.file.write(c)
+            self.chunks = []
+        if self.file is not None:
+            self.file.write(chunk)
+        else:
+            self.chunks.append(chunk)
+        self.size += len(chunk)
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        if self.file is None:
+            for c in self.chunks:
+                yield c
+            return
+        self.file.seek(0)
+        while piece := self.file.read(self.PIECE):
+            yield piece
+
+    async def __aenter__(self) -> _Spool:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.chunks = []
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def node_key_bytes(key: Any) -> bytes:
+    """A SuperNode's public key as Flower sends it in `flwr-public-key` (base64 of these
+    bytes) and keys its node registry by (PEM SubjectPublicKeyInfo, flwr's
+    `public_key_to_bytes`)."""
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    return public_key_to_bytes(key)
+
+
+def node_auth_error(headers: list[tuple[bytes, bytes]], keys: Collection[bytes],
+                    wall_clock: Callable[[], dt.datetime] | None = None) -> str | None:
+    """Why a request's SuperNode authentication headers fail, or None if they pass.
+
+    The check the SuperLink makes (flwr 1.41 `superlink/routers/fleet/node_auth.py`
+    `authenticate_node`: one `flwr-public-key`, a `flwr-timestamp` within Flower's window,
+    a `flwr-signature` of that timestamp by that key), made here on the request head, plus
+    what only the coordinator knows up front: the key is one of the admitted connection keys
+    (`keys`, `node_key_bytes` form; `NOT_ADMITTED` when it is not, checked last, after the
+    signature). The SuperLink still checks all of it, and the node id; this only stops a
+    request that it would refuse before its body is read.
+    """
+    import base64
+    import binascii
+
+    from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_HEADER, TIMESTAMP_TOLERANCE
+    from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+    from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_signature
+
+    named = {n.encode(): [v for k, v in headers if k.lower() == n.encode()]
+             for n in (FLEET_HTTP_PUBLIC_KEY_HEADER, TIMESTAMP_HEADER, FLEET_HTTP_SIGNATURE_HEADER)}
+    if any(len(v) != 1 for v in named.values()):
+        return "no SuperNode authentication headers (flwr-public-key, flwr-timestamp, flwr-signature)"
+    raw_key, raw_time, raw_sig = named.values()
+    try:
+        key = base64.b64decode(raw_key[0], validate=True)
+        signature = base64.b64decode(raw_sig[0], validate=True)
+        timestamp = raw_time[0].decode("ascii")
+        signed_at = dt.datetime.fromisoformat(timestamp)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return "malformed SuperNode authentication headers"
+    now = (wall_clock or (lambda: dt.datetime.now(dt.UTC)))()
+    try:
+        age = (now - signed_at).total_seconds()
+    except TypeError:  # a timestamp without a time zone
+        return "malformed SuperNode authentication headers"
+    if not -SYSTEM_TIME_TOLERANCE < age < TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE:
+        return "a SuperNode signature outside Flower's time window"
+    try:
+        valid = verify_signature(bytes_to_public_key(key), timestamp.encode("ascii"), signature)
+    except Exception:  # noqa: BLE001 - any key bytes a client sends (another algorithm, a curve
+        valid = False  # `cryptography` does not support: UnsupportedAlgorithm) is a refusal
+    if not valid:
+        return "an invalid SuperNode signature"
+    return None if key in keys else NOT_ADMITTED
+
+
 def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | None = None, *,
               limits: FrontLimits | None = None, access: AccessLog | None = None,
-              clock: Callable[[], float] = time.monotonic) -> Callable:
+              clock: Callable[[], float] = time.monotonic, authorized_keys: Collection[bytes] | None = None,
+              spool_dir: Path | None = None) -> Callable:
     """The front as an ASGI app.
 
     Parameters
@@ -324,6 +468,15 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
         `FleetFront`'s.
     access : AccessLog, optional
         Where each request's line goes (default: an in-memory `AccessLog`).
+    clock : callable, optional
+        Monotonic seconds, for the body's deadlines and rate (tests pass their own).
+    authorized_keys : collection of bytes, optional
+        The admitted SuperNode keys (`node_key_bytes`): a request whose authentication
+        headers do not pass `node_auth_error` gets 401 before its body is read. None: no
+        check here (the SuperLink's alone).
+    spool_dir : Path, optional
+        Where a body over `limits.memory_body_bytes` waits, in an unlinked temporary file,
+        until it is whole (default: the system's temporary folder).
     """
     limits = limits or FrontLimits()
     if max_body_bytes is not None:
@@ -332,6 +485,9 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
         limits = dataclasses.replace(limits, max_body_bytes=max_body_bytes)
     log = access if access is not None else AccessLog()
     base = upstream.rstrip("/")
+    keys = frozenset(authorized_keys) if authorized_keys is not None else None
+    uploads: collections.Counter[str] = collections.Counter()  # bodies being read, per source address
+    buffered = [0]  # bytes reserved by the bodies being read or forwarded (their Content-Lengths)
 
     async def app(scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "websocket":
@@ -358,13 +514,24 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
                 raise _Refused(403, REFUSED, "not a Fleet API request")
             headers = list(scope.get("headers", []))
             length = _content_length(headers, limits.max_body_bytes)
-            request = httpx.Request("POST", base + path,
-                                    headers=[*end_to_end_headers(headers), (b"content-length", str(length).encode())],
-                                    content=_body(receive, length, ex, t0))
-            try:
-                reply = await client.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                raise _Refused(503, UNAVAILABLE, f"SuperLink: {type(exc).__name__}") from None
+            if keys is not None:
+                why = node_auth_error(headers, keys)
+                if why == NOT_ADMITTED and length <= limits.unadmitted_body_bytes:
+                    why = None  # validly signed: the SuperLink gives Flower's own answer (module docstring)
+                if why is not None:
+                    raise _Refused(401, "fedshield coordinator: SuperNode authentication failed\n", why)
+            async with _buffer_budget(length), _Spool(limits.memory_body_bytes, spool_dir) as spool:
+                async with _upload_slot(scope):
+                    await _read_body(receive, length, ex, t0, spool)
+                # Only a whole body takes one of the SuperLink connections (module docstring).
+                request = httpx.Request("POST", base + path,
+                                        headers=[*end_to_end_headers(headers),
+                                                 (b"content-length", str(length).encode())],
+                                        content=spool.pieces())
+                try:
+                    reply = await client.send(request, stream=True)
+                except httpx.HTTPError as exc:
+                    raise _Refused(503, UNAVAILABLE, f"SuperLink: {type(exc).__name__}") from None
         except _Refused as r:
             ex.status, ex.note = r.status, r.note
             if r.status != CLIENT_GONE:
@@ -375,20 +542,67 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
         finally:
             await reply.aclose()
 
-    async def _body(receive: Callable, length: int, ex: _Exchange, t0: float) -> AsyncIterator[bytes]:
+    @contextlib.asynccontextmanager
+    async def _upload_slot(scope: dict) -> AsyncIterator[None]:
+        """One of `max_uploads_per_address` for this source address while its body is read;
+        503 (Flower retries it) when they are all taken."""
+        client_addr = scope.get("client")
+        address = str(client_addr[0]) if client_addr else "-"
+        if uploads[address] >= limits.max_uploads_per_address:
+            raise _Refused(503, f"fedshield coordinator: more than {limits.max_uploads_per_address} uploads at "
+                                "once from this address\n",
+                           f"more than {limits.max_uploads_per_address} uploads at once from this address")
+        uploads[address] += 1
+        try:
+            yield
+        finally:
+            uploads[address] -= 1
+            if uploads[address] <= 0:
+                del uploads[address]
+
+    @contextlib.asynccontextmanager
+    async def _buffer_budget(length: int) -> AsyncIterator[None]:
+        """`length` bytes of `max_buffered_bytes` while the body is read and forwarded; 503
+        (Flower retries it) when they are not there, before a byte of the body is read."""
+        if buffered[0] + length > limits.max_buffered_bytes:
+            raise _Refused(503, "fedshield coordinator: busy, retry\n",
+                           f"bodies being read would exceed {limits.max_buffered_bytes} bytes")
+        buffered[0] += length
+        try:
+            yield
+        finally:
+            buffered[0] -= length
+
+    async def _read_body(receive: Callable, length: int, ex: _Exchange, t0: float, spool: _Spool) -> None:
+        """The whole body into `spool`, or 408 when it is idle for `body_idle_timeout_s`, not
+        complete within `body_timeout_s`, or, after `body_grace_s`, behind
+        `min_body_bytes_per_s` (averaged since the grace ended)."""
         deadline = t0 + limits.body_timeout_s
+        start = clock()
+
+        def too_slow(why: str) -> _Refused:
+            return _Refused(408, "fedshield coordinator: the request body came too slowly\n",
+                            f"body {why} after {ex.bytes_in} of {length} bytes")
+
         while True:
-            wait = min(limits.body_idle_timeout_s, deadline - clock())
+            # The time by which the bytes received so far stop meeting the minimum rate.
+            behind_at = start + limits.body_grace_s + ex.bytes_in / limits.min_body_bytes_per_s
+            now = clock()
+            if ex.bytes_in < length and now >= behind_at:
+                raise too_slow(f"slower than {limits.min_body_bytes_per_s} bytes/s "
+                               f"(after a {limits.body_grace_s:g} s grace)")
+            wait = min(limits.body_idle_timeout_s, deadline - now, behind_at - now)
             try:
                 if wait <= 0:
                     raise TimeoutError
                 message = await asyncio.wait_for(receive(), wait)
             except TimeoutError:
-                total = deadline - clock() <= 0
-                raise _Refused(408, "fedshield coordinator: the request body came too slowly\n",
-                               f"body {'not complete within' if total else 'idle for'} "
-                               f"{limits.body_timeout_s if total else limits.body_idle_timeout_s:g} s "
-                               f"after {ex.bytes_in} of {length} bytes") from None
+                now = clock()
+                if deadline - now <= 0:
+                    raise too_slow(f"not complete within {limits.body_timeout_s:g} s") from None
+                if now >= behind_at:
+                    continue  # the rate check above answers
+                raise too_slow(f"idle for {limits.body_idle_timeout_s:g} s") from None
             if message["type"] == "http.disconnect":
                 raise _Refused(CLIENT_GONE, "", f"client disconnected after {ex.bytes_in} of {length} bytes")
             chunk = message.get("body", b"")
@@ -397,7 +611,7 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
                                f"body longer than its Content-Length {length}")
             ex.bytes_in += len(chunk)
             if chunk:
-                yield chunk
+                spool.write(chunk)
             if not message.get("more_body", False):
                 break
         if ex.bytes_in != length:
@@ -541,12 +755,13 @@ class FleetFront:
 
     The SuperLink is reached at ``https://127.0.0.1:upstream_port``, verified with
     `upstream_ca` (the per-job loopback CA). `access_log`: the access log's file (None: in
-    memory only, `self.access.lines`).
+    memory only, `self.access.lines`). `authorized_keys`, `spool_dir`: as `fleet_app`'s.
     """
 
     def __init__(self, host: str, port: int, certfile: Path, keyfile: Path, upstream_port: int,
                  upstream_ca: Path, max_body_bytes: int | None = None, upstream_timeout_s: float | None = None,
-                 *, limits: FrontLimits | None = None, access_log: Path | None = None):
+                 *, limits: FrontLimits | None = None, access_log: Path | None = None,
+                 authorized_keys: Collection[bytes] | None = None, spool_dir: Path | None = None):
         import uvicorn
 
         limits = limits or FrontLimits()
@@ -558,10 +773,12 @@ class FleetFront:
         self.access = AccessLog(access_log)
         ctx = ssl.create_default_context(cafile=str(upstream_ca))
         self.client = httpx.AsyncClient(
-            verify=ctx, timeout=httpx.Timeout(limits.upstream_timeout_s, connect=10.0, pool=30.0),
+            verify=ctx, timeout=httpx.Timeout(limits.upstream_timeout_s, connect=10.0,
+                                              pool=limits.upstream_pool_timeout_s),
             limits=httpx.Limits(max_connections=limits.upstream_connections,
                                 max_keepalive_connections=min(16, limits.upstream_connections)))
-        self.app = fleet_app(f"https://127.0.0.1:{upstream_port}", self.client, limits=limits, access=self.access)
+        self.app = fleet_app(f"https://127.0.0.1:{upstream_port}", self.client, limits=limits, access=self.access,
+                             authorized_keys=authorized_keys, spool_dir=spool_dir)
         protocol = type("FrontProtocol", (_FrontProtocol,),
                         {"limits": limits, "access": self.access, "per_address": collections.Counter()})
         config = uvicorn.Config(self.app, host=host, port=port, ssl_certfile=str(certfile), ssl_keyfile=str(keyfile),

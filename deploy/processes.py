@@ -31,6 +31,12 @@ The helpers both agent commands need, each written once:
   `fedshield server`'s SuperLink and `flwr run` keep it.
 - `run_flower_cli` (a `flwr ...` command with a timeout and a one-line error), `last_error`
   (the line of a Flower log worth quoting).
+- `register_connection_keys`: the sites' connection keys registered with the SuperLink in
+  one process, through the Python API that `flwr supernode register` calls
+  (`read_superlink_connection`, `init_http_client_from_connection`, `RegisterNode`), one
+  Control API connection for all of them. One `flwr supernode register` per key costs a
+  Python start and Flower's imports each time: 67 keys took 240 s (10,000 would take
+  ~9 h); measured before/after in bench/RESULTS.md ("Registering connection keys").
 - `add_deprecated_alias`: an old flag spelling kept working (scripts exist), hidden from
   `--help`, with a one-line note on stderr.
 """
@@ -154,6 +160,68 @@ def run_flower_cli(cmd: list[str], env: dict[str, str], what: str, timeout_s: fl
         msg = (r.stderr.strip() or r.stdout.strip()).splitlines()
         raise FedShieldError(f"{what}: {msg[-1] if msg else 'failed'} (exit {r.returncode})")
     return r.stdout
+
+
+# Runs in the Flower child's environment (its FLWR_HOME), imports only flwr; reads
+# "PATH<TAB>NAME" lines on stdin; one "PATH<TAB>NODE_ID" line per key on stdout; on a
+# failure one line on stderr naming the key, exit 1.
+_REGISTER_SCRIPT = """
+import sys
+from pathlib import Path
+from flwr.cli.flower_config import read_superlink_connection
+from flwr.cli.supernode.register import try_load_public_key
+from flwr.cli.utils import init_http_client_from_connection
+from flwr.proto.control_pb2 import RegisterNodeRequest
+path = "-"
+try:
+    items = [line.split("\\t", 1) for line in sys.stdin.read().splitlines() if line]
+    client = init_http_client_from_connection(read_superlink_connection(sys.argv[1]))
+    try:
+        for path, name in items:
+            reply = client.RegisterNode(request=RegisterNodeRequest(public_key=try_load_public_key(Path(path)),
+                                                                    name=name))
+            if not reply.node_id:
+                raise RuntimeError("SuperNode couldn't be registered")
+            print(f"{path}\\t{reply.node_id}", flush=True)
+    finally:
+        client.close()
+except BaseException as exc:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"{path}: {text[:300]}", file=sys.stderr)
+    sys.exit(1)
+"""
+REGISTER_TIMEOUT_PER_KEY_S = 0.5  # measured ~0.01 s a key in one process; generous for a loaded host
+
+
+def register_connection_keys(keys: list[tuple[Path, str]], env: dict[str, str], connection: str,
+                             timeout_s: float | None = None) -> dict[Path, int]:
+    """Register each (public key file, SuperNode name) with the SuperLink of `connection` (a
+    connection in `env`'s FLWR_HOME config.toml), all in one process; the node id of each.
+
+    Raises a one-line FedShieldError that names the key that failed (or that nothing
+    answered within `timeout_s`: `CLI_TIMEOUT_S` plus `REGISTER_TIMEOUT_PER_KEY_S` a key).
+    """
+    timeout_s = timeout_s if timeout_s is not None else CLI_TIMEOUT_S + REGISTER_TIMEOUT_PER_KEY_S * len(keys)
+    for path, name in keys:
+        if "\t" in str(path) or "\n" in str(path) or "\t" in name or "\n" in name:
+            raise FedShieldError(f"registering connection key {path!r}: a tab or newline in its path or name")
+    lines = "".join(f"{path}\t{name}\n" for path, name in keys)
+    try:
+        r = subprocess.run([sys.executable, "-c", _REGISTER_SCRIPT, connection], input=lines, env=env,
+                           capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise FedShieldError(f"registering {len(keys)} connection keys: no answer within {timeout_s:.0f} s "
+                             "(is the SuperLink up? see its log)") from None
+    ids: dict[Path, int] = {}
+    for line in r.stdout.splitlines():
+        path, _, node_id = line.rpartition("\t")
+        if path and node_id.isdigit():
+            ids[Path(path)] = int(node_id)
+    if r.returncode != 0 or len(ids) != len(keys):
+        msg = (r.stderr.strip() or r.stdout.strip()).splitlines()
+        raise FedShieldError(f"registering connection key {msg[-1] if msg else 'failed'} (exit {r.returncode}; "
+                             f"{len(ids)} of {len(keys)} registered)")
+    return ids
 
 
 def stop_process_groups(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:

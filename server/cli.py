@@ -16,7 +16,8 @@ What it starts, and why (flwr 1.41, read from its source):
    `--address` with the coordinator's certificate and forwards only Fleet API requests
    (POST, plain `/v1/fleet/...` paths, a Content-Length up to `--max-body-mb`, default
    Flower's 5 MiB array chunk + 1 MiB: the largest request a site sends, see
-   deploy/front.py), streamed byte for byte to the SuperLink. It is not a transport:
+   deploy/front.py), signed by an admitted connection key (checked on the request head,
+   401 otherwise) and read whole before it goes on to the SuperLink. It is not a transport:
    requests, node signatures and replies are Flower's own; it refuses everything else
    (403), bounds what one client can hold (timeouts, `--max-connections`,
    `--max-connections-per-address`) and writes one access-log line per request to
@@ -26,7 +27,8 @@ What it starts, and why (flwr 1.41, read from its source):
    `--auth-list-public-keys` CSV is rejected by 1.41 ("no longer supported"), so each
    site's connection key given with `--connection-keys` (`NAME.pub`, made by
    `fedshield certs site NAME`; not the site's ledger signing key) is registered with
-   `flwr supernode register KEY.pub` (the supported path) before the run starts. Nothing
+   the SuperLink (the supported path, `flwr supernode register`'s Python API, all keys in
+   one process: `deploy.processes.register_connection_keys`) before the run starts. Nothing
    else is admitted. The old spelling `--site-keys` still works, with a note.
 4. The run: `flwr run APP fedshield --stream`. APP is a private Flower app folder holding
    only a generated pyproject.toml: the components (`server.app:app`, `client.app:app`) and
@@ -45,7 +47,8 @@ What it starts, and why (flwr 1.41, read from its source):
 Before anything starts, and before any folder is made, the inputs are checked, each failure
 one line (exit 2): the certificates, the connection keys, the config (schema, keys, values),
 the task's data files loaded as the ServerApp loads them (`task.pipeline.pool_and_test`),
-the model folder (`task.model.text_model_path`: config.json, weights, tokenizer), that
+the model folder (`task.model.text_model_path`: config.json, weights, tokenizer; a head
+already in it has one output per class: `check_model_head`), that
 `federation.min_sites` is not more than the sites admitted, and that `--address` can be
 bound. A bad override thus costs a second, not a SuperLink start and a half-made run.
 
@@ -81,7 +84,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from deploy.front import MIB, FleetFront, FrontLimits, max_body_bytes
+from deploy.front import MIB, FleetFront, FrontLimits, max_body_bytes, node_key_bytes
 from deploy.processes import (
     Children,
     Interrupted,
@@ -92,7 +95,7 @@ from deploy.processes import (
     interrupts_raise,
     last_error,
     parse_host_port,
-    run_flower_cli,
+    register_connection_keys,
 )
 from privacy.errors import FedShieldError
 from privacy.signing import fingerprint
@@ -201,11 +204,57 @@ def check_inputs(cfg, admitted: int) -> str:
         raise conf.ConfigError(f"federation.min_sites={cfg.federation.min_sites}: only {admitted} connection "
                                f"key{'s are' if admitted != 1 else ' is'} admitted (--connection-keys)")
     model = ""
+    folder = None
     if cfg.task.name != "heart-disease":  # the text tasks fine-tune task.model ("": the bundled one)
-        model = f"; model {text_model_path(str(cfg.task.model))}"
+        folder = text_model_path(str(cfg.task.model))
+        model = f"; model {folder}"
     pool, test = pool_and_test(cfg)
+    if folder is not None:
+        check_model_head(folder, list(test.class_names), f"task.model={str(cfg.task.model)!r}")
     return (f"task {cfg.task.name}: {len(pool)} training and {len(test)} test records, classes "
             f"{', '.join(test.class_names)}{model}")
+
+
+def check_model_head(folder: Path, class_names: list[str], where: str) -> None:
+    """A classification head already in the model folder has one output per class of the task.
+
+    `build_text_model` asks `from_pretrained` for a head of `len(class_names)` outputs; a
+    folder saved with a head of another size (a model fine-tuned on another task) makes it
+    raise a size-mismatch RuntimeError, in the ServerApp after the SuperLink started. The
+    head's size is read from the safetensors header (the weights are not loaded), else from
+    config.json (`id2label`) when the config names a sequence-classification architecture;
+    a folder without a head (an encoder, as the bundled all-MiniLM-L6-v2) gets a new one.
+    """
+    import json
+
+    from task.model import ModelError
+
+    outputs: int | None = None
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), "pt") as f:
+                heads = [k for k in f.keys() if k == "classifier.weight" or k.endswith(".classifier.weight")]
+                if heads:
+                    outputs = int(f.get_slice(heads[0]).get_shape()[0])
+        except Exception as exc:  # noqa: BLE001 - a header safetensors cannot read: one line
+            raise ModelError(f"{where}: cannot read {weights.name}: {' '.join(str(exc).split())[:200]}") from None
+    else:
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}  # check_model_folder read it already; nothing more to say here
+        architectures = config.get("architectures") if isinstance(config, dict) else None
+        labels = config.get("id2label") if isinstance(config, dict) else None
+        if (isinstance(architectures, list) and any("ForSequenceClassification" in str(a) for a in architectures)
+                and isinstance(labels, dict)):
+            outputs = len(labels)
+    if outputs is not None and outputs != len(class_names):
+        raise ModelError(f"{where}: its classification head has {outputs} outputs but the task has "
+                         f"{len(class_names)} classes ({', '.join(class_names)}); use a model folder without a "
+                         "head (the encoder alone) or one trained on these classes")
 
 
 def check_address(host: str, port: int) -> None:
@@ -359,13 +408,14 @@ def server_main(argv: list[str]) -> int:
             print(f"SuperLink up (loopback 127.0.0.1:{link_port}, TLS, SuperNode authentication on; log {log})",
                   flush=True)
 
+            register_connection_keys([(k, k.stem[:64]) for k in keys], env, CONNECTION)  # one process for all
             for k in keys:
-                run_flower_cli([flwr_bin("flwr"), "supernode", "register", str(k), CONNECTION, "--name", k.stem[:64]],
-                               env, f"registering connection key {k}")
                 print(f"admitted connection key {k.stem}: {fingerprint(load_connection_public_key(k))}", flush=True)
 
             front = FleetFront(host, port, files["server.crt"], files["server.key"], link_port, internal / "ca.crt",
-                               limits=limits, access_log=home / "front-access.log")
+                               limits=limits, access_log=home / "front-access.log",
+                               authorized_keys={node_key_bytes(load_connection_public_key(k)) for k in keys},
+                               spool_dir=home)
             front.start()
             print(f"listening for sites on {host}:{port} (TLS, Fleet API only, bodies up to "
                   f"{limits.max_body_bytes / MIB:g} MiB; access log {home / 'front-access.log'}); waiting for "

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import stat
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -184,9 +185,9 @@ def load_heart_disease() -> LabeledData:
 # ----------------------------------------------------------------- site-owned files
 
 TEXT_FILE_SUFFIXES = (".csv", ".jsonl", ".json")
-# The whole file is read into memory, decoded and parsed (and, for text, tokenised): 1 GiB
-# of text is already hours of DP-SGD on the CPUs a site has, and a larger "data file" is
-# more likely a disk image or a log than a dataset. Refused before a byte is read.
+# A text file is read row by row (`_utf8_lines`), but its texts are kept (and tokenised):
+# 1 GiB of text is already hours of DP-SGD on the CPUs a site has, and a larger "data file"
+# is more likely a disk image or a log than a dataset. Refused before a byte is read.
 MAX_DATA_FILE_BYTES = 1 << 30
 
 
@@ -226,9 +227,9 @@ def check_data_file(path: str | Path) -> Path:
     return p
 
 
-def read_regular_file(p: Path) -> bytes:
-    """The bytes of `p`, never blocking on a file that was swapped for a FIFO after the
-    check: O_NONBLOCK makes open() return at once, and fstat on the open file decides."""
+def _open_regular(p: Path) -> io.BufferedReader:
+    """`p` opened for reading, never blocking on a file that was swapped for a FIFO after
+    the check: O_NONBLOCK makes open() return at once, and fstat on the open file decides."""
     try:
         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except PermissionError:
@@ -237,10 +238,17 @@ def read_regular_file(p: Path) -> bytes:
         if e.errno == errno.ENXIO:  # open() of a socket (swapped in after the check)
             raise DataError(f"{p}: is not a regular file; expected a CSV or JSONL file") from None
         raise DataError(f"{p}: cannot read: {e.strerror}") from None
-    with open(fd, "rb", closefd=True) as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise _not_regular(p, st.st_mode)
+    f = open(fd, "rb", closefd=True)  # noqa: SIM115 - returned to the caller, who closes it
+    st = os.fstat(f.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        f.close()
+        raise _not_regular(p, st.st_mode)
+    return f
+
+
+def read_regular_file(p: Path) -> bytes:
+    """The bytes of `p` (at most `MAX_DATA_FILE_BYTES`), opened as `_open_regular` does."""
+    with _open_regular(p) as f:
         try:
             raw = f.read(MAX_DATA_FILE_BYTES + 1)
         except OSError as e:
@@ -250,20 +258,40 @@ def read_regular_file(p: Path) -> bytes:
     return raw
 
 
-def _read_utf8(p: Path) -> str:
-    raw = read_regular_file(p)
-    try:
-        return raw.decode("utf-8-sig")  # a BOM (spreadsheet exports) is not part of the header
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{p}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+def _utf8_lines(p: Path) -> Iterator[str]:
+    """The lines of `p`, one at a time, decoded as UTF-8 (a BOM on the first line dropped),
+    each with its line ending. Streamed: what is held is one line, never the file (a 1 GiB
+    CSV read whole, decoded and split took preflight past 8 GB, issue 21 item 10). A line
+    is decoded alone, which is exact for UTF-8 (no multi-byte sequence holds 0x0A), so a
+    bad byte is named with its line. At most `MAX_DATA_FILE_BYTES` in all (it may have
+    grown after the check)."""
+    total = 0
+    with _open_regular(p) as f:
+        lineno = 0
+        while True:
+            try:
+                raw = f.readline(MAX_DATA_FILE_BYTES + 1 - total)
+            except OSError as e:
+                raise DataError(f"{p}: cannot read: {e.strerror}") from None
+            if not raw:
+                return
+            total += len(raw)
+            if total > MAX_DATA_FILE_BYTES:
+                raise DataError(f"{p}: more than the {MAX_DATA_FILE_BYTES:,} bytes a data file may have")
+            lineno += 1
+            try:
+                # a BOM (spreadsheet exports) is not part of the header
+                yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); "
+                                "save the file as UTF-8") from None
 
 
-def _csv_records(p: Path, text: str, columns: list[str]) -> list[tuple[int, list[str]]]:
-    """(physical line, the values of `columns`) per data row; blank lines are skipped."""
+def _csv_records(p: Path, lines: Iterable[str], columns: list[str]) -> Iterator[tuple[int, list[str]]]:
+    """(physical line, the values of `columns`) per data row, one at a time; blank lines
+    (and whitespace-only lines before the header) are skipped."""
     # strict: a stray or unclosed quote is an error here, not a silently merged record.
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    rows: list[tuple[int, list[str]]] = []
+    reader = csv.reader(lines, strict=True)
     header: list[str] | None = None
     picked: list[int] = []
     while True:
@@ -277,6 +305,8 @@ def _csv_records(p: Path, text: str, columns: list[str]) -> list[tuple[int, list
         if not row:
             continue
         if header is None:
+            if not any(cell.strip() for cell in row):
+                continue
             header = row
             missing = [c for c in columns if c not in header]
             if missing:
@@ -285,18 +315,18 @@ def _csv_records(p: Path, text: str, columns: list[str]) -> list[tuple[int, list
             continue
         if len(row) != len(header):
             raise DataError(f"{p}:{start}: expected {len(header)} fields as in the header, found {len(row)}")
-        rows.append((start, [row[i] for i in picked]))
+        yield start, [row[i] for i in picked]
     if header is None:
         raise DataError(f"{p}: file is empty")
-    return rows
 
 
-def _jsonl_records(p: Path, text: str, columns: list[str]) -> list[tuple[int, list[object]]]:
-    """(line, the values of `columns`) per JSON line; blank lines are skipped."""
-    rows: list[tuple[int, list[object]]] = []
-    for lineno, line in enumerate(text.split("\n"), start=1):
+def _jsonl_records(p: Path, lines: Iterable[str], columns: list[str]) -> Iterator[tuple[int, list[object]]]:
+    """(line, the values of `columns`) per JSON line, one at a time; blank lines are skipped."""
+    seen = False
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        seen = True
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -308,8 +338,9 @@ def _jsonl_records(p: Path, text: str, columns: list[str]) -> list[tuple[int, li
         missing = [c for c in columns if c not in obj]
         if missing:
             raise DataError(f"{p}:{lineno}: no field {missing[0]!r}; fields found: {', '.join(obj)}")
-        rows.append((lineno, [obj[c] for c in columns]))
-    return rows
+        yield lineno, [obj[c] for c in columns]
+    if not seen:
+        raise DataError(f"{p}: file is empty")
 
 
 def _as_text(value: object, where: str, what: str) -> str:
@@ -336,40 +367,43 @@ def load_text_file(
     without it the classes are the file's sorted distinct labels.
     """
     p = check_data_file(path)
-    text = _read_utf8(p)
-    if not text.strip():
-        raise DataError(f"{p}: file is empty")
     columns = [text_column, label_column] + ([site_column] if site_column else [])
-    records = _csv_records(p, text, columns) if p.suffix.lower() == ".csv" else _jsonl_records(p, text, columns)
-    if not records:
-        raise DataError(f"{p}: no data rows")
+    reader = _csv_records if p.suffix.lower() == ".csv" else _jsonl_records
+    fixed: list[str] | None = None
     if labels:
-        class_names = [str(c) for c in labels]
-        if len(set(class_names)) != len(class_names):
-            raise DataError(f"{p}: the task's class names repeat: {', '.join(class_names)}")
-    else:
-        class_names = sorted({_as_text(r[1], f"{p}:{line}", f"column {label_column!r}") for line, r in records})
-    index = {c: k for k, c in enumerate(class_names)}
-    texts, label_ids, groups = [], [], []
-    for line, values in records:
+        fixed = [str(c) for c in labels]
+        if len(set(fixed)) != len(fixed):
+            raise DataError(f"{p}: the task's class names repeat: {', '.join(fixed)}")
+    # Row by row: what is kept is the texts and one (shared) string per distinct label.
+    texts: list[str] = []
+    row_labels: list[str] = []
+    distinct: dict[str, str] = {}
+    groups: list[str] = []
+    for line, values in reader(p, _utf8_lines(p), columns):
         where = f"{p}:{line}"
         body = _as_text(values[0], where, f"column {text_column!r}")
+        label = _as_text(values[1], where, f"column {label_column!r}")
         if not body:
             raise DataError(f"{where}: empty text in column {text_column!r}")
-        label = _as_text(values[1], where, f"column {label_column!r}")
         if not label:
             raise DataError(f"{where}: empty label in column {label_column!r}")
-        if label not in index:
-            raise DataError(f"{where}: label {label!r} is not one of the task's classes: {', '.join(class_names)}")
+        if fixed is not None and label not in fixed:
+            raise DataError(f"{where}: label {label!r} is not one of the task's classes: {', '.join(fixed)}")
         texts.append(body)
-        label_ids.append(index[label])
+        row_labels.append(distinct.setdefault(label, label))
         if site_column:
             site = _as_text(values[2], where, f"column {site_column!r}")
             if not site:
                 raise DataError(f"{where}: empty site in column {site_column!r}")
             groups.append(site)
+    if not texts:
+        raise DataError(f"{p}: no data rows")
+    class_names = fixed if fixed is not None else sorted(distinct)
+    index = {c: k for k, c in enumerate(class_names)}
+    label_ids = np.fromiter((index[c] for c in row_labels), dtype=np.int64, count=len(row_labels))
+    del row_labels
     return LabeledData(
-        labels=np.asarray(label_ids, dtype=np.int64),
+        labels=label_ids,
         class_names=class_names,
         texts=texts,
         groups=np.asarray(groups, dtype=str) if site_column else None,

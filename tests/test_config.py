@@ -223,3 +223,22 @@ def test_max_empty_rounds_is_at_least_one():
         conf.load_config(["federation.max_empty_rounds=0"])
     assert "federation.max_empty_rounds=0" in str(err.value) and "\n" not in str(err.value)
     assert conf.load_config(["federation.max_empty_rounds=1"]).federation.max_empty_rounds == 1
+
+
+@pytest.mark.parametrize("item", [
+    "task.name=news\x1b[31mtopics", "output.run_name=x\x00y", "output.run_name=a\nb", "task.labels=[a,b\x07]",
+    "task.model=\x7f", "federation.rounds=3\r", "federation.rou\x1bnds=3",
+])  # fmt: skip
+def test_overrides_with_control_characters_are_refused_in_one_line_naming_the_key(item):
+    with pytest.raises(conf.ConfigError) as err:
+        conf.load_config([item])
+    msg = str(err.value)
+    key = item.split("=", 1)[0].encode("unicode_escape").decode("ascii")
+    assert "\n" not in msg and f"override {key}=" in msg and "control character" in msg
+    assert all(c.isprintable() for c in msg)
+
+
+def test_cli_refuses_a_control_character_in_an_override_in_one_line(capsys):
+    code = main(["simulate", "task.name=news\x1b[2Jtopics"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "task.name" in err and "\x1b" not in err

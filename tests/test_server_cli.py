@@ -141,3 +141,17 @@ def test_a_run_that_did_not_complete_is_explained_by_the_serverapps_own_cause():
     # A site's failure the ServerApp printed is not the ServerApp's own.
     assert run_failure(["  st-marys: failed: RuntimeError: out of memory"]) == ""
     assert run_failure(["ERROR :     ValueError: bad"]) == "ValueError: bad"
+
+
+def test_a_model_head_of_another_size_than_the_tasks_classes_is_one_line_up_front(coordinator, tiny_bert, tmp_path):
+    """Issue 21 item 10: tiny_bert carries a 2-output head; a 3-class task made the ServerApp
+    raise a size-mismatch RuntimeError after the SuperLink started."""
+    rows = synthetic_rows(60, seed=2)
+    rows = [(text, "sports" if i % 3 == 0 else label) for i, (text, label) in enumerate(rows)]
+    data = write_csv(tmp_path / "three.csv", rows)
+    with pytest.raises(FedShieldError) as err:
+        run(coordinator, tiny_bert, tmp_path, **{"task.data_path": str(data)})
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"task.model={str(tiny_bert)!r}: its classification head has 2 outputs")
+    assert "3 classes" in msg
+    assert nothing_made(tmp_path)
