@@ -178,6 +178,9 @@ class SiteAwareStrategy(Strategy):
         (None: no bound; the norm is still reported).
     update_norm_action : str
         ``clip`` (scale the difference down to the bound) or ``reject`` (refuse the reply).
+    books_head : Callable[[str], protocol.BooksHead | None], optional
+        Site -> the newest entry of its books the coordinator holds (server/site_heads.py),
+        sent in each site's training plan: a site whose books are behind it declines.
     """
 
     def __init__(
@@ -198,6 +201,7 @@ class SiteAwareStrategy(Strategy):
         site_dp: SiteLevelDP | None = None,
         on_release: Callable[[int, float | None], bool] | None = None,
         secagg: SecAggPlus | None = None,
+        books_head: Callable[[str], protocol.BooksHead | None] | None = None,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train={fraction_train}: must be in (0, 1]")
@@ -242,6 +246,7 @@ class SiteAwareStrategy(Strategy):
         if site_dp is not None and site_dp.distributed and secagg is None:
             raise ValueError("distributed site-level noise needs secure aggregation")
         self.secagg = secagg
+        self.books_head = books_head
         self._grid: dict[int, Grid] = {}  # server round -> the grid its unmasking stage runs on
 
     # ------------------------------------------------------------ selection
@@ -280,6 +285,9 @@ class SiteAwareStrategy(Strategy):
         if not chosen:
             return []  # site-level DP: an empty Poisson sample still releases a noised model
         messages = self.strategy.configure_train(server_round, arrays, config, _Selected(grid, chosen))  # type: ignore[arg-type]
+        if self.books_head is not None:  # each site's plan carries the head of its books (client/site.py)
+            head = self.books_head
+            messages = [protocol.train_with_books_head(m, head(self.sites[m.metadata.dst_node_id])) for m in messages]
         if self.secagg is None:
             return messages
         messages = list(messages)
