@@ -90,6 +90,7 @@ class Site:
     state: SiteState
     simulated: bool
     counted: LabeledData | None = None  # the records its count counts (the whole file); None: `data`
+    keep: np.ndarray | None = None  # the rows of `data` this plan trains on (_plan_rows); None: all
 
     @property
     def records(self) -> LabeledData:
@@ -184,31 +185,43 @@ def _site_file(task_yaml: str, path: str, classes: tuple[str, ...]) -> LabeledDa
     return read_text_file(OmegaConf.create(task_yaml), path, labels=list(classes))
 
 
-# (id(file data), plan classes) -> (file data, its rows of those classes): computed once per
+# (id(file data), plan classes) -> (file data, relabelled, kept rows): computed once per
 # worker and plan; the file's object is kept so that its id is not reused.
-_ROWS: dict[tuple[int, tuple[str, ...]], tuple[LabeledData, LabeledData]] = {}
+_ROWS: dict[tuple[int, tuple[str, ...]], tuple[LabeledData, LabeledData, np.ndarray]] = {}
 
 
-def _plan_rows(data: LabeledData, classes: tuple[str, ...]) -> LabeledData:
-    """`data`'s rows whose label is one of the plan's `classes`, labelled by the plan's
-    indices. A site that did not declare its classes trains on these: rows of other labels
-    are left out, whether or not there are any, so that no reply tells which labels the site
-    holds (the count it releases still counts every row of the file)."""
+# The public row a site that did not declare its classes always trains with (label: the
+# plan's first class): data-independent, so it costs nothing, and it keeps the training set
+# from ever being empty, which would fail where a plan whose classes the site holds would not.
+PUBLIC_ROW = ""
+
+
+def _plan_rows(data: LabeledData, classes: tuple[str, ...]) -> tuple[LabeledData, np.ndarray]:
+    """`data` labelled by the plan's `classes` (plus PUBLIC_ROW), and the rows to train on:
+    those whose label is one of the plan's, and PUBLIC_ROW. A site that did not declare its
+    classes trains on those: rows of other labels are left out, whether or not there are
+    any, so that no reply tells which labels the site holds (its count still counts every
+    row of the file). Adding or removing one record changes this set by at most that record:
+    the DP-SGD spend is the same. Every row is kept in the data (labelled 0 if left out) so
+    that it is encoded as it always is; the rows are taken after encoding (`_prepare`)."""
     kept = _ROWS.get((id(data), classes))
     if kept is not None and kept[0] is data:
-        return kept[1]
+        return kept[1], kept[2]
+    if data.texts is None:
+        raise conf.ConfigError("a site's own data file is text: its classes are declared with --labels")
     index = {c: k for k, c in enumerate(classes)}
     names = [data.class_names[k] for k in data.labels]
-    keep = np.asarray([i for i, c in enumerate(names) if c in index], dtype=np.int64)
-    if len(keep) < len(data):
+    keep = np.asarray([i for i, c in enumerate(names) if c in index] + [len(data)], dtype=np.int64)
+    if len(keep) - 1 < len(data):
         log.warning("%s: %d of %d rows have labels outside the plan's classes; they are left out of this run",
-                    data.source, len(data) - len(keep), len(data))
-    rows = replace(data.subset(keep), class_names=list(classes),
-                   labels=np.asarray([index[names[i]] for i in keep], dtype=np.int64))
+                    data.source, len(data) - len(keep) + 1, len(data))
+    rows = replace(data, class_names=list(classes), texts=[*data.texts, PUBLIC_ROW],
+                   labels=np.asarray([index.get(c, 0) for c in names] + [0], dtype=np.int64),
+                   groups=None if data.groups is None else np.append(data.groups, ""))
     if len(_ROWS) >= 16:
         _ROWS.clear()
-    _ROWS[(id(data), classes)] = (data, rows)
-    return rows
+    _ROWS[(id(data), classes)] = (data, rows, keep)
+    return rows, keep
 
 
 def _declared_labels(node: Mapping[str, Any]) -> tuple[str, ...] | None:
@@ -258,11 +271,11 @@ def resolve_site(plan: protocol.Plan, context: Context) -> Site:
             raise PolicyError(f"{protocol.CLASS_NAMES}: the plan's classes are not the ones this site declared "
                               "(its --labels, same names in the same order)")
         whole = _site_file(OmegaConf.to_yaml(cfg.task), str(node[NODE_DATA]), declared or ())
-        data = whole if declared is not None else _plan_rows(whole, plan.class_names)
+        data, keep = (whole, None) if declared is not None else _plan_rows(whole, plan.class_names)
         key = Path(str(node[NODE_KEY])) if node.get(NODE_KEY) else None
         witness = Path(str(node[NODE_WITNESS])) if node.get(NODE_WITNESS) else None
         state = _state(Path(str(node[NODE_STATE])), name, key, witness)
-        return Site(name, cfg, data, state, simulated=False, counted=whole)
+        return Site(name, cfg, data, state, simulated=False, counted=whole, keep=keep)
     pid = int(node["partition-id"])
     name, data = virtual_sites(cfg)[pid]
     state = _state(Path(plan.run_dir) / "sites" / name, name, None)
@@ -678,7 +691,10 @@ def _prepare(site: Site, plan: protocol.Plan, device: torch.device) -> tuple[Tra
             f"site {site.name}: its copy of the model's frozen weights differs from the "
             "coordinator's (another model version?); not training"
         )
-    return view, encode(site.cfg, view, site.data, cache_dir=site.state.dir / "cache", device=device)
+    dataset = encode(site.cfg, view, site.data, cache_dir=site.state.dir / "cache", device=device)
+    if site.keep is not None:  # the rows of the plan's classes (_plan_rows), taken after encoding
+        dataset = torch.utils.data.TensorDataset(*(t[torch.as_tensor(site.keep)] for t in dataset.tensors))
+    return view, dataset
 
 
 def _budget(site: Site) -> float:
