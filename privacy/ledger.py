@@ -12,7 +12,7 @@ One line per privacy spend (one DP-SGD segment: σ, q, steps). Fields of an entr
               and dp-accounting); a caller's larger value is kept, a smaller one never
     seq       index of the entry in its site's chain (0, 1, 2, ...)
     run_seq   index of the entry among its site's entries of the same run_id (0, 1, ...)
-    time      ISO 8601 UTC
+    time      ISO 8601 UTC, to the hour (`entry_time`: it leaves the site, so it carries no timing)
     key_fingerprint   "SHA256:<hex>" of the site's public key
     prev_hash the hash of the previous entry OF THE SAME SITE ("0"*64 for seq 0)
     hash      sha256 hex of the canonical JSON of every field except hash and signature
@@ -103,6 +103,13 @@ REQUIRED = (
 
 
 Entry = dict[str, Any]  # one ledger entry, a JSON object
+
+
+def entry_time(now: dt.datetime) -> str:
+    """An entry's `time`: the UTC hour of the spend ("2026-12-02T10:00:00Z"). It leaves the
+    site with the entry, so it is coarse: no training duration can be read from it (the
+    data-flow table, docs/auditor.md)."""
+    return now.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0).strftime("%Y-%m-%dT%H:00:00Z")
 
 
 def canonical(obj: dict[str, Any]) -> bytes:
@@ -273,7 +280,7 @@ class Ledger:
             entry["seq"] = int(last["seq"]) + 1 if last is not None else 0
             entry["run_seq"] = sum(1 for e in mine if e.get("run_id") == entry["run_id"])
             entry["prev_hash"] = last["hash"] if last is not None else GENESIS
-            entry["time"] = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+            entry["time"] = entry_time(dt.datetime.now(dt.UTC))
             entry["key_fingerprint"] = fp
             entry["hash"] = entry_hash(entry)
             entry["signature"] = base64.b64encode(signing.sign(key, entry["hash"].encode("ascii"))).decode("ascii")

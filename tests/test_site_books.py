@@ -235,3 +235,26 @@ def test_a_forged_pending_line_is_refused_and_never_appended(tmp_path, monkeypat
         SiteState(tmp_path / "state", "a")
     assert ledger.read_bytes() == before  # refused before anything was appended
     assert audit_main(["--site", str(tmp_path / "state"), "--out", str(tmp_path / "audit")]) == 1
+
+
+# ------------------------------------------------------------ labels (item 8)
+
+
+def test_an_entrys_time_is_the_hour_of_the_spend(tmp_path):
+    """What leaves the site carries no timing: the entry's signed `time` is to the hour."""
+    import re
+
+    entry = SiteState(tmp_path / "state", "a").record_spend(spend(1))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:00:00Z", entry["time"]), entry["time"]
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_the_empirical_audit_names_the_runs_own_accountant(tmp_path, accountant):
+    from privacy.canary import CanaryResult
+    from simulations.empirical import report
+
+    result = CanaryResult(epsilon_lb=0.5, guesses=10, correct=8, k_plus=5, k_minus=5, m=100, delta=1e-5)
+    record, text, leak = report(result, "site-0", 4.0, True, tmp_path, accountant=accountant,
+                                neighbouring="add-remove")
+    assert record["accountant"] == accountant and not leak
+    assert f"({accountant.upper()} accountant, add-remove)" in text
