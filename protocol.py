@@ -25,8 +25,9 @@ Every instruction carries the run's plan (`PLAN`, a ConfigRecord): the resolved 
 YAML, the run id, the frozen-weight fingerprint, the class names, the feature centre once
 it is known, what Flower's strategy adds to a training round (`server-round`,
 `proximal-mu`), and, once the coordinator knows which site a node is (after HELLO), the
-head of that site's books it holds (`books-seq`, `books-hash`; `with_books_head`). TRAIN also carries the trainable weights (`ARRAYS`); Flower's strategy
-builds it, with this module's record names given to the strategy's constructor.
+head of that site's books it holds (`books-seq`, `books-hash`; `with_books_head`). TRAIN
+also carries the trainable weights (`ARRAYS`); Flower's strategy builds it, with this
+module's record names given to the strategy's constructor.
 
 Every reply carries `SITE` (the site's name). Then:
 

@@ -139,9 +139,11 @@ class SiteState:
                 mark = json.loads(raw)
             except ValueError:
                 continue
-            if isinstance(mark, dict) and mark.get("site") == self.site and isinstance(mark.get("seq"), int) \
-                    and not isinstance(mark.get("seq"), bool) and mark["seq"] >= 0 and isinstance(mark.get("hash"), str):
-                return int(mark["seq"]), str(mark["hash"])
+            if not isinstance(mark, dict) or mark.get("site") != self.site:
+                continue
+            seq, digest = mark.get("seq"), mark.get("hash")
+            if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 and isinstance(digest, str):
+                return seq, digest
         if tail.strip():
             raise FedShieldError(f"ledger witness {str(self.witness)!r}: no line of site {self.site} in its end: "
                                  "not this site's witness")
