@@ -257,7 +257,10 @@ def _run_site(args: argparse.Namespace, name: str, host: str, port: int, key_pat
     if labels:  # the site's own classes: client/app.py takes a plan with exactly these
         overrides["labels"] = ",".join(labels)
     if args.ledger_witness:
-        overrides["ledger-witness"] = str(Path(args.ledger_witness).expanduser().resolve())
+        witness = Path(args.ledger_witness).expanduser().resolve()
+        if not witness.parent.is_dir() or witness.is_dir():
+            raise FedShieldError(f"--ledger-witness {witness}: not a file in an existing folder")
+        overrides["ledger-witness"] = str(witness)
     state = Path(args.state_dir or f"fedshield-site-{name}").expanduser().resolve()
     try:
         state.mkdir(parents=True, exist_ok=True)
