@@ -329,7 +329,7 @@ class SiteAwareStrategy(Strategy):
                 self._books(reply, server_round, parsed.ledger_entries)  # spent even if unusable
                 report.replies.append(reply)
             elif isinstance(parsed, protocol.Decline):
-                if parsed.kind == "budget":
+                if parsed.kind in ("budget", "books"):  # it will say so every round: not asked again
                     self.excluded[name] = parsed.reason
                 report.replies.append(SiteReply(name, node, "declined", parsed.reason, decline_kind=parsed.kind))
             else:

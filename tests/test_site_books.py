@@ -279,3 +279,12 @@ def test_each_sites_training_plan_carries_the_head_of_its_own_books():
                                         ConfigRecord(dict(plan)), grid)
     got = {SITES[m.metadata.dst_node_id]: protocol.read_plan(m).books_head for m in messages}
     assert got == {"alpha": heads["alpha"], "bravo": heads["bravo"], "charlie": None, "delta": None}
+
+
+def test_a_site_whose_books_are_behind_is_not_asked_again():
+    from tests.test_site_aware import declines, run, trains
+
+    behaviours = {"alpha": declines("books"), "bravo": trains(2.0), "charlie": trains(2.0), "delta": trains(2.0)}
+    strategy, grid, _, _ = run(behaviours, rounds=3)
+    assert [r for r, s in grid.sent if s == "alpha"] == [1]
+    assert strategy.excluded == {"alpha": "books says no"}
