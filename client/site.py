@@ -154,8 +154,11 @@ class SiteState:
         assert self.witness is not None
         line = json.dumps({"site": self.site, "seq": entry["seq"], "hash": entry["hash"]}, sort_keys=True) + "\n"
         try:
-            fd = os.open(self.witness, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.witness, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
+                size = os.lseek(fd, 0, os.SEEK_END)
+                if size and os.pread(fd, 1, size - 1) != b"\n":  # a line torn by a crash stays apart
+                    line = "\n" + line
                 write_fully(fd, line.encode("ascii"))
                 os.fsync(fd)
             finally:

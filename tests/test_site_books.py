@@ -288,3 +288,19 @@ def test_a_site_whose_books_are_behind_is_not_asked_again():
     strategy, grid, _, _ = run(behaviours, rounds=3)
     assert [r for r, s in grid.sent if s == "alpha"] == [1]
     assert strategy.excluded == {"alpha": "books says no"}
+
+
+def test_a_witness_line_torn_by_a_crash_does_not_swallow_the_next(tmp_path):
+    from client.site import BooksBehind
+
+    witness = tmp_path / "st-marys.witness"
+    state = SiteState(tmp_path / "state", "a", witness=witness)
+    state.record_spend(spend(1))
+    with open(witness, "a") as f:
+        f.write('{"hash": "ab')  # the process died mid-line
+    state.record_spend(spend(2))
+    newest = SiteState(tmp_path / "state", "a", witness=witness).entries()[-1]
+    assert json.loads(witness.read_text().splitlines()[-1])["seq"] == newest["seq"] == 1
+    state.check_head(1, newest["hash"], "its witness")
+    with pytest.raises(BooksBehind, match="holds this site's entry seq 2"):
+        state.check_head(2, newest["hash"], "its witness")
