@@ -67,6 +67,9 @@ NODE_SITE_NAME, NODE_DATA, NODE_STATE, NODE_KEY = "site-name", "data-path", "sta
 # where it witnesses the head of its ledger (`--ledger-witness`; client/site.py). Neither
 # comes from, nor goes to, the coordinator.
 NODE_LABELS, NODE_WITNESS = "labels", "ledger-witness"
+# The columns of the site's file (`--text-column`, `--label-column`): the site's, never the
+# plan's, or a plan could point the label column at any column and learn from a failed read.
+NODE_TEXT_COLUMN, NODE_LABEL_COLUMN = "text-column", "label-column"
 # The site's privacy policy: what it decides for its own data. A coordinator's plan may be
 # stricter (then the plan's value is used) but never looser: a looser one is declined, kind
 # `policy`, naming the key. Keys the site did not set take the schema's defaults (DP on,
@@ -224,6 +227,17 @@ def _plan_rows(data: LabeledData, classes: tuple[str, ...]) -> tuple[LabeledData
     return rows, keep
 
 
+def _own_columns(task: DictConfig, node: Mapping[str, Any]) -> str:
+    """The task config (YAML) a deployed site reads its file with: its own text and label
+    columns (default `text`, `label`, as `fedshield client`'s) and no site column, whatever
+    the plan says: which column a read takes, and so whether it fails, is the site's choice."""
+    own = OmegaConf.to_container(task, resolve=True)
+    assert isinstance(own, dict)
+    own.update(text_column=str(node.get(NODE_TEXT_COLUMN, "text")),
+               label_column=str(node.get(NODE_LABEL_COLUMN, "label")), site_column="")
+    return OmegaConf.to_yaml(OmegaConf.create(own))
+
+
 def _declared_labels(node: Mapping[str, Any]) -> tuple[str, ...] | None:
     """The classes the site declared for itself (node config `labels`), or None."""
     text = node.get(NODE_LABELS)
@@ -270,7 +284,7 @@ def resolve_site(plan: protocol.Plan, context: Context) -> Site:
         if declared is not None and tuple(plan.class_names) != declared:
             raise PolicyError(f"{protocol.CLASS_NAMES}: the plan's classes are not the ones this site declared "
                               "(its --labels, same names in the same order)")
-        whole = _site_file(OmegaConf.to_yaml(cfg.task), str(node[NODE_DATA]), declared or ())
+        whole = _site_file(_own_columns(cfg.task, node), str(node[NODE_DATA]), declared or ())
         data, keep = (whole, None) if declared is not None else _plan_rows(whole, plan.class_names)
         key = Path(str(node[NODE_KEY])) if node.get(NODE_KEY) else None
         witness = Path(str(node[NODE_WITNESS])) if node.get(NODE_WITNESS) else None

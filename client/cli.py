@@ -256,6 +256,8 @@ def _run_site(args: argparse.Namespace, name: str, host: str, port: int, key_pat
     overrides = check_overrides(args.overrides)
     if labels:  # the site's own classes: client/app.py takes a plan with exactly these
         overrides["labels"] = ",".join(labels)
+    # The site's own columns: client/app.py reads its file with these, never with the plan's.
+    overrides["text-column"], overrides["label-column"] = args.text_column, args.label_column
     if args.ledger_witness:
         witness = Path(args.ledger_witness).expanduser().resolve()
         if not witness.parent.is_dir() or witness.is_dir():

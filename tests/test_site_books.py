@@ -17,6 +17,7 @@ import shutil
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
+import conf
 import protocol
 from client.site import SiteState
 from privacy.accountant import Spend
@@ -304,3 +305,27 @@ def test_a_witness_line_torn_by_a_crash_does_not_swallow_the_next(tmp_path):
     state.check_head(1, newest["hash"], "its witness")
     with pytest.raises(BooksBehind, match="holds this site's entry seq 2"):
         state.check_head(2, newest["hash"], "its witness")
+
+
+def test_a_plan_cannot_choose_which_column_of_the_sites_file_is_read(tiny_bert, tmp_path):
+    """The plan's task.label_column pointed at another column of the site's file (one with an
+    empty cell at one site only): before, that site failed the read (a free bit about a
+    record); now both read their own columns (`fedshield client --label-column`) alike."""
+    import csv
+
+    coordinator = write_csv(tmp_path / "coordinator.csv", synthetic_rows(120, seed=1))
+    plan, _ = coordinator_plan(tiny_bert, coordinator, tmp_path)
+    hostile = conf.from_yaml(plan[protocol.CONFIG_YAML])
+    hostile.task.label_column = "note"
+    plan[protocol.CONFIG_YAML] = conf.to_yaml(hostile)
+    answers = []
+    for empty_note in (True, False):
+        path = tmp_path / f"site-{empty_note}.csv"
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label", "note"])
+            for i, (text, label) in enumerate(synthetic_rows(120, seed=3)):
+                w.writerow([text, label, "" if empty_note and i == 7 else label])
+        got = ask_hello(plan, deployed(tmp_path / f"empty-{empty_note}", path))
+        answers.append((type(got).__name__, getattr(got, "kind", None)))
+    assert answers == [("SiteHello", None), ("SiteHello", None)]
