@@ -6,10 +6,13 @@ and TRAIN. Every instruction's plan is parsed by `protocol.read_plan`; anything 
 exactly the protocol is declined with kind `protocol`, never trained on.
 
 What the site decides for itself never comes from the coordinator: in deployment its data
-file, state folder, ledger signing key and privacy settings (budget, δ, target ε) come
-from the SuperNode's node config, which `fedshield client` fills from the site's own
-command line. In simulation a virtual site takes its share of the bundled data (its
-partition id, task.sites.virtual_sites) and keeps its state in the run directory.
+file (and its columns and classes), state folder, ledger signing key, ledger witness and
+privacy settings (budget, δ, target ε) come from the SuperNode's node config, which
+`fedshield client` fills from the site's own command line. No decline may depend on the
+site's records except through what it already released (docs/auditor.md, "every decline
+kind"): its file is read with its own columns and classes, whatever the plan says. In
+simulation a virtual site takes its share of the bundled data (its partition id,
+task.sites.virtual_sites) and keeps its state in the run directory.
 
 A site that declines (budget, bad data, bad plan) replies with a `Decline` (a kind and a
 one-line reason) instead of weights; the coordinator carries on without it.

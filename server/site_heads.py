@@ -21,8 +21,10 @@ gone) gets no head, since none of its entries can be compared. A hostile coordin
 send a false head: the site then declines, which is denial of service, not a spend.
 
 The limit: HELLO goes to nodes before the coordinator knows which site each is, so it
-carries no head; a site whose books were put back can still release its record count at
-that HELLO (add-remove, once per restore) before its first TRAIN or FEATURE_SUM is refused.
+carries no head; a site whose books were put back to a state older than its record count's
+release can release that count again at that HELLO (add-remove: one Gaussian count, once per
+such restore) before its first TRAIN or FEATURE_SUM is refused; books put back to any later
+state hold the count, and the HELLO spends nothing.
 A site that keeps a witness of its head (`fedshield client --ledger-witness`) refuses at
 HELLO too.
 """
