@@ -23,9 +23,11 @@ id (a uint64 that a ConfigRecord's sint64 cannot carry).
 
 Every instruction carries the run's plan (`PLAN`, a ConfigRecord): the resolved config as
 YAML, the run id, the frozen-weight fingerprint, the class names, the feature centre once
-it is known, and what Flower's strategy adds to a training round (`server-round`,
-`proximal-mu`). TRAIN also carries the trainable weights (`ARRAYS`); Flower's strategy
-builds it, with this module's record names given to the strategy's constructor.
+it is known, what Flower's strategy adds to a training round (`server-round`,
+`proximal-mu`), and, once the coordinator knows which site a node is (after HELLO), the
+head of that site's books it holds (`books-seq`, `books-hash`; `with_books_head`). TRAIN
+also carries the trainable weights (`ARRAYS`); Flower's strategy builds it, with this
+module's record names given to the strategy's constructor.
 
 Every reply carries `SITE` (the site's name). Then:
 
@@ -97,6 +99,12 @@ CLASS_NAMES = "class-names"
 FEATURE_CENTER = "feature-center"
 SERVER_ROUND = "server-round"  # added by Flower's strategies to every TRAIN
 PROXIMAL_MU = "proximal-mu"  # added by FedProx to every TRAIN
+# The books head: the newest (seq, hash) of this site's ledger that the coordinator holds,
+# verified (server/site_heads.py); in the PLAN of every instruction to a site it knows,
+# from TRAIN and FEATURE_SUM on. The site refuses (decline kind `books`) when its own books
+# are behind it: an older state of its ledger was put back (client/site.py `check_head`).
+BOOKS_SEQ = "books-seq"
+BOOKS_HASH = "books-hash"
 # in METRICS
 NUM_EXAMPLES = "num-examples"  # also the weighting key of Flower's strategies (`weighted_by_key`)
 # in SITE
@@ -136,7 +144,7 @@ SECAGG_REPLIES = {
 MAX_SLOTS = 100_000  # sites in one secure round
 MAX_SECAGG_BYTES = 4096  # one key, share or ciphertext
 
-DECLINE_KINDS = ("budget", "policy", "protocol", "error")
+DECLINE_KINDS = ("budget", "policy", "protocol", "error", "books")
 
 # \A...\Z, not ^...$: `$` also matches before a trailing newline ("site-1\n" would pass).
 SITE_NAME = re.compile(r"\A[A-Za-z0-9](?:[A-Za-z0-9 _.-]{0,62}[A-Za-z0-9_.-])?\Z")
@@ -145,6 +153,8 @@ MAX_REASON = 500  # characters of a decline reason
 MAX_ENTRIES = 10_000  # ledger entries in one reply
 MAX_COUNT = 2**31 - 1  # records at one site
 MAX_PEM = 4096
+MAX_SEQ = 2**40  # ledger entries of one site (a books head's seq is below it)
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ProtocolError(FedShieldError):
@@ -154,6 +164,14 @@ class ProtocolError(FedShieldError):
 # ---------------------------------------------------------------- typed messages
 
 ArraySpec = tuple[tuple[int, ...], np.dtype[Any]]
+
+
+@dataclass(frozen=True)
+class BooksHead:
+    """The newest entry of a site's ledger that the coordinator holds: its seq and hash."""
+
+    seq: int
+    hash: str
 
 
 @dataclass(frozen=True)
@@ -168,6 +186,7 @@ class Plan:
     feature_center: tuple[float, ...] | None = None
     server_round: int | None = None
     proximal_mu: float | None = None
+    books_head: BooksHead | None = None  # None: the coordinator holds no entry of this site
 
 
 @dataclass(frozen=True)
@@ -470,6 +489,29 @@ def with_feature_center(plan: ConfigRecord, center: Sequence[float]) -> ConfigRe
     return out
 
 
+def with_books_head(plan: ConfigRecord, head: BooksHead | None) -> ConfigRecord:
+    """The plan for one site: with the head of its books the coordinator holds (None: as it is)."""
+    if head is None:
+        return plan
+    if isinstance(head.seq, bool) or not isinstance(head.seq, int) or not 0 <= head.seq < MAX_SEQ \
+            or not SHA256_HEX.match(head.hash):
+        raise ValueError(f"with_books_head: seq must be an integer in [0, {MAX_SEQ}), hash 64 hex digits: {head}")
+    out = ConfigRecord(dict(plan))
+    out[BOOKS_SEQ], out[BOOKS_HASH] = head.seq, head.hash
+    return out
+
+
+def train_with_books_head(msg: Message, head: BooksHead | None) -> Message:
+    """A TRAIN instruction (built by Flower's strategy) whose plan carries its site's books head."""
+    if head is None:
+        return msg
+    # One RecordDict is shared by every TRAIN message of a round (as in `with_secagg`): a new one per site.
+    content = RecordDict(dict(msg.content.items()))
+    content[PLAN] = with_books_head(_record(msg.content, PLAN, ConfigRecord), head)
+    msg.content = content
+    return msg
+
+
 def instruction(kind: str, plan: ConfigRecord, node_id: int) -> Message:
     """A HELLO, FEATURE_SUM or DONE message to one site (TRAIN messages come from Flower's strategy)."""
     if kind not in (HELLO, FEATURE_SUM, DONE):
@@ -518,7 +560,7 @@ def read_plan(msg: Message) -> Plan:
     _records(content, [PLAN, ARRAYS] if is_train else [PLAN, *secagg], [SECAGG] if is_train else [])
     record = _record(content, PLAN, ConfigRecord)
     _keys(record, PLAN, [CONFIG_YAML, RUN_ID, RUN_DIR, FROZEN_FINGERPRINT, CLASS_NAMES],
-          [FEATURE_CENTER, SERVER_ROUND, PROXIMAL_MU])
+          [FEATURE_CENTER, SERVER_ROUND, PROXIMAL_MU, BOOKS_SEQ, BOOKS_HASH])
     classes = record[CLASS_NAMES]
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise ProtocolError(f"{PLAN}.{CLASS_NAMES}: expected a non-empty list of text")
@@ -533,6 +575,7 @@ def read_plan(msg: Message) -> Plan:
     if is_train and server_round is None:
         raise ProtocolError(f"{PLAN}.{SERVER_ROUND} is missing from a training instruction")
     mu = _real(record, PROXIMAL_MU, PLAN, 0.0) if PROXIMAL_MU in record else None
+    head = _books_head(record)
     return Plan(
         config_yaml=_str(record, CONFIG_YAML, PLAN),
         run_id=_str(record, RUN_ID, PLAN, 256),
@@ -542,7 +585,23 @@ def read_plan(msg: Message) -> Plan:
         feature_center=center,
         server_round=server_round,
         proximal_mu=mu,
+        books_head=head,
     )
+
+
+def _books_head(record: Mapping[str, Any]) -> BooksHead | None:
+    """The plan's books head (both keys or neither; seq bounded, hash 64 lowercase hex)."""
+    if BOOKS_SEQ not in record and BOOKS_HASH not in record:
+        return None
+    if BOOKS_SEQ not in record or BOOKS_HASH not in record:
+        raise ProtocolError(f"{PLAN}: {BOOKS_SEQ!r} and {BOOKS_HASH!r} come together")
+    seq = record[BOOKS_SEQ]
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < MAX_SEQ:
+        raise ProtocolError(f"{PLAN}.{BOOKS_SEQ}: expected an integer in [0, {MAX_SEQ})")
+    digest = record[BOOKS_HASH]
+    if not isinstance(digest, str) or not SHA256_HEX.match(digest):
+        raise ProtocolError(f"{PLAN}.{BOOKS_HASH}: expected 64 lowercase hex digits")
+    return BooksHead(seq, digest)
 
 
 def train_weights(msg: Message) -> dict[str, np.ndarray[Any, Any]]:

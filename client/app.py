@@ -6,10 +6,13 @@ and TRAIN. Every instruction's plan is parsed by `protocol.read_plan`; anything 
 exactly the protocol is declined with kind `protocol`, never trained on.
 
 What the site decides for itself never comes from the coordinator: in deployment its data
-file, state folder, ledger signing key and privacy settings (budget, δ, target ε) come
-from the SuperNode's node config, which `fedshield client` fills from the site's own
-command line. In simulation a virtual site takes its share of the bundled data (its
-partition id, task.sites.virtual_sites) and keeps its state in the run directory.
+file (and its columns and classes), state folder, ledger signing key, ledger witness and
+privacy settings (budget, δ, target ε) come from the SuperNode's node config, which
+`fedshield client` fills from the site's own command line. No decline may depend on the
+site's records except through what it already released (docs/auditor.md, "every decline
+kind"): its file is read with its own columns and classes, whatever the plan says. In
+simulation a virtual site takes its share of the bundled data (its partition id,
+task.sites.virtual_sites) and keeps its state in the run directory.
 
 A site that declines (budget, bad data, bad plan) replies with a `Decline` (a kind and a
 one-line reason) instead of weights; the coordinator carries on without it.
@@ -35,7 +38,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -49,7 +52,7 @@ from omegaconf import DictConfig, OmegaConf
 import conf
 import protocol
 from client import secagg
-from client.site import COUNT_RELEASE, SiteState
+from client.site import COUNT_RELEASE, BooksBehind, SiteState
 from privacy.accountant import Spend, epsilon
 from privacy.errors import FedShieldError
 from task import centering
@@ -63,6 +66,13 @@ log = logging.getLogger("fedshield.site")
 
 # Node-config keys a deployed site sets for itself (see client/cli.py).
 NODE_SITE_NAME, NODE_DATA, NODE_STATE, NODE_KEY = "site-name", "data-path", "state-dir", "site-key"
+# The site's own classes (`fedshield client --labels a,b,c`, comma-separated) and the file
+# where it witnesses the head of its ledger (`--ledger-witness`; client/site.py). Neither
+# comes from, nor goes to, the coordinator.
+NODE_LABELS, NODE_WITNESS = "labels", "ledger-witness"
+# The columns of the site's file (`--text-column`, `--label-column`): the site's, never the
+# plan's, or a plan could point the label column at any column and learn from a failed read.
+NODE_TEXT_COLUMN, NODE_LABEL_COLUMN = "text-column", "label-column"
 # The site's privacy policy: what it decides for its own data. A coordinator's plan may be
 # stricter (then the plan's value is used) but never looser: a looser one is declined, kind
 # `policy`, naming the key. Keys the site did not set take the schema's defaults (DP on,
@@ -82,9 +92,16 @@ SITE_OVERRIDABLE = POLICY + OPERATIONAL
 class Site:
     name: str
     cfg: DictConfig  # the coordinator's plan, checked against the site's policy (site_config)
-    data: LabeledData
+    data: LabeledData  # the records this plan trains on, labelled by the plan's classes
     state: SiteState
     simulated: bool
+    counted: LabeledData | None = None  # the records its count counts (the whole file); None: `data`
+    keep: np.ndarray | None = None  # the rows of `data` this plan trains on (_plan_rows); None: all
+
+    @property
+    def records(self) -> LabeledData:
+        """The site's records as its released count counts them: its whole data file."""
+        return self.counted if self.counted is not None else self.data
 
 
 class PolicyError(FedShieldError):
@@ -168,21 +185,85 @@ def _config(config_yaml: str, node_items: tuple[tuple[str, Any], ...], deployed:
 
 @lru_cache(maxsize=8)
 def _site_file(task_yaml: str, path: str, classes: tuple[str, ...]) -> LabeledData:
+    """The site's data file, read with the site's own classes (`classes`; () : the file's
+    distinct labels), never with the plan's: what the read finds (a row with another label)
+    must not depend on what the coordinator asks."""
     return read_text_file(OmegaConf.create(task_yaml), path, labels=list(classes))
 
 
-_STATES: dict[tuple[str, str, str], SiteState] = {}
+# (id(file data), plan classes) -> (file data, relabelled, kept rows): computed once per
+# worker and plan; the file's object is kept so that its id is not reused.
+_ROWS: dict[tuple[int, tuple[str, ...]], tuple[LabeledData, LabeledData, np.ndarray]] = {}
 
 
-def _state(state_dir: Path, name: str, key: Path | None) -> SiteState:
+# The public row a site that did not declare its classes always trains with (label: the
+# plan's first class): data-independent, so it costs nothing, and it keeps the training set
+# from ever being empty, which would fail where a plan whose classes the site holds would not.
+PUBLIC_ROW = ""
+
+
+def _plan_rows(data: LabeledData, classes: tuple[str, ...]) -> tuple[LabeledData, np.ndarray]:
+    """`data` labelled by the plan's `classes` (plus PUBLIC_ROW), and the rows to train on:
+    those whose label is one of the plan's, and PUBLIC_ROW. A site that did not declare its
+    classes trains on those: rows of other labels are left out, whether or not there are
+    any, so that no reply tells which labels the site holds (its count still counts every
+    row of the file). Adding or removing one record changes this set by at most that record:
+    the DP-SGD spend is the same. Every row is kept in the data (labelled 0 if left out) so
+    that it is encoded as it always is; the rows are taken after encoding (`_prepare`)."""
+    kept = _ROWS.get((id(data), classes))
+    if kept is not None and kept[0] is data:
+        return kept[1], kept[2]
+    if data.texts is None:
+        raise conf.ConfigError("a site's own data file is text: its classes are declared with --labels")
+    index = {c: k for k, c in enumerate(classes)}
+    names = [data.class_names[k] for k in data.labels]
+    keep = np.asarray([i for i, c in enumerate(names) if c in index] + [len(data)], dtype=np.int64)
+    if len(keep) - 1 < len(data):
+        log.warning("%s: %d of %d rows have labels outside the plan's classes; they are left out of this run",
+                    data.source, len(data) - len(keep) + 1, len(data))
+    rows = replace(data, class_names=list(classes), texts=[*data.texts, PUBLIC_ROW],
+                   labels=np.asarray([index.get(c, 0) for c in names] + [0], dtype=np.int64),
+                   groups=None if data.groups is None else np.append(data.groups, ""))
+    if len(_ROWS) >= 16:
+        _ROWS.clear()
+    _ROWS[(id(data), classes)] = (data, rows, keep)
+    return rows, keep
+
+
+def _own_columns(task: DictConfig, node: Mapping[str, Any]) -> str:
+    """The task config (YAML) a deployed site reads its file with: its own text and label
+    columns (default `text`, `label`, as `fedshield client`'s) and no site column, whatever
+    the plan says: which column a read takes, and so whether it fails, is the site's choice."""
+    own = OmegaConf.to_container(task, resolve=True)
+    assert isinstance(own, dict)
+    own.update(text_column=str(node.get(NODE_TEXT_COLUMN, "text")),
+               label_column=str(node.get(NODE_LABEL_COLUMN, "label")), site_column="")
+    return OmegaConf.to_yaml(OmegaConf.create(own))
+
+
+def _declared_labels(node: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The classes the site declared for itself (node config `labels`), or None."""
+    text = node.get(NODE_LABELS)
+    if text is None:
+        return None
+    labels = tuple(x.strip() for x in str(text).split(",") if x.strip())
+    if not labels:
+        raise conf.ConfigError(f"node config {NODE_LABELS!r}: no class named (expected a,b,c)")
+    return labels
+
+
+_STATES: dict[tuple[str, str, str, str], SiteState] = {}
+
+
+def _state(state_dir: Path, name: str, key: Path | None, witness: Path | None = None) -> SiteState:
     """The site's state folder, opened (key loaded or made) once per worker process; its
     ledger is re-read by `refresh()` on every message."""
-    cache_key = (str(state_dir), name, str(key or ""))
+    cache_key = (str(state_dir), name, str(key or ""), str(witness or ""))
     state = _STATES.get(cache_key)
     if state is None:
         if len(_STATES) >= 4096:
             _STATES.clear()
-        state = _STATES[cache_key] = SiteState(state_dir, name, key)  # reads the ledger
+        state = _STATES[cache_key] = SiteState(state_dir, name, key, witness)  # reads the ledger
     else:
         state.refresh()
     if state.recovery_message:  # a torn last line from a crash was set aside: the operator must know
@@ -198,10 +279,20 @@ def resolve_site(plan: protocol.Plan, context: Context) -> Site:
                   NODE_SITE_NAME in node)
     if NODE_SITE_NAME in node:  # deployment: everything local comes from the site itself
         name = str(node[NODE_SITE_NAME])
-        # The coordinator's classes: a site row with any other label is refused (file, line).
-        data = _site_file(OmegaConf.to_yaml(cfg.task), str(node[NODE_DATA]), plan.class_names)
+        # No free bits (docs/auditor.md): whether the plan's classes are taken never depends
+        # on the site's records. A site that declared its classes takes exactly those, else
+        # declines (kind `policy`) whatever it holds; one that did not trains on its rows of
+        # the plan's classes (_plan_rows). Its file is read with its own classes either way.
+        declared = _declared_labels(node)
+        if declared is not None and tuple(plan.class_names) != declared:
+            raise PolicyError(f"{protocol.CLASS_NAMES}: the plan's classes are not the ones this site declared "
+                              "(its --labels, same names in the same order)")
+        whole = _site_file(_own_columns(cfg.task, node), str(node[NODE_DATA]), declared or ())
+        data, keep = (whole, None) if declared is not None else _plan_rows(whole, plan.class_names)
         key = Path(str(node[NODE_KEY])) if node.get(NODE_KEY) else None
-        return Site(name, cfg, data, _state(Path(str(node[NODE_STATE])), name, key), simulated=False)
+        witness = Path(str(node[NODE_WITNESS])) if node.get(NODE_WITNESS) else None
+        state = _state(Path(str(node[NODE_STATE])), name, key, witness)
+        return Site(name, cfg, data, state, simulated=False, counted=whole, keep=keep)
     pid = int(node["partition-id"])
     name, data = virtual_sites(cfg)[pid]
     state = _state(Path(plan.run_dir) / "sites" / name, name, None)
@@ -220,9 +311,10 @@ def handle(msg: Message, context: Context, handler: Callable[[Message, protocol.
     name = _node_name(context)
     try:
         plan = protocol.read_plan(msg)
-        site = resolve_site(plan, context)
+        site = resolve_site(plan, context)  # a witness ahead of the books: BooksBehind
         name = site.name
-        check_delta(site.cfg, site.name, len(site.data))
+        if plan.books_head is not None:  # the coordinator's record of this site's books
+            site.state.check_head(plan.books_head.seq, plan.books_head.hash, "the coordinator")
         booked = site.state.neighbouring()
         if site.cfg.privacy.mode == "dp-sgd" and booked not in (None, site.cfg.privacy.neighbouring):
             raise PolicyError(f"privacy.neighbouring={site.cfg.privacy.neighbouring!r}: this site's ledger is "
@@ -232,6 +324,8 @@ def handle(msg: Message, context: Context, handler: Callable[[Message, protocol.
         return _decline(msg, name, f"the coordinator's message broke the protocol: {exc}", "protocol")
     except PolicyError as exc:
         return _decline(msg, name, f"the plan asks for less privacy than this site allows: {exc}", "policy")
+    except BooksBehind as exc:  # the site's own books against a head kept elsewhere: no data in it
+        return _decline(msg, name, str(exc), "books")
     except FedShieldError as exc:
         # The details (a data file's path, a row, a label) stay in the site's log: the
         # coordinator learns that the site could not take part, and the kind of error.
@@ -257,6 +351,7 @@ def _hello(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     count = public_count(site, plan.run_id)
     if isinstance(count, str):
         return _decline(msg, site.name, count, "budget")
+    check_delta(site.cfg, site.name, count.n)  # from the released count: no bit about the exact one
     # The count's entry goes with every hello: in the run that spent it as a spend (again
     # after a coordinator restart: the books recognise an entry they hold already), in a later
     # run as the signed proof that the count is a release (the coordinator refuses a bare count).
@@ -291,10 +386,10 @@ def public_count(site: Site, run_id: str) -> PublicCount | str:
     of sensitivity 1 (one step at q = 1, composed in the same accountant), spent before it
     leaves; later runs on the same data reuse it (post-processing, no spend)."""
     priv = site.cfg.privacy
-    n = len(site.data)
+    n = len(site.records)
     if priv.mode != "dp-sgd" or priv.neighbouring != "add-remove":
         return PublicCount(n)
-    digest = site.state.data_digest(_data_bytes(site.data))
+    digest = site.state.data_digest(_data_bytes(site.records))
     found = site.state.released_count(digest)
     if found is not None:
         return PublicCount(*found)
@@ -316,13 +411,15 @@ _DIGESTS: dict[int, tuple[LabeledData, bytes]] = {}
 
 
 def _data_bytes(data: LabeledData) -> bytes:
-    """A digest of the site's records, canonically (what its count counts)."""
+    """A digest of the site's records, canonically (what its count counts): each record's
+    text (or features) and label NAME, in file order. Not the class list, nor the order of
+    the classes: those are the plan's, and a plan that lists other classes (a dummy one
+    added) must not make the site release its count again."""
     kept = _DIGESTS.get(id(data))
     if kept is not None and kept[0] is data:
         return kept[1]
     h = hashlib.sha256()
-    h.update(json.dumps(data.class_names).encode())
-    h.update(np.ascontiguousarray(data.labels, dtype=np.int64).tobytes())
+    h.update(json.dumps([data.class_names[k] for k in data.labels]).encode("utf-8", "surrogatepass"))
     if data.texts is not None:
         for t in data.texts:
             h.update(t.encode("utf-8", "surrogatepass") + b"\0")
@@ -341,6 +438,7 @@ def _counted(msg: Message, plan: protocol.Plan, site: Site) -> PublicCount | Mes
     count = public_count(site, plan.run_id)
     if isinstance(count, str):
         return _decline(msg, site.name, count, "budget")
+    check_delta(site.cfg, site.name, count.n)  # from the released count: no bit about the exact one
     return count
 
 
@@ -674,7 +772,10 @@ def _prepare(site: Site, plan: protocol.Plan, device: torch.device) -> tuple[Tra
             f"site {site.name}: its copy of the model's frozen weights differs from the "
             "coordinator's (another model version?); not training"
         )
-    return view, encode(site.cfg, view, site.data, cache_dir=site.state.dir / "cache", device=device)
+    dataset = encode(site.cfg, view, site.data, cache_dir=site.state.dir / "cache", device=device)
+    if site.keep is not None:  # the rows of the plan's classes (_plan_rows), taken after encoding
+        dataset = torch.utils.data.TensorDataset(*(t[torch.as_tensor(site.keep)] for t in dataset.tensors))
+    return view, dataset
 
 
 def _budget(site: Site) -> float:

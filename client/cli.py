@@ -212,7 +212,11 @@ def client_main(argv: list[str]) -> int:
     parser.add_argument("--state-dir", help="privacy state: ledger, ledger signing key, caches "
                                             "(default ./fedshield-site-<name>)")
     parser.add_argument("--labels",
-                        help="the task's classes, comma-separated: rows with other labels are refused up front")
+                        help="the task's classes, comma-separated: rows with other labels are refused up front, and "
+                             "a plan with other classes is declined (whatever the rows)")
+    parser.add_argument("--ledger-witness", metavar="FILE",
+                        help="an append-only file (best on another volume) where the site witnesses the head of its "
+                             "ledger; books older than it are refused")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--connect-timeout", type=float, default=120.0,
@@ -250,6 +254,15 @@ def _run_site(args: argparse.Namespace, name: str, host: str, port: int, key_pat
     labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
     site_data = check_data(data, labels, args.text_column, args.label_column)
     overrides = check_overrides(args.overrides)
+    if labels:  # the site's own classes: client/app.py takes a plan with exactly these
+        overrides["labels"] = ",".join(labels)
+    # The site's own columns: client/app.py reads its file with these, never with the plan's.
+    overrides["text-column"], overrides["label-column"] = args.text_column, args.label_column
+    if args.ledger_witness:
+        witness = Path(args.ledger_witness).expanduser().resolve()
+        if not witness.parent.is_dir() or witness.is_dir():
+            raise FedShieldError(f"--ledger-witness {witness}: not a file in an existing folder")
+        overrides["ledger-witness"] = str(witness)
     state = Path(args.state_dir or f"fedshield-site-{name}").expanduser().resolve()
     try:
         state.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,17 @@ it once per dataset, with Gaussian noise, as a `release: record-count` entry of 
 (`released_count`: the noisy count and a keyed digest of the data it counted), and every
 later run reuses that noisy count: re-using a release is post-processing and spends nothing.
 
+Rolled-back books. The chain and the signed head record (privacy/ledger.py) show an
+edited, removed or cut-off entry, but not a whole older state put back (an old ledger.jsonl
+with its old head, from a backup or a snapshot): that state verifies, and its ε is too low.
+So the site also checks its books against a head kept elsewhere (`check_head`), and
+refuses to train or release on books that are behind it (BooksBehind; decline kind `books`):
+- the coordinator's: every instruction after HELLO carries the newest (seq, hash) of this
+  site's ledger that the coordinator holds, verified, across runs (server/site_heads.py);
+- the site's own witness (node config `ledger-witness`, `fedshield client --ledger-witness`):
+  an append-only file, ideally on another volume or host, where the site appends the
+  (seq, hash) of every entry once it is fsynced; on load, books behind the witness are refused.
+
 The ledger is the accountant's history: ε is always recomputed from all of the site's
 entries, never reset per round or per run. The site checks two budgets before it touches a
 record (`check_budget`): the run's releases at this site together with the planned one stay
@@ -40,11 +51,16 @@ from cryptography.hazmat.primitives import serialization
 
 from privacy.accountant import ADD_REMOVE, Spend, calibrate_noise_multiplier, epsilon, planned_epsilon
 from privacy.errors import FedShieldError
+from privacy.files import write_fully
 from privacy.ledger import Ledger, neighbouring_of, site_history
 from privacy.signing import generate_site_key, load_private_key, public_key_pem
 
 COUNT_RELEASE = "record-count"
 TRAIN_RELEASE = "dp-sgd"  # a round of local training; its entry carries the request's `plan_digest`
+
+
+class BooksBehind(FedShieldError):
+    """The site's ledger is behind a head recorded elsewhere: an older state was put back."""
 
 
 @dataclass(frozen=True)
@@ -57,9 +73,11 @@ class BudgetDecision:
 
 
 class SiteState:
-    def __init__(self, state_dir: Path, site: str, key_path: Path | None = None) -> None:
+    def __init__(self, state_dir: Path, site: str, key_path: Path | None = None,
+                 witness: Path | None = None) -> None:
         self.dir = Path(state_dir)
         self.site = site
+        self.witness = Path(witness) if witness is not None else None  # see the module docstring
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -79,7 +97,7 @@ class SiteState:
         """Read the ledger (once per message): every decision until the next refresh uses
         this reading, and the entries this state appends. A torn last line from a crash is
         set aside and reported."""
-        read = self.ledger.recover()
+        read = self.ledger.recover(self.key.public_key())
         self.recovery_message = read.message if read.truncated_bytes or read.recovered else ""
         if read.recovered:  # interrupted spends, now counted: the coordinator hears of them in the next reply
             marks = self._unreported_hashes() + [str(e.get("hash")) for e in read.recovered]
@@ -88,6 +106,72 @@ class SiteState:
         self.ledger.check_own(self.site, self.key.public_key(), read.entries)
         self._history = site_history(read.entries, self.site)
         self._entries = [e for e in read.entries if e.get("site") == self.site]
+        if self.witness is not None:
+            mark = self._witnessed()
+            if mark is not None:
+                self.check_head(mark[0], mark[1], f"its witness {self.witness}")
+            if self._entries and (mark is None or mark[0] < int(self._entries[-1]["seq"])):
+                self._witness(self._entries[-1])  # a crash came between an entry and its witness line
+
+    # -- the head kept elsewhere: the coordinator's, the site's witness -------------
+
+    def check_head(self, seq: int, digest: str, holder: str) -> None:
+        """Refuse (BooksBehind, one line) books that do not hold entry `seq` with hash
+        `digest`, which `holder` recorded: an older state of the ledger was put back (or
+        another site's books). Books ahead of it are fine (the holder has not heard yet)."""
+        repair = ("the site will not train on books older than what was recorded: find the newest ledger.jsonl "
+                  "and ledger.jsonl.head (docs/site-operator.md)")
+        if len(self._entries) <= seq:
+            last = f"seq {self._entries[-1]['seq']}" if self._entries else "no entry"
+            raise BooksBehind(f"ledger {self.ledger.path}: it ends at {last}, but {holder} holds this site's "
+                              f"entry seq {seq}: its books were rolled back; {repair}")
+        if self._entries[seq].get("hash") != digest:
+            raise BooksBehind(f"ledger {self.ledger.path}: its entry seq {seq} is not the one {holder} holds: "
+                              f"these are not the books it saw; {repair}")
+
+    def _witnessed(self) -> tuple[int, str] | None:
+        """The newest (seq, hash) in the witness file (a torn last line from a crash is skipped)."""
+        assert self.witness is not None
+        try:
+            with open(self.witness, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - 65536))
+                tail = f.read()
+        except FileNotFoundError:
+            return None  # first use: started from the books as they are now
+        except OSError as exc:
+            raise FedShieldError(f"ledger witness {str(self.witness)!r}: cannot read: {exc.strerror}") from None
+        for raw in reversed(tail.splitlines()):
+            try:
+                mark = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(mark, dict) or mark.get("site") != self.site:
+                continue
+            seq, digest = mark.get("seq"), mark.get("hash")
+            if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 and isinstance(digest, str):
+                return seq, digest
+        if tail.strip():
+            raise FedShieldError(f"ledger witness {str(self.witness)!r}: no line of site {self.site} in its end: "
+                                 "not this site's witness")
+        return None
+
+    def _witness(self, entry: dict) -> None:
+        """Append (seq, hash) of an entry on disk to the witness, fsynced."""
+        assert self.witness is not None
+        line = json.dumps({"site": self.site, "seq": entry["seq"], "hash": entry["hash"]}, sort_keys=True) + "\n"
+        try:
+            fd = os.open(self.witness, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.lseek(fd, 0, os.SEEK_END)
+                if size and os.pread(fd, 1, size - 1) != b"\n":  # a line torn by a crash stays apart
+                    line = "\n" + line
+                write_fully(fd, line.encode("ascii"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise FedShieldError(f"ledger witness {str(self.witness)!r}: cannot append: {exc.strerror}") from None
 
     def public_key_pem(self) -> str:
         return public_key_pem(self.key).decode()
@@ -230,6 +314,8 @@ class SiteState:
         entry = self.ledger.append(fields, self.key)
         self._history.extend(site_history([entry], self.site))
         self._entries.append(entry)
+        if self.witness is not None:
+            self._witness(entry)  # after the entry is fsynced: the witness never runs ahead of the books
         return entry
 
     # A release is kept until the next one, so that a coordinator that restarts and asks for

@@ -8,6 +8,9 @@ Input: a run directory (`<run>/privacy/ledger.jsonl`), a site state folder
 2. Recompute, from the recorded (noise_multiplier, sample_rate, steps) only and never from
    the recorded ε, each site's cumulative ε after every entry with Google's dp-accounting:
    RDP (Opacus' orders) and, per site at the end (and per entry for "prv" entries), PLD.
+   An interrupted spend in `<ledger>.pending` (a crash between its signing and its line
+   reaching the ledger) is counted as the site counts it, once it verifies as its site's
+   next entry (privacy.ledger `Ledger.pending_entry`); one that does not is a failure.
 3. Flag every entry whose recorded ε is below the recomputation of its accountant
    ("rdp": dp-accounting RDP; "prv" and "pld": dp-accounting PLD) under its neighbouring relation
    (add-remove; replace-one: dp-accounting PLD with REPLACE_ONE, the only analysis of
@@ -38,7 +41,7 @@ from privacy.accountant import (
     epsilon_dp_accounting_pld,
     epsilon_dp_accounting_rdp,
 )
-from privacy.errors import FedShieldError
+from privacy.errors import FedShieldError, LedgerError
 from privacy.ledger import (
     SKELLAM_MECHANISM,
     Entry,
@@ -235,6 +238,18 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
         raise FedShieldError(f"ledger {ledger_path}: no entries")
     site_names = sorted({str(e.get("site")) for e in entries if isinstance(e, dict)})
     keys, key_source, key_note = _load_keys(site_names, ledger_keys_dir, run_dir, state_dir)
+    # An interrupted spend (`<ledger>.pending`) counts as the site counts it (privacy.ledger
+    # `recover`): verified as its chain's next entry first, refused (a flag) otherwise.
+    pending_flag, pending_note = "", ""
+    try:
+        late = Ledger(ledger_path).pending_entry(entries, keys)
+    except LedgerError as exc:
+        late, pending_flag = None, str(exc)
+    if late is not None:
+        entries = [*entries, late]
+        pending_note = (f"{ledger_path.name}.pending: the interrupted spend of site {late.get('site')!r}, run "
+                        f"{late.get('run_id')!r} round {late.get('round')!r} (seq {late.get('seq')}) is counted "
+                        "as spent, as the site counts it")
     verify = verify_ledger(entries, keys)
 
     run_budgets, run_eps = _budgets_from_run(run_dir)
@@ -261,7 +276,12 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
     if not verify.signatures_checked:
         flags.append("signatures not checked: no ledger signing keys (pass --ledger-keys DIR)")
     if read.truncated_bytes:
-        notes.append(read.message + " (the cut entry is not part of this audit)")
+        notes.append(read.message + (" (its whole signed copy, the pending line, is counted)" if late is not None
+                                     else " (the cut entry is not part of this audit)"))
+    if pending_flag:
+        flags.append(pending_flag)
+    if pending_note:
+        notes.append(pending_note)
 
     # Recompute, site by site, in ledger order, from (σ, q, steps) only.
     per_entry: list[EntryCheck] = []

@@ -3,7 +3,9 @@
 
 `--site STATE_DIR` checks what a run directory cannot show: that the site's ledger is whole,
 from its first spend (seq 0) to the newest one its signed head record names (nothing cut off
-the end), every entry signed by the site's `site.pub`; then it audits the ledger as usual.
+the end), every entry signed by the site's `site.pub`, with an interrupted spend in
+`ledger.jsonl.pending` counted as the site counts it (verified first, never appended: an
+audit only reads); then it audits the ledger as usual.
 
 `--ledger-keys DIR`: the public halves of the sites' ledger signing keys (`<site>.pub`, each
 site's `<state-dir>/site.pub`), not their connection keys. `--site-keys` is its old
@@ -127,6 +129,9 @@ def _site_books(state: Path) -> str:
     ledger = Ledger(state / "ledger.jsonl")
     entries = ledger.read().entries
     try:
+        late = ledger.pending_entry(entries, key)  # an interrupted spend counts, as at the site
+        if late is not None:
+            entries.append(late)
         for site in sorted({str(e.get("site")) for e in entries}):
             ledger.check_own(site, key, entries)
     except LedgerError as exc:

@@ -12,7 +12,7 @@ One line per privacy spend (one DP-SGD segment: σ, q, steps). Fields of an entr
               and dp-accounting); a caller's larger value is kept, a smaller one never
     seq       index of the entry in its site's chain (0, 1, 2, ...)
     run_seq   index of the entry among its site's entries of the same run_id (0, 1, ...)
-    time      ISO 8601 UTC
+    time      ISO 8601 UTC, to the hour (`entry_time`: it leaves the site, so it carries no timing)
     key_fingerprint   "SHA256:<hex>" of the site's public key
     prev_hash the hash of the previous entry OF THE SAME SITE ("0"*64 for seq 0)
     hash      sha256 hex of the canonical JSON of every field except hash and signature
@@ -45,8 +45,14 @@ cut the last line; `read` keeps every whole line and reports the cut tail, `reco
 the tail aside in `<ledger>.torn-<timestamp>`, rewrites the ledger atomically, and then
 **counts the interrupted spend as spent**: a pending line that the ledger does not hold is
 appended as it was signed (over-count, never under-count: the crash may have come before
-or after anything left the process). A damaged line in the middle is not recoverable:
-LedgerError.
+or after anything left the process), once it verifies as the next entry of its site's
+chain under the site's key (`pending_entry`): a forged or edited pending line is refused
+before anything is appended. A damaged line in the middle is not recoverable: LedgerError.
+
+Neither the chain nor the head record shows a whole older state put back (an old
+ledger.jsonl with its old head): that takes a record kept elsewhere. The site checks its
+books against the head the coordinator holds for it and against its own witness file
+(client/site.py `SiteState.check_head`).
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ import json
 import math
 import numbers
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -98,6 +105,13 @@ REQUIRED = (
 Entry = dict[str, Any]  # one ledger entry, a JSON object
 
 
+def entry_time(now: dt.datetime) -> str:
+    """An entry's `time`: the UTC hour of the spend ("2026-12-02T10:00:00Z"). It leaves the
+    site with the entry, so it is coarse: no training duration can be read from it (the
+    data-flow table, docs/auditor.md)."""
+    return now.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0).strftime("%Y-%m-%dT%H:00:00Z")
+
+
 def canonical(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
@@ -133,12 +147,14 @@ class Ledger:
             raise LedgerError(f"ledger {str(self.path)!r}: cannot read: {exc.strerror}") from None
         return parse_ledger_bytes(data, str(self.path))
 
-    def recover(self) -> LedgerRead:
-        """read(); if the last line was cut, keep its bytes aside and rewrite the ledger without it."""
+    def recover(self, public_key: signing.PublicKey | None = None) -> LedgerRead:
+        """read(); if the last line was cut, keep its bytes aside and rewrite the ledger without
+        it; then book a pending spend (`pending_entry`, verified under `public_key`, the
+        signer's: without it a pending line is refused, never appended unverified)."""
         with self._lock():
-            return self._recover_locked()
+            return self._recover_locked(public_key)
 
-    def _recover_locked(self) -> LedgerRead:
+    def _recover_locked(self, public_key: signing.PublicKey | None) -> LedgerRead:
         r = self.read()
         if r.truncated_bytes or r.missing_newline:
             data = self.path.read_bytes()
@@ -151,33 +167,63 @@ class Ledger:
             else:
                 keep = data + b"\n"
             _write_atomic(self.path, keep)
-        self._book_pending(r)
+        self._book_pending(r, public_key)
         return r
 
     @property
     def pending_path(self) -> Path:
         return self.path.with_name(self.path.name + ".pending")
 
-    def _book_pending(self, r: LedgerRead) -> None:
-        """A spend whose write was interrupted is counted: appended as it was signed. The
-        pending copy is written atomically and fsynced, so one that does not parse, whose hash
-        does not cover it, or that does not continue the chain was damaged afterwards: refused
-        (whether it was a spend cannot be told). Its signature is the owner's check
-        (`check_own`), which a site runs right after."""
+    def pending_entry(self, entries: list[Entry],
+                      public_key: signing.PublicKey | Mapping[str, signing.PublicKey] | None) -> Entry | None:
+        """The interrupted spend in `<ledger>.pending` that `entries` (the ledger as read) lack,
+        verified as an entry of this ledger: None if there is no pending line or the ledger
+        holds it already (the write had completed). Read only: `recover` books it, `fedshield
+        audit --site` counts it, both through here.
+
+        The pending copy is written atomically and fsynced, so one that does not parse, whose
+        hash does not cover it, that does not continue its site's chain (prev_hash, seq,
+        run_seq, rounds, ε) or whose signature does not verify under `public_key` was damaged
+        or planted afterwards: LedgerError (whether it was a spend cannot be told). It is
+        checked whole BEFORE anything is appended: a forged line never reaches the ledger."""
         if not self.pending_path.is_file():
-            return
+            return None
         line = self.pending_path.read_bytes()
         entry = _parse_line(line.strip())
         repair = "restore ledger.jsonl from a backup (docs/site-operator.md)"
         if entry is None or entry.get("hash") != entry_hash(entry) or _field_problem(entry):
             raise LedgerError(f"ledger {self.path}: {self.pending_path.name} (an interrupted spend) is damaged: "
                               f"it may have been released and cannot be counted; {repair}")
-        if any(e.get("hash") == entry["hash"] for e in r.entries):
-            self.pending_path.unlink()  # the write had completed
-            return
-        mine = [e for e in r.entries if e.get("site") == entry.get("site")]
+        if any(e.get("hash") == entry["hash"] for e in entries):
+            return None
+        site = str(entry.get("site"))
+        mine = [e for e in entries if e.get("site") == site]
         if (mine[-1]["hash"] if mine else GENESIS) != entry.get("prev_hash"):
             raise LedgerError(f"ledger {self.path}: {self.pending_path.name} does not continue the ledger; {repair}")
+        if isinstance(public_key, Mapping):  # an auditor's keys, by site
+            public_key = public_key.get(site)
+        if public_key is None:
+            raise LedgerError(f"ledger {self.path}: {self.pending_path.name} (an interrupted spend) cannot be "
+                              f"counted without site {site}'s public key to check its signature")
+        # Its place in its site's chain (seq, run_seq, rounds, ε) and its signature. A problem
+        # of an earlier entry is the books' own (`check_own` names it), not the pending line's.
+        checked = verify_ledger([*mine, entry], {site: public_key})
+        problems = [why for i, why in checked.problems if i == len(mine)]
+        if problems:
+            raise LedgerError(f"ledger {self.path}: {self.pending_path.name} (an interrupted spend) does not "
+                              f"verify: {problems[0]}; it is not counted; {repair}")
+        return entry
+
+    def _book_pending(self, r: LedgerRead, public_key: signing.PublicKey | None) -> None:
+        """A spend whose write was interrupted is counted: appended as it was signed, once
+        `pending_entry` has verified it."""
+        if not self.pending_path.is_file():
+            return
+        entry = self.pending_entry(r.entries, public_key)
+        if entry is None:
+            self.pending_path.unlink()  # the write had completed
+            return
+        line = self.pending_path.read_bytes()
         self._write_line(line if line.endswith(b"\n") else line + b"\n")
         r.entries.append(entry)
         r.recovered.append(entry)
@@ -204,7 +250,7 @@ class Ledger:
         site = entry["site"]
         fp = signing.fingerprint(key)
         with self._lock():
-            r = self._recover_locked()
+            r = self._recover_locked(key.public_key())
             mine = [e for e in r.entries if e.get("site") == site]
             last = mine[-1] if mine else None
             if last is not None:
@@ -234,7 +280,7 @@ class Ledger:
             entry["seq"] = int(last["seq"]) + 1 if last is not None else 0
             entry["run_seq"] = sum(1 for e in mine if e.get("run_id") == entry["run_id"])
             entry["prev_hash"] = last["hash"] if last is not None else GENESIS
-            entry["time"] = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+            entry["time"] = entry_time(dt.datetime.now(dt.UTC))
             entry["key_fingerprint"] = fp
             entry["hash"] = entry_hash(entry)
             entry["signature"] = base64.b64encode(signing.sign(key, entry["hash"].encode("ascii"))).decode("ascii")

@@ -40,6 +40,8 @@ from server.federation_books import LEDGER_FILE as FEDERATION_LEDGER
 from server.federation_books import flower_epsilon_no_amplification, open_books
 from server.plots import plot_run
 from server.run_dir import LEDGER_KEYS, RUN_STOPPED, append_jsonl, existing_run_dir, new_run_dir, read_jsonl
+from server.site_heads import FILE as SITE_HEADS
+from server.site_heads import SiteHeads
 from strategies.flower import ROBUST, flower_strategy, shortfall
 from strategies.ledger_check import Expected, LedgerCheck, Verdict, plan_problem
 from strategies.secagg import SecAggPlus
@@ -188,7 +190,8 @@ def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict],
     (centering.sum_bound); a larger or non-finite sum is not used (that site alone)."""
     say(f"feature centering: asking {len(sites)} sites for their noisy feature sums (each site first "
         "encodes its records with the frozen model, once per run: this is the slow step on a CPU)")
-    messages = [protocol.instruction(protocol.FEATURE_SUM, plan, n) for n in sites]
+    messages = [protocol.instruction(protocol.FEATURE_SUM, protocol.with_books_head(plan, rounds.head_of(s["site"])), n)
+                for n, s in sites.items()]
     sums, counts = [], []
     for reply in grid.send_and_receive(messages, timeout=timeout):
         name = sites.get(reply.metadata.src_node_id, {}).get("site", str(reply.metadata.src_node_id))
@@ -246,12 +249,23 @@ class RoundLog:
         self.rows: list[dict] = []
         self.t0 = time.time()
         self.site_level_epsilon: float | None = None  # privacy.unit=site: the federation's ε so far
+        # The head of each site's books this coordinator holds, across runs (server/site_heads.py).
+        self.heads: SiteHeads | None = None
+        self.fingerprints = {s["site"]: signing.fingerprint(s["key"]) for s in sites.values() if "key" in s}
+
+    def head_of(self, site: str) -> protocol.BooksHead | None:
+        """The head of `site`'s books to send it (None: none held for its current key)."""
+        fp = self.fingerprints.get(site)
+        return self.heads.get(site, fp) if self.heads is not None and fp is not None else None
 
     def record(self, site: str, entries: Iterable[dict]) -> None:
         """A site's verified spends into the run's ledger; its ε is the last entry's."""
+        entries = list(entries)
         for entry in entries:
             append_jsonl(self.run_dir / "privacy" / "ledger.jsonl", entry)
             self.epsilon[site] = float(entry["epsilon"])
+        if self.heads is not None:
+            self.heads.advance(site, entries)
 
     def restore(self, ckpt: checkpoint.Checkpoint) -> None:
         """The round log as it was after the checkpoint's round: ε, declines and metrics
@@ -445,6 +459,10 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         + (f", ... and {len(listed) - len(shown)} more (privacy/sites.json)" if len(shown) < len(listed) else ""))
 
     rounds = RoundLog(run_dir, cfg, sites, verified=books.run_epsilon)
+    # Deployed sites keep their books across runs: so does the coordinator's record of their
+    # heads. Virtual sites keep theirs in the run directory: so does it.
+    rounds.heads = SiteHeads(run_dir / "privacy" / SITE_HEADS if isinstance(grid, InMemoryGrid)
+                             else run_dir.parent / SITE_HEADS)
     for site, entries in apart:
         rounds.keep_apart(site, entries)
     for site, entries in counted:
@@ -528,6 +546,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         on_release=release if books_fed is not None else None,
         secagg=secure_aggregation(cfg, {nid: s["site"] for nid, s in sites.items()}, isinstance(grid, InMemoryGrid),
                                   books_fed.noise if books_fed is not None else None),
+        books_head=rounds.head_of,
     )
     short = shortfall(inner, strategy.per_round())  # fewer sites joined than the config's check assumed
     if short:

@@ -132,7 +132,7 @@ def _books(cfg: DictConfig, run_dir: Path, mechanism: SiteLevelDP, noise: Distri
         (folder / LEDGER_KEYS / f"{FEDERATION}.pub").write_bytes(pub)
     key = signing.load_private_key(key_path)
     ledger = Ledger(folder / LEDGER_FILE)
-    read = ledger.recover()
+    read = ledger.recover(key.public_key())
     ledger.check_own(FEDERATION, key.public_key(), read.entries)  # the coordinator's own books verify
     books = FederationBooks(mechanism, ledger, key, run_dir.name, float(p.site_delta), str(p.accountant),
                             float(p.site_target_epsilon), noise=noise)

@@ -143,8 +143,13 @@ def canary_losses(model_dir: Path, texts: list[str], labels: list[str], max_leng
     return torch.cat(losses).numpy().astype(np.float64)
 
 
+ACCOUNTANT_NAMES = {"pld": "PLD", "rdp": "RDP", "prv": "PRV"}  # privacy.accountant, as a report says it
+
+
 def report(result: CanaryResult, site: str, accounted: float | None, dp_on: bool,
-           run_dir: Path) -> tuple[dict, str, bool]:
+           run_dir: Path, *, accountant: str, neighbouring: str) -> tuple[dict, str, bool]:
+    """The audit's record and report; `accountant` and `neighbouring` are the run's
+    (privacy.accountant, privacy.neighbouring): the accounted ε is stated under them."""
     leak = dp_on and accounted is not None and result.epsilon_lb > accounted
     record = {
         "canary_site": site,
@@ -157,7 +162,8 @@ def report(result: CanaryResult, site: str, accounted: float | None, dp_on: bool
         "confidence": 1 - result.beta,
         "guess_grid_size": result.grid_size,
         "accounted_epsilon": accounted if dp_on else None,
-        "accountant": "rdp" if dp_on else None,
+        "accountant": accountant if dp_on else None,
+        "neighbouring": neighbouring if dp_on else None,
         "delta": result.delta,
         "privacy": "dp-sgd" if dp_on else "none",
         "leaks_more_than_claimed": leak,
@@ -175,7 +181,8 @@ def report(result: CanaryResult, site: str, accounted: float | None, dp_on: bool
         f"correct = {result.correct}",
         f"- **ε lower bound at {100 * (1 - result.beta):.0f}% confidence: {result.epsilon_lb:.4f}** "
         f"(best of {result.grid_size} guess counts, each tested at β/{result.grid_size})",
-        f"- accounted ε of {site}: {acc}" + (" (RDP accountant)" if dp_on else ""),
+        f"- accounted ε of {site}: {acc}" + (f" ({ACCOUNTANT_NAMES.get(accountant, accountant)} accountant, "
+                                             f"{neighbouring})" if dp_on else ""),
         f"- δ = {result.delta:g}",
         "",
         f"Note: {EXPECTED}.",
@@ -249,7 +256,8 @@ def empirical_main(argv: list[str]) -> int:
     if dp_on and accounted is None:
         accounted = math.inf  # the site never reported: nothing to compare against
 
-    record, text, leak = report(result, args.site, accounted, dp_on, run_dir)
+    record, text, leak = report(result, args.site, accounted, dp_on, run_dir,
+                                accountant=str(cfg.privacy.accountant), neighbouring=str(cfg.privacy.neighbouring))
     record["canary_losses"] = {"included_mean": float(losses[can.included].mean()) if can.included.any() else None,
                                "excluded_mean": float(losses[~can.included].mean()) if (~can.included).any() else None}
     (out / "empirical_audit.json").write_text(json.dumps(record, indent=2))

@@ -212,6 +212,9 @@ class SiteAwareStrategy(Strategy):
         (None: no bound; the norm is still reported).
     update_norm_action : str
         ``clip`` (scale the difference down to the bound) or ``reject`` (refuse the reply).
+    books_head : Callable[[str], protocol.BooksHead | None], optional
+        Site -> the newest entry of its books the coordinator holds (server/site_heads.py),
+        sent in each site's training plan: a site whose books are behind it declines.
     """
 
     def __init__(
@@ -232,6 +235,7 @@ class SiteAwareStrategy(Strategy):
         site_dp: SiteLevelDP | None = None,
         on_release: Callable[[int, float | None], bool] | None = None,
         secagg: SecAggPlus | None = None,
+        books_head: Callable[[str], protocol.BooksHead | None] | None = None,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train={fraction_train}: must be in (0, 1]")
@@ -276,6 +280,7 @@ class SiteAwareStrategy(Strategy):
         if site_dp is not None and site_dp.distributed and secagg is None:
             raise ValueError("distributed site-level noise needs secure aggregation")
         self.secagg = secagg
+        self.books_head = books_head
         self._grid: dict[int, Grid] = {}  # server round -> the grid its unmasking stage runs on
         self._sent: dict[int, list[Any]] = {}  # server round -> the metadata of the instructions sent
         # Instructions whose reply did not come in their round: message id -> (round, node id).
@@ -320,6 +325,9 @@ class SiteAwareStrategy(Strategy):
             return []  # site-level DP: an empty Poisson sample still releases a noised model
         messages = list(self.strategy.configure_train(server_round, arrays, config, _Selected(grid, chosen)))  # type: ignore[arg-type]
         self._puller = grid
+        if self.books_head is not None:  # each site's plan carries the head of its books (client/site.py)
+            head = self.books_head
+            messages = [protocol.train_with_books_head(m, head(self.sites[m.metadata.dst_node_id])) for m in messages]
         if self.secagg is None:
             # Their metadata, not the messages: the grid sets each message id on it when it
             # pushes, and a reply Flower sends for an unreachable node names only that id.
@@ -374,7 +382,7 @@ class SiteAwareStrategy(Strategy):
                 self._books(reply, server_round, parsed.ledger_entries)  # spent even if unusable
                 report.replies.append(reply)
             elif isinstance(parsed, protocol.Decline):
-                if parsed.kind == "budget":
+                if parsed.kind in ("budget", "books"):  # it will say so every round: not asked again
                     self.excluded[name] = parsed.reason
                 report.replies.append(SiteReply(name, node, "declined", parsed.reason, decline_kind=parsed.kind))
             else:

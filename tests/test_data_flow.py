@@ -140,7 +140,7 @@ def test_an_error_reason_does_not_carry_the_sites_details(tiny_bert, tmp_path):
     import client.app as site
 
     bad = tmp_path / "secret-ward-7.csv"
-    bad.write_text("text,label\nthe patient in bed 12 has,cancer\n")
+    bad.write_text("text,label\nthe patient in bed 12 has cancer,\n")  # a row without its label
     cfg = conf.load_config(["task=text-file", f"task.data_path={bad}", f"task.model={tiny_bert}",
                             "task.labels=[weather,markets]"])
     plan = protocol.plan_record(config_yaml=conf.to_yaml(cfg), run_id="r", run_dir=str(tmp_path),
