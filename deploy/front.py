@@ -119,6 +119,7 @@ HOP_HEADERS = frozenset({
 
 REFUSED = "fedshield coordinator: only the Flower Fleet API is served here\n"
 UNAVAILABLE = "fedshield coordinator: SuperLink unavailable\n"
+REVOKED = "fedshield coordinator: this connection key is revoked\n"
 CLIENT_GONE = 499  # the nginx convention: the client closed the connection before the reply
 
 
@@ -306,7 +307,8 @@ def _content_length(headers: list[tuple[bytes, bytes]], limit: int) -> int:
 
 def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | None = None, *,
               limits: FrontLimits | None = None, access: AccessLog | None = None,
-              clock: Callable[[], float] = time.monotonic) -> Callable:
+              clock: Callable[[], float] = time.monotonic,
+              refuse: Callable[[list[tuple[bytes, bytes]]], str | None] | None = None) -> Callable:
     """The front as an ASGI app.
 
     Parameters
@@ -324,6 +326,10 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
         `FleetFront`'s.
     access : AccessLog, optional
         Where each request's line goes (default: an in-memory `AccessLog`).
+    refuse : Callable, optional
+        The request's headers -> why it must not pass (403 before any upstream connection),
+        or None: the enrolment deny-list (`deploy.enrolment.LiveEnrolment.refuses`, the key
+        in Flower's `flwr-public-key` header).
     """
     limits = limits or FrontLimits()
     if max_body_bytes is not None:
@@ -357,6 +363,8 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
             if path is None or scope.get("method") != "POST":
                 raise _Refused(403, REFUSED, "not a Fleet API request")
             headers = list(scope.get("headers", []))
+            if refuse is not None and (why := refuse(headers)):
+                raise _Refused(403, REVOKED, why)
             length = _content_length(headers, limits.max_body_bytes)
             request = httpx.Request("POST", base + path,
                                     headers=[*end_to_end_headers(headers), (b"content-length", str(length).encode())],
@@ -546,7 +554,8 @@ class FleetFront:
 
     def __init__(self, host: str, port: int, certfile: Path, keyfile: Path, upstream_port: int,
                  upstream_ca: Path, max_body_bytes: int | None = None, upstream_timeout_s: float | None = None,
-                 *, limits: FrontLimits | None = None, access_log: Path | None = None):
+                 *, limits: FrontLimits | None = None, access_log: Path | None = None,
+                 refuse: Callable[[list[tuple[bytes, bytes]]], str | None] | None = None):
         import uvicorn
 
         limits = limits or FrontLimits()
@@ -561,7 +570,8 @@ class FleetFront:
             verify=ctx, timeout=httpx.Timeout(limits.upstream_timeout_s, connect=10.0, pool=30.0),
             limits=httpx.Limits(max_connections=limits.upstream_connections,
                                 max_keepalive_connections=min(16, limits.upstream_connections)))
-        self.app = fleet_app(f"https://127.0.0.1:{upstream_port}", self.client, limits=limits, access=self.access)
+        self.app = fleet_app(f"https://127.0.0.1:{upstream_port}", self.client, limits=limits, access=self.access,
+                             refuse=refuse)
         protocol = type("FrontProtocol", (_FrontProtocol,),
                         {"limits": limits, "access": self.access, "per_address": collections.Counter()})
         config = uvicorn.Config(self.app, host=host, port=port, ssl_certfile=str(certfile), ssl_keyfile=str(keyfile),
