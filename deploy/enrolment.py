@@ -60,6 +60,7 @@ from privacy.signing import fingerprint
 REGISTRY = "enrolment.json"  # in the coordinator's PKI folder
 VERSION = 1
 PUBLIC_KEY_HEADER = b"flwr-public-key"  # flwr.supercore.constant.FLEET_HTTP_PUBLIC_KEY_HEADER
+PASS_TO_SUPERLINK = ("/v1/fleet/register-node", "/v1/fleet/activate-node")  # LiveEnrolment.refuses
 MAX_REGISTRY_BYTES = 64 * 1024 * 1024  # ~200,000 sites: a bigger file is not ours
 
 
@@ -278,8 +279,14 @@ class LiveEnrolment:
     def revoked(self, key: str | None) -> bool:
         return key is not None and key in self.current().revoked
 
-    def refuses(self, headers: list[tuple[bytes, bytes]]) -> str | None:
-        """For the TLS front: why a request whose headers carry a revoked key must not pass."""
+    def refuses(self, path: str, headers: list[tuple[bytes, bytes]]) -> str | None:
+        """For the TLS front: why a Fleet request (raw `path`) whose headers carry a revoked key
+        must not pass. Activation passes: a key revoked before the job started is not
+        registered, and the SuperLink's own answer to it ("[code: 2004] Failed to activate
+        SuperNode") is what `fedshield client` turns into its one-line refusal; every other
+        request of a revoked key (one revoked mid-run, still registered) is refused here."""
+        if path in PASS_TO_SUPERLINK:
+            return None
         value = next((v for k, v in headers if k.lower() == PUBLIC_KEY_HEADER), None)
         if value is None:
             return None  # the SuperLink refuses an unsigned Fleet request itself

@@ -308,7 +308,7 @@ def _content_length(headers: list[tuple[bytes, bytes]], limit: int) -> int:
 def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | None = None, *,
               limits: FrontLimits | None = None, access: AccessLog | None = None,
               clock: Callable[[], float] = time.monotonic,
-              refuse: Callable[[list[tuple[bytes, bytes]]], str | None] | None = None) -> Callable:
+              refuse: Callable[[str, list[tuple[bytes, bytes]]], str | None] | None = None) -> Callable:
     """The front as an ASGI app.
 
     Parameters
@@ -327,8 +327,8 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
     access : AccessLog, optional
         Where each request's line goes (default: an in-memory `AccessLog`).
     refuse : Callable, optional
-        The request's headers -> why it must not pass (403 before any upstream connection),
-        or None: the enrolment deny-list (`deploy.enrolment.LiveEnrolment.refuses`, the key
+        (raw path, headers) -> why the request must not pass (403 before any upstream
+        connection), or None: the enrolment deny-list (`deploy.enrolment.LiveEnrolment.refuses`, the key
         in Flower's `flwr-public-key` header).
     """
     limits = limits or FrontLimits()
@@ -363,7 +363,7 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
             if path is None or scope.get("method") != "POST":
                 raise _Refused(403, REFUSED, "not a Fleet API request")
             headers = list(scope.get("headers", []))
-            if refuse is not None and (why := refuse(headers)):
+            if refuse is not None and (why := refuse(path, headers)):
                 raise _Refused(403, REVOKED, why)
             length = _content_length(headers, limits.max_body_bytes)
             request = httpx.Request("POST", base + path,
@@ -555,7 +555,7 @@ class FleetFront:
     def __init__(self, host: str, port: int, certfile: Path, keyfile: Path, upstream_port: int,
                  upstream_ca: Path, max_body_bytes: int | None = None, upstream_timeout_s: float | None = None,
                  *, limits: FrontLimits | None = None, access_log: Path | None = None,
-                 refuse: Callable[[list[tuple[bytes, bytes]]], str | None] | None = None):
+                 refuse: Callable[[str, list[tuple[bytes, bytes]]], str | None] | None = None):
         import uvicorn
 
         limits = limits or FrontLimits()

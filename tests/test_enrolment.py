@@ -196,19 +196,22 @@ def test_the_front_refuses_a_revoked_key_before_the_superlink_sees_it(federation
     link = SuperLink()
     seen = link.requests
 
-    def post(key: ec.EllipticCurvePrivateKey | None) -> int:
+    def post(key: ec.EllipticCurvePrivateKey | None, path: str = "/v1/fleet/pull-messages") -> int:
         async def go() -> int:
             async with link.client() as upstream:
                 app = fleet_app("https://127.0.0.1:9999", upstream, refuse=identity.refuses)
                 headers = {"flwr-public-key": base64.b64encode(flower_pem(key)).decode()} if key else {}
                 async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                              base_url="https://fl.example.org") as c:
-                    return (await c.post("/v1/fleet/pull-messages", content=b"x", headers=headers)).status_code
+                    return (await c.post(path, content=b"x", headers=headers)).status_code
         return asyncio.run(go())
 
     assert post(keys["rogue"]) == 403 and not seen
     assert post(keys["st-marys"]) == 200 and len(seen) == 1
     assert post(None) == 200  # unsigned: the SuperLink's own authentication refuses it
+    # activation passes: the SuperLink's answer for a key it does not hold is what the site's agent
+    # turns into its one-line refusal ("not registered")
+    assert post(keys["rogue"], "/v1/fleet/activate-node") == 200 and len(seen) == 3
 
 
 def test_the_registry_file_is_checked(tmp_path):
@@ -249,3 +252,57 @@ def test_the_coordinator_admits_the_enrolled_sites_and_says_which_it_leaves_out(
     with pytest.raises(FedShieldError, match=r"^federation.min_sites=3: only 2 connection keys are admitted"):
         server_main(["--pki", str(d), "--address", "127.0.0.1:1", *over])  # no --connection-keys: the enrolled
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------ deployed: real Flower processes
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(1200)
+def test_deployed_enrolled_sites_train_and_an_impostor_is_refused(tmp_path, tiny_bert):
+    """`certs csr`/`sign`/`revoke`, `fedshield server` admitting the enrolled sites (no
+    --connection-keys), three SuperNodes: st-marys, st-johns, and rogue (enrolled as rogue)
+    calling itself st-marys; city-bank's key revoked before the start."""
+    from tests.helpers import synthetic_rows, tiny_overrides, write_csv
+    from tests.test_deployment import STARTED, client_args, fedshield, finish, finish_group, free_port
+
+    d = tmp_path / "pki"
+    assert pki.certs_main(["init", "--out", str(d), "--server-name", "fl.example.org", "--san", "127.0.0.1"]) == 0
+    for name in ("st-marys", "st-johns", "rogue", "city-bank"):
+        assert pki.certs_main(["csr", name, "--out", str(tmp_path / name)]) == 0
+        assert pki.certs_main(["sign", str(tmp_path / name / f"{name}.csr"), "--pki", str(d)]) == 0
+    assert pki.certs_main(["revoke", "city-bank", "--pki", str(d)]) == 0
+    port = free_port()
+    over = [o for o in tiny_overrides(tiny_bert, write_csv(tmp_path / "server.csv", synthetic_rows(120, seed=7)),
+                                      tmp_path, **{"federation.round_timeout_s": 120, "privacy.delta": 1e-5,
+                                                   "output.run_name": "enrolled", "federation.num_sites": 3,
+                                                   "federation.min_sites": 2, "federation.rounds": 1})
+            if not o.startswith("simulation.")]
+    try:
+        server = fedshield("server", "--pki", str(d), "--address", f"127.0.0.1:{port}", *over, cwd=tmp_path)
+        procs = {}
+        for i, (name, key) in enumerate((("st-marys", "st-marys"), ("st-johns", "st-johns"),
+                                         ("impostor", "rogue"), ("city-bank", "city-bank"))):
+            data = write_csv(tmp_path / f"{name}.csv", synthetic_rows(60, seed=30 + i))
+            extra = ("--name", "st-marys") if name == "impostor" else ()
+            procs[name] = fedshield(*client_args(port, d / "ca.crt", tmp_path / key / f"{key}.key", data,
+                                                 tmp_path / f"state-{name}", *extra), cwd=tmp_path)
+        rc, out = finish_group(server, 600)  # its output, whatever happens (a busy machine: a slow start)
+        results = {n: finish(p, 120) if n != "impostor" else finish_group(p, 60) for n, p in procs.items()}
+    finally:
+        for p in STARTED:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=30)
+    assert rc == 0, out[-4000:]
+    assert "warning" not in out.split("checked:")[1].split("SuperLink up")[0]  # the revoked key: not even listed
+    run_dir = tmp_path / "runs" / "enrolled"
+    assert sorted(json.loads((run_dir / "privacy" / "sites.json").read_text())) == ["st-johns", "st-marys"]
+    report = (run_dir / "report.md").read_text()
+    assert "not joining as 'st-marys'" in report and "is enrolled as 'rogue'" in report
+    honest = signing.load_public_key((tmp_path / "state-st-marys" / "site.pub").read_bytes())
+    kept = signing.load_public_key((run_dir / "privacy" / "ledger-keys" / "st-marys.pub").read_bytes())
+    assert signing.fingerprint(kept) == signing.fingerprint(honest)  # the name went to the real st-marys
+    for n in ("st-marys", "st-johns"):
+        assert results[n][0] == 0, results[n][1][-3000:]
+    assert results["city-bank"][0] == 2 and "not registered" in results["city-bank"][1]
