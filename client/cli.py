@@ -271,7 +271,8 @@ def _run_site(args: argparse.Namespace, name: str, host: str, port: int, key_pat
         "--superlink", f"{host}:{port}",
         "--root-certificates", str(ca),
         "--auth-supernode-private-key", str(key_path),
-        "--node-config", node_config(name, data, state, overrides),
+        # connection-key: client.app.NODE_CONNECTION_KEY (the HELLO is signed with it)
+        "--node-config", node_config(name, data, state, {**overrides, "connection-key": str(key_path)}),
         "--host", "127.0.0.1", "--port", "0",
         "--max-wait-time", str(args.reconnect_s),
     ]

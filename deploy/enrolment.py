@@ -14,8 +14,12 @@ SubjectPublicKeyInfo it was registered with). So the coordinator can learn, for 
 the key that node authenticated with, and no challenge of its own is needed: the HELLO of
 node N is accepted under name X only if N's registered key is the key enrolled for X
 (`Enrolment.check`). An impostor with a valid key of its own is refused every time, whatever
-its node id. Residual trust: in Flower the SuperLink ties a reply to its node (a reply
-must answer an instruction addressed to that node); fedshield does not re-check that.
+its node id. One gap remains in Flower 1.41: the Fleet API authenticates the node that pushes
+a reply but does not compare it with the reply's `src_node_id` (a reply only has to answer an
+instruction addressed to that node, found by its message id, a hash of the instruction). So
+the HELLO is also signed with the connection key over (run id, node id, name)
+(`protocol.connection_statement`, `proves`): only the holder of the enrolled key can answer
+a HELLO as that site.
 
 The registry is one JSON file, `<pki>/enrolment.json`, written by `fedshield certs sign` and
 `fedshield certs revoke` (deploy/pki.py) and only replaced whole (a temporary file, fsync,
@@ -55,7 +59,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from privacy.errors import FedShieldError
 from privacy.files import write_fully
-from privacy.signing import fingerprint
+from privacy.signing import fingerprint, verify
 
 REGISTRY = "enrolment.json"  # in the coordinator's PKI folder
 VERSION = 1
@@ -217,6 +221,19 @@ def flower_key_fingerprint(public_key: bytes | str | None) -> str | None:
     except (ValueError, TypeError, UnsupportedAlgorithm):
         return None
     return fingerprint(key) if isinstance(key, ec.EllipticCurvePublicKey) else None
+
+
+def proves(flower_public_key: bytes | str | None, proof: bytes, statement: bytes) -> bool:
+    """Whether `proof` is `statement` signed (ECDSA, SHA-256: `privacy.signing`) by the key
+    Flower carries as `flower_public_key` (the node's registered connection key)."""
+    if not proof or not flower_public_key:
+        return False
+    data = flower_public_key.encode() if isinstance(flower_public_key, str) else bytes(flower_public_key)
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    return isinstance(key, ec.EllipticCurvePublicKey) and verify(key, proof, statement)
 
 
 # ------------------------------------------------------------------ a running coordinator's view

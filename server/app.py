@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import conf
 import protocol
-from deploy.enrolment import LiveEnrolment, flower_key_fingerprint, load_enrolment
+from deploy.enrolment import LiveEnrolment, flower_key_fingerprint, load_enrolment, proves
 from privacy import signing
 from privacy.errors import FedShieldError
 from privacy.secure_sum import AUTO_RING_ABOVE, DistributedNoise, settings_of
@@ -70,10 +70,20 @@ def connection_keys(grid: Grid) -> dict[int, bytes]:
         return {}
 
 
-def check_identity(identity: LiveEnrolment | None, name: str, key: bytes | None) -> str | None:
-    """Why a node that authenticated with `key` may not be site `name` (None: it may; no
-    `identity`: names are not bound, as in a simulation)."""
-    return None if identity is None else identity.check(name, key)
+def check_identity(identity: LiveEnrolment | None, hello: protocol.SiteHello, node: int, run_id: str,
+                   key: bytes | None) -> str | None:
+    """Why the HELLO `hello` of node `node`, which authenticated with `key`, may not be site
+    `hello.site` (None: it may; no `identity`: names are not bound, as in a simulation): the
+    key must be the one enrolled for the name, and the HELLO signed with it for this run and
+    this node (`protocol.connection_statement`; Flower does not check who pushed a reply)."""
+    if identity is None:
+        return None
+    problem = identity.check(hello.site, key)
+    if problem is None and not proves(key, hello.connection_proof,
+                                      protocol.connection_statement(run_id, node, hello.site)):
+        problem = ("its HELLO is not signed with its connection key for this run and node (a reply in another "
+                   "site's place, or a site whose fedshield predates enrolment)")
+    return problem
 
 
 def exclude_revoked(identity: LiveEnrolment | None, sites: dict[int, dict], excluded: dict[str, str]) -> None:
@@ -129,7 +139,7 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
             refuse(f"site on node {node}: not joining: its reply broke the protocol: {hello.reason}")
         elif isinstance(hello, protocol.Decline):
             refuse(f"site {hello.site}: not joining: {hello.reason}")
-        elif problem := check_identity(identity, hello.site, keys.get(node)):
+        elif problem := check_identity(identity, hello, node, str(plan[protocol.RUN_ID]), keys.get(node)):
             refuse(f"site on node {node}: not joining as {hello.site!r}: {problem}")
         elif hello.site in taken:
             # The first to claim a name keeps it; a second site of that name (a misconfigured

@@ -59,10 +59,14 @@ def flower_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 class Grid:
-    """Nodes (id -> (connection key, the name its HELLO claims)); answers HELLOs."""
+    """Nodes (id -> (connection key, the name its HELLO claims)); answers HELLOs, each signed
+    as client/app.py signs it (`signer`: node id -> the key that signs its HELLO, default its
+    own; None: unsigned)."""
 
-    def __init__(self, nodes: dict[int, tuple[ec.EllipticCurvePrivateKey, str]]) -> None:
+    def __init__(self, nodes: dict[int, tuple[ec.EllipticCurvePrivateKey, str]],
+                 signer: dict[int, ec.EllipticCurvePrivateKey | None] | None = None) -> None:
         self.nodes = nodes
+        self.signer = signer or {}
         self.ledger_key = signing.public_key_pem(ec.generate_private_key(ec.SECP256R1())).decode()
 
     def get_node_ids(self) -> Iterable[int]:
@@ -72,8 +76,17 @@ class Grid:
         return [NodeInfo(node_id=n, public_key=flower_pem(k)) for n, (k, _) in self.nodes.items()]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return [protocol.hello_reply(m, site=self.nodes[m.metadata.dst_node_id][1], num_examples=10,
-                                     ledger_public_key=self.ledger_key) for m in messages]
+        replies = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            key, name = self.nodes[node]
+            reply = protocol.hello_reply(m, site=name, num_examples=10, ledger_public_key=self.ledger_key)
+            signer = self.signer.get(node, key)
+            if signer is not None:
+                statement = protocol.connection_statement(str(PLAN[protocol.RUN_ID]), node, name)
+                reply = protocol.with_connection_proof(reply, signing.sign(signer, statement))
+            replies.append(reply)
+        return replies
 
 
 def discover(grid: Grid, identity: LiveEnrolment | None) -> tuple[dict[int, dict], list[str]]:
@@ -101,6 +114,49 @@ def test_without_the_binding_the_first_claim_wins(federation):
     grid = Grid({3: (keys["rogue"], "st-marys"), 9: (keys["st-marys"], "st-marys")})
     sites, _ = discover(grid, None)
     assert list(sites) == [3]
+
+
+def test_a_hello_answered_in_another_sites_place_is_refused(federation):
+    """Flower 1.41 does not check that a reply's src_node_id is the node that pushed it: a
+    registered site that guesses st-marys' HELLO message id can answer it as node 9. The
+    reply then arrives from st-marys' node, but it cannot be signed with st-marys' key."""
+    d, keys = federation
+    for signer in (keys["rogue"], None):
+        grid = Grid({9: (keys["st-marys"], "st-marys"), 5: (keys["st-johns"], "st-johns")}, signer={9: signer})
+        sites, refused = discover(grid, LiveEnrolment(d / REGISTRY))
+        assert [s["site"] for s in sites.values()] == ["st-johns"]
+        assert "node 9: not joining as 'st-marys'" in refused[0] and "not signed with its connection key" in refused[0]
+    other_run = Grid({9: (keys["st-marys"], "st-marys")})  # a proof from another run is not this run's
+    other_run.send_and_receive = lambda messages, timeout=None: [  # type: ignore[method-assign]
+        protocol.with_connection_proof(
+            protocol.hello_reply(m, site="st-marys", num_examples=10, ledger_public_key=other_run.ledger_key),
+            signing.sign(keys["st-marys"], protocol.connection_statement("run-0", 9, "st-marys"))) for m in messages]
+    assert not discover(other_run, LiveEnrolment(d / REGISTRY))[0]
+
+
+def test_a_deployed_sites_hello_is_signed_with_its_connection_key(tmp_path, tiny_bert):
+    """The real ClientApp with a deployed node config (what `fedshield client` passes)."""
+    from flwr.app import Context, RecordDict
+
+    import conf
+    from client import app as site
+    from deploy.enrolment import proves
+    from tests.helpers import synthetic_rows, tiny_overrides, write_csv
+
+    data = write_csv(tmp_path / "site.csv", synthetic_rows(40, seed=3))
+    cfg = conf.load_config(tiny_overrides(tiny_bert, data, tmp_path, **{"privacy.delta": 1e-5}))
+    plan = protocol.plan_record(config_yaml=conf.to_yaml(cfg), run_id="run-9", run_dir="", frozen_fingerprint="",
+                                class_names=["markets", "weather"])
+    pki.make_csr("st-marys", tmp_path / "keys")
+    key = pki.load_connection_private_key(tmp_path / "keys" / "st-marys.key")
+    node = {"site-name": "st-marys", "data-path": str(data), "state-dir": str(tmp_path / "state"),
+            "connection-key": str(tmp_path / "keys" / "st-marys.key")}
+    msg = protocol.instruction(protocol.HELLO, plan, 42)
+    got = protocol.read_hello(site.hello(msg, Context(run_id=7, node_id=42, node_config=node, state=RecordDict(),
+                                                      run_config={})))
+    assert isinstance(got, protocol.SiteHello) and got.site == "st-marys"
+    assert proves(flower_pem(key), got.connection_proof, protocol.connection_statement("run-9", 42, "st-marys"))
+    assert not proves(flower_pem(key), got.connection_proof, protocol.connection_statement("run-9", 43, "st-marys"))
 
 
 def test_a_key_that_is_not_enrolled_or_unknown_is_refused(federation):
