@@ -569,7 +569,10 @@ def connection_statement(run_id: str, node_id: int, site: str) -> bytes:
 
 def with_connection_proof(reply: Message, proof: bytes) -> Message:
     """A HELLO reply with its `connection_statement` signature (client/app.py)."""
-    reply.content[SITE][CONNECTION_PROOF] = bytes(proof)
+    site = reply.content[SITE]
+    if not isinstance(site, ConfigRecord):
+        raise ValueError(f"with_connection_proof: {SITE!r} is not a ConfigRecord")
+    site[CONNECTION_PROOF] = bytes(proof)
     return reply
 
 
