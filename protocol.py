@@ -110,6 +110,7 @@ NUM_EXAMPLES = "num-examples"  # also the weighting key of Flower's strategies (
 # in SITE
 NAME = "name"
 LEDGER_PUBLIC_KEY = "ledger-public-key"
+CONNECTION_PROOF = "connection-proof"  # HELLO, deployment: `connection_statement` signed (bytes)
 # in LEDGER
 ENTRIES = "entries"
 # in DECLINE
@@ -155,6 +156,7 @@ MAX_COUNT = 2**31 - 1  # records at one site
 MAX_PEM = 4096
 MAX_SEQ = 2**40  # ledger entries of one site (a books head's seq is below it)
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+MAX_PROOF = 160  # an ECDSA signature, DER: at most 139 bytes on P-521
 
 
 class ProtocolError(FedShieldError):
@@ -195,6 +197,7 @@ class SiteHello:
     num_examples: int  # the count the site releases (add-remove: its noisy count)
     ledger_public_key: str  # PEM
     ledger_entries: tuple[dict[str, Any], ...] = ()  # add-remove: the count's release (maybe an earlier run's)
+    connection_proof: bytes = b""  # deployment: `connection_statement` signed with the connection key
 
 
 @dataclass(frozen=True)
@@ -434,7 +437,7 @@ def _site(content: RecordDict, optional: Sequence[str] = ()) -> tuple[str, Confi
 def _claimed_name(msg: Message) -> str | None:
     """The site name a reply claims, if it is readable and valid (for messages only)."""
     try:
-        name, _ = _site(msg.content, optional=(LEDGER_PUBLIC_KEY,))
+        name, _ = _site(msg.content, optional=(LEDGER_PUBLIC_KEY, CONNECTION_PROOF))
         return name
     except Exception:
         return None
@@ -625,6 +628,26 @@ def hello_reply(msg: Message, *, site: str, num_examples: int, ledger_public_key
     })
 
 
+# ---------------------------------------------------------------- the HELLO's proof of the connection key
+
+
+def connection_statement(run_id: str, node_id: int, site: str) -> bytes:
+    """What a deployed site signs with its connection key in its HELLO: this name, in this
+    run, from this node. Flower 1.41 does not check that a reply's `src_node_id` is the node
+    that pushed it, so only this signature shows that the HELLO for node N came from the
+    holder of N's key (deploy/enrolment.py; server/app.py `check_identity`)."""
+    return json.dumps(["fedshield-hello-v1", str(run_id), int(node_id), str(site)]).encode()
+
+
+def with_connection_proof(reply: Message, proof: bytes) -> Message:
+    """A HELLO reply with its `connection_statement` signature (client/app.py)."""
+    site = reply.content[SITE]
+    if not isinstance(site, ConfigRecord):
+        raise ValueError(f"with_connection_proof: {SITE!r} is not a ConfigRecord")
+    site[CONNECTION_PROOF] = bytes(proof)
+    return reply
+
+
 def feature_sum_reply(
     msg: Message, *, site: str, num_examples: int, feature_sum: np.ndarray[Any, Any],
     ledger_entries: Sequence[Mapping[str, Any]],
@@ -675,10 +698,11 @@ def decline_reply(msg: Message, *, site: str, kind: str, reason: str) -> Message
 
 def read_hello(msg: Message) -> SiteHello | Decline | Rejected | Failed:
     def parse(content: RecordDict) -> SiteHello | Decline:
-        name, site = _site(content, optional=(LEDGER_PUBLIC_KEY,))
+        name, site = _site(content, optional=(LEDGER_PUBLIC_KEY, CONNECTION_PROOF))
         if DECLINE in content:
-            if LEDGER_PUBLIC_KEY in site:
-                raise ProtocolError(f"{SITE}: unexpected key {LEDGER_PUBLIC_KEY!r} in a decline")
+            for key in (LEDGER_PUBLIC_KEY, CONNECTION_PROOF):
+                if key in site:
+                    raise ProtocolError(f"{SITE}: unexpected key {key!r} in a decline")
             return _decline(content, name)
         _records(content, [SITE, METRICS, LEDGER])
         if LEDGER_PUBLIC_KEY not in site:
@@ -688,7 +712,10 @@ def read_hello(msg: Message) -> SiteHello | Decline | Rejected | Failed:
         pem = _str(site, LEDGER_PUBLIC_KEY, SITE, MAX_PEM)
         if not pem.startswith("-----BEGIN PUBLIC KEY-----"):
             raise ProtocolError(f"{SITE}.{LEDGER_PUBLIC_KEY}: not a PEM public key")
-        return SiteHello(name, _count(metrics, NUM_EXAMPLES, METRICS), pem, _ledger(content))
+        proof = site.get(CONNECTION_PROOF, b"")
+        if not isinstance(proof, bytes) or len(proof) > MAX_PROOF:
+            raise ProtocolError(f"{SITE}.{CONNECTION_PROOF}: expected at most {MAX_PROOF} bytes")
+        return SiteHello(name, _count(metrics, NUM_EXAMPLES, METRICS), pem, _ledger(content), proof)
 
     result: SiteHello | Decline | Rejected | Failed = _guard(msg, parse)
     return result

@@ -73,6 +73,7 @@ NODE_LABELS, NODE_WITNESS = "labels", "ledger-witness"
 # The columns of the site's file (`--text-column`, `--label-column`): the site's, never the
 # plan's, or a plan could point the label column at any column and learn from a failed read.
 NODE_TEXT_COLUMN, NODE_LABEL_COLUMN = "text-column", "label-column"
+NODE_CONNECTION_KEY = "connection-key"  # the SuperNode's key file (`fedshield client`): signs the HELLO
 # The site's privacy policy: what it decides for its own data. A coordinator's plan may be
 # stricter (then the plan's value is used) but never looser: a looser one is declined, kind
 # `policy`, naming the key. Keys the site did not set take the schema's defaults (DP on,
@@ -343,8 +344,30 @@ def _decline(msg: Message, site: str, reason: str, kind: str) -> Message:
 
 
 def hello(msg: Message, context: Context) -> Message:
-    """Who is this site: its name, record count and ledger public key (for sampling and audit)."""
-    return handle(msg, context, _hello)
+    """Who is this site: its name, record count and ledger public key (for sampling and audit);
+    deployed, signed with its connection key (`prove_connection`)."""
+    return prove_connection(handle(msg, context, _hello), msg, context)
+
+
+def prove_connection(reply: Message, msg: Message, context: Context) -> Message:
+    """A deployed site's HELLO carries `protocol.connection_statement` (this run, this node,
+    this name) signed with its connection key, the key its SuperNode authenticates with: the
+    coordinator checks it against the key enrolled for the name (server/app.py). A key that
+    cannot be read leaves the HELLO unsigned (the coordinator then refuses it, and says why)."""
+    path = context.node_config.get(NODE_CONNECTION_KEY)
+    if not path or protocol.SITE not in reply.content or protocol.DECLINE in reply.content:
+        return reply
+    from deploy.pki import load_connection_private_key
+    from privacy import signing
+
+    try:
+        key = load_connection_private_key(str(path))
+        statement = protocol.connection_statement(protocol.read_plan(msg).run_id, msg.metadata.dst_node_id,
+                                                  str(reply.content[protocol.SITE][protocol.NAME]))
+    except FedShieldError as exc:  # a ProtocolError too
+        log.warning("HELLO not signed with the connection key: %s", exc)
+        return reply
+    return protocol.with_connection_proof(reply, signing.sign(key, statement))
 
 
 def _hello(msg: Message, plan: protocol.Plan, site: Site) -> Message:

@@ -22,8 +22,9 @@ loop. A plaintext (`--insecure`) connection is refused outright: sites always us
 
 Then `flower-supernode` runs (subprocess, this environment's copy) with
 `--root-certificates CA`, `--auth-supernode-private-key KEY` (SuperNode authentication),
-`--node-config "site-name=... data-path=... state-dir=..."` (read by client/app.py; the
-path and rows never leave the site), its local Runtime API on a free 127.0.0.1 port, and no
+`--node-config "site-name=... data-path=... state-dir=... connection-key=..."` (read by
+client/app.py; the path and rows never leave the site; the connection key signs the HELLO,
+`client.app.prove_connection`), its local Runtime API on a free 127.0.0.1 port, and no
 runtime dependency installation (the SuperNode default in 1.41; the flag that would turn it
 on is never passed). FLWR_HOME is `<state-dir>/.flower` (0700); the environment is
 `deploy.processes.flower_env` (telemetry off, offline).
@@ -284,7 +285,8 @@ def _run_site(args: argparse.Namespace, name: str, host: str, port: int, key_pat
         "--superlink", f"{host}:{port}",
         "--root-certificates", str(ca),
         "--auth-supernode-private-key", str(key_path),
-        "--node-config", node_config(name, data, state, overrides),
+        # connection-key: client.app.NODE_CONNECTION_KEY (the HELLO is signed with it)
+        "--node-config", node_config(name, data, state, {**overrides, "connection-key": str(key_path)}),
         "--host", "127.0.0.1", "--port", "0",
         "--max-wait-time", str(args.reconnect_s),
     ]

@@ -146,6 +146,7 @@ HOP_HEADERS = frozenset({
 
 REFUSED = "fedshield coordinator: only the Flower Fleet API is served here\n"
 UNAVAILABLE = "fedshield coordinator: SuperLink unavailable\n"
+REVOKED = "fedshield coordinator: this connection key is revoked\n"
 CLIENT_GONE = 499  # the nginx convention: the client closed the connection before the reply
 NOT_ADMITTED = "a SuperNode key that is not admitted"
 
@@ -450,7 +451,8 @@ def node_auth_error(headers: list[tuple[bytes, bytes]], keys: Collection[bytes],
 def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | None = None, *,
               limits: FrontLimits | None = None, access: AccessLog | None = None,
               clock: Callable[[], float] = time.monotonic, authorized_keys: Collection[bytes] | None = None,
-              spool_dir: Path | None = None) -> Callable:
+              spool_dir: Path | None = None,
+              refuse: Callable[[str, list[tuple[bytes, bytes]]], str | None] | None = None) -> Callable:
     """The front as an ASGI app.
 
     Parameters
@@ -477,6 +479,10 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
     spool_dir : Path, optional
         Where a body over `limits.memory_body_bytes` waits, in an unlinked temporary file,
         until it is whole (default: the system's temporary folder).
+    refuse : Callable, optional
+        (raw path, headers) -> why the request must not pass (403 before any upstream
+        connection), or None: the enrolment deny-list (`deploy.enrolment.LiveEnrolment.refuses`, the key
+        in Flower's `flwr-public-key` header).
     """
     limits = limits or FrontLimits()
     if max_body_bytes is not None:
@@ -513,6 +519,8 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
             if path is None or scope.get("method") != "POST":
                 raise _Refused(403, REFUSED, "not a Fleet API request")
             headers = list(scope.get("headers", []))
+            if refuse is not None and (why := refuse(path, headers)):
+                raise _Refused(403, REVOKED, why)
             length = _content_length(headers, limits.max_body_bytes)
             if keys is not None:
                 why = node_auth_error(headers, keys)
@@ -761,7 +769,8 @@ class FleetFront:
     def __init__(self, host: str, port: int, certfile: Path, keyfile: Path, upstream_port: int,
                  upstream_ca: Path, max_body_bytes: int | None = None, upstream_timeout_s: float | None = None,
                  *, limits: FrontLimits | None = None, access_log: Path | None = None,
-                 authorized_keys: Collection[bytes] | None = None, spool_dir: Path | None = None):
+                 authorized_keys: Collection[bytes] | None = None, spool_dir: Path | None = None,
+                 refuse: Callable[[str, list[tuple[bytes, bytes]]], str | None] | None = None):
         import uvicorn
 
         limits = limits or FrontLimits()
@@ -778,7 +787,7 @@ class FleetFront:
             limits=httpx.Limits(max_connections=limits.upstream_connections,
                                 max_keepalive_connections=min(16, limits.upstream_connections)))
         self.app = fleet_app(f"https://127.0.0.1:{upstream_port}", self.client, limits=limits, access=self.access,
-                             authorized_keys=authorized_keys, spool_dir=spool_dir)
+                             authorized_keys=authorized_keys, spool_dir=spool_dir, refuse=refuse)
         protocol = type("FrontProtocol", (_FrontProtocol,),
                         {"limits": limits, "access": self.access, "per_address": collections.Counter()})
         config = uvicorn.Config(self.app, host=host, port=port, ssl_certfile=str(certfile), ssl_keyfile=str(keyfile),

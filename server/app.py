@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import conf
 import protocol
+from deploy.enrolment import LiveEnrolment, flower_key_fingerprint, load_enrolment, proves
 from privacy import signing
 from privacy.accountant import ADD_REMOVE
 from privacy.errors import FedShieldError
@@ -67,12 +68,54 @@ def say(text: str) -> None:
     print("\n".join(protocol.printable(line) for line in text.split("\n")), flush=True)
 
 
+def connection_keys(grid: Grid) -> dict[int, bytes]:
+    """Node id -> the public key its SuperNode registered and authenticates every request
+    with (Flower's `NodeInfo.public_key`, PEM; deploy/enrolment.py says why it can be trusted)."""
+    try:
+        return {int(n.node_id): bytes(n.public_key) for n in grid.get_nodes()}
+    except Exception as exc:  # noqa: BLE001 - Flower's error: no key is known, so no name is bound
+        say(f"cannot read the sites' connection keys from the SuperLink ({type(exc).__name__}: {exc})")
+        return {}
+
+
+def check_identity(identity: LiveEnrolment | None, hello: protocol.SiteHello, node: int, run_id: str,
+                   key: bytes | None) -> str | None:
+    """Why the HELLO `hello` of node `node`, which authenticated with `key`, may not be site
+    `hello.site` (None: it may; no `identity`: names are not bound, as in a simulation): the
+    key must be the one enrolled for the name, and the HELLO signed with it for this run and
+    this node (`protocol.connection_statement`; Flower does not check who pushed a reply)."""
+    if identity is None:
+        return None
+    problem = identity.check(hello.site, key)
+    if problem is None and not proves(key, hello.connection_proof,
+                                      protocol.connection_statement(run_id, node, hello.site)):
+        problem = ("its HELLO is not signed with its connection key for this run and node (a reply in another "
+                   "site's place, or a site whose fedshield predates enrolment)")
+    return problem
+
+
+def exclude_revoked(identity: LiveEnrolment | None, sites: dict[int, dict], excluded: dict[str, str]) -> None:
+    """Before each round: a site whose connection key was revoked since it joined is not asked
+    again (`excluded`: the strategy's site -> why); said once."""
+    if identity is None:
+        return
+    identity.current()
+    if problem := identity.take_problem():
+        say(f"enrolment registry: {problem}")
+    for s in sites.values():
+        if s["site"] not in excluded and identity.revoked(s.get("connection_key")):
+            excluded[s["site"]] = f"its connection key {s['connection_key']} was revoked"
+            say(f"  {s['site']}: not asked any more: its connection key was revoked")
+
+
 def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float,
-                   refused: list[str] | None = None) -> dict[int, dict]:
+                   refused: list[str] | None = None, identity: LiveEnrolment | None = None) -> dict[int, dict]:
     """Wait for `expected` sites, then ask each who it is (name, records, ledger public key).
 
     A site that cannot join is refused alone, never the run; why is said and appended to
-    `refused` (for the report)."""
+    `refused` (for the report). With `identity` (deployment: the enrolment registry), a site
+    is admitted under a name only if its node authenticated with the key enrolled for that
+    name, whatever its node id (`check_identity`)."""
     refused = refused if refused is not None else []
 
     def refuse(why: str) -> None:
@@ -93,6 +136,7 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
         say(f"waited {timeout:.0f}s: {len(nodes)} of {expected} sites connected; going on with them")
     say(f"asking {len(nodes)} sites who they are")
     messages = [protocol.instruction(protocol.HELLO, plan, n) for n in nodes]
+    keys = connection_keys(grid) if identity is not None else {}
     sites: dict[int, dict] = {}
     taken: dict[str, int] = {}  # site name -> node id
     for reply in sorted(grid.send_and_receive(messages, timeout=timeout), key=lambda m: m.metadata.src_node_id):
@@ -104,6 +148,8 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
             refuse(f"site on node {node}: not joining: its reply broke the protocol: {hello.reason}")
         elif isinstance(hello, protocol.Decline):
             refuse(f"site {hello.site}: not joining: {hello.reason}")
+        elif problem := check_identity(identity, hello, node, str(plan[protocol.RUN_ID]), keys.get(node)):
+            refuse(f"site on node {node}: not joining as {hello.site!r}: {problem}")
         elif hello.site in taken:
             # The first to claim a name keeps it; a second site of that name (a misconfigured
             # or hostile client) is refused, never the run.
@@ -117,6 +163,8 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
             taken[hello.site] = node
             sites[node] = {"site": hello.site, "n": hello.num_examples, "public_key": hello.ledger_public_key,
                            "key": key, "entries": hello.ledger_entries}
+            if identity is not None:  # for exclude_revoked
+                sites[node]["connection_key"] = flower_key_fingerprint(keys.get(node))
     return sites
 
 
@@ -395,9 +443,12 @@ class RoundLog:
         return row
 
 
-def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) -> Path:
+def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, resume: bool = False,
+                   identity: LiveEnrolment | None = None) -> Path:
     """One whole run; returns the run directory. With `resume`, the run continues from its
-    checkpoint (server/checkpoint.py) at the round after the last completed one."""
+    checkpoint (server/checkpoint.py) at the round after the last completed one. With
+    `identity` (`fedshield server`), site names are bound to enrolled connection keys and
+    revocations apply at once (deploy/enrolment.py)."""
     run_dir = run_dir or (existing_run_dir(cfg) if resume else new_run_dir(cfg))
     say(f"run directory: {run_dir}" + (" (resuming)" if resume else ""))
     digest = checkpoint.config_digest(run_config_yaml(cfg))
@@ -414,7 +465,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         frozen_fingerprint=view_fingerprint(view), class_names=pool_and_test(cfg)[1].class_names,
     )
     refused: list[str] = []
-    sites = discover_sites(grid, plan, cfg.federation.num_sites, cfg.federation.round_timeout_s, refused)
+    sites = discover_sites(grid, plan, cfg.federation.num_sites, cfg.federation.round_timeout_s, refused, identity)
     if ckpt is not None:
         sites = rejoined_sites(run_dir, sites)
     if len(sites) < cfg.federation.min_sites:
@@ -554,6 +605,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
                              "lower federation.num_malicious or add sites")
 
     def evaluate(flower_round: int, arrays) -> MetricRecord:
+        exclude_revoked(identity, sites, strategy.excluded)  # before every round (this runs ahead of each)
         server_round = strategy.run_round(flower_round) if flower_round else done
         weights = protocol.from_array_record(arrays)
         if flower_round == 0 and ckpt is not None:  # the checkpoint's model: evaluated and logged already
@@ -847,6 +899,25 @@ def _rounds(numbers: list[int]) -> str:
 
 RUN_CONFIG_YAML_KEY = "fedshield-config-yaml"
 RESUME_KEY = "fedshield-resume"  # run config: continue the run output.run_name from its checkpoint
+# run config (`fedshield server`): the registry that binds names to connection keys, and the one
+# whose deny-list applies (the same file when sites enrolled with `fedshield certs sign`)
+ENROLMENT_KEY = "fedshield-enrolment"
+REVOKED_KEY = "fedshield-revoked"
+
+
+def identity_from_run_config(run_config: dict) -> LiveEnrolment | None:
+    """The name binding `fedshield server` asked for (its run config keys, popped), or None."""
+    bindings = str(run_config.pop(ENROLMENT_KEY, "") or "")
+    revoked = str(run_config.pop(REVOKED_KEY, "") or "") or bindings
+    if not bindings:
+        return None
+    if Path(bindings) == Path(revoked):
+        identity = LiveEnrolment(revoked)
+    else:
+        identity = LiveEnrolment(revoked, load_enrolment(bindings))
+    if not identity.current().sites:
+        raise FedShieldError(f"enrolment registry {bindings}: no site is enrolled")
+    return identity
 
 
 def config_from_run_config(run_config: dict) -> DictConfig:
@@ -869,8 +940,9 @@ def build_server_app(cfg: DictConfig | None = None, run_dir: Path | None = None,
         run_config = dict(context.run_config)
         again = resume or bool(run_config.pop(RESUME_KEY, False))
         try:
+            identity = identity_from_run_config(run_config)
             run_cfg = cfg if cfg is not None else config_from_run_config(run_config)
-            run_federation(grid, run_cfg, run_dir, resume=again)
+            run_federation(grid, run_cfg, run_dir, resume=again, identity=identity)
         except FedShieldError as exc:  # the cause, in one line the operator sees (server/cli.py quotes it)
             say(f"{RUN_STOPPED}{exc}")
             raise

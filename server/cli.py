@@ -1,6 +1,6 @@
 """`fedshield server`: the coordinator on Flower's deployment runtime.
 
-    fedshield server --pki pki/ --connection-keys pki/ [--address 0.0.0.0:9092] [--config FILE] [key=value ...]
+    fedshield server --pki pki/ [--connection-keys pki/] [--address 0.0.0.0:9092] [--config FILE] [key=value ...]
 
 What it starts, and why (flwr 1.41, read from its source):
 
@@ -25,11 +25,16 @@ What it starts, and why (flwr 1.41, read from its source):
 3. Site admission: `--enable-supernode-auth` makes the SuperLink refuse every SuperNode
    whose public key was not registered through the Control API. The deprecated
    `--auth-list-public-keys` CSV is rejected by 1.41 ("no longer supported"), so each
-   site's connection key given with `--connection-keys` (`NAME.pub`, made by
-   `fedshield certs site NAME`; not the site's ledger signing key) is registered with
-   the SuperLink (the supported path, `flwr supernode register`'s Python API, all keys in
-   one process: `deploy.processes.register_connection_keys`) before the run starts. Nothing
-   else is admitted. The old spelling `--site-keys` still works, with a note.
+   site's connection key (not its ledger signing key) is registered with Flower's Control
+   API (`flwr supernode register`'s Python API, all keys in one process:
+   `deploy.processes.register_connection_keys`) before the run starts: by default every
+   site enrolled in `<pki>/enrolment.json` (`fedshield certs sign NAME.csr`:
+   `<pki>/sites/NAME.pub`, certificate valid, key not revoked); with
+   `--connection-keys`, the keys given (`NAME.pub`, made by `fedshield certs site NAME`),
+   each under its file's NAME. Nothing else is admitted. The ServerApp then admits a HELLO
+   under a name only from the node whose key is bound to that name, and the front refuses
+   a revoked key at once (deploy/enrolment.py; run config `server.app.ENROLMENT_KEY`,
+   `REVOKED_KEY`). The old spelling `--site-keys` still works, with a note.
 4. The run: `flwr run APP fedshield --stream`. APP is a private Flower app folder holding
    only a generated pyproject.toml: the components (`server.app:app`, `client.app:app`) and
    the whole resolved fedshield config as flat dotted keys in `[tool.flwr.app.config]`
@@ -160,6 +165,27 @@ def collect_connection_keys(items: list[str]) -> list[Path]:
     return keys
 
 
+def admitted_sites(pki: Path, connection_keys: list[str] | None) -> tuple[list[tuple[str, Path]], list[str], Path]:
+    """The sites to register: (name, NAME.pub) each, lines for those left out (revoked, expired),
+    and the registry whose deny-list applies (`<pki>/enrolment.json`). With `--connection-keys`,
+    those keys under their file names; without, the sites enrolled by `fedshield certs sign`."""
+    from deploy.enrolment import REGISTRY
+    from deploy.pki import enrolled_keys, hand_collected
+
+    registry = pki / REGISTRY
+    if connection_keys:
+        admitted, left_out = hand_collected(collect_connection_keys(connection_keys), pki)
+    else:
+        admitted, left_out = enrolled_keys(pki)
+        if not admitted and not left_out:
+            raise FedShieldError(f"--pki {pki}: no site is enrolled ({registry}); enrol each site with "
+                                 "`fedshield certs sign NAME.csr --pki ...`, or pass --connection-keys")
+    if not admitted:
+        raise FedShieldError(f"no site can be admitted: {left_out[0]}" + (f" (and {len(left_out) - 1} more)"
+                                                                           if len(left_out) > 1 else ""))
+    return admitted, left_out, registry
+
+
 def resolve_config(args: argparse.Namespace):
     import conf
 
@@ -272,17 +298,19 @@ def check_address(host: str, port: int) -> None:
             raise FedShieldError(f"--address {host}:{port}: cannot listen there ({exc.strerror})") from None
 
 
-def write_app(app_dir: Path, cfg, resume: bool = False) -> None:
+def write_app(app_dir: Path, cfg, resume: bool = False, identity: tuple[Path, Path] | None = None) -> None:
     """A Flower app folder with only a pyproject.toml: the components + the resolved config.
 
     The config travels as one YAML string (`server.app.RUN_CONFIG_YAML_KEY`): Flower's run
     config holds only scalars, and the YAML keeps lists (task.labels) and nulls intact.
     `resume`: the ServerApp continues the run from its checkpoint (`server.app.RESUME_KEY`).
+    `identity`: (the registry that binds names to keys, the one whose deny-list applies), for
+    the ServerApp's name binding (`server.app.ENROLMENT_KEY`, `REVOKED_KEY`).
     """
     import json
 
     import conf
-    from server.app import RESUME_KEY, RUN_CONFIG_YAML_KEY
+    from server.app import ENROLMENT_KEY, RESUME_KEY, REVOKED_KEY, RUN_CONFIG_YAML_KEY
 
     app_dir.mkdir(parents=True, exist_ok=True)
     (app_dir / "pyproject.toml").write_text(
@@ -295,6 +323,8 @@ def write_app(app_dir: Path, cfg, resume: bool = False) -> None:
         # a JSON string is a valid TOML basic string (same escapes)
         f"[tool.flwr.app.config]\n{json.dumps(RUN_CONFIG_YAML_KEY)} = {json.dumps(conf.to_yaml(cfg))}\n"
         + (f"{json.dumps(RESUME_KEY)} = true\n" if resume else "")
+        + (f"{json.dumps(ENROLMENT_KEY)} = {json.dumps(str(identity[0]))}\n"
+           f"{json.dumps(REVOKED_KEY)} = {json.dumps(str(identity[1]))}\n" if identity else "")
     )
 
 
@@ -333,10 +363,11 @@ def server_main(argv: list[str]) -> int:
         description="Coordinator: a TLS SuperLink that admits only registered sites, and the fedshield ServerApp.")
     parser.add_argument("--pki", required=True,
                         help="folder with ca.crt, server.crt, server.key (fedshield certs init)")
-    keys_flag = parser.add_mutually_exclusive_group(required=True)
+    keys_flag = parser.add_mutually_exclusive_group()
     keys_flag.add_argument("--connection-keys", nargs="+", metavar="PUB",
                            help="the sites' connection public keys (NAME.pub from `fedshield certs site NAME`, "
-                                "or folders of *.pub): only these sites are admitted")
+                                "or folders of *.pub): only these sites are admitted, each under its file's "
+                                "NAME (default: the sites enrolled in PKI/enrolment.json by `fedshield certs sign`)")
     add_deprecated_alias(keys_flag, "--site-keys", "--connection-keys", nargs="+")
     parser.add_argument("--address", default="0.0.0.0:9092", help="where sites connect (default 0.0.0.0:9092)")
     parser.add_argument("--config", help="a YAML config file")
@@ -363,13 +394,15 @@ def server_main(argv: list[str]) -> int:
     files = check_pki(pki)
     host, port = parse_host_port(args.address, "--address", "0.0.0.0:9092", default_host="0.0.0.0")
     limits = front_limits(args)
-    keys = collect_connection_keys(args.connection_keys)
+    admitted, left_out, registry = admitted_sites(pki, args.connection_keys)
     cfg, run_dir = resolve_config(args)
-    summary = check_inputs(cfg, len(keys))
+    summary = check_inputs(cfg, len(admitted))
     check_address(host, port)
     print(f"checked: {summary}", flush=True)
-    if cfg.federation.num_sites > len(keys):
-        print(f"warning: federation.num_sites={cfg.federation.num_sites} but {len(keys)} connection keys are "
+    for why in left_out:
+        print(f"warning: {why}", file=sys.stderr, flush=True)
+    if cfg.federation.num_sites > len(admitted):
+        print(f"warning: federation.num_sites={cfg.federation.num_sites} but {len(admitted)} connection keys are "
               f"admitted: the run waits federation.round_timeout_s for sites that cannot come", file=sys.stderr)
 
     home = Path(cfg.output.dir) / f".{cfg.output.run_name}.flower"
@@ -378,11 +411,16 @@ def server_main(argv: list[str]) -> int:
         os.chmod(home, 0o700)
     except OSError as exc:
         raise FedShieldError(f"output.dir={cfg.output.dir!r}: cannot make {home} ({exc.strerror})") from None
-    from deploy.pki import init_pki, load_connection_public_key
+    from deploy.enrolment import LiveEnrolment, save_enrolment
+    from deploy.pki import bindings, init_pki, load_connection_public_key
 
     internal = home / "loopback-pki"
     init_pki(internal, "localhost", ["127.0.0.1"], days=30, ca_days=30, force=True)
-    write_app(home / "app", cfg, resume=bool(args.resume))
+    bound = registry  # enrolment: the live registry; hand-collected keys: their names, written for this run
+    if args.connection_keys:
+        bound = home / "connection-keys.json"
+        save_enrolment(bound, bindings(admitted))
+    write_app(home / "app", cfg, resume=bool(args.resume), identity=(bound, registry))
     link_port = free_port()
     write_flower_config(home, link_port, internal / "ca.crt")
     env = flower_env(home)
@@ -408,14 +446,15 @@ def server_main(argv: list[str]) -> int:
             print(f"SuperLink up (loopback 127.0.0.1:{link_port}, TLS, SuperNode authentication on; log {log})",
                   flush=True)
 
-            register_connection_keys([(k, k.stem[:64]) for k in keys], env, CONNECTION)  # one process for all
-            for k in keys:
-                print(f"admitted connection key {k.stem}: {fingerprint(load_connection_public_key(k))}", flush=True)
+            register_connection_keys([(k, name[:64]) for name, k in admitted], env, CONNECTION)  # one process for all
+            for name, k in admitted:
+                print(f"admitted connection key {name}: {fingerprint(load_connection_public_key(k))}", flush=True)
 
             front = FleetFront(host, port, files["server.crt"], files["server.key"], link_port, internal / "ca.crt",
                                limits=limits, access_log=home / "front-access.log",
-                               authorized_keys={node_key_bytes(load_connection_public_key(k)) for k in keys},
-                               spool_dir=home)
+                               authorized_keys={node_key_bytes(load_connection_public_key(k)) for _, k in admitted},
+                               spool_dir=home,
+                               refuse=LiveEnrolment(registry).refuses)  # revoked keys: 403 at once
             front.start()
             print(f"listening for sites on {host}:{port} (TLS, Fleet API only, bodies up to "
                   f"{limits.max_body_bytes / MIB:g} MiB; access log {home / 'front-access.log'}); waiting for "

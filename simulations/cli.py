@@ -24,7 +24,7 @@ commands:
   sweep      one simulation per ε value: accuracy vs privacy table and plot
   server     coordinator: a TLS SuperLink with site authentication + the ServerApp
   client     site agent: a SuperNode that trains on local data with a local budget
-  certs      CA, server certificate and connection keys (init | site | show)
+  certs      CA, server certificate, connection keys, enrolment (init | site | csr | sign | revoke | show)
   audit      verify a privacy ledger and recompute ε independently
 
 `fedshield COMMAND --help` tells more. Config overrides: key=value (e.g. federation.rounds=3),

@@ -58,7 +58,13 @@ def test_a_site_sends_exactly_the_fields_of_the_auditors_table(tiny_bert, synthe
     weights = view.trainable_state()
     tensors = set(weights)
 
-    got = sent("SiteHello", site.hello(protocol.instruction(protocol.HELLO, plan, 1), context), tensors)
+    from deploy.pki import connection_key_pair  # a deployed site also signs its HELLO with its connection key
+
+    connection_key_pair("site-0", tmp_path / "keys")
+    deployed = Context(run_id=7, node_id=1, node_config={**context.node_config,
+                                                         "connection-key": str(tmp_path / "keys" / "site-0.key")},
+                       state=RecordDict(), run_config={})
+    got = sent("SiteHello", site.hello(protocol.instruction(protocol.HELLO, plan, 1), deployed), tensors)
     assert isinstance(protocol.read_hello(site.hello(protocol.instruction(protocol.HELLO, plan, 1), context)),
                       protocol.SiteHello)
     got |= sent("FeatureSumReply", site.feature_sum(protocol.instruction(protocol.FEATURE_SUM, plan, 1), context),
