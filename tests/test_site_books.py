@@ -23,7 +23,7 @@ from client.site import SiteState
 from privacy.accountant import Spend
 from tests.helpers import synthetic_rows, write_csv
 from tests.test_site import _spend_rounds
-from tests.test_site_policy import coordinator_plan, deployed, spent
+from tests.test_site_policy import ask_to_train, coordinator_plan, deployed, spent
 from tests.test_torn_write import crashed_site, spend
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
@@ -330,3 +330,17 @@ def test_a_plan_cannot_choose_which_column_of_the_sites_file_is_read(tiny_bert, 
         got = ask_hello(plan, deployed(tmp_path / f"empty-{empty_note}", path))
         answers.append((type(got).__name__, getattr(got, "kind", None)))
     assert answers == [("SiteHello", None), ("SiteHello", None)]
+
+
+def test_a_site_none_of_whose_labels_the_plan_names_trains_as_any_other(tiny_bert, tmp_path):
+    """An undeclared site whose rows all have labels outside the plan's classes trains on the
+    public row alone (empty Poisson batches: noise-only steps) and replies with weights, as a
+    site holding the plan's labels does: no decline tells the two apart."""
+    coordinator = write_csv(tmp_path / "coordinator.csv", synthetic_rows(120, seed=1))
+    plan, weights = coordinator_plan(tiny_bert, coordinator, tmp_path)
+    answers = []
+    for name, rows in (("theirs", synthetic_rows(60, seed=3)), ("other", [(f"case {i}", "rare") for i in range(60)])):
+        data = write_csv(tmp_path / f"{name}.csv", rows)
+        reply = ask_to_train(plan, weights, deployed(tmp_path / name, data))
+        answers.append(type(reply).__name__)
+    assert answers == ["TrainReply", "TrainReply"], answers
