@@ -9,7 +9,7 @@ spells a record key; client/, server/ and strategies/ build and read messages th
     DONE         (query.done)          ->   Done             | Decline   (the run completed)
 
 With secure aggregation (federation.secure_aggregation=secaggplus) a training round is
-four exchanges (the SecAgg+ stages; privacy/secure_sum.py has the arithmetic):
+five exchanges (the SecAgg+ stages; privacy/secure_sum.py has the arithmetic):
 
     SECAGG_SETUP  (query.secagg_setup)  ->  SecAggKeys    | Decline   the site's two public keys,
                                                                       signed by its ledger key

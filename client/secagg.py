@@ -1,19 +1,30 @@
 """The site's side of SecAgg+ (federation.secure_aggregation=secaggplus).
 
-A round is four messages (protocol.py): SETUP (make two fresh key pairs), SHARE (split the
-private-mask seed b and the mask key sk1 into Shamir shares, one per neighbour, each
-encrypted for that neighbour), TRAIN with the forwarded shares (train, then send the
-masked vector only) and UNMASK (hand over the shares that remove the masks: b's for the
-neighbours whose vector is in the sum, sk1's for those who vanished). The arithmetic and
-the primitives are privacy/secure_sum.py's and Flower's.
+A round is five messages (protocol.py): SETUP (make two fresh key pairs, signed with the
+site's ledger key), SHARE (check every neighbour's signed keys, split the private-mask seed
+b and the mask key sk1 into Shamir shares, one per neighbour, each encrypted for that
+neighbour, and sign the neighbourhood it was shown), CHECK (the neighbours' signed views and
+shares: stop if any neighbour was shown other keys, keep the shares that decrypt, report the
+others), TRAIN with the neighbours to mask with (train, then send the masked vector only) and
+UNMASK (hand over the shares that remove the masks: b's for the neighbours whose vector is in
+the sum, sk1's for those who vanished). The arithmetic is privacy/secure_sum.py's, the
+sharing privacy/shamir.py's, the key agreement and encryption Flower's.
 
-What a site checks, because the coordinator may be curious (SecAgg+'s semi-honest model)
-and a hostile one will try its luck:
-- the stages come in order, for one run and round, with this site's own keys in its
-  neighbourhood and no key twice; a neighbourhood no larger than the run's setting;
-- every share it receives decrypts, comes from the slot that claims it and is for this
-  site; it masks only with the neighbours whose shares it holds, and only if those and
-  itself reach the threshold;
+What a site checks, because the coordinator may be malicious (Bell et al. 2020, the
+malicious-server variant: authenticated keys and a consistency check before unmasking):
+- the stages come in order, for one run and round, with this site's own keys, name and
+  ledger key in its neighbourhood and no key, name or ledger key twice; a neighbourhood no
+  larger than the run's setting;
+- every neighbour's round keys are signed by the ledger key forwarded with them, bound to the
+  run, round, slot and name, and that ledger key is the one pinned for the name in the site's
+  state folder (`check_peers`: trust on first use, or written by the operator);
+- every neighbour whose shares it receives signed the same keys for every slot both were
+  shown (`_check_views`), before anything is masked: a coordinator that swapped a key in one
+  site's view is caught there, and the site never masks, so nothing of it can be unmasked;
+- every share it keeps decrypts, comes from the slot that claims it and is for this site;
+  one that does not is reported (the coordinator drops its sender before anyone masks with
+  it); it masks only with neighbours whose shares it holds, and only if those and itself
+  reach the threshold;
 - at UNMASK, it never hands over both shares of one neighbour (the slots marked alive and
   those marked gone are disjoint), only for neighbours it holds shares of, itself among
   the alive, and only if at least a threshold of them is alive;
@@ -24,6 +35,9 @@ and a hostile one will try its luck:
   before the vector leaves): two unmasked sums over different sets of sites that both
   hold this site's update would give its update away by subtraction. A round asked
   again (a coordinator restart) is declined; the run goes on without this site for it.
+
+What this cannot stop without keys the site trusts (docs/auditor.md): at a site's first
+meeting with a name, a coordinator may present it a neighbourhood of its own sybils.
 
 The secrets (the key pairs, b, the shares) live in the Flower node's in-memory context
 for the round and are erased at UNMASK; nothing of them touches disk.
@@ -173,8 +187,8 @@ def check_peers(state_dir: Path, names: list[str], ledger_keys: list[bytes]) -> 
     (a sybil); the pins bound that to the first time this site meets a name: a name is
     pinned to its key's fingerprint the first time it is seen (trust on first use), and the
     operator may write the file beforehand with fingerprints exchanged out of band
-    (`SHA256:<hex>` of each site's ledger public key, `privacy.signing.fingerprint`). A name with another key, or a key under two names, is
-    refused before any share is made."""
+    (`SHA256:<hex>` of each site's ledger public key, `privacy.signing.fingerprint`). A
+    name with another key, or a key under two names, is refused before any share is made."""
     path = state_dir / "secagg" / PEERS
     try:
         pinned = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}

@@ -5,25 +5,32 @@ drives the legacy `DefaultWorkflow` (`configure_fit`, `FitRes`) and the mod read
 reply through `compat.recorddict_to_fitres`: neither runs under a Message-API `Strategy`.
 So the stages are written here, as Flower's workflow writes them, with Flower's `Grid`
 for every message and Flower's primitives (through privacy/secure_sum.py) for every
-cryptographic step. `SiteAwareStrategy` calls `prepare` from `configure_train` (setup and
-key sharing, before the TRAIN messages leave) and `finish` from `aggregate_train`
-(unmasking), so the round loop stays Flower's `Strategy.start`.
+cryptographic step but Shamir sharing (privacy/shamir.py). `SiteAwareStrategy` calls
+`prepare` from `configure_train` (setup, key sharing and the check, before the TRAIN
+messages leave) and `finish` from `aggregate_train` (unmasking), so the round loop stays
+Flower's `Strategy.start`.
 
 Sites are named by slots 1..m in the round (Flower's node ids are uint64; a ConfigRecord
-carries sint64). Per round, with A1 the sites that sent keys, A2 those that sent their
-shares and A3 those whose masked vector is usable:
+carries sint64). Per round, with A1 the sites that sent signed keys, A2 those that sent
+their shares and passed the check, and A3 those whose masked vector is usable:
 
-- **setup**: every sampled site makes two key pairs (pk1 for masks, pk2 for shares);
-- **share**: the neighbourhoods are a random ring over A1 (`neighbourhoods`); each site
-  gets its neighbours' keys and returns one encrypted share of b and sk1 per neighbour,
-  plus a commitment to b; the round is skipped here if some site of A2 keeps fewer than
-  t neighbours of A2 (its masks could not be removed);
-- **collect** (the TRAIN message): each site of A2 gets the ciphertexts its neighbours in
-  A2 made for it, trains and sends weight × quantized(update - global) + masks;
+- **setup**: every sampled site makes two key pairs (pk1 for masks, pk2 for shares) and signs
+  them with its ledger key; a signature that the ledger key of its hello does not verify
+  drops the site (the coordinator binds each forwarded ledger key to the name it joined with);
+- **share**: the neighbourhoods are a random ring over A1 (`neighbourhoods`); each site gets
+  its neighbours' keys with their names, ledger keys and signatures, and returns one
+  encrypted share of b and sk1 per neighbour, a commitment to b and its signature of the
+  neighbourhood it was shown (checked here against what it was sent);
+- **check**: each site gets the ciphertexts its neighbours made for it and their signed
+  views, and reports whose shares do not decrypt; those senders are dropped before anyone
+  masks with them (a site cannot stall the round with bad ciphertexts), and the round is
+  skipped here if some site of A2 keeps fewer than t neighbours of A2;
+- **collect** (the TRAIN message): each site of A2 is told its neighbours in A2, trains and
+  sends weight × quantized(update - global) + masks;
 - **unmask**: each site of A3 is told which neighbours are in the sum (A3: it returns b's
-  share) and which vanished after sharing (A2 - A3: it returns sk1's share). Every secret
-  needs t shares; a rebuilt b must match its commitment and a rebuilt sk1 its pk1, so a
-  wrong share skips the round instead of releasing a corrupted model.
+  share) and which vanished after the check (A2 - A3: it returns sk1's share). Every secret
+  needs t shares (privacy/shamir.py); a rebuilt b must match its commitment and a rebuilt
+  sk1 its pk1, so a wrong share skips the round instead of releasing a corrupted model.
 
 A round that cannot be unmasked is skipped with one line, and nothing of a single site is
 revealed: no site hands over shares unless at least t of its neighbours are in the sum,

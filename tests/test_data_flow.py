@@ -118,7 +118,8 @@ def secure_round(site, cfg, view, weights, tensors, tmp_path) -> set[tuple[str, 
     pems = {s: signing.public_key_pem(k) for s, k in ledger.items()}
     hood = {protocol.SA_SLOTS: [1, 2, 3], protocol.SA_PK1S: [keys[s][protocol.SA_PK1] for s in (1, 2, 3)],
             protocol.SA_PK2S: [keys[s][protocol.SA_PK2] for s in (1, 2, 3)],
-            protocol.SA_NAMES: [names[s].encode() for s in (1, 2, 3)], protocol.SA_LEDGER_KEYS: [pems[s] for s in (1, 2, 3)],
+            protocol.SA_NAMES: [names[s].encode() for s in (1, 2, 3)],
+            protocol.SA_LEDGER_KEYS: [pems[s] for s in (1, 2, 3)],
             protocol.SA_KEY_SIGS: [keys[s][protocol.SA_KEY_SIG] for s in (1, 2, 3)]}
     reply = site.secagg_share(protocol.secagg_instruction("share", plan, 1, {protocol.SA_ROUND: 1, **hood}), context)
     assert isinstance(protocol.read_secagg_reply(reply, "share"), protocol.SecAggReply)
@@ -128,8 +129,9 @@ def secure_round(site, cfg, view, weights, tensors, tmp_path) -> set[tuple[str, 
         out = site_side.share(ctx, step("share", **hood), "flow-secure", secure, ledger[slot], None)
         to_me.append(out[protocol.SA_CIPHERTEXTS][out[protocol.SA_DESTINATIONS].index(1)])
         view_sigs.append(out[protocol.SA_VIEW_SIG])
-    seen = secure_sum.view({s: secure_sum.key_statement("flow-secure", 1, s, names[s], pems[s], keys[s][protocol.SA_PK1],
-                                                        keys[s][protocol.SA_PK2]) for s in (1, 2, 3)})
+    seen = secure_sum.view({s: secure_sum.key_statement("flow-secure", 1, s, names[s], pems[s],
+                                                        keys[s][protocol.SA_PK1], keys[s][protocol.SA_PK2])
+                            for s in (1, 2, 3)})
     reply = site.secagg_check(protocol.secagg_instruction("check", plan, 1, {
         protocol.SA_ROUND: 1, protocol.SA_SOURCES: [2, 3], protocol.SA_CIPHERTEXTS: to_me,
         protocol.SA_VIEWS: [seen, seen], protocol.SA_VIEW_SIGS: view_sigs}), context)
