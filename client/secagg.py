@@ -160,9 +160,9 @@ def _check_neighbourhood(state: Mapping[str, Any], step: protocol.SecAggStep, ru
         raise SecAggError("secure aggregation: this site's own keys are not in its neighbourhood as it sent them")
     if len(set(pk1s) | set(pk2s)) != 2 * len(slots):
         raise SecAggError("secure aggregation: a public key appears twice in the neighbourhood")
-    if len(set(names)) != len(slots) or len(set(ledger_keys)) != len(slots):
+    if len(set(names)) != len(slots):
         raise SecAggError("secure aggregation: a site name or ledger key appears twice in the neighbourhood")
-    statements = {}
+    statements, fingerprints = {}, set()
     for slot, pk1, pk2, raw_name, ledger_key, sig in zip(slots, pk1s, pk2s, names, ledger_keys, sigs, strict=True):
         try:
             name = raw_name.decode()
@@ -174,6 +174,9 @@ def _check_neighbourhood(state: Mapping[str, Any], step: protocol.SecAggStep, ru
             raise SecAggError(f"secure aggregation: the round keys of slot {slot} ({name!r}) are not signed by the "
                               "ledger key forwarded with them (a swapped key): not sharing")
         statements[slot] = statement
+        fingerprints.add(signing.fingerprint(key))  # one key in two encodings (PEM, OpenSSH) is one key
+    if len(fingerprints) != len(slots):
+        raise SecAggError("secure aggregation: a site name or ledger key appears twice in the neighbourhood")
     return statements
 
 

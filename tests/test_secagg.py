@@ -316,6 +316,21 @@ def test_a_site_refuses_a_neighbourhood_without_its_own_keys_or_with_a_key_twice
         step = signed_hood([(1, "site-0", me, keys), (2, "site-1", them, other)])
         step.fields[protocol.SA_NAMES][1] = b"site-0"
         site_side.share(ctx, step, RUN, fed.cfg, me, None)
+    from cryptography.hazmat.primitives import serialization
+
+    openssh = them.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    step = signed_hood([(1, "site-0", me, keys), (2, "site-1", them, other)])
+    third_keys = site_side.setup(Context(run_id=7, node_id=2, node_config={}, state=RecordDict(), run_config={}),
+                                 protocol.SecAggStep("setup", 1, {protocol.SA_ROUND: 1, protocol.SA_SLOT: 3}), RUN,
+                                 them, "site-2")
+    for k, v in ((protocol.SA_SLOTS, 3), (protocol.SA_PK1S, third_keys[protocol.SA_PK1]),
+                 (protocol.SA_PK2S, third_keys[protocol.SA_PK2]), (protocol.SA_NAMES, b"site-2"),
+                 (protocol.SA_LEDGER_KEYS, openssh),
+                 (protocol.SA_KEY_SIGS, signing.sign(them, secure_sum.key_statement(
+                     RUN, 1, 3, "site-2", openssh, third_keys[protocol.SA_PK1], third_keys[protocol.SA_PK2])))):
+        step.fields[k].append(v)
+    with pytest.raises(site_side.SecAggError, match="name or ledger key appears twice"):  # one key, two encodings
+        site_side.share(ctx, step, RUN, fed.cfg, me, None)
 
 
 def test_a_site_masks_one_update_per_round_ever(tmp_path):
