@@ -36,8 +36,8 @@ malicious-server variant: authenticated keys and a consistency check before unma
   hold this site's update would give its update away by subtraction. A round asked
   again (a coordinator restart) is declined; the run goes on without this site for it.
 
-What this cannot stop without keys the site trusts (docs/auditor.md): at a site's first
-meeting with a name, a coordinator may present it a neighbourhood of its own sybils.
+What this cannot stop without a closed list of keys the site trusts (docs/auditor.md): a
+coordinator may present a site a neighbourhood of its own sybils under names it has not met.
 
 The secrets (the key pairs, b, the shares) live in the Flower node's in-memory context
 for the round and are erased at UNMASK; nothing of them touches disk.
@@ -181,6 +181,7 @@ def _check_neighbourhood(state: Mapping[str, Any], step: protocol.SecAggStep, ru
 
 
 PEERS = "peers.json"  # in the site's state folder, secagg/: site name -> its ledger key's fingerprint
+CLOSED = "*"  # an entry "*": "closed" in PEERS: names not in the file are refused, not pinned
 
 
 def check_peers(state_dir: Path, names: list[str], ledger_keys: list[bytes]) -> None:
@@ -191,7 +192,9 @@ def check_peers(state_dir: Path, names: list[str], ledger_keys: list[bytes]) -> 
     pinned to its key's fingerprint the first time it is seen (trust on first use), and the
     operator may write the file beforehand with fingerprints exchanged out of band
     (`SHA256:<hex>` of each site's ledger public key, `privacy.signing.fingerprint`). A
-    name with another key, or a key under two names, is refused before any share is made."""
+    name with another key, or a key under two names, is refused before any share is made.
+    Pinning on first use cannot tell a new site from a name the coordinator made up; with
+    the entry `"*": "closed"` the file is a closed list: a name not in it is refused."""
     path = state_dir / "secagg" / PEERS
     try:
         pinned = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
@@ -200,10 +203,14 @@ def check_peers(state_dir: Path, names: list[str], ledger_keys: list[bytes]) -> 
                           f"fingerprint ({exc.__class__.__name__})") from None
     if not isinstance(pinned, dict) or not all(isinstance(v, str) for v in pinned.values()):
         raise SecAggError(f"secure aggregation: {path}: not a JSON object of site name -> key fingerprint")
-    owner = {fp: name for name, fp in pinned.items()}
+    closed = pinned.get(CLOSED) == "closed"
+    owner = {fp: name for name, fp in pinned.items() if name != CLOSED}
     added = False
     for name, pem in zip(names, ledger_keys, strict=True):
         fp = signing.fingerprint(signing.load_public_key(pem))
+        if closed and name not in pinned:
+            raise SecAggError(f"secure aggregation: the coordinator put {name!r} in this site's neighbourhood, a "
+                              f"site not in the closed list {path}: not sharing")
         if pinned.get(name, fp) != fp or owner.get(fp, name) != name:
             raise SecAggError(f"secure aggregation: the coordinator forwarded a ledger key for {name!r} ({fp}) that "
                               f"is not the one pinned in {path}: not sharing (if that site really changed its "

@@ -710,6 +710,22 @@ def test_with_pinned_ledger_keys_a_coordinator_that_fakes_every_neighbour_is_ref
     assert not fed.victim_ciphertexts  # no share of the victim's secrets was made
 
 
+def test_a_closed_list_of_peers_refuses_a_name_the_coordinator_made_up(tmp_path):
+    # Pinning on first use cannot tell a new site from a sybil under a fresh name; an operator
+    # who exchanged fingerprints closes the list, and a name not in it stops the site.
+    fed = HostileCoordinator(6, "pk2", resign=True, forge_views=True, state_root=tmp_path)
+    pins = {name: signing.fingerprint(fed.keys[nid]) for nid, name in fed.names.items() if name != "site-5"}
+    folder = tmp_path / "site-0" / "secagg"
+    folder.mkdir(parents=True)
+    (folder / site_side.PEERS).write_text(json.dumps({**pins, "*": "closed"}))
+    fed.active = False
+    coordinator = fed.coordinator()
+    coordinator.prepare(1, list(fed.names), PLAN, fed)
+    assert [(stage, site) for stage, site, _ in fed.declined] == [("share", "site-0")]
+    assert "'site-5'" in fed.declined[0][2] and "closed list" in fed.declined[0][2]
+    assert json.loads((folder / site_side.PEERS).read_text()) == {**pins, "*": "closed"}  # nothing pinned
+
+
 def test_a_site_whose_shares_do_not_decrypt_is_dropped_and_the_round_goes_on():
     fed = Federation(6)
     real = fed.send_and_receive
