@@ -9,12 +9,16 @@ spells a record key; client/, server/ and strategies/ build and read messages th
     DONE         (query.done)          ->   Done             | Decline   (the run completed)
 
 With secure aggregation (federation.secure_aggregation=secaggplus) a training round is
-four exchanges (the SecAgg+ stages; privacy/secure_sum.py has the arithmetic):
+five exchanges (the SecAgg+ stages; privacy/secure_sum.py has the arithmetic):
 
-    SECAGG_SETUP  (query.secagg_setup)  ->  SecAggKeys    | Decline   the site's two public keys
+    SECAGG_SETUP  (query.secagg_setup)  ->  SecAggKeys    | Decline   the site's two public keys,
+                                                                      signed by its ledger key
     SECAGG_SHARE  (query.secagg_share)  ->  SecAggShares  | Decline   its secrets' shares, encrypted
-                                                                      for each neighbour
-    TRAIN + SECAGG {sources, ciphertexts} -> TrainReply   | Decline   ARRAYS is the masked vector
+                                                                      for each neighbour; its signed view
+    SECAGG_CHECK  (query.secagg_check)  ->  SecAggCheck   | Decline   the neighbours' shares and signed
+                                                                      views in; out: whose shares did
+                                                                      not decrypt (dropped before masking)
+    TRAIN + SECAGG {sources}            ->  TrainReply    | Decline   ARRAYS is the masked vector
                                                                       (uint64), never the weights
     SECAGG_UNMASK (query.secagg_unmask) ->  SecAggUnmask  | Decline   shares that remove the masks
 
@@ -74,8 +78,10 @@ FEATURE_SUM_HANDLER = "feature_mean"  # the name the ClientApp registers for FEA
 DONE = MessageType.QUERY + ".done"  # after the run's report: a site not picked for the last round knows it ended
 DONE_HANDLER = "done"
 SECAGG_SETUP_HANDLER, SECAGG_SHARE_HANDLER, SECAGG_UNMASK_HANDLER = "secagg_setup", "secagg_share", "secagg_unmask"
+SECAGG_CHECK_HANDLER = "secagg_check"
 SECAGG_SETUP = MessageType.QUERY + "." + SECAGG_SETUP_HANDLER
 SECAGG_SHARE = MessageType.QUERY + "." + SECAGG_SHARE_HANDLER
+SECAGG_CHECK = MessageType.QUERY + "." + SECAGG_CHECK_HANDLER
 SECAGG_UNMASK = MessageType.QUERY + "." + SECAGG_UNMASK_HANDLER
 
 # ---------------------------------------------------------------- record names
@@ -125,25 +131,36 @@ SA_SLOTS = "slots"  # the neighbourhood, the site itself included (share); whose
 SA_PK1S, SA_PK2S = "pk1s", "pk2s"  # their public keys, in slot order (share)
 SA_PK1, SA_PK2 = "pk1", "pk2"  # mask key, encryption key (setup reply)
 SA_DESTINATIONS = "destinations"  # share reply: the slot each ciphertext is for
-SA_SOURCES = "sources"  # collect: the slot each forwarded ciphertext came from
+SA_SOURCES = "sources"  # check: the slot each forwarded ciphertext came from; collect: the neighbours to mask with
 SA_CIPHERTEXTS = "ciphertexts"
 SA_COMMITMENT = "commitment"  # share reply: SHA-256 commitment to the private-mask seed
 SA_ACTIVE, SA_DROPPED = "active", "dropped"  # unmask: slots whose masked vector is / is not in the sum
 SA_SHARES = "shares"  # unmask reply
+# Against a malicious coordinator (Bell et al. 2020): signed keys and signed views
+SA_KEY_SIG = "key-signature"  # setup reply: the ledger key's signature of the round keys
+SA_NAMES, SA_LEDGER_KEYS, SA_KEY_SIGS = "names", "ledger-keys", "key-signatures"  # share: per slot
+SA_VIEW_SIG = "view-signature"  # share reply: the ledger key's signature of the neighbourhood it saw
+SA_VIEWS, SA_VIEW_SIGS = "views", "view-signatures"  # check: each source's view and its signature
+SA_UNREADABLE = "unreadable"  # check reply: the sources whose shares did not decrypt for this site
 
-SECAGG_STAGES = {  # stage -> the kind of message, and its SECAGG fields: int | ints | bytes | bytes-list
+SECAGG_STAGES = {  # stage -> the kind of message, and its SECAGG fields: int | ints | bytes | bytes-list | views
     "setup": (SECAGG_SETUP, {SA_ROUND: "int", SA_SLOT: "int"}),
-    "share": (SECAGG_SHARE, {SA_ROUND: "int", SA_SLOTS: "ints", SA_PK1S: "bytes-list", SA_PK2S: "bytes-list"}),
-    "collect": (TRAIN, {SA_ROUND: "int", SA_SOURCES: "ints", SA_CIPHERTEXTS: "bytes-list"}),
+    "share": (SECAGG_SHARE, {SA_ROUND: "int", SA_SLOTS: "ints", SA_PK1S: "bytes-list", SA_PK2S: "bytes-list",
+                             SA_NAMES: "bytes-list", SA_LEDGER_KEYS: "bytes-list", SA_KEY_SIGS: "bytes-list"}),
+    "check": (SECAGG_CHECK, {SA_ROUND: "int", SA_SOURCES: "ints", SA_CIPHERTEXTS: "bytes-list", SA_VIEWS: "views",
+                             SA_VIEW_SIGS: "bytes-list"}),
+    "collect": (TRAIN, {SA_ROUND: "int", SA_SOURCES: "ints"}),
     "unmask": (SECAGG_UNMASK, {SA_ROUND: "int", SA_ACTIVE: "ints", SA_DROPPED: "ints"}),
 }
 SECAGG_REPLIES = {
-    "setup": {SA_PK1: "bytes", SA_PK2: "bytes"},
-    "share": {SA_DESTINATIONS: "ints", SA_CIPHERTEXTS: "bytes-list", SA_COMMITMENT: "bytes"},
+    "setup": {SA_PK1: "bytes", SA_PK2: "bytes", SA_KEY_SIG: "bytes"},
+    "share": {SA_DESTINATIONS: "ints", SA_CIPHERTEXTS: "bytes-list", SA_COMMITMENT: "bytes", SA_VIEW_SIG: "bytes"},
+    "check": {SA_UNREADABLE: "ints"},
     "unmask": {SA_SLOTS: "ints", SA_SHARES: "bytes-list"},
 }
 MAX_SLOTS = 100_000  # sites in one secure round
 MAX_SECAGG_BYTES = 4096  # one key, share or ciphertext
+MAX_VIEW_BYTES = 36 * MAX_SLOTS  # one view: (slot, SHA-256) per neighbour (privacy/secure_sum.py)
 
 DECLINE_KINDS = ("budget", "policy", "protocol", "error", "books")
 
@@ -387,14 +404,15 @@ def _secagg_fields(record: Mapping[str, Any], spec: Mapping[str, str]) -> dict[s
             out[key] = value
         else:
             item = int if kind == "ints" else bytes
+            most = MAX_VIEW_BYTES if kind == "views" else MAX_SECAGG_BYTES
             if not isinstance(value, list) or len(value) > MAX_SLOTS or not all(
                     type(v) is item for v in value):
                 raise ProtocolError(f"{where}: expected a list of at most {MAX_SLOTS} "
                                     f"{'integers' if item is int else 'byte strings'}")
             if item is int and not all(1 <= v <= MAX_SLOTS for v in value):
                 raise ProtocolError(f"{where}: a slot must be between 1 and {MAX_SLOTS}")
-            if item is bytes and not all(0 < len(v) <= MAX_SECAGG_BYTES for v in value):
-                raise ProtocolError(f"{where}: an item must have 1 to {MAX_SECAGG_BYTES} bytes")
+            if item is bytes and not all(0 < len(v) <= most for v in value):
+                raise ProtocolError(f"{where}: an item must have 1 to {most} bytes")
             if item is int and len(set(value)) != len(value):
                 raise ProtocolError(f"{where}: a slot is listed twice")
             out[key] = list(value)
@@ -523,7 +541,7 @@ def instruction(kind: str, plan: ConfigRecord, node_id: int) -> Message:
 
 
 def secagg_instruction(stage: str, plan: ConfigRecord, node_id: int, fields: Mapping[str, Any]) -> Message:
-    """A SecAgg+ setup, share or unmask message to one site."""
+    """A SecAgg+ setup, share, check or unmask message to one site."""
     kind, spec = SECAGG_STAGES[stage]
     if kind == TRAIN or set(fields) != set(spec):
         raise ValueError(f"secagg_instruction: {stage!r} takes {sorted(spec)}, got {sorted(fields)}")
@@ -559,7 +577,7 @@ def read_plan(msg: Message) -> Plan:
     content = msg.content
     kind = msg.metadata.message_type
     is_train = kind == TRAIN
-    secagg = [SECAGG] if kind in (SECAGG_SETUP, SECAGG_SHARE, SECAGG_UNMASK) else []
+    secagg = [SECAGG] if kind in (SECAGG_SETUP, SECAGG_SHARE, SECAGG_CHECK, SECAGG_UNMASK) else []
     _records(content, [PLAN, ARRAYS] if is_train else [PLAN, *secagg], [SECAGG] if is_train else [])
     record = _record(content, PLAN, ConfigRecord)
     _keys(record, PLAN, [CONFIG_YAML, RUN_ID, RUN_DIR, FROZEN_FINGERPRINT, CLASS_NAMES],
@@ -673,7 +691,7 @@ def train_reply(
 
 
 def secagg_reply(msg: Message, *, site: str, stage: str, fields: Mapping[str, Any]) -> Message:
-    """A site's reply to a SecAgg+ setup, share or unmask stage."""
+    """A site's reply to a SecAgg+ setup, share, check or unmask stage."""
     spec = SECAGG_REPLIES[stage]
     if set(fields) != set(spec):
         raise ValueError(f"secagg_reply: {stage!r} takes {sorted(spec)}, got {sorted(fields)}")
@@ -751,7 +769,7 @@ def read_feature_sum(msg: Message, width: int) -> FeatureSumReply | Decline | Re
 
 
 def read_secagg_reply(msg: Message, stage: str) -> SecAggReply | Decline | Rejected | Failed:
-    """A site's reply to the SecAgg+ `stage` (setup, share, unmask), its fields checked."""
+    """A site's reply to the SecAgg+ `stage` (setup, share, check, unmask), its fields checked."""
 
     def parse(content: RecordDict) -> SecAggReply | Decline:
         name = _plain_site(content)

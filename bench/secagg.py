@@ -90,7 +90,7 @@ warnings.filterwarnings("ignore")
 ROUNDS = 7
 LEVELS = {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.1, 5: 0.1, 6: 0.3, 7: 0.3}  # round -> dropout fraction
 WARMUP = {1}
-PER_ROUND_KINDS = ("secagg_setup", "secagg_share", "train", "secagg_unmask")
+PER_ROUND_KINDS = ("secagg_setup", "secagg_share", "secagg_check", "train", "secagg_unmask")
 
 
 def dropped_sites(n: int, level: float) -> list[int]:
@@ -167,7 +167,7 @@ def counting_app(drops: dict[int, list[int]], log_dir: str):
 
     handlers = {"hello": real.hello, "feature_sum": real.feature_sum, "done": real.done, "train": real.train,
                 "secagg_setup": real.secagg_setup, "secagg_share": real.secagg_share,
-                "secagg_unmask": real.secagg_unmask}
+                "secagg_check": real.secagg_check, "secagg_unmask": real.secagg_unmask}
     return real.site_app(**{name: measured(name, handler) for name, handler in handlers.items()})
 
 
@@ -283,7 +283,8 @@ def one(variant: str, n: int, work: Path, extra: list[str]) -> None:
             "configure_s": spent("configure"), "aggregate_s": spent("aggregate"),
             "train_stage_s": agg_start - conf_end,
             "prepare_s": spent("prepare"), "finish_s": spent("finish"),
-            "ask_setup_s": spent("ask_setup"), "ask_share_s": spent("ask_share"), "ask_unmask_s": spent("ask_unmask"),
+            "ask_setup_s": spent("ask_setup"), "ask_share_s": spent("ask_share"), "ask_check_s": spent("ask_check"),
+            "ask_unmask_s": spent("ask_unmask"),
             "down_mb": statistics.mean(v[0] for v in per_site.values()) / 1e6 if per_site else float("nan"),
             "up_mb": statistics.mean(v[1] for v in per_site.values()) / 1e6 if per_site else float("nan"),
             "site_s": {k: sum(s["s"] for s in mine if s["kind"] == k) for k in (*PER_ROUND_KINDS, "mask")},
@@ -321,11 +322,15 @@ class MicroGrid:
     def __init__(self, n: int, shapes: dict[str, tuple[int, ...]], neighbours: int,
                  max_dropout: float, vanish: set[int]) -> None:
         import numpy as np
+        from cryptography.hazmat.primitives.asymmetric import ec
         from flwr.app import Context, RecordDict
 
         import conf
+        from privacy import signing
 
         self.names = {1000 + i: f"site-{i:02d}" for i in range(n)}
+        self.keys = {nid: ec.generate_private_key(signing.CURVE()) for nid in self.names}  # ledger signing keys
+        self.pems = {nid: signing.public_key_pem(k) for nid, k in self.keys.items()}
         self.contexts = {nid: Context(run_id=7, node_id=nid, node_config={}, state=RecordDict(), run_config={})
                          for nid in self.names}
         self.cfg = conf.load_config([  # the run's config as the real runs have it, SecAgg+ on
@@ -362,9 +367,11 @@ class MicroGrid:
                 continue
             ctx = self.contexts[nid]
             if step.stage == "setup":
-                fields = self._timed("setup", site_side.setup, ctx, step, run)
+                fields = self._timed("setup", site_side.setup, ctx, step, run, self.keys[nid], self.names[nid])
             elif step.stage == "share":
-                fields = self._timed("share", site_side.share, ctx, step, run, self.cfg)
+                fields = self._timed("share", site_side.share, ctx, step, run, self.cfg, self.keys[nid], None)
+            elif step.stage == "check":
+                fields = self._timed("check", site_side.check, ctx, step, run)
             else:
                 fields = self._timed("unmask", site_side.unmask, ctx, step, run)
             replies.append(protocol.secagg_reply(msg, site=self.names[nid], stage=step.stage, fields=fields))
@@ -383,7 +390,7 @@ class MicroGrid:
                 continue
             msg = Message(RecordDict({protocol.PLAN: plan}), dst_node_id=nid, message_type=protocol.TRAIN)
             step = protocol.read_secagg(protocol.with_secagg(msg, fields))
-            state = self._timed("receive_shares", site_side.receive_shares, self.contexts[nid], step, "bench-run")
+            state = self._timed("begin_collect", site_side.begin_collect, self.contexts[nid], step, "bench-run")
             vectors[nid] = self._timed("mask", site_side.masked, self.contexts[nid], state, self.updates[nid],
                                        self.base, self.weights[nid], self.cfg)
         return vectors
@@ -400,7 +407,8 @@ def micro_cell(n: int, neighbours: int, level: float, shapes: dict, max_dropout:
     grid = MicroGrid(n, shapes, neighbours, max_dropout, vanish)
     plan = protocol.plan_record(config_yaml="x: 1\n", run_id="bench-run", run_dir="", frozen_fingerprint="",
                                 class_names=["a"])
-    coordinator = SecAggPlus(settings_of(grid.cfg.federation), grid.names, timeout=1.0, rng=random.Random(3))
+    coordinator = SecAggPlus(settings_of(grid.cfg.federation), grid.names, grid.pems, timeout=1.0,
+                             rng=random.Random(3))
     t0 = time.perf_counter()
     coordinator.prepare(1, list(grid.names), plan, grid)
     t1 = time.perf_counter()
@@ -425,7 +433,7 @@ def micro_cell(n: int, neighbours: int, level: float, shapes: dict, max_dropout:
          for k in shapes}
     plain_s = time.perf_counter() - p0
     site = grid.site_s
-    prepare_site = site.get("setup", 0.0) + site.get("share", 0.0)
+    prepare_site = site.get("setup", 0.0) + site.get("share", 0.0) + site.get("check", 0.0)
     hood = coordinator.settings.share_count(n)
     return {
         "n": n, "neighbours": neighbours, "hood": hood, "threshold": coordinator.settings.threshold(hood),
@@ -433,7 +441,7 @@ def micro_cell(n: int, neighbours: int, level: float, shapes: dict, max_dropout:
         "coord_prepare_s": (t1 - t0) - prepare_site, "coord_finish_s": (t3 - t2) - unmask_sites,
         "plain_aggregate_s": plain_s,
         "site_setup_ms": 1e3 * site.get("setup", 0.0) / n, "site_share_ms": 1e3 * site.get("share", 0.0) / n,
-        "site_receive_ms": 1e3 * site.get("receive_shares", 0.0) / max(1, len(vectors)),
+        "site_receive_ms": 1e3 * (site.get("check", 0.0) + site.get("begin_collect", 0.0)) / max(1, len(vectors)),
         "site_mask_ms": 1e3 * site.get("mask", 0.0) / max(1, len(vectors)),
         "site_unmask_ms": 1e3 * site.get("unmask", 0.0) / max(1, len(alive)),
         "collect_s": t2 - t1,
@@ -482,6 +490,28 @@ def shamir_costs(sizes: list[int], repeat: int) -> None:
                     km.append(time.perf_counter() - t2)
                 print(f"| {m} ({t}) | {name} | {1e3 * statistics.median(c):.1f} | {1e3 * statistics.median(k):.1f} | "
                       f"{1e3 * statistics.median(km):.1f} |", flush=True)
+    from privacy import shamir
+
+    print(f"\nfedshield's Shamir (privacy/shamir.py: GF(2^31 - 1), numpy over all shares; what the sites and the "
+          f"coordinator now use), median of {max(repeat, 20)}, ms")
+    print("| m shares (t) | secret | split ms | combine t ms |")
+    print("|---|---|---:|---:|")
+    for n in sizes:
+        for m in sorted({n, min(n, ring(n) + 1)}, reverse=True):
+            t = SecAggSettings().threshold(m)
+            for name, secret in secrets.items():
+                if "PEM" in name:
+                    continue
+                c, k = [], []
+                for _ in range(max(repeat, 20)):
+                    t0 = time.perf_counter()
+                    shares = shamir.split(secret, t, m)
+                    t1 = time.perf_counter()
+                    assert shamir.combine(shares[:t]) == secret
+                    c.append(t1 - t0)
+                    k.append(time.perf_counter() - t1)
+                print(f"| {m} ({t}) | {name} | {1e3 * statistics.median(c):.2f} | {1e3 * statistics.median(k):.2f} |",
+                      flush=True)
 
 
 def ring_risk(sizes: list[int], trials: int = 4000) -> None:
@@ -536,7 +566,7 @@ def micro(sizes: list[int], repeat: int) -> list[dict]:
                       f"coordinator finish {cell['coord_finish_s']:.3f} s, site mask {cell['site_mask_ms']:.0f} ms"
                       + (f" SKIPPED: {cell['skipped']}" if cell["skipped"] else ""), flush=True)
     print()
-    print("| sites | neighbourhood (t) | dropped after sharing | site: setup + share ms | site: receive shares + "
+    print("| sites | neighbourhood (t) | dropped after sharing | site: setup + share ms | site: check shares + "
           "mask ms | site: unmask ms | site total ms | coordinator: prepare s | coordinator: unmask (finish) s | "
           "plain FedAvg aggregate s | unmasked sum = plaintext mean |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -625,7 +655,8 @@ def report(results: dict[tuple[str, int], list[dict]], sizes: list[int], variant
                   f"{med(x['configure_s'] for x in rows):.2f} + training stage "
                   f"{med(x['train_stage_s'] for x in rows):.2f}"
                   f" + aggregate {med(x['aggregate_s'] for x in rows):.2f} + rest {rest:.2f} | sites: setup "
-                  f"{s['secagg_setup']:.2f}, share {s['secagg_share']:.2f}, train {s['train']:.2f} (mask "
+                  f"{s['secagg_setup']:.2f}, share {s['secagg_share']:.2f}, check {s['secagg_check']:.2f}, train "
+                  f"{s['train']:.2f} (mask "
                   f"{s['mask']:.2f}), unmask {s['secagg_unmask']:.2f}")
     for v in [x for x in variants if x != "plain"]:
         cells = [summary[(50, v, lv)] for lv in sorted(set(LEVELS.values())) if (50, v, lv) in summary]

@@ -525,7 +525,7 @@ def _train(msg: Message, plan: protocol.Plan, site: Site, context: Context) -> M
         if step.server_round != plan.server_round:
             raise secagg.SecAggError(f"secure aggregation: the stage is for round {step.server_round}, the "
                                      f"training instruction for round {plan.server_round}")
-        state = secagg.receive_shares(context, step, plan.run_id)  # before any training: refuse early
+        state = secagg.begin_collect(context, step, plan.run_id)  # before any training: refuse early
         update = local_update(msg, plan, site)
         if isinstance(update, Message):
             return update
@@ -550,9 +550,11 @@ def _secagg_handler(stage: str) -> Callable[[Message, Context], Message]:
                             "federation.secure_aggregation=off", "protocol")
         try:
             if stage == "setup":
-                fields = secagg.setup(context, step, plan.run_id)
+                fields = secagg.setup(context, step, plan.run_id, site.state.key, site.name)
             elif stage == "share":
-                fields = secagg.share(context, step, plan.run_id, site.cfg)
+                fields = secagg.share(context, step, plan.run_id, site.cfg, site.state.key, site.state.dir)
+            elif stage == "check":
+                fields = secagg.check(context, step, plan.run_id)
             else:
                 fields = secagg.unmask(context, step, plan.run_id)
         except secagg.SecAggError as exc:
@@ -567,6 +569,7 @@ def _secagg_handler(stage: str) -> Callable[[Message, Context], Message]:
 
 secagg_setup = _secagg_handler("setup")
 secagg_share = _secagg_handler("share")
+secagg_check = _secagg_handler("check")
 secagg_unmask = _secagg_handler("unmask")
 
 Handler = Callable[[Message, Context], Message]
@@ -578,7 +581,7 @@ def site_app(**replaced: Handler) -> ClientApp:
     sites around the real handlers so); an unknown name is a ValueError."""
     handlers: dict[str, Handler] = {"hello": hello, "feature_sum": feature_sum, "done": done, "train": train,
                                     "secagg_setup": secagg_setup, "secagg_share": secagg_share,
-                                    "secagg_unmask": secagg_unmask}
+                                    "secagg_check": secagg_check, "secagg_unmask": secagg_unmask}
     unknown = sorted(set(replaced) - set(handlers))
     if unknown:
         raise ValueError(f"site_app: no handler {unknown[0]!r}; handlers: {', '.join(handlers)}")
@@ -590,6 +593,7 @@ def site_app(**replaced: Handler) -> ClientApp:
     out.train()(handlers["train"])
     out.query(protocol.SECAGG_SETUP_HANDLER)(handlers["secagg_setup"])
     out.query(protocol.SECAGG_SHARE_HANDLER)(handlers["secagg_share"])
+    out.query(protocol.SECAGG_CHECK_HANDLER)(handlers["secagg_check"])
     out.query(protocol.SECAGG_UNMASK_HANDLER)(handlers["secagg_unmask"])
     return out
 

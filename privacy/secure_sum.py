@@ -3,9 +3,11 @@ site does to its update before it leaves, and what the coordinator does to the s
 
 Both sides of the protocol (client/secagg.py at the site, strategies/secagg.py at the
 coordinator) call these functions; the messages themselves are protocol.py's. The
-cryptographic primitives are Flower's (`flwr.common.secure_aggregation`: Shamir shares,
-ECDH + HKDF shared keys, Fernet encryption, quantization; `flwr.supercore.primitives.
-asymmetric`: SECP384R1 key pairs) and `cryptography`'s AES, never our own:
+cryptographic primitives are Flower's (`flwr.common.secure_aggregation`: ECDH + HKDF shared
+keys, Fernet encryption, quantization; `flwr.supercore.primitives.asymmetric`: SECP384R1 key
+pairs), `cryptography`'s AES and ECDSA (privacy/signing.py), and textbook Shamir sharing over
+a prime field (privacy/shamir.py: Flower's GF(2^128) Shamir in pure Python made a full
+neighbourhood of 50 sites cost 6.6x a plain round):
 
 - **Quantization** (Flower's `quantize` / `dequantize`, stochastic rounding): every
   coordinate of a site's update minus the round's global weights is clipped to
@@ -36,6 +38,9 @@ asymmetric`: SECP384R1 key pairs) and `cryptography`'s AES, never our own:
   shares that the tolerated dropout fraction still leaves, and never below a strict
   majority of the neighbourhood, so that no minority of colluding sites can rebuild a
   secret; a round in which some needed secret has fewer than t shares is skipped.
+- **Signed keys and views** (Bell et al.'s malicious-server variant): `key_statement` is
+  what a site signs of its round keys, `view` / `view_statement` what it signs of the
+  neighbourhood it was shown; both sides build them here, so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -193,6 +198,52 @@ def commitment(seed: bytes) -> bytes:
     """What a site publishes of its private-mask seed, so that a reconstruction from bad
     shares is detected instead of released (the seed is 32 random bytes: the hash hides it)."""
     return hashlib.sha256(b"fedshield secagg+ seed commitment\0" + seed).digest()
+
+
+# ---------------------------------------------------------------- signed keys (malicious coordinator)
+#
+# Bell et al. 2020, malicious variant: each site signs its round keys with its ledger
+# signing key, and every site signs the neighbourhood it was shown, so that a coordinator
+# that swaps a key in one site's view is caught by the others before any share is handed
+# over. The statements are length-prefixed fields under a domain tag: no two different
+# field lists encode to the same bytes.
+
+VIEW_ENTRY_BYTES = 4 + 32  # a view entry: the slot (4 bytes, big-endian), the SHA-256 of its key statement
+
+
+def _statement(tag: bytes, *fields: bytes) -> bytes:
+    return tag + b"\0" + b"".join(len(f).to_bytes(4, "big") + f for f in fields)
+
+
+def key_statement(run_id: str, server_round: int, slot: int, name: str, ledger_key: bytes,
+                  pk1: bytes, pk2: bytes) -> bytes:
+    """What a site signs with its ledger key at setup: its two round keys, bound to the run,
+    the round, its slot, its name and the ledger public key (PEM) that verifies it."""
+    return _statement(b"fedshield secagg+ round keys", run_id.encode(), server_round.to_bytes(8, "big"),
+                      slot.to_bytes(4, "big"), name.encode(), ledger_key, pk1, pk2)
+
+
+def view(entries: Mapping[int, bytes]) -> bytes:
+    """A neighbourhood as one site was shown it: (slot, SHA-256 of the slot's key statement)
+    in slot order."""
+    return b"".join(s.to_bytes(4, "big") + hashlib.sha256(entries[s]).digest() for s in sorted(entries))
+
+
+def read_view(data: bytes) -> dict[int, bytes]:
+    """A `view`'s entries (slot -> digest); ValueError if it is not one."""
+    if not data or len(data) % VIEW_ENTRY_BYTES:
+        raise ValueError("not a neighbourhood view")
+    out = {int.from_bytes(data[i:i + 4], "big"): data[i + 4:i + VIEW_ENTRY_BYTES]
+           for i in range(0, len(data), VIEW_ENTRY_BYTES)}
+    if len(out) * VIEW_ENTRY_BYTES != len(data) or list(out) != sorted(out):
+        raise ValueError("a neighbourhood view lists a slot twice or out of order")
+    return out
+
+
+def view_statement(run_id: str, server_round: int, slot: int, seen: bytes) -> bytes:
+    """What a site signs at share: the neighbourhood (`view`) it was shown in this round."""
+    return _statement(b"fedshield secagg+ neighbourhood", run_id.encode(), server_round.to_bytes(8, "big"),
+                      slot.to_bytes(4, "big"), seen)
 
 
 def encode(update: Mapping[str, FloatArray], weight: int, settings: SecAggSettings,

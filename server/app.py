@@ -596,7 +596,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         site_dp=books_fed.mechanism if books_fed is not None else None,
         on_release=release if books_fed is not None else None,
         secagg=secure_aggregation(cfg, {nid: s["site"] for nid, s in sites.items()}, isinstance(grid, InMemoryGrid),
-                                  books_fed.noise if books_fed is not None else None),
+                                  books_fed.noise if books_fed is not None else None,
+                                  {nid: s["public_key"] for nid, s in sites.items()}),
         books_head=rounds.head_of,
     )
     short = shortfall(inner, strategy.per_round())  # fewer sites joined than the config's check assumed
@@ -671,7 +672,8 @@ def empty_rounds_line(rounds: RoundLog, server_round: int, streak: int, limit: i
 
 
 def secure_aggregation(cfg: DictConfig, names: dict[int, str], simulated: bool,
-                       noise: DistributedNoise | None = None) -> SecAggPlus | None:
+                       noise: DistributedNoise | None = None,
+                       ledger_keys: dict[int, str] | None = None) -> SecAggPlus | None:
     """The run's SecAgg+ stages (federation.secure_aggregation=secaggplus), or None."""
     f = cfg.federation
     if f.secure_aggregation != "secaggplus":
@@ -688,7 +690,9 @@ def secure_aggregation(cfg: DictConfig, names: dict[int, str], simulated: bool,
                  "2·ceil(log2 n) above")
     say(f"secure aggregation: SecAgg+, updates quantized to {settings.bits} bits in ±{settings.clip_range:g}, "
         f"{masks}, up to {settings.max_dropout_fraction:.0%} of a neighbourhood may drop")
-    return SecAggPlus(settings, names, timeout=float(f.secagg_timeout_s), rng=rng, noise=noise)
+    # Each site's round keys are checked against the ledger key of its hello (Bell et al.'s
+    # malicious variant: strategies/secagg.py).
+    return SecAggPlus(settings, names, ledger_keys or {}, timeout=float(f.secagg_timeout_s), rng=rng, noise=noise)
 
 
 def run_config_yaml(cfg: DictConfig) -> str:

@@ -5,25 +5,32 @@ drives the legacy `DefaultWorkflow` (`configure_fit`, `FitRes`) and the mod read
 reply through `compat.recorddict_to_fitres`: neither runs under a Message-API `Strategy`.
 So the stages are written here, as Flower's workflow writes them, with Flower's `Grid`
 for every message and Flower's primitives (through privacy/secure_sum.py) for every
-cryptographic step. `SiteAwareStrategy` calls `prepare` from `configure_train` (setup and
-key sharing, before the TRAIN messages leave) and `finish` from `aggregate_train`
-(unmasking), so the round loop stays Flower's `Strategy.start`.
+cryptographic step but Shamir sharing (privacy/shamir.py). `SiteAwareStrategy` calls
+`prepare` from `configure_train` (setup, key sharing and the check, before the TRAIN
+messages leave) and `finish` from `aggregate_train` (unmasking), so the round loop stays
+Flower's `Strategy.start`.
 
 Sites are named by slots 1..m in the round (Flower's node ids are uint64; a ConfigRecord
-carries sint64). Per round, with A1 the sites that sent keys, A2 those that sent their
-shares and A3 those whose masked vector is usable:
+carries sint64). Per round, with A1 the sites that sent signed keys, A2 those that sent
+their shares and passed the check, and A3 those whose masked vector is usable:
 
-- **setup**: every sampled site makes two key pairs (pk1 for masks, pk2 for shares);
-- **share**: the neighbourhoods are a random ring over A1 (`neighbourhoods`); each site
-  gets its neighbours' keys and returns one encrypted share of b and sk1 per neighbour,
-  plus a commitment to b; the round is skipped here if some site of A2 keeps fewer than
-  t neighbours of A2 (its masks could not be removed);
-- **collect** (the TRAIN message): each site of A2 gets the ciphertexts its neighbours in
-  A2 made for it, trains and sends weight × quantized(update - global) + masks;
+- **setup**: every sampled site makes two key pairs (pk1 for masks, pk2 for shares) and signs
+  them with its ledger key; a signature that the ledger key of its hello does not verify
+  drops the site (the coordinator binds each forwarded ledger key to the name it joined with);
+- **share**: the neighbourhoods are a random ring over A1 (`neighbourhoods`); each site gets
+  its neighbours' keys with their names, ledger keys and signatures, and returns one
+  encrypted share of b and sk1 per neighbour, a commitment to b and its signature of the
+  neighbourhood it was shown (checked here against what it was sent);
+- **check**: each site gets the ciphertexts its neighbours made for it and their signed
+  views, and reports whose shares do not decrypt; those senders are dropped before anyone
+  masks with them (a site cannot stall the round with bad ciphertexts), and the round is
+  skipped here if some site of A2 keeps fewer than t neighbours of A2;
+- **collect** (the TRAIN message): each site of A2 is told its neighbours in A2, trains and
+  sends weight × quantized(update - global) + masks;
 - **unmask**: each site of A3 is told which neighbours are in the sum (A3: it returns b's
-  share) and which vanished after sharing (A2 - A3: it returns sk1's share). Every secret
-  needs t shares; a rebuilt b must match its commitment and a rebuilt sk1 its pk1, so a
-  wrong share skips the round instead of releasing a corrupted model.
+  share) and which vanished after the check (A2 - A3: it returns sk1's share). Every secret
+  needs t shares (privacy/shamir.py); a rebuilt b must match its commitment and a rebuilt
+  sk1 its pk1, so a wrong share skips the round instead of releasing a corrupted model.
 
 A round that cannot be unmasked is skipped with one line, and nothing of a single site is
 revealed: no site hands over shares unless at least t of its neighbours are in the sum,
@@ -41,13 +48,13 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key, public_key_to_bytes
 
 import protocol
-from privacy import secure_sum
+from privacy import secure_sum, shamir, signing
+from privacy.errors import FedShieldError
 
 log = logging.getLogger("fedshield.secagg")
 
@@ -67,8 +74,11 @@ class SecureRound:
     pk1: dict[int, bytes] = field(default_factory=dict)
     pk2: dict[int, bytes] = field(default_factory=dict)
     commitment: dict[int, bytes] = field(default_factory=dict)
-    shared: set[int] = field(default_factory=set)  # A2: sent their shares
-    forward: dict[int, tuple[list[int], list[bytes]]] = field(default_factory=dict)  # slot -> (sources, ctexts)
+    statement: dict[int, bytes] = field(default_factory=dict)  # slot -> its signed key statement
+    key_sig: dict[int, bytes] = field(default_factory=dict)
+    view: dict[int, bytes] = field(default_factory=dict)  # slot -> the neighbourhood it was shown
+    view_sig: dict[int, bytes] = field(default_factory=dict)
+    shared: set[int] = field(default_factory=set)  # A2: sent their shares, and passed the check
     dropped: dict[str, str] = field(default_factory=dict)  # site -> the stage it vanished at
     skipped: str = ""
 
@@ -95,6 +105,9 @@ class SecAggPlus:
         Quantization, neighbourhood and dropout settings (checked here).
     names : Mapping[int, str]
         Node id -> site name.
+    ledger_keys : Mapping[int, str | bytes]
+        Node id -> the site's ledger public key (PEM, from its hello): it must sign the
+        site's round keys, and it is what the other sites check them with.
     timeout : float
         Seconds each key stage waits for replies (federation.secagg_timeout_s).
     rng : random.Random, optional
@@ -103,13 +116,21 @@ class SecAggPlus:
         With site-level DP: the noise the sites add (each μ / t), to account what a sum held.
     """
 
-    def __init__(self, settings: secure_sum.SecAggSettings, names: Mapping[int, str], *, timeout: float,
-                 rng: random.Random | None = None, noise: secure_sum.DistributedNoise | None = None) -> None:
+    def __init__(self, settings: secure_sum.SecAggSettings, names: Mapping[int, str],
+                 ledger_keys: Mapping[int, str | bytes], *, timeout: float, rng: random.Random | None = None,
+                 noise: secure_sum.DistributedNoise | None = None) -> None:
         problem = settings.problem()
         if problem:
             raise ValueError(problem)
+        if set(ledger_keys) != set(names):
+            raise ValueError("SecAggPlus: a ledger public key for every site, and only for them")
         self.settings = settings
         self.names = dict(names)
+        self.ledger_pem = {n: k.encode() if isinstance(k, str) else bytes(k) for n, k in ledger_keys.items()}
+        try:
+            self.ledger_key = {n: signing.load_public_key(k) for n, k in self.ledger_pem.items()}
+        except FedShieldError as exc:
+            raise ValueError(f"SecAggPlus: {exc}") from None
         self.timeout = float(timeout)
         self.rng = rng or random.SystemRandom()
         self.noise = noise  # site-level DP: the Skellam noise each round's sum must hold
@@ -125,6 +146,7 @@ class SecAggPlus:
                           {i + 1: n for i, n in enumerate(order)}, {i + 1: self.names[n] for i, n in enumerate(order)})
         self._rounds[server_round] = rnd
         self._plans[server_round] = plan
+        run_id = str(plan[protocol.RUN_ID])
         keys = self._ask(grid, rnd, "setup", {s: {protocol.SA_ROUND: server_round, protocol.SA_SLOT: s}
                                               for s in rnd.node_of})
         for slot, reply in keys.items():
@@ -135,14 +157,25 @@ class SecAggPlus:
             except Exception:
                 rnd.drop(slot, "setup: unreadable public key")
                 continue
+            node = rnd.node_of[slot]
+            statement = secure_sum.key_statement(run_id, server_round, slot, rnd.names[slot], self.ledger_pem[node],
+                                                 pk1, pk2)
+            if not signing.verify(self.ledger_key[node], reply.fields[protocol.SA_KEY_SIG], statement):
+                rnd.drop(slot, "setup: round keys not signed by the ledger key of its hello")
+                continue
             rnd.pk1[slot], rnd.pk2[slot] = pk1, pk2
+            rnd.statement[slot], rnd.key_sig[slot] = statement, reply.fields[protocol.SA_KEY_SIG]
         if self._too_few(rnd, set(rnd.pk1), "after key setup"):
             return rnd
         rnd.neighbourhood = secure_sum.neighbourhoods(sorted(rnd.pk1), self.settings, self.rng)
         for slot, hood in rnd.neighbourhood.items():
             rnd.threshold[slot] = self.settings.threshold(len(hood))
+            rnd.view[slot] = secure_sum.view({h: rnd.statement[h] for h in hood})
         asks = {s: {protocol.SA_ROUND: server_round, protocol.SA_SLOTS: list(hood),
-                    protocol.SA_PK1S: [rnd.pk1[h] for h in hood], protocol.SA_PK2S: [rnd.pk2[h] for h in hood]}
+                    protocol.SA_PK1S: [rnd.pk1[h] for h in hood], protocol.SA_PK2S: [rnd.pk2[h] for h in hood],
+                    protocol.SA_NAMES: [rnd.names[h].encode() for h in hood],
+                    protocol.SA_LEDGER_KEYS: [self.ledger_pem[rnd.node_of[h]] for h in hood],
+                    protocol.SA_KEY_SIGS: [rnd.key_sig[h] for h in hood]}
                 for s, hood in rnd.neighbourhood.items()}
         inbox: dict[int, tuple[list[int], list[bytes]]] = {s: ([], []) for s in rnd.neighbourhood}
         for slot, reply in self._ask(grid, rnd, "share", asks).items():
@@ -155,15 +188,41 @@ class SecAggPlus:
             if len(reply.fields[protocol.SA_COMMITMENT]) != secure_sum.COMMITMENT_BYTES:
                 rnd.drop(slot, "share: the seed commitment is not a SHA-256 digest")
                 continue
+            seen = secure_sum.view_statement(run_id, server_round, slot, rnd.view[slot])
+            if not signing.verify(self.ledger_key[rnd.node_of[slot]], reply.fields[protocol.SA_VIEW_SIG], seen):
+                rnd.drop(slot, "share: its view of the neighbourhood is not signed by its ledger key")
+                continue
+            rnd.view_sig[slot] = reply.fields[protocol.SA_VIEW_SIG]
             rnd.shared.add(slot)
             rnd.commitment[slot] = reply.fields[protocol.SA_COMMITMENT]
             for dst, ciphertext in zip(destinations, ciphertexts, strict=True):
                 inbox[dst][0].append(slot)
                 inbox[dst][1].append(ciphertext)
-        for slot in rnd.shared:  # forward only what came from sites that shared
-            rnd.forward[slot] = ([s for s in inbox[slot][0] if s in rnd.shared],
-                                 [c for s, c in zip(*inbox[slot], strict=True) if s in rnd.shared])
-        self._too_few(rnd, rnd.shared, "after key sharing")
+        if self._too_few(rnd, rnd.shared, "after key sharing"):
+            return rnd
+        # check: forward only what came from sites that shared, with each source's signed view;
+        # a site whose shares a neighbour cannot read is dropped here, before anyone masks with it
+        asks = {}
+        for slot in sorted(rnd.shared):
+            sources = [s for s in inbox[slot][0] if s in rnd.shared]
+            asks[slot] = {protocol.SA_ROUND: server_round, protocol.SA_SOURCES: sources,
+                          protocol.SA_CIPHERTEXTS: [c for s, c in zip(*inbox[slot], strict=True) if s in rnd.shared],
+                          protocol.SA_VIEWS: [rnd.view[s] for s in sources],
+                          protocol.SA_VIEW_SIGS: [rnd.view_sig[s] for s in sources]}
+        replies = self._ask(grid, rnd, "check", asks)
+        accused: dict[int, int] = {}
+        for slot, reply in replies.items():
+            unreadable = reply.fields[protocol.SA_UNREADABLE]
+            if not set(unreadable) <= set(asks[slot][protocol.SA_SOURCES]):
+                rnd.drop(slot, "check: reported shares it was not sent")
+                continue
+            for bad in unreadable:
+                accused[bad] = accused.get(bad, 0) + 1
+        checked = set(replies) - {s for s in replies if rnd.names[s] in rnd.dropped}
+        for bad, count in sorted(accused.items()):
+            rnd.drop(bad, f"check: its shares did not decrypt at {count} neighbour(s)")
+        rnd.shared = checked - set(accused)
+        self._too_few(rnd, rnd.shared, "after the share check")
         return rnd
 
     def collect_fields(self, server_round: int, node_id: int) -> dict[str, Any] | None:
@@ -172,8 +231,8 @@ class SecAggPlus:
         slot = rnd.slot_of.get(node_id)
         if rnd.skipped or slot not in rnd.shared:
             return None
-        sources, ciphertexts = rnd.forward[slot]
-        return {protocol.SA_ROUND: server_round, protocol.SA_SOURCES: sources, protocol.SA_CIPHERTEXTS: ciphertexts}
+        return {protocol.SA_ROUND: server_round,
+                protocol.SA_SOURCES: [h for h in rnd.neighbourhood[slot] if h in rnd.shared and h != slot]}
 
     def expected(self, arrays: Mapping[str, protocol.ArraySpec]) -> dict[str, protocol.ArraySpec]:
         """What a masked vector must be: one uint64 tensor per trainable tensor, and the weight."""
@@ -247,7 +306,7 @@ class SecAggPlus:
                            f"fewer than the threshold {need}: the sum cannot be unmasked")
             return None
         try:  # exactly t shares: more cost time and add nothing (a wrong one fails the check below)
-            secret = combine_shares(shares[:need])
+            secret = shamir.combine(shares[:need])
             if what == "mask seed":
                 ok = secure_sum.commitment(secret) == rnd.commitment[slot]
             else:

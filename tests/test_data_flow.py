@@ -107,28 +107,47 @@ def secure_round(site, cfg, view, weights, tensors, tmp_path) -> set[tuple[str, 
     def step(stage: str, **fields) -> protocol.SecAggStep:
         return protocol.SecAggStep(stage, 1, {protocol.SA_ROUND: 1, **fields})
 
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from privacy import secure_sum, signing
+
     got = set()
-    reply = site.secagg_setup(protocol.secagg_instruction(
-        "setup", plan, 1, {protocol.SA_ROUND: 1, protocol.SA_SLOT: 1}), context)
+    setup = protocol.secagg_instruction("setup", plan, 1, {protocol.SA_ROUND: 1, protocol.SA_SLOT: 1})
+    me = site.resolve_site(protocol.read_plan(setup), context)
+    ledger = {1: me.state.key, 2: ec.generate_private_key(signing.CURVE()), 3: ec.generate_private_key(signing.CURVE())}
+    names = {1: me.name, 2: "other-2", 3: "other-3"}
+    reply = site.secagg_setup(setup, context)
     keys = {1: protocol.read_secagg_reply(reply, "setup").fields}
     got |= sent("SecAggKeys", reply, tensors)
     for slot, ctx in others.items():
-        keys[slot] = site_side.setup(ctx, step("setup", slot=slot), "flow-secure")
+        keys[slot] = site_side.setup(ctx, step("setup", slot=slot), "flow-secure", ledger[slot], names[slot])
+    pems = {s: signing.public_key_pem(k) for s, k in ledger.items()}
     hood = {protocol.SA_SLOTS: [1, 2, 3], protocol.SA_PK1S: [keys[s][protocol.SA_PK1] for s in (1, 2, 3)],
-            protocol.SA_PK2S: [keys[s][protocol.SA_PK2] for s in (1, 2, 3)]}
+            protocol.SA_PK2S: [keys[s][protocol.SA_PK2] for s in (1, 2, 3)],
+            protocol.SA_NAMES: [names[s].encode() for s in (1, 2, 3)],
+            protocol.SA_LEDGER_KEYS: [pems[s] for s in (1, 2, 3)],
+            protocol.SA_KEY_SIGS: [keys[s][protocol.SA_KEY_SIG] for s in (1, 2, 3)]}
     reply = site.secagg_share(protocol.secagg_instruction("share", plan, 1, {protocol.SA_ROUND: 1, **hood}), context)
     assert isinstance(protocol.read_secagg_reply(reply, "share"), protocol.SecAggReply)
     got |= sent("SecAggShares", reply, tensors)
-    to_me = []
-    for ctx in others.values():
-        out = site_side.share(ctx, step("share", **hood), "flow-secure", secure)
+    to_me, view_sigs = [], []
+    for slot, ctx in others.items():
+        out = site_side.share(ctx, step("share", **hood), "flow-secure", secure, ledger[slot], None)
         to_me.append(out[protocol.SA_CIPHERTEXTS][out[protocol.SA_DESTINATIONS].index(1)])
+        view_sigs.append(out[protocol.SA_VIEW_SIG])
+    seen = secure_sum.view({s: secure_sum.key_statement("flow-secure", 1, s, names[s], pems[s],
+                                                        keys[s][protocol.SA_PK1], keys[s][protocol.SA_PK2])
+                            for s in (1, 2, 3)})
+    reply = site.secagg_check(protocol.secagg_instruction("check", plan, 1, {
+        protocol.SA_ROUND: 1, protocol.SA_SOURCES: [2, 3], protocol.SA_CIPHERTEXTS: to_me,
+        protocol.SA_VIEWS: [seen, seen], protocol.SA_VIEW_SIGS: view_sigs}), context)
+    assert protocol.read_secagg_reply(reply, "check").fields == {protocol.SA_UNREADABLE: []}
+    got |= sent("SecAggCheck", reply, tensors)
     train_plan = ConfigRecord(dict(plan))
     train_plan[protocol.SERVER_ROUND] = 1
     train = Message(content=RecordDict({protocol.PLAN: train_plan, protocol.ARRAYS: protocol.to_array_record(weights)}),
                     message_type=protocol.TRAIN, dst_node_id=1)
-    train = protocol.with_secagg(train, {protocol.SA_ROUND: 1, protocol.SA_SOURCES: [2, 3],
-                                         protocol.SA_CIPHERTEXTS: to_me})
+    train = protocol.with_secagg(train, {protocol.SA_ROUND: 1, protocol.SA_SOURCES: [2, 3]})
     reply = site.train(train, context)
     masked = {k: (v.shape, np.dtype(np.uint64)) for k, v in weights.items()} | {"@weight": ((1,), np.dtype(np.uint64))}
     assert isinstance(protocol.read_train_reply(reply, masked), protocol.TrainReply)  # masked, never the weights

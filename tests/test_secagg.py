@@ -5,11 +5,14 @@ arithmetic (privacy/secure_sum.py) checked against the plaintext sum."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Context, Message, RecordDict
 from omegaconf import OmegaConf
 from scipy import stats
@@ -17,7 +20,7 @@ from scipy import stats
 import conf
 import protocol
 from client import secagg as site_side
-from privacy import secure_sum
+from privacy import secure_sum, signing
 from privacy.secure_sum import SecAggSettings
 from strategies.secagg import SecAggPlus, SecureRound, Unmasked
 
@@ -41,13 +44,18 @@ class Federation:
     """Sites that run client/secagg.py's stages behind a Grid; `vanish` = {(site, stage)}
     whose reply never comes (a site that died at that stage)."""
 
-    def __init__(self, n: int, vanish: Iterable[tuple[str, str]] = (), **fed: object) -> None:
+    def __init__(self, n: int, vanish: Iterable[tuple[str, str]] = (), state_root: Path | None = None,
+                 **fed: object) -> None:
         self.names = {1000 + i: f"site-{i}" for i in range(n)}
+        self.keys = {nid: ec.generate_private_key(signing.CURVE()) for nid in self.names}  # ledger signing keys
+        self.state_dirs = {nid: None if state_root is None else state_root / name for nid, name in self.names.items()}
         self.contexts = {nid: Context(run_id=7, node_id=nid, node_config={}, state=RecordDict(), run_config={})
                          for nid in self.names}
         self.cfg = site_cfg(**fed)
         self.vanish = set(vanish)
         self.sent: list[tuple[str, str]] = []  # (stage, site)
+        self.declined: list[tuple[str, str, str]] = []  # (stage, site, reason)
+        self.unmasked: list[tuple[str, list[int]]] = []  # (site, the slots whose shares it handed over)
         rng = np.random.default_rng(5)
         self.updates = {nid: {k: rng.normal(0, 0.3, s) for k, s in SHAPES.items()} for nid in self.names}
         self.weights = {nid: int(rng.integers(5, 200)) for nid in self.names}
@@ -68,12 +76,16 @@ class Federation:
             ctx = self.contexts[nid]
             try:
                 if step.stage == "setup":
-                    fields = site_side.setup(ctx, step, RUN)
+                    fields = site_side.setup(ctx, step, RUN, self.keys[nid], self.names[nid])
                 elif step.stage == "share":
-                    fields = site_side.share(ctx, step, RUN, self.cfg)
+                    fields = site_side.share(ctx, step, RUN, self.cfg, self.keys[nid], self.state_dirs[nid])
+                elif step.stage == "check":
+                    fields = site_side.check(ctx, step, RUN)
                 else:
                     fields = site_side.unmask(ctx, step, RUN)
+                    self.unmasked.append((self.names[nid], list(fields[protocol.SA_SLOTS])))
             except site_side.SecAggError as exc:
+                self.declined.append((step.stage, self.names[nid], str(exc)))
                 replies.append(protocol.decline_reply(msg, site=self.names[nid], kind="protocol", reason=str(exc)))
                 continue
             replies.append(protocol.secagg_reply(msg, site=self.names[nid], stage=step.stage, fields=fields))
@@ -91,7 +103,7 @@ class Federation:
             step = protocol.read_secagg(protocol.with_secagg(msg, fields))
             if (self.names[nid], "collect") in self.vanish:
                 continue
-            state = site_side.receive_shares(self.contexts[nid], step, RUN)
+            state = site_side.begin_collect(self.contexts[nid], step, RUN)
             vectors[nid] = site_side.masked(self.contexts[nid], state, self.updates[nid], self.base,
                                             self.weights[nid], self.cfg)
         return vectors
@@ -102,7 +114,9 @@ class Federation:
         return coordinator.finish(server_round, self.collect(coordinator, server_round), self)
 
     def coordinator(self) -> SecAggPlus:
-        return SecAggPlus(secure_sum.settings_of(self.cfg.federation), self.names, timeout=1.0, rng=random.Random(3))
+        return SecAggPlus(secure_sum.settings_of(self.cfg.federation), self.names,
+                          {nid: signing.public_key_pem(key) for nid, key in self.keys.items()}, timeout=1.0,
+                          rng=random.Random(3))
 
     def plain_mean(self, sites: Iterable[str]) -> dict[str, np.ndarray]:
         nids = [n for n, s in self.names.items() if s in set(sites)]
@@ -139,7 +153,7 @@ def test_a_masked_vector_is_uniform_to_the_coordinator_while_the_unmasked_encodi
     fields = coordinator.collect_fields(1, nid)
     msg = protocol.with_secagg(Message(RecordDict({protocol.PLAN: PLAN}), dst_node_id=nid,
                                        message_type=protocol.TRAIN), fields)
-    state = site_side.receive_shares(fed.contexts[nid], protocol.read_secagg(msg), RUN)
+    state = site_side.begin_collect(fed.contexts[nid], protocol.read_secagg(msg), RUN)
     vector = site_side.masked(fed.contexts[nid], state, big, {"w": np.zeros(20_000)}, 17, fed.cfg)["w"]
     encoded = secure_sum.encode(big, 17, SecAggSettings())["w"]
 
@@ -266,23 +280,57 @@ def test_a_site_refuses_slots_it_holds_no_shares_of_and_stages_out_of_order():
         site_side.unmask(fresh.contexts[nid], unmask_step([1, 2, 3], []), RUN)
 
 
+def signed_hood(members: list[tuple[int, str, ec.EllipticCurvePrivateKey, dict]]) -> protocol.SecAggStep:
+    """A share stage for `members` (slot, name, ledger key, setup reply), each signed as a site does."""
+    fields: dict = {protocol.SA_ROUND: 1, protocol.SA_SLOTS: [], protocol.SA_PK1S: [], protocol.SA_PK2S: [],
+                    protocol.SA_NAMES: [], protocol.SA_LEDGER_KEYS: [], protocol.SA_KEY_SIGS: []}
+    for slot, name, key, keys in members:
+        pem = signing.public_key_pem(key)
+        pk1, pk2 = keys[protocol.SA_PK1], keys[protocol.SA_PK2]
+        for k, v in ((protocol.SA_SLOTS, slot), (protocol.SA_PK1S, pk1), (protocol.SA_PK2S, pk2),
+                     (protocol.SA_NAMES, name.encode()), (protocol.SA_LEDGER_KEYS, pem),
+                     (protocol.SA_KEY_SIGS, signing.sign(key, secure_sum.key_statement(RUN, 1, slot, name, pem, pk1,
+                                                                                        pk2)))):
+            fields[k].append(v)
+    return protocol.SecAggStep("share", 1, fields)
+
+
 def test_a_site_refuses_a_neighbourhood_without_its_own_keys_or_with_a_key_twice():
     fed = Federation(4)
     nid = next(iter(fed.names))
     ctx = fed.contexts[nid]
-    keys = site_side.setup(ctx, protocol.SecAggStep("setup", 1, {protocol.SA_ROUND: 1, protocol.SA_SLOT: 1}), RUN)
+    me, them = fed.keys[nid], ec.generate_private_key(signing.CURVE())
+    keys = site_side.setup(ctx, protocol.SecAggStep("setup", 1, {protocol.SA_ROUND: 1, protocol.SA_SLOT: 1}), RUN,
+                           me, "site-0")
     other = site_side.setup(Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config={}),
-                            protocol.SecAggStep("setup", 1, {protocol.SA_ROUND: 1, protocol.SA_SLOT: 2}), RUN)
-
-    def share(pk1s, pk2s):
-        return protocol.SecAggStep("share", 1, {protocol.SA_ROUND: 1, protocol.SA_SLOTS: [1, 2, 3],
-                                                protocol.SA_PK1S: pk1s, protocol.SA_PK2S: pk2s})
-
-    mine, theirs = (keys[protocol.SA_PK1], keys[protocol.SA_PK2]), (other[protocol.SA_PK1], other[protocol.SA_PK2])
-    with pytest.raises(site_side.SecAggError, match="own keys"):
-        site_side.share(ctx, share([theirs[0]] * 3, [theirs[1]] * 3), RUN, fed.cfg)
+                            protocol.SecAggStep("setup", 1, {protocol.SA_ROUND: 1, protocol.SA_SLOT: 2}), RUN,
+                            them, "site-1")
+    third = ec.generate_private_key(signing.CURVE())
+    with pytest.raises(site_side.SecAggError, match="own keys"):  # its slot, with another site's keys
+        site_side.share(ctx, signed_hood([(1, "site-0", them, other), (2, "site-1", them, other),
+                                          (3, "site-2", third, other)]), RUN, fed.cfg, me, None)
     with pytest.raises(site_side.SecAggError, match="appears twice"):
-        site_side.share(ctx, share([mine[0], theirs[0], theirs[0]], [mine[1], theirs[1], theirs[1]]), RUN, fed.cfg)
+        site_side.share(ctx, signed_hood([(1, "site-0", me, keys), (2, "site-1", them, other),
+                                          (3, "site-2", third, other)]), RUN, fed.cfg, me, None)
+    with pytest.raises(site_side.SecAggError, match="name or ledger key appears twice"):
+        step = signed_hood([(1, "site-0", me, keys), (2, "site-1", them, other)])
+        step.fields[protocol.SA_NAMES][1] = b"site-0"
+        site_side.share(ctx, step, RUN, fed.cfg, me, None)
+    from cryptography.hazmat.primitives import serialization
+
+    openssh = them.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    step = signed_hood([(1, "site-0", me, keys), (2, "site-1", them, other)])
+    third_keys = site_side.setup(Context(run_id=7, node_id=2, node_config={}, state=RecordDict(), run_config={}),
+                                 protocol.SecAggStep("setup", 1, {protocol.SA_ROUND: 1, protocol.SA_SLOT: 3}), RUN,
+                                 them, "site-2")
+    for k, v in ((protocol.SA_SLOTS, 3), (protocol.SA_PK1S, third_keys[protocol.SA_PK1]),
+                 (protocol.SA_PK2S, third_keys[protocol.SA_PK2]), (protocol.SA_NAMES, b"site-2"),
+                 (protocol.SA_LEDGER_KEYS, openssh),
+                 (protocol.SA_KEY_SIGS, signing.sign(them, secure_sum.key_statement(
+                     RUN, 1, 3, "site-2", openssh, third_keys[protocol.SA_PK1], third_keys[protocol.SA_PK2])))):
+        step.fields[k].append(v)
+    with pytest.raises(site_side.SecAggError, match="name or ledger key appears twice"):  # one key, two encodings
+        site_side.share(ctx, step, RUN, fed.cfg, me, None)
 
 
 def test_a_site_masks_one_update_per_round_ever(tmp_path):
@@ -298,11 +346,14 @@ def test_a_site_masks_one_update_per_round_ever(tmp_path):
 
 def test_secagg_replies_with_a_missing_extra_or_mistyped_field_are_rejected():
     msg = protocol.secagg_instruction("setup", PLAN, 5, {protocol.SA_ROUND: 1, protocol.SA_SLOT: 1})
-    good = protocol.secagg_reply(msg, site="a", stage="setup", fields={protocol.SA_PK1: b"x", protocol.SA_PK2: b"y"})
+    sig = {protocol.SA_KEY_SIG: b"s"}
+    good = protocol.secagg_reply(msg, site="a", stage="setup", fields={protocol.SA_PK1: b"x", protocol.SA_PK2: b"y",
+                                                                       **sig})
     assert isinstance(protocol.read_secagg_reply(good, "setup"), protocol.SecAggReply)
-    for fields in ({protocol.SA_PK1: b"x"}, {protocol.SA_PK1: b"x", protocol.SA_PK2: b"y", "extra": 1},
-                   {protocol.SA_PK1: "x", protocol.SA_PK2: b"y"},
-                   {protocol.SA_PK1: b"x" * 5000, protocol.SA_PK2: b"y"}):
+    for fields in ({protocol.SA_PK1: b"x", **sig}, {protocol.SA_PK1: b"x", protocol.SA_PK2: b"y", "extra": 1, **sig},
+                   {protocol.SA_PK1: "x", protocol.SA_PK2: b"y", **sig},
+                   {protocol.SA_PK1: b"x" * 5000, protocol.SA_PK2: b"y", **sig},
+                   {protocol.SA_PK1: b"x", protocol.SA_PK2: b"y"}):
         bad = Message(RecordDict({protocol.SITE: protocol.ConfigRecord({protocol.NAME: "a"}),
                                   protocol.SECAGG: protocol.ConfigRecord(fields)}), reply_to=msg)
         assert isinstance(protocol.read_secagg_reply(bad, "setup"), protocol.Rejected)
@@ -453,3 +504,378 @@ def test_a_site_whose_seed_commitment_is_not_a_digest_is_dropped_at_sharing_and_
     assert isinstance(out, Unmasked) and "site-3" not in out.sites
     plain = fed.plain_mean(out.sites)
     assert np.max(np.abs(out.mean["head.bias"] - plain["head.bias"])) <= step_size()
+
+
+# ---------------------------------------------------------------- a malicious coordinator (Bell et al. 2020)
+
+VICTIM = 1000  # site-0: slot 1 (slots follow the names' order)
+
+
+class HostileCoordinator(Federation):
+    """A coordinator that rewrites the share stage VICTIM is sent: every neighbour's (or only
+    `only`'s) `swap` key ("pk1": the mask key, "pk2": the key its shares are encrypted to)
+    replaced by one of its own; with `resign`, the neighbour's ledger key replaced by one of
+    its own too and the round keys signed with it (else the real signature is left); with
+    `forge_views`, it also plays those neighbours at the check stage: shares of its own and
+    the victim's own view signed under those ledger keys."""
+
+    def __init__(self, n: int, swap: str, *, resign: bool, forge_views: bool = False,
+                 only: set[int] | None = None, **kw: object) -> None:
+        super().__init__(n, **kw)
+        self.swap, self.resign, self.forge_views, self.only = swap, resign, forge_views, only
+        self.active = True
+        self.fake_sk: dict[int, object] = {}  # slot -> the coordinator's private key in place of the neighbour's
+        self.fake_ledger: dict[int, ec.EllipticCurvePrivateKey] = {}
+        self.statements: dict[int, bytes] = {}  # the key statements of the victim's view
+        self.victim_pk2 = b""
+        self.victim_ciphertexts: dict[int, bytes] = {}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = [self._rewrite(m) for m in messages]
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            if reply.metadata.src_node_id == VICTIM and protocol.SECAGG in reply.content:
+                fields = reply.content[protocol.SECAGG]
+                if protocol.SA_PK2 in fields:
+                    self.victim_pk2 = fields[protocol.SA_PK2]
+                if protocol.SA_DESTINATIONS in fields:
+                    self.victim_ciphertexts = dict(zip(fields[protocol.SA_DESTINATIONS],
+                                                       fields[protocol.SA_CIPHERTEXTS], strict=True))
+        return replies
+
+    def _rewrite(self, msg: Message) -> Message:
+        from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+
+        step = protocol.read_secagg(msg)
+        if not self.active or msg.metadata.dst_node_id != VICTIM or step is None:
+            return msg
+        if step.stage == "check":
+            return self._rewrite_check(msg)
+        if step.stage != "share":
+            return msg
+        f = {k: list(v) if isinstance(v, list) else v for k, v in msg.content[protocol.SECAGG].items()}
+        for i, slot in enumerate(f[protocol.SA_SLOTS]):
+            if slot != 1 and (self.only is None or slot in self.only):
+                sk, pk = generate_key_pairs()
+                self.fake_sk[slot] = sk
+                f[protocol.SA_PK1S if self.swap == "pk1" else protocol.SA_PK2S][i] = public_key_to_bytes(pk)
+                if self.resign:
+                    self.fake_ledger[slot] = ec.generate_private_key(signing.CURVE())
+                    f[protocol.SA_LEDGER_KEYS][i] = signing.public_key_pem(self.fake_ledger[slot])
+            statement = secure_sum.key_statement(RUN, step.server_round, slot, f[protocol.SA_NAMES][i].decode(),
+                                                 f[protocol.SA_LEDGER_KEYS][i], f[protocol.SA_PK1S][i],
+                                                 f[protocol.SA_PK2S][i])
+            self.statements[slot] = statement
+            if slot in self.fake_ledger:
+                f[protocol.SA_KEY_SIGS][i] = signing.sign(self.fake_ledger[slot], statement)
+        msg.content[protocol.SECAGG] = protocol.ConfigRecord(f)
+        rnd = self.attacker.round_state(step.server_round)  # its books agree with what it showed the victim
+        assert rnd is not None
+        rnd.view[1] = secure_sum.view(self.statements)
+        return msg
+
+    def coordinator(self) -> SecAggPlus:
+        self.attacker = super().coordinator()
+        return self.attacker
+
+    def collect(self, coordinator: SecAggPlus, server_round: int = 1) -> dict[int, dict[str, np.ndarray]]:
+        vectors = super().collect(coordinator, server_round)
+        if self.active and self.forge_views and VICTIM not in vectors and ("check", "site-0") not in {
+                (stage, site) for stage, site, _ in self.declined}:  # the sybils' round goes on for the victim
+            step = protocol.SecAggStep("collect", server_round, {protocol.SA_ROUND: server_round,
+                                                                 protocol.SA_SOURCES: sorted(self.fake_ledger)})
+            state = site_side.begin_collect(self.contexts[VICTIM], step, RUN)
+            vectors[VICTIM] = site_side.masked(self.contexts[VICTIM], state, self.updates[VICTIM], self.base,
+                                               self.weights[VICTIM], self.cfg)
+        return vectors
+
+    def _rewrite_check(self, msg: Message) -> Message:
+        if not self.forge_views:
+            return msg
+        from flwr.common.secure_aggregation.crypto.symmetric_encryption import encrypt, generate_shared_key
+        from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat
+        from flwr.supercore.primitives.asymmetric import bytes_to_public_key
+
+        f = {k: list(v) if isinstance(v, list) else v for k, v in msg.content[protocol.SECAGG].items()}
+        seen = secure_sum.view(self.statements)
+        for i, src in enumerate(f[protocol.SA_SOURCES]):
+            if src in self.fake_ledger:  # the sybil's own shares (of nothing), its own view signature
+                key = generate_shared_key(self.fake_sk[src], bytes_to_public_key(self.victim_pk2))
+                f[protocol.SA_CIPHERTEXTS][i] = encrypt(key, share_keys_plaintext_concat(src, 1, b"b" * 70, b"k" * 70))
+                f[protocol.SA_VIEWS][i] = seen
+                f[protocol.SA_VIEW_SIGS][i] = signing.sign(
+                    self.fake_ledger[src], secure_sum.view_statement(RUN, 1, src, seen))
+        msg.content[protocol.SECAGG] = protocol.ConfigRecord(f)
+        return msg
+
+    def recover(self, vectors: dict[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
+        """The pk2 man in the middle's payoff: the victim's update from its masked vector and
+        the shares it encrypted to the coordinator's keys (None: there is nothing to recover)."""
+        from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, generate_shared_key
+        from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
+        from flwr.supercore.primitives.asymmetric import bytes_to_public_key
+
+        from privacy import shamir
+
+        if VICTIM not in vectors:
+            return None
+        b_shares, sk1_shares = [], []
+        for slot, ciphertext in self.victim_ciphertexts.items():
+            if slot in self.fake_sk:
+                key = generate_shared_key(self.fake_sk[slot], bytes_to_public_key(self.victim_pk2))
+                _, _, b_share, sk1_share = share_keys_plaintext_separate(decrypt(key, ciphertext))
+                b_shares.append(b_share)
+                sk1_shares.append(sk1_share)
+        t = site_side.settings(self.cfg).threshold(len(self.statements))
+        seed, sk1 = shamir.combine(b_shares[:t]), secure_sum.mask_key_from_secret(shamir.combine(sk1_shares[:t]))
+        pairs = []
+        for slot, statement in self.statements.items():
+            if slot != 1:
+                pk1 = self._pk1_in(statement)
+                pairs.append((slot, 1, secure_sum.pairwise_seed(generate_shared_key(sk1, bytes_to_public_key(pk1)))))
+        _, mean = secure_sum.decode(secure_sum.unmask(vectors[VICTIM], [seed], pairs), site_side.settings(self.cfg))
+        return mean
+
+    @staticmethod
+    def _pk1_in(statement: bytes) -> bytes:
+        """The pk1 field of a key statement (length-prefixed fields after the tag)."""
+        at, fields = statement.index(b"\0") + 1, []
+        while at < len(statement):
+            size = int.from_bytes(statement[at:at + 4], "big")
+            fields.append(statement[at + 4:at + 4 + size])
+            at += 4 + size
+        return fields[5]
+
+
+def _attack(fed: HostileCoordinator) -> tuple[SecureRound | Unmasked, dict[int, dict[str, np.ndarray]]]:
+    coordinator = fed.coordinator()
+    coordinator.prepare(1, list(fed.names), PLAN, fed)
+    vectors = fed.collect(coordinator)
+    return coordinator.finish(1, vectors, fed), vectors
+
+
+def test_a_mask_key_swapped_in_one_sites_view_is_refused_before_it_shares_and_the_round_goes_on_without_it():
+    fed = HostileCoordinator(6, "pk1", resign=False)
+    out, vectors = _attack(fed)
+    assert [(stage, site) for stage, site, _ in fed.declined] == [("share", "site-0")]
+    assert "not signed by the ledger key forwarded with them" in fed.declined[0][2]
+    assert VICTIM not in vectors and "site-0" not in [site for site, _ in fed.unmasked]
+    assert isinstance(out, Unmasked) and "site-0" not in out.sites  # the others' round is unharmed
+    assert np.max(np.abs(out.mean["head.bias"] - fed.plain_mean(out.sites)["head.bias"])) <= step_size()
+
+
+@pytest.mark.parametrize("swap", ["pk1", "pk2"])
+def test_a_key_swapped_under_a_ledger_key_of_the_coordinators_is_caught_by_the_neighbours_views(swap):
+    # The coordinator swaps one neighbour's key (site-1, slot 2) in the victim's view and signs it
+    # with a ledger key of its own, which the victim cannot tell from site-1's: the views differ.
+    fed = HostileCoordinator(6, swap, resign=True, only={2})
+    out, vectors = _attack(fed)
+    assert ("check", "site-0") in {(stage, site) for stage, site, _ in fed.declined}
+    assert all("showed different views" in reason for stage, _, reason in fed.declined if stage == "check")
+    assert VICTIM not in vectors  # the victim never masks: there is nothing of it to unmask
+    assert isinstance(out, SecureRound) and out.skipped  # all of its neighbours saw the mismatch too
+    assert not fed.unmasked and not [s for s in fed.sent if s[0] == "unmask"]
+
+
+def test_a_man_in_the_middle_of_every_pk2_gets_shares_of_a_vector_that_is_never_sent():
+    fed = HostileCoordinator(6, "pk2", resign=True)  # every neighbour's pk2, under the coordinator's ledger keys
+    out, vectors = _attack(fed)
+    assert ("check", "site-0") in {(stage, site) for stage, site, _ in fed.declined}
+    assert fed.recover(vectors) is None
+    assert isinstance(out, SecureRound) and not fed.unmasked
+
+
+def test_without_pins_a_coordinator_that_fakes_every_neighbour_on_first_contact_recovers_the_update():
+    """The documented limit (docs/auditor.md): with no pinned key and no PKI, a coordinator that
+    presents the victim a whole neighbourhood of its own (sybils: every ledger key, every view
+    signature its own) reads its update. This is the attack the pins below stop."""
+    fed = HostileCoordinator(6, "pk2", resign=True, forge_views=True)
+    _, vectors = _attack(fed)
+    got = fed.recover(vectors)
+    assert got is not None
+    assert np.max(np.abs(got["head.bias"] - fed.updates[VICTIM]["head.bias"])) <= step_size()
+
+
+def test_with_pinned_ledger_keys_a_coordinator_that_fakes_every_neighbour_is_refused(tmp_path):
+    fed = HostileCoordinator(6, "pk2", resign=True, forge_views=True, state_root=tmp_path)
+    fed.active = False
+    coordinator = fed.coordinator()
+    assert isinstance(fed.run(coordinator, server_round=1), Unmasked)  # an honest round pins the neighbours' keys
+    pins = json.loads((tmp_path / "site-0" / "secagg" / site_side.PEERS).read_text())
+    assert pins == {name: signing.fingerprint(fed.keys[nid]) for nid, name in fed.names.items()}
+    fed.active, fed.victim_ciphertexts = True, {}
+    coordinator.prepare(2, list(fed.names), PLAN, fed)
+    assert [(stage, site) for stage, site, _ in fed.declined] == [("share", "site-0")]
+    assert "not the one pinned" in fed.declined[0][2] and "\n" not in fed.declined[0][2]
+    assert not fed.victim_ciphertexts  # no share of the victim's secrets was made
+
+
+def test_a_closed_list_of_peers_refuses_a_name_the_coordinator_made_up(tmp_path):
+    # Pinning on first use cannot tell a new site from a sybil under a fresh name; an operator
+    # who exchanged fingerprints closes the list, and a name not in it stops the site.
+    fed = HostileCoordinator(6, "pk2", resign=True, forge_views=True, state_root=tmp_path)
+    pins = {name: signing.fingerprint(fed.keys[nid]) for nid, name in fed.names.items() if name != "site-5"}
+    folder = tmp_path / "site-0" / "secagg"
+    folder.mkdir(parents=True)
+    (folder / site_side.PEERS).write_text(json.dumps({**pins, "*": "closed"}))
+    fed.active = False
+    coordinator = fed.coordinator()
+    coordinator.prepare(1, list(fed.names), PLAN, fed)
+    assert [(stage, site) for stage, site, _ in fed.declined] == [("share", "site-0")]
+    assert "'site-5'" in fed.declined[0][2] and "closed list" in fed.declined[0][2]
+    assert json.loads((folder / site_side.PEERS).read_text()) == {**pins, "*": "closed"}  # nothing pinned
+
+
+def test_a_site_whose_shares_do_not_decrypt_is_dropped_and_the_round_goes_on():
+    fed = Federation(6)
+    real = fed.send_and_receive
+
+    def garbage_from_site_3(messages, *, timeout=None):  # site-3 (slot 4) sends junk to slots 1 and 2
+        replies = real(messages, timeout=timeout)
+        for reply in replies:
+            fields = reply.content.get(protocol.SECAGG)
+            if reply.content[protocol.SITE][protocol.NAME] == "site-3" and protocol.SA_DESTINATIONS in fields:
+                f = {k: list(v) if isinstance(v, list) else v for k, v in fields.items()}
+                for i, dst in enumerate(f[protocol.SA_DESTINATIONS]):
+                    if dst in (1, 2):
+                        f[protocol.SA_CIPHERTEXTS][i] = b"not a fernet token"
+                reply.content[protocol.SECAGG] = protocol.ConfigRecord(f)
+        return replies
+
+    fed.send_and_receive = garbage_from_site_3  # type: ignore[method-assign]
+    coordinator = fed.coordinator()
+    rnd = coordinator.prepare(1, list(fed.names), PLAN, fed)
+    assert rnd.dropped == {"site-3": "check: its shares did not decrypt at 2 neighbour(s)"}
+    out = coordinator.finish(1, fed.collect(coordinator), fed)
+    assert not fed.declined  # no stage of any site failed
+    assert isinstance(out, Unmasked), getattr(out, "skipped", "")
+    assert out.sites == ("site-0", "site-1", "site-2", "site-4", "site-5")
+    plain = fed.plain_mean(out.sites)
+    for k in SHAPES:
+        assert np.max(np.abs(out.mean[k] - plain[k])) <= step_size()
+
+
+def test_a_site_whose_shares_all_fail_is_dropped_and_nobody_masked_with_it():
+    fed = Federation(5)
+    real = fed.send_and_receive
+
+    def all_garbage(messages, *, timeout=None):
+        replies = real(messages, timeout=timeout)
+        for reply in replies:
+            fields = reply.content.get(protocol.SECAGG)
+            if reply.content[protocol.SITE][protocol.NAME] == "site-4" and protocol.SA_DESTINATIONS in fields:
+                f = dict(fields)
+                f[protocol.SA_CIPHERTEXTS] = [b"junk"] * len(f[protocol.SA_CIPHERTEXTS])
+                reply.content[protocol.SECAGG] = protocol.ConfigRecord(f)
+        return replies
+
+    fed.send_and_receive = all_garbage  # type: ignore[method-assign]
+    coordinator = fed.coordinator()
+    coordinator.prepare(1, list(fed.names), PLAN, fed)
+    out = coordinator.finish(1, fed.collect(coordinator), fed)
+    assert isinstance(out, Unmasked), getattr(out, "skipped", "")
+    assert "site-4" not in out.sites
+    assert np.max(np.abs(out.mean["head.bias"] - fed.plain_mean(out.sites)["head.bias"])) <= step_size()
+
+
+def test_a_report_of_shares_a_site_was_never_sent_drops_the_reporter_not_the_accused():
+    fed = Federation(5)
+    real = fed.send_and_receive
+
+    def false_report(messages, *, timeout=None):  # site-1 blames slot 9, which is not in the round
+        replies = real(messages, timeout=timeout)
+        for reply in replies:
+            fields = reply.content.get(protocol.SECAGG)
+            if reply.content[protocol.SITE][protocol.NAME] == "site-1" and protocol.SA_UNREADABLE in fields:
+                reply.content[protocol.SECAGG] = protocol.ConfigRecord({protocol.SA_UNREADABLE: [9]})
+        return replies
+
+    fed.send_and_receive = false_report  # type: ignore[method-assign]
+    coordinator = fed.coordinator()
+    rnd = coordinator.prepare(1, list(fed.names), PLAN, fed)
+    assert rnd.dropped == {"site-1": "check: reported shares it was not sent"}
+    out = coordinator.finish(1, fed.collect(coordinator), fed)
+    assert isinstance(out, Unmasked) and out.sites == ("site-0", "site-2", "site-3", "site-4")
+
+
+# ---------------------------------------------------------------- Shamir over GF(2^31 - 1) (privacy/shamir.py)
+
+
+@pytest.mark.parametrize("size, t, n", [(32, 2, 3), (48, 35, 50), (48, 9, 13), (1, 1, 1), (100, 7, 7)])
+def test_shamir_rebuilds_the_secret_from_any_t_shares(size, t, n):
+    from privacy import shamir
+
+    rng = random.Random(size * 1000 + t)
+    secret = bytes(rng.randrange(256) for _ in range(size))
+    shares = shamir.split(secret, t, n)
+    assert len(shares) == n and len(set(shares)) == n
+    for _ in range(5):
+        assert shamir.combine(rng.sample(shares, t)) == secret
+
+
+def test_shamir_with_fewer_than_t_shares_fails_or_gives_another_secret():
+    from privacy import shamir
+
+    secret = bytes(range(48))
+    for t in (2, 5, 35):
+        shares = shamir.split(secret, t, t + 3)
+        try:
+            assert shamir.combine(shares[:t - 1]) != secret
+        except ValueError:
+            pass
+
+
+def test_shamir_t_minus_1_shares_are_uniform_whatever_the_secret():
+    """Information-theoretic hiding, checked empirically: with t = 2, the one share a party
+    holds is uniform over the field for a secret of all zeros and for one of all ones."""
+    from privacy import shamir
+
+    def first_share_top_bits(secret: bytes) -> np.ndarray:
+        values = [np.frombuffer(shamir.split(secret, 2, 3)[0][6:], dtype=">u4") for _ in range(400)]
+        return (np.concatenate(values).astype(np.int64) >> 26)  # top 5 of 31 bits: 32 buckets (the last is short)
+
+    for secret in (bytes(30), b"\xff" * 30):
+        counts = np.bincount(first_share_top_bits(secret), minlength=32)
+        expected = np.full(32, 4000 * (2**26) / (2**31 - 1))
+        expected[-1] = 4000 - expected[:-1].sum()
+        assert stats.chisquare(counts, expected).pvalue > 1e-4
+
+
+def test_shamir_refuses_malformed_or_mixed_shares_in_one_line():
+    from privacy import shamir
+
+    a, b = shamir.split(b"a" * 32, 2, 3), shamir.split(b"b" * 48, 2, 3)
+    for bad in ([a[0], b[1]], [a[0], a[0]], [a[0][:-1], a[1][:-1]], [], [a[0][:5]]):
+        with pytest.raises(ValueError) as err:
+            shamir.combine(bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError):
+        shamir.split(b"", 2, 3)
+    with pytest.raises(ValueError):
+        shamir.split(b"x", 4, 3)
+
+
+def test_shamir_shares_travel_in_the_encrypted_share_and_the_unmask_reply():
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
+    from flwr.common.secure_aggregation.secaggplus_utils import (
+        share_keys_plaintext_concat,
+        share_keys_plaintext_separate,
+    )
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs
+
+    from privacy import shamir
+
+    seed, scalar = bytes(range(32)), bytes(range(48))
+    b_shares, k_shares = shamir.split(seed, 3, 5), shamir.split(scalar, 3, 5)
+    assert max(len(s) for s in b_shares + k_shares) <= protocol.MAX_SECAGG_BYTES
+    sk, pk = generate_key_pairs()
+    key = generate_shared_key(sk, pk)
+    _, _, b_share, k_share = share_keys_plaintext_separate(decrypt(key, encrypt(
+        key, share_keys_plaintext_concat(1, 2, b_shares[1], k_shares[1]))))
+    assert (b_share, k_share) == (b_shares[1], k_shares[1])
+    msg = protocol.secagg_instruction("unmask", PLAN, 5, {protocol.SA_ROUND: 1, protocol.SA_ACTIVE: [1, 2, 3],
+                                                          protocol.SA_DROPPED: []})
+    reply = protocol.read_secagg_reply(protocol.secagg_reply(msg, site="a", stage="unmask", fields={
+        protocol.SA_SLOTS: [1, 2, 3], protocol.SA_SHARES: b_shares[:3]}), "unmask")
+    assert isinstance(reply, protocol.SecAggReply)
+    assert shamir.combine(reply.fields[protocol.SA_SHARES]) == seed

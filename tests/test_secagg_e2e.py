@@ -26,6 +26,7 @@ double the test's time; the simulation covers the rounds after a dropout.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -137,8 +138,11 @@ def test_secagg_simulation_recovers_dropouts_after_sharing_and_skips_a_round_wit
         assert [(e["release"], e["round"]) for e in own] == [("record-count", 0)] + [("dp-sgd", r) for r in want]
         assert [e["hash"] for e in ledger if e["site"] == site] == [e["hash"] for e in own]
         # one masked vector per round, marked before it left
-        marks = sorted(int(p.name.rsplit(".round-", 1)[1]) for p in (run / "sites" / site / "secagg").iterdir())
+        folder = run / "sites" / site / "secagg"
+        marks = sorted(int(p.name.rsplit(".round-", 1)[1]) for p in folder.iterdir() if ".round-" in p.name)
         assert marks == want, site
+        # and the neighbours' ledger keys it pinned (trust on first use): the four sites' own
+        assert sorted(json.loads((folder / "peers.json").read_text())) == sorted(trained)
     assert audit(run).ok
 
 
@@ -208,7 +212,9 @@ def test_secagg_deployment_of_three_sites_recovers_a_site_killed_mid_round(pki_d
             continue
         assert [(e["release"], e["round"]) for e in own] == [("record-count", 0), ("dp-sgd", 1)]
         assert [e["hash"] for e in mine] == [e["hash"] for e in own]
-        assert [p.name.rsplit(".round-", 1)[1] for p in (state[n] / "secagg").iterdir()] == ["1"]
+        folder = state[n] / "secagg"
+        assert [p.name.rsplit(".round-", 1)[1] for p in folder.iterdir() if ".round-" in p.name] == ["1"]
+        assert sorted(json.loads((folder / "peers.json").read_text())) == sorted(names)  # its pinned neighbours
         crc, cout = finish(sites[n], 120)
         assert crc == 0, f"{n}:\n{cout[-3000:]}"
     assert audit(run_dir).ok
