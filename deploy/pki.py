@@ -172,19 +172,15 @@ def make_ca(common_name: str = "fedshield CA", days: int = DEFAULT_CA_DAYS,
     return key, cert
 
 
-def make_server_cert(ca_key, ca_cert: x509.Certificate, server_name: str, sans: list[str],
-                     days: int = DEFAULT_DAYS, not_before: dt.datetime | None = None
-                     ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    if not server_name.strip():
-        raise PKIError("--server-name: empty; give the host name sites connect to (e.g. fl.example.org)")
-    key = ec.generate_private_key(CURVE())
-    start, end = _validity(days, not_before)
-    entries = _san_entries([server_name, *sans])
-    cert = (
+def _leaf_cert(ca_key, ca_cert: x509.Certificate, name: str, public_key, start: dt.datetime, end: dt.datetime,
+               usage: x509.ObjectIdentifier, sans: list[x509.GeneralName] | None = None) -> x509.Certificate:
+    """An end-entity certificate for `name`'s `public_key`, signed by the CA: digital
+    signatures only, for one extended key usage (a server's TLS or a site's client auth)."""
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(server_name))
+        .subject_name(_name(name))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
@@ -193,12 +189,28 @@ def make_server_cert(ca_key, ca_cert: x509.Certificate, server_name: str, sans: 
             digital_signature=True, content_commitment=False, key_encipherment=False,
             data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
             encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(entries), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return (
+        builder
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
+
+
+def make_server_cert(ca_key, ca_cert: x509.Certificate, server_name: str, sans: list[str],
+                     days: int = DEFAULT_DAYS, not_before: dt.datetime | None = None
+                     ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    if not server_name.strip():
+        raise PKIError("--server-name: empty; give the host name sites connect to (e.g. fl.example.org)")
+    key = ec.generate_private_key(CURVE())
+    start, end = _validity(days, not_before)
+    entries = _san_entries([server_name, *sans])
+    cert = _leaf_cert(ca_key, ca_cert, server_name, key.public_key(), start, end,
+                      ExtendedKeyUsageOID.SERVER_AUTH, entries)
     return key, cert
 
 
@@ -391,24 +403,7 @@ def sign_csr(csr_path: str | Path, pki: str | Path, days: int = DEFAULT_SITE_DAY
                        "to replace it, sign with --rotate (the old key is revoked)")
     start, end = _validity(days, now - dt.timedelta(minutes=5))
     end = min(end, ca_cert.not_valid_after_utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-            encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA384())
-    )
+    cert = _leaf_cert(ca_key, ca_cert, name, key, start, end, ExtendedKeyUsageOID.CLIENT_AUTH)
     public = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
     public += f" {name}"
     folder = pki / "sites"
