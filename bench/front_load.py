@@ -395,18 +395,7 @@ def uploads_main(args: argparse.Namespace) -> int:
             p.stdin.close()
             p.wait(timeout=30)
     finally:
-        for p in started:
-            if p.stdin and not p.stdin.closed:
-                p.stdin.close()
-        for p in reversed(started):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in started:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(started)
     print("\n| front | phase | honest requests | served | p50 ms | max ms | front RSS MB start / peak / after | "
           "attack answers |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -454,6 +443,22 @@ def honest(port: int, ctx: ssl.SSLContext, seconds: float) -> list[float | None]
             out.append(None)
         time.sleep(0.1)
     return out
+
+
+def stop(started: list[subprocess.Popen]) -> None:
+    """End the bench's processes: stdin closed, SIGTERM newest first, killed after 15 s."""
+    for p in started:
+        if p.stdin and not p.stdin.closed:
+            p.stdin.close()
+    for p in reversed(started):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in started:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def start(args: list[str], started: list[subprocess.Popen], **kw) -> subprocess.Popen:
@@ -548,18 +553,7 @@ def main() -> int:
             print(json.dumps(rows[-1]), flush=True)
             time.sleep(12)  # the previous phase's connections time out before the next one
     finally:
-        for p in started:
-            if p.stdin:
-                p.stdin.close()
-        for p in reversed(started):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in started:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(started)
     base = rows[0]
     print(f"\n{'phase':28} {'honest':>6} {'ok %':>6} {'p50 ms':>7} {'p95 ms':>7} {'max ms':>7} "
           f"{'RSS MB':>7} {'peak':>7} {'growth':>7}  slow held max / cut / bodies")
