@@ -296,6 +296,13 @@ class LiveEnrolment:
     def revoked(self, key: str | None) -> bool:
         return key is not None and key in self.current().revoked
 
+    def name_of(self, flower_public_key: bytes | str | None) -> str | None:
+        """The site name enrolled for a node whose key is `flower_public_key`, or None: known
+        before the node says who it is, so its HELLO can carry what the coordinator holds of
+        that site's books (server/site_heads.py)."""
+        fp = flower_key_fingerprint(flower_public_key)
+        return next((name for name, s in self.current().sites.items() if fp is not None and s.key == fp), None)
+
     def refuses(self, path: str, headers: list[tuple[bytes, bytes]]) -> str | None:
         """For the TLS front: why a Fleet request (raw `path`) whose headers carry a revoked key
         must not pass. Activation passes: a key revoked before the job started is not

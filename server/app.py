@@ -109,13 +109,16 @@ def exclude_revoked(identity: LiveEnrolment | None, sites: dict[int, dict], excl
 
 
 def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float,
-                   refused: list[str] | None = None, identity: LiveEnrolment | None = None) -> dict[int, dict]:
+                   refused: list[str] | None = None, identity: LiveEnrolment | None = None,
+                   heads: SiteHeads | None = None) -> dict[int, dict]:
     """Wait for `expected` sites, then ask each who it is (name, records, ledger public key).
 
     A site that cannot join is refused alone, never the run; why is said and appended to
     `refused` (for the report). With `identity` (deployment: the enrolment registry), a site
     is admitted under a name only if its node authenticated with the key enrolled for that
-    name, whatever its node id (`check_identity`)."""
+    name, whatever its node id (`check_identity`), and each node's HELLO carries `heads`'
+    record of the books of the site its key is enrolled as (server/site_heads.py), so that a
+    site whose books were put back declines before it releases anything."""
     refused = refused if refused is not None else []
 
     def refuse(why: str) -> None:
@@ -135,8 +138,13 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
     if len(nodes) < expected:
         say(f"waited {timeout:.0f}s: {len(nodes)} of {expected} sites connected; going on with them")
     say(f"asking {len(nodes)} sites who they are")
-    messages = [protocol.instruction(protocol.HELLO, plan, n) for n in nodes]
     keys = connection_keys(grid) if identity is not None else {}
+
+    def hello_plan(node: int) -> ConfigRecord:
+        name = identity.name_of(keys.get(node)) if identity is not None and heads is not None else None
+        return protocol.with_books_head(plan, heads.latest(name)) if heads is not None and name else plan
+
+    messages = [protocol.instruction(protocol.HELLO, hello_plan(n), n) for n in nodes]
     sites: dict[int, dict] = {}
     taken: dict[str, int] = {}  # site name -> node id
     for reply in sorted(grid.send_and_receive(messages, timeout=timeout), key=lambda m: m.metadata.src_node_id):
@@ -465,7 +473,12 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         frozen_fingerprint=view_fingerprint(view), class_names=pool_and_test(cfg)[1].class_names,
     )
     refused: list[str] = []
-    sites = discover_sites(grid, plan, cfg.federation.num_sites, cfg.federation.round_timeout_s, refused, identity)
+    # Deployed sites keep their books across runs: so does the coordinator's record of their
+    # heads. Virtual sites keep theirs in the run directory: so does it.
+    heads = SiteHeads(run_dir / "privacy" / SITE_HEADS if isinstance(grid, InMemoryGrid)
+                      else run_dir.parent / SITE_HEADS)
+    sites = discover_sites(grid, plan, cfg.federation.num_sites, cfg.federation.round_timeout_s, refused, identity,
+                           heads)
     if ckpt is not None:
         sites = rejoined_sites(run_dir, sites)
     if len(sites) < cfg.federation.min_sites:
@@ -510,10 +523,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         + (f", ... and {len(listed) - len(shown)} more (privacy/sites.json)" if len(shown) < len(listed) else ""))
 
     rounds = RoundLog(run_dir, cfg, sites, verified=books.run_epsilon)
-    # Deployed sites keep their books across runs: so does the coordinator's record of their
-    # heads. Virtual sites keep theirs in the run directory: so does it.
-    rounds.heads = SiteHeads(run_dir / "privacy" / SITE_HEADS if isinstance(grid, InMemoryGrid)
-                             else run_dir.parent / SITE_HEADS)
+    rounds.heads = heads
     for site, entries in apart:
         rounds.keep_apart(site, entries)
     for site, entries in counted:

@@ -20,13 +20,17 @@ that signed it: a site that comes back with another key (a new identity, its old
 gone) gets no head, since none of its entries can be compared. A hostile coordinator can
 send a false head: the site then declines, which is denial of service, not a spend.
 
-The limit: HELLO goes to nodes before the coordinator knows which site each is, so it
-carries no head; a site whose books were put back to a state older than its record count's
-release can release that count again at that HELLO (add-remove: one Gaussian count, once per
-such restore) before its first TRAIN or FEATURE_SUM is refused; books put back to any later
-state hold the count, and the HELLO spends nothing.
-A site that keeps a witness of its head (`fedshield client --ledger-witness`) refuses at
-HELLO too.
+HELLO, where a site may release its record count, goes before the node has said which site
+it is. In deployment the enrolment registry binds each connection key to a site name
+(deploy/enrolment.py), so the coordinator knows it from the node's key and the HELLO carries
+that name's head too (`latest`: the ledger key is not known yet, so the newest head held for
+the name whatever key signed it; a site that truly started new books under a new key is
+refused until the operator removes its line: over-refuse, never under-count). The limit: a
+simulation, or a deployment with hand-collected keys whose names are not enrolled, sends its
+HELLO without a head; a site whose books were put back to a state older than its record
+count's release can then release that count again at that HELLO (add-remove: one Gaussian
+count, once per such restore) before its first TRAIN or FEATURE_SUM is refused. A site that
+keeps a witness of its head (`fedshield client --ledger-witness`) refuses at HELLO always.
 """
 
 from __future__ import annotations
@@ -74,6 +78,12 @@ class SiteHeads:
         if mark is None or mark.get("key_fingerprint") != key_fingerprint:
             return None
         return BooksHead(int(mark["seq"]), str(mark["hash"]))
+
+    def latest(self, site: str) -> BooksHead | None:
+        """The newest head held for `site`, whatever ledger key signed it (at HELLO, before the
+        site has presented its ledger key), or None."""
+        mark = self.heads.get(site)
+        return None if mark is None else BooksHead(int(mark["seq"]), str(mark["hash"]))
 
     def advance(self, site: str, entries: Iterable[dict[str, Any]]) -> None:
         """Take in `site`'s verified entries: its head moves to the newest (never back)."""

@@ -107,6 +107,33 @@ def test_an_impostor_with_a_valid_key_of_its_own_never_takes_another_sites_name(
     assert "enrolled as 'rogue'" in refused[0]
 
 
+def test_each_hello_carries_the_books_head_of_the_site_its_key_is_enrolled_as(federation, tmp_path):
+    """The coordinator knows a node's site from its connection key before the HELLO: the HELLO
+    carries the head it holds of that site's books (server/site_heads.py), so books put back
+    to before a count's release decline at HELLO (tests/test_site_books.py) instead of
+    releasing a second count. A name with no head held, or a key not enrolled, gets none."""
+    from server.site_heads import SiteHeads
+
+    d, keys = federation
+    heads = SiteHeads(tmp_path / "site-heads.json")
+    heads.advance("st-marys", [{"seq": 4, "hash": "ab" * 32, "key_fingerprint": "SHA256:ledger"}])
+    heads.advance("rogue", [{"seq": 1, "hash": "cd" * 32, "key_fingerprint": "SHA256:other"}])
+    unenrolled = ec.generate_private_key(ec.SECP384R1())
+    grid = Grid({3: (keys["st-marys"], "st-marys"), 5: (keys["st-johns"], "st-johns"), 7: (keys["rogue"], "x"),
+                 8: (unenrolled, "y")})
+    sent: dict[int, protocol.BooksHead | None] = {}
+    answer = grid.send_and_receive
+
+    def record(messages, *, timeout=None):
+        messages = list(messages)
+        sent.update({m.metadata.dst_node_id: protocol.read_plan(m).books_head for m in messages})
+        return answer(messages, timeout=timeout)
+
+    grid.send_and_receive = record  # type: ignore[method-assign]
+    discover_sites(grid, PLAN, 4, 5.0, [], LiveEnrolment(d / REGISTRY), heads)
+    assert sent == {3: protocol.BooksHead(4, "ab" * 32), 5: None, 7: protocol.BooksHead(1, "cd" * 32), 8: None}
+
+
 def test_without_the_binding_the_first_claim_wins(federation):
     """What the binding closes: with no registry (the simulation runtime has no keys) the
     lower node id keeps the name, whoever it is."""

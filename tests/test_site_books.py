@@ -132,6 +132,25 @@ def test_books_put_back_behind_the_coordinators_head_are_refused(tiny_bert, tmp_
     assert isinstance(got, protocol.Decline) and got.kind == "books" and "not the one" in got.reason
 
 
+def test_books_put_back_to_before_the_count_are_refused_at_hello_before_a_second_count(tiny_bert, tmp_path):
+    """The gap a HELLO without a head left: books put back to before the count's release
+    (a state folder restored from before the first run) would release a second noisy count at
+    that HELLO. In deployment the HELLO carries the head of the site its connection key is
+    enrolled as (server/app.py discover_sites): declined, kind books, and nothing released."""
+    coordinator = write_csv(tmp_path / "coordinator.csv", synthetic_rows(120, seed=1))
+    data = site_file(tmp_path, "site.csv", [])
+    context = deployed(tmp_path, data)
+    plan, _ = coordinator_plan(tiny_bert, coordinator, tmp_path)
+    state_dir = tmp_path / "state"
+    assert isinstance(ask_hello(plan, context), protocol.SiteHello)
+    [count] = spent(tmp_path)
+    for name in ("ledger.jsonl", "ledger.jsonl.head"):  # the state folder as it was before any run
+        (state_dir / name).unlink()
+    got = ask_hello(protocol.with_books_head(plan, protocol.BooksHead(count["seq"], count["hash"])), context)
+    assert isinstance(got, protocol.Decline) and got.kind == "books", got
+    assert spent(tmp_path) == []  # no second count: the rolled-back books released nothing
+
+
 def test_books_put_back_behind_the_sites_own_witness_are_refused(tiny_bert, tmp_path):
     """`ledger-witness` (fedshield client --ledger-witness): the site appends the head of its
     books there after every entry; books behind it are refused at the next message, HELLO too."""
