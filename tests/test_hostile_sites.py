@@ -77,7 +77,8 @@ def test_each_hostile_site_is_refused_alone_and_named_and_the_honest_sites_carry
 
     cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
         "federation.num_sites": 9, "federation.rounds": 2, "privacy.noise_multiplier": 0.5,
-        "privacy.budget_epsilon": 100, "output.save_model": False, "training.center_features": False}))
+        "privacy.budget_epsilon": 100,
+        "privacy.target_epsilon": 100, "output.save_model": False, "training.center_features": False}))
     monkeypatch.setattr(client.app, "app", hostile_app())  # what run_simulation starts
     run = run_simulation(cfg)
 

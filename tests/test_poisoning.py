@@ -205,6 +205,7 @@ def test_under_dp_a_refused_update_is_named_and_its_spend_still_recorded(tiny_be
     bound = 400.0  # DP noise dominates a tiny model's update: honest norms measured ~21, the scaled one ~1,050
     cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
         "federation.num_sites": 5, "privacy.noise_multiplier": 0.5, "privacy.budget_epsilon": 100,
+        "privacy.target_epsilon": 100,
         "output.save_model": False, "federation.strategy": "fedmedian",
         "federation.update_norm_bound": bound, "federation.update_norm_action": "reject",
     }))

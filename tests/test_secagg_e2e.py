@@ -100,6 +100,7 @@ def test_secagg_simulation_recovers_dropouts_after_sharing_and_skips_a_round_wit
     cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
         "federation.secure_aggregation": "secaggplus", "federation.num_sites": 4, "federation.rounds": 3,
         "federation.secagg_timeout_s": 60, "privacy.noise_multiplier": 0.5, "privacy.budget_epsilon": 100,
+        "privacy.target_epsilon": 100,
         "output.save_model": False, "training.center_features": False}))
     monkeypatch.setattr(client.app, "app", vanishing_app(VANISH))  # what run_simulation starts
     run = run_simulation(cfg)

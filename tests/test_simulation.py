@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_three_sites_two_rounds_beats_chance_and_writes_the_run_directory(tiny_bert, synthetic_csv, tmp_path):
-    extra = {"privacy.noise_multiplier": 0.5, "privacy.budget_epsilon": 100}
+    extra = {"privacy.noise_multiplier": 0.5, "privacy.budget_epsilon": 100, "privacy.target_epsilon": 100}
     cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **extra))
     run = run_simulation(cfg)
 

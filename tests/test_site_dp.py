@@ -140,7 +140,7 @@ def test_site_level_dp_in_simulation_writes_a_ledger_that_audits(tiny_bert, synt
 
     cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
         "privacy.unit": "site", "training.center_features": False,
-        "privacy.noise_multiplier": 0.5, "privacy.budget_epsilon": 100,
+        "privacy.noise_multiplier": 0.5, "privacy.budget_epsilon": 100, "privacy.target_epsilon": 100,
         "federation.num_sites": 4, "federation.fraction_train": 0.5, "federation.rounds": 3,
         "privacy.site_clip_norm": 5.0, "privacy.site_target_epsilon": 20.0, "privacy.site_delta": 0.01,
         "output.save_model": False,
