@@ -80,13 +80,15 @@ import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline
 
 import argparse
 import datetime as dt
+import queue
 import secrets
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from deploy.front import MIB, FleetFront, FrontLimits, max_body_bytes, node_key_bytes
@@ -464,13 +466,11 @@ def server_main(argv: list[str]) -> int:
                 [flwr_bin("flwr"), "run", str(home / "app"), CONNECTION, "--stream"], env,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
             assert flwr_run.stdout is not None
-            for line in flwr_run.stdout:
+            for line in run_output(flwr_run.stdout, run_dir):
                 if RUN_STOPPED in line or _APP_ERROR.search(line):
                     said.append(line)
                 if args.verbose or not _noise(line):
                     print(line.rstrip(), flush=True)
-                if (run_dir / "report.md").is_file() and _finished(run_dir):
-                    break
     except Interrupted:
         print("interrupted: stopping the SuperLink and the ServerApp", file=sys.stderr, flush=True)
         interrupted = True
@@ -499,6 +499,44 @@ def front_limits(args: argparse.Namespace) -> FrontLimits:
                              f"more than --max-connections {args.max_connections}")
     return FrontLimits(max_body_bytes=body, max_connections=args.max_connections,
                        max_per_address=args.max_connections_per_address)
+
+
+# After report.md, how long the ServerApp's streamed log may still take to arrive: `flwr run
+# --stream` fetches the log in batches, so the last round's lines (who failed, who dropped out
+# of secure aggregation) can come after the report is written. Bounded: the output is not
+# waited on past these, whether or not `flwr run` exits.
+DRAIN_IDLE_S, DRAIN_MAX_S = 30.0, 120.0
+
+
+def run_output(stream: Iterable[str], run_dir: Path) -> Iterator[str]:
+    """The lines of `flwr run --stream` until it ends, or until the run's report is written and
+    the log has caught up (no line for DRAIN_IDLE_S, DRAIN_MAX_S at most): a reader thread, so
+    that waiting for a line never outlasts those bounds."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, name="flwr-run-output", daemon=True).start()
+    finished_at: float | None = None
+    last_line = time.monotonic()
+    while True:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            line = ""
+        now = time.monotonic()
+        if line is None:
+            return
+        if line:
+            last_line = now
+            yield line
+        if finished_at is None and (run_dir / "report.md").is_file() and _finished(run_dir):
+            finished_at = now
+        if finished_at is not None and (now - last_line > DRAIN_IDLE_S or now - finished_at > DRAIN_MAX_S):
+            return
 
 
 def _finished(run_dir: Path) -> bool:

@@ -155,3 +155,34 @@ def test_a_model_head_of_another_size_than_the_tasks_classes_is_one_line_up_fron
     assert "\n" not in msg and msg.startswith(f"task.model={str(tiny_bert)!r}: its classification head has 2 outputs")
     assert "3 classes" in msg
     assert nothing_made(tmp_path)
+
+
+def test_the_serverapps_last_lines_are_read_after_its_report_and_a_silent_stream_is_not_waited_on(
+        tmp_path, monkeypatch):
+    """`flwr run --stream` fetches the ServerApp's log in batches: the last round's lines can
+    come after report.md (a SecAgg+ dropout line was lost so). They are read until the stream
+    ends; a stream that stays open and silent after the report is left after the idle bound."""
+    import os
+    import threading
+
+    import server.cli as cli
+
+    monkeypatch.setattr(cli, "DRAIN_IDLE_S", 0.3)
+    (tmp_path / "report.md").write_text("# done\n")  # written before the last lines arrive
+    assert list(cli.run_output(iter(["round 1\n", "  city-bank: dropped out\n"]), tmp_path)) == [
+        "round 1\n", "  city-bank: dropped out\n"]
+
+    read, write = os.pipe()
+    os.write(write, b"round 1\n")
+    stream = os.fdopen(read, "r")
+    got: list[str] = []
+    done = threading.Event()
+
+    def consume():
+        got.extend(cli.run_output(stream, tmp_path))
+        done.set()
+
+    threading.Thread(target=consume, daemon=True).start()
+    assert done.wait(30), "run_output waited on a silent stream after the report"
+    assert got == ["round 1\n"]
+    os.close(write)
