@@ -343,13 +343,7 @@ def uploads_main(args: argparse.Namespace) -> int:
     ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
     started: list[subprocess.Popen] = []
     rows = []
-    old = ""
-    if args.old_ref:
-        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{args.old_ref}:deploy/front.py"],
-                               capture_output=True, text=True)
-        if shown.returncode == 0:
-            old = str(tmp / "old_front.py")
-            Path(old).write_text(shown.stdout)
+    old = old_front(args.old_ref, tmp)
     try:
         up = free_port()
         start(["--serve-upstream", str(pki), str(up)], started)
@@ -445,6 +439,19 @@ def honest(port: int, ctx: ssl.SSLContext, seconds: float) -> list[float | None]
     return out
 
 
+def old_front(ref: str, tmp: Path) -> str:
+    """deploy/front.py as it was at git `ref`, written under `tmp` for a side-by-side run;
+    "" (and a line saying why) if there is no ref or it cannot be read."""
+    if not ref:
+        return ""
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:deploy/front.py"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        print(f"--old-ref {ref}: {shown.stderr.strip()}; skipping the old front", flush=True)
+        return ""
+    (tmp / "old_front.py").write_text(shown.stdout)
+    return str(tmp / "old_front.py")
+
+
 def stop(started: list[subprocess.Popen]) -> None:
     """End the bench's processes: stdin closed, SIGTERM newest first, killed after 15 s."""
     for p in started:
@@ -498,15 +505,7 @@ def main() -> int:
         up = free_port()
         start(["--serve-upstream", str(pki), str(up)], started)
         fronts = {}
-        old = ""
-        if args.old_ref:
-            shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{args.old_ref}:deploy/front.py"],
-                                   capture_output=True, text=True)
-            if shown.returncode == 0:
-                old = str(tmp / "old_front.py")
-                Path(old).write_text(shown.stdout)
-            else:
-                print(f"--old-ref {args.old_ref}: {shown.stderr.strip()}; skipping the old front", flush=True)
+        old = old_front(args.old_ref, tmp)
         for label, mb, source in (("default", 0.0, ""), ("256MiB", 256.0, ""), ("old-256MiB", 256.0, old)):
             if label.startswith("old") and not source:
                 continue
