@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from privacy.errors import FedShieldError
+from fedshield.privacy.errors import FedShieldError
 
 # ---------------------------------------------------------------- message kinds
 

@@ -58,9 +58,9 @@ class Variant:
         from torch import nn
         from torch.utils.data import DataLoader
 
-        import conf
-        from privacy.dpsgd import make_private
-        from task.pipeline import build_view, encode, pool_and_test
+        from fedshield import conf
+        from fedshield.privacy.dpsgd import make_private
+        from fedshield.task.pipeline import build_view, encode, pool_and_test
 
         self.mode, self.k, self.gsm = mode, k, gsm
         self.name = f"{mode_name(mode, k)} / {gsm or 'non-DP'}"

@@ -112,7 +112,7 @@ def serve_front(pki: Path, port: int, upstream: int, body_mb: float, log: Path, 
         sys.stdin.read()
         front.stop()
         return
-    from deploy.front import MIB, FleetFront, FrontLimits
+    from fedshield.deploy.front import MIB, FleetFront, FrontLimits
 
     limits = FrontLimits() if body_mb <= 0 else FrontLimits(max_body_bytes=int(body_mb * MIB))
     front = FleetFront("127.0.0.1", port, pki / "server.crt", pki / "server.key", upstream, pki / "ca.crt",
@@ -294,7 +294,7 @@ def serve_front_keys(pki: Path, port: int, upstream: int, key: Path, log: Path, 
         front = module.FleetFront("127.0.0.1", port, pki / "server.crt", pki / "server.key", upstream, pki / "ca.crt",
                                   access_log=log)
     else:
-        from deploy.front import FleetFront, node_key_bytes
+        from fedshield.deploy.front import FleetFront, node_key_bytes
 
         public = serialization.load_pem_private_key(key.read_bytes(), None).public_key()
         front = FleetFront("127.0.0.1", port, pki / "server.crt", pki / "server.key", upstream, pki / "ca.crt",
@@ -331,8 +331,8 @@ def uploads_main(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from deploy import pki as pki_mod
-    from deploy.processes import free_port
+    from fedshield.deploy import pki as pki_mod
+    from fedshield.deploy.processes import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="front-uploads-"))
     pki = tmp / "pki"
@@ -492,8 +492,8 @@ def main() -> int:
         if args.old_ref == "1decbf3":
             args.old_ref = "c57ace7"
         return uploads_main(args)
-    from deploy import pki as pki_mod
-    from deploy.processes import free_port
+    from fedshield.deploy import pki as pki_mod
+    from fedshield.deploy.processes import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="front-load-"))
     pki = tmp / "pki"

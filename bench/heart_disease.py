@@ -41,12 +41,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-import conf  # noqa: E402
-from privacy.accountant import Spend, calibrate_noise_multiplier, epsilon  # noqa: E402
-from task.evaluation import predict  # noqa: E402
-from task.model import build_tabular_model  # noqa: E402
-from task.pipeline import pool_and_test  # noqa: E402
-from task.trainer import LocalPlan, batches_per_epoch, poisson_rate, train_local  # noqa: E402
+from fedshield import conf  # noqa: E402
+from fedshield.privacy.accountant import Spend, calibrate_noise_multiplier, epsilon  # noqa: E402
+from fedshield.task.evaluation import predict  # noqa: E402
+from fedshield.task.model import build_tabular_model  # noqa: E402
+from fedshield.task.pipeline import pool_and_test  # noqa: E402
+from fedshield.task.trainer import LocalPlan, batches_per_epoch, poisson_rate, train_local  # noqa: E402
 
 
 def dataset(data) -> TensorDataset:
@@ -82,8 +82,8 @@ def train_central(cfg, train, dp: bool, seed: int) -> tuple[torch.nn.Module, flo
 def federated(cfg, test, hospitals) -> tuple[dict[str, float], float]:
     from safetensors.torch import load_file
 
-    from server.run_dir import read_jsonl
-    from simulations.simulate import run_simulation
+    from fedshield.server.run_dir import read_jsonl
+    from fedshield.simulations.simulate import run_simulation
 
     run = run_simulation(cfg)
     model = build_tabular_model(test.features.shape[1], 2, cfg.task.hidden_units, 0)

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 warnings.filterwarnings("ignore")
 
-import deploy.offline  # noqa: E402,F401  (first: nothing phones home)
+import fedshield.deploy.offline  # noqa: E402,F401  (first: nothing phones home)
 
 ATTACKS = ("scaled", "sign-flip", "huge-n", "nan-n", "label-flip")
 RULES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "fedavg+bound")
@@ -68,8 +68,8 @@ def malicious_app(attacks: dict[int, str]):
     Defined in one function so that Ray ships it to its workers by value."""
     from dataclasses import replace
 
-    import client.app as real
-    import protocol as wire
+    import fedshield.client.app as real
+    import fedshield.protocol as wire
 
     def flipped(msg, plan, site):
         data = replace(site.data, labels=(site.data.labels + 1) % len(site.data.class_names))
@@ -120,13 +120,13 @@ def _cache_the_test_split(folder: Path) -> None:
     """The coordinator's evaluator encodes the held-out split with the frozen model in every
     run; in one process the runs share that encoding through task.pipeline.encode's own
     cache (keyed by the frozen weights and the token ids)."""
-    import server.evaluate
-    from task.pipeline import encode
+    import fedshield.server.evaluate
+    from fedshield.task.pipeline import encode
 
     def encode_cached(cfg, view, data, cache_dir=None, **kw):
         return encode(cfg, view, data, cache_dir=cache_dir or folder, **kw)
 
-    server.evaluate.encode = encode_cached
+    fedshield.server.evaluate.encode = encode_cached
 
 
 def rule_overrides(rule: str, attackers: int, bound: float | None) -> list[str]:
@@ -144,8 +144,8 @@ def rule_overrides(rule: str, attackers: int, bound: float | None) -> list[str]:
 
 
 def run_one(args, protocol: str, rule: str, attack: str, attackers: int, bound: float | None, work: Path) -> dict:
-    import conf
-    from server.run_dir import new_run_dir, read_jsonl
+    from fedshield import conf
+    from fedshield.server.run_dir import new_run_dir, read_jsonl
 
     name = f"{protocol}-{rule}-{attack}-{attackers}".replace("+", "-")
     overrides = [*PROTOCOLS[protocol], *rule_overrides(rule, attackers, bound), f"output.dir={work / 'runs'}",
@@ -157,20 +157,20 @@ def run_one(args, protocol: str, rule: str, attack: str, attackers: int, bound: 
     t0 = time.time()
     log = io.StringIO()
     if args.runtime == "ray":
-        import client.app
-        from simulations.simulate import run_simulation
+        import fedshield.client.app
+        from fedshield.simulations.simulate import run_simulation
 
-        real_app = client.app.app
-        client.app.app = app
+        real_app = fedshield.client.app.app
+        fedshield.client.app.app = app
         try:
             with contextlib.redirect_stdout(log):
                 run_dir = run_simulation(cfg)
         finally:
-            client.app.app = real_app
+            fedshield.client.app.app = real_app
     else:
         from flwr.supercore.task_identity import TaskIdentity
 
-        from server.app import run_federation
+        from fedshield.server.app import run_federation
 
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
         _cache_the_test_split(work / "test-cache")

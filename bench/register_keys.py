@@ -31,9 +31,16 @@ def main() -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from deploy.pki import init_pki
-    from deploy.processes import Children, flower_env, flwr_bin, free_port, register_connection_keys, run_flower_cli
-    from server.cli import CONNECTION, wait_tls, write_flower_config
+    from fedshield.deploy.pki import init_pki
+    from fedshield.deploy.processes import (
+        Children,
+        flower_env,
+        flwr_bin,
+        free_port,
+        register_connection_keys,
+        run_flower_cli,
+    )
+    from fedshield.server.cli import CONNECTION, wait_tls, write_flower_config
 
     tmp = Path(tempfile.mkdtemp(prefix="register-keys-"))
     pki = tmp / "pki"

@@ -109,8 +109,8 @@ def counting_app(drops: dict[int, list[int]], log_dir: str):
     """client.app's ClientApp (`site_app`) with every handler wrapped: each message and reply
     is measured (Flower's serde) and timed, and the sites in `drops[round]` raise in TRAIN.
     Built in a function so that Ray ships it to its workers by value."""
-    import client.app as real
-    import protocol as wire
+    import fedshield.client.app as real
+    import fedshield.protocol as wire
 
     def size(message) -> int:
         from flwr.common.serde import message_to_proto
@@ -122,7 +122,7 @@ def counting_app(drops: dict[int, list[int]], log_dir: str):
             f.write(json.dumps(row) + "\n")
 
     def patch_masking() -> None:  # time client.secagg's masking inside this worker, once per process
-        from client import secagg as site_side
+        from fedshield.client import secagg as site_side
 
         original = site_side.masked
         if getattr(original, "bench_timed", False):  # Ray may unpickle this app once per message
@@ -175,9 +175,9 @@ def counting_app(drops: dict[int, list[int]], log_dir: str):
 
 def time_coordinator(events: list[dict]) -> None:
     """Wrap the coordinator's round stages; each call appends {what, round, t0, t1}."""
-    import server.app as server_app
-    from strategies.secagg import SecAggPlus
-    from strategies.site_aware import SiteAwareStrategy
+    import fedshield.server.app as server_app
+    from fedshield.strategies.secagg import SecAggPlus
+    from fedshield.strategies.site_aware import SiteAwareStrategy
 
     def wrap(cls, name, what, round_of):
         original = getattr(cls, name)
@@ -236,17 +236,17 @@ def one(variant: str, n: int, work: Path, extra: list[str]) -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
-    import client.app
-    import conf
-    from server.run_dir import read_jsonl
-    from simulations.simulate import run_simulation
+    import fedshield.client.app
+    from fedshield import conf
+    from fedshield.server.run_dir import read_jsonl
+    from fedshield.simulations.simulate import run_simulation
 
     tag = f"{variant}-{n}-{time.time_ns()}"
     log_dir = work / "sitelogs" / tag
     log_dir.mkdir(parents=True)
     cfg = conf.load_config(overrides(variant, n, work, tag, extra))
     drops = schedule(n)
-    client.app.app = counting_app(drops, str(log_dir))  # what run_simulation starts
+    fedshield.client.app.app = counting_app(drops, str(log_dir))  # what run_simulation starts
     events: list[dict] = []
     time_coordinator(events)
     t0 = time.time()
@@ -325,8 +325,8 @@ class MicroGrid:
         from cryptography.hazmat.primitives.asymmetric import ec
         from flwr.app import Context, RecordDict
 
-        import conf
-        from privacy import signing
+        from fedshield import conf
+        from fedshield.privacy import signing
 
         self.names = {1000 + i: f"site-{i:02d}" for i in range(n)}
         self.keys = {nid: ec.generate_private_key(signing.CURVE()) for nid in self.names}  # ledger signing keys
@@ -355,8 +355,8 @@ class MicroGrid:
         return list(self.names)
 
     def send_and_receive(self, messages, *, timeout=None):
-        import protocol
-        from client import secagg as site_side
+        from fedshield import protocol
+        from fedshield.client import secagg as site_side
 
         run = "bench-run"
         replies = []
@@ -380,8 +380,8 @@ class MicroGrid:
     def collect(self, coordinator, plan) -> dict:
         from flwr.app import Message, RecordDict
 
-        import protocol
-        from client import secagg as site_side
+        from fedshield import protocol
+        from fedshield.client import secagg as site_side
 
         vectors = {}
         for nid in self.names:
@@ -399,9 +399,9 @@ class MicroGrid:
 def micro_cell(n: int, neighbours: int, level: float, shapes: dict, max_dropout: float) -> dict:
     import numpy as np
 
-    import protocol
-    from privacy.secure_sum import settings_of
-    from strategies.secagg import SecAggPlus, Unmasked
+    from fedshield import protocol
+    from fedshield.privacy.secure_sum import settings_of
+    from fedshield.strategies.secagg import SecAggPlus, Unmasked
 
     vanish = set(dropped_sites(n, level))
     grid = MicroGrid(n, shapes, neighbours, max_dropout, vanish)
@@ -449,8 +449,8 @@ def micro_cell(n: int, neighbours: int, level: float, shapes: dict, max_dropout:
 
 
 def real_shapes() -> dict[str, tuple[int, ...]]:
-    import conf
-    from task.pipeline import build_view
+    from fedshield import conf
+    from fedshield.task.pipeline import build_view
 
     view = build_view(conf.load_config(["privacy=none"]))
     return {k: tuple(v.shape) for k, v in view.trainable_state().items()}
@@ -463,7 +463,7 @@ def shamir_costs(sizes: list[int], repeat: int) -> None:
     from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
     from flwr.supercore.primitives.asymmetric import generate_key_pairs, private_key_to_bytes
 
-    from privacy.secure_sum import SecAggSettings
+    from fedshield.privacy.secure_sum import SecAggSettings
 
     sk1, _ = generate_key_pairs()
     secrets = {"b (32 B)": os.urandom(32), f"sk1 PEM ({len(private_key_to_bytes(sk1))} B)": private_key_to_bytes(sk1),
@@ -490,7 +490,7 @@ def shamir_costs(sizes: list[int], repeat: int) -> None:
                     km.append(time.perf_counter() - t2)
                 print(f"| {m} ({t}) | {name} | {1e3 * statistics.median(c):.1f} | {1e3 * statistics.median(k):.1f} | "
                       f"{1e3 * statistics.median(km):.1f} |", flush=True)
-    from privacy import shamir
+    from fedshield.privacy import shamir
 
     print(f"\nfedshield's Shamir (privacy/shamir.py: GF(2^31 - 1), numpy over all shares; what the sites and the "
           f"coordinator now use), median of {max(repeat, 20)}, ms")
@@ -518,7 +518,7 @@ def ring_risk(sizes: list[int], trials: int = 4000) -> None:
     """How often a random SecAgg+ ring (privacy.secure_sum.neighbourhoods, as the coordinator
     draws it outside simulation) leaves some neighbourhood with fewer than t survivors when
     10% or 30% of the sites, drawn at random, vanish after sharing: the round is then skipped."""
-    from privacy.secure_sum import SecAggSettings, neighbourhoods
+    from fedshield.privacy.secure_sum import SecAggSettings, neighbourhoods
 
     print(f"\nRandom ring vs random dropouts ({trials} trials each): share of rounds skipped")
     print("| sites | neighbours | max dropout fraction (t of the neighbourhood) | lost | rounds skipped |")

@@ -59,7 +59,7 @@ def make_assets(work: Path, n_sites: int) -> tuple[Path, Path]:
         import torch
         from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-        from task.model import bundled_model_path
+        from fedshield.task.model import bundled_model_path
 
         torch.manual_seed(0)
         config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -97,12 +97,12 @@ def plain_client_app():
     def train(msg: Message, context: Context) -> Message:
         import torch
 
-        import conf
-        from protocol import from_array_record as from_arrays
-        from protocol import to_array_record as to_arrays
-        from task.partition import partition
-        from task.pipeline import build_view, encode, pool_and_test
-        from task.trainer import LocalPlan, train_local
+        from fedshield import conf
+        from fedshield.protocol import from_array_record as from_arrays
+        from fedshield.protocol import to_array_record as to_arrays
+        from fedshield.task.partition import partition
+        from fedshield.task.pipeline import build_view, encode, pool_and_test
+        from fedshield.task.trainer import LocalPlan, train_local
 
         cfg = conf.from_yaml(str(msg.content["config"]["cfg"]))
         pid = int(context.node_config["partition-id"])
@@ -136,10 +136,10 @@ def run_plain(cfg, work: Path) -> dict:
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
-    import conf
-    from protocol import to_array_record as to_arrays
-    from simulations.simulate import backend_config
-    from task.pipeline import build_view
+    from fedshield import conf
+    from fedshield.protocol import to_array_record as to_arrays
+    from fedshield.simulations.simulate import backend_config
+    from fedshield.task.pipeline import build_view
 
     n = int(cfg.federation.num_sites)
     stamps: list[float] = []
@@ -169,8 +169,8 @@ def run_plain(cfg, work: Path) -> dict:
 
 
 def run_fedshield(cfg) -> dict:
-    from server.run_dir import read_jsonl
-    from simulations.simulate import run_simulation
+    from fedshield.server.run_dir import read_jsonl
+    from fedshield.simulations.simulate import run_simulation
 
     run = run_simulation(cfg)
     rows = read_jsonl(run / "metrics.jsonl")
@@ -187,7 +187,7 @@ def one(app: str, n_sites: int, work: Path) -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    import conf
+    from fedshield import conf
 
     model, data = make_assets(work, n_sites)
     tag = f"{app}-{n_sites}-{time.time_ns()}"

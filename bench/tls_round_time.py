@@ -81,10 +81,10 @@ os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.
 
 import psutil  # noqa: E402
 
-from client.cli import node_config  # noqa: E402
-from deploy.processes import flower_env, flwr_bin, free_port, last_error  # noqa: E402
-from privacy.errors import FedShieldError  # noqa: E402
-from server.cli import (  # noqa: E402
+from fedshield.client.cli import node_config  # noqa: E402
+from fedshield.deploy.processes import flower_env, flwr_bin, free_port, last_error  # noqa: E402
+from fedshield.privacy.errors import FedShieldError  # noqa: E402
+from fedshield.server.cli import (  # noqa: E402
     CONNECTION,
     Children,
     resolve_config,
@@ -223,7 +223,7 @@ class Assets:
 
 
 def make_assets(work: Path, payloads: list[str]) -> Assets:
-    from deploy import pki
+    from fedshield.deploy import pki
     from tests.conftest import synthetic_rows, write_csv
 
     tiny = None
@@ -231,7 +231,7 @@ def make_assets(work: Path, payloads: list[str]) -> Assets:
         import torch
         from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-        from task.model import bundled_model_path
+        from fedshield.task.model import bundled_model_path
 
         tiny = work / "tiny-bert"
         torch.manual_seed(0)
@@ -281,8 +281,8 @@ def overrides(payload: Payload, assets: Assets, out_dir: Path, run_name: str) ->
 
 def payload_mb(payload: Payload, assets: Assets) -> float:
     """float32 MB of what travels: the trainable state the ServerApp sends (server.app)."""
-    import conf
-    from task.pipeline import build_view
+    from fedshield import conf
+    from fedshield.task.pipeline import build_view
 
     cfg = conf.load_config(overrides(payload, assets, assets.work / "unused", "x"))
     state = build_view(cfg).trainable_state()
@@ -350,7 +350,7 @@ def run_fedshield(payload: Payload, assets: Assets, job: Path, procs: Procs) -> 
     job.mkdir(parents=True)
     pki_dir = assets.product_pki
     port = free_port()
-    fedshield = [sys.executable, "-m", "simulations.cli"]
+    fedshield = [sys.executable, "-m", "fedshield.simulations.cli"]
     t0 = time.time()
     slog = job / "server.log"
     with log_file(slog) as f:

@@ -16,9 +16,9 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import copy
 
-import conf
-from protocol import to_array_record as to_arrays
-from task.pipeline import build_view
+from fedshield import conf
+from fedshield.protocol import to_array_record as to_arrays
+from fedshield.task.pipeline import build_view
 
 
 def wire_bytes(record) -> int:

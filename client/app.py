@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 
-import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
+import fedshield.deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
 
 # isort: split
 
@@ -49,18 +49,17 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 
-import conf
-import protocol
-from client import secagg
-from client.site import COUNT_RELEASE, BooksBehind, SiteState
-from privacy.accountant import Spend, epsilon
-from privacy.errors import FedShieldError
-from task import centering
-from task.data import LabeledData
-from task.model import ModelError, TrainView
-from task.pipeline import build_view, encode, read_text_file, view_fingerprint
-from task.sites import check_delta, virtual_sites
-from task.trainer import LocalPlan, TrainingError, poisson_rate, round_steps, train_local
+from fedshield import conf, protocol
+from fedshield.client import secagg
+from fedshield.client.site import COUNT_RELEASE, BooksBehind, SiteState
+from fedshield.privacy.accountant import Spend, epsilon
+from fedshield.privacy.errors import FedShieldError
+from fedshield.task import centering
+from fedshield.task.data import LabeledData
+from fedshield.task.model import ModelError, TrainView
+from fedshield.task.pipeline import build_view, encode, read_text_file, view_fingerprint
+from fedshield.task.sites import check_delta, virtual_sites
+from fedshield.task.trainer import LocalPlan, TrainingError, poisson_rate, round_steps, train_local
 
 log = logging.getLogger("fedshield.site")
 
@@ -357,8 +356,8 @@ def prove_connection(reply: Message, msg: Message, context: Context) -> Message:
     path = context.node_config.get(NODE_CONNECTION_KEY)
     if not path or protocol.SITE not in reply.content or protocol.DECLINE in reply.content:
         return reply
-    from deploy.pki import load_connection_private_key
-    from privacy import signing
+    from fedshield.deploy.pki import load_connection_private_key
+    from fedshield.privacy import signing
 
     try:
         key = load_connection_private_key(str(path))

@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import os
 
-import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
+import fedshield.deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
 
 # isort: split
 
@@ -89,7 +89,7 @@ import threading
 import time
 from pathlib import Path
 
-from deploy.processes import (
+from fedshield.deploy.processes import (
     Children,
     Interrupted,
     add_deprecated_alias,
@@ -99,8 +99,8 @@ from deploy.processes import (
     interrupts_raise,
     parse_host_port,
 )
-from privacy.errors import FedShieldError
-from privacy.signing import fingerprint
+from fedshield.privacy.errors import FedShieldError
+from fedshield.privacy.signing import fingerprint
 
 NOT_REGISTERED = ("Failed to activate SuperNode", "[code: 2004]")
 
@@ -142,7 +142,7 @@ def tls_preflight(host: str, port: int, ca: Path, timeout: float) -> None:
 
 
 def check_ca(ca: Path) -> None:
-    from deploy.pki import load_certificates
+    from fedshield.deploy.pki import load_certificates
 
     if not ca.is_file():
         raise FedShieldError(f"--ca {ca}: no such file")
@@ -154,8 +154,8 @@ def check_ca(ca: Path) -> None:
 
 
 def check_data(path: Path, labels: list[str] | None, text_column: str, label_column: str):
-    import conf
-    from task.pipeline import read_text_file
+    from fedshield import conf
+    from fedshield.task.pipeline import read_text_file
 
     cfg = conf.load_config(["task=text-file", f"task.data_path={path}",
                             f"task.text_column={text_column}", f"task.label_column={label_column}"])
@@ -166,8 +166,8 @@ def check_overrides(items: list[str]) -> dict[str, object]:
     out: dict[str, object] = {}
     if not items:
         return out
-    import conf
-    from client.app import SITE_OVERRIDABLE
+    from fedshield import conf
+    from fedshield.client.app import SITE_OVERRIDABLE
 
     for item in items:
         key, value = conf.parse_override(item)
@@ -234,7 +234,7 @@ def client_main(argv: list[str]) -> int:
                              "(give the coordinator's --ca)")
     host, port = parse_host_port(args.server, "--server", "fl.example.org:9092")
     key_path = Path(args.connection_key).expanduser().resolve()
-    from deploy.pki import check_site_name, load_connection_private_key
+    from fedshield.deploy.pki import check_site_name, load_connection_private_key
 
     key = load_connection_private_key(key_path)
     name = check_site_name(args.name or key_path.stem)
@@ -474,7 +474,7 @@ def finish(name: str, state: Path, home: Path, session: SupernodeLog) -> int:
     plan's last round. The round comes from the site's ledger (DP runs: one signed entry
     per round trained, resumed runs included); without entries (privacy.mode=none), from
     the number of train instructions of this session."""
-    from client.site import done_path
+    from fedshield.client.site import done_path
 
     ledger = state / "ledger.jsonl"
     kept = f"its ledger is kept ({ledger}); the ε it spent stays spent"

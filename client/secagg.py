@@ -67,11 +67,11 @@ from flwr.supercore.primitives.asymmetric import (
 )
 from omegaconf import DictConfig
 
-import protocol
-from privacy import secure_sum, shamir, signing
-from privacy.errors import FedShieldError
-from privacy.files import create_file
-from privacy.skellam import sample_skellam
+from fedshield import protocol
+from fedshield.privacy import secure_sum, shamir, signing
+from fedshield.privacy.errors import FedShieldError
+from fedshield.privacy.files import create_file
+from fedshield.privacy.skellam import sample_skellam
 
 log = logging.getLogger("fedshield.site")
 STATE = "fedshield-secagg"  # the record in the node's context that holds the round's secrets

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from privacy.errors import FedShieldError
+from fedshield.privacy.errors import FedShieldError
 
 from .schema import FedShieldConfig, validation_errors
 

@@ -335,7 +335,7 @@ SECURE_AGGREGATION = ("off", "secaggplus")
 
 def _secagg_error(f: FederationConfig) -> str | None:
     """Secure aggregation settings out of range, or combined with what needs individual updates."""
-    from privacy.secure_sum import settings_of
+    from fedshield.privacy.secure_sum import settings_of
 
     problem = settings_of(f).problem()
     if problem:

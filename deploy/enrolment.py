@@ -57,9 +57,9 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from privacy.errors import FedShieldError
-from privacy.files import write_fully
-from privacy.signing import fingerprint, verify
+from fedshield.privacy.errors import FedShieldError
+from fedshield.privacy.files import write_fully
+from fedshield.privacy.signing import fingerprint, verify
 
 REGISTRY = "enrolment.json"  # in the coordinator's PKI folder
 VERSION = 1

@@ -128,7 +128,7 @@ import h11
 import httpx
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from privacy.errors import FedShieldError
+from fedshield.privacy.errors import FedShieldError
 
 # Used with fullmatch (a `$` would also match before a trailing newline).
 FLEET_PATH = re.compile(r"/v1/fleet(/[A-Za-z0-9_-]+)+")

@@ -2,7 +2,7 @@
 Ray or transformers is imported (each reads its switch at import or start-up time), and
 that every Flower child process inherits.
 
-    import deploy.offline  # noqa: F401  (first import of an entry point)
+    import fedshield.deploy.offline  # noqa: F401  (first import of an entry point)
 
 Flower 1.41 sends telemetry events unless FLWR_TELEMETRY_ENABLED=0 (flwr/supercore/
 telemetry.py) and checks for updates unless FLWR_DISABLE_UPDATE_CHECK=1

@@ -58,10 +58,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from deploy.enrolment import REGISTRY, Enrolled, Enrolment, load_enrolment, save_enrolment
-from privacy.errors import FedShieldError
-from privacy.files import create_file, read_file
-from privacy.signing import fingerprint as key_fingerprint
+from fedshield.deploy.enrolment import REGISTRY, Enrolled, Enrolment, load_enrolment, save_enrolment
+from fedshield.privacy.errors import FedShieldError
+from fedshield.privacy.files import create_file, read_file
+from fedshield.privacy.signing import fingerprint as key_fingerprint
 
 
 class PKIError(FedShieldError):

@@ -56,7 +56,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from privacy.errors import FedShieldError
+from fedshield.privacy.errors import FedShieldError
 
 CLI_TIMEOUT_S = 120.0  # a `flwr` command against a local SuperLink answers in seconds
 

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from privacy.errors import FedShieldError
+from fedshield.privacy.errors import FedShieldError
 
 ACCOUNTANTS = ("pld", "rdp", "prv")
 PLD_RECORD_INTERVAL = 1e-3  # the discretisation of the ε recorded with accountant "pld" (and replace-one)

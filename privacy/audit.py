@@ -33,16 +33,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict, TypeGuard
 
-from privacy import signing
-from privacy.accountant import (
+from fedshield.privacy import signing
+from fedshield.privacy.accountant import (
     PLD_RECORD_INTERVAL,
     REPLACE_ONE,
     Spend,
     epsilon_dp_accounting_pld,
     epsilon_dp_accounting_rdp,
 )
-from privacy.errors import FedShieldError, LedgerError
-from privacy.ledger import (
+from fedshield.privacy.errors import FedShieldError, LedgerError
+from fedshield.privacy.ledger import (
     SKELLAM_MECHANISM,
     Entry,
     Ledger,
@@ -52,7 +52,7 @@ from privacy.ledger import (
     skellam_spend,
     verify_ledger,
 )
-from privacy.skellam import skellam_history_epsilon
+from fedshield.privacy.skellam import skellam_history_epsilon
 
 TOLERANCE = 1e-6  # relative: recorded ε may not be below the recomputation by more than this
 RUN_KEY_DIRS = ("ledger-keys", "site-keys")  # under <run>/privacy/: the current name, then the old one

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binom
 
-from privacy.errors import FedShieldError
+from fedshield.privacy.errors import FedShieldError
 
 BETA = 0.05
 _EPS_CEILING = 100.0  # no finite audit of a few thousand canaries certifies more than this

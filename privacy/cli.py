@@ -25,10 +25,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from privacy.errors import FedShieldError
+from fedshield.privacy.errors import FedShieldError
 
 if TYPE_CHECKING:  # imported when an audit runs: `--help` and bad input stay fast
-    from privacy.audit import AuditResult
+    from fedshield.privacy.audit import AuditResult
 
 
 def _budget(text: str) -> tuple[str, float]:
@@ -82,8 +82,8 @@ def audit_main(argv: list[str]) -> int:
         args = p.parse_args(argv)
         if (args.path is None) == (args.site is None):
             raise FedShieldError("audit: give a run directory or ledger, or --site STATE_DIR (one of the two)")
-        from privacy.audit import audit
-        from privacy.report import write_report
+        from fedshield.privacy.audit import audit
+        from fedshield.privacy.report import write_report
 
         if args.site is not None:
             problem = _site_books(args.site)
@@ -119,9 +119,9 @@ def audit_main(argv: list[str]) -> int:
 
 def _site_books(state: Path) -> str:
     """'' if the site's own ledger is whole and signed by its key, else the first problem."""
-    from privacy import signing
-    from privacy.errors import LedgerError
-    from privacy.ledger import Ledger
+    from fedshield.privacy import signing
+    from fedshield.privacy.errors import LedgerError
+    from fedshield.privacy.ledger import Ledger
 
     if not (state / "ledger.jsonl").is_file():
         raise FedShieldError(f"--site {state}: no ledger.jsonl (is it a site's state folder?)")

@@ -20,7 +20,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader
 
-from privacy.accountant import OPACUS_ACCOUNTANTS
+from fedshield.privacy.accountant import OPACUS_ACCOUNTANTS
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from privacy.errors import FedShieldError
+from fedshield.privacy.errors import FedShieldError
 
 
 def write_fully(fd: int, data: bytes) -> None:

@@ -72,11 +72,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeGuard
 
-from privacy import signing
-from privacy.accountant import ACCOUNTANTS, ADD_REMOVE, NEIGHBOURING, Spend, epsilon
-from privacy.errors import LedgerError
-from privacy.files import write_fully
-from privacy.skellam import skellam_history_epsilon
+from fedshield.privacy import signing
+from fedshield.privacy.accountant import ACCOUNTANTS, ADD_REMOVE, NEIGHBOURING, Spend, epsilon
+from fedshield.privacy.errors import LedgerError
+from fedshield.privacy.files import write_fully
+from fedshield.privacy.skellam import skellam_history_epsilon
 
 MECHANISM = "dp-sgd-poisson-gaussian"
 PRIVACY_UNIT = "record"

@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-from privacy.audit import AuditResult
+from fedshield.privacy.audit import AuditResult
 
 MAX_PLOTTED_SITES = 20
 

@@ -58,7 +58,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-from privacy.skellam import calibrate_skellam_variance, integer_sensitivities, skellam_epsilon
+from fedshield.privacy.skellam import calibrate_skellam_variance, integer_sensitivities, skellam_epsilon
 
 UInt64Array = np.ndarray[Any, np.dtype[np.uint64]]
 FloatArray = np.ndarray[Any, np.dtype[np.float64]]

@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
-from privacy.errors import FedShieldError
-from privacy.files import create_file, read_file
+from fedshield.privacy.errors import FedShieldError
+from fedshield.privacy.files import create_file, read_file
 
 CURVE = ec.SECP256R1
 PrivateKey = ec.EllipticCurvePrivateKey

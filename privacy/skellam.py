@@ -65,7 +65,7 @@ import numpy as np
 import numpy.typing as npt
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
-from privacy.errors import FedShieldError
+from fedshield.privacy.errors import FedShieldError
 
 # Integer orders only (see the module docstring). A superset of the reference code's
 # RDP_ORDERS (2..128 and 256): the larger orders serve small ε over many rounds.

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
+import fedshield.deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
 
 # isort: split
 
@@ -27,29 +27,28 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 from omegaconf import DictConfig, OmegaConf
 
-import conf
-import protocol
-from deploy.enrolment import LiveEnrolment, flower_key_fingerprint, load_enrolment, proves
-from privacy import signing
-from privacy.accountant import ADD_REMOVE
-from privacy.errors import FedShieldError
-from privacy.secure_sum import AUTO_RING_ABOVE, DistributedNoise, settings_of
-from server import checkpoint
-from server.evaluate import CentralEvaluator
-from server.export import export_model
-from server.federation_books import LEDGER_FILE as FEDERATION_LEDGER
-from server.federation_books import flower_epsilon_no_amplification, open_books
-from server.plots import plot_run
-from server.run_dir import LEDGER_KEYS, RUN_STOPPED, append_jsonl, existing_run_dir, new_run_dir, read_jsonl
-from server.site_heads import FILE as SITE_HEADS
-from server.site_heads import SiteHeads
-from strategies.flower import ROBUST, flower_strategy, shortfall
-from strategies.ledger_check import Expected, LedgerCheck, Verdict, plan_problem
-from strategies.secagg import SecAggPlus
-from strategies.site_aware import RoundReport, SiteAwareStrategy
-from task import centering
-from task.pipeline import build_view, pool_and_test, view_fingerprint
-from task.trainer import batches_per_epoch, poisson_rate
+from fedshield import conf, protocol
+from fedshield.deploy.enrolment import LiveEnrolment, flower_key_fingerprint, load_enrolment, proves
+from fedshield.privacy import signing
+from fedshield.privacy.accountant import ADD_REMOVE
+from fedshield.privacy.errors import FedShieldError
+from fedshield.privacy.secure_sum import AUTO_RING_ABOVE, DistributedNoise, settings_of
+from fedshield.server import checkpoint
+from fedshield.server.evaluate import CentralEvaluator
+from fedshield.server.export import export_model
+from fedshield.server.federation_books import LEDGER_FILE as FEDERATION_LEDGER
+from fedshield.server.federation_books import flower_epsilon_no_amplification, open_books
+from fedshield.server.plots import plot_run
+from fedshield.server.run_dir import LEDGER_KEYS, RUN_STOPPED, append_jsonl, existing_run_dir, new_run_dir, read_jsonl
+from fedshield.server.site_heads import FILE as SITE_HEADS
+from fedshield.server.site_heads import SiteHeads
+from fedshield.strategies.flower import ROBUST, flower_strategy, shortfall
+from fedshield.strategies.ledger_check import Expected, LedgerCheck, Verdict, plan_problem
+from fedshield.strategies.secagg import SecAggPlus
+from fedshield.strategies.site_aware import RoundReport, SiteAwareStrategy
+from fedshield.task import centering
+from fedshield.task.pipeline import build_view, pool_and_test, view_fingerprint
+from fedshield.task.trainer import batches_per_epoch, poisson_rate
 
 log = logging.getLogger("fedshield.server")
 

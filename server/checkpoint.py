@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from privacy.errors import FedShieldError
+from fedshield.privacy.errors import FedShieldError
 
 CHECKPOINT = "checkpoint.npz"
 VERSION = 1

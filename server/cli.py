@@ -36,7 +36,7 @@ What it starts, and why (flwr 1.41, read from its source):
    a revoked key at once (deploy/enrolment.py; run config `server.app.ENROLMENT_KEY`,
    `REVOKED_KEY`). The old spelling `--site-keys` still works, with a note.
 4. The run: `flwr run APP fedshield --stream`. APP is a private Flower app folder holding
-   only a generated pyproject.toml: the components (`server.app:app`, `client.app:app`) and
+   only a generated pyproject.toml: the components (`fedshield.server.app:app`, `fedshield.client.app:app`) and
    the whole resolved fedshield config as flat dotted keys in `[tool.flwr.app.config]`
    (Flower only accepts `--run-config` keys that the app declares, so declaring them all is
    how the resolved config reaches `context.run_config`). The FAB thus carries no code:
@@ -74,7 +74,7 @@ from __future__ import annotations
 import os
 import re
 
-import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
+import fedshield.deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
 
 # isort: split
 
@@ -91,8 +91,8 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from deploy.front import MIB, FleetFront, FrontLimits, max_body_bytes, node_key_bytes
-from deploy.processes import (
+from fedshield.deploy.front import MIB, FleetFront, FrontLimits, max_body_bytes, node_key_bytes
+from fedshield.deploy.processes import (
     Children,
     Interrupted,
     add_deprecated_alias,
@@ -104,9 +104,9 @@ from deploy.processes import (
     parse_host_port,
     register_connection_keys,
 )
-from privacy.errors import FedShieldError
-from privacy.signing import fingerprint
-from server.run_dir import RUN_STOPPED
+from fedshield.privacy.errors import FedShieldError
+from fedshield.privacy.signing import fingerprint
+from fedshield.server.run_dir import RUN_STOPPED
 
 CONNECTION = "fedshield"
 
@@ -118,7 +118,7 @@ def check_pki(pki: Path) -> dict[str, Path]:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
 
-    from deploy.pki import PKIError, load_certificates
+    from fedshield.deploy.pki import PKIError, load_certificates
 
     files = {n: pki / n for n in ("ca.crt", "server.crt", "server.key")}
     for p in files.values():
@@ -145,7 +145,7 @@ def check_pki(pki: Path) -> dict[str, Path]:
 
 def collect_connection_keys(items: list[str]) -> list[Path]:
     """The sites' connection public keys (*.pub) in files and folders; each loads, none repeats."""
-    from deploy.pki import load_connection_public_key
+    from fedshield.deploy.pki import load_connection_public_key
 
     keys: list[Path] = []
     for item in items:
@@ -171,8 +171,8 @@ def admitted_sites(pki: Path, connection_keys: list[str] | None) -> tuple[list[t
     """The sites to register: (name, NAME.pub) each, lines for those left out (revoked, expired),
     and the registry whose deny-list applies (`<pki>/enrolment.json`). With `--connection-keys`,
     those keys under their file names; without, the sites enrolled by `fedshield certs sign`."""
-    from deploy.enrolment import REGISTRY
-    from deploy.pki import enrolled_keys, hand_collected
+    from fedshield.deploy.enrolment import REGISTRY
+    from fedshield.deploy.pki import enrolled_keys, hand_collected
 
     registry = pki / REGISTRY
     if connection_keys:
@@ -189,7 +189,7 @@ def admitted_sites(pki: Path, connection_keys: list[str] | None) -> tuple[list[t
 
 
 def resolve_config(args: argparse.Namespace):
-    import conf
+    from fedshield import conf
 
     resume = getattr(args, "resume", False)
     overrides = list(args.overrides)
@@ -197,7 +197,7 @@ def resolve_config(args: argparse.Namespace):
         overrides.append(f"output.run_name={resume}")
     cfg = conf.load_config_file(args.config, overrides) if args.config else conf.load_config(overrides)
     if resume:  # the run's own config, as it was written when the run started (only output.* may change)
-        from server.run_dir import existing_run_dir
+        from fedshield.server.run_dir import existing_run_dir
 
         out = [o for o in overrides if o.startswith("output.")]
         cfg = conf.load_config_file(existing_run_dir(cfg) / "config.yaml", out)
@@ -209,7 +209,7 @@ def resolve_config(args: argparse.Namespace):
         elif value:
             cfg[section][leaf] = str(Path(value).expanduser())
     if resume:  # the run's own folder, which must hold it
-        from server.run_dir import existing_run_dir
+        from fedshield.server.run_dir import existing_run_dir
 
         return cfg, existing_run_dir(cfg)
     if not cfg.output.run_name:
@@ -224,9 +224,9 @@ def resolve_config(args: argparse.Namespace):
 def check_inputs(cfg, admitted: int) -> str:
     """The run's model folder and data, checked as the ServerApp will load them, and the
     site counts against the keys admitted; a one-line summary, or a FedShieldError."""
-    import conf
-    from task.model import text_model_path
-    from task.pipeline import pool_and_test
+    from fedshield import conf
+    from fedshield.task.model import text_model_path
+    from fedshield.task.pipeline import pool_and_test
 
     if cfg.federation.min_sites > admitted:
         raise conf.ConfigError(f"federation.min_sites={cfg.federation.min_sites}: only {admitted} connection "
@@ -255,7 +255,7 @@ def check_model_head(folder: Path, class_names: list[str], where: str) -> None:
     """
     import json
 
-    from task.model import ModelError
+    from fedshield.task.model import ModelError
 
     outputs: int | None = None
     weights = folder / "model.safetensors"
@@ -311,8 +311,8 @@ def write_app(app_dir: Path, cfg, resume: bool = False, identity: tuple[Path, Pa
     """
     import json
 
-    import conf
-    from server.app import ENROLMENT_KEY, RESUME_KEY, REVOKED_KEY, RUN_CONFIG_YAML_KEY
+    from fedshield import conf
+    from fedshield.server.app import ENROLMENT_KEY, RESUME_KEY, REVOKED_KEY, RUN_CONFIG_YAML_KEY
 
     app_dir.mkdir(parents=True, exist_ok=True)
     (app_dir / "pyproject.toml").write_text(
@@ -321,7 +321,8 @@ def write_app(app_dir: Path, cfg, resume: bool = False, identity: tuple[Path, Pa
         "description = \"fedshield run: the code is the fedshield package installed at each party\"\n"
         "license = \"Apache-2.0\"\ndependencies = []\n\n"
         "[tool.flwr.app]\npublisher = \"fedshield\"\n\n"
-        "[tool.flwr.app.components]\nserverapp = \"server.app:app\"\nclientapp = \"client.app:app\"\n\n"
+        "[tool.flwr.app.components]\n"
+        "serverapp = \"fedshield.server.app:app\"\nclientapp = \"fedshield.client.app:app\"\n\n"
         # a JSON string is a valid TOML basic string (same escapes)
         f"[tool.flwr.app.config]\n{json.dumps(RUN_CONFIG_YAML_KEY)} = {json.dumps(conf.to_yaml(cfg))}\n"
         + (f"{json.dumps(RESUME_KEY)} = true\n" if resume else "")
@@ -413,8 +414,8 @@ def server_main(argv: list[str]) -> int:
         os.chmod(home, 0o700)
     except OSError as exc:
         raise FedShieldError(f"output.dir={cfg.output.dir!r}: cannot make {home} ({exc.strerror})") from None
-    from deploy.enrolment import LiveEnrolment, save_enrolment
-    from deploy.pki import bindings, init_pki, load_connection_public_key
+    from fedshield.deploy.enrolment import LiveEnrolment, save_enrolment
+    from fedshield.deploy.pki import bindings, init_pki, load_connection_public_key
 
     internal = home / "loopback-pki"
     init_pki(internal, "localhost", ["127.0.0.1"], days=30, ca_days=30, force=True)

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from task.evaluation import classification_metrics, predict
-from task.model import TrainView
-from task.pipeline import encode, pool_and_test
+from fedshield.task.evaluation import classification_metrics, predict
+from fedshield.task.model import TrainView
+from fedshield.task.pipeline import encode, pool_and_test
 
 
 class CentralEvaluator:

@@ -13,8 +13,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
-from task.model import TabularMLP, TrainView, fold_center, is_bert_like
-from task.pipeline import pool_and_test, tokenizer
+from fedshield.task.model import TabularMLP, TrainView, fold_center, is_bert_like
+from fedshield.task.pipeline import pool_and_test, tokenizer
 
 
 def export_model(cfg: DictConfig, view: TrainView, out: Path) -> Path:

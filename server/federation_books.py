@@ -30,13 +30,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from privacy import signing
-from privacy.accountant import ADD_REMOVE, REPLACE_ONE, Spend, calibrate_noise_multiplier, epsilon
-from privacy.errors import FedShieldError
-from privacy.ledger import FEDERATION, SITE_MECHANISM, SITE_UNIT, SKELLAM_MECHANISM, Ledger, chain_epsilon
-from privacy.secure_sum import DistributedNoise, distributed_noise, settings_of
-from server.run_dir import LEDGER_KEYS
-from strategies.site_dp import SiteLevelDP
+from fedshield.privacy import signing
+from fedshield.privacy.accountant import ADD_REMOVE, REPLACE_ONE, Spend, calibrate_noise_multiplier, epsilon
+from fedshield.privacy.errors import FedShieldError
+from fedshield.privacy.ledger import FEDERATION, SITE_MECHANISM, SITE_UNIT, SKELLAM_MECHANISM, Ledger, chain_epsilon
+from fedshield.privacy.secure_sum import DistributedNoise, distributed_noise, settings_of
+from fedshield.server.run_dir import LEDGER_KEYS
+from fedshield.strategies.site_dp import SiteLevelDP
 
 LEDGER_FILE = "federation-ledger.jsonl"
 KEY_FILE = "federation.key"

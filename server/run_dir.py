@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-import conf
+from fedshield import conf
 
 LEDGER_KEYS = "ledger-keys"  # <run>/privacy/<this>/<site>.pub: what signed each site's entries
 # The ServerApp's last line when a run stops with an error (server/app.py says it, server/cli.py quotes it).

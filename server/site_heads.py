@@ -41,8 +41,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from privacy.errors import FedShieldError
-from protocol import MAX_SEQ, SHA256_HEX, BooksHead
+from fedshield.privacy.errors import FedShieldError
+from fedshield.protocol import MAX_SEQ, SHA256_HEX, BooksHead
 
 FILE = "site-heads.json"
 

@@ -10,7 +10,7 @@ Errors a user can cause end in one line on stderr, exit code 2, no traceback.
 
 from __future__ import annotations
 
-import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
+import fedshield.deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
 
 # isort: split
 
@@ -42,12 +42,12 @@ def simulate_main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides and presets")
     args = parser.parse_args(argv)
 
-    import conf
-    from simulations.simulate import final_table, run_simulation
+    from fedshield import conf
+    from fedshield.simulations.simulate import final_table, run_simulation
 
     cfg = conf.load_config_file(args.config, args.overrides) if args.config else conf.load_config(args.overrides)
     if args.resume:
-        from server.run_dir import existing_run_dir
+        from fedshield.server.run_dir import existing_run_dir
 
         cfg = conf.load_config_file(existing_run_dir(cfg) / "config.yaml", args.overrides)
     run_dir = run_simulation(cfg, verbose=args.verbose, resume=args.resume)
@@ -68,12 +68,12 @@ def _lazy(module: str, func: str):
 
 COMMANDS = {
     "simulate": simulate_main,
-    "sweep": _lazy("simulations.sweep", "sweep_main"),
-    "server": _lazy("server.cli", "server_main"),
-    "client": _lazy("client.cli", "client_main"),
-    "certs": _lazy("deploy.pki", "certs_main"),
-    "audit": _lazy("privacy.cli", "audit_main"),
-    "audit-empirical": _lazy("simulations.empirical", "empirical_main"),
+    "sweep": _lazy("fedshield.simulations.sweep", "sweep_main"),
+    "server": _lazy("fedshield.server.cli", "server_main"),
+    "client": _lazy("fedshield.client.cli", "client_main"),
+    "certs": _lazy("fedshield.deploy.pki", "certs_main"),
+    "audit": _lazy("fedshield.privacy.cli", "audit_main"),
+    "audit-empirical": _lazy("fedshield.simulations.empirical", "empirical_main"),
 }
 
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    from privacy.errors import FedShieldError
+    from fedshield.privacy.errors import FedShieldError
 
     if command == "audit" and "--empirical" in rest:  # runs a simulation: lives in simulations/
         command, rest = "audit-empirical", [a for a in rest if a != "--empirical"]

@@ -18,7 +18,7 @@ The canaries are only in the training file: the held-out test set is a separate 
 
 from __future__ import annotations
 
-import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
+import fedshield.deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
 
 # isort: split
 
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-import conf
-from privacy.canary import BETA, CanaryResult, audit_scores
+from fedshield import conf
+from fedshield.privacy.canary import BETA, CanaryResult, audit_scores
 
 SITE_COLUMN = "site"
 EXPECTED = ("a lower bound below the accounted ε is expected; "
@@ -63,7 +63,7 @@ def synthetic_base(n: int, rng: random.Random) -> tuple[list[tuple[str, str]], l
 
 
 def news_base(n: int, rng: random.Random) -> tuple[list[tuple[str, str]], list[str]]:
-    from task.data import DataError, load_news_topics
+    from fedshield.task.data import DataError, load_news_topics
 
     data = load_news_topics()
     if n > len(data):
@@ -74,7 +74,7 @@ def news_base(n: int, rng: random.Random) -> tuple[list[tuple[str, str]], list[s
 
 def canary_vocabulary(model: str, exclude: set[str]) -> list[str]:
     """Whole-word, alphabetic tokens of the model's tokenizer: one token per canary word."""
-    from task.model import load_tokenizer
+    from fedshield.task.model import load_tokenizer
 
     vocab = load_tokenizer(model).get_vocab()
     return sorted(w for w in vocab if w.isascii() and w.isalpha() and len(w) >= 4 and w not in exclude)
@@ -244,7 +244,7 @@ def empirical_main(argv: list[str]) -> int:
     print(f"empirical audit: {args.canaries} canaries at {args.site}, "
           f"{int(can.included.sum())} included (coin flips, seed {args.seed})")
 
-    from simulations.simulate import run_simulation
+    from fedshield.simulations.simulate import run_simulation
 
     run_dir = run_simulation(cfg, verbose=args.verbose)
     losses = canary_losses(run_dir / "model", can.texts, can.labels, int(cfg.task.max_length))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-import deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
+import fedshield.deploy.offline  # noqa: F401  (first: nothing phones home; deploy/offline.py)
 
 # isort: split
 
@@ -20,10 +20,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-import conf
-import protocol
-from server.run_dir import existing_run_dir, new_run_dir, read_jsonl
-from task.sites import check_delta, virtual_sites
+from fedshield import conf, protocol
+from fedshield.server.run_dir import existing_run_dir, new_run_dir, read_jsonl
+from fedshield.task.sites import check_delta, virtual_sites
 
 
 def check_sites(cfg: DictConfig) -> list[tuple[str, int]]:
@@ -66,13 +65,13 @@ def run_simulation(cfg: DictConfig, verbose: bool = False, resume: bool = False)
     """Run (or with `resume`, continue from its checkpoint) the simulated federation."""
     from flwr.simulation import run_simulation as flower_run_simulation
 
-    from client.app import app as client_app
-    from server.app import build_server_app, say
+    from fedshield.client.app import app as client_app
+    from fedshield.server.app import build_server_app, say
 
     sizes = check_sites(cfg)
     if resume:  # a run that cannot be continued is refused before Ray starts
-        from server.app import run_config_yaml
-        from server.checkpoint import config_digest, load
+        from fedshield.server.app import run_config_yaml
+        from fedshield.server.checkpoint import config_digest, load
 
         run_dir = existing_run_dir(cfg)
         load(run_dir, run_dir.name, config_digest(run_config_yaml(cfg)))

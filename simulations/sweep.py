@@ -34,11 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-import conf
-from server.federation_books import LEDGER_FILE as FEDERATION_LEDGER
-from server.federation_books import flower_epsilon_no_amplification
-from server.run_dir import read_jsonl
-from simulations.simulate import run_simulation
+from fedshield import conf
+from fedshield.server.federation_books import LEDGER_FILE as FEDERATION_LEDGER
+from fedshield.server.federation_books import flower_epsilon_no_amplification
+from fedshield.server.run_dir import read_jsonl
+from fedshield.simulations.simulate import run_simulation
 
 INF = ("inf", "infinity")
 # The site-level columns of results.csv (present when some point ran with privacy.unit=site).

@@ -53,7 +53,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
-import protocol
+from fedshield import protocol
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")

@@ -52,9 +52,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from privacy import signing
-from privacy.accountant import ADD_REMOVE, Spend, epsilon, epsilon_opacus
-from privacy.ledger import neighbouring_of, shown, verify_ledger
+from fedshield.privacy import signing
+from fedshield.privacy.accountant import ADD_REMOVE, Spend, epsilon, epsilon_opacus
+from fedshield.privacy.ledger import neighbouring_of, shown, verify_ledger
 
 TOLERANCE = 1e-6  # relative, as the audit's
 # A floor no honest plan goes under: one full-batch step at σ = 0.1 already costs ε ≈ 92

@@ -52,9 +52,9 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_
 from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key, public_key_to_bytes
 
-import protocol
-from privacy import secure_sum, shamir, signing
-from privacy.errors import FedShieldError
+from fedshield import protocol
+from fedshield.privacy import secure_sum, shamir, signing
+from fedshield.privacy.errors import FedShieldError
 
 log = logging.getLogger("fedshield.secagg")
 

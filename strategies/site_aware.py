@@ -89,12 +89,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-import protocol
-from privacy.secure_sum import WEIGHT_SLOT
-from strategies import flower
-from strategies.ledger_check import Verdict
-from strategies.secagg import SecAggPlus, Unmasked
-from strategies.site_dp import SiteLevelDP
+from fedshield import protocol
+from fedshield.privacy.secure_sum import WEIGHT_SLOT
+from fedshield.strategies import flower
+from fedshield.strategies.ledger_check import Verdict
+from fedshield.strategies.secagg import SecAggPlus, Unmasked
+from fedshield.strategies.site_dp import SiteLevelDP
 
 log = logging.getLogger("fedshield.strategy")
 

@@ -37,8 +37,8 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
-from privacy.accountant import Spend
-from task.model import TrainView, default_center_clip_norm, supports_centering
+from fedshield.privacy.accountant import Spend
+from fedshield.task.model import TrainView, default_center_clip_norm, supports_centering
 
 
 def applies(cfg: DictConfig, view: TrainView) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from privacy.errors import FedShieldError
+from fedshield.privacy.errors import FedShieldError
 
 
 class DataError(FedShieldError):

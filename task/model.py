@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from privacy.errors import FedShieldError
+from fedshield.privacy.errors import FedShieldError
 
 
 class ModelError(FedShieldError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from privacy.errors import FedShieldError
+from fedshield.privacy.errors import FedShieldError
 
 METHODS = ("iid", "dirichlet", "natural")
 DIRICHLET_ATTEMPTS = 200

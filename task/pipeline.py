@@ -17,14 +17,14 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from task.data import (
+from fedshield.task.data import (
     LabeledData,
     load_heart_disease,
     load_news_topics,
     load_text_file,
     train_test_split,
 )
-from task.model import (
+from fedshield.task.model import (
     TrainView,
     build_tabular_model,
     build_text_model,

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-import conf
-from task.data import LabeledData
-from task.partition import partition, site_names
-from task.pipeline import pool_and_test
+from fedshield import conf
+from fedshield.task.data import LabeledData
+from fedshield.task.partition import partition, site_names
+from fedshield.task.pipeline import pool_and_test
 
 
 def virtual_sites(cfg: DictConfig) -> list[tuple[str, LabeledData]]:

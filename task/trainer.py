@@ -26,8 +26,8 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from privacy.dpsgd import make_private, spends
-from privacy.errors import FedShieldError
+from fedshield.privacy.dpsgd import make_private, spends
+from fedshield.privacy.errors import FedShieldError
 
 
 class TrainingError(FedShieldError):

@@ -23,7 +23,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from task.model import bundled_model_path
+    from fedshield.task.model import bundled_model_path
 
     out = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)

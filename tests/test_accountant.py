@@ -9,7 +9,7 @@ import math
 import pytest
 from opacus.accountants import RDPAccountant
 
-from privacy.accountant import (
+from fedshield.privacy.accountant import (
     OPACUS_RDP_ORDERS,
     Spend,
     calibrate_noise_multiplier,
@@ -19,7 +19,7 @@ from privacy.accountant import (
     epsilon_opacus,
     planned_epsilon,
 )
-from privacy.errors import FedShieldError
+from fedshield.privacy.errors import FedShieldError
 
 DELTA = 1e-5
 INTEGER_ORDERS = [float(a) for a in range(2, 64)]
@@ -158,7 +158,7 @@ def test_pld_records_dp_accountings_pessimistic_pld_and_calibrates_with_less_noi
     import dp_accounting
     from dp_accounting.pld import PLDAccountant
 
-    from privacy.accountant import PLD_RECORD_INTERVAL
+    from fedshield.privacy.accountant import PLD_RECORD_INTERVAL
 
     history = [Spend(10.0, 1.0, 1), Spend(4.0, 1.0, 1), Spend(2.9, 0.5, 80)]
     acc = PLDAccountant(value_discretization_interval=PLD_RECORD_INTERVAL)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from privacy.canary import (
+from fedshield.privacy.canary import (
     CanaryError,
     audit_scores,
     default_grid,
@@ -123,7 +123,7 @@ def test_bad_inputs_are_one_line_errors():
 
 
 def _audit(tiny_bert, tmp_path, name: str, **extra) -> dict:
-    from simulations.empirical import empirical_main
+    from fedshield.simulations.empirical import empirical_main
 
     base = {
         "task.model": str(tiny_bert), "task.max_length": 16,

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import conf
-from privacy.accountant import Spend, calibrate_noise_multiplier, epsilon
-from task import centering
-from task.model import default_center_clip_norm, fold_center, supports_centering
-from task.pipeline import build_view, encode, pool_and_test
+from fedshield import conf
+from fedshield.privacy.accountant import Spend, calibrate_noise_multiplier, epsilon
+from fedshield.task import centering
+from fedshield.task.model import default_center_clip_norm, fold_center, supports_centering
+from fedshield.task.pipeline import build_view, encode, pool_and_test
 from tests.helpers import tiny_overrides
 
 
@@ -126,7 +126,7 @@ def test_calibration_leaves_room_for_the_release():
 
 
 def test_calibration_refuses_when_the_release_alone_spends_the_target():
-    from privacy.errors import FedShieldError
+    from fedshield.privacy.errors import FedShieldError
 
     with pytest.raises(FedShieldError, match="nothing is left for training"):
         calibrate_noise_multiplier(0.5, 1e-5, 0.5, 80, before=[Spend(0.5, 1.0, 1)])

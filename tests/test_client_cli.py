@@ -16,9 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from client import cli
-from client.cli import AgentRecord, SupernodeLog, finish, installed_plan, lock_state, rejoin_wait, rounds_trained
-from privacy.errors import FedShieldError
+from fedshield.client import cli
+from fedshield.client.cli import (
+    AgentRecord,
+    SupernodeLog,
+    finish,
+    installed_plan,
+    lock_state,
+    rejoin_wait,
+    rounds_trained,
+)
+from fedshield.privacy.errors import FedShieldError
 
 # As flower-supernode 1.41 logs a session of a fedshield run (flwr/supernode/
 # start_client_internal.py; fedshield's messages carry no group id, so no ROUND).
@@ -66,8 +74,8 @@ def test_the_supernode_log_says_what_came_in_and_went_out():
 def state_folder(tmp_path: Path, rounds: int, fraction: float = 1.0, trained: int = 0) -> tuple[Path, Path]:
     """A site's state folder: the Flower app its SuperNode installed for run `job-7`, and
     one dp-sgd ledger entry per round trained."""
-    import conf
-    from server.cli import write_app
+    from fedshield import conf
+    from fedshield.server.cli import write_app
 
     state = tmp_path / "state"
     home = state / ".flower"
@@ -82,7 +90,7 @@ def state_folder(tmp_path: Path, rounds: int, fraction: float = 1.0, trained: in
 
 
 def test_the_plan_comes_from_the_app_the_supernode_installed(tmp_path):
-    from server.app import RUN_CONFIG_YAML_KEY
+    from fedshield.server.app import RUN_CONFIG_YAML_KEY
 
     assert cli.RUN_CONFIG_YAML_KEY == RUN_CONFIG_YAML_KEY
     state, home = state_folder(tmp_path, rounds=5, fraction=0.5, trained=3)
@@ -211,7 +219,7 @@ def test_the_agent_record_keeps_other_coordinators(tmp_path):
 def test_a_site_the_coordinator_told_the_run_is_over_exits_0_though_not_picked_last(tmp_path, capsys):
     """With site sampling a site may sit out the last round: the coordinator's DONE message
     (written by the ClientApp as <state>/runs/<run>.done) is what tells it the run completed."""
-    from client.site import SiteState
+    from fedshield.client.site import SiteState
 
     state, home = state_folder(tmp_path, rounds=3, fraction=0.5, trained=1)
     log = feed(SESSION + REPLY)

@@ -1,6 +1,6 @@
 """The code gates, part of every test run (the README's `.venv/bin/python -m pytest`, which
 .ci/run calls): the dependency rule (import-linter, contracts in pyproject's
-[tool.importlinter]), ruff, and mypy --strict on privacy/ and protocol.py.
+[tool.importlinter]), ruff, and mypy --strict on the packages pyproject's [tool.mypy] lists.
 
 Each tool runs as a subprocess of this venv, with its own configuration from pyproject, so
 that running it by hand gives the same answer. Caches (.mypy_cache, .ruff_cache) are
@@ -23,7 +23,8 @@ BIN = Path(sys.executable).parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 LINTER = PYPROJECT["tool"]["importlinter"]
 CONTRACTS = {c["name"]: c for c in LINTER["contracts"]}
-OURS = [*LINTER["root_packages"], "protocol"]
+# The rooms: folders (and protocol.py) at the repository root, linked as fedshield/<room>.
+ROOMS = sorted(p.name.removesuffix(".py") for p in (ROOT / "fedshield").iterdir() if p.is_symlink())
 
 
 def _run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -43,36 +44,48 @@ def test_import_contracts_are_kept() -> None:
         assert f"{name} KEPT" in r.stdout
 
 
-def test_the_contracts_cover_every_package_we_ship() -> None:
-    """A new top-level package must join the rule: it has to be a root package and the
-    source of a contract (or be `simulations`, which may import anything)."""
-    setuptools = PYPROJECT["tool"]["setuptools"]
-    shipped = {p for p in setuptools["packages"] if "." not in p} | set(setuptools["py-modules"])
-    assert shipped == set(OURS)
+def test_every_room_is_linked_into_the_package_and_shipped_and_ruled() -> None:
+    """A new room at the root must be linked as fedshield/<room>, shipped by setuptools and
+    be the source of a contract (or be `simulations`, which may import anything)."""
+    assert set(ROOMS) == {"client", "conf", "deploy", "privacy", "protocol", "server", "simulations", "strategies",
+                          "task"}
+    for room in ROOMS:
+        link = ROOT / "fedshield" / (room + (".py" if room == "protocol" else ""))
+        assert link.resolve() == (ROOT / link.name).resolve(), f"fedshield/{link.name} must link to ../{link.name}"
+    packages = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    assert {f"fedshield.{r}" for r in ROOMS if r != "protocol"} <= packages
+    assert {p for p in packages if p.count(".") == 1} == {f"fedshield.{r}" for r in ROOMS if r != "protocol"}
+    assert all(p == "fedshield" or p.startswith("fedshield.") for p in packages)
     sources = {m for c in CONTRACTS.values() for m in c.get("source_modules", [])}
-    assert sources >= set(OURS) - {"simulations", "protocol"}
+    assert sources >= {f"fedshield.{r}" for r in ROOMS} - {"fedshield.simulations"}
 
 
-def test_protocol_imports_nothing_of_ours_but_privacy_errors() -> None:
-    """The contract's clause for protocol.py, read from its imports (import-linter takes
-    packages only as roots; see pyproject)."""
-    tree = ast.parse((ROOT / "protocol.py").read_text(encoding="utf-8"))
-    imported: list[str] = []
+def _imports(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: list[tuple[int, str]] = []
     for node in ast.walk(tree):  # function-level imports too
         if isinstance(node, ast.Import):
-            imported += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, f"protocol.py:{node.lineno}: relative import"
-            base = node.module or ""
-            imported += [f"{base}.{a.name}" if base in OURS else base for a in node.names]
-    ours = [m for m in imported if m.split(".")[0] in OURS]
-    assert all(m == "privacy.errors" for m in ours), f"protocol.py imports {ours}"
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def test_nothing_imports_a_room_by_its_bare_name() -> None:
+    """`import server` would work in the source tree (the root is on the path) but not from
+    the wheel, which holds only `fedshield`: every import of ours is `fedshield.<room>`."""
+    bare = []
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in {".venv", "fedshield", "build"} or "site-packages" in rel.parts:
+            continue
+        bare += [f"{rel}:{line}: import {name}" for line, name in _imports(path) if name.split(".")[0] in ROOMS]
+    assert not bare, "\n".join(bare)
 
 
 def _copy_sources(dest: Path) -> Path:
-    for name in LINTER["root_packages"]:
-        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "protocol.py", dest / "protocol.py")
+    pkg = dest / "fedshield"
+    shutil.copytree(ROOT / "fedshield", pkg, symlinks=False, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
     return dest
 
@@ -83,14 +96,15 @@ SERVER = "server may import task, privacy, protocol, strategies, deploy, conf"
 @pytest.mark.parametrize(
     "module, line, broken",
     [
-        ("server/app.py", "from client import app", ["client and server never import each other", SERVER]),
-        ("task/model.py", "import protocol", ["task may import privacy, conf"]),
-        ("privacy/errors.py", "from conf import ConfigError", ["privacy imports nothing of ours"]),
+        ("server/app.py", "from fedshield.client import app", ["client and server never import each other", SERVER]),
+        ("task/model.py", "from fedshield import protocol", ["task may import privacy, conf"]),
+        ("privacy/errors.py", "from fedshield.conf import ConfigError", ["privacy imports nothing of ours"]),
+        ("protocol.py", "from fedshield.task import data", ["protocol may import privacy"]),
     ],
 )
 def test_a_forbidden_import_fails_the_contract(tmp_path: Path, module: str, line: str, broken: list[str]) -> None:
     src = _copy_sources(tmp_path)
-    with open(src / module, "a", encoding="utf-8") as f:
+    with open(src / "fedshield" / module, "a", encoding="utf-8") as f:
         f.write(f"\n{line}  # the forbidden import\n")
     r = _lint_imports(src)
     assert r.returncode != 0, r.stdout + r.stderr
@@ -103,6 +117,7 @@ def test_ruff() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_mypy_strict_on_privacy_and_protocol() -> None:
-    r = _run([sys.executable, "-m", "mypy", "--strict", "privacy", "protocol.py"])
+def test_mypy_strict() -> None:
+    """mypy --strict on the files pyproject's [tool.mypy] names."""
+    r = _run([sys.executable, "-m", "mypy"])
     assert r.returncode == 0, r.stdout + r.stderr

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import conf
-from simulations.cli import main
+from fedshield import conf
+from fedshield.simulations.cli import main
 
 GROUPS = "task, federation, training, privacy, simulation, output"
 

@@ -10,11 +10,11 @@ import dp_accounting
 import pytest
 from dp_accounting import rdp
 
-import conf
-from privacy.accountant import Spend, epsilon
-from privacy.ledger import SITE_MECHANISM
-from server.federation_books import flower_epsilon_no_amplification
-from simulations.sweep import point_overrides, split_axes, sweep_main
+from fedshield import conf
+from fedshield.privacy.accountant import Spend, epsilon
+from fedshield.privacy.ledger import SITE_MECHANISM
+from fedshield.server.federation_books import flower_epsilon_no_amplification
+from fedshield.simulations.sweep import point_overrides, split_axes, sweep_main
 from tests.helpers import tiny_overrides
 
 
@@ -40,7 +40,7 @@ def test_the_preset_goes_first_so_group_presets_and_keys_refine_it():
 
 
 def test_every_one_of_the_thousand_users_has_articles():
-    from simulations.simulate import check_sites
+    from fedshield.simulations.simulate import check_sites
 
     sizes = check_sites(conf.load_config(["preset=cross-device"]))
     assert len(sizes) == 1000
@@ -89,7 +89,7 @@ def test_flowers_accountant_composes_the_plain_gaussian_once_per_round():
 
 @pytest.mark.e2e
 def test_a_site_level_sweep_writes_the_ledgers_and_flowers_epsilon(tiny_bert, synthetic_csv, tmp_path):
-    from server.run_dir import read_jsonl
+    from fedshield.server.run_dir import read_jsonl
 
     over = tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
         "privacy": "none", "privacy.unit": "site", "federation.num_sites": 4, "federation.fraction_train": 0.5,

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import task.data
-from privacy.errors import FedShieldError
-from task.data import (
+import fedshield.task.data
+from fedshield.privacy.errors import FedShieldError
+from fedshield.task.data import (
     DataError,
     LabeledData,
     check_data_file,
@@ -25,7 +25,7 @@ from task.data import (
     load_text_file,
     train_test_split,
 )
-from task.model import ModelError, check_model_folder, text_model_path
+from fedshield.task.model import ModelError, check_model_folder, text_model_path
 from tests.helpers import write_csv
 
 
@@ -295,7 +295,7 @@ def test_fifo_swapped_in_after_the_check_does_not_block(tmp_path: Path) -> None:
     fifo = tmp_path / "site.csv"
     os.mkfifo(fifo)  # what the reader finds if the file is replaced between stat and open
     with pytest.raises(DataError) as err:
-        task.data.read_regular_file(fifo)
+        fedshield.task.data.read_regular_file(fifo)
     assert one_line(err) == f"{fifo}: is a FIFO (named pipe), {NOT_REGULAR}"
 
 
@@ -323,11 +323,11 @@ def test_symlink_to_a_regular_file_is_read(tmp_path: Path) -> None:
 
 
 def test_data_file_size_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert task.data.MAX_DATA_FILE_BYTES == 1 << 30
+    assert fedshield.task.data.MAX_DATA_FILE_BYTES == 1 << 30
     p = write(tmp_path / "big.csv", "text,label\n" + "some words,a\n" * 100)
-    monkeypatch.setattr(task.data, "MAX_DATA_FILE_BYTES", p.stat().st_size)
+    monkeypatch.setattr(fedshield.task.data, "MAX_DATA_FILE_BYTES", p.stat().st_size)
     assert len(load_text_file(p)) == 100  # at the limit: read
-    monkeypatch.setattr(task.data, "MAX_DATA_FILE_BYTES", p.stat().st_size - 1)
+    monkeypatch.setattr(fedshield.task.data, "MAX_DATA_FILE_BYTES", p.stat().st_size - 1)
     with pytest.raises(DataError) as err:
         load_text_file(p)
     size = p.stat().st_size

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-import conf
-import protocol
+from fedshield import conf, protocol
 from tests.helpers import tiny_overrides
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "auditor.md"
@@ -45,8 +44,8 @@ def sent(kind: str, reply: Message, tensors: set[str]) -> set[tuple[str, str, st
 
 
 def test_a_site_sends_exactly_the_fields_of_the_auditors_table(tiny_bert, synthetic_csv, tmp_path):
-    import client.app as site
-    from task.pipeline import build_view, pool_and_test, view_fingerprint
+    import fedshield.client.app as site
+    from fedshield.task.pipeline import build_view, pool_and_test, view_fingerprint
 
     cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{"privacy.noise_multiplier": 1.0}))
     view = build_view(cfg)
@@ -58,7 +57,7 @@ def test_a_site_sends_exactly_the_fields_of_the_auditors_table(tiny_bert, synthe
     weights = view.trainable_state()
     tensors = set(weights)
 
-    from deploy.pki import connection_key_pair  # a deployed site also signs its HELLO with its connection key
+    from fedshield.deploy.pki import connection_key_pair  # a deployed site also signs its HELLO with its connection key
 
     connection_key_pair("site-0", tmp_path / "keys")
     deployed = Context(run_id=7, node_id=1, node_config={**context.node_config,
@@ -91,8 +90,8 @@ def test_a_site_sends_exactly_the_fields_of_the_auditors_table(tiny_bert, synthe
 def secure_round(site, cfg, view, weights, tensors, tmp_path) -> set[tuple[str, str, str]]:
     """The same site through one SecAgg+ round (federation.secure_aggregation=secaggplus),
     two other sites' stage code holding the other slots."""
-    from client import secagg as site_side
-    from task.pipeline import pool_and_test, view_fingerprint
+    from fedshield.client import secagg as site_side
+    from fedshield.task.pipeline import pool_and_test, view_fingerprint
 
     secure = conf.load_config(tiny_overrides(Path(cfg.task.model), Path(cfg.task.data_path), tmp_path, **{
         "privacy.noise_multiplier": 1.0, "federation.secure_aggregation": "secaggplus"}))
@@ -109,7 +108,7 @@ def secure_round(site, cfg, view, weights, tensors, tmp_path) -> set[tuple[str, 
 
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from privacy import secure_sum, signing
+    from fedshield.privacy import secure_sum, signing
 
     got = set()
     setup = protocol.secagg_instruction("setup", plan, 1, {protocol.SA_ROUND: 1, protocol.SA_SLOT: 1})
@@ -162,7 +161,7 @@ def secure_round(site, cfg, view, weights, tensors, tmp_path) -> set[tuple[str, 
 def test_an_error_reason_does_not_carry_the_sites_details(tiny_bert, tmp_path):
     """A site whose data cannot be read says so to the coordinator in one generic line;
     its path and the offending row stay in its own log."""
-    import client.app as site
+    import fedshield.client.app as site
 
     bad = tmp_path / "secret-ward-7.csv"
     bad.write_text("text,label\nthe patient in bed 12 has cancer,\n")  # a row without its label

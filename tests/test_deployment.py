@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy import pki
-from privacy.signing import fingerprint
+from fedshield.deploy import pki
+from fedshield.privacy.signing import fingerprint
 from tests.helpers import synthetic_rows, tiny_overrides, write_csv
 
 pytestmark = pytest.mark.e2e
@@ -68,7 +68,7 @@ def reap():
 
 
 def fedshield(*args: str, cwd: Path) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-m", "simulations.cli", *args], cwd=cwd, env=env(),
+    p = subprocess.Popen([sys.executable, "-m", "fedshield.simulations.cli", *args], cwd=cwd, env=env(),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     STARTED.append(p)
     return p

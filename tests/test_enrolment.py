@@ -21,12 +21,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Message
 from flwr.proto.node_pb2 import NodeInfo
 
-import protocol
-from deploy import pki
-from deploy.enrolment import REGISTRY, LiveEnrolment, load_enrolment, save_enrolment
-from deploy.front import fleet_app
-from privacy import signing
-from server.app import (
+from fedshield import protocol
+from fedshield.deploy import pki
+from fedshield.deploy.enrolment import REGISTRY, LiveEnrolment, load_enrolment, save_enrolment
+from fedshield.deploy.front import fleet_app
+from fedshield.privacy import signing
+from fedshield.server.app import (
     ENROLMENT_KEY,
     REVOKED_KEY,
     discover_sites,
@@ -112,7 +112,7 @@ def test_each_hello_carries_the_books_head_of_the_site_its_key_is_enrolled_as(fe
     carries the head it holds of that site's books (server/site_heads.py), so books put back
     to before a count's release decline at HELLO (tests/test_site_books.py) instead of
     releasing a second count. A name with no head held, or a key not enrolled, gets none."""
-    from server.site_heads import SiteHeads
+    from fedshield.server.site_heads import SiteHeads
 
     d, keys = federation
     heads = SiteHeads(tmp_path / "site-heads.json")
@@ -165,9 +165,9 @@ def test_a_deployed_sites_hello_is_signed_with_its_connection_key(tmp_path, tiny
     """The real ClientApp with a deployed node config (what `fedshield client` passes)."""
     from flwr.app import Context, RecordDict
 
-    import conf
-    from client import app as site
-    from deploy.enrolment import proves
+    from fedshield import conf
+    from fedshield.client import app as site
+    from fedshield.deploy.enrolment import proves
     from tests.helpers import synthetic_rows, tiny_overrides, write_csv
 
     data = write_csv(tmp_path / "site.csv", synthetic_rows(40, seed=3))
@@ -244,8 +244,8 @@ def test_a_rotated_site_is_admitted_with_its_new_key_only(federation, tmp_path):
 
 
 def test_the_serverapp_gets_the_registry_from_the_run_config(federation, tmp_path, tiny_bert, synthetic_csv):
-    import conf
-    from server.cli import write_app
+    from fedshield import conf
+    from fedshield.server.cli import write_app
     from tests.helpers import tiny_overrides
 
     d, keys = federation
@@ -298,7 +298,7 @@ def test_the_front_refuses_a_revoked_key_before_the_superlink_sees_it(federation
 
 
 def test_the_registry_file_is_checked(tmp_path):
-    from deploy.enrolment import EnrolmentError
+    from fedshield.deploy.enrolment import EnrolmentError
 
     assert not load_enrolment(tmp_path / "none.json").sites  # no registry yet: nothing enrolled
     for text in ("[]", '{"version": 2}', '{"version": 1, "sites": {"a": {"name": "b", "key": "SHA256:x", '
@@ -311,8 +311,8 @@ def test_the_registry_file_is_checked(tmp_path):
 
 
 def test_the_coordinator_admits_the_enrolled_sites_and_says_which_it_leaves_out(federation, tmp_path, tiny_bert):
-    from privacy.errors import FedShieldError
-    from server.cli import admitted_sites, server_main
+    from fedshield.privacy.errors import FedShieldError
+    from fedshield.server.cli import admitted_sites, server_main
     from tests.helpers import synthetic_rows, tiny_overrides, write_csv
 
     d, _ = federation

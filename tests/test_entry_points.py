@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = ["simulations.cli", "simulations.simulate", "server.app", "server.cli", "client.app", "client.cli"]
+ENTRY_POINTS = [f"fedshield.{m}" for m in
+                ("simulations.cli", "simulations.simulate", "server.app", "server.cli", "client.app", "client.cli")]
 SWITCHES = ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK", "RAY_USAGE_STATS_ENABLED", "HF_HUB_OFFLINE")
 
 
@@ -29,8 +30,8 @@ def test_importing_an_entry_point_turns_off_every_phone_home_before_flower_reads
 
 
 def test_flowers_run_config_the_yaml_wins_over_the_declared_default():
-    import conf
-    from server.app import RUN_CONFIG_YAML_KEY, config_from_run_config
+    from fedshield import conf
+    from fedshield.server.app import RUN_CONFIG_YAML_KEY, config_from_run_config
 
     yaml = conf.to_yaml(conf.load_config(["federation.rounds=3", "privacy.target_epsilon=4"]))
     cfg = config_from_run_config({"federation.rounds": 40, RUN_CONFIG_YAML_KEY: yaml})

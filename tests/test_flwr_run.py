@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-import conf
-from server.run_dir import read_jsonl
+from fedshield import conf
+from fedshield.server.run_dir import read_jsonl
 from tests.helpers import tiny_overrides
 
 pytestmark = [

@@ -25,9 +25,9 @@ import urllib.parse
 import httpx
 import pytest
 
-from deploy import front
-from deploy.front import MAX_BODY_BYTES, AccessLog, FleetFront, FrontLimits, fleet_app
-from deploy.processes import free_port
+from fedshield.deploy import front
+from fedshield.deploy.front import MAX_BODY_BYTES, AccessLog, FleetFront, FrontLimits, fleet_app
+from fedshield.deploy.processes import free_port
 
 UPSTREAM = "https://127.0.0.1:9999"
 PATH = "/v1/fleet/push-messages"
@@ -601,7 +601,7 @@ def test_a_closed_superlink_port_is_503():
 
 def test_fleet_front_serves_the_app_over_tls(tmp_path):
     """FleetFront: uvicorn with the coordinator's certificate; a loopback SuperLink that is down."""
-    from deploy import pki
+    from fedshield.deploy import pki
 
     pki.init_pki(tmp_path, "localhost", ["127.0.0.1"], days=2, ca_days=2)
     port = free_port()
@@ -669,7 +669,7 @@ class Upstream:
 
 @pytest.fixture(scope="module")
 def loopback_pki(tmp_path_factory):
-    from deploy import pki
+    from fedshield.deploy import pki
 
     d = tmp_path_factory.mktemp("front-pki")
     pki.init_pki(d, "localhost", ["127.0.0.1"], days=2, ca_days=2)

@@ -18,8 +18,8 @@ import json
 
 import pytest
 
-import conf
-from server.run_dir import read_jsonl
+from fedshield import conf
+from fedshield.server.run_dir import read_jsonl
 from tests.helpers import tiny_overrides
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -32,10 +32,10 @@ def hostile_app():
 
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    import client.app as real
-    import protocol as wire
-    from privacy import signing
-    from privacy.ledger import entry_hash
+    import fedshield.client.app as real
+    import fedshield.protocol as wire
+    from fedshield.privacy import signing
+    from fedshield.privacy.ledger import entry_hash
 
     def pid(context):
         return int(context.node_config["partition-id"])
@@ -72,14 +72,14 @@ def hostile_app():
 
 def test_each_hostile_site_is_refused_alone_and_named_and_the_honest_sites_carry_the_run(
         tiny_bert, synthetic_csv, tmp_path, monkeypatch):
-    import client.app
-    from simulations.simulate import run_simulation
+    from fedshield.simulations.simulate import run_simulation
 
     cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
         "federation.num_sites": 9, "federation.rounds": 2, "privacy.noise_multiplier": 0.5,
         "privacy.budget_epsilon": 100,
         "privacy.target_epsilon": 100, "output.save_model": False, "training.center_features": False}))
-    monkeypatch.setattr(client.app, "app", hostile_app())  # what run_simulation starts
+    import fedshield.client.app
+    monkeypatch.setattr(fedshield.client.app, "app", hostile_app())  # what run_simulation starts
     run = run_simulation(cfg)
 
     report = (run / "report.md").read_text()
@@ -114,14 +114,14 @@ def test_each_hostile_site_is_refused_alone_and_named_and_the_honest_sites_carry
     for site in ("site-0", "site-8", "site-3", "site-6"):  # honest spends, even of refused updates, are recorded
         assert [(e["release"], e["round"]) for e in ledger if e["site"] == site][:2] == [("record-count", 0),
                                                                                         ("dp-sgd", 1)]
-    from privacy.audit import audit
+    from fedshield.privacy.audit import audit
 
     assert audit(run).ok  # the run's ledger verifies and recomputes
 
 
 def never_trains():
     """client.app's ClientApp whose training always crashes (Flower replies with an error)."""
-    import client.app as real
+    import fedshield.client.app as real
 
     def train(msg, context):
         raise RuntimeError("the site's GPU fell over")
@@ -131,14 +131,14 @@ def never_trains():
 
 def test_rounds_that_train_nothing_stop_the_run_with_one_line_and_keep_its_books(
         tiny_bert, synthetic_csv, tmp_path, monkeypatch, capsys):
-    import client.app
-    from server.run_dir import RUN_STOPPED
-    from simulations.cli import main
+    from fedshield.server.run_dir import RUN_STOPPED
+    from fedshield.simulations.cli import main
 
     overrides = tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
         "federation.rounds": 4, "federation.max_empty_rounds": 2, "output.save_model": False,
         "training.center_features": False, "output.run_name": "stuck"})
-    monkeypatch.setattr(client.app, "app", never_trains())  # what run_simulation starts
+    import fedshield.client.app
+    monkeypatch.setattr(fedshield.client.app, "app", never_trains())  # what run_simulation starts
     assert main(["simulate", "privacy=none", *overrides]) == 2  # `fedshield simulate` exits non-zero
     out, err = capsys.readouterr()
     cause = "rounds 1-2 trained nothing (2 in a row; federation.max_empty_rounds=2); in round 2: site-0: failed: "

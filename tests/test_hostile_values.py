@@ -21,11 +21,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import protocol
-from privacy.accountant import Spend, epsilon
-from privacy.ledger import verify_ledger
-from strategies.ledger_check import Expected, LedgerCheck, plan_problem
-from task import centering
+from fedshield import protocol
+from fedshield.privacy.accountant import Spend, epsilon
+from fedshield.privacy.ledger import verify_ledger
+from fedshield.strategies.ledger_check import Expected, LedgerCheck, plan_problem
+from fedshield.task import centering
 from tests.test_ledger_check import DELTA, PLAN, Site, _resigned, books
 from tests.test_site_aware import SITES, run, trains
 
@@ -98,12 +98,12 @@ def test_spends_whose_epsilon_is_past_any_meaning_are_refused_by_a_cheap_estimat
 
 
 def test_whatever_goes_wrong_inside_a_check_refuses_that_site_not_the_run(tmp_path, monkeypatch):
-    import strategies.ledger_check
 
     def out_of_memory(*args, **kwargs):  # what the accountant did with σ = 0.001 (7.6 GiB)
         raise MemoryError
 
-    monkeypatch.setattr(strategies.ledger_check, "epsilon", out_of_memory)
+    import fedshield.strategies.ledger_check
+    monkeypatch.setattr(fedshield.strategies.ledger_check, "epsilon", out_of_memory)
     site = Site(tmp_path)
     check = books(site)
     assert check.check(site.name, 1, [site.spend(1)], PLAN).problem == \
@@ -113,7 +113,7 @@ def test_whatever_goes_wrong_inside_a_check_refuses_that_site_not_the_run(tmp_pa
 
 def test_a_declared_count_whose_plan_costs_too_much_to_check_is_refused():
     n = 2**31 - 1
-    from task.trainer import batches_per_epoch, poisson_rate
+    from fedshield.task.trainer import batches_per_epoch, poisson_rate
 
     problem = plan_problem(Expected(poisson_rate(n, 128), batches_per_epoch(n, 128)))
     assert problem is not None and "more than the 1000000" in problem
@@ -139,7 +139,7 @@ def _count_release(site, n, run="run-1"):
 
 
 def test_a_hello_without_its_count_release_is_refused_under_add_remove(tmp_path):
-    from server.app import check_released_counts
+    from fedshield.server.app import check_released_counts
 
     bare, honest, later = Site(tmp_path, "bare"), Site(tmp_path, "honest"), Site(tmp_path, "later")
     earlier = _count_release(later, 150, run="run-0")  # released in an earlier run, reused

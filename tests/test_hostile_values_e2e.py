@@ -22,8 +22,8 @@ import json
 
 import pytest
 
-import conf
-from server.run_dir import read_jsonl
+from fedshield import conf
+from fedshield.server.run_dir import read_jsonl
 from tests.helpers import tiny_overrides
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -36,10 +36,10 @@ def hostile_app():
     Ray ships it to its workers by value)."""
     import base64
 
-    import client.app as real
-    import protocol as wire
-    from privacy import signing
-    from privacy.ledger import entry_hash
+    import fedshield.client.app as real
+    import fedshield.protocol as wire
+    from fedshield.privacy import signing
+    from fedshield.privacy.ledger import entry_hash
 
     def pid(context):
         return int(context.node_config["partition-id"])
@@ -110,14 +110,14 @@ def hostile_app():
 
 
 def test_no_value_a_site_signs_crashes_or_stalls_the_run(tiny_bert, synthetic_csv, tmp_path, monkeypatch, capfd):
-    import client.app
-    from simulations.simulate import run_simulation
+    from fedshield.simulations.simulate import run_simulation
 
     cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
         "federation.num_sites": 11, "federation.rounds": 2, "privacy.noise_multiplier": 0.5,
         "privacy.budget_epsilon": 100,
         "privacy.target_epsilon": 100, "output.save_model": False, "training.center_features": True}))
-    monkeypatch.setattr(client.app, "app", hostile_app())  # what run_simulation starts
+    import fedshield.client.app
+    monkeypatch.setattr(fedshield.client.app, "app", hostile_app())  # what run_simulation starts
     run = run_simulation(cfg)
     out = capfd.readouterr().out
 
@@ -151,7 +151,7 @@ def test_no_value_a_site_signs_crashes_or_stalls_the_run(tiny_bert, synthetic_cs
     assert "\\x1b[2J\\x1b[31mall good\\x1b[0m round 2 | acc 1.000" in out
     assert not any(line.startswith("round 2 | acc 1.000") for line in out.splitlines())
 
-    from privacy.audit import audit
+    from fedshield.privacy.audit import audit
 
     result = audit(run)
     assert result.ok, result.flags  # the run's ledger verifies and recomputes

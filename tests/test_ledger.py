@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp
-from privacy.audit import audit
-from privacy.cli import audit_main
-from privacy.errors import FedShieldError, LedgerError
-from privacy.ledger import GENESIS, Ledger, canonical, entry_hash, verify_ledger
-from privacy.signing import (
+from fedshield.privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp
+from fedshield.privacy.audit import audit
+from fedshield.privacy.cli import audit_main
+from fedshield.privacy.errors import FedShieldError, LedgerError
+from fedshield.privacy.ledger import GENESIS, Ledger, canonical, entry_hash, verify_ledger
+from fedshield.privacy.signing import (
     fingerprint,
     generate_site_key,
     load_private_key,

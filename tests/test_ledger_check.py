@@ -7,10 +7,10 @@ import copy
 
 import pytest
 
-from privacy import signing
-from privacy.accountant import Spend, epsilon
-from privacy.ledger import Ledger
-from strategies.ledger_check import Expected, LedgerCheck
+from fedshield.privacy import signing
+from fedshield.privacy.accountant import Spend, epsilon
+from fedshield.privacy.ledger import Ledger
+from fedshield.strategies.ledger_check import Expected, LedgerCheck
 
 PLAN = Expected(sample_rate=0.25, steps=4)
 DELTA = 1e-5
@@ -132,7 +132,7 @@ def _resigned(site, entry, **changes):
     """The site's own key over a changed entry: a valid signature on a lie."""
     import base64
 
-    from privacy.ledger import entry_hash
+    from fedshield.privacy.ledger import entry_hash
 
     lie = dict(entry, **changes)
     lie["hash"] = entry_hash(lie)

@@ -15,9 +15,9 @@ import dp_accounting
 import pytest
 from dp_accounting.pld import PLDAccountant
 
-import protocol
-from privacy import signing
-from privacy.accountant import (
+from fedshield import protocol
+from fedshield.privacy import signing
+from fedshield.privacy.accountant import (
     PLD_RECORD_INTERVAL,
     REPLACE_ONE,
     Spend,
@@ -25,10 +25,10 @@ from privacy.accountant import (
     epsilon,
     epsilon_dp_accounting_pld,
 )
-from privacy.errors import LedgerError
-from privacy.ledger import Ledger, entry_hash, verify_ledger
-from strategies.ledger_check import LedgerCheck
-from task.trainer import batches_per_epoch, poisson_rate
+from fedshield.privacy.errors import LedgerError
+from fedshield.privacy.ledger import Ledger, entry_hash, verify_ledger
+from fedshield.strategies.ledger_check import LedgerCheck
+from fedshield.task.trainer import batches_per_epoch, poisson_rate
 from tests.helpers import synthetic_rows, write_csv
 from tests.test_site_policy import ask_to_train, coordinator_plan, deployed, spent
 
@@ -101,7 +101,7 @@ def test_the_coordinator_refuses_entries_under_another_relation(tmp_path):
 
 
 def hello(plan, context):
-    import client.app as site
+    import fedshield.client.app as site
 
     return protocol.read_hello(site.hello(protocol.instruction(protocol.HELLO, plan, 1), context))
 
@@ -178,7 +178,7 @@ def _plan_args(plan) -> dict:
 
 
 def plan_training(plan) -> dict:
-    import conf
+    from fedshield import conf
 
     cfg = conf.from_yaml(plan[protocol.CONFIG_YAML])
     return {"batch_size": int(cfg.training.batch_size), "local_epochs": int(cfg.training.local_epochs)}
@@ -188,7 +188,7 @@ def plan_training(plan) -> dict:
 
 
 def test_the_coordinator_refuses_a_count_release_that_is_not_the_declared_count(tmp_path):
-    from server.app import check_released_counts
+    from fedshield.server.app import check_released_counts
 
     key = signing.generate_site_key(tmp_path / "a.key") and signing.load_private_key(tmp_path / "a.key")
     release = Ledger(tmp_path / "ledger.jsonl").append({
@@ -208,7 +208,7 @@ def test_the_coordinator_refuses_a_count_release_that_is_not_the_declared_count(
 
 
 def test_the_audit_recomputes_under_the_entries_relation_and_a_changed_relation_fails(tmp_path):
-    from privacy.audit import audit
+    from fedshield.privacy.audit import audit
 
     key = signing.generate_site_key(tmp_path / "a.key") and signing.load_private_key(tmp_path / "a.key")
     (tmp_path / "keys").mkdir()

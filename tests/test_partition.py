@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from privacy.errors import FedShieldError
-from task.partition import PartitionError, partition, site_names
+from fedshield.privacy.errors import FedShieldError
+from fedshield.task.partition import PartitionError, partition, site_names
 
 # 5 unbalanced classes, 1,000 records, like a small topic dataset.
 LABELS = np.repeat(np.arange(5), [300, 250, 200, 150, 100])
@@ -124,7 +124,7 @@ def test_bad_requests_are_one_line_errors(num_sites: int, method: str, message: 
 
 
 def test_partitions_the_real_heart_disease_hospitals() -> None:
-    from task.data import load_heart_disease
+    from fedshield.task.data import load_heart_disease
 
     heart = load_heart_disease()
     parts = partition(heart.labels, 4, "natural", seed=0, groups=heart.groups)

@@ -14,9 +14,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from deploy import pki
-from privacy import signing
-from privacy.errors import FedShieldError
+from fedshield.deploy import pki
+from fedshield.privacy import signing
+from fedshield.privacy.errors import FedShieldError
 
 FINGERPRINT = r"SHA256:[0-9a-f]{64}"
 
@@ -199,7 +199,7 @@ def test_sign_enrols_the_name_with_the_key_of_the_csr(tmp_path, coordinator):
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
     assert try_load_public_key(coordinator / "sites" / "st-marys.pub") == public_key_to_bytes(key.public_key())
-    from deploy.enrolment import REGISTRY, load_enrolment
+    from fedshield.deploy.enrolment import REGISTRY, load_enrolment
 
     registry = load_enrolment(coordinator / REGISTRY)
     assert registry.sites["st-marys"].key == fp and registry.check("st-marys", fp) is None
@@ -247,7 +247,7 @@ def test_sign_refuses_a_wrong_csr_and_a_name_clash_with_one_line(tmp_path, coord
         "ed25519": (forged_csr(tmp_path / "ed.csr", "rogue", ed25519.Ed25519PrivateKey.generate()),
                     "needs ECDSA"),
     }
-    from deploy.enrolment import REGISTRY
+    from fedshield.deploy.enrolment import REGISTRY
 
     before = (coordinator / REGISTRY).read_bytes()
     for what, (path, message) in cases.items():
@@ -255,13 +255,13 @@ def test_sign_refuses_a_wrong_csr_and_a_name_clash_with_one_line(tmp_path, coord
             pki.sign_csr(path, coordinator)
         assert "\n" not in str(err.value), what
     assert (coordinator / REGISTRY).read_bytes() == before  # nothing enrolled, nothing changed
-    from simulations.cli import main
+    from fedshield.simulations.cli import main
 
     assert main(["certs", "sign", str(tmp_path / "clash.csr"), "--pki", str(coordinator)]) == 2
 
 
 def test_rotation_replaces_and_revokes_the_old_key_renewal_keeps_it(tmp_path, coordinator):
-    from deploy.enrolment import REGISTRY, load_enrolment
+    from fedshield.deploy.enrolment import REGISTRY, load_enrolment
 
     old_site, _ = enrol(tmp_path, "st-marys")
     old = signing.fingerprint(pki.load_connection_private_key(old_site / "st-marys.key"))
@@ -279,7 +279,7 @@ def test_rotation_replaces_and_revokes_the_old_key_renewal_keeps_it(tmp_path, co
 
 
 def test_revoke_by_name_or_key_file(tmp_path, coordinator):
-    from deploy.enrolment import REGISTRY, load_enrolment
+    from fedshield.deploy.enrolment import REGISTRY, load_enrolment
 
     a, _ = enrol(tmp_path, "st-marys")
     enrol(tmp_path, "st-johns")
@@ -303,7 +303,7 @@ def test_an_expired_or_foreign_certificate_is_not_admitted_with_one_line(tmp_pat
     admitted, left_out = pki.enrolled_keys(coordinator)
     assert [n for n, _ in admitted] == ["st-johns"]
     assert len(left_out) == 1 and "site st-marys: not admitted" in left_out[0] and "expired on" in left_out[0]
-    from deploy.enrolment import REGISTRY, load_enrolment
+    from fedshield.deploy.enrolment import REGISTRY, load_enrolment
 
     site = load_enrolment(coordinator / REGISTRY).sites["st-marys"]
     assert "enrolment certificate expired" in load_enrolment(coordinator / REGISTRY).check("st-marys", site.key)

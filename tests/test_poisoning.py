@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-import conf
-from server.run_dir import read_jsonl
-from strategies import flower
+from fedshield import conf
+from fedshield.server.run_dir import read_jsonl
+from fedshield.strategies import flower
 from tests.helpers import tiny_overrides
 
 ATTACKS = {0: "scaled", 1: "sign-flip", 2: "huge-n", 3: "nan-n", 4: "label-flip"}  # partition id -> attack
@@ -26,8 +26,8 @@ def malicious_app(attacks: dict[int, str]):
     value (the workers need not import this test module)."""
     from dataclasses import replace
 
-    import client.app as real
-    import protocol as wire
+    import fedshield.client.app as real
+    import fedshield.protocol as wire
 
     def flipped(msg, plan, site):
         labels = site.data.labels
@@ -88,7 +88,7 @@ def test_strategy_keys_are_validated_and_an_impossible_rule_is_refused_in_one_li
 
 
 def test_the_configs_minimum_is_the_one_the_coordinator_applies():
-    from conf.schema import rule_min_sites
+    from fedshield.conf.schema import rule_min_sites
 
     for name in flower.STRATEGIES:
         for f in range(4):
@@ -101,8 +101,8 @@ def test_the_configs_minimum_is_the_one_the_coordinator_applies():
 
 
 def test_the_report_names_each_sites_defence_outcome(tmp_path):
-    from server.app import RoundLog, write_report
-    from strategies.site_aware import RoundReport, SiteReply
+    from fedshield.server.app import RoundLog, write_report
+    from fedshield.strategies.site_aware import RoundReport, SiteReply
 
     cfg = conf.load_config(["federation.strategy=krum", "federation.update_norm_bound=3", "privacy=none",
                             f"output.dir={tmp_path}"])
@@ -152,8 +152,7 @@ def test_every_attack_at_once_is_refused_clipped_or_left_out_and_the_honest_site
     barely moves without DP: AdamW learns it in two rounds). The bound: AdamW moves each
     weight by about lr per step, so lr x sqrt(9,666 trainable weights) x 6 steps = 5.9
     (honest updates measured 2.6 to 3.8); the scaled update is ~50x an honest one."""
-    import client.app
-    from simulations.simulate import run_simulation
+    from fedshield.simulations.simulate import run_simulation
 
     rounds, bound = 3, 6.0
     cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
@@ -161,7 +160,8 @@ def test_every_attack_at_once_is_refused_clipped_or_left_out_and_the_honest_site
         "training.optimizer": "adamw", "training.learning_rate": 0.01,
         "federation.strategy": "multikrum", "federation.num_malicious": 5, "federation.update_norm_bound": bound,
     }))
-    monkeypatch.setattr(client.app, "app", malicious_app(ATTACKS))  # what run_simulation starts
+    import fedshield.client.app
+    monkeypatch.setattr(fedshield.client.app, "app", malicious_app(ATTACKS))  # what run_simulation starts
     run = run_simulation(cfg)
 
     rows = read_jsonl(run / "metrics.jsonl")
@@ -199,8 +199,7 @@ def test_under_dp_a_refused_update_is_named_and_its_spend_still_recorded(tiny_be
     """DP-SGD at every site, fedmedian, the norm bound rejecting: the scaled update and the
     one claiming 1e9 records are refused, each with its reason, but the privacy they spent
     to make them is in the run's ledger (spent whether or not the update is used)."""
-    import client.app
-    from simulations.simulate import run_simulation
+    from fedshield.simulations.simulate import run_simulation
 
     bound = 400.0  # DP noise dominates a tiny model's update: honest norms measured ~21, the scaled one ~1,050
     cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
@@ -209,7 +208,8 @@ def test_under_dp_a_refused_update_is_named_and_its_spend_still_recorded(tiny_be
         "output.save_model": False, "federation.strategy": "fedmedian",
         "federation.update_norm_bound": bound, "federation.update_norm_action": "reject",
     }))
-    monkeypatch.setattr(client.app, "app", malicious_app({0: "scaled", 1: "huge-n"}))
+    import fedshield.client.app
+    monkeypatch.setattr(fedshield.client.app, "app", malicious_app({0: "scaled", 1: "huge-n"}))
     run = run_simulation(cfg)
 
     rows = read_jsonl(run / "metrics.jsonl")

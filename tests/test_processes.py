@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy import pki
-from deploy.processes import (
+from fedshield.deploy import pki
+from fedshield.deploy.processes import (
     Interrupted,
     flower_env,
     flwr_bin,
@@ -20,7 +20,7 @@ from deploy.processes import (
     parse_host_port,
     run_flower_cli,
 )
-from privacy.errors import FedShieldError
+from fedshield.privacy.errors import FedShieldError
 
 
 def test_one_host_port_parser_names_the_flag():
@@ -78,7 +78,7 @@ def test_last_error_and_flower_cli_errors_are_one_line(tmp_path):
 
 
 def test_server_site_keys_is_the_old_spelling_of_connection_keys(tmp_path, capsys):
-    from server.cli import server_main
+    from fedshield.server.cli import server_main
 
     pki.init_pki(tmp_path / "pki", "fl.example.org", [])
     with pytest.raises(FedShieldError, match=r"^--connection-keys .*nothing.pub: no such file or folder"):
@@ -93,7 +93,7 @@ def test_server_site_keys_is_the_old_spelling_of_connection_keys(tmp_path, capsy
 
 
 def test_server_refuses_the_same_connection_key_twice(tmp_path):
-    from server.cli import collect_connection_keys
+    from fedshield.server.cli import collect_connection_keys
 
     pki.connection_key_pair("a", tmp_path)
     (tmp_path / "copy").mkdir()
@@ -106,7 +106,7 @@ def test_server_refuses_the_same_connection_key_twice(tmp_path):
 
 
 def test_client_key_is_the_old_spelling_of_connection_key(tmp_path, capsys):
-    from client.cli import client_main
+    from fedshield.client.cli import client_main
 
     args = ["--server", "fl.example.org:9092", "--ca", "ca.crt", "--data", "d.csv"]
     with pytest.raises(FedShieldError, match=r"^connection key '.*missing.key': not found$"):
@@ -120,8 +120,7 @@ def test_client_key_is_the_old_spelling_of_connection_key(tmp_path, capsys):
 
 
 def test_audit_site_keys_is_the_old_spelling_of_ledger_keys(tmp_path, capsys, monkeypatch):
-    import privacy.audit
-    from privacy.cli import audit_main
+    from fedshield.privacy.cli import audit_main
 
     seen = []
 
@@ -129,7 +128,8 @@ def test_audit_site_keys_is_the_old_spelling_of_ledger_keys(tmp_path, capsys, mo
         seen.append(ledger_keys_dir)
         raise FedShieldError("stop here")
 
-    monkeypatch.setattr(privacy.audit, "audit", fake_audit)
+    import fedshield.privacy.audit
+    monkeypatch.setattr(fedshield.privacy.audit, "audit", fake_audit)
     assert audit_main([str(tmp_path), "--site-keys", str(tmp_path / "keys")]) == 2
     assert capsys.readouterr().err.splitlines()[0] == "note: --site-keys is deprecated; use --ledger-keys"
     assert audit_main([str(tmp_path), "--ledger-keys", str(tmp_path / "keys2")]) == 2
@@ -141,7 +141,7 @@ def test_audit_site_keys_is_the_old_spelling_of_ledger_keys(tmp_path, capsys, mo
 
 PARENT = r'''
 import signal, subprocess, sys, time
-from deploy.processes import Children
+from fedshield.deploy.processes import Children
 
 children = Children(grace_s=2, pdeathsig=PDEATHSIG)
 code = """
@@ -208,7 +208,7 @@ def test_children_and_grandchildren_die_when_the_parent_is_killed(pdeathsig):
 def test_stop_reaps_the_children_and_what_left_their_session(tmp_path):
     import subprocess
 
-    from deploy.processes import Children
+    from fedshield.deploy.processes import Children
 
     code = ("import subprocess, time; p = subprocess.Popen(['sleep', '302'], start_new_session=True); "
             "print(p.pid, flush=True); time.sleep(300)")
@@ -232,7 +232,7 @@ def test_stop_reaps_the_children_and_what_left_their_session(tmp_path):
 
 
 def test_the_watchdog_never_signals_a_reused_pid(monkeypatch):
-    from deploy import watchdog
+    from fedshield.deploy import watchdog
 
     tables = iter([{10: (1, 10, 500), 11: (10, 10, 501)}, {10: (1, 10, 500), 11: (1, 11, 999)}])
     monkeypatch.setattr(watchdog, "read_table", lambda: next(tables))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-import protocol
+from fedshield import protocol
 
 EXPECTED = {"w": ((2, 3), np.dtype(np.float32)), "b": ((3,), np.dtype(np.float32))}
 PEM = "-----BEGIN PUBLIC KEY-----\nMFkw...\n-----END PUBLIC KEY-----\n"

@@ -8,15 +8,15 @@ import subprocess
 
 import pytest
 
-from deploy import pki
-from deploy.processes import Children, flower_env, flwr_bin, free_port, register_connection_keys
-from privacy.errors import FedShieldError
+from fedshield.deploy import pki
+from fedshield.deploy.processes import Children, flower_env, flwr_bin, free_port, register_connection_keys
+from fedshield.privacy.errors import FedShieldError
 
 pytestmark = pytest.mark.e2e
 
 
 def test_keys_are_registered_in_one_process_and_a_failure_names_the_key(tmp_path):
-    from server.cli import CONNECTION, wait_tls, write_flower_config
+    from fedshield.server.cli import CONNECTION, wait_tls, write_flower_config
 
     d = tmp_path / "pki"
     pki.init_pki(d, "localhost", ["127.0.0.1"], days=2, ca_days=2)

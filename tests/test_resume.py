@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def fedshield(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", *args], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "fedshield.simulations.cli", "simulate", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
 
 
@@ -86,7 +86,7 @@ def test_a_killed_coordinator_resumes_to_the_same_model_and_epsilon(tiny_bert, s
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path):
-    from simulations.cli import main
+    from fedshield.simulations.cli import main
 
     assert main(["simulate", f"output.dir={tmp_path}", "output.run_name=nothing-here", "--resume"]) == 2
     (tmp_path / "half").mkdir()
@@ -102,21 +102,21 @@ def test_a_resume_goes_on_with_the_sites_that_rejoin_and_names_the_one_that_did_
     folder, so it comes back with another ledger key and cannot rejoin."""
     import shutil
 
-    import client.app
-    from simulations.cli import main
+    import fedshield.client.app
+    from fedshield.simulations.cli import main
     from tests.test_hostile_sites import never_trains
 
     overrides = tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
         "federation.rounds": 2, "federation.max_empty_rounds": 1, "training.local_epochs": 1,
         "privacy.target_epsilon": 6, "output.save_model": False, "output.run_name": "partial"})
-    real = client.app.app
-    monkeypatch.setattr(client.app, "app", never_trains())
+    real = fedshield.client.app.app
+    monkeypatch.setattr(fedshield.client.app, "app", never_trains())
     assert main(["simulate", *overrides]) == 2
     run = tmp_path / "runs" / "partial"
     ledger = [json.loads(x) for x in (run / "privacy" / "ledger.jsonl").read_text().splitlines()]
     assert {e["site"] for e in ledger} == {"site-0", "site-1", "site-2"}  # their count releases
     shutil.rmtree(run / "sites" / "site-2")
-    monkeypatch.setattr(client.app, "app", real)
+    monkeypatch.setattr(fedshield.client.app, "app", real)
     capsys.readouterr()
     assert main(["simulate", f"output.dir={tmp_path / 'runs'}", "output.run_name=partial", "--resume"]) == 0
     out = capsys.readouterr().out

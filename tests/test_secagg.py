@@ -17,12 +17,11 @@ from flwr.app import Context, Message, RecordDict
 from omegaconf import OmegaConf
 from scipy import stats
 
-import conf
-import protocol
-from client import secagg as site_side
-from privacy import secure_sum, signing
-from privacy.secure_sum import SecAggSettings
-from strategies.secagg import SecAggPlus, SecureRound, Unmasked
+from fedshield import conf, protocol
+from fedshield.client import secagg as site_side
+from fedshield.privacy import secure_sum, signing
+from fedshield.privacy.secure_sum import SecAggSettings
+from fedshield.strategies.secagg import SecAggPlus, SecureRound, Unmasked
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
 
@@ -397,7 +396,7 @@ def test_settings_that_cannot_be_honest_are_refused_in_one_line(override, words)
 
 
 def test_a_site_that_requires_secure_aggregation_refuses_a_plan_without_it():
-    from client.app import PolicyError, check_policy
+    from fedshield.client.app import PolicyError, check_policy
 
     for mode in ("dp-sgd", "none"):
         policy = conf.load_config([f"privacy.mode={mode}", "federation.secure_aggregation=secaggplus"])
@@ -446,10 +445,10 @@ def test_with_site_level_dp_each_site_clips_and_the_sum_holds_the_planned_skella
 def test_the_federation_records_what_the_sum_held_and_the_audit_recomputes_the_skellam_bound(tmp_path):
     import json
 
-    from privacy.audit import audit
-    from privacy.ledger import SKELLAM_MECHANISM
-    from privacy.skellam import skellam_history_epsilon
-    from server.federation_books import open_books
+    from fedshield.privacy.audit import audit
+    from fedshield.privacy.ledger import SKELLAM_MECHANISM
+    from fedshield.privacy.skellam import skellam_history_epsilon
+    from fedshield.server.federation_books import open_books
 
     cfg = conf.load_config([*SECURE_SITE_LEVEL, "federation.rounds=3", "privacy.site_target_epsilon=4",
                             "privacy.site_delta=1e-3"])
@@ -477,8 +476,8 @@ def test_the_federation_records_what_the_sum_held_and_the_audit_recomputes_the_s
 
 
 def test_an_explicit_site_noise_that_overspends_under_secure_aggregation_is_refused(tmp_path):
-    from privacy.errors import FedShieldError
-    from server.federation_books import open_books
+    from fedshield.privacy.errors import FedShieldError
+    from fedshield.server.federation_books import open_books
 
     cfg = conf.load_config([*SECURE_SITE_LEVEL, "privacy.site_noise_multiplier=0.1", "privacy.site_delta=1e-3"])
     with pytest.raises(FedShieldError, match="distributed Skellam noise spend"):
@@ -615,7 +614,7 @@ class HostileCoordinator(Federation):
         from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
         from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
-        from privacy import shamir
+        from fedshield.privacy import shamir
 
         if VICTIM not in vectors:
             return None
@@ -803,7 +802,7 @@ def test_a_report_of_shares_a_site_was_never_sent_drops_the_reporter_not_the_acc
 
 @pytest.mark.parametrize("size, t, n", [(32, 2, 3), (48, 35, 50), (48, 9, 13), (1, 1, 1), (100, 7, 7)])
 def test_shamir_rebuilds_the_secret_from_any_t_shares(size, t, n):
-    from privacy import shamir
+    from fedshield.privacy import shamir
 
     rng = random.Random(size * 1000 + t)
     secret = bytes(rng.randrange(256) for _ in range(size))
@@ -814,7 +813,7 @@ def test_shamir_rebuilds_the_secret_from_any_t_shares(size, t, n):
 
 
 def test_shamir_with_fewer_than_t_shares_fails_or_gives_another_secret():
-    from privacy import shamir
+    from fedshield.privacy import shamir
 
     secret = bytes(range(48))
     for t in (2, 5, 35):
@@ -828,7 +827,7 @@ def test_shamir_with_fewer_than_t_shares_fails_or_gives_another_secret():
 def test_shamir_t_minus_1_shares_are_uniform_whatever_the_secret():
     """Information-theoretic hiding, checked empirically: with t = 2, the one share a party
     holds is uniform over the field for a secret of all zeros and for one of all ones."""
-    from privacy import shamir
+    from fedshield.privacy import shamir
 
     def first_share_top_bits(secret: bytes) -> np.ndarray:
         values = [np.frombuffer(shamir.split(secret, 2, 3)[0][6:], dtype=">u4") for _ in range(400)]
@@ -842,7 +841,7 @@ def test_shamir_t_minus_1_shares_are_uniform_whatever_the_secret():
 
 
 def test_shamir_refuses_malformed_or_mixed_shares_in_one_line():
-    from privacy import shamir
+    from fedshield.privacy import shamir
 
     a, b = shamir.split(b"a" * 32, 2, 3), shamir.split(b"b" * 48, 2, 3)
     for bad in ([a[0], b[1]], [a[0], a[0]], [a[0][:-1], a[1][:-1]], [], [a[0][:5]]):
@@ -863,7 +862,7 @@ def test_shamir_shares_travel_in_the_encrypted_share_and_the_unmask_reply():
     )
     from flwr.supercore.primitives.asymmetric import generate_key_pairs
 
-    from privacy import shamir
+    from fedshield.privacy import shamir
 
     seed, scalar = bytes(range(32)), bytes(range(48))
     b_shares, k_shares = shamir.split(seed, 3, 5), shamir.split(scalar, 3, 5)

@@ -33,8 +33,8 @@ import time
 import numpy as np
 import pytest
 
-import conf
-from server.run_dir import read_jsonl
+from fedshield import conf
+from fedshield.server.run_dir import read_jsonl
 from tests.helpers import synthetic_rows, tiny_overrides, write_csv
 from tests.test_deployment import (  # the deployment tests' helpers and fixtures
     client_args,
@@ -59,8 +59,8 @@ def vanishing_app(vanish: dict[tuple[int, str], tuple[int, ...]]):
     """client.app's ClientApp whose sites die (raise) at the chosen SecAgg+ stages; every
     other message goes to the real handlers. Defined inside a function so that Ray ships
     it to its workers by value."""
-    import client.app as real
-    import protocol as wire
+    import fedshield.client.app as real
+    import fedshield.protocol as wire
 
     def dies(msg, context, stage):
         step = wire.read_secagg(msg)
@@ -82,11 +82,10 @@ def vanishing_app(vanish: dict[tuple[int, str], tuple[int, ...]]):
 
 def test_secagg_simulation_recovers_dropouts_after_sharing_and_skips_a_round_with_too_many(
         tiny_bert, synthetic_csv, tmp_path, monkeypatch, capsys):
-    import client.app
-    import protocol
-    from privacy.audit import audit
-    from privacy.secure_sum import WEIGHT_SLOT
-    from simulations.simulate import run_simulation
+    from fedshield import protocol
+    from fedshield.privacy.audit import audit
+    from fedshield.privacy.secure_sum import WEIGHT_SLOT
+    from fedshield.simulations.simulate import run_simulation
 
     seen: list[dict[str, str]] = []  # what the coordinator got in each TRAIN reply: name -> dtype
     read = protocol.read_train_reply
@@ -102,7 +101,7 @@ def test_secagg_simulation_recovers_dropouts_after_sharing_and_skips_a_round_wit
         "federation.secagg_timeout_s": 60, "privacy.noise_multiplier": 0.5, "privacy.budget_epsilon": 100,
         "privacy.target_epsilon": 100,
         "output.save_model": False, "training.center_features": False}))
-    monkeypatch.setattr(client.app, "app", vanishing_app(VANISH))  # what run_simulation starts
+    monkeypatch.setattr(fedshield.client.app, "app", vanishing_app(VANISH))  # what run_simulation starts
     run = run_simulation(cfg)
 
     rows = read_jsonl(run / "metrics.jsonl")
@@ -161,7 +160,7 @@ def test_secagg_deployment_of_three_sites_recovers_a_site_killed_mid_round(pki_d
     """SIGKILL of a site's agent after it shared its keys, while it trains: the coordinator
     rebuilds its mask key from the two others' shares (2 >= t = 2), removes its pairwise
     masks from their sum and completes the run with them."""
-    from privacy.audit import audit
+    from fedshield.privacy.audit import audit
 
     t0 = time.time()
     server_data = write_csv(tmp_path / "server.csv", synthetic_rows(120, seed=7))

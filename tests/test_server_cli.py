@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy import pki
-from deploy.front import MAX_BODY_BYTES, MIB
-from privacy.errors import FedShieldError
+from fedshield.deploy import pki
+from fedshield.deploy.front import MAX_BODY_BYTES, MIB
+from fedshield.privacy.errors import FedShieldError
 from tests.helpers import synthetic_rows, tiny_overrides, write_csv
 
 
@@ -28,7 +28,7 @@ def coordinator(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def run(coordinator, tiny_bert, tmp_path, *extra_args, **overrides):
-    from server.cli import server_main
+    from fedshield.server.cli import server_main
 
     d, keys = coordinator
     data = write_csv(tmp_path / "server.csv", synthetic_rows(40, seed=1))
@@ -67,7 +67,7 @@ def test_a_model_folder_without_weights_is_refused_up_front(coordinator, tiny_be
 
 
 def test_an_address_in_use_is_refused_before_anything_starts(coordinator, tiny_bert, tmp_path):
-    from server.cli import server_main
+    from fedshield.server.cli import server_main
 
     d, keys = coordinator
     with socket.socket() as busy:
@@ -96,7 +96,7 @@ def test_front_limit_flags_are_checked(coordinator, tiny_bert, tmp_path, args, m
 def test_the_body_limit_defaults_to_the_derived_one():
     import argparse
 
-    from server.cli import front_limits
+    from fedshield.server.cli import front_limits
 
     args = argparse.Namespace(max_body_mb=None, max_connections=256, max_connections_per_address=16)
     assert front_limits(args).max_body_bytes == MAX_BODY_BYTES == 6 * MIB
@@ -107,9 +107,9 @@ def test_the_body_limit_defaults_to_the_derived_one():
 def test_resume_needs_the_runs_folder_and_tells_the_serverapp(coordinator, tiny_bert, tmp_path):
     import tomllib
 
-    import conf
-    from server.app import RESUME_KEY, RUN_CONFIG_YAML_KEY
-    from server.cli import write_app
+    from fedshield import conf
+    from fedshield.server.app import RESUME_KEY, RUN_CONFIG_YAML_KEY
+    from fedshield.server.cli import write_app
 
     with pytest.raises(FedShieldError, match=r"output.run_name='job': .* holds no run to resume"):
         run(coordinator, tiny_bert, tmp_path, "--resume")
@@ -127,8 +127,8 @@ def test_resume_needs_the_runs_folder_and_tells_the_serverapp(coordinator, tiny_
 
 
 def test_a_run_that_did_not_complete_is_explained_by_the_serverapps_own_cause():
-    from server.cli import run_failure
-    from server.run_dir import RUN_STOPPED
+    from fedshield.server.cli import run_failure
+    from fedshield.server.run_dir import RUN_STOPPED
 
     traceback = ["Traceback (most recent call last):", '  File "server/app.py", line 371, in run_federation',
                  "server.checkpoint.CheckpointError: cannot resume job: the run's ledger does not verify: x"]
@@ -165,7 +165,7 @@ def test_the_serverapps_last_lines_are_read_after_its_report_and_a_silent_stream
     import os
     import threading
 
-    import server.cli as cli
+    import fedshield.server.cli as cli
 
     monkeypatch.setattr(cli, "DRAIN_IDLE_S", 0.3)
     (tmp_path / "report.md").write_text("# done\n")  # written before the last lines arrive

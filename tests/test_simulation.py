@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-import conf
-from privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp
-from server.run_dir import read_jsonl
-from simulations.simulate import run_simulation
+from fedshield import conf
+from fedshield.privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp
+from fedshield.server.run_dir import read_jsonl
+from fedshield.simulations.simulate import run_simulation
 from tests.helpers import tiny_overrides
 
 pytestmark = pytest.mark.e2e

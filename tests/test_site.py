@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from client.site import SiteState
-from privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp
-from privacy.errors import FedShieldError
+from fedshield.client.site import SiteState
+from fedshield.privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp
+from fedshield.privacy.errors import FedShieldError
 
 
 def _entry(site: str, run: str, rnd: int, spend: Spend, eps: float) -> dict:
@@ -107,8 +107,8 @@ def test_torn_ledger_line_is_set_aside_and_reported(tmp_path):
 def test_the_coordinators_plan_cannot_raise_a_sites_budget():
     """In deployment the site's own policy bounds the plan: a plan asking for a larger
     budget is refused; a stricter one is used; what is not policy is the site's own."""
-    import conf
-    from client.app import PolicyError, site_config
+    from fedshield import conf
+    from fedshield.client.app import PolicyError, site_config
 
     node = {"site-name": "st-marys", "privacy.budget_epsilon": 2.0, "privacy.target_epsilon": 2.0,
             "privacy.delta": 1e-6, "training.device": "cpu"}
@@ -128,7 +128,7 @@ def test_node_config_round_trips_through_flowers_parser():
     """What `fedshield client` hands flower-supernode is read back exactly, odd paths included."""
     from flwr.common.config import parse_config_args
 
-    from client.cli import node_config
+    from fedshield.client.cli import node_config
 
     line = node_config("st-marys", Path(r"/secure/notes dir\2026.csv"), Path("/var/lib/fedshield"),
                        {"privacy.budget_epsilon": 4.0, "privacy.mode": "dp-sgd"})
@@ -193,7 +193,7 @@ def _rewrite(path: Path, change) -> None:
     (lambda lines: lines.__setitem__(2, lines[1]), "removed, inserted or reordered"),
 ])
 def test_a_site_refuses_books_that_do_not_verify(tmp_path, damage, says):
-    from privacy.errors import LedgerError
+    from fedshield.privacy.errors import LedgerError
 
     ledger = _books(tmp_path)
     _rewrite(ledger, damage)
@@ -205,9 +205,9 @@ def test_a_site_refuses_books_that_do_not_verify(tmp_path, damage, says):
 def test_a_forged_entry_and_a_missing_or_forged_head_are_refused(tmp_path):
     import base64
 
-    from privacy import signing
-    from privacy.errors import LedgerError
-    from privacy.ledger import entry_hash
+    from fedshield.privacy import signing
+    from fedshield.privacy.errors import LedgerError
+    from fedshield.privacy.ledger import entry_hash
 
     ledger = _books(tmp_path)
     signing.generate_site_key(tmp_path / "other.key")
@@ -252,10 +252,9 @@ def test_a_site_with_damaged_books_releases_nothing(tiny_bert, tmp_path):
     """Through the ClientApp: the train message is declined and the ledger is not touched."""
     from flwr.app import Context, Message, RecordDict
 
-    import client.app as site
-    import conf
-    import protocol
-    from task.pipeline import build_view, pool_and_test, view_fingerprint
+    import fedshield.client.app as site
+    from fedshield import conf, protocol
+    from fedshield.task.pipeline import build_view, pool_and_test, view_fingerprint
     from tests.helpers import synthetic_rows, tiny_overrides, write_csv
 
     data = write_csv(tmp_path / "site.csv", synthetic_rows(200, seed=3))
@@ -283,7 +282,7 @@ def test_a_site_with_damaged_books_releases_nothing(tiny_bert, tmp_path):
 
 
 def test_fedshield_audit_site_checks_the_books_are_whole(tmp_path, capsys):
-    from privacy.cli import audit_main
+    from fedshield.privacy.cli import audit_main
 
     ledger = _books(tmp_path)
     state = tmp_path / "site"

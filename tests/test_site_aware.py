@@ -12,11 +12,11 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message
 from flwr.serverapp.strategy import FedAvg
 
-import protocol
-from strategies import flower
-from strategies.flower import flower_strategy
-from strategies.ledger_check import Verdict
-from strategies.site_aware import RoundReport, SiteAwareStrategy
+from fedshield import protocol
+from fedshield.strategies import flower
+from fedshield.strategies.flower import flower_strategy
+from fedshield.strategies.ledger_check import Verdict
+from fedshield.strategies.site_aware import RoundReport, SiteAwareStrategy
 
 EXPECTED = {"w": ((3,), np.dtype(np.float32))}
 SITES = {101: "alpha", 202: "bravo", 303: "charlie", 404: "delta"}
@@ -500,11 +500,11 @@ def signs(site, carries_lost: bool = False) -> Behaviour:
 
 @pytest.mark.parametrize("how", ["arrives late", "arrives two rounds late", "lost, carried by the next reply"])
 def test_a_reply_that_misses_its_round_is_still_recorded_and_the_run_books_equal_the_sites(tmp_path, how):
-    import conf
-    from privacy import signing
-    from privacy.audit import audit
-    from server.app import RoundLog
-    from strategies.ledger_check import LedgerCheck
+    from fedshield import conf
+    from fedshield.privacy import signing
+    from fedshield.privacy.audit import audit
+    from fedshield.server.app import RoundLog
+    from fedshield.strategies.ledger_check import LedgerCheck
     from tests.test_ledger_check import DELTA, PLAN, Site
 
     sites = {101: "alpha", 202: "bravo"}
@@ -550,10 +550,10 @@ def test_a_reply_that_misses_its_round_is_still_recorded_and_the_run_books_equal
 
 
 def test_rounds_that_trained_nothing_are_reported_and_counted_in_a_row(tmp_path, capsys):
-    import conf
-    from server.app import RoundLog, empty_rounds_line, write_report
-    from server.run_dir import read_jsonl
-    from strategies.site_aware import SiteReply
+    from fedshield import conf
+    from fedshield.server.app import RoundLog, empty_rounds_line, write_report
+    from fedshield.server.run_dir import read_jsonl
+    from fedshield.strategies.site_aware import SiteReply
 
     cfg = conf.load_config(["privacy=none", f"output.dir={tmp_path}"])
     log = RoundLog(tmp_path, cfg, {1: {"site": "alpha", "n": 5}, 2: {"site": "bravo", "n": 5}})

@@ -17,10 +17,9 @@ import shutil
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-import conf
-import protocol
-from client.site import SiteState
-from privacy.accountant import Spend
+from fedshield import conf, protocol
+from fedshield.client.site import SiteState
+from fedshield.privacy.accountant import Spend
 from tests.helpers import synthetic_rows, write_csv
 from tests.test_site import _spend_rounds
 from tests.test_site_policy import ask_to_train, coordinator_plan, deployed, spent
@@ -30,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.p
 
 
 def ask_hello(plan, context) -> protocol.SiteHello | protocol.Decline:
-    import client.app as site
+    import fedshield.client.app as site
 
     got = protocol.read_hello(site.hello(protocol.instruction(protocol.HELLO, plan, 1), context))
     assert isinstance(got, (protocol.SiteHello, protocol.Decline)), got
@@ -118,7 +117,7 @@ def test_books_put_back_behind_the_coordinators_head_are_refused(tiny_bert, tmp_
 
     restore(tmp_path / "backup", state_dir)  # the site's books, as they were after seq 0
     rolled_back = (state_dir / "ledger.jsonl").read_bytes()
-    import client.app as site
+    import fedshield.client.app as site
 
     msg = Message(content=RecordDict({protocol.PLAN: with_head,
                                                protocol.ARRAYS: protocol.to_array_record(weights)}),
@@ -173,7 +172,7 @@ def test_books_put_back_behind_the_sites_own_witness_are_refused(tiny_bert, tmp_
     got = ask_hello(plan, context)
     assert isinstance(got, protocol.Decline) and got.kind == "books", got
     assert "its witness" in got.reason and "entry seq 1" in got.reason
-    from client.site import BooksBehind
+    from fedshield.client.site import BooksBehind
 
     with pytest.raises(BooksBehind, match="rolled back"):  # the site's agent, on its next start
         SiteState(state_dir, "st-marys", witness=witness)
@@ -202,7 +201,7 @@ def test_a_books_head_in_a_plan_is_bounded():
 def test_the_coordinator_sends_each_site_the_head_of_its_books_it_holds(tmp_path):
     """server/site_heads.py: verified entries advance a site's head (never back), across runs;
     a site that comes back with another ledger key gets none."""
-    from server.site_heads import SiteHeads
+    from fedshield.server.site_heads import SiteHeads
 
     state = SiteState(tmp_path / "state", "a")
     entries = [state.record_spend(spend(r)) for r in (1, 2, 3)]
@@ -221,8 +220,8 @@ def test_the_coordinator_sends_each_site_the_head_of_its_books_it_holds(tmp_path
 
 
 def test_audit_site_counts_an_interrupted_spend_as_the_site_does(tmp_path, monkeypatch, capsys):
-    from privacy.audit import audit
-    from privacy.cli import audit_main
+    from fedshield.privacy.audit import audit
+    from fedshield.privacy.cli import audit_main
 
     crashed_site(tmp_path, monkeypatch, 0, spend(2, sigma=1.5))  # signed, pending, not in ledger.jsonl
     state = tmp_path / "state"
@@ -237,10 +236,10 @@ def test_audit_site_counts_an_interrupted_spend_as_the_site_does(tmp_path, monke
 def test_a_forged_pending_line_is_refused_and_never_appended(tmp_path, monkeypatch):
     import base64
 
-    from privacy import signing
-    from privacy.cli import audit_main
-    from privacy.errors import LedgerError
-    from privacy.ledger import entry_hash
+    from fedshield.privacy import signing
+    from fedshield.privacy.cli import audit_main
+    from fedshield.privacy.errors import LedgerError
+    from fedshield.privacy.ledger import entry_hash
 
     state = crashed_site(tmp_path, monkeypatch, 0, spend(2))
     pending = json.loads(state.ledger.pending_path.read_text())
@@ -272,8 +271,8 @@ def test_an_entrys_time_is_the_hour_of_the_spend(tmp_path):
 
 @pytest.mark.parametrize("accountant", ["pld", "rdp"])
 def test_the_empirical_audit_names_the_runs_own_accountant(tmp_path, accountant):
-    from privacy.canary import CanaryResult
-    from simulations.empirical import report
+    from fedshield.privacy.canary import CanaryResult
+    from fedshield.simulations.empirical import report
 
     result = CanaryResult(epsilon_lb=0.5, guesses=10, correct=8, k_plus=5, k_minus=5, m=100, delta=1e-5)
     record, text, leak = report(result, "site-0", 4.0, True, tmp_path, accountant=accountant,
@@ -287,8 +286,8 @@ def test_each_sites_training_plan_carries_the_head_of_its_own_books():
     plan; each site's copy gets its own books head (none for a site the coordinator holds none of)."""
     import numpy as np
 
-    from strategies.flower import flower_strategy
-    from strategies.site_aware import SiteAwareStrategy
+    from fedshield.strategies.flower import flower_strategy
+    from fedshield.strategies.site_aware import SiteAwareStrategy
     from tests.test_site_aware import EXPECTED, SITES, FakeGrid, trains
 
     heads = {"alpha": protocol.BooksHead(4, "a" * 64), "bravo": protocol.BooksHead(9, "b" * 64)}
@@ -312,7 +311,7 @@ def test_a_site_whose_books_are_behind_is_not_asked_again():
 
 
 def test_a_witness_line_torn_by_a_crash_does_not_swallow_the_next(tmp_path):
-    from client.site import BooksBehind
+    from fedshield.client.site import BooksBehind
 
     witness = tmp_path / "st-marys.witness"
     state = SiteState(tmp_path / "state", "a", witness=witness)

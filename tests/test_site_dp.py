@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 from dp_accounting.pld import PLDAccountant
 
-import conf
-import protocol
-from privacy import signing
-from privacy.accountant import PLD_RECORD_INTERVAL, Spend, epsilon
-from privacy.ledger import FEDERATION, SITE_MECHANISM, SITE_UNIT, Ledger
-from strategies.flower import flower_strategy
-from strategies.site_aware import SiteAwareStrategy
-from strategies.site_dp import SiteLevelDP
+from fedshield import conf, protocol
+from fedshield.privacy import signing
+from fedshield.privacy.accountant import PLD_RECORD_INTERVAL, Spend, epsilon
+from fedshield.privacy.ledger import FEDERATION, SITE_MECHANISM, SITE_UNIT, Ledger
+from fedshield.strategies.flower import flower_strategy
+from fedshield.strategies.site_aware import SiteAwareStrategy
+from fedshield.strategies.site_dp import SiteLevelDP
 from tests.test_site_aware import EIGHT, EXPECTED, FakeGrid, moves
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
@@ -99,7 +98,7 @@ def test_config_refuses_what_site_level_dp_cannot_make_honest():
 
 
 def test_the_federation_ledger_is_the_poisson_gaussian_composition_and_audits(tmp_path):
-    from privacy.audit import audit
+    from fedshield.privacy.audit import audit
 
     assert not protocol.SITE_NAME.match(FEDERATION)  # no site can sign as the federation's books
 
@@ -133,9 +132,9 @@ def test_the_federation_ledger_is_the_poisson_gaussian_composition_and_audits(tm
 
 @pytest.mark.e2e
 def test_site_level_dp_in_simulation_writes_a_ledger_that_audits(tiny_bert, synthetic_csv, tmp_path):
-    from privacy.audit import audit
-    from server.run_dir import read_jsonl
-    from simulations.simulate import run_simulation
+    from fedshield.privacy.audit import audit
+    from fedshield.server.run_dir import read_jsonl
+    from fedshield.simulations.simulate import run_simulation
     from tests.helpers import tiny_overrides
 
     cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
@@ -161,8 +160,8 @@ def test_site_level_dp_in_simulation_writes_a_ledger_that_audits(tiny_bert, synt
 
 
 def test_an_explicit_site_noise_that_would_overspend_the_target_is_refused(tmp_path):
-    from privacy.errors import FedShieldError
-    from server.federation_books import open_books
+    from fedshield.privacy.errors import FedShieldError
+    from fedshield.server.federation_books import open_books
 
     (tmp_path / "run" / "privacy").mkdir(parents=True)
     cfg = conf.load_config(["privacy.unit=site", "training.center_features=false",
@@ -181,10 +180,10 @@ def test_an_explicit_site_noise_that_would_overspend_the_target_is_refused(tmp_p
 
 @pytest.mark.e2e
 def test_site_level_dp_under_secure_aggregation_records_the_sites_skellam_noise(tiny_bert, synthetic_csv, tmp_path):
-    from privacy.audit import audit
-    from privacy.ledger import SKELLAM_MECHANISM
-    from server.run_dir import read_jsonl
-    from simulations.simulate import run_simulation
+    from fedshield.privacy.audit import audit
+    from fedshield.privacy.ledger import SKELLAM_MECHANISM
+    from fedshield.server.run_dir import read_jsonl
+    from fedshield.simulations.simulate import run_simulation
     from tests.helpers import tiny_overrides
 
     cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{

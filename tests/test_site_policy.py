@@ -9,15 +9,14 @@ import json
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-import conf
-import protocol
+from fedshield import conf, protocol
 from tests.helpers import synthetic_rows, tiny_overrides, write_csv
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
 
 
 def coordinator_plan(tiny_bert, data, tmp_path, **hostile) -> tuple[ConfigRecord, dict]:
-    from task.pipeline import build_view, pool_and_test, view_fingerprint
+    from fedshield.task.pipeline import build_view, pool_and_test, view_fingerprint
 
     cfg = conf.load_config(tiny_overrides(tiny_bert, data, tmp_path, **{
         "privacy.delta": 1e-5, "training.center_features": False, **hostile}))
@@ -35,7 +34,7 @@ def deployed(tmp_path, data, **policy) -> Context:
 
 
 def ask_to_train(plan, weights, context):
-    import client.app as site
+    import fedshield.client.app as site
 
     msg = Message(content=RecordDict({protocol.PLAN: plan, protocol.ARRAYS: protocol.to_array_record(weights)}),
                   message_type=protocol.TRAIN, dst_node_id=1)
@@ -77,7 +76,7 @@ def test_a_hostile_plan_is_declined_field_by_field_and_nothing_is_spent_or_relea
 
 
 def test_a_plan_without_dp_cannot_even_get_a_site_to_join(tiny_bert, site_data, tmp_path):
-    import client.app as site
+    import fedshield.client.app as site
 
     plan, _ = coordinator_plan(tiny_bert, site_data, tmp_path, privacy="none")
     got = protocol.read_hello(site.hello(protocol.instruction(protocol.HELLO, plan, 1),

@@ -1,6 +1,6 @@
 """A site spends before it computes, once per request, within its run's target and its budget.
 
-Every test drives the real ClientApp (client.app.train) with a deployed node config, as
+Every test drives the real ClientApp (fedshield.client.app.train) with a deployed node config, as
 `fedshield client` starts it, and attacks as a malicious coordinator would (issue 20):
 
 1. a round replayed with other weights after a later round: no release without its own entry;
@@ -16,7 +16,7 @@ import json
 import numpy as np
 import pytest
 
-import protocol
+from fedshield import protocol
 from tests.helpers import synthetic_rows, write_csv
 from tests.test_site_policy import ask_to_train, coordinator_plan, deployed, spent
 
@@ -117,7 +117,7 @@ def test_a_training_that_fails_after_steps_ran_is_spent_and_reported_with_the_ne
     """A learning rate of 1e30 diverges after DP steps ran: before, the site declined with no
     entry (a free bit). Now the entry written before the first step stays, the decline says
     so, the same request is not trained again, and the next reply carries the entry."""
-    from strategies.ledger_check import Expected, LedgerCheck
+    from fedshield.strategies.ledger_check import Expected, LedgerCheck
 
     plan, weights = coordinator_plan(tiny_bert, site_data, tmp_path, **{"training.learning_rate": 1e30,
                                                                         "training.local_epochs": 1})
@@ -137,7 +137,7 @@ def test_a_training_that_fails_after_steps_ran_is_spent_and_reported_with_the_ne
     ledger = spent(tmp_path)
     assert [e["hash"] for e in reply.ledger_entries] == [e["hash"] for e in ledger]  # count, round 1, round 2
     # The coordinator takes the reply: no gap in the site's chain.
-    from privacy.signing import load_public_key
+    from fedshield.privacy.signing import load_public_key
 
     pub = load_public_key((tmp_path / "state" / "site.pub").read_bytes())
     check = LedgerCheck("run-1", {"st-marys": pub}, dp=True, delta=1e-5, accountant=ledger[-1]["accountant"])
@@ -148,7 +148,6 @@ def test_a_training_that_fails_after_steps_ran_is_spent_and_reported_with_the_ne
 
 def test_a_process_that_dies_while_training_leaves_a_spend_and_is_not_trained_again_for_free(
         tiny_bert, site_data, tmp_path, monkeypatch):
-    import client.app
 
     class Died(BaseException):
         """The process is killed mid-training (nothing of the site's code runs after it)."""
@@ -159,7 +158,8 @@ def test_a_process_that_dies_while_training_leaves_a_spend_and_is_not_trained_ag
     plan, weights = coordinator_plan(tiny_bert, site_data, tmp_path)
     context = deployed(tmp_path, site_data)
     with monkeypatch.context() as m:
-        m.setattr(client.app, "train_local", die)
+        import fedshield.client.app
+        m.setattr(fedshield.client.app, "train_local", die)
         with pytest.raises(Died):
             train(plan, weights, context, 1)
     (entry,) = [e for e in spent(tmp_path) if e["release"] == "dp-sgd"]
@@ -218,8 +218,8 @@ def test_a_plan_for_one_round_cannot_get_seven(tiny_bert, site_data, tmp_path, l
 
 
 def test_the_cached_sigma_is_reused_only_for_the_same_question(tmp_path):
-    from client.site import SiteState
-    from privacy.accountant import Spend, epsilon
+    from fedshield.client.site import SiteState
+    from fedshield.privacy.accountant import Spend, epsilon
 
     state = SiteState(tmp_path / "site", "s")
     one = state.noise_multiplier("run-a", 2.0, 1e-5, 0.25, 4, 1, "rdp")

@@ -12,8 +12,8 @@ from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 from scipy import stats
 from scipy.special import logsumexp
 
-from privacy.errors import FedShieldError
-from privacy.skellam import (
+from fedshield.privacy.errors import FedShieldError
+from fedshield.privacy.skellam import (
     DEFAULT_ORDERS,
     calibrate_skellam_variance,
     integer_sensitivities,

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from simulations.sweep import point_overrides, split_axes, sweep_main
+from fedshield.simulations.sweep import point_overrides, split_axes, sweep_main
 from tests.helpers import tiny_overrides
 
 

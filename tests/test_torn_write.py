@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from client.site import SiteState
-from privacy.accountant import Spend, epsilon
-from privacy.ledger import Ledger
-from strategies.ledger_check import Expected, LedgerCheck
+from fedshield.client.site import SiteState
+from fedshield.privacy.accountant import Spend, epsilon
+from fedshield.privacy.ledger import Ledger
+from fedshield.strategies.ledger_check import Expected, LedgerCheck
 
 
 class Crash(BaseException):
@@ -113,9 +113,9 @@ def test_a_damaged_or_planted_pending_spend_is_refused_and_nothing_is_trained_on
     the site refuses its books, naming the file, instead of counting a spend it cannot trust."""
     import base64
 
-    from privacy import signing
-    from privacy.errors import LedgerError
-    from privacy.ledger import entry_hash
+    from fedshield.privacy import signing
+    from fedshield.privacy.errors import LedgerError
+    from fedshield.privacy.ledger import entry_hash
 
     state = crashed_site(tmp_path, monkeypatch, 150, spend(2))
     pending = json.loads(state.ledger.pending_path.read_text())

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-import conf
-from privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp, epsilon_opacus
-from task.model import frozen_fingerprint, make_train_view
-from task.pipeline import build_model, build_view, encode, pool_and_test
-from task.trainer import LocalPlan, batches_per_epoch, poisson_rate, round_steps, train_local
+from fedshield import conf
+from fedshield.privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp, epsilon_opacus
+from fedshield.task.model import frozen_fingerprint, make_train_view
+from fedshield.task.pipeline import build_model, build_view, encode, pool_and_test
+from fedshield.task.trainer import LocalPlan, batches_per_epoch, poisson_rate, round_steps, train_local
 from tests.helpers import tiny_overrides
 
 
