@@ -121,3 +121,11 @@ def test_mypy_strict() -> None:
     """mypy --strict on the files pyproject's [tool.mypy] names."""
     r = _run([sys.executable, "-m", "mypy"])
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_version_is_said_once_for_each_reader() -> None:
+    """pyproject's static version (Flower's `flwr run .` needs one there) and
+    fedshield.__version__ (what `fedshield --version` prints) are the same."""
+    import fedshield
+
+    assert fedshield.__version__ == PYPROJECT["project"]["version"]
