@@ -184,10 +184,10 @@ def build_inputs(root: Path) -> list[str]:
     project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     readme = project.get("readme")
     names = {"pyproject.toml", "fedshield"}
+    if isinstance(readme, dict):
+        readme = readme.get("file")
     if isinstance(readme, str):
-        names.add(readme)
-    elif isinstance(readme, dict) and "file" in readme:
-        names.add(readme["file"])
+        names.add(Path(readme).parts[0])
     names.update(p.name for pattern in ("LICEN[CS]E*", "COPYING*", "NOTICE*", "AUTHORS*") for p in root.glob(pattern))
     for link in (root / "fedshield").iterdir():
         if link.is_symlink():
@@ -235,6 +235,8 @@ def run_pip(command: list[str], what: str, verbose: bool) -> None:
     cause = (errors or lines or [f"pip exited with status {result.returncode}"])[-1]
     if any(NO_NETWORK.search(line) for line in lines):
         cause += " (pip reached no package index: the bundle is made on a machine with one)"
+    elif not verbose:
+        cause += " (--verbose shows pip's output)"
     raise BundleError(f"{what} failed: {cause}")
 
 
