@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -258,7 +259,7 @@ def write_sums(folder: Path) -> list[Path]:
 def install_command(bundle_name: str, version: str) -> str:
     """The one offline install line, run from the folder that holds the bundle."""
     return (f"python3 -m venv fedshield-venv && fedshield-venv/bin/pip install --no-index "
-            f"--find-links {bundle_name} fedshield=={version}")
+            f"--find-links {shlex.quote(bundle_name)} fedshield=={version}")
 
 
 def target_description(python_version: str | None, platform: str | None) -> str:
@@ -285,7 +286,7 @@ made by `fedshield bundle` for {target}; torch: {torch}.
 On the site machine (no network needed), in the folder that holds `{bundle_name}/`, check
 the wheels and install (python3 must be the Python above):
 
-  (cd {bundle_name} && sha256sum -c --quiet {SUMS_FILE})
+  (cd {shlex.quote(bundle_name)} && sha256sum -c --quiet {SUMS_FILE})
   {command}
 
 Then `fedshield-venv/bin/fedshield --help`; docs/site-operator.md tells the rest.

@@ -84,6 +84,10 @@ def test_the_cuda_flag_pins_torchs_cuda_build_and_adds_pytorchs_index_for_it(tmp
         bundle.download_command(wheel, tmp_path, ["torch>=2.13"], cuda="cu126")
 
 
+def test_the_install_line_quotes_a_folder_name_for_the_shell():
+    assert bundle.install_command("site bundle", "1.0").endswith("--find-links 'site bundle' fedshield==1.0")
+
+
 def test_fedshields_own_torch_pin_is_exact_so_the_cuda_flag_can_use_it():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert bundle.exact_pin(deps, "torch") == "2.13.0"
