@@ -26,6 +26,7 @@ commands:
   client     site agent: a SuperNode that trains on local data with a local budget
   certs      CA, server certificate, connection keys, enrolment (init | site | csr | sign | revoke | show)
   audit      verify a privacy ledger and recompute ε independently
+  bundle     a wheelhouse for an offline site install: fedshield, every pinned dependency, INSTALL.txt
 
 `fedshield COMMAND --help` tells more. Config overrides: key=value (e.g. federation.rounds=3),
 presets: task=heart-disease|news-topics|text-file, privacy=none|dp-sgd.
@@ -73,6 +74,7 @@ COMMANDS = {
     "client": _lazy("fedshield.client.cli", "client_main"),
     "certs": _lazy("fedshield.deploy.pki", "certs_main"),
     "audit": _lazy("fedshield.privacy.cli", "audit_main"),
+    "bundle": _lazy("fedshield.deploy.bundle", "bundle_main"),
     "audit-empirical": _lazy("fedshield.simulations.empirical", "empirical_main"),
 }
 
