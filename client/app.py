@@ -755,9 +755,13 @@ def _with_unreported(site: Site, run_id: str, entries: list[dict[str, Any]]) -> 
     """A reply's entries, after any of this run's spends that a crash interrupted and the
     site has since counted (client/site.py), in ledger order, each once."""
     late = site.state.take_unreported(run_id)
-    if late:
-        log.warning("%s: reporting %d interrupted spend(s) counted after a crash (seq %s)", site.name, len(late),
-                    ", ".join(str(e.get("seq")) for e in late))
+    # This reply's own entries are marked too (spend before compute): only the others are news.
+    ours = {e["hash"] for e in entries}
+    interrupted = [e for e in late if e.get("hash") not in ours]
+    if interrupted:
+        log.warning("%s: reporting %d earlier spend(s) that no reply carried (a decline, a failure or a crash "
+                    "came after them; seq %s)", site.name, len(interrupted),
+                    ", ".join(str(e.get("seq")) for e in interrupted))
     merged = {e["hash"]: e for e in [*late, *entries]}
     return sorted(merged.values(), key=lambda e: int(e["seq"]))
 

@@ -103,6 +103,9 @@ def offline_env(bin_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("PIP_") and k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["PIP_CONFIG_FILE"] = os.devnull
+    # No .pyc compiled at install (they are at first import): compiling 2 GB of wheels was
+    # much of the install's time on a 2-core machine, and it is not what is under test.
+    env["PIP_NO_COMPILE"] = "1"
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     return env
 

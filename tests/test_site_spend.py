@@ -98,10 +98,14 @@ def test_a_round_replayed_with_other_weights_20_times_releases_nothing_its_books
     assert all(d.kind == "protocol" and "\n" not in d.reason for d in declines), declines[:2]
 
 
-def test_the_same_request_again_is_answered_with_the_kept_release_and_no_new_spend(tiny_bert, site_data, tmp_path):
+def test_the_same_request_again_is_answered_with_the_kept_release_and_no_new_spend(
+        tiny_bert, site_data, tmp_path, caplog):
     plan, weights = coordinator_plan(tiny_bert, site_data, tmp_path, **{"training.local_epochs": 1})
     context = deployed(tmp_path, site_data)
     first = train(plan, weights, context, 1)
+    # The round's own entry is marked unreported before its steps (spend before compute):
+    # an ordinary round is not reported as a crash's interrupted spend.
+    assert "earlier spend" not in caplog.text
     again = train(plan, weights, context, 1)
     assert isinstance(first, protocol.TrainReply) and isinstance(again, protocol.TrainReply)
     assert released(first) == released(again) and len(spent(tmp_path)) == 2  # the count and round 1
@@ -113,7 +117,7 @@ def test_the_same_request_again_is_answered_with_the_kept_release_and_no_new_spe
 
 
 def test_a_training_that_fails_after_steps_ran_is_spent_and_reported_with_the_next_reply(
-        tiny_bert, site_data, tmp_path):
+        tiny_bert, site_data, tmp_path, caplog):
     """A learning rate of 1e30 diverges after DP steps ran: before, the site declined with no
     entry (a free bit). Now the entry written before the first step stays, the decline says
     so, the same request is not trained again, and the next reply carries the entry."""
@@ -136,6 +140,8 @@ def test_a_training_that_fails_after_steps_ran_is_spent_and_reported_with_the_ne
     assert isinstance(reply, protocol.TrainReply), reply
     ledger = spent(tmp_path)
     assert [e["hash"] for e in reply.ledger_entries] == [e["hash"] for e in ledger]  # count, round 1, round 2
+    assert f"reporting 2 earlier spend(s) that no reply carried (a decline, a failure or a crash came after them; " \
+           f"seq 0, {entry['seq']})" in caplog.text  # the count released with the declined round, and round 1
     # The coordinator takes the reply: no gap in the site's chain.
     from fedshield.privacy.signing import load_public_key
 
