@@ -43,7 +43,7 @@ from fedshield.server.run_dir import LEDGER_KEYS, RUN_STOPPED, append_jsonl, exi
 from fedshield.server.site_heads import FILE as SITE_HEADS
 from fedshield.server.site_heads import SiteHeads
 from fedshield.strategies.flower import ROBUST, flower_strategy, shortfall
-from fedshield.strategies.ledger_check import Expected, LedgerCheck, Verdict, plan_problem
+from fedshield.privacy.ledger_check import Expected, LedgerCheck, Verdict, plan_problem
 from fedshield.strategies.secagg import SecAggPlus
 from fedshield.strategies.site_aware import RoundReport, SiteAwareStrategy
 from fedshield.task import centering

@@ -10,7 +10,7 @@ import pytest
 from fedshield.privacy import signing
 from fedshield.privacy.accountant import Spend, epsilon
 from fedshield.privacy.ledger import Ledger
-from fedshield.strategies.ledger_check import Expected, LedgerCheck
+from fedshield.privacy.ledger_check import Expected, LedgerCheck
 
 PLAN = Expected(sample_rate=0.25, steps=4)
 DELTA = 1e-5
