@@ -108,7 +108,7 @@ def _forged(key, **changes) -> dict:
 @pytest.mark.parametrize(("changes", "says"), [
     ({VERSION_FIELD: 2}, "mechanism dp-sgd-poisson-gaussian is not the mechanism of a record-count release"),
     ({VERSION_FIELD: 2, "mechanism": "gaussian-feature-sum"}, "is not the mechanism of a record-count release"),
-    ({VERSION_FIELD: 2, "mechanism": "gaussian-count", "release": "dp-sgd"}, "is not the mechanism of"),
+    ({VERSION_FIELD: 2, "mechanism": "gaussian-count", "release": "dp-sgd"}, "record-count release, not 'dp-sgd'"),
     ({VERSION_FIELD: 2, "mechanism": "gaussian-count", "release": None}, "is the record-count release, not None"),
     ({VERSION_FIELD: 2, "mechanism": "gaussian-count", "steps": 2}, "one step at q = 1, got 2 steps"),
     ({"mechanism": "gaussian-count"}, "(in a version-1 entry; version 2 has ledger_version)"),
