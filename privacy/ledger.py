@@ -83,6 +83,7 @@ from fedshield.privacy.events import (
     MAX_NOISE_MULTIPLIER,
     MAX_STEPS,
     RECORD,
+    RELEASE_MECHANISM,
     REQUIRED,
     SITE,
     SKELLAM_FIELDS,
@@ -254,7 +255,8 @@ class Ledger:
     def append(self, fields: dict[str, Any], key: signing.PrivateKey) -> Entry:
         """Sign and append one spend; fsynced before this returns. Returns the entry as written."""
         entry = {k: v for k, v in fields.items() if k not in FILLED}
-        entry.setdefault("mechanism", MECHANISM)
+        # Without a mechanism: the one of its release (a count, a feature sum), else DP-SGD.
+        entry.setdefault("mechanism", RELEASE_MECHANISM.get(str(entry.get("release")), Mechanism.DP_SGD).value)
         entry.setdefault("privacy_unit", MECHANISMS.get(str(entry["mechanism"]), PRIVACY_UNIT))
         # What is appended now is version 2 (privacy/events.py); version 1 is only read.
         if entry.setdefault(VERSION_FIELD, LEDGER_VERSION) != LEDGER_VERSION:
