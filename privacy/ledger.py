@@ -559,9 +559,9 @@ def verify_ledger(entries: list[Entry], public_keys: dict[str, signing.PublicKey
         problem = _field_problem(e)
         if problem:
             bad(i, e, problem)
-        problem = chain_problem(e)
-        if problem:
-            bad(i, e, problem)
+        broken = chain_problem(e)
+        if broken:
+            bad(i, e, broken)
             continue
         site = e["site"] if isinstance(e["site"], str) else repr(e["site"])
         rs_key = (str(e["run_id"]), site)

@@ -154,3 +154,13 @@ def test_a_chain_keeps_one_kind_of_mechanism(tmp_path):
     with pytest.raises(LedgerError, match="cannot join them"):
         ledger.append(entry_fields(fedavg, site="alpha", run_id="r", round=1, delta=DELTA, accountant="pld"), key)
     assert fingerprint(key) == ledger.read().entries[-1]["key_fingerprint"]
+
+
+def test_verify_reports_a_bad_mechanism_after_good_entries_and_does_not_raise():
+    key = load_private_key(V1 / "alpha.key")
+    entries = Ledger(V1 / "alpha.jsonl").read().entries
+    last = dict(entries[-1], mechanism="nope")
+    last["hash"] = entry_hash(last)
+    last["signature"] = base64.b64encode(sign(key, last["hash"].encode())).decode()
+    result = verify_ledger([*entries[:-1], last], {"alpha": load_public_key(V1 / "keys" / "alpha.pub")})
+    assert not result.ok and result.first_bad_index == 3 and "mechanism 'nope' is not one of" in result.reason
