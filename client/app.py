@@ -61,6 +61,7 @@ from fedshield.privacy.events import (
     Neighbouring,
     PrivacyEvent,
     entry_fields,
+    event_of,
     release_event,
 )
 from fedshield.task import centering
@@ -405,7 +406,7 @@ class PublicCount:
 
     def spend(self) -> Spend:
         assert self.entry is not None
-        return Spend(self.entry["noise_multiplier"], self.entry["sample_rate"], self.entry["steps"])
+        return event_of(self.entry).spend()
 
 
 def public_count(site: Site, run_id: str) -> PublicCount | str:
