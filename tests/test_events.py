@@ -154,6 +154,12 @@ def test_a_chain_keeps_one_kind_of_mechanism(tmp_path):
     with pytest.raises(LedgerError, match="cannot join them"):
         ledger.append(entry_fields(fedavg, site="alpha", run_id="r", round=1, delta=DELTA, accountant="pld"), key)
     assert fingerprint(key) == ledger.read().entries[-1]["key_fingerprint"]
+    # What is appended is version 2: version 1 is only ever read.
+    training = PrivacyEvent(Mechanism.DP_SGD, 3.1, 0.25, 8, Neighbouring.ADD_REMOVE, 1.0)
+    old = {**entry_fields(training, site="alpha", run_id="r", round=1, delta=DELTA, accountant="pld"),
+           VERSION_FIELD: 1}
+    with pytest.raises(LedgerError, match="refusing to append a ledger_version 1 entry"):
+        ledger.append(old, key)
 
 
 def test_verify_reports_a_bad_mechanism_after_good_entries_and_does_not_raise():
@@ -164,3 +170,47 @@ def test_verify_reports_a_bad_mechanism_after_good_entries_and_does_not_raise():
     last["signature"] = base64.b64encode(sign(key, last["hash"].encode())).decode()
     result = verify_ledger([*entries[:-1], last], {"alpha": load_public_key(V1 / "keys" / "alpha.pub")})
     assert not result.ok and result.first_bad_index == 3 and "mechanism 'nope' is not one of" in result.reason
+
+
+@pytest.mark.parametrize(("accountant", "relation"), [("rdp", "add-remove"), ("pld", "add-remove"),
+                                                      ("pld", "replace-one")])
+def test_every_record_kind_equals_an_independent_dp_accounting_recomputation(tmp_path, accountant, relation):
+    """A v2 chain (count, feature sum, two DP-SGD rounds) built from typed events: its recorded ε
+    is at least, and within the discretisation of, dp-accounting's own composition written
+    independently: the one-shot releases as plain GaussianDpEvents (no subsampling), the
+    rounds as Poisson-subsampled ones."""
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
+    from fedshield.privacy.accountant import OPACUS_RDP_ORDERS
+    from fedshield.privacy.signing import generate_site_key
+
+    generate_site_key(tmp_path / "site.key")
+    key = load_private_key(tmp_path / "site.key")
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    kinds = [(release_event(Mechanism.GAUSSIAN_COUNT, 8.0, 1.0, relation), "record-count", 0),
+             (release_event(Mechanism.GAUSSIAN_FEATURE_SUM, 20.0, 5.0, relation), "feature-mean", 0),
+             (PrivacyEvent(Mechanism.DP_SGD, 3.1, 0.25, 8, Neighbouring(relation), 1.0), "dp-sgd", 1),
+             (PrivacyEvent(Mechanism.DP_SGD, 3.1, 0.25, 8, Neighbouring(relation), 1.0), "dp-sgd", 2)]
+    if relation == "replace-one":
+        kinds = kinds[1:]  # under replace-one the count is public: no count release
+    rel = (dp_accounting.NeighboringRelation.REPLACE_ONE if relation == "replace-one"
+           else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    independent = (RdpAccountant(OPACUS_RDP_ORDERS) if accountant == "rdp"
+                   else PLDAccountant(neighboring_relation=rel, value_discretization_interval=1e-4))
+    for event, release, rnd in kinds:
+        entry = ledger.append(entry_fields(event, site="s", run_id="r", round=rnd, delta=DELTA,
+                                           accountant=accountant, release=release), key)
+        assert entry["mechanism"] == event.mechanism.value
+        if event.mechanism is Mechanism.DP_SGD:
+            independent.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+                event.sample_rate, dp_accounting.GaussianDpEvent(event.noise_multiplier)), event.steps))
+        else:
+            independent.compose(dp_accounting.GaussianDpEvent(event.noise_multiplier))
+        want = independent.get_epsilon(DELTA)
+        assert entry["epsilon"] >= want * (1 - 1e-9)  # never below: over-count at most
+        assert entry["epsilon"] == pytest.approx(want, rel=1e-3 if accountant == "pld" else 1e-9)
+    result = audit(tmp_path / "ledger.jsonl", ledger_keys_dir=None)
+    assert [row["mechanism"] for row in result.entries] == [e.mechanism.value for e, _, _ in kinds]
+    assert not any(row["flag"] for row in result.entries)
