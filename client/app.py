@@ -51,10 +51,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedshield import conf, protocol
 from fedshield.client import secagg
-from fedshield.client.site import COUNT_RELEASE, BooksBehind, SiteState
+from fedshield.client.site import BooksBehind, SiteState
 from fedshield.privacy.accountant import Spend, epsilon
 from fedshield.privacy.errors import FedShieldError
 from fedshield.privacy.events import (
+    COUNT_RELEASE,
     FEATURE_RELEASE,
     TRAIN_RELEASE,
     Mechanism,

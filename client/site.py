@@ -49,15 +49,12 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives import serialization
 
-from fedshield.privacy import events
 from fedshield.privacy.accountant import ADD_REMOVE, Spend, calibrate_noise_multiplier, epsilon, planned_epsilon
 from fedshield.privacy.errors import FedShieldError
+from fedshield.privacy.events import COUNT_RELEASE, TRAIN_RELEASE, neighbouring_of
 from fedshield.privacy.files import write_fully
-from fedshield.privacy.ledger import Ledger, neighbouring_of, site_history
+from fedshield.privacy.ledger import Ledger, site_history
 from fedshield.privacy.signing import generate_site_key, load_private_key, public_key_pem
-
-# The release labels (privacy/events.py): a training round's entry carries the request's `plan_digest`.
-COUNT_RELEASE, TRAIN_RELEASE = events.COUNT_RELEASE, events.TRAIN_RELEASE
 
 
 class BooksBehind(FedShieldError):

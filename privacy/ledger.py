@@ -80,8 +80,6 @@ from fedshield.privacy.events import (
     FILLED,
     GENESIS,
     LEDGER_VERSION,
-    MAX_NOISE_MULTIPLIER,
-    MAX_STEPS,
     RECORD,
     RELEASE_MECHANISM,
     REQUIRED,
@@ -510,8 +508,6 @@ def _fsync_dir(path: Path) -> None:
 
 
 _field_problem = field_problem  # its old name
-__all__ = ["FILLED", "GENESIS", "MAX_NOISE_MULTIPLIER", "MAX_STEPS", "REQUIRED", "SKELLAM_FIELDS", "as_float",
-           "mechanism_of", "neighbouring_of", "shown"]
 
 
 @dataclass
