@@ -51,9 +51,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedshield import conf, protocol
 from fedshield.client import secagg
-from fedshield.client.site import COUNT_RELEASE, BooksBehind, SiteState
+from fedshield.client.site import BooksBehind, SiteState
 from fedshield.privacy.accountant import Spend, epsilon
 from fedshield.privacy.errors import FedShieldError
+from fedshield.privacy.events import (
+    COUNT_RELEASE,
+    FEATURE_RELEASE,
+    TRAIN_RELEASE,
+    Mechanism,
+    Neighbouring,
+    PrivacyEvent,
+    entry_fields,
+    event_of,
+    release_event,
+)
 from fedshield.task import centering
 from fedshield.task.data import LabeledData
 from fedshield.task.model import ModelError, TrainView
@@ -396,7 +407,7 @@ class PublicCount:
 
     def spend(self) -> Spend:
         assert self.entry is not None
-        return Spend(self.entry["noise_multiplier"], self.entry["sample_rate"], self.entry["steps"])
+        return event_of(self.entry).spend()
 
 
 def public_count(site: Site, run_id: str) -> PublicCount | str:
@@ -422,8 +433,8 @@ def public_count(site: Site, run_id: str) -> PublicCount | str:
     generator = torch.Generator().manual_seed(_seed(site.cfg, site, 0) + 11)
     noisy = n + float(priv.count_noise_multiplier) * float(torch.randn((), generator=generator, dtype=torch.float64))
     released = max(1, round(noisy))  # post-processing of the Gaussian count
-    entry = _record(site, run_id, 0, [spend], 1.0, {  # clip 1.0: the count's sensitivity
-        "release": COUNT_RELEASE, "released_count": released, "data_digest": digest})[0]
+    count = release_event(Mechanism.GAUSSIAN_COUNT, spend.noise_multiplier, 1.0, priv.neighbouring)  # sensitivity 1
+    entry = _record(site, run_id, 0, count, COUNT_RELEASE, {"released_count": released, "data_digest": digest})
     return PublicCount(released, entry, fresh=True)
 
 
@@ -489,7 +500,8 @@ def _feature_sum(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     generator = torch.Generator().manual_seed(_seed(cfg, site, 0) + 7)
     noise_std = spend.noise_multiplier * clip if spend is not None else 0.0
     total = centering.noisy_feature_sum(view, dataset, clip, noise_std, generator, device)
-    entries = _record(site, plan.run_id, 0, [spend], clip, {"release": "feature-mean"}) if spend else []
+    entries = [_record(site, plan.run_id, 0, release_event(Mechanism.GAUSSIAN_FEATURE_SUM, spend.noise_multiplier,
+                                                           clip, priv.neighbouring), FEATURE_RELEASE)] if spend else []
     count_entries = [count.entry] if count.fresh and count.entry is not None else []
     return protocol.feature_sum_reply(msg, site=site.name, num_examples=count.n, feature_sum=total,
                                       ledger_entries=_with_unreported(site, plan.run_id, count_entries + entries))
@@ -680,7 +692,7 @@ def local_update(msg: Message, plan: protocol.Plan, site: Site) -> LocalUpdate |
             int(cfg.federation.rounds), priv.accountant, before=before, neighbouring=priv.neighbouring,
         )
         sigma = max(sigma, float(priv.min_noise_multiplier or 0.0))  # more noise than asked: stricter
-        made = any(e.get("release") == "feature-mean" and e.get("run_id") == plan.run_id
+        made = any(e.get("release") == FEATURE_RELEASE and e.get("run_id") == plan.run_id
                    for e in site.state.entries())
         decision = site.state.check_budget(
             Spend(sigma, q, steps), _budget(site), priv.delta, priv.accountant, priv.neighbouring,
@@ -692,8 +704,9 @@ def local_update(msg: Message, plan: protocol.Plan, site: Site) -> LocalUpdate |
             return _decline(msg, site.name, decision.reason, "budget")
         # Spend before compute: on disk (fsync) before the first step that could be released,
         # and marked for the next reply of this run until a reply carries it.
-        entries += _record(site, plan.run_id, plan.server_round, [Spend(sigma, q, steps)],
-                           float(priv.max_grad_norm), {"release": "dp-sgd", "plan_digest": digest})
+        training = PrivacyEvent(Mechanism.DP_SGD, sigma, q, steps, Neighbouring(priv.neighbouring),
+                                float(priv.max_grad_norm))
+        entries.append(_record(site, plan.run_id, plan.server_round, training, TRAIN_RELEASE, {"plan_digest": digest}))
         site.state.mark_unreported(entries)
     local = LocalPlan(
         epochs=tr.local_epochs, batch_size=tr.batch_size,
@@ -813,25 +826,18 @@ def _budget(site: Site) -> float:
     return float(priv.budget_epsilon if priv.budget_epsilon is not None else priv.target_epsilon)
 
 
-def _record(site: Site, run_id: str, server_round: int, spends: list[Spend], clip: float,
-            extra: dict[str, Any]) -> list[dict[str, Any]]:
-    """Append (signed, fsynced) one ledger entry per spend; ε is over the whole history."""
+def _record(site: Site, run_id: str, server_round: int, event: PrivacyEvent, release: str,
+            extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Append (signed, fsynced) the ledger entry of one spend (privacy.events.entry_fields,
+    version 2); ε is over the whole history."""
     priv = site.cfg.privacy
-    history = site.state.history()
-    entries = []
-    for spend in spends:
-        history.append(spend)
-        entries.append(site.state.record_spend({
-            "run_id": run_id, "round": server_round, "site": site.name,
-            "mechanism": "dp-sgd-poisson-gaussian", "privacy_unit": "record",
-            "noise_multiplier": spend.noise_multiplier, "sample_rate": spend.sample_rate,
-            "steps": spend.steps, "max_grad_norm": float(clip),
-            "delta": float(priv.delta), "accountant": priv.accountant, "neighbouring": priv.neighbouring,
-            "epsilon": epsilon(history, priv.delta, priv.accountant, priv.neighbouring),
-            "budget_epsilon": _budget(site),  # signed: an audit takes the site's budget from here
-            **extra,
-        }))
-    return entries
+    history = [*site.state.history(), event.spend()]
+    return site.state.record_spend(entry_fields(
+        event, site=site.name, run_id=run_id, round=server_round, delta=float(priv.delta),
+        accountant=str(priv.accountant), release=release,
+        epsilon=epsilon(history, priv.delta, priv.accountant, priv.neighbouring),
+        extra={"budget_epsilon": _budget(site), **(extra or {})},  # signed: an audit takes the site's budget from it
+    ))
 
 
 def _seed(cfg: DictConfig, site: Site, server_round: int) -> int:

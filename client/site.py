@@ -51,12 +51,10 @@ from cryptography.hazmat.primitives import serialization
 
 from fedshield.privacy.accountant import ADD_REMOVE, Spend, calibrate_noise_multiplier, epsilon, planned_epsilon
 from fedshield.privacy.errors import FedShieldError
+from fedshield.privacy.events import COUNT_RELEASE, TRAIN_RELEASE, neighbouring_of
 from fedshield.privacy.files import write_fully
-from fedshield.privacy.ledger import Ledger, neighbouring_of, site_history
+from fedshield.privacy.ledger import Ledger, site_history
 from fedshield.privacy.signing import generate_site_key, load_private_key, public_key_pem
-
-COUNT_RELEASE = "record-count"
-TRAIN_RELEASE = "dp-sgd"  # a round of local training; its entry carries the request's `plan_digest`
 
 
 class BooksBehind(FedShieldError):

@@ -42,14 +42,12 @@ from fedshield.privacy.accountant import (
     epsilon_dp_accounting_rdp,
 )
 from fedshield.privacy.errors import FedShieldError, LedgerError
+from fedshield.privacy.events import LedgerEntry, neighbouring_of
 from fedshield.privacy.ledger import (
     SKELLAM_MECHANISM,
     Entry,
     Ledger,
     VerifyResult,
-    mechanism_of,
-    neighbouring_of,
-    skellam_spend,
     verify_ledger,
 )
 from fedshield.privacy.skellam import skellam_history_epsilon
@@ -68,6 +66,7 @@ class EntryCheck(TypedDict):
     accountant: Any
     recorded: Any
     neighbouring: str  # the relation the entry is accounted (and recomputed) under
+    mechanism: str | None  # the mechanism it is accounted as (a v1 count: gaussian-count); None: unreadable
     rdp: float | None  # dp-accounting RDP ε after this entry; None: not recomputed (or replace-one)
     pld: float | None  # dp-accounting PLD ε, for "prv" and replace-one entries
     reference: float | None  # the recomputation the recorded ε is checked against
@@ -86,6 +85,7 @@ class SiteAudit:
     max_grad_norms: list[float]
     deltas: list[float]
     accountants: list[str]
+    mechanisms: list[str]  # what its entries are accounted as (privacy/events.py `Mechanism`)
     neighbouring: str  # the relation of the site's chain (one per chain: verify_ledger)
     recorded_epsilon: float
     rdp_epsilon: float  # dp-accounting RDP over the entries in this ledger
@@ -283,62 +283,63 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
     if pending_note:
         notes.append(pending_note)
 
-    # Recompute, site by site, in ledger order, from (σ, q, steps) only.
+    # Recompute, site by site, in ledger order, from each entry's event only (σ, q, steps;
+    # Skellam: its noise and sensitivities), never from the recorded ε. Each line is parsed
+    # once here (privacy/events.py); one that does not parse is flagged, not guessed at.
     per_entry: list[EntryCheck] = []
+    parsed: dict[int, LedgerEntry] = {}
     history: dict[str, list[Spend]] = {}
     skellams: dict[str, list[tuple[float, float, float]]] = {}  # site -> (variance, l1, l2) of its Skellam spends
     for i, e in enumerate(entries):
         site = str(e.get("site"))
         row: EntryCheck = {"index": i, "site": site, "run_id": e.get("run_id"), "round": e.get("round"),
                "accountant": e.get("accountant"), "recorded": e.get("epsilon"),
-               "neighbouring": neighbouring_of(e), "rdp": None, "pld": None, "reference": None, "flag": ""}
+               "neighbouring": neighbouring_of(e), "mechanism": None, "rdp": None, "pld": None, "reference": None,
+               "flag": ""}
         per_entry.append(row)
-        if mechanism_of(e) == SKELLAM_MECHANISM:  # SecAgg+ with distributed noise: privacy/skellam.py
+        try:
+            entry = parsed[i] = LedgerEntry.from_dict(e)
+        except LedgerError as exc:
+            row["flag"] = f"cannot recompute: {exc}"
+            flags.append(f"entry {i} (round {e.get('round')!r}, site {site!r}): {row['flag']}")
+            continue
+        event, delta, rec = entry.event, entry.delta, entry.epsilon
+        row["mechanism"] = event.mechanism.value
+        if event.skellam is not None:  # SecAgg+ with distributed noise: privacy/skellam.py
+            sk = skellams.setdefault(site, [])
+            sk.append((event.skellam.variance, event.skellam.l1, event.skellam.l2))
             try:
-                delta = float(e["delta"])
-                sk = skellams.setdefault(site, [])
-                sk.append(skellam_spend(e))
                 ref = row["rdp"] = row["reference"] = skellam_history_epsilon(sk, delta)
-            except (KeyError, TypeError, ValueError, FedShieldError):
-                row["flag"] = "cannot recompute: bad or missing Skellam variance, sensitivities or δ"
+            except FedShieldError as exc:
+                row["flag"] = f"cannot recompute the Skellam bound: {exc}"
                 flags.append(f"entry {i} (round {e.get('round')!r}, site {site!r}): {row['flag']}")
                 continue
-            rec = e.get("epsilon")
-            if not _is_number(rec) or rec < ref * (1 - TOLERANCE):
+            if rec is None or rec < ref * (1 - TOLERANCE):
                 row["flag"] = "under-reported ε"
                 flags.append(f"entry {i} (round {e.get('round')!r}, site {site!r}): recorded ε={rec!r} is below "
                              f"the recomputed Skellam RDP ε={ref:.6g}")
             continue
-        try:
-            spend = Spend(e["noise_multiplier"], e["sample_rate"], e["steps"])
-            delta = float(e["delta"])
-            if not 0 < delta < 1:
-                raise ValueError
-        except (KeyError, TypeError, ValueError, FedShieldError):
-            row["flag"] = "cannot recompute: bad or missing σ, q, steps or δ"
-            flags.append(f"entry {i} (round {e.get('round')!r}, site {site!r}): {row['flag']}")
-            continue
+        spend = event.spend()
         h = history.setdefault(site, [])
         h.append(spend)
-        relation = neighbouring_of(e)
+        relation = event.relation.value
         if relation == REPLACE_ONE:
             ref = row["pld"] = epsilon_dp_accounting_pld(h, delta, PLD_RECORD_INTERVAL, neighbouring=REPLACE_ONE)
-        elif e.get("accountant") == "pld":  # exactly the site's computation: dp-accounting is the reference
+        elif entry.accountant == "pld":  # exactly the site's computation: dp-accounting is the reference
             ref = row["pld"] = epsilon_dp_accounting_pld(h, delta, PLD_RECORD_INTERVAL)
             row["rdp"] = None
         else:
             rdp = row["rdp"] = epsilon_dp_accounting_rdp(h, delta)
-            ref = row["pld"] = epsilon_dp_accounting_pld(h, delta) if e.get("accountant") == "prv" else rdp
+            ref = row["pld"] = epsilon_dp_accounting_pld(h, delta) if entry.accountant == "prv" else rdp
         row["reference"] = ref
-        rec = e.get("epsilon")
-        if not _is_number(rec) or (math.isfinite(ref) and rec < ref * (1 - TOLERANCE)) or (
+        if rec is None or (math.isfinite(ref) and rec < ref * (1 - TOLERANCE)) or (
             not math.isfinite(ref) and rec != math.inf
         ):
             row["flag"] = "under-reported ε"
             flags.append(
                 f"entry {i} (round {e.get('round')!r}, site {site!r}): recorded ε={rec!r} is below the "
                 f"recomputed {'RDP' if row['rdp'] is not None and row['pld'] is None else 'PLD'} ε={ref:.6g} "
-                f"({relation}, "
+                f"({relation}, {event.mechanism.value}, "
                 f"σ={spend.noise_multiplier:g}, q={spend.sample_rate:g}, {spend.steps} steps so far)"
             )
 
@@ -376,6 +377,7 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
             max_grad_norms=sorted({e["max_grad_norm"] for e in mine if _is_number(e.get("max_grad_norm"))}),
             deltas=sorted({e["delta"] for e in mine if _is_number(e.get("delta"))}),
             accountants=sorted({str(e.get("accountant")) for e in mine}),
+            mechanisms=sorted({p.mechanism.value for i, p in parsed.items() if p.provenance.site == site}),
             neighbouring=relation,
             recorded_epsilon=recorded, rdp_epsilon=rdp, pld_epsilon=pld,
             partial=site in verify.partial_sites,

@@ -163,7 +163,7 @@ def _print_summary(result: AuditResult, md: Path, html: Path) -> None:
         print(f"{name:<20} {s.entries:>7} {s.steps:>7} {','.join(f'{d:g}' for d in s.deltas):>9} "
               f"{','.join(s.accountants):>5} {s.neighbouring:>12} {_fmt(s.recorded_epsilon):>11} "
               f"{_fmt(s.rdp_epsilon):>9} "
-              f"{_fmt(s.pld_epsilon):>9} {_fmt(s.budget):>8}  {status}")
+              f"{_fmt(s.pld_epsilon):>9} {_fmt(s.budget):>8}  {status}  ({', '.join(s.mechanisms) or '-'})")
     for n in result.notes:
         print(f"note: {n}")
     print(f"report: {md}  {html}")

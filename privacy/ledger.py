@@ -1,8 +1,11 @@
 """The privacy ledger: append-only JSON lines, a hash chain per site, site signatures.
 
-One line per privacy spend (one DP-SGD segment: σ, q, steps). Fields of an entry:
+One line per privacy spend (one DP-SGD segment: σ, q, steps; one count or feature-sum
+release; one site-level round). Readers parse a line into a typed `LedgerEntry`
+(privacy/events.py: the mechanism names, the version migration). Fields of an entry:
 
-    run_id, round, site, mechanism ("dp-sgd-poisson-gaussian"), privacy_unit ("record"),
+    ledger_version  2 (absent: version 1, read as privacy/events.py says)
+    run_id, round, site, mechanism (privacy/events.py `Mechanism`), privacy_unit ("record"),
     noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant ("rdp"|"prv"),
     neighbouring  "add-remove" | "replace-one" (absent in entries written before it existed:
               add-remove, the relation they were accounted under); one per site's chain
@@ -63,43 +66,55 @@ import datetime as dt
 import fcntl
 import hashlib
 import json
-import math
-import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeGuard
+from typing import Any
 
 from fedshield.privacy import signing
-from fedshield.privacy.accountant import ACCOUNTANTS, ADD_REMOVE, NEIGHBOURING, Spend, epsilon
+from fedshield.privacy.accountant import Spend, epsilon
 from fedshield.privacy.errors import LedgerError
+from fedshield.privacy.events import (
+    FILLED,
+    GENESIS,
+    LEDGER_VERSION,
+    RECORD,
+    RELEASE_MECHANISM,
+    REQUIRED,
+    SITE,
+    SKELLAM_FIELDS,
+    UNIT,
+    VERSION_FIELD,
+    Mechanism,
+    as_float,
+    chain_kind,
+    chain_problem,
+    event_of,
+    field_problem,
+    mechanism_of,
+    neighbouring_of,
+    shown,
+)
 from fedshield.privacy.files import write_fully
 from fedshield.privacy.skellam import skellam_history_epsilon
 
-MECHANISM = "dp-sgd-poisson-gaussian"
-PRIVACY_UNIT = "record"
+# The mechanism names and fields live in privacy/events.py (typed events); their old names here.
+MECHANISM = Mechanism.DP_SGD.value
+PRIVACY_UNIT = RECORD
 # The coordinator's own ledger under privacy.unit=site (strategies/site_dp.py): one entry per
 # round, the Poisson-subsampled Gaussian on the clipped sum of the sites' updates.
-SITE_MECHANISM = "dp-fedavg-poisson-gaussian"
+SITE_MECHANISM = Mechanism.DP_FEDAVG.value
 # Site-level DP under secure aggregation: the sites add Skellam noise before masking
 # (privacy/skellam.py). Its entries carry the noise that the round's sum really held
 # (`skellam_variance`, in quantization levels²) and the integer sensitivities
 # (`skellam_l1`, `skellam_l2`); noise_multiplier is the equivalent sqrt(variance) / l2
 # (for reading only), sample_rate 1 (no amplification claimed), one step.
-SKELLAM_MECHANISM = "secagg-distributed-skellam"
-SKELLAM_FIELDS = ("skellam_variance", "skellam_l1", "skellam_l2")
-SITE_UNIT = "site"
+SKELLAM_MECHANISM = Mechanism.SKELLAM.value
+SITE_UNIT = SITE
 FEDERATION = "@federation"  # the name its entries carry (no site may be called so: protocol.SITE_NAME_RULE)
-MECHANISMS = {MECHANISM: PRIVACY_UNIT, SITE_MECHANISM: SITE_UNIT, SKELLAM_MECHANISM: SITE_UNIT}
-GENESIS = "0" * 64
-FILLED = ("prev_hash", "hash", "signature", "key_fingerprint", "time", "seq", "run_seq")
-REQUIRED = (
-    "run_id", "round", "site", "mechanism", "privacy_unit", "noise_multiplier", "sample_rate",
-    "steps", "max_grad_norm", "delta", "epsilon", "accountant", "time", "seq", "run_seq", "prev_hash",
-    "hash", "signature", "key_fingerprint",
-)
+MECHANISMS = {m.value: unit for m, unit in UNIT.items()}
 
 
 Entry = dict[str, Any]  # one ledger entry, a JSON object
@@ -238,8 +253,13 @@ class Ledger:
     def append(self, fields: dict[str, Any], key: signing.PrivateKey) -> Entry:
         """Sign and append one spend; fsynced before this returns. Returns the entry as written."""
         entry = {k: v for k, v in fields.items() if k not in FILLED}
-        entry.setdefault("mechanism", MECHANISM)
-        entry.setdefault("privacy_unit", PRIVACY_UNIT)
+        # Without a mechanism: the one of its release (a count, a feature sum), else DP-SGD.
+        entry.setdefault("mechanism", RELEASE_MECHANISM.get(str(entry.get("release")), Mechanism.DP_SGD).value)
+        entry.setdefault("privacy_unit", MECHANISMS.get(str(entry["mechanism"]), PRIVACY_UNIT))
+        # What is appended now is version 2 (privacy/events.py); version 1 is only read.
+        if entry.setdefault(VERSION_FIELD, LEDGER_VERSION) != LEDGER_VERSION:
+            raise LedgerError(f"ledger {self.path}: refusing to append a {VERSION_FIELD} "
+                              f"{shown(entry[VERSION_FIELD])} entry: entries are written as version {LEDGER_VERSION}")
         missing = [k for k in ("run_id", "round", "site", "noise_multiplier", "sample_rate", "steps",
                                "max_grad_norm", "delta", "accountant") if k not in entry]
         if missing:
@@ -270,7 +290,8 @@ class Ledger:
                     f"ledger {self.path}: site {site}'s spends are accounted under {neighbouring_of(last)}; "
                     f"a spend under {relation} cannot join them (the two ε do not compose)"
                 )
-            if last is not None and mechanism_of(last) != mechanism_of(entry):
+            kind = chain_kind(Mechanism(mechanism_of(entry)))
+            if last is not None and chain_kind(Mechanism(mechanism_of(last))) != kind:
                 raise LedgerError(
                     f"ledger {self.path}: site {site}'s spends are of mechanism {mechanism_of(last)}; a "
                     f"{mechanism_of(entry)} spend cannot join them (one chain, one accountant)")
@@ -437,39 +458,29 @@ def site_history(entries: list[Entry], site: str) -> list[Spend]:
     return [_spend(e) for e in entries if e.get("site") == site]
 
 
-def mechanism_of(e: Entry) -> str:
-    return str(e.get("mechanism", MECHANISM))
-
-
 def skellam_spend(e: Entry) -> tuple[float, float, float]:
     """(total variance, l1, l2) of a Skellam entry."""
-    try:
-        return (float(e["skellam_variance"]), float(e["skellam_l1"]), float(e["skellam_l2"]))
-    except (KeyError, TypeError, ValueError):
+    noise = event_of(e).skellam
+    if noise is None:
         where = f"ledger entry of site {e.get('site')!r} round {e.get('round')!r}"
-        raise LedgerError(f"{where}: no {', '.join(SKELLAM_FIELDS)}") from None
+        raise LedgerError(f"{where}: no {', '.join(SKELLAM_FIELDS)}")
+    return (noise.variance, noise.l1, noise.l2)
 
 
 def chain_epsilon(chain: list[Entry], delta: float) -> float:
-    """ε at δ of one site's chain of spends (one mechanism, one relation), as its entries record them."""
+    """ε at δ of one site's chain of spends (one kind of mechanism, one relation), from their
+    events: the Skellam bound for a Skellam chain, else the Gaussian accountant of its last
+    entry (DP-SGD, the count and the feature sum compose in it, each a Spend(σ, q, steps))."""
     if not chain:
         return 0.0
-    if mechanism_of(chain[-1]) == SKELLAM_MECHANISM:
-        return skellam_history_epsilon([skellam_spend(e) for e in chain], delta)
-    return epsilon([_spend(e) for e in chain], delta, chain[-1]["accountant"], neighbouring_of(chain[-1]))
-
-
-def neighbouring_of(e: Entry) -> str:
-    """The neighbouring relation an entry is accounted under (add-remove if it predates the field)."""
-    return str(e.get("neighbouring", ADD_REMOVE))
+    events = [event_of(e) for e in chain]
+    if events[-1].mechanism is Mechanism.SKELLAM:
+        return skellam_history_epsilon([(n.variance, n.l1, n.l2) for ev in events if (n := ev.skellam)], delta)
+    return epsilon([ev.spend() for ev in events], delta, chain[-1]["accountant"], events[-1].relation.value)
 
 
 def _spend(e: Entry) -> Spend:
-    try:
-        return Spend(e["noise_multiplier"], e["sample_rate"], e["steps"])
-    except KeyError as exc:
-        where = f"ledger entry of site {e.get('site')!r} round {e.get('round')!r}"
-        raise LedgerError(f"{where}: no {exc.args[0]}") from None
+    return event_of(e).spend()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -496,85 +507,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _real(v: object) -> TypeGuard[float]:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-# Bounds on what an entry may say, checked before any arithmetic: an entry comes from a
-# site, which may sign absurd values (a 401-digit integer overflows float() and
-# math.isfinite(); 1e9 steps make the accountant allocate hundreds of GiB). They are far
-# outside anything a site's plan produces (strategies/ledger_check.py then holds each
-# spend to the plan of its round).
-MAX_NOISE_MULTIPLIER = 1e6  # σ: ε is ~0 long before it
-MAX_STEPS = 2**53  # steps: an integer a float holds exactly
-
-
-def as_float(v: object) -> float | None:
-    """`v` as a float if it is a real number (not a bool) that a float holds, else None: a
-    NaN, or an integer too large for a float (OverflowError), is None."""
-    if not _real(v):
-        return None
-    try:
-        f = float(v)
-    except (OverflowError, ValueError, TypeError):
-        return None
-    return None if math.isnan(f) else f
-
-
-def _within(v: object, low: float, high: float) -> bool:
-    f = as_float(v)
-    return f is not None and low <= f <= high
-
-
-def _field_problem(e: Entry, need_epsilon: bool = True) -> str:
-    """What is wrong with an entry's fields, or ''. Numbers are bounded before they are used:
-    nothing an entry holds can raise (OverflowError) or cost unbounded work here."""
-    if not isinstance(e.get("site"), str) or not e.get("site"):
-        return "site must be a non-empty string"
-    if not isinstance(e.get("run_id"), str):
-        return "run_id must be a string"
-    if isinstance(e.get("round"), bool) or not isinstance(e.get("round"), int) or not 0 <= e["round"] <= MAX_STEPS:
-        return f"round must be an integer in [0, {MAX_STEPS}], got {shown(e.get('round'))}"
-    if e.get("mechanism") not in MECHANISMS:
-        return f"mechanism {shown(e.get('mechanism'))} is not one of {', '.join(MECHANISMS)}"
-    if e.get("privacy_unit") != MECHANISMS[str(e.get("mechanism"))]:
-        return (f"privacy_unit {shown(e.get('privacy_unit'))} is not {MECHANISMS[str(e.get('mechanism'))]!r} "
-                f"(the unit of {e.get('mechanism')})")
-    if e.get("accountant") not in ACCOUNTANTS:
-        return f"accountant {shown(e.get('accountant'))} is not one of {', '.join(ACCOUNTANTS)}"
-    if neighbouring_of(e) not in NEIGHBOURING:
-        return f"neighbouring {shown(e.get('neighbouring'))} is not one of {', '.join(NEIGHBOURING)}"
-    s, q, t = e.get("noise_multiplier"), e.get("sample_rate"), e.get("steps")
-    if not _within(s, 0.0, MAX_NOISE_MULTIPLIER):
-        return f"noise_multiplier must be a number in [0, {MAX_NOISE_MULTIPLIER:g}], got {shown(s)}"
-    if not _within(q, 0.0, 1.0):
-        return f"sample_rate must be in [0, 1], got {shown(q)}"
-    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= MAX_STEPS:
-        return f"steps must be an integer in [0, {MAX_STEPS}], got {shown(t)}"
-    d = as_float(e.get("delta"))
-    if d is None or not 0 < d < 1:
-        return f"delta must be in (0, 1), got {shown(e.get('delta'))}"
-    c = as_float(e.get("max_grad_norm"))
-    if c is None or not 0 < c < math.inf:
-        return f"max_grad_norm must be a finite number > 0, got {shown(e.get('max_grad_norm'))}"
-    if e.get("mechanism") == SKELLAM_MECHANISM and not all(
-            (f := as_float(e.get(k))) is not None and 0 < f < math.inf for k in SKELLAM_FIELDS):
-        return f"{', '.join(SKELLAM_FIELDS)} must be finite numbers > 0"
-    if need_epsilon or "epsilon" in e and e["epsilon"] is not None:
-        eps = as_float(e.get("epsilon"))
-        if eps is None or eps < 0:  # ∞ is allowed: what a spend without noise costs
-            return f"epsilon must be a number >= 0 that a float holds, got {shown(e.get('epsilon'))}"
-    return ""
-
-
-def shown(v: object) -> str:
-    """A value from an entry as an error line may quote it: repr (which escapes what is not
-    printable), at most 40 characters; an integer above 64 bits by its size (a 401-digit
-    integer is not worth quoting, and str() refuses one past 4300 digits)."""
-    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
-        return f"an integer of {v.bit_length()} bits"
-    text = repr(v)
-    return text if len(text) <= 40 else text[:37] + "..."
+_field_problem = field_problem  # its old name
 
 
 @dataclass
@@ -622,10 +555,9 @@ def verify_ledger(entries: list[Entry], public_keys: dict[str, signing.PublicKey
         problem = _field_problem(e)
         if problem:
             bad(i, e, problem)
-        if any(isinstance(e.get(k), bool) or not isinstance(e.get(k), int) or not 0 <= e[k] <= MAX_STEPS
-               for k in ("seq", "run_seq")):
-            bad(i, e, f"seq and run_seq must be integers in [0, {MAX_STEPS}], got {shown(e.get('seq'))}, "
-                      f"{shown(e.get('run_seq'))}")
+        broken = chain_problem(e)
+        if broken:
+            bad(i, e, broken)
             continue
         site = e["site"] if isinstance(e["site"], str) else repr(e["site"])
         rs_key = (str(e["run_id"]), site)
@@ -692,6 +624,9 @@ def verify_ledger(entries: list[Entry], public_keys: dict[str, signing.PublicKey
         if prev is not None and neighbouring_of(prev) != neighbouring_of(e):
             bad(i, e, f"accounted under {neighbouring_of(e)} after spends under {neighbouring_of(prev)}: "
                       "one site's ε is composed under one relation")
+        if prev is not None and not problem and not field_problem(prev) and \
+                chain_kind(Mechanism(mechanism_of(prev))) != chain_kind(Mechanism(mechanism_of(e))):
+            bad(i, e, f"a {mechanism_of(e)} spend after {mechanism_of(prev)} spends: one chain, one accountant")
         now, before = as_float(e.get("epsilon")), as_float(prev.get("epsilon")) if prev is not None else None
         if prev is not None and now is not None and before is not None:
             if (e.get("delta"), e.get("accountant")) == (prev.get("delta"), prev.get("accountant")):

@@ -94,10 +94,13 @@ def _sections(result: AuditResult) -> tuple[list[tuple[str, list[str]]], list[st
     model = [
         "Privacy unit: one record (one training example) of a site: sample-level DP, stated per site. "
         "Each site's guarantee covers that site's own records only.",
-        "Mechanism: DP-SGD (Opacus): per-sample gradient clipping to the clipping norm C, Gaussian noise "
-        "with standard deviation σ·C added to the sum of clipped gradients, every step. Entries with "
-        "release=feature-mean (round 0) are the feature-centering release: the sum of the site's features, "
-        "each clipped to C, plus Gaussian noise σ·C: the same mechanism with q = 1 and one step.",
+        "Mechanism: dp-sgd-poisson-gaussian entries are DP-SGD (Opacus): per-sample gradient clipping to the "
+        "clipping norm C, Gaussian noise with standard deviation σ·C added to the sum of clipped gradients, every "
+        "step. gaussian-feature-sum entries (release=feature-mean, round 0) are the feature-centering release: "
+        "the sum of the site's features, each clipped to C, plus Gaussian noise σ·C; gaussian-count entries "
+        "(release=record-count) are the record count plus Gaussian noise σ (sensitivity 1): both the Gaussian "
+        "mechanism, accounted as one step at q = 1 in the same composition (ledgers of version 1 label them "
+        "dp-sgd-poisson-gaussian; they are read by their release field).",
         "Sampling assumption: Poisson sampling: each step includes each record independently with "
         "probability q (the sample rate); the analysis is the Poisson-subsampled Gaussian mechanism under "
         f"the neighbouring relation each site's entries state: {_list(relations)}. add-remove: one record "
@@ -114,7 +117,7 @@ def _sections(result: AuditResult) -> tuple[list[tuple[str, list[str]]], list[st
         "Check: an entry is flagged if its recorded ε is below the recomputed ε of its accountant (RDP, or "
         "PLD for PRV) by more than 1e-6 relative; a site is flagged if its ε is past its budget.",
     ]
-    header = ["site", "entries", "runs", "rounds", "steps", "σ", "q", "C (clip)", "δ", "accountant",
+    header = ["site", "entries", "runs", "rounds", "steps", "mechanisms", "σ", "q", "C (clip)", "δ", "accountant",
               "ε recorded", "ε RDP (recomputed)", "ε PLD (recomputed)", "budget", "status"]
     rows = []
     for name, s in sorted(result.sites.items()):
@@ -123,7 +126,7 @@ def _sections(result: AuditResult) -> tuple[list[tuple[str, list[str]]], list[st
             status_s = "under-reported ε"
         if s.partial:
             status_s += " (partial history)"
-        rows.append([name, str(s.entries), str(len(s.runs)), str(s.rounds), str(s.steps),
+        rows.append([name, str(s.entries), str(len(s.runs)), str(s.rounds), str(s.steps), ", ".join(s.mechanisms),
                      _list(s.noise_multipliers), _list(s.sample_rates), _list(s.max_grad_norms),
                      _list(s.deltas), ", ".join(s.accountants), _f(s.recorded_epsilon), _f(s.rdp_epsilon),
                      _f(s.pld_epsilon), _f(s.budget) if s.budget is not None else "-", status_s])
@@ -142,10 +145,12 @@ def write_report(result: AuditResult, out_dir: Path) -> tuple[Path, Path]:
         md += [f"## {name}", ""] + [f"- {line}" for line in lines] + [""]
     md += ["## ε per site", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
-    md += ["", "## Entries", "", "| # | site | run | round | accountant | ε recorded | ε RDP | ε PLD | flag |",
-           "|---:|---|---|---:|---|---:|---:|---:|---|"]
+    md += ["", "## Entries", "",
+           "| # | site | run | round | mechanism | accountant | ε recorded | ε RDP | ε PLD | flag |",
+           "|---:|---|---|---:|---|---|---:|---:|---:|---|"]
     for r in result.entries:
-        md.append(f"| {r['index']} | {r['site']} | {r['run_id']} | {r['round']} | {r['accountant']} | "
+        md.append(f"| {r['index']} | {r['site']} | {r['run_id']} | {r['round']} | {r['mechanism'] or '-'} | "
+                  f"{r['accountant']} | "
                   f"{_f(r['recorded'], 6)} | {_f(r['rdp'], 6)} | {_f(r['pld'], 6)} | {r['flag'] or '-'} |")
     if png:
         (out_dir / "epsilon.png").write_bytes(png)
@@ -168,11 +173,12 @@ def write_report(result: AuditResult, out_dir: Path) -> tuple[Path, Path]:
     if png:
         h.append("<h2>ε over spends</h2><img alt='epsilon per site' src='data:image/png;base64,"
                  + base64.b64encode(png).decode("ascii") + "'>")
-    h.append("<h2>Entries</h2><table><tr><th>#</th><th>site</th><th>run</th><th>round</th><th>accountant</th>"
+    h.append("<h2>Entries</h2><table><tr><th>#</th><th>site</th><th>run</th><th>round</th><th>mechanism</th><th>accountant</th>"
              "<th>ε recorded</th><th>ε RDP</th><th>ε PLD</th><th>flag</th></tr>")
     for r in result.entries:
         h.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in (
-            r["index"], r["site"], r["run_id"], r["round"], r["accountant"], _f(r["recorded"], 6),
+            r["index"], r["site"], r["run_id"], r["round"], r["mechanism"] or "-", r["accountant"],
+            _f(r["recorded"], 6),
             _f(r["rdp"], 6), _f(r["pld"], 6), r["flag"] or "-")) + "</tr>")
     h.append("</table></body></html>")
     html_path = out_dir / "audit.html"

@@ -32,6 +32,7 @@ from fedshield.deploy.enrolment import LiveEnrolment, flower_key_fingerprint, lo
 from fedshield.privacy import signing
 from fedshield.privacy.accountant import ADD_REMOVE
 from fedshield.privacy.errors import FedShieldError
+from fedshield.privacy.ledger_check import Expected, LedgerCheck, Verdict, plan_problem
 from fedshield.privacy.secure_sum import AUTO_RING_ABOVE, DistributedNoise, settings_of
 from fedshield.server import checkpoint
 from fedshield.server.evaluate import CentralEvaluator
@@ -43,7 +44,6 @@ from fedshield.server.run_dir import LEDGER_KEYS, RUN_STOPPED, append_jsonl, exi
 from fedshield.server.site_heads import FILE as SITE_HEADS
 from fedshield.server.site_heads import SiteHeads
 from fedshield.strategies.flower import ROBUST, flower_strategy, shortfall
-from fedshield.strategies.ledger_check import Expected, LedgerCheck, Verdict, plan_problem
 from fedshield.strategies.secagg import SecAggPlus
 from fedshield.strategies.site_aware import RoundReport, SiteAwareStrategy
 from fedshield.task import centering

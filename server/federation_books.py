@@ -31,9 +31,17 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fedshield.privacy import signing
-from fedshield.privacy.accountant import ADD_REMOVE, REPLACE_ONE, Spend, calibrate_noise_multiplier, epsilon
+from fedshield.privacy.accountant import ADD_REMOVE, Spend, calibrate_noise_multiplier, epsilon
 from fedshield.privacy.errors import FedShieldError
-from fedshield.privacy.ledger import FEDERATION, SITE_MECHANISM, SITE_UNIT, SKELLAM_MECHANISM, Ledger, chain_epsilon
+from fedshield.privacy.events import (
+    MODEL_RELEASE,
+    Mechanism,
+    Neighbouring,
+    PrivacyEvent,
+    SkellamNoise,
+    entry_fields,
+)
+from fedshield.privacy.ledger import FEDERATION, SITE_MECHANISM, Ledger, chain_epsilon
 from fedshield.privacy.secure_sum import DistributedNoise, distributed_noise, settings_of
 from fedshield.server.run_dir import LEDGER_KEYS
 from fedshield.strategies.site_dp import SiteLevelDP
@@ -61,15 +69,13 @@ class FederationBooks:
         if variance < self.noise.total_variance * (1 - 1e-12):
             raise FedShieldError(f"round {server_round}: the sum held Skellam noise of variance {variance:.6g}, "
                                  f"less than the planned {self.noise.total_variance:.6g}")
-        fields = {
-            "run_id": self.run_id, "round": int(server_round), "site": FEDERATION,
-            "mechanism": SKELLAM_MECHANISM, "privacy_unit": SITE_UNIT,
-            "noise_multiplier": math.sqrt(variance) / self.noise.l2, "sample_rate": 1.0, "steps": 1,
-            "max_grad_norm": float(self.mechanism.clip_norm), "delta": self.delta, "accountant": "rdp",
-            "neighbouring": REPLACE_ONE, "release": "global-model", "planned_sites": int(self.mechanism.planned_sites),
-            "budget_epsilon": self.budget, "skellam_variance": float(variance),
-            "skellam_l1": float(self.noise.l1), "skellam_l2": float(self.noise.l2),
-        }
+        # σ is the equivalent sqrt(variance) / l2, for reading; q = 1: no amplification claimed.
+        event = PrivacyEvent(Mechanism.SKELLAM, math.sqrt(variance) / self.noise.l2, 1.0, 1, Neighbouring.REPLACE_ONE,
+                             float(self.mechanism.clip_norm),
+                             SkellamNoise(float(variance), float(self.noise.l1), float(self.noise.l2)))
+        fields = entry_fields(event, site=FEDERATION, run_id=self.run_id, round=int(server_round), delta=self.delta,
+                              accountant="rdp", release=MODEL_RELEASE, extra={
+                                  "planned_sites": int(self.mechanism.planned_sites), "budget_epsilon": self.budget})
         after = chain_epsilon([*self.ledger.read().entries, fields], self.delta)
         if after > self.budget * (1 + 1e-9):
             return False
@@ -79,14 +85,12 @@ class FederationBooks:
     def record_round(self, server_round: int) -> float:
         """Sign and fsync the round's spend (before its model leaves); the composed ε."""
         m = self.mechanism
-        entry = self.ledger.append({
-            "run_id": self.run_id, "round": int(server_round), "site": FEDERATION,
-            "mechanism": SITE_MECHANISM, "privacy_unit": SITE_UNIT,
-            "noise_multiplier": float(m.noise_multiplier), "sample_rate": float(m.sample_rate), "steps": 1,
-            "max_grad_norm": float(m.clip_norm), "delta": self.delta, "accountant": self.accountant,
-            "neighbouring": ADD_REMOVE, "release": "global-model", "planned_sites": int(m.planned_sites),
-            "budget_epsilon": self.budget,
-        }, self.key)
+        event = PrivacyEvent(Mechanism.DP_FEDAVG, float(m.noise_multiplier), float(m.sample_rate), 1,
+                             Neighbouring.ADD_REMOVE, float(m.clip_norm))
+        entry = self.ledger.append(entry_fields(
+            event, site=FEDERATION, run_id=self.run_id, round=int(server_round), delta=self.delta,
+            accountant=self.accountant, release=MODEL_RELEASE,
+            extra={"planned_sites": int(m.planned_sites), "budget_epsilon": self.budget}), self.key)
         self.epsilon = float(entry["epsilon"])
         return self.epsilon
 

@@ -90,9 +90,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedshield import protocol
+from fedshield.privacy.ledger_check import Verdict
 from fedshield.privacy.secure_sum import WEIGHT_SLOT
 from fedshield.strategies import flower
-from fedshield.strategies.ledger_check import Verdict
 from fedshield.strategies.secagg import SecAggPlus, Unmasked
 from fedshield.strategies.site_dp import SiteLevelDP
 

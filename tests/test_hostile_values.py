@@ -24,7 +24,7 @@ import pytest
 from fedshield import protocol
 from fedshield.privacy.accountant import Spend, epsilon
 from fedshield.privacy.ledger import verify_ledger
-from fedshield.strategies.ledger_check import Expected, LedgerCheck, plan_problem
+from fedshield.privacy.ledger_check import Expected, LedgerCheck, plan_problem
 from fedshield.task import centering
 from tests.test_ledger_check import DELTA, PLAN, Site, _resigned, books
 from tests.test_site_aware import SITES, run, trains
@@ -102,8 +102,8 @@ def test_whatever_goes_wrong_inside_a_check_refuses_that_site_not_the_run(tmp_pa
     def out_of_memory(*args, **kwargs):  # what the accountant did with σ = 0.001 (7.6 GiB)
         raise MemoryError
 
-    import fedshield.strategies.ledger_check
-    monkeypatch.setattr(fedshield.strategies.ledger_check, "epsilon", out_of_memory)
+    import fedshield.privacy.ledger_check
+    monkeypatch.setattr(fedshield.privacy.ledger_check, "epsilon", out_of_memory)
     site = Site(tmp_path)
     check = books(site)
     assert check.check(site.name, 1, [site.spend(1)], PLAN).problem == \

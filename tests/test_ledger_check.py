@@ -10,7 +10,7 @@ import pytest
 from fedshield.privacy import signing
 from fedshield.privacy.accountant import Spend, epsilon
 from fedshield.privacy.ledger import Ledger
-from fedshield.strategies.ledger_check import Expected, LedgerCheck
+from fedshield.privacy.ledger_check import Expected, LedgerCheck
 
 PLAN = Expected(sample_rate=0.25, steps=4)
 DELTA = 1e-5
@@ -193,3 +193,53 @@ def test_a_resume_goes_on_with_the_sites_that_rejoin(tmp_path):
     edited = [*ledger[:3], dict(ledger[3], steps=1)]  # an absent site's entries still must verify
     assert "does not verify" in books(stays).restore(edited, {"gone": gone.public})
     assert "does not verify" in books(stays).restore(ledger, {"gone": stays.public})  # under its own key
+
+
+# ------------------------------------------------------------ typed events (privacy/events.py)
+
+
+def test_the_count_and_feature_sum_come_under_their_own_mechanisms_in_round_0(tmp_path):
+    """A round-1 reply that also carries the site's count and feature-sum releases (round 0,
+    late): accepted under their own mechanisms, and ε is the same composition as DP-SGD's."""
+    site = Site(tmp_path)
+    count = site.spend(0, sigma=10.0, q=1.0, steps=1, release="record-count", released_count=150)
+    mean = site.spend(0, sigma=20.0, q=1.0, steps=1, release="feature-mean")
+    train = site.spend(1, release="dp-sgd")
+    assert [e["mechanism"] for e in (count, mean, train)] == [
+        "gaussian-count", "gaussian-feature-sum", "dp-sgd-poisson-gaussian"]
+    assert all(e["ledger_version"] == 2 for e in (count, mean, train))
+    check = books(site)
+    assert check.check(site.name, 1, [count, mean, train], PLAN).problem is None
+    spends = [Spend(10.0, 1.0, 1), Spend(20.0, 1.0, 1), Spend(1.1, 0.25, 4)]
+    assert check.run_epsilon(site.name) == epsilon(spends, DELTA, "rdp")
+
+
+def test_a_one_shot_release_outside_round_0_or_a_site_level_mechanism_is_refused(tmp_path):
+    site = Site(tmp_path)
+    count = site.spend(1, sigma=10.0, q=1.0, steps=1, release="record-count", released_count=150)
+    problem = books(site).check(site.name, 1, [count], PLAN).problem
+    assert problem == "a ledger entry records a gaussian-count release in round 1: it is a round-0 release"
+    other = Site(tmp_path, "fed")
+    fedavg = other.spend(1, mechanism="dp-fedavg-poisson-gaussian", privacy_unit="site")
+    problem = books(other).check(other.name, 1, [fedavg], PLAN).problem
+    assert problem.startswith("a ledger entry records dp-fedavg-poisson-gaussian for unit site")
+
+
+def test_a_forged_v2_entry_is_refused_on_arrival_with_one_line(tmp_path):
+    """A site that signs a count release under DP-SGD's name (version 2), or a version the
+    coordinator does not know: refused before any accounting, one line."""
+    import base64
+
+    from fedshield.privacy.ledger import entry_hash
+
+    site = Site(tmp_path)
+    entry = site.spend(1)
+    for changes, says in (({"release": "record-count"}, "is not the mechanism of a record-count release"),
+                          ({"ledger_version": 9}, "ledger_version 9 is not one this reader knows"),
+                          ({"noise_multiplier": 2e6}, "noise_multiplier must be a number in [0, 1e+06]")):
+        forged = dict(entry, **changes)
+        forged["hash"] = entry_hash(forged)
+        forged["signature"] = base64.b64encode(signing.sign(site.key, forged["hash"].encode())).decode()
+        problem = books(site).check(site.name, 1, [forged], PLAN).problem
+        assert problem.startswith("its ledger entries do not verify: ledger entry of site 'st-marys' round 1: ")
+        assert says in problem and "\n" not in problem

@@ -27,7 +27,7 @@ from fedshield.privacy.accountant import (
 )
 from fedshield.privacy.errors import LedgerError
 from fedshield.privacy.ledger import Ledger, entry_hash, verify_ledger
-from fedshield.strategies.ledger_check import LedgerCheck
+from fedshield.privacy.ledger_check import LedgerCheck
 from fedshield.task.trainer import batches_per_epoch, poisson_rate
 from tests.helpers import synthetic_rows, write_csv
 from tests.test_site_policy import ask_to_train, coordinator_plan, deployed, spent

@@ -41,6 +41,10 @@ def test_three_sites_two_rounds_beats_chance_and_writes_the_run_directory(tiny_b
         assert [e["hash"] for e in own] == [e["hash"] for e in entries if e["site"] == site]
         assert [(e["release"], e["round"]) for e in own] == [
             ("record-count", 0), ("feature-mean", 0), ("dp-sgd", 1), ("dp-sgd", 2)]
+        # Each under its own mechanism, in version 2 (privacy/events.py); the coordinator took them in.
+        assert [(e["mechanism"], e["ledger_version"]) for e in own] == [
+            ("gaussian-count", 2), ("gaussian-feature-sum", 2), ("dp-sgd-poisson-gaussian", 2),
+            ("dp-sgd-poisson-gaussian", 2)]
         assert (own[0]["sample_rate"], own[0]["steps"], own[0]["noise_multiplier"]) == (1.0, 1, 10.0)
         assert (own[1]["sample_rate"], own[1]["steps"], own[1]["noise_multiplier"]) == (1.0, 1, 4.0)
         assert own[0]["epsilon"] < own[1]["epsilon"] < own[2]["epsilon"] < own[3]["epsilon"]

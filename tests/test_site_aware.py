@@ -13,9 +13,9 @@ from flwr.app import ConfigRecord, Error, Message
 from flwr.serverapp.strategy import FedAvg
 
 from fedshield import protocol
+from fedshield.privacy.ledger_check import Verdict
 from fedshield.strategies import flower
 from fedshield.strategies.flower import flower_strategy
-from fedshield.strategies.ledger_check import Verdict
 from fedshield.strategies.site_aware import RoundReport, SiteAwareStrategy
 
 EXPECTED = {"w": ((3,), np.dtype(np.float32))}
@@ -503,8 +503,8 @@ def test_a_reply_that_misses_its_round_is_still_recorded_and_the_run_books_equal
     from fedshield import conf
     from fedshield.privacy import signing
     from fedshield.privacy.audit import audit
+    from fedshield.privacy.ledger_check import LedgerCheck
     from fedshield.server.app import RoundLog
-    from fedshield.strategies.ledger_check import LedgerCheck
     from tests.test_ledger_check import DELTA, PLAN, Site
 
     sites = {101: "alpha", 202: "bravo"}

@@ -121,7 +121,7 @@ def test_a_training_that_fails_after_steps_ran_is_spent_and_reported_with_the_ne
     """A learning rate of 1e30 diverges after DP steps ran: before, the site declined with no
     entry (a free bit). Now the entry written before the first step stays, the decline says
     so, the same request is not trained again, and the next reply carries the entry."""
-    from fedshield.strategies.ledger_check import Expected, LedgerCheck
+    from fedshield.privacy.ledger_check import Expected, LedgerCheck
 
     plan, weights = coordinator_plan(tiny_bert, site_data, tmp_path, **{"training.learning_rate": 1e30,
                                                                         "training.local_epochs": 1})

@@ -11,7 +11,7 @@ import pytest
 from fedshield.client.site import SiteState
 from fedshield.privacy.accountant import Spend, epsilon
 from fedshield.privacy.ledger import Ledger
-from fedshield.strategies.ledger_check import Expected, LedgerCheck
+from fedshield.privacy.ledger_check import Expected, LedgerCheck
 
 
 class Crash(BaseException):

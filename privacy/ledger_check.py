@@ -15,17 +15,24 @@ under-report:
 2. **Provenance**: each entry names this site, this run and this round, or an earlier
    round of this run that the coordinator does not hold (a late spend: one that a crash
    interrupted and the site counted since; recorded, not checked against this round's plan).
-3. **The plan**: a release's entries spend exactly the planned Poisson rate and steps
+   Entries are parsed once, on arrival, into typed `privacy.events.LedgerEntry`s (version 1
+   or 2: a site's count, released once per dataset, may have been written by an older
+   version and is reused in every later run; both versions are accounted identically);
+   everything below reads the typed event and provenance.
+3. **The mechanism**: a site's releases are record-level Gaussian mechanisms: DP-SGD, the
+   record count (gaussian-count), the feature sum (gaussian-feature-sum); the last two are
+   one-step releases of round 0.
+4. **The plan**: a release's entries spend exactly the planned Poisson rate and steps
    (`Expected`, from the record count the site declared), with σ > 0, the run's accountant
    and the run's δ or a smaller one (a site may be stricter than the plan, never looser).
    No entry in a DP run's release (the site trained without DP, or dropped the account)
    is a rejection.
-4. **ε recomputed**: the recorded cumulative ε is at least what the accountant
+5. **ε recomputed**: the recorded cumulative ε is at least what the accountant
    (`privacy.accountant.epsilon`, the larger of Opacus and dp-accounting) computes over the
    site's entries of this run alone. Earlier runs only add to the true ε, so this is a
    lower bound the site cannot go under; the site's own ledger is the full account.
 
-5. **Bounded before arithmetic, bounded in cost** (issue 21): every number an entry holds
+6. **Bounded before arithmetic, bounded in cost** (issue 21): every number an entry holds
    is range-checked first (`privacy.ledger`: a 401-digit σ or ε is refused, not an
    OverflowError); a late spend is held to the plan of its own round (`plans`; round 0 is
    the one-step, full-batch releases), never only to "an earlier round"; σ >=
@@ -53,8 +60,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedshield.privacy import signing
-from fedshield.privacy.accountant import ADD_REMOVE, Spend, epsilon, epsilon_opacus
-from fedshield.privacy.ledger import neighbouring_of, shown, verify_ledger
+from fedshield.privacy.accountant import ADD_REMOVE, epsilon, epsilon_opacus
+from fedshield.privacy.errors import LedgerError
+from fedshield.privacy.events import ONE_SHOT, RECORD_GAUSSIANS, LedgerEntry, shown
+from fedshield.privacy.ledger import verify_ledger
 
 TOLERANCE = 1e-6  # relative, as the audit's
 # A floor no honest plan goes under: one full-batch step at σ = 0.1 already costs ε ≈ 92
@@ -249,31 +258,40 @@ class LedgerCheck:
             return f"no ledger key for site {site!r} from discovery"
         if not entries:
             return "no ledger entry: a DP release must come with its signed spend" if self.dp and expected else None
-        for e in entries:
+        try:  # parsed once, here: everything below reads the typed entries
+            typed = [LedgerEntry.from_dict(e) for e in entries]
+        except LedgerError as exc:
+            return f"{UNVERIFIED}: {exc}"
+        for t in typed:
+            p = t.provenance
             # An earlier round of this run is a late spend (one a crash interrupted, counted
             # by the site since): recorded, and not part of this round's planned spend.
-            late = isinstance(e.get("round"), int) and not isinstance(e.get("round"), bool) \
-                and 0 <= e["round"] < server_round
-            if (e.get("site"), e.get("run_id")) != (site, self.run_id) or not (late or e.get("round") == server_round):
-                return (f"a ledger entry names site {shown(e.get('site'))}, run {shown(e.get('run_id'))}, round "
-                        f"{shown(e.get('round'))}; expected {site!r}, {self.run_id!r}, {server_round}")
+            late = 0 <= p.round < server_round
+            if (p.site, p.run_id) != (site, self.run_id) or not (late or p.round == server_round):
+                return (f"a ledger entry names site {shown(p.site)}, run {shown(p.run_id)}, round "
+                        f"{shown(p.round)}; expected {site!r}, {self.run_id!r}, {server_round}")
             # A site may be stricter than the plan (a smaller δ of its own), never looser.
-            if e.get("accountant") != self.accountant or not isinstance(e.get("delta"), float) \
-                    or not 0 < e["delta"] <= self.delta:
-                return (f"a ledger entry is at δ={shown(e.get('delta'))} with {shown(e.get('accountant'))}; the run "
+            if t.accountant != self.accountant or not isinstance(t.fields["delta"], float) \
+                    or not 0 < t.delta <= self.delta:
+                return (f"a ledger entry is at δ={shown(t.fields['delta'])} with {shown(t.accountant)}; the run "
                         f"allows δ <= {self.delta:g} with {self.accountant!r}")
-            if e.get("mechanism") != "dp-sgd-poisson-gaussian" or e.get("privacy_unit") != "record":
-                return (f"a ledger entry records {shown(e.get('mechanism'))} for unit {shown(e.get('privacy_unit'))}: "
-                        "a site's releases are record-level DP-SGD")
-            if neighbouring_of(e) != self.neighbouring:
-                return (f"a ledger entry is accounted under {neighbouring_of(e)}; the run's relation is "
+            if t.mechanism not in RECORD_GAUSSIANS:
+                return (f"a ledger entry records {t.mechanism.value} for unit {t.event.privacy_unit}: a site's "
+                        "releases are record-level DP-SGD, its count and its feature sum")
+            if t.mechanism in ONE_SHOT and p.round != 0:
+                return (f"a ledger entry records a {t.mechanism.value} release in round {p.round}: it is a "
+                        "round-0 release")
+            if t.event.relation.value != self.neighbouring:
+                return (f"a ledger entry is accounted under {t.event.relation.value}; the run's relation is "
                         f"{self.neighbouring}")
         history = [*self.accepted[site], *fresh]
         verified = verify_ledger(history, {site: self.public_keys[site]})
         if not verified.ok:
             return f"{UNVERIFIED}: {verified.reason}"
-        spends = [Spend(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries
-                  if e.get("round") == server_round]
+        # Past verify_ledger every entry parses, and every number is within privacy.events' bounds.
+        events = [LedgerEntry.from_dict(e).event for e in history]
+        fresh_events = events[len(history) - len(fresh):]
+        spends = [t.event.spend() for t in typed if t.provenance.round == server_round]
         if expected is not None:
             if any(s.sample_rate != expected.sample_rate for s in spends) or \
                     sum(s.steps for s in spends) != expected.steps:
@@ -282,44 +300,43 @@ class LedgerCheck:
                         f"at q={expected.sample_rate:g}")
             if any(s.noise_multiplier <= 0 for s in spends):
                 return "a ledger entry records noise multiplier 0: no DP"
-        # Past verify_ledger every number is within privacy.ledger's bounds: floats, no overflow.
-        if any(e["noise_multiplier"] < MIN_NOISE_MULTIPLIER for e in fresh):
-            return (f"a ledger entry records noise multiplier {min(e['noise_multiplier'] for e in fresh):.4g}, "
+        if any(ev.noise_multiplier < MIN_NOISE_MULTIPLIER for ev in fresh_events):
+            return (f"a ledger entry records noise multiplier {min(ev.noise_multiplier for ev in fresh_events):.4g}, "
                     f"below the {MIN_NOISE_MULTIPLIER:g} that any honest plan uses")
-        problem = self._late_problem(site, server_round, fresh, expected)
+        problem = self._late_problem(site, server_round, typed[len(typed) - len(fresh):], expected)
         if problem is not None:
             return problem
-        if len({(float(e["noise_multiplier"]), float(e["sample_rate"])) for e in history}) > MAX_MECHANISMS:
+        if len({(ev.noise_multiplier, ev.sample_rate) for ev in events}) > MAX_MECHANISMS:
             return (f"its ledger entries of this run use more than {MAX_MECHANISMS} different (σ, q): more "
                     "than the coordinator checks")
-        rough = epsilon_opacus([Spend(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in history],
-                               float(entries[-1]["delta"]), "rdp")
+        last = typed[-1]
+        rough = epsilon_opacus([ev.spend() for ev in events], last.delta, "rdp")
         if rough > MAX_CHECKED_EPSILON:
             return (f"its ledger entries of this run cost ε ≈ {rough:.4g} (RDP), above the {MAX_CHECKED_EPSILON:g} "
                     "the coordinator checks: no privacy left to account")
-        floor = epsilon([Spend(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in history],
-                        float(entries[-1]["delta"]), self.accountant, self.neighbouring)
-        recorded = float(entries[-1]["epsilon"])
+        floor = epsilon([ev.spend() for ev in events], last.delta, self.accountant, self.neighbouring)
+        recorded = last.epsilon if last.epsilon is not None else -1.0
         if recorded < floor * (1 - TOLERANCE):
             return f"its ledger records ε={recorded:.6g}, below the {floor:.6g} that this run's entries alone cost"
         return None
 
-    def _late_problem(self, site: str, server_round: int, fresh: list[dict[str, Any]],
+    def _late_problem(self, site: str, server_round: int, fresh: list[LedgerEntry],
                       expected: Expected | None) -> str | None:
         """A late spend (an earlier round's) held to the plan of its own round: round 0 is a
         one-step full-batch release; a training round spends at most its plan's steps at its
         rate. Without this, an entry for 'an earlier round' could say 1e9 steps."""
-        late: dict[int, list[dict[str, Any]]] = {}
-        for e in fresh:
-            if e["round"] < server_round:
-                late.setdefault(e["round"], []).append(e)
+        late: dict[int, list[LedgerEntry]] = {}
+        for t in fresh:
+            if t.provenance.round < server_round:
+                late.setdefault(t.provenance.round, []).append(t)
         for r, own in sorted(late.items()):
             plan = Expected(1.0, len(own)) if r == 0 else self.plans.get(site, expected)
             if plan is None:
                 return f"a ledger entry of round {r} is a late spend, and no plan of round {r} is known for it"
-            q_ok = all(float(e["sample_rate"]) == plan.sample_rate for e in own)
-            if not q_ok or (r == 0 and any(e["steps"] != 1 for e in own)) or sum(e["steps"] for e in own) > plan.steps:
-                got = ", ".join(f"{e['steps']} steps at q={float(e['sample_rate']):g}" for e in own)
+            steps = [t.event.steps for t in own]
+            q_ok = all(t.event.sample_rate == plan.sample_rate for t in own)
+            if not q_ok or (r == 0 and any(n != 1 for n in steps)) or sum(steps) > plan.steps:
+                got = ", ".join(f"{t.event.steps} steps at q={t.event.sample_rate:g}" for t in own)
                 return (f"its late ledger entries of round {r} spend {got}; the plan of round {r} asks "
                         f"{plan.steps} steps at q={plan.sample_rate:g}")
         return None
@@ -332,7 +349,7 @@ class LedgerCheck:
         if not own:
             return 0.0
         try:
-            return epsilon([Spend(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in own],
-                           float(own[-1]["delta"]), self.accountant, self.neighbouring)
+            typed = [LedgerEntry.from_dict(e) for e in own]
+            return epsilon([t.event.spend() for t in typed], typed[-1].delta, self.accountant, self.neighbouring)
         except Exception:  # noqa: BLE001  accepted entries were computed once already; never the run
             return float(own[-1]["epsilon"])
