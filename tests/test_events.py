@@ -5,6 +5,7 @@ forged entry is refused with one line."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -27,6 +28,15 @@ from fedshield.privacy.ledger import Ledger, canonical, chain_epsilon, entry_has
 from fedshield.privacy.signing import fingerprint, load_private_key, load_public_key, sign
 
 V1 = Path(__file__).parent / "data" / "ledger-v1"
+# alpha's signing key, derived from a public seed (make_v1.py.txt): a test vector, so no
+# key file is kept in git, and the tests can continue and forge alpha's v1 chain.
+ALPHA_SEED = b"fedshield tests/data/ledger-v1: alpha's key, a public test vector, not a secret"
+
+
+def alpha_key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.derive_private_key(int.from_bytes(hashlib.sha256(ALPHA_SEED).digest(), "big") >> 1, ec.SECP256R1())
 EXPECTED = json.loads((V1 / "expected.json").read_text())
 DELTA = 1e-5
 
@@ -79,7 +89,7 @@ def test_a_v1_chain_continues_in_v2_and_composes(tmp_path):
     ones: one chain, one accountant, ε over all of it."""
     shutil.copy(V1 / "alpha.jsonl", tmp_path / "ledger.jsonl")
     shutil.copy(V1 / "alpha.jsonl.head", tmp_path / "ledger.jsonl.head")
-    key = load_private_key(V1 / "alpha.key")
+    key = alpha_key()
     ledger = Ledger(tmp_path / "ledger.jsonl")
     before = ledger.read().entries
     count = release_event(Mechanism.GAUSSIAN_COUNT, 8.0, 1.0, "add-remove")
@@ -120,7 +130,7 @@ def _forged(key, **changes) -> dict:
     ({"release": 7}, "release must be a string, got 7"),
 ])
 def test_a_forged_entry_is_refused_with_one_line(changes, says):
-    key = load_private_key(V1 / "alpha.key")
+    key = alpha_key()
     e = _forged(key, **changes)
     with pytest.raises(LedgerError) as info:
         LedgerEntry.from_dict(e)
@@ -147,7 +157,7 @@ def test_entry_fields_is_the_one_serialisation():
 
 def test_a_chain_keeps_one_kind_of_mechanism(tmp_path):
     """The count and the feature sum compose with DP-SGD; a site-level mechanism does not."""
-    key = load_private_key(V1 / "alpha.key")
+    key = alpha_key()
     shutil.copy(V1 / "alpha.jsonl", tmp_path / "ledger.jsonl")
     ledger = Ledger(tmp_path / "ledger.jsonl")
     fedavg = PrivacyEvent(Mechanism.DP_FEDAVG, 1.2, 0.5, 1, Neighbouring.ADD_REMOVE, 0.5)
@@ -163,7 +173,7 @@ def test_a_chain_keeps_one_kind_of_mechanism(tmp_path):
 
 
 def test_verify_reports_a_bad_mechanism_after_good_entries_and_does_not_raise():
-    key = load_private_key(V1 / "alpha.key")
+    key = alpha_key()
     entries = Ledger(V1 / "alpha.jsonl").read().entries
     last = dict(entries[-1], mechanism="nope")
     last["hash"] = entry_hash(last)
