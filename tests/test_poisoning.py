@@ -87,16 +87,6 @@ def test_strategy_keys_are_validated_and_an_impossible_rule_is_refused_in_one_li
     assert conf.load_config(["federation.update_norm_bound=2.5"]).federation.update_norm_bound == 2.5
 
 
-def test_the_configs_minimum_is_the_one_the_coordinator_applies():
-    from fedshield.conf.schema import rule_min_sites
-
-    for name in flower.STRATEGIES:
-        for f in range(4):
-            for beta in (0.0, 0.1, 0.2, 0.25, 1 / 3, 0.49):
-                for select in (0, 1, 5):
-                    assert rule_min_sites(name, f, beta, select) == flower.min_replies_for(name, f, beta, select)
-
-
 # ------------------------------------------------------------ the report
 
 

@@ -79,7 +79,7 @@ def test_the_strategy_releases_the_noised_model_after_the_spend_every_round():
     # Every site moves by about STEP (norm 1.1 < S): the model moves by the mean step a round.
     from tests.test_site_aware import STEP
     assert np.abs(result.arrays["w"].numpy() - 3 * STEP).max() < 0.1
-    with pytest.raises(ValueError, match="fedavg only"):
+    with pytest.raises(ValueError, match="privacy.unit=site with federation.strategy=krum"):
         SiteAwareStrategy(flower_strategy("krum"), sites, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
                           site_dp=dp)
 
