@@ -18,14 +18,14 @@ TASKS = ("news-topics", "heart-disease", "text-file")
 PARTITIONS = ("iid", "dirichlet", "natural")
 ROBUST_STRATEGIES = rules.ROBUST_RULES
 STRATEGIES = rules.RULES
-UPDATE_NORM_ACTIONS = ("clip", "reject")
+UPDATE_NORM_ACTIONS = rules.NORM_ACTIONS
 TRAINABLE = ("all", "last_layers", "lora")
 OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
-PRIVACY_MODES = ("none", "dp-sgd")
-ACCOUNTANTS = ("pld", "rdp", "prv")  # privacy.accountant.ACCOUNTANTS
-NEIGHBOURING = ("add-remove", "replace-one")  # privacy.accountant.NEIGHBOURING (tests check they agree)
+PRIVACY_MODES = rules.PRIVACY_MODES
+ACCOUNTANTS = rules.ACCOUNTANTS  # = privacy.accountant.ACCOUNTANTS
+NEIGHBOURING = rules.NEIGHBOURING  # = privacy.accountant.NEIGHBOURING
 
 # federation.num_sites: the simulation is documented for 10 to 10,000 virtual sites on one
 # machine (each a Flower SuperNode with its own partition; bench/sim_scale.py measures 10
@@ -302,7 +302,7 @@ def _site_unit_error(p: PrivacyConfig, f: FederationConfig, center_features: boo
     return None
 
 
-SECURE_AGGREGATION = ("off", "secaggplus")
+SECURE_AGGREGATION = rules.SECURE_AGGREGATION
 
 
 def _secagg_error(f: FederationConfig) -> str | None:
@@ -429,7 +429,7 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
         _positive("privacy.max_grad_norm", p.max_grad_norm),
         _one_of("privacy.accountant", p.accountant, ACCOUNTANTS),
         _one_of("privacy.neighbouring", p.neighbouring, NEIGHBOURING),
-        _one_of("privacy.unit", p.unit, ("record", "site")),
+        _one_of("privacy.unit", p.unit, rules.PRIVACY_UNITS),
         _positive("privacy.site_clip_norm", p.site_clip_norm),
         _check(
             "privacy.site_noise_multiplier",

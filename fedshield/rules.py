@@ -14,10 +14,29 @@ The ground floor: this module imports nothing of ours, and every room may import
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
-PLAIN_RULES = ("fedavg", "fedprox", "fedadam")
-ROBUST_RULES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
-RULES = (*PLAIN_RULES, *ROBUST_RULES)  # federation.strategy
+# The string modes of the config, once: the Literal types the coordinator's typed settings
+# use (server/settings.py) and the tuples the config's validation allows (conf/schema.py).
+PlainRule = Literal["fedavg", "fedprox", "fedadam"]
+RobustRule = Literal["fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"]
+RuleName = Literal[PlainRule, RobustRule]  # federation.strategy
+NormAction = Literal["clip", "reject"]  # federation.update_norm_action
+SecureAggregation = Literal["off", "secaggplus"]  # federation.secure_aggregation
+PrivacyMode = Literal["none", "dp-sgd"]  # privacy.mode
+PrivacyUnit = Literal["record", "site"]  # privacy.unit
+Accountant = Literal["pld", "rdp", "prv"]  # privacy.accountant (privacy/accountant.py's)
+Neighbouring = Literal["add-remove", "replace-one"]  # privacy.neighbouring (privacy/accountant.py's)
+
+PLAIN_RULES: tuple[str, ...] = get_args(PlainRule)
+ROBUST_RULES: tuple[str, ...] = get_args(RobustRule)
+RULES: tuple[str, ...] = get_args(RuleName)
+NORM_ACTIONS: tuple[str, ...] = get_args(NormAction)
+SECURE_AGGREGATION: tuple[str, ...] = get_args(SecureAggregation)
+PRIVACY_MODES: tuple[str, ...] = get_args(PrivacyMode)
+PRIVACY_UNITS: tuple[str, ...] = get_args(PrivacyUnit)
+ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
+NEIGHBOURING: tuple[str, ...] = get_args(Neighbouring)
 # What runs on a masked sum (secure aggregation): FedAvg and FedProx aggregate by the
 # weighted mean alone; FedAdam keeps a server optimizer fedshield does not run on the sum.
 SUM_RULES = ("fedavg", "fedprox")

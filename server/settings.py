@@ -11,21 +11,13 @@ is the protocol's plan (protocol.plan_record), as before.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, TypeVar, cast, get_args
+from typing import Any, cast, get_args
 
 from omegaconf import DictConfig
 
 from fedshield import conf, rules
 from fedshield.privacy.secure_sum import SecAggSettings
-
-PrivacyMode = Literal["none", "dp-sgd"]
-PrivacyUnit = Literal["record", "site"]
-Accountant = Literal["pld", "rdp", "prv"]
-Neighbouring = Literal["add-remove", "replace-one"]
-RuleName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"]
-NormAction = Literal["clip", "reject"]
-
-_T = TypeVar("_T")
+from fedshield.rules import Accountant, Neighbouring, NormAction, PrivacyMode, PrivacyUnit, RuleName
 
 
 def _choice(key: str, value: object, kind: object) -> str:
@@ -36,8 +28,8 @@ def _choice(key: str, value: object, kind: object) -> str:
     return str(value)
 
 
-def _optional(value: object, kind: type[_T]) -> _T | None:
-    return None if value is None else kind(value)  # type: ignore[call-arg]
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 @dataclass(frozen=True)
@@ -152,8 +144,9 @@ class CoordinatorSettings:
             raise conf.ConfigError(f"config: {errors[0]}")
         t, f, tr, p, o = cfg.task, cfg.federation, cfg.training, cfg.privacy, cfg.output
         unit = _choice("privacy.unit", p.unit, PrivacyUnit)
-        secure = _choice("federation.secure_aggregation", f.secure_aggregation, Literal["off", "secaggplus"])
-        threshold = _optional(f.secagg_reconstruction_threshold, float)
+        secure = _choice("federation.secure_aggregation", f.secure_aggregation, rules.SecureAggregation)
+        threshold = _float_or_none(f.secagg_reconstruction_threshold)
+        neighbours = None if f.secagg_neighbours is None else int(f.secagg_neighbours)
         return cls(
             task=str(t.name), partition=str(f.partition), rounds=int(f.rounds), seed=int(f.seed),
             max_empty_rounds=int(f.max_empty_rounds), batch_size=int(tr.batch_size),
@@ -163,7 +156,7 @@ class CoordinatorSettings:
             rule=RulePolicy(
                 strategy=cast(RuleName, _choice("federation.strategy", f.strategy, RuleName)),
                 num_malicious=int(f.num_malicious), trim_fraction=float(f.trim_fraction),
-                krum_select=int(f.krum_select), update_norm_bound=_optional(f.update_norm_bound, float),
+                krum_select=int(f.krum_select), update_norm_bound=_float_or_none(f.update_norm_bound),
                 update_norm_action=cast(NormAction, _choice("federation.update_norm_action",
                                                             f.update_norm_action, NormAction)),
                 proximal_mu=float(f.proximal_mu), server_learning_rate=float(f.server_learning_rate)),
@@ -171,14 +164,14 @@ class CoordinatorSettings:
                 mode=cast(PrivacyMode, _choice("privacy.mode", p.mode, PrivacyMode)), delta=float(p.delta),
                 accountant=cast(Accountant, _choice("privacy.accountant", p.accountant, Accountant)),
                 neighbouring=cast(Neighbouring, _choice("privacy.neighbouring", p.neighbouring, Neighbouring)),
-                target_epsilon=float(p.target_epsilon), budget_epsilon=_optional(p.budget_epsilon, float),
+                target_epsilon=float(p.target_epsilon), budget_epsilon=_float_or_none(p.budget_epsilon),
                 max_grad_norm=float(p.max_grad_norm), count_noise_multiplier=float(p.count_noise_multiplier),
                 center_noise_multiplier=float(p.center_noise_multiplier)),
             site_level=SiteLevelPolicy(
-                clip_norm=float(p.site_clip_norm), noise_multiplier=_optional(p.site_noise_multiplier, float),
+                clip_norm=float(p.site_clip_norm), noise_multiplier=_float_or_none(p.site_noise_multiplier),
                 target_epsilon=float(p.site_target_epsilon), delta=float(p.site_delta)) if unit == "site" else None,
             secagg=SecAggPolicy(
-                SecAggSettings(float(f.secagg_clip_range), int(f.secagg_bits), _optional(f.secagg_neighbours, int),
+                SecAggSettings(float(f.secagg_clip_range), int(f.secagg_bits), neighbours,
                                float(f.secagg_max_dropout_fraction), threshold),
                 timeout_s=float(f.secagg_timeout_s)) if secure == "secaggplus" else None,
         )

@@ -93,7 +93,12 @@ def test_both_sides_apply_the_one_rule():
     from fedshield.strategies.site_aware import SiteAwareStrategy
     from fedshield.strategies.site_dp import SiteLevelDP
 
-    assert flower.STRATEGIES == conf.schema.STRATEGIES == rules.RULES  # one tuple, named twice
+    from fedshield.privacy import accountant
+
+    assert flower.STRATEGIES == conf.schema.STRATEGIES == rules.RULES  # one tuple, named where it is used
+    assert rules.RULES == (*rules.PLAIN_RULES, *rules.ROBUST_RULES) and "bulyan" in rules.ROBUST_RULES
+    assert conf.schema.ACCOUNTANTS == accountant.ACCOUNTANTS == ("pld", "rdp", "prv")
+    assert conf.schema.NEIGHBOURING == accountant.NEIGHBOURING == (accountant.ADD_REMOVE, accountant.REPLACE_ONE)
     line = rules.site_dp_problem("krum", None)
     with pytest.raises(conf.ConfigError) as refused:
         conf.load_config(["privacy.unit=site", "training.center_features=false", "federation.strategy=krum"])
