@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedshield import rules
 from fedshield.privacy import signing
 from fedshield.privacy.accountant import ADD_REMOVE, REPLACE_ONE, Spend, calibrate_noise_multiplier, epsilon
 from fedshield.privacy.errors import FedShieldError
@@ -176,7 +177,7 @@ def flower_epsilon_no_amplification(entries: list[dict]) -> float:
     for e in entries:
         # The sample size is metadata under NO_AMPLIFICATION (it does not change ε); Flower's
         # wrapper would pass its fixed num_sampled_clients: the expected q x N here.
-        size = min(population, max(1, round(float(e["sample_rate"]) * population)))
+        size = rules.sites_per_round(float(e["sample_rate"]), population)
         for _ in range(int(e["steps"])):
             accountant.compose(GaussianPrivacyEvent(noise_multiplier=float(e["noise_multiplier"]),
                                                     sample_size=size, population_size=population))

@@ -89,11 +89,10 @@ def test_secagg_settings_in_range(settings, words):
 
 def test_both_sides_apply_the_one_rule():
     """The config refuses what the coordinator's strategy refuses, with the rule's one line."""
+    from fedshield.privacy import accountant
     from fedshield.strategies import flower
     from fedshield.strategies.site_aware import SiteAwareStrategy
     from fedshield.strategies.site_dp import SiteLevelDP
-
-    from fedshield.privacy import accountant
 
     assert flower.STRATEGIES == conf.schema.STRATEGIES == rules.RULES  # one tuple, named where it is used
     assert rules.RULES == (*rules.PLAIN_RULES, *rules.ROBUST_RULES) and "bulyan" in rules.ROBUST_RULES
