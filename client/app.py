@@ -49,7 +49,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 
-from fedshield import conf, protocol
+from fedshield import conf, protocol, rules
 from fedshield.client import secagg
 from fedshield.client.site import BooksBehind, SiteState
 from fedshield.privacy.accountant import Spend, epsilon
@@ -153,8 +153,8 @@ def check_policy(plan: DictConfig, policy: DictConfig) -> None:
         return  # the site's own policy is no DP, and so is the plan
     if p.target_epsilon > mine.target_epsilon:
         raise PolicyError(f"privacy.target_epsilon={p.target_epsilon:g}: above this site's {mine.target_epsilon:g}")
-    budget = p.budget_epsilon if p.budget_epsilon is not None else p.target_epsilon
-    own_budget = mine.budget_epsilon if mine.budget_epsilon is not None else mine.target_epsilon
+    budget = rules.lifetime_budget(p.budget_epsilon, p.target_epsilon)
+    own_budget = rules.lifetime_budget(mine.budget_epsilon, mine.target_epsilon)
     if budget > own_budget:
         raise PolicyError(f"privacy.budget_epsilon={budget:g}: above this site's {own_budget:g}")
     if p.delta > mine.delta:
@@ -823,7 +823,7 @@ def _prepare(site: Site, plan: protocol.Plan, device: torch.device) -> tuple[Tra
 
 def _budget(site: Site) -> float:
     priv = site.cfg.privacy
-    return float(priv.budget_epsilon if priv.budget_epsilon is not None else priv.target_epsilon)
+    return float(rules.lifetime_budget(priv.budget_epsilon, priv.target_epsilon))
 
 
 def _record(site: Site, run_id: str, server_round: int, event: PrivacyEvent, release: str,

@@ -12,18 +12,20 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from fedshield import rules
+
 TASKS = ("news-topics", "heart-disease", "text-file")
 PARTITIONS = ("iid", "dirichlet", "natural")
-ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", *ROBUST_STRATEGIES)
-UPDATE_NORM_ACTIONS = ("clip", "reject")
+ROBUST_STRATEGIES = rules.ROBUST_RULES
+STRATEGIES = rules.RULES
+UPDATE_NORM_ACTIONS = rules.NORM_ACTIONS
 TRAINABLE = ("all", "last_layers", "lora")
 OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
-PRIVACY_MODES = ("none", "dp-sgd")
-ACCOUNTANTS = ("pld", "rdp", "prv")  # privacy.accountant.ACCOUNTANTS
-NEIGHBOURING = ("add-remove", "replace-one")  # privacy.accountant.NEIGHBOURING (tests check they agree)
+PRIVACY_MODES = rules.PRIVACY_MODES
+ACCOUNTANTS = rules.ACCOUNTANTS  # = privacy.accountant.ACCOUNTANTS
+NEIGHBOURING = rules.NEIGHBOURING  # = privacy.accountant.NEIGHBOURING
 
 # federation.num_sites: the simulation is documented for 10 to 10,000 virtual sites on one
 # machine (each a Flower SuperNode with its own partition; bench/sim_scale.py measures 10
@@ -283,43 +285,13 @@ def run_name_error(name: str) -> str | None:
     return _check("output.run_name", ok, RUN_NAME_RULE, name)
 
 
-def rule_min_sites(strategy: str, num_malicious: int, trim_fraction: float, krum_select: int = 0) -> int:
-    """Usable updates per round that `strategy` needs to withstand `num_malicious` poisoned
-    ones (FederationConfig's comments; the runtime check is strategies.flower.min_replies_for,
-    and a test keeps the two equal). 1 for fedavg, fedprox and fedadam."""
-    f = num_malicious
-    if strategy == "fedmedian":
-        return 2 * f + 1
-    if strategy == "fedtrimmedavg":
-        if f == 0:
-            return 1
-        if not trim_fraction > 0:
-            return 2**31
-        n = max(1, math.ceil(f / trim_fraction))
-        while math.floor(trim_fraction * n) < f:
-            n += 1
-        return n
-    if strategy == "krum":
-        return 2 * f + 3
-    if strategy == "multikrum":
-        return max(2 * f + 3, krum_select + f)
-    if strategy == "bulyan":
-        return 4 * f + 3
-    return 1
-
-
 def _site_unit_error(p: PrivacyConfig, f: FederationConfig, center_features: bool = False,
                      task: str = "") -> str | None:
     """Combinations that site-level DP cannot make honest, in one line."""
     if p.unit != "site":
         return None
-    if f.strategy != "fedavg":
-        return (f"privacy.unit=site with federation.strategy={f.strategy}: DP-FedAvg aggregates by its own "
-                "clipped, noised sum of the sites' updates (federation.strategy=fedavg); a robust rule picks "
-                "individual updates and FedAdam/FedProx keep state the noise analysis does not cover")
-    if f.update_norm_bound is not None:
-        return ("privacy.unit=site with federation.update_norm_bound: privacy.site_clip_norm already bounds "
-                "every update (leave update_norm_bound null)")
+    if problem := rules.site_dp_problem(f.strategy, f.update_norm_bound):
+        return problem
     if center_features and task != "heart-disease":
         return ("privacy.unit=site with training.center_features=true: the feature mean is released by every "
                 "site, unsampled, and folded into the model, outside the site-level accounting; set "
@@ -330,33 +302,21 @@ def _site_unit_error(p: PrivacyConfig, f: FederationConfig, center_features: boo
     return None
 
 
-SECURE_AGGREGATION = ("off", "secaggplus")
+SECURE_AGGREGATION = rules.SECURE_AGGREGATION
 
 
 def _secagg_error(f: FederationConfig) -> str | None:
     """Secure aggregation settings out of range, or combined with what needs individual updates."""
-    from fedshield.privacy.secure_sum import settings_of
-
-    problem = settings_of(f).problem()
+    problem = rules.secagg_settings_problem(f.secagg_clip_range, f.secagg_bits, f.secagg_neighbours,
+                                            f.secagg_max_dropout_fraction, f.secagg_reconstruction_threshold)
     if problem:
         return problem
     if not (_finite(f.secagg_timeout_s) and f.secagg_timeout_s > 0):
         return f"federation.secagg_timeout_s={f.secagg_timeout_s}: must be a finite number of seconds > 0"
     if f.secure_aggregation != "secaggplus":
         return None
-    if f.strategy not in ("fedavg", "fedprox"):
-        return (f"federation.secure_aggregation=secaggplus with federation.strategy={f.strategy}: the coordinator "
-                "sees only the sum, so a robust rule (which compares individual updates) or FedAdam (a server "
-                "optimizer fedshield does not run on a masked sum) cannot run; use fedavg or fedprox")
-    if f.update_norm_bound is not None:
-        return ("federation.secure_aggregation=secaggplus with federation.update_norm_bound: the coordinator never "
-                "sees one update, so it cannot bound one; leave update_norm_bound null (privacy.unit=site clips "
-                "each update at its site)")
-    per_round = min(max(1, round(f.fraction_train * f.num_sites)), f.num_sites)
-    if per_round < 3:
-        return (f"federation.secure_aggregation=secaggplus with {per_round} site(s) per round: needs at least 3 "
-                "(with 2, the threshold is both of them and a single dropout leaves one update, nothing to hide in)")
-    return None
+    return (rules.secagg_problem(f.strategy, f.update_norm_bound)
+            or rules.secagg_sites_problem(rules.sites_per_round(f.fraction_train, f.num_sites)))
 
 
 def _rule_error(f: FederationConfig) -> str | None:
@@ -364,17 +324,11 @@ def _rule_error(f: FederationConfig) -> str | None:
     if f.strategy not in ROBUST_STRATEGIES or f.num_malicious < 0 or f.krum_select < 0 \
             or not 0 <= f.trim_fraction < 0.5 or not 1 <= f.num_sites <= MAX_SITES:
         return None  # not a robust rule, or a value that has its own message
-    per_round = min(max(1, round(f.fraction_train * f.num_sites)), f.num_sites)
-    need = rule_min_sites(f.strategy, f.num_malicious, f.trim_fraction, f.krum_select)
+    per_round = rules.sites_per_round(f.fraction_train, f.num_sites)
+    need = rules.min_sites(f.strategy, f.num_malicious, f.trim_fraction, f.krum_select)
     if per_round >= need:
         return None
-    rule = {
-        "fedmedian": "2 * num_malicious + 1",
-        "fedtrimmedavg": "floor(federation.trim_fraction * n) >= num_malicious",
-        "krum": "2 * num_malicious + 3",
-        "multikrum": "max(2 * num_malicious + 3, federation.krum_select + num_malicious)",
-        "bulyan": "4 * num_malicious + 3",
-    }[f.strategy]
+    rule = rules.MIN_SITES_RULE[f.strategy]
     asked = f"federation.num_sites={f.num_sites}" + (
         f" x federation.fraction_train={f.fraction_train:g}" if f.fraction_train != 1 else "")
     return (f"federation.strategy={f.strategy!r} with federation.num_malicious={f.num_malicious}"
@@ -475,7 +429,7 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
         _positive("privacy.max_grad_norm", p.max_grad_norm),
         _one_of("privacy.accountant", p.accountant, ACCOUNTANTS),
         _one_of("privacy.neighbouring", p.neighbouring, NEIGHBOURING),
-        _one_of("privacy.unit", p.unit, ("record", "site")),
+        _one_of("privacy.unit", p.unit, rules.PRIVACY_UNITS),
         _positive("privacy.site_clip_norm", p.site_clip_norm),
         _check(
             "privacy.site_noise_multiplier",

@@ -64,13 +64,14 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from fedshield import rules
 from fedshield.privacy.errors import FedShieldError
 
-ACCOUNTANTS = ("pld", "rdp", "prv")
+ACCOUNTANTS = rules.ACCOUNTANTS  # privacy.accountant's values, one home (fedshield/rules.py)
 PLD_RECORD_INTERVAL = 1e-3  # the discretisation of the ε recorded with accountant "pld" (and replace-one)
 OPACUS_ACCOUNTANTS = ("rdp", "prv")
-ADD_REMOVE, REPLACE_ONE = "add-remove", "replace-one"
-NEIGHBOURING = (ADD_REMOVE, REPLACE_ONE)
+ADD_REMOVE, REPLACE_ONE = rules.NEIGHBOURING
+NEIGHBOURING = rules.NEIGHBOURING
 
 # Exactly opacus.accountants.RDPAccountant.DEFAULT_ALPHAS (checked by the tests).
 OPACUS_RDP_ORDERS: list[float] = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))

@@ -59,12 +59,11 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from fedshield.privacy.skellam import calibrate_skellam_variance, integer_sensitivities, skellam_epsilon
+from fedshield.rules import secagg_settings_problem
 
 UInt64Array = np.ndarray[Any, np.dtype[np.uint64]]
 FloatArray = np.ndarray[Any, np.dtype[np.float64]]
 
-MAX_BITS = 30  # Flower's quantizer rounds into int32
-MIN_BITS = 2
 SEED_BYTES = 32
 COMMITMENT_BYTES = 32  # SHA-256
 WEIGHT_SLOT = "@weight"  # the name of the first coordinate: the site's integer weight
@@ -87,27 +86,9 @@ class SecAggSettings:
     reconstruction_threshold: float | None = None
 
     def problem(self) -> str | None:
-        """One line naming the setting that is out of range, or None."""
-        if not (math.isfinite(self.clip_range) and self.clip_range > 0):
-            return f"federation.secagg_clip_range={self.clip_range}: must be a finite number > 0"
-        if not MIN_BITS <= self.bits <= MAX_BITS:
-            return f"federation.secagg_bits={self.bits}: must be between {MIN_BITS} and {MAX_BITS}"
-        if self.neighbours is not None and (self.neighbours < 0 or self.neighbours % 2 or self.neighbours == 2):
-            return (f"federation.secagg_neighbours={self.neighbours}: must be null (auto), 0 (every sampled site) "
-                    "or an even number >= 4 (the neighbourhood is a ring, k/2 on each side)")
-        if not 0 <= self.max_dropout_fraction < 0.5:
-            return (f"federation.secagg_max_dropout_fraction={self.max_dropout_fraction}: must be in [0, 0.5): "
-                    "the reconstruction threshold stays a strict majority of each neighbourhood")
-        t = self.reconstruction_threshold
-        if t is not None and not (math.isfinite(t) and 0.5 < t <= 1):
-            return (f"federation.secagg_reconstruction_threshold={t}: must be in (0.5, 1] (a strict majority of a "
-                    "neighbourhood) or null")
-        if t is not None and t > 1 - self.max_dropout_fraction + 1e-9:
-            left = 1 - self.max_dropout_fraction
-            return (f"federation.secagg_reconstruction_threshold={t:g} with federation.secagg_max_dropout_fraction="
-                    f"{self.max_dropout_fraction:g}: after the tolerated dropouts only {left:g} of a neighbourhood "
-                    "is left to rebuild a secret; lower one of them")
-        return None
+        """One line naming the setting that is out of range, or None (fedshield.rules)."""
+        return secagg_settings_problem(self.clip_range, self.bits, self.neighbours, self.max_dropout_fraction,
+                                       self.reconstruction_threshold)
 
     @property
     def levels(self) -> int:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import random
-import re
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -33,17 +32,18 @@ from fedshield.privacy import signing
 from fedshield.privacy.accountant import ADD_REMOVE
 from fedshield.privacy.errors import FedShieldError
 from fedshield.privacy.ledger_check import Expected, LedgerCheck, Verdict, plan_problem
-from fedshield.privacy.secure_sum import AUTO_RING_ABOVE, DistributedNoise, settings_of
+from fedshield.privacy.secure_sum import AUTO_RING_ABOVE, DistributedNoise
 from fedshield.server import checkpoint
 from fedshield.server.evaluate import CentralEvaluator
 from fedshield.server.export import export_model
-from fedshield.server.federation_books import LEDGER_FILE as FEDERATION_LEDGER
-from fedshield.server.federation_books import flower_epsilon_no_amplification, open_books
+from fedshield.server.federation_books import open_books
 from fedshield.server.plots import plot_run
+from fedshield.server.report import summarize, write_report
 from fedshield.server.run_dir import LEDGER_KEYS, RUN_STOPPED, append_jsonl, existing_run_dir, new_run_dir, read_jsonl
+from fedshield.server.settings import CoordinatorSettings, SecAggPolicy
 from fedshield.server.site_heads import FILE as SITE_HEADS
 from fedshield.server.site_heads import SiteHeads
-from fedshield.strategies.flower import ROBUST, flower_strategy, shortfall
+from fedshield.strategies.flower import flower_strategy, shortfall
 from fedshield.strategies.secagg import SecAggPlus
 from fedshield.strategies.site_aware import RoundReport, SiteAwareStrategy
 from fedshield.task import centering
@@ -291,9 +291,9 @@ def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict],
 class RoundLog:
     """Collects each round's site replies and ledger entries, writes metrics, shows progress."""
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, sites: dict[int, dict],
+    def __init__(self, run_dir: Path, settings: CoordinatorSettings, sites: dict[int, dict],
                  verified: Callable[[str], float] | None = None) -> None:
-        self.run_dir, self.cfg = run_dir, cfg
+        self.run_dir, self.settings = run_dir, settings
         # Per site: the cumulative ε its own entries state (earlier runs included; a site may
         # over-state its own), and `verified`: what this run's verified entries cost it, as the
         # coordinator recomputes it (LedgerCheck.run_epsilon) -- the run's "ε max" and "ε mean".
@@ -375,7 +375,7 @@ class RoundLog:
         if report.breaches() and report.withstood is not None:
             say(f"  {report.rule}: {len(report.breaches())} attacker(s) unmasked by a breach "
                 f"({', '.join(report.breaches())}); it withstands {report.withstood} more of "
-                f"federation.num_malicious={self.cfg.federation.num_malicious} among the rest")
+                f"federation.num_malicious={self.settings.rule.num_malicious} among the rest")
         if report.left_out():
             say(f"  {report.rule} left out {len(report.left_out())} update(s): {', '.join(report.left_out())}")
         for site, stage in sorted((report.dropped or {}).items()):
@@ -396,9 +396,9 @@ class RoundLog:
         return streak
 
     def _bound(self) -> str:
-        p, fed = self.cfg.privacy, self.cfg.federation
-        return (f"privacy.site_clip_norm={p.site_clip_norm:g}" if p.unit == "site"
-                else f"federation.update_norm_bound={fed.update_norm_bound:g}")
+        site, bound = self.settings.site_level, self.settings.rule.update_norm_bound
+        return (f"privacy.site_clip_norm={site.clip_norm:g}" if site is not None
+                else f"federation.update_norm_bound={bound:g}")
 
     def on_evaluated(self, server_round: int, metrics: dict) -> dict:
         report = self.reports.pop(server_round, None)  # none for round 0, or a round nobody was asked
@@ -441,7 +441,7 @@ class RoundLog:
         }
         append_jsonl(self.run_dir / "metrics.jsonl", row)
         self.rows.append(row)
-        total = self.cfg.federation.rounds
+        total = self.settings.rounds
         sites = (f" | sites {row['trained']} trained, {row['declined']} declined, "
                  f"{row['rejected'] + row['failed']} dropped") if server_round else ""
         sites += " | TRAINED NOTHING" if row["empty"] else ""
@@ -456,12 +456,15 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     checkpoint (server/checkpoint.py) at the round after the last completed one. With
     `identity` (`fedshield server`), site names are bound to enrolled connection keys and
     revocations apply at once (deploy/enrolment.py)."""
+    # The edge: below it the coordinator's own code reads these typed settings, not `cfg`
+    # (which still builds the task, the model and the plan the sites receive).
+    settings = CoordinatorSettings.from_config(cfg)
     run_dir = run_dir or (existing_run_dir(cfg) if resume else new_run_dir(cfg))
     say(f"run directory: {run_dir}" + (" (resuming)" if resume else ""))
     digest = checkpoint.config_digest(run_config_yaml(cfg))
     ckpt = checkpoint.load(run_dir, run_dir.name, digest) if resume else None
-    torch.manual_seed(int(cfg.federation.seed))
-    device = torch.device("cuda" if cfg.training.device != "cpu" and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(settings.seed)
+    device = torch.device("cuda" if settings.device != "cpu" and torch.cuda.is_available() else "cpu")
     view = build_view(cfg, device)
     initial = view.trainable_state()
     # What every update must be, from the model itself (a checkpoint's weights may have been
@@ -476,17 +479,17 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     # heads. Virtual sites keep theirs in the run directory: so does it.
     heads = SiteHeads(run_dir / "privacy" / SITE_HEADS if isinstance(grid, InMemoryGrid)
                       else run_dir.parent / SITE_HEADS)
-    sites = discover_sites(grid, plan, cfg.federation.num_sites, cfg.federation.round_timeout_s, refused, identity,
+    sites = discover_sites(grid, plan, settings.sites.expected, settings.sites.round_timeout_s, refused, identity,
                            heads)
     if ckpt is not None:
         sites = rejoined_sites(run_dir, sites)
-    if len(sites) < cfg.federation.min_sites:
+    if len(sites) < settings.sites.min_sites:
         raise FedShieldError(
-            f"only {len(sites)} site(s) can join, fewer than federation.min_sites={cfg.federation.min_sites}"
+            f"only {len(sites)} site(s) can join, fewer than federation.min_sites={settings.sites.min_sites}"
         )
     books = LedgerCheck(run_dir.name, {s["site"]: s["key"] for s in sites.values()},
-                        dp=cfg.privacy.mode == "dp-sgd", delta=float(cfg.privacy.delta),
-                        accountant=str(cfg.privacy.accountant), neighbouring=str(cfg.privacy.neighbouring))
+                        dp=settings.accounting.dp, delta=settings.accounting.delta,
+                        accountant=settings.accounting.accountant, neighbouring=settings.accounting.neighbouring)
     if ckpt is not None:
         problem = books.restore(read_jsonl(run_dir / "privacy" / "ledger.jsonl"), recorded_ledger_keys(run_dir))
         if problem:
@@ -497,9 +500,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
             say(why)
             refused.append(why)
     counted, apart = check_released_counts(sites, books, refused)
-    tr = cfg.training
-    books.plans = {s["site"]: Expected(poisson_rate(s["n"], tr.batch_size),
-                                       tr.local_epochs * batches_per_epoch(s["n"], tr.batch_size))
+    batch, epochs = settings.batch_size, settings.local_epochs
+    books.plans = {s["site"]: Expected(poisson_rate(s["n"], batch), epochs * batches_per_epoch(s["n"], batch))
                    for s in sites.values()}  # what each site's round must spend, from its declared n
     for node, s in sorted(sites.items()):
         problem = plan_problem(books.plans[s["site"]])
@@ -510,9 +512,9 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
             say(why)
             refused.append(why)
             del sites[node]
-    if len(sites) < cfg.federation.min_sites:
+    if len(sites) < settings.sites.min_sites:
         raise FedShieldError(
-            f"only {len(sites)} site(s) can join, fewer than federation.min_sites={cfg.federation.min_sites}"
+            f"only {len(sites)} site(s) can join, fewer than federation.min_sites={settings.sites.min_sites}"
         )
     for s in sites.values():
         (run_dir / "privacy" / LEDGER_KEYS / f"{s['site']}.pub").write_text(s["public_key"])
@@ -521,7 +523,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     say(f"{len(sites)} sites: " + ", ".join(f"{s['site']} (n={s['n']})" for s in shown)
         + (f", ... and {len(listed) - len(shown)} more (privacy/sites.json)" if len(shown) < len(listed) else ""))
 
-    rounds = RoundLog(run_dir, cfg, sites, verified=books.run_epsilon)
+    rounds = RoundLog(run_dir, settings, sites, verified=books.run_epsilon)
     rounds.heads = heads
     for site, entries in apart:
         rounds.keep_apart(site, entries)
@@ -535,16 +537,15 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
             rounds.declines.setdefault(site, []).append(
                 f"after round {ckpt.server_round}: did not rejoin the resumed run")
         initial, center = ckpt.weights, ckpt.center
-        say(f"resuming after round {ckpt.server_round} of {cfg.federation.rounds}")
+        say(f"resuming after round {ckpt.server_round} of {settings.rounds}")
     elif centering.applies(cfg, view):
         width = int(view.module.center.shape[0])
-        p = cfg.privacy
-        dp = p.mode == "dp-sgd"
-        noise_std = float(p.center_noise_multiplier) * centering.clip_norm(cfg, view) if dp else 0.0
+        p = settings.accounting
+        noise_std = p.center_noise_multiplier * centering.clip_norm(cfg, view) if p.dp else 0.0
         # Under add-remove the sum counts the true n, the declared n is its noisy release.
-        slack = 20.0 * float(p.count_noise_multiplier) + 1.0 if dp and p.neighbouring == ADD_REMOVE else 0.0
+        slack = 20.0 * p.count_noise_multiplier + 1.0 if p.dp and p.neighbouring == ADD_REMOVE else 0.0
         clip = centering.clip_norm(cfg, view)
-        center = collect_feature_mean(grid, plan, sites, rounds, books, width, float(cfg.federation.round_timeout_s),
+        center = collect_feature_mean(grid, plan, sites, rounds, books, width, settings.sites.round_timeout_s,
                                       bound=lambda n: centering.sum_bound(n + slack, clip, noise_std, width))
     if center is not None:
         centering.set_center(view, center)
@@ -560,7 +561,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     planned = books.plans
     done = ckpt.server_round if ckpt is not None else 0
     dim = sum(int(np.prod(shape)) for shape, _ in spec.values())
-    books_fed = open_books(cfg, run_dir, isinstance(grid, InMemoryGrid), dim) if cfg.privacy.unit == "site" else None
+    books_fed = (open_books(settings, run_dir, isinstance(grid, InMemoryGrid), dim)
+                 if settings.site_level is not None else None)
 
     def release(server_round: int, variance: float | None) -> bool:
         assert books_fed is not None
@@ -579,16 +581,16 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         m, noise = books_fed.mechanism, books_fed.noise
         say(f"site-level DP under secure aggregation: each site sampled with q={m.sample_rate:g} per round, clips "
             f"its update to S={m.clip_norm:g} and adds its share of Skellam noise (variance {noise.total_variance:.4g} "
-            f"levels² in the sum, z≈{noise.noise_multiplier:.3g}); ε≤{float(cfg.privacy.site_target_epsilon):g} "
-            f"at δ={float(cfg.privacy.site_delta):g} after {cfg.federation.rounds} rounds (replace one site, "
+            f"levels² in the sum, z≈{noise.noise_multiplier:.3g}); ε≤{books_fed.budget:g} "
+            f"at δ={books_fed.delta:g} after {settings.rounds} rounds (replace one site, "
             "no amplification)")
     elif books_fed is not None:
         rounds.site_level_epsilon = books_fed.epsilon
         m = books_fed.mechanism
         say(f"site-level DP: each site sampled with q={m.sample_rate:g} per round, updates clipped to "
             f"S={m.clip_norm:g}, noise z={m.noise_multiplier:.4g} on the sum over {m.denominator:g}; "
-            f"ε={float(cfg.privacy.site_target_epsilon):g} at δ={float(cfg.privacy.site_delta):g} after "
-            f"{cfg.federation.rounds} rounds (per site, add/remove one site)")
+            f"ε={books_fed.budget:g} at δ={books_fed.delta:g} after "
+            f"{settings.rounds} rounds (per site, add/remove one site)")
     strategy = SiteAwareStrategy(
         inner,
         {nid: s["site"] for nid, s in sites.items()},
@@ -604,7 +606,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         update_norm_action=str(fed.update_norm_action),
         site_dp=books_fed.mechanism if books_fed is not None else None,
         on_release=release if books_fed is not None else None,
-        secagg=secure_aggregation(cfg, {nid: s["site"] for nid, s in sites.items()}, isinstance(grid, InMemoryGrid),
+        secagg=secure_aggregation(settings.secagg, settings.seed, {nid: s["site"] for nid, s in sites.items()},
+                                  isinstance(grid, InMemoryGrid),
                                   books_fed.noise if books_fed is not None else None,
                                   {nid: s["public_key"] for nid, s in sites.items()}),
         books_head=rounds.head_of,
@@ -633,32 +636,32 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         return MetricRecord({"accuracy": row["accuracy"], "macro-f1": row["macro_f1"],
                              "epsilon-max": row["epsilon_max"]})
 
-    remaining = int(cfg.federation.rounds) - done
+    remaining = settings.rounds - done
     if remaining > 0:
         calibrates = " (in its first round each site calibrates its noise for the whole run)" \
-            if cfg.privacy.mode == "dp-sgd" and not done else ""
-        asked = (f"each site with probability {cfg.federation.fraction_train:g}" if books_fed is not None
+            if settings.accounting.dp and not done else ""
+        asked = (f"each site with probability {settings.sites.fraction_train:g}" if books_fed is not None
                  else f"{len(strategy.sample(done + 1))} sites")
-        say(f"round {done + 1} of {cfg.federation.rounds}: {asked} train{calibrates}")
+        say(f"round {done + 1} of {settings.rounds}: {asked} train{calibrates}")
     try:
         result = strategy.start(
             grid=grid,
             initial_arrays=protocol.to_array_record(initial),
             num_rounds=remaining,
-            timeout=float(cfg.federation.round_timeout_s),
+            timeout=settings.sites.round_timeout_s,
             train_config=plan,
             evaluate_fn=evaluate,
         )
     except EmptyRoundsError:
-        summarize(run_dir, cfg, sites, rounds)  # every spend so far, in sites.json as in the ledger
+        summarize(run_dir, settings.accounting, sites, rounds.epsilon, rounds.declines)  # every spend so far
         raise
     final = protocol.from_array_record(result.arrays) if result.arrays else initial  # no round trained: initial
     view.load_trainable(final)
-    summary = summarize(run_dir, cfg, sites, rounds)
+    summary = summarize(run_dir, settings.accounting, sites, rounds.epsilon, rounds.declines)
     plot_run(run_dir, rounds.rows, summary)
-    if cfg.output.save_model:
+    if settings.save_model:
         export_model(cfg, view, run_dir / "model")
-    write_report(run_dir, cfg, rounds.rows, summary, centered=center is not None, refused=refused)
+    write_report(run_dir, settings, rounds.rows, summary, centered=center is not None, refused=refused)
     # Tell every site the run is over (a site not picked for the last round cannot tell that
     # from a lost coordinator); a site that does not answer in time changes nothing.
     grid.send_and_receive([protocol.instruction(protocol.DONE, plan, n) for n in sites], timeout=10.0)
@@ -680,16 +683,16 @@ def empty_rounds_line(rounds: RoundLog, server_round: int, streak: int, limit: i
             "can train")
 
 
-def secure_aggregation(cfg: DictConfig, names: dict[int, str], simulated: bool,
+def secure_aggregation(policy: SecAggPolicy | None, seed: int, names: dict[int, str], simulated: bool,
                        noise: DistributedNoise | None = None,
                        ledger_keys: dict[int, str] | None = None) -> SecAggPlus | None:
-    """The run's SecAgg+ stages (federation.secure_aggregation=secaggplus), or None."""
-    f = cfg.federation
-    if f.secure_aggregation != "secaggplus":
+    """The run's SecAgg+ stages (None: federation.secure_aggregation=off). `seed`:
+    federation.seed, which fixes the neighbourhoods in a simulation."""
+    if policy is None:
         return None
-    settings = settings_of(f)
+    settings = policy.settings
     # The ring of neighbourhoods is public; seeded in simulation so that a seed fixes a run.
-    rng = random.Random(int(f.seed) * 31 + 7) if simulated else None
+    rng = random.Random(seed * 31 + 7) if simulated else None
     if settings.neighbours:
         masks = f"{settings.neighbours} neighbours each"
     elif settings.neighbours == 0:
@@ -701,7 +704,7 @@ def secure_aggregation(cfg: DictConfig, names: dict[int, str], simulated: bool,
         f"{masks}, up to {settings.max_dropout_fraction:.0%} of a neighbourhood may drop")
     # Each site's round keys are checked against the ledger key of its hello (Bell et al.'s
     # malicious variant: strategies/secagg.py).
-    return SecAggPlus(settings, names, ledger_keys or {}, timeout=float(f.secagg_timeout_s), rng=rng, noise=noise)
+    return SecAggPlus(settings, names, ledger_keys or {}, timeout=policy.timeout_s, rng=rng, noise=noise)
 
 
 def run_config_yaml(cfg: DictConfig) -> str:
@@ -730,184 +733,6 @@ def recorded_ledger_keys(run_dir: Path) -> dict[str, signing.PublicKey]:
     """Site -> the ledger signing key the run recorded for it (privacy/ledger-keys/)."""
     return {p.stem: signing.load_public_key(p.read_bytes())
             for p in sorted((run_dir / "privacy" / LEDGER_KEYS).glob("*.pub"))}
-
-
-def summarize(run_dir: Path, cfg: DictConfig, sites: dict[int, dict], rounds: RoundLog) -> dict:
-    budget = cfg.privacy.budget_epsilon if cfg.privacy.budget_epsilon is not None else cfg.privacy.target_epsilon
-    summary = {
-        s["site"]: {
-            "records": s["n"], "epsilon": rounds.epsilon[s["site"]], "delta": cfg.privacy.delta,
-            "budget": budget if cfg.privacy.mode != "none" else None,
-            "accountant": cfg.privacy.accountant, "privacy_unit": "record",
-            # records: the count the site released (add-remove: its noisy count, in its ledger)
-            "neighbouring": cfg.privacy.neighbouring if cfg.privacy.mode != "none" else None,
-            "mechanism": "DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise)"
-            if cfg.privacy.mode != "none" else "none",
-            "not_trained": rounds.declines.get(s["site"], []),
-        }
-        for s in sites.values()
-    }
-    for site in sorted(set(rounds.epsilon) - set(summary)):  # did not rejoin a resumed run: still in its books
-        summary[site] = {**next(iter(summary.values())), "records": None, "epsilon": rounds.epsilon[site],
-                         "not_trained": rounds.declines.get(site, [])}
-    (run_dir / "privacy" / "sites.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-    return summary
-
-
-ACCOUNTANT_NAMES = {
-    "pld": "PLD (dp-accounting, pessimistic discretisation)",
-    "rdp": "RDP (the larger of Opacus' and dp-accounting's)",
-    "prv": "PRV/PLD (the larger of Opacus' PRV and dp-accounting's PLD)",
-}
-
-
-def write_report(run_dir: Path, cfg: DictConfig, rows: list[dict], summary: dict, centered: bool = False,
-                 refused: list[str] | None = None) -> None:
-    last = rows[-1] if rows else {}
-    p = cfg.privacy
-    lines = [
-        f"# fedshield run {run_dir.name}", "",
-        f"Task `{cfg.task.name}`, {len(summary)} sites, {cfg.federation.rounds} rounds, "
-        f"strategy `{cfg.federation.strategy}`, partition `{cfg.federation.partition}`, seed {cfg.federation.seed}.",
-        "",
-        f"Final central accuracy **{last.get('accuracy', float('nan')):.4f}**, macro-F1 "
-        f"**{last.get('macro_f1', float('nan')):.4f}** on the held-out test split.", "",
-        "## Privacy", "",
-    ]
-    if p.mode == "none":
-        lines += ["No record-level differential privacy: sites trained without DP; nothing was accounted in "
-                  "their ledgers.", ""]
-    else:
-        lines += [
-            "- Privacy unit: one record of a site (sample-level DP, per site).",
-            (f"- Neighbouring relation: add-remove (one record added or removed). Each site's record count "
-             f"is protected: released once per dataset with Gaussian noise (noise multiplier "
-             f"{p.count_noise_multiplier:g}, sensitivity 1), in its ledger as round 0 (`release: record-count`); "
-             "the records column below is that noisy count, and every count-dependent figure comes from it."
-             if p.neighbouring == "add-remove" else
-             "- Neighbouring relation: replace-one (one record replaced by another); the record counts below "
-             "are exact and public, and ε is accounted under replace-one (dp-accounting PLD)."),
-            "- Mechanism: DP-SGD (Opacus): Poisson sampling at rate q per step, per-sample "
-            f"clipping to {p.max_grad_norm}, Gaussian noise.",
-            *([f"- Feature centering: before round 1 each site released the sum of its [CLS] features, "
-               f"each clipped, plus Gaussian noise (noise multiplier {p.center_noise_multiplier:g}): one "
-               "full-batch step of the same mechanism, in its ledger as round 0 (`release: feature-mean`)."]
-              if centered else []),
-            f"- Accountant: {ACCOUNTANT_NAMES.get(str(p.accountant), p.accountant)}, composed over every spend in "
-            f"each site's ledger; δ = {p.delta:g}. Recompute with `fedshield audit {run_dir}`.", "",
-            f"| site | records{' (noisy)' if p.neighbouring == 'add-remove' else ''} | ε | budget | "
-            "rounds not trained |", "|---|---:|---:|---:|---|",
-        ]
-        for name, s in sorted(summary.items()):
-            why = "; ".join(s["not_trained"]).replace("|", "\\|")  # a site's words: no forged table cell
-            lines.append(f"| {name} | {'-' if s['records'] is None else s['records']} | {s['epsilon']:.4f} | "
-                         f"{s['budget']} | {why or '-'} |")
-    if p.unit == "site":
-        fed = [json.loads(x) for x in (run_dir / "privacy" / FEDERATION_LEDGER).read_text().splitlines() if x]
-        last_fed = fed[-1] if fed else {}
-        secure = cfg.federation.secure_aggregation != "off"
-        accounting = ("the Skellam RDP bound, fedshield's own accountant" if secure
-                      else ACCOUNTANT_NAMES.get(str(p.accountant), p.accountant))
-        lines += [
-            "", "### Site-level DP (DP-FedAvg, McMahan et al. 2018)", "",
-            "- Privacy unit: one whole site (user-level DP): the released global models are (ε, δ)-DP with "
-            + ("respect to replacing any one site's update (all its records) by another; the coordinator knows "
-               "who took part, so participation is not hidden." if secure else
-               "respect to adding or removing any one site with all its records."),
-            (f"- Mechanism: each round each site is asked with probability q = {cfg.federation.fraction_train:g}; "
-             f"each site clips its own update to S = {p.site_clip_norm:g}, quantizes it and adds its share of "
-             "integer Skellam noise (Agarwal et al. 2021) before SecAgg+ masks it, so the coordinator sees only "
-             "the noisy sum (never a noise-free one); each round's entry records the noise the survivors really "
-             "put in the sum. Accounted by the Skellam RDP bound composed over rounds without amplification by "
-             f"sampling; the sum divided by q x {cfg.federation.num_sites} (fixed)." if secure else
-             f"- Mechanism: each round each site is asked with probability q = {cfg.federation.fraction_train:g} "
-            f"(Poisson sampling); each usable update clipped to S = {p.site_clip_norm:g}; Gaussian noise of "
-            f"z = {last_fed.get('noise_multiplier', float('nan')):.4g} x S on the sum; the sum divided by "
-            f"q x {cfg.federation.num_sites} (fixed). Added by the coordinator: the guarantee holds against "
-            "everyone who sees the models, not against the coordinator (no secure aggregation)."),
-            f"- ε = **{float(last_fed.get('epsilon', 0.0)):.4f}** at δ = {p.site_delta:g} after {len(fed)} "
-            f"round(s) ({accounting}), in the coordinator's signed "
-            f"ledger: `fedshield audit {run_dir / 'privacy' / FEDERATION_LEDGER}`.",
-            "- Both guarantees hold together: record-level at each site (above, against the coordinator too), "
-            "site-level for the federation's models.",
-        ]
-        if fed and not secure:  # what the same noise and rounds are worth without amplification by sampling
-            plain = flower_epsilon_no_amplification(fed)
-            lines.append(f"- Without amplification by sampling, Flower's own server-side accountant (its RDP "
-                         f"accountant with SamplingMethod.NO_AMPLIFICATION, what its fixed-clipping DP wrappers "
-                         f"use) states ε = {plain:.4f} for the same noise and rounds.")
-    lines += defence_lines(cfg, rows, sorted(summary))
-    if refused:  # at discovery: a bad name, a name already taken, a broken or declined hello
-        lines += ["", "## Sites not admitted", "", *(f"- {why}" for why in refused)]
-    lines += ["", "## Rounds", "",
-              "| round | accuracy | macro-F1 | ε max | trained | declined | dropped | clipped | left out | note |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        note = f"nothing aggregated: {r['skipped']}" if r.get("skipped") else (
-            "trained nothing: no sampled site's update was usable" if r.get("empty") else "")
-        if r.get("late_sites"):  # replies to earlier rounds: their spends recorded, their updates not used
-            late = ", ".join(f"{site} (round {n})" for site, n in sorted(r["late_sites"].items()))
-            note = f"{note}; " if note else ""
-            note += f"late replies, spends recorded: {late}"
-        if r.get("secagg_dropped"):  # secure aggregation: who dropped out, at which stage
-            gone = "; ".join(f"{site} at {stage.split(':')[0]}" for site, stage in sorted(r["secagg_dropped"].items()))
-            note = f"{note}; " if note else ""
-            note += f"{len(r['secagg_dropped'])} dropped out of secure aggregation ({gone})"
-        lines.append(f"| {r['round']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['epsilon_max']:.3f} | "
-                     f"{r['trained']} | {r['declined']} | {r['rejected'] + r['failed']} | {r.get('clipped', 0)} | "
-                     f"{len(r.get('left_out_sites', []))} | {note} |")
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
-
-
-def defence_lines(cfg: DictConfig, rows: list[dict], sites: list[str]) -> list[str]:
-    """The report's poisoning-defence section: the rule and the bound, then per site what
-    became of its updates over the run (from the metrics rows, so a resumed run's too)."""
-    f = cfg.federation
-    rule = f"`{f.strategy}`" + (f", withstanding federation.num_malicious={f.num_malicious} poisoned update(s) "
-                                "per round" if f.strategy in ROBUST else " (no robust rule)")
-    if f.strategy == "fedtrimmedavg":
-        rule += f", trimming federation.trim_fraction={f.trim_fraction:g} per tail"
-    bound = (f"update norm bound {f.update_norm_bound:g} (L2 norm of update - the round's global weights), "
-             f"action `{f.update_norm_action}`" if f.update_norm_bound is not None else "no update norm bound")
-    lines = ["", "## Poisoning defences", "",
-             f"Aggregation {rule}; {bound}. Every reply is parsed strictly and must carry the record count its "
-             "site declared at discovery and ledger entries that verify.", "",
-             "| site | updates aggregated | clipped | left out by the rule | rejected | failed | declined | "
-             "largest update norm | why rejected |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    rounds = [r for r in rows if r["round"] > 0]
-    for site in sites:
-        norms = [r.get("update_norms", {})[site] for r in rounds if site in r.get("update_norms", {})]
-        reasons: dict[str, tuple[str, list[int]]] = {}  # reason with its figures masked -> (first, rounds)
-        for r in rounds:
-            if site in r.get("rejected_reasons", {}):
-                reason = r["rejected_reasons"][site]
-                reasons.setdefault(re.sub(r"\d[\d.e+-]*", "#", reason), (reason, []))[1].append(r["round"])
-        used = sum(site in r.get("update_norms", {}) and site not in r.get("rejected_reasons", {})
-                   and site not in r.get("left_out_sites", []) and not r.get("skipped") for r in rounds)
-        why = "; ".join(f"{reason} (round{'s' if len(rs) > 1 else ''} {_rounds(rs)})"
-                        for reason, rs in reasons.values()).replace("|", "\\|")  # a site's key names are text
-        lines.append(
-            f"| {site} | {used} | {sum(site in r.get('clipped_sites', []) for r in rounds)} | "
-            f"{sum(site in r.get('left_out_sites', []) for r in rounds)} | "
-            f"{sum(len(rs) for _, rs in reasons.values())} | "
-            f"{sum(site in r.get('failed_sites', []) for r in rounds)} | "
-            f"{sum(site in r.get('declined_sites', []) for r in rounds)} | "
-            f"{f'{max(norms):.4g}' if norms else '-'} | {why or '-'} |")
-    skipped = [r["round"] for r in rounds if r.get("skipped")]
-    if skipped:
-        lines += ["", f"Rounds that aggregated nothing (the global model was kept): {_rounds(skipped)}."]
-    return lines
-
-
-def _rounds(numbers: list[int]) -> str:
-    """1, 2, 3, 5 -> '1-3, 5'."""
-    spans: list[list[int]] = []
-    for n in sorted(numbers):
-        if spans and n == spans[-1][1] + 1:
-            spans[-1][1] = n
-        else:
-            spans.append([n, n])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 RUN_CONFIG_YAML_KEY = "fedshield-config-yaml"

@@ -28,8 +28,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
-
+from fedshield import rules
 from fedshield.privacy import signing
 from fedshield.privacy.accountant import ADD_REMOVE, Spend, calibrate_noise_multiplier, epsilon
 from fedshield.privacy.errors import FedShieldError
@@ -42,8 +41,9 @@ from fedshield.privacy.events import (
     entry_fields,
 )
 from fedshield.privacy.ledger import FEDERATION, SITE_MECHANISM, Ledger, chain_epsilon
-from fedshield.privacy.secure_sum import DistributedNoise, distributed_noise, settings_of
+from fedshield.privacy.secure_sum import DistributedNoise, distributed_noise
 from fedshield.server.run_dir import LEDGER_KEYS
+from fedshield.server.settings import CoordinatorSettings, SiteLevelPolicy
 from fedshield.strategies.site_dp import SiteLevelDP
 
 LEDGER_FILE = "federation-ledger.jsonl"
@@ -95,39 +95,40 @@ class FederationBooks:
         return self.epsilon
 
 
-def open_books(cfg: DictConfig, run_dir: Path, simulated: bool, dim: int = 0) -> FederationBooks:
-    """The site-level mechanism of this run and its ledger (made, or reopened on resume);
-    `dim`: the number of trainable coordinates (for the integer sensitivities under SecAgg+)."""
-    p, fed = cfg.privacy, cfg.federation
-    q, rounds = float(fed.fraction_train), int(fed.rounds)
-    if fed.secure_aggregation != "off":
-        settings = settings_of(fed)
+def open_books(settings: CoordinatorSettings, run_dir: Path, simulated: bool, dim: int = 0) -> FederationBooks:
+    """The site-level mechanism of this run (privacy.unit=site) and its ledger (made, or
+    reopened on resume); `dim`: the number of trainable coordinates (for the integer
+    sensitivities under SecAgg+)."""
+    site = settings.site_level
+    if site is None:
+        raise ValueError("privacy.unit=record: the run has no site-level books")
+    q, rounds, planned = settings.sites.fraction_train, settings.rounds, settings.sites.expected
+    seed = settings.seed * 1_000_033 + 17 if simulated else None
+    if settings.secagg is not None:
         try:
-            noise = distributed_noise(settings, float(p.site_clip_norm), int(dim), float(p.site_target_epsilon),
-                                      float(p.site_delta), rounds,
-                                      None if p.site_noise_multiplier is None else float(p.site_noise_multiplier))
+            noise = distributed_noise(settings.secagg.settings, site.clip_norm, int(dim), site.target_epsilon,
+                                      site.delta, rounds, site.noise_multiplier)
         except ValueError as exc:
             raise FedShieldError(str(exc)) from None
-        return _books(cfg, run_dir, SiteLevelDP(
-            clip_norm=float(p.site_clip_norm), noise_multiplier=noise.noise_multiplier, sample_rate=q,
-            planned_sites=int(fed.num_sites), seed=int(fed.seed) * 1_000_033 + 17 if simulated else None,
-            distributed=True), noise)
-    z = float(p.site_noise_multiplier) if p.site_noise_multiplier is not None else calibrate_noise_multiplier(
-        float(p.site_target_epsilon), float(p.site_delta), q, rounds, str(p.accountant))
-    planned = epsilon([Spend(z, q, rounds)], float(p.site_delta), str(p.accountant))
-    if planned > float(p.site_target_epsilon):  # an explicit z: the target is the federation's budget
+        return _books(settings, site, run_dir, SiteLevelDP(
+            clip_norm=site.clip_norm, noise_multiplier=noise.noise_multiplier, sample_rate=q,
+            planned_sites=planned, seed=seed, distributed=True), noise)
+    accountant = settings.accounting.accountant
+    z = site.noise_multiplier if site.noise_multiplier is not None else calibrate_noise_multiplier(
+        site.target_epsilon, site.delta, q, rounds, accountant)
+    spent = epsilon([Spend(z, q, rounds)], site.delta, accountant)
+    if spent > site.target_epsilon:  # an explicit z: the target is the federation's budget
         raise FedShieldError(
-            f"privacy.site_noise_multiplier={z:g}: {rounds} rounds at q={q:g} spend site-level ε={planned:.4g} "
-            f"> privacy.site_target_epsilon={float(p.site_target_epsilon):g} (δ={float(p.site_delta):g}); raise "
+            f"privacy.site_noise_multiplier={z:g}: {rounds} rounds at q={q:g} spend site-level ε={spent:.4g} "
+            f"> privacy.site_target_epsilon={site.target_epsilon:g} (δ={site.delta:g}); raise "
             "the noise or the target")
-    mechanism = SiteLevelDP(clip_norm=float(p.site_clip_norm), noise_multiplier=z, sample_rate=q,
-                            planned_sites=int(fed.num_sites),
-                            seed=int(fed.seed) * 1_000_033 + 17 if simulated else None)
-    return _books(cfg, run_dir, mechanism, None)
+    mechanism = SiteLevelDP(clip_norm=site.clip_norm, noise_multiplier=z, sample_rate=q, planned_sites=planned,
+                            seed=seed)
+    return _books(settings, site, run_dir, mechanism, None)
 
 
-def _books(cfg: DictConfig, run_dir: Path, mechanism: SiteLevelDP, noise: DistributedNoise | None) -> FederationBooks:
-    p = cfg.privacy
+def _books(settings: CoordinatorSettings, site: SiteLevelPolicy, run_dir: Path, mechanism: SiteLevelDP,
+           noise: DistributedNoise | None) -> FederationBooks:
     folder = run_dir / "privacy"
     key_path = folder / KEY_FILE
     if not key_path.exists():
@@ -138,8 +139,8 @@ def _books(cfg: DictConfig, run_dir: Path, mechanism: SiteLevelDP, noise: Distri
     ledger = Ledger(folder / LEDGER_FILE)
     read = ledger.recover(key.public_key())
     ledger.check_own(FEDERATION, key.public_key(), read.entries)  # the coordinator's own books verify
-    books = FederationBooks(mechanism, ledger, key, run_dir.name, float(p.site_delta), str(p.accountant),
-                            float(p.site_target_epsilon), noise=noise)
+    books = FederationBooks(mechanism, ledger, key, run_dir.name, site.delta, settings.accounting.accountant,
+                            site.target_epsilon, noise=noise)
     if read.entries:
         books.epsilon = float(read.entries[-1]["epsilon"])
     return books
@@ -180,7 +181,7 @@ def flower_epsilon_no_amplification(entries: list[dict]) -> float:
     for e in entries:
         # The sample size is metadata under NO_AMPLIFICATION (it does not change ε); Flower's
         # wrapper would pass its fixed num_sampled_clients: the expected q x N here.
-        size = min(population, max(1, round(float(e["sample_rate"]) * population)))
+        size = rules.sites_per_round(float(e["sample_rate"]), population)
         for _ in range(int(e["steps"])):
             accountant.compose(GaussianPrivacyEvent(noise_multiplier=float(e["noise_multiplier"]),
                                                     sample_size=size, population_size=population))

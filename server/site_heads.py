@@ -9,7 +9,7 @@ Why. A site's chain and its signed head record (privacy/ledger.py) show an edite
 or cut-off entry, but not a whole older state of its books put back (a backup, a snapshot):
 that state verifies, its ε is too low, and a site that trains on it under-counts (docs/
 auditor.md, "rolled-back books"). The coordinator has every entry the site sent, verified
-on arrival (strategies/ledger_check.py), so it knows a head the site's books must still
+on arrival (privacy/ledger_check.py), so it knows a head the site's books must still
 hold. It sends it in the plan of every instruction to that site once discovery has said
 which node is which site (`protocol.with_books_head`); the site refuses (decline kind
 `books`) when its books are behind it (client/site.py `SiteState.check_head`).

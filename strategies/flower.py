@@ -6,7 +6,8 @@ on the sites' private data is off (metrics computed on private data would leave 
 without DP); evaluation is central, on held-out data.
 
 Robust rules (Flower 1.41's classes, their aggregation untouched) and what each needs to
-withstand f poisoned updates among the n it aggregates in a round (`min_replies`):
+withstand f poisoned updates among the n it aggregates in a round (`min_replies`; the counts
+are fedshield.rules.min_sites, which the config's validation applies too):
 
 =============  ===========================================  =====================  ==================
 rule           Flower class, what it aggregates             withstands f if        source
@@ -35,7 +36,6 @@ the median and the trimmed mean are unweighted, coordinate by coordinate.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,10 +53,10 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
-from fedshield import protocol
+from fedshield import protocol, rules
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
-ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+STRATEGIES = rules.RULES
+ROBUST = rules.ROBUST_RULES
 
 
 class MultiKrumRest(MultiKrum):
@@ -121,29 +121,6 @@ def flower_strategy(
     raise ValueError(f"federation.strategy={name!r}: must be one of {', '.join(STRATEGIES)}")
 
 
-def min_replies_for(name: str, num_malicious: int, trim_fraction: float = 0.2, krum_select: int = 0) -> int:
-    """The fewest updates with which rule `name` withstands `num_malicious` poisoned ones
-    (module docstring); 1 for the plain averages. A huge number if no count suffices."""
-    f = int(num_malicious)
-    if name == "fedmedian":
-        return 2 * f + 1
-    if name == "fedtrimmedavg":
-        if f == 0:
-            return 1
-        if trim_fraction <= 0:
-            return 2**31
-        n = max(1, math.ceil(f / trim_fraction))
-        while math.floor(trim_fraction * n) < f:  # float rounding at the boundary
-            n += 1
-        return n
-    if name in ("krum", "multikrum"):
-        # Multi-Krum with a fixed m must also keep at most n - f updates.
-        return max(2 * f + 3, krum_select + f) if name == "multikrum" else 2 * f + 3
-    if name == "bulyan":
-        return 4 * f + 3
-    return 1
-
-
 def rule_name(strategy: Strategy) -> str:
     """The federation.strategy name of a Flower strategy ("" if it is none of ours)."""
     for name, kind in (("multikrum", MultiKrumRest), ("krum", Krum), ("multikrum", MultiKrum), ("bulyan", Bulyan),
@@ -161,7 +138,7 @@ def min_replies(strategy: Strategy) -> int:
         return 1
     f = int(getattr(strategy, "num_malicious_nodes", 0))
     select = int(getattr(strategy, "num_nodes_to_select", 0))
-    return min_replies_for(name, f, float(getattr(strategy, "beta", 0.0)), select)
+    return rules.min_sites(name, f, float(getattr(strategy, "beta", 0.0)), select)
 
 
 def num_malicious(strategy: Strategy) -> int:

@@ -6,9 +6,9 @@ Flower's own `DifferentialPrivacyFixedClippingBase` (behaviour added by wrapping
 wrapped strategy untouched, per-round state keyed by round):
 
 - **Selection by site, reproducible.** Flower's node ids are random per run, site names
-  are not: each round samples `round(fraction_train * number of sites)` sites from a
-  `random.Random(seed, round)`, so a seed fixes who trains when. Flower's own sampling then
-  sees only that selection (its fractions are 1).
+  are not: each round samples round(fraction_train * number of sites) sites
+  (`fedshield.rules.sites_per_round`) from a `random.Random(seed, round)`, so a seed fixes
+  who trains when. Flower's own sampling then sees only that selection (its fractions are 1).
 - **Budget exclusion.** A site that declined for budget is never asked again in this run.
 - **Every reply parsed by the protocol** (`protocol.read_train_reply`): replies are sorted
   into trained / declined / rejected (broke the protocol: a missing, extra or ill-typed
@@ -32,7 +32,7 @@ wrapped strategy untouched, per-round state keyed by round):
   join the books when the late reply comes; a site whose books stay short is not asked again.
 - **Declared counts and signed books.** A reply's record count must be the one the site
   declared at discovery (`records`), and its ledger entries must pass `check_ledger`
-  (strategies.ledger_check: chain, signature, the planned spend, ε not under-reported). A
+  (privacy.ledger_check: chain, signature, the planned spend, ε not under-reported). A
   site whose entries fail is rejected, its entries are kept apart, and it is not asked again.
 - **Update norm bound** (`update_norm_bound`, `update_norm_action`): the L2 norm of (update -
   the round's global weights) over all trainable tensors, kept per round from
@@ -89,7 +89,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedshield import protocol
+from fedshield import protocol, rules
 from fedshield.privacy.ledger_check import Verdict
 from fedshield.privacy.secure_sum import WEIGHT_SLOT
 from fedshield.strategies import flower
@@ -201,7 +201,7 @@ class SiteAwareStrategy(Strategy):
         Node id -> the record count the site declared at discovery; a reply must match it.
     check_ledger : Callable[[str, int, entries], Verdict], optional
         (site, server round, ledger entries) -> whether the entries may join the run's
-        ledger (strategies.ledger_check.LedgerCheck.check).
+        ledger (privacy.ledger_check.LedgerCheck.check).
     first_round : int
         The run's round that Flower's round 1 is (a resumed run continues at the round
         after its checkpoint; Flower's `Strategy.start` always counts from 1).
@@ -268,15 +268,15 @@ class SiteAwareStrategy(Strategy):
         self.update_norm_action = update_norm_action
         self.rule = flower.rule_name(strategy) or type(strategy).__name__
         self._global: dict[int, dict[str, np.ndarray[Any, Any]]] = {}  # server round -> the weights sent
-        if site_dp is not None and (self.rule != "fedavg" or update_norm_bound is not None):
-            raise ValueError("site-level DP aggregates by its own clipped, noised sum: it replaces the "
-                             "aggregation rule (fedavg only) and the norm bound (its clip norm bounds each update)")
+        if site_dp is not None and (problem := rules.site_dp_problem(self.rule, update_norm_bound)):
+            raise ValueError(problem)
         self.site_dp = site_dp
         self.on_release = on_release
-        if secagg is not None and (self.rule not in ("fedavg", "fedprox") or update_norm_bound is not None
-                                   or (site_dp is not None and not site_dp.distributed)):
-            raise ValueError("secure aggregation shows the coordinator only the sum: it cannot run a rule that "
-                             "needs individual updates, a norm bound, or coordinator-side site-level noise")
+        if secagg is not None and (problem := rules.secagg_problem(self.rule, update_norm_bound)):
+            raise ValueError(problem)
+        if secagg is not None and site_dp is not None and not site_dp.distributed:
+            raise ValueError("secure aggregation shows the coordinator only the sum: it cannot add "
+                             "coordinator-side site-level noise")
         if site_dp is not None and site_dp.distributed and secagg is None:
             raise ValueError("distributed site-level noise needs secure aggregation")
         self.secagg = secagg
@@ -300,13 +300,13 @@ class SiteAwareStrategy(Strategy):
         eligible = self.eligible()
         if self.site_dp is not None:
             return sorted(self.site_dp.sample(eligible, server_round), key=self.sites.__getitem__)
-        k = min(max(1, round(self.fraction_train * len(self.sites))), len(eligible))
+        k = min(rules.sites_per_round(self.fraction_train, len(self.sites)), len(eligible))
         chosen = random.Random(self.seed * 7919 + server_round).sample(eligible, k) if k else []
         return sorted(chosen, key=self.sites.__getitem__)
 
     def per_round(self) -> int:
         """How many sites each round asks while none is excluded."""
-        return min(max(1, round(self.fraction_train * len(self.sites))), len(self.sites))
+        return rules.sites_per_round(self.fraction_train, len(self.sites))
 
     def run_round(self, flower_round: int) -> int:
         """The run's round number for Flower's `flower_round` (they differ after a resume)."""

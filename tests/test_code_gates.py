@@ -100,6 +100,7 @@ SERVER = "server may import task, privacy, protocol, strategies, deploy, conf"
         ("task/model.py", "from fedshield import protocol", ["task may import privacy, conf"]),
         ("privacy/errors.py", "from fedshield.conf import ConfigError", ["privacy imports nothing of ours"]),
         ("protocol.py", "from fedshield.task import data", ["protocol may import privacy"]),
+        ("rules.py", "from fedshield.privacy import errors", ["rules imports nothing of ours"]),
     ],
 )
 def test_a_forbidden_import_fails_the_contract(tmp_path: Path, module: str, line: str, broken: list[str]) -> None:

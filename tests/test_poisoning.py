@@ -87,27 +87,20 @@ def test_strategy_keys_are_validated_and_an_impossible_rule_is_refused_in_one_li
     assert conf.load_config(["federation.update_norm_bound=2.5"]).federation.update_norm_bound == 2.5
 
 
-def test_the_configs_minimum_is_the_one_the_coordinator_applies():
-    from fedshield.conf.schema import rule_min_sites
-
-    for name in flower.STRATEGIES:
-        for f in range(4):
-            for beta in (0.0, 0.1, 0.2, 0.25, 1 / 3, 0.49):
-                for select in (0, 1, 5):
-                    assert rule_min_sites(name, f, beta, select) == flower.min_replies_for(name, f, beta, select)
-
-
 # ------------------------------------------------------------ the report
 
 
 def test_the_report_names_each_sites_defence_outcome(tmp_path):
-    from fedshield.server.app import RoundLog, write_report
+    from fedshield.server.app import RoundLog
+    from fedshield.server.report import write_report
+    from fedshield.server.settings import CoordinatorSettings
     from fedshield.strategies.site_aware import RoundReport, SiteReply
 
     cfg = conf.load_config(["federation.strategy=krum", "federation.update_norm_bound=3", "privacy=none",
                             f"output.dir={tmp_path}"])
     sites = {1: {"site": "a", "n": 5}, 2: {"site": "b", "n": 5}, 3: {"site": "c", "n": 5}}
-    log = RoundLog(tmp_path, cfg, sites)
+    settings = CoordinatorSettings.from_config(cfg)
+    log = RoundLog(tmp_path, settings, sites)
     metrics = {"accuracy": 0.5, "macro_f1": 0.5, "per_class": {}}
     log.on_evaluated(0, metrics)
     log.on_round(RoundReport(1, ["a", "b", "c"], [
@@ -123,7 +116,7 @@ def test_the_report_names_each_sites_defence_outcome(tmp_path):
     log.on_round(RoundReport(2, ["a", "b", "c"], [SiteReply("b", 2, "trained", update_norm=1.0)], rule="krum",
                              skipped=short))
     log.on_evaluated(2, metrics)
-    write_report(tmp_path, cfg, log.rows, {"a": {}, "b": {}, "c": {}})
+    write_report(tmp_path, settings, log.rows, {"a": {}, "b": {}, "c": {}})
     report = (tmp_path / "report.md").read_text()
     assert "## Poisoning defences" in report
     assert "Aggregation `krum`, withstanding federation.num_malicious=1" in report and "bound 3" in report

@@ -449,11 +449,12 @@ def test_the_federation_records_what_the_sum_held_and_the_audit_recomputes_the_s
     from fedshield.privacy.ledger import SKELLAM_MECHANISM
     from fedshield.privacy.skellam import skellam_history_epsilon
     from fedshield.server.federation_books import open_books
+    from fedshield.server.settings import CoordinatorSettings
 
     cfg = conf.load_config([*SECURE_SITE_LEVEL, "federation.rounds=3", "privacy.site_target_epsilon=4",
                             "privacy.site_delta=1e-3"])
     run = tmp_path / "run"
-    books = open_books(cfg, run, simulated=True, dim=1000)
+    books = open_books(CoordinatorSettings.from_config(cfg), run, simulated=True, dim=1000)
     assert books.noise is not None and books.mechanism.distributed
     mu = books.noise.total_variance
     for r, extra in ((1, 1.0), (2, 1.4), (3, 1.0)):
@@ -478,10 +479,11 @@ def test_the_federation_records_what_the_sum_held_and_the_audit_recomputes_the_s
 def test_an_explicit_site_noise_that_overspends_under_secure_aggregation_is_refused(tmp_path):
     from fedshield.privacy.errors import FedShieldError
     from fedshield.server.federation_books import open_books
+    from fedshield.server.settings import CoordinatorSettings
 
     cfg = conf.load_config([*SECURE_SITE_LEVEL, "privacy.site_noise_multiplier=0.1", "privacy.site_delta=1e-3"])
     with pytest.raises(FedShieldError, match="distributed Skellam noise spend"):
-        open_books(cfg, tmp_path, simulated=True, dim=100)
+        open_books(CoordinatorSettings.from_config(cfg), tmp_path, simulated=True, dim=100)
 
 
 def test_a_site_whose_seed_commitment_is_not_a_digest_is_dropped_at_sharing_and_the_round_goes_on():

@@ -391,16 +391,13 @@ def test_a_norm_rejection_is_not_proof_of_an_attack():
 
 
 def test_each_rules_minimum_and_what_flower_builds():
+    from fedshield import rules
+
     f = 2
-    assert [flower.min_replies_for(r, f, 0.25) for r in flower.ROBUST] == [5, 8, 7, 7, 11]
-    assert flower.min_replies_for("fedtrimmedavg", 1, 0.2) == 5  # floor(0.2 * 5) = 1
-    assert flower.min_replies_for("fedtrimmedavg", 1, 0.0) > 10_000  # trims nothing: withstands nobody
-    assert flower.min_replies_for("multikrum", 1, krum_select=6) == 7  # a fixed m keeps at most n - f
-    assert flower.min_replies_for("fedavg", 3) == 1
-    for name in flower.STRATEGIES:
+    for name in flower.STRATEGIES:  # the minimums themselves: tests/test_rules.py
         built = flower_strategy(name, num_malicious=f, trim_fraction=0.25)
         assert flower.rule_name(built) == name
-        assert flower.min_replies(built) == flower.min_replies_for(name, f, 0.25)
+        assert flower.min_replies(built) == rules.min_sites(name, f, 0.25)
         assert built.arrayrecord_key == protocol.ARRAYS and built.weighted_by_key == protocol.NUM_EXAMPLES
     assert flower_strategy("fedtrimmedavg", trim_fraction=0.3).beta == 0.3
     assert flower_strategy("bulyan", num_malicious=3).num_malicious_nodes == 3
@@ -505,6 +502,7 @@ def test_a_reply_that_misses_its_round_is_still_recorded_and_the_run_books_equal
     from fedshield.privacy.audit import audit
     from fedshield.privacy.ledger_check import LedgerCheck
     from fedshield.server.app import RoundLog
+    from fedshield.server.settings import CoordinatorSettings
     from tests.test_ledger_check import DELTA, PLAN, Site
 
     sites = {101: "alpha", 202: "bravo"}
@@ -514,7 +512,8 @@ def test_a_reply_that_misses_its_round_is_still_recorded_and_the_run_books_equal
     (run_dir / "privacy" / "keys").mkdir(parents=True)
     for name, s in books.items():
         (run_dir / "privacy" / "keys" / f"{name}.pub").write_bytes(signing.public_key_pem(s.public))
-    log = RoundLog(run_dir, conf.load_config(), {n: {"site": name} for n, name in sites.items()})
+    log = RoundLog(run_dir, CoordinatorSettings.from_config(conf.load_config()),
+                   {n: {"site": name} for n, name in sites.items()})
     late = how.startswith("arrives")
     grid = LinkGrid({"alpha": signs(books["alpha"], carries_lost=not late), "bravo": signs(books["bravo"])},
                     late={"alpha": {1}} if late else None, lost=None if late else {"alpha": {1}},
@@ -551,12 +550,15 @@ def test_a_reply_that_misses_its_round_is_still_recorded_and_the_run_books_equal
 
 def test_rounds_that_trained_nothing_are_reported_and_counted_in_a_row(tmp_path, capsys):
     from fedshield import conf
-    from fedshield.server.app import RoundLog, empty_rounds_line, write_report
+    from fedshield.server.app import RoundLog, empty_rounds_line
+    from fedshield.server.report import write_report
     from fedshield.server.run_dir import read_jsonl
+    from fedshield.server.settings import CoordinatorSettings
     from fedshield.strategies.site_aware import SiteReply
 
     cfg = conf.load_config(["privacy=none", f"output.dir={tmp_path}"])
-    log = RoundLog(tmp_path, cfg, {1: {"site": "alpha", "n": 5}, 2: {"site": "bravo", "n": 5}})
+    settings = CoordinatorSettings.from_config(cfg)
+    log = RoundLog(tmp_path, settings, {1: {"site": "alpha", "n": 5}, 2: {"site": "bravo", "n": 5}})
     metrics = {"accuracy": 0.5, "macro_f1": 0.5, "per_class": {}}
     log.on_evaluated(0, metrics)
     log.on_round(RoundReport(1, ["alpha", "bravo"], [SiteReply("alpha", 1, "trained", num_examples=5),
@@ -573,5 +575,5 @@ def test_rounds_that_trained_nothing_are_reported_and_counted_in_a_row(tmp_path,
     assert line.startswith("rounds 2-3 trained nothing (2 in a row; federation.max_empty_rounds=2); in round 3: "
                            "alpha: failed: Error: Node Unavailable") and "bravo: declined: bravo says no" in line
     assert "\n" not in line
-    write_report(tmp_path, cfg, log.rows, {"alpha": {}, "bravo": {}})
+    write_report(tmp_path, settings, log.rows, {"alpha": {}, "bravo": {}})
     assert "Rounds that aggregated nothing (the global model was kept): 2-3." in (tmp_path / "report.md").read_text()

@@ -79,7 +79,7 @@ def test_the_strategy_releases_the_noised_model_after_the_spend_every_round():
     # Every site moves by about STEP (norm 1.1 < S): the model moves by the mean step a round.
     from tests.test_site_aware import STEP
     assert np.abs(result.arrays["w"].numpy() - 3 * STEP).max() < 0.1
-    with pytest.raises(ValueError, match="fedavg only"):
+    with pytest.raises(ValueError, match="privacy.unit=site with federation.strategy=krum"):
         SiteAwareStrategy(flower_strategy("krum"), sites, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
                           site_dp=dp)
 
@@ -162,17 +162,18 @@ def test_site_level_dp_in_simulation_writes_a_ledger_that_audits(tiny_bert, synt
 def test_an_explicit_site_noise_that_would_overspend_the_target_is_refused(tmp_path):
     from fedshield.privacy.errors import FedShieldError
     from fedshield.server.federation_books import open_books
+    from fedshield.server.settings import CoordinatorSettings
 
     (tmp_path / "run" / "privacy").mkdir(parents=True)
     cfg = conf.load_config(["privacy.unit=site", "training.center_features=false",
                             "privacy.site_noise_multiplier=0.3", "privacy.site_target_epsilon=2",
                             "federation.rounds=40"])
     with pytest.raises(FedShieldError, match=r"privacy\.site_noise_multiplier=0\.3: 40 rounds at q=1 spend"):
-        open_books(cfg, tmp_path / "run", simulated=True)
+        open_books(CoordinatorSettings.from_config(cfg), tmp_path / "run", simulated=True)
     ok = conf.load_config(["privacy.unit=site", "training.center_features=false",
                            "privacy.site_target_epsilon=2", "federation.rounds=40",
                            "federation.fraction_train=0.5"])
-    books = open_books(ok, tmp_path / "run", simulated=True)
+    books = open_books(CoordinatorSettings.from_config(ok), tmp_path / "run", simulated=True)
     assert books.mechanism.sample_rate == 0.5 and books.epsilon == 0.0
     assert epsilon([Spend(books.mechanism.noise_multiplier, 0.5, 40)], 1e-5, "pld") <= 2.0
     assert (tmp_path / "run" / "privacy" / "federation.key").stat().st_mode & 0o077 == 0
