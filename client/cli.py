@@ -311,10 +311,8 @@ class SiteAgent:
         p = self._prepare()
         try:
             return _run_site(self, p, stop)
-        except FedShieldError as exc:  # every failure names the site, once
-            if str(exc).startswith(f"site {p.name}:"):
-                raise
-            raise FedShieldError(f"site {p.name}: {exc}") from None
+        except FedShieldError as exc:
+            raise _naming_site(p.name, exc) from None
 
     def _prepare(self) -> _Prepared:
         host, port = parse_host_port(self.server, "--server", "fl.example.org:9092")
@@ -326,9 +324,7 @@ class SiteAgent:
         try:
             return self._check_inputs(name, host, port, key_path, key)
         except FedShieldError as exc:
-            if str(exc).startswith(f"site {name}:"):
-                raise
-            raise FedShieldError(f"site {name}: {exc}") from None
+            raise _naming_site(name, exc) from None
 
     def _check_inputs(self, name: str, host: str, port: int, key_path: Path, key: object) -> _Prepared:
         if key_path.stat().st_mode & 0o077:
@@ -352,6 +348,16 @@ class SiteAgent:
         state = Path(self.state_dir or f"fedshield-site-{name}").expanduser().resolve()
         return _Prepared(name, host, port, key_path, key, ca, data, len(site_data), tuple(site_data.class_names),
                          overrides, state)
+
+
+def _naming_site(name: str, exc: FedShieldError) -> FedShieldError:
+    """Every failure names the site, once; its class stays (a caller may catch ConfigError)."""
+    if str(exc).startswith(f"site {name}:"):
+        return exc
+    try:
+        return type(exc)(f"site {name}: {exc}")
+    except TypeError:  # a subclass with another signature
+        return FedShieldError(f"site {name}: {exc}")
 
 
 def _pause(seconds: float, stop: threading.Event | None) -> None:
