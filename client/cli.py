@@ -301,6 +301,12 @@ class SiteAgent:
     verbose: bool = False
     overrides: Sequence[str] = ()
 
+    def __post_init__(self) -> None:  # lists given become tuples: the agent cannot change after it is made
+        for name in ("labels", "overrides"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+
     def check(self) -> SiteCheck:
         """Every check `fedshield client` makes before it connects; nothing is written."""
         p = self._prepare()

@@ -142,14 +142,22 @@ class RunResult:
         if not paths.config.is_file():
             raise FedShieldError(f"{run}: not a run directory (no config.yaml)")
         config = Config.from_run(run)
-        rounds = tuple(RoundMetrics.from_row(r) for r in read_jsonl(paths.metrics))
+        try:
+            rounds = tuple(RoundMetrics.from_row(r) for r in read_jsonl(paths.metrics))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FedShieldError(f"{paths.metrics}: not a metrics file fedshield wrote ({type(exc).__name__}: "
+                                 f"{exc})") from None
         if not rounds:
             raise FedShieldError(f"{run}: no rounds in metrics.jsonl (the run did not start)")
         try:
             summary = json.loads(paths.sites.read_text()) if paths.sites.is_file() else {}
         except ValueError as exc:
             raise FedShieldError(f"{paths.sites}: not readable JSON ({exc})") from None
-        sites = MappingProxyType({name: SiteResult.from_json(name, s) for name, s in sorted(summary.items())})
+        try:
+            sites = MappingProxyType({name: SiteResult.from_json(name, s) for name, s in sorted(summary.items())})
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise FedShieldError(f"{paths.sites}: not a site summary fedshield wrote ({type(exc).__name__}: "
+                                 f"{exc})") from None
         return cls(run_dir=run, config=config, rounds=rounds, sites=sites, paths=paths)
 
     def table(self) -> str:

@@ -128,4 +128,17 @@ def simulate(config: Config, *, resume: bool = False, verbose: bool = False) -> 
     `resume`: continue the run that `config.output` names from its last completed round;
     `config` must be that run's (`Config.from_run(run_dir)`): the checkpoint refuses any other.
     """
-    return RunResult.read(run_simulation(config.to_omegaconf(), verbose=verbose, resume=resume))
+    # A quiet run silences Flower's logger and Python's warnings (run_simulation): for a
+    # caller's process (the Python API), only while it runs.
+    flwr_logger = logging.getLogger("flwr")
+    level, python_warnings = flwr_logger.level, os.environ.get("PYTHONWARNINGS")
+    try:
+        with warnings.catch_warnings():
+            run_dir = run_simulation(config.to_omegaconf(), verbose=verbose, resume=resume)
+    finally:
+        flwr_logger.setLevel(level)
+        if python_warnings is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = python_warnings
+    return RunResult.read(run_dir)

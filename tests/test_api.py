@@ -107,6 +107,9 @@ def test_from_run_names_the_run_folder_and_read_refuses_other_folders(tmp_path):
     assert (config.output.dir, config.output.run_name, config.federation.rounds) == (str(run.parent), "my-run", 2)
     with pytest.raises(fedshield.FedShieldError, match="no rounds in metrics.jsonl"):
         fedshield.RunResult.read(run)
+    run.joinpath("metrics.jsonl").write_text('{"round": 0}\n')
+    with pytest.raises(fedshield.FedShieldError, match=r"metrics.jsonl: not a metrics file fedshield wrote \(KeyError"):
+        fedshield.RunResult.read(run)
     with pytest.raises(fedshield.FedShieldError, match="not a run directory"):
         fedshield.RunResult.read(tmp_path)
 
@@ -190,8 +193,11 @@ def test_site_agent_checks_before_connecting_and_keeps_the_error_class(tmp_path)
         fedshield.SiteAgent(**common, labels=["cardiac"]).check()
     with pytest.raises(fedshield.FedShieldError, match="--server"):
         fedshield.SiteAgent(**{**common, "server": "no-port"}).check()
+    agent = fedshield.SiteAgent(**common, labels=["cardiac", "other"], overrides=["privacy.budget_epsilon=3"])
     with pytest.raises(dataclasses.FrozenInstanceError):
-        fedshield.SiteAgent(**common).server = "elsewhere"  # type: ignore[misc]
+        agent.server = "elsewhere"  # type: ignore[misc]
+    assert agent.labels == ("cardiac", "other") and agent.overrides == ("privacy.budget_epsilon=3",)
+    assert hash(agent) == hash(dataclasses.replace(agent))  # a value: lists given became tuples
 
 
 # ------------------------------------------------------------------ the package's top
