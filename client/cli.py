@@ -78,6 +78,7 @@ import fedshield.deploy.offline  # noqa: F401  (first: nothing phones home; depl
 # isort: split
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import re
@@ -87,6 +88,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from fedshield.deploy.processes import (
@@ -232,39 +234,149 @@ def client_main(argv: list[str]) -> int:
     if args.insecure:
         raise FedShieldError("--insecure: refused; a fedshield site only connects with TLS "
                              "(give the coordinator's --ca)")
-    host, port = parse_host_port(args.server, "--server", "fl.example.org:9092")
-    key_path = Path(args.connection_key).expanduser().resolve()
-    from fedshield.deploy.pki import check_site_name, load_connection_private_key
+    # A thin layer over the Python API (`fedshield.SiteAgent`, docs/api.md).
+    agent = SiteAgent(
+        server=args.server, ca=args.ca, connection_key=args.connection_key, data=args.data, name=args.name,
+        state_dir=args.state_dir, labels=args.labels.split(",") if args.labels else None,
+        ledger_witness=args.ledger_witness, text_column=args.text_column, label_column=args.label_column,
+        connect_timeout=args.connect_timeout, reconnect_s=args.reconnect_s, verbose=args.verbose,
+        overrides=tuple(args.overrides))
+    return agent.run()
 
-    key = load_connection_private_key(key_path)
-    name = check_site_name(args.name or key_path.stem)
+
+@dataclasses.dataclass(frozen=True)
+class SiteCheck:
+    """What `SiteAgent.check()` found, before connecting anywhere."""
+
+    name: str
+    records: int
+    classes: tuple[str, ...]
+    connection_key_fingerprint: str  # SHA256:<hex>, what the coordinator's operator admits
+    state_dir: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    name: str
+    host: str
+    port: int
+    key_path: Path
+    key: object
+    ca: Path
+    data: Path
+    records: int
+    classes: tuple[str, ...]
+    overrides: dict[str, object]
+    state: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteAgent:
+    """The site agent as a callable: what `fedshield client` runs, for a hospital's own
+    service to embed. The arguments are the command's options (`fedshield client --help`);
+    `labels` and `overrides` take sequences (a string is split at commas / taken as one).
+
+        agent = SiteAgent(server="fl.example.org:9092", ca="ca.crt", connection_key="st-marys.key",
+                          data="/secure/notes.csv", overrides=["privacy.budget_epsilon=3"])
+        agent.check()       # every input checked, nothing connected: a FedShieldError names the problem
+        code = agent.run()  # 0 the run completed, 3 the coordinator was lost, 130 stopped
+
+    `run` blocks until the job is over; `stop` (a threading.Event) set from another thread
+    ends it as Ctrl-C does (the SuperNode is stopped first, the ledger stays). Problems the
+    site can fix raise `FedShieldError` (the command's exit 2) with one line.
+    """
+
+    server: str
+    ca: str | Path
+    connection_key: str | Path
+    data: str | Path
+    name: str | None = None
+    state_dir: str | Path | None = None
+    labels: Sequence[str] | None = None
+    ledger_witness: str | Path | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    connect_timeout: float = 120.0
+    reconnect_s: float = 120.0
+    verbose: bool = False
+    overrides: Sequence[str] = ()
+
+    def __post_init__(self) -> None:  # lists given become tuples: the agent cannot change after it is made
+        for name in ("labels", "overrides"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+
+    def check(self) -> SiteCheck:
+        """Every check `fedshield client` makes before it connects; nothing is written."""
+        p = self._prepare()
+        return SiteCheck(p.name, p.records, p.classes, fingerprint(p.key), p.state)
+
+    def run(self, stop: threading.Event | None = None) -> int:
+        """Check, connect, serve the coordinator's run until it is over; the exit code."""
+        p = self._prepare()
+        try:
+            return _run_site(self, p, stop)
+        except FedShieldError as exc:
+            raise _naming_site(p.name, exc) from None
+
+    def _prepare(self) -> _Prepared:
+        host, port = parse_host_port(self.server, "--server", "fl.example.org:9092")
+        key_path = Path(self.connection_key).expanduser().resolve()
+        from fedshield.deploy.pki import check_site_name, load_connection_private_key
+
+        key = load_connection_private_key(key_path)
+        name = check_site_name(self.name or key_path.stem)
+        try:
+            return self._check_inputs(name, host, port, key_path, key)
+        except FedShieldError as exc:
+            raise _naming_site(name, exc) from None
+
+    def _check_inputs(self, name: str, host: str, port: int, key_path: Path, key: object) -> _Prepared:
+        if key_path.stat().st_mode & 0o077:
+            print(f"warning: {key_path} is readable by others; chmod 600 it", file=sys.stderr)
+        ca = Path(self.ca).expanduser().resolve()
+        check_ca(ca)
+        data = Path(self.data).expanduser().resolve()
+        given = self.labels.split(",") if isinstance(self.labels, str) else self.labels
+        labels = [x.strip() for x in given if x.strip()] if given else None
+        site_data = check_data(data, labels, self.text_column, self.label_column)
+        overrides = check_overrides([self.overrides] if isinstance(self.overrides, str) else list(self.overrides))
+        if labels:  # the site's own classes: client/app.py takes a plan with exactly these
+            overrides["labels"] = ",".join(labels)
+        # The site's own columns: client/app.py reads its file with these, never with the plan's.
+        overrides["text-column"], overrides["label-column"] = self.text_column, self.label_column
+        if self.ledger_witness:
+            witness = Path(self.ledger_witness).expanduser().resolve()
+            if not witness.parent.is_dir() or witness.is_dir():
+                raise FedShieldError(f"--ledger-witness {witness}: not a file in an existing folder")
+            overrides["ledger-witness"] = str(witness)
+        state = Path(self.state_dir or f"fedshield-site-{name}").expanduser().resolve()
+        return _Prepared(name, host, port, key_path, key, ca, data, len(site_data), tuple(site_data.class_names),
+                         overrides, state)
+
+
+def _naming_site(name: str, exc: FedShieldError) -> FedShieldError:
+    """Every failure names the site, once; its class stays (a caller may catch ConfigError)."""
+    if str(exc).startswith(f"site {name}:"):
+        return exc
     try:
-        return _run_site(args, name, host, port, key_path, key)
-    except FedShieldError as exc:  # every failure names the site, once
-        if str(exc).startswith(f"site {name}:"):
-            raise
-        raise FedShieldError(f"site {name}: {exc}") from None
+        return type(exc)(f"site {name}: {exc}")
+    except TypeError:  # a subclass with another signature
+        return FedShieldError(f"site {name}: {exc}")
 
 
-def _run_site(args: argparse.Namespace, name: str, host: str, port: int, key_path: Path, key) -> int:
-    if key_path.stat().st_mode & 0o077:
-        print(f"warning: {key_path} is readable by others; chmod 600 it", file=sys.stderr)
-    ca = Path(args.ca).expanduser().resolve()
-    check_ca(ca)
-    data = Path(args.data).expanduser().resolve()
-    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
-    site_data = check_data(data, labels, args.text_column, args.label_column)
-    overrides = check_overrides(args.overrides)
-    if labels:  # the site's own classes: client/app.py takes a plan with exactly these
-        overrides["labels"] = ",".join(labels)
-    # The site's own columns: client/app.py reads its file with these, never with the plan's.
-    overrides["text-column"], overrides["label-column"] = args.text_column, args.label_column
-    if args.ledger_witness:
-        witness = Path(args.ledger_witness).expanduser().resolve()
-        if not witness.parent.is_dir() or witness.is_dir():
-            raise FedShieldError(f"--ledger-witness {witness}: not a file in an existing folder")
-        overrides["ledger-witness"] = str(witness)
-    state = Path(args.state_dir or f"fedshield-site-{name}").expanduser().resolve()
+def _pause(seconds: float, stop: threading.Event | None) -> None:
+    """Sleep; an embedding service's `stop` ends the agent as a signal would."""
+    if stop is None:
+        time.sleep(seconds)
+    elif stop.wait(seconds):
+        raise Interrupted()
+
+
+def _run_site(opts: SiteAgent, p: _Prepared, stop: threading.Event | None) -> int:
+    name, host, port, key_path, key, ca, data, state = p.name, p.host, p.port, p.key_path, p.key, p.ca, p.data, p.state
+    overrides = p.overrides
     try:
         state.mkdir(parents=True, exist_ok=True)
         home = state / ".flower"
@@ -272,10 +384,10 @@ def _run_site(args: argparse.Namespace, name: str, host: str, port: int, key_pat
         os.chmod(home, 0o700)
     except OSError as exc:
         raise FedShieldError(f"--state-dir {state}: {exc.strerror}") from None
-    print(f"site {name}: {len(site_data)} records in {data} ({', '.join(site_data.class_names)}); "
+    print(f"site {name}: {p.records} records in {data} ({', '.join(p.classes)}); "
           f"connection key {fingerprint(key)}; state {state}", flush=True)
 
-    tls_preflight(host, port, ca, args.connect_timeout)
+    tls_preflight(host, port, ca, opts.connect_timeout)
     print(f"coordinator {host}:{port}: TLS certificate verified with {ca}", flush=True)
 
     lock = lock_state(state, name)
@@ -288,13 +400,17 @@ def _run_site(args: argparse.Namespace, name: str, host: str, port: int, key_pat
         # connection-key: client.app.NODE_CONNECTION_KEY (the HELLO is signed with it)
         "--node-config", node_config(name, data, state, {**overrides, "connection-key": str(key_path)}),
         "--host", "127.0.0.1", "--port", "0",
-        "--max-wait-time", str(args.reconnect_s),
+        "--max-wait-time", str(opts.reconnect_s),
     ]
     log_path = state / "supernode.log"
     session = SupernodeLog()
     children = Children(pdeathsig=None)  # deploy/processes.py: why the watchdog alone
     try:
-        with interrupts_raise():  # from before the SuperNode starts: it never outlives this command
+        # From before the SuperNode starts: it never outlives this command. Signal handlers
+        # can only be set in the main thread; an agent embedded in another thread is ended
+        # through `stop` (or by its process ending: the watchdog).
+        in_main = threading.current_thread() is threading.main_thread()
+        with interrupts_raise() if in_main else contextlib.nullcontext():
             while True:
                 attempt = SupernodeLog()
                 cmd[cmd.index("--port") + 1] = str(free_port())
@@ -305,12 +421,12 @@ def _run_site(args: argparse.Namespace, name: str, host: str, port: int, key_pat
                     proc = children.start(cmd, flower_env(home), cwd=str(state), stdout=log_f,
                                           stderr=subprocess.STDOUT)
                 done = threading.Event()
-                reader = threading.Thread(target=_follow, args=(log_path, offset, attempt, name, args.verbose, done),
+                reader = threading.Thread(target=_follow, args=(log_path, offset, attempt, name, opts.verbose, done),
                                           daemon=True)
                 reader.start()
                 last_note = 0.0
                 while proc.poll() is None and not attempt.gone:
-                    time.sleep(0.2)
+                    _pause(0.2, stop)
                     if attempt.joined and time.time() - last_note > AGENT_NOTE_S:
                         agent.seen()  # roughly the SuperNode's last heartbeat, for a restart's wait
                         last_note = time.time()
@@ -322,7 +438,7 @@ def _run_site(args: argparse.Namespace, name: str, host: str, port: int, key_pat
                     break
                 wait = rejoin_wait(agent, key_path, name)  # FedShieldError: not registered
                 children = Children(pdeathsig=None)
-                time.sleep(wait)
+                _pause(wait, stop)
     except Interrupted:
         print(f"site {name}: interrupted; stopping the SuperNode (its ledger is on disk: {state})", file=sys.stderr)
         return 130

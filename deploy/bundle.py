@@ -157,9 +157,9 @@ def source_root(package_file: Path | None = None) -> Path | None:
     None for an installed wheel: the folder above the package must hold fedshield's
     pyproject.toml."""
     if package_file is None:
-        import fedshield
+        from fedshield import _version  # the package's own folder, without its API (the contracts)
 
-        package_file = Path(fedshield.__file__)
+        package_file = Path(_version.__file__)
     root = package_file.resolve().parent.parent
     try:
         project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
@@ -172,9 +172,9 @@ def checkout() -> Path:
     """The source checkout to build fedshield's wheel from; one line when there is none."""
     root = source_root()
     if root is None:
-        import fedshield
+        from fedshield import _version
 
-        raise BundleError(f"fedshield here is installed from a wheel ({Path(fedshield.__file__).parent}), not a "
+        raise BundleError(f"fedshield here is installed from a wheel ({Path(_version.__file__).parent}), not a "
                           "source checkout: nothing to build its wheel from; pass --wheel PATH (fedshield's .whl)")
     return root
 

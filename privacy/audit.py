@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypedDict, TypeGuard
 
@@ -73,8 +73,10 @@ class EntryCheck(TypedDict):
     flag: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class SiteAudit:
+    """One site's audit: what its ledger holds, and its ε as recorded and as recomputed."""
+
     site: str
     entries: int
     runs: list[str]
@@ -94,10 +96,16 @@ class SiteAudit:
     budget: float | None = None
     over_budget: bool = False
     key_fingerprint: str = ""
+    # The recomputation the site's newest recorded ε is checked against (its accountant's:
+    # PLD for "pld", "prv" and replace-one, RDP for "rdp", the Skellam RDP bound); NaN if
+    # none of its entries could be recomputed.
+    recomputed_epsilon: float = math.nan
 
 
-@dataclass
+@dataclass(frozen=True)
 class AuditResult:
+    """What `fedshield audit` decides and prints (`fedshield.audit` returns it)."""
+
     ok: bool
     ledger_path: Path
     run_dir: Path | None
@@ -110,10 +118,18 @@ class AuditResult:
     key_note: str = ""
     budget_source: str = ""
     torn_message: str = ""
+    books_checked: bool = False  # a site's books checked whole, seq 0 to its signed head (`--site`)
+    report_markdown: Path | None = None  # the report `audit_and_report` wrote
+    report_html: Path | None = None
 
     @property
     def first_problem(self) -> str:
         return self.flags[0] if self.flags else ""
+
+    @property
+    def epsilon(self) -> dict[str, float]:
+        """Per site, its ε as this audit recomputed it from the ledger's (σ, q, steps)."""
+        return {name: s.recomputed_epsilon for name, s in self.sites.items()}
 
     def to_json(self) -> dict[str, Any]:
         def clean(x: object) -> object:
@@ -367,6 +383,16 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
             rdp = epsilon_dp_accounting_rdp(h, site_delta) if (h and site_delta) else 0.0
         last_epsilon = last.get("epsilon")
         recorded = float(last_epsilon) if _is_number(last_epsilon) else math.nan
+        budget = (budgets or {}).get(site)
+        over_budget = False
+        if budget is not None:
+            last_ref = rows[-1]["reference"] if rows else 0.0
+            spent = max(x for x in (recorded, last_ref) if _is_number(x) and not math.isnan(x)) if rows else 0.0
+            if spent > float(budget):
+                over_budget = True
+                at = f" (δ={site_delta:g})" if site_delta is not None else ""
+                flags.append(f"site {site}: ε={spent:.6g} is past its budget {float(budget):g}{at}")
+        last_reference = rows[-1]["reference"] if rows else None
         s = SiteAudit(
             site=site, entries=len(mine),
             runs=sorted({str(e.get("run_id")) for e in mine}),
@@ -381,17 +407,10 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
             neighbouring=relation,
             recorded_epsilon=recorded, rdp_epsilon=rdp, pld_epsilon=pld,
             partial=site in verify.partial_sites,
+            budget=None if budget is None else float(budget), over_budget=over_budget,
             key_fingerprint=str(last.get("key_fingerprint", "")),
+            recomputed_epsilon=math.nan if last_reference is None else float(last_reference),
         )
-        budget = (budgets or {}).get(site)
-        if budget is not None:
-            s.budget = float(budget)
-            last_ref = rows[-1]["reference"] if rows else 0.0
-            spent = max(x for x in (recorded, last_ref) if _is_number(x) and not math.isnan(x)) if rows else 0.0
-            if spent > s.budget:
-                s.over_budget = True
-                at = f" (δ={site_delta:g})" if site_delta is not None else ""
-                flags.append(f"site {site}: ε={spent:.6g} is past its budget {s.budget:g}{at}")
         worst = max([x for x in (recorded, rdp, pld) if _is_number(x) and not math.isnan(x)], default=0.0)
         if max_epsilon is not None and worst > max_epsilon:
             flags.append(f"site {site}: ε={worst:.6g} is above --max-epsilon {max_epsilon:g}")
@@ -417,3 +436,45 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
         entries=per_entry, flags=flags, notes=notes, key_source=key_source, key_note=key_note,
         budget_source=budget_source, torn_message=read.message if read.truncated_bytes else "",
     )
+
+
+def site_books_problem(state: Path) -> str:
+    """'' if a site's own ledger (`<state>/ledger.jsonl`) is whole, from seq 0 to the head
+    its signed head record names, and signed by its `site.pub`; else the first problem.
+    An interrupted spend (`ledger.jsonl.pending`) counts, as at the site."""
+    if not (state / "ledger.jsonl").is_file():
+        raise FedShieldError(f"--site {state}: no ledger.jsonl (is it a site's state folder?)")
+    key = signing.load_public_key(state / "site.pub")
+    ledger = Ledger(state / "ledger.jsonl")
+    entries = ledger.read().entries
+    try:
+        late = ledger.pending_entry(entries, key)
+        if late is not None:
+            entries.append(late)
+        for site in sorted({str(e.get("site")) for e in entries}):
+            ledger.check_own(site, key, entries)
+    except LedgerError as exc:
+        return str(exc)
+    return ""
+
+
+def audit_and_report(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, float] | None = None,
+                     max_epsilon: float | None = None, *, site_books: bool = False, report_dir: Path | None = None,
+                     write_report: bool = True) -> AuditResult:
+    """Everything `fedshield audit` does (`fedshield.audit` is this, typed): with
+    `site_books`, `path` is a site's state folder whose books are checked whole first (a
+    problem there is the result's first flag); then `audit`; then the Markdown and HTML
+    report, in `report_dir` (default `<run_dir>/audit/`, else beside the ledger)."""
+    books = site_books_problem(Path(path)) if site_books else ""
+    result = audit(Path(path), ledger_keys_dir, budgets, max_epsilon)
+    if books:
+        result = replace(result, ok=False, flags=[f"site books: {books}", *result.flags])
+    result = replace(result, books_checked=site_books)
+    if write_report:
+        from fedshield.privacy.report import write_report as write
+
+        if report_dir is None:
+            report_dir = (result.run_dir if result.run_dir is not None else result.ledger_path.parent) / "audit"
+        md, html = write(result, Path(report_dir))
+        result = replace(result, report_markdown=md, report_html=html)
+    return result

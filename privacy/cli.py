@@ -82,61 +82,31 @@ def audit_main(argv: list[str]) -> int:
         args = p.parse_args(argv)
         if (args.path is None) == (args.site is None):
             raise FedShieldError("audit: give a run directory or ledger, or --site STATE_DIR (one of the two)")
-        from fedshield.privacy.audit import audit
-        from fedshield.privacy.report import write_report
+        # A thin layer over the Python API (`fedshield.audit`, docs/api.md): the same function.
+        from fedshield.privacy.audit import audit_and_report
 
-        if args.site is not None:
-            problem = _site_books(args.site)
-            if problem:
-                print(f"AUDIT FAILED: {problem}", file=sys.stderr)
-                return 1
-            print(f"site books: {args.site / 'ledger.jsonl'} is whole from seq 0 to its signed head record")
-        result = audit(args.path or args.site, args.ledger_keys, dict(args.budget) or None, args.max_epsilon)
-        if args.out is not None:
-            out = args.out
-        elif result.run_dir is not None:
-            out = result.run_dir / "audit"
-        else:
-            out = result.ledger_path.parent / "audit"
-        md, html = write_report(result, out)
+        site_books = args.site is not None
+        result = audit_and_report(args.path or args.site, args.ledger_keys, dict(args.budget) or None,
+                                  args.max_epsilon, site_books=site_books, report_dir=args.out)
     except FedShieldError as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return 2
+    assert result.report_markdown is not None and result.report_html is not None
+    if site_books and not result.first_problem.startswith("site books: "):
+        print(f"site books: {args.site / 'ledger.jsonl'} is whole from seq 0 to its signed head record")
     if args.json:
         data = result.to_json()
-        data["report"] = {"markdown": str(md), "html": str(html)}
+        data["report"] = {"markdown": str(result.report_markdown), "html": str(result.report_html)}
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
-        _print_summary(result, md, html)
+        _print_summary(result, result.report_markdown, result.report_html)
     if not result.ok:
         print(f"AUDIT FAILED: {result.first_problem}", file=sys.stderr)
         return 1
     return 0
-
-
-def _site_books(state: Path) -> str:
-    """'' if the site's own ledger is whole and signed by its key, else the first problem."""
-    from fedshield.privacy import signing
-    from fedshield.privacy.errors import LedgerError
-    from fedshield.privacy.ledger import Ledger
-
-    if not (state / "ledger.jsonl").is_file():
-        raise FedShieldError(f"--site {state}: no ledger.jsonl (is it a site's state folder?)")
-    key = signing.load_public_key(state / "site.pub")
-    ledger = Ledger(state / "ledger.jsonl")
-    entries = ledger.read().entries
-    try:
-        late = ledger.pending_entry(entries, key)  # an interrupted spend counts, as at the site
-        if late is not None:
-            entries.append(late)
-        for site in sorted({str(e.get("site")) for e in entries}):
-            ledger.check_own(site, key, entries)
-    except LedgerError as exc:
-        return str(exc)
-    return ""
 
 
 def _fmt(x: object) -> str:

@@ -1,9 +1,12 @@
-"""The `fedshield` command.
+"""The `fedshield` command (also `python -m fedshield`).
 
 This module is the composition root: each subcommand's code lives in the package it
 belongs to (server/, client/, privacy/, simulations/), and only this dispatcher knows
 them all. It sits in simulations/ because that is the one package allowed to depend on
-every other (nothing imports simulations).
+every other (nothing imports simulations). The commands are thin layers over the Python API
+(docs/api.md), whose objects live in the rooms they belong to (conf.config.Config,
+simulations.simulate.simulate, privacy.audit.audit_and_report, client.cli.SiteAgent) and
+which `fedshield.api` gathers: the API may import simulations, never the reverse.
 
 Errors a user can cause end in one line on stderr, exit code 2, no traceback.
 """
@@ -18,6 +21,7 @@ import argparse
 import sys
 
 USAGE = """usage: fedshield COMMAND [options] [key=value ...]
+       fedshield --version
 
 commands:
   simulate   run a federation of virtual sites on this machine (Flower simulation runtime)
@@ -43,18 +47,19 @@ def simulate_main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides and presets")
     args = parser.parse_args(argv)
 
-    from fedshield import conf
-    from fedshield.simulations.simulate import final_table, run_simulation
+    # A thin layer over the Python API (docs/api.md): the same Config, the same simulate().
+    from fedshield.conf.config import Config
+    from fedshield.simulations.simulate import simulate
 
-    cfg = conf.load_config_file(args.config, args.overrides) if args.config else conf.load_config(args.overrides)
+    config = Config.from_yaml(args.config, args.overrides) if args.config else Config.load(args.overrides)
     if args.resume:
         from fedshield.server.run_dir import existing_run_dir
 
-        cfg = conf.load_config_file(existing_run_dir(cfg) / "config.yaml", args.overrides)
-    run_dir = run_simulation(cfg, verbose=args.verbose, resume=args.resume)
+        config = Config.from_yaml(existing_run_dir(config.to_omegaconf()) / "config.yaml", args.overrides)
+    result = simulate(config, resume=args.resume, verbose=args.verbose)
     print()
-    print(final_table(run_dir))
-    print(f"\nrun directory: {run_dir}")
+    print(result.table())
+    print(f"\nrun directory: {result.run_dir}")
     return 0
 
 
@@ -84,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("--version", "-V"):
+        from fedshield._version import __version__
+
+        print(f"fedshield {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)

@@ -21,7 +21,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fedshield import conf, protocol
+from fedshield.conf.config import Config
 from fedshield.server.run_dir import existing_run_dir, new_run_dir, read_jsonl
+from fedshield.simulations.result import RunResult
 from fedshield.task.sites import check_delta, virtual_sites
 
 
@@ -120,12 +122,23 @@ def run_simulation(cfg: DictConfig, verbose: bool = False, resume: bool = False)
     return run_dir
 
 
-def final_table(run_dir: Path) -> str:
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    lines = ["round  accuracy  macro-F1  ε max   ε mean  trained  declined  dropped"]
-    for r in rows:
-        lines.append(
-            f"{r['round']:>5}  {r['accuracy']:>8.4f}  {r['macro_f1']:>8.4f}  {r['epsilon_max']:>6.3f}  "
-            f"{r['epsilon_mean']:>6.3f}  {r['trained']:>7}  {r['declined']:>8}  {r['rejected'] + r['failed']:>7}"
-        )
-    return "\n".join(lines)
+def simulate(config: Config, *, resume: bool = False, verbose: bool = False) -> RunResult:
+    """Run the simulated federation of `config` (`fedshield.simulate`, `fedshield simulate`).
+
+    `resume`: continue the run that `config.output` names from its last completed round;
+    `config` must be that run's (`Config.from_run(run_dir)`): the checkpoint refuses any other.
+    """
+    # A quiet run silences Flower's logger and Python's warnings (run_simulation): for a
+    # caller's process (the Python API), only while it runs.
+    flwr_logger = logging.getLogger("flwr")
+    level, python_warnings = flwr_logger.level, os.environ.get("PYTHONWARNINGS")
+    try:
+        with warnings.catch_warnings():
+            run_dir = run_simulation(config.to_omegaconf(), verbose=verbose, resume=resume)
+    finally:
+        flwr_logger.setLevel(level)
+        if python_warnings is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = python_warnings
+    return RunResult.read(run_dir)

@@ -101,6 +101,9 @@ SERVER = "server may import task, privacy, protocol, strategies, deploy, conf"
         ("privacy/errors.py", "from fedshield.conf import ConfigError", ["privacy imports nothing of ours but rules"]),
         ("protocol.py", "from fedshield.task import data", ["protocol may import privacy"]),
         ("rules.py", "from fedshield.privacy import errors", ["rules imports nothing of ours"]),
+        # The Python API sits above every room, the command included.
+        ("client/cli.py", "from fedshield import api", ["client may import task, privacy, protocol, deploy, conf"]),
+        ("simulations/cli.py", "import fedshield.api", ["simulations (the command) does not import the API"]),
     ],
 )
 def test_a_forbidden_import_fails_the_contract(tmp_path: Path, module: str, line: str, broken: list[str]) -> None:

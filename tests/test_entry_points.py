@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = [f"fedshield.{m}" for m in
-                ("simulations.cli", "simulations.simulate", "server.app", "server.cli", "client.app", "client.cli")]
+                ("simulations.cli", "simulations.simulate", "server.app", "server.cli", "client.app", "client.cli",
+                 "api")]
 SWITCHES = ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK", "RAY_USAGE_STATS_ENABLED", "HF_HUB_OFFLINE")
 
 
