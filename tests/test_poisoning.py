@@ -102,7 +102,7 @@ def test_the_configs_minimum_is_the_one_the_coordinator_applies():
 
 def test_the_report_names_each_sites_defence_outcome(tmp_path):
     from fedshield.server.app import RoundLog, write_report
-    from fedshield.strategies.site_aware import RoundReport, SiteReply
+    from fedshield.strategies.report import RoundReport, SiteReply
 
     cfg = conf.load_config(["federation.strategy=krum", "federation.update_norm_bound=3", "privacy=none",
                             f"output.dir={tmp_path}"])
