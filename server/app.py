@@ -44,8 +44,8 @@ from fedshield.server.site_heads import FILE as SITE_HEADS
 from fedshield.server.site_heads import SiteHeads
 from fedshield.strategies.flower import ROBUST, flower_strategy, shortfall
 from fedshield.strategies.ledger_check import Expected, LedgerCheck, Verdict, plan_problem
-from fedshield.strategies.secagg import SecAggPlus
 from fedshield.strategies.report import PlannedCheck, RoundReport
+from fedshield.strategies.secagg import SecAggPlus
 from fedshield.strategies.stack import SiteLevel, build_stack
 from fedshield.task import centering
 from fedshield.task.pipeline import build_view, pool_and_test, view_fingerprint

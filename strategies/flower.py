@@ -25,11 +25,11 @@ bulyan         Bulyan: Multi-Krum picks n - 2f, then a      n >= 4f + 3         
 
 Below those counts Flower's code either still returns an aggregate that no longer carries
 the guarantee (median, trimmed mean, Krum), or logs and returns nothing (Bulyan). The
-robust-rule guard (strategies/robust_guard.py) therefore checks `shortfall` before it hands a round's usable updates to the rule
-and skips the round with one line instead; `requirement` refuses a run whose rounds could
-never reach the count. Weighting: Krum and MultiKrum average the updates they select
-weighted by record count (safe: counts must equal what each site declared at discovery);
-the median and the trimmed mean are unweighted, coordinate by coordinate.
+robust-rule guard (strategies/robust_guard.py) therefore checks `shortfall` before it
+hands a round's usable updates to the rule and skips the round with one line instead;
+`requirement` refuses a run whose rounds could never reach the count. Weighting: Krum
+and MultiKrum average the updates they select weighted by record count (safe: counts must
+equal what each site declared at discovery); the median and the trimmed mean are unweighted, coordinate by coordinate.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedshield import protocol
 from fedshield.strategies.report import RoundReports, SiteReply
-from fedshield.strategies.wrapper import Wrapper, wrapped
+from fedshield.strategies.wrapper import Wrapper, update_of, wrapped
 
 Weights = dict[str, np.ndarray[Any, Any]]
 
@@ -69,16 +69,16 @@ class NormBound(Wrapper):
         if base is None or not replies:
             return self.strategy.aggregate_train(server_round, replies)
         report = self.reports.get(server_round)
-        weights = [float(m.content[protocol.METRICS][protocol.NUM_EXAMPLES]) for m in replies]
+        weights = [update_of(m)[1] for m in replies]
         total = sum(weights)
-        kept = []
+        kept: list[Message] = []
         for msg, weight in zip(replies, weights, strict=True):
             reply = report.by_node(msg.metadata.src_node_id)
             # Each update's bound is on its share of the step: (weight / total) x update moves
             # the average no more than an update of the bound at equal weights (bound / m).
             share = 1.0 if total <= 0 else weight * len(replies) / total
             try:
-                bounded = self._bound(reply, protocol.from_array_record(msg.content[protocol.ARRAYS]), base, share)
+                bounded = self._bound(reply, update_of(msg)[0], base, share)
             except Exception as exc:  # noqa: BLE001  a site's numbers never end the round
                 reply.status, reply.reason = "rejected", f"its update could not be measured ({type(exc).__name__})"
                 continue

@@ -48,10 +48,11 @@ MAX_WEIGHT_RATIO = 10
 class ReplyGate(Wrapper):
     """Hand the wrapped strategy only the replies that passed every check; report on all."""
 
-    def __init__(self, strategy: Strategy, sites: Mapping[int, str], *, expected_arrays: Mapping[str, protocol.ArraySpec],
-                 reports: RoundReports, excluded: MutableMapping[str, str] | None = None,
-                 records: Mapping[int, int] | None = None, ledger: LedgerChecker | None = None,
-                 heads: HeadSource | None = None, cap_weights: bool = True) -> None:
+    def __init__(self, strategy: Strategy, sites: Mapping[int, str], *,
+                 expected_arrays: Mapping[str, protocol.ArraySpec], reports: RoundReports,
+                 excluded: MutableMapping[str, str] | None = None, records: Mapping[int, int] | None = None,
+                 ledger: LedgerChecker | None = None, heads: HeadSource | None = None,
+                 cap_weights: bool = True) -> None:
         super().__init__(strategy)
         if not expected_arrays:
             raise ValueError("expected_arrays: no trainable tensors")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fedshield import protocol
+
 # The one import of the coordinator's ledger check in the stack (it may move room).
 from fedshield.strategies.ledger_check import Expected, LedgerCheck, Verdict
 

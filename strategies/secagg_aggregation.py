@@ -37,7 +37,7 @@ from fedshield.strategies import flower
 from fedshield.strategies.report import RoundReports
 from fedshield.strategies.secagg import SecAggPlus, Unmasked
 from fedshield.strategies.site_dp import ReleaseBooks, SiteLevelDP
-from fedshield.strategies.wrapper import Wrapper, log, wrapped
+from fedshield.strategies.wrapper import Wrapper, log, update_of, wrapped
 
 
 class SecAggAggregation(Wrapper):
@@ -87,8 +87,9 @@ class SecAggAggregation(Wrapper):
             report.skipped = "no usable update" if report.sampled else ""
             self.reports.publish(server_round)
             return None, None
-        vectors = {m.metadata.src_node_id: protocol.from_array_record(m.content[protocol.ARRAYS]) for m in valid}
-        declared = {m.metadata.src_node_id: int(m.content[protocol.METRICS][protocol.NUM_EXAMPLES]) for m in valid}
+        usable = {m.metadata.src_node_id: update_of(m) for m in valid}
+        vectors = {n: vector for n, (vector, _) in usable.items()}
+        declared = {n: weight for n, (_, weight) in usable.items()}
         outcome = self.secagg.finish(server_round, vectors, grid)
         report.dropped = dict(state.dropped)
         if isinstance(outcome, Unmasked):

@@ -29,7 +29,7 @@ from fedshield import protocol
 from fedshield.strategies import flower
 from fedshield.strategies.report import RoundReports
 from fedshield.strategies.site_dp import ReleaseBooks, SiteLevelDP
-from fedshield.strategies.wrapper import Wrapper, wrapped
+from fedshield.strategies.wrapper import Wrapper, update_of, wrapped
 
 
 class SiteDPFedAvg(Wrapper):
@@ -66,7 +66,7 @@ class SiteDPFedAvg(Wrapper):
             report.skipped = "no weights for this round"
             self.reports.publish(server_round)
             return None, None
-        updates = [protocol.from_array_record(m.content[protocol.ARRAYS]) for m in valid]
+        updates = [update_of(m)[0] for m in valid]
         new, norms = self.mechanism.aggregate(base, updates, server_round)
         for m, norm in zip(valid, norms, strict=True):
             reply = report.by_node(m.metadata.src_node_id)

@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any, cast
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedshield import protocol
+
 log = logging.getLogger("fedshield.strategy")
+
+
+def update_of(msg: Message) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
+    """A checked reply as the reply gate hands it on (`protocol.aggregation_content`): its
+    weights (or masked vector) and its FedAvg weight."""
+    weight = cast(int, msg.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES])
+    return protocol.from_array_record(msg.content.array_records[protocol.ARRAYS]), int(weight)
 
 
 def wrapped(strategy: Strategy) -> list[Strategy]:

@@ -581,7 +581,8 @@ def test_a_reply_that_misses_its_round_is_still_recorded_and_the_run_books_equal
     reports: list[RoundReport] = []
 
     strategy = build_stack(flower_strategy("fedavg"), sites, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
-                           sink=Sink(reports, also=log.on_round), ledger=Checks(lambda s, r, e: check.check(s, r, e, PLAN)))
+                           sink=Sink(reports, also=log.on_round),
+                           ledger=Checks(lambda s, r, e: check.check(s, r, e, PLAN)))
     plan = protocol.plan_record(config_yaml="x: 1\n", run_id="run-1", run_dir="", frozen_fingerprint="",
                                 class_names=["a"])
     strategy.start(grid=grid, initial_arrays=protocol.to_array_record({"w": np.zeros(3, np.float32)}),

@@ -16,8 +16,8 @@ from fedshield.privacy import signing
 from fedshield.privacy.accountant import PLD_RECORD_INTERVAL, Spend, epsilon
 from fedshield.privacy.ledger import FEDERATION, SITE_MECHANISM, SITE_UNIT, Ledger
 from fedshield.strategies.flower import flower_strategy
-from fedshield.strategies.stack import SiteLevel, build_stack
 from fedshield.strategies.site_dp import SiteLevelDP
+from fedshield.strategies.stack import SiteLevel, build_stack
 from tests.test_site_aware import EIGHT, EXPECTED, FakeGrid, moves
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
