@@ -1,29 +1,24 @@
 """Every reply parsed, checked and accounted for before anything is aggregated.
 
 - **Parsed by the protocol** (`protocol.read_train_reply`): trained / declined / rejected
-  (broke the protocol: a missing, extra or ill-typed field, a wrong or non-finite tensor) /
-  failed (Flower reported an error). Only trained replies go on to the wrapped strategy,
-  reduced to their weights and record count (`protocol.aggregation_content`).
+  (a missing, extra or ill-typed field, a wrong or non-finite tensor) / failed (Flower's
+  error). Only trained replies go on, reduced to weights and count (`aggregation_content`).
 - **No silent failure.** Flower's own error reply for a node it cannot reach (sent by the
-  SuperLink, naming the instruction: flwr/server/superlink/linkstate/utils.py) is put on the
-  site asked; a sampled site with no reply within the round's timeout is failed too.
-- **Late replies are still books.** A reply that reaches the SuperLink after its round's
-  timeout stays there; each round first pulls those still owed (`Grid.pull_messages`) and
-  checks their entries as spends of their own round (`RoundReport.late`): recorded, the
-  stale update never used. Entries that skip spends not received yet are held
-  (`Verdict.held`), not a breach.
-- **Declared counts and signed books.** A reply's record count must be the one the site
-  declared at discovery, and its entries must pass the ledger check (chain, signature, the
-  planned spend, ε not under-reported). A site whose entries fail is rejected, its entries
-  kept apart, and it is not asked again (`excluded`, shared with the selection); so is a
-  site that declines for budget or books.
-- **Weights capped**: a site's FedAvg weight is its declared count, at most
-  `MAX_WEIGHT_RATIO` x the lower median of all declared counts (issue 21). Not under
-  secure aggregation (`cap_weights=False`): the weights are inside the masked sum.
+  SuperLink, naming the instruction) is put on the site asked; so is silence until the timeout.
+- **Late replies are still books.** Each round first pulls the replies still owed from
+  earlier rounds (`Grid.pull_messages`) and checks their entries as spends of their own
+  round (`RoundReport.late`); their stale updates are never used. Entries that skip spends
+  not received yet are held (`Verdict.held`), not a breach.
+- **Declared counts and signed books.** A reply's count must be the one declared at
+  discovery and its entries must pass the ledger check; a site whose entries fail is
+  rejected, its entries kept apart, and never asked again (`excluded`, shared with the
+  selection), nor is one that declines for budget or books.
+- **Weights capped** at `MAX_WEIGHT_RATIO` x the lower median of the declared counts (issue
+  21); not under secure aggregation (`cap_weights=False`: they are inside the masked sum).
 - **Each site's plan carries the head of its books** (`heads`): a site behind it declines.
 
-The round's report is opened here (`RoundReports`); it is published before the round is
-committed by the wrapper that commits it, and here at the latest.
+The round's report is opened here (`RoundReports`) and published by the wrapper that
+commits the round, before it does; here at the latest.
 """
 
 from __future__ import annotations
