@@ -177,7 +177,7 @@ def time_coordinator(events: list[dict]) -> None:
     """Wrap the coordinator's round stages; each call appends {what, round, t0, t1}."""
     import fedshield.server.app as server_app
     from fedshield.strategies.secagg import SecAggPlus
-    from fedshield.strategies.site_aware import SiteAwareStrategy
+    from fedshield.strategies.selection import SiteSelection
 
     def wrap(cls, name, what, round_of):
         original = getattr(cls, name)
@@ -193,8 +193,8 @@ def time_coordinator(events: list[dict]) -> None:
     def flower_round(self, args):
         return self.run_round(args[0])
 
-    wrap(SiteAwareStrategy, "configure_train", lambda a: "configure", flower_round)
-    wrap(SiteAwareStrategy, "aggregate_train", lambda a: "aggregate", flower_round)
+    wrap(SiteSelection, "configure_train", lambda a: "configure", flower_round)
+    wrap(SiteSelection, "aggregate_train", lambda a: "aggregate", flower_round)
     wrap(SecAggPlus, "prepare", lambda a: "prepare", lambda s, a: a[0])
     wrap(SecAggPlus, "finish", lambda a: "finish", lambda s, a: a[0])
     wrap(SecAggPlus, "_ask", lambda a: f"ask_{a[2]}", lambda s, a: a[1].server_round)

@@ -44,8 +44,9 @@ from fedshield.server.settings import CoordinatorSettings, SecAggPolicy
 from fedshield.server.site_heads import FILE as SITE_HEADS
 from fedshield.server.site_heads import SiteHeads
 from fedshield.strategies.flower import flower_strategy, shortfall
+from fedshield.strategies.report import PlannedCheck, RoundReport
 from fedshield.strategies.secagg import SecAggPlus
-from fedshield.strategies.site_aware import RoundReport, SiteAwareStrategy
+from fedshield.strategies.stack import SiteLevel, build_stack
 from fedshield.task import centering
 from fedshield.task.pipeline import build_view, pool_and_test, view_fingerprint
 from fedshield.task.trainer import batches_per_epoch, poisson_rate
@@ -386,6 +387,14 @@ class RoundLog:
             say(f"  round {report.server_round}: trained nothing: no sampled site's update was usable")
         self.reports[report.server_round] = report
 
+    def on_withheld(self, server_round: int) -> None:
+        say(f"  round {server_round}: not released: it would take site-level ε past "
+            f"privacy.site_target_epsilon={self._site_target():g}")
+
+    def _site_target(self) -> float:
+        assert self.settings.site_level is not None  # rounds are withheld only under site-level DP
+        return self.settings.site_level.target_epsilon
+
     def empty_streak(self) -> int:
         """How many rounds in a row, up to the last one logged, trained nothing."""
         streak = 0
@@ -563,19 +572,6 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     dim = sum(int(np.prod(shape)) for shape, _ in spec.values())
     books_fed = (open_books(settings, run_dir, isinstance(grid, InMemoryGrid), dim)
                  if settings.site_level is not None else None)
-
-    def release(server_round: int, variance: float | None) -> bool:
-        assert books_fed is not None
-        if variance is None:
-            rounds.site_level_epsilon = books_fed.record_round(server_round)
-            return True
-        if not books_fed.record_skellam_round(server_round, variance):
-            say(f"  round {server_round}: not released: it would take site-level ε past "
-                f"privacy.site_target_epsilon={float(cfg.privacy.site_target_epsilon):g}")
-            return False
-        rounds.site_level_epsilon = books_fed.epsilon
-        return True
-
     if books_fed is not None and books_fed.noise is not None:
         rounds.site_level_epsilon = books_fed.epsilon
         m, noise = books_fed.mechanism, books_fed.noise
@@ -591,26 +587,24 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
             f"S={m.clip_norm:g}, noise z={m.noise_multiplier:.4g} on the sum over {m.denominator:g}; "
             f"ε={books_fed.budget:g} at δ={books_fed.delta:g} after "
             f"{settings.rounds} rounds (per site, add/remove one site)")
-    strategy = SiteAwareStrategy(
-        inner,
-        {nid: s["site"] for nid, s in sites.items()},
-        fraction_train=cfg.federation.fraction_train,
-        seed=int(cfg.federation.seed),
+    names = {nid: s["site"] for nid, s in sites.items()}
+    strategy = build_stack(
+        inner, names,
+        fraction_train=settings.sites.fraction_train,
+        seed=settings.seed,
         expected_arrays=spec,
-        on_round=rounds.on_round,
+        sink=rounds,  # each round's report (RoundLog.on_round), the books heads sent (RoundLog.head_of)
         records={nid: s["n"] for nid, s in sites.items()},
-        check_ledger=lambda site, server_round, entries: books.check(site, server_round, entries, planned[site]),
+        ledger=PlannedCheck(books, planned),
+        heads=rounds,
         first_round=done + 1,
-        excluded=ckpt.excluded if ckpt is not None else None,
+        excluded=dict(ckpt.excluded) if ckpt is not None else None,
         update_norm_bound=None if fed.update_norm_bound is None else float(fed.update_norm_bound),
         update_norm_action=str(fed.update_norm_action),
-        site_dp=books_fed.mechanism if books_fed is not None else None,
-        on_release=release if books_fed is not None else None,
-        secagg=secure_aggregation(settings.secagg, settings.seed, {nid: s["site"] for nid, s in sites.items()},
-                                  isinstance(grid, InMemoryGrid),
+        site_level=SiteLevel(books_fed.mechanism, books_fed) if books_fed is not None else None,
+        secagg=secure_aggregation(settings.secagg, settings.seed, names, isinstance(grid, InMemoryGrid),
                                   books_fed.noise if books_fed is not None else None,
                                   {nid: s["public_key"] for nid, s in sites.items()}),
-        books_head=rounds.head_of,
     )
     short = shortfall(inner, strategy.per_round())  # fewer sites joined than the config's check assumed
     if short:
@@ -624,6 +618,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         if flower_round == 0 and ckpt is not None:  # the checkpoint's model: evaluated and logged already
             row = rounds.rows[-1]
         else:
+            if books_fed is not None:  # the federation's ε after the last round its books released
+                rounds.site_level_epsilon = books_fed.epsilon
             row = rounds.on_evaluated(server_round, evaluator(weights))
             checkpoint.save(run_dir, checkpoint.Checkpoint(
                 run_id=run_dir.name, config_sha256=digest, server_round=server_round, weights=weights,

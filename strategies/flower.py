@@ -1,6 +1,6 @@
-"""Flower's own strategies, configured for fedshield's wire and its site-aware wrapper.
+"""Flower's own strategies, configured for fedshield's wire and its stack of wrappers.
 
-The wrapper (strategies.site_aware) does the sampling, so Flower's strategy sees only the
+The stack (strategies/stack.py; strategies/selection.py) does the sampling, so Flower's strategy sees only the
 sites chosen for the round: its fractions are 1 and its minimums 1. Federated evaluation
 on the sites' private data is off (metrics computed on private data would leave a site
 without DP); evaluation is central, on held-out data.
@@ -26,11 +26,11 @@ bulyan         Bulyan: Multi-Krum picks n - 2f, then a      n >= 4f + 3         
 
 Below those counts Flower's code either still returns an aggregate that no longer carries
 the guarantee (median, trimmed mean, Krum), or logs and returns nothing (Bulyan). The
-wrapper therefore checks `shortfall` before it hands a round's usable updates to the rule
-and skips the round with one line instead; `requirement` refuses a run whose rounds could
-never reach the count. Weighting: Krum and MultiKrum average the updates they select
-weighted by record count (safe: counts must equal what each site declared at discovery);
-the median and the trimmed mean are unweighted, coordinate by coordinate.
+robust-rule guard (strategies/robust_guard.py) therefore checks `shortfall` before it
+hands a round's usable updates to the rule and skips the round with one line instead;
+`requirement` refuses a run whose rounds could never reach the count. Weighting: Krum
+and MultiKrum average the updates they select weighted by record count (safe: counts must
+equal what each site declared at discovery); the median and the trimmed mean are unweighted, coordinate by coordinate.
 """
 
 from __future__ import annotations

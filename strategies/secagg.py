@@ -5,10 +5,10 @@ drives the legacy `DefaultWorkflow` (`configure_fit`, `FitRes`) and the mod read
 reply through `compat.recorddict_to_fitres`: neither runs under a Message-API `Strategy`.
 So the stages are written here, as Flower's workflow writes them, with Flower's `Grid`
 for every message and Flower's primitives (through privacy/secure_sum.py) for every
-cryptographic step but Shamir sharing (privacy/shamir.py). `SiteAwareStrategy` calls
-`prepare` from `configure_train` (setup, key sharing and the check, before the TRAIN
-messages leave) and `finish` from `aggregate_train` (unmasking), so the round loop stays
-Flower's `Strategy.start`.
+cryptographic step but Shamir sharing (privacy/shamir.py). `SecAggAggregation`
+(strategies/secagg_aggregation.py) calls `prepare` from `configure_train` (setup, key
+sharing and the check, before the TRAIN messages leave) and `finish` from
+`aggregate_train` (unmasking), so the round loop stays Flower's `Strategy.start`.
 
 Sites are named by slots 1..m in the round (Flower's node ids are uint64; a ConfigRecord
 carries sint64). Per round, with A1 the sites that sent signed keys, A2 those that sent

@@ -44,11 +44,24 @@ import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 Weights = Mapping[str, np.ndarray[Any, Any]]
+
+
+class ReleaseBooks(Protocol):
+    """The federation's own signed ledger (server/federation_books.py): a site-level DP
+    round's spend is written there before its model is released, by the wrapper that
+    releases it (strategies/site_dp_fedavg.py, strategies/secagg_aggregation.py)."""
+
+    def record_round(self, server_round: int) -> float:
+        """Sign and fsync a round of the Poisson-sampled Gaussian mechanism; the composed ε."""
+
+    def record_skellam_round(self, server_round: int, variance: float) -> bool:
+        """Sign and fsync a secure round's spend (the noise its sum held); False, nothing
+        written, if it would pass the federation's budget (the round is then not released)."""
 
 
 @dataclass

@@ -116,6 +116,25 @@ def test_a_forbidden_import_fails_the_contract(tmp_path: Path, module: str, line
         assert f"{name} BROKEN" in r.stdout, r.stdout
 
 
+# strategies/ modules outside the coordinator's stack of wrappers (strategies/stack.py).
+NOT_STACK = {"__init__", "flower", "ledger_check", "secagg", "site_dp"}
+
+
+def test_every_module_of_the_coordinators_stack_is_short() -> None:
+    """One behaviour per wrapper (docs/coordinator.md §14): no module of the stack over
+    STACK_MAX_LINES lines, and a new module in strategies/ is in the stack or named outside it."""
+    tree = ast.parse((ROOT / "strategies" / "stack.py").read_text(encoding="utf-8"))
+    consts = {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+              for t in node.targets if isinstance(t, ast.Name) and t.id in ("STACK_MODULES", "STACK_MAX_LINES")}
+    modules, cap = set(consts["STACK_MODULES"]), consts["STACK_MAX_LINES"]
+    assert cap <= 250
+    present = {p.stem for p in (ROOT / "strategies").glob("*.py")}
+    assert present - NOT_STACK == modules, "list a new strategies/ module in stack.STACK_MODULES or NOT_STACK"
+    lines = {m: len((ROOT / "strategies" / f"{m}.py").read_text(encoding="utf-8").splitlines()) for m in modules}
+    long = {m: n for m, n in sorted(lines.items()) if n > cap}
+    assert not long, f"over {cap} lines: {long}"
+
+
 def test_ruff() -> None:
     r = _run([sys.executable, "-m", "ruff", "check", "--no-fix", "--output-format", "concise", "."])
     assert r.returncode == 0, r.stdout + r.stderr

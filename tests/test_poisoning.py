@@ -94,7 +94,7 @@ def test_the_report_names_each_sites_defence_outcome(tmp_path):
     from fedshield.server.app import RoundLog
     from fedshield.server.report import write_report
     from fedshield.server.settings import CoordinatorSettings
-    from fedshield.strategies.site_aware import RoundReport, SiteReply
+    from fedshield.strategies.report import RoundReport, SiteReply
 
     cfg = conf.load_config(["federation.strategy=krum", "federation.update_norm_bound=3", "privacy=none",
                             f"output.dir={tmp_path}"])

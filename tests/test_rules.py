@@ -91,8 +91,8 @@ def test_both_sides_apply_the_one_rule():
     """The config refuses what the coordinator's strategy refuses, with the rule's one line."""
     from fedshield.privacy import accountant
     from fedshield.strategies import flower
-    from fedshield.strategies.site_aware import SiteAwareStrategy
     from fedshield.strategies.site_dp import SiteLevelDP
+    from fedshield.strategies.stack import SiteLevel, build_stack
 
     assert flower.STRATEGIES == conf.schema.STRATEGIES == rules.RULES  # one tuple, named where it is used
     assert rules.RULES == (*rules.PLAIN_RULES, *rules.ROBUST_RULES) and "bulyan" in rules.ROBUST_RULES
@@ -103,9 +103,16 @@ def test_both_sides_apply_the_one_rule():
         conf.load_config(["privacy.unit=site", "training.center_features=false", "federation.strategy=krum"])
     assert str(refused.value) == f"config: {line}"
     dp = SiteLevelDP(clip_norm=1.0, noise_multiplier=1.0, sample_rate=1.0, planned_sites=2)
+    class Books:  # the stack refuses before any spend
+        def record_round(self, server_round):
+            raise AssertionError("no round runs")
+
+        def record_skellam_round(self, server_round, variance):
+            raise AssertionError("no round runs")
+
     with pytest.raises(ValueError) as built:
-        SiteAwareStrategy(flower.flower_strategy("krum"), {1: "a", 2: "b"}, fraction_train=1.0, seed=1,
-                          expected_arrays={"w": ((3,), np.dtype(np.float32))}, site_dp=dp)
+        build_stack(flower.flower_strategy("krum"), {1: "a", 2: "b"}, fraction_train=1.0, seed=1,
+                    expected_arrays={"w": ((3,), np.dtype(np.float32))}, site_level=SiteLevel(dp, Books()))
     assert str(built.value) == line
     for name in rules.RULES:
         assert flower.min_replies(flower.flower_strategy(name, num_malicious=1)) == rules.min_sites(name, 1)

@@ -101,7 +101,8 @@ def test_secagg_simulation_recovers_dropouts_after_sharing_and_skips_a_round_wit
         "federation.secagg_timeout_s": 60, "privacy.noise_multiplier": 0.5, "privacy.budget_epsilon": 100,
         "privacy.target_epsilon": 100,
         "output.save_model": False, "training.center_features": False}))
-    monkeypatch.setattr(fedshield.client.app, "app", vanishing_app(VANISH))  # what run_simulation starts
+    import fedshield.client.app as client_app  # `fedshield` here is tests.test_processes' command runner
+    monkeypatch.setattr(client_app, "app", vanishing_app(VANISH))  # what run_simulation starts
     run = run_simulation(cfg)
 
     rows = read_jsonl(run / "metrics.jsonl")

@@ -1,7 +1,8 @@
-"""SiteAwareStrategy around Flower's own strategies, driven through Flower's round loop
-(`Strategy.start`) with a fake Grid: sampling determinism, budget exclusion, rejected and
-failed replies, per-round state keyed by round, the update norm bound, and Flower's robust
-rules against a poisoned update."""
+"""The coordinator's whole strategy stack (strategies/stack.py: `build_stack`) around Flower's
+own strategies, driven through Flower's round loop (`Strategy.start`) with a fake Grid:
+sampling determinism, budget exclusion, rejected and failed replies, per-round state keyed
+by round, the update norm bound, and Flower's robust rules against a poisoned update. Each
+wrapper alone: tests/test_stack_*.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from fedshield import protocol
 from fedshield.privacy.ledger_check import Verdict
 from fedshield.strategies import flower
 from fedshield.strategies.flower import flower_strategy
-from fedshield.strategies.site_aware import RoundReport, SiteAwareStrategy
+from fedshield.strategies.reply_gate import ReplyGate
+from fedshield.strategies.report import RoundReport
+from fedshield.strategies.selection import SiteSelection
+from fedshield.strategies.stack import build_stack
 
 EXPECTED = {"w": ((3,), np.dtype(np.float32))}
 SITES = {101: "alpha", 202: "bravo", 303: "charlie", 404: "delta"}
@@ -26,6 +30,42 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.p
 
 
 Behaviour = Callable[[Message, str, int], Message]
+
+
+class Sink:
+    """A RoundSink that keeps every report (and hands it on to `also`)."""
+
+    def __init__(self, reports: list[RoundReport] | None = None, also: Callable[[RoundReport], None] | None = None):
+        self.reports = reports if reports is not None else []
+        self.also = also
+        self.withheld: list[int] = []
+
+    def on_round(self, report: RoundReport) -> None:
+        self.reports.append(report)
+        if self.also is not None:
+            self.also(report)
+
+    def on_withheld(self, server_round: int) -> None:
+        self.withheld.append(server_round)
+
+
+class Checks:
+    """A LedgerChecker from a function (site, round, entries) -> Verdict."""
+
+    def __init__(self, check: Callable[[str, int, tuple], Verdict]) -> None:
+        self.check = check
+
+
+class Heads:
+    """A HeadSource from a mapping site -> head."""
+
+    def __init__(self, heads: dict) -> None:
+        self.head_of = heads.get
+
+
+def gate_of(strategy: SiteSelection) -> ReplyGate:
+    assert isinstance(strategy.strategy, ReplyGate)
+    return strategy.strategy
 
 
 def trains(value: float, n: int = 10) -> Behaviour:
@@ -63,12 +103,12 @@ class FakeGrid:
 
 def run(behaviours: dict[str, Behaviour], rounds: int = 3, fraction: float = 1.0, seed: int = 1,
         inner=None, sites: dict[int, str] | None = None,
-        **wrapper: object) -> tuple[SiteAwareStrategy, FakeGrid, list[RoundReport], object]:
+        **wrapper: object) -> tuple[SiteSelection, FakeGrid, list[RoundReport], object]:
     grid = FakeGrid(behaviours, sites)
     reports: list[RoundReport] = []
-    strategy = SiteAwareStrategy(inner or flower_strategy("fedavg"), sites or SITES, fraction_train=fraction,
-                                 seed=seed, expected_arrays=EXPECTED, on_round=reports.append,
-                                 **wrapper)  # type: ignore[arg-type]
+    strategy = build_stack(inner or flower_strategy("fedavg"), sites or SITES, fraction_train=fraction,
+                           seed=seed, expected_arrays=EXPECTED, sink=Sink(reports),
+                           **wrapper)  # type: ignore[arg-type]
     plan = protocol.plan_record(config_yaml="x: 1\n", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
     result = strategy.start(grid=grid, initial_arrays=protocol.to_array_record({"w": np.zeros(3, np.float32)}),
                             num_rounds=rounds, timeout=5, train_config=plan)
@@ -94,7 +134,7 @@ def test_sampling_is_deterministic_in_seed_and_round_and_differs_across_rounds()
     per_round = {r: [s for rr, s in a if rr == r] for r in range(1, 5)}
     assert all(len(v) == 2 for v in per_round.values())
     assert len({tuple(v) for v in per_round.values()}) > 1  # not the same two sites every round
-    strategy = SiteAwareStrategy(flower_strategy("fedavg"), SITES, fraction_train=0.5, seed=3, expected_arrays=EXPECTED)
+    strategy = build_stack(flower_strategy("fedavg"), SITES, fraction_train=0.5, seed=3, expected_arrays=EXPECTED)
     assert [strategy.sites[n] for n in strategy.sample(1)] == per_round[1]
 
 
@@ -146,20 +186,21 @@ def test_a_failed_site_is_reported_and_a_round_with_nothing_valid_keeps_the_mode
 
 
 def test_per_round_state_is_keyed_by_round():
-    strategy = SiteAwareStrategy(flower_strategy("fedavg"), SITES, fraction_train=0.5, seed=9, expected_arrays=EXPECTED)
+    strategy = build_stack(flower_strategy("fedavg"), SITES, fraction_train=0.5, seed=9, expected_arrays=EXPECTED)
     grid = FakeGrid({s: trains(1.0) for s in SITES.values()})
     plan = protocol.plan_record(config_yaml="x", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
     arrays = protocol.to_array_record({"w": np.zeros(3, np.float32)})
     m1 = list(strategy.configure_train(1, arrays, ConfigRecord(dict(plan)), grid))
     m2 = list(strategy.configure_train(2, arrays, ConfigRecord(dict(plan)), grid))
     # Round 2 was configured before round 1's replies came back: each round keeps its own selection.
-    report2, valid2 = strategy.sort_replies(2, grid.send_and_receive(m2))
-    report1, valid1 = strategy.sort_replies(1, grid.send_and_receive(m1))
+    gate = gate_of(strategy)
+    report2, valid2 = gate.sort_replies(2, grid.send_and_receive(m2))
+    report1, valid1 = gate.sort_replies(1, grid.send_and_receive(m1))
     assert report1.sampled == sorted(SITES[m.metadata.dst_node_id] for m in m1)
     assert report2.sampled == sorted(SITES[m.metadata.dst_node_id] for m in m2)
     assert len(valid1) == len(m1) and len(valid2) == len(m2)
     # A reply for a round that asked nobody (or from a node not asked) is ignored.
-    assert strategy.sort_replies(3, grid.send_and_receive(m1))[1] == []
+    assert gate.sort_replies(3, grid.send_and_receive(m1))[1] == []
 
 
 def test_wraps_any_flower_strategy_and_checks_its_arguments():
@@ -168,9 +209,9 @@ def test_wraps_any_flower_strategy_and_checks_its_arguments():
         assert reports[0].count("trained") == 4 and result.arrays is not None
     assert run({s: trains(1.0) for s in SITES.values()}, rounds=1, inner=FedAvg(min_available_nodes=1))[3].arrays
     with pytest.raises(ValueError, match="fraction_train"):
-        SiteAwareStrategy(FedAvg(), SITES, fraction_train=0.0, seed=1, expected_arrays=EXPECTED)
+        build_stack(FedAvg(), SITES, fraction_train=0.0, seed=1, expected_arrays=EXPECTED)
     with pytest.raises(ValueError, match="share the site name 'alpha'"):
-        SiteAwareStrategy(FedAvg(), {1: "alpha", 2: "alpha"}, fraction_train=1.0, seed=1, expected_arrays=EXPECTED)
+        build_stack(FedAvg(), {1: "alpha", 2: "alpha"}, fraction_train=1.0, seed=1, expected_arrays=EXPECTED)
     with pytest.raises(ValueError, match="federation.strategy='fedsgd'"):
         flower_strategy("fedsgd")
 
@@ -187,8 +228,8 @@ def test_declared_counts_and_signed_books_gate_the_aggregate():
     grid = FakeGrid({"alpha": trains(1.0, 10), "bravo": trains(1000.0, 999), "charlie": trains(1000.0, 10),
                      "delta": trains(1.0, 10)})
     reports: list[RoundReport] = []
-    strategy = SiteAwareStrategy(flower_strategy("fedavg"), SITES, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
-                                 on_round=reports.append, records=dict.fromkeys(SITES, 10), check_ledger=check_ledger)
+    strategy = build_stack(flower_strategy("fedavg"), SITES, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
+                           sink=Sink(reports), records=dict.fromkeys(SITES, 10), ledger=Checks(check_ledger))
     plan = protocol.plan_record(config_yaml="x", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
     result = strategy.start(grid=grid, initial_arrays=protocol.to_array_record({"w": np.zeros(3, np.float32)}),
                             num_rounds=2, timeout=5, train_config=plan)
@@ -290,31 +331,48 @@ def test_the_norm_bound_rejects_with_one_line_and_the_others_carry_on():
     assert not strategy.excluded and [s for rr, s in grid.sent if s == "site-2"] == ["site-2", "site-2"]
     assert np.abs(result.arrays["w"].numpy() - 2 * STEP).max() < 0.1
     with pytest.raises(ValueError, match="update_norm_bound"):
-        SiteAwareStrategy(FedAvg(), SITES, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
-                          update_norm_bound=float("nan"))
+        build_stack(FedAvg(), SITES, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
+                    update_norm_bound=float("nan"))
     with pytest.raises(ValueError, match="update_norm_action"):
-        SiteAwareStrategy(FedAvg(), SITES, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
-                          update_norm_action="drop")
+        build_stack(FedAvg(), SITES, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
+                    update_norm_action="drop")
 
 
 def test_norms_are_measured_from_each_rounds_own_weights_keyed_by_the_runs_round():
     sites, behaviours = federation({})
     grid = FakeGrid(behaviours, sites)
-    strategy = SiteAwareStrategy(flower_strategy("fedavg"), sites, fraction_train=1.0, seed=1,
-                                 expected_arrays=EXPECTED, first_round=5, update_norm_bound=1e-6)
+    rule, aggregated = recording(flower_strategy("fedavg"))
+    reports: list[RoundReport] = []
+    strategy = build_stack(rule, sites, fraction_train=1.0, seed=1, expected_arrays=EXPECTED, sink=Sink(reports),
+                           first_round=5, update_norm_bound=1e-6)
+    bound = strategy.strategy.strategy
     plan = protocol.plan_record(config_yaml="x", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
     far = protocol.to_array_record({"w": np.full(3, 100.0, np.float32)})
     m1 = list(strategy.configure_train(1, protocol.to_array_record({"w": np.zeros(3, np.float32)}),
                                        ConfigRecord(dict(plan)), grid))
     m2 = list(strategy.configure_train(2, far, ConfigRecord(dict(plan)), grid))
-    assert sorted(strategy._global) == [5, 6]  # the run's rounds (resumed at 5), not Flower's
-    report6, valid6 = strategy.sort_replies(6, grid.send_and_receive(m2))
-    report5, valid5 = strategy.sort_replies(5, grid.send_and_receive(m1))
-    for report, valid, start in ((report5, valid5, 0.0), (report6, valid6, 100.0)):
+    assert sorted(bound._base) == [5, 6]  # the run's rounds (resumed at 5), not Flower's
+    strategy.aggregate_train(2, grid.send_and_receive(m2))
+    strategy.aggregate_train(1, grid.send_and_receive(m1))
+    report6, report5 = reports
+    for report, valid, start in ((report5, aggregated[5], 0.0), (report6, aggregated[6], 100.0)):
         assert all(x.clipped and x.update_norm == pytest.approx(np.linalg.norm(STEP), rel=0.15) for x in report.replies)
         got = [protocol.from_array_record(m.content[protocol.ARRAYS])["w"] for m in valid]
-        assert all(np.linalg.norm(w - start) == pytest.approx(1e-6, rel=0.5, abs=1e-5) for w in got)
-    assert strategy._global == {}
+        assert len(got) == 8 and all(np.linalg.norm(w - start) == pytest.approx(1e-6, rel=0.5, abs=1e-5) for w in got)
+    assert bound._base == {}
+
+
+def recording(rule):
+    """`rule`, keeping what its aggregation was handed each round (run round -> messages)."""
+    aggregated: dict[int, list[Message]] = {}
+    own = rule.aggregate_train
+
+    def aggregate_train(server_round, replies):
+        aggregated[server_round] = list(replies)
+        return own(server_round, aggregated[server_round])
+
+    rule.aggregate_train = aggregate_train
+    return rule, aggregated
 
 
 def claims_more(honest: Behaviour) -> Behaviour:
@@ -329,8 +387,8 @@ def claims_more(honest: Behaviour) -> Behaviour:
 def run_declared(behaviours: dict[str, Behaviour], sites: dict[int, str], inner, rounds: int = 2):
     grid = FakeGrid(behaviours, sites)
     reports: list[RoundReport] = []
-    strategy = SiteAwareStrategy(inner, sites, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
-                                 on_round=reports.append, records=dict.fromkeys(sites, 10))
+    strategy = build_stack(inner, sites, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
+                           sink=Sink(reports), records=dict.fromkeys(sites, 10))
     plan = protocol.plan_record(config_yaml="x", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
     result = strategy.start(grid=grid, initial_arrays=protocol.to_array_record({"w": np.zeros(3, np.float32)}),
                             num_rounds=rounds, timeout=5, train_config=plan)
@@ -341,12 +399,13 @@ def test_a_round_with_too_few_usable_updates_for_the_rule_is_skipped_with_one_li
     # Bulyan with f=1 needs 7 updates; 8 sites, 2 of them fail (not proof of an attack: f stays 1).
     sites, behaviours = federation({})
     behaviours = {**behaviours, "site-1": declines("error"), "site-4": declines("error")}
-    strategy, reports, result = run_declared(behaviours, sites, flower_strategy("bulyan", num_malicious=1))
+    rule = flower_strategy("bulyan", num_malicious=1)
+    strategy, reports, result = run_declared(behaviours, sites, rule)
     assert not result.arrays  # nothing aggregated: the caller keeps its model
     for r in reports:
         assert r.count("trained") == 6 and r.count("declined") == 2 and r.withstood == 1
         assert r.skipped == "6 usable update(s): bulyan withstands federation.num_malicious=1 only with at least 7"
-    assert strategy.strategy.num_malicious_nodes == 1
+    assert rule.num_malicious_nodes == 1
     # With enough sites the same rule aggregates; with no usable update the round says so.
     assert run(federation({})[1], rounds=1, sites=sites, inner=flower_strategy("bulyan"))[3].arrays
     _, _, reports, _ = run({s: declines("error") for s in SITES.values()}, rounds=1)
@@ -454,8 +513,8 @@ def test_flowers_own_error_replies_and_silence_are_failures_of_the_site_asked():
     behaviours = {s: trains(1.0) for s in SITES.values()}
     grid = LinkGrid(behaviours, unavailable={"alpha", "bravo"}, lost={"charlie": {1}})
     reports: list[RoundReport] = []
-    strategy = SiteAwareStrategy(flower_strategy("fedavg"), SITES, fraction_train=1.0, seed=1,
-                                 expected_arrays=EXPECTED, on_round=reports.append)
+    strategy = build_stack(flower_strategy("fedavg"), SITES, fraction_train=1.0, seed=1,
+                           expected_arrays=EXPECTED, sink=Sink(reports))
     plan = protocol.plan_record(config_yaml="x: 1\n", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
     strategy.start(grid=grid, initial_arrays=protocol.to_array_record({"w": np.zeros(3, np.float32)}),
                    num_rounds=2, timeout=5, train_config=plan)
@@ -470,8 +529,8 @@ def test_flowers_own_error_replies_and_silence_are_failures_of_the_site_asked():
 def test_a_round_in_which_every_site_is_unreachable_trained_nothing():
     grid = LinkGrid({s: trains(1.0) for s in SITES.values()}, unavailable=set(SITES.values()))
     reports: list[RoundReport] = []
-    strategy = SiteAwareStrategy(flower_strategy("fedavg"), SITES, fraction_train=1.0, seed=1,
-                                 expected_arrays=EXPECTED, on_round=reports.append)
+    strategy = build_stack(flower_strategy("fedavg"), SITES, fraction_train=1.0, seed=1,
+                           expected_arrays=EXPECTED, sink=Sink(reports))
     plan = protocol.plan_record(config_yaml="x: 1\n", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
     result = strategy.start(grid=grid, initial_arrays=protocol.to_array_record({"w": np.zeros(3, np.float32)}),
                             num_rounds=1, timeout=5, train_config=plan)
@@ -520,12 +579,9 @@ def test_a_reply_that_misses_its_round_is_still_recorded_and_the_run_books_equal
                     delay=1 if how == "arrives two rounds late" else 0)
     reports: list[RoundReport] = []
 
-    def on_round(report: RoundReport) -> None:
-        reports.append(report)
-        log.on_round(report)
-
-    strategy = SiteAwareStrategy(flower_strategy("fedavg"), sites, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
-                                 on_round=on_round, check_ledger=lambda s, r, e: check.check(s, r, e, PLAN))
+    strategy = build_stack(flower_strategy("fedavg"), sites, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
+                           sink=Sink(reports, also=log.on_round),
+                           ledger=Checks(lambda s, r, e: check.check(s, r, e, PLAN)))
     plan = protocol.plan_record(config_yaml="x: 1\n", run_id="run-1", run_dir="", frozen_fingerprint="",
                                 class_names=["a"])
     strategy.start(grid=grid, initial_arrays=protocol.to_array_record({"w": np.zeros(3, np.float32)}),
@@ -554,7 +610,7 @@ def test_rounds_that_trained_nothing_are_reported_and_counted_in_a_row(tmp_path,
     from fedshield.server.report import write_report
     from fedshield.server.run_dir import read_jsonl
     from fedshield.server.settings import CoordinatorSettings
-    from fedshield.strategies.site_aware import SiteReply
+    from fedshield.strategies.report import SiteReply
 
     cfg = conf.load_config(["privacy=none", f"output.dir={tmp_path}"])
     settings = CoordinatorSettings.from_config(cfg)

@@ -282,17 +282,17 @@ def test_the_empirical_audit_names_the_runs_own_accountant(tmp_path, accountant)
 
 
 def test_each_sites_training_plan_carries_the_head_of_its_own_books():
-    """strategies/site_aware.py: Flower's strategy gives every TRAIN message one shared
+    """strategies/reply_gate.py: Flower's strategy gives every TRAIN message one shared
     plan; each site's copy gets its own books head (none for a site the coordinator holds none of)."""
     import numpy as np
 
     from fedshield.strategies.flower import flower_strategy
-    from fedshield.strategies.site_aware import SiteAwareStrategy
-    from tests.test_site_aware import EXPECTED, SITES, FakeGrid, trains
+    from fedshield.strategies.stack import build_stack
+    from tests.test_site_aware import EXPECTED, SITES, FakeGrid, Heads, trains
 
     heads = {"alpha": protocol.BooksHead(4, "a" * 64), "bravo": protocol.BooksHead(9, "b" * 64)}
-    strategy = SiteAwareStrategy(flower_strategy("fedavg"), SITES, fraction_train=1.0, seed=1,
-                                 expected_arrays=EXPECTED, books_head=heads.get)
+    strategy = build_stack(flower_strategy("fedavg"), SITES, fraction_train=1.0, seed=1,
+                           expected_arrays=EXPECTED, heads=Heads(heads))
     grid = FakeGrid({s: trains(1.0) for s in SITES.values()})
     plan = protocol.plan_record(config_yaml="x", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
     messages = strategy.configure_train(1, protocol.to_array_record({"w": np.zeros(3, np.float32)}),

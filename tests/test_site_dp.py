@@ -16,8 +16,8 @@ from fedshield.privacy import signing
 from fedshield.privacy.accountant import PLD_RECORD_INTERVAL, Spend, epsilon
 from fedshield.privacy.ledger import FEDERATION, SITE_MECHANISM, SITE_UNIT, Ledger
 from fedshield.strategies.flower import flower_strategy
-from fedshield.strategies.site_aware import SiteAwareStrategy
 from fedshield.strategies.site_dp import SiteLevelDP
+from fedshield.strategies.stack import SiteLevel, build_stack
 from tests.test_site_aware import EIGHT, EXPECTED, FakeGrid, moves
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
@@ -64,13 +64,28 @@ def test_sites_are_poisson_sampled_at_rate_q():
     assert m.sample(eligible, 4) == m.sample(eligible, 4)
 
 
+class Spends:
+    """ReleaseBooks that keep the rounds spent (server/federation_books.py writes them)."""
+
+    def __init__(self, spent: list[int]) -> None:
+        self.spent = spent
+
+    def record_round(self, server_round: int) -> float:
+        self.spent.append(server_round)
+        return float(len(self.spent))
+
+    def record_skellam_round(self, server_round: int, variance: float) -> bool:
+        raise AssertionError("no secure aggregation here")
+
+
 def test_the_strategy_releases_the_noised_model_after_the_spend_every_round():
     sites = dict(list(EIGHT.items()))
     behaviours = {name: moves(i) for i, name in enumerate(sites.values())}
     spent: list[int] = []
     dp = mechanism(sample_rate=1.0, clip_norm=10.0)
-    strategy = SiteAwareStrategy(flower_strategy("fedavg"), sites, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
-                                 site_dp=dp, on_release=lambda r, variance: spent.append(r) is None)
+    books = Spends(spent)
+    strategy = build_stack(flower_strategy("fedavg"), sites, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
+                           site_level=SiteLevel(dp, books))
     plan = protocol.plan_record(config_yaml="x", run_id="r", run_dir="", frozen_fingerprint="", class_names=["a"])
     result = strategy.start(grid=FakeGrid(behaviours, sites),
                             initial_arrays=protocol.to_array_record({"w": np.zeros(3, np.float32)}),
@@ -80,8 +95,8 @@ def test_the_strategy_releases_the_noised_model_after_the_spend_every_round():
     from tests.test_site_aware import STEP
     assert np.abs(result.arrays["w"].numpy() - 3 * STEP).max() < 0.1
     with pytest.raises(ValueError, match="privacy.unit=site with federation.strategy=krum"):
-        SiteAwareStrategy(flower_strategy("krum"), sites, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
-                          site_dp=dp)
+        build_stack(flower_strategy("krum"), sites, fraction_train=1.0, seed=1, expected_arrays=EXPECTED,
+                    site_level=SiteLevel(dp, books))
 
 
 def test_config_refuses_what_site_level_dp_cannot_make_honest():

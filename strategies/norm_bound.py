@@ -1,0 +1,112 @@
+"""The update norm bound (`federation.update_norm_bound`, `federation.update_norm_action`).
+
+The L2 norm of (update - the round's global weights) over all trainable float tensors,
+measured from the weights this round sent (kept per round from `configure_train`), is
+reported for every usable reply; above the bound the update is scaled down to it (`clip`:
+the site's direction kept, its reach bounded) or the reply is refused (`reject`). The bound
+is on each update's share of the step: an update whose FedAvg weight is k > 1 times the
+round's mean weight is held to bound / k, so a scaled-up update moves a weighted average by
+at most bound / n per site, as at equal weights. It cannot stop a sign flip or a label flip
+of ordinary size (the robust rules are for those). It is coordinator-side post-processing
+of a released update: it changes nothing in any site's privacy account.
+
+The wrapped strategy aggregates the bounded updates (its own aggregation, untouched). A
+wrapper under it that replaces aggregation by a masked sum or by site-level DP is refused:
+a masked vector has no norm to bound, and site-level DP's clip norm already bounds each
+update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedshield import protocol
+from fedshield.strategies.report import RoundReports, SiteReply
+from fedshield.strategies.wrapper import Wrapper, update_of, wrapped
+
+Weights = dict[str, np.ndarray[Any, Any]]
+
+
+class NormBound(Wrapper):
+    """Measure every usable update from the round's global weights; clip or refuse above `bound`.
+
+    `bound` None: the norms are measured and reported, nothing is bounded."""
+
+    def __init__(self, strategy: Strategy, reports: RoundReports, *, bound: float | None = None,
+                 action: str = "clip") -> None:
+        super().__init__(strategy)
+        if bound is not None and not (math.isfinite(bound) and bound > 0):
+            raise ValueError(f"update_norm_bound={bound}: must be a finite number > 0 or None")
+        if action not in ("clip", "reject"):
+            raise ValueError(f"update_norm_action={action!r}: must be clip or reject")
+        replaces = [type(s).__name__ for s in wrapped(strategy) if getattr(s, "replaces_aggregation", False)]
+        if replaces:
+            raise ValueError(f"a norm bound needs each update in the clear, aggregated by the wrapped rule: "
+                             f"{replaces[0]} replaces the aggregation")
+        self.reports = reports
+        self.bound = None if bound is None else float(bound)
+        self.action = action
+        self._base: dict[int, Weights] = {}  # server round -> the weights it sent
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._base[server_round] = protocol.from_array_record(arrays)  # what each update is measured from
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        base = self._base.pop(server_round, None)
+        replies = list(replies)
+        if base is None or not replies:
+            return self.strategy.aggregate_train(server_round, replies)
+        report = self.reports.get(server_round)
+        weights = [update_of(m)[1] for m in replies]
+        total = sum(weights)
+        kept: list[Message] = []
+        for msg, weight in zip(replies, weights, strict=True):
+            reply = report.by_node(msg.metadata.src_node_id)
+            # Each update's bound is on its share of the step: (weight / total) x update moves
+            # the average no more than an update of the bound at equal weights (bound / m).
+            share = 1.0 if total <= 0 else weight * len(replies) / total
+            try:
+                bounded = self._bound(reply, update_of(msg)[0], base, share)
+            except Exception as exc:  # noqa: BLE001  a site's numbers never end the round
+                reply.status, reply.reason = "rejected", f"its update could not be measured ({type(exc).__name__})"
+                continue
+            if bounded is not None:
+                msg.content[protocol.ARRAYS] = protocol.to_array_record(bounded)
+                kept.append(msg)
+        return self.strategy.aggregate_train(server_round, kept)
+
+    def _bound(self, reply: SiteReply, update: Weights, base: Weights, share: float) -> Weights | None:
+        """The update's norm into `reply`; the update as it may be aggregated (clipped to the
+        bound), or None if it is refused (`reject`). `share`: the update's weight over the mean
+        weight of the round's usable updates; the bound applies to share x norm."""
+        deltas = {k: v.astype(np.float64) - base[k] for k, v in update.items() if np.issubdtype(v.dtype, np.floating)}
+        norm = math.sqrt(sum(float(np.vdot(d, d)) for d in deltas.values()))
+        reply.update_norm = norm
+        if self.bound is None:
+            return update
+        bound = self.bound / max(1.0, share)
+        if norm <= bound:
+            return update
+        if self.action == "reject":
+            reply.status, reply.reason = "rejected", (
+                f"update norm {norm:.4g} is above federation.update_norm_bound={self.bound:g}"
+                + (f" / its weight share {share:.3g}" if share > 1.0 else ""))
+            return None
+        reply.clipped = True
+        scale = bound / norm
+        out = dict(update)
+        for k, d in deltas.items():
+            out[k] = (base[k] + d * scale).astype(update[k].dtype)
+        return out

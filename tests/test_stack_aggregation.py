@@ -1,0 +1,221 @@
+"""The wrappers under the reply gate, each alone with a fake Grid: the norm bound
+(strategies/norm_bound.py), the robust-rule guard (strategies/robust_guard.py), site-level
+DP-FedAvg (strategies/site_dp_fedavg.py) and SecAgg+ aggregation
+(strategies/secagg_aggregation.py). Each gets the round's report from an open
+`RoundReports`, as the gate leaves it; each refuses in __init__ what it cannot honour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.serverapp.strategy import FedAvg
+
+from fedshield import protocol
+from fedshield.strategies.flower import flower_strategy
+from fedshield.strategies.norm_bound import NormBound
+from fedshield.strategies.report import RoundReport, RoundReports, SiteReply
+from fedshield.strategies.robust_guard import RobustGuard
+from fedshield.strategies.selection import Selected
+from fedshield.strategies.site_dp import SiteLevelDP
+from fedshield.strategies.site_dp_fedavg import SiteDPFedAvg
+from tests.test_site_aware import EIGHT, STEP, FakeGrid, Sink, moves
+from tests.test_site_dp import Spends
+from tests.test_stack_selection import PLAN, Minimal
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
+
+BEHAVIOURS = {name: moves(i, "scaled" if i == 2 else "") for i, name in enumerate(EIGHT.values())}
+
+
+def start(server_round: float) -> protocol.ArrayRecord:
+    return protocol.to_array_record({"w": np.full(3, server_round, np.float32)})
+
+
+def open_round(reports: RoundReports, server_round: int, replies) -> RoundReport:
+    """The round's report as the reply gate opens it: every reply trained."""
+    report = RoundReport(server_round, sorted(EIGHT.values()), rule="fedavg")
+    report.replies = [SiteReply(EIGHT[m.metadata.src_node_id], m.metadata.src_node_id, "trained", num_examples=10)
+                      for m in replies]
+    return reports.open(report)
+
+
+def one_round(wrapper, reports: RoundReports, server_round: int, base: float = 0.0):
+    """Configure `server_round` from weights `base`, have every site reply: the replies."""
+    grid = FakeGrid(BEHAVIOURS, EIGHT)
+    sent = list(wrapper.configure_train(server_round, start(base), PLAN, Selected(grid, list(EIGHT))))
+    replies = list(grid.send_and_receive(sent))
+    open_round(reports, server_round, replies)
+    return replies
+
+
+# ------------------------------------------------------------ norm bound
+
+
+def test_the_norm_bound_measures_from_each_rounds_own_weights_and_clips_for_the_wrapped_rule():
+    inner, reports, sink = Minimal(), None, Sink()
+    reports = RoundReports(sink)
+    bound = 2.0 * float(np.linalg.norm(STEP))
+    wrapper = NormBound(inner, reports, bound=bound)
+    r1 = one_round(wrapper, reports, 1, base=0.0)
+    r2 = one_round(wrapper, reports, 2, base=100.0)  # configured before round 1 is aggregated
+    for server_round, replies, base in ((2, r2, 100.0), (1, r1, 0.0)):
+        wrapper.aggregate_train(server_round, replies)
+        report = reports.get(server_round)
+        assert report.clipped() == ["site-2"] and all(x.update_norm is not None for x in report.replies)
+        got = {EIGHT[m.metadata.src_node_id]: protocol.from_array_record(m.content[protocol.ARRAYS])["w"]
+               for m in inner.aggregated[server_round]}
+        assert len(got) == 8 and np.linalg.norm(got["site-2"] - base) == pytest.approx(bound, rel=1e-4)
+    assert wrapper._base == {}
+
+
+def test_the_norm_bound_rejects_above_the_bound_and_refuses_a_replaced_aggregation():
+    inner, reports = Minimal(), RoundReports()
+    wrapper = NormBound(inner, reports, bound=2.0 * float(np.linalg.norm(STEP)), action="reject")
+    wrapper.aggregate_train(1, one_round(wrapper, reports, 1))
+    assert reports.get(1).sites("rejected") == ["site-2"] and len(inner.aggregated[1]) == 7
+    assert not reports.get(1).breaches()  # a norm is no proof of an attack
+    dp = SiteDPFedAvg(flower_strategy("fedavg"), mechanism(), Spends([]), reports)
+    with pytest.raises(ValueError, match="SiteDPFedAvg replaces the aggregation"):
+        NormBound(dp, reports, bound=1.0)
+    with pytest.raises(ValueError, match="update_norm_action"):
+        NormBound(Minimal(), reports, action="drop")
+
+
+# ------------------------------------------------------------ robust-rule guard
+
+
+def test_the_guard_counts_breaches_against_f_and_uses_the_rules_own_aggregation():
+    rule = flower_strategy("krum", num_malicious=2)
+    reports, sink = RoundReports(Sink()), None
+    sink = reports.sink
+    guard = RobustGuard(rule, reports)
+    replies = one_round(guard, reports, 1)
+    report = reports.get(1)
+    for r in report.replies[:2]:  # two attackers refused by the gate for a breach
+        r.status, r.breach = "rejected", True
+    usable = [m for m in replies if m.metadata.src_node_id not in (100, 101)]
+    arrays, _ = guard.aggregate_train(1, usable)
+    assert sink.reports == [report] and report.withstood == 0 and not report.skipped
+    assert len(report.left_out()) == 5  # Krum keeps one of the 6 usable updates
+    assert rule.num_malicious_nodes == 2 and arrays is not None  # f restored after the round
+
+
+def test_the_guard_skips_a_round_the_rule_cannot_withstand_and_keys_it_by_round():
+    rule = flower_strategy("bulyan", num_malicious=1)
+    reports = RoundReports(Sink())
+    guard = RobustGuard(rule, reports)
+    r1 = one_round(guard, reports, 1)
+    one_round(guard, reports, 2)
+    assert guard.aggregate_train(2, []) == (None, None)
+    assert guard.aggregate_train(1, r1[:6]) == (None, None)
+    two, one = reports.sink.reports
+    assert two.server_round == 2 and two.skipped == "no usable update"
+    assert one.skipped == "6 usable update(s): bulyan withstands federation.num_malicious=1 only with at least 7"
+    assert list(guard.configure_train(3, start(0), PLAN, Selected(FakeGrid({}), []))) == []  # nobody asked
+    with pytest.raises(ValueError, match="must wrap krum itself"):
+        RobustGuard(NormBound(flower_strategy("krum"), reports), reports)
+
+
+# ------------------------------------------------------------ site-level DP-FedAvg
+
+
+def mechanism(**kwargs) -> SiteLevelDP:
+    return SiteLevelDP(**{"clip_norm": 10.0, "noise_multiplier": 1e-9, "sample_rate": 1.0, "planned_sites": 8,
+                          "seed": 1, **kwargs})
+
+
+def test_site_dp_records_the_spend_in_its_books_before_the_model_is_released_every_round():
+    spent: list[int] = []
+    reports = RoundReports(Sink())
+    order: list[str] = []
+    reports.sink.also = lambda report: order.append(f"report {report.server_round}")
+
+    class Books(Spends):
+        def record_round(self, server_round):
+            order.append(f"spend {server_round}")
+            return super().record_round(server_round)
+
+    dp = SiteDPFedAvg(flower_strategy("fedavg"), mechanism(clip_norm=2.0), Books(spent), reports)
+    r1 = one_round(dp, reports, 1)
+    r2 = one_round(dp, reports, 2, base=100.0)
+    new2, _ = dp.aggregate_train(2, r2)
+    new1, _ = dp.aggregate_train(1, r1)
+    assert spent == [2, 1] and order == ["report 2", "spend 2", "report 1", "spend 1"]
+    one = reports.sink.reports[1]
+    assert one.clipped() == ["site-2"]  # 50 x the honest step, clipped to S = 2
+    # Eight updates, each clipped to S at most, over q N = 8: about 7 steps and one of norm S, / 8.
+    moved = protocol.from_array_record(new1)["w"]
+    assert np.linalg.norm(moved - (7 * STEP + 2.0 * STEP / np.linalg.norm(STEP)) / 8) < 0.1
+    assert np.abs(protocol.from_array_record(new2)["w"] - 100.0 - moved).max() < 0.1  # from round 2's own weights
+    # An empty Poisson sample still releases (noise only), and is spent.
+    list(dp.configure_train(3, start(0), PLAN, Selected(FakeGrid({}), [])))
+    reports.open(RoundReport(3, []))
+    assert dp.aggregate_train(3, [])[0] is not None and spent[-1] == 3
+
+
+def test_site_dp_refuses_a_rule_it_would_bypass_and_noise_that_is_not_its_own():
+    reports = RoundReports()
+    for rule in ("krum", "fedprox", "fedadam"):
+        with pytest.raises(ValueError, match=f"privacy.unit=site with federation.strategy={rule}: DP-FedAvg"):
+            SiteDPFedAvg(flower_strategy(rule), mechanism(), Spends([]), reports)
+    with pytest.raises(ValueError, match="distributed site-level noise"):
+        SiteDPFedAvg(FedAvg(), mechanism(distributed=True), Spends([]), reports)
+
+
+# ------------------------------------------------------------ SecAgg+ aggregation
+
+
+def test_secure_aggregation_unmasks_the_rounds_sum_as_the_aggregate_and_reports_who_dropped():
+    from fedshield.client import secagg as site_side
+    from fedshield.strategies.secagg_aggregation import SecAggAggregation
+    from tests.test_secagg import PLAN as SECAGG_PLAN
+    from tests.test_secagg import RUN, Federation, step_size
+
+    fed = Federation(5, vanish={("site-4", "collect")})
+    reports = RoundReports(Sink())
+    wrapper = SecAggAggregation(flower_strategy("fedavg"), fed.coordinator(), reports)
+    base = protocol.to_array_record(fed.base)
+    sent = list(wrapper.configure_train(1, base, SECAGG_PLAN, Selected(fed, list(fed.names))))
+    assert len(sent) == 5 and all(protocol.read_secagg(m) is not None for m in sent)  # key stages ran first
+    replies = []
+    for msg in sent:
+        nid = msg.metadata.dst_node_id
+        if fed.names[nid] == "site-4":
+            continue  # vanished after sharing its keys
+        state = site_side.begin_collect(fed.contexts[nid], protocol.read_secagg(msg), RUN)
+        vector = site_side.masked(fed.contexts[nid], state, fed.updates[nid], fed.base, fed.weights[nid], fed.cfg)
+        replies.append(protocol.train_reply(msg, site=fed.names[nid], arrays=vector, num_examples=fed.weights[nid],
+                                            ledger_entries=[]))
+    report = reports.open(RoundReport(1, sorted(fed.names.values())))
+    report.replies = [SiteReply(fed.names[m.metadata.src_node_id], m.metadata.src_node_id, "trained")
+                      for m in replies]
+    for m in replies:  # as the gate hands them on: the masked vector and the declared count
+        m.content = protocol.aggregation_content(protocol.TrainReply(
+            "", int(m.content[protocol.METRICS][protocol.NUM_EXAMPLES]),
+            protocol.from_array_record(m.content[protocol.ARRAYS]), ()))
+    new, _ = wrapper.aggregate_train(1, replies)
+    assert reports.sink.reports == [report] and report.dropped == {"site-4": "collect"} and not report.skipped
+    expected = fed.plain_mean([f"site-{i}" for i in range(4)])
+    got = protocol.from_array_record(new)
+    assert set(got) == set(fed.base)  # the weight slot is not part of the model
+    for k in expected:
+        assert np.abs(got[k] - expected[k]).max() <= 4 * step_size()
+
+
+def test_secure_aggregation_wrapper_checks():
+    from fedshield.strategies.secagg_aggregation import SecAggAggregation
+
+    class Stages:  # what the wrapper asks of SecAggPlus before any round
+        noise = None
+
+    reports = RoundReports()
+    for rule in ("krum", "fedmedian", "fedadam"):
+        with pytest.raises(ValueError, match="cannot run a rule that needs individual updates"):
+            SecAggAggregation(flower_strategy(rule), Stages(), reports)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="coordinator-side site-level noise"):
+        SecAggAggregation(flower_strategy("fedavg"), Stages(), reports, mechanism=mechanism(),  # type: ignore[arg-type]
+                          books=Spends([]))
+    with pytest.raises(ValueError, match="all three"):
+        SecAggAggregation(flower_strategy("fedavg"), Stages(), reports,  # type: ignore[arg-type]
+                          mechanism=mechanism(distributed=True), books=Spends([]))
+    assert SecAggAggregation(flower_strategy("fedprox"), Stages(), reports).replaces_aggregation  # type: ignore[arg-type]
