@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-# The one import of the coordinator's ledger check in the stack (it may move room).
-from fedshield.strategies.ledger_check import Expected, LedgerCheck, Verdict
-
 from fedshield import protocol
+
+# The one import of the ledger check (privacy/ledger_check.py) in the stack.
+from fedshield.privacy.ledger_check import Expected, LedgerCheck, Verdict
 
 __all__ = ["HeadSource", "LedgerChecker", "PlannedCheck", "RoundReport", "RoundReports", "RoundSink", "SiteReply",
            "Verdict"]
@@ -109,7 +109,7 @@ class HeadSource(Protocol):
 
 class LedgerChecker(Protocol):
     def check(self, site: str, server_round: int, entries: tuple[dict[str, Any], ...]) -> Verdict:
-        """Whether a reply's ledger entries may join the run's ledger (strategies.ledger_check)."""
+        """Whether a reply's ledger entries may join the run's ledger (privacy.ledger_check)."""
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ from collections.abc import Iterable
 
 import numpy as np
 import pytest
-from fedshield.strategies.ledger_check import Verdict
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedshield import protocol
+from fedshield.privacy.ledger_check import Verdict
 from fedshield.strategies.reply_gate import MAX_WEIGHT_RATIO, ReplyGate
 from fedshield.strategies.report import RoundReport, RoundReports
 from fedshield.strategies.selection import Selected, SiteSelection
