@@ -74,6 +74,15 @@ def _check_keys(flat: Mapping[str, Any], where: str) -> None:
             raise ConfigError(f"{where}: {key}={value!r}: {key!r} is a group; set its keys ({key}.KEY=value)")
 
 
+def _mapping(data: object, where: str) -> Mapping[str, Any]:
+    """A YAML document's top: a mapping of keys (an empty document is an empty one)."""
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: not a mapping of keys (got a {type(data).__name__})")
+    return data
+
+
 def _flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in node.items():
@@ -100,8 +109,7 @@ def _load_preset(group: str, name: str) -> dict[str, Any]:
         raise ConfigError(
             f"{group}={name!r}: no such preset; allowed: {', '.join(presets(group))}"
         )
-    data = OmegaConf.to_container(OmegaConf.load(path))
-    return _flatten(data or {})
+    return _flatten(_mapping(OmegaConf.to_container(OmegaConf.load(path)), f"{group}={name!r} ({path})"))
 
 
 def _control_character(text: str) -> str | None:
@@ -140,7 +148,7 @@ def load_config(
     that `privacy.target_epsilon=4 privacy=dp-sgd` means what its writer meant; a
     `preset=` (conf/preset/: a whole scenario) before the group presets.
     """
-    cfg = OmegaConf.structured(FedShieldConfig)
+    cfg: DictConfig = OmegaConf.structured(FedShieldConfig)
     if base:
         _merge(cfg, _flatten(dict(base)), "config")
     parsed = [parse_override(item) for item in overrides]
@@ -152,7 +160,7 @@ def load_config(
             _merge(cfg, _load_preset(key, str(value)), f"preset {key}={value}")
     plain = {k: v for k, v in parsed if k not in PRESET_GROUPS}
     _merge(cfg, plain, "override")
-    errors = validation_errors(cfg)  # type: ignore[arg-type]
+    errors = validation_errors(cfg)  # type: ignore[arg-type]  # a structured DictConfig reads as the schema
     if errors:
         raise ConfigError(f"config: {errors[0]}")
     return cfg
@@ -163,10 +171,10 @@ def load_config_file(path: str | Path, overrides: Iterable[str] = ()) -> DictCon
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r}: not found")
     try:
-        data = OmegaConf.to_container(OmegaConf.load(p)) or {}
+        data = OmegaConf.to_container(OmegaConf.load(p))
     except Exception as exc:  # yaml errors carry line numbers in their message
         raise ConfigError(f"config file {str(p)!r}: not valid YAML: {exc}") from None
-    return load_config(overrides, base=data)
+    return load_config(overrides, base=_mapping(data, f"config file {str(p)!r}"))
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -174,9 +182,9 @@ def to_yaml(cfg: DictConfig) -> str:
 
 
 def from_yaml(text: str) -> DictConfig:
-    return load_config(base=OmegaConf.to_container(OmegaConf.create(text)))
+    return load_config(base=_mapping(OmegaConf.to_container(OmegaConf.create(text)), "config"))
 
 
 def to_flat(cfg: DictConfig) -> dict[str, Any]:
     """Dotted keys, as Flower's run_config flattens nested TOML tables."""
-    return _flatten(OmegaConf.to_container(cfg))
+    return _flatten(_mapping(OmegaConf.to_container(cfg), "config"))

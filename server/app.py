@@ -16,12 +16,13 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 from omegaconf import DictConfig, OmegaConf
@@ -94,7 +95,8 @@ def check_identity(identity: LiveEnrolment | None, hello: protocol.SiteHello, no
     return problem
 
 
-def exclude_revoked(identity: LiveEnrolment | None, sites: dict[int, dict], excluded: dict[str, str]) -> None:
+def exclude_revoked(identity: LiveEnrolment | None, sites: dict[int, dict[str, Any]],
+                    excluded: MutableMapping[str, str]) -> None:
     """Before each round: a site whose connection key was revoked since it joined is not asked
     again (`excluded`: the strategy's site -> why); said once."""
     if identity is None:
@@ -110,7 +112,7 @@ def exclude_revoked(identity: LiveEnrolment | None, sites: dict[int, dict], excl
 
 def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float,
                    refused: list[str] | None = None, identity: LiveEnrolment | None = None,
-                   heads: SiteHeads | None = None) -> dict[int, dict]:
+                   heads: SiteHeads | None = None) -> dict[int, dict[str, Any]]:
     """Wait for `expected` sites, then ask each who it is (name, records, ledger public key).
 
     A site that cannot join is refused alone, never the run; why is said and appended to
@@ -145,7 +147,7 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
         return protocol.with_books_head(plan, heads.latest(name)) if heads is not None and name else plan
 
     messages = [protocol.instruction(protocol.HELLO, hello_plan(n), n) for n in nodes]
-    sites: dict[int, dict] = {}
+    sites: dict[int, dict[str, Any]] = {}
     taken: dict[str, int] = {}  # site name -> node id
     for reply in sorted(grid.send_and_receive(messages, timeout=timeout), key=lambda m: m.metadata.src_node_id):
         node = reply.metadata.src_node_id
@@ -176,8 +178,8 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
     return sites
 
 
-def check_released_counts(sites: dict[int, dict], books: LedgerCheck, refused: list[str]
-                          ) -> tuple[list[tuple[str, tuple]], list[tuple[str, tuple]]]:
+def check_released_counts(sites: dict[int, dict[str, Any]], books: LedgerCheck, refused: list[str]
+                          ) -> tuple[list[tuple[str, tuple[Any, ...]]], list[tuple[str, tuple[Any, ...]]]]:
     """Each site's record-count release (add-remove: sent with every HELLO) checked like any
     spend when this run spent it, checked as signed when an earlier run did (the count is
     released once per dataset; that entry is not a spend of this run and is not recorded), and
@@ -237,7 +239,7 @@ def _simulated_nodes(grid: Grid, expected: int, settle_s: float) -> list[int]:
     return nodes
 
 
-def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict], rounds: RoundLog,
+def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict[str, Any]], rounds: RoundLog,
                          books: LedgerCheck, width: int, timeout: float, bound: Callable[[int], float] | None = None
                          ) -> np.ndarray | None:
     """Ask every site for its noisy feature sum (task.centering); their mean, or None.
@@ -292,7 +294,7 @@ def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict],
 class RoundLog:
     """Collects each round's site replies and ledger entries, writes metrics, shows progress."""
 
-    def __init__(self, run_dir: Path, settings: CoordinatorSettings, sites: dict[int, dict],
+    def __init__(self, run_dir: Path, settings: CoordinatorSettings, sites: dict[int, dict[str, Any]],
                  verified: Callable[[str], float] | None = None) -> None:
         self.run_dir, self.settings = run_dir, settings
         # Per site: the cumulative ε its own entries state (earlier runs included; a site may
@@ -302,7 +304,7 @@ class RoundLog:
         self.verified = verified
         self.declines: dict[str, list[str]] = {}
         self.reports: dict[int, RoundReport] = {}  # server round -> its sites' outcomes
-        self.rows: list[dict] = []
+        self.rows: list[dict[str, Any]] = []
         self.t0 = time.time()
         self.site_level_epsilon: float | None = None  # privacy.unit=site: the federation's ε so far
         # The head of each site's books this coordinator holds, across runs (server/site_heads.py).
@@ -314,7 +316,7 @@ class RoundLog:
         fp = self.fingerprints.get(site)
         return self.heads.get(site, fp) if self.heads is not None and fp is not None else None
 
-    def record(self, site: str, entries: Iterable[dict]) -> None:
+    def record(self, site: str, entries: Iterable[dict[str, Any]]) -> None:
         """A site's verified spends into the run's ledger; its ε is the last entry's."""
         entries = list(entries)
         for entry in entries:
@@ -347,7 +349,7 @@ class RoundLog:
     def epsilon_max(self) -> float:
         return max(self.run_epsilons(), default=0.0)
 
-    def keep_apart(self, site: str, entries: Iterable[dict]) -> None:
+    def keep_apart(self, site: str, entries: Iterable[dict[str, Any]]) -> None:
         """Entries that did not verify: kept for the record, never in the run's ledger."""
         for entry in entries:
             append_jsonl(self.run_dir / "privacy" / REJECTED_ENTRIES, {"from_site": site, "entry": entry})
@@ -409,7 +411,7 @@ class RoundLog:
         return (f"privacy.site_clip_norm={site.clip_norm:g}" if site is not None
                 else f"federation.update_norm_bound={bound:g}")
 
-    def on_evaluated(self, server_round: int, metrics: dict) -> dict:
+    def on_evaluated(self, server_round: int, metrics: dict[str, Any]) -> dict[str, Any]:
         report = self.reports.pop(server_round, None)  # none for round 0, or a round nobody was asked
         eps = self.run_epsilons() or [0.0]
         row = {
@@ -538,7 +540,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         rounds.keep_apart(site, entries)
     for site, entries in counted:
         rounds.record(site, entries)
-    center = None
+    center: list[float] | np.ndarray[Any, Any] | None = None  # the checkpoint's, or the feature mean collected
     if ckpt is not None:
         rounds.restore(ckpt)
         for site, own in books.absent.items():  # still in the run's books: its ε, and why it trains no more
@@ -548,7 +550,9 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         initial, center = ckpt.weights, ckpt.center
         say(f"resuming after round {ckpt.server_round} of {settings.rounds}")
     elif centering.applies(cfg, view):
-        width = int(view.module.center.shape[0])
+        center_buffer = view.module.center
+        assert isinstance(center_buffer, torch.Tensor)  # centering.applies: the view has one
+        width = int(center_buffer.shape[0])
         p = settings.accounting
         noise_std = p.center_noise_multiplier * centering.clip_norm(cfg, view) if p.dp else 0.0
         # Under add-remove the sum counts the true n, the declared n is its noisy release.
@@ -558,7 +562,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
                                       bound=lambda n: centering.sum_bound(n + slack, clip, noise_std, width))
     if center is not None:
         centering.set_center(view, center)
-        plan = protocol.with_feature_center(plan, center)
+        plan = protocol.with_feature_center(plan, [float(v) for v in center])
     evaluator = CentralEvaluator(cfg, view, device)
     fed = cfg.federation
     inner = flower_strategy(
@@ -611,7 +615,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         raise FedShieldError(f"{len(sites)} site(s) joined, {strategy.per_round()} asked per round: {short}; "
                              "lower federation.num_malicious or add sites")
 
-    def evaluate(flower_round: int, arrays) -> MetricRecord:
+    def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
         exclude_revoked(identity, sites, strategy.excluded)  # before every round (this runs ahead of each)
         server_round = strategy.run_round(flower_round) if flower_round else done
         weights = protocol.from_array_record(arrays)
@@ -712,7 +716,7 @@ def run_config_yaml(cfg: DictConfig) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def rejoined_sites(run_dir: Path, sites: dict[int, dict]) -> dict[int, dict]:
+def rejoined_sites(run_dir: Path, sites: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """On resume, a site must present the ledger signing key it had before the restart."""
     kept = {}
     for node, s in sites.items():
@@ -739,7 +743,7 @@ ENROLMENT_KEY = "fedshield-enrolment"
 REVOKED_KEY = "fedshield-revoked"
 
 
-def identity_from_run_config(run_config: dict) -> LiveEnrolment | None:
+def identity_from_run_config(run_config: dict[str, Any]) -> LiveEnrolment | None:
     """The name binding `fedshield server` asked for (its run config keys, popped), or None."""
     bindings = str(run_config.pop(ENROLMENT_KEY, "") or "")
     revoked = str(run_config.pop(REVOKED_KEY, "") or "") or bindings
@@ -754,14 +758,17 @@ def identity_from_run_config(run_config: dict) -> LiveEnrolment | None:
     return identity
 
 
-def config_from_run_config(run_config: dict) -> DictConfig:
+def config_from_run_config(run_config: dict[str, Any]) -> DictConfig:
     """Flower's run config: the whole config as one YAML string (lists survive), or
     dotted keys (`flwr run . --run-config "federation.rounds=3"`)."""
     run_config = dict(run_config)
     text = str(run_config.pop(RUN_CONFIG_YAML_KEY, "") or "")
     # Flower merges the app's declared defaults (pyproject's [tool.flwr.app.config]) into
     # every run config, so a key written in the YAML must win over a dotted default.
-    written = conf.to_flat(OmegaConf.create(text)) if text.strip() else {}
+    created = OmegaConf.create(text) if text.strip() else None
+    if created is not None and not isinstance(created, DictConfig):
+        raise conf.ConfigError(f"{RUN_CONFIG_YAML_KEY}: a YAML mapping of fedshield's keys, not a list")
+    written = conf.to_flat(created) if created is not None else {}
     return conf.load_config(base={**run_config, **written})
 
 

@@ -67,7 +67,7 @@ def save(run_dir: Path, ckpt: Checkpoint) -> Path:
     for attr, values in ckpt.strategy_state.items():
         arrays.update({f"{_STRATEGY}{attr}/{k}": v for k, v in values.items()})
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its allow_pickle
     path = run_dir / CHECKPOINT
     tmp = path.with_name(f".{CHECKPOINT}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:

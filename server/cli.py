@@ -90,6 +90,10 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the config is loaded on demand (a light start for --help)
+    from omegaconf import DictConfig
 
 from fedshield.deploy.front import MIB, FleetFront, FrontLimits, max_body_bytes, node_key_bytes
 from fedshield.deploy.processes import (
@@ -138,7 +142,8 @@ def check_pki(pki: Path) -> dict[str, Path]:
         key = serialization.load_pem_private_key(files["server.key"].read_bytes(), None)
     except (ValueError, TypeError):
         raise PKIError(f"{files['server.key']}: not a PEM private key") from None
-    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
         raise PKIError(f"{files['server.key']}: does not belong to {files['server.crt']}")
     return files
 
@@ -188,7 +193,7 @@ def admitted_sites(pki: Path, connection_keys: list[str] | None) -> tuple[list[t
     return admitted, left_out, registry
 
 
-def resolve_config(args: argparse.Namespace):
+def resolve_config(args: argparse.Namespace) -> tuple[DictConfig, Path]:
     from fedshield import conf
 
     resume = getattr(args, "resume", False)
@@ -221,7 +226,7 @@ def resolve_config(args: argparse.Namespace):
     return cfg, run_dir
 
 
-def check_inputs(cfg, admitted: int) -> str:
+def check_inputs(cfg: DictConfig, admitted: int) -> str:
     """The run's model folder and data, checked as the ServerApp will load them, and the
     site counts against the keys admitted; a one-line summary, or a FedShieldError."""
     from fedshield import conf
@@ -300,7 +305,7 @@ def check_address(host: str, port: int) -> None:
             raise FedShieldError(f"--address {host}:{port}: cannot listen there ({exc.strerror})") from None
 
 
-def write_app(app_dir: Path, cfg, resume: bool = False, identity: tuple[Path, Path] | None = None) -> None:
+def write_app(app_dir: Path, cfg: DictConfig, resume: bool = False, identity: tuple[Path, Path] | None = None) -> None:
     """A Flower app folder with only a pyproject.toml: the components + the resolved config.
 
     The config travels as one YAML string (`server.app.RUN_CONFIG_YAML_KEY`): Flower's run
@@ -341,7 +346,7 @@ def write_flower_config(home: Path, port: int, ca: Path) -> None:
 # ------------------------------------------------------------------ children
 
 
-def wait_tls(port: int, ca: Path, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+def wait_tls(port: int, ca: Path, proc: subprocess.Popen[Any], log: Path, timeout: float = 60.0) -> None:
     ctx = ssl.create_default_context(cafile=str(ca))
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from omegaconf import DictConfig
@@ -22,7 +24,7 @@ class CentralEvaluator:
         self.labels = test.labels
         self.dataset = encode(cfg, view, test, cache_dir=None, device=device)
 
-    def __call__(self, trainable: dict[str, np.ndarray]) -> dict:
+    def __call__(self, trainable: dict[str, np.ndarray]) -> dict[str, Any]:
         self.view.load_trainable(trainable)
         preds = predict(self.view.module, self.dataset, self.device)
         return classification_metrics(self.labels, preds, self.class_names)

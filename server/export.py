@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 from omegaconf import DictConfig
 from safetensors.torch import save_file
+from transformers import PreTrainedModel
 
 from fedshield.task.model import TabularMLP, TrainView, fold_center, is_bert_like
 from fedshield.task.pipeline import pool_and_test, tokenizer
@@ -21,10 +23,11 @@ def export_model(cfg: DictConfig, view: TrainView, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     fold_center(view)  # pooler(x - c) becomes pooler(x) with bias - W c: a plain BERT
     model = view.model
-    if hasattr(model, "merge_and_unload"):  # peft: fold LoRA into the base weights
-        model = model.merge_and_unload()
+    merge = getattr(model, "merge_and_unload", None)
+    if merge is not None:  # peft: fold LoRA into the base weights
+        model = merge()
     if is_bert_like(model):
-        model.cpu().save_pretrained(out)
+        cast(PreTrainedModel, model).cpu().save_pretrained(out)
         tokenizer(cfg.task.model).save_pretrained(out)
         return out
     assert isinstance(model, TabularMLP)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedshield import rules
 from fedshield.privacy import signing
@@ -146,7 +147,7 @@ def _books(settings: CoordinatorSettings, site: SiteLevelPolicy, run_dir: Path, 
     return books
 
 
-def flower_epsilon_no_amplification(entries: list[dict]) -> float:
+def flower_epsilon_no_amplification(entries: list[dict[str, Any]]) -> float:
     """The ε Flower 1.41's server-side accountant states for these federation-ledger
     entries: its RdpAccountant with SamplingMethod.NO_AMPLIFICATION (the only sampling its
     fixed-clipping DP wrappers accept), add-or-remove-one client, the population the

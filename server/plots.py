@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -10,7 +11,7 @@ matplotlib.use("Agg")  # no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_run(run_dir: Path, rows: list[dict], summary: dict) -> None:
+def plot_run(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     if not rows:
         return
     rounds = [r["round"] for r in rows]

@@ -20,6 +20,7 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -48,13 +49,13 @@ def existing_run_dir(cfg: DictConfig) -> Path:
     (server/checkpoint.py checks everything but `output.*`)."""
     if not cfg.output.run_name:
         raise conf.ConfigError("--resume: say which run with output.run_name=NAME (its folder under output.dir)")
-    path = Path(cfg.output.dir).expanduser().resolve() / cfg.output.run_name
+    path = Path(cfg.output.dir).expanduser().resolve() / str(cfg.output.run_name)
     if not (path / "config.yaml").is_file():
         raise conf.ConfigError(f"output.run_name={cfg.output.run_name!r}: {path} holds no run to resume")
     return path
 
 
-def append_jsonl(path: Path, record: dict) -> None:
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """One line, flushed and fsynced: a crash loses at most the line being written."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
@@ -62,7 +63,7 @@ def append_jsonl(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -94,7 +94,7 @@ class SiteHeads:
             if not _valid(new):
                 continue
             same_key = mark is not None and mark.get("key_fingerprint") == new["key_fingerprint"]
-            if mark is None or not same_key or int(new["seq"]) > int(mark["seq"]):
+            if mark is None or not same_key or int(str(new["seq"])) > int(str(mark["seq"])):  # _valid: ints
                 mark, changed = new, True
         if changed and mark is not None:
             self.heads[site] = mark

@@ -19,6 +19,7 @@ import fedshield.deploy.offline  # noqa: F401  (first: nothing phones home; depl
 
 import argparse
 import sys
+from collections.abc import Callable
 
 USAGE = """usage: fedshield COMMAND [options] [key=value ...]
        fedshield --version
@@ -63,11 +64,11 @@ def simulate_main(argv: list[str]) -> int:
     return 0
 
 
-def _lazy(module: str, func: str):
+def _lazy(module: str, func: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
         import importlib
 
-        return importlib.import_module(module).__dict__[func](argv)
+        return int(importlib.import_module(module).__dict__[func](argv))
 
     return run
 

@@ -30,6 +30,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,9 @@ def news_base(n: int, rng: random.Random) -> tuple[list[tuple[str, str]], list[s
     if n > len(data):
         raise DataError(f"news-topics has {len(data)} articles; {n} base rows were asked for")
     idx = rng.sample(range(len(data)), n)
-    return [(data.texts[i], data.class_names[data.labels[i]]) for i in idx], list(data.class_names)
+    texts, names = data.texts, data.class_names
+    assert texts is not None and names is not None  # news-topics: texts, and names for its classes
+    return [(texts[i], names[data.labels[i]]) for i in idx], list(names)
 
 
 def canary_vocabulary(model: str, exclude: set[str]) -> list[str]:
@@ -94,7 +97,7 @@ def make_canaries(m: int, classes: list[str], vocab: list[str], words: int, seed
     return Canaries(texts, labels, included)
 
 
-def _write(path: Path, header: list[str], rows: list[tuple]) -> Path:
+def _write(path: Path, header: list[str], rows: list[tuple[Any, ...]]) -> Path:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -147,7 +150,7 @@ ACCOUNTANT_NAMES = {"pld": "PLD", "rdp": "RDP", "prv": "PRV"}  # privacy.account
 
 
 def report(result: CanaryResult, site: str, accounted: float | None, dp_on: bool,
-           run_dir: Path, *, accountant: str, neighbouring: str) -> tuple[dict, str, bool]:
+           run_dir: Path, *, accountant: str, neighbouring: str) -> tuple[dict[str, Any], str, bool]:
     """The audit's record and report; `accountant` and `neighbouring` are the run's
     (privacy.accountant, privacy.neighbouring): the accounted ε is stated under them."""
     leak = dp_on and accounted is not None and result.epsilon_lb > accounted

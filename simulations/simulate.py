@@ -17,6 +17,7 @@ import logging
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -39,7 +40,7 @@ def check_sites(cfg: DictConfig) -> list[tuple[str, int]]:
     return sizes
 
 
-def backend_config(cfg: DictConfig) -> dict:
+def backend_config(cfg: DictConfig) -> dict[str, Any]:
     sim = cfg.simulation
     resources = {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus}
     if sim.ray_address:
@@ -47,7 +48,7 @@ def backend_config(cfg: DictConfig) -> dict:
     # address="local": always a fresh Ray instance of this run's own, never a cluster that
     # happens to run on the machine (RAY_ADDRESS, another simulation): the sites' resources
     # are what this config says, and two simulations side by side do not collide.
-    init_args: dict = {"address": "local", "num_cpus": sim.num_cpus or os.cpu_count() or 1}
+    init_args: dict[str, Any] = {"address": "local", "num_cpus": sim.num_cpus or os.cpu_count() or 1}
     if not sim.client_gpus:
         init_args["num_gpus"] = 0  # keep Ray off any GPU the sites were not given
     return {"client_resources": resources, "init_args": init_args}

@@ -31,6 +31,7 @@ import re
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,7 @@ def point_overrides(point: dict[str, str]) -> list[str]:
     return out
 
 
-def site_level_columns(run_dir: Path) -> dict:
+def site_level_columns(run_dir: Path) -> dict[str, Any]:
     """The site-level columns of a run, from its federation ledger ({} without one)."""
     path = run_dir / "privacy" / FEDERATION_LEDGER
     if not path.is_file():
@@ -132,7 +133,7 @@ def sweep_main(argv: list[str]) -> int:
     return 0
 
 
-def write_results(out: Path, rows: list[dict], axes: list[str]) -> None:
+def write_results(out: Path, rows: list[dict[str, Any]], axes: list[str]) -> None:
     site = any("site_epsilon" in r for r in rows)
     with open(out / "results.csv", "w", newline="") as f:
         fields = [*axes, "accuracy", "macro_f1", "epsilon_max", *(SITE_COLUMNS if site else []), "run_dir"]
@@ -140,7 +141,7 @@ def write_results(out: Path, rows: list[dict], axes: list[str]) -> None:
         w.writeheader()
         w.writerows(rows)
     group_keys = [a for a in axes if a != "federation.seed"]
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[tuple(r[k] for k in group_keys)].append(r)
     site_head = (" site-level ε (ledger) | ε Flower's accountant states (no amplification) | z | rounds | q |"
@@ -164,7 +165,7 @@ def write_results(out: Path, rows: list[dict], axes: list[str]) -> None:
     _plot(out, summary)
 
 
-def _site_cells(rs: list[dict]) -> str:
+def _site_cells(rs: list[dict[str, Any]]) -> str:
     """The site-level cells of one group of runs (over seeds: the largest ε, the smallest z)."""
     if not all("site_epsilon" in r for r in rs):
         return " - | - | - | - | - |"  # no site-level DP (privacy.unit=record)
@@ -180,7 +181,7 @@ def _site_cells(rs: list[dict]) -> str:
             f"{spread('site_sample_rate', 'g')} |")
 
 
-def _plot(out: Path, summary: list[tuple[dict, np.ndarray, np.ndarray]]) -> None:
+def _plot(out: Path, summary: list[tuple[dict[str, Any], np.ndarray, np.ndarray]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,8 +206,8 @@ def _plot(out: Path, summary: list[tuple[dict, np.ndarray, np.ndarray]]) -> None
     if finite:
         xs = [p[0] for p in finite]
         for idx, label in ((1, "accuracy"), (2, "macro-F1")):
-            ys = np.array([p[idx].mean() for p in finite])
-            sd = np.array([p[idx].std() for p in finite])
+            ys = np.array([np.asarray(p[idx]).mean() for p in finite])
+            sd = np.array([np.asarray(p[idx]).std() for p in finite])
             ax.errorbar(xs, ys, yerr=sd, marker="o", capsize=3, label=label)
         ax.set_xscale("log")
     for eps, acc, _f1 in pts:

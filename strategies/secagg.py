@@ -61,6 +61,12 @@ log = logging.getLogger("fedshield.secagg")
 Vector = Mapping[str, np.ndarray[Any, Any]]
 
 
+def _ints(value: object) -> list[int]:
+    """A list of slots this coordinator put in its own ask (typed back from the ask's record)."""
+    assert isinstance(value, list)
+    return value
+
+
 @dataclass
 class SecureRound:
     """One round's SecAgg+ state at the coordinator (public values only)."""
@@ -213,7 +219,7 @@ class SecAggPlus:
         accused: dict[int, int] = {}
         for slot, reply in replies.items():
             unreadable = reply.fields[protocol.SA_UNREADABLE]
-            if not set(unreadable) <= set(asks[slot][protocol.SA_SOURCES]):
+            if not set(unreadable) <= set(_ints(asks[slot][protocol.SA_SOURCES])):
                 rnd.drop(slot, "check: reported shares it was not sent")
                 continue
             for bad in unreadable:
@@ -265,8 +271,8 @@ class SecAggPlus:
         replies = self._ask(grid, rnd, "unmask", asks, plan=plan)
         for slot, reply in replies.items():
             owners, got = reply.fields[protocol.SA_SLOTS], reply.fields[protocol.SA_SHARES]
-            if len(owners) != len(got) or set(owners) != set(asks[slot][protocol.SA_ACTIVE]) | set(
-                    asks[slot][protocol.SA_DROPPED]):
+            if len(owners) != len(got) or set(owners) != set(_ints(asks[slot][protocol.SA_ACTIVE])) | set(
+                    _ints(asks[slot][protocol.SA_DROPPED])):
                 rnd.drop(slot, "unmask: shares for other slots than asked (its vector stays in the sum)")
                 continue
             for owner, share in zip(owners, got, strict=True):
