@@ -242,3 +242,18 @@ def test_cli_refuses_a_control_character_in_an_override_in_one_line(capsys):
     code = main(["simulate", "task.name=news\x1b[2Jtopics"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "task.name" in err and "\x1b" not in err
+
+
+def test_a_config_file_or_run_config_that_is_not_a_mapping_gets_one_line(tmp_path):
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("- federation.rounds=3\n- privacy.target_epsilon=4\n")
+    with pytest.raises(conf.ConfigError) as refused:
+        conf.load_config_file(listed)
+    assert str(refused.value) == f"config file {str(listed)!r}: not a mapping of keys (got a list)"
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert conf.load_config_file(empty) == conf.load_config()  # an empty file: the defaults
+    from fedshield.server.app import RUN_CONFIG_YAML_KEY, config_from_run_config
+
+    with pytest.raises(conf.ConfigError, match=f"{RUN_CONFIG_YAML_KEY}: a YAML mapping"):
+        config_from_run_config({RUN_CONFIG_YAML_KEY: "- a\n- b\n"})
