@@ -68,7 +68,7 @@ from fedshield.privacy.events import (
 from fedshield.task import centering
 from fedshield.task.data import LabeledData
 from fedshield.task.model import ModelError, TrainView
-from fedshield.task.pipeline import build_view, encode, read_text_file, view_fingerprint
+from fedshield.task.pipeline import build_view, encode, read_text_file, task_from_yaml, view_fingerprint
 from fedshield.task.sites import check_delta, virtual_sites
 from fedshield.task.trainer import LocalPlan, TrainingError, poisson_rate, round_steps, train_local
 
@@ -199,7 +199,7 @@ def _site_file(task_yaml: str, path: str, classes: tuple[str, ...]) -> LabeledDa
     """The site's data file, read with the site's own classes (`classes`; () : the file's
     distinct labels), never with the plan's: what the read finds (a row with another label)
     must not depend on what the coordinator asks."""
-    return read_text_file(OmegaConf.create(task_yaml), path, labels=list(classes))
+    return read_text_file(task_from_yaml(task_yaml), path, labels=list(classes))
 
 
 # (id(file data), plan classes) -> (file data, relabelled, kept rows): computed once per
@@ -654,10 +654,10 @@ def local_update(msg: Message, plan: protocol.Plan, site: Site) -> LocalUpdate |
     dp = priv.mode == "dp-sgd"
     kept = site.state.stored_release(plan.run_id, plan.server_round, digest, dp)
     if kept is not None:  # this very request was released already (the coordinator restarted)
-        arrays, meta, entries = kept
+        arrays, meta, released = kept
         log.warning("%s: round %s of run %s was released already; sending the same reply again (no new spend)",
                     site.name, plan.server_round, plan.run_id)
-        return LocalUpdate(weights, arrays, int(meta["num_examples"]), _with_unreported(site, plan.run_id, entries))
+        return LocalUpdate(weights, arrays, int(meta["num_examples"]), _with_unreported(site, plan.run_id, released))
     if dp:
         refused = _round_spent(site, plan, digest)
         if refused is not None:

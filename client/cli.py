@@ -90,6 +90,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
 
 from fedshield.deploy.processes import (
     Children,
@@ -103,6 +104,11 @@ from fedshield.deploy.processes import (
 )
 from fedshield.privacy.errors import FedShieldError
 from fedshield.privacy.signing import fingerprint
+
+if TYPE_CHECKING:  # imported where used, at run time: `--help` stays fast
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedshield.task.data import LabeledData
 
 NOT_REGISTERED = ("Failed to activate SuperNode", "[code: 2004]")
 
@@ -155,7 +161,7 @@ def check_ca(ca: Path) -> None:
         raise FedShieldError(f"--ca {ca}: not usable as a CA file ({exc.reason})") from None
 
 
-def check_data(path: Path, labels: list[str] | None, text_column: str, label_column: str):
+def check_data(path: Path, labels: list[str] | None, text_column: str, label_column: str) -> LabeledData:
     from fedshield import conf
     from fedshield.task.pipeline import read_text_file
 
@@ -261,7 +267,7 @@ class _Prepared:
     host: str
     port: int
     key_path: Path
-    key: object
+    key: ec.EllipticCurvePrivateKey  # the connection key (fedshield certs csr)
     ca: Path
     data: Path
     records: int
@@ -332,7 +338,8 @@ class SiteAgent:
         except FedShieldError as exc:
             raise _naming_site(name, exc) from None
 
-    def _check_inputs(self, name: str, host: str, port: int, key_path: Path, key: object) -> _Prepared:
+    def _check_inputs(self, name: str, host: str, port: int, key_path: Path,
+                      key: ec.EllipticCurvePrivateKey) -> _Prepared:
         if key_path.stat().st_mode & 0o077:
             print(f"warning: {key_path} is readable by others; chmod 600 it", file=sys.stderr)
         ca = Path(self.ca).expanduser().resolve()
@@ -630,10 +637,11 @@ class AgentRecord:
     (`<state>/.flower/agent.json`: per HOST:PORT, the connection key's fingerprint, when it
     joined, when it was last seen connected, whether it left cleanly)."""
 
-    def __init__(self, path: Path, server: str, key: str):
+    def __init__(self, path: Path, server: str, key: str) -> None:
         self.path, self.server, self.key = path, server, key
 
-    def read(self) -> dict:
+    def read(self) -> dict[str, Any]:
+        """This coordinator's entry (a JSON object as written by `_write`), {} if none or another key's."""
         try:
             entry = json.loads(self.path.read_text()).get(self.server, {})
         except (OSError, ValueError, AttributeError):
@@ -713,7 +721,7 @@ def running_supernodes(key_path: Path) -> list[int]:
     return found
 
 
-def lock_state(state: Path, name: str):
+def lock_state(state: Path, name: str) -> TextIO:
     """One agent per state folder (two would spend one ledger's budget twice): an exclusive
     lock on `<state>/.flower/agent.lock`, released by the kernel however this process ends."""
     import fcntl

@@ -45,6 +45,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
@@ -53,7 +54,7 @@ from fedshield.privacy.accountant import ADD_REMOVE, Spend, calibrate_noise_mult
 from fedshield.privacy.errors import FedShieldError
 from fedshield.privacy.events import COUNT_RELEASE, TRAIN_RELEASE, neighbouring_of
 from fedshield.privacy.files import write_fully
-from fedshield.privacy.ledger import Ledger, site_history
+from fedshield.privacy.ledger import Entry, Ledger, site_history
 from fedshield.privacy.signing import generate_site_key, load_private_key, public_key_pem
 
 
@@ -154,7 +155,7 @@ class SiteState:
                                  "not this site's witness")
         return None
 
-    def _witness(self, entry: dict) -> None:
+    def _witness(self, entry: Entry) -> None:
         """Append (seq, hash) of an entry on disk to the witness, fsynced."""
         assert self.witness is not None
         line = json.dumps({"site": self.site, "seq": entry["seq"], "hash": entry["hash"]}, sort_keys=True) + "\n"
@@ -188,7 +189,7 @@ class SiteState:
             return []
         return [str(h) for h in marks] if isinstance(marks, list) else []
 
-    def mark_unreported(self, entries: Sequence[dict]) -> None:
+    def mark_unreported(self, entries: Sequence[Entry]) -> None:
         """Spends the coordinator has not heard of yet (a crash, or a training spent before it
         ran that may not reach a reply): they go with the next reply of their run
         (`take_unreported`), so the run's copy of this site's chain has no gap."""
@@ -197,7 +198,7 @@ class SiteState:
         if new:
             _atomic_write(self._unreported_path(), json.dumps(marks + new) + "\n")
 
-    def take_unreported(self, run_id: str) -> list[dict]:
+    def take_unreported(self, run_id: str) -> list[Entry]:
         """Spends that a crash interrupted and `refresh` counted, to go with the next reply of
         `run_id` (entries of another run stay in this ledger only: the site's own books)."""
         marks = self._unreported_hashes()
@@ -207,7 +208,7 @@ class SiteState:
         self._unreported_path().unlink(missing_ok=True)
         return found
 
-    def entries(self) -> list[dict]:
+    def entries(self) -> list[Entry]:
         """This site's ledger entries, oldest first (as `history`)."""
         return list(self._entries)
 
@@ -298,7 +299,7 @@ class SiteState:
                 serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())).digest()
         return hmac.new(self._digest_key, canonical, hashlib.sha256).hexdigest()
 
-    def released_count(self, digest: str) -> tuple[int, dict] | None:
+    def released_count(self, digest: str) -> tuple[int, Entry] | None:
         """(the noisy count, its entry) this site released for the data of `digest`, if any."""
         for e in reversed(self._entries):
             if e.get("release") == COUNT_RELEASE and e.get("data_digest") == digest:
@@ -307,7 +308,7 @@ class SiteState:
                     return count, e
         return None
 
-    def record_spend(self, fields: dict) -> dict:
+    def record_spend(self, fields: dict[str, Any]) -> Entry:
         """Append the signed entry and fsync it; returns the entry as written."""
         entry = self.ledger.append(fields, self.key)
         self._history.extend(site_history([entry], self.site))
@@ -324,22 +325,23 @@ class SiteState:
     # after training. A kept release is replayed only with an entry of the very same digest:
     # never under an entry spent for other weights or another plan.
 
-    def train_entries(self, run_id: str, server_round: int) -> list[dict]:
+    def train_entries(self, run_id: str, server_round: int) -> list[Entry]:
         """This site's training spends (`release: dp-sgd`) for round `server_round` of `run_id`."""
         return [e for e in self._entries if e.get("run_id") == run_id and e.get("round") == server_round
                 and e.get("release") == TRAIN_RELEASE]
 
     def save_release(self, run_id: str, server_round: int, digest: str, arrays: dict[str, np.ndarray],
-                     meta: dict) -> None:
+                     meta: dict[str, Any]) -> None:
         record = {"run_id": run_id, "round": server_round, "digest": digest, "meta": meta}
         blobs = {f"w/{k}": v for k, v in arrays.items()}
         blobs["__release__"] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
         buf = io.BytesIO()
-        np.savez(buf, **blobs)
+        # numpy's stub lets **kwds also fill `allow_pickle: bool`; these keys never name it
+        np.savez(buf, **blobs)  # type: ignore[arg-type]
         _atomic_write_bytes(self._release_path(run_id), buf.getvalue())
 
     def stored_release(self, run_id: str, server_round: int, digest: str,
-                       dp: bool) -> tuple[dict, dict, list[dict]] | None:
+                       dp: bool) -> tuple[dict[str, np.ndarray], dict[str, Any], list[Entry]] | None:
         """(arrays, meta, entries) of the kept release for exactly this request, with the
         spends this site's verified ledger holds for that request (entries of that run and
         round whose `plan_digest` is `digest`); None if there is no such release, or (DP) no

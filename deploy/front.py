@@ -120,7 +120,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,9 @@ def max_body_bytes(chunk_bytes: int | None = None) -> int:
     """The derived body limit: Flower's array chunk size (as this process's flwr reads it,
     or `chunk_bytes`) plus `BODY_MARGIN_BYTES` (see the module docstring)."""
     if chunk_bytes is None:
-        from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE as chunk_bytes
+        from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+
+        chunk_bytes = FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
     return int(chunk_bytes) + BODY_MARGIN_BYTES
 
 
@@ -297,8 +299,16 @@ class _ConnectionLogger:
 
 # ------------------------------------------------------------------ the app
 
+# ASGI (asgi.readthedocs.io): a scope and each message are dicts whose keys depend on their
+# "type"; the app reads the few it needs and checks the type of those a client controls.
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-def fleet_path(scope: dict) -> str | None:
+
+def fleet_path(scope: Scope) -> str | None:
     """The request's raw path if it may be forwarded (see the module docstring), else None."""
     raw = scope.get("raw_path")
     if not isinstance(raw, bytes) or scope.get("query_string"):
@@ -452,7 +462,7 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
               limits: FrontLimits | None = None, access: AccessLog | None = None,
               clock: Callable[[], float] = time.monotonic, authorized_keys: Collection[bytes] | None = None,
               spool_dir: Path | None = None,
-              refuse: Callable[[str, list[tuple[bytes, bytes]]], str | None] | None = None) -> Callable:
+              refuse: Callable[[str, list[tuple[bytes, bytes]]], str | None] | None = None) -> ASGIApp:
     """The front as an ASGI app.
 
     Parameters
@@ -495,7 +505,7 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
     uploads: collections.Counter[str] = collections.Counter()  # bodies being read, per source address
     buffered = [0]  # bytes reserved by the bodies being read or forwarded (their Content-Lengths)
 
-    async def app(scope: dict, receive: Callable, send: Callable) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
@@ -513,7 +523,7 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
             log.write(scope.get("client"), scope.get("method", "-"), path, ex.status, ex.bytes_in,
                       ex.bytes_out, clock() - t0, ex.note)
 
-    async def _exchange(scope: dict, receive: Callable, send: Callable, ex: _Exchange, t0: float) -> None:
+    async def _exchange(scope: Scope, receive: Receive, send: Send, ex: _Exchange, t0: float) -> None:
         try:
             path = fleet_path(scope)
             if path is None or scope.get("method") != "POST":
@@ -551,7 +561,7 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
             await reply.aclose()
 
     @contextlib.asynccontextmanager
-    async def _upload_slot(scope: dict) -> AsyncIterator[None]:
+    async def _upload_slot(scope: Scope) -> AsyncIterator[None]:
         """One of `max_uploads_per_address` for this source address while its body is read;
         503 (Flower retries it) when they are all taken."""
         client_addr = scope.get("client")
@@ -581,7 +591,7 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
         finally:
             buffered[0] -= length
 
-    async def _read_body(receive: Callable, length: int, ex: _Exchange, t0: float, spool: _Spool) -> None:
+    async def _read_body(receive: Receive, length: int, ex: _Exchange, t0: float, spool: _Spool) -> None:
         """The whole body into `spool`, or 408 when it is idle for `body_idle_timeout_s`, not
         complete within `body_timeout_s`, or, after `body_grace_s`, behind
         `min_body_bytes_per_s` (averaged since the grace ended)."""
@@ -626,7 +636,7 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
             raise _Refused(400, "fedshield coordinator: the body is shorter than its Content-Length\n",
                            f"body of {ex.bytes_in} bytes, Content-Length {length}")
 
-    async def _relay(reply: httpx.Response, send: Callable, ex: _Exchange) -> None:
+    async def _relay(reply: httpx.Response, send: Send, ex: _Exchange) -> None:
         ex.status = reply.status_code
         headers = end_to_end_headers(reply.headers.raw)
         declared = reply.headers.get_list("content-length")
@@ -643,10 +653,10 @@ def fleet_app(upstream: str, client: httpx.AsyncClient, max_body_bytes: int | No
         except TimeoutError:
             ex.note = f"client did not read the reply for {limits.send_timeout_s:g} s"
 
-    async def _send(send: Callable, message: dict) -> None:
+    async def _send(send: Send, message: Message) -> None:
         await asyncio.wait_for(send(message), limits.send_timeout_s)
 
-    async def _answer(send: Callable, status: int, text: str) -> int:
+    async def _answer(send: Send, status: int, text: str) -> int:
         body = text.encode()
         try:
             await _send(send, {"type": "http.response.start", "status": status, "headers": [
@@ -748,7 +758,7 @@ def _loop_factory(limits: FrontLimits) -> Callable[[], asyncio.AbstractEventLoop
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard] here
         base = asyncio.SelectorEventLoop
 
-    class Loop(base):  # type: ignore[misc, valid-type]
+    class Loop(base):  # type: ignore[misc]
         async def create_server(self, *args: Any, **kwargs: Any) -> Any:
             if kwargs.get("ssl") is not None:
                 kwargs.setdefault("ssl_handshake_timeout", limits.handshake_timeout_s)
@@ -770,7 +780,7 @@ class FleetFront:
                  upstream_ca: Path, max_body_bytes: int | None = None, upstream_timeout_s: float | None = None,
                  *, limits: FrontLimits | None = None, access_log: Path | None = None,
                  authorized_keys: Collection[bytes] | None = None, spool_dir: Path | None = None,
-                 refuse: Callable[[str, list[tuple[bytes, bytes]]], str | None] | None = None):
+                 refuse: Callable[[str, list[tuple[bytes, bytes]]], str | None] | None = None) -> None:
         import uvicorn
 
         limits = limits or FrontLimits()
@@ -809,7 +819,7 @@ class FleetFront:
         with asyncio.Runner(loop_factory=_loop_factory(self.limits)) as runner:
             runner.run(serve())
 
-    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:  # noqa: ARG002
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:  # noqa: ARG002
         exc = context.get("exception")
         text = str(context.get("message", "event loop error"))
         if exc is not None:

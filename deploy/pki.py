@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedshield.deploy.enrolment import REGISTRY, Enrolled, Enrolment, load_enrolment, save_enrolment
@@ -172,7 +174,8 @@ def make_ca(common_name: str = "fedshield CA", days: int = DEFAULT_CA_DAYS,
     return key, cert
 
 
-def _leaf_cert(ca_key, ca_cert: x509.Certificate, name: str, public_key, start: dt.datetime, end: dt.datetime,
+def _leaf_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, name: str,
+               public_key: ec.EllipticCurvePublicKey, start: dt.datetime, end: dt.datetime,
                usage: x509.ObjectIdentifier, sans: list[x509.GeneralName] | None = None) -> x509.Certificate:
     """An end-entity certificate for `name`'s `public_key`, signed by the CA: digital
     signatures only, for one extended key usage (a server's TLS or a site's client auth)."""
@@ -201,7 +204,7 @@ def _leaf_cert(ca_key, ca_cert: x509.Certificate, name: str, public_key, start: 
     )
 
 
-def make_server_cert(ca_key, ca_cert: x509.Certificate, server_name: str, sans: list[str],
+def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, server_name: str, sans: list[str],
                      days: int = DEFAULT_DAYS, not_before: dt.datetime | None = None
                      ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     if not server_name.strip():
@@ -214,7 +217,7 @@ def make_server_cert(ca_key, ca_cert: x509.Certificate, server_name: str, sans: 
     return key, cert
 
 
-def _key_pem(key) -> bytes:
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -364,8 +367,9 @@ def _load_ca(pki: Path, now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x
         ca_key = serialization.load_pem_private_key(read_file(pki / "ca.key", "CA key", PKIError), None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise PKIError(f"{pki / 'ca.key'}: not a PEM private key") from None
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or \
-            ca_key.public_key().public_numbers() != ca_cert.public_key().public_numbers():
+    ca_public = ca_cert.public_key()
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or not isinstance(ca_public, ec.EllipticCurvePublicKey) or \
+            ca_key.public_key().public_numbers() != ca_public.public_numbers():
         raise PKIError(f"{pki / 'ca.key'}: does not belong to {pki / 'ca.crt'}")
     if now > ca_cert.not_valid_after_utc:
         raise PKIError(f"{pki / 'ca.crt'}: expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}; "
@@ -432,6 +436,7 @@ def revoke(target: str, pki: str | Path, reason: str = "", now: dt.datetime | No
     registry = pki / REGISTRY
     enrolment = load_enrolment(registry)
     p = Path(target)
+    site: str | None
     if target in enrolment.sites and not p.is_file():
         fp, site = enrolment.sites[target].key, target
     elif p.is_file():
@@ -491,7 +496,9 @@ def hand_collected(keys: list[Path], pki: str | Path) -> tuple[list[tuple[str, P
     registry at `<pki>/enrolment.json` revoked is left out (a line says so)."""
 
     revoked = load_enrolment(Path(pki) / REGISTRY).revoked
-    admitted, left_out, names = [], [], {}
+    admitted: list[tuple[str, Path]] = []
+    left_out: list[str] = []
+    names: dict[str, Path] = {}
     for k in keys:
         try:
             name = check_site_name(k.stem)
@@ -607,15 +614,18 @@ def _describe_cert(cert: x509.Certificate) -> str:
     return "\n".join(lines)
 
 
-def _key_type(key) -> str:
+def _key_type(key: object) -> str:
+    """What a key is, for a message (anything a loader returned, or None)."""
     if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
         return f"ECDSA {key.curve.name}"
     return type(key).__name__.lstrip("_")
 
 
 def _try_private(data: bytes) -> str:
-    for load in (lambda d: serialization.load_ssh_private_key(d, None),
-                 lambda d: serialization.load_pem_private_key(d, None)):
+    loaders: tuple[Callable[[bytes], PrivateKeyTypes], ...] = (
+        lambda d: serialization.load_ssh_private_key(d, None),
+        lambda d: serialization.load_pem_private_key(d, None))
+    for load in loaders:
         try:
             key = load(data)
         except (ValueError, TypeError, UnsupportedAlgorithm):

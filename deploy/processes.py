@@ -53,8 +53,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import FrameType
+from typing import IO, Any, Literal, TypedDict, Unpack, overload
 
 from fedshield.privacy.errors import FedShieldError
 
@@ -73,7 +75,7 @@ def interrupts_raise() -> Iterator[None]:
     runs with the previous handlers again.
     """
 
-    def on_signal(signum, frame):  # noqa: ARG001
+    def on_signal(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001
         raise Interrupted()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -84,16 +86,19 @@ def interrupts_raise() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def add_deprecated_alias(container, old: str, new: str, **kwargs) -> None:
+def add_deprecated_alias(container: argparse._ActionsContainer, old: str, new: str,
+                         nargs: int | str | None = None) -> None:
     """`old` as a hidden spelling of the option `new` (same destination); using it prints a
     one-line deprecation note to stderr. `container`: a parser or an argument group."""
 
     class Alias(argparse.Action):
-        def __call__(self, parser, namespace, values, option_string=None):
+        def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                     values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
             print(f"note: {option_string} is deprecated; use {new}", file=sys.stderr)
             setattr(namespace, self.dest, values)
 
-    container.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=Alias, help=argparse.SUPPRESS, **kwargs)
+    container.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=Alias, help=argparse.SUPPRESS,
+                           nargs=nargs)
 
 
 def flwr_bin(name: str) -> str:
@@ -135,7 +140,8 @@ def parse_host_port(value: str, flag: str, example: str, default_host: str | Non
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]  # (host, port) for IPv4, (host, port, flow, scope) for IPv6
+        return port
 
 
 def last_error(log: Path) -> str:
@@ -214,9 +220,9 @@ def register_connection_keys(keys: list[tuple[Path, str]], env: dict[str, str], 
                              "(is the SuperLink up? see its log)") from None
     ids: dict[Path, int] = {}
     for line in r.stdout.splitlines():
-        path, _, node_id = line.rpartition("\t")
-        if path and node_id.isdigit():
-            ids[Path(path)] = int(node_id)
+        key_path, _, node_id = line.rpartition("\t")
+        if key_path and node_id.isdigit():
+            ids[Path(key_path)] = int(node_id)
     if r.returncode != 0 or len(ids) != len(keys):
         msg = (r.stderr.strip() or r.stdout.strip()).splitlines()
         raise FedShieldError(f"registering connection key {msg[-1] if msg else 'failed'} (exit {r.returncode}; "
@@ -224,7 +230,7 @@ def register_connection_keys(keys: list[tuple[Path, str]], env: dict[str, str], 
     return ids
 
 
-def stop_process_groups(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+def stop_process_groups(procs: list[subprocess.Popen[Any]], grace_s: float = 10.0) -> None:
     """SIGTERM every live child's group (newest first), wait up to `grace_s` in all,
     then SIGKILL the groups still there."""
     for p in reversed(procs):
@@ -239,7 +245,7 @@ def stop_process_groups(procs: list[subprocess.Popen], grace_s: float = 10.0) ->
             p.wait()
 
 
-def _signal_group(p: subprocess.Popen, sig: int) -> None:
+def _signal_group(p: subprocess.Popen[Any], sig: int) -> None:
     try:
         os.killpg(p.pid, sig)
     except (ProcessLookupError, PermissionError):
@@ -253,7 +259,7 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_GRACE_S = 10.0
 
 
-def _prctl() -> ctypes._CFuncPtr | None:
+def _prctl() -> Callable[..., int] | None:
     """libc's prctl, looked up here (in the parent), so that the child only calls it."""
     if not sys.platform.startswith("linux"):
         return None
@@ -263,10 +269,11 @@ def _prctl() -> ctypes._CFuncPtr | None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     fn.restype = ctypes.c_int
-    return fn
+    prctl: Callable[..., int] = fn  # a C function: argtypes above check the arguments at the call
+    return prctl
 
 
-def die_with_parent(sig: int = signal.SIGTERM):
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
     """A `preexec_fn`: the child gets `sig` when the thread that started it ends (the
     command's main thread: call `Popen` from it), and exits at once if its parent is gone
     already (the parent died between fork and prctl). None where there is no prctl."""
@@ -282,6 +289,15 @@ def die_with_parent(sig: int = signal.SIGTERM):
     return preexec
 
 
+class ChildOptions(TypedDict, total=False):
+    """The `subprocess.Popen` options `Children.start` passes on (the ones its callers use)."""
+
+    cwd: str | Path
+    stdout: int | IO[Any] | None
+    stderr: int | IO[Any] | None
+    bufsize: int
+
+
 class Children:
     """The Flower processes of an agent command (module docstring).
 
@@ -293,10 +309,10 @@ class Children:
     """
 
     def __init__(self, grace_s: float = STOP_GRACE_S, pdeathsig: int | None = signal.SIGTERM) -> None:
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen[Any]] = []
         self.grace_s = grace_s
         self.pdeathsig = pdeathsig
-        self.watchdog: subprocess.Popen | None = None
+        self.watchdog: subprocess.Popen[bytes] | None = None
         self._pipe: int | None = None
 
     def _guard(self) -> int:
@@ -311,10 +327,20 @@ class Children:
             self._pipe = write
         return self._pipe
 
-    def start(self, cmd: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    @overload
+    def start(self, cmd: list[str], env: dict[str, str] | None = None, *, text: Literal[True],
+              **kw: Unpack[ChildOptions]) -> subprocess.Popen[str]: ...
+
+    @overload
+    def start(self, cmd: list[str], env: dict[str, str] | None = None, *, text: Literal[False] = False,
+              **kw: Unpack[ChildOptions]) -> subprocess.Popen[bytes]: ...
+
+    def start(self, cmd: list[str], env: dict[str, str] | None = None, *, text: bool = False,
+              **kw: Unpack[ChildOptions]) -> subprocess.Popen[str] | subprocess.Popen[bytes]:
+        """`cmd` as a child (class docstring); `text` and `kw` as `subprocess.Popen` takes them."""
         pipe = self._guard()
         preexec = die_with_parent(self.pdeathsig) if self.pdeathsig else None
-        p = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=preexec, **kw)
+        p = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=preexec, text=text, **kw)
         self.procs.append(p)
         os.write(pipe, f"{p.pid} {'d' if preexec else '-'}\n".encode())
         return p
@@ -339,5 +365,5 @@ class Children:
     def __enter__(self) -> Children:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

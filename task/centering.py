@@ -33,12 +33,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedshield.privacy.accountant import Spend
-from fedshield.task.model import TrainView, default_center_clip_norm, supports_centering
+from fedshield.task.model import TrainView, centered_module, default_center_clip_norm, supports_centering
 
 
 def applies(cfg: DictConfig, view: TrainView) -> bool:
@@ -63,7 +64,7 @@ def noisy_feature_sum(
     generator: torch.Generator, device: torch.device, batch_size: int = 256,
 ) -> np.ndarray:
     """sum_i clip(x_i, clip) + N(0, noise_std^2 I) over the site's records (float64)."""
-    module = view.module.to(device)
+    module = centered_module(view).to(device)
     total = torch.zeros(module.center.shape[0], dtype=torch.float64)
     for batch in DataLoader(dataset, batch_size=batch_size):
         *inputs, _ = (t.to(device) for t in batch)
@@ -97,12 +98,14 @@ def sum_problem(feature_sum: np.ndarray, bound: float) -> str | None:
 
 def combine(sums: list[np.ndarray], counts: list[int]) -> np.ndarray:
     """The federation's mean feature from the sites' (noisy) sums and record counts."""
-    return (np.sum(sums, axis=0) / max(1, int(sum(counts)))).astype(np.float32)
+    mean: np.ndarray = (np.sum(sums, axis=0) / max(1, int(sum(counts)))).astype(np.float32)
+    return mean
 
 
-def set_center(view: TrainView, values) -> None:
+def set_center(view: TrainView, values: npt.ArrayLike) -> None:
+    module = centered_module(view)
     center = torch.as_tensor(np.asarray(values, dtype=np.float32))
-    if center.shape != view.module.center.shape or not torch.isfinite(center).all():
-        raise ValueError(f"feature centre: expected {tuple(view.module.center.shape)} finite values, "
+    if center.shape != module.center.shape or not torch.isfinite(center).all():
+        raise ValueError(f"feature centre: expected {tuple(module.center.shape)} finite values, "
                          f"got shape {tuple(center.shape)}")
-    view.module.center.copy_(center.to(view.module.center.device))
+    module.center.copy_(center.to(module.center.device))

@@ -3,6 +3,8 @@ predictions of a model on encoded records, and the metrics every run reports."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, classification_report, f1_score
@@ -23,7 +25,9 @@ def predict(module: nn.Module, dataset: TensorDataset, device: torch.device, bat
     return torch.cat(preds).numpy() if preds else np.empty(0, dtype=np.int64)
 
 
-def classification_metrics(labels: np.ndarray, preds: np.ndarray, class_names: list[str]) -> dict:
+def classification_metrics(labels: np.ndarray, preds: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """accuracy, macro_f1 (floats) and per_class (class name -> precision, recall, f1-score,
+    support): a JSON object, as the run's metrics rows carry it."""
     report = classification_report(
         labels, preds, labels=list(range(len(class_names))), target_names=class_names,
         output_dict=True, zero_division=0,

@@ -27,12 +27,16 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 import torch
 from torch import nn
 
 from fedshield.privacy.errors import FedShieldError
+
+if TYPE_CHECKING:  # transformers is imported when a text model is loaded (after _quiet_transformers)
+    from transformers import BertForSequenceClassification, PreTrainedTokenizerBase
 
 
 class ModelError(FedShieldError):
@@ -88,7 +92,7 @@ def _read_head(p: Path, n: int, where: str) -> bytes:
             raise ModelError(f"{where}: cannot read {p.name}: {e.strerror}") from None
 
 
-def _read_json(p: Path, where: str) -> dict:
+def _read_json(p: Path, where: str) -> dict[str, Any]:
     st = _regular(p)
     if st is None:
         raise ModelError(f"{where}: no {p.name} there (a from_pretrained folder has config.json and weights)")
@@ -205,11 +209,12 @@ def _quiet_transformers() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    # transformers leaves these two unannotated
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
-def load_tokenizer(model: str):
+def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     _quiet_transformers()
     from transformers import AutoTokenizer
 
@@ -226,7 +231,7 @@ def build_text_model(model: str, class_names: list[str], seed: int) -> nn.Module
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    m = AutoModelForSequenceClassification.from_pretrained(
+    m: nn.Module = AutoModelForSequenceClassification.from_pretrained(
         text_model_path(model),
         num_labels=len(class_names),
         id2label=dict(enumerate(class_names)),
@@ -249,7 +254,8 @@ class TabularMLP(nn.Module):
             self.net = nn.Sequential(nn.Linear(num_features, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        logits: torch.Tensor = self.net(x)
+        return logits
 
 
 def build_tabular_model(num_features: int, num_classes: int, hidden: int, seed: int) -> nn.Module:
@@ -257,7 +263,9 @@ def build_tabular_model(num_features: int, num_classes: int, hidden: int, seed: 
     return TabularMLP(num_features, num_classes, hidden)
 
 
-def is_bert_like(model: nn.Module) -> bool:
+def is_bert_like(model: nn.Module) -> TypeGuard[BertForSequenceClassification]:
+    """A BERT encoder with a classification head (the text tasks' models: TEXT_MODEL_TYPES,
+    loaded by AutoModelForSequenceClassification), by the parts TrainView uses."""
     return hasattr(model, "bert") and hasattr(model, "classifier")
 
 
@@ -296,13 +304,16 @@ class _FullBert(nn.Module):
             position_ids=position_ids,
             token_type_ids=token_type_ids,
         )
-        return out.logits
+        logits: torch.Tensor = out.logits
+        return logits
 
 
 class _BertSuffix(nn.Module):
     """Top encoder layers + pooler + classifier, fed with cached prefix hidden states."""
 
-    def __init__(self, model: nn.Module, first_layer: int) -> None:
+    center: torch.Tensor  # a buffer (register_buffer below)
+
+    def __init__(self, model: BertForSequenceClassification, first_layer: int) -> None:
         super().__init__()
         bert = model.bert
         self.config = model.config
@@ -323,18 +334,26 @@ class _BertSuffix(nn.Module):
                 hidden.dtype
             ).min
             for layer in self.layers:
-                hidden = layer(hidden, attention_mask=mask)
-                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+                out = layer(hidden, attention_mask=mask)
+                hidden = out[0] if isinstance(out, tuple) else out
         return hidden[:, :1]
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         first = self.pooler_input(hidden, attention_mask) - self.center
         pooled = self.pooler(first) if self.pooler is not None else first[:, 0]
-        return self.classifier(self.dropout(pooled))
+        logits: torch.Tensor = self.classifier(self.dropout(pooled))
+        return logits
 
 
 def supports_centering(view: TrainView) -> bool:
     return isinstance(view.module, _BertSuffix) and view.module.pooler is not None
+
+
+def centered_module(view: TrainView) -> _BertSuffix:
+    """The module feature centering acts on (`view` in last_layers mode: `supports_centering`)."""
+    if not isinstance(view.module, _BertSuffix):
+        raise ModelError("feature centering needs training.trainable=last_layers on a BERT model")
+    return view.module
 
 
 def default_center_clip_norm(view: TrainView) -> float:
@@ -342,18 +361,26 @@ def default_center_clip_norm(view: TrainView) -> float:
     maps a token to gamma * z + beta with z of mean 0 and variance 1 per coordinate, so
     E|.|^2 ~ |gamma|^2 + |beta|^2. For all-MiniLM-L6-v2 that is 12.6 (its BBC News [CLS]
     features have norms 6.4 to 8.1: nothing is clipped). Only utility depends on it."""
-    ln = view.model.bert.encoder.layer[-1].output.LayerNorm
+    model = view.model
+    if not is_bert_like(model):
+        raise ModelError("feature centering needs a BERT model (training.center_features)")
+    ln = model.bert.encoder.layer[-1].get_submodule("output.LayerNorm")
+    if not isinstance(ln, nn.LayerNorm):
+        raise ModelError(f"the last encoder layer's output.LayerNorm is a {type(ln).__name__}, not a LayerNorm")
     return float(torch.sqrt(ln.weight.detach().float().pow(2).sum() + ln.bias.detach().float().pow(2).sum()))
 
 
 @torch.no_grad()
 def fold_center(view: TrainView) -> None:
     """Make the model compute pooler(x - c) with no centring step: bias -= W c, c = 0."""
-    if not supports_centering(view) or not bool(view.module.center.any()):
+    if not supports_centering(view):
         return
-    dense = view.module.pooler.dense
-    dense.bias -= dense.weight @ view.module.center.to(dense.weight.dtype)
-    view.module.center.zero_()
+    module = centered_module(view)
+    if module.pooler is None or not bool(module.center.any()):  # a pooler: supports_centering
+        return
+    dense = module.pooler.dense
+    dense.bias.sub_(dense.weight @ module.center.to(dense.weight.dtype))
+    module.center.zero_()
 
 
 @dataclass
@@ -380,13 +407,18 @@ class TrainView:
 
 def make_train_view(model: nn.Module, trainable: str, last_layers: int, lora_r: int, lora_alpha: int) -> TrainView:
     """Freeze what is not trained and wrap the rest as an inputs -> logits module."""
-    if not is_bert_like(model):  # tabular: everything trains
-        names = [n for n, _ in model.named_parameters()]
-        return TrainView(model, model, names, None)
+    if is_bert_like(model):
+        return _bert_view(model, trainable, last_layers, lora_r, lora_alpha)
+    names = [n for n, _ in model.named_parameters()]  # tabular: everything trains
+    return TrainView(model, model, names, None)
+
+
+def _bert_view(model: BertForSequenceClassification, trainable: str, last_layers: int, lora_r: int,
+               lora_alpha: int) -> TrainView:
     if trainable == "lora":
-        model = add_lora(model, lora_r, lora_alpha)
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        return TrainView(model, _FullBert(model), names, None)
+        peft_model = add_lora(model, lora_r, lora_alpha)
+        names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+        return TrainView(peft_model, _FullBert(peft_model), names, None)
     if trainable == "all":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -412,10 +444,12 @@ def prefix_hidden_states(
     batch_size: int = 64, device: str = "cpu",
 ) -> torch.Tensor:
     """Hidden states entering encoder layer `first_layer` (the frozen prefix), eval mode."""
+    if not is_bert_like(model):
+        raise ModelError("training.trainable=last_layers caches a BERT encoder's prefix; this model has none")
     bert = model.bert
     was_training = bert.training
-    bert.eval()
-    outs = []
+    bert.train(False)  # eval mode (what transformers' unannotated `eval()` does)
+    outs: list[torch.Tensor] = []
     for i in range(0, len(input_ids), batch_size):
         ids = input_ids[i : i + batch_size].to(device)
         am = attention_mask[i : i + batch_size].to(device)

@@ -11,6 +11,7 @@ import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
@@ -34,12 +35,23 @@ from fedshield.task.model import (
     prefix_hidden_states,
 )
 
+if TYPE_CHECKING:  # transformers is imported when a text model is loaded (task.model._quiet_transformers first)
+    from transformers import PreTrainedTokenizerBase
+
+
+def task_from_yaml(task_yaml: str) -> DictConfig:
+    """The `task` section back from its YAML (what the caches below are keyed by)."""
+    from omegaconf import OmegaConf
+
+    task = OmegaConf.create(task_yaml)
+    if not isinstance(task, DictConfig):  # OmegaConf.create gives a ListConfig for a YAML list
+        raise TypeError(f"task config: expected a mapping, got {type(task).__name__}")
+    return task
+
 
 @lru_cache(maxsize=4)
 def _pool_and_test(task_yaml: str) -> tuple[LabeledData, LabeledData]:
-    from omegaconf import OmegaConf
-
-    t = OmegaConf.create(task_yaml)
+    t = task_from_yaml(task_yaml)
     if t.name == "news-topics":
         data = load_news_topics()
     elif t.name == "heart-disease":
@@ -74,9 +86,7 @@ def class_names(cfg: DictConfig) -> list[str]:
 
 @lru_cache(maxsize=2)
 def _base_model(task_yaml: str, seed: int, num_features: int, classes: tuple[str, ...]) -> nn.Module:
-    from omegaconf import OmegaConf
-
-    t = OmegaConf.create(task_yaml)
+    t = task_from_yaml(task_yaml)
     if t.name == "heart-disease":
         return build_tabular_model(num_features, len(classes), t.hidden_units, seed)
     return build_text_model(t.model, list(classes), seed)
@@ -113,7 +123,7 @@ def build_view(cfg: DictConfig, device: torch.device | None = None) -> TrainView
 
 
 @lru_cache(maxsize=2)
-def tokenizer(model: str):
+def tokenizer(model: str) -> PreTrainedTokenizerBase:
     """The task's tokenizer, loaded once per process."""
     return load_tokenizer(model)
 
@@ -172,7 +182,8 @@ def _prefix_key(view: TrainView, ids: torch.Tensor) -> str:
     return h.hexdigest()[:24]
 
 
-_FINGERPRINTS: dict[tuple, str] = {}
+# (task YAML, seed, trainable, last_layers, lora_r, lora_alpha) -> fingerprint (build_view)
+_FINGERPRINTS: dict[tuple[str, int, str, int, int, int], str] = {}
 
 
 def view_fingerprint(view: TrainView) -> str:

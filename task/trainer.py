@@ -18,6 +18,7 @@ clips to a zero sum and noises, for every trainable view and both clipping modes
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,7 +87,7 @@ class LocalResult:
     spends: list[tuple[float, float, int]]  # what Opacus' accountant recorded (DP only)
 
 
-def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+def _optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -159,7 +160,9 @@ def train_local(
     )
 
 
-def _epoch(module, optimizer, loader, criterion, device, losses, plan, params, anchors) -> int:
+def _epoch(module: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable[tuple[torch.Tensor, ...]],
+           criterion: nn.Module, device: torch.device, losses: list[float], plan: LocalPlan,
+           params: list[nn.Parameter], anchors: list[torch.Tensor]) -> int:
     steps = 0
     for batch in loader:
         *inputs, labels = (t.to(device) for t in batch)
@@ -192,7 +195,8 @@ def _empty_batch(optimizer: torch.optim.Optimizer, grad_sample_mode: str) -> Non
         if grad_sample_mode == "ghost":
             p.grad = torch.zeros_like(p)
         else:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            # Opacus' per-sample gradients: an attribute its hooks set on parameters at run time
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
 
 
 def _trainable(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

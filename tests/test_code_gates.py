@@ -141,7 +141,8 @@ def test_ruff() -> None:
 
 
 def test_mypy_strict() -> None:
-    """mypy --strict on the files pyproject's [tool.mypy] names."""
+    """mypy --strict on the files pyproject's [tool.mypy] names: the whole package, every room."""
+    assert PYPROJECT["tool"]["mypy"]["files"] == ["fedshield"] and PYPROJECT["tool"]["mypy"]["strict"]
     r = _run([sys.executable, "-m", "mypy"])
     assert r.returncode == 0, r.stdout + r.stderr
 
