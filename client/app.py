@@ -68,7 +68,7 @@ from fedshield.privacy.events import (
 from fedshield.task import centering
 from fedshield.task.data import LabeledData
 from fedshield.task.model import ModelError, TrainView
-from fedshield.task.pipeline import build_view, encode, read_text_file, task_from_yaml, view_fingerprint
+from fedshield.task.pipeline import TaskSpec, build_view, encode, read_text_file, view_fingerprint
 from fedshield.task.sites import check_delta, virtual_sites
 from fedshield.task.trainer import LocalPlan, TrainingError, poisson_rate, round_steps, train_local
 
@@ -195,11 +195,11 @@ def _config(config_yaml: str, node_items: tuple[tuple[str, Any], ...], deployed:
 
 
 @lru_cache(maxsize=8)
-def _site_file(task_yaml: str, path: str, classes: tuple[str, ...]) -> LabeledData:
+def _site_file(task: TaskSpec, path: str, classes: tuple[str, ...]) -> LabeledData:
     """The site's data file, read with the site's own classes (`classes`; () : the file's
     distinct labels), never with the plan's: what the read finds (a row with another label)
     must not depend on what the coordinator asks."""
-    return read_text_file(task_from_yaml(task_yaml), path, labels=list(classes))
+    return read_text_file(task, path, labels=list(classes))
 
 
 # (id(file data), plan classes) -> (file data, relabelled, kept rows): computed once per
@@ -241,15 +241,12 @@ def _plan_rows(data: LabeledData, classes: tuple[str, ...]) -> tuple[LabeledData
     return rows, keep
 
 
-def _own_columns(task: DictConfig, node: Mapping[str, Any]) -> str:
-    """The task config (YAML) a deployed site reads its file with: its own text and label
-    columns (default `text`, `label`, as `fedshield client`'s) and no site column, whatever
-    the plan says: which column a read takes, and so whether it fails, is the site's choice."""
-    own = OmegaConf.to_container(task, resolve=True)
-    assert isinstance(own, dict)
-    own.update(text_column=str(node.get(NODE_TEXT_COLUMN, "text")),
-               label_column=str(node.get(NODE_LABEL_COLUMN, "label")), site_column="")
-    return OmegaConf.to_yaml(OmegaConf.create(own))
+def _own_columns(task: DictConfig, node: Mapping[str, Any]) -> TaskSpec:
+    """The task a deployed site reads its file with: its own text and label columns
+    (default `text`, `label`, as `fedshield client`'s) and no site column, whatever the plan
+    says: which column a read takes, and so whether it fails, is the site's choice."""
+    return TaskSpec.of(task, text_column=str(node.get(NODE_TEXT_COLUMN, "text")),
+                       label_column=str(node.get(NODE_LABEL_COLUMN, "label")), site_column="")
 
 
 def _declared_labels(node: Mapping[str, Any]) -> tuple[str, ...] | None:

@@ -7,6 +7,7 @@ held-out test split is fixed by task.split_seed and never reaches a site in simu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import os
 from functools import lru_cache
@@ -39,19 +40,41 @@ if TYPE_CHECKING:  # transformers is imported when a text model is loaded (task.
     from transformers import PreTrainedTokenizerBase
 
 
-def task_from_yaml(task_yaml: str) -> DictConfig:
-    """The `task` section back from its YAML (what the caches below are keyed by)."""
-    from omegaconf import OmegaConf
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """The `task` section, typed and hashable: what the data and the initial model depend
+    on, and so the key of the per-process caches below (a value, not the config's text)."""
 
-    task = OmegaConf.create(task_yaml)
-    if not isinstance(task, DictConfig):  # OmegaConf.create gives a ListConfig for a YAML list
-        raise TypeError(f"task config: expected a mapping, got {type(task).__name__}")
-    return task
+    name: str
+    model: str
+    test_fraction: float
+    split_seed: int
+    data_path: str
+    test_path: str
+    text_column: str
+    label_column: str
+    labels: tuple[str, ...]
+    site_column: str
+    hidden_units: int
+
+    @classmethod
+    def of(cls, task: DictConfig, *, text_column: str | None = None, label_column: str | None = None,
+           site_column: str | None = None) -> TaskSpec:
+        """The spec of a validated config's `task` section; the columns given (a site's
+        own) replace the config's."""
+        return cls(
+            name=str(task.name), model=str(task.model), test_fraction=float(task.test_fraction),
+            split_seed=int(task.split_seed), data_path=str(task.data_path), test_path=str(task.test_path),
+            text_column=str(task.text_column) if text_column is None else text_column,
+            label_column=str(task.label_column) if label_column is None else label_column,
+            labels=tuple(str(x) for x in task.labels),
+            site_column=str(task.site_column) if site_column is None else site_column,
+            hidden_units=int(task.hidden_units),
+        )
 
 
 @lru_cache(maxsize=4)
-def _pool_and_test(task_yaml: str) -> tuple[LabeledData, LabeledData]:
-    t = task_from_yaml(task_yaml)
+def _pool_and_test(t: TaskSpec) -> tuple[LabeledData, LabeledData]:
     if t.name == "news-topics":
         data = load_news_topics()
     elif t.name == "heart-disease":
@@ -63,7 +86,7 @@ def _pool_and_test(task_yaml: str) -> tuple[LabeledData, LabeledData]:
     return train_test_split(data, t.test_fraction, t.split_seed)
 
 
-def read_text_file(task: DictConfig, path: str, labels: list[str] | None = None) -> LabeledData:
+def read_text_file(task: TaskSpec, path: str, labels: list[str] | None = None) -> LabeledData:
     return load_text_file(
         path,
         text_column=task.text_column,
@@ -75,9 +98,7 @@ def read_text_file(task: DictConfig, path: str, labels: list[str] | None = None)
 
 def pool_and_test(cfg: DictConfig) -> tuple[LabeledData, LabeledData]:
     """The training pool (split across virtual sites) and the held-out test split."""
-    from omegaconf import OmegaConf
-
-    return _pool_and_test(OmegaConf.to_yaml(cfg.task))
+    return _pool_and_test(TaskSpec.of(cfg.task))
 
 
 def class_names(cfg: DictConfig) -> list[str]:
@@ -85,8 +106,7 @@ def class_names(cfg: DictConfig) -> list[str]:
 
 
 @lru_cache(maxsize=2)
-def _base_model(task_yaml: str, seed: int, num_features: int, classes: tuple[str, ...]) -> nn.Module:
-    t = task_from_yaml(task_yaml)
+def _base_model(t: TaskSpec, seed: int, num_features: int, classes: tuple[str, ...]) -> nn.Module:
     if t.name == "heart-disease":
         return build_tabular_model(num_features, len(classes), t.hidden_units, seed)
     return build_text_model(t.model, list(classes), seed)
@@ -94,13 +114,9 @@ def _base_model(task_yaml: str, seed: int, num_features: int, classes: tuple[str
 
 def build_model(cfg: DictConfig) -> nn.Module:
     """A fresh copy of the task's initial model (pretrained body, seeded head)."""
-    from omegaconf import OmegaConf
-
     test = pool_and_test(cfg)[1]
     num_features = 0 if test.features is None else int(test.features.shape[1])
-    base = _base_model(
-        OmegaConf.to_yaml(cfg.task), int(cfg.federation.seed), num_features, tuple(test.class_names)
-    )
+    base = _base_model(TaskSpec.of(cfg.task), int(cfg.federation.seed), num_features, tuple(test.class_names))
     return copy.deepcopy(base)
 
 
@@ -112,9 +128,7 @@ def build_view(cfg: DictConfig, device: torch.device | None = None) -> TrainView
     view = make_train_view(model, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha)
     # The frozen weights are fixed by the config (checkpoint, seed, what trains), so their
     # hash is computed once per process: hashing 22M weights per message would dominate.
-    from omegaconf import OmegaConf
-
-    key = (OmegaConf.to_yaml(cfg.task), int(cfg.federation.seed), tr.trainable, tr.last_layers,
+    key = (TaskSpec.of(cfg.task), int(cfg.federation.seed), tr.trainable, tr.last_layers,
            tr.lora_r, tr.lora_alpha)
     if key not in _FINGERPRINTS:
         _FINGERPRINTS[key] = frozen_fingerprint(view.model, view.trainable_names)
@@ -183,7 +197,7 @@ def _prefix_key(view: TrainView, ids: torch.Tensor) -> str:
 
 
 # (task YAML, seed, trainable, last_layers, lora_r, lora_alpha) -> fingerprint (build_view)
-_FINGERPRINTS: dict[tuple[str, int, str, int, int, int], str] = {}
+_FINGERPRINTS: dict[tuple[TaskSpec, int, str, int, int, int], str] = {}
 
 
 def view_fingerprint(view: TrainView) -> str:

@@ -11,18 +11,18 @@ so every site must have δ well below 1/n for its n records.
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fedshield import conf
 from fedshield.task.data import LabeledData
 from fedshield.task.partition import partition, site_names
-from fedshield.task.pipeline import pool_and_test
+from fedshield.task.pipeline import TaskSpec, pool_and_test
 
 
 def virtual_sites(cfg: DictConfig) -> list[tuple[str, LabeledData]]:
     """(name, records) for every virtual site, in partition order (partition-id = index)."""
     fed = cfg.federation
-    key = (OmegaConf.to_yaml(cfg.task), int(fed.num_sites), str(fed.partition), int(fed.seed),
+    key = (TaskSpec.of(cfg.task), int(fed.num_sites), str(fed.partition), int(fed.seed),
            float(fed.dirichlet_alpha))
     if key not in _SPLITS:  # computed once per process: every worker message needs it
         pool, _ = pool_and_test(cfg)

@@ -177,3 +177,18 @@ def test_an_error_reason_does_not_carry_the_sites_details(tiny_bert, tmp_path):
     assert "DataError" in reply.reason
     for secret in ("secret-ward-7", "bed 12", "cancer", str(tmp_path)):
         assert secret not in reply.reason
+
+
+def test_the_task_caches_are_keyed_by_a_typed_value_not_the_configs_text():
+    """pool_and_test, the base model and the virtual sites are cached per process by the
+    task's TaskSpec (a frozen dataclass), so two configs that say the same task in other
+    YAML (key order, a quoted number) share one entry, and a changed column does not."""
+    from fedshield import conf
+    from fedshield.task.pipeline import TaskSpec, pool_and_test
+
+    a = conf.load_config(["task=heart-disease"])
+    b = conf.from_yaml(conf.to_yaml(a))
+    assert TaskSpec.of(a.task) == TaskSpec.of(b.task) and hash(TaskSpec.of(a.task)) == hash(TaskSpec.of(b.task))
+    assert pool_and_test(a) is pool_and_test(b)  # one cache entry
+    own = TaskSpec.of(a.task, text_column="notes", site_column="")
+    assert own != TaskSpec.of(a.task) and own.text_column == "notes" and own.labels == ()
