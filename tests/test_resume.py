@@ -38,6 +38,16 @@ def rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
 
+def kept_round(site_dir: Path, run_id: str) -> int | None:
+    """The round of the reply a virtual site keeps for `run_id` (client/site.py save_release)."""
+    path = site_dir / "runs" / f"{run_id}.release.npz"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return int(json.loads(bytes(data["__release__"]).decode())["round"])
+    except (OSError, ValueError, KeyError):  # not written yet (it is replaced whole, atomically)
+        return None
+
+
 def own_ledgers(run: Path) -> dict[str, list[tuple]]:
     out = {}
     for ledger in sorted((run / "sites").glob("*/ledger.jsonl")):
@@ -57,9 +67,15 @@ def test_a_killed_coordinator_resumes_to_the_same_model_and_epsilon(tiny_bert, s
 
     run = tmp_path / "runs" / "crashed"
     crashed = fedshield(*overrides, "output.run_name=crashed")
+    # The kill comes once round 3's sites (the same seed samples as the whole run's) have
+    # trained it and kept their replies: the resumed run re-sends round 3 and gets those
+    # replies back, never a second spend. (A kill in the middle of a site's training leaves
+    # its spend standing and the round declined, by design: tests/test_site_spend.py.)
+    third = rows(tmp_path / "runs" / "whole")[3]["sampled"]
     deadline = time.time() + 600
-    while time.time() < deadline and crashed.poll() is None and len(rows(run)) < 3:  # rounds 0, 1, 2
-        time.sleep(0.2)
+    while time.time() < deadline and crashed.poll() is None and not (
+            len(rows(run)) >= 3 and all(kept_round(run / "sites" / s, "crashed") == 3 for s in third)):
+        time.sleep(0.05)
     assert crashed.poll() is None, "the run ended before it could be killed"
     os.killpg(crashed.pid, signal.SIGKILL)
     crashed.wait(timeout=60)
