@@ -437,6 +437,7 @@ def server_main(argv: list[str]) -> int:
     children = Children()
     front: FleetFront | None = None
     said: list[str] = []  # the lines of the ServerApp's output that state why it stopped
+    shown: set[str] = set()  # every line printed from it (stripped)
     interrupted = False
     try:
         with interrupts_raise():
@@ -477,6 +478,7 @@ def server_main(argv: list[str]) -> int:
                     said.append(line)
                 if args.verbose or not _noise(line):
                     print(line.rstrip(), flush=True)
+                    shown.add(line.strip())
     except Interrupted:
         print("interrupted: stopping the SuperLink and the ServerApp", file=sys.stderr, flush=True)
         interrupted = True
@@ -488,8 +490,31 @@ def server_main(argv: list[str]) -> int:
     if not (run_dir / "report.md").is_file():
         failure = run_failure(said) or f"the ServerApp said no cause; the SuperLink log's last error: {last_error(log)}"
         raise FedShieldError(f"the run did not complete: {failure} (SuperLink log: {log})")
+    for line in last_round_lines(run_dir, shown):
+        print(line, flush=True)
     print(f"\nrun directory: {run_dir}", flush=True)
     return 0
+
+
+def last_round_lines(run_dir: Path, shown: set[str]) -> list[str]:
+    """The last round's outcome lines (who failed, who dropped out of secure aggregation)
+    from the run's metrics.jsonl, those the streamed log did not carry: Flower uploads the
+    ServerApp's log in batches, and a run's last batch can end after the stream does."""
+    from fedshield.server.run_dir import read_jsonl
+
+    try:
+        last = read_jsonl(run_dir / "metrics.jsonl")[-1]
+    except (OSError, ValueError, IndexError):
+        return []
+
+    def seen(text: str) -> bool:  # a streamed line carries Flower's log prefix before ours
+        return any(text in s for s in shown)
+
+    lines = [f"  {site}: dropped out of secure aggregation at {stage}"
+             for site, stage in sorted((last.get("secagg_dropped") or {}).items())]
+    lines += [f"  {site}: failed (why: report.md)" for site in last.get("failed_sites") or []
+              if not seen(f"{site}: failed")]
+    return [line for line in lines if not seen(line.strip())]
 
 
 def front_limits(args: argparse.Namespace) -> FrontLimits:

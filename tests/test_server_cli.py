@@ -186,3 +186,20 @@ def test_the_serverapps_last_lines_are_read_after_its_report_and_a_silent_stream
     assert done.wait(30), "run_output waited on a silent stream after the report"
     assert got == ["round 1\n"]
     os.close(write)
+
+
+def test_the_last_rounds_outcome_is_printed_even_when_the_streamed_log_ends_first(tmp_path):
+    """Flower uploads the ServerApp's log in batches: the last round's lines can miss the
+    stream. `fedshield server` prints them from metrics.jsonl, once."""
+    import json
+
+    from fedshield.server.cli import last_round_lines
+
+    rows = [{"round": 0}, {"round": 1, "secagg_dropped": {"city-bank": "collect"}, "failed_sites": ["city-bank"]}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert last_round_lines(tmp_path, set()) == ["  city-bank: dropped out of secure aggregation at collect",
+                                                 "  city-bank: failed (why: report.md)"]
+    streamed = {"INFO :        city-bank: dropped out of secure aggregation at collect",
+                "INFO :        city-bank: failed: Error: Node Unavailable"}
+    assert last_round_lines(tmp_path, streamed) == []  # the stream carried them: not twice
+    assert last_round_lines(tmp_path / "nothing", set()) == []
