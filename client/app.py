@@ -47,11 +47,12 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from omegaconf import DictConfig, OmegaConf
 
 from fedshield import conf, protocol, rules
 from fedshield.client import secagg
 from fedshield.client.site import BooksBehind, SiteState
+from fedshield.conf.config import Config
+from fedshield.conf.schema import TaskConfig
 from fedshield.privacy.accountant import Spend, epsilon
 from fedshield.privacy.errors import FedShieldError
 from fedshield.privacy.events import (
@@ -102,7 +103,7 @@ SITE_OVERRIDABLE = POLICY + OPERATIONAL
 @dataclass
 class Site:
     name: str
-    cfg: DictConfig  # the coordinator's plan, checked against the site's policy (site_config)
+    cfg: Config  # the coordinator's plan, checked against the site's policy (site_config)
     data: LabeledData  # the records this plan trains on, labelled by the plan's classes
     state: SiteState
     simulated: bool
@@ -119,7 +120,7 @@ class PolicyError(FedShieldError):
     """The coordinator's plan asks for less privacy than the site's policy allows."""
 
 
-def site_config(plan: DictConfig, node_config: Mapping[str, Any], deployed: bool = True) -> DictConfig:
+def site_config(plan: Config, node_config: Mapping[str, Any], deployed: bool = True) -> Config:
     """The config a site works with: the coordinator's plan, checked against the site's
     privacy policy (deployed sites; PolicyError if the plan is looser) and with the site's
     operational settings on top. A simulation's virtual sites take the plan as it is."""
@@ -131,19 +132,15 @@ def site_config(plan: DictConfig, node_config: Mapping[str, Any], deployed: bool
         )
     operational = {k: v for k, v in own.items() if k in OPERATIONAL}
     if deployed:
-        policy = conf.load_config([f"{k}={v}" for k, v in own.items() if k in POLICY])
+        policy = Config.load([f"{k}={v}" for k, v in own.items() if k in POLICY])
         check_policy(plan, policy)
         floor = policy.privacy.min_noise_multiplier
         if floor is not None and (plan.privacy.min_noise_multiplier or 0.0) < floor:
             operational["privacy.min_noise_multiplier"] = floor  # a plan silent on it gets the site's floor
-    if not operational:
-        return plan
-    flat = conf.to_flat(plan)
-    flat.update(operational)
-    return conf.load_config(base=flat)
+    return plan.with_values(operational) if operational else plan
 
 
-def check_policy(plan: DictConfig, policy: DictConfig) -> None:
+def check_policy(plan: Config, policy: Config) -> None:
     """Refuse, naming the key, a plan that is looser than the site's policy on any field."""
     p, mine = plan.privacy, policy.privacy
     if mine.mode == "dp-sgd" and p.mode != "dp-sgd":
@@ -176,7 +173,7 @@ def check_policy(plan: DictConfig, policy: DictConfig) -> None:
     _check_secure(plan, policy)
 
 
-def _check_secure(plan: DictConfig, policy: DictConfig) -> None:
+def _check_secure(plan: Config, policy: Config) -> None:
     """A site that requires secure aggregation sends no update in the clear (whatever its DP mode)."""
     if policy.federation.secure_aggregation != "off" and plan.federation.secure_aggregation == "off":
         raise PolicyError("federation.secure_aggregation='off': this site sends its update only masked "
@@ -186,12 +183,19 @@ def _check_secure(plan: DictConfig, policy: DictConfig) -> None:
 # ------------------------------------------------------------ per-worker caches
 
 
+def _config(config_yaml: str, node_items: tuple[tuple[str, Any], ...], deployed: bool) -> Config:
+    """The plan's config for this site (site_config): a typed, immutable Config. Parsing and
+    validating the plan costs milliseconds and every message of a run carries the same one,
+    so the parse is memoised by the plan's digest (the message's identity, not a key of any
+    model or data cache: those are keyed by typed values, TaskSpec)."""
+    digest = hashlib.sha256(config_yaml.encode()).hexdigest()
+    return _parsed_plan(digest, config_yaml, node_items, deployed)
+
+
 @lru_cache(maxsize=16)
-def _config(config_yaml: str, node_items: tuple[tuple[str, Any], ...], deployed: bool) -> DictConfig:
-    """The plan's config for this site (site_config), parsed once per (plan, node)."""
-    cfg = site_config(conf.from_yaml(config_yaml), dict(node_items), deployed)
-    OmegaConf.set_readonly(cfg, True)  # shared by every message of this worker
-    return cfg
+def _parsed_plan(digest: str, config_yaml: str, node_items: tuple[tuple[str, Any], ...], deployed: bool) -> Config:
+    del digest  # the key; config_yaml is what it digests
+    return site_config(Config.from_text(config_yaml), dict(node_items), deployed)
 
 
 @lru_cache(maxsize=8)
@@ -241,7 +245,7 @@ def _plan_rows(data: LabeledData, classes: tuple[str, ...]) -> tuple[LabeledData
     return rows, keep
 
 
-def _own_columns(task: DictConfig, node: Mapping[str, Any]) -> TaskSpec:
+def _own_columns(task: TaskConfig, node: Mapping[str, Any]) -> TaskSpec:
     """The task a deployed site reads its file with: its own text and label columns
     (default `text`, `label`, as `fedshield client`'s) and no site column, whatever the plan
     says: which column a read takes, and so whether it fails, is the site's choice."""
@@ -423,12 +427,12 @@ def public_count(site: Site, run_id: str) -> PublicCount | str:
     found = site.state.released_count(digest)
     if found is not None:
         return PublicCount(*found)
-    spend = Spend(float(priv.count_noise_multiplier), 1.0, 1)
+    spend = Spend(priv.count_noise_multiplier, 1.0, 1)
     decision = site.state.check_budget(spend, _budget(site), priv.delta, priv.accountant, priv.neighbouring)
     if not decision.ok:
         return f"releasing its record count: {decision.reason}"
     generator = torch.Generator().manual_seed(_seed(site.cfg, site, 0) + 11)
-    noisy = n + float(priv.count_noise_multiplier) * float(torch.randn((), generator=generator, dtype=torch.float64))
+    noisy = n + priv.count_noise_multiplier * float(torch.randn((), generator=generator, dtype=torch.float64))
     released = max(1, round(noisy))  # post-processing of the Gaussian count
     count = release_event(Mechanism.GAUSSIAN_COUNT, spend.noise_multiplier, 1.0, priv.neighbouring)  # sensitivity 1
     entry = _record(site, run_id, 0, count, COUNT_RELEASE, {"released_count": released, "data_digest": digest})
@@ -491,7 +495,7 @@ def _feature_sum(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     clip = centering.clip_norm(cfg, view)
     if spend is not None:  # within the run's target too (the training rounds were calibrated around it)
         decision = site.state.check_budget(spend, _budget(site), priv.delta, priv.accountant, priv.neighbouring,
-                                           run_id=plan.run_id, run_target=float(priv.target_epsilon))
+                                           run_id=plan.run_id, run_target=priv.target_epsilon)
         if not decision.ok:
             return _decline(msg, site.name, decision.reason, "budget")
     generator = torch.Generator().manual_seed(_seed(cfg, site, 0) + 7)
@@ -685,15 +689,15 @@ def local_update(msg: Message, plan: protocol.Plan, site: Site) -> LocalUpdate |
         mean = centering.release_spend(cfg, view)
         before = [s for s in (mean, count.spend() if count.spent_in(plan.run_id) else None) if s]
         sigma = float(priv.noise_multiplier) if priv.noise_multiplier else site.state.noise_multiplier(
-            plan.run_id, float(priv.target_epsilon), float(priv.delta), q, steps,
-            int(cfg.federation.rounds), priv.accountant, before=before, neighbouring=priv.neighbouring,
+            plan.run_id, priv.target_epsilon, priv.delta, q, steps,
+            cfg.federation.rounds, priv.accountant, before=before, neighbouring=priv.neighbouring,
         )
         sigma = max(sigma, float(priv.min_noise_multiplier or 0.0))  # more noise than asked: stricter
         made = any(e.get("release") == FEATURE_RELEASE and e.get("run_id") == plan.run_id
                    for e in site.state.entries())
         decision = site.state.check_budget(
             Spend(sigma, q, steps), _budget(site), priv.delta, priv.accountant, priv.neighbouring,
-            run_id=plan.run_id, run_target=float(priv.target_epsilon),
+            run_id=plan.run_id, run_target=priv.target_epsilon,
             run_assumed=[mean] if mean is not None and not made else [])
         if not decision.ok:
             if entries:  # the count this message released: the coordinator hears of it with a later reply
@@ -702,7 +706,7 @@ def local_update(msg: Message, plan: protocol.Plan, site: Site) -> LocalUpdate |
         # Spend before compute: on disk (fsync) before the first step that could be released,
         # and marked for the next reply of this run until a reply carries it.
         training = PrivacyEvent(Mechanism.DP_SGD, sigma, q, steps, Neighbouring(priv.neighbouring),
-                                float(priv.max_grad_norm))
+                                priv.max_grad_norm)
         entries.append(_record(site, plan.run_id, plan.server_round, training, TRAIN_RELEASE, {"plan_digest": digest}))
         site.state.mark_unreported(entries)
     local = LocalPlan(
@@ -794,7 +798,7 @@ def _request_digest(plan: protocol.Plan, weights: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------ helpers
 
 
-def _device(cfg: DictConfig) -> torch.device:
+def _device(cfg: Config) -> torch.device:
     want = cfg.training.device
     if want == "cuda" and not torch.cuda.is_available():
         raise FedShieldError("training.device=cuda: no CUDA device is available at this site")
@@ -830,17 +834,17 @@ def _record(site: Site, run_id: str, server_round: int, event: PrivacyEvent, rel
     priv = site.cfg.privacy
     history = [*site.state.history(), event.spend()]
     return site.state.record_spend(entry_fields(
-        event, site=site.name, run_id=run_id, round=server_round, delta=float(priv.delta),
-        accountant=str(priv.accountant), release=release,
+        event, site=site.name, run_id=run_id, round=server_round, delta=priv.delta,
+        accountant=priv.accountant, release=release,
         epsilon=epsilon(history, priv.delta, priv.accountant, priv.neighbouring),
         extra={"budget_epsilon": _budget(site), **(extra or {})},  # signed: an audit takes the site's budget from it
     ))
 
 
-def _seed(cfg: DictConfig, site: Site, server_round: int) -> int:
+def _seed(cfg: Config, site: Site, server_round: int) -> int:
     """Reproducible in simulation; unpredictable in deployment (the noise must be secret)."""
     if site.simulated:
-        return (int(cfg.federation.seed) * 1_000_003 + hash_name(site.name) * 101 + server_round) % 2**62
+        return (cfg.federation.seed * 1_000_003 + hash_name(site.name) * 101 + server_round) % 2**62
     return int.from_bytes(os.urandom(8), "big") % 2**62
 
 

@@ -65,9 +65,9 @@ from flwr.supercore.primitives.asymmetric import (
     private_key_to_bytes,
     public_key_to_bytes,
 )
-from omegaconf import DictConfig
 
 from fedshield import protocol
+from fedshield.conf.config import Config
 from fedshield.privacy import secure_sum, shamir, signing
 from fedshield.privacy.errors import FedShieldError
 from fedshield.privacy.files import create_file
@@ -81,18 +81,18 @@ class SecAggError(FedShieldError):
     """A SecAgg+ stage that this site will not go through (one line)."""
 
 
-def settings(cfg: DictConfig) -> secure_sum.SecAggSettings:
+def settings(cfg: Config) -> secure_sum.SecAggSettings:
     return secure_sum.settings_of(cfg.federation)
 
 
-def round_noise(cfg: DictConfig, dim: int) -> secure_sum.DistributedNoise:
+def round_noise(cfg: Config, dim: int) -> secure_sum.DistributedNoise:
     """The Skellam noise a round's sum must hold, from this site's own copy of the plan
     (the coordinator computes the same from its own, and records what the sum held)."""
     p = cfg.privacy
     try:
         return secure_sum.distributed_noise(
-            settings(cfg), float(p.site_clip_norm), dim, float(p.site_target_epsilon), float(p.site_delta),
-            int(cfg.federation.rounds), None if p.site_noise_multiplier is None else float(p.site_noise_multiplier))
+            settings(cfg), p.site_clip_norm, dim, p.site_target_epsilon, p.site_delta,
+            cfg.federation.rounds, None if p.site_noise_multiplier is None else float(p.site_noise_multiplier))
     except ValueError as exc:
         raise SecAggError(str(exc)) from None
 
@@ -225,7 +225,7 @@ def check_peers(state_dir: Path, names: list[str], ledger_keys: list[bytes]) -> 
         os.replace(tmp, path)
 
 
-def share(context: Context, step: protocol.SecAggStep, run_id: str, cfg: DictConfig,
+def share(context: Context, step: protocol.SecAggStep, run_id: str, cfg: Config,
           signer: signing.PrivateKey, state_dir: Path | None) -> dict[str, Any]:
     """Shares of b and sk1 for the neighbourhood, each encrypted for its holder, once every
     neighbour's keys are checked (signed by the ledger key forwarded with them, that key the
@@ -355,14 +355,14 @@ def claim_round(state_dir: Path, run_id: str, server_round: int) -> None:
 
 
 def masked(context: Context, state: dict[str, Any], update: Mapping[str, np.ndarray[Any, Any]],
-           weights: Mapping[str, np.ndarray[Any, Any]], weight: int, cfg: DictConfig,
+           weights: Mapping[str, np.ndarray[Any, Any]], weight: int, cfg: Config,
            noise: Mapping[str, np.ndarray[Any, Any]] | None = None) -> dict[str, np.ndarray[Any, Any]]:
     """The COLLECT stage's second half: weight × quantized(update - weights), masked."""
     s = settings(cfg)
     delta = {k: np.asarray(update[k], np.float64) - np.asarray(weights[k], np.float64) for k in sorted(update)}
     if cfg.privacy.unit == "site":  # DP-FedAvg: the site clips its whole update to S itself
         norm = math.sqrt(sum(float(np.vdot(d, d)) for d in delta.values()))
-        clip = float(cfg.privacy.site_clip_norm)
+        clip = cfg.privacy.site_clip_norm
         if norm > clip:
             delta = {k: d * (clip / norm) for k, d in delta.items()}
     if cfg.privacy.unit == "site" and noise is None:  # this site's share of the round's Skellam noise

@@ -10,8 +10,10 @@ range checks), so a Config that exists is valid, and a bad key or value is the C
 one-line `ConfigError`. Nothing can change one afterwards: setting an attribute of the
 Config or of a section raises `dataclasses.FrozenInstanceError`; the sections are frozen
 copies of the schema's dataclasses (lists become tuples), and the OmegaConf object inside
-is read-only. Code below the edge that wants a `DictConfig` gets a fresh copy
-(`to_omegaconf()`), so it cannot change this one either.
+is read-only. The rooms below the edge (task/, client/, server/, simulations/) take this
+object, never a `DictConfig`: a section's field is typed for mypy, and nothing there can
+change a config that another part holds. `to_omegaconf()` gives a fresh, mutable copy for
+a caller's own OmegaConf code.
 """
 
 from __future__ import annotations
@@ -117,6 +119,11 @@ class Config:
         return cls._of(conf.load_config(_overrides(overrides, "Config.from_dict"), base=data))
 
     @classmethod
+    def from_text(cls, yaml_text: str) -> Config:
+        """A config written by `to_yaml` (a coordinator's plan as it reaches a site)."""
+        return cls._of(conf.from_yaml(yaml_text))
+
+    @classmethod
     def from_run(cls, run_dir: str | Path) -> Config:
         """The config of the run in `run_dir` (its config.yaml), with `output.dir` and
         `output.run_name` naming that folder: what `simulate(..., resume=True)` continues."""
@@ -180,7 +187,7 @@ class Config:
         return cast(dict[str, Any], data)
 
     def to_omegaconf(self) -> DictConfig:
-        """A mutable copy as the typed OmegaConf object the rooms below the API take."""
+        """A mutable copy as a typed OmegaConf object (for a caller's own OmegaConf code)."""
         return conf.load_config(base=self.to_dict())
 
     def changed(self) -> dict[str, Any]:

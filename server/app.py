@@ -28,6 +28,7 @@ from flwr.superlink.grid import InMemoryGrid
 from omegaconf import DictConfig, OmegaConf
 
 from fedshield import conf, protocol
+from fedshield.conf.config import Config
 from fedshield.deploy.enrolment import LiveEnrolment, flower_key_fingerprint, load_enrolment, proves
 from fedshield.privacy import signing
 from fedshield.privacy.accountant import ADD_REMOVE
@@ -461,14 +462,14 @@ class RoundLog:
         return row
 
 
-def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, resume: bool = False,
+def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume: bool = False,
                    identity: LiveEnrolment | None = None) -> Path:
     """One whole run; returns the run directory. With `resume`, the run continues from its
     checkpoint (server/checkpoint.py) at the round after the last completed one. With
     `identity` (`fedshield server`), site names are bound to enrolled connection keys and
     revocations apply at once (deploy/enrolment.py)."""
-    # The edge: below it the coordinator's own code reads these typed settings, not `cfg`
-    # (which still builds the task, the model and the plan the sites receive).
+    # The edge: the coordinator's own code reads these typed settings; the task code takes
+    # the typed, immutable Config (the model, the data, the plan the sites receive).
     settings = CoordinatorSettings.from_config(cfg)
     run_dir = run_dir or (existing_run_dir(cfg) if resume else new_run_dir(cfg))
     say(f"run directory: {run_dir}" + (" (resuming)" if resume else ""))
@@ -482,7 +483,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     # widened by the strategy's arithmetic, e.g. FedAdam's float64).
     spec = {k: (tuple(v.shape), v.dtype) for k, v in initial.items()}
     plan = protocol.plan_record(
-        config_yaml=conf.to_yaml(cfg), run_id=run_dir.name, run_dir=str(run_dir),
+        config_yaml=cfg.to_yaml(), run_id=run_dir.name, run_dir=str(run_dir),
         frozen_fingerprint=view_fingerprint(view), class_names=pool_and_test(cfg)[1].class_names,
     )
     refused: list[str] = []
@@ -567,7 +568,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     fed = cfg.federation
     inner = flower_strategy(
         fed.strategy, proximal_mu=fed.proximal_mu, server_learning_rate=fed.server_learning_rate,
-        num_malicious=int(fed.num_malicious), trim_fraction=float(fed.trim_fraction), krum_select=int(fed.krum_select),
+        num_malicious=fed.num_malicious, trim_fraction=fed.trim_fraction, krum_select=fed.krum_select,
     )
     if ckpt is not None:
         checkpoint.restore_strategy_state(inner, ckpt.strategy_state)
@@ -604,7 +605,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         first_round=done + 1,
         excluded=dict(ckpt.excluded) if ckpt is not None else None,
         update_norm_bound=None if fed.update_norm_bound is None else float(fed.update_norm_bound),
-        update_norm_action=str(fed.update_norm_action),
+        update_norm_action=fed.update_norm_action,
         site_level=SiteLevel(books_fed.mechanism, books_fed) if books_fed is not None else None,
         secagg=secure_aggregation(settings.secagg, settings.seed, names, isinstance(grid, InMemoryGrid),
                                   books_fed.noise if books_fed is not None else None,
@@ -631,8 +632,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
                 epsilon=dict(rounds.epsilon), declines=dict(rounds.declines),
                 center=None if center is None else [float(v) for v in center]))
             streak = rounds.empty_streak()
-            if server_round and streak >= int(fed.max_empty_rounds):  # after its checkpoint: resumable
-                raise EmptyRoundsError(empty_rounds_line(rounds, server_round, streak, int(fed.max_empty_rounds)))
+            if server_round and streak >= fed.max_empty_rounds:  # after its checkpoint: resumable
+                raise EmptyRoundsError(empty_rounds_line(rounds, server_round, streak, fed.max_empty_rounds))
         return MetricRecord({"accuracy": row["accuracy"], "macro-f1": row["macro_f1"],
                              "epsilon-max": row["epsilon_max"]})
 
@@ -707,11 +708,10 @@ def secure_aggregation(policy: SecAggPolicy | None, seed: int, names: dict[int, 
     return SecAggPlus(settings, names, ledger_keys or {}, timeout=policy.timeout_s, rng=rng, noise=noise)
 
 
-def run_config_yaml(cfg: DictConfig) -> str:
+def run_config_yaml(cfg: Config) -> str:
     """The config that fixes what a run computes: everything but `output.*` (where it is
     written), so that a resumed run may be pointed at its folder differently."""
-    data = OmegaConf.to_container(cfg)
-    assert isinstance(data, dict)
+    data = cfg.to_dict()
     data.pop("output", None)
     return json.dumps(data, sort_keys=True)
 
@@ -758,7 +758,7 @@ def identity_from_run_config(run_config: dict[str, Any]) -> LiveEnrolment | None
     return identity
 
 
-def config_from_run_config(run_config: dict[str, Any]) -> DictConfig:
+def config_from_run_config(run_config: dict[str, Any]) -> Config:
     """Flower's run config: the whole config as one YAML string (lists survive), or
     dotted keys (`flwr run . --run-config "federation.rounds=3"`)."""
     run_config = dict(run_config)
@@ -769,10 +769,10 @@ def config_from_run_config(run_config: dict[str, Any]) -> DictConfig:
     if created is not None and not isinstance(created, DictConfig):
         raise conf.ConfigError(f"{RUN_CONFIG_YAML_KEY}: a YAML mapping of fedshield's keys, not a list")
     written = conf.to_flat(created) if created is not None else {}
-    return conf.load_config(base={**run_config, **written})
+    return Config.from_dict({**run_config, **written})
 
 
-def build_server_app(cfg: DictConfig | None = None, run_dir: Path | None = None, resume: bool = False) -> ServerApp:
+def build_server_app(cfg: Config | None = None, run_dir: Path | None = None, resume: bool = False) -> ServerApp:
     """The ServerApp; with no `cfg` it reads Flower's run config (`flwr run .`)."""
     server_app = ServerApp()
 

@@ -93,7 +93,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the config is loaded on demand (a light start for --help)
-    from omegaconf import DictConfig
+    from fedshield.conf.config import Config
 
 from fedshield.deploy.front import MIB, FleetFront, FrontLimits, max_body_bytes, node_key_bytes
 from fedshield.deploy.processes import (
@@ -193,32 +193,31 @@ def admitted_sites(pki: Path, connection_keys: list[str] | None) -> tuple[list[t
     return admitted, left_out, registry
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[DictConfig, Path]:
+def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
     from fedshield import conf
+    from fedshield.conf.config import Config
 
     resume = getattr(args, "resume", False)
     overrides = list(args.overrides)
     if isinstance(resume, str):  # --resume RUN
         overrides.append(f"output.run_name={resume}")
-    cfg = conf.load_config_file(args.config, overrides) if args.config else conf.load_config(overrides)
+    cfg = Config.from_yaml(args.config, overrides) if args.config else Config.load(overrides)
     if resume:  # the run's own config, as it was written when the run started (only output.* may change)
         from fedshield.server.run_dir import existing_run_dir
 
         out = [o for o in overrides if o.startswith("output.")]
-        cfg = conf.load_config_file(existing_run_dir(cfg) / "config.yaml", out)
-    for key in ("task.model", "task.data_path", "task.test_path", "output.dir"):
-        section, leaf = key.split(".")
-        value = str(cfg[section][leaf])
-        if value and not Path(value).expanduser().is_absolute():
-            cfg[section][leaf] = str(Path(value).expanduser().resolve())
-        elif value:
-            cfg[section][leaf] = str(Path(value).expanduser())
+        cfg = Config.from_yaml(existing_run_dir(cfg) / "config.yaml", out)
+    # The coordinator's paths as absolute ones: the ServerApp runs in another working directory.
+    paths = {"task.model": cfg.task.model, "task.data_path": cfg.task.data_path,
+             "task.test_path": cfg.task.test_path, "output.dir": cfg.output.dir}
+    cfg = cfg.with_values({key: str(Path(value).expanduser() if Path(value).expanduser().is_absolute()
+                                    else Path(value).expanduser().resolve()) for key, value in paths.items() if value})
     if resume:  # the run's own folder, which must hold it
         from fedshield.server.run_dir import existing_run_dir
 
         return cfg, existing_run_dir(cfg)
     if not cfg.output.run_name:
-        cfg.output.run_name = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+        cfg = cfg.with_values({"output.run_name": time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)})
     run_dir = Path(cfg.output.dir) / cfg.output.run_name
     if run_dir.exists() and any(run_dir.iterdir()):
         raise conf.ConfigError(f"output.run_name={cfg.output.run_name!r}: {run_dir} already holds a run; "
@@ -226,7 +225,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[DictConfig, Path]:
     return cfg, run_dir
 
 
-def check_inputs(cfg: DictConfig, admitted: int) -> str:
+def check_inputs(cfg: Config, admitted: int) -> str:
     """The run's model folder and data, checked as the ServerApp will load them, and the
     site counts against the keys admitted; a one-line summary, or a FedShieldError."""
     from fedshield import conf
@@ -239,11 +238,11 @@ def check_inputs(cfg: DictConfig, admitted: int) -> str:
     model = ""
     folder = None
     if cfg.task.name != "heart-disease":  # the text tasks fine-tune task.model ("": the bundled one)
-        folder = text_model_path(str(cfg.task.model))
+        folder = text_model_path(cfg.task.model)
         model = f"; model {folder}"
     pool, test = pool_and_test(cfg)
     if folder is not None:
-        check_model_head(folder, list(test.class_names), f"task.model={str(cfg.task.model)!r}")
+        check_model_head(folder, list(test.class_names), f"task.model={cfg.task.model!r}")
     return (f"task {cfg.task.name}: {len(pool)} training and {len(test)} test records, classes "
             f"{', '.join(test.class_names)}{model}")
 
@@ -305,7 +304,7 @@ def check_address(host: str, port: int) -> None:
             raise FedShieldError(f"--address {host}:{port}: cannot listen there ({exc.strerror})") from None
 
 
-def write_app(app_dir: Path, cfg: DictConfig, resume: bool = False, identity: tuple[Path, Path] | None = None) -> None:
+def write_app(app_dir: Path, cfg: Config, resume: bool = False, identity: tuple[Path, Path] | None = None) -> None:
     """A Flower app folder with only a pyproject.toml: the components + the resolved config.
 
     The config travels as one YAML string (`server.app.RUN_CONFIG_YAML_KEY`): Flower's run
@@ -316,7 +315,6 @@ def write_app(app_dir: Path, cfg: DictConfig, resume: bool = False, identity: tu
     """
     import json
 
-    from fedshield import conf
     from fedshield.server.app import ENROLMENT_KEY, RESUME_KEY, REVOKED_KEY, RUN_CONFIG_YAML_KEY
 
     app_dir.mkdir(parents=True, exist_ok=True)
@@ -329,7 +327,7 @@ def write_app(app_dir: Path, cfg: DictConfig, resume: bool = False, identity: tu
         "[tool.flwr.app.components]\n"
         "serverapp = \"fedshield.server.app:app\"\nclientapp = \"fedshield.client.app:app\"\n\n"
         # a JSON string is a valid TOML basic string (same escapes)
-        f"[tool.flwr.app.config]\n{json.dumps(RUN_CONFIG_YAML_KEY)} = {json.dumps(conf.to_yaml(cfg))}\n"
+        f"[tool.flwr.app.config]\n{json.dumps(RUN_CONFIG_YAML_KEY)} = {json.dumps(cfg.to_yaml())}\n"
         + (f"{json.dumps(RESUME_KEY)} = true\n" if resume else "")
         + (f"{json.dumps(ENROLMENT_KEY)} = {json.dumps(str(identity[0]))}\n"
            f"{json.dumps(REVOKED_KEY)} = {json.dumps(str(identity[1]))}\n" if identity else "")

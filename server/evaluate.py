@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
+from fedshield.conf.config import Config
 from fedshield.task.evaluation import classification_metrics, predict
 from fedshield.task.model import TrainView
 from fedshield.task.pipeline import encode, pool_and_test
@@ -16,7 +16,7 @@ from fedshield.task.pipeline import encode, pool_and_test
 class CentralEvaluator:
     """Holds the encoded test split (the frozen prefix is computed once, in memory)."""
 
-    def __init__(self, cfg: DictConfig, view: TrainView, device: torch.device) -> None:
+    def __init__(self, cfg: Config, view: TrainView, device: torch.device) -> None:
         self.view = view
         self.device = device
         test = pool_and_test(cfg)[1]

@@ -11,15 +11,15 @@ import json
 from pathlib import Path
 from typing import cast
 
-from omegaconf import DictConfig
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
+from fedshield.conf.config import Config
 from fedshield.task.model import TabularMLP, TrainView, fold_center, is_bert_like
 from fedshield.task.pipeline import pool_and_test, tokenizer
 
 
-def export_model(cfg: DictConfig, view: TrainView, out: Path) -> Path:
+def export_model(cfg: Config, view: TrainView, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     fold_center(view)  # pooler(x - c) becomes pooler(x) with bias - W c: a plain BERT
     model = view.model

@@ -22,16 +22,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from fedshield import conf
+from fedshield.conf.config import Config
 
 LEDGER_KEYS = "ledger-keys"  # <run>/privacy/<this>/<site>.pub: what signed each site's entries
 # The ServerApp's last line when a run stops with an error (server/app.py says it, server/cli.py quotes it).
 RUN_STOPPED = "fedshield: the run stopped: "
 
 
-def new_run_dir(cfg: DictConfig) -> Path:
+def new_run_dir(cfg: Config) -> Path:
     name = cfg.output.run_name or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
     path = Path(cfg.output.dir).expanduser().resolve() / name
     if path.exists() and any(path.iterdir()):
@@ -40,16 +39,16 @@ def new_run_dir(cfg: DictConfig) -> Path:
         )
     (path / "privacy" / LEDGER_KEYS).mkdir(parents=True, exist_ok=True)
     (path / "plots").mkdir(exist_ok=True)
-    (path / "config.yaml").write_text(conf.to_yaml(cfg))
+    (path / "config.yaml").write_text(cfg.to_yaml())
     return path
 
 
-def existing_run_dir(cfg: DictConfig) -> Path:
+def existing_run_dir(cfg: Config) -> Path:
     """The folder of the run `output.run_name` to resume; its config must be the one given
     (server/checkpoint.py checks everything but `output.*`)."""
     if not cfg.output.run_name:
         raise conf.ConfigError("--resume: say which run with output.run_name=NAME (its folder under output.dir)")
-    path = Path(cfg.output.dir).expanduser().resolve() / str(cfg.output.run_name)
+    path = Path(cfg.output.dir).expanduser().resolve() / cfg.output.run_name
     if not (path / "config.yaml").is_file():
         raise conf.ConfigError(f"output.run_name={cfg.output.run_name!r}: {path} holds no run to resume")
     return path

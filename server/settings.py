@@ -1,8 +1,8 @@
 """The coordinator's settings, typed and frozen, resolved once at the edge.
 
-`CoordinatorSettings.from_config(cfg)` reads the validated config (conf/) once, at the
-start of `run_federation`; the coordinator's helpers (RoundLog, the federation's books,
-secure aggregation, the report) take these objects, never the DictConfig, so that a mode
+`CoordinatorSettings.from_config(config)` reads the validated, immutable Config
+(conf/config.py) once, at the start of `run_federation`; the coordinator's helpers (RoundLog,
+the federation's books, secure aggregation, the report) take these objects, so that a mode
 is one of its Literal values, a number is a number, and a default (the lifetime budget,
 sites per round) is resolved by its one rule (fedshield.rules). What travels to the sites
 is the protocol's plan (protocol.plan_record), as before.
@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, cast, get_args
 
-from omegaconf import DictConfig
-
 from fedshield import conf, rules
+from fedshield.conf.config import Config
 from fedshield.privacy.secure_sum import SecAggSettings
 from fedshield.rules import Accountant, Neighbouring, NormAction, PrivacyMode, PrivacyUnit, RuleName
 
@@ -136,42 +135,39 @@ class CoordinatorSettings:
         return "site" if self.site_level is not None else "record"
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> CoordinatorSettings:
-        """The settings of a config; a config that would not load (a value out of range, a
-        combination no rule allows) fails with the line `conf.load_config` gives."""
-        errors = conf.schema.validation_errors(cfg)  # type: ignore[arg-type]
-        if errors:
-            raise conf.ConfigError(f"config: {errors[0]}")
+    def from_config(cls, cfg: Config) -> CoordinatorSettings:
+        """The settings of a Config (valid by construction: every Config went through the
+        schema's checks, and none can change afterwards)."""
         t, f, tr, p, o = cfg.task, cfg.federation, cfg.training, cfg.privacy, cfg.output
         unit = _choice("privacy.unit", p.unit, PrivacyUnit)
         secure = _choice("federation.secure_aggregation", f.secure_aggregation, rules.SecureAggregation)
         threshold = _float_or_none(f.secagg_reconstruction_threshold)
         neighbours = None if f.secagg_neighbours is None else int(f.secagg_neighbours)
         return cls(
-            task=str(t.name), partition=str(f.partition), rounds=int(f.rounds), seed=int(f.seed),
-            max_empty_rounds=int(f.max_empty_rounds), batch_size=int(tr.batch_size),
-            local_epochs=int(tr.local_epochs), device=str(tr.device), save_model=bool(o.save_model),
-            sites=SiteRegistry(expected=int(f.num_sites), min_sites=int(f.min_sites),
-                               fraction_train=float(f.fraction_train), round_timeout_s=float(f.round_timeout_s)),
+            task=t.name, partition=f.partition, rounds=f.rounds, seed=f.seed,
+            max_empty_rounds=f.max_empty_rounds, batch_size=tr.batch_size,
+            local_epochs=tr.local_epochs, device=tr.device, save_model=o.save_model,
+            sites=SiteRegistry(expected=f.num_sites, min_sites=f.min_sites,
+                               fraction_train=f.fraction_train, round_timeout_s=f.round_timeout_s),
             rule=RulePolicy(
                 strategy=cast(RuleName, _choice("federation.strategy", f.strategy, RuleName)),
-                num_malicious=int(f.num_malicious), trim_fraction=float(f.trim_fraction),
-                krum_select=int(f.krum_select), update_norm_bound=_float_or_none(f.update_norm_bound),
+                num_malicious=f.num_malicious, trim_fraction=f.trim_fraction,
+                krum_select=f.krum_select, update_norm_bound=_float_or_none(f.update_norm_bound),
                 update_norm_action=cast(NormAction, _choice("federation.update_norm_action",
                                                             f.update_norm_action, NormAction)),
-                proximal_mu=float(f.proximal_mu), server_learning_rate=float(f.server_learning_rate)),
+                proximal_mu=f.proximal_mu, server_learning_rate=f.server_learning_rate),
             accounting=AccountingPolicy(
-                mode=cast(PrivacyMode, _choice("privacy.mode", p.mode, PrivacyMode)), delta=float(p.delta),
+                mode=cast(PrivacyMode, _choice("privacy.mode", p.mode, PrivacyMode)), delta=p.delta,
                 accountant=cast(Accountant, _choice("privacy.accountant", p.accountant, Accountant)),
                 neighbouring=cast(Neighbouring, _choice("privacy.neighbouring", p.neighbouring, Neighbouring)),
-                target_epsilon=float(p.target_epsilon), budget_epsilon=_float_or_none(p.budget_epsilon),
-                max_grad_norm=float(p.max_grad_norm), count_noise_multiplier=float(p.count_noise_multiplier),
-                center_noise_multiplier=float(p.center_noise_multiplier)),
+                target_epsilon=p.target_epsilon, budget_epsilon=_float_or_none(p.budget_epsilon),
+                max_grad_norm=p.max_grad_norm, count_noise_multiplier=p.count_noise_multiplier,
+                center_noise_multiplier=p.center_noise_multiplier),
             site_level=SiteLevelPolicy(
-                clip_norm=float(p.site_clip_norm), noise_multiplier=_float_or_none(p.site_noise_multiplier),
-                target_epsilon=float(p.site_target_epsilon), delta=float(p.site_delta)) if unit == "site" else None,
+                clip_norm=p.site_clip_norm, noise_multiplier=_float_or_none(p.site_noise_multiplier),
+                target_epsilon=p.site_target_epsilon, delta=p.site_delta) if unit == "site" else None,
             secagg=SecAggPolicy(
-                SecAggSettings(float(f.secagg_clip_range), int(f.secagg_bits), neighbours,
-                               float(f.secagg_max_dropout_fraction), threshold),
-                timeout_s=float(f.secagg_timeout_s)) if secure == "secaggplus" else None,
+                SecAggSettings(f.secagg_clip_range, f.secagg_bits, neighbours,
+                               f.secagg_max_dropout_fraction, threshold),
+                timeout_s=f.secagg_timeout_s) if secure == "secaggplus" else None,
         )

@@ -56,7 +56,7 @@ def simulate_main(argv: list[str]) -> int:
     if args.resume:
         from fedshield.server.run_dir import existing_run_dir
 
-        config = Config.from_yaml(existing_run_dir(config.to_omegaconf()) / "config.yaml", args.overrides)
+        config = Config.from_yaml(existing_run_dir(config) / "config.yaml", args.overrides)
     result = simulate(config, resume=args.resume, verbose=args.verbose)
     print()
     print(result.table())

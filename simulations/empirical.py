@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from fedshield import conf
+from fedshield.conf.config import Config
 from fedshield.privacy.canary import BETA, CanaryResult, audit_scores
 
 SITE_COLUMN = "site"
@@ -225,7 +226,7 @@ def empirical_main(argv: list[str]) -> int:
         raise conf.ConfigError("task='heart-disease': the canary audit needs a text task (canaries are texts)")
     overrides = [a for a in args.overrides if not a.startswith("task=")
                  and not a.startswith(("task.name=", "task.data_path=", "task.test_path="))]
-    user = conf.load_config(overrides)
+    user = Config.load(overrides)
     sites = [f"site-{i}" for i in range(int(user.federation.num_sites))]
     if args.site not in sites:
         raise conf.ConfigError(f"--site={args.site!r}: must be one of {', '.join(sites)} (federation.num_sites)")
@@ -235,7 +236,7 @@ def empirical_main(argv: list[str]) -> int:
 
     train, test, classes, can = build_dataset(
         out / "data", sites, args.site, args.base, args.base_rows, args.test_rows,
-        args.canaries, args.canary_words, str(user.task.model), args.seed,
+        args.canaries, args.canary_words, user.task.model, args.seed,
     )
     forced = {
         "task.name": "text-file", "task.data_path": str(train), "task.test_path": str(test),
@@ -243,16 +244,16 @@ def empirical_main(argv: list[str]) -> int:
         "task.labels": "[" + ",".join(classes) + "]", "federation.partition": "natural",
         "output.dir": str(out / "runs"), "output.save_model": True,
     }
-    cfg = conf.load_config(overrides + [f"{k}={v}" for k, v in forced.items()])
+    cfg = Config.load(overrides + [f"{k}={v}" for k, v in forced.items()])
     print(f"empirical audit: {args.canaries} canaries at {args.site}, "
           f"{int(can.included.sum())} included (coin flips, seed {args.seed})")
 
     from fedshield.simulations.simulate import run_simulation
 
     run_dir = run_simulation(cfg, verbose=args.verbose)
-    losses = canary_losses(run_dir / "model", can.texts, can.labels, int(cfg.task.max_length))
+    losses = canary_losses(run_dir / "model", can.texts, can.labels, cfg.task.max_length)
     dp_on = cfg.privacy.mode != "none"
-    delta = float(cfg.privacy.delta)
+    delta = cfg.privacy.delta
     result = audit_scores(-losses, can.included, delta=delta, beta=BETA)
     sites_json = json.loads((run_dir / "privacy" / "sites.json").read_text())
     accounted = float(sites_json[args.site]["epsilon"]) if dp_on and args.site in sites_json else None
@@ -260,7 +261,7 @@ def empirical_main(argv: list[str]) -> int:
         accounted = math.inf  # the site never reported: nothing to compare against
 
     record, text, leak = report(result, args.site, accounted, dp_on, run_dir,
-                                accountant=str(cfg.privacy.accountant), neighbouring=str(cfg.privacy.neighbouring))
+                                accountant=cfg.privacy.accountant, neighbouring=cfg.privacy.neighbouring)
     record["canary_losses"] = {"included_mean": float(losses[can.included].mean()) if can.included.any() else None,
                                "excluded_mean": float(losses[~can.included].mean()) if (~can.included).any() else None}
     (out / "empirical_audit.json").write_text(json.dumps(record, indent=2))

@@ -19,8 +19,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from fedshield import conf, protocol
 from fedshield.conf.config import Config
 from fedshield.server.run_dir import existing_run_dir, new_run_dir, read_jsonl
@@ -28,7 +26,7 @@ from fedshield.simulations.result import RunResult
 from fedshield.task.sites import check_delta, virtual_sites
 
 
-def check_sites(cfg: DictConfig) -> list[tuple[str, int]]:
+def check_sites(cfg: Config) -> list[tuple[str, int]]:
     """(site, records) for every virtual site; refuses a δ that is not below 1/n."""
     sizes = [(name, len(data)) for name, data in virtual_sites(cfg)]
     for name, _ in sizes:  # names from a data file's site column become folder names
@@ -40,7 +38,7 @@ def check_sites(cfg: DictConfig) -> list[tuple[str, int]]:
     return sizes
 
 
-def backend_config(cfg: DictConfig) -> dict[str, Any]:
+def backend_config(cfg: Config) -> dict[str, Any]:
     sim = cfg.simulation
     resources = {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus}
     if sim.ray_address:
@@ -64,7 +62,7 @@ def _connect_ray(address: str) -> None:
         raise conf.ConfigError(f"simulation.ray_address={address!r}: cannot connect to Ray: {exc}") from None
 
 
-def run_simulation(cfg: DictConfig, verbose: bool = False, resume: bool = False) -> Path:
+def run_simulation(cfg: Config, verbose: bool = False, resume: bool = False) -> Path:
     """Run (or with `resume`, continue from its checkpoint) the simulated federation."""
     from flwr.simulation import run_simulation as flower_run_simulation
 
@@ -135,7 +133,7 @@ def simulate(config: Config, *, resume: bool = False, verbose: bool = False) -> 
     level, python_warnings = flwr_logger.level, os.environ.get("PYTHONWARNINGS")
     try:
         with warnings.catch_warnings():
-            run_dir = run_simulation(config.to_omegaconf(), verbose=verbose, resume=resume)
+            run_dir = run_simulation(config, verbose=verbose, resume=resume)
     finally:
         flwr_logger.setLevel(level)
         if python_warnings is None:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from fedshield import conf
+from fedshield.conf.config import Config
 from fedshield.server.federation_books import LEDGER_FILE as FEDERATION_LEDGER
 from fedshield.server.federation_books import flower_epsilon_no_amplification
 from fedshield.server.run_dir import read_jsonl
@@ -114,7 +115,7 @@ def sweep_main(argv: list[str]) -> int:
         # One folder name per point (output.run_name allows letters, digits, "-", "_", "."):
         # it starts with a key's name, so with a letter.
         name = re.sub(r"[^A-Za-z0-9._-]", "_", "_".join(f"{k.split('.')[-1]}-{v}" for k, v in point.items()))[:128]
-        cfg = conf.load_config(fixed + point_overrides(point) + [f"output.dir={out}", f"output.run_name={name}"])
+        cfg = Config.load(fixed + point_overrides(point) + [f"output.dir={out}", f"output.run_name={name}"])
         site_eps = point.get("privacy.site_target_epsilon", "inf")
         if site_eps.lower() not in INF and cfg.privacy.unit != "site":
             raise conf.ConfigError(f"sweep: privacy.site_target_epsilon={site_eps} does nothing with "

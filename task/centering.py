@@ -35,27 +35,27 @@ import math
 import numpy as np
 import numpy.typing as npt
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedshield.conf.config import Config
 from fedshield.privacy.accountant import Spend
 from fedshield.task.model import TrainView, centered_module, default_center_clip_norm, supports_centering
 
 
-def applies(cfg: DictConfig, view: TrainView) -> bool:
-    return bool(cfg.training.center_features) and supports_centering(view)
+def applies(cfg: Config, view: TrainView) -> bool:
+    return cfg.training.center_features and supports_centering(view)
 
 
-def clip_norm(cfg: DictConfig, view: TrainView) -> float:
+def clip_norm(cfg: Config, view: TrainView) -> float:
     c = cfg.privacy.center_clip_norm
     return float(c) if c is not None else default_center_clip_norm(view)
 
 
-def release_spend(cfg: DictConfig, view: TrainView) -> Spend | None:
+def release_spend(cfg: Config, view: TrainView) -> Spend | None:
     """What the release costs this site (None: no DP, or no centering in this run)."""
     if cfg.privacy.mode != "dp-sgd" or not applies(cfg, view):
         return None
-    return Spend(float(cfg.privacy.center_noise_multiplier), 1.0, 1)
+    return Spend(cfg.privacy.center_noise_multiplier, 1.0, 1)
 
 
 @torch.no_grad()

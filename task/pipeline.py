@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fedshield.conf.config import Config
+from fedshield.conf.schema import TaskConfig
 from fedshield.task.data import (
     LabeledData,
     load_heart_disease,
@@ -58,18 +59,18 @@ class TaskSpec:
     hidden_units: int
 
     @classmethod
-    def of(cls, task: DictConfig, *, text_column: str | None = None, label_column: str | None = None,
+    def of(cls, task: TaskConfig, *, text_column: str | None = None, label_column: str | None = None,
            site_column: str | None = None) -> TaskSpec:
         """The spec of a validated config's `task` section; the columns given (a site's
         own) replace the config's."""
         return cls(
-            name=str(task.name), model=str(task.model), test_fraction=float(task.test_fraction),
-            split_seed=int(task.split_seed), data_path=str(task.data_path), test_path=str(task.test_path),
-            text_column=str(task.text_column) if text_column is None else text_column,
-            label_column=str(task.label_column) if label_column is None else label_column,
-            labels=tuple(str(x) for x in task.labels),
-            site_column=str(task.site_column) if site_column is None else site_column,
-            hidden_units=int(task.hidden_units),
+            name=task.name, model=task.model, test_fraction=task.test_fraction,
+            split_seed=task.split_seed, data_path=task.data_path, test_path=task.test_path,
+            text_column=task.text_column if text_column is None else text_column,
+            label_column=task.label_column if label_column is None else label_column,
+            labels=tuple(task.labels),
+            site_column=task.site_column if site_column is None else site_column,
+            hidden_units=task.hidden_units,
         )
 
 
@@ -96,12 +97,12 @@ def read_text_file(task: TaskSpec, path: str, labels: list[str] | None = None) -
     )
 
 
-def pool_and_test(cfg: DictConfig) -> tuple[LabeledData, LabeledData]:
+def pool_and_test(cfg: Config) -> tuple[LabeledData, LabeledData]:
     """The training pool (split across virtual sites) and the held-out test split."""
     return _pool_and_test(TaskSpec.of(cfg.task))
 
 
-def class_names(cfg: DictConfig) -> list[str]:
+def class_names(cfg: Config) -> list[str]:
     return pool_and_test(cfg)[1].class_names
 
 
@@ -112,15 +113,15 @@ def _base_model(t: TaskSpec, seed: int, num_features: int, classes: tuple[str, .
     return build_text_model(t.model, list(classes), seed)
 
 
-def build_model(cfg: DictConfig) -> nn.Module:
+def build_model(cfg: Config) -> nn.Module:
     """A fresh copy of the task's initial model (pretrained body, seeded head)."""
     test = pool_and_test(cfg)[1]
     num_features = 0 if test.features is None else int(test.features.shape[1])
-    base = _base_model(TaskSpec.of(cfg.task), int(cfg.federation.seed), num_features, tuple(test.class_names))
+    base = _base_model(TaskSpec.of(cfg.task), cfg.federation.seed, num_features, tuple(test.class_names))
     return copy.deepcopy(base)
 
 
-def build_view(cfg: DictConfig, device: torch.device | None = None) -> TrainView:
+def build_view(cfg: Config, device: torch.device | None = None) -> TrainView:
     model = build_model(cfg)
     if device is not None:
         model.to(device)  # before LoRA wrapping: see task.model.add_lora
@@ -128,7 +129,7 @@ def build_view(cfg: DictConfig, device: torch.device | None = None) -> TrainView
     view = make_train_view(model, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha)
     # The frozen weights are fixed by the config (checkpoint, seed, what trains), so their
     # hash is computed once per process: hashing 22M weights per message would dominate.
-    key = (TaskSpec.of(cfg.task), int(cfg.federation.seed), tr.trainable, tr.last_layers,
+    key = (TaskSpec.of(cfg.task), cfg.federation.seed, tr.trainable, tr.last_layers,
            tr.lora_r, tr.lora_alpha)
     if key not in _FINGERPRINTS:
         _FINGERPRINTS[key] = frozen_fingerprint(view.model, view.trainable_names)
@@ -142,11 +143,11 @@ def tokenizer(model: str) -> PreTrainedTokenizerBase:
     return load_tokenizer(model)
 
 
-def _tokenize(cfg: DictConfig, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _tokenize(cfg: Config, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     enc = tokenizer(cfg.task.model)(
         texts,
         truncation=True,
-        max_length=int(cfg.task.max_length),
+        max_length=cfg.task.max_length,
         padding="max_length",
         return_tensors="pt",
     )
@@ -154,7 +155,7 @@ def _tokenize(cfg: DictConfig, texts: list[str]) -> tuple[torch.Tensor, torch.Te
 
 
 def encode(
-    cfg: DictConfig,
+    cfg: Config,
     view: TrainView,
     data: LabeledData,
     cache_dir: Path | None = None,
@@ -196,7 +197,7 @@ def _prefix_key(view: TrainView, ids: torch.Tensor) -> str:
     return h.hexdigest()[:24]
 
 
-# (task YAML, seed, trainable, last_layers, lora_r, lora_alpha) -> fingerprint (build_view)
+# (task, seed, trainable, last_layers, lora_r, lora_alpha) -> fingerprint (build_view)
 _FINGERPRINTS: dict[tuple[TaskSpec, int, str, int, int, int], str] = {}
 
 

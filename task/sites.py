@@ -11,19 +11,18 @@ so every site must have δ well below 1/n for its n records.
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
-
 from fedshield import conf
+from fedshield.conf.config import Config
 from fedshield.task.data import LabeledData
 from fedshield.task.partition import partition, site_names
 from fedshield.task.pipeline import TaskSpec, pool_and_test
 
 
-def virtual_sites(cfg: DictConfig) -> list[tuple[str, LabeledData]]:
+def virtual_sites(cfg: Config) -> list[tuple[str, LabeledData]]:
     """(name, records) for every virtual site, in partition order (partition-id = index)."""
     fed = cfg.federation
-    key = (TaskSpec.of(cfg.task), int(fed.num_sites), str(fed.partition), int(fed.seed),
-           float(fed.dirichlet_alpha))
+    key = (TaskSpec.of(cfg.task), fed.num_sites, fed.partition, fed.seed,
+           fed.dirichlet_alpha)
     if key not in _SPLITS:  # computed once per process: every worker message needs it
         pool, _ = pool_and_test(cfg)
         parts = partition(pool.labels, fed.num_sites, fed.partition, seed=fed.seed,
@@ -38,11 +37,11 @@ def virtual_sites(cfg: DictConfig) -> list[tuple[str, LabeledData]]:
 _SPLITS: dict[tuple[object, ...], tuple[tuple[str, LabeledData], ...]] = {}
 
 
-def check_delta(cfg: DictConfig, site: str, n: int) -> None:
+def check_delta(cfg: Config, site: str, n: int) -> None:
     """Refuse a δ that is not below 1/n for a site with n records (DP runs only)."""
     if cfg.privacy.mode == "none":
         return
-    delta = float(cfg.privacy.delta)
+    delta = cfg.privacy.delta
     if delta >= 1.0 / max(n, 1):
         raise conf.ConfigError(
             f"privacy.delta={delta:g}: must be below 1/n = {1.0 / max(n, 1):.3g} for site {site} with n={n} records"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 
-from fedshield import conf
+from fedshield.conf.config import Config
 from fedshield.privacy.accountant import Spend, calibrate_noise_multiplier, epsilon
 from fedshield.task import centering
 from fedshield.task.model import default_center_clip_norm, fold_center, supports_centering
@@ -18,7 +16,7 @@ from tests.helpers import tiny_overrides
 
 @pytest.fixture()
 def cfg(tiny_bert, synthetic_csv, tmp_path):
-    return conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path))
+    return Config.load(tiny_overrides(tiny_bert, synthetic_csv, tmp_path))
 
 
 def _data(cfg, view, n=48):
@@ -28,7 +26,7 @@ def _data(cfg, view, n=48):
 
 @pytest.mark.parametrize("last_layers", [0, 1])
 def test_exported_model_computes_the_centred_model_without_a_centring_step(cfg, last_layers):
-    cfg.training.last_layers = last_layers
+    cfg = cfg.with_values({"training.last_layers": last_layers})
     view = build_view(cfg)
     data = _data(cfg, view)
     view.module.eval()
@@ -42,8 +40,7 @@ def test_exported_model_computes_the_centred_model_without_a_centring_step(cfg, 
     fold_center(view)
     assert not view.module.center.any()
     pool, _ = pool_and_test(cfg)
-    whole = copy.deepcopy(cfg)
-    whole.training.trainable = "all"  # no frozen prefix: encode gives the token ids and mask
+    whole = cfg.with_values({"training.trainable": "all"})  # no frozen prefix: encode gives the token ids and mask
     ids, mask, _ = encode(whole, build_view(whole), pool.subset(np.arange(48))).tensors
     view.model.eval()
     with torch.no_grad():
@@ -74,19 +71,15 @@ def test_noiseless_sum_is_the_sum_of_clipped_features_and_noise_has_the_calibrat
 def test_release_spend_is_one_full_batch_gaussian_step_only_with_dp(cfg):
     view = build_view(cfg)
     assert supports_centering(view) and centering.applies(cfg, view)
-    cfg.privacy.center_noise_multiplier = 5.0
+    cfg = cfg.with_values({"privacy.center_noise_multiplier": 5.0})
     assert centering.release_spend(cfg, view) == Spend(5.0, 1.0, 1)
-    cfg.privacy.mode = "none"
-    assert centering.release_spend(cfg, view) is None
-    cfg.privacy.mode = "dp-sgd"
-    cfg.training.center_features = False
-    assert centering.release_spend(cfg, view) is None
+    assert centering.release_spend(cfg.with_values({"privacy.mode": "none"}), view) is None
+    assert centering.release_spend(cfg.with_values({"training.center_features": False}), view) is None
 
 
 def test_no_centering_where_there_is_no_pooler_input(cfg):
     for trainable in ("all", "lora"):
-        c = copy.deepcopy(cfg)
-        c.training.trainable = trainable
+        c = cfg.with_values({"training.trainable": trainable})
         assert not centering.applies(c, build_view(c))
 
 
@@ -97,8 +90,7 @@ def test_default_clip_norm_comes_from_public_weights_only(cfg):
         ln.weight.fill_(0.5)
         ln.bias.zero_()
     assert default_center_clip_norm(view) == pytest.approx(0.5 * np.sqrt(ln.weight.numel()))
-    cfg.privacy.center_clip_norm = 2.5
-    assert centering.clip_norm(cfg, view) == 2.5
+    assert centering.clip_norm(cfg.with_values({"privacy.center_clip_norm": 2.5}), view) == 2.5
 
 
 def test_combine_divides_the_summed_sums_by_all_records():

@@ -26,6 +26,7 @@ from fedshield.client.cli import (
     rejoin_wait,
     rounds_trained,
 )
+from fedshield.conf.config import Config
 from fedshield.privacy.errors import FedShieldError
 
 # As flower-supernode 1.41 logs a session of a fedshield run (flwr/supernode/
@@ -74,12 +75,11 @@ def test_the_supernode_log_says_what_came_in_and_went_out():
 def state_folder(tmp_path: Path, rounds: int, fraction: float = 1.0, trained: int = 0) -> tuple[Path, Path]:
     """A site's state folder: the Flower app its SuperNode installed for run `job-7`, and
     one dp-sgd ledger entry per round trained."""
-    from fedshield import conf
     from fedshield.server.cli import write_app
 
     state = tmp_path / "state"
     home = state / ".flower"
-    cfg = conf.load_config(["task=text-file", "task.data_path=x.csv", f"federation.rounds={rounds}",
+    cfg = Config.load(["task=text-file", "task.data_path=x.csv", f"federation.rounds={rounds}",
                             f"federation.fraction_train={fraction}", "output.run_name=job-7"])
     write_app(home / "apps" / "fedshield.fedshield-run.0.1.0.0123456789", cfg)
     entries = [{"run_id": "job-7", "site": "st-marys", "release": "feature-mean", "round": 0}]

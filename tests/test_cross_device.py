@@ -11,6 +11,7 @@ import pytest
 from dp_accounting import rdp
 
 from fedshield import conf
+from fedshield.conf.config import Config
 from fedshield.privacy.accountant import Spend, epsilon
 from fedshield.privacy.ledger import SITE_MECHANISM
 from fedshield.server.federation_books import flower_epsilon_no_amplification
@@ -19,7 +20,7 @@ from tests.helpers import tiny_overrides
 
 
 def test_the_preset_is_one_override_and_valid_for_site_level_dp():
-    cfg = conf.load_config(["preset=cross-device"])
+    cfg = Config.load(["preset=cross-device"])
     fed, p = cfg.federation, cfg.privacy
     assert cfg.task.name == "news-topics" and fed.num_sites == 1000 and fed.partition == "iid"
     assert p.unit == "site" and fed.strategy == "fedavg" and fed.update_norm_bound is None
@@ -32,17 +33,17 @@ def test_the_preset_is_one_override_and_valid_for_site_level_dp():
 
 
 def test_the_preset_goes_first_so_group_presets_and_keys_refine_it():
-    late = conf.load_config(["privacy=dp-sgd", "federation.rounds=7", "preset=cross-device"])
+    late = Config.load(["privacy=dp-sgd", "federation.rounds=7", "preset=cross-device"])
     assert late.privacy.mode == "dp-sgd" and late.federation.rounds == 7
     assert late.federation.num_sites == 1000 and late.privacy.unit == "site"
     with pytest.raises(conf.ConfigError, match=r"preset='nope': no such preset; allowed: .*cross-device"):
-        conf.load_config(["preset=nope"])
+        Config.load(["preset=nope"])
 
 
 def test_every_one_of_the_thousand_users_has_articles():
     from fedshield.simulations.simulate import check_sites
 
-    sizes = check_sites(conf.load_config(["preset=cross-device"]))
+    sizes = check_sites(Config.load(["preset=cross-device"]))
     assert len(sizes) == 1000
     assert {n for _, n in sizes} <= {1, 2, 3} and min(n for _, n in sizes) >= 1
 
@@ -52,7 +53,7 @@ def test_site_level_inf_is_the_reference_without_site_level_dp():
     assert axes == {"privacy.site_target_epsilon": ["1", "8", "inf"]} and fixed == ["preset=cross-device"]
     assert point_overrides({"privacy.site_target_epsilon": "inf"}) == ["privacy.unit=record"]
     assert point_overrides({"privacy.site_target_epsilon": "8"}) == ["privacy.site_target_epsilon=8"]
-    ref = conf.load_config([*fixed, *point_overrides({"privacy.site_target_epsilon": "inf"})])
+    ref = Config.load([*fixed, *point_overrides({"privacy.site_target_epsilon": "inf"})])
     assert ref.privacy.unit == "record" and ref.federation.num_sites == 1000
 
 

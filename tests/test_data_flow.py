@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedshield import conf, protocol
+from fedshield import protocol
+from fedshield.conf.config import Config
 from tests.helpers import tiny_overrides
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "auditor.md"
@@ -47,9 +48,9 @@ def test_a_site_sends_exactly_the_fields_of_the_auditors_table(tiny_bert, synthe
     import fedshield.client.app as site
     from fedshield.task.pipeline import build_view, pool_and_test, view_fingerprint
 
-    cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{"privacy.noise_multiplier": 1.0}))
+    cfg = Config.load(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{"privacy.noise_multiplier": 1.0}))
     view = build_view(cfg)
-    plan = protocol.plan_record(config_yaml=conf.to_yaml(cfg), run_id="flow", run_dir=str(tmp_path / "run"),
+    plan = protocol.plan_record(config_yaml=cfg.to_yaml(), run_id="flow", run_dir=str(tmp_path / "run"),
                                 frozen_fingerprint=view_fingerprint(view),
                                 class_names=pool_and_test(cfg)[1].class_names)
     context = Context(run_id=7, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
@@ -93,9 +94,9 @@ def secure_round(site, cfg, view, weights, tensors, tmp_path) -> set[tuple[str, 
     from fedshield.client import secagg as site_side
     from fedshield.task.pipeline import pool_and_test, view_fingerprint
 
-    secure = conf.load_config(tiny_overrides(Path(cfg.task.model), Path(cfg.task.data_path), tmp_path, **{
+    secure = Config.load(tiny_overrides(Path(cfg.task.model), Path(cfg.task.data_path), tmp_path, **{
         "privacy.noise_multiplier": 1.0, "federation.secure_aggregation": "secaggplus"}))
-    plan = protocol.plan_record(config_yaml=conf.to_yaml(secure), run_id="flow-secure",
+    plan = protocol.plan_record(config_yaml=secure.to_yaml(), run_id="flow-secure",
                                 run_dir=str(tmp_path / "run"), frozen_fingerprint=view_fingerprint(view),
                                 class_names=pool_and_test(secure)[1].class_names)
     context = Context(run_id=7, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
@@ -165,9 +166,9 @@ def test_an_error_reason_does_not_carry_the_sites_details(tiny_bert, tmp_path):
 
     bad = tmp_path / "secret-ward-7.csv"
     bad.write_text("text,label\nthe patient in bed 12 has cancer,\n")  # a row without its label
-    cfg = conf.load_config(["task=text-file", f"task.data_path={bad}", f"task.model={tiny_bert}",
+    cfg = Config.load(["task=text-file", f"task.data_path={bad}", f"task.model={tiny_bert}",
                             "task.labels=[weather,markets]"])
-    plan = protocol.plan_record(config_yaml=conf.to_yaml(cfg), run_id="r", run_dir=str(tmp_path),
+    plan = protocol.plan_record(config_yaml=cfg.to_yaml(), run_id="r", run_dir=str(tmp_path),
                                 frozen_fingerprint="", class_names=["markets", "weather"])
     context = Context(run_id=7, node_id=1, node_config={"site-name": "st-marys", "data-path": str(bad),
                                                         "state-dir": str(tmp_path / "state")},
@@ -183,11 +184,10 @@ def test_the_task_caches_are_keyed_by_a_typed_value_not_the_configs_text():
     """pool_and_test, the base model and the virtual sites are cached per process by the
     task's TaskSpec (a frozen dataclass), so two configs that say the same task in other
     YAML (key order, a quoted number) share one entry, and a changed column does not."""
-    from fedshield import conf
     from fedshield.task.pipeline import TaskSpec, pool_and_test
 
-    a = conf.load_config(["task=heart-disease"])
-    b = conf.from_yaml(conf.to_yaml(a))
+    a = Config.load(["task=heart-disease"])
+    b = Config.from_text(a.to_yaml())
     assert TaskSpec.of(a.task) == TaskSpec.of(b.task) and hash(TaskSpec.of(a.task)) == hash(TaskSpec.of(b.task))
     assert pool_and_test(a) is pool_and_test(b)  # one cache entry
     own = TaskSpec.of(a.task, text_column="notes", site_column="")

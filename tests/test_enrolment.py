@@ -22,6 +22,7 @@ from flwr.app import Message
 from flwr.proto.node_pb2 import NodeInfo
 
 from fedshield import protocol
+from fedshield.conf.config import Config
 from fedshield.deploy import pki
 from fedshield.deploy.enrolment import REGISTRY, LiveEnrolment, load_enrolment, save_enrolment
 from fedshield.deploy.front import fleet_app
@@ -165,14 +166,13 @@ def test_a_deployed_sites_hello_is_signed_with_its_connection_key(tmp_path, tiny
     """The real ClientApp with a deployed node config (what `fedshield client` passes)."""
     from flwr.app import Context, RecordDict
 
-    from fedshield import conf
     from fedshield.client import app as site
     from fedshield.deploy.enrolment import proves
     from tests.helpers import synthetic_rows, tiny_overrides, write_csv
 
     data = write_csv(tmp_path / "site.csv", synthetic_rows(40, seed=3))
-    cfg = conf.load_config(tiny_overrides(tiny_bert, data, tmp_path, **{"privacy.delta": 1e-5}))
-    plan = protocol.plan_record(config_yaml=conf.to_yaml(cfg), run_id="run-9", run_dir="", frozen_fingerprint="",
+    cfg = Config.load(tiny_overrides(tiny_bert, data, tmp_path, **{"privacy.delta": 1e-5}))
+    plan = protocol.plan_record(config_yaml=cfg.to_yaml(), run_id="run-9", run_dir="", frozen_fingerprint="",
                                 class_names=["markets", "weather"])
     pki.make_csr("st-marys", tmp_path / "keys")
     key = pki.load_connection_private_key(tmp_path / "keys" / "st-marys.key")
@@ -244,12 +244,11 @@ def test_a_rotated_site_is_admitted_with_its_new_key_only(federation, tmp_path):
 
 
 def test_the_serverapp_gets_the_registry_from_the_run_config(federation, tmp_path, tiny_bert, synthetic_csv):
-    from fedshield import conf
     from fedshield.server.cli import write_app
     from tests.helpers import tiny_overrides
 
     d, keys = federation
-    cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path))
+    cfg = Config.load(tiny_overrides(tiny_bert, synthetic_csv, tmp_path))
     write_app(tmp_path / "app", cfg, identity=(d / REGISTRY, d / REGISTRY))
     import tomllib
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from fedshield import conf
+from fedshield.conf.config import Config
 from fedshield.server.run_dir import read_jsonl
 from tests.helpers import tiny_overrides
 
@@ -112,7 +113,7 @@ def test_readme_flwr_run_line_starts_the_default_number_of_sites() -> None:
     assert argv[:3] == ["flwr", "run", "."]
     assert "--federation-config" in argv, "Flower's local federation has 2 SuperNodes otherwise"
     federation = argv[argv.index("--federation-config") + 1]
-    assert federation == f"num-supernodes={conf.load_config().federation.num_sites}"
+    assert federation == f"num-supernodes={Config.load().federation.num_sites}"
     assert "--stream" in argv, "without it `flwr run` returns as soon as the run is submitted"
 
 
@@ -120,11 +121,11 @@ def test_readme_flwr_run_line_starts_the_default_number_of_sites() -> None:
 def test_flwr_run_as_the_readme_says(tiny_bert, synthetic_csv, tmp_path) -> None:
     if not (VENV_BIN / "flwr").exists():
         pytest.skip(f"no {VENV_BIN / 'flwr'}: the README's line needs the checkout's .venv")
-    cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path,
+    cfg = Config.load(tiny_overrides(tiny_bert, synthetic_csv, tmp_path,
                                           **{"federation.num_sites": SITES, "federation.rounds": ROUNDS}))
     run_toml = tmp_path / "run.toml"  # `--run-config FILE.toml`: the keys pyproject declares
     run_toml.write_text(f'"federation.rounds" = {ROUNDS}\n'
-                        f'"fedshield-config-yaml" = {json.dumps(conf.to_yaml(cfg))}\n', encoding="utf-8")
+                        f'"fedshield-config-yaml" = {json.dumps(cfg.to_yaml())}\n', encoding="utf-8")
     argv = [f"num-supernodes={SITES} client-resources-num-cpus=1" if a.startswith("num-supernodes=") else a
             for a in readme_command()] + ["--run-config", str(run_toml)]
     home, flwr_home = tmp_path / "home", tmp_path / "home" / ".flwr"

@@ -18,7 +18,7 @@ import json
 
 import pytest
 
-from fedshield import conf
+from fedshield.conf.config import Config
 from fedshield.server.run_dir import read_jsonl
 from tests.helpers import tiny_overrides
 
@@ -74,7 +74,7 @@ def test_each_hostile_site_is_refused_alone_and_named_and_the_honest_sites_carry
         tiny_bert, synthetic_csv, tmp_path, monkeypatch):
     from fedshield.simulations.simulate import run_simulation
 
-    cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
+    cfg = Config.load(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
         "federation.num_sites": 9, "federation.rounds": 2, "privacy.noise_multiplier": 0.5,
         "privacy.budget_epsilon": 100,
         "privacy.target_epsilon": 100, "output.save_model": False, "training.center_features": False}))

@@ -22,7 +22,7 @@ import json
 
 import pytest
 
-from fedshield import conf
+from fedshield.conf.config import Config
 from fedshield.server.run_dir import read_jsonl
 from tests.helpers import tiny_overrides
 
@@ -112,7 +112,7 @@ def hostile_app():
 def test_no_value_a_site_signs_crashes_or_stalls_the_run(tiny_bert, synthetic_csv, tmp_path, monkeypatch, capfd):
     from fedshield.simulations.simulate import run_simulation
 
-    cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
+    cfg = Config.load(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
         "federation.num_sites": 11, "federation.rounds": 2, "privacy.noise_multiplier": 0.5,
         "privacy.budget_epsilon": 100,
         "privacy.target_epsilon": 100, "output.save_model": False, "training.center_features": True}))

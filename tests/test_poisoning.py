@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from fedshield import conf
+from fedshield.conf.config import Config
 from fedshield.server.run_dir import read_jsonl
 from fedshield.strategies import flower
 from tests.helpers import tiny_overrides
@@ -61,8 +62,8 @@ def malicious_app(attacks: dict[int, str]):
 
 def test_strategy_keys_are_validated_and_an_impossible_rule_is_refused_in_one_line():
     for name in flower.STRATEGIES:
-        assert conf.load_config([f"federation.strategy={name}"]).federation.strategy == name
-    cfg = conf.load_config([])
+        assert Config.load([f"federation.strategy={name}"]).federation.strategy == name
+    cfg = Config.load([])
     assert (cfg.federation.num_malicious, cfg.federation.trim_fraction, cfg.federation.krum_select) == (1, 0.2, 0)
     assert (cfg.federation.update_norm_bound, cfg.federation.update_norm_action) == (None, "clip")
     refused = {
@@ -81,10 +82,10 @@ def test_strategy_keys_are_validated_and_an_impossible_rule_is_refused_in_one_li
     }
     for overrides, message in refused.items():
         with pytest.raises(conf.ConfigError, match="^config: ") as err:
-            conf.load_config(overrides.split())
+            Config.load(overrides.split())
         assert message in str(err.value) and "\n" not in str(err.value), (overrides, str(err.value))
-    assert conf.load_config("federation.strategy=bulyan federation.num_malicious=1".split())
-    assert conf.load_config(["federation.update_norm_bound=2.5"]).federation.update_norm_bound == 2.5
+    assert Config.load("federation.strategy=bulyan federation.num_malicious=1".split())
+    assert Config.load(["federation.update_norm_bound=2.5"]).federation.update_norm_bound == 2.5
 
 
 # ------------------------------------------------------------ the report
@@ -96,7 +97,7 @@ def test_the_report_names_each_sites_defence_outcome(tmp_path):
     from fedshield.server.settings import CoordinatorSettings
     from fedshield.strategies.report import RoundReport, SiteReply
 
-    cfg = conf.load_config(["federation.strategy=krum", "federation.update_norm_bound=3", "privacy=none",
+    cfg = Config.load(["federation.strategy=krum", "federation.update_norm_bound=3", "privacy=none",
                             f"output.dir={tmp_path}"])
     sites = {1: {"site": "a", "n": 5}, 2: {"site": "b", "n": 5}, 3: {"site": "c", "n": 5}}
     settings = CoordinatorSettings.from_config(cfg)
@@ -148,7 +149,7 @@ def test_every_attack_at_once_is_refused_clipped_or_left_out_and_the_honest_site
     from fedshield.simulations.simulate import run_simulation
 
     rounds, bound = 3, 6.0
-    cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
+    cfg = Config.load(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
         "federation.num_sites": 13, "federation.rounds": rounds, "privacy": "none", "output.save_model": False,
         "training.optimizer": "adamw", "training.learning_rate": 0.01,
         "federation.strategy": "multikrum", "federation.num_malicious": 5, "federation.update_norm_bound": bound,
@@ -195,7 +196,7 @@ def test_under_dp_a_refused_update_is_named_and_its_spend_still_recorded(tiny_be
     from fedshield.simulations.simulate import run_simulation
 
     bound = 400.0  # DP noise dominates a tiny model's update: honest norms measured ~21, the scaled one ~1,050
-    cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
+    cfg = Config.load(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
         "federation.num_sites": 5, "privacy.noise_multiplier": 0.5, "privacy.budget_epsilon": 100,
         "privacy.target_epsilon": 100,
         "output.save_model": False, "federation.strategy": "fedmedian",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fedshield import conf
+from fedshield.conf.config import Config
 from fedshield.privacy.ledger import SITE_MECHANISM
 from fedshield.server.report import summarize, write_report
 from fedshield.server.settings import CoordinatorSettings
@@ -17,7 +17,7 @@ ROWS = [{"round": 0, "accuracy": 0.25, "macro_f1": 0.125, "epsilon_max": 0.0, "t
 
 
 def _run(tmp_path, overrides, federation_entries=()):
-    settings = CoordinatorSettings.from_config(conf.load_config(overrides))
+    settings = CoordinatorSettings.from_config(Config.load(overrides))
     (tmp_path / "privacy").mkdir(parents=True)
     (tmp_path / "privacy" / "federation-ledger.jsonl").write_text("".join(json.dumps(e) + "\n"
                                                                           for e in federation_entries))

@@ -19,6 +19,7 @@ from scipy import stats
 
 from fedshield import conf, protocol
 from fedshield.client import secagg as site_side
+from fedshield.conf.config import Config
 from fedshield.privacy import secure_sum, signing
 from fedshield.privacy.secure_sum import SecAggSettings
 from fedshield.strategies.secagg import SecAggPlus, SecureRound, Unmasked
@@ -389,7 +390,7 @@ def test_the_threshold_is_a_majority_that_leaves_room_for_the_tolerated_dropouts
 ])
 def test_settings_that_cannot_be_honest_are_refused_in_one_line(override, words):
     with pytest.raises(conf.ConfigError) as err:
-        conf.load_config(override)
+        Config.load(override)
     assert "\n" not in str(err.value)
     for word in words:
         assert word in str(err.value)
@@ -399,10 +400,10 @@ def test_a_site_that_requires_secure_aggregation_refuses_a_plan_without_it():
     from fedshield.client.app import PolicyError, check_policy
 
     for mode in ("dp-sgd", "none"):
-        policy = conf.load_config([f"privacy.mode={mode}", "federation.secure_aggregation=secaggplus"])
-        check_policy(conf.load_config([f"privacy.mode={mode}", "federation.secure_aggregation=secaggplus"]), policy)
+        policy = Config.load([f"privacy.mode={mode}", "federation.secure_aggregation=secaggplus"])
+        check_policy(Config.load([f"privacy.mode={mode}", "federation.secure_aggregation=secaggplus"]), policy)
         with pytest.raises(PolicyError, match="only masked"):
-            check_policy(conf.load_config([f"privacy.mode={mode}"]), policy)
+            check_policy(Config.load([f"privacy.mode={mode}"]), policy)
 
 
 def test_the_mask_prg_is_aes_ctr_and_pairwise_masks_cancel():
@@ -451,7 +452,7 @@ def test_the_federation_records_what_the_sum_held_and_the_audit_recomputes_the_s
     from fedshield.server.federation_books import open_books
     from fedshield.server.settings import CoordinatorSettings
 
-    cfg = conf.load_config([*SECURE_SITE_LEVEL, "federation.rounds=3", "privacy.site_target_epsilon=4",
+    cfg = Config.load([*SECURE_SITE_LEVEL, "federation.rounds=3", "privacy.site_target_epsilon=4",
                             "privacy.site_delta=1e-3"])
     run = tmp_path / "run"
     books = open_books(CoordinatorSettings.from_config(cfg), run, simulated=True, dim=1000)
@@ -481,7 +482,7 @@ def test_an_explicit_site_noise_that_overspends_under_secure_aggregation_is_refu
     from fedshield.server.federation_books import open_books
     from fedshield.server.settings import CoordinatorSettings
 
-    cfg = conf.load_config([*SECURE_SITE_LEVEL, "privacy.site_noise_multiplier=0.1", "privacy.site_delta=1e-3"])
+    cfg = Config.load([*SECURE_SITE_LEVEL, "privacy.site_noise_multiplier=0.1", "privacy.site_delta=1e-3"])
     with pytest.raises(FedShieldError, match="distributed Skellam noise spend"):
         open_books(CoordinatorSettings.from_config(cfg), tmp_path, simulated=True, dim=100)
 

@@ -33,7 +33,7 @@ import time
 import numpy as np
 import pytest
 
-from fedshield import conf
+from fedshield.conf.config import Config
 from fedshield.server.run_dir import read_jsonl
 from tests.helpers import synthetic_rows, tiny_overrides, write_csv
 from tests.test_deployment import (  # the deployment tests' helpers and fixtures
@@ -96,7 +96,7 @@ def test_secagg_simulation_recovers_dropouts_after_sharing_and_skips_a_round_wit
         return read(msg, expected)
 
     monkeypatch.setattr(protocol, "read_train_reply", spy)  # the ServerApp runs in this process
-    cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
+    cfg = Config.load(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
         "federation.secure_aggregation": "secaggplus", "federation.num_sites": 4, "federation.rounds": 3,
         "federation.secagg_timeout_s": 60, "privacy.noise_multiplier": 0.5, "privacy.budget_epsilon": 100,
         "privacy.target_epsilon": 100,

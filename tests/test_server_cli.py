@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fedshield.conf.config import Config
 from fedshield.deploy import pki
 from fedshield.deploy.front import MAX_BODY_BYTES, MIB
 from fedshield.privacy.errors import FedShieldError
@@ -107,7 +108,6 @@ def test_the_body_limit_defaults_to_the_derived_one():
 def test_resume_needs_the_runs_folder_and_tells_the_serverapp(coordinator, tiny_bert, tmp_path):
     import tomllib
 
-    from fedshield import conf
     from fedshield.server.app import RESUME_KEY, RUN_CONFIG_YAML_KEY
     from fedshield.server.cli import write_app
 
@@ -118,7 +118,7 @@ def test_resume_needs_the_runs_folder_and_tells_the_serverapp(coordinator, tiny_
         (tmp_path / "runs" / "job").mkdir(parents=True)
         (tmp_path / "runs" / "job" / "config.yaml").write_text("{}")
         run(coordinator, tiny_bert, tmp_path)
-    cfg = conf.load_config(["task=text-file", "task.data_path=x.csv"])
+    cfg = Config.load(["task=text-file", "task.data_path=x.csv"])
     for resume in (False, True):
         write_app(tmp_path / f"app-{resume}", cfg, resume=resume)
         config = tomllib.loads((tmp_path / f"app-{resume}" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]

@@ -5,15 +5,15 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from omegaconf import OmegaConf
 
 from fedshield import conf, rules
+from fedshield.conf.config import Config
 from fedshield.privacy.secure_sum import settings_of
 from fedshield.server.settings import CoordinatorSettings
 
 
 def test_the_defaults_typed():
-    s = CoordinatorSettings.from_config(conf.load_config([]))
+    s = CoordinatorSettings.from_config(Config.load([]))
     assert (s.rounds, s.seed, s.unit, s.site_level, s.secagg) == (40, 42, "record", None, None)
     assert s.accounting.dp and s.accounting.accountant == "pld" and s.accounting.neighbouring == "add-remove"
     assert s.accounting.budget == 8.0 and isinstance(s.accounting.budget, float)
@@ -24,7 +24,7 @@ def test_the_defaults_typed():
 
 
 def test_each_default_by_its_one_rule():
-    cfg = conf.load_config(["privacy.budget_epsilon=3", "federation.num_sites=10", "federation.fraction_train=0.5",
+    cfg = Config.load(["privacy.budget_epsilon=3", "federation.num_sites=10", "federation.fraction_train=0.5",
                             "federation.strategy=krum"])
     s = CoordinatorSettings.from_config(cfg)
     assert s.accounting.budget == rules.lifetime_budget(3.0, 8.0) == 3.0
@@ -33,7 +33,7 @@ def test_each_default_by_its_one_rule():
 
 
 def test_site_level_dp_and_secure_aggregation():
-    cfg = conf.load_config(["privacy.unit=site", "training.center_features=false",
+    cfg = Config.load(["privacy.unit=site", "training.center_features=false",
                             "federation.secure_aggregation=secaggplus", "privacy.site_noise_multiplier=2",
                             "federation.secagg_neighbours=4", "federation.secagg_timeout_s=30"])
     s = CoordinatorSettings.from_config(cfg)
@@ -50,15 +50,15 @@ def test_site_level_dp_and_secure_aggregation():
     ["privacy.unit=sites"],
     ["privacy.accountant=gdp"],
 ])
-def test_a_config_that_would_not_load_fails_with_the_line_load_config_gives(overrides):
-    """Settings built from a config changed after loading (a program's, not a command
-    line's) fail as loading it would have: the same one line."""
+def test_a_config_cannot_be_changed_past_its_checks(overrides):
+    """The settings take a Config, which exists only valid: a program that changes one
+    (`with_values`, the only way) gets the line that loading the same values gives, and
+    the settings never see an unchecked combination."""
     with pytest.raises(conf.ConfigError) as at_load:
-        conf.load_config(overrides)
-    cfg = conf.load_config([])
-    for item in overrides:
-        key, value = conf.parse_override(item)
-        OmegaConf.update(cfg, key, value)
-    with pytest.raises(conf.ConfigError) as at_settings:
-        CoordinatorSettings.from_config(cfg)
-    assert str(at_settings.value) == str(at_load.value) and "\n" not in str(at_load.value)
+        Config.load(overrides)
+    values = dict(conf.parse_override(item) for item in overrides)
+    with pytest.raises(conf.ConfigError) as changed:
+        Config.load([]).with_values(values)
+    assert str(changed.value) == str(at_load.value) and "\n" not in str(at_load.value)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config.load([]).privacy.unit = "site"  # type: ignore[misc]

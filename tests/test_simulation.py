@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fedshield import conf
+from fedshield.conf.config import Config
 from fedshield.privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp
 from fedshield.server.run_dir import read_jsonl
 from fedshield.simulations.simulate import run_simulation
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 def test_three_sites_two_rounds_beats_chance_and_writes_the_run_directory(tiny_bert, synthetic_csv, tmp_path):
     extra = {"privacy.noise_multiplier": 0.5, "privacy.budget_epsilon": 100, "privacy.target_epsilon": 100}
-    cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **extra))
+    cfg = Config.load(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **extra))
     run = run_simulation(cfg)
 
     rows = read_jsonl(run / "metrics.jsonl")
@@ -71,7 +71,7 @@ def test_three_sites_two_rounds_beats_chance_and_writes_the_run_directory(tiny_b
 
 def test_site_over_budget_declines_and_the_round_still_completes(tiny_bert, synthetic_csv, tmp_path):
     # Sites plan for 3 rounds at ε=4; a budget of 2.5 lets each train only until it would cross.
-    cfg = conf.load_config(tiny_overrides(
+    cfg = Config.load(tiny_overrides(
         tiny_bert, synthetic_csv, tmp_path,
         **{"federation.rounds": 3, "privacy.target_epsilon": 4, "privacy.budget_epsilon": 2.5,
            "training.trainable": "last_layers", "output.save_model": False},
@@ -97,7 +97,7 @@ def test_site_over_budget_declines_and_the_round_still_completes(tiny_bert, synt
 def test_same_seed_same_partitions_and_sampling(tiny_bert, synthetic_csv, tmp_path):
     extra = {"federation.fraction_train": 0.67, "federation.rounds": 2, "privacy": "none",
              "output.save_model": False}
-    runs = [run_simulation(conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path / str(i), **extra)))
+    runs = [run_simulation(Config.load(tiny_overrides(tiny_bert, synthetic_csv, tmp_path / str(i), **extra)))
             for i in range(2)]
     a, b = (read_jsonl(r / "metrics.jsonl") for r in runs)
     assert [r["sampled"] for r in a] == [r["sampled"] for r in b]
@@ -116,7 +116,7 @@ def test_runs_on_an_existing_ray_cluster(tiny_bert, synthetic_csv, tmp_path):
     )
     assert start.returncode == 0, start.stderr[-2000:]
     try:
-        cfg = conf.load_config(tiny_overrides(
+        cfg = Config.load(tiny_overrides(
             tiny_bert, synthetic_csv, tmp_path,
             **{"simulation.ray_address": f"127.0.0.1:{port}", "privacy": "none", "output.save_model": False},
         ))

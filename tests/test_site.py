@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedshield.client.site import SiteState
+from fedshield.conf.config import Config
 from fedshield.privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp
 from fedshield.privacy.errors import FedShieldError
 
@@ -113,14 +114,14 @@ def test_the_coordinators_plan_cannot_raise_a_sites_budget():
     node = {"site-name": "st-marys", "privacy.budget_epsilon": 2.0, "privacy.target_epsilon": 2.0,
             "privacy.delta": 1e-6, "training.device": "cpu"}
     with pytest.raises(PolicyError, match="privacy.budget_epsilon=100: above this site's 2"):
-        site_config(conf.load_config(["privacy.budget_epsilon=100", "privacy.target_epsilon=1",
+        site_config(Config.load(["privacy.budget_epsilon=100", "privacy.target_epsilon=1",
                                       "privacy.delta=1e-6"]), node)
-    strict = site_config(conf.load_config(["privacy.target_epsilon=1", "privacy.delta=1e-7"]), node)
+    strict = site_config(Config.load(["privacy.target_epsilon=1", "privacy.delta=1e-7"]), node)
     assert strict.privacy.target_epsilon == 1 and strict.privacy.delta == 1e-7  # the plan's, stricter
     assert strict.training.device == "cpu"  # the site's operational setting
     with pytest.raises(conf.ConfigError, match="cannot be set by a site"):
-        site_config(conf.load_config([]), {"federation.rounds": 3})
-    loose = conf.load_config(["privacy=none"])
+        site_config(Config.load([]), {"federation.rounds": 3})
+    loose = Config.load(["privacy=none"])
     assert site_config(loose, {}, deployed=False).privacy.mode == "none"  # a simulation's one config
 
 
@@ -253,12 +254,12 @@ def test_a_site_with_damaged_books_releases_nothing(tiny_bert, tmp_path):
     from flwr.app import Context, Message, RecordDict
 
     import fedshield.client.app as site
-    from fedshield import conf, protocol
+    from fedshield import protocol
     from fedshield.task.pipeline import build_view, pool_and_test, view_fingerprint
     from tests.helpers import synthetic_rows, tiny_overrides, write_csv
 
     data = write_csv(tmp_path / "site.csv", synthetic_rows(200, seed=3))
-    cfg = conf.load_config(tiny_overrides(tiny_bert, data, tmp_path, **{"privacy.delta": 1e-5,
+    cfg = Config.load(tiny_overrides(tiny_bert, data, tmp_path, **{"privacy.delta": 1e-5,
                                                                         "training.center_features": False}))
     state = SiteState(tmp_path / "state", "st-marys")
     _spend_rounds(state, Spend(1.1, 0.25, 4), range(1, 3), run="old-run")
@@ -266,7 +267,7 @@ def test_a_site_with_damaged_books_releases_nothing(tiny_bert, tmp_path):
     _rewrite(ledger, lambda lines: lines.pop())  # a local attacker erases the last spend
     damaged = ledger.read_bytes()
     view = build_view(cfg)
-    plan = protocol.plan_record(config_yaml=conf.to_yaml(cfg), run_id="run-2", run_dir="",
+    plan = protocol.plan_record(config_yaml=cfg.to_yaml(), run_id="run-2", run_dir="",
                                 frozen_fingerprint=view_fingerprint(view),
                                 class_names=pool_and_test(cfg)[1].class_names)
     plan[protocol.SERVER_ROUND] = 1

@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord, Error, Message
 from flwr.serverapp.strategy import FedAvg
 
 from fedshield import protocol
+from fedshield.conf.config import Config
 from fedshield.privacy.ledger_check import Verdict
 from fedshield.strategies import flower
 from fedshield.strategies.flower import flower_strategy
@@ -556,7 +557,6 @@ def signs(site, carries_lost: bool = False) -> Behaviour:
 
 @pytest.mark.parametrize("how", ["arrives late", "arrives two rounds late", "lost, carried by the next reply"])
 def test_a_reply_that_misses_its_round_is_still_recorded_and_the_run_books_equal_the_sites(tmp_path, how):
-    from fedshield import conf
     from fedshield.privacy import signing
     from fedshield.privacy.audit import audit
     from fedshield.privacy.ledger_check import LedgerCheck
@@ -571,7 +571,7 @@ def test_a_reply_that_misses_its_round_is_still_recorded_and_the_run_books_equal
     (run_dir / "privacy" / "keys").mkdir(parents=True)
     for name, s in books.items():
         (run_dir / "privacy" / "keys" / f"{name}.pub").write_bytes(signing.public_key_pem(s.public))
-    log = RoundLog(run_dir, CoordinatorSettings.from_config(conf.load_config()),
+    log = RoundLog(run_dir, CoordinatorSettings.from_config(Config.load()),
                    {n: {"site": name} for n, name in sites.items()})
     late = how.startswith("arrives")
     grid = LinkGrid({"alpha": signs(books["alpha"], carries_lost=not late), "bravo": signs(books["bravo"])},
@@ -605,14 +605,13 @@ def test_a_reply_that_misses_its_round_is_still_recorded_and_the_run_books_equal
 
 
 def test_rounds_that_trained_nothing_are_reported_and_counted_in_a_row(tmp_path, capsys):
-    from fedshield import conf
     from fedshield.server.app import RoundLog, empty_rounds_line
     from fedshield.server.report import write_report
     from fedshield.server.run_dir import read_jsonl
     from fedshield.server.settings import CoordinatorSettings
     from fedshield.strategies.report import SiteReply
 
-    cfg = conf.load_config(["privacy=none", f"output.dir={tmp_path}"])
+    cfg = Config.load(["privacy=none", f"output.dir={tmp_path}"])
     settings = CoordinatorSettings.from_config(cfg)
     log = RoundLog(tmp_path, settings, {1: {"site": "alpha", "n": 5}, 2: {"site": "bravo", "n": 5}})
     metrics = {"accuracy": 0.5, "macro_f1": 0.5, "per_class": {}}

@@ -12,6 +12,7 @@ import pytest
 from dp_accounting.pld import PLDAccountant
 
 from fedshield import conf, protocol
+from fedshield.conf.config import Config
 from fedshield.privacy import signing
 from fedshield.privacy.accountant import PLD_RECORD_INTERVAL, Spend, epsilon
 from fedshield.privacy.ledger import FEDERATION, SITE_MECHANISM, SITE_UNIT, Ledger
@@ -104,12 +105,12 @@ def test_config_refuses_what_site_level_dp_cannot_make_honest():
                         (["federation.update_norm_bound=2"], "site_clip_norm already bounds"),
                         (["privacy.site_delta=0.5"], "privacy.site_delta=0.5: must be below 1 / federation.num_sites")):
         with pytest.raises(conf.ConfigError, match=says.replace(".", r"\.").replace("(", r"\(")):
-            conf.load_config(["privacy.unit=site", "training.center_features=false", *extra])
-    assert conf.load_config(["privacy.unit=site", "training.center_features=false"]).privacy.unit == "site"
+            Config.load(["privacy.unit=site", "training.center_features=false", *extra])
+    assert Config.load(["privacy.unit=site", "training.center_features=false"]).privacy.unit == "site"
     # The feature mean every site releases for centering is outside the site-level books.
     with pytest.raises(conf.ConfigError, match="training.center_features=false"):
-        conf.load_config(["privacy.unit=site"])
-    assert conf.load_config(["privacy.unit=site", "task=heart-disease"]).training.center_features  # no centering
+        Config.load(["privacy.unit=site"])
+    assert Config.load(["privacy.unit=site", "task=heart-disease"]).training.center_features  # no centering
 
 
 def test_the_federation_ledger_is_the_poisson_gaussian_composition_and_audits(tmp_path):
@@ -152,7 +153,7 @@ def test_site_level_dp_in_simulation_writes_a_ledger_that_audits(tiny_bert, synt
     from fedshield.simulations.simulate import run_simulation
     from tests.helpers import tiny_overrides
 
-    cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
+    cfg = Config.load(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
         "privacy.unit": "site", "training.center_features": False,
         "privacy.noise_multiplier": 0.5, "privacy.budget_epsilon": 100, "privacy.target_epsilon": 100,
         "federation.num_sites": 4, "federation.fraction_train": 0.5, "federation.rounds": 3,
@@ -180,12 +181,12 @@ def test_an_explicit_site_noise_that_would_overspend_the_target_is_refused(tmp_p
     from fedshield.server.settings import CoordinatorSettings
 
     (tmp_path / "run" / "privacy").mkdir(parents=True)
-    cfg = conf.load_config(["privacy.unit=site", "training.center_features=false",
+    cfg = Config.load(["privacy.unit=site", "training.center_features=false",
                             "privacy.site_noise_multiplier=0.3", "privacy.site_target_epsilon=2",
                             "federation.rounds=40"])
     with pytest.raises(FedShieldError, match=r"privacy\.site_noise_multiplier=0\.3: 40 rounds at q=1 spend"):
         open_books(CoordinatorSettings.from_config(cfg), tmp_path / "run", simulated=True)
-    ok = conf.load_config(["privacy.unit=site", "training.center_features=false",
+    ok = Config.load(["privacy.unit=site", "training.center_features=false",
                            "privacy.site_target_epsilon=2", "federation.rounds=40",
                            "federation.fraction_train=0.5"])
     books = open_books(CoordinatorSettings.from_config(ok), tmp_path / "run", simulated=True)
@@ -202,7 +203,7 @@ def test_site_level_dp_under_secure_aggregation_records_the_sites_skellam_noise(
     from fedshield.simulations.simulate import run_simulation
     from tests.helpers import tiny_overrides
 
-    cfg = conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
+    cfg = Config.load(tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
         "privacy.unit": "site", "training.center_features": False,
         "privacy.budget_epsilon": 100, "federation.secure_aggregation": "secaggplus",
         "federation.num_sites": 4, "federation.fraction_train": 1.0, "federation.rounds": 2,

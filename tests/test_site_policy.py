@@ -9,7 +9,8 @@ import json
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedshield import conf, protocol
+from fedshield import protocol
+from fedshield.conf.config import Config
 from tests.helpers import synthetic_rows, tiny_overrides, write_csv
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
@@ -18,10 +19,10 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.p
 def coordinator_plan(tiny_bert, data, tmp_path, **hostile) -> tuple[ConfigRecord, dict]:
     from fedshield.task.pipeline import build_view, pool_and_test, view_fingerprint
 
-    cfg = conf.load_config(tiny_overrides(tiny_bert, data, tmp_path, **{
+    cfg = Config.load(tiny_overrides(tiny_bert, data, tmp_path, **{
         "privacy.delta": 1e-5, "training.center_features": False, **hostile}))
     view = build_view(cfg)
-    plan = protocol.plan_record(config_yaml=conf.to_yaml(cfg), run_id="run-1", run_dir="/coordinator/runs/run-1",
+    plan = protocol.plan_record(config_yaml=cfg.to_yaml(), run_id="run-1", run_dir="/coordinator/runs/run-1",
                                 frozen_fingerprint=view_fingerprint(view),
                                 class_names=pool_and_test(cfg)[1].class_names)
     plan[protocol.SERVER_ROUND] = 1

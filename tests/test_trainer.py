@@ -3,14 +3,12 @@ Opacus' accountant and Google's dp-accounting compute for what ran."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from fedshield import conf
+from fedshield.conf.config import Config
 from fedshield.privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp, epsilon_opacus
 from fedshield.task.model import frozen_fingerprint, make_train_view
 from fedshield.task.pipeline import build_model, build_view, encode, pool_and_test
@@ -20,7 +18,7 @@ from tests.helpers import tiny_overrides
 
 @pytest.fixture()
 def cfg(tiny_bert, synthetic_csv, tmp_path):
-    return conf.load_config(tiny_overrides(tiny_bert, synthetic_csv, tmp_path))
+    return Config.load(tiny_overrides(tiny_bert, synthetic_csv, tmp_path))
 
 
 def _dataset(cfg, view):
@@ -29,9 +27,7 @@ def _dataset(cfg, view):
 
 
 def _train(cfg, trainable, dp=True, grad_sample_mode="hooks", last_layers=1):
-    cfg = copy.deepcopy(cfg)
-    cfg.training.trainable = trainable
-    cfg.training.last_layers = last_layers
+    cfg = cfg.with_values({"training.trainable": trainable, "training.last_layers": last_layers})
     view = build_view(cfg)
     before = {k: v.copy() for k, v in view.trainable_state().items()}
     frozen_before = frozen_fingerprint(view.model, view.trainable_names)
@@ -161,8 +157,7 @@ def test_an_empty_poisson_batch_takes_its_noise_step_in_every_trainable_view(cfg
     """Tiny BERT, 3 records at batch size 2 (q = 1/2): 30 draws, of which about 4 select no
     record. A BERT forward over zero rows crashed (attention reshapes [0, heads, -1, width]);
     each empty draw now takes the noise-only step the accountant counts."""
-    cfg = copy.deepcopy(cfg)
-    cfg.training.trainable, cfg.training.last_layers = trainable, last_layers
+    cfg = cfg.with_values({"training.trainable": trainable, "training.last_layers": last_layers})
     view = build_view(cfg)
     pool, _ = pool_and_test(cfg)
     data = encode(cfg, view, pool.subset(np.arange(3)))
