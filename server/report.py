@@ -122,7 +122,8 @@ def write_report(run_dir: Path, settings: CoordinatorSettings, rows: list[dict[s
                f"each clipped, plus Gaussian noise (noise multiplier {p.center_noise_multiplier:g}): one "
                "full-batch step of the same mechanism, in its ledger as round 0 (`release: feature-mean`)."]
               if centered else []),
-            f"- Accountant: {ACCOUNTANT_NAMES.get(p.accountant, p.accountant)}, composed over every spend in "
+            f"- Accountant: {p.accountant.upper()}: {describe_recorded(p.accountant, p.neighbouring)}, composed "
+            "over every spend in "
             f"each site's ledger; δ = {p.delta:g}. Recompute with `fedshield audit {run_dir}`.", "",
             f"| site | records{' (noisy)' if p.neighbouring == 'add-remove' else ''} | σ (DP-SGD noise multiplier) | "
             "q (sample rate) | DP-SGD steps | ε | budget | rounds not trained |",

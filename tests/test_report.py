@@ -35,6 +35,7 @@ def test_the_budget_is_the_lifetime_budget_and_a_site_gone_after_a_resume_stays_
     assert "| a | 50 | - | - | 0 | 1.5000 | 20.0 | - |" in report  # no DP-SGD entry in this run's ledger
     assert "| gone | - | - | - | 0 | 0.5000 | 20.0 | after round 1: did not rejoin the resumed run |" in report
     assert "Neighbouring relation: replace-one" in report and "### Site-level DP" not in report
+    assert "REPLACE_ONE), whatever the accountant setting" in report  # the accountant line says what is computed
 
 
 def test_without_dp_nothing_is_accounted(tmp_path):
