@@ -205,7 +205,7 @@ class AuditResult:
                 "problems": [p for _, p in v.problems],
             },
             "key_source": self.key_source, "key_note": self.key_note,
-            "budget_source": self.budget_source,
+            "budget_source": self.budget_source, "max_epsilon": self.max_epsilon,
             "sites": {k: asdict(s) for k, s in self.sites.items()},
             "entries": self.entries,
             "flags": self.flags, "notes": self.notes, "torn": self.torn_message,
