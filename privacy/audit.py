@@ -443,9 +443,9 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
         own = (SKELLAM_RDP if site in skellams else "pld" if relation == REPLACE_ONE
                else str(last.get("accountant")))
         opinions = {"pld": {"rdp": rdp}, "prv": {"rdp": rdp}, "rdp": {"pld": pld}}.get(own, {})
-        # The verdict: the site's own accountant, the larger of recorded and recomputed.
-        spent = max((x for x in (recorded, last_reference) if _is_number(x) and not math.isnan(x)),
-                    default=0.0) if rows else 0.0
+        # The verdict: the site's own accountant, the larger of recorded and recomputed (a
+        # site none of whose entries could be recomputed, already flagged, is held to its word).
+        spent = max((x for x in (recorded, last_reference) if _is_number(x) and not math.isnan(x)), default=0.0)
         at = f" (δ={site_delta:g}, {own})" if site_delta is not None else f" ({own})"
         budget = (budgets or {}).get(site)
         over_budget = False
