@@ -194,3 +194,27 @@ def test_the_final_table_shows_the_first_every_tenth_and_the_last_round(tmp_path
     short = fedshield.RunResult.read(run)
     assert len(type(short)(short.run_dir, short.config, short.rounds[:3], short.sites, short.paths)
                .table().splitlines()) == 4  # nothing left out: no pointer
+
+
+def test_the_runs_epsilon_plot_is_a_band_a_median_and_the_budget_not_a_line_per_site(tmp_path, monkeypatch):
+    """8 sites spending alike: one band, one median line and the budget, not 8 lines under an
+    8-entry legend; a site absent from a round (joined late) is left out there, not drawn at 0."""
+    import matplotlib.pyplot as plt
+
+    from fedshield.server.plots import plot_run
+
+    (tmp_path / "plots").mkdir()
+    sites = [f"site-{k}" for k in range(8)]
+    rows = [{"round": r, "accuracy": 0.5, "macro_f1": 0.4,
+             "epsilon": {s: r * (1 + k / 100) for k, s in enumerate(sites) if r or s != "site-7"}} for r in range(5)]
+    saved = []
+    monkeypatch.setattr(plt, "close", lambda fig: saved.append(fig))  # keep the figures to look at them
+    plot_run(tmp_path, rows, {s: {"budget": 8.0} for s in sites})
+    ax = saved[-1].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["ε: min-max across 8 sites", "ε: median site", "budget 8"]
+    (median,) = [line for line in ax.lines if len(line.get_xdata()) == 5]
+    assert [float(y) for y in median.get_ydata()] == pytest.approx([r * 1.035 for r in range(5)])
+    assert _png_is_not_blank((tmp_path / "plots" / "epsilon.png").read_bytes())
+    for fig in saved:
+        fig.clf()
