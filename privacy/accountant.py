@@ -251,10 +251,28 @@ def epsilon_dp_accounting_pld(
     return _compose(history, delta, lambda spends: _dp_pld_cached(spends, float(delta), interval, neighbouring))
 
 
-def epsilon(history: Sequence[Spend], delta: float, accountant: str = "rdp", neighbouring: str = ADD_REMOVE) -> float:
-    """The ε fedshield records and budgets: the larger of the two implementations.
+def describe_recorded(accountant: str, neighbouring: str = ADD_REMOVE) -> str:
+    """What `epsilon` computes for `accountant`, in words rendered from the constants it uses
+    (the audit report and the run report print this, so their text cannot drift from the code)."""
+    _check_accountant(accountant)
+    _check_neighbouring(neighbouring)
+    pld = f"dp-accounting's PLD (pessimistic discretisation, interval {PLD_RECORD_INTERVAL:g}"
+    if neighbouring == REPLACE_ONE:
+        return f"{pld}, NeighboringRelation.REPLACE_ONE), whatever the accountant setting"
+    if accountant == "pld":
+        return f"{pld})"
+    if accountant == "rdp":
+        return (f"the larger of Opacus' RDP and dp-accounting's RDP, over Opacus' {len(OPACUS_RDP_ORDERS)} orders "
+                f"({OPACUS_RDP_ORDERS[0]:g} to {OPACUS_RDP_ORDERS[-1]:g})")
+    return (f"the larger of Opacus' PRV and dp-accounting's PLD (pessimistic discretisation, interval "
+            f"{PLD_DISCRETIZATION:g})")
 
-    Add-remove: "rdp": max(Opacus RDP, dp-accounting RDP); "prv": max(Opacus PRV,
+
+def epsilon(history: Sequence[Spend], delta: float, accountant: str = "rdp", neighbouring: str = ADD_REMOVE) -> float:
+    """The ε fedshield records and budgets with `accountant` (`describe_recorded` says it in words).
+
+    Add-remove: "pld" (the config's default, conf/schema.py): dp-accounting PLD at
+    `PLD_RECORD_INTERVAL`; "rdp": max(Opacus RDP, dp-accounting RDP); "prv": max(Opacus PRV,
     dp-accounting PLD). Replace-one: dp-accounting PLD under REPLACE_ONE (module docstring).
     """
     _check_accountant(accountant)

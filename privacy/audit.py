@@ -14,8 +14,13 @@ Input: a run directory (`<run>/privacy/ledger.jsonl`), a site state folder
 3. Flag every entry whose recorded ε is below the recomputation of its accountant
    ("rdp": dp-accounting RDP; "prv" and "pld": dp-accounting PLD) under its neighbouring relation
    (add-remove; replace-one: dp-accounting PLD with REPLACE_ONE, the only analysis of
-   the Poisson-subsampled Gaussian under that relation) by more than 1e-6 relative, and
-   every site whose ε (the larger of recorded and recomputed) is past its budget.
+   the Poisson-subsampled Gaussian under that relation) by more than `TOLERANCE` relative.
+4. The verdict on each site's ε (its budget, `--max-epsilon`, the weak-guarantee note) uses
+   the ledger's own accountant, the one the site recorded in its newest entry: the larger
+   of its recorded ε and the recomputation with that accountant (when unsure, over-count).
+   The other accountant's recomputation is shown beside it as an opinion, never judged
+   (RDP's conversion to (ε, δ) is looser than PLD's: a PLD ledger at ε 7.99 has an RDP
+   opinion above 8).
 
 Keys: the public halves of the sites' ledger signing keys (P-256, `<state-dir>/site.pub`;
 not their connection keys): `--ledger-keys DIR` (`DIR/<site>.pub`), the ones an auditor got
@@ -35,6 +40,8 @@ from typing import Any, TypedDict, TypeGuard
 
 from fedshield.privacy import signing
 from fedshield.privacy.accountant import (
+    OPACUS_RDP_ORDERS,
+    PLD_DISCRETIZATION,
     PLD_RECORD_INTERVAL,
     REPLACE_ONE,
     Spend,
@@ -54,6 +61,38 @@ from fedshield.privacy.skellam import skellam_history_epsilon
 
 TOLERANCE = 1e-6  # relative: recorded ε may not be below the recomputation by more than this
 RUN_KEY_DIRS = ("ledger-keys", "site-keys")  # under <run>/privacy/: the current name, then the old one
+SKELLAM_RDP = "skellam-rdp"  # the verdict accountant of a Skellam chain (privacy/skellam.py)
+
+
+def describe_recomputation(accountant: str, neighbouring: str = "add-remove") -> str:
+    """What the audit checks an entry of `accountant` against, in words rendered from the
+    constants `audit` passes (the report prints this: text and code cannot drift apart)."""
+    pld = f"dp-accounting PLD (pessimistic discretisation, interval {PLD_RECORD_INTERVAL:g}"
+    if accountant == SKELLAM_RDP:
+        return "fedshield's Skellam RDP bound (privacy/skellam.py; dp-accounting has no Skellam mechanism)"
+    if neighbouring == REPLACE_ONE:
+        return f"{pld}, NeighboringRelation.REPLACE_ONE)"
+    if accountant == "pld":
+        return f"{pld}): the site's own computation, so an honest entry equals it"
+    if accountant == "rdp":
+        return (f"dp-accounting RDP over Opacus' {len(OPACUS_RDP_ORDERS)} orders ({OPACUS_RDP_ORDERS[0]:g} to "
+                f"{OPACUS_RDP_ORDERS[-1]:g})")
+    if accountant == "prv":
+        return f"dp-accounting PLD (pessimistic discretisation, interval {PLD_DISCRETIZATION:g})"
+    return f"nothing: accountant {accountant!r} is not one fedshield knows"
+
+
+class ParameterRow(TypedDict):
+    """One distinct set of a site's mechanism parameters, with the steps spent at it."""
+
+    mechanism: str
+    noise_multiplier: float  # σ
+    sample_rate: float  # q
+    clip: float  # C: the clipping norm (sensitivity; 1 for a count)
+    steps: int  # summed over the entries with these parameters
+    entries: int
+    delta: float
+    neighbouring: str
 
 
 class EntryCheck(TypedDict):
@@ -67,6 +106,10 @@ class EntryCheck(TypedDict):
     recorded: Any
     neighbouring: str  # the relation the entry is accounted (and recomputed) under
     mechanism: str | None  # the mechanism it is accounted as (a v1 count: gaussian-count); None: unreadable
+    noise_multiplier: float | None  # σ, q, C (clipping norm) and steps of this spend; None: unreadable
+    sample_rate: float | None
+    clip: float | None
+    steps: int | None
     rdp: float | None  # dp-accounting RDP ε after this entry; None: not recomputed (or replace-one)
     pld: float | None  # dp-accounting PLD ε, for "prv" and replace-one entries
     reference: float | None  # the recomputation the recorded ε is checked against
@@ -100,6 +143,13 @@ class SiteAudit:
     # PLD for "pld", "prv" and replace-one, RDP for "rdp", the Skellam RDP bound); NaN if
     # none of its entries could be recomputed.
     recomputed_epsilon: float = math.nan
+    # The accountant of the verdict: the site's own ("pld", "rdp", "prv"; "pld" under
+    # replace-one; SKELLAM_RDP), and the ε judged against budgets and --max-epsilon: the
+    # larger of the recorded and the recomputed.
+    verdict_accountant: str = ""
+    verdict_epsilon: float = math.nan
+    opinions: dict[str, float] = field(default_factory=dict)  # other accountants' ε: shown, never judged
+    parameters: list[ParameterRow] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -121,6 +171,7 @@ class AuditResult:
     books_checked: bool = False  # a site's books checked whole, seq 0 to its signed head (`--site`)
     report_markdown: Path | None = None  # the report `audit_and_report` wrote
     report_html: Path | None = None
+    max_epsilon: float | None = None  # the --max-epsilon the sites were held to
 
     @property
     def first_problem(self) -> str:
@@ -154,7 +205,7 @@ class AuditResult:
                 "problems": [p for _, p in v.problems],
             },
             "key_source": self.key_source, "key_note": self.key_note,
-            "budget_source": self.budget_source,
+            "budget_source": self.budget_source, "max_epsilon": self.max_epsilon,
             "sites": {k: asdict(s) for k, s in self.sites.items()},
             "entries": self.entries,
             "flags": self.flags, "notes": self.notes, "torn": self.torn_message,
@@ -310,7 +361,8 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
         site = str(e.get("site"))
         row: EntryCheck = {"index": i, "site": site, "run_id": e.get("run_id"), "round": e.get("round"),
                "accountant": e.get("accountant"), "recorded": e.get("epsilon"),
-               "neighbouring": neighbouring_of(e), "mechanism": None, "rdp": None, "pld": None, "reference": None,
+               "neighbouring": neighbouring_of(e), "mechanism": None, "noise_multiplier": None,
+               "sample_rate": None, "clip": None, "steps": None, "rdp": None, "pld": None, "reference": None,
                "flag": ""}
         per_entry.append(row)
         try:
@@ -321,6 +373,8 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
             continue
         event, delta, rec = entry.event, entry.delta, entry.epsilon
         row["mechanism"] = event.mechanism.value
+        row["noise_multiplier"], row["sample_rate"] = event.noise_multiplier, event.sample_rate
+        row["clip"], row["steps"] = event.sensitivity, event.steps
         if event.skellam is not None:  # SecAgg+ with distributed noise: privacy/skellam.py
             sk = skellams.setdefault(site, [])
             sk.append((event.skellam.variance, event.skellam.l1, event.skellam.l2))
@@ -346,7 +400,9 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
             row["rdp"] = None
         else:
             rdp = row["rdp"] = epsilon_dp_accounting_rdp(h, delta)
-            ref = row["pld"] = epsilon_dp_accounting_pld(h, delta) if entry.accountant == "prv" else rdp
+            ref = rdp
+            if entry.accountant == "prv":
+                ref = row["pld"] = epsilon_dp_accounting_pld(h, delta, PLD_DISCRETIZATION)
         row["reference"] = ref
         if rec is None or (math.isfinite(ref) and rec < ref * (1 - TOLERANCE)) or (
             not math.isfinite(ref) and rec != math.inf
@@ -383,16 +439,19 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
             rdp = epsilon_dp_accounting_rdp(h, site_delta) if (h and site_delta) else 0.0
         last_epsilon = last.get("epsilon")
         recorded = float(last_epsilon) if _is_number(last_epsilon) else math.nan
+        last_reference = rows[-1]["reference"] if rows else None
+        own = (SKELLAM_RDP if site in skellams else "pld" if relation == REPLACE_ONE
+               else str(last.get("accountant")))
+        opinions = {"pld": {"rdp": rdp}, "prv": {"rdp": rdp}, "rdp": {"pld": pld}}.get(own, {})
+        # The verdict: the site's own accountant, the larger of recorded and recomputed (a
+        # site none of whose entries could be recomputed, already flagged, is held to its word).
+        spent = max((x for x in (recorded, last_reference) if _is_number(x) and not math.isnan(x)), default=0.0)
+        at = f" (δ={site_delta:g}, {own})" if site_delta is not None else f" ({own})"
         budget = (budgets or {}).get(site)
         over_budget = False
-        if budget is not None:
-            last_ref = rows[-1]["reference"] if rows else 0.0
-            spent = max(x for x in (recorded, last_ref) if _is_number(x) and not math.isnan(x)) if rows else 0.0
-            if spent > float(budget):
-                over_budget = True
-                at = f" (δ={site_delta:g})" if site_delta is not None else ""
-                flags.append(f"site {site}: ε={spent:.6g} is past its budget {float(budget):g}{at}")
-        last_reference = rows[-1]["reference"] if rows else None
+        if budget is not None and spent > float(budget):
+            over_budget = True
+            flags.append(f"site {site}: ε={spent:.6g} is past its budget {float(budget):g}{at}")
         s = SiteAudit(
             site=site, entries=len(mine),
             runs=sorted({str(e.get("run_id")) for e in mine}),
@@ -410,12 +469,14 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
             budget=None if budget is None else float(budget), over_budget=over_budget,
             key_fingerprint=str(last.get("key_fingerprint", "")),
             recomputed_epsilon=math.nan if last_reference is None else float(last_reference),
+            verdict_accountant=own, verdict_epsilon=spent,
+            opinions={k: float(v) for k, v in opinions.items() if _is_number(v) and not math.isnan(v)},
+            parameters=_parameters([p for p in parsed.values() if p.provenance.site == site]),
         )
-        worst = max([x for x in (recorded, rdp, pld) if _is_number(x) and not math.isnan(x)], default=0.0)
-        if max_epsilon is not None and worst > max_epsilon:
-            flags.append(f"site {site}: ε={worst:.6g} is above --max-epsilon {max_epsilon:g}")
-        if worst > WEAK_EPSILON:
-            notes.append(f"warning: site {site}: ε={worst:.4g} is above {WEAK_EPSILON:g}: a weak guarantee")
+        if max_epsilon is not None and spent > max_epsilon:
+            flags.append(f"site {site}: ε={spent:.6g}{at} is above --max-epsilon {max_epsilon:g}")
+        if spent > WEAK_EPSILON:
+            notes.append(f"warning: site {site}: ε={spent:.4g} ({own}) is above {WEAK_EPSILON:g}: a weak guarantee")
         if site in run_eps and _is_number(recorded) and run_eps[site] > recorded * (1 + TOLERANCE) + 1e-12:
             flags.append(
                 f"site {site}: the run summary reports ε={run_eps[site]:.6g} but the ledger's last entry "
@@ -435,7 +496,23 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
         ok=ok, ledger_path=ledger_path, run_dir=run_dir, verify=verify, sites=sites,
         entries=per_entry, flags=flags, notes=notes, key_source=key_source, key_note=key_note,
         budget_source=budget_source, torn_message=read.message if read.truncated_bytes else "",
+        max_epsilon=max_epsilon,
     )
+
+
+def _parameters(entries: list[LedgerEntry]) -> list[ParameterRow]:
+    """A site's entries grouped by (mechanism, σ, q, C, δ, relation), steps summed, in first-seen order."""
+    rows: dict[tuple[str, float, float, float, float, str], ParameterRow] = {}
+    for p in entries:
+        ev = p.event
+        key = (ev.mechanism.value, float(ev.noise_multiplier), float(ev.sample_rate), float(ev.sensitivity),
+               float(p.delta), ev.relation.value)
+        row = rows.setdefault(key, {"mechanism": key[0], "noise_multiplier": key[1], "sample_rate": key[2],
+                                    "clip": key[3], "steps": 0, "entries": 0, "delta": key[4],
+                                    "neighbouring": key[5]})
+        row["steps"] += int(ev.steps)
+        row["entries"] += 1
+    return list(rows.values())
 
 
 def site_books_problem(state: Path) -> str:

@@ -77,7 +77,8 @@ def audit_main(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, default=None, help="report folder (default <run_dir>/audit/)")
     p.add_argument("--budget", type=_budget, action="append", default=[], metavar="SITE=EPS")
     p.add_argument("--max-epsilon", type=_positive, default=None, metavar="EPS",
-                   help="fail if any site's ε (recorded or recomputed) is above EPS")
+                   help="fail if any site's ε is above EPS: the larger of its recorded ε and the recomputation "
+                        "with its ledger's own accountant (other accountants are shown, not judged)")
     try:
         args = p.parse_args(argv)
         if (args.path is None) == (args.site is None):
@@ -116,24 +117,30 @@ def _fmt(x: object) -> str:
 
 
 def _print_summary(result: AuditResult, md: Path, html: Path) -> None:
+    from fedshield.privacy.report import opinions, parameter_rows
+
     v = result.verify
     print(f"ledger: {result.ledger_path}")
     print(f"entries: {v.checked.get('entries', 0)}, sites: {v.checked.get('sites', 0)}, "
           f"chain: {'ok' if v.ok else 'BROKEN'}, signatures: "
           + (f"{v.checked.get('signatures', 0)} verified" if v.signatures_checked else "NOT CHECKED"))
     print(f"keys: {result.key_note}")
-    head = (f"{'site':<20} {'entries':>7} {'steps':>7} {'δ':>9} {'acct':>5} {'neighbouring':>12} {'ε recorded':>11} "
-            f"{'ε RDP':>9} {'ε PLD':>9} {'budget':>8}  status")
+    head = (f"{'site':<16} {'entries':>7} {'steps':>6} {'δ':>7} {'relation':>11} {'accountant':>11} "
+            f"{'ε recorded':>10} {'ε recomputed':>12} {'budget':>7}  {'status':<14} opinions (not judged)")
     print(head)
     for name, s in sorted(result.sites.items()):
         flagged = any(r["flag"] for r in result.entries if r["site"] == name)
-        status = "UNDER-REPORTED" if flagged else "OVER BUDGET" if s.over_budget else "ok"
+        above = result.max_epsilon is not None and s.verdict_epsilon > result.max_epsilon
+        status = ("UNDER-REPORTED" if flagged else "OVER BUDGET" if s.over_budget
+                  else "ABOVE MAX" if above else "ok")
         if s.partial:
-            status += " (partial history)"
-        print(f"{name:<20} {s.entries:>7} {s.steps:>7} {','.join(f'{d:g}' for d in s.deltas):>9} "
-              f"{','.join(s.accountants):>5} {s.neighbouring:>12} {_fmt(s.recorded_epsilon):>11} "
-              f"{_fmt(s.rdp_epsilon):>9} "
-              f"{_fmt(s.pld_epsilon):>9} {_fmt(s.budget):>8}  {status}  ({', '.join(s.mechanisms) or '-'})")
+            status += " (partial)"
+        print(f"{name:<16} {s.entries:>7} {s.steps:>6} {','.join(f'{d:g}' for d in s.deltas):>7} "
+              f"{s.neighbouring:>11} {s.verdict_accountant:>11} {_fmt(s.recorded_epsilon):>10} "
+              f"{_fmt(s.recomputed_epsilon):>12} {_fmt(s.budget):>7}  {status:<14} {opinions(s.opinions)}")
+    print(f"{'site':<16} {'mechanism':<26} {'σ':>9} {'q':>9} {'clip C':>7} {'steps':>6} {'δ':>7} relation")
+    for name, mechanism, sigma, q, clip, steps, _, delta, relation in parameter_rows(result):
+        print(f"{name:<16} {mechanism:<26} {sigma:>9} {q:>9} {clip:>7} {steps:>6} {delta:>7} {relation}")
     for n in result.notes:
         print(f"note: {n}")
     print(f"report: {md}  {html}")

@@ -6,13 +6,15 @@ release; one site-level round). Readers parse a line into a typed `LedgerEntry`
 
     ledger_version  2 (absent: version 1, read as privacy/events.py says)
     run_id, round, site, mechanism (privacy/events.py `Mechanism`), privacy_unit ("record"),
-    noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant ("rdp"|"prv"),
+    noise_multiplier, sample_rate, steps, max_grad_norm, delta, accountant ("pld", the
+              config's default, | "rdp" | "prv"),
     neighbouring  "add-remove" | "replace-one" (absent in entries written before it existed:
               add-remove, the relation they were accounted under); one per site's chain
     epsilon   cumulative ε of this site after this spend, over ALL of this site's entries
               in the ledger it was appended to (the site's own ledger: every round, run
-              and restart), computed by `privacy.accountant.epsilon` (the larger of Opacus
-              and dp-accounting); a caller's larger value is kept, a smaller one never
+              and restart), computed by `privacy.accountant.epsilon` (pld: dp-accounting's
+              PLD; rdp, prv: the larger of Opacus and dp-accounting); a caller's larger
+              value is kept, a smaller one never
     seq       index of the entry in its site's chain (0, 1, 2, ...)
     run_seq   index of the entry among its site's entries of the same run_id (0, 1, ...)
     time      ISO 8601 UTC, to the hour (`entry_time`: it leaves the site, so it carries no timing)

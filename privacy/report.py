@@ -2,8 +2,11 @@
 
 It states what an auditor needs (Ponomareva et al. 2023, "How to DP-fy ML", sec. 5.3):
 privacy unit, mechanism, accountant (recorded, and the independent recomputation), the
-sampling assumption, δ, clipping norm, noise multiplier, steps, rounds, ε per site by RDP
-and by PLD, and the verification outcome.
+sampling assumption, δ, and per site and mechanism the clipping norm, noise multiplier,
+sample rate and steps in labelled columns; ε per site as recorded, as recomputed with the
+ledger's own accountant (the verdict) and by the other accountant (an opinion); the
+verification outcome. The accountants are described from the constants the code uses
+(privacy.accountant `describe_recorded`, privacy.audit `describe_recomputation`).
 """
 
 from __future__ import annotations
@@ -12,10 +15,16 @@ import base64
 import html
 import io
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedshield.privacy.audit import AuditResult
+from fedshield.privacy.accountant import describe_recorded
+from fedshield.privacy.audit import TOLERANCE, AuditResult, describe_recomputation
+from fedshield.privacy.errors import FedShieldError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 MAX_PLOTTED_SITES = 20
 
@@ -36,34 +45,61 @@ def _list(xs: Iterable[object]) -> str:
     return ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in xs) or "-"
 
 
-def _plot(result: AuditResult) -> bytes | None:
+def _curves(result: AuditResult, sites: Iterable[str], *, recorded: bool) -> dict[str, list[tuple[float, float]]]:
+    """Per site, (its spend number, ε after it): the recorded ε, or the recomputation with
+    the entry's own accountant; a value that is not a number is NaN (left out of the plot)."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for site in sites:
+        rows = [r for r in result.entries if r["site"] == site]
+        values = [r["recorded"] if recorded else r["reference"] for r in rows]
+        out[site] = [(float(k), float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan)
+                     for k, v in enumerate(values, start=1)]
+    return out
+
+
+def epsilon_figure(result: AuditResult) -> Figure | None:
+    """The ε plot, for every accountant: each site's cumulative ε after each spend as
+    recomputed with its own accountant (across sites: min-max band and median), the
+    recorded median beside it, a flagged site's recorded ε on its own, the budgets and
+    --max-epsilon as horizontal lines. None: no site."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted(result.sites)[:MAX_PLOTTED_SITES]
+    from fedshield.privacy.epsilon_plot import draw_epsilon
+
+    names = sorted(result.sites)
     if not names:
         return None
+    accountants = sorted({s.verdict_accountant for s in result.sites.values()})
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    for k, site in enumerate(names):
-        rows = [r for r in result.entries if r["site"] == site and r["rdp"] is not None]
-        xs = list(range(1, len(rows) + 1))
-        color = f"C{k % 10}"
-        rec = [r["recorded"] if isinstance(r["recorded"], (int, float)) else math.nan for r in rows]
-        ax.plot(xs, rec, "-o", color=color, ms=3, label=f"{site} recorded")
-        rdp = [r["rdp"] for r in rows if r["rdp"] is not None]
-        ax.plot(xs, rdp, ":", color=color, label=f"{site} recomputed (RDP)")
-        b = result.sites[site].budget
-        if b is not None:
-            ax.axhline(b, color=color, ls="--", lw=1, label=f"{site} budget {b:g}")
-    ax.set_xlabel("spend (ledger entry of the site, in order: rounds over runs)")
+    budgets = [s.budget for s in result.sites.values() if s.budget is not None]
+    draw_epsilon(ax, _curves(result, names, recorded=False), what=f"recomputed ε ({', '.join(accountants)})",
+                 budgets=budgets, limit=result.max_epsilon)
+    recorded = _curves(result, names, recorded=True)
+    if len(names) > 1:  # one site: its recorded ε is the recomputation's line (or flagged, below)
+        draw_epsilon(ax, recorded, what="recorded ε", color="C1", markers_only=True)
+    flagged = sorted({r["site"] for r in result.entries if r["flag"]})
+    for k, site in enumerate(flagged[:MAX_PLOTTED_SITES]):
+        ax.plot([x for x, _ in recorded[site]], [y for _, y in recorded[site]], "x--", color=f"C{(k + 3) % 10}",
+                ms=5, label=f"{site}: recorded ε (flagged)")
+    ax.set_xlabel("spend of the site (its ledger entries in order: rounds over runs)")
     ax.set_ylabel("cumulative ε")
-    ax.set_title("ε per site over its spends")
+    ax.set_title("ε per site after each spend")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", ncol=2 if len(names) > 4 else 1)
-    buf = io.BytesIO()
+    ax.legend(fontsize=7, loc="lower right")  # cumulative ε rises to the right: the lower right is empty
     fig.tight_layout()
+    return fig
+
+
+def _plot(result: AuditResult) -> bytes | None:
+    import matplotlib.pyplot as plt
+
+    fig = epsilon_figure(result)
+    if fig is None:
+        return None
+    buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
@@ -89,8 +125,9 @@ def _sections(result: AuditResult) -> tuple[list[tuple[str, list[str]]], list[st
     verification += [f"Note: {n}" for n in result.notes]
 
     deltas = sorted({d for s in result.sites.values() for d in s.deltas})
-    accountants = sorted({a for s in result.sites.values() for a in s.accountants})
     relations = sorted({s.neighbouring for s in result.sites.values()})
+    recorded = sorted({(a, s.neighbouring) for s in result.sites.values() for a in s.accountants})
+    verdicts = sorted({(s.verdict_accountant, s.neighbouring) for s in result.sites.values()})
     model = [
         "Privacy unit: one record (one training example) of a site: sample-level DP, stated per site. "
         "Each site's guarantee covers that site's own records only.",
@@ -100,7 +137,8 @@ def _sections(result: AuditResult) -> tuple[list[tuple[str, list[str]]], list[st
         "the sum of the site's features, each clipped to C, plus Gaussian noise σ·C; gaussian-count entries "
         "(release=record-count) are the record count plus Gaussian noise σ (sensitivity 1): both the Gaussian "
         "mechanism, accounted as one step at q = 1 in the same composition (ledgers of version 1 label them "
-        "dp-sgd-poisson-gaussian; they are read by their release field).",
+        "dp-sgd-poisson-gaussian; they are read by their release field). The table \"Mechanisms per site\" "
+        "lists each one's σ, q, C and steps.",
         "Sampling assumption: Poisson sampling: each step includes each record independently with "
         "probability q (the sample rate); the analysis is the Poisson-subsampled Gaussian mechanism under "
         f"the neighbouring relation each site's entries state: {_list(relations)}. add-remove: one record "
@@ -108,57 +146,104 @@ def _sections(result: AuditResult) -> tuple[list[tuple[str, list[str]]], list[st
         "release=record-count entry; q, steps, σ and the FedAvg weight are computed from that noisy count). "
         "replace-one: one record replaced by another; the record count is public.",
         f"δ: {_list(deltas)}.",
-        f"Accountant recorded by the sites: {', '.join(a.upper() for a in accountants)} (Opacus; fedshield records "
-        "the larger of Opacus and dp-accounting), composed over every spend in the site's ledger, never reset per "
-        "round.",
-        "Recomputation (independent of the recorded ε): Google dp-accounting, RDP accountant over Opacus' "
-        "orders, and PLD accountant (pessimistic discretisation, interval 1e-4), composing "
-        "PoissonSampledDpEvent(q, GaussianDpEvent(σ)) self-composed over the recorded steps.",
-        "Check: an entry is flagged if its recorded ε is below the recomputed ε of its accountant (RDP, or "
-        "PLD for PRV) by more than 1e-6 relative; a site is flagged if its ε is past its budget.",
+        *(f"Accountant recorded by the sites, {acc} ({rel}): {_recorded(acc, rel)}; composed over every spend in "
+          "the site's ledger, never reset per round." for acc, rel in recorded),
+        *(f"Recomputation for {acc} ({rel}), independent of the recorded ε: {describe_recomputation(acc, rel)}, "
+          "composing PoissonSampledDpEvent(q, GaussianDpEvent(σ)) self-composed over the recorded steps."
+          for acc, rel in verdicts),
+        f"Check: an entry is flagged if its recorded ε is below the recomputation of its own accountant by more "
+        f"than {TOLERANCE:g} relative.",
+        "Verdict: each site's ε, held to its budget and to --max-epsilon"
+        + (f" ({result.max_epsilon:g})" if result.max_epsilon is not None else "")
+        + ", is the larger of its recorded ε and the recomputation with the ledger's own accountant (the one "
+        "the site recorded). The other accountant's recomputation is shown beside it as an opinion and never "
+        "judged: RDP's conversion to (ε, δ) is looser than PLD's.",
     ]
-    header = ["site", "entries", "runs", "rounds", "steps", "mechanisms", "σ", "q", "C (clip)", "δ", "accountant",
-              "ε recorded", "ε RDP (recomputed)", "ε PLD (recomputed)", "budget", "status"]
+    header = ["site", "entries", "runs", "rounds", "steps", "relation (neighbouring)", "δ", "accountant",
+              "ε recorded", "ε recomputed (own accountant)", "ε verdict", "opinions (not judged)", "budget", "status"]
     rows = []
     for name, s in sorted(result.sites.items()):
         status_s = "over budget" if s.over_budget else "ok"
+        if result.max_epsilon is not None and s.verdict_epsilon > result.max_epsilon:
+            status_s = f"above --max-epsilon {result.max_epsilon:g}"
         if any(r["flag"] for r in result.entries if r["site"] == name):
             status_s = "under-reported ε"
         if s.partial:
             status_s += " (partial history)"
-        rows.append([name, str(s.entries), str(len(s.runs)), str(s.rounds), str(s.steps), ", ".join(s.mechanisms),
-                     _list(s.noise_multipliers), _list(s.sample_rates), _list(s.max_grad_norms),
-                     _list(s.deltas), ", ".join(s.accountants), _f(s.recorded_epsilon), _f(s.rdp_epsilon),
-                     _f(s.pld_epsilon), _f(s.budget) if s.budget is not None else "-", status_s])
+        rows.append([name, str(s.entries), str(len(s.runs)), str(s.rounds), str(s.steps), s.neighbouring,
+                     _list(s.deltas), s.verdict_accountant or ", ".join(s.accountants), _f(s.recorded_epsilon),
+                     _f(s.recomputed_epsilon), _f(s.verdict_epsilon), opinions(s.opinions),
+                     _f(s.budget) if s.budget is not None else "-", status_s])
     return [("Verification", verification), ("Privacy model", model)], header, rows
+
+
+def opinions(values: Mapping[str, float]) -> str:
+    """{"rdp": 8.718} -> "rdp (opinion): 8.7183"."""
+    return "; ".join(f"{k} (opinion): {_f(v)}" for k, v in sorted(values.items())) or "-"
+
+
+def _recorded(accountant: str, relation: str) -> str:
+    try:
+        return describe_recorded(accountant, relation)
+    except FedShieldError:  # the federation's own chains name theirs; an unknown name is shown as it is
+        return f"{accountant!r}, as the entries name it"
+
+
+PARAMETER_HEADER = ["site", "mechanism", "σ (noise multiplier)", "q (sample rate)", "clip C", "steps", "entries",
+                    "δ", "relation (neighbouring)"]
+ENTRY_HEADER = ["#", "site", "run", "round", "mechanism", "σ", "q", "clip C", "steps", "accountant", "ε recorded",
+                "ε recomputed", "flag"]
+
+
+def parameter_rows(result: AuditResult) -> list[list[str]]:
+    """Per site, each distinct (mechanism, σ, q, C, δ, relation) with its steps: labelled, not a bare list."""
+    return [[name, p["mechanism"], f"{p['noise_multiplier']:g}", f"{p['sample_rate']:g}", f"{p['clip']:g}",
+             str(p["steps"]), str(p["entries"]), f"{p['delta']:g}", p["neighbouring"]]
+            for name, s in sorted(result.sites.items()) for p in s.parameters]
+
+
+def _entry_rows(result: AuditResult) -> list[list[str]]:
+    def g(x: object) -> str:
+        return "-" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
+
+    return [[str(r["index"]), r["site"], str(r["run_id"]), str(r["round"]), r["mechanism"] or "-",
+             g(r["noise_multiplier"]), g(r["sample_rate"]), g(r["clip"]), g(r["steps"]), str(r["accountant"]),
+             _f(r["recorded"], 6), _f(r["reference"], 6), r["flag"] or "-"] for r in result.entries]
 
 
 def write_report(result: AuditResult, out_dir: Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sections, header, rows = _sections(result)
+    tables = [("ε per site", header, rows), ("Mechanisms per site", PARAMETER_HEADER, parameter_rows(result))]
+    entries = ("Entries", ENTRY_HEADER, _entry_rows(result))
     png = _plot(result)
     title = f"fedshield privacy audit: {'PASSED' if result.ok else 'FAILED'}"
+
+    def md_table(name: str, head: list[str], body: list[list[str]]) -> list[str]:
+        def cell(c: str) -> str:
+            return c.replace("|", "\\|")  # a site's name or a flag's words: no forged table cell
+
+        return [f"## {name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                *("| " + " | ".join(cell(c) for c in r) + " |" for r in body), ""]
 
     md = [f"# {title}", ""]
     for name, lines in sections:
         md += [f"## {name}", ""] + [f"- {line}" for line in lines] + [""]
-    md += ["## ε per site", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
-    md += ["", "## Entries", "",
-           "| # | site | run | round | mechanism | accountant | ε recorded | ε RDP | ε PLD | flag |",
-           "|---:|---|---|---:|---|---|---:|---:|---:|---|"]
-    for r in result.entries:
-        md.append(f"| {r['index']} | {r['site']} | {r['run_id']} | {r['round']} | {r['mechanism'] or '-'} | "
-                  f"{r['accountant']} | "
-                  f"{_f(r['recorded'], 6)} | {_f(r['rdp'], 6)} | {_f(r['pld'], 6)} | {r['flag'] or '-'} |")
+    for table in (*tables, entries):
+        md += md_table(*table)
     if png:
         (out_dir / "epsilon.png").write_bytes(png)
-        md += ["", "## ε over spends", "", "![ε per site](epsilon.png)"]
+        md += ["## ε over spends", "", "![ε per site](epsilon.png)"]
     md_path = out_dir / "audit.md"
     md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
 
     e = html.escape
+
+    def html_table(name: str, head: list[str], body: list[list[str]]) -> list[str]:
+        return [f"<h2>{e(name)}</h2><table><tr>" + "".join(f"<th>{e(c)}</th>" for c in head) + "</tr>",
+                *("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in body), "</table>"]
+
     h = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{e(title)}</title>",
          "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;}table{border-collapse:collapse;"
          "font-size:13px}td,th{border:1px solid #bbb;padding:3px 6px}.bad{color:#a00}.ok{color:#070}</style>",
@@ -167,20 +252,13 @@ def write_report(result: AuditResult, out_dir: Path) -> tuple[Path, Path]:
         h.append(f"<h2>{e(name)}</h2><ul>")
         h += [f"<li>{e(line).replace('**', '')}</li>" for line in lines]
         h.append("</ul>")
-    h.append("<h2>ε per site</h2><table><tr>" + "".join(f"<th>{e(c)}</th>" for c in header) + "</tr>")
-    h += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
-    h.append("</table>")
+    for table in tables:
+        h += html_table(*table)
     if png:
         h.append("<h2>ε over spends</h2><img alt='epsilon per site' src='data:image/png;base64,"
                  + base64.b64encode(png).decode("ascii") + "'>")
-    h.append("<h2>Entries</h2><table><tr><th>#</th><th>site</th><th>run</th><th>round</th><th>mechanism</th><th>accountant</th>"
-             "<th>ε recorded</th><th>ε RDP</th><th>ε PLD</th><th>flag</th></tr>")
-    for r in result.entries:
-        h.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in (
-            r["index"], r["site"], r["run_id"], r["round"], r["mechanism"] or "-", r["accountant"],
-            _f(r["recorded"], 6),
-            _f(r["rdp"], 6), _f(r["pld"], 6), r["flag"] or "-")) + "</tr>")
-    h.append("</table></body></html>")
+    h += html_table(*entries)
+    h.append("</body></html>")
     html_path = out_dir / "audit.html"
     html_path.write_text("\n".join(h) + "\n", encoding="utf-8")
     return md_path, html_path

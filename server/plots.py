@@ -1,4 +1,5 @@
-"""PNG plots of a run: central accuracy / macro-F1 and each site's ε over rounds."""
+"""PNG plots of a run: central accuracy / macro-F1, and the sites' ε over rounds (min-max band
+across sites, median, budget: privacy/epsilon_plot.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
+
+from fedshield.privacy.epsilon_plot import draw_epsilon  # noqa: E402
 
 
 def plot_run(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
@@ -26,16 +29,16 @@ def plot_run(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any])
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    sites = sorted(rows[-1]["epsilon"])
-    for site in sites:
-        ax.plot(rounds, [r["epsilon"].get(site, 0.0) for r in rows], marker=".", label=site)
-    budgets = {s["budget"] for s in summary.values() if s.get("budget") is not None}
-    for b in budgets:
-        ax.axhline(b, color="red", linestyle="--", linewidth=1, label=f"budget {b:g}")
+    sites = sorted({site for r in rows for site in r["epsilon"]})
+    # A site absent from a round's row (joined late, or gone after a resume) is left out there, not drawn at 0.
+    curves = {site: [(float(r["round"]), float(r["epsilon"][site])) for r in rows if site in r["epsilon"]]
+              for site in sites}
+    budgets = [s["budget"] for s in summary.values() if s.get("budget") is not None]
+    draw_epsilon(ax, curves, what="ε", budgets=budgets)
     ax.set(xlabel="round", ylabel="cumulative ε (per site)", title="Privacy spent per site")
     ax.grid(alpha=0.3)
-    if len(sites) <= 12:
-        ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")  # ε rises to the right: the lower right is empty
     fig.tight_layout()
     fig.savefig(run_dir / "plots" / "epsilon.png", dpi=120)
     plt.close(fig)

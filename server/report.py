@@ -4,12 +4,18 @@ run's own records (metrics rows, the round log's books, the federation ledger)."
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import importlib.metadata
 import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedshield._version import __version__
+from fedshield.privacy.accountant import describe_recorded
+from fedshield.privacy.events import Mechanism, mechanism_of
 from fedshield.server.federation_books import LEDGER_FILE as FEDERATION_LEDGER
 from fedshield.server.federation_books import flower_epsilon_no_amplification
 from fedshield.server.settings import AccountingPolicy, CoordinatorSettings, RulePolicy
@@ -40,11 +46,44 @@ def summarize(run_dir: Path, accounting: AccountingPolicy, sites: Mapping[int, M
     return summary
 
 
-ACCOUNTANT_NAMES = {
-    "pld": "PLD (dp-accounting, pessimistic discretisation)",
-    "rdp": "RDP (the larger of Opacus' and dp-accounting's)",
-    "prv": "PRV/PLD (the larger of Opacus' PRV and dp-accounting's PLD)",
-}
+ACCOUNTANT_NAMES = {name: f"{name.upper()}: {describe_recorded(name)}" for name in ("pld", "rdp", "prv")}
+
+
+def provenance_lines(run_dir: Path) -> list[str]:
+    """What made the report: versions, the date (UTC) and the hash of the resolved config as
+    written in the run directory (the run's own config.yaml, byte for byte)."""
+    config = run_dir / "config.yaml"
+    digest = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else "(no config.yaml)"
+    try:
+        flower = importlib.metadata.version("flwr")
+    except importlib.metadata.PackageNotFoundError:
+        flower = "not installed"
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return [f"fedshield {__version__}, Flower {flower}; report written {now}; config.yaml sha256 `{digest}`."]
+
+
+def dp_sgd_parameters(run_dir: Path) -> dict[str, tuple[list[float], list[float], int]]:
+    """Per site, from the run's ledger (privacy/ledger.jsonl): its DP-SGD σ and q values
+    (distinct, sorted) and its DP-SGD steps in that ledger."""
+    path = run_dir / "privacy" / "ledger.jsonl"
+    out: dict[str, tuple[list[float], list[float], int]] = {}
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except ValueError:  # a torn last line: `fedshield audit` reports it; the report shows the rest
+            continue
+        if not isinstance(e, dict) or mechanism_of(e) != Mechanism.DP_SGD.value:
+            continue
+        sigmas, rates, steps = out.setdefault(str(e.get("site")), ([], [], 0))
+        sigmas.append(float(e["noise_multiplier"]))
+        rates.append(float(e["sample_rate"]))
+        out[str(e.get("site"))] = (sigmas, rates, steps + int(e["steps"]))
+    return {site: (sorted(set(a)), sorted(set(b)), t) for site, (a, b, t) in out.items()}
+
+
+def _values(xs: list[float]) -> str:
+    return ", ".join(f"{x:.6g}" for x in xs) or "-"
 
 
 def write_report(run_dir: Path, settings: CoordinatorSettings, rows: list[dict[str, Any]],
@@ -61,6 +100,7 @@ def write_report(run_dir: Path, settings: CoordinatorSettings, rows: list[dict[s
         "",
         f"Final central accuracy **{last.get('accuracy', float('nan')):.4f}**, macro-F1 "
         f"**{last.get('macro_f1', float('nan')):.4f}** on the held-out test split.", "",
+        *provenance_lines(run_dir), "",
         "## Privacy", "",
     ]
     if p.mode == "none":
@@ -82,15 +122,19 @@ def write_report(run_dir: Path, settings: CoordinatorSettings, rows: list[dict[s
                f"each clipped, plus Gaussian noise (noise multiplier {p.center_noise_multiplier:g}): one "
                "full-batch step of the same mechanism, in its ledger as round 0 (`release: feature-mean`)."]
               if centered else []),
-            f"- Accountant: {ACCOUNTANT_NAMES.get(p.accountant, p.accountant)}, composed over every spend in "
+            f"- Accountant: {p.accountant.upper()}: {describe_recorded(p.accountant, p.neighbouring)}, composed "
+            "over every spend in "
             f"each site's ledger; δ = {p.delta:g}. Recompute with `fedshield audit {run_dir}`.", "",
-            f"| site | records{' (noisy)' if p.neighbouring == 'add-remove' else ''} | ε | budget | "
-            "rounds not trained |", "|---|---:|---:|---:|---|",
+            f"| site | records{' (noisy)' if p.neighbouring == 'add-remove' else ''} | σ (DP-SGD noise multiplier) | "
+            "q (sample rate) | DP-SGD steps | ε | budget | rounds not trained |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
         ]
+        spent = dp_sgd_parameters(run_dir)
         for name, s in sorted(summary.items()):
             why = "; ".join(s["not_trained"]).replace("|", "\\|")  # a site's words: no forged table cell
-            lines.append(f"| {name} | {'-' if s['records'] is None else s['records']} | {s['epsilon']:.4f} | "
-                         f"{s['budget']} | {why or '-'} |")
+            sigmas, rates, steps = spent.get(name, ([], [], 0))
+            lines.append(f"| {name} | {'-' if s['records'] is None else s['records']} | {_values(sigmas)} | "
+                         f"{_values(rates)} | {steps} | {s['epsilon']:.4f} | {s['budget']} | {why or '-'} |")
     if (site := settings.site_level) is not None:
         fed = [json.loads(x) for x in (run_dir / "privacy" / FEDERATION_LEDGER).read_text().splitlines() if x]
         last_fed = fed[-1] if fed else {}

@@ -161,11 +161,15 @@ class RunResult:
         return cls(run_dir=run, config=config, rounds=rounds, sites=sites, paths=paths)
 
     def table(self) -> str:
-        """The per-round table `fedshield simulate` prints at the end."""
+        """The per-round table `fedshield simulate` prints at the end, summarised: the first
+        round, every tenth and the last, then where the full table is (report.md)."""
+        shown = [r for k, r in enumerate(self.rounds) if k == 0 or r.round % 10 == 0 or k == len(self.rounds) - 1]
         lines = ["round  accuracy  macro-F1  ε max   ε mean  trained  declined  dropped"]
-        for r in self.rounds:
+        for r in shown:
             lines.append(
                 f"{r.round:>5}  {r.accuracy:>8.4f}  {r.macro_f1:>8.4f}  {r.epsilon_max:>6.3f}  "
                 f"{r.epsilon_mean:>6.3f}  {r.trained:>7}  {r.declined:>8}  {r.rejected + r.failed:>7}"
             )
+        if len(shown) < len(self.rounds):
+            lines.append(f"full table: {self.paths.report} ({len(self.rounds)} rounds)")
         return "\n".join(lines)

@@ -468,8 +468,14 @@ def test_the_federation_records_what_the_sum_held_and_the_audit_recomputes_the_s
         [(mu, books.noise.l1, books.noise.l2), (1.4 * mu, books.noise.l1, books.noise.l2),
          (mu, books.noise.l1, books.noise.l2)], 1e-3))
     assert entries[-1]["epsilon"] < 4.0
-    result = audit(ledger)
+    result = audit(ledger, max_epsilon=4.0)
     assert result.ok, result.flags
+    federation = next(iter(result.sites.values()))  # judged by its own accountant, the Skellam bound
+    assert federation.verdict_accountant == "skellam-rdp" and federation.verdict_epsilon < 4.0
+    from fedshield.privacy.report import write_report
+
+    md, _ = write_report(result, tmp_path / "audit")  # the ε plot has the Skellam chain's points too
+    assert "fedshield's Skellam RDP bound" in md.read_text() and (tmp_path / "audit" / "epsilon.png").is_file()
     with pytest.raises(Exception, match="less than the planned"):
         books.record_skellam_round(5, mu / 2)
     edited = dict(entries[1], skellam_variance=entries[1]["skellam_variance"] * 10)
