@@ -160,3 +160,35 @@ def test_dashboard_command_refuses_before_listening(run_dir: Path, tmp_path: Pat
     assert "--port 70000" in capsys.readouterr().err
     assert main(["dashboard", str(run_dir), "--host", "no-such-host.invalid"]) == 2
     assert "--host no-such-host.invalid" in capsys.readouterr().err
+
+
+class _Node:
+    def __init__(self, node_id: int) -> None:
+        self.node_id, self.public_key = node_id, f"key-{node_id}".encode()
+
+
+class _Grid:
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_nodes(self) -> list[_Node]:
+        return [_Node(n) for n in self.nodes]
+
+
+class _Enrolment:
+    def name_of(self, key: bytes | None) -> str | None:
+        return {b"key-7": "st-marys"}.get(key or b"")
+
+
+def test_the_coordinator_says_each_site_as_it_connects(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedshield.server.app import announce_connected
+
+    announced: set[int] = set()
+    grid = _Grid([7])
+    announce_connected(grid, [7], announced, 3, _Enrolment())  # type: ignore[arg-type]
+    announce_connected(grid, [7], announced, 3, _Enrolment())  # type: ignore[arg-type]  # said once
+    grid.nodes = [7, 9]
+    announce_connected(grid, [7, 9], announced, 3, _Enrolment())  # type: ignore[arg-type]
+    announce_connected(grid, [7, 9, 11], announced, 3, None)  # type: ignore[arg-type]  # no registry: node ids
+    assert capsys.readouterr().out.splitlines() == [
+        "site st-marys connected (1 of 3)", "site on node 9 connected (2 of 3)", "site on node 11 connected (3 of 3)"]

@@ -115,7 +115,8 @@ class RunSummary:
         return self.rounds[-1] if self.rounds else None
 
     def to_json(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        plain: dict[str, Any] = _plain(dataclasses.asdict(self))
+        return plain
 
     def text(self) -> str:
         """The terminal block of `fedshield status`."""
@@ -174,7 +175,7 @@ def read_rows(path: Path) -> tuple[list[dict[str, Any]], str]:
         return [], ""
     except OSError as exc:
         return [], f"{path}: cannot read ({exc.strerror})"
-    rows = []
+    rows: list[dict[str, Any]] = []
     for n, raw in enumerate(data[: data.rfind(b"\n") + 1].splitlines(), start=1):
         if not raw.strip():
             continue

@@ -28,7 +28,7 @@ function listed(map, withValue) {
   return keys.map((k) => (withValue ? `${k} (${map[k]})` : k)).join(", ");
 }
 
-function chart(id, series, data, yRange) {
+function chart(id, series, data, yRange, bands) {
   const box = $(id);
   const width = Math.max(320, box.clientWidth - 8);
   if (charts[id] && charts[id].series.length === series.length + 1) {
@@ -39,8 +39,10 @@ function chart(id, series, data, yRange) {
   const opts = {
     width, height: 240,
     scales: { x: { time: false }, y: yRange ? { range: yRange } : {} },
-    axes: [{ label: "round" }, {}],
+    // rounds are whole numbers: ticks at 1, 2, 5, 10, ... rounds apart, never at 0.5
+    axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000] }, {}],
     series: [{ label: "round" }, ...series],
+    bands: bands || [],
   };
   charts[id] = new uPlot(opts, data, box);
 }
@@ -48,7 +50,8 @@ function chart(id, series, data, yRange) {
 function render(s) {
   document.title = `fedshield ${s.name}`;
   $("run-name").textContent = s.name;
-  const dp = s.privacy_mode === "none" ? "no DP" : `${s.privacy_mode}, ${s.accountant} accountant, δ=${s.delta}`;
+  const delta = s.delta < 1e-3 ? Number(s.delta).toExponential() : String(s.delta);
+  const dp = s.privacy_mode === "none" ? "no DP" : `${s.privacy_mode}, ${s.accountant} accountant, δ=${delta}`;
   $("run-meta").textContent = `task ${s.task} · ${s.strategy} · ${dp}` +
     (s.unit === "site" ? " · site-level DP" : "") + (s.secure_aggregation ? " · SecAgg+" : "") +
     (s.finished ? " · finished" : " · running");
@@ -67,7 +70,9 @@ function render(s) {
     `${fmt(Math.max(...eps), 2)} / ${fmt(eps.reduce((a, b) => a + b, 0) / eps.length, 2)}` : "–";
   const over = s.sites.filter((x) => x.budget !== null && x.epsilon > x.budget).map((x) => x.site);
   $("budget").textContent = !dpOn ? "no DP: nothing accounted" :
-    `budget ${s.budget} per site` + (over.length ? ` · OVER: ${over.join(", ")}` : "");
+    `budget ${s.budget} per site` + (over.length ? ` · OVER: ${over.join(", ")}` : "") +
+    (s.unit === "site" && last && last.site_level_epsilon !== null ?
+      ` · site-level ε ${fmt(last.site_level_epsilon, 3)}` : "");
 
   const trained = s.sites.reduce((a, x) => a + x.trained, 0);
   const declined = s.sites.reduce((a, x) => a + x.declined, 0);
@@ -84,12 +89,14 @@ function render(s) {
     { label: "accuracy", stroke: "#3a78c2", width: 2 },
     { label: "macro-F1", stroke: "#d9822b", width: 2, dash: [6, 4] },
   ], [xs, rounds.map((r) => r.accuracy), rounds.map((r) => r.macro_f1)], [0, 1]);
+  // one band from the lowest to the highest site, not a line per site: sites that spend
+  // alike would draw identical lines on top of each other
   chart("chart-epsilon", [
     { label: "ε lowest site", stroke: "#6a9fd8", width: 2 },
     { label: "ε highest site", stroke: "#1d4f91", width: 2 },
-    { label: "budget", stroke: "#b42318", width: 1, dash: [4, 4] },
+    { label: "budget", stroke: "#b42318", width: 1, dash: [4, 4], points: { show: false } },
   ], [xs, rounds.map((r) => r.site_epsilon_min), rounds.map((r) => r.site_epsilon_max),
-    rounds.map(() => s.budget)], null);
+    rounds.map(() => s.budget)], null, [{ series: [2, 1], fill: "rgba(58, 120, 194, 0.15)" }]);
 
   const sites = $("sites").tBodies[0];
   sites.replaceChildren(...s.sites.map((x) => {
