@@ -62,9 +62,12 @@ class SharedWatcher:
                 return {"summary": None, "error": str(exc)}
 
 
-def create_app(run_dir: str | Path) -> Starlette:
-    """The dashboard of `run_dir` (a run directory: FedShieldError otherwise)."""
+def create_app(run_dir: str | Path, stopping: threading.Event | None = None) -> Starlette:
+    """The dashboard of `run_dir` (a run directory: FedShieldError otherwise). `stopping`,
+    once set, ends every event stream at its next poll, so that the server's graceful
+    shutdown does not wait for browsers that never hang up."""
     shared = SharedWatcher(Path(run_dir))
+    stopping = stopping or threading.Event()
     assets = {p.name: p for p in STATIC.iterdir() if p.is_file()}
 
     async def page(request: Request) -> Response:
@@ -77,7 +80,7 @@ def create_app(run_dir: str | Path) -> Starlette:
         async def stream() -> AsyncIterator[str]:
             last: object = None
             quiet = 0.0
-            while True:
+            while not stopping.is_set():
                 signature = await anyio.to_thread.run_sync(shared.signature)
                 if signature != last:
                     last, quiet = signature, 0.0

@@ -76,17 +76,26 @@ def dashboard_main(argv: list[str]) -> int:
 
     run_dir = RunWatcher(args.run_dir).run_dir  # a missing or non-run directory: one line, before listening
     check_listen(host, args.port)
+    import threading
+    from types import FrameType
+
     import uvicorn
 
     from fedshield.server.dashboard.app import create_app
 
-    app = create_app(run_dir)
+    stopping = threading.Event()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            stopping.set()  # open event streams end at their next poll: shutdown need not cut them
+            super().handle_exit(sig, frame)
+
+    app = create_app(run_dir, stopping)
     shown = f"[{host}]" if ":" in host else host
     print(f"dashboard of {run_dir} at http://{shown}:{args.port}/ (read-only; Ctrl-C stops it)", flush=True)
     if not _is_loopback(host):
         print(f"note: --host {host} is not loopback: anyone who can reach this machine can see the page",
               flush=True)
-    # Open event streams never end by themselves: give them a second on Ctrl-C, then close.
-    uvicorn.run(app, host=host, port=args.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=1)
+    Server(uvicorn.Config(app, host=host, port=args.port, log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=5)).run()
     return 0
