@@ -105,6 +105,12 @@ def test_a_tampered_ledger_and_a_line_still_being_written(run_dir: Path) -> None
     with open(run_dir / "metrics.jsonl", "a") as f:  # half a line: the writer is mid-append
         f.write('{"round": 3, "accu')
     assert [r.round for r in watcher.summary().rounds] == [0, 1, 2]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run_dir / "metrics.jsonl").write_text(lines[0] + "not json\n" + "".join(lines[1:3]))
+    s = watcher.summary()
+    assert [r.round for r in s.rounds] == [0] and s.problems == (
+        f"{run_dir / 'metrics.jsonl'}: line 2 is not JSON; the rounds after it are not shown",)
+    assert "note      " in s.text()
 
 
 def test_the_ledger_is_verified_again_only_when_it_changes(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -192,3 +198,34 @@ def test_the_coordinator_says_each_site_as_it_connects(capsys: pytest.CaptureFix
     announce_connected(grid, [7, 9, 11], announced, 3, None)  # type: ignore[arg-type]  # no registry: node ids
     assert capsys.readouterr().out.splitlines() == [
         "site st-marys connected (1 of 3)", "site on node 9 connected (2 of 3)", "site on node 11 connected (3 of 3)"]
+
+
+def test_the_summary_reads_what_the_coordinators_round_log_writes(tmp_path: Path) -> None:
+    """The writer (server/app.py RoundLog) and the reader agree on metrics.jsonl's format."""
+    from fedshield.server.app import RoundLog
+    from fedshield.server.settings import CoordinatorSettings
+    from fedshield.strategies.report import RoundReport, SiteReply
+
+    cfg = conf.load_config(["federation.num_sites=3", "federation.strategy=krum", "federation.num_malicious=0",
+                            "federation.update_norm_bound=3", "privacy=none", f"output.dir={tmp_path}",
+                            "output.run_name=live"])
+    run = new_run_dir(cfg)
+    sites = {1: {"site": "a", "n": 5}, 2: {"site": "b", "n": 5}, 3: {"site": "c", "n": 5}}
+    log = RoundLog(run, CoordinatorSettings.from_config(cfg), sites)
+    fresh = read_summary(run)
+    assert fresh.rounds == () and fresh.audit.state == "empty" and "no round evaluated yet" in fresh.text()
+    metrics = {"accuracy": 0.5, "macro_f1": 0.25, "per_class": {}}
+    log.on_evaluated(0, metrics)
+    log.on_round(RoundReport(1, ["a", "b", "c"], [
+        SiteReply("a", 1, "trained", num_examples=5, update_norm=40.0, clipped=True, selected=False),
+        SiteReply("b", 2, "declined", "its budget is spent", decline_kind="budget"),
+        SiteReply("c", 3, "rejected", "claims 1000000000 records; it declared 5 at discovery"),
+    ], rule="krum", withstood=0))
+    log.on_evaluated(1, metrics)
+    s = read_summary(run)
+    last = s.rounds[-1]
+    assert (last.round, last.sampled, last.trained) == (1, 3, 1)
+    assert dict(last.declined) == {"b": "budget"}
+    assert dict(last.dropped) == {"c": "rejected: claims 1000000000 records; it declared 5 at discovery"}
+    assert last.defence == "1 update(s) clipped to the norm bound (a); krum left out a; krum withstood f=0"
+    assert s.privacy_mode == "none" and s.budget is None and "ε " not in s.text()
