@@ -156,6 +156,10 @@ def test_status_command_and_its_errors(run_dir: Path, tmp_path: Path, capsys: py
     assert err.count("\n") == 1 and "no such run directory" in err
     assert main(["status", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    (run_dir / "config.yaml").write_text("federation: {rounds: [1\n")  # YAML's own message spans lines
+    assert main(["status", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.yaml: not a config fedshield wrote" in err
 
 
 def test_dashboard_command_refuses_before_listening(run_dir: Path, tmp_path: Path,

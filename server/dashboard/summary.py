@@ -303,7 +303,8 @@ class RunWatcher:
             try:
                 cfg = Config.from_run(self.run_dir).to_omegaconf()
             except FedShieldError as exc:
-                raise FedShieldError(f"{self.run_dir / 'config.yaml'}: not a config fedshield wrote ({exc})") from None
+                why = " ".join(str(exc).split())  # one line, also for a YAML parser's multi-line message
+                raise FedShieldError(f"{self.run_dir / 'config.yaml'}: not a config fedshield wrote ({why})") from None
             self._settings = (sig, CoordinatorSettings.from_config(cfg))
         return self._settings[1]
 
