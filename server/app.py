@@ -111,6 +111,22 @@ def exclude_revoked(identity: LiveEnrolment | None, sites: dict[int, dict[str, A
             say(f"  {s['site']}: not asked any more: its connection key was revoked")
 
 
+def announce_connected(grid: Grid, nodes: list[int], announced: set[int], expected: int,
+                       identity: LiveEnrolment | None) -> None:
+    """Say each node the first time it is seen: "site <name> connected (n of N)", its name the
+    one enrolled for its connection key (deployment), its node id otherwise; `announced` the
+    nodes already said. Before its HELLO: the name is what its key proves, not what it claims."""
+    new = [n for n in nodes if n not in announced]
+    if not new:
+        return
+    keys = connection_keys(grid) if identity is not None else {}
+    for node in new:
+        announced.add(node)
+        name = identity.name_of(keys.get(node)) if identity is not None else None
+        who = f"site {protocol.printable(name)}" if name else f"site on node {node}"
+        say(f"{who} connected ({len(announced)} of {expected})")
+
+
 def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float,
                    refused: list[str] | None = None, identity: LiveEnrolment | None = None,
                    heads: SiteHeads | None = None) -> dict[int, dict[str, Any]]:
@@ -133,11 +149,15 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
     nodes = list(grid.get_node_ids())
     if isinstance(grid, InMemoryGrid):  # Flower's simulation runtime: its SuperNodes never change
         nodes = _simulated_nodes(grid, expected, min(timeout, 30.0))
+    announced: set[int] = set()
+    if not isinstance(grid, InMemoryGrid):  # a simulation's virtual sites all come at once: not said
+        announce_connected(grid, nodes, announced, expected, identity)
     if len(nodes) < expected:
         say(f"waiting for {expected} sites to connect ({len(nodes)} so far)")
     while len(nodes) < expected and time.time() < deadline:
         time.sleep(1.0)
         nodes = list(grid.get_node_ids())
+        announce_connected(grid, nodes, announced, expected, identity)
     if len(nodes) < expected:
         say(f"waited {timeout:.0f}s: {len(nodes)} of {expected} sites connected; going on with them")
     say(f"asking {len(nodes)} sites who they are")
@@ -428,6 +448,9 @@ class RoundLog:
             "trained": report.count("trained") if report else 0,
             "declined": report.count("declined") if report else 0,
             "declined_sites": report.sites("declined") if report else [],
+            # why each declined, as the site's kind (budget, books, ...): the live view shows it
+            "decline_kinds": {r.site: r.decline_kind for r in report.replies if r.status == "declined"}
+            if report else {},
             "rejected": report.count("rejected") if report else 0,
             "failed": report.count("failed") if report else 0,
             # Poisoning defences: why each refused reply was refused, each usable update's norm

@@ -32,6 +32,8 @@ commands:
   certs      CA, server certificate, connection keys, enrolment (init | site | csr | sign | revoke | show)
   audit      verify a privacy ledger and recompute ε independently
   bundle     a wheelhouse for an offline site install: fedshield, every pinned dependency, INSTALL.txt
+  status     a run's state in one short block: rounds, accuracy, ε vs budget, sites, ledger check
+  dashboard  a read-only live view of a run in the browser (127.0.0.1:8765 by default)
 
 `fedshield COMMAND --help` tells more. Config overrides: key=value (e.g. federation.rounds=3),
 presets: task=heart-disease|news-topics|text-file, privacy=none|dp-sgd.
@@ -81,6 +83,8 @@ COMMANDS = {
     "certs": _lazy("fedshield.deploy.pki", "certs_main"),
     "audit": _lazy("fedshield.privacy.cli", "audit_main"),
     "bundle": _lazy("fedshield.deploy.bundle", "bundle_main"),
+    "status": _lazy("fedshield.server.dashboard.cli", "status_main"),
+    "dashboard": _lazy("fedshield.server.dashboard.cli", "dashboard_main"),
     "audit-empirical": _lazy("fedshield.simulations.empirical", "empirical_main"),
 }
 
