@@ -44,6 +44,7 @@ from fedshield.server.run_dir import LEDGER_KEYS, RUN_STOPPED, append_jsonl, exi
 from fedshield.server.settings import CoordinatorSettings, SecAggPolicy
 from fedshield.server.site_heads import FILE as SITE_HEADS
 from fedshield.server.site_heads import SiteHeads
+from fedshield.server.tracking import NoTracker, Tracker, open_tracker
 from fedshield.strategies.flower import flower_strategy, shortfall
 from fedshield.strategies.report import PlannedCheck, RoundReport
 from fedshield.strategies.secagg import SecAggPlus
@@ -307,6 +308,7 @@ class RoundLog:
         self.rows: list[dict[str, Any]] = []
         self.t0 = time.time()
         self.site_level_epsilon: float | None = None  # privacy.unit=site: the federation's ε so far
+        self.tracker: Tracker = NoTracker()  # output.tracking: each row also goes there
         # The head of each site's books this coordinator holds, across runs (server/site_heads.py).
         self.heads: SiteHeads | None = None
         self.fingerprints = {s["site"]: signing.fingerprint(s["key"]) for s in sites.values() if "key" in s}
@@ -451,6 +453,7 @@ class RoundLog:
             "elapsed_s": round(time.time() - self.t0, 1),
         }
         append_jsonl(self.run_dir / "metrics.jsonl", row)
+        self.tracker.log_round(row)
         self.rows.append(row)
         total = self.settings.rounds
         sites = (f" | sites {row['trained']} trained, {row['declined']} declined, "
@@ -536,6 +539,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
 
     rounds = RoundLog(run_dir, settings, sites, verified=books.run_epsilon)
     rounds.heads = heads
+    rounds.tracker = open_tracker(settings.tracking, run_dir, ckpt.server_round if ckpt is not None else None)
+    rounds.tracker.log_config(conf.to_flat(cfg), conf.to_yaml(cfg))
     for site, entries in apart:
         rounds.keep_apart(site, entries)
     for site, entries in counted:
@@ -654,6 +659,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         )
     except EmptyRoundsError:
         summarize(run_dir, settings.accounting, sites, rounds.epsilon, rounds.declines)  # every spend so far
+        rounds.tracker.close(failed=True)
         raise
     final = protocol.from_array_record(result.arrays) if result.arrays else initial  # no round trained: initial
     view.load_trainable(final)
@@ -661,7 +667,9 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     plot_run(run_dir, rounds.rows, summary)
     if settings.save_model:
         export_model(cfg, view, run_dir / "model")
+        rounds.tracker.log_final_model(run_dir / "model")
     write_report(run_dir, settings, rounds.rows, summary, centered=center is not None, refused=refused)
+    rounds.tracker.close()
     # Tell every site the run is over (a site not picked for the last round cannot tell that
     # from a lost coordinator); a site that does not answer in time changes nothing.
     grid.send_and_receive([protocol.instruction(protocol.DONE, plan, n) for n in sites], timeout=10.0)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from fedshield import conf, rules
 from fedshield.privacy.secure_sum import SecAggSettings
 from fedshield.rules import Accountant, Neighbouring, NormAction, PrivacyMode, PrivacyUnit, RuleName
+from fedshield.server import tracking
 
 
 def _choice(key: str, value: object, kind: object) -> str:
@@ -130,6 +131,7 @@ class CoordinatorSettings:
     accounting: AccountingPolicy
     site_level: SiteLevelPolicy | None  # None: privacy.unit=record
     secagg: SecAggPolicy | None  # None: federation.secure_aggregation=off
+    tracking: tracking.TrackingKind = "none"  # output.tracking (server/tracking.py)
 
     @property
     def unit(self) -> PrivacyUnit:
@@ -145,6 +147,8 @@ class CoordinatorSettings:
         t, f, tr, p, o = cfg.task, cfg.federation, cfg.training, cfg.privacy, cfg.output
         unit = _choice("privacy.unit", p.unit, PrivacyUnit)
         secure = _choice("federation.secure_aggregation", f.secure_aggregation, rules.SecureAggregation)
+        kind = cast(tracking.TrackingKind, _choice("output.tracking", o.tracking, tracking.TrackingKind))
+        tracking.require(kind)  # its package, before a run directory is made
         threshold = _float_or_none(f.secagg_reconstruction_threshold)
         neighbours = None if f.secagg_neighbours is None else int(f.secagg_neighbours)
         return cls(
@@ -174,4 +178,5 @@ class CoordinatorSettings:
                 SecAggSettings(float(f.secagg_clip_range), int(f.secagg_bits), neighbours,
                                float(f.secagg_max_dropout_fraction), threshold),
                 timeout_s=float(f.secagg_timeout_s)) if secure == "secaggplus" else None,
+            tracking=kind,
         )
