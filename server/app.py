@@ -541,6 +541,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
     rounds.heads = heads
     rounds.tracker = open_tracker(settings.tracking, run_dir, ckpt.server_round if ckpt is not None else None)
     rounds.tracker.log_config(conf.to_flat(cfg), conf.to_yaml(cfg))
+    if settings.tracking != "none":
+        say(f"tracking: {settings.tracking} in {run_dir / 'tracking' / settings.tracking}")
     for site, entries in apart:
         rounds.keep_apart(site, entries)
     for site, entries in counted:
