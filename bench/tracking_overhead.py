@@ -82,8 +82,8 @@ def main() -> None:
     model = text_model_path("")
     print(f"tracking_overhead: {args.rounds} rounds + round 0, 5 classes; final model {model} "
           f"({folder_mb(model):.1f} MB)")
-    print("| tracking | sites | import s (once per process) | open + config s (once per run) | ms/round tracker | ms/round metrics.jsonl | "
-          "final model + close s | store MB |")
+    print("| tracking | sites | import s (once per process) | open + config s (once per run) | ms/round tracker | "
+          "ms/round metrics.jsonl | final model + close s | store MB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="fedshield-tracking-") as tmp:
         for kind in ("none", "tensorboard", "mlflow"):
@@ -93,8 +93,8 @@ def main() -> None:
             imported = time.perf_counter() - t
             for sites in (8, 1000):
                 m = measure(kind, sites, args.rounds, model, Path(tmp))
-                print(f"| {kind} | {sites} | {imported:.2f} | {m['setup_s']:.2f} | {m['round_ms']:.1f} | {m['jsonl_ms']:.1f} | "
-                      f"{m['final_s']:.2f} | {m['store_mb']:.1f} |", flush=True)
+                print(f"| {kind} | {sites} | {imported:.2f} | {m['setup_s']:.2f} | {m['round_ms']:.1f} | "
+                      f"{m['jsonl_ms']:.1f} | {m['final_s']:.2f} | {m['store_mb']:.1f} |", flush=True)
                 imported = 0.0
 
 

@@ -5,6 +5,7 @@ the run loop's metrics writer feeds it; a missing package is one line before any
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,20 @@ def fake_row(server_round: int) -> dict[str, Any]:
     }
 
 
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every connection a tracker tries (from any thread), refused and listed."""
+    tried: list[object] = []
+
+    def refuse(self: socket.socket, address: object) -> None:
+        tried.append(address)
+        raise OSError("fedshield tests: no network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return tried
+
+
 def model_folder(tmp_path: Path) -> Path:
     model = tmp_path / "model"
     model.mkdir()
@@ -53,7 +68,8 @@ def test_round_metrics_names_every_number_a_row_tracks() -> None:
     assert [tracking.metric_key(n) for n in ("a\tb<c>", "..", "", "x" * 300)] == ["a_b_c_", "_..", "_", "x" * 200]
 
 
-def test_tensorboard_tracker_writes_scalars_per_round_config_and_model_path(tmp_path: Path) -> None:
+def test_tensorboard_tracker_writes_scalars_per_round_config_and_model_path(tmp_path: Path,
+                                                                           no_network: list[object]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log_dir = tmp_path / "tb"
@@ -77,6 +93,7 @@ def test_tensorboard_tracker_writes_scalars_per_round_config_and_model_path(tmp_
     assert str(tmp_path / "model") in texts["final_model/text_summary"]
     hparams = events.PluginTagToContent("hparams")
     assert hparams and any(b"federation.rounds" in content for content in hparams.values())
+    assert no_network == []
 
 
 def test_tensorboard_resume_purges_rounds_after_the_checkpoint(tmp_path: Path) -> None:
@@ -100,7 +117,8 @@ def mlflow_client(store: Path) -> Any:
     return MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
 
 
-def test_mlflow_tracker_records_metrics_params_config_and_model_in_the_run_directory(tmp_path: Path) -> None:
+def test_mlflow_tracker_records_metrics_params_config_and_model_in_the_run_directory(tmp_path: Path,
+                                                                                   no_network: list[object]) -> None:
     store = tmp_path / "run" / "tracking" / "mlflow"
     tracker = MlflowTracker(store, "run-7")
     tracker.log_config(PARAMS, CONFIG_YAML)
@@ -124,6 +142,7 @@ def test_mlflow_tracker_records_metrics_params_config_and_model_in_the_run_direc
     assert artifacts == {"config.yaml", "model"}
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/config.json"]
     assert (store / "artifacts").is_dir() and sorted(p.name for p in store.iterdir()) == ["artifacts", "mlflow.db"]
+    assert no_network == []  # a local SQLite store and a file artifact root: no server, no telemetry
 
 
 def test_mlflow_resume_continues_the_same_run_and_a_failed_run_says_so(tmp_path: Path) -> None:
@@ -198,6 +217,10 @@ def test_a_missing_package_is_one_line_before_any_run_directory(monkeypatch: pyt
     assert tracking.missing_package("mlflow") == line and tracking.missing_package("tensorboard") is None
     with pytest.raises(tracking.TrackingError, match=r"^output\.tracking=mlflow needs"):
         CoordinatorSettings.from_config(conf.load_config(["output.tracking=mlflow"]))  # the coordinator's edge
+    from fedshield.server.cli import check_inputs
+
+    with pytest.raises(tracking.TrackingError, match=r"^output\.tracking=mlflow needs"):  # `fedshield server`
+        check_inputs(conf.load_config(["output.tracking=mlflow", "task.model=/nonexistent"]), admitted=8)
     out = tmp_path / "runs"
     assert main(["simulate", "output.tracking=mlflow", f"output.dir={out}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
