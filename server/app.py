@@ -663,6 +663,9 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         summarize(run_dir, settings.accounting, sites, rounds.epsilon, rounds.declines)  # every spend so far
         rounds.tracker.close(failed=True)
         raise
+    except BaseException:  # the tracked run says it failed (a resume continues it)
+        rounds.tracker.close(failed=True)
+        raise
     final = protocol.from_array_record(result.arrays) if result.arrays else initial  # no round trained: initial
     view.load_trainable(final)
     summary = summarize(run_dir, settings.accounting, sites, rounds.epsilon, rounds.declines)

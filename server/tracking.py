@@ -17,12 +17,14 @@ TensorBoard has no artifact store: the model's path and the config are text summ
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
 import re
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -158,7 +160,8 @@ class TensorBoardTracker:
                              "stays in the run directory)")
 
     def close(self, failed: bool = False) -> None:
-        self.writer.close()
+        with _quiet_if(failed):
+            self.writer.close()
 
 
 def _markdown_code(text: str) -> str:
@@ -210,7 +213,13 @@ class MlflowTracker:
         self.client.log_artifacts(self.run_id, str(model_dir), "model")
 
     def close(self, failed: bool = False) -> None:
-        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+        with _quiet_if(failed):
+            self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+
+
+def _quiet_if(failed: bool) -> AbstractContextManager[None]:
+    """Closing the tracker of a run that is failing: the run's own error is the one to report."""
+    return contextlib.suppress(Exception) if failed else contextlib.nullcontext()
 
 
 def open_tracker(kind: str, run_dir: Path, resume_after: int | None = None) -> Tracker:

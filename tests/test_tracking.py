@@ -164,6 +164,19 @@ def test_mlflow_resume_continues_the_same_run_and_a_failed_run_says_so(tmp_path:
     assert [m.step for m in client.get_metric_history(run.info.run_id, "accuracy")] == [0, 1, 2]
 
 
+def test_closing_the_tracker_of_a_failing_run_never_hides_the_run_s_error(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    tracker = MlflowTracker(tmp_path, "run-9")
+
+    def store_gone(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tracker.client, "set_terminated", store_gone)
+    tracker.close(failed=True)  # the run loop is re-raising the run's own error
+    with pytest.raises(OSError, match="disk full"):
+        tracker.close()  # a run that succeeded: a tracker that cannot close is an error
+
+
 def test_mlflow_logs_a_thousand_sites_in_batches_mlflow_accepts(tmp_path: Path) -> None:
     tracker = MlflowTracker(tmp_path, "many")
     tracker.log_config({f"k{i}": i for i in range(250)}, CONFIG_YAML)  # more params than one batch takes
