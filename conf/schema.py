@@ -26,6 +26,8 @@ GRAD_SAMPLE_MODES = ("hooks", "ghost")
 PRIVACY_MODES = rules.PRIVACY_MODES
 ACCOUNTANTS = rules.ACCOUNTANTS  # = privacy.accountant.ACCOUNTANTS
 NEIGHBOURING = rules.NEIGHBOURING  # = privacy.accountant.NEIGHBOURING
+# output.tracking (server/tracking.py): into the run directory only; a test checks they agree.
+TRACKING = ("none", "tensorboard", "mlflow")
 
 # federation.num_sites: the simulation is documented for 10 to 10,000 virtual sites on one
 # machine (each a Flower SuperNode with its own partition; bench/sim_scale.py measures 10
@@ -231,6 +233,9 @@ class OutputConfig:
     dir: str = "runs"
     run_name: str = ""  # "" = a timestamped name
     save_model: bool = True
+    # Also record each round, the config and the final model for TensorBoard or MLflow, into
+    # <run>/tracking/ (the coordinator checks that the package is installed before it starts).
+    tracking: str = "none"
 
 
 @dataclass
@@ -476,6 +481,7 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
         _check("simulation.num_cpus", s.num_cpus >= 0, ">= 0", s.num_cpus),
         _path("output.dir", o.dir, required=True),
         run_name_error(o.run_name),
+        _one_of("output.tracking", o.tracking, TRACKING),
     ]
     errors = [c for c in checks if c]
     if t.name == "text-file" and not t.data_path:

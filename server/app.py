@@ -45,6 +45,7 @@ from fedshield.server.run_dir import LEDGER_KEYS, RUN_STOPPED, append_jsonl, exi
 from fedshield.server.settings import CoordinatorSettings, SecAggPolicy
 from fedshield.server.site_heads import FILE as SITE_HEADS
 from fedshield.server.site_heads import SiteHeads
+from fedshield.server.tracking import NoTracker, Tracker, open_tracker
 from fedshield.strategies.flower import flower_strategy, shortfall
 from fedshield.strategies.report import PlannedCheck, RoundReport
 from fedshield.strategies.secagg import SecAggPlus
@@ -328,6 +329,7 @@ class RoundLog:
         self.rows: list[dict[str, Any]] = []
         self.t0 = time.time()
         self.site_level_epsilon: float | None = None  # privacy.unit=site: the federation's ε so far
+        self.tracker: Tracker = NoTracker()  # output.tracking: each row also goes there
         # The head of each site's books this coordinator holds, across runs (server/site_heads.py).
         self.heads: SiteHeads | None = None
         self.fingerprints = {s["site"]: signing.fingerprint(s["key"]) for s in sites.values() if "key" in s}
@@ -475,6 +477,7 @@ class RoundLog:
             "elapsed_s": round(time.time() - self.t0, 1),
         }
         append_jsonl(self.run_dir / "metrics.jsonl", row)
+        self.tracker.log_round(row)
         self.rows.append(row)
         total = self.settings.rounds
         sites = (f" | sites {row['trained']} trained, {row['declined']} declined, "
@@ -560,6 +563,10 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
 
     rounds = RoundLog(run_dir, settings, sites, verified=books.run_epsilon)
     rounds.heads = heads
+    rounds.tracker = open_tracker(settings.tracking, run_dir, ckpt.server_round if ckpt is not None else None)
+    rounds.tracker.log_config(conf.to_flat(cfg), conf.to_yaml(cfg))
+    if settings.tracking != "none":
+        say(f"tracking: {settings.tracking} in {run_dir / 'tracking' / settings.tracking}")
     for site, entries in apart:
         rounds.keep_apart(site, entries)
     for site, entries in counted:
@@ -678,6 +685,10 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
         )
     except EmptyRoundsError:
         summarize(run_dir, settings.accounting, sites, rounds.epsilon, rounds.declines)  # every spend so far
+        rounds.tracker.close(failed=True)
+        raise
+    except BaseException:  # the tracked run says it failed (a resume continues it)
+        rounds.tracker.close(failed=True)
         raise
     final = protocol.from_array_record(result.arrays) if result.arrays else initial  # no round trained: initial
     view.load_trainable(final)
@@ -685,7 +696,9 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
     plot_run(run_dir, rounds.rows, summary)
     if settings.save_model:
         export_model(cfg, view, run_dir / "model")
+        rounds.tracker.log_final_model(run_dir / "model")
     write_report(run_dir, settings, rounds.rows, summary, centered=center is not None, refused=refused)
+    rounds.tracker.close()
     # Tell every site the run is over (a site not picked for the last round cannot tell that
     # from a lost coordinator); a site that does not answer in time changes nothing.
     grid.send_and_receive([protocol.instruction(protocol.DONE, plan, n) for n in sites], timeout=10.0)

@@ -111,6 +111,7 @@ from fedshield.deploy.processes import (
 from fedshield.privacy.errors import FedShieldError
 from fedshield.privacy.signing import fingerprint
 from fedshield.server.run_dir import RUN_STOPPED
+from fedshield.server.tracking import require as require_tracking
 
 CONNECTION = "fedshield"
 
@@ -232,6 +233,7 @@ def check_inputs(cfg: Config, admitted: int) -> str:
     from fedshield.task.model import text_model_path
     from fedshield.task.pipeline import pool_and_test
 
+    require_tracking(str(cfg.output.tracking))
     if cfg.federation.min_sites > admitted:
         raise conf.ConfigError(f"federation.min_sites={cfg.federation.min_sites}: only {admitted} connection "
                                f"key{'s are' if admitted != 1 else ' is'} admitted (--connection-keys)")

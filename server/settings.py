@@ -17,6 +17,7 @@ from fedshield import conf, rules
 from fedshield.conf.config import Config
 from fedshield.privacy.secure_sum import SecAggSettings
 from fedshield.rules import Accountant, Neighbouring, NormAction, PrivacyMode, PrivacyUnit, RuleName
+from fedshield.server import tracking
 
 
 def _choice(key: str, value: object, kind: object) -> str:
@@ -129,6 +130,7 @@ class CoordinatorSettings:
     accounting: AccountingPolicy
     site_level: SiteLevelPolicy | None  # None: privacy.unit=record
     secagg: SecAggPolicy | None  # None: federation.secure_aggregation=off
+    tracking: tracking.TrackingKind = "none"  # output.tracking (server/tracking.py)
 
     @property
     def unit(self) -> PrivacyUnit:
@@ -141,6 +143,8 @@ class CoordinatorSettings:
         t, f, tr, p, o = cfg.task, cfg.federation, cfg.training, cfg.privacy, cfg.output
         unit = _choice("privacy.unit", p.unit, PrivacyUnit)
         secure = _choice("federation.secure_aggregation", f.secure_aggregation, rules.SecureAggregation)
+        kind = cast(tracking.TrackingKind, _choice("output.tracking", o.tracking, tracking.TrackingKind))
+        tracking.require(kind)  # its package, before a run directory is made
         threshold = _float_or_none(f.secagg_reconstruction_threshold)
         neighbours = None if f.secagg_neighbours is None else int(f.secagg_neighbours)
         return cls(
@@ -170,4 +174,5 @@ class CoordinatorSettings:
                 SecAggSettings(f.secagg_clip_range, f.secagg_bits, neighbours,
                                f.secagg_max_dropout_fraction, threshold),
                 timeout_s=f.secagg_timeout_s) if secure == "secaggplus" else None,
+            tracking=kind,
         )

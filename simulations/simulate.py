@@ -22,6 +22,7 @@ from typing import Any
 from fedshield import conf, protocol
 from fedshield.conf.config import Config
 from fedshield.server.run_dir import existing_run_dir, new_run_dir, read_jsonl
+from fedshield.server.tracking import require as require_tracking
 from fedshield.simulations.result import RunResult
 from fedshield.task.sites import check_delta, virtual_sites
 
@@ -69,6 +70,7 @@ def run_simulation(cfg: Config, verbose: bool = False, resume: bool = False) -> 
     from fedshield.client.app import app as client_app
     from fedshield.server.app import build_server_app, say
 
+    require_tracking(str(cfg.output.tracking))  # before any work: a missing package is one line
     sizes = check_sites(cfg)
     if resume:  # a run that cannot be continued is refused before Ray starts
         from fedshield.server.app import run_config_yaml
