@@ -97,10 +97,22 @@ def site_level_columns(run_dir: Path) -> dict[str, Any]:
     }
 
 
+SWEEP_EXAMPLES = """examples:
+  fedshield sweep privacy.target_epsilon=1,2,4,8
+  fedshield sweep privacy.target_epsilon=0.5,1,2,4,8,inf federation.seed=1,2,3 federation.rounds=5
+  fedshield sweep preset=cross-device privacy.site_target_epsilon=1,4,8,inf
+
+KEY=a,b,c (comma-separated values) makes KEY an axis: one simulation per value, and the
+grid is the product of all axes. ε=inf is the non-private reference (privacy.mode=none).
+Results: <out>/results.csv, results.md, accuracy_vs_epsilon.png.
+"""
+
+
 def sweep_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fedshield sweep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="fedshield sweep", description=__doc__.split("\n\n")[0],
+                                     epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="output folder (default: <output.dir>/sweep-<time>)")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides; KEY=a,b,c is an axis (one run per value)")
     args = parser.parse_args(argv)
     axes, fixed = split_axes(args.overrides)
     if not axes:
