@@ -759,17 +759,20 @@ def identity_from_run_config(run_config: dict[str, Any]) -> LiveEnrolment | None
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> DictConfig:
-    """Flower's run config: the whole config as one YAML string (lists survive), or
-    dotted keys (`flwr run . --run-config "federation.rounds=3"`)."""
+    """Flower's run config: dotted keys (`flwr run . --run-config "privacy.target_epsilon=4"`,
+    encoded as conf/flower.py says), or the whole config as one YAML string (the older form,
+    and `fedshield server`'s app)."""
+    from fedshield.conf.flower import from_run_config
+
     run_config = dict(run_config)
     text = str(run_config.pop(RUN_CONFIG_YAML_KEY, "") or "")
-    # Flower merges the app's declared defaults (pyproject's [tool.flwr.app.config]) into
-    # every run config, so a key written in the YAML must win over a dotted default.
     created = OmegaConf.create(text) if text.strip() else None
     if created is not None and not isinstance(created, DictConfig):
         raise conf.ConfigError(f"{RUN_CONFIG_YAML_KEY}: a YAML mapping of fedshield's keys, not a list")
     written = conf.to_flat(created) if created is not None else {}
-    return conf.load_config(base={**run_config, **written})
+    # Flower passes every declared key (pyproject's [tool.flwr.app.config]) on every run:
+    # only those that differ from their declared default override the YAML.
+    return conf.load_config(base={**written, **from_run_config(run_config)})
 
 
 def build_server_app(cfg: DictConfig | None = None, run_dir: Path | None = None, resume: bool = False) -> ServerApp:

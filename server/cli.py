@@ -203,7 +203,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[DictConfig, Path]:
         from fedshield.server.run_dir import run_to_resume
 
         found = run_to_resume(resume, str(cfg.output.dir), str(cfg.output.run_name))
-        out = [o for o in overrides if o.startswith("output.") and not o.startswith(("output.dir=", "output.run_name="))]
+        named = ("output.dir=", "output.run_name=")  # they named the run, now found
+        out = [o for o in overrides if o.startswith("output.") and not o.startswith(named)]
         cfg = conf.load_config_file(found / "config.yaml", out)
         cfg.output.dir, cfg.output.run_name = str(found.parent), found.name  # the run's folder, wherever RUN named it
     for key in ("task.model", "task.data_path", "task.test_path", "output.dir"):

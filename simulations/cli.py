@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS or command in HIDDEN:
-        print(f"error: unknown command {command!r}; one of: {', '.join(c for c in COMMANDS if c not in HIDDEN)}", file=sys.stderr)
+        public = ", ".join(c for c in COMMANDS if c not in HIDDEN)
+        print(f"error: unknown command {command!r}; one of: {public}", file=sys.stderr)
         return 2
     from fedshield.privacy.errors import FedShieldError
 

@@ -236,7 +236,8 @@ def empirical_main(argv: list[str]) -> int:
     user = conf.load_config(overrides)
     sites = [f"site-{i}" for i in range(int(user.federation.num_sites))]
     if args.virtual_site not in sites:
-        raise conf.ConfigError(f"--virtual-site={args.virtual_site!r}: must be one of {', '.join(sites)} (federation.num_sites)")
+        raise conf.ConfigError(f"--virtual-site={args.virtual_site!r}: must be one of {', '.join(sites)} "
+                               "(federation.num_sites)")
     out = Path(args.out or Path(user.output.dir) / time.strftime("empirical-%Y%m%d-%H%M%S")).expanduser().resolve()
     if (out / "empirical_audit.json").exists():
         raise conf.ConfigError(f"--out={str(out)!r}: already holds an empirical audit; choose another folder")
