@@ -30,13 +30,15 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedshield import conf
 from fedshield.deploy.processes import add_deprecated_alias
-from fedshield.privacy.canary import BETA, CanaryResult, audit_scores
+
+if TYPE_CHECKING:  # privacy.canary brings scipy: imported when the audit runs, after its config is checked
+    from fedshield.privacy.canary import CanaryResult
 
 SITE_COLUMN = "site"
 EXPECTED = ("a lower bound below the accounted ε is expected; "
@@ -256,6 +258,7 @@ def empirical_main(argv: list[str]) -> int:
     print(f"empirical audit: {args.canaries} canaries at {args.virtual_site}, "
           f"{int(can.included.sum())} included (coin flips, seed {args.seed})")
 
+    from fedshield.privacy.canary import BETA, audit_scores
     from fedshield.simulations.simulate import run_simulation
 
     run_dir = run_simulation(cfg, verbose=args.verbose)

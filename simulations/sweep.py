@@ -36,8 +36,6 @@ from typing import Any
 import numpy as np
 
 from fedshield import conf
-from fedshield.server.federation_books import LEDGER_FILE as FEDERATION_LEDGER
-from fedshield.server.federation_books import flower_epsilon_no_amplification
 from fedshield.server.run_dir import read_jsonl
 from fedshield.simulations.simulate import run_simulation
 
@@ -73,6 +71,10 @@ def point_overrides(point: dict[str, str]) -> list[str]:
 
 def site_level_columns(run_dir: Path) -> dict[str, Any]:
     """The site-level columns of a run, from its federation ledger ({} without one)."""
+    # Imported here: it brings Flower's accountant, and a sweep's config is checked first.
+    from fedshield.server.federation_books import LEDGER_FILE as FEDERATION_LEDGER
+    from fedshield.server.federation_books import flower_epsilon_no_amplification
+
     path = run_dir / "privacy" / FEDERATION_LEDGER
     if not path.is_file():
         return {}

@@ -29,8 +29,9 @@ def run_in_fresh_python(argv: list[str]) -> tuple[int, str, list[str]]:
     return out.returncode, out.stderr, eval(out.stdout.strip().splitlines()[-1])  # noqa: S307 - our own print
 
 
-def test_a_config_typo_is_one_line_before_torch_flower_or_ray_is_imported(tmp_path):
-    rc, err, heavy = run_in_fresh_python(["simulate", "federation.roundz=3", f"output.dir={tmp_path}"])
+@pytest.mark.parametrize("command", ["simulate", "sweep privacy.target_epsilon=1,2", "audit --empirical"])
+def test_a_config_typo_is_one_line_before_torch_flower_or_ray_is_imported(tmp_path, command):
+    rc, err, heavy = run_in_fresh_python([*command.split(), "federation.roundz=3", f"output.dir={tmp_path}"])
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("error: override: unknown key 'federation.roundz' "
                                                    "(did you mean 'federation.rounds'?)")
