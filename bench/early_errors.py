@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--case", choices=list(CASES), action="append")
     args = parser.parse_args()
-    print(f"| tree | case | exit | median s | min s | max s | heavy modules imported |")
+    print("| tree | case | exit | median s | min s | max s | heavy modules imported |")
     print("|---|---|---:|---:|---:|---:|---|")
     for case in args.case or list(CASES):
         times, rc, heavy = [], 0, [""]

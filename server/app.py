@@ -657,6 +657,9 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path | None = None, res
         raise
     final = protocol.from_array_record(result.arrays) if result.arrays else initial  # no round trained: initial
     view.load_trainable(final)
+    # What follows takes a while on a big run (the model export alone, tens of seconds): say so.
+    say("the rounds are done: writing the privacy summary, plots" + (", the final model" if settings.save_model
+                                                                     else "") + " and report.md")
     summary = summarize(run_dir, settings.accounting, sites, rounds.epsilon, rounds.declines)
     plot_run(run_dir, rounds.rows, summary)
     if settings.save_model:

@@ -132,8 +132,8 @@ def _run_in_run_dir(cfg: DictConfig, run_dir: Path, sizes: list[tuple[str, int]]
     from fedshield.client.app import app as client_app
     from fedshield.server.app import build_server_app, say
     smallest, largest = min(n for _, n in sizes), max(n for _, n in sizes)
-    say(f"checked: model and data; {len(sizes)} sites of {smallest}-{largest} records; starting Flower's "
-        f"simulation runtime (run directory {run_dir})")
+    held = f"{smallest} records each" if smallest == largest else f"{smallest} to {largest} records"
+    say(f"checked: model and data ({len(sizes)} sites, {held}); starting Flower's simulation runtime")
     if not verbose:
         # run_simulation's deprecation notice and "federated evaluation skipped" are
         # deliberate choices here (see README); fedshield prints its own progress.

@@ -4,8 +4,6 @@ without a bar."""
 
 from __future__ import annotations
 
-import pytest
-
 from fedshield.privacy.progress import Counter, progress
 
 
