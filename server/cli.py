@@ -50,15 +50,16 @@ What it starts, and why (flwr 1.41, read from its source):
    `deploy.processes.flower_env` (telemetry off, offline, no dependency installation).
 
 Before anything starts, and before any folder is made, the inputs are checked, each failure
-one line (exit 2): the certificates, the connection keys, the config (schema, keys, values),
-the task's data files loaded as the ServerApp loads them (`task.pipeline.pool_and_test`),
-the model folder (`task.model.text_model_path`: config.json, weights, tokenizer; a head
-already in it has one output per class: `check_model_head`), that
-`federation.min_sites` is not more than the sites admitted, and that `--address` can be
-bound. A bad override thus costs a second, not a SuperLink start and a half-made run.
+one line (exit 2), cheapest first: the certificates, that `--address` can be bound, the
+connection keys, the config (schema, keys, values), the task's data files loaded as the
+ServerApp loads them (`task.pipeline.pool_and_test`), the model folder
+(`task.model.text_model_path`: config.json, weights, tokenizer; a head already in it has one
+output per class: `check_model_head`), and that `federation.min_sites` is not more than the
+sites admitted. A bad override thus costs a second, not a SuperLink start and a half-made run.
 
-`--resume RUN` (or `--resume` with `output.run_name=RUN`) continues that run from its last
-checkpoint, with the config it started with (its run directory's config.yaml; `output.*`
+`--resume RUN` (a run folder, or a run's name under `output.dir`; a bare `--resume`: the run
+`output.run_name` names, else the newest run under `output.dir`, as `fedshield simulate`)
+continues that run from its last checkpoint, with the config it started with (its run directory's config.yaml; `output.*`
 overrides still apply): the manifest then carries `server.app.RESUME_KEY`, and the
 ServerApp resumes (server/app.py, server/checkpoint.py).
 
