@@ -59,9 +59,9 @@ sites admitted. A bad override thus costs a second, not a SuperLink start and a 
 
 `--resume RUN` (a run folder, or a run's name under `output.dir`; a bare `--resume`: the run
 `output.run_name` names, else the newest run under `output.dir`, as `fedshield simulate`)
-continues that run from its last checkpoint, with the config it started with (its run directory's config.yaml; `output.*`
-overrides still apply): the manifest then carries `server.app.RESUME_KEY`, and the
-ServerApp resumes (server/app.py, server/checkpoint.py).
+continues that run from its last checkpoint, with the config it started with (its run
+directory's config.yaml; `output.*` overrides still apply): the manifest then carries
+`server.app.RESUME_KEY`, and the ServerApp resumes (server/app.py, server/checkpoint.py).
 
 On Ctrl-C / SIGTERM every child (SuperLink, its SuperExec and ServerApp, `flwr run`) is
 terminated and the command exits 130; they are stopped too when the start fails. If this

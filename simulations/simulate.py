@@ -114,13 +114,16 @@ def run_simulation(cfg: DictConfig, verbose: bool = False, resume: bool = False)
 
         run_dir = existing_run_dir(cfg)
         load(run_dir, run_dir.name, config_digest(run_config_yaml(cfg)))
+        made_here = False  # a resumed run's folder is never removed
     else:
+        named = Path(cfg.output.dir).expanduser().resolve() / str(cfg.output.run_name)
+        made_here = not cfg.output.run_name or not named.exists()  # an empty folder of the user's stays
         run_dir = new_run_dir(cfg)
     try:
         return _run_in_run_dir(cfg, run_dir, sizes, verbose=verbose, resume=resume)
     except BaseException:
         # A start that failed before any round or site wrote anything leaves no empty run behind.
-        if not resume and run_dir.is_dir() and _only_what_new_run_dir_wrote(run_dir):
+        if made_here and run_dir.is_dir() and _only_what_new_run_dir_wrote(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
@@ -131,6 +134,7 @@ def _run_in_run_dir(cfg: DictConfig, run_dir: Path, sizes: list[tuple[str, int]]
 
     from fedshield.client.app import app as client_app
     from fedshield.server.app import build_server_app, say
+
     smallest, largest = min(n for _, n in sizes), max(n for _, n in sizes)
     held = f"{smallest} records each" if smallest == largest else f"{smallest} to {largest} records"
     say(f"checked: model and data ({len(sizes)} sites, {held}); starting Flower's simulation runtime")

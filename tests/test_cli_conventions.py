@@ -84,11 +84,12 @@ def test_a_start_that_fails_before_anything_was_written_leaves_no_run_dir(tiny_b
         raise FedShieldError("the runtime could not start")
 
     monkeypatch.setattr(simulate, "_run_in_run_dir", fails)
-    for name in ("gone", "kept"):
+    (tmp_path / "runs" / "users-own").mkdir(parents=True)  # an empty folder the user made: it stays
+    for name in ("gone", "kept", "users-own"):
         overrides = tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{"output.run_name": name})
         assert main(["simulate", *overrides]) == 2
         assert "error: the runtime could not start" in capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["kept"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["kept", "users-own"]
 
 
 def test_the_first_line_comes_before_the_checks(tmp_path, capsys):
