@@ -208,7 +208,12 @@ def node_config(name: str, data: Path, state: Path, overrides: dict[str, object]
 def client_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fedshield client",
-        description="Site agent: a Flower SuperNode (outbound TLS only) training on this site's own data.")
+        description="Site agent: a Flower SuperNode (outbound TLS only) training on this site's own data.",
+        epilog="""examples:
+  fedshield client --server fl.example.org:9092 --ca ca.crt --connection-key st-marys.key --data /secure/notes.csv
+  fedshield client --server fl.example.org:9092 --ca ca.crt --connection-key st-marys.key \\
+      --data /secure/notes.csv --state-dir /var/lib/fedshield privacy.budget_epsilon=3
+""", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", required=True, help="the coordinator, HOST:PORT (e.g. fl.example.org:9092)")
     parser.add_argument("--ca", required=True, help="the federation's CA certificate (ca.crt)")
     key_flag = parser.add_mutually_exclusive_group(required=True)

@@ -186,6 +186,10 @@ class Config:
         assert isinstance(data, dict)
         return cast(dict[str, Any], data)
 
+    def to_flat(self) -> dict[str, Any]:
+        """The whole config as dotted keys and their values (`{"federation.rounds": 40, ...}`)."""
+        return conf.to_flat(self._cfg)
+
     def to_omegaconf(self) -> DictConfig:
         """A mutable copy as a typed OmegaConf object (for a caller's own OmegaConf code)."""
         return conf.load_config(base=self.to_dict())

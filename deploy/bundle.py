@@ -353,7 +353,11 @@ def bundle_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fedshield bundle",
         description="Write a wheelhouse for an offline (air-gapped) site install: fedshield's wheel, every "
-                    "dependency as a wheel, SHA256SUMS and INSTALL.txt with the one install command.")
+                    "dependency as a wheel, SHA256SUMS and INSTALL.txt with the one install command.",
+        epilog="""examples:
+  fedshield bundle fedshield-bundle/                   for a site like this machine
+  fedshield bundle fedshield-bundle/ --cuda cu126 --python-version 3.12 --platform manylinux_2_28_x86_64
+""", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", type=Path, help="the bundle folder to write (new, or empty)")
     parser.add_argument("--wheel", type=Path,
                         help="fedshield's wheel to ship (default: build it from this source checkout)")

@@ -651,7 +651,14 @@ def _try_public(data: bytes) -> str:
 
 def certs_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fedshield certs",
-                                     description="CA, server certificate and sites' connection keys.")
+                                     description="CA, server certificate and sites' connection keys.",
+                                     epilog="""examples:
+  fedshield certs init --out pki/ --server-name fl.example.org --san 127.0.0.1
+  fedshield certs csr st-marys --out keys/            at the site: its connection key (stays there) + a CSR
+  fedshield certs sign keys/st-marys.csr --pki pki/   at the coordinator: enrols st-marys, bound to that key
+  fedshield certs revoke st-marys --pki pki/
+  fedshield certs show pki/server.crt
+""", formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_init = sub.add_parser("init", help="a CA and the coordinator's TLS certificate")
     p_init.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.crt, server.key")

@@ -66,6 +66,7 @@ from typing import Any
 
 from fedshield import rules
 from fedshield.privacy.errors import FedShieldError
+from fedshield.privacy.progress import Counter
 
 ACCOUNTANTS = rules.ACCOUNTANTS  # privacy.accountant's values, one home (fedshield/rules.py)
 PLD_RECORD_INTERVAL = 1e-3  # the discretisation of the ε recorded with accountant "pld" (and replace-one)
@@ -334,13 +335,15 @@ def _calibrate_recorded(target_epsilon: float, delta: float, sample_rate: float,
             f"(δ={delta:g}, {neighbouring}); nothing is left for training"
         )
 
-    def eps_of(sigma: float) -> float:
-        return epsilon([*before, Spend(sigma, sample_rate, steps)], delta, accountant, neighbouring)
+    with Counter(f"calibrating σ for ε={target_epsilon:g} ({accountant})", unit="ε") as step:
+        def eps_of(sigma: float) -> float:
+            step()
+            return epsilon([*before, Spend(sigma, sample_rate, steps)], delta, accountant, neighbouring)
 
-    lo = _calibrate(target_epsilon, delta, sample_rate, steps, "rdp", ()) * 0.5
-    while eps_of(lo) <= target_epsilon and lo > 1e-3:
-        lo *= 0.5
-    sigma = _bisect_sigma(eps_of, target_epsilon, lo)
+        lo = _calibrate(target_epsilon, delta, sample_rate, steps, "rdp", ()) * 0.5
+        while eps_of(lo) <= target_epsilon and lo > 1e-3:
+            lo *= 0.5
+        sigma = _bisect_sigma(eps_of, target_epsilon, lo)
     if eps_of(sigma) > target_epsilon:
         raise FedShieldError(f"calibration failed: σ={sigma!r} exceeds ε={target_epsilon:g} ({accountant}, "
                              f"{neighbouring})")

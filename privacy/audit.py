@@ -57,6 +57,7 @@ from fedshield.privacy.ledger import (
     VerifyResult,
     verify_ledger,
 )
+from fedshield.privacy.progress import progress
 from fedshield.privacy.skellam import skellam_history_epsilon
 
 TOLERANCE = 1e-6  # relative: recorded ε may not be below the recomputation by more than this
@@ -357,7 +358,7 @@ def audit(path: Path, ledger_keys_dir: Path | None = None, budgets: dict[str, fl
     parsed: dict[int, LedgerEntry] = {}
     history: dict[str, list[Spend]] = {}
     skellams: dict[str, list[tuple[float, float, float]]] = {}  # site -> (variance, l1, l2) of its Skellam spends
-    for i, e in enumerate(entries):
+    for i, e in enumerate(progress(entries, "recomputing ε", total=len(entries), unit="entry")):
         site = str(e.get("site"))
         row: EntryCheck = {"index": i, "site": site, "run_id": e.get("run_id"), "round": e.get("round"),
                "accountant": e.get("accountant"), "recorded": e.get("epsilon"),

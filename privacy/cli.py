@@ -65,7 +65,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def audit_main(argv: list[str]) -> int:
-    p = _Parser(prog="fedshield audit", description="Verify a privacy ledger and recompute ε independently.")
+    p = _Parser(prog="fedshield audit", description="Verify a privacy ledger and recompute ε independently.",
+                epilog="""examples:
+  fedshield audit runs/RUN                              verify the run's ledger, recompute ε, write RUN/audit/
+  fedshield audit runs/RUN --max-epsilon 8 --json       fail (exit 1) if any site's ε is above 8
+  fedshield audit ledger.jsonl --ledger-keys keys/ --budget st-marys=3
+  fedshield audit --site /var/lib/fedshield             a site's own books: whole from seq 0 to its head
+  fedshield audit --empirical --canaries 200            canary audit: an empirical lower bound on ε
+
+exit status: 0 verified, 1 a problem (tampering, over budget, under-reported ε), 2 bad input
+""", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", metavar="RUN_DIR_OR_LEDGER", type=Path, nargs="?")
     p.add_argument("--site", type=Path, default=None, metavar="STATE_DIR",
                    help="a site's state folder: also check its books are whole (seq 0 to its signed head)")

@@ -564,7 +564,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
     rounds = RoundLog(run_dir, settings, sites, verified=books.run_epsilon)
     rounds.heads = heads
     rounds.tracker = open_tracker(settings.tracking, run_dir, ckpt.server_round if ckpt is not None else None)
-    rounds.tracker.log_config(conf.to_flat(cfg), conf.to_yaml(cfg))
+    rounds.tracker.log_config(cfg.to_flat(), cfg.to_yaml())
     if settings.tracking != "none":
         say(f"tracking: {settings.tracking} in {run_dir / 'tracking' / settings.tracking}")
     for site, entries in apart:
@@ -692,6 +692,9 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
         raise
     final = protocol.from_array_record(result.arrays) if result.arrays else initial  # no round trained: initial
     view.load_trainable(final)
+    # What follows takes a while on a big run (the model export alone, tens of seconds): say so.
+    say("the rounds are done: writing the privacy summary, plots" + (", the final model" if settings.save_model
+                                                                     else "") + " and report.md")
     summary = summarize(run_dir, settings.accounting, sites, rounds.epsilon, rounds.declines)
     plot_run(run_dir, rounds.rows, summary)
     if settings.save_model:
@@ -795,17 +798,20 @@ def identity_from_run_config(run_config: dict[str, Any]) -> LiveEnrolment | None
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> Config:
-    """Flower's run config: the whole config as one YAML string (lists survive), or
-    dotted keys (`flwr run . --run-config "federation.rounds=3"`)."""
+    """Flower's run config: dotted keys (`flwr run . --run-config "privacy.target_epsilon=4"`,
+    encoded as conf/flower.py says), or the whole config as one YAML string (the older form,
+    and `fedshield server`'s app)."""
+    from fedshield.conf.flower import from_run_config
+
     run_config = dict(run_config)
     text = str(run_config.pop(RUN_CONFIG_YAML_KEY, "") or "")
-    # Flower merges the app's declared defaults (pyproject's [tool.flwr.app.config]) into
-    # every run config, so a key written in the YAML must win over a dotted default.
     created = OmegaConf.create(text) if text.strip() else None
     if created is not None and not isinstance(created, DictConfig):
         raise conf.ConfigError(f"{RUN_CONFIG_YAML_KEY}: a YAML mapping of fedshield's keys, not a list")
     written = conf.to_flat(created) if created is not None else {}
-    return Config.from_dict({**run_config, **written})
+    # Flower passes every declared key (pyproject's [tool.flwr.app.config]) on every run:
+    # only those that differ from their declared default override the YAML.
+    return Config.from_dict({**written, **from_run_config(run_config)})
 
 
 def build_server_app(cfg: Config | None = None, run_dir: Path | None = None, resume: bool = False) -> ServerApp:

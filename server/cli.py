@@ -50,17 +50,18 @@ What it starts, and why (flwr 1.41, read from its source):
    `deploy.processes.flower_env` (telemetry off, offline, no dependency installation).
 
 Before anything starts, and before any folder is made, the inputs are checked, each failure
-one line (exit 2): the certificates, the connection keys, the config (schema, keys, values),
-the task's data files loaded as the ServerApp loads them (`task.pipeline.pool_and_test`),
-the model folder (`task.model.text_model_path`: config.json, weights, tokenizer; a head
-already in it has one output per class: `check_model_head`), that
-`federation.min_sites` is not more than the sites admitted, and that `--address` can be
-bound. A bad override thus costs a second, not a SuperLink start and a half-made run.
+one line (exit 2), cheapest first: the certificates, that `--address` can be bound, the
+connection keys, the config (schema, keys, values), the task's data files loaded as the
+ServerApp loads them (`task.pipeline.pool_and_test`), the model folder
+(`task.model.text_model_path`: config.json, weights, tokenizer; a head already in it has one
+output per class: `check_model_head`), and that `federation.min_sites` is not more than the
+sites admitted. A bad override thus costs a second, not a SuperLink start and a half-made run.
 
-`--resume RUN` (or `--resume` with `output.run_name=RUN`) continues that run from its last
-checkpoint, with the config it started with (its run directory's config.yaml; `output.*`
-overrides still apply): the manifest then carries `server.app.RESUME_KEY`, and the
-ServerApp resumes (server/app.py, server/checkpoint.py).
+`--resume RUN` (a run folder, or a run's name under `output.dir`; a bare `--resume`: the run
+`output.run_name` names, else the newest run under `output.dir`, as `fedshield simulate`)
+continues that run from its last checkpoint, with the config it started with (its run
+directory's config.yaml; `output.*` overrides still apply): the manifest then carries
+`server.app.RESUME_KEY`, and the ServerApp resumes (server/app.py, server/checkpoint.py).
 
 On Ctrl-C / SIGTERM every child (SuperLink, its SuperExec and ServerApp, `flwr run`) is
 terminated and the command exits 130; they are stopped too when the start fails. If this
@@ -200,14 +201,16 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
 
     resume = getattr(args, "resume", False)
     overrides = list(args.overrides)
-    if isinstance(resume, str):  # --resume RUN
-        overrides.append(f"output.run_name={resume}")
     cfg = Config.from_yaml(args.config, overrides) if args.config else Config.load(overrides)
     if resume:  # the run's own config, as it was written when the run started (only output.* may change)
-        from fedshield.server.run_dir import existing_run_dir
+        from fedshield.server.run_dir import run_to_resume
 
-        out = [o for o in overrides if o.startswith("output.")]
-        cfg = Config.from_yaml(existing_run_dir(cfg) / "config.yaml", out)
+        found = run_to_resume(resume, cfg.output.dir, cfg.output.run_name)
+        named = ("output.dir=", "output.run_name=")  # they named the run, now found
+        out = [o for o in overrides if o.startswith("output.") and not o.startswith(named)]
+        # the run's folder, wherever RUN named it
+        cfg = Config.from_yaml(found / "config.yaml", out).with_values(
+            {"output.dir": str(found.parent), "output.run_name": found.name})
     # The coordinator's paths as absolute ones: the ServerApp runs in another working directory.
     paths = {"task.model": cfg.task.model, "task.data_path": cfg.task.data_path,
              "task.test_path": cfg.task.test_path, "output.dir": cfg.output.dir}
@@ -365,10 +368,24 @@ def wait_tls(port: int, ca: Path, proc: subprocess.Popen[Any], log: Path, timeou
 # ------------------------------------------------------------------ command
 
 
+SERVER_EXAMPLES = """examples:
+  fedshield server --pki pki/ task=news-topics federation.num_sites=3 federation.rounds=10
+  fedshield server --pki pki/ --connection-keys keys/ --address 0.0.0.0:9092 --config run.yaml
+  fedshield server --pki pki/ --resume                  continue the newest run under output.dir
+  fedshield server --pki pki/ --resume runs/RUN         continue that run (a folder, or a run name)
+
+--resume [RUN]: RUN is a run folder or a run's name under output.dir; without RUN, the run
+output.run_name names, else the newest run under output.dir (as `fedshield simulate`).
+The certificates, the port, the config, the model folder and the data are checked before
+anything starts or any folder is made.
+"""
+
+
 def server_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fedshield server",
-        description="Coordinator: a TLS SuperLink that admits only registered sites, and the fedshield ServerApp.")
+        description="Coordinator: a TLS SuperLink that admits only registered sites, and the fedshield ServerApp.",
+        epilog=SERVER_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pki", required=True,
                         help="folder with ca.crt, server.crt, server.key (fedshield certs init)")
     keys_flag = parser.add_mutually_exclusive_group()
@@ -389,8 +406,8 @@ def server_main(argv: list[str]) -> int:
                         help="connections at once from one source address (default %(default)s; 503 beyond; "
                              "raise it for many sites behind one NAT)")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
-                        help="continue the run RUN (or output.run_name) from its last checkpoint, with the config "
-                             "it started with (read from its run directory)")
+                        help="continue RUN (a run folder or name; default: output.run_name, else the newest run "
+                             "under output.dir) from its last checkpoint, with the config it started with")
     parser.add_argument("--verbose", action="store_true", help="also show the SuperLink's log")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides and presets")
     args = parser.parse_args(argv)
@@ -402,10 +419,10 @@ def server_main(argv: list[str]) -> int:
     files = check_pki(pki)
     host, port = parse_host_port(args.address, "--address", "0.0.0.0:9092", default_host="0.0.0.0")
     limits = front_limits(args)
+    check_address(host, port)  # a busy port is reported before the data and the model are read
     admitted, left_out, registry = admitted_sites(pki, args.connection_keys)
     cfg, run_dir = resolve_config(args)
     summary = check_inputs(cfg, len(admitted))
-    check_address(host, port)
     print(f"checked: {summary}", flush=True)
     for why in left_out:
         print(f"warning: {why}", file=sys.stderr, flush=True)

@@ -54,6 +54,43 @@ def existing_run_dir(cfg: Config) -> Path:
     return path
 
 
+def run_to_resume(run: str | bool, output_dir: str, run_name: str = "") -> Path:
+    """The run folder that `--resume [RUN]` names (`fedshield simulate` and `server` alike).
+
+    RUN is a run folder's path or a run's name under `output_dir`; a bare `--resume` means
+    `output.run_name` when it is set, else the newest run under `output_dir` (the one whose
+    metrics.jsonl, or config.yaml, changed last): the run that was just interrupted.
+    """
+    base = Path(output_dir).expanduser().resolve()
+    if isinstance(run, str):
+        given = Path(run).expanduser()
+        if (given / "config.yaml").is_file():
+            return given.resolve()
+        if (base / run / "config.yaml").is_file():
+            return base / run
+        raise conf.ConfigError(f"--resume {run}: holds no run to resume (neither a run folder nor a run "
+                               f"under output.dir={str(base)!r})")
+    if run_name:
+        return existing_run_dir_named(base, run_name)
+    runs = [p for p in base.iterdir() if not p.name.startswith(".") and (p / "config.yaml").is_file()] \
+        if base.is_dir() else []
+    if not runs:
+        raise conf.ConfigError(f"--resume: output.dir={str(base)!r} holds no run; name one with --resume RUN")
+
+    def changed(p: Path) -> float:
+        metrics = p / "metrics.jsonl"
+        return (metrics if metrics.is_file() else p / "config.yaml").stat().st_mtime
+
+    return max(runs, key=changed)
+
+
+def existing_run_dir_named(base: Path, run_name: str) -> Path:
+    path = base / run_name
+    if not (path / "config.yaml").is_file():
+        raise conf.ConfigError(f"output.run_name={run_name!r}: {path} holds no run to resume")
+    return path
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """One line, flushed and fsynced: a crash loses at most the line being written."""
     with open(path, "a", encoding="utf-8") as f:

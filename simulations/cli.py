@@ -40,26 +40,57 @@ presets: task=heart-disease|news-topics|text-file, privacy=none|dp-sgd.
 """
 
 
+SIMULATE_EXAMPLES = """examples:
+  fedshield simulate                                        the default run (news topics, 8 sites, DP-SGD)
+  fedshield simulate task=heart-disease federation.rounds=3 privacy.target_epsilon=4
+  fedshield simulate --config my-run.yaml federation.num_sites=20
+  fedshield simulate --resume                               continue the newest run under output.dir
+  fedshield simulate --resume runs/20260101-120000-ab12     continue that run (a folder, or a run name)
+
+--resume [RUN]: RUN is a run folder or a run's name under output.dir; without RUN, the run
+output.run_name names, else the newest run under output.dir. The run continues with the
+config it started with (its config.yaml); only output.* overrides may change.
+"""
+
+
+def resume_arg(args: argparse.Namespace) -> None:
+    """`--resume key=value` is the bare flag and then an override (argparse took it as RUN)."""
+    if isinstance(args.resume, str) and "=" in args.resume:
+        args.overrides.insert(0, args.resume)
+        args.resume = True
+
+
 def simulate_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fedshield simulate", description="Simulate a federation of virtual sites.")
+    parser = argparse.ArgumentParser(prog="fedshield simulate", description="Simulate a federation of virtual sites.",
+                                     epilog=SIMULATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a YAML config file (defaults: conf/schema.py)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run output.run_name=NAME from its last completed round (its config is "
-                             "read from the run directory)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
+                        help="continue RUN (a run folder or name; default: the newest run under output.dir) from "
+                             "its last completed round, with the config it started with")
     parser.add_argument("overrides", nargs="*", help="key=value overrides and presets")
     args = parser.parse_args(argv)
+    resume_arg(args)
 
     # A thin layer over the Python API (docs/api.md): the same Config, the same simulate().
+    # The config is checked before torch, Flower or Ray is imported: a typo costs a fraction
+    # of a second (bench/RESULTS.md), not the import of the ML stack.
     from fedshield.conf.config import Config
-    from fedshield.simulations.simulate import simulate
 
     config = Config.from_yaml(args.config, args.overrides) if args.config else Config.load(args.overrides)
     if args.resume:
-        from fedshield.server.run_dir import existing_run_dir
+        from fedshield.server.run_dir import run_to_resume
 
-        config = Config.from_yaml(existing_run_dir(config) / "config.yaml", args.overrides)
-    result = simulate(config, resume=args.resume, verbose=args.verbose)
+        run_dir = run_to_resume(args.resume, config.output.dir, config.output.run_name)
+        config = Config.from_run(run_dir)
+        # Other overrides apply over the run's own config (the checkpoint refuses any change
+        # but output.*); output.dir and output.run_name named the run, now found.
+        rest = [o for o in args.overrides if not o.startswith(("output.dir=", "output.run_name="))]
+        if rest:
+            config = config.with_overrides(*rest)
+    from fedshield.simulations.simulate import simulate
+
+    result = simulate(config, resume=bool(args.resume), verbose=args.verbose)
     print()
     print(result.table())
     print(f"\nrun directory: {result.run_dir}")
@@ -87,6 +118,7 @@ COMMANDS = {
     "dashboard": _lazy("fedshield.server.dashboard.cli", "dashboard_main"),
     "audit-empirical": _lazy("fedshield.simulations.empirical", "empirical_main"),
 }
+HIDDEN = {"audit-empirical"}  # internal: reached as `fedshield audit --empirical`, never named to users
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedshield {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"error: unknown command {command!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
+    if command not in COMMANDS or command in HIDDEN:
+        public = ", ".join(c for c in COMMANDS if c not in HIDDEN)
+        print(f"error: unknown command {command!r}; one of: {public}", file=sys.stderr)
         return 2
     from fedshield.privacy.errors import FedShieldError
 

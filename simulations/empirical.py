@@ -30,13 +30,16 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedshield import conf
 from fedshield.conf.config import Config
-from fedshield.privacy.canary import BETA, CanaryResult, audit_scores
+from fedshield.deploy.processes import add_deprecated_alias
+
+if TYPE_CHECKING:  # privacy.canary brings scipy: imported when the audit runs, after its config is checked
+    from fedshield.privacy.canary import CanaryResult
 
 SITE_COLUMN = "site"
 EXPECTED = ("a lower bound below the accounted ε is expected; "
@@ -203,11 +206,18 @@ def empirical_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fedshield audit --empirical",
         description="Plant canaries at one site, simulate once, and lower-bound ε empirically.",
-    )
+        epilog="""examples:
+  fedshield audit --empirical
+  fedshield audit --empirical --canaries 400 --virtual-site site-2 federation.rounds=5 privacy.target_epsilon=4
+""", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--canaries", type=int, default=200, help="number of canaries m (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the canaries and their coin flips")
     parser.add_argument("--out", default="", help="output folder (default runs/empirical-<time>)")
-    parser.add_argument("--site", default="site-0", help="the site that holds the canaries")
+    site_flag = parser.add_mutually_exclusive_group()
+    # --virtual-site, not --site: in `fedshield audit`, --site names a real site's state folder.
+    site_flag.add_argument("--virtual-site", default="site-0", metavar="SITE",
+                           help="the virtual site that holds the canaries (default site-0)")
+    add_deprecated_alias(site_flag, "--site", "--virtual-site")
     parser.add_argument("--base", choices=BASES, default="synthetic", help="the base task's rows")
     parser.add_argument("--base-rows", type=int, default=100, help="base rows per site (default 100)")
     parser.add_argument("--test-rows", type=int, default=100, help="held-out base rows (default 100)")
@@ -228,14 +238,15 @@ def empirical_main(argv: list[str]) -> int:
                  and not a.startswith(("task.name=", "task.data_path=", "task.test_path="))]
     user = Config.load(overrides)
     sites = [f"site-{i}" for i in range(int(user.federation.num_sites))]
-    if args.site not in sites:
-        raise conf.ConfigError(f"--site={args.site!r}: must be one of {', '.join(sites)} (federation.num_sites)")
+    if args.virtual_site not in sites:
+        raise conf.ConfigError(f"--virtual-site={args.virtual_site!r}: must be one of {', '.join(sites)} "
+                               "(federation.num_sites)")
     out = Path(args.out or Path(user.output.dir) / time.strftime("empirical-%Y%m%d-%H%M%S")).expanduser().resolve()
     if (out / "empirical_audit.json").exists():
         raise conf.ConfigError(f"--out={str(out)!r}: already holds an empirical audit; choose another folder")
 
     train, test, classes, can = build_dataset(
-        out / "data", sites, args.site, args.base, args.base_rows, args.test_rows,
+        out / "data", sites, args.virtual_site, args.base, args.base_rows, args.test_rows,
         args.canaries, args.canary_words, user.task.model, args.seed,
     )
     forced = {
@@ -245,9 +256,10 @@ def empirical_main(argv: list[str]) -> int:
         "output.dir": str(out / "runs"), "output.save_model": True,
     }
     cfg = Config.load(overrides + [f"{k}={v}" for k, v in forced.items()])
-    print(f"empirical audit: {args.canaries} canaries at {args.site}, "
+    print(f"empirical audit: {args.canaries} canaries at {args.virtual_site}, "
           f"{int(can.included.sum())} included (coin flips, seed {args.seed})")
 
+    from fedshield.privacy.canary import BETA, audit_scores
     from fedshield.simulations.simulate import run_simulation
 
     run_dir = run_simulation(cfg, verbose=args.verbose)
@@ -256,11 +268,11 @@ def empirical_main(argv: list[str]) -> int:
     delta = cfg.privacy.delta
     result = audit_scores(-losses, can.included, delta=delta, beta=BETA)
     sites_json = json.loads((run_dir / "privacy" / "sites.json").read_text())
-    accounted = float(sites_json[args.site]["epsilon"]) if dp_on and args.site in sites_json else None
+    accounted = float(sites_json[args.virtual_site]["epsilon"]) if dp_on and args.virtual_site in sites_json else None
     if dp_on and accounted is None:
         accounted = math.inf  # the site never reported: nothing to compare against
 
-    record, text, leak = report(result, args.site, accounted, dp_on, run_dir,
+    record, text, leak = report(result, args.virtual_site, accounted, dp_on, run_dir,
                                 accountant=cfg.privacy.accountant, neighbouring=cfg.privacy.neighbouring)
     record["canary_losses"] = {"included_mean": float(losses[can.included].mean()) if can.included.any() else None,
                                "excluded_mean": float(losses[~can.included].mean()) if (~can.included).any() else None}
@@ -268,7 +280,7 @@ def empirical_main(argv: list[str]) -> int:
     (out / "empirical_audit.md").write_text(text)
     acc = f"{accounted:.4g}" if dp_on else "none (privacy=none)"
     print(f"ε lower bound (95%): {result.epsilon_lb:.4f} from {result.correct}/{result.guesses} correct guesses "
-          f"(m={result.m}); accounted ε of {args.site}: {acc}; δ={delta:g}")
+          f"(m={result.m}); accounted ε of {args.virtual_site}: {acc}; δ={delta:g}")
     print(f"note: {EXPECTED}")
     if leak:
         print(f"LEAK: the lower bound {result.epsilon_lb:.4f} is ABOVE the accounted ε {accounted:.4g}: "

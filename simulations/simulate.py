@@ -20,15 +20,21 @@ from pathlib import Path
 from typing import Any
 
 from fedshield import conf, protocol
+from fedshield._version import __version__
 from fedshield.conf.config import Config
 from fedshield.server.run_dir import existing_run_dir, new_run_dir, read_jsonl
 from fedshield.server.tracking import require as require_tracking
 from fedshield.simulations.result import RunResult
-from fedshield.task.sites import check_delta, virtual_sites
+
+# torch, transformers, Flower and Ray are imported inside the functions that need them:
+# importing this module (the CLI does, after the config is checked) stays a fraction of a
+# second, so the run's first line comes at once.
 
 
 def check_sites(cfg: Config) -> list[tuple[str, int]]:
     """(site, records) for every virtual site; refuses a δ that is not below 1/n."""
+    from fedshield.task.sites import check_delta, virtual_sites
+
     sizes = [(name, len(data)) for name, data in virtual_sites(cfg)]
     for name, _ in sizes:  # names from a data file's site column become folder names
         if not protocol.SITE_NAME.match(name):
@@ -63,14 +69,43 @@ def _connect_ray(address: str) -> None:
         raise conf.ConfigError(f"simulation.ray_address={address!r}: cannot connect to Ray: {exc}") from None
 
 
+def check_model(cfg: Config) -> None:
+    """The text tasks' model folder, read as the sites will load it (config.json, weights,
+    tokenizer, a head of one output per class), without loading the weights."""
+    if cfg.task.name == "heart-disease":  # a tabular model built in code: no folder
+        return
+    from fedshield.server.cli import check_model_head
+    from fedshield.task.model import text_model_path
+    from fedshield.task.pipeline import pool_and_test
+
+    folder = text_model_path(cfg.task.model)
+    _, test = pool_and_test(cfg)
+    check_model_head(folder, list(test.class_names), f"task.model={cfg.task.model!r}")
+
+
+def _only_what_new_run_dir_wrote(run_dir: Path) -> bool:
+    """The run folder holds no file but its config: no round, no site state, no ledger."""
+    return all(p == run_dir / "config.yaml" for p in run_dir.rglob("*") if not p.is_dir())
+
+
+def run_header(cfg: Config, resume: bool = False) -> str:
+    """The run's first line, printed before anything slow (checks, imports, Ray)."""
+    privacy = str(cfg.privacy.mode) + (f", target ε={cfg.privacy.target_epsilon:g} at δ={cfg.privacy.delta:g}"
+                                       if cfg.privacy.mode != "none" else "")
+    what = "resuming" if resume else "simulating"
+    return (f"fedshield {__version__}: {what} {cfg.federation.num_sites} sites x {cfg.federation.rounds} rounds "
+            f"(task {cfg.task.name}, privacy {privacy})")
+
+
 def run_simulation(cfg: Config, verbose: bool = False, resume: bool = False) -> Path:
-    """Run (or with `resume`, continue from its checkpoint) the simulated federation."""
-    from flwr.simulation import run_simulation as flower_run_simulation
+    """Run (or with `resume`, continue from its checkpoint) the simulated federation.
 
-    from fedshield.client.app import app as client_app
-    from fedshield.server.app import build_server_app, say
-
-    require_tracking(str(cfg.output.tracking))  # before any work: a missing package is one line
+    The model folder, the data files and every site's share are checked before anything
+    is made: a failed check leaves no run directory and starts no Ray.
+    """
+    print(run_header(cfg, resume), flush=True)
+    require_tracking(cfg.output.tracking)  # before any work: a missing package is one line
+    check_model(cfg)
     sizes = check_sites(cfg)
     if resume:  # a run that cannot be continued is refused before Ray starts
         from fedshield.server.app import run_config_yaml
@@ -78,13 +113,30 @@ def run_simulation(cfg: Config, verbose: bool = False, resume: bool = False) -> 
 
         run_dir = existing_run_dir(cfg)
         load(run_dir, run_dir.name, config_digest(run_config_yaml(cfg)))
+        made_here = False  # a resumed run's folder is never removed
     else:
+        named = Path(cfg.output.dir).expanduser().resolve() / str(cfg.output.run_name)
+        made_here = not cfg.output.run_name or not named.exists()  # an empty folder of the user's stays
         run_dir = new_run_dir(cfg)
-    say(f"simulating {len(sizes)} sites x {cfg.federation.rounds} rounds on Flower's simulation "
-        f"runtime (task {cfg.task.name}, privacy {cfg.privacy.mode}"
-        + (f", target ε={cfg.privacy.target_epsilon:g} at δ={cfg.privacy.delta:g}"
-           if cfg.privacy.mode != "none" else "")
-        + ")")
+    try:
+        return _run_in_run_dir(cfg, run_dir, sizes, verbose=verbose, resume=resume)
+    except BaseException:
+        # A start that failed before any round or site wrote anything leaves no empty run behind.
+        if made_here and run_dir.is_dir() and _only_what_new_run_dir_wrote(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _run_in_run_dir(cfg: Config, run_dir: Path, sizes: list[tuple[str, int]], *, verbose: bool,
+                    resume: bool) -> Path:
+    from flwr.simulation import run_simulation as flower_run_simulation
+
+    from fedshield.client.app import app as client_app
+    from fedshield.server.app import build_server_app, say
+
+    smallest, largest = min(n for _, n in sizes), max(n for _, n in sizes)
+    held = f"{smallest} records each" if smallest == largest else f"{smallest} to {largest} records"
+    say(f"checked: model and data ({len(sizes)} sites, {held}); starting Flower's simulation runtime")
     if not verbose:
         # run_simulation's deprecation notice and "federated evaluation skipped" are
         # deliberate choices here (see README); fedshield prints its own progress.

@@ -37,8 +37,6 @@ import numpy as np
 
 from fedshield import conf
 from fedshield.conf.config import Config
-from fedshield.server.federation_books import LEDGER_FILE as FEDERATION_LEDGER
-from fedshield.server.federation_books import flower_epsilon_no_amplification
 from fedshield.server.run_dir import read_jsonl
 from fedshield.simulations.simulate import run_simulation
 
@@ -74,6 +72,10 @@ def point_overrides(point: dict[str, str]) -> list[str]:
 
 def site_level_columns(run_dir: Path) -> dict[str, Any]:
     """The site-level columns of a run, from its federation ledger ({} without one)."""
+    # Imported here: it brings Flower's accountant, and a sweep's config is checked first.
+    from fedshield.server.federation_books import LEDGER_FILE as FEDERATION_LEDGER
+    from fedshield.server.federation_books import flower_epsilon_no_amplification
+
     path = run_dir / "privacy" / FEDERATION_LEDGER
     if not path.is_file():
         return {}
@@ -98,10 +100,22 @@ def site_level_columns(run_dir: Path) -> dict[str, Any]:
     }
 
 
+SWEEP_EXAMPLES = """examples:
+  fedshield sweep privacy.target_epsilon=1,2,4,8
+  fedshield sweep privacy.target_epsilon=0.5,1,2,4,8,inf federation.seed=1,2,3 federation.rounds=5
+  fedshield sweep preset=cross-device privacy.site_target_epsilon=1,4,8,inf
+
+KEY=a,b,c (comma-separated values) makes KEY an axis: one simulation per value, and the
+grid is the product of all axes. ε=inf is the non-private reference (privacy.mode=none).
+Results: <out>/results.csv, results.md, accuracy_vs_epsilon.png.
+"""
+
+
 def sweep_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fedshield sweep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="fedshield sweep", description=__doc__.split("\n\n")[0],
+                                     epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="output folder (default: <output.dir>/sweep-<time>)")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides; KEY=a,b,c is an axis (one run per value)")
     args = parser.parse_args(argv)
     axes, fixed = split_axes(args.overrides)
     if not axes:

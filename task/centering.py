@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedshield.conf.config import Config
 from fedshield.privacy.accountant import Spend
+from fedshield.privacy.progress import progress
 from fedshield.task.model import TrainView, centered_module, default_center_clip_norm, supports_centering
 
 
@@ -66,7 +67,8 @@ def noisy_feature_sum(
     """sum_i clip(x_i, clip) + N(0, noise_std^2 I) over the site's records (float64)."""
     module = centered_module(view).to(device)
     total = torch.zeros(module.center.shape[0], dtype=torch.float64)
-    for batch in DataLoader(dataset, batch_size=batch_size):
+    batches = DataLoader(dataset, batch_size=batch_size)
+    for batch in progress(batches, "centering: clipped feature sum", total=len(batches), unit="batch"):
         *inputs, _ = (t.to(device) for t in batch)
         x = module.pooler_input(*inputs)[:, 0].double().cpu()
         scale = torch.clamp(clip / x.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from fedshield.privacy.errors import FedShieldError
+from fedshield.privacy.progress import progress
 
 if TYPE_CHECKING:  # transformers is imported when a text model is loaded (after _quiet_transformers)
     from transformers import BertForSequenceClassification, PreTrainedTokenizerBase
@@ -450,7 +451,8 @@ def prefix_hidden_states(
     was_training = bert.training
     bert.train(False)  # eval mode (what transformers' unannotated `eval()` does)
     outs: list[torch.Tensor] = []
-    for i in range(0, len(input_ids), batch_size):
+    starts = range(0, len(input_ids), batch_size)
+    for i in progress(starts, "encoding features (frozen prefix)", total=len(starts), unit="batch"):
         ids = input_ids[i : i + batch_size].to(device)
         am = attention_mask[i : i + batch_size].to(device)
         if first_layer == len(bert.encoder.layer):

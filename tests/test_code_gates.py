@@ -153,3 +153,18 @@ def test_the_version_is_said_once_for_each_reader() -> None:
     import fedshield
 
     assert fedshield.__version__ == PYPROJECT["project"]["version"]
+
+
+def test_flowers_run_config_declares_every_schema_key_with_its_default() -> None:
+    """`flwr run . --run-config "KEY=VALUE"` takes only keys pyproject declares: the table
+    [tool.flwr.app.config] is the schema's leaf keys and defaults (conf/flower.py), so that
+    the two cannot drift. On a schema change: `python -m fedshield.conf.flower` prints it."""
+    from fedshield.conf.flower import declared_defaults
+    from fedshield.server.app import RUN_CONFIG_YAML_KEY
+
+    declared = dict(PYPROJECT["tool"]["flwr"]["app"]["config"])
+    assert declared.pop(RUN_CONFIG_YAML_KEY) == ""  # the older one-YAML-string form, kept
+    expected = declared_defaults()
+    assert list(declared) == list(expected), "regenerate with `python -m fedshield.conf.flower`"
+    for key, value in expected.items():
+        assert declared[key] == value and type(declared[key]) is type(value), key

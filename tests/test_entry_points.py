@@ -41,3 +41,28 @@ def test_flowers_run_config_the_yaml_wins_over_the_declared_default():
     assert cfg.federation.rounds == 7
     with pytest.raises(conf.ConfigError, match="unknown key"):
         config_from_run_config({"federation.roundz": 7})
+
+
+def test_flowers_flat_run_config_maps_back_onto_the_config():
+    """Flower passes every declared key (pyproject's [tool.flwr.app.config]) on every run; those
+    that differ from their default override, null and lists travel as strings (conf/flower.py)."""
+    from fedshield import conf
+    from fedshield.conf.flower import declared_defaults
+    from fedshield.server.app import RUN_CONFIG_YAML_KEY, config_from_run_config
+
+    declared = {RUN_CONFIG_YAML_KEY: "", **declared_defaults()}
+    assert config_from_run_config(declared) == conf.load_config()
+    cfg = config_from_run_config({**declared, "privacy.target_epsilon": 4, "task.labels": "[neg,pos]",
+                                  "federation.update_norm_bound": "2.5", "privacy.noise_multiplier": 1.1,
+                                  "task.name": "text-file", "task.data_path": "notes.csv"})
+    assert cfg.privacy.target_epsilon == 4 and list(cfg.task.labels) == ["neg", "pos"]
+    assert cfg.federation.update_norm_bound == 2.5 and cfg.privacy.noise_multiplier == 1.1
+    assert cfg.task.name == "text-file" and cfg.task.data_path == "notes.csv"
+    assert config_from_run_config({**declared, "federation.update_norm_bound": "null"}).federation.update_norm_bound \
+        is None
+    # The YAML form still works: a declared default does not undo it; a changed dotted key wins.
+    yaml = conf.to_yaml(conf.load_config(["federation.rounds=3", "privacy.target_epsilon=4"]))
+    cfg = config_from_run_config({**declared, RUN_CONFIG_YAML_KEY: yaml, "privacy.target_epsilon": 2.0})
+    assert cfg.federation.rounds == 3 and cfg.privacy.target_epsilon == 2
+    with pytest.raises(conf.ConfigError, match=r"privacy.target_epsilon"):
+        config_from_run_config({**declared, "privacy.target_epsilon": "lots"})

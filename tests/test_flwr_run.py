@@ -23,9 +23,11 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig
 
 from fedshield import conf
 from fedshield.conf.config import Config
+from fedshield.conf.flower import declared_defaults, encode, toml_value
 from fedshield.server.run_dir import read_jsonl
 from tests.helpers import tiny_overrides
 
@@ -118,16 +120,23 @@ def test_readme_flwr_run_line_starts_the_default_number_of_sites() -> None:
 
 
 @pytest.mark.timeout(600)
+def run_config_values(cfg: DictConfig) -> dict[str, bool | int | float | str]:
+    return {k: encode(v) for k, v in conf.to_flat(cfg).items()}
+
+
 def test_flwr_run_as_the_readme_says(tiny_bert, synthetic_csv, tmp_path) -> None:
     if not (VENV_BIN / "flwr").exists():
         pytest.skip(f"no {VENV_BIN / 'flwr'}: the README's line needs the checkout's .venv")
     cfg = Config.load(tiny_overrides(tiny_bert, synthetic_csv, tmp_path,
                                           **{"federation.num_sites": SITES, "federation.rounds": ROUNDS}))
-    run_toml = tmp_path / "run.toml"  # `--run-config FILE.toml`: the keys pyproject declares
-    run_toml.write_text(f'"federation.rounds" = {ROUNDS}\n'
-                        f'"fedshield-config-yaml" = {json.dumps(cfg.to_yaml())}\n', encoding="utf-8")
+    # Flat keys on the command line, as the README says (`--run-config "privacy.target_epsilon=4"`):
+    # those of this config that differ from the declared defaults (conf/flower.py's encoding).
+    declared = declared_defaults()
+    flat = {k: v for k, v in run_config_values(cfg).items() if v != declared[k]}
+    assert {"task.name", "task.model", "federation.rounds", "privacy.delta"} <= set(flat)
+    run_config = " ".join(f"{k}={toml_value(v)}" for k, v in flat.items())
     argv = [f"num-supernodes={SITES} client-resources-num-cpus=1" if a.startswith("num-supernodes=") else a
-            for a in readme_command()] + ["--run-config", str(run_toml)]
+            for a in readme_command()] + ["--run-config", run_config]
     home, flwr_home = tmp_path / "home", tmp_path / "home" / ".flwr"
     home.mkdir()
     env = clean_env(home, flwr_home)
@@ -176,7 +185,9 @@ def test_flwr_run_as_the_readme_says(tiny_bert, synthetic_csv, tmp_path) -> None
         assert all(row["trained"] == SITES for row in rows[1:]), said
         sites = json.loads((run_dir / "privacy" / "sites.json").read_text())
         assert len(sites) == SITES and all(s["epsilon"] > 0 for s in sites.values()), sites
-        assert conf.from_yaml((run_dir / "config.yaml").read_text()).federation.num_sites == SITES
+        ran = conf.from_yaml((run_dir / "config.yaml").read_text())
+        assert ran.federation.num_sites == SITES and ran.task.model == str(tiny_bert)
+        assert ran.privacy.delta == cfg.privacy.delta != conf.load_config().privacy.delta
     finally:
         stop_processes_of(flwr_home)
     assert not processes_of(flwr_home), "Flower processes left running"

@@ -72,7 +72,7 @@ def test_the_report_states_sigma_q_steps_versions_date_and_config_hash(tmp_path)
                *({**dp, "site": "a", "noise_multiplier": 2.5, "round": r} for r in (1, 2)),
                {**dp, "site": "b", "noise_multiplier": 3.0, "sample_rate": 0.2, "round": 1}]
     (tmp_path / "privacy" / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
-    settings = CoordinatorSettings.from_config(conf.load_config(["federation.rounds=12"]))
+    settings = CoordinatorSettings.from_config(Config.load(["federation.rounds=12"]))
     rows = [{**ROWS[1], "round": r} for r in range(13)]
     summary = summarize(tmp_path, settings.accounting, SITES, {"a": 1.5, "b": 1.25}, {})
     write_report(tmp_path, settings, rows, summary)

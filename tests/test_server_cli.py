@@ -15,6 +15,7 @@ import pytest
 from fedshield.conf.config import Config
 from fedshield.deploy import pki
 from fedshield.deploy.front import MAX_BODY_BYTES, MIB
+from fedshield.deploy.processes import free_port
 from fedshield.privacy.errors import FedShieldError
 from tests.helpers import synthetic_rows, tiny_overrides, write_csv
 
@@ -36,7 +37,7 @@ def run(coordinator, tiny_bert, tmp_path, *extra_args, **overrides):
     over = tiny_overrides(tiny_bert, data, tmp_path, **{"federation.num_sites": 2, "output.run_name": "job",
                                                        **overrides})
     over = [o for o in over if not o.startswith("simulation.")]
-    return server_main(["--pki", str(d), "--connection-keys", str(keys), "--address", "127.0.0.1:1",
+    return server_main(["--pki", str(d), "--connection-keys", str(keys), "--address", f"127.0.0.1:{free_port()}",
                         *extra_args, *over])
 
 
@@ -67,9 +68,35 @@ def test_a_model_folder_without_weights_is_refused_up_front(coordinator, tiny_be
     assert nothing_made(tmp_path)
 
 
-def test_an_address_in_use_is_refused_before_anything_starts(coordinator, tiny_bert, tmp_path):
+def inputs_never_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the config, data or model would be read (they come after the cheap checks)."""
+    import fedshield.server.cli as cli
+
+    def read(*args: object) -> None:
+        raise AssertionError("the data and model were read before a cheaper check failed")
+
+    monkeypatch.setattr(cli, "resolve_config", read)
+    monkeypatch.setattr(cli, "check_inputs", read)
+
+
+def test_a_missing_certificate_is_refused_before_the_data_and_model_are_read(coordinator, tiny_bert, tmp_path,
+                                                                             monkeypatch):
+    import shutil
+
+    d, _ = coordinator
+    partial = tmp_path / "pki"
+    shutil.copytree(d, partial)
+    (partial / "server.key").unlink()
+    inputs_never_read(monkeypatch)
+    with pytest.raises(FedShieldError, match=rf"^{partial / 'server.key'}: not found \(make it with `fedshield certs"):
+        run((partial, d / "keys"), tiny_bert, tmp_path)
+    assert nothing_made(tmp_path)
+
+
+def test_an_address_in_use_is_refused_before_anything_starts(coordinator, tiny_bert, tmp_path, monkeypatch):
     from fedshield.server.cli import server_main
 
+    inputs_never_read(monkeypatch)
     d, keys = coordinator
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -301,7 +301,7 @@ class RunWatcher:
         sig = stat_signature(self.run_dir, ("config.yaml",))
         if self._settings is None or self._settings[0] != sig:
             try:
-                cfg = Config.from_run(self.run_dir).to_omegaconf()
+                cfg = Config.from_run(self.run_dir)
             except FedShieldError as exc:
                 why = " ".join(str(exc).split())  # one line, also for a YAML parser's multi-line message
                 raise FedShieldError(f"{self.run_dir / 'config.yaml'}: not a config fedshield wrote ({why})") from None
