@@ -162,12 +162,12 @@ def check_ca(ca: Path) -> None:
 
 
 def check_data(path: Path, labels: list[str] | None, text_column: str, label_column: str) -> LabeledData:
-    from fedshield import conf
-    from fedshield.task.pipeline import read_text_file
+    from fedshield.conf.config import Config
+    from fedshield.task.pipeline import TaskSpec, read_text_file
 
-    cfg = conf.load_config(["task=text-file", f"task.data_path={path}",
-                            f"task.text_column={text_column}", f"task.label_column={label_column}"])
-    return read_text_file(cfg.task, str(path), labels=labels)
+    config = Config.load(["task=text-file", f"task.data_path={path}",
+                          f"task.text_column={text_column}", f"task.label_column={label_column}"])
+    return read_text_file(TaskSpec.of(config.task), str(path), labels=labels)
 
 
 def check_overrides(items: list[str]) -> dict[str, object]:

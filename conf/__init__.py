@@ -188,3 +188,17 @@ def from_yaml(text: str) -> DictConfig:
 def to_flat(cfg: DictConfig) -> dict[str, Any]:
     """Dotted keys, as Flower's run_config flattens nested TOML tables."""
     return _flatten(_mapping(OmegaConf.to_container(cfg), "config"))
+
+
+def flat_from_yaml(text: str, where: str) -> dict[str, Any]:
+    """A YAML mapping of fedshield's keys (nested or dotted) as dotted keys, not yet checked
+    against the schema; "" is {}. `where` names the source in the one-line error."""
+    if not text.strip():
+        return {}
+    try:
+        created = OmegaConf.create(text)
+    except Exception as exc:  # a YAML parser's message spans lines
+        raise ConfigError(f"{where}: not YAML ({' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(created, DictConfig):
+        raise ConfigError(f"{where}: a YAML mapping of fedshield's keys, not a list")
+    return to_flat(created)

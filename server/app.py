@@ -25,7 +25,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
-from omegaconf import DictConfig, OmegaConf
 
 from fedshield import conf, protocol
 from fedshield.conf.config import Config
@@ -805,10 +804,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> Config:
 
     run_config = dict(run_config)
     text = str(run_config.pop(RUN_CONFIG_YAML_KEY, "") or "")
-    created = OmegaConf.create(text) if text.strip() else None
-    if created is not None and not isinstance(created, DictConfig):
-        raise conf.ConfigError(f"{RUN_CONFIG_YAML_KEY}: a YAML mapping of fedshield's keys, not a list")
-    written = conf.to_flat(created) if created is not None else {}
+    written = conf.flat_from_yaml(text, RUN_CONFIG_YAML_KEY)
     # Flower passes every declared key (pyproject's [tool.flwr.app.config]) on every run:
     # only those that differ from their declared default override the YAML.
     return Config.from_dict({**written, **from_run_config(run_config)})

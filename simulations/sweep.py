@@ -121,7 +121,7 @@ def sweep_main(argv: list[str]) -> int:
     if not axes:
         raise conf.ConfigError("sweep: give at least one key with comma-separated values, "
                                "e.g. privacy.target_epsilon=1,4,8,inf")
-    base = conf.load_config(fixed)
+    base = Config.load(fixed)
     out = Path(args.out or Path(base.output.dir) / time.strftime("sweep-%Y%m%d-%H%M%S")).resolve()
     points = [dict(zip(axes, values, strict=False)) for values in itertools.product(*axes.values())]
     configs = []

@@ -98,6 +98,7 @@ SERVER = "server may import task, privacy, protocol, strategies, deploy, conf"
     [
         ("server/app.py", "from fedshield.client import app", ["client and server never import each other", SERVER]),
         ("task/model.py", "from fedshield import protocol", ["task may import privacy, conf"]),
+        ("client/app.py", "from omegaconf import DictConfig", ["only conf reads OmegaConf"]),
         ("privacy/errors.py", "from fedshield.conf import ConfigError", ["privacy imports nothing of ours but rules"]),
         ("protocol.py", "from fedshield.task import data", ["protocol may import privacy"]),
         ("rules.py", "from fedshield.privacy import errors", ["rules imports nothing of ours"]),
