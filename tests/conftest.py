@@ -1,9 +1,12 @@
-"""Shared fixtures: a tiny random-weight BERT built in code, and an easy synthetic task.
-Helpers that are not fixtures live in tests/helpers.py."""
+"""Shared fixtures: a tiny random-weight BERT built in code, an easy synthetic task, and one
+run of the default config shared by the e2e tests that need a real default run. Helpers
+that are not fixtures live in tests/helpers.py."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,3 +54,21 @@ def flower_task_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
     yield
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`fedshield simulate` on the default config (8 sites of the bundled MiniLM on BBC News,
+    PLD, target ε 8 at δ 1e-5) with `federation.rounds=2`, to fit the suite, and
+    `output.tracking=mlflow` (output.* says where and how a run is recorded, never what it
+    computes). Shared by the README's audit examples (tests/test_audit_readme.py),
+    the tracking store's e2e check (tests/test_tracking.py) and the dashboard in a browser
+    (tests/test_dashboard_browser.py, on a copy): one default run instead of three. None
+    changes what the run wrote (the audit adds its report under audit/)."""
+    out = tmp_path_factory.mktemp("default-run")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "fedshield", "simulate", "federation.rounds=2",
+                           "output.tracking=mlflow", f"output.dir={out}", "output.run_name=default"],
+                          cwd=root, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / "default"

@@ -28,18 +28,12 @@ NOT_ON_THE_DEFAULT_RUN = {
 }
 
 
+# default_run: tests/conftest.py (shared with the tracking and dashboard e2e tests)
+
+
 def _fedshield(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fedshield", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    done = _fedshield("simulate", "federation.rounds=2", f"output.dir={out}", "output.run_name=default",
-                      timeout=1500)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out / "default"
 
 
 def _examples() -> list[str]:

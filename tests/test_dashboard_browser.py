@@ -1,13 +1,14 @@
 """`fedshield dashboard` in a real headless browser (Debian's chromium + chromedriver,
-driven by Selenium; .ci/install installs them) over a real short simulation: the page shows
-the run's rounds, shows a round appended to metrics.jsonl without a reload (server-sent
-events), and real HTTP requests for anything outside its own assets get 404."""
+driven by Selenium; .ci/install installs them) over a real run of the default config: the
+page shows the run's rounds, shows a round appended to metrics.jsonl without a reload
+(server-sent events), and real HTTP requests for anything outside its own assets get 404."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,10 +21,6 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-
-from fedshield import conf
-from fedshield.simulations.simulate import run_simulation
-from tests.helpers import tiny_overrides
 
 pytestmark = pytest.mark.e2e
 
@@ -83,14 +80,11 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
 
 
 @pytest.fixture(scope="module")
-def dashboard(tiny_bert: Path, synthetic_csv: Path, tmp_path_factory: pytest.TempPathFactory
-              ) -> Iterator[tuple[Path, int]]:
-    """A real 2-round simulation's run directory, and `fedshield dashboard` serving it (one
-    for the module: the simulation is the slow part)."""
-    tmp_path = tmp_path_factory.mktemp("dashboard")
-    run = run_simulation(conf.load_config(tiny_overrides(
-        tiny_bert, synthetic_csv, tmp_path, **{"privacy.noise_multiplier": 0.5, "privacy.target_epsilon": 100,
-                                               "privacy.budget_epsilon": 100, "output.save_model": "false"})))
+def dashboard(default_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, int]]:
+    """The default config's 2-round run (tests/conftest.py), copied (the test appends a round;
+    the model and the tracking store are not read), and `fedshield dashboard` serving it."""
+    run = tmp_path_factory.mktemp("dashboard") / default_run.name
+    shutil.copytree(default_run, run, ignore=shutil.ignore_patterns("model", "tracking"))
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "fedshield", "dashboard", str(run), "--port", str(port)],
@@ -125,7 +119,7 @@ def test_the_page_shows_the_run_and_a_new_round_without_a_reload(dashboard: tupl
     assert _text(browser, "last-metrics") == f"{last['accuracy']:.3f} / {last['macro_f1']:.3f}"
     wait.until(lambda d: _text(d, "live") == "live")
     assert _text(browser, "audit-state") == "verified"
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#sites tbody tr")) == 3
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#sites tbody tr")) == 8
     assert len(browser.find_elements(By.CSS_SELECTOR, "#chart-metrics canvas")) == 1  # uPlot drew the chart
     browser.execute_script("window.__sameDocument = true;")  # gone if the page reloads
 
