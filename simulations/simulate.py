@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fedshield import conf, protocol
+from fedshield import conf
 from fedshield._version import __version__
 from fedshield.conf.config import Config
 from fedshield.server.run_dir import existing_run_dir, new_run_dir, read_jsonl
@@ -33,6 +33,7 @@ from fedshield.simulations.result import RunResult
 
 def check_sites(cfg: Config) -> list[tuple[str, int]]:
     """(site, records) for every virtual site; refuses a δ that is not below 1/n."""
+    from fedshield import protocol
     from fedshield.task.sites import check_delta, virtual_sites
 
     sizes = [(name, len(data)) for name, data in virtual_sites(cfg)]
