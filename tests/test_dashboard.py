@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from fedshield import conf
+from fedshield.conf.config import Config
 from fedshield.privacy.ledger import Ledger
 from fedshield.privacy.signing import generate_site_key, load_private_key
 from fedshield.server.dashboard.app import create_app
@@ -44,7 +44,7 @@ def _spend(ledger: Ledger, key_path: Path, site: str, rnd: int) -> None:
 def run_dir(tmp_path: Path) -> Path:
     """A run of 3 sites and 4 planned rounds, 2 done: round 2 with a budget decline, a
     rejected update, a clipped one and a SecAgg+ dropout; a signed ledger with keys."""
-    cfg = conf.load_config(["federation.num_sites=3", "federation.rounds=4", f"output.dir={tmp_path / 'runs'}",
+    cfg = Config.load(["federation.num_sites=3", "federation.rounds=4", f"output.dir={tmp_path / 'runs'}",
                             "output.run_name=r1", "federation.strategy=fedmedian"])
     run = new_run_dir(cfg)
     for site in SITES:
@@ -210,7 +210,7 @@ def test_the_summary_reads_what_the_coordinators_round_log_writes(tmp_path: Path
     from fedshield.server.settings import CoordinatorSettings
     from fedshield.strategies.report import RoundReport, SiteReply
 
-    cfg = conf.load_config(["federation.num_sites=3", "federation.strategy=krum", "federation.num_malicious=0",
+    cfg = Config.load(["federation.num_sites=3", "federation.strategy=krum", "federation.num_malicious=0",
                             "federation.update_norm_bound=3", "privacy=none", f"output.dir={tmp_path}",
                             "output.run_name=live"])
     run = new_run_dir(cfg)

@@ -47,11 +47,12 @@ def test_flowers_flat_run_config_maps_back_onto_the_config():
     """Flower passes every declared key (pyproject's [tool.flwr.app.config]) on every run; those
     that differ from their default override, null and lists travel as strings (conf/flower.py)."""
     from fedshield import conf
+    from fedshield.conf.config import Config
     from fedshield.conf.flower import declared_defaults
     from fedshield.server.app import RUN_CONFIG_YAML_KEY, config_from_run_config
 
     declared = {RUN_CONFIG_YAML_KEY: "", **declared_defaults()}
-    assert config_from_run_config(declared) == conf.load_config()
+    assert config_from_run_config(declared) == Config.load()
     cfg = config_from_run_config({**declared, "privacy.target_epsilon": 4, "task.labels": "[neg,pos]",
                                   "federation.update_norm_bound": "2.5", "privacy.noise_multiplier": 1.1,
                                   "task.name": "text-file", "task.data_path": "notes.csv"})
