@@ -137,6 +137,22 @@ def parse_host_port(value: str, flag: str, example: str, default_host: str | Non
     return host, int(port)
 
 
+def check_can_listen(host: str, port: int, flags: str) -> None:
+    """host:port can be bound now (as the server that follows will, SO_REUSEADDR), so that a
+    busy port or an unknown host is one line before anything starts; `flags` names them."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise FedShieldError(f"{flags}: {exc.strerror}") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            raise FedShieldError(f"{flags}: cannot listen there ({exc.strerror})") from None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

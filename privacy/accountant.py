@@ -252,21 +252,29 @@ def epsilon_dp_accounting_pld(
     return _compose(history, delta, lambda spends: _dp_pld_cached(spends, float(delta), interval, neighbouring))
 
 
+def pld_words(interval: float) -> str:
+    """The PLD accounting at `interval`, in the reports' words (an open parenthesis, closed by the caller)."""
+    return f"PLD (pessimistic discretisation, interval {interval:g}"
+
+
+def rdp_orders_words() -> str:
+    """Opacus' RDP orders, in the reports' words."""
+    return f"{len(OPACUS_RDP_ORDERS)} orders ({OPACUS_RDP_ORDERS[0]:g} to {OPACUS_RDP_ORDERS[-1]:g})"
+
+
 def describe_recorded(accountant: str, neighbouring: str = ADD_REMOVE) -> str:
     """What `epsilon` computes for `accountant`, in words rendered from the constants it uses
     (the audit report and the run report print this, so their text cannot drift from the code)."""
     _check_accountant(accountant)
     _check_neighbouring(neighbouring)
-    pld = f"dp-accounting's PLD (pessimistic discretisation, interval {PLD_RECORD_INTERVAL:g}"
+    pld = f"dp-accounting's {pld_words(PLD_RECORD_INTERVAL)}"
     if neighbouring == REPLACE_ONE:
         return f"{pld}, NeighboringRelation.REPLACE_ONE), whatever the accountant setting"
     if accountant == "pld":
         return f"{pld})"
     if accountant == "rdp":
-        return (f"the larger of Opacus' RDP and dp-accounting's RDP, over Opacus' {len(OPACUS_RDP_ORDERS)} orders "
-                f"({OPACUS_RDP_ORDERS[0]:g} to {OPACUS_RDP_ORDERS[-1]:g})")
-    return (f"the larger of Opacus' PRV and dp-accounting's PLD (pessimistic discretisation, interval "
-            f"{PLD_DISCRETIZATION:g})")
+        return f"the larger of Opacus' RDP and dp-accounting's RDP, over Opacus' {rdp_orders_words()}"
+    return f"the larger of Opacus' PRV and dp-accounting's {pld_words(PLD_DISCRETIZATION)})"
 
 
 def epsilon(history: Sequence[Spend], delta: float, accountant: str = "rdp", neighbouring: str = ADD_REMOVE) -> float:

@@ -40,13 +40,14 @@ from typing import Any, TypedDict, TypeGuard
 
 from fedshield.privacy import signing
 from fedshield.privacy.accountant import (
-    OPACUS_RDP_ORDERS,
     PLD_DISCRETIZATION,
     PLD_RECORD_INTERVAL,
     REPLACE_ONE,
     Spend,
     epsilon_dp_accounting_pld,
     epsilon_dp_accounting_rdp,
+    pld_words,
+    rdp_orders_words,
 )
 from fedshield.privacy.errors import FedShieldError, LedgerError
 from fedshield.privacy.events import LedgerEntry, neighbouring_of
@@ -68,7 +69,7 @@ SKELLAM_RDP = "skellam-rdp"  # the verdict accountant of a Skellam chain (privac
 def describe_recomputation(accountant: str, neighbouring: str = "add-remove") -> str:
     """What the audit checks an entry of `accountant` against, in words rendered from the
     constants `audit` passes (the report prints this: text and code cannot drift apart)."""
-    pld = f"dp-accounting PLD (pessimistic discretisation, interval {PLD_RECORD_INTERVAL:g}"
+    pld = f"dp-accounting {pld_words(PLD_RECORD_INTERVAL)}"
     if accountant == SKELLAM_RDP:
         return "fedshield's Skellam RDP bound (privacy/skellam.py; dp-accounting has no Skellam mechanism)"
     if neighbouring == REPLACE_ONE:
@@ -76,10 +77,9 @@ def describe_recomputation(accountant: str, neighbouring: str = "add-remove") ->
     if accountant == "pld":
         return f"{pld}): the site's own computation, so an honest entry equals it"
     if accountant == "rdp":
-        return (f"dp-accounting RDP over Opacus' {len(OPACUS_RDP_ORDERS)} orders ({OPACUS_RDP_ORDERS[0]:g} to "
-                f"{OPACUS_RDP_ORDERS[-1]:g})")
+        return f"dp-accounting RDP over Opacus' {rdp_orders_words()}"
     if accountant == "prv":
-        return f"dp-accounting PLD (pessimistic discretisation, interval {PLD_DISCRETIZATION:g})"
+        return f"dp-accounting {pld_words(PLD_DISCRETIZATION)})"
     return f"nothing: accountant {accountant!r} is not one fedshield knows"
 
 

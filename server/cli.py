@@ -101,6 +101,7 @@ from fedshield.deploy.processes import (
     Children,
     Interrupted,
     add_deprecated_alias,
+    check_can_listen,
     flower_env,
     flwr_bin,
     free_port,
@@ -295,18 +296,8 @@ def check_model_head(folder: Path, class_names: list[str], where: str) -> None:
 
 
 def check_address(host: str, port: int) -> None:
-    """--address can be bound now (as the front will, SO_REUSEADDR), before anything starts."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise FedShieldError(f"--address {host}:{port}: {exc.strerror}") from None
-    family, kind, proto, _, addr = infos[0]
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(addr)
-        except OSError as exc:
-            raise FedShieldError(f"--address {host}:{port}: cannot listen there ({exc.strerror})") from None
+    """--address can be bound now, before anything starts."""
+    check_can_listen(host, port, f"--address {host}:{port}")
 
 
 def write_app(app_dir: Path, cfg: Config, resume: bool = False, identity: tuple[Path, Path] | None = None) -> None:

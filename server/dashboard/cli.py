@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import socket
 
 from fedshield.conf import ConfigError
+from fedshield.deploy.processes import check_can_listen
+from fedshield.privacy.errors import FedShieldError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -39,16 +40,9 @@ def check_listen(host: str, port: int) -> None:
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port}: must be 1..65535")
     try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                          flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as exc:
-        raise ConfigError(f"--host {host}: {exc.strerror}") from None
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(addr)
-        except OSError as exc:
-            raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
+        check_can_listen(host, port, f"--host {host} --port {port}")
+    except FedShieldError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def dashboard_main(argv: list[str]) -> int:
