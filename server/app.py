@@ -50,6 +50,7 @@ from fedshield.strategies.report import PlannedCheck, RoundReport
 from fedshield.strategies.secagg import SecAggPlus
 from fedshield.strategies.stack import SiteLevel, build_stack
 from fedshield.task import centering
+from fedshield.task.model import TrainView
 from fedshield.task.pipeline import build_view, pool_and_test, view_fingerprint
 from fedshield.task.trainer import batches_per_epoch, poisson_rate
 
@@ -562,10 +563,6 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
 
     rounds = RoundLog(run_dir, settings, sites, verified=books.run_epsilon)
     rounds.heads = heads
-    rounds.tracker = open_tracker(settings.tracking, run_dir, ckpt.server_round if ckpt is not None else None)
-    rounds.tracker.log_config(cfg.to_flat(), cfg.to_yaml())
-    if settings.tracking != "none":
-        say(f"tracking: {settings.tracking} in {run_dir / 'tracking' / settings.tracking}")
     for site, entries in apart:
         rounds.keep_apart(site, entries)
     for site, entries in counted:
@@ -666,6 +663,12 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
         return MetricRecord({"accuracy": row["accuracy"], "macro-f1": row["macro_f1"],
                              "epsilon-max": row["epsilon_max"]})
 
+    # The tracked run opens once nothing but the rounds can refuse the run; from here on every
+    # way out closes it (a failure says FAILED, and a resume continues the same run).
+    rounds.tracker = open_tracker(settings.tracking, run_dir, ckpt.server_round if ckpt is not None else None)
+    rounds.tracker.log_config(cfg.to_flat(), cfg.to_yaml())
+    if settings.tracking != "none":
+        say(f"tracking: {settings.tracking} in {run_dir / 'tracking' / settings.tracking}")
     remaining = settings.rounds - done
     if remaining > 0:
         calibrates = " (in its first round each site calibrates its noise for the whole run)" \
@@ -689,7 +692,24 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
     except BaseException:  # the tracked run says it failed (a resume continues it)
         rounds.tracker.close(failed=True)
         raise
-    final = protocol.from_array_record(result.arrays) if result.arrays else initial  # no round trained: initial
+    try:
+        finish_run(run_dir, settings, view, rounds, sites, result.arrays, initial, cfg,
+                   centered=center is not None, refused=refused)
+    except BaseException:
+        rounds.tracker.close(failed=True)
+        raise
+    rounds.tracker.close()
+    # Tell every site the run is over (a site not picked for the last round cannot tell that
+    # from a lost coordinator); a site that does not answer in time changes nothing.
+    grid.send_and_receive([protocol.instruction(protocol.DONE, plan, n) for n in sites], timeout=10.0)
+    return run_dir
+
+
+def finish_run(run_dir: Path, settings: CoordinatorSettings, view: TrainView, rounds: RoundLog,
+               sites: dict[int, dict[str, Any]], arrays: ArrayRecord | None, initial: dict[str, np.ndarray[Any, Any]],
+               cfg: Config, *, centered: bool, refused: list[str]) -> None:
+    """After the last round: the final weights, the privacy summary, plots, model and report."""
+    final = protocol.from_array_record(arrays) if arrays else initial  # no round trained: initial
     view.load_trainable(final)
     # What follows takes a while on a big run (the model export alone, tens of seconds): say so.
     say("the rounds are done: writing the privacy summary, plots" + (", the final model" if settings.save_model
@@ -699,12 +719,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
     if settings.save_model:
         export_model(cfg, view, run_dir / "model")
         rounds.tracker.log_final_model(run_dir / "model")
-    write_report(run_dir, settings, rounds.rows, summary, centered=center is not None, refused=refused)
-    rounds.tracker.close()
-    # Tell every site the run is over (a site not picked for the last round cannot tell that
-    # from a lost coordinator); a site that does not answer in time changes nothing.
-    grid.send_and_receive([protocol.instruction(protocol.DONE, plan, n) for n in sites], timeout=10.0)
-    return run_dir
+    write_report(run_dir, settings, rounds.rows, summary, centered=centered, refused=refused)
 
 
 def empty_rounds_line(rounds: RoundLog, server_round: int, streak: int, limit: int) -> str:
