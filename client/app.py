@@ -186,16 +186,17 @@ def _check_secure(plan: Config, policy: Config) -> None:
 def _config(config_yaml: str, node_items: tuple[tuple[str, Any], ...], deployed: bool) -> Config:
     """The plan's config for this site (site_config): a typed, immutable Config. Parsing and
     validating the plan costs milliseconds and every message of a run carries the same one,
-    so the parse is memoised by the plan's digest (the message's identity, not a key of any
-    model or data cache: those are keyed by typed values, TaskSpec)."""
-    digest = hashlib.sha256(config_yaml.encode()).hexdigest()
-    return _parsed_plan(digest, config_yaml, node_items, deployed)
+    so the parse is kept per (plan digest, node settings): the key is the message's identity,
+    never its text, and no model or data cache is keyed by it (those take TaskSpec)."""
+    key = (hashlib.sha256(config_yaml.encode()).hexdigest(), node_items, deployed)
+    if key not in _PLANS:
+        if len(_PLANS) >= 16:  # a worker serves a few runs at most: start over rather than grow
+            _PLANS.clear()
+        _PLANS[key] = site_config(Config.from_text(config_yaml), dict(node_items), deployed)
+    return _PLANS[key]
 
 
-@lru_cache(maxsize=16)
-def _parsed_plan(digest: str, config_yaml: str, node_items: tuple[tuple[str, Any], ...], deployed: bool) -> Config:
-    del digest  # the key; config_yaml is what it digests
-    return site_config(Config.from_text(config_yaml), dict(node_items), deployed)
+_PLANS: dict[tuple[str, tuple[tuple[str, Any], ...], bool], Config] = {}
 
 
 @lru_cache(maxsize=8)
