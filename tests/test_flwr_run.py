@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig
 
 from fedshield import conf
 from fedshield.conf.config import Config
@@ -119,11 +118,11 @@ def test_readme_flwr_run_line_starts_the_default_number_of_sites() -> None:
     assert "--stream" in argv, "without it `flwr run` returns as soon as the run is submitted"
 
 
+def run_config_values(cfg: Config) -> dict[str, bool | int | float | str]:
+    return {k: encode(v) for k, v in cfg.to_flat().items()}
+
+
 @pytest.mark.timeout(600)
-def run_config_values(cfg: DictConfig) -> dict[str, bool | int | float | str]:
-    return {k: encode(v) for k, v in conf.to_flat(cfg).items()}
-
-
 def test_flwr_run_as_the_readme_says(tiny_bert, synthetic_csv, tmp_path) -> None:
     if not (VENV_BIN / "flwr").exists():
         pytest.skip(f"no {VENV_BIN / 'flwr'}: the README's line needs the checkout's .venv")
