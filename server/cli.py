@@ -54,7 +54,7 @@ one line (exit 2), cheapest first: the certificates, that `--address` can be bou
 connection keys, the config (schema, keys, values), the task's data files loaded as the
 ServerApp loads them (`task.pipeline.pool_and_test`), the model folder
 (`task.model.text_model_path`: config.json, weights, tokenizer; a head already in it has one
-output per class: `check_model_head`), and that `federation.min_sites` is not more than the
+output per class: `task.model.check_model_head`), and that `federation.min_sites` is not more than the
 sites admitted. A bad override thus costs a second, not a SuperLink start and a half-made run.
 
 `--resume RUN` (a run folder, or a run's name under `output.dir`; a bare `--resume`: the run
@@ -234,65 +234,16 @@ def check_inputs(cfg: Config, admitted: int) -> str:
     """The run's model folder and data, checked as the ServerApp will load them, and the
     site counts against the keys admitted; a one-line summary, or a FedShieldError."""
     from fedshield import conf
-    from fedshield.task.model import text_model_path
-    from fedshield.task.pipeline import pool_and_test
+    from fedshield.task.pipeline import check_task
 
-    require_tracking(str(cfg.output.tracking))
+    require_tracking(cfg.output.tracking)
     if cfg.federation.min_sites > admitted:
         raise conf.ConfigError(f"federation.min_sites={cfg.federation.min_sites}: only {admitted} connection "
                                f"key{'s are' if admitted != 1 else ' is'} admitted (--connection-keys)")
-    model = ""
-    folder = None
-    if cfg.task.name != "heart-disease":  # the text tasks fine-tune task.model ("": the bundled one)
-        folder = text_model_path(cfg.task.model)
-        model = f"; model {folder}"
-    pool, test = pool_and_test(cfg)
-    if folder is not None:
-        check_model_head(folder, list(test.class_names), f"task.model={cfg.task.model!r}")
+    pool, test, folder = check_task(cfg)
+    model = f"; model {folder}" if folder is not None else ""
     return (f"task {cfg.task.name}: {len(pool)} training and {len(test)} test records, classes "
             f"{', '.join(test.class_names)}{model}")
-
-
-def check_model_head(folder: Path, class_names: list[str], where: str) -> None:
-    """A classification head already in the model folder has one output per class of the task.
-
-    `build_text_model` asks `from_pretrained` for a head of `len(class_names)` outputs; a
-    folder saved with a head of another size (a model fine-tuned on another task) makes it
-    raise a size-mismatch RuntimeError, in the ServerApp after the SuperLink started. The
-    head's size is read from the safetensors header (the weights are not loaded), else from
-    config.json (`id2label`) when the config names a sequence-classification architecture;
-    a folder without a head (an encoder, as the bundled all-MiniLM-L6-v2) gets a new one.
-    """
-    import json
-
-    from fedshield.task.model import ModelError
-
-    outputs: int | None = None
-    weights = folder / "model.safetensors"
-    if weights.is_file():
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(weights), "pt") as f:
-                heads = [k for k in f.keys() if k == "classifier.weight" or k.endswith(".classifier.weight")]
-                if heads:
-                    outputs = int(f.get_slice(heads[0]).get_shape()[0])
-        except Exception as exc:  # noqa: BLE001 - a header safetensors cannot read: one line
-            raise ModelError(f"{where}: cannot read {weights.name}: {' '.join(str(exc).split())[:200]}") from None
-    else:
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError):
-            config = {}  # check_model_folder read it already; nothing more to say here
-        architectures = config.get("architectures") if isinstance(config, dict) else None
-        labels = config.get("id2label") if isinstance(config, dict) else None
-        if (isinstance(architectures, list) and any("ForSequenceClassification" in str(a) for a in architectures)
-                and isinstance(labels, dict)):
-            outputs = len(labels)
-    if outputs is not None and outputs != len(class_names):
-        raise ModelError(f"{where}: its classification head has {outputs} outputs but the task has "
-                         f"{len(class_names)} classes ({', '.join(class_names)}); use a model folder without a "
-                         "head (the encoder alone) or one trained on these classes")
 
 
 def check_address(host: str, port: int) -> None:

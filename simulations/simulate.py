@@ -70,20 +70,6 @@ def _connect_ray(address: str) -> None:
         raise conf.ConfigError(f"simulation.ray_address={address!r}: cannot connect to Ray: {exc}") from None
 
 
-def check_model(cfg: Config) -> None:
-    """The text tasks' model folder, read as the sites will load it (config.json, weights,
-    tokenizer, a head of one output per class), without loading the weights."""
-    if cfg.task.name == "heart-disease":  # a tabular model built in code: no folder
-        return
-    from fedshield.server.cli import check_model_head
-    from fedshield.task.model import text_model_path
-    from fedshield.task.pipeline import pool_and_test
-
-    folder = text_model_path(cfg.task.model)
-    _, test = pool_and_test(cfg)
-    check_model_head(folder, list(test.class_names), f"task.model={cfg.task.model!r}")
-
-
 def _only_what_new_run_dir_wrote(run_dir: Path) -> bool:
     """The run folder holds no file but its config: no round, no site state, no ledger."""
     return all(p == run_dir / "config.yaml" for p in run_dir.rglob("*") if not p.is_dir())
@@ -106,7 +92,9 @@ def run_simulation(cfg: Config, verbose: bool = False, resume: bool = False) -> 
     """
     print(run_header(cfg, resume), flush=True)
     require_tracking(cfg.output.tracking)  # before any work: a missing package is one line
-    check_model(cfg)
+    from fedshield.task.pipeline import check_task
+
+    check_task(cfg)  # the model folder (config.json, weights header, tokenizer, head size) and the data
     sizes = check_sites(cfg)
     if resume:  # a run that cannot be continued is refused before Ray starts
         from fedshield.server.app import run_config_yaml

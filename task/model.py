@@ -477,3 +477,41 @@ def frozen_fingerprint(model: nn.Module, trainable_names: Iterable[str]) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def check_model_head(folder: Path, class_names: list[str], where: str) -> None:
+    """A classification head already in the model folder has one output per class of the task.
+
+    `build_text_model` asks `from_pretrained` for a head of `len(class_names)` outputs; a
+    folder saved with a head of another size (a model fine-tuned on another task) makes it
+    raise a size-mismatch RuntimeError, in the ServerApp after the SuperLink started. The
+    head's size is read from the safetensors header (the weights are not loaded), else from
+    config.json (`id2label`) when the config names a sequence-classification architecture;
+    a folder without a head (an encoder, as the bundled all-MiniLM-L6-v2) gets a new one.
+    """
+    outputs: int | None = None
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), "pt") as f:
+                heads = [k for k in f.keys() if k == "classifier.weight" or k.endswith(".classifier.weight")]
+                if heads:
+                    outputs = int(f.get_slice(heads[0]).get_shape()[0])
+        except Exception as exc:  # noqa: BLE001 - a header safetensors cannot read: one line
+            raise ModelError(f"{where}: cannot read {weights.name}: {' '.join(str(exc).split())[:200]}") from None
+    else:
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}  # check_model_folder read it already; nothing more to say here
+        architectures = config.get("architectures") if isinstance(config, dict) else None
+        labels = config.get("id2label") if isinstance(config, dict) else None
+        if (isinstance(architectures, list) and any("ForSequenceClassification" in str(a) for a in architectures)
+                and isinstance(labels, dict)):
+            outputs = len(labels)
+    if outputs is not None and outputs != len(class_names):
+        raise ModelError(f"{where}: its classification head has {outputs} outputs but the task has "
+                         f"{len(class_names)} classes ({', '.join(class_names)}); use a model folder without a "
+                         "head (the encoder alone) or one trained on these classes")

@@ -31,10 +31,12 @@ from fedshield.task.model import (
     TrainView,
     build_tabular_model,
     build_text_model,
+    check_model_head,
     frozen_fingerprint,
     load_tokenizer,
     make_train_view,
     prefix_hidden_states,
+    text_model_path,
 )
 
 if TYPE_CHECKING:  # transformers is imported when a text model is loaded (task.model._quiet_transformers first)
@@ -100,6 +102,17 @@ def read_text_file(task: TaskSpec, path: str, labels: list[str] | None = None) -
 def pool_and_test(cfg: Config) -> tuple[LabeledData, LabeledData]:
     """The training pool (split across virtual sites) and the held-out test split."""
     return _pool_and_test(TaskSpec.of(cfg.task))
+
+
+def check_task(cfg: Config) -> tuple[LabeledData, LabeledData, Path | None]:
+    """The run's data and (text tasks) model folder, read as the coordinator and the sites
+    will load them, without loading the weights (a wrong folder, a head of another size, a
+    missing file is one line before anything starts): (pool, test, the model folder or None)."""
+    folder = None if cfg.task.name == "heart-disease" else text_model_path(cfg.task.model)  # tabular: built in code
+    pool, test = pool_and_test(cfg)
+    if folder is not None:
+        check_model_head(folder, list(test.class_names), f"task.model={cfg.task.model!r}")
+    return pool, test, folder
 
 
 def class_names(cfg: Config) -> list[str]:
