@@ -237,7 +237,7 @@ def empirical_main(argv: list[str]) -> int:
     overrides = [a for a in args.overrides if not a.startswith("task=")
                  and not a.startswith(("task.name=", "task.data_path=", "task.test_path="))]
     user = Config.load(overrides)
-    sites = [f"site-{i}" for i in range(int(user.federation.num_sites))]
+    sites = [f"site-{i}" for i in range(user.federation.num_sites)]
     if args.virtual_site not in sites:
         raise conf.ConfigError(f"--virtual-site={args.virtual_site!r}: must be one of {', '.join(sites)} "
                                "(federation.num_sites)")

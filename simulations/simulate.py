@@ -77,7 +77,7 @@ def _only_what_new_run_dir_wrote(run_dir: Path) -> bool:
 
 def run_header(cfg: Config, resume: bool = False) -> str:
     """The run's first line, printed before anything slow (checks, imports, Ray)."""
-    privacy = str(cfg.privacy.mode) + (f", target ε={cfg.privacy.target_epsilon:g} at δ={cfg.privacy.delta:g}"
+    privacy = cfg.privacy.mode + (f", target ε={cfg.privacy.target_epsilon:g} at δ={cfg.privacy.delta:g}"
                                        if cfg.privacy.mode != "none" else "")
     what = "resuming" if resume else "simulating"
     return (f"fedshield {__version__}: {what} {cfg.federation.num_sites} sites x {cfg.federation.rounds} rounds "
@@ -104,7 +104,7 @@ def run_simulation(cfg: Config, verbose: bool = False, resume: bool = False) -> 
         load(run_dir, run_dir.name, config_digest(run_config_yaml(cfg)))
         made_here = False  # a resumed run's folder is never removed
     else:
-        named = Path(cfg.output.dir).expanduser().resolve() / str(cfg.output.run_name)
+        named = Path(cfg.output.dir).expanduser().resolve() / cfg.output.run_name
         made_here = not cfg.output.run_name or not named.exists()  # an empty folder of the user's stays
         run_dir = new_run_dir(cfg)
     try:
