@@ -5,6 +5,15 @@ clipping to `max_grad_norm`, Gaussian noise of std `noise_multiplier * max_grad_
 Opacus' own accountant counts the steps that really ran; `spends()` reads them back so
 the site records what happened, not what was planned.
 
+Per-sample gradients of two layer kinds that transformers models use and Opacus 1.6 gets
+wrong or leaves to its (slower) functorch fallback are registered here:
+- `nn.LayerNorm` without a bias (ModernBERT, `bias=False`): Opacus' sampler reads
+  `layer.bias.requires_grad` and fails on None; ours skips the missing bias.
+- RMSNorm classes written as `weight * x / sqrt(mean(x^2) + variance_epsilon)` (Llama,
+  Qwen2, Mistral): `register_rms_norm` (the task layer names the classes; privacy imports
+  no model code). Opacus registers only torch's own `nn.RMSNorm`.
+tests/test_families.py checks both against gradients of microbatches of one record.
+
 Noise comes from torch's generator. Opacus' secure_mode needs torchcsprng, which does not
 install here; the site seeds torch from os.urandom in deployment (see client/app.py).
 """
@@ -16,11 +25,51 @@ from dataclasses import dataclass
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
+from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.utils import register_grad_sampler
+from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fedshield.privacy.accountant import OPACUS_ACCOUNTANTS
+
+
+def _layer_norm_grad_sample(layer: nn.LayerNorm, activations: list[torch.Tensor],
+                            backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Opacus' LayerNorm sampler, with an optional weight and bias (elementwise_affine, bias)."""
+    x = activations[0]
+    ret: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight is not None and layer.weight.requires_grad:
+        normed = torch.nn.functional.layer_norm(x, layer.normalized_shape, eps=layer.eps)
+        ret[layer.weight] = sum_over_all_but_batch_and_last_n(normed * backprops, layer.weight.dim())
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = sum_over_all_but_batch_and_last_n(backprops, layer.bias.dim())
+    return ret
+
+
+register_grad_sampler(nn.LayerNorm)(_layer_norm_grad_sample)
+
+
+def _rms_norm_grad_sample(layer: nn.Module, activations: list[torch.Tensor],
+                          backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    weight = layer.weight
+    assert isinstance(weight, nn.Parameter)
+    ret: dict[nn.Parameter, torch.Tensor] = {}
+    if weight.requires_grad:
+        x = activations[0].float()
+        eps = float(getattr(layer, "variance_epsilon"))  # noqa: B009 - set by the registered classes
+        normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(activations[0].dtype)
+        ret[weight] = sum_over_all_but_batch_and_last_n(normed * backprops, weight.dim())
+    return ret
+
+
+def register_rms_norm(*classes: type[nn.Module]) -> None:
+    """Per-sample gradients for RMSNorm classes of the form weight * x / rms(x) (Llama's:
+    a `weight` and a `variance_epsilon`), instead of Opacus' functorch fallback."""
+    for cls in classes:
+        if cls not in GradSampleModule.GRAD_SAMPLERS:
+            register_grad_sampler(cls)(_rms_norm_grad_sample)
 
 
 @dataclass

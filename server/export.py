@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from fedshield.conf.config import Config
-from fedshield.task.model import TabularMLP, TrainView, fold_center, is_bert_like
+from fedshield.task.model import TabularMLP, TrainView, fold_center, text_model_type
 from fedshield.task.pipeline import pool_and_test, tokenizer
 
 
@@ -26,7 +26,7 @@ def export_model(cfg: Config, view: TrainView, out: Path) -> Path:
     merge = getattr(model, "merge_and_unload", None)
     if merge is not None:  # peft: fold LoRA into the base weights
         model = merge()
-    if is_bert_like(model):
+    if text_model_type(model) is not None:  # any transformers sequence classifier
         cast(PreTrainedModel, model).cpu().save_pretrained(out)
         tokenizer(cfg.task.model).save_pretrained(out)
         return out

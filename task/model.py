@@ -2,16 +2,22 @@
 
 The server imports `build_model` (initial model, central evaluation, export); the site
 also uses `TrainView`, which turns a full model plus a trainable mode into the module that
-Opacus wraps:
+Opacus wraps. Any architecture `AutoModelForSequenceClassification` loads can train; where
+its parts live (base model, layers, head, LoRA targets) and which modes work comes from the
+family table in task/families.py, and an unsupported (family, mode) is refused before the
+federation starts (`check_trainable`).
 
-- `all`: every weight. BERT's position/token-type buffers are batch-1 tensors that break
-  per-sample gradients, so the wrapper passes them expanded to the batch.
+- `all`: every weight. Position/token-type ids that a model builds as batch-1 tensors break
+  per-sample gradients of their embeddings: BERT's are passed expanded to the batch (as
+  before), every other family's are expanded by a pre-hook on its embeddings (`_FullModel`).
+- `head`: only the modules the classification class adds (families.Family.head).
 - `last_layers`: the top k encoder layers + pooler + classifier. The frozen prefix (the
   embeddings and the lower layers) never changes during a run, because only trainable
   weights are exchanged, so its output is computed once per record and cached. The cached
   prefix runs in eval mode (no dropout); per-sample clipping and noise apply to the
-  trainable suffix exactly as without the cache.
-- `lora`: LoRA adapters (peft) on query/value + the classifier.
+  trainable suffix exactly as without the cache. BERT-style encoders only (BERT,
+  RoBERTa/XLM-R, ELECTRA; task/families.py says why the others are refused).
+- `lora`: LoRA adapters (peft) on the family's attention projections + the head.
 
 Only the trainable weights travel, in both directions; their names are the full model's
 state-dict names, so the server can load them into its copy.
@@ -22,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import stat
 from collections.abc import Iterable
@@ -33,11 +40,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedshield.privacy.dpsgd import register_rms_norm
 from fedshield.privacy.errors import FedShieldError
 from fedshield.privacy.progress import progress
+from fedshield.task import families
 
 if TYPE_CHECKING:  # transformers is imported when a text model is loaded (after _quiet_transformers)
     from transformers import BertForSequenceClassification, PreTrainedTokenizerBase
+
+
+log = logging.getLogger(__name__)
 
 
 class ModelError(FedShieldError):
@@ -57,12 +69,10 @@ def bundled_model_path() -> Path:
 WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
 )  # fmt: skip
-# A BERT tokenizer needs its vocabulary: the fast tokenizer's file or WordPiece's vocab.txt.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
-# The text tasks fine-tune a BERT encoder (TrainView reaches into `model.bert`: the frozen
-# prefix, the pooler, the expanded position ids); another architecture would fail only
-# after the federation started.
-TEXT_MODEL_TYPES = ("bert",)
+# A tokenizer needs its vocabulary: the fast tokenizer's file, WordPiece's vocab.txt, a BPE
+# vocab.json (GPT-2, RoBERTa) or a sentencepiece model (Llama, XLM-R, DeBERTa-v2).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spm.model",
+                   "sentencepiece.bpe.model")
 MAX_JSON_BYTES = 16 << 20  # config.json / a shard index: a few KB in practice
 MAX_SAFETENSORS_HEADER = 100_000_000  # the limit of the safetensors format itself
 
@@ -176,10 +186,10 @@ def check_model_folder(path: str | os.PathLike[str], where: str = "") -> Path:
         raise ModelError(f"{where}: not a folder (a from_pretrained folder: config.json and weights)")
     config = _read_json(p / "config.json", where)
     model_type = config.get("model_type")
-    if model_type not in TEXT_MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in sequence_classification_types():
         raise ModelError(
-            f"{where}: config.json has model_type {model_type!r}; the text tasks fine-tune "
-            f"{' or '.join(repr(t) for t in TEXT_MODEL_TYPES)} models (as all-MiniLM-L6-v2)"
+            f"{where}: config.json has model_type {model_type!r}; the text tasks fine-tune a model that "
+            "AutoModelForSequenceClassification loads (bert, roberta, gpt2, llama, ...)"
         )
     explicit = config.get("transformers_weights")  # from_pretrained reads this file if set
     if explicit is not None:
@@ -194,6 +204,47 @@ def check_model_folder(path: str | os.PathLike[str], where: str = "") -> Path:
     if not any(_regular(p / name) is not None for name in TOKENIZER_FILES):
         raise ModelError(f"{where}: no tokenizer there; expected {' or '.join(TOKENIZER_FILES)}")
     return p
+
+
+def sequence_classification_types() -> frozenset[str]:
+    """The model_types transformers has a *ForSequenceClassification class for (names only:
+    no model code is imported)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    return frozenset(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+
+
+def model_type_of(folder: Path) -> str:
+    """config.json's model_type of a folder `check_model_folder` passed."""
+    return str(_read_json(folder / "config.json", str(folder)).get("model_type"))
+
+
+def check_trainable(folder: Path, trainable: str, last_layers: int, lora_r: int, lora_alpha: int,
+                    where: str) -> None:
+    """The model in `folder` can train in `trainable` mode, under Opacus: one line otherwise.
+
+    The family table refuses the modes a family lacks (task/families.py). Then the training
+    view is built from config.json alone on the meta device (no weights read, no memory) and
+    Opacus' `ModuleValidator.validate` checks what would train (BatchNorm and the like),
+    so that a site never finds out in its first round."""
+    from opacus.validators import ModuleValidator
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    model_type = model_type_of(folder)
+    refused = families.refusal(model_type, trainable, where)
+    if refused:
+        raise ModelError(refused)
+    _quiet_transformers()
+    config = AutoConfig.from_pretrained(folder)
+    if config.pad_token_id is None:
+        config.pad_token_id = 0  # any id: only the module types matter here
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)  # type: ignore[no-untyped-call]
+    view = make_train_view(model, trainable, last_layers, lora_r, lora_alpha)
+    errors = ModuleValidator.validate(view.module, strict=False)
+    if errors:
+        found = "; ".join(sorted({" ".join(str(e).split())[:160] for e in errors})[:3])
+        raise ModelError(f"{where}: Opacus cannot train this model in training.trainable={trainable} mode: {found}")
 
 
 def text_model_path(model: str) -> Path:
@@ -219,7 +270,12 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     _quiet_transformers()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(text_model_path(model))
+    tok = AutoTokenizer.from_pretrained(text_model_path(model))
+    if tok.pad_token is None and tok.eos_token is not None:
+        # Decoder tokenizers (GPT-2, Llama) have no pad token; padding to max_length needs
+        # one, and the classifier reads the last token before the first pad (build_text_model).
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def build_text_model(model: str, class_names: list[str], seed: int) -> nn.Module:
@@ -229,14 +285,27 @@ def build_text_model(model: str, class_names: list[str], seed: int) -> nn.Module
     reproducibility: the server sends them before the first round anyway.
     """
     _quiet_transformers()
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    folder = text_model_path(model)
+    extra: dict[str, Any] = {}
+    if AutoConfig.from_pretrained(folder).pad_token_id is None:
+        # A decoder classifies from the last token before the first pad: transformers needs
+        # pad_token_id for that, and GPT-2/Llama configs have none. The tokenizer's (its pad,
+        # else its end-of-sequence token: load_tokenizer) is what pads the records.
+        pad = load_tokenizer(model).pad_token_id
+        if pad is None:
+            raise ModelError(f"task.model={model!r}: config.json has no pad_token_id and the tokenizer no pad or "
+                             "end-of-sequence token; a decoder classifies from the last token before the padding")
+        log.info("task.model=%r: pad_token_id set to %d (the tokenizer's pad/end-of-sequence token)", model, pad)
+        extra["pad_token_id"] = int(pad)
     torch.manual_seed(seed)
     m: nn.Module = AutoModelForSequenceClassification.from_pretrained(
-        text_model_path(model),
+        folder,
         num_labels=len(class_names),
         id2label=dict(enumerate(class_names)),
         label2id={c: i for i, c in enumerate(class_names)},
+        **extra,
     )
     return m
 
@@ -265,24 +334,43 @@ def build_tabular_model(num_features: int, num_classes: int, hidden: int, seed: 
 
 
 def is_bert_like(model: nn.Module) -> TypeGuard[BertForSequenceClassification]:
-    """A BERT encoder with a classification head (the text tasks' models: TEXT_MODEL_TYPES,
-    loaded by AutoModelForSequenceClassification), by the parts TrainView uses."""
+    """A BERT encoder with a classification head (loaded by
+    AutoModelForSequenceClassification), by the parts TrainView uses."""
     return hasattr(model, "bert") and hasattr(model, "classifier")
 
 
-def add_lora(model: nn.Module, r: int, alpha: int) -> nn.Module:
-    """LoRA on attention query/value; the classifier (a new head) trains in full.
+def text_model_type(model: nn.Module) -> str | None:
+    """The model_type of a transformers model (the text tasks'), None for anything else."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    return model_type if isinstance(model_type, str) else None
+
+
+def head_names(model: nn.Module, model_type: str) -> tuple[str, ...]:
+    """The top-level modules of the classification head that this model has."""
+    top = [n for n, _ in model.named_children()]
+    return tuple(n for n in families.head_modules(model_type, top) if n in top)
+
+
+def add_lora(model: nn.Module, r: int, alpha: int, model_type: str = "bert") -> nn.Module:
+    """LoRA on the family's attention projections; the head (new weights) trains in full
+    (BERT: pooler + classifier, as before the family table).
 
     The model must already be on its device (Opacus issue 820: moving a PEFT model after
     wrapping can leave the optimizer holding stale parameters, a silent no-op).
     """
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(
-        model, LoraConfig(r=r, lora_alpha=alpha, target_modules=["query", "value"], lora_dropout=0.0)
-    )
+    targets = families.lora_targets(model_type)
+    if not targets:
+        raise ModelError(families.refusal(model_type, "lora") or f"no LoRA targets for {model_type!r}")
+    # GPT-2's projections are transformers' Conv1D, weights stored (in, out): peft must know.
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+                        fan_in_fan_out=model_type == "gpt2")
+    heads = ("classifier", "pooler") if model_type == "bert" else head_names(model, model_type)
+    peft_model = get_peft_model(model, config)
     for name, p in peft_model.named_parameters():
-        if ".classifier." in name or ".pooler." in name:
+        if any(f".{h}." in name for h in heads):
             p.requires_grad_(True)
     return peft_model
 
@@ -309,23 +397,62 @@ class _FullBert(nn.Module):
         return logits
 
 
+class _FullModel(nn.Module):
+    """Any sequence classifier as an (input_ids, attention_mask) -> logits module for Opacus.
+
+    Models build their position ids (GPT-2, DistilBERT) or token-type ids as batch-1 tensors
+    and broadcast the embedding; Opacus' per-sample gradient of that embedding then pairs a
+    batch of 1 with a batch of b ("stack expects each tensor to be equal size"). A pre-hook
+    on every trainable embedding expands a batch-1 input to the batch (a contiguous copy:
+    ghost clipping views it), which leaves the output unchanged (a broadcast sum either way).
+    """
+
+    def __init__(self, model: nn.Module, token_types: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.token_types = token_types
+        self._batch = 1
+        for module in model.modules():
+            if isinstance(module, nn.Embedding) and module.weight.requires_grad:
+                module.register_forward_pre_hook(self._expand_to_batch)
+
+    def _expand_to_batch(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        ids = args[0] if args else None
+        if isinstance(ids, torch.Tensor) and ids.dim() >= 1 and ids.shape[0] == 1 and self._batch > 1:
+            return (ids.repeat(self._batch, *([1] * (ids.dim() - 1))), *args[1:])
+        return None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self._batch = int(input_ids.shape[0])
+        extra = {"token_type_ids": torch.zeros_like(input_ids)} if self.token_types else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        logits: torch.Tensor = out.logits
+        return logits
+
+
 class _BertSuffix(nn.Module):
-    """Top encoder layers + pooler + classifier, fed with cached prefix hidden states."""
+    """Top encoder layers + pooler + classifier, fed with cached prefix hidden states.
+
+    A BERT-style encoder (families with last_layers: BERT, RoBERTa/XLM-R, ELECTRA): BERT's
+    head is pooler + dropout + a linear classifier; RoBERTa's and ELECTRA's `classifier`
+    reads the [CLS] position of the sequence itself (no pooler)."""
 
     center: torch.Tensor  # a buffer (register_buffer below)
 
-    def __init__(self, model: BertForSequenceClassification, first_layer: int) -> None:
+    def __init__(self, model: nn.Module, first_layer: int, model_type: str = "bert") -> None:
         super().__init__()
-        bert = model.bert
-        self.config = model.config
-        self.layers = nn.ModuleList(bert.encoder.layer[first_layer:])
-        self.pooler = bert.pooler
-        self.dropout = model.dropout
-        self.classifier = model.classifier
+        bert = model.get_submodule(_family(model_type).base)
+        self.config = getattr(model, "config", None)
+        self.layers = nn.ModuleList(_layers(model, model_type)[first_layer:])
+        self.sequence_head = model_type != "bert"
+        self.pooler = None if self.sequence_head else getattr(bert, "pooler", None)
+        self.dropout = None if self.sequence_head else model.get_submodule("dropout")
+        self.classifier = model.get_submodule("classifier")
         # Feature centering (training.center_features): subtracted from what the pooler
         # reads. Not a weight: it is set from the run's plan, and the export folds it into
         # the pooler's bias (fold_center), so the saved model needs no extra code.
-        self.register_buffer("center", torch.zeros(model.config.hidden_size), persistent=False)
+        hidden_size = int(getattr(model, "config").hidden_size)  # noqa: B009 - nn.Module types no config
+        self.register_buffer("center", torch.zeros(hidden_size), persistent=False)
 
     def pooler_input(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The [CLS] feature the pooler reads, uncentred (what the feature mean is over)."""
@@ -341,6 +468,9 @@ class _BertSuffix(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         first = self.pooler_input(hidden, attention_mask) - self.center
+        if self.sequence_head or self.dropout is None:  # the head reads features[:, 0]
+            head_logits: torch.Tensor = self.classifier(first)
+            return head_logits
         pooled = self.pooler(first) if self.pooler is not None else first[:, 0]
         logits: torch.Tensor = self.classifier(self.dropout(pooled))
         return logits
@@ -406,12 +536,41 @@ class TrainView:
         self.model.load_state_dict(sd, strict=False)
 
 
+# weight * x / sqrt(mean(x^2) + variance_epsilon): what privacy.dpsgd.register_rms_norm computes
+_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+
+
 def make_train_view(model: nn.Module, trainable: str, last_layers: int, lora_r: int, lora_alpha: int) -> TrainView:
     """Freeze what is not trained and wrap the rest as an inputs -> logits module."""
-    if is_bert_like(model):
+    model_type = text_model_type(model)
+    if model_type is None:
+        names = [n for n, _ in model.named_parameters()]  # tabular: everything trains
+        return TrainView(model, model, names, None)
+    refused = families.refusal(model_type, trainable)
+    if refused:
+        raise ModelError(refused)
+    if trainable == "head" and not head_names(model, model_type):
+        raise ModelError(families.refusal(model_type, "head", "task.model") or "")
+    if is_bert_like(model) and trainable in ("lora", "all", "last_layers"):
         return _bert_view(model, trainable, last_layers, lora_r, lora_alpha)
-    names = [n for n, _ in model.named_parameters()]  # tabular: everything trains
-    return TrainView(model, model, names, None)
+    if trainable == "last_layers":
+        return _suffix_view(model, model_type, last_layers)
+    if trainable == "lora":
+        model = add_lora(model, lora_r, lora_alpha, model_type)
+    elif trainable == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:  # head
+        heads = head_names(model, model_type)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.split(".", 1)[0] in heads)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    # Llama-style RMSNorms get an exact per-sample gradient (privacy.dpsgd), not functorch's.
+    register_rms_norm(*{type(m) for m in model.modules() if type(m).__name__ in _RMS_NORMS})
+    if is_bert_like(model):
+        return TrainView(model, _FullBert(model), names, None)
+    fam = families.family_of(model_type)
+    return TrainView(model, _FullModel(model, token_types=fam is not None and fam.token_types), names, None)
 
 
 def _bert_view(model: BertForSequenceClassification, trainable: str, last_layers: int, lora_r: int,
@@ -425,18 +584,36 @@ def _bert_view(model: BertForSequenceClassification, trainable: str, last_layers
             p.requires_grad_(True)
         names = [n for n, _ in model.named_parameters()]
         return TrainView(model, _FullBert(model), names, None)
-    num_layers = len(model.bert.encoder.layer)
+    return _suffix_view(model, "bert", last_layers)
+
+
+def _suffix_view(model: nn.Module, model_type: str, last_layers: int) -> TrainView:
+    num_layers = len(_layers(model, model_type))
     if last_layers > num_layers:
         raise ModelError(
             f"training.last_layers={last_layers}: the model has only {num_layers} encoder layers"
         )
     first = num_layers - last_layers
-    suffix = _BertSuffix(model, first)
+    suffix = _BertSuffix(model, first, model_type)
     trainable_ids = {id(p) for p in suffix.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable_ids)
     names = [n for n, p in model.named_parameters() if id(p) in trainable_ids]
     return TrainView(model, suffix, names, first)
+
+
+def _family(model_type: str) -> families.Family:
+    fam = families.family_of(model_type)
+    if fam is None or "last_layers" not in fam.modes:
+        raise ModelError(families.refusal(model_type, "last_layers") or f"no cached prefix for {model_type!r}")
+    return fam
+
+
+def _layers(model: nn.Module, model_type: str) -> nn.ModuleList:
+    layers = model.get_submodule(_family(model_type).layers)
+    if not isinstance(layers, nn.ModuleList):
+        raise ModelError(f"{model_type}: {_family(model_type).layers} is a {type(layers).__name__}, not a layer list")
+    return layers
 
 
 @torch.no_grad()
@@ -445,9 +622,10 @@ def prefix_hidden_states(
     batch_size: int = 64, device: str = "cpu",
 ) -> torch.Tensor:
     """Hidden states entering encoder layer `first_layer` (the frozen prefix), eval mode."""
-    if not is_bert_like(model):
-        raise ModelError("training.trainable=last_layers caches a BERT encoder's prefix; this model has none")
-    bert = model.bert
+    model_type = text_model_type(model)
+    if model_type is None:
+        raise ModelError("training.trainable=last_layers caches a transformer encoder's prefix; this model has none")
+    bert = model.get_submodule(_family(model_type).base)
     was_training = bert.training
     bert.train(False)  # eval mode (what transformers' unannotated `eval()` does)
     outs: list[torch.Tensor] = []
@@ -455,8 +633,8 @@ def prefix_hidden_states(
     for i in progress(starts, "encoding features (frozen prefix)", total=len(starts), unit="batch"):
         ids = input_ids[i : i + batch_size].to(device)
         am = attention_mask[i : i + batch_size].to(device)
-        if first_layer == len(bert.encoder.layer):
-            # Nothing trains in the encoder: the pooler reads position 0 only.
+        if first_layer == len(_layers(model, model_type)):
+            # Nothing trains in the encoder: the pooler (the head) reads position 0 only.
             h = bert(input_ids=ids, attention_mask=am).last_hidden_state[:, :1]
         else:
             h = bert(input_ids=ids, attention_mask=am, output_hidden_states=True).hidden_states[

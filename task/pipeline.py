@@ -32,6 +32,7 @@ from fedshield.task.model import (
     build_tabular_model,
     build_text_model,
     check_model_head,
+    check_trainable,
     frozen_fingerprint,
     load_tokenizer,
     make_train_view,
@@ -112,6 +113,8 @@ def check_task(cfg: Config) -> tuple[LabeledData, LabeledData, Path | None]:
     pool, test = pool_and_test(cfg)
     if folder is not None:
         check_model_head(folder, list(test.class_names), f"task.model={cfg.task.model!r}")
+        tr = cfg.training  # the family supports the mode, and Opacus the modules that train
+        check_trainable(folder, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha, f"task.model={cfg.task.model!r}")
     return pool, test, folder
 
 
