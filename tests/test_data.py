@@ -396,8 +396,9 @@ def test_missing_model_folder_and_a_file(tmp_path: Path) -> None:
         ({"config.json": "{not json"}, "config.json is not valid JSON (Expecting property name"),
         ({"config.json": b"\xff\xfe"}, "config.json is not valid JSON (not UTF-8)"),
         ({"config.json": "[1, 2]"}, "config.json holds list, expected a JSON object"),
-        ({"config.json": "{}"}, "config.json has model_type None; the text tasks fine-tune 'bert' models"),
-        ({"config.json": '{"model_type": "roberta"}'}, "config.json has model_type 'roberta'"),
+        ({"config.json": "{}"}, "config.json has model_type None; the text tasks fine-tune a model that "
+                                "AutoModelForSequenceClassification loads"),
+        ({"config.json": '{"model_type": "vit"}'}, "config.json has model_type 'vit'"),
         ({"model.safetensors": ""}, "no weights there; expected one of model.safetensors, "
                                     "model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json"),
         ({"model.safetensors": b"\x01"}, "model.safetensors is not a safetensors file"),
@@ -412,7 +413,8 @@ def test_missing_model_folder_and_a_file(tmp_path: Path) -> None:
          "pytorch_model.bin.index.json has no weight_map"),
         ({"config.json": '{"model_type": "bert", "transformers_weights": "../w.safetensors"}'},
          "config.json transformers_weights='../w.safetensors' is not a file in the folder"),
-        ({"vocab.txt": ""}, "no tokenizer there; expected tokenizer.json or vocab.txt"),
+        ({"vocab.txt": ""}, "no tokenizer there; expected tokenizer.json or vocab.txt or vocab.json or "
+                            "tokenizer.model or spm.model or sentencepiece.bpe.model"),
     ],
 )  # fmt: skip
 def test_unusable_model_folders(tmp_path: Path, files: dict, expected: str) -> None:

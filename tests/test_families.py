@@ -19,7 +19,7 @@ from fedshield.task.families import FAMILIES, MODES
 from fedshield.task.model import ModelError, check_model_folder, frozen_fingerprint
 from fedshield.task.pipeline import build_model, build_view, check_task, encode, pool_and_test, tokenizer
 from fedshield.task.trainer import LocalPlan, train_local
-from tests.helpers import tiny_overrides
+from tests.helpers import synthetic_rows, tiny_overrides, write_csv
 
 _COMMON = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=30522,
                max_position_embeddings=64, num_labels=2)
@@ -210,13 +210,14 @@ def test_layer_norm_without_bias_and_llama_rms_norm_per_sample_gradients():
 
 
 @pytest.mark.e2e
-def test_tiny_gpt2_two_sites_two_dp_rounds_and_the_ledger_audits(family_folder, synthetic_csv, tmp_path):
+def test_tiny_gpt2_two_sites_two_dp_rounds_and_the_ledger_audits(family_folder, tmp_path):
     import fedshield
     from fedshield.simulations.simulate import run_simulation
 
+    data = write_csv(tmp_path / "topics.csv", synthetic_rows(160, seed=2))  # 60 records a site: a short run
     extra = {"federation.num_sites": 2, "privacy.noise_multiplier": 0.5, "privacy.budget_epsilon": 100,
              "privacy.target_epsilon": 100, "training.local_epochs": 1}
-    cfg = _cfg(family_folder("gpt2"), synthetic_csv, tmp_path, "lora", **extra)
+    cfg = _cfg(family_folder("gpt2"), data, tmp_path, "lora", **extra)
     run = run_simulation(cfg)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["trained"] == 2
