@@ -41,7 +41,7 @@ def test_privacy_none_preset():
         (["privacy.delta=1.5"], ["privacy.delta", "(0, 1)"]),
         (["federation.fraction_train=1.5"], ["federation.fraction_train", "(0, 1]"]),
         (["federation.partition=random"], ["federation.partition", "iid, dirichlet, natural"]),
-        (["training.trainable=some"], ["training.trainable", "all, last_layers, lora"]),
+        (["training.trainable=some"], ["training.trainable", "all, last_layers, lora, head"]),
         (["training.batch_size=abc"], ["training.batch_size"]),
         (["task=nope"], ["task", "heart-disease", "news-topics", "text-file"]),
         (["bogus=1"], ["bogus", GROUPS, "presets: task=heart-disease|news-topics|text-file, privacy=dp-sgd|none"]),
