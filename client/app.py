@@ -98,7 +98,8 @@ POLICY = ("privacy.mode", "privacy.target_epsilon", "privacy.budget_epsilon", "p
 OPERATIONAL = ("privacy.max_grad_norm", "privacy.center_clip_norm", "training.device",
                "training.max_physical_batch_size")
 # De-identification of the site's texts before tokenisation (task/deid.py): a site may turn
-# it on, add patterns and regions; it never turns off or removes what the plan asks for.
+# it on and add regions, never turn off what the plan asks for; a deployed site runs only
+# its own patterns (_own_scrubbing says why).
 DEIDENTIFY = ("task.deidentify", "task.deidentify_patterns", "task.deidentify_regions")
 SITE_OVERRIDABLE = POLICY + OPERATIONAL + DEIDENTIFY
 
@@ -135,7 +136,7 @@ def site_config(plan: Config, node_config: Mapping[str, Any], deployed: bool = T
             f"site config: {unknown[0]!r} cannot be set by a site; allowed: {', '.join(SITE_OVERRIDABLE)}"
         )
     operational = {k: v for k, v in own.items() if k in OPERATIONAL}
-    operational.update(_own_scrubbing(plan, {k: v for k, v in own.items() if k in DEIDENTIFY}))
+    operational.update(_own_scrubbing(plan, {k: v for k, v in own.items() if k in DEIDENTIFY}, deployed))
     if deployed:
         policy = Config.load([f"{k}={v}" for k, v in own.items() if k in POLICY])
         check_policy(plan, policy)
@@ -145,18 +146,23 @@ def site_config(plan: Config, node_config: Mapping[str, Any], deployed: bool = T
     return plan.with_values(operational) if operational else plan
 
 
-def _own_scrubbing(plan: Config, own: Mapping[str, Any]) -> dict[str, Any]:
+def _own_scrubbing(plan: Config, own: Mapping[str, Any], deployed: bool) -> dict[str, Any]:
     """The site's de-identification settings over the plan's, only ever adding: on if either
-    says so, the site's patterns then the plan's (one NAME in both: either regex matches),
-    the site's regions then the plan's. {} when the site sets none."""
-    if not own:
+    says so, the site's regions then the plan's. Patterns: a deployed site runs only its own
+    (a coordinator's regex run on the site's records could probe them through how long it
+    takes: catastrophic backtracking on a record that holds X); a simulation's virtual sites
+    take the plan's too (one NAME in both: either regex matches). {} when nothing changes."""
+    task = plan.task
+    if not own and not (deployed and task.deidentify_patterns):
         return {}
     # Node config values are TOML scalars: a list arrives as its text (client/cli.py node_config).
     mine = {k: conf.parse_override(f"{k}={v}")[1] if isinstance(v, str) else v for k, v in own.items()}
-    task = plan.task
     patterns = {name: regex for name, regex, _ in (split_deidentify_pattern(str(p))
                                                    for p in mine.get("task.deidentify_patterns") or [])}
-    for name, regex, _ in (split_deidentify_pattern(p) for p in task.deidentify_patterns):
+    if deployed and task.deidentify_patterns:
+        log.warning("the plan's task.deidentify_patterns are not run on this site's records (a site runs only its "
+                    "own patterns: task.deidentify_patterns on its command line)")
+    for name, regex, _ in (() if deployed else (split_deidentify_pattern(p) for p in task.deidentify_patterns)):
         patterns[name] = f"(?:{patterns[name]})|(?:{regex})" if name in patterns and patterns[name] != regex else regex
     regions = [str(r).upper() for r in mine.get("task.deidentify_regions") or []]
     regions += [r.upper() for r in task.deidentify_regions if r.upper() not in regions]

@@ -11,7 +11,8 @@ Recognisers, in the order they run (a later one never looks inside an earlier on
 placeholder, so scrubbing scrubbed text changes nothing):
 
 1. the site's own patterns (`task.deidentify_patterns`, "NAME=REGEX": record numbers, MRN
-   formats), first because they are the most specific;
+   formats), first because they are the most specific (a deployed site runs only its own,
+   never a coordinator's: client/app.py `_own_scrubbing`);
 2. e-mail addresses and URLs (regular expressions);
 3. IBANs (ISO 13616 mod-97 checksum, `stdnum.iban`) and payment card numbers (Luhn,
    `stdnum.luhn`, 13 to 19 digits with an issuer prefix);
@@ -20,8 +21,10 @@ placeholder, so scrubbing scrubbed text changes nothing):
    CA SIN, IN Aadhaar, BR CPF, ES DNI, NL BSN, SE personnummer, DK CPR, FR NIR);
 5. IPv4 and IPv6 addresses (candidates checked by `ipaddress`);
 6. phone numbers (Google's libphonenumber port, `phonenumbers.PhoneNumberMatcher` at
-   leniency VALID): numbers in international form (+CC) always, national forms for each
-   region in `task.deidentify_regions`;
+   leniency VALID: valid under today's numbering plans, so retired or reserved ranges are
+   missed; POSSIBLE would also take counts like "1234567" in prose): numbers in
+   international form (+CC) always, national forms for each region in
+   `task.deidentify_regions`; digits written mostly one by one (a tennis score) are not;
 7. full calendar dates (day, month and year: 2021-05-03, 03/05/2021, 3 May 2021, May 3,
    2021), checked to be real dates. A year or a month alone ("in 2021", "in May") is left.
 

@@ -159,8 +159,13 @@ def test_a_site_turns_it_on_and_only_adds_to_the_plan():
     task = site_config(strict, {"task.deidentify": False, **{k: v for k, v in node.items() if "." in k
                                                              and k != "task.deidentify"}}).task
     assert task.deidentify  # a site cannot turn off what the plan asks for
-    assert task.deidentify_patterns == ("MRN=(?:MRN-\\d{6})|(?:M\\d{4})", "KEY=K\\d+")
     assert task.deidentify_regions == ("GB", "US")
+    # A deployed site runs only its own regexes on its records, never the coordinator's.
+    assert task.deidentify_patterns == ("MRN=MRN-\\d{6}",)
+    assert site_config(strict, {}).task.deidentify_patterns == ()
+    # A simulation's virtual sites take the plan's patterns too (one name: either regex).
+    merged = site_config(strict, {k: v for k, v in node.items() if "." in k}, deployed=False).task
+    assert merged.deidentify_patterns == ("MRN=(?:MRN-\\d{6})|(?:M\\d{4})", "KEY=K\\d+")
     with pytest.raises(ConfigError, match="task.deidentify_regions"):
         site_config(plan, {"task.deidentify_regions": "[XX]"})
 
@@ -186,7 +191,7 @@ def test_planted_identifiers_never_reach_the_tokenizer(tiny_bert, tmp_path, monk
     rows[1] = (PLANTED, rows[1][1])
     data = write_csv(tmp_path / "site.csv", rows)
     cfg = Config.load(tiny_overrides(tiny_bert, data, tmp_path, **{
-        "privacy.delta": 1e-5, "task.max_length": 32, "training.local_epochs": 1,
+        "privacy.delta": 1e-5, "privacy.noise_multiplier": 5.0, "task.max_length": 32, "training.local_epochs": 1,
         "training.center_features": False}))
     assert not cfg.task.deidentify
     seen: list[tuple[list[str], object]] = []
@@ -236,8 +241,8 @@ def test_two_site_dp_run_with_deidentification_audits_and_keeps_only_counts(tiny
     import fedshield
     from fedshield.simulations.simulate import run_simulation
 
-    rows = synthetic_rows(240, seed=7)
-    for i in range(0, 240, 40):  # planted in both sites' shares
+    rows = synthetic_rows(160, seed=7)
+    for i in range(0, 160, 20):  # planted in both sites' shares
         rows[i] = (f"{rows[i][0]} ring +44 20 7946 0958 MRN-{100000 + i} ops@example.org", rows[i][1])
     data = write_csv(tmp_path / "notes.csv", rows)
     cfg = Config.load(tiny_overrides(tiny_bert, data, tmp_path, **{
