@@ -52,7 +52,7 @@ from fedshield import conf, protocol, rules
 from fedshield.client import secagg
 from fedshield.client.site import BooksBehind, SiteState
 from fedshield.conf.config import Config
-from fedshield.conf.schema import TaskConfig
+from fedshield.conf.schema import TaskConfig, split_deidentify_pattern
 from fedshield.privacy.accountant import Spend, epsilon
 from fedshield.privacy.errors import FedShieldError
 from fedshield.privacy.events import (
@@ -68,8 +68,9 @@ from fedshield.privacy.events import (
 )
 from fedshield.task import centering
 from fedshield.task.data import LabeledData
+from fedshield.task.deid import counts_record, write_counts
 from fedshield.task.model import ModelError, TrainView
-from fedshield.task.pipeline import TaskSpec, build_view, encode, read_text_file, view_fingerprint
+from fedshield.task.pipeline import TaskSpec, build_view, encode, read_text_file, scrubbed, view_fingerprint
 from fedshield.task.sites import check_delta, virtual_sites
 from fedshield.task.trainer import LocalPlan, TrainingError, poisson_rate, round_steps, train_local
 
@@ -96,7 +97,11 @@ POLICY = ("privacy.mode", "privacy.target_epsilon", "privacy.budget_epsilon", "p
 # Operational settings a site may set for itself; they apply over the plan as they are.
 OPERATIONAL = ("privacy.max_grad_norm", "privacy.center_clip_norm", "training.device",
                "training.max_physical_batch_size")
-SITE_OVERRIDABLE = POLICY + OPERATIONAL
+# De-identification of the site's texts before tokenisation (task/deid.py): a site may turn
+# it on and add regions, never turn off what the plan asks for; a deployed site runs only
+# its own patterns (_own_scrubbing says why).
+DEIDENTIFY = ("task.deidentify", "task.deidentify_patterns", "task.deidentify_regions")
+SITE_OVERRIDABLE = POLICY + OPERATIONAL + DEIDENTIFY
 
 
 
@@ -131,6 +136,7 @@ def site_config(plan: Config, node_config: Mapping[str, Any], deployed: bool = T
             f"site config: {unknown[0]!r} cannot be set by a site; allowed: {', '.join(SITE_OVERRIDABLE)}"
         )
     operational = {k: v for k, v in own.items() if k in OPERATIONAL}
+    operational.update(_own_scrubbing(plan, {k: v for k, v in own.items() if k in DEIDENTIFY}, deployed))
     if deployed:
         policy = Config.load([f"{k}={v}" for k, v in own.items() if k in POLICY])
         check_policy(plan, policy)
@@ -138,6 +144,31 @@ def site_config(plan: Config, node_config: Mapping[str, Any], deployed: bool = T
         if floor is not None and (plan.privacy.min_noise_multiplier or 0.0) < floor:
             operational["privacy.min_noise_multiplier"] = floor  # a plan silent on it gets the site's floor
     return plan.with_values(operational) if operational else plan
+
+
+def _own_scrubbing(plan: Config, own: Mapping[str, Any], deployed: bool) -> dict[str, Any]:
+    """The site's de-identification settings over the plan's, only ever adding: on if either
+    says so, the site's regions then the plan's. Patterns: a deployed site runs only its own
+    (a coordinator's regex run on the site's records could probe them through how long it
+    takes: catastrophic backtracking on a record that holds X); a simulation's virtual sites
+    take the plan's too (one NAME in both: either regex matches). {} when nothing changes."""
+    task = plan.task
+    if not own and not (deployed and task.deidentify_patterns):
+        return {}
+    # Node config values are TOML scalars: a list arrives as its text (client/cli.py node_config).
+    mine = {k: conf.parse_override(f"{k}={v}")[1] if isinstance(v, str) else v for k, v in own.items()}
+    patterns = {name: regex for name, regex, _ in (split_deidentify_pattern(str(p))
+                                                   for p in mine.get("task.deidentify_patterns") or [])}
+    if deployed and task.deidentify_patterns:
+        log.warning("the plan's task.deidentify_patterns are not run on this site's records (a site runs only its "
+                    "own patterns: task.deidentify_patterns on its command line)")
+    for name, regex, _ in (() if deployed else (split_deidentify_pattern(p) for p in task.deidentify_patterns)):
+        patterns[name] = f"(?:{patterns[name]})|(?:{regex})" if name in patterns and patterns[name] != regex else regex
+    regions = [str(r).upper() for r in mine.get("task.deidentify_regions") or []]
+    regions += [r.upper() for r in task.deidentify_regions if r.upper() not in regions]
+    return {"task.deidentify": bool(task.deidentify or mine.get("task.deidentify", False)),
+            "task.deidentify_patterns": [f"{n}={r}" for n, r in patterns.items()],
+            "task.deidentify_regions": list(dict.fromkeys(regions))}
 
 
 def check_policy(plan: Config, policy: Config) -> None:
@@ -300,16 +331,39 @@ def resolve_site(plan: protocol.Plan, context: Context) -> Site:
         if declared is not None and tuple(plan.class_names) != declared:
             raise PolicyError(f"{protocol.CLASS_NAMES}: the plan's classes are not the ones this site declared "
                               "(its --labels, same names in the same order)")
-        whole = _site_file(_own_columns(cfg.task, node), str(node[NODE_DATA]), declared or ())
-        data, keep = (whole, None) if declared is not None else _plan_rows(whole, plan.class_names)
+        spec = _own_columns(cfg.task, node)
+        whole = _site_file(spec, str(node[NODE_DATA]), declared or ())
+        seen, counts = scrubbed(spec, whole)  # task.deidentify: what the tokenizer sees; the count counts `whole`
+        data, keep = (seen, None) if declared is not None else _plan_rows(seen, plan.class_names)
         key = Path(str(node[NODE_KEY])) if node.get(NODE_KEY) else None
         witness = Path(str(node[NODE_WITNESS])) if node.get(NODE_WITNESS) else None
         state = _state(Path(str(node[NODE_STATE])), name, key, witness)
+        _note_scrubbed(state, name, spec, len(whole), counts)
         return Site(name, cfg, data, state, simulated=False, counted=whole, keep=keep)
     pid = int(node["partition-id"])
-    name, data = virtual_sites(cfg)[pid]
+    name, share = virtual_sites(cfg)[pid]
+    spec = TaskSpec.of(cfg.task)
+    data, counts = scrubbed(spec, share)
     state = _state(Path(plan.run_dir) / "sites" / name, name, None)
-    return Site(name, cfg, data, state, simulated=True)
+    _note_scrubbed(state, name, spec, len(share), counts)
+    return Site(name, cfg, data, state, simulated=True, counted=None if counts is None else share)
+
+
+def _note_scrubbed(state: SiteState, name: str, task: TaskSpec, records: int, counts: Mapping[str, int] | None) -> None:
+    """What de-identification replaced, by type (never a value), into the site's log and
+    `<state dir>/deidentified.json`, when it changes; nothing of it is sent."""
+    if counts is None or task.deidentify is None:
+        return
+    record = counts_record(counts, records, task.deidentify)
+    if _NOTED.get(str(state.dir)) == record:
+        return
+    if write_counts(state.dir, record):
+        found = ", ".join(f"{k} {v}" for k, v in record["replaced"].items()) or "nothing"
+        log.info("%s: de-identified %d records before tokenisation; replaced: %s", name, records, found)
+    _NOTED[str(state.dir)] = record
+
+
+_NOTED: dict[str, dict[str, Any]] = {}  # state dir -> the counts written there by this worker
 
 
 def _node_name(context: Context) -> str:

@@ -181,9 +181,10 @@ def check_overrides(items: list[str]) -> dict[str, object]:
         key, value = conf.parse_override(item)
         if key not in SITE_OVERRIDABLE:
             raise conf.ConfigError(f"{key!r}: a site can set only {', '.join(SITE_OVERRIDABLE)}")
-        out[key] = value
+        out[key] = [str(v) for v in value] if isinstance(value, Sequence) and not isinstance(value, str) else value
     if out:  # values are checked by the schema, before anything connects
-        conf.load_config([f"{k}={v}" for k, v in out.items()] + ["task=text-file", "task.data_path=x.csv"])
+        conf.load_config([f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in out.items()]
+                         + ["task=text-file", "task.data_path=x.csv"])
     return out
 
 
@@ -192,7 +193,9 @@ def _toml(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    s = str(value)
+    # A list (task.deidentify_patterns=[...]) as a JSON array: YAML reads it back exactly
+    # (client/app.py), backslashes of a regex included.
+    s = json.dumps([str(v) for v in value]) if isinstance(value, (list, tuple)) else str(value)
     # A TOML literal string ('...'): backslashes stay as written (Flower's parser takes
     # '...' or "..." values with no quote of the same kind inside).
     if "'" in s or "\n" in s:

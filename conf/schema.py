@@ -73,6 +73,66 @@ class TaskConfig:
     site_column: str = ""  # for partition=natural: the column that names each row's site
     # heart-disease task only: hidden units of the MLP (0 = logistic regression).
     hidden_units: int = 32
+    # Text tasks: scrub each record at the site before it is tokenised (task/deid.py): phone
+    # numbers, e-mails, URLs, IP addresses, IBANs, card numbers, full dates, national IDs of
+    # deidentify_regions, and the site's own patterns become typed placeholders ("[PHONE]").
+    # Not a privacy guarantee (DP is); a site may turn it on for itself (client/app.py).
+    deidentify: bool = False
+    # "NAME=REGEX" each (NAME upper-case, the placeholder [NAME]), e.g. 'MRN=MRN-[0-9]{6}'.
+    deidentify_patterns: list[str] = field(default_factory=list)
+    # ISO 3166 alpha-2 codes (US, GB, DE, ...): phone numbers in these countries' national
+    # forms, and their national ID numbers; [] = phone numbers in international form (+CC) only.
+    deidentify_regions: list[str] = field(default_factory=list)
+
+
+# task.deidentify (task/deid.py): the built-in placeholder types; a site pattern's NAME is
+# an upper-case identifier and none of these.
+DEIDENTIFY_TYPES = ("EMAIL", "URL", "IBAN", "CREDIT_CARD", "NATIONAL_ID", "IP_ADDRESS", "PHONE", "DATE")
+DEIDENTIFY_NAME_RE = re.compile(r"[A-Z][A-Z0-9_]{0,31}")
+
+
+def split_deidentify_pattern(item: str, key: str = "task.deidentify_patterns") -> tuple[str, str, str | None]:
+    """"NAME=REGEX" -> (NAME, REGEX, None), or (.., .., why not) in one line naming `key`."""
+    name, sep, regex = str(item).partition("=")
+    name = name.strip()
+    if not sep or not regex:
+        return name, regex, f"{key}: {item!r}: expected NAME=REGEX (e.g. 'MRN=MRN-[0-9]{{6}}')"
+    if not DEIDENTIFY_NAME_RE.fullmatch(name):
+        return name, regex, (f"{key}: {item!r}: NAME must be upper-case letters, digits and '_' (at most 32, "
+                             "starting with a letter): it becomes the placeholder [NAME]")
+    if name in DEIDENTIFY_TYPES:
+        return name, regex, (f"{key}: {item!r}: {name} is a built-in type; NAME must be none of "
+                             f"{', '.join(DEIDENTIFY_TYPES)}")
+    try:
+        compiled = re.compile(regex)
+    except re.error as exc:
+        return name, regex, f"{key}: {item!r}: not a regular expression ({exc})"
+    if compiled.search("") is not None:
+        return name, regex, f"{key}: {item!r}: the pattern matches the empty string"
+    return name, regex, None
+
+
+def _deidentify_error(t: TaskConfig) -> str | None:
+    """A site pattern that does not compile, a region libphonenumber does not know: one line."""
+    if t.deidentify and t.name == "heart-disease":
+        return "task.deidentify=true: text tasks only (news-topics, text-file); task.name='heart-disease'"
+    names: set[str] = set()
+    for item in t.deidentify_patterns:
+        name, _, problem = split_deidentify_pattern(item)
+        if problem:
+            return problem
+        if name in names:
+            return f"task.deidentify_patterns: {name} is named twice"
+        names.add(name)
+    if not t.deidentify_regions:
+        return None
+    import phonenumbers  # only a config that names regions pays for its import
+
+    for region in t.deidentify_regions:
+        if str(region).upper() not in phonenumbers.SUPPORTED_REGIONS:
+            return (f"task.deidentify_regions: {region!r}: not a region libphonenumber knows; allowed: ISO 3166 "
+                    "alpha-2 codes such as US, GB, DE, IN")
+    return None
 
 
 @dataclass
@@ -360,6 +420,7 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
         _path("task.data_path", t.data_path),
         _path("task.test_path", t.test_path),
         _check("task.hidden_units", t.hidden_units >= 0, ">= 0", t.hidden_units),
+        _deidentify_error(t),
         _check(
             "federation.num_sites",
             1 <= f.num_sites <= MAX_SITES,

@@ -10,7 +10,7 @@ import torch
 from fedshield.conf.config import Config
 from fedshield.task.evaluation import classification_metrics, predict
 from fedshield.task.model import TrainView
-from fedshield.task.pipeline import encode, pool_and_test
+from fedshield.task.pipeline import TaskSpec, encode, pool_and_test, scrubbed
 
 
 class CentralEvaluator:
@@ -19,7 +19,8 @@ class CentralEvaluator:
     def __init__(self, cfg: Config, view: TrainView, device: torch.device) -> None:
         self.view = view
         self.device = device
-        test = pool_and_test(cfg)[1]
+        # task.deidentify: the model trains on scrubbed texts, so it is evaluated on them too.
+        test = scrubbed(TaskSpec.of(cfg.task), pool_and_test(cfg)[1])[0]
         self.class_names = test.class_names
         self.labels = test.labels
         self.dataset = encode(cfg, view, test, cache_dir=None, device=device)

@@ -27,6 +27,7 @@ from fedshield.task.data import (
     load_text_file,
     train_test_split,
 )
+from fedshield.task.deid import DeidSpec, deidentified
 from fedshield.task.model import (
     TrainView,
     build_tabular_model,
@@ -60,6 +61,9 @@ class TaskSpec:
     labels: tuple[str, ...]
     site_column: str
     hidden_units: int
+    # task.deidentify: the scrubber's settings (task/deid.py), None when off. Part of the key
+    # so that scrubbed and raw records, or two sites' patterns, never share a cache entry.
+    deidentify: DeidSpec | None = None
 
     @classmethod
     def of(cls, task: TaskConfig, *, text_column: str | None = None, label_column: str | None = None,
@@ -73,7 +77,7 @@ class TaskSpec:
             label_column=task.label_column if label_column is None else label_column,
             labels=tuple(task.labels),
             site_column=task.site_column if site_column is None else site_column,
-            hidden_units=task.hidden_units,
+            hidden_units=task.hidden_units, deidentify=DeidSpec.of(task),
         )
 
 
@@ -98,6 +102,15 @@ def read_text_file(task: TaskSpec, path: str, labels: list[str] | None = None) -
         labels=labels if labels is not None else (list(task.labels) or None),
         site_column=task.site_column,
     )
+
+
+def scrubbed(task: TaskSpec, data: LabeledData) -> tuple[LabeledData, dict[str, int] | None]:
+    """The records as a site encodes them: scrubbed (task.deidentify, task/deid.py; cached per
+    data object) with the counts by type, or `data` itself and None when it is off."""
+    if task.deidentify is None:
+        return data, None
+    scrubbed, counts = deidentified(data, task.deidentify)
+    return scrubbed, dict(counts)
 
 
 def pool_and_test(cfg: Config) -> tuple[LabeledData, LabeledData]:
