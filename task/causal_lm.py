@@ -151,7 +151,8 @@ def tokenizer(model: str) -> PreTrainedTokenizerBase:
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ModelError(f"task.model={model!r}: the tokenizer has neither a pad token nor an EOS token to pad with")
+            raise ModelError(f"task.model={model!r}: the tokenizer has neither a pad token nor an EOS token "
+                             "to pad with")
         tok.pad_token = tok.eos_token  # padding is masked out of the loss, so which id it is does not matter
     tok.padding_side = "right"  # positions are 0..n-1 per row (_CausalModule)
     return tok
@@ -255,7 +256,8 @@ def next_token_labels(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_nll(module: nn.Module, dataset: TensorDataset, device: torch.device, batch_size: int = 16) -> tuple[float, int]:
+def token_nll(module: nn.Module, dataset: TensorDataset, device: torch.device,
+              batch_size: int = 16) -> tuple[float, int]:
     """(sum of next-token negative log-likelihoods, number of target tokens) over `dataset`."""
     module.to(device)
     was_training = module.training
