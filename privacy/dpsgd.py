@@ -93,6 +93,7 @@ def make_private(
     sample_rate: float | None = None,
     expected_batch_size: int | None = None,
     steps: int | None = None,
+    criterion: nn.Module | None = None,
 ) -> PrivateTraining:
     """Wrap module/optimizer/loader for DP-SGD. `module` must be in train mode.
 
@@ -106,12 +107,15 @@ def make_private(
     int(1 / q) of them, and 1 / (1 / 93) is 92.99999999999999: for q = 1/93 it runs 92, and
     its accountant then logs q as 1 / len(loader) = 1/92, neither what the site planned.
     Given, the sampler runs exactly `steps` draws at rate q (its `steps` argument), and
-    len(loader) = steps, so Opacus' log holds q itself when q = 1 / steps."""
+    len(loader) = steps, so Opacus' log holds q itself when q = 1 / steps.
+
+    `criterion` (default CrossEntropyLoss): a loss whose value is the mean over the batch
+    of per-record losses (Opacus' loss_reduction="mean" undoes exactly that mean)."""
     module.train()
     # Opacus' accountant only logs the steps that ran (`spends`); fedshield's own accountant
     # (privacy.accountant) computes ε. "pld" is not an Opacus accountant: its log is the same.
     engine = PrivacyEngine(accountant=accountant if accountant in OPACUS_ACCOUNTANTS else "rdp")
-    criterion = nn.CrossEntropyLoss()
+    criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
     poisson = True
     if sample_rate is not None:
         loader = DPDataLoader(loader.dataset, sample_rate=sample_rate, generator=loader.generator)

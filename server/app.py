@@ -439,9 +439,8 @@ class RoundLog:
         eps = self.run_epsilons() or [0.0]
         row = {
             "round": server_round,
-            "accuracy": metrics["accuracy"],
-            "macro_f1": metrics["macro_f1"],
-            "per_class": metrics["per_class"],
+            # classification: accuracy, macro_f1, per_class; text-generation: loss, perplexity
+            **metrics,
             "epsilon": dict(self.epsilon),
             "epsilon_max": max(eps),
             "epsilon_mean": float(np.mean(eps)),
@@ -483,7 +482,9 @@ class RoundLog:
         sites = (f" | sites {row['trained']} trained, {row['declined']} declined, "
                  f"{row['rejected'] + row['failed']} dropped") if server_round else ""
         sites += " | TRAINED NOTHING" if row["empty"] else ""
-        say(f"round {server_round:>3}/{total} | acc {row['accuracy']:.3f} | macro-F1 {row['macro_f1']:.3f}"
+        quality = (f"perplexity {row['perplexity']:.2f} | loss {row['loss']:.3f}" if "perplexity" in row
+                   else f"acc {row['accuracy']:.3f} | macro-F1 {row['macro_f1']:.3f}")
+        say(f"round {server_round:>3}/{total} | {quality}"
             f" | ε max {row['epsilon_max']:.2f} mean {row['epsilon_mean']:.2f}{sites} | {row['elapsed_s']:.0f}s")
         return row
 
@@ -660,8 +661,9 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
             streak = rounds.empty_streak()
             if server_round and streak >= fed.max_empty_rounds:  # after its checkpoint: resumable
                 raise EmptyRoundsError(empty_rounds_line(rounds, server_round, streak, fed.max_empty_rounds))
-        return MetricRecord({"accuracy": row["accuracy"], "macro-f1": row["macro_f1"],
-                             "epsilon-max": row["epsilon_max"]})
+        quality = ({"perplexity": row["perplexity"], "loss": row["loss"]} if "perplexity" in row
+                   else {"accuracy": row["accuracy"], "macro-f1": row["macro_f1"]})
+        return MetricRecord({**quality, "epsilon-max": row["epsilon_max"]})
 
     # The tracked run opens once nothing but the rounds can refuse the run; from here on every
     # way out closes it (a failure says FAILED, and a resume continues the same run).

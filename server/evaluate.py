@@ -1,4 +1,6 @@
-"""Central evaluation of the global model on the held-out test split (never seen by a site)."""
+"""Central evaluation of the global model on the held-out test split (never seen by a site):
+accuracy, macro-F1 and per-class scores for classification; loss and perplexity on the
+held-out documents' tokens for text-generation (task.causal_lm)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import numpy as np
 import torch
 
 from fedshield.conf.config import Config
+from fedshield.task import causal_lm
 from fedshield.task.evaluation import classification_metrics, predict
 from fedshield.task.model import TrainView
 from fedshield.task.pipeline import TaskSpec, encode, pool_and_test, scrubbed
@@ -18,6 +21,7 @@ class CentralEvaluator:
 
     def __init__(self, cfg: Config, view: TrainView, device: torch.device) -> None:
         self.view = view
+        self.generation = cfg.task.name == causal_lm.TASK
         self.device = device
         # task.deidentify: the model trains on scrubbed texts, so it is evaluated on them too.
         test = scrubbed(TaskSpec.of(cfg.task), pool_and_test(cfg)[1])[0]
@@ -27,5 +31,7 @@ class CentralEvaluator:
 
     def __call__(self, trainable: dict[str, np.ndarray]) -> dict[str, Any]:
         self.view.load_trainable(trainable)
+        if self.generation:
+            return causal_lm.perplexity_metrics(*causal_lm.token_nll(self.view.module, self.dataset, self.device))
         preds = predict(self.view.module, self.dataset, self.device)
         return classification_metrics(self.labels, preds, self.class_names)

@@ -2,6 +2,8 @@
 
 Text tasks: Hugging Face `save_pretrained` + tokenizer (LoRA adapters merged), so that
 `transformers.pipeline("text-classification", model=<run>/model)` works offline.
+Text generation: the LoRA adapter folder (task.causal_lm.export_adapter), which
+`peft.PeftModel.from_pretrained(base, <run>/model)` loads for `generate()`.
 Tabular tasks: safetensors weights + a config.json describing the MLP and its features.
 """
 
@@ -15,11 +17,14 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from fedshield.conf.config import Config
+from fedshield.task import causal_lm
 from fedshield.task.model import TabularMLP, TrainView, fold_center, text_model_type
 from fedshield.task.pipeline import pool_and_test, tokenizer
 
 
 def export_model(cfg: Config, view: TrainView, out: Path) -> Path:
+    if cfg.task.name == causal_lm.TASK:  # the adapter itself, not merged: peft loads it onto the base
+        return causal_lm.export_adapter(cfg.task.model, view, out)
     out.mkdir(parents=True, exist_ok=True)
     fold_center(view)  # pooler(x - c) becomes pooler(x) with bias - W c: a plain BERT
     model = view.model

@@ -19,9 +19,13 @@ def plot_run(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any])
         return
     rounds = [r["round"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(rounds, [r["accuracy"] for r in rows], marker="o", label="accuracy")
-    ax.plot(rounds, [r["macro_f1"] for r in rows], marker="s", label="macro-F1")
-    ax.set(xlabel="round", ylabel="central test metric", ylim=(0, 1), title="Global model on held-out data")
+    if "perplexity" in rows[-1]:  # text-generation: held-out perplexity (lower is better), same file name
+        ax.plot(rounds, [r["perplexity"] for r in rows], marker="o", label="perplexity")
+        ax.set(xlabel="round", ylabel="held-out perplexity", yscale="log", title="Global model on held-out data")
+    else:
+        ax.plot(rounds, [r["accuracy"] for r in rows], marker="o", label="accuracy")
+        ax.plot(rounds, [r["macro_f1"] for r in rows], marker="s", label="macro-F1")
+        ax.set(xlabel="round", ylabel="central test metric", ylim=(0, 1), title="Global model on held-out data")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

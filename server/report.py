@@ -92,14 +92,18 @@ def write_report(run_dir: Path, settings: CoordinatorSettings, rows: list[dict[s
     """<run>/report.md: the run's outcome, its privacy guarantees, its defences, its rounds.
     `rows`: metrics.jsonl's rows; `summary`: `summarize`'s; `centered`: feature centering ran."""
     last = rows[-1] if rows else {}
+    generation = "perplexity" in last  # text-generation (task.causal_lm): perplexity, not accuracy
     p = settings.accounting
     lines = [
         f"# fedshield run {run_dir.name}", "",
         f"Task `{settings.task}`, {len(summary)} sites, {settings.rounds} rounds, "
         f"strategy `{settings.rule.strategy}`, partition `{settings.partition}`, seed {settings.seed}.",
         "",
-        f"Final central accuracy **{last.get('accuracy', float('nan')):.4f}**, macro-F1 "
-        f"**{last.get('macro_f1', float('nan')):.4f}** on the held-out test split.", "",
+        (f"Final central perplexity **{last['perplexity']:.4f}** (mean token loss {last['loss']:.4f} nats; round 0: "
+         f"{rows[0]['perplexity']:.4f}) on the held-out documents; one record = one document, truncated."
+         if generation else
+         f"Final central accuracy **{last.get('accuracy', float('nan')):.4f}**, macro-F1 "
+         f"**{last.get('macro_f1', float('nan')):.4f}** on the held-out test split."), "",
         *provenance_lines(run_dir), "",
         "## Privacy", "",
     ]
@@ -174,7 +178,8 @@ def write_report(run_dir: Path, settings: CoordinatorSettings, rows: list[dict[s
     if refused:  # at discovery: a bad name, a name already taken, a broken or declined hello
         lines += ["", "## Sites not admitted", "", *(f"- {why}" for why in refused)]
     lines += ["", "## Rounds", "",
-              "| round | accuracy | macro-F1 | ε max | trained | declined | dropped | clipped | left out | note |",
+              f"| round | {'perplexity | loss' if generation else 'accuracy | macro-F1'} | ε max | trained | "
+              "declined | dropped | clipped | left out | note |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         note = f"nothing aggregated: {r['skipped']}" if r.get("skipped") else (
@@ -187,7 +192,9 @@ def write_report(run_dir: Path, settings: CoordinatorSettings, rows: list[dict[s
             gone = "; ".join(f"{site} at {stage.split(':')[0]}" for site, stage in sorted(r["secagg_dropped"].items()))
             note = f"{note}; " if note else ""
             note += f"{len(r['secagg_dropped'])} dropped out of secure aggregation ({gone})"
-        lines.append(f"| {r['round']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['epsilon_max']:.3f} | "
+        quality = (f"{r['perplexity']:.4f} | {r['loss']:.4f}" if generation
+                   else f"{r['accuracy']:.4f} | {r['macro_f1']:.4f}")
+        lines.append(f"| {r['round']} | {quality} | {r['epsilon_max']:.3f} | "
                      f"{r['trained']} | {r['declined']} | {r['rejected'] + r['failed']} | {r.get('clipped', 0)} | "
                      f"{len(r.get('left_out_sites', []))} | {note} |")
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")

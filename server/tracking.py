@@ -77,7 +77,8 @@ def metric_key(name: str) -> str:
 def round_metrics(row: Mapping[str, Any]) -> dict[str, float]:
     """The numbers a metrics.jsonl row tracks: central metrics, per-class F1, ε (max and mean
     of this run's verified spends, each site's own ledger ε, site-level ε) and site counts."""
-    out = {"accuracy": float(row["accuracy"]), "macro_f1": float(row["macro_f1"])}
+    out = ({"perplexity": float(row["perplexity"])} if "perplexity" in row  # text-generation
+           else {"accuracy": float(row["accuracy"]), "macro_f1": float(row["macro_f1"])})
     if row.get("loss") is not None:
         out["loss"] = float(row["loss"])
     for name, scores in row.get("per_class", {}).items():

@@ -11,6 +11,7 @@ coordinator writes from the same signed ledger entries as privacy/ledger.jsonl (
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +45,19 @@ class RoundMetrics:
     elapsed_s: float
     per_class: Mapping[str, Mapping[str, float]]  # class -> precision, recall, f1, support
     row: Mapping[str, Any]  # the whole line: declined_sites, update_norms, site_level_epsilon, ...
+    # text-generation (task.causal_lm): held-out perplexity and mean token loss; accuracy and
+    # macro_f1 are then NaN (a causal LM has no classes). None for classification runs.
+    perplexity: float | None = None
+    loss: float | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> RoundMetrics:
         return cls(
-            round=int(row["round"]), accuracy=float(row["accuracy"]), macro_f1=float(row["macro_f1"]),
+            round=int(row["round"]), accuracy=float(row.get("accuracy", math.nan) if "perplexity" in row
+                                                     else row["accuracy"]),
+            macro_f1=float(row.get("macro_f1", math.nan) if "perplexity" in row else row["macro_f1"]),
+            perplexity=None if row.get("perplexity") is None else float(row["perplexity"]),
+            loss=None if row.get("loss") is None else float(row["loss"]),
             epsilon=_frozen_map({str(k): float(v) for k, v in (row.get("epsilon") or {}).items()}),
             epsilon_max=float(row["epsilon_max"]), epsilon_mean=float(row["epsilon_mean"]),
             trained=int(row.get("trained", 0)), declined=int(row.get("declined", 0)),
@@ -126,7 +135,17 @@ class RunResult:
 
     @property
     def final_accuracy(self) -> float:
+        if self.rounds[-1].perplexity is not None:
+            raise FedShieldError(f"{self.run_dir}: a text-generation run has no accuracy; read final_perplexity")
         return self.rounds[-1].accuracy
+
+    @property
+    def final_perplexity(self) -> float:
+        """text-generation runs: the held-out perplexity after the last round."""
+        value = self.rounds[-1].perplexity
+        if value is None:
+            raise FedShieldError(f"{self.run_dir}: a classification run has no perplexity; read final_accuracy")
+        return value
 
     @property
     def site_level_epsilon(self) -> float | None:
@@ -164,10 +183,14 @@ class RunResult:
         """The per-round table `fedshield simulate` prints at the end, summarised: the first
         round, every tenth and the last, then where the full table is (report.md)."""
         shown = [r for k, r in enumerate(self.rounds) if k == 0 or r.round % 10 == 0 or k == len(self.rounds) - 1]
-        lines = ["round  accuracy  macro-F1  ε max   ε mean  trained  declined  dropped"]
+        generation = self.rounds[-1].perplexity is not None
+        lines = [f"round  {'perplexity      loss' if generation else 'accuracy  macro-F1'}  ε max   ε mean  trained  "
+                 "declined  dropped"]
         for r in shown:
+            quality = (f"{r.perplexity or math.nan:>10.4f}  {r.loss or math.nan:>8.4f}" if generation
+                       else f"{r.accuracy:>8.4f}  {r.macro_f1:>8.4f}")
             lines.append(
-                f"{r.round:>5}  {r.accuracy:>8.4f}  {r.macro_f1:>8.4f}  {r.epsilon_max:>6.3f}  "
+                f"{r.round:>5}  {quality}  {r.epsilon_max:>6.3f}  "
                 f"{r.epsilon_mean:>6.3f}  {r.trained:>7}  {r.declined:>8}  {r.rejected + r.failed:>7}"
             )
         if len(shown) < len(self.rounds):

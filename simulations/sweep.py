@@ -134,6 +134,9 @@ def sweep_main(argv: list[str]) -> int:
         if site_eps.lower() not in INF and cfg.privacy.unit != "site":
             raise conf.ConfigError(f"sweep: privacy.site_target_epsilon={site_eps} does nothing with "
                                    f"privacy.unit={cfg.privacy.unit}: add privacy.unit=site (or preset=cross-device)")
+        if cfg.task.name == "text-generation":  # before any run: its rows hold perplexity, not accuracy
+            raise conf.ConfigError("sweep: task.name=text-generation reports perplexity, and the sweep tables "
+                                   "accuracy; run `fedshield simulate task=text-generation` per ε instead")
         configs.append((point, cfg))
     out.mkdir(parents=True, exist_ok=True)
     rows = []

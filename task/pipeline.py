@@ -20,6 +20,7 @@ from torch.utils.data import TensorDataset
 
 from fedshield.conf.config import Config
 from fedshield.conf.schema import TaskConfig
+from fedshield.task import causal_lm
 from fedshield.task.data import (
     LabeledData,
     load_heart_disease,
@@ -83,6 +84,8 @@ class TaskSpec:
 
 @lru_cache(maxsize=4)
 def _pool_and_test(t: TaskSpec) -> tuple[LabeledData, LabeledData]:
+    if t.name == causal_lm.TASK:
+        return _documents(t)
     if t.name == "news-topics":
         data = load_news_topics()
     elif t.name == "heart-disease":
@@ -91,6 +94,17 @@ def _pool_and_test(t: TaskSpec) -> tuple[LabeledData, LabeledData]:
         data = read_text_file(t, t.data_path)
         if t.test_path:
             return data, read_text_file(t, t.test_path, labels=data.class_names)
+    return train_test_split(data, t.test_fraction, t.split_seed)
+
+
+def _documents(t: TaskSpec) -> tuple[LabeledData, LabeledData]:
+    """text-generation: the bundled BBC News texts (topics unused), or task.data_path."""
+    if not t.data_path:
+        data = causal_lm.as_documents(load_news_topics())
+    else:
+        data = causal_lm.load_documents(t.data_path, t.text_column)
+        if t.test_path:
+            return data, causal_lm.load_documents(t.test_path, t.text_column)
     return train_test_split(data, t.test_fraction, t.split_seed)
 
 
@@ -122,6 +136,10 @@ def check_task(cfg: Config) -> tuple[LabeledData, LabeledData, Path | None]:
     """The run's data and (text tasks) model folder, read as the coordinator and the sites
     will load them, without loading the weights (a wrong folder, a head of another size, a
     missing file is one line before anything starts): (pool, test, the model folder or None)."""
+    if cfg.task.name == causal_lm.TASK:  # a decoder, no head to check
+        folder = causal_lm.decoder_path(cfg.task.model)
+        pool, test = pool_and_test(cfg)
+        return pool, test, folder
     folder = None if cfg.task.name == "heart-disease" else text_model_path(cfg.task.model)  # tabular: built in code
     pool, test = pool_and_test(cfg)
     if folder is not None:
@@ -139,6 +157,8 @@ def class_names(cfg: Config) -> list[str]:
 def _base_model(t: TaskSpec, seed: int, num_features: int, classes: tuple[str, ...]) -> nn.Module:
     if t.name == "heart-disease":
         return build_tabular_model(num_features, len(classes), t.hidden_units, seed)
+    if t.name == causal_lm.TASK:
+        return causal_lm.build_causal_lm(t.model, seed)
     return build_text_model(t.model, list(classes), seed)
 
 
@@ -155,7 +175,10 @@ def build_view(cfg: Config, device: torch.device | None = None) -> TrainView:
     if device is not None:
         model.to(device)  # before LoRA wrapping: see task.model.add_lora
     tr = cfg.training
-    view = make_train_view(model, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha)
+    if cfg.task.name == causal_lm.TASK:
+        view = causal_lm.make_causal_view(model, tr.lora_r, tr.lora_alpha)
+    else:
+        view = make_train_view(model, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha)
     # The frozen weights are fixed by the config (checkpoint, seed, what trains), so their
     # hash is computed once per process: hashing 22M weights per message would dominate.
     key = (TaskSpec.of(cfg.task), cfg.federation.seed, tr.trainable, tr.last_layers,
@@ -194,6 +217,8 @@ def encode(
     prefix's hidden states, computed once and kept in `cache_dir` (keyed by the frozen
     weights and the token ids, so a different model or data never reuses a stale cache).
     """
+    if cfg.task.name == causal_lm.TASK:  # (input_ids, attention_mask, next-token labels)
+        return causal_lm.encode_documents(cfg.task.model, cfg.task.max_length, list(data.texts or []))
     labels = torch.as_tensor(data.labels, dtype=torch.long)
     if data.features is not None:
         return TensorDataset(torch.as_tensor(data.features, dtype=torch.float32), labels)

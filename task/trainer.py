@@ -117,7 +117,9 @@ def train_local(
     anchors = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else []
     optimizer = _optimizer(plan.optimizer, params, plan.learning_rate)
     loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=True, generator=generator)
-    criterion: nn.Module = nn.CrossEntropyLoss()
+    # A module may name its own per-record-mean loss (task.causal_lm: per-document token mean).
+    own_loss = getattr(module, "criterion", None)
+    criterion: nn.Module = own_loss if isinstance(own_loss, nn.Module) else nn.CrossEntropyLoss()
     engine = None
     if plan.dp:
         rate = plan.sample_rate if plan.sample_rate is not None else poisson_rate(len(dataset), plan.batch_size)
@@ -132,6 +134,7 @@ def train_local(
             sample_rate=rate,
             expected_batch_size=plan.expected_batch_size,
             steps=steps_per_epoch(rate),
+            criterion=criterion,
         )
         module, optimizer, loader = private.module, private.optimizer, private.loader
         criterion, engine = private.criterion, private.engine

@@ -67,6 +67,7 @@ class RoundView:
     defence: str  # the poisoning defences' verdict in words ("" when they had nothing to say)
     empty: bool  # nothing aggregated
     elapsed_s: float
+    perplexity: float | None = None  # text-generation runs (accuracy, macro_f1 are then NaN)
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,9 @@ class RunSummary:
         if last is None:
             lines.append(f"rounds    0 of {self.rounds_planned}: no round evaluated yet")
         else:
-            lines.append(f"rounds    {len(done)} of {self.rounds_planned} | last (round {last.round}): accuracy "
-                         f"{last.accuracy:.4f}, macro-F1 {last.macro_f1:.4f}")
+            quality = (f"perplexity {last.perplexity:.4f}" if last.perplexity is not None
+                       else f"accuracy {last.accuracy:.4f}, macro-F1 {last.macro_f1:.4f}")
+            lines.append(f"rounds    {len(done)} of {self.rounds_planned} | last (round {last.round}): {quality}")
         if self.sites and self.privacy_mode != "none":
             eps = [s.epsilon for s in self.sites]
             budget = f"budget {self.budget:g}" if self.budget is not None else "no budget"
@@ -233,6 +235,7 @@ def round_view(row: Mapping[str, Any], strategy: str) -> RoundView:
         dropped=dropped, secagg_dropped=_str_map(row.get("secagg_dropped")),
         defence=defence_verdict(row, strategy), empty=bool(row.get("empty")),
         elapsed_s=_num(row.get("elapsed_s"), 0.0),
+        perplexity=None if row.get("perplexity") is None else _num(row.get("perplexity")),
     )
 
 
