@@ -437,11 +437,14 @@ class RoundLog:
     def on_evaluated(self, server_round: int, metrics: dict[str, Any]) -> dict[str, Any]:
         report = self.reports.pop(server_round, None)  # none for round 0, or a round nobody was asked
         eps = self.run_epsilons() or [0.0]
+        # sites' own held-out accuracy, where the test split knows each row's site (server/evaluate.py)
+        per_site: dict[str, Any] = {k: metrics[k] for k in ("per_site_accuracy", "mean_site_accuracy") if k in metrics}
         row = {
             "round": server_round,
             "accuracy": metrics["accuracy"],
             "macro_f1": metrics["macro_f1"],
             "per_class": metrics["per_class"],
+            **per_site,
             "epsilon": dict(self.epsilon),
             "epsilon_max": max(eps),
             "epsilon_mean": float(np.mean(eps)),
