@@ -14,7 +14,6 @@ import pytest
 
 import fedshield
 from fedshield.conf import ConfigError
-from fedshield.conf.columns import parse_schema
 from fedshield.conf.config import Config
 from fedshield.server.evaluate import site_accuracies
 from fedshield.task.data import DataError, load_heart_disease, train_test_split
@@ -106,7 +105,8 @@ def test_site_files_need_one_natural_site_per_file() -> None:
         config(**base, federation__num_sites=2)
     with pytest.raises(ConfigError, match=r"federation.num_sites=3: must be 2, one site per file"):
         config(**base, federation__num_sites=3, federation__partition="natural")
-    assert config(**base, federation__num_sites=2, federation__partition="natural").task.site_files == ("a.csv", "b.csv")
+    ok = config(**base, federation__num_sites=2, federation__partition="natural")
+    assert ok.task.site_files == ("a.csv", "b.csv")
 
 
 # ------------------------------------------------------------------ reading files
@@ -299,6 +299,7 @@ def test_two_site_files_two_dp_rounds_audit_and_report_each_sites_accuracy(tmp_p
     for r in rows:
         assert set(r["per_site_accuracy"]) == {"alpha", "beta"}
         assert r["mean_site_accuracy"] == pytest.approx(np.mean(list(r["per_site_accuracy"].values())))
+    assert "Per site (its own held-out rows): alpha " in (run / "report.md").read_text()
     entries = read_jsonl(run / "privacy" / "ledger.jsonl")
     assert {e["site"] for e in entries} == {"alpha", "beta"}
     assert {e["release"] for e in entries} == {"record-count", "dp-sgd"}  # no feature release for tables
