@@ -384,7 +384,9 @@ def _tabular_errors(t: TaskConfig, f: FederationConfig) -> list[str | None]:
         None if len(sources) == 1 else
         f"task.name='tabular': give exactly one of task.data_path, task.package_data, task.site_files "
         f"({', '.join(sources) or 'none'} given)",
-        *(_path("task.site_files", str(p), required=True) for p in t.site_files),
+        _check("task.site_files", all(str(p).strip() for p in t.site_files), "a list of file paths, none empty",
+               list(t.site_files)),
+        *(_path("task.site_files", str(p)) for p in t.site_files),
     ]
     if t.site_files:
         errors.append(_one_of("federation.partition", f.partition, ("natural",)) and
