@@ -208,6 +208,18 @@ def test_a_bad_file_fails_when_the_run_loads_its_data(tmp_path: Path) -> None:
         pool_and_test(config(path))  # what check_task runs before a round
 
 
+def test_a_deployed_site_reads_its_own_file_by_the_schema_and_its_own_label_column(tmp_path: Path) -> None:
+    """client/app.py reads a site's file with pipeline.read_text_file and the site's own
+    column names (TaskSpec.of(..., label_column=...)): a tabular task reads it as a table."""
+    from fedshield.task.pipeline import read_text_file
+
+    path = write_csv(tmp_path / "own.csv", ROWS, HEADER[:-1] + ["outcome"])
+    spec = TaskSpec.of(config(tmp_path / "x.csv").task, label_column="outcome")
+    data = read_text_file(spec, str(path), labels=["high", "low"])
+    assert data.texts is None and data.features is not None and data.features.shape == (6, 10)
+    assert data.class_names == ["high", "low"] and data.labels.tolist() == [1, 0, 0, 1, 0, 1]
+
+
 # ------------------------------------------------------------------ the heart-disease preset
 
 
