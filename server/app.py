@@ -439,7 +439,9 @@ class RoundLog:
         eps = self.run_epsilons() or [0.0]
         row = {
             "round": server_round,
-            # classification: accuracy, macro_f1, per_class; text-generation: loss, perplexity
+            # classification: accuracy, macro_f1, per_class (and per_site_accuracy,
+            # mean_site_accuracy where the test split knows each row's site, server/evaluate.py);
+            # text-generation: loss, perplexity
             **metrics,
             "epsilon": dict(self.epsilon),
             "epsilon_max": max(eps),

@@ -86,6 +86,15 @@ def _values(xs: list[float]) -> str:
     return ", ".join(f"{x:.6g}" for x in xs) or "-"
 
 
+def _site_accuracy_lines(last: Mapping[str, Any]) -> list[str]:
+    """Each site's accuracy on its own held-out rows, where the test split knows them."""
+    per_site = last.get("per_site_accuracy")
+    if not per_site:
+        return []
+    each = ", ".join(f"{site} {acc:.4f}" for site, acc in sorted(per_site.items()))
+    return [f"Per site (its own held-out rows): {each}; mean **{last['mean_site_accuracy']:.4f}**.", ""]
+
+
 def write_report(run_dir: Path, settings: CoordinatorSettings, rows: list[dict[str, Any]],
                  summary: Mapping[str, Mapping[str, Any]], centered: bool = False,
                  refused: list[str] | None = None) -> None:
@@ -104,6 +113,7 @@ def write_report(run_dir: Path, settings: CoordinatorSettings, rows: list[dict[s
          if generation else
          f"Final central accuracy **{last.get('accuracy', float('nan')):.4f}**, macro-F1 "
          f"**{last.get('macro_f1', float('nan')):.4f}** on the held-out test split."), "",
+        *_site_accuracy_lines(last),
         *provenance_lines(run_dir), "",
         "## Privacy", "",
     ]

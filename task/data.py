@@ -200,7 +200,7 @@ def _not_regular(p: Path, mode: int) -> DataError:
     return DataError(f"{p}: {kind} a regular file; expected a CSV or JSONL file")
 
 
-def check_data_file(path: str | Path) -> Path:
+def check_data_file(path: str | Path, suffixes: tuple[str, ...] = TEXT_FILE_SUFFIXES) -> Path:
     """A site data file as far as it can be checked without reading it: it exists, is a
     regular file (a symlink to one is fine), has a CSV/JSONL suffix and is not too large.
 
@@ -220,8 +220,8 @@ def check_data_file(path: str | Path) -> Path:
         raise DataError(f"{p}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     if not stat.S_ISREG(st.st_mode):
         raise _not_regular(p, st.st_mode)
-    if p.suffix.lower() not in TEXT_FILE_SUFFIXES:
-        raise DataError(f"{p}: unsupported file type {p.suffix!r}; expected one of {', '.join(TEXT_FILE_SUFFIXES)}")
+    if p.suffix.lower() not in suffixes:
+        raise DataError(f"{p}: unsupported file type {p.suffix!r}; expected one of {', '.join(suffixes)}")
     if st.st_size > MAX_DATA_FILE_BYTES:
         raise DataError(f"{p}: {st.st_size:,} bytes, more than the {MAX_DATA_FILE_BYTES:,} a data file may have")
     return p

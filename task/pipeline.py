@@ -18,9 +18,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fedshield.conf.columns import TabularSchema, parse_schema
 from fedshield.conf.config import Config
 from fedshield.conf.schema import TaskConfig
-from fedshield.task import causal_lm
+from fedshield.task import causal_lm, tabular
 from fedshield.task.data import (
     LabeledData,
     load_heart_disease,
@@ -65,21 +66,34 @@ class TaskSpec:
     # task.deidentify: the scrubber's settings (task/deid.py), None when off. Part of the key
     # so that scrubbed and raw records, or two sites' patterns, never share a cache entry.
     deidentify: DeidSpec | None = None
+    # tabular only (task/tabular.py): the parsed column schema and where the rows come from
+    columns: TabularSchema | None = None
+    package_data: str = ""
+    site_files: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, task: TaskConfig, *, text_column: str | None = None, label_column: str | None = None,
            site_column: str | None = None) -> TaskSpec:
         """The spec of a validated config's `task` section; the columns given (a site's
         own) replace the config's."""
+        label_column = task.label_column if label_column is None else label_column
+        site_column = task.site_column if site_column is None else site_column
+        columns = None
+        if task.name == "tabular":  # the schema was checked with the config (conf/columns.py)
+            columns = parse_schema(task, label_column=label_column, site_column=site_column)
         return cls(
             name=task.name, model=task.model, test_fraction=task.test_fraction,
             split_seed=task.split_seed, data_path=task.data_path, test_path=task.test_path,
             text_column=task.text_column if text_column is None else text_column,
-            label_column=task.label_column if label_column is None else label_column,
+            label_column=label_column,
             labels=tuple(task.labels),
-            site_column=task.site_column if site_column is None else site_column,
+            site_column=site_column,
             hidden_units=task.hidden_units, deidentify=DeidSpec.of(task),
+            columns=columns, package_data=task.package_data, site_files=tuple(task.site_files),
         )
+
+
+TABULAR_TASKS = ("heart-disease", "tabular")  # a TabularMLP built in code, no model folder
 
 
 @lru_cache(maxsize=4)
@@ -88,8 +102,12 @@ def _pool_and_test(t: TaskSpec) -> tuple[LabeledData, LabeledData]:
         return _documents(t)
     if t.name == "news-topics":
         data = load_news_topics()
-    elif t.name == "heart-disease":
+    elif t.name == "heart-disease":  # the name alone: the preset's hospitals, read as always (task.data)
         data = load_heart_disease()
+    elif t.columns is not None:
+        return tabular.pool_and_test(t.columns, data_path=t.data_path, package_data=t.package_data,
+                                     site_files=list(t.site_files), test_path=t.test_path,
+                                     test_fraction=t.test_fraction, split_seed=t.split_seed)
     else:
         data = read_text_file(t, t.data_path)
         if t.test_path:
@@ -109,6 +127,10 @@ def _documents(t: TaskSpec) -> tuple[LabeledData, LabeledData]:
 
 
 def read_text_file(task: TaskSpec, path: str, labels: list[str] | None = None) -> LabeledData:
+    """A site's own data file (a deployed site's, or text-file's): text records, or for a
+    tabular task the file read by the task's column schema."""
+    if task.columns is not None:
+        return tabular.load_tabular_file(path, task.columns, labels)
     return load_text_file(
         path,
         text_column=task.text_column,
@@ -140,7 +162,7 @@ def check_task(cfg: Config) -> tuple[LabeledData, LabeledData, Path | None]:
         folder = causal_lm.decoder_path(cfg.task.model)
         pool, test = pool_and_test(cfg)
         return pool, test, folder
-    folder = None if cfg.task.name == "heart-disease" else text_model_path(cfg.task.model)  # tabular: built in code
+    folder = None if cfg.task.name in TABULAR_TASKS else text_model_path(cfg.task.model)  # tabular: built in code
     pool, test = pool_and_test(cfg)
     if folder is not None:
         check_model_head(folder, list(test.class_names), f"task.model={cfg.task.model!r}")
@@ -155,7 +177,7 @@ def class_names(cfg: Config) -> list[str]:
 
 @lru_cache(maxsize=2)
 def _base_model(t: TaskSpec, seed: int, num_features: int, classes: tuple[str, ...]) -> nn.Module:
-    if t.name == "heart-disease":
+    if t.name in TABULAR_TASKS:
         return build_tabular_model(num_features, len(classes), t.hidden_units, seed)
     if t.name == causal_lm.TASK:
         return causal_lm.build_causal_lm(t.model, seed)

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_config_is_typed_and_immutable():
     config = fedshield.Config.load(["task=heart-disease", "federation.rounds=2"])
-    assert config.task.name == "heart-disease" and config.federation.num_sites == 4  # the preset's
+    assert config.task.name == "tabular" and config.federation.num_sites == 4  # the preset's
     assert config.federation.rounds == 2 and isinstance(config.privacy.target_epsilon, float)
     with pytest.raises(dataclasses.FrozenInstanceError, match="with_overrides"):
         config.privacy = config.privacy  # type: ignore[misc]

@@ -23,7 +23,7 @@ def test_defaults_are_the_documented_default_run():
 
 def test_presets_apply_before_plain_overrides_whatever_the_order():
     cfg = conf.load_config(["privacy.target_epsilon=2", "task=heart-disease", "privacy=dp-sgd"])
-    assert cfg.task.name == "heart-disease"
+    assert cfg.task.name == "tabular" and cfg.task.site_column == "dataset"  # the preset is a tabular task
     assert cfg.federation.partition == "natural"
     assert cfg.privacy.target_epsilon == 2.0
 
@@ -44,7 +44,7 @@ def test_privacy_none_preset():
         (["training.trainable=some"], ["training.trainable", "all, last_layers, lora, head"]),
         (["training.batch_size=abc"], ["training.batch_size"]),
         (["task=nope"], ["task", "heart-disease", "news-topics", "text-file"]),
-        (["bogus=1"], ["bogus", GROUPS, "presets: task=heart-disease|news-topics|text-file, privacy=dp-sgd|none"]),
+        (["bogus=1"], ["bogus", GROUPS, "presets: task=heart-disease|news-topics|tabular|text-file, privacy=dp-sgd|none"]),
         (["foo.bar=1"], ["foo.bar", "no group 'foo'", GROUPS]),
         (["fedration.rounds=3"], ["did you mean 'federation.rounds'?", GROUPS]),
         (["site.data_path=x.csv"], ["site.data_path", GROUPS]),  # no such section: sites set their own
