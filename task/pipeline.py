@@ -127,7 +127,9 @@ def check_task(cfg: Config) -> tuple[LabeledData, LabeledData, Path | None]:
     missing file is one line before anything starts): (pool, test, the model folder or None)."""
     if cfg.task.name == "image":  # the folder's config and weights header; the head is replaced if its size differs
         folder = image.image_model_folder(cfg.task.model) if cfg.task.model else None
-        return (*pool_and_test(cfg), folder)
+        pool, test = pool_and_test(cfg)
+        build_model(cfg)  # loaded and validated for Opacus (then cached): a model it cannot train fails here
+        return pool, test, folder
     folder = None if cfg.task.name == "heart-disease" else text_model_path(cfg.task.model)  # tabular: built in code
     pool, test = pool_and_test(cfg)
     if folder is not None:

@@ -279,3 +279,29 @@ def test_two_sites_two_dp_rounds_on_an_image_folder_audit_and_export(tmp_path: P
     pixels = torch.from_numpy(test.images)
     view.module.train(False)
     assert torch.equal(view.module(pixels), image.ImageClassifier(exported, spec, "none")(pixels))
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+def test_other_families_from_a_folder_train_under_dp(tmp_path: Path, family: str) -> None:
+    from torch.utils.data import TensorDataset
+    from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    folder = tmp_path / family
+    if family == "vit":
+        ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    else:
+        ConvNextForImageClassification(ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1],
+                                                      num_stages=2, image_size=16)).save_pretrained(folder)
+    spec = image.input_spec(str(folder), 99)
+    assert spec.size == (16, 16)  # from its config.json (no preprocessor_config.json)
+    model = image.build_image_model(str(folder), ["a", "b", "c"], seed=0)
+    module = image.ImageClassifier(model, spec, "flip_crop")
+    dataset = TensorDataset(torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8), torch.randint(0, 3, (32,)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = LocalPlan(epochs=1, batch_size=16, max_physical_batch_size=16, learning_rate=0.5, optimizer="sgd",
+                     dp=True, noise_multiplier=1.0, max_grad_norm=1.0)
+    train_local(module, dataset, plan, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    after = model.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before)  # every weight, the head's too
