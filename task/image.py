@@ -378,6 +378,8 @@ def read_image(path: Path, spec: InputSpec) -> np.ndarray:
     cannot be read (corrupt, truncated, not an image, an unsupported DICOM encoding)."""
     from PIL import Image
 
+    if _regular(path) is None:  # opening a FIFO blocks until a writer comes; a device is no image
+        raise DataError(f"{path}: not a regular file; expected an image")
     try:
         if path.suffix.lower() in DICOM_SUFFIXES:
             values = _dicom_pixels(path)

@@ -135,6 +135,14 @@ def test_an_unreadable_file_is_one_line_naming_it(image_folder: Path, name: str,
     assert message.startswith(str(image_folder / "dog" / name)) and "\n" not in message
 
 
+def test_a_fifo_among_the_images_is_refused_without_opening_it(image_folder: Path) -> None:
+    import os
+
+    os.mkfifo(image_folder / "dog" / "pipe.png")  # opening it to read would block forever
+    with pytest.raises(DataError, match=r"pipe\.png: not a regular file"):
+        image.load_images(str(image_folder), GRAY8, "path", "label")
+
+
 def test_a_truncated_jpeg_names_the_file(image_folder: Path) -> None:
     whole = (image_folder / "cat" / "b.jpg").read_bytes()
     (image_folder / "cat" / "b.jpg").write_bytes(whole[: len(whole) // 2])
