@@ -514,6 +514,8 @@ def _data_bytes(data: LabeledData) -> bytes:
             h.update(t.encode("utf-8", "surrogatepass") + b"\0")
     if data.features is not None:
         h.update(np.ascontiguousarray(data.features, dtype=np.float32).tobytes())
+    if data.images is not None:  # task=image: the pixels the site trains on
+        h.update(np.ascontiguousarray(data.images, dtype=np.uint8).tobytes())
     if len(_DIGESTS) >= 64:
         _DIGESTS.clear()
     _DIGESTS[id(data)] = (data, h.digest())

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from fedshield import rules
 from fedshield.conf import columns
 
-TASKS = ("news-topics", "heart-disease", "text-file", "tabular", "text-generation")
+TASKS = ("news-topics", "heart-disease", "text-file", "tabular", "text-generation", "image")
 TEXT_TASKS = ("news-topics", "text-file", "text-generation")  # records are texts (task.deidentify)
+IMAGE_AUGMENTS = ("none", "flip_crop")  # = task.image.AUGMENTS (conf imports nothing of task)
 PARTITIONS = ("iid", "dirichlet", "natural")
 ROBUST_STRATEGIES = rules.ROBUST_RULES
 STRATEGIES = rules.RULES
@@ -61,6 +62,7 @@ class TaskConfig:
     # text-file: your own CSV/JSONL with a text and a label column.
     # text-generation: LoRA on a decoder (task.causal_lm), one document = one record;
     # the BBC News texts, or data_path's text_column; perplexity on the held-out documents.
+    # image: images (a folder per class, or a CSV of paths) and any image classifier (task/image.py).
     name: str = "news-topics"
     # "" = the task's default model (the bundled all-MiniLM-L6-v2 for text tasks); else a
     # local folder that `from_pretrained` reads. Nothing is ever downloaded.
@@ -115,6 +117,14 @@ class TaskConfig:
     # Held out: test_path (its site_column, if set, names each row's site), else each site's
     # own stratified test_fraction of its file.
     site_files: list[str] = field(default_factory=list)
+    # image task only. data_path: a folder with one subfolder per class, or a CSV/JSONL
+    # with path_column (relative to the file's folder) and label_column; "" = scikit-learn's
+    # bundled digits. image_size: the side images are resized to when the model folder does
+    # not say (preprocessor_config.json / config.json), and the default model's. augment:
+    # none, or flip_crop (random flip + padded crop at the site, training only).
+    path_column: str = "path"
+    image_size: int = 32
+    augment: str = "none"
 
 
 # task.deidentify (task/deid.py): the built-in placeholder types; a site pattern's NAME is
@@ -389,7 +399,7 @@ def _site_unit_error(p: PrivacyConfig, f: FederationConfig, center_features: boo
         return None
     if problem := rules.site_dp_problem(f.strategy, f.update_norm_bound):
         return problem
-    if center_features and task not in ("heart-disease", "tabular"):
+    if center_features and task not in ("heart-disease", "tabular", "image"):  # only text models centre features
         return ("privacy.unit=site with training.center_features=true: the feature mean is released by every "
                 "site, unsampled, and folded into the model, outside the site-level accounting; set "
                 "training.center_features=false")
@@ -474,6 +484,14 @@ def _tabular_errors(t: TaskConfig, f: FederationConfig) -> list[str | None]:
     return errors
 
 
+def _image_training_error(task: str, trainable: str, last_layers: int) -> str | None:
+    """What an image model can train: all its weights, or its head (last_layers=0)."""
+    if task != "image" or trainable in ("all", "head") or (trainable == "last_layers" and last_layers == 0):
+        return None
+    return (f"training.trainable={trainable!r} (last_layers={last_layers}) with task.name='image': must be "
+            "all, or head (the classification head only; also last_layers with training.last_layers=0)")
+
+
 def validation_errors(cfg: FedShieldConfig) -> list[str]:
     """Range and enum checks that need no data. Returns messages naming key and allowed.
 
@@ -493,6 +511,9 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
         _path("task.test_path", t.test_path),
         _check("task.hidden_units", t.hidden_units >= 0, ">= 0", t.hidden_units),
         _deidentify_error(t),
+        _check("task.image_size", 4 <= t.image_size <= 1024, "between 4 and 1024", t.image_size),
+        _one_of("task.augment", t.augment, IMAGE_AUGMENTS),
+        _image_training_error(t.name, tr.trainable, tr.last_layers),
         _check(
             "federation.num_sites",
             1 <= f.num_sites <= MAX_SITES,

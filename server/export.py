@@ -5,6 +5,9 @@ Text tasks: Hugging Face `save_pretrained` + tokenizer (LoRA adapters merged), s
 Text generation: the LoRA adapter folder (task.causal_lm.export_adapter), which
 `peft.PeftModel.from_pretrained(base, <run>/model)` loads for `generate()`.
 Tabular tasks: safetensors weights + a config.json describing the MLP and its features.
+Image tasks: `save_pretrained` + a preprocessor_config.json (size, mean, std); its BatchNorms
+are GroupNorms (config `fedshield_batchnorm_to_groupnorm`): load it with
+`fedshield.task.image.load_exported` (task/image.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from transformers import PreTrainedModel
 
 from fedshield.conf.config import Config
 from fedshield.task import causal_lm
+from fedshield.task.image import write_preprocessor_config
 from fedshield.task.model import TabularMLP, TrainView, fold_center, text_model_type
 from fedshield.task.pipeline import pool_and_test, tokenizer
 
@@ -31,6 +35,10 @@ def export_model(cfg: Config, view: TrainView, out: Path) -> Path:
     merge = getattr(model, "merge_and_unload", None)
     if merge is not None:  # peft: fold LoRA into the base weights
         model = merge()
+    if cfg.task.name == "image":
+        cast(PreTrainedModel, model).cpu().save_pretrained(out)
+        write_preprocessor_config(cfg.task.model, cfg.task.image_size, out)
+        return out
     if text_model_type(model) is not None:  # any transformers sequence classifier
         cast(PreTrainedModel, model).cpu().save_pretrained(out)
         tokenizer(cfg.task.model).save_pretrained(out)

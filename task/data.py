@@ -31,7 +31,8 @@ class DataError(FedShieldError):
 
 @dataclass
 class LabeledData:
-    """Rows of one dataset, column by column (text tasks fill `texts`, tabular `features`)."""
+    """Rows of one dataset, column by column (text tasks fill `texts`, tabular `features`,
+    image tasks `images`)."""
 
     labels: np.ndarray  # int64 (n,), indices into class_names
     class_names: list[str]
@@ -40,6 +41,7 @@ class LabeledData:
     feature_names: list[str] | None = None
     groups: np.ndarray | None = None  # str (n,): the natural site of each row, if known
     source: str = ""
+    images: np.ndarray | None = None  # uint8 (n, C, H, W) at the model's input size (task.image)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -54,6 +56,7 @@ class LabeledData:
             texts=None if self.texts is None else [self.texts[i] for i in idx],
             features=None if self.features is None else self.features[idx],
             groups=None if self.groups is None else self.groups[idx],
+            images=None if self.images is None else self.images[idx],
         )
 
 

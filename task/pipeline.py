@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 from fedshield.conf.columns import TabularSchema, parse_schema
 from fedshield.conf.config import Config
 from fedshield.conf.schema import TaskConfig
-from fedshield.task import causal_lm, tabular
+from fedshield.task import causal_lm, image, tabular
 from fedshield.task.data import (
     LabeledData,
     load_heart_disease,
@@ -70,6 +70,8 @@ class TaskSpec:
     columns: TabularSchema | None = None
     package_data: str = ""
     site_files: tuple[str, ...] = ()
+    path_column: str = "path"  # image task: the CSV's image path column
+    image_size: int = 32  # image task: the input side when the model folder does not say
 
     @classmethod
     def of(cls, task: TaskConfig, *, text_column: str | None = None, label_column: str | None = None,
@@ -90,6 +92,7 @@ class TaskSpec:
             site_column=site_column,
             hidden_units=task.hidden_units, deidentify=DeidSpec.of(task),
             columns=columns, package_data=task.package_data, site_files=tuple(task.site_files),
+            path_column=task.path_column, image_size=task.image_size,
         )
 
 
@@ -108,6 +111,10 @@ def _pool_and_test(t: TaskSpec) -> tuple[LabeledData, LabeledData]:
         return tabular.pool_and_test(t.columns, data_path=t.data_path, package_data=t.package_data,
                                      site_files=list(t.site_files), test_path=t.test_path,
                                      test_fraction=t.test_fraction, split_seed=t.split_seed)
+    elif t.name == "image":
+        data = read_images(t, t.data_path)
+        if t.test_path:
+            return data, read_images(t, t.test_path, labels=data.class_names)
     else:
         data = read_text_file(t, t.data_path)
         if t.test_path:
@@ -149,6 +156,16 @@ def scrubbed(task: TaskSpec, data: LabeledData) -> tuple[LabeledData, dict[str, 
     return scrubbed, dict(counts)
 
 
+def read_images(task: TaskSpec, path: str, labels: list[str] | None = None) -> LabeledData:
+    """A site's images (a folder per class or a CSV of paths; "" = the bundled digits),
+    at the model's input size."""
+    spec = image.input_spec(task.model, task.image_size)
+    if not path:
+        return image.load_digits_images(spec)
+    fixed = labels if labels is not None else (list(task.labels) or None)
+    return image.load_images(path, spec, task.path_column, task.label_column, fixed)
+
+
 def pool_and_test(cfg: Config) -> tuple[LabeledData, LabeledData]:
     """The training pool (split across virtual sites) and the held-out test split."""
     return _pool_and_test(TaskSpec.of(cfg.task))
@@ -161,6 +178,11 @@ def check_task(cfg: Config) -> tuple[LabeledData, LabeledData, Path | None]:
     if cfg.task.name == causal_lm.TASK:  # a decoder, no head to check
         folder = causal_lm.decoder_path(cfg.task.model)
         pool, test = pool_and_test(cfg)
+        return pool, test, folder
+    if cfg.task.name == "image":  # the folder's config and weights header; the head is replaced if its size differs
+        folder = image.image_model_folder(cfg.task.model) if cfg.task.model else None
+        pool, test = pool_and_test(cfg)
+        build_model(cfg)  # loaded and validated for Opacus (then cached): a model it cannot train fails here
         return pool, test, folder
     folder = None if cfg.task.name in TABULAR_TASKS else text_model_path(cfg.task.model)  # tabular: built in code
     pool, test = pool_and_test(cfg)
@@ -181,6 +203,8 @@ def _base_model(t: TaskSpec, seed: int, num_features: int, classes: tuple[str, .
         return build_tabular_model(num_features, len(classes), t.hidden_units, seed)
     if t.name == causal_lm.TASK:
         return causal_lm.build_causal_lm(t.model, seed)
+    if t.name == "image":
+        return image.build_image_model(t.model, classes, seed)
     return build_text_model(t.model, list(classes), seed)
 
 
@@ -199,6 +223,8 @@ def build_view(cfg: Config, device: torch.device | None = None) -> TrainView:
     tr = cfg.training
     if cfg.task.name == causal_lm.TASK:
         view = causal_lm.make_causal_view(model, tr.lora_r, tr.lora_alpha)
+    elif cfg.task.name == "image":
+        view = _image_view(cfg, model)
     else:
         view = make_train_view(model, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha)
     # The frozen weights are fixed by the config (checkpoint, seed, what trains), so their
@@ -209,6 +235,18 @@ def build_view(cfg: Config, device: torch.device | None = None) -> TrainView:
         _FINGERPRINTS[key] = frozen_fingerprint(view.model, view.trainable_names)
     view.fingerprint = _FINGERPRINTS[key]
     return view
+
+
+def _image_view(cfg: Config, model: nn.Module) -> TrainView:
+    """All the image model's weights train, or (trainable=head, or last_layers with
+    last_layers=0) its head only; the module Opacus wraps reads 8-bit pixels (task.image.ImageClassifier)."""
+    names = [n for n, _ in model.named_parameters()] if cfg.training.trainable == "all" \
+        else image.head_names(model)
+    chosen = set(names)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in chosen)
+    spec = image.input_spec(cfg.task.model, cfg.task.image_size)
+    return TrainView(model, image.ImageClassifier(model, spec, cfg.task.augment), names, None)
 
 
 @lru_cache(maxsize=2)
@@ -244,6 +282,8 @@ def encode(
     labels = torch.as_tensor(data.labels, dtype=torch.long)
     if data.features is not None:
         return TensorDataset(torch.as_tensor(data.features, dtype=torch.float32), labels)
+    if data.images is not None:  # 8-bit: the module scales and normalises (task.image.ImageClassifier)
+        return TensorDataset(torch.from_numpy(data.images), labels)
     ids, mask = _tokenize(cfg, list(data.texts or []))
     if view.prefix_layers is None:
         return TensorDataset(ids, mask, labels)
