@@ -69,7 +69,17 @@ from fedshield.privacy.events import (
 from fedshield.task import centering
 from fedshield.task.data import LabeledData
 from fedshield.task.model import ModelError, TrainView
-from fedshield.task.pipeline import TaskSpec, build_view, encode, read_text_file, view_fingerprint
+from fedshield.task.pipeline import (
+    ModelCopyError,
+    TaskSpec,
+    build_view,
+    check_model_copy,
+    encode,
+    pool_and_test,
+    read_text_file,
+    view_fingerprint,
+)
+from fedshield.task.plugin import is_plugin, plugin_inputs, site_allows
 from fedshield.task.sites import check_delta, virtual_sites
 from fedshield.task.trainer import LocalPlan, TrainingError, poisson_rate, round_steps, train_local
 
@@ -96,7 +106,13 @@ POLICY = ("privacy.mode", "privacy.target_epsilon", "privacy.budget_epsilon", "p
 # Operational settings a site may set for itself; they apply over the plan as they are.
 OPERATIONAL = ("privacy.max_grad_norm", "privacy.center_clip_norm", "training.device",
                "training.max_physical_batch_size")
-SITE_OVERRIDABLE = POLICY + OPERATIONAL
+# What the site's own task is made of (docs/site-operator.md): `task.model`, its own copy of
+# the model folder (the plan names the model by its digest, task.model_digest, and the site
+# declines kind `model` when its copy's differs); `task.plugin`, the one module:factory
+# plug-in it allows (a plan naming another, or a plug-in not installed here, is declined kind
+# `policy` before anything is imported: task/plugin.py `site_allows`).
+SITE_TASK = ("task.model", "task.plugin")
+SITE_OVERRIDABLE = POLICY + OPERATIONAL + SITE_TASK
 
 
 
@@ -131,6 +147,12 @@ def site_config(plan: Config, node_config: Mapping[str, Any], deployed: bool = T
             f"site config: {unknown[0]!r} cannot be set by a site; allowed: {', '.join(SITE_OVERRIDABLE)}"
         )
     operational = {k: v for k, v in own.items() if k in OPERATIONAL}
+    if deployed and is_plugin(plan.task.name):  # before anything could import the plug-in
+        problem = site_allows(plan.task.name, plan.task.plugin, str(own.get("task.plugin", "")))
+        if problem:
+            raise PolicyError(problem)
+    if deployed and own.get("task.model"):  # the site's own copy; the plan's digest says if it is the same
+        operational["task.model"] = str(own["task.model"])
     if deployed:
         policy = Config.load([f"{k}={v}" for k, v in own.items() if k in POLICY])
         check_policy(plan, policy)
@@ -296,6 +318,10 @@ def resolve_site(plan: protocol.Plan, context: Context) -> Site:
         # on the site's records. A site that declared its classes takes exactly those, else
         # declines (kind `policy`) whatever it holds; one that did not trains on its rows of
         # the plan's classes (_plan_rows). Its file is read with its own classes either way.
+        if cfg.task.model_digest:  # the plan names the coordinator's model: is this site's copy the same?
+            check_model_copy(cfg, f"site {name}")
+        if is_plugin(cfg.task.name):
+            return _plugin_site(name, plan, cfg, node)
         declared = _declared_labels(node)
         if declared is not None and tuple(plan.class_names) != declared:
             raise PolicyError(f"{protocol.CLASS_NAMES}: the plan's classes are not the ones this site declared "
@@ -310,6 +336,20 @@ def resolve_site(plan: protocol.Plan, context: Context) -> Site:
     name, data = virtual_sites(cfg)[pid]
     state = _state(Path(plan.run_dir) / "sites" / name, name, None)
     return Site(name, cfg, data, state, simulated=True)
+
+
+def _plugin_site(name: str, plan: protocol.Plan, cfg: Config, node: Mapping[str, Any]) -> Site:
+    """A deployed site of a plug-in task (allowed: site_config): its records are the
+    plug-in's training set, read by the site's own code; the plug-in's classes are the
+    site's declared ones, so a plan with others is declined (policy), whatever the rows."""
+    data = pool_and_test(cfg)[0]
+    if tuple(plan.class_names) != tuple(data.class_names):
+        raise PolicyError(f"{protocol.CLASS_NAMES}: the plan's classes are not this site's plug-in's "
+                          "(its class_names, same names in the same order)")
+    key = Path(str(node[NODE_KEY])) if node.get(NODE_KEY) else None
+    witness = Path(str(node[NODE_WITNESS])) if node.get(NODE_WITNESS) else None
+    state = _state(Path(str(node[NODE_STATE])), name, key, witness)
+    return Site(name, cfg, data, state, simulated=False)
 
 
 def _node_name(context: Context) -> str:
@@ -337,6 +377,8 @@ def handle(msg: Message, context: Context, handler: Callable[[Message, protocol.
         return _decline(msg, name, f"the coordinator's message broke the protocol: {exc}", "protocol")
     except PolicyError as exc:
         return _decline(msg, name, f"the plan asks for less privacy than this site allows: {exc}", "policy")
+    except ModelCopyError as exc:  # from the digests (public: the plan's and the site's software)
+        return _decline(msg, name, str(exc), "model")
     except BooksBehind as exc:  # the site's own books against a head kept elsewhere: no data in it
         return _decline(msg, name, str(exc), "books")
     except FedShieldError as exc:
@@ -460,6 +502,9 @@ def _data_bytes(data: LabeledData) -> bytes:
             h.update(t.encode("utf-8", "surrogatepass") + b"\0")
     if data.features is not None:
         h.update(np.ascontiguousarray(data.features, dtype=np.float32).tobytes())
+    for t in plugin_inputs(data):  # a plug-in's rows: its input tensors
+        h.update(f"{t.dtype}:{tuple(t.shape)}\0".encode())
+        h.update(t.contiguous().numpy().tobytes())
     if len(_DIGESTS) >= 64:
         _DIGESTS.clear()
     _DIGESTS[id(data)] = (data, h.digest())

@@ -28,6 +28,7 @@ from fedshield.task.data import (
     train_test_split,
 )
 from fedshield.task.model import (
+    ModelError,
     TrainView,
     build_tabular_model,
     build_text_model,
@@ -38,6 +39,8 @@ from fedshield.task.model import (
     prefix_hidden_states,
     text_model_path,
 )
+from fedshield.task.model_digest import folder_digest
+from fedshield.task.plugin import PluginData, check_opacus, is_plugin, load_plugin, plugin_view
 
 if TYPE_CHECKING:  # transformers is imported when a text model is loaded (task.model._quiet_transformers first)
     from transformers import PreTrainedTokenizerBase
@@ -59,6 +62,7 @@ class TaskSpec:
     labels: tuple[str, ...]
     site_column: str
     hidden_units: int
+    plugin: str = ""
 
     @classmethod
     def of(cls, task: TaskConfig, *, text_column: str | None = None, label_column: str | None = None,
@@ -72,12 +76,15 @@ class TaskSpec:
             label_column=task.label_column if label_column is None else label_column,
             labels=tuple(task.labels),
             site_column=task.site_column if site_column is None else site_column,
-            hidden_units=task.hidden_units,
+            hidden_units=task.hidden_units, plugin=task.plugin,
         )
 
 
 @lru_cache(maxsize=4)
 def _pool_and_test(t: TaskSpec) -> tuple[LabeledData, LabeledData]:
+    if is_plugin(t.name):  # task/plugin.py: the plug-in's own (train, test)
+        loaded = load_plugin(t.name, t.plugin)
+        return loaded.train, loaded.test
     if t.name == "news-topics":
         data = load_news_topics()
     elif t.name == "heart-disease":
@@ -108,11 +115,44 @@ def check_task(cfg: Config) -> tuple[LabeledData, LabeledData, Path | None]:
     """The run's data and (text tasks) model folder, read as the coordinator and the sites
     will load them, without loading the weights (a wrong folder, a head of another size, a
     missing file is one line before anything starts): (pool, test, the model folder or None)."""
-    folder = None if cfg.task.name == "heart-disease" else text_model_path(cfg.task.model)  # tabular: built in code
+    folder = model_folder(cfg)
     pool, test = pool_and_test(cfg)
     if folder is not None:
         check_model_head(folder, list(test.class_names), f"task.model={cfg.task.model!r}")
+    if is_plugin(cfg.task.name):
+        view = build_view(cfg)  # the plug-in's model and trainable names, checked now, not in round 1
+        if cfg.privacy.mode == "dp-sgd":
+            check_opacus(view.model, load_plugin(cfg.task.name, cfg.task.plugin).where)
     return pool, test, folder
+
+
+def model_folder(cfg: Config) -> Path | None:
+    """The model folder a task loads (checked), or None for models built in code
+    (the tabular MLP, plug-ins)."""
+    if cfg.task.name == "heart-disease" or is_plugin(cfg.task.name):
+        return None
+    return text_model_path(cfg.task.model)
+
+
+def model_digest(cfg: Config) -> str:
+    """The digest of the task's model folder (task/model_digest.py; "" without a folder):
+    what the coordinator's plan names and a deployed site checks its own copy against."""
+    folder = model_folder(cfg)
+    return "" if folder is None else folder_digest(folder)
+
+
+def check_model_copy(cfg: Config, where: str) -> None:
+    """A deployed site's copy of the model is the one the plan names (task.model_digest)."""
+    digest = model_digest(cfg)
+    if digest != cfg.task.model_digest:
+        shown = f"{cfg.task.model!r}" if cfg.task.model else "'' (the bundled all-MiniLM-L6-v2)"
+        raise ModelCopyError(f"{where}: its model (task.model={shown}) has digest {digest[:16] or 'none'}..., the "
+                             f"coordinator's plan names {cfg.task.model_digest[:16] or 'none'}...: copy the "
+                             "coordinator's model folder (docs/site-operator.md)")
+
+
+class ModelCopyError(ModelError):
+    """A site's copy of the model is not the coordinator's (decline kind `model`)."""
 
 
 def class_names(cfg: Config) -> list[str]:
@@ -121,6 +161,8 @@ def class_names(cfg: Config) -> list[str]:
 
 @lru_cache(maxsize=2)
 def _base_model(t: TaskSpec, seed: int, num_features: int, classes: tuple[str, ...]) -> nn.Module:
+    if is_plugin(t.name):
+        return load_plugin(t.name, t.plugin).build_model(seed)
     if t.name == "heart-disease":
         return build_tabular_model(num_features, len(classes), t.hidden_units, seed)
     return build_text_model(t.model, list(classes), seed)
@@ -139,7 +181,10 @@ def build_view(cfg: Config, device: torch.device | None = None) -> TrainView:
     if device is not None:
         model.to(device)  # before LoRA wrapping: see task.model.add_lora
     tr = cfg.training
-    view = make_train_view(model, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha)
+    if is_plugin(cfg.task.name):  # the plug-in names what trains (training.trainable is for BERT models)
+        view = plugin_view(model, load_plugin(cfg.task.name, cfg.task.plugin).trainable_names(model))
+    else:
+        view = make_train_view(model, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha)
     # The frozen weights are fixed by the config (checkpoint, seed, what trains), so their
     # hash is computed once per process: hashing 22M weights per message would dominate.
     key = (TaskSpec.of(cfg.task), cfg.federation.seed, tr.trainable, tr.last_layers,
@@ -179,6 +224,8 @@ def encode(
     weights and the token ids, so a different model or data never reuses a stale cache).
     """
     labels = torch.as_tensor(data.labels, dtype=torch.long)
+    if isinstance(data, PluginData):  # a plug-in's tensors go to its model as they are
+        return TensorDataset(*data.inputs, labels)
     if data.features is not None:
         return TensorDataset(torch.as_tensor(data.features, dtype=torch.float32), labels)
     ids, mask = _tokenize(cfg, list(data.texts or []))
