@@ -502,9 +502,9 @@ def _data_bytes(data: LabeledData) -> bytes:
             h.update(t.encode("utf-8", "surrogatepass") + b"\0")
     if data.features is not None:
         h.update(np.ascontiguousarray(data.features, dtype=np.float32).tobytes())
-    for t in plugin_inputs(data):  # a plug-in's rows: its input tensors
-        h.update(f"{t.dtype}:{tuple(t.shape)}\0".encode())
-        h.update(t.contiguous().numpy().tobytes())
+    for tensor in plugin_inputs(data):  # a plug-in's rows: its input tensors
+        h.update(f"{tensor.dtype}:{tuple(tensor.shape)}\0".encode())
+        h.update(tensor.contiguous().numpy().tobytes())
     if len(_DIGESTS) >= 64:
         _DIGESTS.clear()
     _DIGESTS[id(data)] = (data, h.digest())

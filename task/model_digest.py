@@ -59,7 +59,7 @@ def folder_digest(folder: str | os.PathLike[str]) -> str:
     try:
         stats = tuple((f.name, st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()])
     except OSError as e:
-        raise ModelError(f"task.model={str(folder)!r}: cannot read {getattr(e, 'filename', '')}: {e.strerror}") from None
+        raise ModelError(f"task.model={str(folder)!r}: cannot read {e.filename}: {e.strerror}") from None
     kept = _CACHE.get(str(path))
     if kept is not None and kept[0] == stats:
         return kept[1]

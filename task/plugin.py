@@ -81,8 +81,10 @@ class PluginData(LabeledData):
 
     def subset(self, idx: np.ndarray) -> PluginData:
         rows = torch.as_tensor(np.asarray(idx, dtype=np.int64))
-        base = super().subset(idx)
-        return replace(base, inputs=tuple(t[rows] for t in self.inputs))  # type: ignore[return-value]
+        base = super().subset(idx)  # a PluginData (dataclasses.replace keeps the class)
+        assert isinstance(base, PluginData)
+        base.inputs = tuple(t[rows] for t in self.inputs)
+        return base
 
 
 def is_plugin(name: str) -> bool:
@@ -125,7 +127,8 @@ def _factory(name: str, plugin: str) -> tuple[Callable[[], object], str]:
     """The plug-in's factory and how it is named in messages."""
     if name == PLUGIN_TASK:
         where = f"task.plugin={plugin!r}"
-        problem = check_factory_string(plugin) if plugin else f"{where}: task.name=plugin needs task.plugin=module:factory"
+        problem = check_factory_string(plugin) if plugin else \
+            f"{where}: task.name=plugin needs task.plugin=module:factory"
         if problem:
             raise PluginError(problem)
         module_name, attr = plugin.split(":", 1)

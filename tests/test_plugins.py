@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Context, RecordDict
 
 from fedshield import protocol
@@ -60,7 +59,8 @@ class NoTrainable:
         return torch.nn.Linear(2, 2)
 
     def datasets(self):
-        return (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)), (torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))
+        empty = torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)
+        return empty, empty
 
 
 def lacks():
