@@ -376,6 +376,10 @@ class SiteAgent:
         labels = [x.strip() for x in given if x.strip()] if given else None
         site_data = check_data(data, labels, self.text_column, self.label_column)
         overrides = check_overrides([self.overrides] if isinstance(self.overrides, str) else list(self.overrides))
+        if overrides.get("task.model"):  # the site's own model copy: a wrong folder is one line now, not a decline
+            from fedshield.task.model import check_model_folder
+
+            check_model_folder(str(overrides["task.model"]))
         if labels:  # the site's own classes: client/app.py takes a plan with exactly these
             overrides["labels"] = ",".join(labels)
         # The site's own columns: client/app.py reads its file with these, never with the plan's.
