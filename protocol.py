@@ -162,7 +162,7 @@ MAX_SLOTS = 100_000  # sites in one secure round
 MAX_SECAGG_BYTES = 4096  # one key, share or ciphertext
 MAX_VIEW_BYTES = 36 * MAX_SLOTS  # one view: (slot, SHA-256) per neighbour (privacy/secure_sum.py)
 
-DECLINE_KINDS = ("budget", "policy", "protocol", "error", "books")
+DECLINE_KINDS = ("budget", "policy", "protocol", "error", "books", "model")
 
 # \A...\Z, not ^...$: `$` also matches before a trailing newline ("site-1\n" would pass).
 SITE_NAME = re.compile(r"\A[A-Za-z0-9](?:[A-Za-z0-9 _.-]{0,62}[A-Za-z0-9_.-])?\Z")

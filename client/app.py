@@ -70,7 +70,18 @@ from fedshield.task import centering
 from fedshield.task.data import LabeledData
 from fedshield.task.deid import counts_record, write_counts
 from fedshield.task.model import ModelError, TrainView
-from fedshield.task.pipeline import TaskSpec, build_view, encode, read_text_file, scrubbed, view_fingerprint
+from fedshield.task.pipeline import (
+    ModelCopyError,
+    TaskSpec,
+    build_view,
+    check_model_copy,
+    encode,
+    pool_and_test,
+    read_site_file,
+    scrubbed,
+    view_fingerprint,
+)
+from fedshield.task.plugin import is_plugin, plugin_inputs, site_allows
 from fedshield.task.sites import check_delta, virtual_sites
 from fedshield.task.trainer import LocalPlan, TrainingError, poisson_rate, round_steps, train_local
 
@@ -101,7 +112,13 @@ OPERATIONAL = ("privacy.max_grad_norm", "privacy.center_clip_norm", "training.de
 # it on and add regions, never turn off what the plan asks for; a deployed site runs only
 # its own patterns (_own_scrubbing says why).
 DEIDENTIFY = ("task.deidentify", "task.deidentify_patterns", "task.deidentify_regions")
-SITE_OVERRIDABLE = POLICY + OPERATIONAL + DEIDENTIFY
+# What the site's own task is made of (docs/site-operator.md): `task.model`, its own copy of
+# the model folder (the plan names the model by its digest, task.model_digest, and the site
+# declines kind `model` when its copy's differs); `task.plugin`, the one module:factory
+# plug-in it allows (a plan naming another, or a plug-in not installed here, is declined kind
+# `policy` before anything is imported: task/plugin.py `site_allows`).
+SITE_TASK = ("task.model", "task.plugin")
+SITE_OVERRIDABLE = POLICY + OPERATIONAL + DEIDENTIFY + SITE_TASK
 
 
 
@@ -137,6 +154,12 @@ def site_config(plan: Config, node_config: Mapping[str, Any], deployed: bool = T
         )
     operational = {k: v for k, v in own.items() if k in OPERATIONAL}
     operational.update(_own_scrubbing(plan, {k: v for k, v in own.items() if k in DEIDENTIFY}, deployed))
+    if deployed and is_plugin(plan.task.name):  # before anything could import the plug-in
+        problem = site_allows(plan.task.name, plan.task.plugin, str(own.get("task.plugin", "")))
+        if problem:
+            raise PolicyError(problem)
+    if deployed and own.get("task.model"):  # the site's own copy; the plan's digest says if it is the same
+        operational["task.model"] = str(own["task.model"])
     if deployed:
         policy = Config.load([f"{k}={v}" for k, v in own.items() if k in POLICY])
         check_policy(plan, policy)
@@ -235,7 +258,7 @@ def _site_file(task: TaskSpec, path: str, classes: tuple[str, ...]) -> LabeledDa
     """The site's data file, read with the site's own classes (`classes`; () : the file's
     distinct labels), never with the plan's: what the read finds (a row with another label)
     must not depend on what the coordinator asks."""
-    return read_text_file(task, path, labels=list(classes))
+    return read_site_file(task, path, labels=list(classes))
 
 
 # (id(file data), plan classes) -> (file data, relabelled, kept rows): computed once per
@@ -327,6 +350,10 @@ def resolve_site(plan: protocol.Plan, context: Context) -> Site:
         # on the site's records. A site that declared its classes takes exactly those, else
         # declines (kind `policy`) whatever it holds; one that did not trains on its rows of
         # the plan's classes (_plan_rows). Its file is read with its own classes either way.
+        if cfg.task.model_digest:  # the plan names the coordinator's model: is this site's copy the same?
+            check_model_copy(cfg, f"site {name}")
+        if is_plugin(cfg.task.name):
+            return _plugin_site(name, plan, cfg, node)
         declared = _declared_labels(node)
         if declared is not None and tuple(plan.class_names) != declared:
             raise PolicyError(f"{protocol.CLASS_NAMES}: the plan's classes are not the ones this site declared "
@@ -366,6 +393,20 @@ def _note_scrubbed(state: SiteState, name: str, task: TaskSpec, records: int, co
 _NOTED: dict[str, dict[str, Any]] = {}  # state dir -> the counts written there by this worker
 
 
+def _plugin_site(name: str, plan: protocol.Plan, cfg: Config, node: Mapping[str, Any]) -> Site:
+    """A deployed site of a plug-in task (allowed: site_config): its records are the
+    plug-in's training set, read by the site's own code; the plug-in's classes are the
+    site's declared ones, so a plan with others is declined (policy), whatever the rows."""
+    data = pool_and_test(cfg)[0]
+    if tuple(plan.class_names) != tuple(data.class_names):
+        raise PolicyError(f"{protocol.CLASS_NAMES}: the plan's classes are not this site's plug-in's "
+                          "(its class_names, same names in the same order)")
+    key = Path(str(node[NODE_KEY])) if node.get(NODE_KEY) else None
+    witness = Path(str(node[NODE_WITNESS])) if node.get(NODE_WITNESS) else None
+    state = _state(Path(str(node[NODE_STATE])), name, key, witness)
+    return Site(name, cfg, data, state, simulated=False)
+
+
 def _node_name(context: Context) -> str:
     node = context.node_config
     return str(node.get(NODE_SITE_NAME, f"site-{node.get('partition-id', '?')}"))
@@ -391,6 +432,8 @@ def handle(msg: Message, context: Context, handler: Callable[[Message, protocol.
         return _decline(msg, name, f"the coordinator's message broke the protocol: {exc}", "protocol")
     except PolicyError as exc:
         return _decline(msg, name, f"the plan asks for less privacy than this site allows: {exc}", "policy")
+    except ModelCopyError as exc:  # from the digests (public: the plan's and the site's software)
+        return _decline(msg, name, str(exc), "model")
     except BooksBehind as exc:  # the site's own books against a head kept elsewhere: no data in it
         return _decline(msg, name, str(exc), "books")
     except FedShieldError as exc:
@@ -516,6 +559,9 @@ def _data_bytes(data: LabeledData) -> bytes:
         h.update(np.ascontiguousarray(data.features, dtype=np.float32).tobytes())
     if data.images is not None:  # task=image: the pixels the site trains on
         h.update(np.ascontiguousarray(data.images, dtype=np.uint8).tobytes())
+    for tensor in plugin_inputs(data):  # a plug-in's rows: its input tensors
+        h.update(f"{tensor.dtype}:{tuple(tensor.shape)}\0".encode())
+        h.update(tensor.contiguous().numpy().tobytes())
     if len(_DIGESTS) >= 64:
         _DIGESTS.clear()
     _DIGESTS[id(data)] = (data, h.digest())

@@ -183,8 +183,8 @@ def check_overrides(items: list[str]) -> dict[str, object]:
             raise conf.ConfigError(f"{key!r}: a site can set only {', '.join(SITE_OVERRIDABLE)}")
         out[key] = [str(v) for v in value] if isinstance(value, Sequence) and not isinstance(value, str) else value
     if out:  # values are checked by the schema, before anything connects
-        conf.load_config([f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in out.items()]
-                         + ["task=text-file", "task.data_path=x.csv"])
+        task = ["task.name=plugin"] if "task.plugin" in out else ["task=text-file", "task.data_path=x.csv"]
+        conf.load_config([f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in out.items()] + task)
     return out
 
 
@@ -206,6 +206,27 @@ def _toml(value: object) -> str:
 def node_config(name: str, data: Path, state: Path, overrides: dict[str, object]) -> str:
     items = {"site-name": name, "data-path": str(data), "state-dir": str(state), **overrides}
     return " ".join(f"{k}={_toml(v)}" for k, v in items.items())
+
+
+def model_digest_main(argv: list[str]) -> int:
+    """`fedshield model-digest [DIR]`: the digest of a model folder, as a coordinator's plan
+    names it (task.model_digest); no DIR: the bundled all-MiniLM-L6-v2."""
+    parser = argparse.ArgumentParser(
+        prog="fedshield model-digest",
+        description="Print the digest of a model folder (config.json, weights, tokenizer files): a site's copy "
+                    "must have the digest of the coordinator's model, or the site declines (kind model).",
+        epilog="""examples:
+  fedshield model-digest                          the bundled all-MiniLM-L6-v2
+  fedshield model-digest /opt/models/clinical-bert  a site's own copy (compare with the coordinator's)
+""", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", nargs="?", default="", help="a from_pretrained model folder (default: the bundled)")
+    args = parser.parse_args(argv)
+    from fedshield.task.model import text_model_path
+    from fedshield.task.model_digest import folder_digest
+
+    folder = text_model_path(args.folder)  # checked: config.json, weights, tokenizer (one line if not)
+    print(f"{folder_digest(folder)}  {folder}")
+    return 0
 
 
 def client_main(argv: list[str]) -> int:
@@ -357,6 +378,10 @@ class SiteAgent:
         labels = [x.strip() for x in given if x.strip()] if given else None
         site_data = check_data(data, labels, self.text_column, self.label_column)
         overrides = check_overrides([self.overrides] if isinstance(self.overrides, str) else list(self.overrides))
+        if overrides.get("task.model"):  # the site's own model copy: a wrong folder is one line now, not a decline
+            from fedshield.task.model import check_model_folder
+
+            check_model_folder(str(overrides["task.model"]))
         if labels:  # the site's own classes: client/app.py takes a plan with exactly these
             overrides["labels"] = ",".join(labels)
         # The site's own columns: client/app.py reads its file with these, never with the plan's.

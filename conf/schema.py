@@ -18,6 +18,15 @@ from fedshield.conf import columns
 TASKS = ("news-topics", "heart-disease", "text-file", "tabular", "text-generation", "image")
 TEXT_TASKS = ("news-topics", "text-file", "text-generation")  # records are texts (task.deidentify)
 IMAGE_AUGMENTS = ("none", "flip_crop")  # = task.image.AUGMENTS (conf imports nothing of task)
+# A plug-in task (task/plugin.py): task.name=plugin with task.plugin=module:factory, or
+# task.name=<an installed `fedshield.tasks` entry point>. Which plug-ins exist is a fact of
+# the environment, not of the config: task.pipeline.check_task resolves it before a run
+# starts, and a deployed site decides for itself (declines kind `policy`), so the schema
+# checks only the form of the name here.
+PLUGIN_TASK = "plugin"
+PLUGIN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", re.ASCII)
+PLUGIN_FACTORY_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
+MODEL_DIGEST_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
 PARTITIONS = ("iid", "dirichlet", "natural")
 ROBUST_STRATEGIES = rules.ROBUST_RULES
 STRATEGIES = rules.RULES
@@ -125,6 +134,12 @@ class TaskConfig:
     path_column: str = "path"
     image_size: int = 32
     augment: str = "none"
+    # task.name=plugin only: the plug-in's factory, module:factory (task/plugin.py).
+    plugin: str = ""
+    # sha256 of the model folder's config.json and weights (task/model_digest.py). Set by the
+    # coordinator in the plan it sends; a deployed site declines (kind `model`) when its own
+    # copy's digest differs. "" = not checked (as a user setting: leave it empty).
+    model_digest: str = ""
 
 
 # task.deidentify (task/deid.py): the built-in placeholder types; a site pattern's NAME is
@@ -492,6 +507,21 @@ def _image_training_error(task: str, trainable: str, last_layers: int) -> str | 
             "all, or head (the classification head only; also last_layers with training.last_layers=0)")
 
 
+def _task_name_error(t: TaskConfig) -> str | None:
+    """task.name and task.plugin: a built-in task, `plugin` with module:factory, or the
+    form of an entry point name (whether it is installed is checked where it runs)."""
+    if t.name == PLUGIN_TASK:
+        return _check("task.plugin", PLUGIN_FACTORY_RE.fullmatch(t.plugin) is not None,
+                      "module:factory (dotted Python names, e.g. my_pkg.tasks:make_task) with task.name=plugin",
+                      t.plugin)
+    if t.plugin:
+        return f"task.plugin={t.plugin!r}: only with task.name=plugin; task.name={t.name!r}"
+    if t.name in TASKS or PLUGIN_NAME_RE.fullmatch(t.name):
+        return None
+    return (f"task.name={t.name!r}: must be one of {', '.join(TASKS)}, plugin (with task.plugin=module:factory) "
+            "or the name of an installed fedshield.tasks entry point")
+
+
 def validation_errors(cfg: FedShieldConfig) -> list[str]:
     """Range and enum checks that need no data. Returns messages naming key and allowed.
 
@@ -502,7 +532,9 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
     t, f, tr, p, s = cfg.task, cfg.federation, cfg.training, cfg.privacy, cfg.simulation
     o = cfg.output
     checks = [
-        _one_of("task.name", t.name, TASKS),
+        _task_name_error(t),
+        _check("task.model_digest", t.model_digest == "" or MODEL_DIGEST_RE.fullmatch(t.model_digest) is not None,
+               "\"\" or 64 lowercase hex digits (a sha256, set by the coordinator)", t.model_digest),
         _path("task.model", t.model),
         _check("task.max_length", 8 <= t.max_length <= 512, "between 8 and 512", t.max_length),
         _check("task.test_fraction", 0 < t.test_fraction < 1, "in (0, 1)", t.test_fraction),
@@ -643,7 +675,8 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
     if t.name == "text-file" and not t.data_path:
         errors.append("task.data_path='': the text-file task needs a CSV or JSONL file")
     has_site_column = t.name == "heart-disease" or (t.name in ("text-file", "tabular") and t.site_column) \
-        or (t.name == "tabular" and t.site_files)
+        or (t.name == "tabular" and t.site_files) \
+        or t.name not in TASKS  # a plug-in's site_split (task/plugin.py) is checked when it loads
     if f.partition == "natural" and not has_site_column:
         errors.append(
             "federation.partition='natural': needs a site column "

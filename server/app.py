@@ -51,7 +51,7 @@ from fedshield.strategies.secagg import SecAggPlus
 from fedshield.strategies.stack import SiteLevel, build_stack
 from fedshield.task import centering
 from fedshield.task.model import TrainView
-from fedshield.task.pipeline import build_view, pool_and_test, view_fingerprint
+from fedshield.task.pipeline import build_view, model_digest, pool_and_test, view_fingerprint
 from fedshield.task.trainer import batches_per_epoch, poisson_rate
 
 log = logging.getLogger("fedshield.server")
@@ -511,8 +511,12 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
     # What every update must be, from the model itself (a checkpoint's weights may have been
     # widened by the strategy's arithmetic, e.g. FedAdam's float64).
     spec = {k: (tuple(v.shape), v.dtype) for k, v in initial.items()}
+    # The plan names the model by its digest, not by where the coordinator keeps it: a deployed
+    # site loads its own copy and declines (kind `model`) if it is another (task/model_digest.py).
+    digest_of_model = model_digest(cfg)
+    plan_cfg = cfg.with_values({"task.model_digest": digest_of_model}) if digest_of_model else cfg
     plan = protocol.plan_record(
-        config_yaml=cfg.to_yaml(), run_id=run_dir.name, run_dir=str(run_dir),
+        config_yaml=plan_cfg.to_yaml(), run_id=run_dir.name, run_dir=str(run_dir),
         frozen_fingerprint=view_fingerprint(view), class_names=pool_and_test(cfg)[1].class_names,
     )
     refused: list[str] = []

@@ -8,6 +8,7 @@ Tabular tasks: safetensors weights + a config.json describing the MLP and its fe
 Image tasks: `save_pretrained` + a preprocessor_config.json (size, mean, std); its BatchNorms
 are GroupNorms (config `fedshield_batchnorm_to_groupnorm`): load it with
 `fedshield.task.image.load_exported` (task/image.py).
+Plug-in tasks: the model's state dict (safetensors) + a config.json naming the plug-in.
 """
 
 from __future__ import annotations
@@ -43,9 +44,18 @@ def export_model(cfg: Config, view: TrainView, out: Path) -> Path:
         cast(PreTrainedModel, model).cpu().save_pretrained(out)
         tokenizer(cfg.task.model).save_pretrained(out)
         return out
-    assert isinstance(model, TabularMLP)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
     test = pool_and_test(cfg)[1]
+    if not isinstance(model, TabularMLP):  # a plug-in's model (task/plugin.py): its weights; the plug-in rebuilds it
+        # clone: safetensors refuses tensors that share memory (tied weights)
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()},
+                  out / "model.safetensors")
+        (out / "config.json").write_text(json.dumps({
+            "architecture": "fedshield-plugin", "task": cfg.task.name, "plugin": cfg.task.plugin,
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "class_names": test.class_names,
+        }, indent=2))
+        return out
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps({
         "architecture": "TabularMLP", "num_features": model.num_features,
         "num_classes": model.num_classes, "hidden_units": model.hidden,

@@ -29,6 +29,7 @@ commands:
   sweep      one simulation per ε value: accuracy vs privacy table and plot
   server     coordinator: a TLS SuperLink with site authentication + the ServerApp
   client     site agent: a SuperNode that trains on local data with a local budget
+  model-digest  the digest of a model folder, as a plan names it (a site checks its copy)
   certs      CA, server certificate, connection keys, enrolment (init | site | csr | sign | revoke | show)
   audit      verify a privacy ledger and recompute ε independently
   bundle     a wheelhouse for an offline site install: fedshield, every pinned dependency, INSTALL.txt
@@ -111,6 +112,7 @@ COMMANDS = {
     "sweep": _lazy("fedshield.simulations.sweep", "sweep_main"),
     "server": _lazy("fedshield.server.cli", "server_main"),
     "client": _lazy("fedshield.client.cli", "client_main"),
+    "model-digest": _lazy("fedshield.client.cli", "model_digest_main"),
     "certs": _lazy("fedshield.deploy.pki", "certs_main"),
     "audit": _lazy("fedshield.privacy.cli", "audit_main"),
     "bundle": _lazy("fedshield.deploy.bundle", "bundle_main"),

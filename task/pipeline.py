@@ -31,6 +31,7 @@ from fedshield.task.data import (
 )
 from fedshield.task.deid import DeidSpec, deidentified
 from fedshield.task.model import (
+    ModelError,
     TrainView,
     build_tabular_model,
     build_text_model,
@@ -42,6 +43,8 @@ from fedshield.task.model import (
     prefix_hidden_states,
     text_model_path,
 )
+from fedshield.task.model_digest import folder_digest
+from fedshield.task.plugin import PluginData, check_opacus, is_plugin, load_plugin, plugin_view
 
 if TYPE_CHECKING:  # transformers is imported when a text model is loaded (task.model._quiet_transformers first)
     from transformers import PreTrainedTokenizerBase
@@ -72,6 +75,7 @@ class TaskSpec:
     site_files: tuple[str, ...] = ()
     path_column: str = "path"  # image task: the CSV's image path column
     image_size: int = 32  # image task: the input side when the model folder does not say
+    plugin: str = ""
 
     @classmethod
     def of(cls, task: TaskConfig, *, text_column: str | None = None, label_column: str | None = None,
@@ -90,7 +94,7 @@ class TaskSpec:
             label_column=label_column,
             labels=tuple(task.labels),
             site_column=site_column,
-            hidden_units=task.hidden_units, deidentify=DeidSpec.of(task),
+            hidden_units=task.hidden_units, deidentify=DeidSpec.of(task), plugin=task.plugin,
             columns=columns, package_data=task.package_data, site_files=tuple(task.site_files),
             path_column=task.path_column, image_size=task.image_size,
         )
@@ -101,6 +105,9 @@ TABULAR_TASKS = ("heart-disease", "tabular")  # a TabularMLP built in code, no m
 
 @lru_cache(maxsize=4)
 def _pool_and_test(t: TaskSpec) -> tuple[LabeledData, LabeledData]:
+    if is_plugin(t.name):  # task/plugin.py: the plug-in's own (train, test)
+        loaded = load_plugin(t.name, t.plugin)
+        return loaded.train, loaded.test
     if t.name == causal_lm.TASK:
         return _documents(t)
     if t.name == "news-topics":
@@ -147,6 +154,16 @@ def read_text_file(task: TaskSpec, path: str, labels: list[str] | None = None) -
     )
 
 
+def read_site_file(task: TaskSpec, path: str, labels: list[str] | None = None) -> LabeledData:
+    """A deployed site's own data file read as the plan's task reads records: images (a
+    folder per class or a CSV of paths), documents (text-generation), a table or texts."""
+    if task.name == "image":
+        return read_images(task, path, labels)
+    if task.name == causal_lm.TASK:
+        return causal_lm.load_documents(path, task.text_column)
+    return read_text_file(task, path, labels)
+
+
 def scrubbed(task: TaskSpec, data: LabeledData) -> tuple[LabeledData, dict[str, int] | None]:
     """The records as a site encodes them: scrubbed (task.deidentify, task/deid.py; cached per
     data object) with the counts by type, or `data` itself and None when it is off."""
@@ -175,22 +192,54 @@ def check_task(cfg: Config) -> tuple[LabeledData, LabeledData, Path | None]:
     """The run's data and (text tasks) model folder, read as the coordinator and the sites
     will load them, without loading the weights (a wrong folder, a head of another size, a
     missing file is one line before anything starts): (pool, test, the model folder or None)."""
-    if cfg.task.name == causal_lm.TASK:  # a decoder, no head to check
-        folder = causal_lm.decoder_path(cfg.task.model)
-        pool, test = pool_and_test(cfg)
-        return pool, test, folder
-    if cfg.task.name == "image":  # the folder's config and weights header; the head is replaced if its size differs
-        folder = image.image_model_folder(cfg.task.model) if cfg.task.model else None
-        pool, test = pool_and_test(cfg)
-        build_model(cfg)  # loaded and validated for Opacus (then cached): a model it cannot train fails here
-        return pool, test, folder
-    folder = None if cfg.task.name in TABULAR_TASKS else text_model_path(cfg.task.model)  # tabular: built in code
+    folder = model_folder(cfg)
     pool, test = pool_and_test(cfg)
-    if folder is not None:
-        check_model_head(folder, list(test.class_names), f"task.model={cfg.task.model!r}")
+    name, where = cfg.task.name, f"task.model={cfg.task.model!r}"
+    if name == "image":  # loaded and validated for Opacus (then cached): a model it cannot train fails here
+        build_model(cfg)
+    elif is_plugin(name):
+        view = build_view(cfg)  # the plug-in's model and trainable names, checked now, not in round 1
+        if cfg.privacy.mode == "dp-sgd":
+            check_opacus(view.model, load_plugin(name, cfg.task.plugin).where)
+    elif folder is not None and name != causal_lm.TASK:  # a decoder for text-generation has no head to check
+        check_model_head(folder, list(test.class_names), where)
         tr = cfg.training  # the family supports the mode, and Opacus the modules that train
-        check_trainable(folder, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha, f"task.model={cfg.task.model!r}")
+        check_trainable(folder, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha, where)
     return pool, test, folder
+
+
+def model_folder(cfg: Config) -> Path | None:
+    """The model folder a task loads (checked), or None for models built in code
+    (the tabular MLP, plug-ins)."""
+    name = cfg.task.name
+    if name in TABULAR_TASKS or is_plugin(name):
+        return None
+    if name == causal_lm.TASK:
+        return causal_lm.decoder_path(cfg.task.model)
+    if name == "image":  # "" = a small ResNet built in code (task/image.py)
+        return image.image_model_folder(cfg.task.model) if cfg.task.model else None
+    return text_model_path(cfg.task.model)
+
+
+def model_digest(cfg: Config) -> str:
+    """The digest of the task's model folder (task/model_digest.py; "" without a folder):
+    what the coordinator's plan names and a deployed site checks its own copy against."""
+    folder = model_folder(cfg)
+    return "" if folder is None else folder_digest(folder)
+
+
+def check_model_copy(cfg: Config, where: str) -> None:
+    """A deployed site's copy of the model is the one the plan names (task.model_digest)."""
+    digest = model_digest(cfg)
+    if digest != cfg.task.model_digest:
+        shown = f"{cfg.task.model!r}" if cfg.task.model else "'' (the bundled all-MiniLM-L6-v2)"
+        raise ModelCopyError(f"{where}: its model (task.model={shown}) has digest {digest[:16] or 'none'}..., the "
+                             f"coordinator's plan names {cfg.task.model_digest[:16] or 'none'}...: copy the "
+                             "coordinator's model folder (docs/site-operator.md)")
+
+
+class ModelCopyError(ModelError):
+    """A site's copy of the model is not the coordinator's (decline kind `model`)."""
 
 
 def class_names(cfg: Config) -> list[str]:
@@ -199,6 +248,8 @@ def class_names(cfg: Config) -> list[str]:
 
 @lru_cache(maxsize=2)
 def _base_model(t: TaskSpec, seed: int, num_features: int, classes: tuple[str, ...]) -> nn.Module:
+    if is_plugin(t.name):
+        return load_plugin(t.name, t.plugin).build_model(seed)
     if t.name in TABULAR_TASKS:
         return build_tabular_model(num_features, len(classes), t.hidden_units, seed)
     if t.name == causal_lm.TASK:
@@ -221,7 +272,9 @@ def build_view(cfg: Config, device: torch.device | None = None) -> TrainView:
     if device is not None:
         model.to(device)  # before LoRA wrapping: see task.model.add_lora
     tr = cfg.training
-    if cfg.task.name == causal_lm.TASK:
+    if is_plugin(cfg.task.name):  # the plug-in names what trains (training.trainable is for BERT models)
+        view = plugin_view(model, load_plugin(cfg.task.name, cfg.task.plugin).trainable_names(model))
+    elif cfg.task.name == causal_lm.TASK:
         view = causal_lm.make_causal_view(model, tr.lora_r, tr.lora_alpha)
     elif cfg.task.name == "image":
         view = _image_view(cfg, model)
@@ -280,6 +333,8 @@ def encode(
     if cfg.task.name == causal_lm.TASK:  # (input_ids, attention_mask, next-token labels)
         return causal_lm.encode_documents(cfg.task.model, cfg.task.max_length, list(data.texts or []))
     labels = torch.as_tensor(data.labels, dtype=torch.long)
+    if isinstance(data, PluginData):  # a plug-in's tensors go to its model as they are
+        return TensorDataset(*data.inputs, labels)
     if data.features is not None:
         return TensorDataset(torch.as_tensor(data.features, dtype=torch.float32), labels)
     if data.images is not None:  # 8-bit: the module scales and normalises (task.image.ImageClassifier)
