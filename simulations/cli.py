@@ -37,7 +37,7 @@ commands:
   dashboard  a read-only live view of a run in the browser (127.0.0.1:8765 by default)
 
 `fedshield COMMAND --help` tells more. Config overrides: key=value (e.g. federation.rounds=3),
-presets: task=heart-disease|news-topics|tabular|text-file, privacy=none|dp-sgd.
+presets: task=heart-disease|image|news-topics|tabular|text-file|text-generation, privacy=none|dp-sgd.
 """
 
 

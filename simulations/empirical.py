@@ -230,10 +230,11 @@ def empirical_main(argv: list[str]) -> int:
             raise conf.ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
 
     # The task is built here (a text-file task on the canary data): a task preset only says
-    # which one the user had in mind; heart-disease has no texts to plant canaries in.
+    # which one the user had in mind; heart-disease and image have no texts to plant canaries in.
     presets = [a.split("=", 1)[1].strip() for a in args.overrides if a.startswith("task=")]
-    if any(p == "heart-disease" for p in presets):
-        raise conf.ConfigError("task='heart-disease': the canary audit needs a text task (canaries are texts)")
+    for preset in presets:
+        if preset in ("heart-disease", "image"):  # no texts to plant canaries in
+            raise conf.ConfigError(f"task={preset!r}: the canary audit needs a text task (canaries are texts)")
     overrides = [a for a in args.overrides if not a.startswith("task=")
                  and not a.startswith(("task.name=", "task.data_path=", "task.test_path="))]
     user = Config.load(overrides)

@@ -236,6 +236,20 @@ def test_a_dp_step_changes_every_trainable_weight(tmp_path: Path) -> None:
     assert changed == list(before) and all(np.isfinite(v).all() for v in after.values())
 
 
+def test_last_layers_trains_the_head_only(tmp_path: Path) -> None:
+    cfg = _small(tmp_path, "training.trainable=last_layers", "training.last_layers=0")
+    view = pipeline.build_view(cfg)
+    assert view.trainable_names == ["classifier.1.weight", "classifier.1.bias"]
+    assert view.fingerprint != pipeline.build_view(_small(tmp_path)).fingerprint  # the frozen body is checked
+    frozen = {k: v.clone() for k, v in view.model.state_dict().items() if k not in view.trainable_names}
+    dataset = pipeline.encode(cfg, view, pipeline.pool_and_test(cfg)[1].subset(np.arange(32)))
+    plan = LocalPlan(epochs=1, batch_size=16, max_physical_batch_size=16, learning_rate=0.5, optimizer="sgd",
+                     dp=True, noise_multiplier=1.0, max_grad_norm=1.0)
+    train_local(view.module, dataset, plan, device=torch.device("cpu"), generator=torch.Generator())
+    after = view.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items())
+
+
 def test_write_digits_gives_a_folder_and_a_csv_that_read_as_the_bundled_digits(tmp_path: Path) -> None:
     assert image.main(["--write-digits", str(tmp_path / "digits")]) == 0
     bundled = image.load_digits_images(GRAY8)
