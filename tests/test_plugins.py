@@ -211,7 +211,7 @@ def test_an_entry_point_plugin_trains_two_sites_two_rounds_with_dp_and_its_ledge
     cfg = Config.load([
         f"task.name={ENTRY_POINT}", "federation.num_sites=2", "federation.rounds=2",
         "training.optimizer=sgd", "training.learning_rate=0.5", "training.batch_size=32",
-        "training.local_epochs=2", "privacy.delta=1e-3", "privacy.target_epsilon=8",
+        "training.local_epochs=1", "privacy.delta=1e-3", "privacy.noise_multiplier=1.0",
         "simulation.client_cpus=1", f"output.dir={tmp_path / 'runs'}",
     ])
     run = run_simulation(cfg)
