@@ -143,8 +143,9 @@ def test_a_model_opacus_cannot_train_is_refused_before_the_run(plugin_path, tmp_
 def test_an_unknown_task_name_lists_the_installed_plugins(plugin_path):
     from fedshield.task.pipeline import check_task
 
-    with pytest.raises(PluginError, match=rf"task.name='blob': not a built-in task nor an installed plug-in "
-                                          rf"\(entry points fedshield.tasks: .*{ENTRY_POINT}"):
+    with pytest.raises(PluginError, match=rf"task.name='blob': must be one of news-topics, .*plugin \(with "
+                                          rf"task.plugin=module:factory\) or an installed plug-in \(entry points "
+                                          rf"fedshield.tasks: .*{ENTRY_POINT}"):
         check_task(Config.load(["task.name=blob"]))
 
 
