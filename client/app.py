@@ -142,6 +142,10 @@ class PolicyError(FedShieldError):
     """The coordinator's plan asks for less privacy than the site's policy allows."""
 
 
+class TaskNotAllowed(PolicyError):
+    """The plan names a plug-in task this site did not allow (task/plugin.py `site_allows`)."""
+
+
 def site_config(plan: Config, node_config: Mapping[str, Any], deployed: bool = True) -> Config:
     """The config a site works with: the coordinator's plan, checked against the site's
     privacy policy (deployed sites; PolicyError if the plan is looser) and with the site's
@@ -157,7 +161,7 @@ def site_config(plan: Config, node_config: Mapping[str, Any], deployed: bool = T
     if deployed and is_plugin(plan.task.name):  # before anything could import the plug-in
         problem = site_allows(plan.task.name, plan.task.plugin, str(own.get("task.plugin", "")))
         if problem:
-            raise PolicyError(problem)
+            raise TaskNotAllowed(problem)
     if deployed and own.get("task.model"):  # the site's own copy; the plan's digest says if it is the same
         operational["task.model"] = str(own["task.model"])
     if deployed:
@@ -430,6 +434,8 @@ def handle(msg: Message, context: Context, handler: Callable[[Message, protocol.
         return handler(msg, plan, site)
     except protocol.ProtocolError as exc:
         return _decline(msg, name, f"the coordinator's message broke the protocol: {exc}", "protocol")
+    except TaskNotAllowed as exc:  # nothing was imported: the site's own installs and settings say no
+        return _decline(msg, name, f"the plan names a task this site does not run: {exc}", "policy")
     except PolicyError as exc:
         return _decline(msg, name, f"the plan asks for less privacy than this site allows: {exc}", "policy")
     except ModelCopyError as exc:  # from the digests (public: the plan's and the site's software)

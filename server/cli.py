@@ -240,8 +240,11 @@ def check_inputs(cfg: Config, admitted: int) -> str:
     if cfg.federation.min_sites > admitted:
         raise conf.ConfigError(f"federation.min_sites={cfg.federation.min_sites}: only {admitted} connection "
                                f"key{'s are' if admitted != 1 else ' is'} admitted (--connection-keys)")
+    from fedshield.task.pipeline import model_digest
+
     pool, test, folder = check_task(cfg)
-    model = f"; model {folder}" if folder is not None else ""
+    # The digest the plan names (sites check their own copy against it: docs/site-operator.md).
+    model = f"; model {folder}, digest {model_digest(cfg)}" if folder is not None else ""
     return (f"task {cfg.task.name}: {len(pool)} training and {len(test)} test records, classes "
             f"{', '.join(test.class_names)}{model}")
 

@@ -36,16 +36,16 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fedshield.conf import ConfigError
 from fedshield.conf.schema import PLUGIN_FACTORY_RE, PLUGIN_TASK, TASKS
-from fedshield.privacy.errors import FedShieldError
 from fedshield.task.data import LabeledData
 from fedshield.task.model import TrainView
 
 ENTRY_POINT_GROUP = "fedshield.tasks"
 
 
-class PluginError(FedShieldError):
-    """A plug-in task cannot be found, imported, built or used."""
+class PluginError(ConfigError):
+    """A plug-in task cannot be found, imported, built or used (the task the config names)."""
 
 
 @runtime_checkable
@@ -147,7 +147,8 @@ def _factory(name: str, plugin: str) -> tuple[Callable[[], object], str]:
         eps = installed_plugins()
         if name not in eps:
             shown = ", ".join(sorted(eps)) or "none"
-            raise PluginError(f"{where}: not a built-in task nor an installed plug-in (entry points "
+            raise PluginError(f"{where}: must be one of {', '.join(TASKS)}, {PLUGIN_TASK} (with "
+                              f"task.plugin=module:factory) or an installed plug-in (entry points "
                               f"{ENTRY_POINT_GROUP}: {shown})")
         try:
             obj = eps[name].load()

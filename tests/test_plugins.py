@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Message, RecordDict
 
 from fedshield import protocol
 from fedshield.conf import ConfigError
@@ -143,8 +143,9 @@ def test_a_model_opacus_cannot_train_is_refused_before_the_run(plugin_path, tmp_
 def test_an_unknown_task_name_lists_the_installed_plugins(plugin_path):
     from fedshield.task.pipeline import check_task
 
-    with pytest.raises(PluginError, match=rf"task.name='blob': not a built-in task nor an installed plug-in "
-                                          rf"\(entry points fedshield.tasks: .*{ENTRY_POINT}"):
+    with pytest.raises(PluginError, match=rf"task.name='blob': must be one of news-topics, .*plugin \(with "
+                                          rf"task.plugin=module:factory\) or an installed plug-in \(entry points "
+                                          rf"fedshield.tasks: .*{ENTRY_POINT}"):
         check_task(Config.load(["task.name=blob"]))
 
 
@@ -202,6 +203,30 @@ def test_a_site_declines_a_plan_naming_a_plugin_it_does_not_allow(plugin_path, t
         assert isinstance(got, protocol.SiteHello) and got.site == "lab-a", got
 
 
+@pytest.mark.usefixtures("flower_task_identity")
+def test_a_deployed_site_trains_its_plugin_with_dp_and_spends_before_it_replies(plugin_path, tmp_path):
+    import fedshield.client.app as site
+    from fedshield.task.pipeline import build_view, view_fingerprint
+
+    cfg = Config.load([f"task.name={ENTRY_POINT}", "privacy.delta=1e-5", "training.batch_size=32",
+                       "training.optimizer=sgd", "federation.rounds=2"])
+    view = build_view(cfg)  # the coordinator's copy: the plan carries its frozen weights' fingerprint
+    weights = view.trainable_state()
+    plan = protocol.plan_record(config_yaml=cfg.to_yaml(), run_id="run-1", run_dir="/coordinator/runs/run-1",
+                                frozen_fingerprint=view_fingerprint(view), class_names=["left", "right"])
+    plan[protocol.SERVER_ROUND] = 1
+    msg = Message(content=RecordDict({protocol.PLAN: plan, protocol.ARRAYS: protocol.to_array_record(weights)}),
+                  message_type=protocol.TRAIN, dst_node_id=1)
+    reply = protocol.read_train_reply(site.train(msg, deployed(tmp_path)),
+                                      {k: (v.shape, v.dtype) for k, v in weights.items()})
+    assert isinstance(reply, protocol.TrainReply), reply
+    assert set(reply.arrays) == {"2.weight", "2.bias"}  # only what trainable() names leaves the site
+    assert any(not np.array_equal(reply.arrays[k], weights[k]) for k in weights)
+    released = [e["release"] for e in reply.ledger_entries]
+    assert released == ["record-count", "dp-sgd"]  # the count (add-remove) and the round, both signed
+    assert reply.num_examples == reply.ledger_entries[0]["released_count"]  # the weight is the noisy count
+
+
 @pytest.mark.e2e
 def test_an_entry_point_plugin_trains_two_sites_two_rounds_with_dp_and_its_ledger_audits(plugin_path, tmp_path):
     import fedshield
@@ -211,7 +236,7 @@ def test_an_entry_point_plugin_trains_two_sites_two_rounds_with_dp_and_its_ledge
     cfg = Config.load([
         f"task.name={ENTRY_POINT}", "federation.num_sites=2", "federation.rounds=2",
         "training.optimizer=sgd", "training.learning_rate=0.5", "training.batch_size=32",
-        "training.local_epochs=2", "privacy.delta=1e-3", "privacy.target_epsilon=8",
+        "training.local_epochs=1", "privacy.delta=1e-3", "privacy.noise_multiplier=1.0",
         "simulation.client_cpus=1", f"output.dir={tmp_path / 'runs'}",
     ])
     run = run_simulation(cfg)
