@@ -117,7 +117,10 @@ DEIDENTIFY = ("task.deidentify", "task.deidentify_patterns", "task.deidentify_re
 # declines kind `model` when its copy's differs); `task.plugin`, the one module:factory
 # plug-in it allows (a plan naming another, or a plug-in not installed here, is declined kind
 # `policy` before anything is imported: task/plugin.py `site_allows`).
-SITE_TASK = ("task.model", "task.plugin")
+# `task.name`, the kind of records its data file holds (text by default; tabular, image,
+# text-generation): `fedshield client` reads the file as that task's records before it
+# connects, and a plan for another task is declined kind `policy` (_own_task).
+SITE_TASK = ("task.name", "task.model", "task.plugin")
 SITE_OVERRIDABLE = POLICY + OPERATIONAL + DEIDENTIFY + SITE_TASK
 
 
@@ -143,7 +146,8 @@ class PolicyError(FedShieldError):
 
 
 class TaskNotAllowed(PolicyError):
-    """The plan names a plug-in task this site did not allow (task/plugin.py `site_allows`)."""
+    """The plan names a task this site did not allow: a plug-in it did not install or name
+    (task/plugin.py `site_allows`), or not the task its own task.name says its data is for."""
 
 
 def site_config(plan: Config, node_config: Mapping[str, Any], deployed: bool = True) -> Config:
@@ -162,6 +166,8 @@ def site_config(plan: Config, node_config: Mapping[str, Any], deployed: bool = T
         problem = site_allows(plan.task.name, plan.task.plugin, str(own.get("task.plugin", "")))
         if problem:
             raise TaskNotAllowed(problem)
+    if deployed and (problem := _own_task(plan.task.name, str(own.get("task.name", "")))):
+        raise TaskNotAllowed(problem)
     if deployed and own.get("task.model"):  # the site's own copy; the plan's digest says if it is the same
         operational["task.model"] = str(own["task.model"])
     if deployed:
@@ -171,6 +177,19 @@ def site_config(plan: Config, node_config: Mapping[str, Any], deployed: bool = T
         if floor is not None and (plan.privacy.min_noise_multiplier or 0.0) < floor:
             operational["privacy.min_noise_multiplier"] = floor  # a plan silent on it gets the site's floor
     return plan.with_values(operational) if operational else plan
+
+
+# A site's file of texts and labels serves either text-classification task.
+_TEXT_RECORDS = ("news-topics", "text-file")
+
+
+def _own_task(planned: str, own: str) -> str | None:
+    """Why a deployed site that said what its data is for (its own task.name) declines the
+    plan's task, or None: its file was read as that task's records, not the plan's."""
+    if not own or own == planned or (own in _TEXT_RECORDS and planned in _TEXT_RECORDS):
+        return None
+    return (f"task.name: this site's data is for task {own!r} (its own task.name); the plan asks for "
+            f"{planned!r}")
 
 
 def _own_scrubbing(plan: Config, own: Mapping[str, Any], deployed: bool) -> dict[str, Any]:

@@ -161,13 +161,31 @@ def check_ca(ca: Path) -> None:
         raise FedShieldError(f"--ca {ca}: not usable as a CA file ({exc.reason})") from None
 
 
-def check_data(path: Path, labels: list[str] | None, text_column: str, label_column: str) -> LabeledData:
-    from fedshield.conf.config import Config
-    from fedshield.task.pipeline import TaskSpec, read_text_file
+# What a deployed site's data file can be for (its own task.name): the built-in tasks.
+SITE_TASKS = ("news-topics", "text-file", "tabular", "image", "text-generation")
 
-    config = Config.load(["task=text-file", f"task.data_path={path}",
-                          f"task.text_column={text_column}", f"task.label_column={label_column}"])
-    return read_text_file(TaskSpec.of(config.task), str(path), labels=labels)
+
+def check_data(path: Path, labels: list[str] | None, text_column: str, label_column: str,
+               task: str = "") -> LabeledData:
+    """The site's data read as the records of `task` (the site's own task.name; "" = a file
+    of texts and labels), before anything connects: a missing file, a corrupt row or image,
+    a label outside `labels` is one line now. A table's column schema comes with the plan, so
+    here it is read for its label column only (the full read is at the first message)."""
+    from fedshield.conf.config import Config
+    from fedshield.task.pipeline import TaskSpec, read_site_file, read_text_file
+
+    name = task or "text-file"
+    if name in ("news-topics", "text-file"):
+        config = Config.load(["task=text-file", f"task.data_path={path}",
+                              f"task.text_column={text_column}", f"task.label_column={label_column}"])
+        return read_text_file(TaskSpec.of(config.task), str(path), labels=labels)
+    if name == "tabular":
+        from fedshield.task.tabular import read_labels
+
+        return read_labels(path, label_column, labels)
+    config = Config.load([f"task={name}", f"task.data_path={path}", f"task.text_column={text_column}",
+                          f"task.label_column={label_column}"])
+    return read_site_file(TaskSpec.of(config.task), str(path), labels=labels)
 
 
 def check_overrides(items: list[str]) -> dict[str, object]:
@@ -182,9 +200,13 @@ def check_overrides(items: list[str]) -> dict[str, object]:
         if key not in SITE_OVERRIDABLE:
             raise conf.ConfigError(f"{key!r}: a site can set only {', '.join(SITE_OVERRIDABLE)}")
         out[key] = [str(v) for v in value] if isinstance(value, Sequence) and not isinstance(value, str) else value
-    if out:  # values are checked by the schema, before anything connects
+    if "task.name" in out and out["task.name"] not in SITE_TASKS:
+        raise conf.ConfigError(f"task.name={out['task.name']!r}: what this site's data is for; one of "
+                               f"{', '.join(SITE_TASKS)} (a plug-in: task.plugin)")
+    checked = {k: v for k, v in out.items() if k != "task.name"}  # the task's own keys come with the plan
+    if checked:  # values are checked by the schema, before anything connects
         task = ["task.name=plugin"] if "task.plugin" in out else ["task=text-file", "task.data_path=x.csv"]
-        conf.load_config([f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in out.items()] + task)
+        conf.load_config([f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in checked.items()] + task)
     return out
 
 
@@ -376,8 +398,8 @@ class SiteAgent:
         data = Path(self.data).expanduser().resolve()
         given = self.labels.split(",") if isinstance(self.labels, str) else self.labels
         labels = [x.strip() for x in given if x.strip()] if given else None
-        site_data = check_data(data, labels, self.text_column, self.label_column)
         overrides = check_overrides([self.overrides] if isinstance(self.overrides, str) else list(self.overrides))
+        site_data = check_data(data, labels, self.text_column, self.label_column, str(overrides.get("task.name", "")))
         if overrides.get("task.model"):  # the site's own model copy: a wrong folder is one line now, not a decline
             from fedshield.task.model import check_model_folder
 

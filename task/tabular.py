@@ -83,6 +83,23 @@ def _rows(p: Path, columns: list[str]) -> Iterator[tuple[str, list[Cell]]]:
         yield from _parquet_rows(p, columns)
 
 
+def read_labels(path: str | Path, label_column: str, classes: list[str] | None = None) -> LabeledData:
+    """A site's table read for its label column only (`fedshield client` at start: the column
+    schema comes with the coordinator's plan): the file, its rows and, with `classes`, that
+    every label is one of them, checked in one line each; features are not read."""
+    p = check_data_file(path)
+    raw = [(where, _cell_text(values[0])) for where, values in _rows(p, [label_column])]
+    for where, label in raw:
+        if not label:
+            raise DataError(f"{where}: empty label in column {label_column!r}")
+        if classes is not None and label not in classes:
+            raise DataError(f"{where}: label {label!r} is not one of the site's classes ({', '.join(classes)})")
+    names = list(classes) if classes is not None else sorted({label for _, label in raw})
+    index = {c: k for k, c in enumerate(names)}
+    return LabeledData(labels=np.asarray([index[label] for _, label in raw], dtype=np.int64), class_names=names,
+                       source=str(p))
+
+
 class _Encoder:
     """One record's cells -> (features, class index) or None (a dropped row)."""
 
