@@ -399,7 +399,10 @@ class SiteAgent:
         given = self.labels.split(",") if isinstance(self.labels, str) else self.labels
         labels = [x.strip() for x in given if x.strip()] if given else None
         overrides = check_overrides([self.overrides] if isinstance(self.overrides, str) else list(self.overrides))
-        site_data = check_data(data, labels, self.text_column, self.label_column, str(overrides.get("task.name", "")))
+        own_task = str(overrides.get("task.name", ""))
+        if own_task in ("tabular", "image") and not labels:  # client/app.py takes only texts' classes from a plan
+            raise FedShieldError(f"task.name={own_task}: declare this site's classes with --labels (e.g. --labels no,yes)")
+        site_data = check_data(data, labels, self.text_column, self.label_column, own_task)
         if overrides.get("task.model"):  # the site's own model copy: a wrong folder is one line now, not a decline
             from fedshield.task.model import check_model_folder
 
