@@ -401,7 +401,8 @@ class SiteAgent:
         overrides = check_overrides([self.overrides] if isinstance(self.overrides, str) else list(self.overrides))
         own_task = str(overrides.get("task.name", ""))
         if own_task in ("tabular", "image") and not labels:  # client/app.py takes only texts' classes from a plan
-            raise FedShieldError(f"task.name={own_task}: declare this site's classes with --labels (e.g. --labels no,yes)")
+            raise FedShieldError(f"task.name={own_task}: declare this site's classes with --labels "
+                                 "(e.g. --labels no,yes)")
         site_data = check_data(data, labels, self.text_column, self.label_column, own_task)
         if overrides.get("task.model"):  # the site's own model copy: a wrong folder is one line now, not a decline
             from fedshield.task.model import check_model_folder
