@@ -114,7 +114,8 @@ def check_task(cfg: Config) -> tuple[LabeledData, LabeledData, Path | None]:
     if folder is not None:
         check_model_head(folder, list(test.class_names), f"task.model={cfg.task.model!r}")
         tr = cfg.training  # the family supports the mode, and Opacus the modules that train
-        check_trainable(folder, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha, f"task.model={cfg.task.model!r}")
+        check_trainable(folder, tr.trainable, tr.last_layers, tr.lora_r, tr.lora_alpha,
+                        f"task.model={cfg.task.model!r}")
     return pool, test, folder
 
 
