@@ -868,8 +868,10 @@ def local_update(msg: Message, plan: protocol.Plan, site: Site) -> LocalUpdate |
     arrays = view.trainable_state()
     site.state.save_release(plan.run_id, plan.server_round, digest, arrays, {"num_examples": n})
     # The loss and the time are noiseless functions of the private data: they stay here.
-    log.info("%s: round %s trained: mean loss %.4f, %.1fs", site.name, plan.server_round, result.mean_loss,
-             time.time() - t0)
+    memory = (f", {result.batch_memory[0] / 2**20:.1f} MiB a physical batch ({result.batch_memory[1]})"
+              if result.batch_memory else "")
+    log.info("%s: round %s trained: mean loss %.4f, %.1fs%s", site.name, plan.server_round, result.mean_loss,
+             time.time() - t0, memory)
     return LocalUpdate(weights, arrays, n, _with_unreported(site, plan.run_id, entries))
 
 

@@ -657,6 +657,11 @@ def frozen_fingerprint(model: nn.Module, trainable_names: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+# The output layer of a sequence-classification head, by family (task/families.py): BERT's
+# and most encoders' `classifier`, RoBERTa/ELECTRA's `classifier.out_proj`, the decoders' `score`.
+_HEAD_OUTPUTS = ("classifier.weight", "classifier.out_proj.weight", "score.weight")
+
+
 def check_model_head(folder: Path, class_names: list[str], where: str) -> None:
     """A classification head already in the model folder has one output per class of the task.
 
@@ -674,7 +679,7 @@ def check_model_head(folder: Path, class_names: list[str], where: str) -> None:
 
         try:
             with safe_open(str(weights), "pt") as f:
-                heads = [k for k in f.keys() if k == "classifier.weight" or k.endswith(".classifier.weight")]
+                heads = [k for k in f.keys() if k.split(".", 1)[-1] in _HEAD_OUTPUTS or k in _HEAD_OUTPUTS]
                 if heads:
                     outputs = int(f.get_slice(heads[0]).get_shape()[0])
         except Exception as exc:  # noqa: BLE001 - a header safetensors cannot read: one line

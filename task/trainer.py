@@ -18,7 +18,8 @@ clips to a zero sum and noises, for every trainable view and both clipping modes
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +86,57 @@ class LocalResult:
     mean_loss: float
     steps: int
     spends: list[tuple[float, float, int]]  # what Opacus' accountant recorded (DP only)
+    # Memory of the first physical batch's forward + backward (bytes, how it was measured):
+    # the site's log only (a physical batch's size is a Poisson draw: it never leaves).
+    batch_memory: tuple[int, str] | None = None
+
+
+class _BatchMemory:
+    """Memory one physical batch takes, measured at the first local step.
+
+    CUDA: `torch.cuda.max_memory_allocated` over forward + backward (the allocator's own
+    peak). CPU has no allocator statistics (tracemalloc does not see torch's allocations,
+    and the process' maxrss is a high-water mark of everything before): an estimate is
+    reported instead, the bytes of the trainable parameters and their gradients, of every
+    leaf module's output in the forward pass (each storage once: what autograd and Opacus
+    keep for the backward pass, roughly), and of Opacus' per-sample gradients: what a batch
+    holds at its peak, minus transient workspace. (autograd's saved-tensor hooks would be
+    exact, but Opacus' functorch fallback for layers it has no sampler for refuses them.)"""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.result: tuple[int, str] | None = None
+        self._saved: dict[int, int] = {}
+
+    def _record(self, _module: nn.Module, _args: object, output: object) -> None:
+        for t in output if isinstance(output, (tuple, list)) else [getattr(output, "logits", output)]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                self._saved[storage.data_ptr()] = storage.nbytes()
+
+    @contextmanager
+    def measure(self, module: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+        """Around the first forward + backward (later ones run as they are)."""
+        self._module = module
+        if self.result is not None:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield
+            self.result = (int(torch.cuda.max_memory_allocated(self.device)), "cuda max_memory_allocated")
+            return
+        hooks = [m.register_forward_hook(self._record) for m in self._module.modules() if not any(m.children())]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+        held = sum(2 * p.numel() * p.element_size() for p in params)  # weights + gradients
+        per_sample = sum(int(g.numel() * g.element_size()) for p in params
+                         if isinstance(g := getattr(p, "grad_sample", None), torch.Tensor))
+        self.result = (held + sum(self._saved.values()) + per_sample,
+                       "estimate: trainable weights + grads + layer outputs + per-sample grads")
 
 
 def _optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -141,6 +193,7 @@ def train_local(
 
     losses: list[float] = []
     steps = 0
+    memory = _BatchMemory(device)
     for _ in range(plan.epochs):
         if plan.dp:
             with BatchMemoryManager(
@@ -148,9 +201,10 @@ def train_local(
                 max_physical_batch_size=plan.max_physical_batch_size,
                 optimizer=optimizer,
             ) as memory_safe_loader:
-                steps += _epoch(module, optimizer, memory_safe_loader, criterion, device, losses, plan, params, anchors)
+                steps += _epoch(module, optimizer, memory_safe_loader, criterion, device, losses, plan, params, anchors,
+                                memory)
         else:
-            steps += _epoch(module, optimizer, loader, criterion, device, losses, plan, params, anchors)
+            steps += _epoch(module, optimizer, loader, criterion, device, losses, plan, params, anchors, memory)
     for p in params:
         if not torch.isfinite(p).all():
             raise TrainingError(
@@ -160,19 +214,21 @@ def train_local(
         mean_loss=float(np.mean(losses)) if losses else float("nan"),
         steps=steps,
         spends=spends(engine) if engine is not None else [],
+        batch_memory=memory.result,
     )
 
 
 def _epoch(module: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable[tuple[torch.Tensor, ...]],
            criterion: nn.Module, device: torch.device, losses: list[float], plan: LocalPlan,
-           params: list[nn.Parameter], anchors: list[torch.Tensor]) -> int:
+           params: list[nn.Parameter], anchors: list[torch.Tensor], memory: _BatchMemory) -> int:
     steps = 0
     for batch in loader:
         *inputs, labels = (t.to(device) for t in batch)
         optimizer.zero_grad(set_to_none=True)
         if len(labels):
-            loss = criterion(module(*inputs), labels)
-            loss.backward()
+            with memory.measure(module, params):
+                loss = criterion(module(*inputs), labels)
+                loss.backward()
             losses.append(float(loss.detach()))
             if not plan.dp:
                 torch.nn.utils.clip_grad_norm_(params, plan.max_grad_norm)

@@ -33,7 +33,8 @@ def _tiny_config(model_type: str):  # noqa: ANN202 - a transformers PretrainedCo
     decoder = dict(num_hidden_layers=2, num_key_value_heads=2, **_COMMON)
     return {
         "bert": lambda: tf.BertConfig(num_hidden_layers=2, **_COMMON),
-        "roberta": lambda: tf.RobertaConfig(num_hidden_layers=2, pad_token_id=0, **{**_COMMON, "max_position_embeddings": 70}),
+        "roberta": lambda: tf.RobertaConfig(num_hidden_layers=2, pad_token_id=0,
+                                            **{**_COMMON, "max_position_embeddings": 70}),
         "xlm-roberta": lambda: tf.XLMRobertaConfig(num_hidden_layers=2, pad_token_id=0,
                                                    **{**_COMMON, "max_position_embeddings": 70}),
         "electra": lambda: tf.ElectraConfig(num_hidden_layers=2, embedding_size=16, **_COMMON),
@@ -101,8 +102,12 @@ def test_a_dp_step_changes_exactly_the_trainable_weights_or_the_mode_is_refused(
     # One Poisson step at q = 1 (16 records, expected batch 16): the per-sample path, once.
     plan = LocalPlan(epochs=1, batch_size=16, max_physical_batch_size=16, learning_rate=0.05, optimizer="sgd",
                      dp=True, noise_multiplier=1.0, max_grad_norm=1.0)
-    result = train_local(view.module, data, plan, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    result = train_local(view.module, data, plan, device=torch.device("cpu"),
+                         generator=torch.Generator().manual_seed(0))
     assert result.spends == [(1.0, 1.0, 1)] and result.steps == 1
+    # The first physical batch's memory (CPU: the estimate) covers at least the per-sample gradients.
+    trainable_bytes = sum(p.numel() * p.element_size() for p in view.module.parameters() if p.requires_grad)
+    assert result.batch_memory is not None and result.batch_memory[0] > 16 * trainable_bytes
     after = view.model.state_dict()
     changed = {k for k in after if not torch.equal(full_before[k], after[k])}
     # Noise reaches every trainable coordinate (a silent no-op would leave one put), and
@@ -191,11 +196,10 @@ def _per_sample_vs_microbatches(module: nn.Module, x: torch.Tensor) -> None:
 
 
 def test_layer_norm_without_bias_and_llama_rms_norm_per_sample_gradients():
+    from opacus import GradSampleModule
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from fedshield.privacy.dpsgd import register_rms_norm
-
-    from opacus import GradSampleModule
 
     register_rms_norm(LlamaRMSNorm)
     # fedshield's samplers, not Opacus' functorch fallback (which would pass this test too)
@@ -227,3 +231,17 @@ def test_tiny_gpt2_two_sites_two_dp_rounds_and_the_ledger_audits(family_folder, 
     assert fedshield.audit(run, write_report=False).ok
     saved = json.loads((run / "model" / "config.json").read_text())
     assert saved["model_type"] == "gpt2" and saved["pad_token_id"] == 0
+
+
+def test_a_decoder_folder_with_a_head_of_another_size_is_refused_up_front(tmp_path, synthetic_csv):
+    from transformers import AutoTokenizer, GPT2ForSequenceClassification
+
+    from fedshield.task.model import bundled_model_path
+
+    folder = tmp_path / "gpt2-3"
+    config = _tiny_config("gpt2")
+    config.num_labels, config.pad_token_id = 3, 0
+    GPT2ForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(folder)
+    with pytest.raises(ModelError, match="its classification head has 3 outputs but the task has 2 classes"):
+        check_task(_cfg(folder, synthetic_csv, tmp_path, "head"))
