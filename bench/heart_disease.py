@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-from fedshield import conf  # noqa: E402
+from fedshield.conf.config import Config  # noqa: E402
 from fedshield.privacy.accountant import Spend, calibrate_noise_multiplier, epsilon  # noqa: E402
 from fedshield.task.evaluation import predict  # noqa: E402
 from fedshield.task.model import build_tabular_model  # noqa: E402
@@ -103,10 +103,10 @@ def main() -> None:
     extra = (["federation.rounds=5"] if a.quick else []) + a.overrides
     out_dir = Path(tempfile.mkdtemp(prefix="fedshield-heart-"))
     cfgs = {
-        "non-private": conf.load_config(["task=heart-disease", "privacy=none", f"output.dir={out_dir}", *extra]),
+        "non-private": Config.load(["task=heart-disease", "privacy=none", f"output.dir={out_dir}", *extra]),
         # No `privacy=dp-sgd` preset here: it would come after the task preset and reset the
         # task's clip norm (max_grad_norm 1.0) to the preset's 0.1. DP-SGD is the default mode.
-        "ε=8": conf.load_config(["task=heart-disease", "privacy.mode=dp-sgd", "privacy.target_epsilon=8",
+        "ε=8": Config.load(["task=heart-disease", "privacy.mode=dp-sgd", "privacy.target_epsilon=8",
                                  "privacy.delta=1e-5", f"output.dir={out_dir}", *extra]),
     }
     base = cfgs["ε=8"]
