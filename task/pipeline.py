@@ -123,9 +123,9 @@ def check_task(cfg: Config) -> tuple[LabeledData, LabeledData, Path | None]:
     will load them, without loading the weights (a wrong folder, a head of another size, a
     missing file is one line before anything starts): (pool, test, the model folder or None)."""
     if cfg.task.name == causal_lm.TASK:  # a decoder, no head to check
-        folder = causal_lm.decoder_path(cfg.task.model)
+        decoder = causal_lm.decoder_path(cfg.task.model)
         pool, test = pool_and_test(cfg)
-        return pool, test, folder
+        return pool, test, decoder
     folder = None if cfg.task.name == "heart-disease" else text_model_path(cfg.task.model)  # tabular: built in code
     pool, test = pool_and_test(cfg)
     if folder is not None:
