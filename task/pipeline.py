@@ -104,6 +104,8 @@ def _documents(t: TaskSpec) -> tuple[LabeledData, LabeledData]:
 
 
 def read_text_file(task: TaskSpec, path: str, labels: list[str] | None = None) -> LabeledData:
+    if task.name == causal_lm.TASK:  # documents: the text column only (a deployed site's file too)
+        return causal_lm.load_documents(path, task.text_column)
     return load_text_file(
         path,
         text_column=task.text_column,
