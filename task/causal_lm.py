@@ -71,6 +71,7 @@ TASK = "text-generation"
 # carries class names; a causal LM has no labels, every record is "a document".
 DOCUMENT = "document"
 IGNORE_INDEX = -100  # CrossEntropyLoss' ignore_index: padding and the last position
+NEW_MODULES = "_fedshield_new_modules"  # attribute: the model's leaf modules its checkpoint lacked
 BASE_FILE = "fedshield-base.json"  # in the exported adapter: which base and how to load it
 
 
@@ -166,11 +167,15 @@ def build_causal_lm(model: str, seed: int) -> nn.Module:
 
     folder = decoder_path(model)
     torch.manual_seed(seed)
-    m, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **load_kwargs(folder))
-    m.config.pad_token_id = tokenizer(model).pad_token_id
-    m.config.use_cache = False
-    m._fedshield_new_modules = _new_leaf_modules(m, set(info.get("missing_keys", ())))
-    return m  # type: ignore[no-any-return]
+    # (model, loading info) with output_loading_info; transformers' annotation says a model
+    loaded: Any = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **load_kwargs(folder))
+    m: nn.Module = loaded[0]
+    config: Any = m.config
+    config.pad_token_id = tokenizer(model).pad_token_id
+    config.use_cache = False
+    # read by make_causal_view; a plain attribute survives the per-process deepcopy of the base
+    setattr(m, NEW_MODULES, _new_leaf_modules(m, set(loaded[1].get("missing_keys", ()))))
+    return m
 
 
 def _new_leaf_modules(model: nn.Module, missing: set[str]) -> list[str]:
@@ -227,7 +232,7 @@ def make_causal_view(model: nn.Module, lora_r: int, lora_alpha: int) -> TrainVie
     targets = TARGETS.get(model_type)
     if not targets:
         raise ModelError(f"model_type {model_type!r}: peft names no LoRA target modules for it")
-    new = list(getattr(model, "_fedshield_new_modules", []))
+    new = list(getattr(model, NEW_MODULES, []))
     config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=list(targets), lora_dropout=0.0,
                         task_type="CAUSAL_LM", modules_to_save=new or None)
     peft_model = get_peft_model(model, config)
