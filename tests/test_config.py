@@ -44,7 +44,8 @@ def test_privacy_none_preset():
         (["training.trainable=some"], ["training.trainable", "all, last_layers, lora"]),
         (["training.batch_size=abc"], ["training.batch_size"]),
         (["task=nope"], ["task", "heart-disease", "news-topics", "text-file"]),
-        (["bogus=1"], ["bogus", GROUPS, "presets: task=heart-disease|news-topics|tabular|text-file, privacy=dp-sgd|none"]),
+        (["bogus=1"], ["bogus", GROUPS,
+                       "presets: task=heart-disease|news-topics|tabular|text-file, privacy=dp-sgd|none"]),
         (["foo.bar=1"], ["foo.bar", "no group 'foo'", GROUPS]),
         (["fedration.rounds=3"], ["did you mean 'federation.rounds'?", GROUPS]),
         (["site.data_path=x.csv"], ["site.data_path", GROUPS]),  # no such section: sites set their own
