@@ -123,7 +123,8 @@ def main() -> None:
         for mode in args.modes.split(","):
             view, inputs = build(family, mode)
             if view is None:
-                print(f"| {family} | {mode} | refused: {inputs} | | | | | | | |", flush=True)
+                why = inputs.replace("|", "\\|")  # the modes that work, as a Markdown table cell
+                print(f"| {family} | {mode} | refused: {why} | | | | | | | |", flush=True)
                 continue
             n = sum(p.numel() for p in view.module.parameters() if p.requires_grad)
             plain_view, _ = build(family, mode)

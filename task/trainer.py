@@ -106,7 +106,7 @@ class _BatchMemory:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.result: tuple[int, str] | None = None
-        self._saved: dict[int, int] = {}
+        self._saved: dict[int, int] = {}  # storage address -> bytes (each storage once)
 
     def _record(self, _module: nn.Module, _args: object, output: object) -> None:
         for t in output if isinstance(output, (tuple, list)) else [getattr(output, "logits", output)]:
@@ -117,7 +117,6 @@ class _BatchMemory:
     @contextmanager
     def measure(self, module: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
         """Around the first forward + backward (later ones run as they are)."""
-        self._module = module
         if self.result is not None:
             yield
             return
@@ -126,7 +125,7 @@ class _BatchMemory:
             yield
             self.result = (int(torch.cuda.max_memory_allocated(self.device)), "cuda max_memory_allocated")
             return
-        hooks = [m.register_forward_hook(self._record) for m in self._module.modules() if not any(m.children())]
+        hooks = [m.register_forward_hook(self._record) for m in module.modules() if not any(m.children())]
         try:
             yield
         finally:

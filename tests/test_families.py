@@ -245,3 +245,21 @@ def test_a_decoder_folder_with_a_head_of_another_size_is_refused_up_front(tmp_pa
     AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(folder)
     with pytest.raises(ModelError, match="its classification head has 3 outputs but the task has 2 classes"):
         check_task(_cfg(folder, synthetic_csv, tmp_path, "head"))
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "modernbert", "llama"])
+def test_ghost_clipping_trains_the_families_with_their_own_samplers(model_type, family_folder, synthetic_csv, tmp_path):
+    """grad_sample_mode=ghost: no tied weights in a sequence classifier, and the layers
+    without a norm sampler (GPT-2's Conv1D, a bias-free LayerNorm, Llama's RMSNorm) fall
+    back to per-sample gradients; every weight still moves."""
+    cfg = _cfg(family_folder(model_type), synthetic_csv, tmp_path, "all", **{"training.grad_sample_mode": "ghost"})
+    view = build_view(cfg)
+    before = {k: v.copy() for k, v in view.trainable_state().items()}  # numpy views share the weights
+    data = encode(cfg, view, pool_and_test(cfg)[0].subset(np.arange(16)))
+    plan = LocalPlan(epochs=1, batch_size=16, max_physical_batch_size=16, learning_rate=0.05, optimizer="sgd",
+                     dp=True, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="ghost")
+    result = train_local(view.module, data, plan, device=torch.device("cpu"),
+                         generator=torch.Generator().manual_seed(0))
+    after = view.trainable_state()
+    assert result.spends == [(1.0, 1.0, 1)]
+    assert not [k for k in after if np.array_equal(before[k], after[k])]
