@@ -263,3 +263,12 @@ def test_ghost_clipping_trains_the_families_with_their_own_samplers(model_type, 
     after = view.trainable_state()
     assert result.spends == [(1.0, 1.0, 1)]
     assert not [k for k in after if np.array_equal(before[k], after[k])]
+
+
+def test_simulate_refuses_an_unsupported_mode_before_anything_starts(family_folder, synthetic_csv, tmp_path):
+    from fedshield.simulations.simulate import run_simulation
+
+    cfg = _cfg(family_folder("llama"), synthetic_csv, tmp_path, "last_layers")
+    with pytest.raises(ModelError, match=r"trainable=last_layers does not work for Llama.*all \| lora \| head$"):
+        run_simulation(cfg)
+    assert not (tmp_path / "runs").exists()  # no run directory, no Ray
