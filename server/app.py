@@ -594,6 +594,11 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
         clip = centering.clip_norm(cfg, view)
         center = collect_feature_mean(grid, plan, sites, rounds, books, width, settings.sites.round_timeout_s,
                                       bound=lambda n: centering.sum_bound(n + slack, clip, noise_std, width))
+    elif cfg.training.center_features and cfg.task.name in ("news-topics", "text-file"):
+        # Only a BERT view in last_layers mode has the pooler that centering acts on
+        # (task.model.supports_centering): say so, rather than skip it in silence.
+        say("training.center_features: not applied with this model and training.trainable (it needs a BERT "
+            "pooler in last_layers mode); nothing is released for it")
     if center is not None:
         centering.set_center(view, center)
         plan = protocol.with_feature_center(plan, [float(v) for v in center])
