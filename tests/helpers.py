@@ -57,3 +57,21 @@ def tiny_overrides(tiny_bert: Path, data: Path, tmp_path: Path, **extra: object)
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def train_message(cfg, run_id: str, server_round: int = 1):
+    """The coordinator's TRAIN message for `cfg` (its plan, round `server_round`, the initial
+    trainable weights), as the ServerApp sends it to a site's ClientApp."""
+    from flwr.app import Message, RecordDict
+
+    from fedshield import protocol
+    from fedshield.task.pipeline import build_view, pool_and_test, view_fingerprint
+
+    view = build_view(cfg)
+    plan = protocol.plan_record(config_yaml=cfg.to_yaml(), run_id=run_id, run_dir="",
+                                frozen_fingerprint=view_fingerprint(view),
+                                class_names=pool_and_test(cfg)[1].class_names)
+    plan[protocol.SERVER_ROUND] = server_round
+    return Message(content=RecordDict({protocol.PLAN: plan,
+                                       protocol.ARRAYS: protocol.to_array_record(view.trainable_state())}),
+                   message_type=protocol.TRAIN, dst_node_id=1)

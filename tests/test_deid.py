@@ -14,7 +14,7 @@ import pytest
 from fedshield.conf import ConfigError
 from fedshield.conf.config import Config
 from fedshield.task.deid import DeidSpec, Scrubber, deidentified
-from tests.helpers import synthetic_rows, tiny_overrides, write_csv
+from tests.helpers import synthetic_rows, tiny_overrides, train_message, write_csv
 
 MRN = ("MRN", r"MRN-\d{6}")
 
@@ -180,12 +180,12 @@ def test_planted_identifiers_never_reach_the_tokenizer(tiny_bert, tmp_path, monk
     """A deployed site whose own policy turns de-identification on (the plan does not): the
     texts its tokenizer receives, and the token ids it trains on, hold placeholders instead of
     the planted values; its state folder keeps the counts only; its reply carries none."""
-    from flwr.app import Context, Message, RecordDict
+    from flwr.app import Context, RecordDict
 
     import fedshield.client.app as site
     from fedshield import protocol
     from fedshield.task import pipeline
-    from fedshield.task.pipeline import build_view, pool_and_test, tokenizer, view_fingerprint
+    from fedshield.task.pipeline import build_view, tokenizer
 
     rows = synthetic_rows(60, seed=5)
     rows[1] = (PLANTED, rows[1][1])
@@ -204,13 +204,7 @@ def test_planted_identifiers_never_reach_the_tokenizer(tiny_bert, tmp_path, monk
 
     monkeypatch.setattr(pipeline, "_tokenize", spy)
     view = build_view(cfg)
-    plan = protocol.plan_record(config_yaml=cfg.to_yaml(), run_id="canary", run_dir="",
-                                frozen_fingerprint=view_fingerprint(view),
-                                class_names=pool_and_test(cfg)[1].class_names)
-    plan[protocol.SERVER_ROUND] = 1
-    msg = Message(content=RecordDict({protocol.PLAN: plan,
-                                      protocol.ARRAYS: protocol.to_array_record(view.trainable_state())}),
-                  message_type=protocol.TRAIN, dst_node_id=1)
+    msg = train_message(cfg, "canary")
     state = tmp_path / "state"
     node = {"site-name": "st-marys", "data-path": str(data), "state-dir": str(state), "task.deidentify": True,
             "task.deidentify_patterns": '["MRN=MRN-\\\\d{6}"]', "task.deidentify_regions": '["GB"]'}

@@ -12,6 +12,7 @@ from fedshield.client.site import SiteState
 from fedshield.conf.config import Config
 from fedshield.privacy.accountant import Spend, epsilon, epsilon_dp_accounting_rdp
 from fedshield.privacy.errors import FedShieldError
+from tests.helpers import train_message
 
 
 def _entry(site: str, run: str, rnd: int, spend: Spend, eps: float) -> dict:
@@ -251,11 +252,10 @@ def test_a_crash_between_the_entry_and_its_head_is_not_tampering(tmp_path):
 @pytest.mark.usefixtures("flower_task_identity")
 def test_a_site_with_damaged_books_releases_nothing(tiny_bert, tmp_path):
     """Through the ClientApp: the train message is declined and the ledger is not touched."""
-    from flwr.app import Context, Message, RecordDict
+    from flwr.app import Context, RecordDict
 
     import fedshield.client.app as site
     from fedshield import protocol
-    from fedshield.task.pipeline import build_view, pool_and_test, view_fingerprint
     from tests.helpers import synthetic_rows, tiny_overrides, write_csv
 
     data = write_csv(tmp_path / "site.csv", synthetic_rows(200, seed=3))
@@ -266,14 +266,7 @@ def test_a_site_with_damaged_books_releases_nothing(tiny_bert, tmp_path):
     ledger = tmp_path / "state" / "ledger.jsonl"
     _rewrite(ledger, lambda lines: lines.pop())  # a local attacker erases the last spend
     damaged = ledger.read_bytes()
-    view = build_view(cfg)
-    plan = protocol.plan_record(config_yaml=cfg.to_yaml(), run_id="run-2", run_dir="",
-                                frozen_fingerprint=view_fingerprint(view),
-                                class_names=pool_and_test(cfg)[1].class_names)
-    plan[protocol.SERVER_ROUND] = 1
-    msg = Message(content=RecordDict({protocol.PLAN: plan,
-                                      protocol.ARRAYS: protocol.to_array_record(view.trainable_state())}),
-                  message_type=protocol.TRAIN, dst_node_id=1)
+    msg = train_message(cfg, "run-2")
     context = Context(run_id=7, node_id=1, node_config={"site-name": "st-marys", "data-path": str(data),
                                                         "state-dir": str(tmp_path / "state")},
                       state=RecordDict(), run_config={})
