@@ -214,14 +214,17 @@ def test_layer_norm_without_bias_and_llama_rms_norm_per_sample_gradients():
 
 
 @pytest.mark.e2e
-def test_tiny_gpt2_two_sites_two_dp_rounds_and_the_ledger_audits(family_folder, tmp_path):
+@pytest.mark.parametrize("model_type, mode", [("gpt2", "lora"), ("llama", "head"), ("deberta-v2", "all")])
+def test_two_sites_two_dp_rounds_of_a_family_and_the_ledger_audits(model_type, mode, family_folder, tmp_path):
+    """A decoder with LoRA, a decoder with its RMSNorms and only its head training, an
+    encoder without a prefix cache training in full: the whole federation, not one step."""
     import fedshield
     from fedshield.simulations.simulate import run_simulation
 
     data = write_csv(tmp_path / "topics.csv", synthetic_rows(160, seed=2))  # 60 records a site: a short run
     extra = {"federation.num_sites": 2, "privacy.noise_multiplier": 0.5, "privacy.budget_epsilon": 100,
              "privacy.target_epsilon": 100, "training.local_epochs": 1}
-    cfg = _cfg(family_folder("gpt2"), data, tmp_path, "lora", **extra)
+    cfg = _cfg(family_folder(model_type), data, tmp_path, mode, **extra)
     run = run_simulation(cfg)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["trained"] == 2
@@ -230,7 +233,9 @@ def test_tiny_gpt2_two_sites_two_dp_rounds_and_the_ledger_audits(family_folder, 
         ("site-0", 1), ("site-0", 2), ("site-1", 1), ("site-1", 2)]
     assert fedshield.audit(run, write_report=False).ok
     saved = json.loads((run / "model" / "config.json").read_text())
-    assert saved["model_type"] == "gpt2" and saved["pad_token_id"] == 0
+    assert saved["model_type"] == model_type
+    if model_type in ("gpt2", "llama"):  # decoders classify from the last non-pad token
+        assert saved["pad_token_id"] == 0
 
 
 def test_a_decoder_folder_with_a_head_of_another_size_is_refused_up_front(tmp_path, synthetic_csv):
