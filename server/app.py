@@ -732,7 +732,9 @@ def finish_run(run_dir: Path, settings: CoordinatorSettings, view: TrainView, ro
     if settings.save_model:
         export_model(cfg, view, run_dir / "model")
         rounds.tracker.log_final_model(run_dir / "model")
-    write_report(run_dir, settings, rounds.rows, summary, centered=centered, refused=refused)
+    # task=image: BatchNorms made GroupNorms for Opacus (task.image.build_image_model records how many)
+    batch_norms = int(getattr(getattr(view.model, "config", None), "fedshield_batchnorm_to_groupnorm", 0) or 0)
+    write_report(run_dir, settings, rounds.rows, summary, centered=centered, refused=refused, batch_norms=batch_norms)
 
 
 def empty_rounds_line(rounds: RoundLog, server_round: int, streak: int, limit: int) -> str:

@@ -97,9 +97,10 @@ def _site_accuracy_lines(last: Mapping[str, Any]) -> list[str]:
 
 def write_report(run_dir: Path, settings: CoordinatorSettings, rows: list[dict[str, Any]],
                  summary: Mapping[str, Mapping[str, Any]], centered: bool = False,
-                 refused: list[str] | None = None) -> None:
+                 refused: list[str] | None = None, batch_norms: int = 0) -> None:
     """<run>/report.md: the run's outcome, its privacy guarantees, its defences, its rounds.
-    `rows`: metrics.jsonl's rows; `summary`: `summarize`'s; `centered`: feature centering ran."""
+    `rows`: metrics.jsonl's rows; `summary`: `summarize`'s; `centered`: feature centering ran;
+    `batch_norms`: BatchNorm layers the model had and trained as GroupNorms (task=image)."""
     last = rows[-1] if rows else {}
     generation = "perplexity" in last  # text-generation (task.causal_lm): perplexity, not accuracy
     p = settings.accounting
@@ -114,6 +115,9 @@ def write_report(run_dir: Path, settings: CoordinatorSettings, rows: list[dict[s
          f"Final central accuracy **{last.get('accuracy', float('nan')):.4f}**, macro-F1 "
          f"**{last.get('macro_f1', float('nan')):.4f}** on the held-out test split."), "",
         *_site_accuracy_lines(last),
+        *([f"Model: {batch_norms} BatchNorm layers were replaced by GroupNorm before training (Opacus needs "
+           "per-sample gradients, which BatchNorm mixes across a batch; their running statistics are not kept).",
+           ""] if batch_norms else []),
         *provenance_lines(run_dir), "",
         "## Privacy", "",
     ]

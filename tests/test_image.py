@@ -293,6 +293,7 @@ def test_two_sites_two_dp_rounds_on_an_image_folder_audit_and_export(tmp_path: P
     assert max(result.epsilon.values()) <= 8.0 + 1e-9
     exported = image.load_exported(run / "model")
     assert json.loads((run / "model" / "config.json").read_text())["fedshield_batchnorm_to_groupnorm"] == 6
+    assert "Model: 6 BatchNorm layers were replaced by GroupNorm" in (run / "report.md").read_text()
     spec = image.input_spec(str(run / "model"), 99)
     assert spec.size == (8, 8)
     view = pipeline.build_view(cfg)
