@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -771,7 +772,20 @@ def site_app(**replaced: Handler) -> ClientApp:
     out.query(protocol.SECAGG_SHARE_HANDLER)(handlers["secagg_share"])
     out.query(protocol.SECAGG_CHECK_HANDLER)(handlers["secagg_check"])
     out.query(protocol.SECAGG_UNMASK_HANDLER)(handlers["secagg_unmask"])
+    if "train" not in replaced:
+        _TRAINS_AS_STEPS.add(out)
     return out
+
+
+# ClientApps whose TRAIN handler is this module's own `train`: the batched engine may run
+# their TRAIN messages as `train_steps`. An app with another train handler (a test's or a
+# benchmark's hostile site) is always called as it is.
+_TRAINS_AS_STEPS: weakref.WeakSet[ClientApp] = weakref.WeakSet()
+
+
+def train_steps_of(client_app: ClientApp) -> Callable[[Message, Context], Steps] | None:
+    """`train_steps` if `client_app` trains with it (site_app with its own train handler)."""
+    return train_steps if client_app in _TRAINS_AS_STEPS else None
 
 
 app = site_app()
