@@ -42,7 +42,8 @@ one with `train_local`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,7 +245,7 @@ def train_cohort(module: nn.Module, jobs: Sequence[CohortJob], device: torch.dev
         for site in sites:
             groups.setdefault(_group_key(site), []).append(site)
         for members in groups.values():
-            members.sort(key=lambda s: len(s.schedule))
+            members.sort(key=lambda s: (len(s.schedule), len(s.job.dataset)))  # alike steps and widths
             for chunk in _chunks(members, numel, max_chunk_bytes):
                 for site, result in zip(chunk, _Chunk(module, names, frozen, chunk, device).run(), strict=True):
                     results[site.index] = result
@@ -380,20 +381,32 @@ class _Chunk:
             gathered = [features.view(*ids.shape[:2], -1), labels]
         return gathered, torch.from_numpy(mask).to(self.device)
 
+    def _rows(self, rows: list[int]) -> slice | torch.Tensor:
+        """A slice where the rows are contiguous (sites sorted by steps: the active ones are
+        the last ones; views, no copies), else an index tensor."""
+        if rows == list(range(rows[0], rows[-1] + 1)):
+            return slice(rows[0], rows[-1] + 1)
+        return torch.tensor(rows, device=self.device)
+
     def _select(self, tensors: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
-        if len(rows) == len(self.sites):
-            return tensors
-        at = torch.tensor(rows, device=self.device)
+        at = self._rows(rows)
+        if isinstance(at, slice):
+            return {n: t[at] for n, t in tensors.items()}
         return {n: t.index_select(0, at) for n, t in tensors.items()}
 
-    def _put(self, tensors: dict[str, torch.Tensor], rows: list[int], values: dict[str, torch.Tensor]) -> None:
-        if len(rows) == len(self.sites):
-            for n in tensors:
-                tensors[n] = values[n]
+    @contextmanager
+    def _modify(self, rows: list[int], *tensors: dict[str, torch.Tensor]) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """The rows of `tensors` to update in place: views for contiguous rows, else copies
+        written back when the block ends."""
+        at = self._rows(rows)
+        if isinstance(at, slice):
+            yield [{n: t[at] for n, t in group.items()} for group in tensors]
             return
-        at = torch.tensor(rows, device=self.device)
-        for n in tensors:
-            tensors[n] = tensors[n].index_copy(0, at, values[n])
+        copies = [{n: t.index_select(0, at) for n, t in group.items()} for group in tensors]
+        yield copies
+        for group, copy in zip(tensors, copies, strict=True):
+            for n, t in group.items():
+                t.index_copy_(0, at, copy[n])
 
     def _physical_batch(self, rows: list[int], batches: list[list[int]]) -> dict[str, torch.Tensor]:
         """DP: clip and add this physical batch's per-sample gradients into the sites' sums.
@@ -410,7 +423,9 @@ class _Chunk:
             factor = (_column(clip, norms) / (norms + _NORM_EPS)).clamp(max=1.0)
             factor = torch.where(mask, factor, torch.zeros_like(factor))
             sums = {n: torch.einsum("sb,sb...->s...", factor, grads[n]) for n in self.names}
-            self._put(self.summed, rows, {n: t + sums[n] for n, t in self._select(self.summed, rows).items()})
+            with self._modify(rows, self.summed) as (summed,):
+                for n in self.names:
+                    summed[n].add_(sums[n])
             batch_loss = torch.where(mask, losses, torch.zeros_like(losses)).sum(1) / mask.sum(1)
         else:
             grads, batch_loss = self._per_site(params, mask, *inputs, labels)
@@ -444,36 +459,37 @@ class _Chunk:
         return {n: (summed[n] + torch.stack(noise[n])) / _column(divisor, summed[n]) for n in self.names}
 
     def _optimizer_step(self, rows: list[int], grads: dict[str, torch.Tensor], step: int) -> None:
-        """torch.optim's single-tensor SGD (momentum 0.9) or AdamW (weight decay 0), per site."""
+        """torch.optim's single-tensor SGD (momentum 0.9) or AdamW (weight decay 0), per site
+        (its formulas, in place; a per-site learning rate where torch has a scalar)."""
         lr = [self.plans[i].learning_rate for i in rows]
-        params, a = self._select(self.params, rows), self._select(self.state_a, rows)
-        if self.sgd:
-            new_a = {n: a[n] * _SGD_MOMENTUM + grads[n] for n in self.names}  # zeros at first: buf = grad
-            new_p = {n: params[n] - _column(lr, params[n]) * new_a[n] for n in self.names}
-        else:
-            b = self._select(self.state_b, rows)
+        state = (self.params, self.state_a) if self.sgd else (self.params, self.state_a, self.state_b)
+        with self._modify(rows, *state) as groups:
+            params, a = groups[0], groups[1]
+            if self.sgd:
+                for n in self.names:
+                    a[n].mul_(_SGD_MOMENTUM).add_(grads[n])  # zeros at first: buf = grad, as torch's
+                    params[n].addcmul_(_column([-x for x in lr], params[n]), a[n])
+                return
+            b = groups[2]
             beta1, beta2 = _ADAM_BETAS
-            new_a = {n: a[n].lerp(grads[n], 1 - beta1) for n in self.names}
-            new_b = {n: b[n] * beta2 + (1 - beta2) * grads[n] * grads[n] for n in self.names}
             # every site of a chunk takes its (step + 1)-th step together
             correction1 = 1 - beta1 ** (step + 1)
             correction2_sqrt = math.sqrt(1 - beta2 ** (step + 1))
-            step_size = [x / correction1 for x in lr]
-            new_p = {n: params[n] - _column(step_size, params[n])
-                     * new_a[n] / ((new_b[n].sqrt() / correction2_sqrt) + _ADAM_EPS) for n in self.names}
-            self._put(self.state_b, rows, new_b)
-        self._put(self.state_a, rows, new_a)
-        self._put(self.params, rows, new_p)
+            for n in self.names:
+                a[n].lerp_(grads[n], 1 - beta1)
+                b[n].mul_(beta2).addcmul_(grads[n], grads[n], value=1 - beta2)
+                denom = (b[n].sqrt() / correction2_sqrt).add_(_ADAM_EPS)
+                params[n].addcmul_(_column([-x / correction1 for x in lr], params[n]), a[n] / denom)
 
     def _proximal_step(self, rows: list[int]) -> None:
         """FedProx: w -= lr * mu * (w - w_start), after every optimizer.step() call."""
         rows = [i for i in rows if self.plans[i].proximal_mu > 0]
         if not rows:
             return
-        coef = [self.plans[i].learning_rate * self.plans[i].proximal_mu for i in rows]
-        params, anchors = self._select(self.params, rows), self._select(self.anchors, rows)
-        self._put(self.params, rows, {n: params[n] - _column(coef, params[n]) * (params[n] - anchors[n])
-                                      for n in self.names})
+        coef = [-self.plans[i].learning_rate * self.plans[i].proximal_mu for i in rows]
+        with self._modify(rows, self.params, self.anchors) as (params, anchors):
+            for n in self.names:
+                params[n].addcmul_(_column(coef, params[n]), params[n] - anchors[n])
 
     def run(self) -> list[CohortResult]:
         horizon = max((len(s.schedule) for s in self.sites), default=0)
@@ -489,19 +505,21 @@ class _Chunk:
                 last = [i for i in here if j == len(self.sites[i].schedule[t]) - 1]
                 if self.dp and last:
                     self._optimizer_step(last, self._noisy_mean(last), t)
-                    self._put(self.summed, last, {n: torch.zeros_like(v) for n, v in
-                                                  self._select(self.summed, last).items()})
+                    with self._modify(last, self.summed) as (summed,):
+                        for v in summed.values():
+                            v.zero_()
                 elif not self.dp and with_records:
                     self._optimizer_step(with_records, grads, t)
                 for i in last:
                     self.steps[i] += 1
                 self._proximal_step(here)
-        return [self._result(r) for r in range(len(self.sites))]
+        weights = {n: t.detach().cpu() for n, t in self.params.items()}
+        finite = torch.stack([torch.isfinite(w).flatten(1).all(1) for w in weights.values()]).all(0).tolist()
+        return [self._result(r, finite[r], weights) for r in range(len(self.sites))]
 
-    def _result(self, r: int) -> CohortResult:
+    def _result(self, r: int, finite: bool, weights: dict[str, torch.Tensor]) -> CohortResult:
         site, plan = self.sites[r], self.plans[r]
-        params = {n: self.params[n][r].detach().cpu().clone() for n in self.names}
-        if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+        if not finite:
             return CohortResult({}, None, TrainingError(
                 "local training diverged (non-finite weights); lower training.learning_rate"))
         steps = int(self.steps[r])
@@ -509,4 +527,5 @@ class _Chunk:
         spends = ([(float(plan.noise_multiplier), 1.0 / steps_per_epoch(site.rate), steps)]
                   if plan.dp and site.rate is not None and steps else [])
         mean_loss = float(self.loss_sum[r] / self.loss_count[r]) if self.loss_count[r] else float("nan")
-        return CohortResult(params, LocalResult(mean_loss=mean_loss, steps=steps, spends=spends), None)
+        return CohortResult({n: w[r] for n, w in weights.items()},  # rows of one chunk-wide tensor
+                            LocalResult(mean_loss=mean_loss, steps=steps, spends=spends), None)
