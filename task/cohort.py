@@ -31,7 +31,8 @@ compares weights, steps and spends for every supported module):
 Dropout: a module with active dropout trains under `vmap(randomness="different")`: every
 record of every site gets a fresh mask from the global generator. The masks are not those
 `train_local` would draw (it interleaves them with the noise in one stream); their
-distribution is the same, and nothing else differs. The tests use dropout-free models.
+distribution is the same, and nothing else differs (the noise has its own generator per
+site). The tests use dropout-free models.
 
 Which modules: the default view (trainable=last_layers: BERT-style top layers + head on
 the cached prefix), a BERT whose head alone trains (trainable=head), the tabular MLP.
@@ -189,8 +190,11 @@ class _Site:
     noise: torch.Generator | None
 
 
-def _prepare(index: int, job: CohortJob, device: torch.device) -> _Site:
+def _prepare(index: int, job: CohortJob, names: list[str], device: torch.device) -> _Site:
     plan = job.plan
+    if set(job.start) != set(names):
+        odd = sorted(set(job.start) ^ set(names))
+        raise TrainingError(f"the start weights do not match the module's trainable weights: {', '.join(odd[:3])}")
     n = len(job.dataset)
     torch_generator = torch.Generator().manual_seed(job.seed + 1)
     schedule, rate = _schedule(n, plan, torch_generator)
@@ -225,15 +229,15 @@ def train_cohort(module: nn.Module, jobs: Sequence[CohortJob], device: torch.dev
         reason = can_vectorise(module, job.plan)
         if reason is not None:
             raise TrainingError(f"the cohort trainer cannot train this module: {reason}")
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    names = [n for n, _ in trainable]
     results: list[CohortResult | None] = [None] * len(jobs)
     sites: list[_Site] = []
     for i, job in enumerate(jobs):
         try:
-            sites.append(_prepare(i, job, device))
+            sites.append(_prepare(i, job, names, device))
         except Exception as exc:  # noqa: BLE001 - what train_local raises for this site, reported per site
             results[i] = CohortResult({}, None, exc)
-    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    names = [n for n, _ in trainable]
     frozen = {n: p.detach().to(device) for n, p in module.named_parameters() if not p.requires_grad}
     frozen.update({n: b.to(device) for n, b in module.named_buffers()})
     numel = sum(p.numel() for _, p in trainable)
@@ -311,10 +315,11 @@ class _Chunk:
         dtypes = {n: p.dtype for n, p in module.named_parameters()}
         self.params = {n: torch.stack([s.job.start[n].detach().to(device=device, dtype=dtypes[n]) for s in sites])
                        for n in names}
-        self.anchors = {n: t.clone() for n, t in self.params.items()}
+        fedprox = any(p.proximal_mu > 0 for p in self.plans)
+        self.anchors = {n: t.clone() for n, t in self.params.items()} if fedprox else {}
         self.state_a = {n: torch.zeros_like(t) for n, t in self.params.items()}  # momentum / exp_avg
         self.state_b = {n: torch.zeros_like(t) for n, t in self.params.items()} if not self.sgd else {}
-        self.summed = {n: torch.zeros_like(t) for n, t in self.params.items()}
+        self.summed = {n: torch.zeros_like(t) for n, t in self.params.items()} if self.dp else {}
         tensors = [s.job.dataset.tensors for s in sites]
         self.data = [torch.cat([ts[k] for ts in tensors]).to(device) for k in range(len(tensors[0]))]
         sizes = [len(s.job.dataset) for s in sites]

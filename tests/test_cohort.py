@@ -182,6 +182,10 @@ def test_a_diverging_site_fails_alone_and_a_site_without_records_as_train_local_
     assert [type(r.error).__name__ if r.error else None for r in out] == [
         None, "TrainingError", "TrainingError", "ValueError", None]
     assert "diverged" in str(out[1].error)
+    partial = {n: t for n, t in start.items() if n != "classifier.bias"}
+    out = train_cohort(module, [CohortJob(partial, _features(20, 1, seed=1), _plan(), seed=1), jobs[0]], CPU)
+    assert isinstance(out[0].error, TrainingError) and "classifier.bias" in str(out[0].error)
+    assert out[1].error is None
 
 
 def test_chunking_changes_nothing():
