@@ -132,6 +132,16 @@ def test_non_private_sgd_and_adamw_with_proximal_term_match_train_local():
     _assert_like_train_local(module, jobs)
 
 
+@pytest.mark.parametrize("mode", ["ghost", "functorch"])
+def test_other_grad_sample_modes_are_the_same_math(mode):
+    """Opacus' ghost clipping and functorch per-sample gradients clip and noise alike."""
+    module = _view()
+    start = _start(module)
+    jobs = [CohortJob(start, _features(n, 1, seed=n), _plan(grad_sample_mode=mode, proximal_mu=0.2 * (n > 20)), seed=n)
+            for n in (7, 33)]
+    _assert_like_train_local(module, jobs)
+
+
 def test_a_trained_bert_layer_matches_train_local():
     """last_layers=1: a BERT layer (attention over a padded mask) under vmap, DP and not."""
     module = _view(last_layers=1)
