@@ -120,6 +120,18 @@ def _bert_head(module: nn.Module) -> nn.Module | None:
 
 
 _HEAD_PREFIX = "model.classifier."
+_POOLER_HEAD = ("pooler.dense.weight", "pooler.dense.bias", "classifier.weight", "classifier.bias")
+
+
+def _is_pooler_head(module: nn.Module, names: list[str]) -> bool:
+    """The default view (last_layers=0 on BERT): tanh(dense(x - center)), dropout, a linear
+    classifier, on one [CLS] vector per record, and exactly those four weights trainable."""
+    if not isinstance(module, _BertSuffix) or len(module.layers) or module.sequence_head:
+        return False
+    pooler = module.pooler
+    return (pooler is not None and isinstance(pooler.get_submodule("dense"), nn.Linear)
+            and isinstance(pooler.get_submodule("activation"), nn.Tanh)
+            and isinstance(module.classifier, nn.Linear) and sorted(names) == sorted(_POOLER_HEAD))
 
 
 def _bert_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -325,6 +337,7 @@ class _Chunk:
         sizes = [len(s.job.dataset) for s in sites]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.bert = _bert_head(module)  # trainable=head: the encoder runs once, outside vmap
+        self.pooler_head = self.dp and _is_pooler_head(module, names)
         self.inputs = 1 if self.bert is not None else len(self.data) - 1
         self.loss_sum = np.zeros(len(sites))
         self.loss_count = np.zeros(len(sites), dtype=np.int64)
@@ -420,7 +433,13 @@ class _Chunk:
         *inputs, labels = data
         params = self._select(self.params, rows)
         clip = [self.plans[i].max_grad_norm for i in rows]
-        if self.dp:
+        if self.dp and self.pooler_head:
+            sums, losses = self._pooler_head_sums(params, inputs[0], labels, mask, clip)
+            with self._modify(rows, self.summed) as (summed,):
+                for n in self.names:
+                    summed[n].add_(sums[n])
+            batch_loss = torch.where(mask, losses, torch.zeros_like(losses)).sum(1) / mask.sum(1)
+        elif self.dp:
             grads, losses = self._per_site(params, *inputs, labels)
             width = mask.shape[1]
             norms = torch.stack([grads[n].reshape(len(rows), width, -1).norm(2, dim=-1) for n in self.names],
@@ -443,6 +462,37 @@ class _Chunk:
             self.loss_sum[r] += float(np.float32(value))
             self.loss_count[r] += 1
         return grads if not self.dp else {}
+
+    def _pooler_head_sums(self, params: dict[str, torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor,
+                          mask: torch.Tensor, clip: list[float]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The default view's clipped per-sample gradient sums without materialising them.
+
+        A linear layer's per-sample weight gradient on one input vector x_i is the outer
+        product g_i x_i^T (g_i: the gradient at its output), so its norm is |g_i| |x_i| and
+        the clipped sum over the batch is (c * G)^T X, one matmul (Opacus' ghost clipping
+        identities, Li et al. 2022). g_i of both layers come from one backward pass over
+        the batch (a record's loss reaches only its own row). The same clipping factors
+        and sums as the per-sample path, in a fraction of the memory traffic."""
+        assert isinstance(self.module, _BertSuffix) and self.module.pooler is not None
+        w1, b1 = params["pooler.dense.weight"], params["pooler.dense.bias"]
+        w2, b2 = params["classifier.weight"], params["classifier.bias"]
+        x = hidden[:, :, 0, :] - self.frozen["center"]  # [sites, batch, hidden]: the [CLS] feature
+        with torch.enable_grad():
+            z1 = torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)).requires_grad_(True)
+            a = self.module.dropout(self.module.pooler.get_submodule("activation")(z1))  # type: ignore[misc]
+            z2 = torch.baddbmm(b2.unsqueeze(1), a, w2.transpose(1, 2))
+            losses = F.cross_entropy(z2.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+            g1, g2 = torch.autograd.grad(losses.sum(), [z1, z2])
+        a = a.detach()
+        squared = (g2.square().sum(-1) * (a.square().sum(-1) + 1)  # classifier weight + bias
+                   + g1.square().sum(-1) * (x.square().sum(-1) + 1))  # pooler weight + bias
+        norms = squared.sqrt()
+        factor = (_column(clip, norms) / (norms + _NORM_EPS)).clamp(max=1.0)
+        factor = torch.where(mask, factor, torch.zeros_like(factor)).unsqueeze(-1)
+        c1, c2 = factor * g1, factor * g2
+        sums = {"pooler.dense.weight": torch.bmm(c1.transpose(1, 2), x), "pooler.dense.bias": c1.sum(1),
+                "classifier.weight": torch.bmm(c2.transpose(1, 2), a), "classifier.bias": c2.sum(1)}
+        return sums, losses.detach()
 
     # --- steps -----------------------------------------------------------------------------
     def _noisy_mean(self, rows: list[int]) -> dict[str, torch.Tensor]:

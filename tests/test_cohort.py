@@ -198,6 +198,26 @@ def test_a_diverging_site_fails_alone_and_a_site_without_records_as_train_local_
     assert out[1].error is None
 
 
+def test_the_default_views_matmul_clipping_equals_per_sample_gradients(monkeypatch):
+    """The default view (pooler + classifier) clips by the outer-product identities, without
+    per-sample gradients; the generic vmap path gives the same weights."""
+    from fedshield.task import cohort
+
+    module = _view()
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert cohort._is_pooler_head(module, names)
+    start = _start(module)
+    jobs = [CohortJob(start, _features(n, 1, seed=n), _plan(max_physical_batch_size=3), seed=n) for n in (6, 25)]
+    fast = train_cohort(module, jobs, CPU)
+    monkeypatch.setattr(cohort, "_is_pooler_head", lambda *_: False)
+    generic = train_cohort(module, jobs, CPU)
+    for a, b in zip(fast, generic, strict=True):
+        assert a.result is not None and b.result is not None
+        assert a.result.mean_loss == pytest.approx(b.result.mean_loss, rel=1e-5)
+        for n in names:
+            assert torch.allclose(a.params[n], b.params[n], atol=1e-6)
+
+
 def test_chunking_changes_nothing():
     """One site per chunk (a budget below one site) or all together: the same sites' results."""
     module = _view()
