@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,7 +261,7 @@ def train_cohort(module: nn.Module, jobs: Sequence[CohortJob], device: torch.dev
             groups.setdefault(_group_key(site), []).append(site)
         for members in groups.values():
             members.sort(key=lambda s: (len(s.schedule), len(s.job.dataset)))  # alike steps and widths
-            for chunk in _chunks(members, numel, max_chunk_bytes):
+            for chunk in _chunks(members, numel, max_chunk_bytes, _is_pooler_head(module, names)):
                 for site, result in zip(chunk, _Chunk(module, names, frozen, chunk, device).run(), strict=True):
                     results[site.index] = result
     finally:
@@ -287,7 +286,7 @@ def _eager_attention(module: nn.Module) -> list[tuple[Any, Any]]:
     return saved
 
 
-def _chunks(sites: list[_Site], numel: int, max_bytes: int) -> list[list[_Site]]:
+def _chunks(sites: list[_Site], numel: int, max_bytes: int, matmul_clipping: bool) -> list[list[_Site]]:
     out: list[list[_Site]] = []
     current: list[_Site] = []
     used = 0
@@ -296,8 +295,10 @@ def _chunks(sites: list[_Site], numel: int, max_bytes: int) -> list[list[_Site]]
         per_record = sum(t[0].numel() * t.element_size() for t in site.job.dataset.tensors) if len(
             site.job.dataset) else 0
         width = plan.max_physical_batch_size if plan.dp else plan.batch_size
-        # per-sample gradients (DP) or one batch gradient, + weights, grads and optimizer state
-        cost = 4 * numel * ((width if plan.dp else 1) + 5) + 16 * width * per_record
+        # per-sample gradients (DP, unless clipped by matmuls) or one batch gradient, + weights,
+        # grads and optimizer state, + the batch's activations (roughly)
+        per_sample = plan.dp and not matmul_clipping
+        cost = 4 * numel * ((width if per_sample else 1) + 5) + 16 * width * per_record
         if current and used + cost > max_bytes:
             out.append(current)
             current, used = [], 0
@@ -412,19 +413,19 @@ class _Chunk:
             return {n: t[at] for n, t in tensors.items()}
         return {n: t.index_select(0, at) for n, t in tensors.items()}
 
-    @contextmanager
-    def _modify(self, rows: list[int], *tensors: dict[str, torch.Tensor]) -> Iterator[list[dict[str, torch.Tensor]]]:
-        """The rows of `tensors` to update in place: views for contiguous rows, else copies
-        written back when the block ends."""
-        at = self._rows(rows)
-        if isinstance(at, slice):
-            yield [{n: t[at] for n, t in group.items()} for group in tensors]
-            return
-        copies = [{n: t.index_select(0, at) for n, t in group.items()} for group in tensors]
-        yield copies
-        for group, copy in zip(tensors, copies, strict=True):
-            for n, t in group.items():
-                t.index_copy_(0, at, copy[n])
+    def _blocks(self, rows: list[int], *tensors: dict[str, torch.Tensor]
+                ) -> Iterator[tuple[slice, list[dict[str, torch.Tensor]]]]:
+        """The contiguous runs of `rows` (sorted): their positions in `rows`, and views of
+        `tensors` at them to update in place (no copies: sites sorted by steps and size make
+        the runs long)."""
+        k = 0
+        while k < len(rows):
+            end = k + 1
+            while end < len(rows) and rows[end] == rows[end - 1] + 1:
+                end += 1
+            at = slice(rows[k], rows[end - 1] + 1)
+            yield slice(k, end), [{n: t[at] for n, t in group.items()} for group in tensors]
+            k = end
 
     def _physical_batch(self, rows: list[int], batches: list[list[int]]) -> dict[str, torch.Tensor]:
         """DP: clip and add this physical batch's per-sample gradients into the sites' sums.
@@ -435,9 +436,9 @@ class _Chunk:
         clip = [self.plans[i].max_grad_norm for i in rows]
         if self.dp and self.pooler_head:
             sums, losses = self._pooler_head_sums(params, inputs[0], labels, mask, clip)
-            with self._modify(rows, self.summed) as (summed,):
+            for part, (summed,) in self._blocks(rows, self.summed):
                 for n in self.names:
-                    summed[n].add_(sums[n])
+                    summed[n].add_(sums[n][part])
             batch_loss = torch.where(mask, losses, torch.zeros_like(losses)).sum(1) / mask.sum(1)
         elif self.dp:
             grads, losses = self._per_site(params, *inputs, labels)
@@ -447,9 +448,9 @@ class _Chunk:
             factor = (_column(clip, norms) / (norms + _NORM_EPS)).clamp(max=1.0)
             factor = torch.where(mask, factor, torch.zeros_like(factor))
             sums = {n: torch.einsum("sb,sb...->s...", factor, grads[n]) for n in self.names}
-            with self._modify(rows, self.summed) as (summed,):
+            for part, (summed,) in self._blocks(rows, self.summed):
                 for n in self.names:
-                    summed[n].add_(sums[n])
+                    summed[n].add_(sums[n][part])
             batch_loss = torch.where(mask, losses, torch.zeros_like(losses)).sum(1) / mask.sum(1)
         else:
             grads, batch_loss = self._per_site(params, mask, *inputs, labels)
@@ -518,23 +519,23 @@ class _Chunk:
         (its formulas, in place; a per-site learning rate where torch has a scalar)."""
         lr = [self.plans[i].learning_rate for i in rows]
         state = (self.params, self.state_a) if self.sgd else (self.params, self.state_a, self.state_b)
-        with self._modify(rows, *state) as groups:
+        beta1, beta2 = _ADAM_BETAS
+        # every site of a chunk takes its (step + 1)-th step together
+        correction1 = 1 - beta1 ** (step + 1)
+        correction2_sqrt = math.sqrt(1 - beta2 ** (step + 1))
+        for part, groups in self._blocks(rows, *state):
             params, a = groups[0], groups[1]
-            if self.sgd:
-                for n in self.names:
-                    a[n].mul_(_SGD_MOMENTUM).add_(grads[n])  # zeros at first: buf = grad, as torch's
-                    params[n].addcmul_(_column([-x for x in lr], params[n]), a[n])
-                return
-            b = groups[2]
-            beta1, beta2 = _ADAM_BETAS
-            # every site of a chunk takes its (step + 1)-th step together
-            correction1 = 1 - beta1 ** (step + 1)
-            correction2_sqrt = math.sqrt(1 - beta2 ** (step + 1))
             for n in self.names:
-                a[n].lerp_(grads[n], 1 - beta1)
-                b[n].mul_(beta2).addcmul_(grads[n], grads[n], value=1 - beta2)
+                g = grads[n][part]
+                if self.sgd:
+                    a[n].mul_(_SGD_MOMENTUM).add_(g)  # zeros at first: buf = grad, as torch's
+                    params[n].addcmul_(_column([-x for x in lr[part]], params[n]), a[n])
+                    continue
+                b = groups[2]
+                a[n].lerp_(g, 1 - beta1)
+                b[n].mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 denom = (b[n].sqrt() / correction2_sqrt).add_(_ADAM_EPS)
-                params[n].addcmul_(_column([-x / correction1 for x in lr], params[n]), a[n] / denom)
+                params[n].addcmul_(_column([-x / correction1 for x in lr[part]], params[n]), a[n] / denom)
 
     def _proximal_step(self, rows: list[int]) -> None:
         """FedProx: w -= lr * mu * (w - w_start), after every optimizer.step() call."""
@@ -542,9 +543,9 @@ class _Chunk:
         if not rows:
             return
         coef = [-self.plans[i].learning_rate * self.plans[i].proximal_mu for i in rows]
-        with self._modify(rows, self.params, self.anchors) as (params, anchors):
+        for part, (params, anchors) in self._blocks(rows, self.params, self.anchors):
             for n in self.names:
-                params[n].addcmul_(_column(coef, params[n]), params[n] - anchors[n])
+                params[n].addcmul_(_column(coef[part], params[n]), params[n] - anchors[n])
 
     def run(self) -> list[CohortResult]:
         horizon = max((len(s.schedule) for s in self.sites), default=0)
@@ -559,8 +560,9 @@ class _Chunk:
                     grads = self._physical_batch(with_records, [self.sites[i].schedule[t][j] for i in with_records])
                 last = [i for i in here if j == len(self.sites[i].schedule[t]) - 1]
                 if self.dp and last:
-                    self._optimizer_step(last, self._noisy_mean(last), t)
-                    with self._modify(last, self.summed) as (summed,):
+                    for part, (summed,) in self._blocks(last, self.summed):
+                        block = last[part]
+                        self._optimizer_step(block, self._noisy_mean(block), t)
                         for v in summed.values():
                             v.zero_()
                 elif not self.dp and with_records:
