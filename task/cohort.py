@@ -28,6 +28,16 @@ compares weights, steps and spends for every supported module):
   on the stacked tensors with a per-site learning rate (torch.optim's single-tensor
   formulas), and a site that has finished its steps stays where it is.
 
+Speed. The default view (pooler + classifier on one [CLS] vector per record) is clipped
+without per-sample gradients: a linear layer's per-sample gradient is an outer product,
+so its norm and the clipped sum are matmuls (`_Chunk._pooler_head_sums`); the per-sample
+path would write sites x batch x 150k floats per step. Other modules take the generic
+per-sample vmap, chunked so that sites x physical batch x trainable weights x 4 bytes stay
+under `max_chunk_bytes`. The exact-noise rule costs one generator call per site, step and
+weight (as train_local pays). bench/cohort.py measures both against a loop of train_local.
+On a GPU the noise comes from a CUDA generator seeded alike (torch.manual_seed seeds it
+too); equality with train_local there has not been checked on a GPU yet.
+
 Dropout: a module with active dropout trains under `vmap(randomness="different")`: every
 record of every site gets a fresh mask from the global generator. The masks are not those
 `train_local` would draw (it interleaves them with the noise in one stream); their
