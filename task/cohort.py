@@ -508,21 +508,19 @@ class _Chunk:
     # --- steps -----------------------------------------------------------------------------
     def _noisy_mean(self, rows: list[int]) -> dict[str, torch.Tensor]:
         """Opacus' add_noise + scale_grad for the sites in `rows`: noise per weight in
-        parameter order from each site's own stream, then / expected batch size."""
+        parameter order from each site's own stream (drawn in place: the same numbers as
+        Opacus' torch.normal), added to the clipped sum, / expected batch size."""
         summed = self._select(self.summed, rows)
-        noise: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
-        for i in rows:
-            site, plan = self.sites[i], self.plans[i]
-            std = plan.noise_multiplier * plan.max_grad_norm
+        noisy = {n: torch.empty_like(t) for n, t in summed.items()}
+        for k, i in enumerate(rows):
+            std = self.plans[i].noise_multiplier * self.plans[i].max_grad_norm
             for n in self.names:
-                shape, dtype = summed[n].shape[1:], summed[n].dtype
                 if std == 0:  # Opacus draws nothing for a zero std
-                    noise[n].append(torch.zeros(shape, dtype=dtype, device=self.device))
+                    noisy[n][k].zero_()
                 else:
-                    noise[n].append(torch.normal(mean=0.0, std=std, size=tuple(shape), generator=site.noise,
-                                                 dtype=dtype, device=self.device))
+                    noisy[n][k].normal_(0.0, std, generator=self.sites[i].noise)
         divisor = [self.sites[i].expected_batch for i in rows]
-        return {n: (summed[n] + torch.stack(noise[n])) / _column(divisor, summed[n]) for n in self.names}
+        return {n: noisy[n].add_(summed[n]).div_(_column(divisor, summed[n])) for n in self.names}
 
     def _optimizer_step(self, rows: list[int], grads: dict[str, torch.Tensor], step: int) -> None:
         """torch.optim's single-tensor SGD (momentum 0.9) or AdamW (weight decay 0), per site
