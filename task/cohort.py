@@ -336,8 +336,7 @@ class _Chunk:
         self.dp = self.plans[0].dp
         self.sgd = self.plans[0].optimizer == "sgd"
         dtypes = {n: p.dtype for n, p in module.named_parameters()}
-        self.params = {n: torch.stack([s.job.start[n].detach().to(device=device, dtype=dtypes[n]) for s in sites])
-                       for n in names}
+        self.params = {n: self._stacked([s.job.start[n] for s in sites], dtypes[n]) for n in names}
         fedprox = any(p.proximal_mu > 0 for p in self.plans)
         self.anchors = {n: t.clone() for n, t in self.params.items()} if fedprox else {}
         self.state_a = {n: torch.zeros_like(t) for n, t in self.params.items()}  # momentum / exp_avg
@@ -354,6 +353,14 @@ class _Chunk:
         self.loss_count = np.zeros(len(sites), dtype=np.int64)
         self.steps = np.zeros(len(sites), dtype=np.int64)
         self._per_site = self._dp_gradients() if self.dp else self._batch_gradients()
+
+    def _stacked(self, starts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """[sites, ...] start weights; one broadcast copy when every site starts from the same
+        tensor (the round's global weights, as the engine passes them)."""
+        first = starts[0].detach().to(device=self.device, dtype=dtype)
+        if all(t is starts[0] for t in starts):
+            return first.unsqueeze(0).expand(len(starts), *first.shape).clone()
+        return torch.stack([t.detach().to(device=self.device, dtype=dtype) for t in starts])
 
     # --- gradients -------------------------------------------------------------------------
     def _logits(self, params: dict[str, torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
