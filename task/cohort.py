@@ -28,10 +28,21 @@ compares weights, steps and spends for every supported module):
   on the stacked tensors with a per-site learning rate (torch.optim's single-tensor
   formulas), and a site that has finished its steps stays where it is.
 
+Speed. The default view (pooler + classifier on one [CLS] vector per record) is clipped
+without per-sample gradients: a linear layer's per-sample gradient is an outer product,
+so its norm and the clipped sum are matmuls (`_Chunk._pooler_head_sums`); the per-sample
+path would write sites x batch x 150k floats per step. Other modules take the generic
+per-sample vmap, chunked so that sites x physical batch x trainable weights x 4 bytes stay
+under `max_chunk_bytes`. The exact-noise rule costs one generator call per site, step and
+weight (as train_local pays). bench/cohort.py measures both against a loop of train_local.
+On a GPU the noise comes from a CUDA generator seeded alike (torch.manual_seed seeds it
+too); equality with train_local there has not been checked on a GPU yet.
+
 Dropout: a module with active dropout trains under `vmap(randomness="different")`: every
 record of every site gets a fresh mask from the global generator. The masks are not those
 `train_local` would draw (it interleaves them with the noise in one stream); their
-distribution is the same, and nothing else differs. The tests use dropout-free models.
+distribution is the same, and nothing else differs (the noise has its own generator per
+site). The tests use dropout-free models.
 
 Which modules: the default view (trainable=last_layers: BERT-style top layers + head on
 the cached prefix), a BERT whose head alone trains (trainable=head), the tabular MLP.
@@ -43,7 +54,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +129,18 @@ def _bert_head(module: nn.Module) -> nn.Module | None:
 
 
 _HEAD_PREFIX = "model.classifier."
+_POOLER_HEAD = ("pooler.dense.weight", "pooler.dense.bias", "classifier.weight", "classifier.bias")
+
+
+def _is_pooler_head(module: nn.Module, names: list[str]) -> bool:
+    """The default view (last_layers=0 on BERT): tanh(dense(x - center)), dropout, a linear
+    classifier, on one [CLS] vector per record, and exactly those four weights trainable."""
+    if not isinstance(module, _BertSuffix) or len(module.layers) or module.sequence_head:
+        return False
+    pooler = module.pooler
+    return (pooler is not None and isinstance(pooler.get_submodule("dense"), nn.Linear)
+            and isinstance(pooler.get_submodule("activation"), nn.Tanh)
+            and isinstance(module.classifier, nn.Linear) and sorted(names) == sorted(_POOLER_HEAD))
 
 
 def _bert_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -189,8 +211,11 @@ class _Site:
     noise: torch.Generator | None
 
 
-def _prepare(index: int, job: CohortJob, device: torch.device) -> _Site:
+def _prepare(index: int, job: CohortJob, names: list[str], device: torch.device) -> _Site:
     plan = job.plan
+    if set(job.start) != set(names):
+        odd = sorted(set(job.start) ^ set(names))
+        raise TrainingError(f"the start weights do not match the module's trainable weights: {', '.join(odd[:3])}")
     n = len(job.dataset)
     torch_generator = torch.Generator().manual_seed(job.seed + 1)
     schedule, rate = _schedule(n, plan, torch_generator)
@@ -225,15 +250,15 @@ def train_cohort(module: nn.Module, jobs: Sequence[CohortJob], device: torch.dev
         reason = can_vectorise(module, job.plan)
         if reason is not None:
             raise TrainingError(f"the cohort trainer cannot train this module: {reason}")
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    names = [n for n, _ in trainable]
     results: list[CohortResult | None] = [None] * len(jobs)
     sites: list[_Site] = []
     for i, job in enumerate(jobs):
         try:
-            sites.append(_prepare(i, job, device))
+            sites.append(_prepare(i, job, names, device))
         except Exception as exc:  # noqa: BLE001 - what train_local raises for this site, reported per site
             results[i] = CohortResult({}, None, exc)
-    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    names = [n for n, _ in trainable]
     frozen = {n: p.detach().to(device) for n, p in module.named_parameters() if not p.requires_grad}
     frozen.update({n: b.to(device) for n, b in module.named_buffers()})
     numel = sum(p.numel() for _, p in trainable)
@@ -246,7 +271,7 @@ def train_cohort(module: nn.Module, jobs: Sequence[CohortJob], device: torch.dev
             groups.setdefault(_group_key(site), []).append(site)
         for members in groups.values():
             members.sort(key=lambda s: (len(s.schedule), len(s.job.dataset)))  # alike steps and widths
-            for chunk in _chunks(members, numel, max_chunk_bytes):
+            for chunk in _chunks(members, numel, max_chunk_bytes, _is_pooler_head(module, names)):
                 for site, result in zip(chunk, _Chunk(module, names, frozen, chunk, device).run(), strict=True):
                     results[site.index] = result
     finally:
@@ -271,7 +296,7 @@ def _eager_attention(module: nn.Module) -> list[tuple[Any, Any]]:
     return saved
 
 
-def _chunks(sites: list[_Site], numel: int, max_bytes: int) -> list[list[_Site]]:
+def _chunks(sites: list[_Site], numel: int, max_bytes: int, matmul_clipping: bool) -> list[list[_Site]]:
     out: list[list[_Site]] = []
     current: list[_Site] = []
     used = 0
@@ -280,8 +305,10 @@ def _chunks(sites: list[_Site], numel: int, max_bytes: int) -> list[list[_Site]]
         per_record = sum(t[0].numel() * t.element_size() for t in site.job.dataset.tensors) if len(
             site.job.dataset) else 0
         width = plan.max_physical_batch_size if plan.dp else plan.batch_size
-        # per-sample gradients (DP) or one batch gradient, + weights, grads and optimizer state
-        cost = 4 * numel * ((width if plan.dp else 1) + 5) + 16 * width * per_record
+        # per-sample gradients (DP, unless clipped by matmuls) or one batch gradient, + weights,
+        # grads and optimizer state, + the batch's activations (roughly)
+        per_sample = plan.dp and not matmul_clipping
+        cost = 4 * numel * ((width if per_sample else 1) + 5) + 16 * width * per_record
         if current and used + cost > max_bytes:
             out.append(current)
             current, used = [], 0
@@ -309,22 +336,31 @@ class _Chunk:
         self.dp = self.plans[0].dp
         self.sgd = self.plans[0].optimizer == "sgd"
         dtypes = {n: p.dtype for n, p in module.named_parameters()}
-        self.params = {n: torch.stack([s.job.start[n].detach().to(device=device, dtype=dtypes[n]) for s in sites])
-                       for n in names}
-        self.anchors = {n: t.clone() for n, t in self.params.items()}
+        self.params = {n: self._stacked([s.job.start[n] for s in sites], dtypes[n]) for n in names}
+        fedprox = any(p.proximal_mu > 0 for p in self.plans)
+        self.anchors = {n: t.clone() for n, t in self.params.items()} if fedprox else {}
         self.state_a = {n: torch.zeros_like(t) for n, t in self.params.items()}  # momentum / exp_avg
         self.state_b = {n: torch.zeros_like(t) for n, t in self.params.items()} if not self.sgd else {}
-        self.summed = {n: torch.zeros_like(t) for n, t in self.params.items()}
+        self.summed = {n: torch.zeros_like(t) for n, t in self.params.items()} if self.dp else {}
         tensors = [s.job.dataset.tensors for s in sites]
         self.data = [torch.cat([ts[k] for ts in tensors]).to(device) for k in range(len(tensors[0]))]
         sizes = [len(s.job.dataset) for s in sites]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.bert = _bert_head(module)  # trainable=head: the encoder runs once, outside vmap
+        self.pooler_head = self.dp and _is_pooler_head(module, names)
         self.inputs = 1 if self.bert is not None else len(self.data) - 1
         self.loss_sum = np.zeros(len(sites))
         self.loss_count = np.zeros(len(sites), dtype=np.int64)
         self.steps = np.zeros(len(sites), dtype=np.int64)
         self._per_site = self._dp_gradients() if self.dp else self._batch_gradients()
+
+    def _stacked(self, starts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """[sites, ...] start weights; one broadcast copy when every site starts from the same
+        tensor (the round's global weights, as the engine passes them)."""
+        first = starts[0].detach().to(device=self.device, dtype=dtype)
+        if all(t is starts[0] for t in starts):
+            return first.unsqueeze(0).expand(len(starts), *first.shape).clone()
+        return torch.stack([t.detach().to(device=self.device, dtype=dtype) for t in starts])
 
     # --- gradients -------------------------------------------------------------------------
     def _logits(self, params: dict[str, torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -394,19 +430,19 @@ class _Chunk:
             return {n: t[at] for n, t in tensors.items()}
         return {n: t.index_select(0, at) for n, t in tensors.items()}
 
-    @contextmanager
-    def _modify(self, rows: list[int], *tensors: dict[str, torch.Tensor]) -> Iterator[list[dict[str, torch.Tensor]]]:
-        """The rows of `tensors` to update in place: views for contiguous rows, else copies
-        written back when the block ends."""
-        at = self._rows(rows)
-        if isinstance(at, slice):
-            yield [{n: t[at] for n, t in group.items()} for group in tensors]
-            return
-        copies = [{n: t.index_select(0, at) for n, t in group.items()} for group in tensors]
-        yield copies
-        for group, copy in zip(tensors, copies, strict=True):
-            for n, t in group.items():
-                t.index_copy_(0, at, copy[n])
+    def _blocks(self, rows: list[int], *tensors: dict[str, torch.Tensor]
+                ) -> Iterator[tuple[slice, list[dict[str, torch.Tensor]]]]:
+        """The contiguous runs of `rows` (sorted): their positions in `rows`, and views of
+        `tensors` at them to update in place (no copies: sites sorted by steps and size make
+        the runs long)."""
+        k = 0
+        while k < len(rows):
+            end = k + 1
+            while end < len(rows) and rows[end] == rows[end - 1] + 1:
+                end += 1
+            at = slice(rows[k], rows[end - 1] + 1)
+            yield slice(k, end), [{n: t[at] for n, t in group.items()} for group in tensors]
+            k = end
 
     def _physical_batch(self, rows: list[int], batches: list[list[int]]) -> dict[str, torch.Tensor]:
         """DP: clip and add this physical batch's per-sample gradients into the sites' sums.
@@ -415,7 +451,13 @@ class _Chunk:
         *inputs, labels = data
         params = self._select(self.params, rows)
         clip = [self.plans[i].max_grad_norm for i in rows]
-        if self.dp:
+        if self.dp and self.pooler_head:
+            sums, losses = self._pooler_head_sums(params, inputs[0], labels, mask, clip)
+            for part, (summed,) in self._blocks(rows, self.summed):
+                for n in self.names:
+                    summed[n].add_(sums[n][part])
+            batch_loss = torch.where(mask, losses, torch.zeros_like(losses)).sum(1) / mask.sum(1)
+        elif self.dp:
             grads, losses = self._per_site(params, *inputs, labels)
             width = mask.shape[1]
             norms = torch.stack([grads[n].reshape(len(rows), width, -1).norm(2, dim=-1) for n in self.names],
@@ -423,9 +465,9 @@ class _Chunk:
             factor = (_column(clip, norms) / (norms + _NORM_EPS)).clamp(max=1.0)
             factor = torch.where(mask, factor, torch.zeros_like(factor))
             sums = {n: torch.einsum("sb,sb...->s...", factor, grads[n]) for n in self.names}
-            with self._modify(rows, self.summed) as (summed,):
+            for part, (summed,) in self._blocks(rows, self.summed):
                 for n in self.names:
-                    summed[n].add_(sums[n])
+                    summed[n].add_(sums[n][part])
             batch_loss = torch.where(mask, losses, torch.zeros_like(losses)).sum(1) / mask.sum(1)
         else:
             grads, batch_loss = self._per_site(params, mask, *inputs, labels)
@@ -439,47 +481,76 @@ class _Chunk:
             self.loss_count[r] += 1
         return grads if not self.dp else {}
 
+    def _pooler_head_sums(self, params: dict[str, torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor,
+                          mask: torch.Tensor, clip: list[float]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The default view's clipped per-sample gradient sums without materialising them.
+
+        A linear layer's per-sample weight gradient on one input vector x_i is the outer
+        product g_i x_i^T (g_i: the gradient at its output), so its norm is |g_i| |x_i| and
+        the clipped sum over the batch is (c * G)^T X, one matmul (Opacus' ghost clipping
+        identities, Li et al. 2022). g_i of both layers come from one backward pass over
+        the batch (a record's loss reaches only its own row). The same clipping factors
+        and sums as the per-sample path, in a fraction of the memory traffic."""
+        assert isinstance(self.module, _BertSuffix) and self.module.pooler is not None
+        w1, b1 = params["pooler.dense.weight"], params["pooler.dense.bias"]
+        w2, b2 = params["classifier.weight"], params["classifier.bias"]
+        x = hidden[:, :, 0, :] - self.frozen["center"]  # [sites, batch, hidden]: the [CLS] feature
+        with torch.enable_grad():
+            z1 = torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)).requires_grad_(True)
+            a = self.module.dropout(self.module.pooler.get_submodule("activation")(z1))  # type: ignore[misc]
+            z2 = torch.baddbmm(b2.unsqueeze(1), a, w2.transpose(1, 2))
+            losses = F.cross_entropy(z2.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+            g1, g2 = torch.autograd.grad(losses.sum(), [z1, z2])
+        a = a.detach()
+        squared = (g2.square().sum(-1) * (a.square().sum(-1) + 1)  # classifier weight + bias
+                   + g1.square().sum(-1) * (x.square().sum(-1) + 1))  # pooler weight + bias
+        norms = squared.sqrt()
+        factor = (_column(clip, norms) / (norms + _NORM_EPS)).clamp(max=1.0)
+        factor = torch.where(mask, factor, torch.zeros_like(factor)).unsqueeze(-1)
+        c1, c2 = factor * g1, factor * g2
+        sums = {"pooler.dense.weight": torch.bmm(c1.transpose(1, 2), x), "pooler.dense.bias": c1.sum(1),
+                "classifier.weight": torch.bmm(c2.transpose(1, 2), a), "classifier.bias": c2.sum(1)}
+        return sums, losses.detach()
+
     # --- steps -----------------------------------------------------------------------------
     def _noisy_mean(self, rows: list[int]) -> dict[str, torch.Tensor]:
         """Opacus' add_noise + scale_grad for the sites in `rows`: noise per weight in
-        parameter order from each site's own stream, then / expected batch size."""
+        parameter order from each site's own stream (drawn in place: the same numbers as
+        Opacus' torch.normal), added to the clipped sum, / expected batch size."""
         summed = self._select(self.summed, rows)
-        noise: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
-        for i in rows:
-            site, plan = self.sites[i], self.plans[i]
-            std = plan.noise_multiplier * plan.max_grad_norm
+        noisy = {n: torch.empty_like(t) for n, t in summed.items()}
+        for k, i in enumerate(rows):
+            std = self.plans[i].noise_multiplier * self.plans[i].max_grad_norm
             for n in self.names:
-                shape, dtype = summed[n].shape[1:], summed[n].dtype
                 if std == 0:  # Opacus draws nothing for a zero std
-                    noise[n].append(torch.zeros(shape, dtype=dtype, device=self.device))
+                    noisy[n][k].zero_()
                 else:
-                    noise[n].append(torch.normal(mean=0.0, std=std, size=tuple(shape), generator=site.noise,
-                                                 dtype=dtype, device=self.device))
+                    noisy[n][k].normal_(0.0, std, generator=self.sites[i].noise)
         divisor = [self.sites[i].expected_batch for i in rows]
-        return {n: (summed[n] + torch.stack(noise[n])) / _column(divisor, summed[n]) for n in self.names}
+        return {n: noisy[n].add_(summed[n]).div_(_column(divisor, summed[n])) for n in self.names}
 
     def _optimizer_step(self, rows: list[int], grads: dict[str, torch.Tensor], step: int) -> None:
         """torch.optim's single-tensor SGD (momentum 0.9) or AdamW (weight decay 0), per site
         (its formulas, in place; a per-site learning rate where torch has a scalar)."""
         lr = [self.plans[i].learning_rate for i in rows]
         state = (self.params, self.state_a) if self.sgd else (self.params, self.state_a, self.state_b)
-        with self._modify(rows, *state) as groups:
+        beta1, beta2 = _ADAM_BETAS
+        # every site of a chunk takes its (step + 1)-th step together
+        correction1 = 1 - beta1 ** (step + 1)
+        correction2_sqrt = math.sqrt(1 - beta2 ** (step + 1))
+        for part, groups in self._blocks(rows, *state):
             params, a = groups[0], groups[1]
-            if self.sgd:
-                for n in self.names:
-                    a[n].mul_(_SGD_MOMENTUM).add_(grads[n])  # zeros at first: buf = grad, as torch's
-                    params[n].addcmul_(_column([-x for x in lr], params[n]), a[n])
-                return
-            b = groups[2]
-            beta1, beta2 = _ADAM_BETAS
-            # every site of a chunk takes its (step + 1)-th step together
-            correction1 = 1 - beta1 ** (step + 1)
-            correction2_sqrt = math.sqrt(1 - beta2 ** (step + 1))
             for n in self.names:
-                a[n].lerp_(grads[n], 1 - beta1)
-                b[n].mul_(beta2).addcmul_(grads[n], grads[n], value=1 - beta2)
+                g = grads[n][part]
+                if self.sgd:
+                    a[n].mul_(_SGD_MOMENTUM).add_(g)  # zeros at first: buf = grad, as torch's
+                    params[n].addcmul_(_column([-x for x in lr[part]], params[n]), a[n])
+                    continue
+                b = groups[2]
+                a[n].lerp_(g, 1 - beta1)
+                b[n].mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 denom = (b[n].sqrt() / correction2_sqrt).add_(_ADAM_EPS)
-                params[n].addcmul_(_column([-x / correction1 for x in lr], params[n]), a[n] / denom)
+                params[n].addcmul_(_column([-x / correction1 for x in lr[part]], params[n]), a[n] / denom)
 
     def _proximal_step(self, rows: list[int]) -> None:
         """FedProx: w -= lr * mu * (w - w_start), after every optimizer.step() call."""
@@ -487,9 +558,9 @@ class _Chunk:
         if not rows:
             return
         coef = [-self.plans[i].learning_rate * self.plans[i].proximal_mu for i in rows]
-        with self._modify(rows, self.params, self.anchors) as (params, anchors):
+        for part, (params, anchors) in self._blocks(rows, self.params, self.anchors):
             for n in self.names:
-                params[n].addcmul_(_column(coef, params[n]), params[n] - anchors[n])
+                params[n].addcmul_(_column(coef[part], params[n]), params[n] - anchors[n])
 
     def run(self) -> list[CohortResult]:
         horizon = max((len(s.schedule) for s in self.sites), default=0)
@@ -504,8 +575,9 @@ class _Chunk:
                     grads = self._physical_batch(with_records, [self.sites[i].schedule[t][j] for i in with_records])
                 last = [i for i in here if j == len(self.sites[i].schedule[t]) - 1]
                 if self.dp and last:
-                    self._optimizer_step(last, self._noisy_mean(last), t)
-                    with self._modify(last, self.summed) as (summed,):
+                    for part, (summed,) in self._blocks(last, self.summed):
+                        block = last[part]
+                        self._optimizer_step(block, self._noisy_mean(block), t)
                         for v in summed.values():
                             v.zero_()
                 elif not self.dp and with_records:

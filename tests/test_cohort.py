@@ -125,10 +125,21 @@ def test_dp_sites_of_different_sizes_rates_and_optimizers_match_train_local():
 
 def test_non_private_sgd_and_adamw_with_proximal_term_match_train_local():
     module = _view()
-    start = _start(module)
     plans = [_plan(dp=False, proximal_mu=mu, optimizer=opt, learning_rate=lr, batch_size=bs, epochs=3)
              for mu in (0.0, 0.4) for opt, lr in (("sgd", 1.0), ("adamw", 0.01)) for bs in (4, 16)]
-    jobs = [CohortJob(start, _features(9 + 6 * i, 1, seed=i), plan, seed=7 * i) for i, plan in enumerate(plans)]
+    # each site from its own start weights (the other tests: one start shared by all)
+    jobs = [CohortJob(_start(module, seed=i), _features(9 + 6 * i, 1, seed=i), plan, seed=7 * i)
+            for i, plan in enumerate(plans)]
+    _assert_like_train_local(module, jobs)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "functorch"])
+def test_other_grad_sample_modes_are_the_same_math(mode):
+    """Opacus' ghost clipping and functorch per-sample gradients clip and noise alike."""
+    module = _view()
+    start = _start(module)
+    jobs = [CohortJob(start, _features(n, 1, seed=n), _plan(grad_sample_mode=mode, proximal_mu=0.2 * (n > 20)), seed=n)
+            for n in (7, 33)]
     _assert_like_train_local(module, jobs)
 
 
@@ -182,6 +193,30 @@ def test_a_diverging_site_fails_alone_and_a_site_without_records_as_train_local_
     assert [type(r.error).__name__ if r.error else None for r in out] == [
         None, "TrainingError", "TrainingError", "ValueError", None]
     assert "diverged" in str(out[1].error)
+    partial = {n: t for n, t in start.items() if n != "classifier.bias"}
+    out = train_cohort(module, [CohortJob(partial, _features(20, 1, seed=1), _plan(), seed=1), jobs[0]], CPU)
+    assert isinstance(out[0].error, TrainingError) and "classifier.bias" in str(out[0].error)
+    assert out[1].error is None
+
+
+def test_the_default_views_matmul_clipping_equals_per_sample_gradients(monkeypatch):
+    """The default view (pooler + classifier) clips by the outer-product identities, without
+    per-sample gradients; the generic vmap path gives the same weights."""
+    from fedshield.task import cohort
+
+    module = _view()
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert cohort._is_pooler_head(module, names)
+    start = _start(module)
+    jobs = [CohortJob(start, _features(n, 1, seed=n), _plan(max_physical_batch_size=3), seed=n) for n in (6, 25)]
+    fast = train_cohort(module, jobs, CPU)
+    monkeypatch.setattr(cohort, "_is_pooler_head", lambda *_: False)
+    generic = train_cohort(module, jobs, CPU)
+    for a, b in zip(fast, generic, strict=True):
+        assert a.result is not None and b.result is not None
+        assert a.result.mean_loss == pytest.approx(b.result.mean_loss, rel=1e-5)
+        for n in names:
+            assert torch.allclose(a.params[n], b.params[n], atol=1e-6)
 
 
 def test_chunking_changes_nothing():
