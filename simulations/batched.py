@@ -50,7 +50,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedshield.client.app import Steps, TrainJob, TrainOutcome, shared_views
-from fedshield.task.cohort import CohortJob, can_vectorise, train_cohort
+from fedshield.task.cohort import CohortJob, can_vectorise, draws_dropout_alike, train_cohort
 
 log = logging.getLogger("fedshield.simulation")
 
@@ -304,7 +304,8 @@ def train_jobs(jobs: Sequence[TrainJob]) -> list[TrainOutcome]:
         groups.setdefault((id(job.view), job.center, str(job.device)), []).append(i)
     for members in groups.values():
         module = jobs[members[0]].view.module
-        together = [] if has_dropout(module) else [i for i in members if can_vectorise(module, jobs[i].plan) is None]
+        alike = not has_dropout(module) or draws_dropout_alike(module)
+        together = [i for i in members if alike and can_vectorise(module, jobs[i].plan) is None]
         for i in members:
             if i not in together:
                 outcomes[i] = jobs[i].run()
@@ -321,11 +322,11 @@ def train_jobs(jobs: Sequence[TrainJob]) -> list[TrainOutcome]:
 
 
 def has_dropout(module: torch.nn.Module) -> bool:
-    """Whether training `module` draws dropout masks. Such a module trains one site at a
-    time with `train_local`: there each site's masks come from its own seeded stream,
-    interleaved with its noise, which a vmap over sites cannot draw alike (its masks would
-    depend on which sites share a worker). A dropout-free module trains to the same weights
-    either way."""
+    """Whether training `module` draws dropout masks. Unless the cohort trainer draws them as
+    train_local does (`draws_dropout_alike`: the default view), such a module trains one site
+    at a time with `train_local`, where each site's masks come from its own seeded stream,
+    interleaved with its noise; masks drawn under a vmap over sites would depend on which
+    sites share a worker, so on the machine's core count."""
     for m in module.modules():
         if isinstance(m, torch.nn.Dropout) and m.p > 0:
             return True

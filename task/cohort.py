@@ -143,6 +143,15 @@ def _is_pooler_head(module: nn.Module, names: list[str]) -> bool:
             and isinstance(module.classifier, nn.Linear) and sorted(names) == sorted(_POOLER_HEAD))
 
 
+def draws_dropout_alike(module: nn.Module) -> bool:
+    """Whether `train_cohort` draws `module`'s dropout masks as train_local does: the default
+    view, whose one dropout (between the pooler and the classifier) takes each site's masks
+    from its own stream, physical batch by physical batch, before that step's noise. Other
+    modules with active dropout get fresh masks under vmap (the same distribution, other draws)."""
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    return _is_pooler_head(module, names)
+
+
 def _bert_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """What BertForSequenceClassification's classifier reads, before its dropout: the pooled
     output, with the position and token-type ids `_FullBert` passes."""
@@ -220,14 +229,14 @@ def _prepare(index: int, job: CohortJob, names: list[str], device: torch.device)
     torch_generator = torch.Generator().manual_seed(job.seed + 1)
     schedule, rate = _schedule(n, plan, torch_generator)
     expected = 1.0
-    noise = None
     if plan.dp and rate is not None:
         # Opacus' default divisor: int(n * (1 / len(loader))), len(loader) = steps per epoch.
         expected = float(plan.expected_batch_size if plan.expected_batch_size is not None
                          else int(n * (1 / steps_per_epoch(rate))))
-        # torch.manual_seed(seed) seeds the default generator of every device with `seed`:
-        # a generator seeded alike gives the noise stream Opacus draws from (generator=None).
-        noise = torch.Generator(device=device).manual_seed(job.seed)
+    # torch.manual_seed(seed) seeds the default generator of every device with `seed`: a
+    # generator seeded alike gives the stream train_local's dropout masks and Opacus' noise
+    # (generator=None) come from, in the order they are drawn there.
+    noise = torch.Generator(device=device).manual_seed(job.seed)
     return _Site(index, job, schedule, rate, expected, noise)
 
 
@@ -347,7 +356,9 @@ class _Chunk:
         sizes = [len(s.job.dataset) for s in sites]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.bert = _bert_head(module)  # trainable=head: the encoder runs once, outside vmap
-        self.pooler_head = self.dp and _is_pooler_head(module, names)
+        self.pooler_head = _is_pooler_head(module, names)
+        dropout = getattr(module, "dropout", None) if self.pooler_head else None
+        self.keep = 1.0 - float(dropout.p) if isinstance(dropout, nn.Dropout) else 1.0  # the head's dropout
         self.inputs = 1 if self.bert is not None else len(self.data) - 1
         self.loss_sum = np.zeros(len(sites))
         self.loss_count = np.zeros(len(sites), dtype=np.int64)
@@ -451,8 +462,10 @@ class _Chunk:
         *inputs, labels = data
         params = self._select(self.params, rows)
         clip = [self.plans[i].max_grad_norm for i in rows]
+        drop = self._dropout_masks(rows, batches, inputs[0].shape[1], inputs[0].shape[-1]) if self.pooler_head \
+            else None
         if self.dp and self.pooler_head:
-            sums, losses = self._pooler_head_sums(params, inputs[0], labels, mask, clip)
+            sums, losses = self._pooler_head_sums(params, inputs[0], labels, mask, clip, drop)
             for part, (summed,) in self._blocks(rows, self.summed):
                 for n in self.names:
                     summed[n].add_(sums[n][part])
@@ -470,7 +483,8 @@ class _Chunk:
                     summed[n].add_(sums[n][part])
             batch_loss = torch.where(mask, losses, torch.zeros_like(losses)).sum(1) / mask.sum(1)
         else:
-            grads, batch_loss = self._per_site(params, mask, *inputs, labels)
+            grads, batch_loss = (self._pooler_head_batch(params, inputs[0], labels, mask, drop) if self.pooler_head
+                                 else self._per_site(params, mask, *inputs, labels))
             # torch.nn.utils.clip_grad_norm_: the norm of the per-tensor norms
             total = torch.stack([grads[n].reshape(len(rows), -1).norm(2, dim=-1) for n in self.names],
                                 dim=-1).norm(2, dim=-1)
@@ -481,8 +495,38 @@ class _Chunk:
             self.loss_count[r] += 1
         return grads if not self.dp else {}
 
+    def _dropout_masks(self, rows: list[int], batches: list[list[int]], width: int,
+                       hidden: int) -> torch.Tensor | None:
+        """The default view's dropout masks for this physical batch, [sites, width, hidden]:
+        each site's drawn from its own stream as nn.Dropout draws them in train_local (one
+        bernoulli_ over the physical batch, divided by the keep rate); None without dropout."""
+        if self.keep == 1.0:
+            return None
+        masks = torch.ones(len(rows), width, hidden, device=self.device)
+        for r, (i, batch) in enumerate(zip(rows, batches, strict=True)):
+            drawn = torch.empty(len(batch), hidden, device=self.device)
+            masks[r, : len(batch)] = drawn.bernoulli_(self.keep, generator=self.sites[i].noise).div_(self.keep)
+        return masks
+
+    def _pooler_head_batch(self, params: dict[str, torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor,
+                           mask: torch.Tensor, drop: torch.Tensor | None
+                           ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Without DP, the default view: each site's gradient of its batch-mean loss (one
+        backward pass over all sites: a site's loss reaches only its own weights)."""
+        own = {n: params[n].detach().requires_grad_(True) for n in self.names}
+        x = hidden[:, :, 0, :] - self.frozen["center"]
+        with torch.enable_grad():
+            z1 = torch.baddbmm(own["pooler.dense.bias"].unsqueeze(1), x, own["pooler.dense.weight"].transpose(1, 2))
+            a = torch.tanh(z1) if drop is None else torch.tanh(z1) * drop
+            z2 = torch.baddbmm(own["classifier.bias"].unsqueeze(1), a, own["classifier.weight"].transpose(1, 2))
+            losses = F.cross_entropy(z2.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+            per_site = torch.where(mask, losses, torch.zeros_like(losses)).sum(1) / mask.sum(1)
+            grads = torch.autograd.grad(per_site.sum(), [own[n] for n in self.names])
+        return dict(zip(self.names, grads, strict=True)), per_site.detach()
+
     def _pooler_head_sums(self, params: dict[str, torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor,
-                          mask: torch.Tensor, clip: list[float]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                          mask: torch.Tensor, clip: list[float], drop: torch.Tensor | None
+                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The default view's clipped per-sample gradient sums without materialising them.
 
         A linear layer's per-sample weight gradient on one input vector x_i is the outer
@@ -497,7 +541,9 @@ class _Chunk:
         x = hidden[:, :, 0, :] - self.frozen["center"]  # [sites, batch, hidden]: the [CLS] feature
         with torch.enable_grad():
             z1 = torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)).requires_grad_(True)
-            a = self.module.dropout(self.module.pooler.get_submodule("activation")(z1))  # type: ignore[misc]
+            a = self.module.pooler.get_submodule("activation")(z1)
+            if drop is not None:  # nn.Dropout's arithmetic with the site's own masks
+                a = a * drop
             z2 = torch.baddbmm(b2.unsqueeze(1), a, w2.transpose(1, 2))
             losses = F.cross_entropy(z2.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
             g1, g2 = torch.autograd.grad(losses.sum(), [z1, z2])

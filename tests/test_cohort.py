@@ -232,17 +232,23 @@ def test_chunking_changes_nothing():
             assert torch.allclose(a.params[n], b.params[n], atol=1e-6)
 
 
-def test_dropout_trains_with_fresh_masks_and_leaves_the_module_as_it_was():
-    """The default view has dropout: it trains (masks differ from train_local's, documented),
-    and the module's train/eval modes are put back."""
-    module = _view(dropout=0.5)
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_the_default_views_dropout_draws_the_masks_train_local_draws(rate):
+    """The default view keeps BERT's dropout between pooler and classifier: each site's masks
+    come from its own stream, physical batch by physical batch, before that step's noise,
+    as nn.Dropout draws them in train_local: the same weights, with DP (split and empty
+    batches included) and without. The module's train/eval modes are put back."""
+    from fedshield.task.cohort import draws_dropout_alike
+
+    module = _view(dropout=rate)
+    assert draws_dropout_alike(module) and not draws_dropout_alike(_view("last_layers", 1, dropout=rate))
     module.eval()
     start = _start(module)
-    out = train_cohort(module, [CohortJob(start, _features(30, 1, seed=0), _plan(noise_multiplier=0.0), seed=0)], CPU)
+    plans = [_plan(sample_rate=1 / 12, expected_batch_size=1), _plan(proximal_mu=0.3), _plan(batch_size=16),
+             _plan(dp=False, batch_size=4, epochs=3), _plan(dp=False, optimizer="adamw", learning_rate=0.01)]
+    jobs = [CohortJob(start, _features(5 + 11 * i, 1, seed=i), plan, seed=40 + i) for i, plan in enumerate(plans)]
+    _assert_like_train_local(module, jobs)
     assert not module.training and not any(m.training for m in module.modules())
-    params = out[0].params
-    assert out[0].error is None and all(torch.isfinite(p).all() for p in params.values())
-    assert any(not torch.equal(params[n], start[n]) for n in start)
 
 
 def test_can_vectorise_names_what_it_refuses():
