@@ -38,11 +38,12 @@ weight (as train_local pays). bench/cohort.py measures both against a loop of tr
 On a GPU the noise comes from a CUDA generator seeded alike (torch.manual_seed seeds it
 too); equality with train_local there has not been checked on a GPU yet.
 
-Dropout: a module with active dropout trains under `vmap(randomness="different")`: every
-record of every site gets a fresh mask from the global generator. The masks are not those
-`train_local` would draw (it interleaves them with the noise in one stream); their
-distribution is the same, and nothing else differs (the noise has its own generator per
-site). The tests use dropout-free models.
+Dropout: the default view's one dropout (between pooler and classifier) takes each site's
+masks from the site's own stream, one bernoulli_ per physical batch before that step's noise,
+as nn.Dropout draws them in `train_local` (`draws_dropout_alike`; tested equal). Any other
+module with active dropout trains under `vmap(randomness="different")`: fresh masks from the
+global generator, the same distribution, other draws; the engine trains those one site at
+a time with `train_local` instead (simulations/batched.py).
 
 Which modules: the default view (trainable=last_layers: BERT-style top layers + head on
 the cached prefix), a BERT whose head alone trains (trainable=head), the tabular MLP.
