@@ -33,11 +33,14 @@ import fedshield.deploy.offline  # noqa: F401  (first: nothing phones home; depl
 
 # isort: split
 
+import copy
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Generator, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -83,7 +86,7 @@ from fedshield.task.pipeline import (
 )
 from fedshield.task.plugin import is_plugin, plugin_inputs, site_allows
 from fedshield.task.sites import check_delta, virtual_sites
-from fedshield.task.trainer import LocalPlan, TrainingError, poisson_rate, round_steps, train_local
+from fedshield.task.trainer import LocalPlan, LocalResult, TrainingError, poisson_rate, round_steps, train_local
 
 log = logging.getLogger("fedshield.site")
 
@@ -439,6 +442,34 @@ def handle(msg: Message, context: Context, handler: Callable[[Message, protocol.
     """Parse the plan, resolve the site, run `handler`; a fedshield error becomes a
     one-line decline, not a crash. Public with `train_round`: a ClientApp built around
     the site's own pipeline (tests and bench/poisoning.py build hostile sites so) uses them."""
+
+    def steps(m: Message, plan: protocol.Plan, site: Site) -> Steps:
+        return handler(m, plan, site)
+        yield  # a generator that trains nothing: handle_steps takes generators  # pragma: no cover
+
+    return run_steps(handle_steps(msg, context, steps))
+
+
+# A handler as steps: it yields the one local training it needs (a TrainJob) and gets its
+# outcome back, then returns the reply. Run in line (`run_steps`) on Flower's runtime; the
+# batched engine (simulations/batched.py) runs many sites' steps and trains their jobs together.
+Steps = Generator["TrainJob", "TrainOutcome", Message]
+
+
+def run_steps(steps: Steps) -> Message:
+    """Drive a handler's steps to its reply, training each job in line."""
+    try:
+        job = next(steps)
+        while True:
+            job = steps.send(job.run())
+    except StopIteration as stop:
+        reply: Message = stop.value
+        return reply
+
+
+def handle_steps(msg: Message, context: Context,
+                 handler: Callable[[Message, protocol.Plan, Site], Steps]) -> Steps:
+    """`handle` as steps: the same checks and the same declines around a handler's steps."""
     name = _node_name(context)
     try:
         plan = protocol.read_plan(msg)
@@ -450,7 +481,7 @@ def handle(msg: Message, context: Context, handler: Callable[[Message, protocol.
         if site.cfg.privacy.mode == "dp-sgd" and booked not in (None, site.cfg.privacy.neighbouring):
             raise PolicyError(f"privacy.neighbouring={site.cfg.privacy.neighbouring!r}: this site's ledger is "
                               f"accounted under {booked!r}, and one site's ε is composed under one relation")
-        return handler(msg, plan, site)
+        return (yield from handler(msg, plan, site))
     except protocol.ProtocolError as exc:
         return _decline(msg, name, f"the coordinator's message broke the protocol: {exc}", "protocol")
     except TaskNotAllowed as exc:  # nothing was imported: the site's own installs and settings say no
@@ -647,17 +678,23 @@ def _done(msg: Message, plan: protocol.Plan, site: Site) -> Message:
 
 
 def train(msg: Message, context: Context) -> Message:
-    return handle(msg, context, lambda m, plan, site: _train(m, plan, site, context))
+    return run_steps(train_steps(msg, context))
 
 
-def _train(msg: Message, plan: protocol.Plan, site: Site, context: Context) -> Message:
+def train_steps(msg: Message, context: Context) -> Steps:
+    """`train` as steps: the batched engine (simulations/batched.py) runs many sites' steps
+    and trains their jobs together; everything else is the same code."""
+    return handle_steps(msg, context, lambda m, plan, site: _train(m, plan, site, context))
+
+
+def _train(msg: Message, plan: protocol.Plan, site: Site, context: Context) -> Steps:
     step = protocol.read_secagg(msg)
     secure = site.cfg.federation.secure_aggregation != "off"
     if step is None and secure:
         return _decline(msg, site.name, "this run aggregates securely (federation.secure_aggregation="
                         f"{site.cfg.federation.secure_aggregation}): an update in the clear is refused", "protocol")
     if step is None:
-        return train_round(msg, plan, site)
+        return (yield from train_round_steps(msg, plan, site))
     if not secure:
         return _decline(msg, site.name, "a secure-aggregation stage in a run whose plan has "
                         "federation.secure_aggregation=off", "protocol")
@@ -666,7 +703,7 @@ def _train(msg: Message, plan: protocol.Plan, site: Site, context: Context) -> M
             raise secagg.SecAggError(f"secure aggregation: the stage is for round {step.server_round}, the "
                                      f"training instruction for round {plan.server_round}")
         state = secagg.begin_collect(context, step, plan.run_id)  # before any training: refuse early
-        update = local_update(msg, plan, site)
+        update = yield from local_update_steps(msg, plan, site)
         if isinstance(update, Message):
             return update
         secagg.claim_round(site.state.dir, plan.run_id, step.server_round)
@@ -735,7 +772,20 @@ def site_app(**replaced: Handler) -> ClientApp:
     out.query(protocol.SECAGG_SHARE_HANDLER)(handlers["secagg_share"])
     out.query(protocol.SECAGG_CHECK_HANDLER)(handlers["secagg_check"])
     out.query(protocol.SECAGG_UNMASK_HANDLER)(handlers["secagg_unmask"])
+    if "train" not in replaced:
+        _TRAINS_AS_STEPS.add(out)
     return out
+
+
+# ClientApps whose TRAIN handler is this module's own `train`: the batched engine may run
+# their TRAIN messages as `train_steps`. An app with another train handler (a test's or a
+# benchmark's hostile site) is always called as it is.
+_TRAINS_AS_STEPS: weakref.WeakSet[ClientApp] = weakref.WeakSet()
+
+
+def train_steps_of(client_app: ClientApp) -> Callable[[Message, Context], Steps] | None:
+    """`train_steps` if `client_app` trains with it (site_app with its own train handler)."""
+    return train_steps if client_app in _TRAINS_AS_STEPS else None
 
 
 app = site_app()
@@ -753,14 +803,67 @@ class LocalUpdate:
 
 def train_round(msg: Message, plan: protocol.Plan, site: Site) -> Message:
     """One round of local training at `site` for `plan`: budget, DP-SGD, spend, reply."""
-    update = local_update(msg, plan, site)
+    return run_steps(train_round_steps(msg, plan, site))
+
+
+def train_round_steps(msg: Message, plan: protocol.Plan, site: Site) -> Steps:
+    update = yield from local_update_steps(msg, plan, site)
     if isinstance(update, Message):
         return update
     return protocol.train_reply(msg, site=site.name, arrays=update.arrays, num_examples=update.num_examples,
                                 ledger_entries=update.ledger_entries)
 
 
-def local_update(msg: Message, plan: protocol.Plan, site: Site) -> LocalUpdate | Message:
+@dataclass(frozen=True)
+class TrainJob:
+    """One site's local training as `local_update_steps` planned it: run in line (`run`), or
+    by the batched engine together with other sites' jobs (task/cohort.py: the same steps,
+    the same random draws). The view may be shared by many sites' jobs (`shared_views`):
+    `load` puts this job's starting point (the round's weights, the plan's centre) in it."""
+
+    site: str
+    view: TrainView
+    dataset: torch.utils.data.TensorDataset
+    plan: LocalPlan
+    seed: int  # torch.manual_seed(seed); the sampler's generator: seed + 1 (as train_local takes it)
+    device: torch.device
+    weights: dict[str, np.ndarray]
+    center: tuple[float, ...] | None
+    shared: bool = False  # the view serves other sites' jobs too: load this one's start before training
+
+    def load(self) -> None:
+        self.view.load_trainable(self.weights)
+        if self.center is not None:
+            centering.set_center(self.view, list(self.center))
+
+    def run(self) -> TrainOutcome:
+        module = self.view.module
+        if self.shared:  # a copy of its own: Opacus' hooks stay on what it trains
+            self.load()
+            module = copy.deepcopy(module)
+        torch.manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        try:
+            result = train_local(module, self.dataset, self.plan, device=self.device, generator=generator)
+        except (FedShieldError, RuntimeError, ValueError) as exc:
+            return TrainOutcome(None, exc)
+        if not self.shared:
+            return TrainOutcome(result)
+        return TrainOutcome(result, params={n: p.detach() for n, p in module.named_parameters() if p.requires_grad})
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What a TrainJob gave: its result or its error; `params`, the trained weights of the
+    view's module by parameter name when it was trained elsewhere (None: they are in it)."""
+
+    result: LocalResult | None
+    error: Exception | None = None
+    params: Mapping[str, torch.Tensor] | None = None
+
+
+def local_update_steps(msg: Message, plan: protocol.Plan,
+                       site: Site) -> Generator[TrainJob, TrainOutcome, LocalUpdate | Message]:
     """Train (or, for this very request released already, take the kept result); a decline
     instead if the budget, the policy or the data says no, or if the round was spent for
     another request.
@@ -794,9 +897,10 @@ def local_update(msg: Message, plan: protocol.Plan, site: Site) -> LocalUpdate |
             return _decline(msg, site.name, f"round {plan.server_round} of run {plan.run_id}: {why}", kind)
     device = _device(cfg)
     view, dataset = _prepare(site, plan, device)
-    view.load_trainable(weights)
-    if plan.feature_center is not None and centering.applies(cfg, view):
-        centering.set_center(view, list(plan.feature_center))
+    center = tuple(plan.feature_center) if plan.feature_center is not None and centering.applies(cfg, view) else None
+    view.load_trainable(weights)  # refused here, before any spend, if they are not the model's
+    if center is not None:
+        centering.set_center(view, list(center))
     count = _counted(msg, plan, site)
     if isinstance(count, Message):
         return count
@@ -844,12 +948,14 @@ def local_update(msg: Message, plan: protocol.Plan, site: Site) -> LocalUpdate |
         grad_sample_mode=tr.grad_sample_mode, accountant=priv.accountant,
         proximal_mu=float(plan.proximal_mu or 0.0), sample_rate=q, expected_batch_size=max(1, round(q * n)),
     )
-    seed = _seed(cfg, site, plan.server_round)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed + 1)
     t0 = time.time()
+    outcome = yield TrainJob(site.name, view, dataset, local, _seed(cfg, site, plan.server_round), device,
+                             weights, center, shared=_SHARED_VIEWS is not None)
     try:
-        result = train_local(view.module, dataset, local, device=device, generator=generator)
+        if outcome.error is not None:
+            raise outcome.error
+        result = outcome.result
+        assert result is not None
         ran = [Spend(*s) for s in result.spends]
         if dp and (sum(s.steps for s in ran) != steps or any(s.sample_rate != q or s.noise_multiplier != sigma
                                                              for s in ran)):
@@ -859,12 +965,14 @@ def local_update(msg: Message, plan: protocol.Plan, site: Site) -> LocalUpdate |
             raise
         # Spent, not released: the entry stays (the steps that ran were a mechanism's run,
         # and what the coordinator sees of them, this decline, is post-processing of it).
-        log.exception("%s: round %s of run %s: training failed after its spend (seq %s)", site.name,
-                      plan.server_round, plan.run_id, entries[-1]["seq"])
+        log.error("%s: round %s of run %s: training failed after its spend (seq %s)", site.name,
+                  plan.server_round, plan.run_id, entries[-1]["seq"], exc_info=exc)
         return _decline(msg, site.name, (
             f"round {plan.server_round} of run {plan.run_id}: training failed after its spend was recorded "
             f"(seq {entries[-1]['seq']}, ε={entries[-1]['epsilon']:.3f}; {type(exc).__name__}): the spend stands, "
             "nothing was released, and the details are in the site's log"), "error")
+    if outcome.params is not None:  # trained with other sites' jobs: the view holds another's weights
+        load_params(view.module, outcome.params)
     arrays = view.trainable_state()
     site.state.save_release(plan.run_id, plan.server_round, digest, arrays, {"num_examples": n})
     # The loss and the time are noiseless functions of the private data: they stay here.
@@ -937,19 +1045,70 @@ def _device(cfg: Config) -> torch.device:
     return torch.device(want)
 
 
+# The batched engine's per-process memo (`shared_views`): one view per (plan, device) for all
+# the virtual sites of a worker, and each site's encoded records. None: every message builds
+# its own (Flower's runtime, deployment: a view is never shared between messages).
+_SHARED_VIEWS: dict[tuple[int, str], tuple[Config, TrainView]] | None = None
+_ENCODED: dict[tuple[str, int, int, str], tuple[LabeledData, Config, torch.utils.data.TensorDataset]] = {}
+_ENCODED_LIMIT = 20_000  # sites a worker keeps encoded (a few MB each at most); past it, start over
+
+
+@contextmanager
+def shared_views() -> Iterator[None]:
+    """Within it, the virtual sites of this process share one model view per plan and keep
+    their encoded records (simulations/batched.py): what a site trains with is unchanged,
+    as every TrainJob loads its own start (`TrainJob.load`) and the frozen part is the same."""
+    global _SHARED_VIEWS
+    _SHARED_VIEWS = {}
+    try:
+        yield
+    finally:
+        _SHARED_VIEWS = None
+        _ENCODED.clear()
+
+
+def _view(cfg: Config, device: torch.device) -> TrainView:
+    if _SHARED_VIEWS is None:
+        return build_view(cfg, device)
+    key = (id(cfg), str(device))
+    kept = _SHARED_VIEWS.get(key)
+    if kept is None or kept[0] is not cfg:
+        if len(_SHARED_VIEWS) >= 4:  # a few plans at most in one run
+            _SHARED_VIEWS.clear()
+        kept = _SHARED_VIEWS[key] = (cfg, build_view(cfg, device))
+    return kept[1]
+
+
 def _prepare(site: Site, plan: protocol.Plan, device: torch.device) -> tuple[TrainView, torch.utils.data.TensorDataset]:
     """The model view (its frozen weights checked against the coordinator's) and the
     site's encoded records."""
-    view = build_view(site.cfg, device)
+    view = _view(site.cfg, device)
     if plan.frozen_fingerprint and view_fingerprint(view) != plan.frozen_fingerprint:
         raise ModelError(
             f"site {site.name}: its copy of the model's frozen weights differs from the "
             "coordinator's (another model version?); not training"
         )
+    key = (str(site.state.dir), id(site.data), id(site.cfg), view.fingerprint)
+    if _SHARED_VIEWS is not None:
+        encoded = _ENCODED.get(key)
+        if encoded is not None and encoded[0] is site.data and encoded[1] is site.cfg:
+            return view, encoded[2]
     dataset = encode(site.cfg, view, site.data, cache_dir=site.state.dir / "cache", device=device)
     if site.keep is not None:  # the rows of the plan's classes (_plan_rows), taken after encoding
         dataset = torch.utils.data.TensorDataset(*(t[torch.as_tensor(site.keep)] for t in dataset.tensors))
+    if _SHARED_VIEWS is not None:
+        if len(_ENCODED) >= _ENCODED_LIMIT:
+            _ENCODED.clear()
+        _ENCODED[key] = (site.data, site.cfg, dataset)
     return view, dataset
+
+
+def load_params(module: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> None:
+    """Copy trained parameters (by `named_parameters` name) into `module`."""
+    own = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in params.items():
+            own[name].copy_(value)
 
 
 def _budget(site: Site) -> float:

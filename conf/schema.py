@@ -335,9 +335,17 @@ class PrivacyConfig:
     site_delta: float = 1e-5
 
 
+# How virtual sites run (simulations/): `flower`, each site's message to a Ray actor through
+# Flower's simulation runtime; `batched`, all sites in this process, their training
+# vectorised across sites (simulations/batched.py; same handlers, same ledgers); `auto`, the
+# fastest that supports the config: batched, or flower when simulation.ray_address is set.
+ENGINES = ("auto", "flower", "batched")
+
+
 @dataclass
 class SimulationConfig:
-    # "" = start Ray locally; "HOST:PORT" = run on an existing Ray cluster.
+    engine: str = "auto"
+    # "" = start Ray locally; "HOST:PORT" = run on an existing Ray cluster (engine flower).
     ray_address: str = ""
     client_cpus: float = 1.0
     client_gpus: float = 0.0
@@ -662,6 +670,9 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
             "a finite number > 0 or null (no floor)",
             p.min_noise_multiplier,
         ),
+        _one_of("simulation.engine", s.engine, ENGINES),
+        _check("simulation.engine", not (s.engine == "batched" and s.ray_address), "flower or auto with "
+               "simulation.ray_address set (the batched engine runs in one process)", s.engine),
         _positive("simulation.client_cpus", s.client_cpus),
         _non_negative("simulation.client_gpus", s.client_gpus),
         _check("simulation.num_cpus", s.num_cpus >= 0, ">= 0", s.num_cpus),

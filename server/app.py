@@ -71,6 +71,12 @@ def say(text: str) -> None:
     print("\n".join(protocol.printable(line) for line in text.split("\n")), flush=True)
 
 
+def simulated(grid: Grid) -> bool:
+    """A simulation's grid: Flower's runtime (InMemoryGrid) or the batched engine's, whose
+    virtual sites are fixed at start and keep their books in the run folder."""
+    return isinstance(grid, InMemoryGrid) or getattr(grid, "simulated", False) is True
+
+
 def connection_keys(grid: Grid) -> dict[int, bytes]:
     """Node id -> the public key its SuperNode registered and authenticates every request
     with (Flower's `NodeInfo.public_key`, PEM; deploy/enrolment.py says why it can be trusted)."""
@@ -148,10 +154,10 @@ def discover_sites(grid: Grid, plan: ConfigRecord, expected: int, timeout: float
 
     deadline = time.time() + timeout
     nodes = list(grid.get_node_ids())
-    if isinstance(grid, InMemoryGrid):  # Flower's simulation runtime: its SuperNodes never change
+    if simulated(grid):  # Flower's simulation runtime: its SuperNodes never change
         nodes = _simulated_nodes(grid, expected, min(timeout, 30.0))
     announced: set[int] = set()
-    if not isinstance(grid, InMemoryGrid):  # a simulation's virtual sites all come at once: not said
+    if not simulated(grid):  # a simulation's virtual sites all come at once: not said
         announce_connected(grid, nodes, announced, expected, identity)
     if len(nodes) < expected:
         say(f"waiting for {expected} sites to connect ({len(nodes)} so far)")
@@ -522,7 +528,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
     refused: list[str] = []
     # Deployed sites keep their books across runs: so does the coordinator's record of their
     # heads. Virtual sites keep theirs in the run directory: so does it.
-    heads = SiteHeads(run_dir / "privacy" / SITE_HEADS if isinstance(grid, InMemoryGrid)
+    heads = SiteHeads(run_dir / "privacy" / SITE_HEADS if simulated(grid)
                       else run_dir.parent / SITE_HEADS)
     sites = discover_sites(grid, plan, settings.sites.expected, settings.sites.round_timeout_s, refused, identity,
                            heads)
@@ -613,7 +619,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
     planned = books.plans
     done = ckpt.server_round if ckpt is not None else 0
     dim = sum(int(np.prod(shape)) for shape, _ in spec.values())
-    books_fed = (open_books(settings, run_dir, isinstance(grid, InMemoryGrid), dim)
+    books_fed = (open_books(settings, run_dir, simulated(grid), dim)
                  if settings.site_level is not None else None)
     if books_fed is not None and books_fed.noise is not None:
         rounds.site_level_epsilon = books_fed.epsilon
@@ -645,7 +651,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
         update_norm_bound=None if fed.update_norm_bound is None else float(fed.update_norm_bound),
         update_norm_action=fed.update_norm_action,
         site_level=SiteLevel(books_fed.mechanism, books_fed) if books_fed is not None else None,
-        secagg=secure_aggregation(settings.secagg, settings.seed, names, isinstance(grid, InMemoryGrid),
+        secagg=secure_aggregation(settings.secagg, settings.seed, names, simulated(grid),
                                   books_fed.noise if books_fed is not None else None,
                                   {nid: s["public_key"] for nid, s in sites.items()}),
     )

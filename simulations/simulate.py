@@ -1,8 +1,14 @@
 """`fedshield simulate`: many virtual sites on one machine (or a Ray cluster).
 
-The very ServerApp and ClientApp of deployment run on Flower's simulation runtime (Ray
-backend). Everything that can be wrong with the config or the data is checked here,
-before Ray starts: every virtual site's share is computed and its δ < 1/n verified.
+The very ServerApp and ClientApp of deployment run on one of two engines
+(`simulation.engine`, said on the run's first line):
+- `batched` (simulations/batched.py): all virtual sites in this process, behind a Grid of
+  their own; a round's local trainings run together, vectorised across sites;
+- `flower`: Flower's simulation runtime (Ray backend), one message per site to a Ray actor;
+  the engine for a Ray cluster (`simulation.ray_address`).
+`auto` (the default) takes the fastest that supports the config. Everything that can be
+wrong with the config or the data is checked here, before either starts: every virtual
+site's share is computed and its δ < 1/n verified.
 """
 
 from __future__ import annotations
@@ -75,13 +81,23 @@ def _only_what_new_run_dir_wrote(run_dir: Path) -> bool:
     return all(p == run_dir / "config.yaml" for p in run_dir.rglob("*") if not p.is_dir())
 
 
+def engine_of(cfg: Config) -> str:
+    """The engine this config runs on: `simulation.engine`, or with `auto` the fastest that
+    supports it (batched, unless a Ray cluster is named: only Flower's runtime uses one)."""
+    engine = cfg.simulation.engine
+    if engine == "auto":
+        return "flower" if cfg.simulation.ray_address else "batched"
+    return engine
+
+
 def run_header(cfg: Config, resume: bool = False) -> str:
     """The run's first line, printed before anything slow (checks, imports, Ray)."""
     privacy = cfg.privacy.mode + (f", target ε={cfg.privacy.target_epsilon:g} at δ={cfg.privacy.delta:g}"
                                        if cfg.privacy.mode != "none" else "")
     what = "resuming" if resume else "simulating"
+    engine = engine_of(cfg) + (" (auto)" if cfg.simulation.engine == "auto" else "")
     return (f"fedshield {__version__}: {what} {cfg.federation.num_sites} sites x {cfg.federation.rounds} rounds "
-            f"(task {cfg.task.name}, privacy {privacy})")
+            f"(task {cfg.task.name}, privacy {privacy}, engine {engine})")
 
 
 def run_simulation(cfg: Config, verbose: bool = False, resume: bool = False) -> Path:
@@ -118,14 +134,13 @@ def run_simulation(cfg: Config, verbose: bool = False, resume: bool = False) -> 
 
 def _run_in_run_dir(cfg: Config, run_dir: Path, sizes: list[tuple[str, int]], *, verbose: bool,
                     resume: bool) -> Path:
-    from flwr.simulation import run_simulation as flower_run_simulation
-
-    from fedshield.client.app import app as client_app
-    from fedshield.server.app import build_server_app, say
+    from fedshield.server.app import say
 
     smallest, largest = min(n for _, n in sizes), max(n for _, n in sizes)
     held = f"{smallest} records each" if smallest == largest else f"{smallest} to {largest} records"
-    say(f"checked: model and data ({len(sizes)} sites, {held}); starting Flower's simulation runtime")
+    engine = engine_of(cfg)
+    starting = "starting the batched engine" if engine == "batched" else "starting Flower's simulation runtime"
+    say(f"checked: model and data ({len(sizes)} sites, {held}); {starting}")
     if not verbose:
         # run_simulation's deprecation notice and "federated evaluation skipped" are
         # deliberate choices here (see README); fedshield prints its own progress.
@@ -134,6 +149,42 @@ def _run_in_run_dir(cfg: Config, run_dir: Path, sizes: list[tuple[str, int]], *,
         # Ray workers inherit the driver's environment: keep library warnings out of the
         # progress lines there too (errors still come through).
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    try:
+        if engine == "batched":
+            _run_batched(cfg, run_dir, resume=resume)
+        else:
+            _run_flower(cfg, run_dir, verbose=verbose, resume=resume)
+    finally:
+        # Frozen-prefix caches are derived from (simulated) private data and large; the
+        # sites' ledgers and keys stay.
+        for cache in (run_dir / "sites").glob("*/cache"):
+            shutil.rmtree(cache, ignore_errors=True)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    if len(rows) != cfg.federation.rounds + 1:
+        raise conf.ConfigError(f"simulation ended early: {len(rows) - 1} of {cfg.federation.rounds} rounds ran; "
+                               f"see the log above (continue it with output.run_name={run_dir.name} --resume)")
+    # The run is complete: the sites' kept last replies (for a restarted coordinator) go.
+    for kept in (run_dir / "sites").glob("*/runs/*.release.npz"):
+        kept.unlink(missing_ok=True)
+    return run_dir
+
+
+def _run_batched(cfg: Config, run_dir: Path, *, resume: bool) -> None:
+    from fedshield.client.app import app as client_app
+    from fedshield.client.app import train_steps_of
+    from fedshield.server.app import build_server_app
+    from fedshield.simulations.batched import run_batched
+
+    run_batched(build_server_app(cfg, run_dir, resume=resume), client_app, cfg.federation.num_sites,
+                train_steps_of(client_app))
+
+
+def _run_flower(cfg: Config, run_dir: Path, *, verbose: bool, resume: bool) -> None:
+    from flwr.simulation import run_simulation as flower_run_simulation
+
+    from fedshield.client.app import app as client_app
+    from fedshield.server.app import build_server_app
+
     config = backend_config(cfg)
     if cfg.simulation.ray_address:
         _connect_ray(cfg.simulation.ray_address)
@@ -150,18 +201,6 @@ def _run_in_run_dir(cfg: Config, run_dir: Path, sizes: list[tuple[str, int]], *,
 
         if ray.is_initialized():
             ray.shutdown()
-        # Frozen-prefix caches are derived from (simulated) private data and large; the
-        # sites' ledgers and keys stay.
-        for cache in (run_dir / "sites").glob("*/cache"):
-            shutil.rmtree(cache, ignore_errors=True)
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    if len(rows) != cfg.federation.rounds + 1:
-        raise conf.ConfigError(f"simulation ended early: {len(rows) - 1} of {cfg.federation.rounds} rounds ran; "
-                               f"see the log above (continue it with output.run_name={run_dir.name} --resume)")
-    # The run is complete: the sites' kept last replies (for a restarted coordinator) go.
-    for kept in (run_dir / "sites").glob("*/runs/*.release.npz"):
-        kept.unlink(missing_ok=True)
-    return run_dir
 
 
 def simulate(config: Config, *, resume: bool = False, verbose: bool = False) -> RunResult:

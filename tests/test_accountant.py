@@ -175,3 +175,22 @@ def test_pld_records_dp_accountings_pessimistic_pld_and_calibrates_with_less_noi
     sigma_rdp = calibrate_noise_multiplier(8.0, 1e-5, 0.5, 80, "rdp", before=before)
     reached = epsilon([*before, Spend(sigma_pld, 0.5, 80)], 1e-5, "pld")
     assert 7.95 < reached <= 8.0 and sigma_pld < 0.96 * sigma_rdp
+
+
+@pytest.mark.parametrize("neighbouring", ["add-remove", "replace-one"])
+def test_pld_epsilon_is_dp_accountings_pld_accountant_to_the_last_bit(neighbouring):
+    """The recorded PLD ε builds each (σ, q)'s PLD once (privacy/accountant.py _pld_of_step):
+    the very result of dp-accounting's PLDAccountant composing the same events, not a close one."""
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+
+    from fedshield.privacy.accountant import _events, _grouped
+
+    relation = (dp_accounting.NeighboringRelation.REPLACE_ONE if neighbouring == "replace-one"
+                else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    for history in ([Spend(10.0, 1.0, 1), Spend(4.0, 1.0, 1), Spend(1.13, 128 / 222, 40), Spend(1.13, 128 / 222, 40)],
+                    [Spend(0.8, 0.01, 500), Spend(2.0, 0.5, 3)]):
+        reference = PLDAccountant(neighboring_relation=relation, value_discretization_interval=1e-4)
+        for event in _events(_grouped(history)):
+            reference.compose(event)
+        assert epsilon_dp_accounting_pld(history, 1e-5, neighbouring=neighbouring) == reference.get_epsilon(1e-5)
