@@ -173,10 +173,12 @@ def _run_batched(cfg: Config, run_dir: Path, *, resume: bool) -> None:
     from fedshield.client.app import app as client_app
     from fedshield.client.app import train_steps_of
     from fedshield.server.app import build_server_app
-    from fedshield.simulations.batched import run_batched
+    from fedshield.simulations.batched import run_batched, worker_count
 
+    sim = cfg.simulation
     run_batched(build_server_app(cfg, run_dir, resume=resume), client_app, cfg.federation.num_sites,
-                train_steps_of(client_app))
+                train_steps_of(client_app), workers=worker_count(cfg.federation.num_sites, sim.num_cpus,
+                                                                 sim.client_cpus))
 
 
 def _run_flower(cfg: Config, run_dir: Path, *, verbose: bool, resume: bool) -> None:

@@ -46,7 +46,7 @@ def _query(node: int, fail: bool = False) -> Message:
 
 
 def test_grid_answers_every_message_from_the_site_it_names(flower_task_identity):
-    grid = BatchedGrid(_echo_app(), 5)
+    grid = BatchedGrid(_echo_app(), 5)  # in this process (one worker)
     assert list(grid.get_node_ids()) == [1, 2, 3, 4, 5]
     replies = list(grid.send_and_receive([_query(n) for n in (5, 2, 3)]))
     assert sorted((r.metadata.src_node_id, int(r.content["config"]["pid"])) for r in replies) == \
