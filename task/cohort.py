@@ -1,0 +1,531 @@
+"""Local training of a whole cohort of sites at once: `train_local`, vectorised across sites.
+
+The batched simulation engine (issue 18) runs many virtual sites in one process. Each site's
+round is what `task.trainer.train_local` does; here the sites' trainable weights are stacked
+along a leading site axis and one `torch.func.vmap` over sites (of a vmap over records, for
+DP's per-sample gradients) computes every site's step in one call. At 1,000 sites a round the
+per-site loop spends most of its time outside the arithmetic (DESIGN.md: vmap 937 updates/s
+with DP against 13 through the per-message runtime).
+
+What each site computes is `train_local`'s, up to float rounding (tests/test_cohort.py
+compares weights, steps and spends for every supported module):
+- The same records in the same order: each site's index batches come from the samplers
+  `train_local` uses (Opacus' `UniformWithReplacementSampler` for DP, a shuffling
+  `DataLoader` without), driven through a `DataLoader` with the site's generator, so that
+  the generator is consumed exactly as there (a base seed per epoch, then the masks or the
+  permutations).
+- DP: per-sample gradients of the cross-entropy, Opacus' clipping factor
+  (C / (norm + 1e-6)).clamp(max=1) over the flat norm of all trainable weights, the sum,
+  Gaussian noise of std sigma * C drawn per weight in parameter order from a generator seeded
+  as `torch.manual_seed(seed)` seeds the global one (the same stream), divided by the
+  expected batch size. Physical batches (max_physical_batch_size) are processed as Opacus'
+  BatchMemoryManager splits them (np.array_split), and FedProx' proximal step follows every
+  physical batch, as in `train_local` (where it follows every `optimizer.step()` call,
+  including the ones Opacus skips inside a logical batch). An empty Poisson batch takes the
+  noise-only step.
+- Without DP: the batch-mean gradient, clipped as `clip_grad_norm_` clips it.
+- SGD with momentum 0.9 and AdamW (weight decay 0) are elementwise, so they are written here
+  on the stacked tensors with a per-site learning rate (torch.optim's single-tensor
+  formulas), and a site that has finished its steps stays where it is.
+
+Dropout: a module with active dropout trains under `vmap(randomness="different")`: every
+record of every site gets a fresh mask from the global generator. The masks are not those
+`train_local` would draw (it interleaves them with the noise in one stream); their
+distribution is the same, and nothing else differs. The tests use dropout-free models.
+
+Which modules: the default view (trainable=last_layers: BERT-style top layers + head on
+the cached prefix), a BERT whose head alone trains (trainable=head), the tabular MLP.
+`can_vectorise` names why anything else is refused; the engine trains those sites one by
+one with `train_local`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from fedshield.task.model import TabularMLP, _BertSuffix, _FullBert, is_bert_like
+from fedshield.task.trainer import LocalPlan, LocalResult, TrainingError, poisson_rate, steps_per_epoch
+
+# Opacus' clipping and clip_grad_norm_ both add this to the norm before dividing.
+_NORM_EPS = 1e-6
+_SGD_MOMENTUM = 0.9
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+DEFAULT_MAX_CHUNK_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class CohortJob:
+    """One site's round: its starting weights, its records, its plan and its seed."""
+
+    start: dict[str, torch.Tensor]  # trainable parameters by module.named_parameters() name
+    dataset: TensorDataset  # (inputs..., labels), as train_local gets it
+    plan: LocalPlan
+    seed: int  # the site runs torch.manual_seed(seed); its generator is seeded seed + 1
+
+
+@dataclass(frozen=True)
+class CohortResult:
+    params: dict[str, torch.Tensor]  # trained trainable weights (CPU), {} on error
+    result: LocalResult | None
+    error: Exception | None  # what train_local would have raised
+
+
+def can_vectorise(module: nn.Module, plan: LocalPlan) -> str | None:
+    """None if `train_cohort` trains `module` under `plan` as train_local would; else why not
+    (one line)."""
+    if isinstance(getattr(module, "criterion", None), nn.Module):
+        return "the module brings its own loss (module.criterion); the cohort trainer uses cross-entropy"
+    if getattr(module, "autograd_grad_sample_hooks", None):
+        return "the module carries Opacus' per-sample hooks from an earlier train_local; build a fresh view"
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        return "the module has BatchNorm layers (running statistics are per-batch state)"
+    if plan.optimizer not in ("sgd", "adamw"):
+        return f"optimizer {plan.optimizer!r}: the cohort trainer writes sgd and adamw"
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    if not trainable:
+        return "the module has no trainable weights"
+    if isinstance(module, (_BertSuffix, TabularMLP)):
+        return None
+    if isinstance(module, _FullBert):
+        if _bert_head(module) is None:
+            return "a whole BERT trains only with its head alone (training.trainable=head) in the cohort trainer"
+        return None
+    return f"{type(module).__name__}: only the last_layers and head views of BERT-style models and the tabular MLP"
+
+
+def _bert_head(module: nn.Module) -> nn.Module | None:
+    """The BERT classifier of a `_FullBert` whose classifier alone trains (trainable=head),
+    else None. Its encoder is then a frozen trunk run outside vmap (transformers' mask
+    builder branches on the data, which vmap cannot trace), once per physical batch."""
+    if not isinstance(module, _FullBert) or not is_bert_like(module.model):
+        return None
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    if not trainable or not all(n.startswith("model.classifier.") for n in trainable):
+        return None
+    return module.model
+
+
+_HEAD_PREFIX = "model.classifier."
+
+
+def _bert_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """What BertForSequenceClassification's classifier reads, before its dropout: the pooled
+    output, with the position and token-type ids `_FullBert` passes."""
+    b, n = input_ids.shape
+    position_ids = torch.arange(n, device=input_ids.device).repeat(b, 1)
+    with torch.no_grad():
+        out = model.get_submodule("bert")(input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids, token_type_ids=torch.zeros_like(input_ids))
+    pooled: torch.Tensor = out[1]
+    return pooled
+
+
+class _Indices(Dataset[int]):
+    """Record positions 0..n-1: the samplers' batches, without fetching the records."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def _as_list(batch: list[int]) -> list[int]:
+    return batch
+
+
+Schedule = list[list[list[int]]]  # logical steps -> physical batches -> record positions
+
+
+def _schedule(n: int, plan: LocalPlan, generator: torch.Generator) -> tuple[Schedule, float | None]:
+    """The record positions of every step of `train_local`, drawn from `generator` exactly as
+    its loaders draw them (each epoch's iterator takes a base seed from the loader's generator
+    first, then the sampler draws); with the Poisson rate for DP."""
+    steps: Schedule = []
+    if not plan.dp:
+        loader = DataLoader(_Indices(n), batch_size=plan.batch_size, shuffle=True, generator=generator,
+                            collate_fn=_as_list)
+        for _ in range(plan.epochs):
+            steps.extend([batch] for batch in loader)
+        return steps, None
+    rate = plan.sample_rate if plan.sample_rate is not None else poisson_rate(n, plan.batch_size)
+    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=rate, generator=generator,
+                                            steps=steps_per_epoch(rate))
+    dp_loader = DataLoader(_Indices(n), batch_sampler=sampler, collate_fn=_as_list, generator=generator)
+    for _ in range(plan.epochs):
+        for batch in dp_loader:
+            if not batch:
+                steps.append([[]])
+                continue
+            # Opacus' BatchSplittingSampler: np.array_split into ceil(len / max) pieces.
+            pieces = np.array_split(batch, math.ceil(len(batch) / plan.max_physical_batch_size))
+            steps.append([[int(i) for i in piece] for piece in pieces])
+    return steps, rate
+
+
+@dataclass
+class _Site:
+    index: int  # position in the jobs
+    job: CohortJob
+    schedule: Schedule
+    rate: float | None
+    expected_batch: float
+    noise: torch.Generator | None
+
+
+def _prepare(index: int, job: CohortJob, device: torch.device) -> _Site:
+    plan = job.plan
+    n = len(job.dataset)
+    torch_generator = torch.Generator().manual_seed(job.seed + 1)
+    schedule, rate = _schedule(n, plan, torch_generator)
+    expected = 1.0
+    noise = None
+    if plan.dp and rate is not None:
+        # Opacus' default divisor: int(n * (1 / len(loader))), len(loader) = steps per epoch.
+        expected = float(plan.expected_batch_size if plan.expected_batch_size is not None
+                         else int(n * (1 / steps_per_epoch(rate))))
+        # torch.manual_seed(seed) seeds the default generator of every device with `seed`:
+        # a generator seeded alike gives the noise stream Opacus draws from (generator=None).
+        noise = torch.Generator(device=device).manual_seed(job.seed)
+    return _Site(index, job, schedule, rate, expected, noise)
+
+
+def _group_key(site: _Site) -> tuple[object, ...]:
+    shapes = tuple((tuple(t.shape[1:]), t.dtype) for t in site.job.dataset.tensors)
+    return (site.job.plan.dp, site.job.plan.optimizer, shapes)
+
+
+def train_cohort(module: nn.Module, jobs: Sequence[CohortJob], device: torch.device,
+                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> list[CohortResult]:
+    """Train every job as `train_local(module <- job.start, job.dataset, job.plan,
+    generator=Generator().manual_seed(job.seed + 1))` after `torch.manual_seed(job.seed)`
+    would; one result per job, in order. `module` (its frozen weights and buffers, shared by
+    all jobs) is left as it was; `can_vectorise(module, job.plan)` must hold for every job.
+
+    Sites are grouped by (DP, optimizer, record shapes), sorted by step count and cut into
+    chunks whose stacked per-sample gradients take about `max_chunk_bytes` at most
+    (sites x physical batch x trainable weights x 4 bytes, plus the weights' own state)."""
+    for job in jobs:
+        reason = can_vectorise(module, job.plan)
+        if reason is not None:
+            raise TrainingError(f"the cohort trainer cannot train this module: {reason}")
+    results: list[CohortResult | None] = [None] * len(jobs)
+    sites: list[_Site] = []
+    for i, job in enumerate(jobs):
+        try:
+            sites.append(_prepare(i, job, device))
+        except Exception as exc:  # noqa: BLE001 - what train_local raises for this site, reported per site
+            results[i] = CohortResult({}, None, exc)
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    names = [n for n, _ in trainable]
+    frozen = {n: p.detach().to(device) for n, p in module.named_parameters() if not p.requires_grad}
+    frozen.update({n: b.to(device) for n, b in module.named_buffers()})
+    numel = sum(p.numel() for _, p in trainable)
+    modes = {m: m.training for m in module.modules()}
+    module.train()  # train_local trains in train mode (dropout active)
+    attention = _eager_attention(module)
+    try:
+        groups: dict[tuple[object, ...], list[_Site]] = {}
+        for site in sites:
+            groups.setdefault(_group_key(site), []).append(site)
+        for members in groups.values():
+            members.sort(key=lambda s: (len(s.schedule), len(s.job.dataset)))  # alike steps and widths
+            for chunk in _chunks(members, numel, max_chunk_bytes):
+                for site, result in zip(chunk, _Chunk(module, names, frozen, chunk, device).run(), strict=True):
+                    results[site.index] = result
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        for config, implementation in reversed(attention):
+            config._attn_implementation = implementation
+    return [r if r is not None else CohortResult({}, None, TrainingError("not trained")) for r in results]
+
+
+def _eager_attention(module: nn.Module) -> list[tuple[Any, Any]]:
+    """Switch transformers' attention to its eager form (put back by the caller): torch has
+    no vmap batching rule for the CPU flash kernel behind SDPA (a slow per-sample fallback);
+    the eager form is the same softmax(QK^T / sqrt(d) + mask) V in plain ops."""
+    saved: list[tuple[Any, Any]] = []  # (config, its implementation); configs are unhashable
+    for m in module.modules():
+        config = getattr(m, "config", None)
+        if (config is not None and hasattr(config, "_attn_implementation")
+                and all(c is not config for c, _ in saved)):
+            saved.append((config, config._attn_implementation))
+            config._attn_implementation = "eager"
+    return saved
+
+
+def _chunks(sites: list[_Site], numel: int, max_bytes: int) -> list[list[_Site]]:
+    out: list[list[_Site]] = []
+    current: list[_Site] = []
+    used = 0
+    for site in sites:
+        plan = site.job.plan
+        per_record = sum(t[0].numel() * t.element_size() for t in site.job.dataset.tensors) if len(
+            site.job.dataset) else 0
+        width = plan.max_physical_batch_size if plan.dp else plan.batch_size
+        # per-sample gradients (DP) or one batch gradient, + weights, grads and optimizer state
+        cost = 4 * numel * ((width if plan.dp else 1) + 5) + 16 * width * per_record
+        if current and used + cost > max_bytes:
+            out.append(current)
+            current, used = [], 0
+        current.append(site)
+        used += cost
+    if current:
+        out.append(current)
+    return out
+
+
+def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """Per-site scalars shaped to broadcast against a [sites, ...] tensor."""
+    t = torch.tensor(list(values), dtype=like.dtype, device=like.device)
+    return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+class _Chunk:
+    """A group of sites trained in lockstep: logical step t of every site, physical batch j of
+    each logical step; a site steps its optimizer after its last physical batch."""
+
+    def __init__(self, module: nn.Module, names: list[str], frozen: dict[str, torch.Tensor],
+                 sites: list[_Site], device: torch.device) -> None:
+        self.module, self.names, self.frozen, self.sites, self.device = module, names, frozen, sites, device
+        self.plans = [s.job.plan for s in sites]
+        self.dp = self.plans[0].dp
+        self.sgd = self.plans[0].optimizer == "sgd"
+        dtypes = {n: p.dtype for n, p in module.named_parameters()}
+        self.params = {n: torch.stack([s.job.start[n].detach().to(device=device, dtype=dtypes[n]) for s in sites])
+                       for n in names}
+        self.anchors = {n: t.clone() for n, t in self.params.items()}
+        self.state_a = {n: torch.zeros_like(t) for n, t in self.params.items()}  # momentum / exp_avg
+        self.state_b = {n: torch.zeros_like(t) for n, t in self.params.items()} if not self.sgd else {}
+        self.summed = {n: torch.zeros_like(t) for n, t in self.params.items()}
+        tensors = [s.job.dataset.tensors for s in sites]
+        self.data = [torch.cat([ts[k] for ts in tensors]).to(device) for k in range(len(tensors[0]))]
+        sizes = [len(s.job.dataset) for s in sites]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.bert = _bert_head(module)  # trainable=head: the encoder runs once, outside vmap
+        self.inputs = 1 if self.bert is not None else len(self.data) - 1
+        self.loss_sum = np.zeros(len(sites))
+        self.loss_count = np.zeros(len(sites), dtype=np.int64)
+        self.steps = np.zeros(len(sites), dtype=np.int64)
+        self._per_site = self._dp_gradients() if self.dp else self._batch_gradients()
+
+    # --- gradients -------------------------------------------------------------------------
+    def _logits(self, params: dict[str, torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.bert is not None:  # inputs: the pooled features; BERT's head: dropout + classifier
+            head = {n.removeprefix(_HEAD_PREFIX): p for n, p in params.items()}
+            features = self.bert.get_submodule("dropout")(inputs[0])
+            logits = functional_call(self.bert.get_submodule("classifier"), head, (features,))
+            assert isinstance(logits, torch.Tensor)
+            return logits
+        out = functional_call(self.module, (params, self.frozen), tuple(inputs))
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    def _dp_gradients(self) -> Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """(site weights [S, ...], inputs [S, B, ...]..., labels [S, B]) -> per-sample
+        gradients [S, B, ...] and losses [S, B]: vmap over sites of a vmap over records."""
+
+        def record_loss(params: dict[str, torch.Tensor], *record: torch.Tensor) -> torch.Tensor:
+            *inputs, label = record
+            logits = self._logits(params, [x.unsqueeze(0) for x in inputs])
+            return F.cross_entropy(logits, label.unsqueeze(0))
+
+        k = self.inputs + 1
+        per_record = vmap(grad_and_value(record_loss), in_dims=(None, *([0] * k)), randomness="different")
+        return vmap(per_record, in_dims=(0, *([0] * k)), randomness="different")
+
+    def _batch_gradients(self) -> Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """(site weights, mask [S, B], inputs..., labels) -> the batch-mean gradient and loss
+        per site (padded rows masked out of the mean)."""
+
+        def batch_loss(params: dict[str, torch.Tensor], mask: torch.Tensor, *batch: torch.Tensor) -> torch.Tensor:
+            *inputs, labels = batch
+            losses = F.cross_entropy(self._logits(params, inputs), labels, reduction="none")
+            return torch.where(mask, losses, torch.zeros_like(losses)).sum() / mask.sum()
+
+        k = self.inputs + 1
+        return vmap(grad_and_value(batch_loss), in_dims=(0, 0, *([0] * k)), randomness="different")
+
+    def _gather(self, rows: list[int], batches: list[list[int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The records of `batches` (one per site in `rows`), padded to the widest with the
+        site's own first record of the batch (masked out; never another site's record)."""
+        width = max(len(b) for b in batches)
+        idx = np.empty((len(rows), width), dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=bool)
+        for r, (i, b) in enumerate(zip(rows, batches, strict=True)):
+            idx[r, :] = self.offsets[i] + b[0]
+            idx[r, : len(b)] = self.offsets[i] + np.asarray(b, dtype=np.int64)
+            mask[r, : len(b)] = True
+        at = torch.from_numpy(idx).to(self.device)
+        gathered = [t[at] for t in self.data]
+        if self.bert is not None:
+            ids, attention, labels = gathered
+            features = _bert_features(self.bert, ids.flatten(0, 1), attention.flatten(0, 1))
+            gathered = [features.view(*ids.shape[:2], -1), labels]
+        return gathered, torch.from_numpy(mask).to(self.device)
+
+    def _rows(self, rows: list[int]) -> slice | torch.Tensor:
+        """A slice where the rows are contiguous (sites sorted by steps: the active ones are
+        the last ones; views, no copies), else an index tensor."""
+        if rows == list(range(rows[0], rows[-1] + 1)):
+            return slice(rows[0], rows[-1] + 1)
+        return torch.tensor(rows, device=self.device)
+
+    def _select(self, tensors: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+        at = self._rows(rows)
+        if isinstance(at, slice):
+            return {n: t[at] for n, t in tensors.items()}
+        return {n: t.index_select(0, at) for n, t in tensors.items()}
+
+    @contextmanager
+    def _modify(self, rows: list[int], *tensors: dict[str, torch.Tensor]) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """The rows of `tensors` to update in place: views for contiguous rows, else copies
+        written back when the block ends."""
+        at = self._rows(rows)
+        if isinstance(at, slice):
+            yield [{n: t[at] for n, t in group.items()} for group in tensors]
+            return
+        copies = [{n: t.index_select(0, at) for n, t in group.items()} for group in tensors]
+        yield copies
+        for group, copy in zip(tensors, copies, strict=True):
+            for n, t in group.items():
+                t.index_copy_(0, at, copy[n])
+
+    def _physical_batch(self, rows: list[int], batches: list[list[int]]) -> dict[str, torch.Tensor]:
+        """DP: clip and add this physical batch's per-sample gradients into the sites' sums.
+        Without DP: the sites' clipped batch gradients (returned)."""
+        data, mask = self._gather(rows, batches)
+        *inputs, labels = data
+        params = self._select(self.params, rows)
+        clip = [self.plans[i].max_grad_norm for i in rows]
+        if self.dp:
+            grads, losses = self._per_site(params, *inputs, labels)
+            width = mask.shape[1]
+            norms = torch.stack([grads[n].reshape(len(rows), width, -1).norm(2, dim=-1) for n in self.names],
+                                dim=-1).norm(2, dim=-1)
+            factor = (_column(clip, norms) / (norms + _NORM_EPS)).clamp(max=1.0)
+            factor = torch.where(mask, factor, torch.zeros_like(factor))
+            sums = {n: torch.einsum("sb,sb...->s...", factor, grads[n]) for n in self.names}
+            with self._modify(rows, self.summed) as (summed,):
+                for n in self.names:
+                    summed[n].add_(sums[n])
+            batch_loss = torch.where(mask, losses, torch.zeros_like(losses)).sum(1) / mask.sum(1)
+        else:
+            grads, batch_loss = self._per_site(params, mask, *inputs, labels)
+            # torch.nn.utils.clip_grad_norm_: the norm of the per-tensor norms
+            total = torch.stack([grads[n].reshape(len(rows), -1).norm(2, dim=-1) for n in self.names],
+                                dim=-1).norm(2, dim=-1)
+            coef = (_column(clip, total) / (total + _NORM_EPS)).clamp(max=1.0)
+            grads = {n: g * coef.view(-1, *([1] * (g.dim() - 1))) for n, g in grads.items()}
+        for r, value in zip(rows, batch_loss.detach().cpu().tolist(), strict=True):
+            self.loss_sum[r] += float(np.float32(value))
+            self.loss_count[r] += 1
+        return grads if not self.dp else {}
+
+    # --- steps -----------------------------------------------------------------------------
+    def _noisy_mean(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """Opacus' add_noise + scale_grad for the sites in `rows`: noise per weight in
+        parameter order from each site's own stream, then / expected batch size."""
+        summed = self._select(self.summed, rows)
+        noise: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
+        for i in rows:
+            site, plan = self.sites[i], self.plans[i]
+            std = plan.noise_multiplier * plan.max_grad_norm
+            for n in self.names:
+                shape, dtype = summed[n].shape[1:], summed[n].dtype
+                if std == 0:  # Opacus draws nothing for a zero std
+                    noise[n].append(torch.zeros(shape, dtype=dtype, device=self.device))
+                else:
+                    noise[n].append(torch.normal(mean=0.0, std=std, size=tuple(shape), generator=site.noise,
+                                                 dtype=dtype, device=self.device))
+        divisor = [self.sites[i].expected_batch for i in rows]
+        return {n: (summed[n] + torch.stack(noise[n])) / _column(divisor, summed[n]) for n in self.names}
+
+    def _optimizer_step(self, rows: list[int], grads: dict[str, torch.Tensor], step: int) -> None:
+        """torch.optim's single-tensor SGD (momentum 0.9) or AdamW (weight decay 0), per site
+        (its formulas, in place; a per-site learning rate where torch has a scalar)."""
+        lr = [self.plans[i].learning_rate for i in rows]
+        state = (self.params, self.state_a) if self.sgd else (self.params, self.state_a, self.state_b)
+        with self._modify(rows, *state) as groups:
+            params, a = groups[0], groups[1]
+            if self.sgd:
+                for n in self.names:
+                    a[n].mul_(_SGD_MOMENTUM).add_(grads[n])  # zeros at first: buf = grad, as torch's
+                    params[n].addcmul_(_column([-x for x in lr], params[n]), a[n])
+                return
+            b = groups[2]
+            beta1, beta2 = _ADAM_BETAS
+            # every site of a chunk takes its (step + 1)-th step together
+            correction1 = 1 - beta1 ** (step + 1)
+            correction2_sqrt = math.sqrt(1 - beta2 ** (step + 1))
+            for n in self.names:
+                a[n].lerp_(grads[n], 1 - beta1)
+                b[n].mul_(beta2).addcmul_(grads[n], grads[n], value=1 - beta2)
+                denom = (b[n].sqrt() / correction2_sqrt).add_(_ADAM_EPS)
+                params[n].addcmul_(_column([-x / correction1 for x in lr], params[n]), a[n] / denom)
+
+    def _proximal_step(self, rows: list[int]) -> None:
+        """FedProx: w -= lr * mu * (w - w_start), after every optimizer.step() call."""
+        rows = [i for i in rows if self.plans[i].proximal_mu > 0]
+        if not rows:
+            return
+        coef = [-self.plans[i].learning_rate * self.plans[i].proximal_mu for i in rows]
+        with self._modify(rows, self.params, self.anchors) as (params, anchors):
+            for n in self.names:
+                params[n].addcmul_(_column(coef, params[n]), params[n] - anchors[n])
+
+    def run(self) -> list[CohortResult]:
+        horizon = max((len(s.schedule) for s in self.sites), default=0)
+        for t in range(horizon):
+            active = [i for i, s in enumerate(self.sites) if t < len(s.schedule)]
+            pieces = max(len(self.sites[i].schedule[t]) for i in active)
+            for j in range(pieces):
+                here = [i for i in active if j < len(self.sites[i].schedule[t])]
+                with_records = [i for i in here if self.sites[i].schedule[t][j]]
+                grads: dict[str, torch.Tensor] = {}
+                if with_records:
+                    grads = self._physical_batch(with_records, [self.sites[i].schedule[t][j] for i in with_records])
+                last = [i for i in here if j == len(self.sites[i].schedule[t]) - 1]
+                if self.dp and last:
+                    self._optimizer_step(last, self._noisy_mean(last), t)
+                    with self._modify(last, self.summed) as (summed,):
+                        for v in summed.values():
+                            v.zero_()
+                elif not self.dp and with_records:
+                    self._optimizer_step(with_records, grads, t)
+                for i in last:
+                    self.steps[i] += 1
+                self._proximal_step(here)
+        weights = {n: t.detach().cpu() for n, t in self.params.items()}
+        finite = torch.stack([torch.isfinite(w).flatten(1).all(1) for w in weights.values()]).all(0).tolist()
+        return [self._result(r, finite[r], weights) for r in range(len(self.sites))]
+
+    def _result(self, r: int, finite: bool, weights: dict[str, torch.Tensor]) -> CohortResult:
+        site, plan = self.sites[r], self.plans[r]
+        if not finite:
+            return CohortResult({}, None, TrainingError(
+                "local training diverged (non-finite weights); lower training.learning_rate"))
+        steps = int(self.steps[r])
+        # Opacus' accountant logs q as 1 / len(loader) = 1 / steps per epoch, one segment.
+        spends = ([(float(plan.noise_multiplier), 1.0 / steps_per_epoch(site.rate), steps)]
+                  if plan.dp and site.rate is not None and steps else [])
+        mean_loss = float(self.loss_sum[r] / self.loss_count[r]) if self.loss_count[r] else float("nan")
+        return CohortResult({n: w[r] for n, w in weights.items()},  # rows of one chunk-wide tensor
+                            LocalResult(mean_loss=mean_loss, steps=steps, spends=spends), None)

@@ -1,0 +1,244 @@
+"""The cohort trainer (task/cohort.py) trains every site as train_local would: the same
+weights (up to float rounding), steps and spends, site by site, for the modules it
+vectorises; it refuses the others with a reason and reports a diverging site alone."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from fedshield.task.cohort import CohortJob, _schedule, can_vectorise, train_cohort
+from fedshield.task.model import TabularMLP, make_train_view
+from fedshield.task.trainer import LocalPlan, TrainingError, train_local
+
+CPU = torch.device("cpu")
+HIDDEN = 32
+
+
+def _bert(num_labels: int = 3, dropout: float = 0.0) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=num_labels,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                        classifier_dropout=dropout)
+    return BertForSequenceClassification(config)
+
+
+def _view(trainable: str = "last_layers", last_layers: int = 0, dropout: float = 0.0) -> nn.Module:
+    return make_train_view(_bert(dropout=dropout), trainable, last_layers, 4, 8).module
+
+
+def _features(n: int, length: int, seed: int) -> TensorDataset:
+    """Cached prefix states (the last_layers view's inputs): [n, length, hidden], a mask, labels."""
+    g = torch.Generator().manual_seed(seed)
+    attention = torch.ones(n, length, dtype=torch.long)
+    if length > 1:
+        attention[:, length // 2:] = (torch.rand(n, length - length // 2, generator=g) < 0.5).long()
+    return TensorDataset(torch.randn(n, length, HIDDEN, generator=g), attention,
+                         torch.randint(0, 3, (n,), generator=g))
+
+
+def _start(module: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Trainable weights a little away from the module's own (sites start where the server says)."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: p.detach() + 0.01 * torch.randn(p.shape, generator=g)
+            for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _plan(**kw: object) -> LocalPlan:
+    base: dict[str, object] = dict(epochs=2, batch_size=8, max_physical_batch_size=4, learning_rate=0.5,
+                                   optimizer="sgd", dp=True, noise_multiplier=0.8, max_grad_norm=1.0)
+    base.update(kw)
+    return LocalPlan(**base)  # type: ignore[arg-type]
+
+
+def _reference(module: nn.Module, job: CohortJob):
+    """train_local on a copy of the module, seeded as the site seeds it."""
+    m = copy.deepcopy(module)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n in job.start:
+                p.copy_(job.start[n])
+    torch.manual_seed(job.seed)
+    try:
+        generator = torch.Generator().manual_seed(job.seed + 1)
+        result = train_local(m, job.dataset, job.plan, device=CPU, generator=generator)
+    except Exception as exc:  # noqa: BLE001 - compared with the cohort's error
+        return None, exc
+    return {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}, result
+
+
+def _assert_like_train_local(module: nn.Module, jobs: list[CohortJob], atol: float = 1e-5, **kw: object) -> list:
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    out = train_cohort(module, jobs, CPU, **kw)  # type: ignore[arg-type]
+    assert len(out) == len(jobs)
+    # the shared module is left as it was
+    assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())
+    for job, got in zip(jobs, out, strict=True):
+        params, expected = _reference(module, job)
+        if params is None:
+            assert got.error is not None and type(got.error) is type(expected) and str(got.error) == str(expected)
+            assert got.params == {} and got.result is None
+            continue
+        assert got.error is None, got.error
+        assert set(got.params) == set(params)
+        for n in params:
+            gap = (got.params[n] - params[n]).abs().max()
+            assert torch.allclose(got.params[n], params[n], atol=atol, rtol=1e-5), (n, job.plan, gap)
+        assert got.result.steps == expected.steps
+        assert got.result.spends == expected.spends
+        assert got.result.batch_memory is None
+        assert got.result.mean_loss == pytest.approx(expected.mean_loss, rel=1e-4)
+    return out
+
+
+def test_dp_sites_of_different_sizes_rates_and_optimizers_match_train_local():
+    """Different n, q, expected batch and steps; a site whose Poisson batches are often empty
+    (q = 1/12 of 5 records: noise-only steps) and sites whose batches exceed the physical
+    batch (split as Opacus' BatchMemoryManager splits them, with FedProx after each piece)."""
+    module = _view()
+    start = _start(module)
+    sites = [  # (records, plan)
+        (5, _plan(sample_rate=1 / 12, expected_batch_size=1)),
+        (13, _plan(proximal_mu=0.3)),
+        (48, _plan(optimizer="adamw", learning_rate=0.01)),
+        (71, _plan(optimizer="adamw", learning_rate=0.02, proximal_mu=0.5, batch_size=16,
+                   max_physical_batch_size=5, noise_multiplier=1.3)),
+        (90, _plan(sample_rate=0.2, expected_batch_size=17, epochs=1, max_grad_norm=0.5)),
+    ]
+    jobs = [CohortJob(start, _features(n, 1, seed=i), plan, seed=100 + i) for i, (n, plan) in enumerate(sites)]
+    # the cases named above really occur in these draws
+    schedules = [_schedule(len(j.dataset), j.plan, torch.Generator().manual_seed(j.seed + 1))[0] for j in jobs]
+    assert any(step == [[]] for step in schedules[0])
+    assert any(len(step) > 1 for step in schedules[1]) and any(len(step) > 1 for step in schedules[3])
+    assert len({len(s) for s in schedules}) == len(jobs)  # every site its own step count
+    _assert_like_train_local(module, jobs)
+
+
+def test_non_private_sgd_and_adamw_with_proximal_term_match_train_local():
+    module = _view()
+    start = _start(module)
+    plans = [_plan(dp=False, proximal_mu=mu, optimizer=opt, learning_rate=lr, batch_size=bs, epochs=3)
+             for mu in (0.0, 0.4) for opt, lr in (("sgd", 1.0), ("adamw", 0.01)) for bs in (4, 16)]
+    jobs = [CohortJob(start, _features(9 + 6 * i, 1, seed=i), plan, seed=7 * i) for i, plan in enumerate(plans)]
+    _assert_like_train_local(module, jobs)
+
+
+def test_a_trained_bert_layer_matches_train_local():
+    """last_layers=1: a BERT layer (attention over a padded mask) under vmap, DP and not."""
+    module = _view(last_layers=1)
+    start = _start(module)
+    jobs = [CohortJob(start, _features(n, 6, seed=n), _plan(dp=dp, epochs=1, learning_rate=0.3), seed=n)
+            for n, dp in ((11, True), (19, True), (14, False))]
+    _assert_like_train_local(module, jobs)
+    assert module.config._attn_implementation != "eager"  # put back
+
+
+def test_bert_head_and_tabular_mlp_match_train_local():
+    module = _view(trainable="head")
+    start = _start(module)
+
+    def ids(n: int, seed: int) -> TensorDataset:
+        g = torch.Generator().manual_seed(seed)
+        attention = torch.ones(n, 6, dtype=torch.long)
+        attention[: n // 2, 4:] = 0
+        return TensorDataset(torch.randint(1, 100, (n, 6), generator=g), attention,
+                             torch.randint(0, 3, (n,), generator=g))
+
+    jobs = [CohortJob(start, ids(n, n), _plan(dp=dp, epochs=1, batch_size=4, max_physical_batch_size=3), seed=n)
+            for n, dp in ((9, True), (15, True), (10, False))]
+    _assert_like_train_local(module, jobs)
+
+    torch.manual_seed(0)
+    mlp = TabularMLP(5, 3, 8)
+    start = _start(mlp)
+
+    def rows(n: int, seed: int) -> TensorDataset:
+        g = torch.Generator().manual_seed(seed)
+        return TensorDataset(torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+    jobs = [CohortJob(start, rows(n, n), _plan(dp=dp, epochs=3, batch_size=4, max_physical_batch_size=2), seed=n)
+            for n, dp in ((6, True), (23, True), (17, False), (30, False))]
+    _assert_like_train_local(mlp, jobs)
+
+
+def test_a_diverging_site_fails_alone_and_a_site_without_records_as_train_local_does():
+    module = _view()
+    start = _start(module)
+    jobs = [CohortJob(start, _features(20, 1, seed=1), _plan(), seed=1),
+            CohortJob(start, _features(20, 1, seed=2), _plan(learning_rate=1e38, noise_multiplier=50.0), seed=2),
+            CohortJob(start, _features(20, 1, seed=3), _plan(dp=False, learning_rate=1e38), seed=3),
+            CohortJob(start, _features(0, 1, seed=4), _plan(), seed=4),
+            CohortJob(start, _features(25, 1, seed=5), _plan(dp=False), seed=5)]
+    out = _assert_like_train_local(module, jobs)
+    assert [type(r.error).__name__ if r.error else None for r in out] == [
+        None, "TrainingError", "TrainingError", "ValueError", None]
+    assert "diverged" in str(out[1].error)
+
+
+def test_chunking_changes_nothing():
+    """One site per chunk (a budget below one site) or all together: the same sites' results."""
+    module = _view()
+    start = _start(module)
+    jobs = [CohortJob(start, _features(7 + 5 * i, 1, seed=i), _plan(dp=i % 2 == 0), seed=i) for i in range(4)]
+    alone = train_cohort(module, jobs, CPU, max_chunk_bytes=1)
+    together = train_cohort(module, jobs, CPU)
+    for a, b in zip(alone, together, strict=True):
+        assert a.result is not None and b.result is not None and a.result.steps == b.result.steps
+        for n in a.params:
+            assert torch.allclose(a.params[n], b.params[n], atol=1e-6)
+
+
+def test_dropout_trains_with_fresh_masks_and_leaves_the_module_as_it_was():
+    """The default view has dropout: it trains (masks differ from train_local's, documented),
+    and the module's train/eval modes are put back."""
+    module = _view(dropout=0.5)
+    module.eval()
+    start = _start(module)
+    out = train_cohort(module, [CohortJob(start, _features(30, 1, seed=0), _plan(noise_multiplier=0.0), seed=0)], CPU)
+    assert not module.training and not any(m.training for m in module.modules())
+    params = out[0].params
+    assert out[0].error is None and all(torch.isfinite(p).all() for p in params.values())
+    assert any(not torch.equal(params[n], start[n]) for n in start)
+
+
+def test_can_vectorise_names_what_it_refuses():
+    plan = _plan()
+    assert can_vectorise(_view(), plan) is None
+    assert can_vectorise(TabularMLP(4, 2, 0), plan) is None
+    assert "optimizer" in str(can_vectorise(_view(), _plan(optimizer="rmsprop")))
+    assert "head" in str(can_vectorise(_view(trainable="all"), plan))
+    assert "Sequential" in str(can_vectorise(nn.Sequential(nn.Linear(3, 2)), plan))
+    with_loss = TabularMLP(4, 2, 0)
+    with_loss.criterion = nn.CrossEntropyLoss()
+    assert "own loss" in str(can_vectorise(with_loss, plan))
+    batch_norm = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    assert "BatchNorm" in str(can_vectorise(batch_norm, plan))
+    # a module Opacus wrapped in an earlier train_local keeps its hooks
+    used = TabularMLP(4, 2, 0)
+    train_local(used, TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), plan, device=CPU,
+                generator=torch.Generator().manual_seed(0))
+    assert "hooks" in str(can_vectorise(used, plan))
+    with pytest.raises(TrainingError, match="cannot train this module"):
+        train_cohort(nn.Sequential(nn.Linear(3, 2)), [CohortJob({}, TensorDataset(torch.randn(2, 3), torch.zeros(2)),
+                                                                plan, 0)], CPU)
+
+
+def test_steps_and_rate_follow_the_plan_for_awkward_counts():
+    """n = 744, batch 8: 93 draws a pass at q = 1/93 (task.trainer's rule, not Opacus' int(1/q))."""
+    module = TabularMLP(3, 2, 0)
+    n = 744
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, 3, generator=g), torch.randint(0, 2, (n,), generator=g))
+    out = train_cohort(module, [CohortJob(_start(module), data, _plan(epochs=1, max_physical_batch_size=8), 3)], CPU)
+    assert out[0].result is not None
+    assert out[0].result.steps == 93 and out[0].result.spends == [(0.8, 1 / 93, 93)]
+    assert math.isfinite(out[0].result.mean_loss) and np.isfinite(out[0].result.mean_loss)
