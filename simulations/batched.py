@@ -49,6 +49,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedshield.client.app import Steps, TrainJob, TrainOutcome, shared_views
+from fedshield.task.cohort import CohortJob, can_vectorise, train_cohort
 
 log = logging.getLogger("fedshield.simulation")
 
@@ -293,8 +294,29 @@ class BatchedGrid(Grid):
 
 
 def train_jobs(jobs: Sequence[TrainJob]) -> list[TrainOutcome]:
-    """Train every job: one by one, each as `TrainJob.run` does."""
-    return [job.run() for job in jobs]
+    """Train every job as `TrainJob.run` would: the jobs of one view (one plan: the same
+    frozen weights and centre) together with task/cohort.py where it can train that module
+    (the same records, clipping, noise, steps and spends per site), the others one by one."""
+    outcomes: list[TrainOutcome | None] = [None] * len(jobs)
+    groups: dict[tuple[int, tuple[float, ...] | None, str], list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault((id(job.view), job.center, str(job.device)), []).append(i)
+    for members in groups.values():
+        module = jobs[members[0]].view.module
+        together = [i for i in members if can_vectorise(module, jobs[i].plan) is None]
+        for i in members:
+            if i not in together:
+                outcomes[i] = jobs[i].run()
+        if not together:
+            continue
+        cohort = []
+        for i in together:
+            jobs[i].load()  # its start, by the module's own parameter names
+            start = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+            cohort.append(CohortJob(start, jobs[i].dataset, jobs[i].plan, jobs[i].seed))
+        for i, done in zip(together, train_cohort(module, cohort, jobs[together[0]].device), strict=True):
+            outcomes[i] = TrainOutcome(done.result, done.error, params=done.params if done.error is None else None)
+    return [o if o is not None else TrainOutcome(None, RuntimeError("not trained")) for o in outcomes]
 
 
 def _is_train(msg: Message) -> bool:
