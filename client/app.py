@@ -1060,11 +1060,16 @@ def shared_views() -> Iterator[None]:
     as every TrainJob loads its own start (`TrainJob.load`) and the frozen part is the same."""
     global _SHARED_VIEWS
     _SHARED_VIEWS = {}
+    # A run's virtual sites open their state folders afresh: a process that ran another
+    # simulation before (the Python API, a test) must not answer with a site it had opened
+    # then, whose folder may have been removed or replaced since.
+    _STATES.clear()
     try:
         yield
     finally:
         _SHARED_VIEWS = None
         _ENCODED.clear()
+        _STATES.clear()
 
 
 def _view(cfg: Config, device: torch.device) -> TrainView:
