@@ -39,6 +39,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from uuid import uuid4
 
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
@@ -303,7 +304,7 @@ def train_jobs(jobs: Sequence[TrainJob]) -> list[TrainOutcome]:
         groups.setdefault((id(job.view), job.center, str(job.device)), []).append(i)
     for members in groups.values():
         module = jobs[members[0]].view.module
-        together = [i for i in members if can_vectorise(module, jobs[i].plan) is None]
+        together = [] if has_dropout(module) else [i for i in members if can_vectorise(module, jobs[i].plan) is None]
         for i in members:
             if i not in together:
                 outcomes[i] = jobs[i].run()
@@ -317,6 +318,23 @@ def train_jobs(jobs: Sequence[TrainJob]) -> list[TrainOutcome]:
         for i, done in zip(together, train_cohort(module, cohort, jobs[together[0]].device), strict=True):
             outcomes[i] = TrainOutcome(done.result, done.error, params=done.params if done.error is None else None)
     return [o if o is not None else TrainOutcome(None, RuntimeError("not trained")) for o in outcomes]
+
+
+def has_dropout(module: torch.nn.Module) -> bool:
+    """Whether training `module` draws dropout masks. Such a module trains one site at a
+    time with `train_local`: there each site's masks come from its own seeded stream,
+    interleaved with its noise, which a vmap over sites cannot draw alike (its masks would
+    depend on which sites share a worker). A dropout-free module trains to the same weights
+    either way."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            return True
+        # attention that calls the functional dropout with a rate it keeps as a number
+        for name in ("dropout_prob", "attention_dropout"):
+            rate = getattr(m, name, 0.0)
+            if isinstance(rate, float) and rate > 0:
+                return True
+    return False
 
 
 def _is_train(msg: Message) -> bool:

@@ -141,3 +141,21 @@ def test_flower_and_batched_engines_give_the_same_ledgers_and_models(dropout_fre
     assert worst <= MODEL_ATOL, f"final models differ by {worst:g} (> {MODEL_ATOL:g})"
     # Sites trained and the model moved: equal models are not two untouched initial ones.
     assert fm[-1]["trained"] == 3 and bm[-1]["accuracy"] != bm[0]["accuracy"]
+
+
+def test_a_module_with_dropout_trains_one_site_at_a_time_and_a_dropout_free_one_together():
+    """train_jobs vectorises only where the result is the one train_local gives each site:
+    dropout masks come from each site's own stream there, interleaved with its noise."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedshield.simulations.batched import has_dropout
+    from fedshield.task.model import make_train_view
+
+    def view(dropout: float):
+        config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=32, max_position_embeddings=32, num_labels=2,
+                            hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+        return make_train_view(BertForSequenceClassification(config), "last_layers", 1, 8, 16)
+
+    assert has_dropout(view(0.1).module)
+    assert not has_dropout(view(0.0).module)
