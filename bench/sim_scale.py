@@ -43,7 +43,10 @@ resolution), so it includes the central evaluation of that round; for the plain 
 interval between FedAvg's last two evaluate_fn calls; for pfl between its last two central
 iterations. Over both rounds it is shown too, as is the wall time of the whole subprocess.
 Peak memory = the largest sum of RSS over the subprocess and all its descendants (Ray
-GCS, raylet and workers), sampled every 0.2 s with psutil.
+GCS, raylet and workers; the batched engine's worker processes), sampled every 0.2 s with
+psutil. `--registered M` registers M virtual sites and trains N of them a round
+(fraction_train = N / M). The results and what differs between the apps: bench/RESULTS.md,
+section 2.
 """
 
 from __future__ import annotations
@@ -128,7 +131,8 @@ def overrides(model: Path, data: Path, work: Path, n_sites: int, tag: str, *, dp
         items += ["privacy=none"]
     if engine is not None and has_engine_key():
         items.append(f"simulation.engine={engine}")
-    return items
+    # --extra key=value ... (fedshield's apps only): e.g. simulation.num_cpus=1
+    return items + json.loads(os.environ.get("SIM_SCALE_EXTRA", "[]"))
 
 
 # ------------------------------------------------------------------ the plain Flower app
@@ -328,13 +332,15 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def measure(app: str, n_sites: int, work: Path, registered: int | None = None) -> dict[str, Any]:
+def measure(app: str, n_sites: int, work: Path, registered: int | None = None, threads: int = 0,
+            extra: list[str] | None = None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--one", app, str(n_sites), "--work", str(work)]
+    env = dict(os.environ, SIM_SCALE_PFL_THREADS=str(threads), SIM_SCALE_EXTRA=json.dumps(extra or []))
     if registered:
         cmd += ["--registered", str(registered)]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     peak = [0]
     done = threading.Event()
 
@@ -353,7 +359,8 @@ def measure(app: str, n_sites: int, work: Path, registered: int | None = None) -
     result = next((json.loads(line[7:]) for line in lines if line.startswith("RESULT ")), None)
     if result is None or "last_round_s" not in result:
         tail = " | ".join(lines[-5:])
-        return {"error": (result or {}).get("error") or f"rc={proc.returncode}: {tail[-400:]}"}
+        return {"error": (result or {}).get("error") or f"rc={proc.returncode}: {tail[-400:]}",
+                "peak_mb": peak[0] / 2**20, "process_wall_s": time.time() - t0}
     result["process_wall_s"] = time.time() - t0
     result["peak_mb"] = peak[0] / 2**20
     trained = int(result.get("trained_last") or n_sites)
@@ -381,6 +388,10 @@ def main() -> None:
     ap.add_argument("--apps", nargs="*", choices=APPS, default=list(APPS))
     ap.add_argument("--dp", choices=("off", "on", "both"), help="default: both (--quick: on)")
     ap.add_argument("--registered", type=int, help="registered virtual sites (fraction_train = N / this)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="pfl's torch threads (0: torch's default); each Ray worker of plain/fedshield has one, "
+                         "the batched engine sets its workers' own")
+    ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for fedshield's runs")
     ap.add_argument("--setup-pfl", action="store_true", help="make bench/.venv-pfl and exit")
     ap.add_argument("--one", nargs=2, metavar=("APP", "N"))
     ap.add_argument("--work", type=Path)
@@ -408,7 +419,7 @@ def main() -> None:
     for rep in range(a.repeat):
         for n in sizes:
             for app in (apps if rep % 2 == 0 else apps[::-1]):
-                r = measure(app, n, work, a.registered)
+                r = measure(app, n, work, a.registered, a.threads, a.extra)
                 results.setdefault((app, n), []).append(r)
                 shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "run_dir"}
                 print(f"  rep {rep + 1} N={n} {app}: {shown} (load {os.getloadavg()[0]:.1f}, "

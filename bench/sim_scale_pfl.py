@@ -23,7 +23,9 @@ keeps in its prefix cache) and saves it as tensors; this script trains it with p
   fedshield clips every record's gradient at every step (Opacus per-sample gradients) and
   noises every step: less work than fedshield's DP, stated in bench/RESULTS.md.
 
-Updates/s = users trained per second in the last central iteration (warm), as for the
+One torch intra-op thread (SIM_SCALE_PFL_THREADS, sim_scale.py's --threads; 0 = torch's
+default): see main(). Updates/s = users trained per second in the last central iteration
+(warm; pfl evaluates each user before and after training only in the first), as for the
 other variants. Prints one `RESULT {json}` line.
 """
 
@@ -105,7 +107,9 @@ def main(work_file: str) -> None:
     # One intra-op thread: pfl trains users one after another in this process, and on a model
     # this small torch's second thread only spins (measured under load: 82 vs 18 updates/s at
     # 100 users); Ray gives each Flower worker one thread too (OMP_NUM_THREADS=1).
-    torch.set_num_threads(int(os.environ.get("SIM_SCALE_PFL_THREADS", "1")))
+    threads = int(os.environ.get("SIM_SCALE_PFL_THREADS", "1"))
+    if threads > 0:  # 0: torch's default
+        torch.set_num_threads(threads)
     torch.manual_seed(work["seed"])
     base = BertForSequenceClassification.from_pretrained(work["model"])
     for p in base.parameters():
