@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -352,10 +353,14 @@ def measure(app: str, n_sites: int, work: Path, registered: int | None = None, t
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     assert proc.stdout is not None
-    lines = proc.stdout.read().splitlines()
-    proc.wait()
-    done.set()
-    th.join()
+    try:
+        lines = proc.stdout.read().splitlines()
+        proc.wait()
+    finally:  # a stopped benchmark (Ctrl-C, `timeout`) takes its run's process group with it
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        done.set()
+        th.join()
     result = next((json.loads(line[7:]) for line in lines if line.startswith("RESULT ")), None)
     if result is None or "last_round_s" not in result:
         tail = " | ".join(lines[-5:])
@@ -402,6 +407,8 @@ def main() -> None:
     if a.one:
         one(a.one[0], int(a.one[1]), a.work, a.registered)
         return
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so that measure() stops its child.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sizes = a.sites or ([10] if a.quick else [10, 100, 1000] if a.full else [10, 100])
     dps = {"off": [False], "on": [True], "both": [False, True]}[a.dp or ("on" if a.quick else "both")]
     apps = [app + ("-dp" if dp else "") for dp in dps for app in a.apps]
