@@ -82,7 +82,7 @@ PFL_REQUIREMENTS = ROOT / "bench" / "pfl-requirements.txt"
 
 def make_assets(work: Path, n_sites: int) -> tuple[Path, Path]:
     """The tiny BERT (once) and a CSV with PER_SITE training rows per site."""
-    model = work / "tiny-bert"
+    model = work / "tiny-bert-no-dropout"
     if not (model / "config.json").exists():
         import torch
         from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -91,7 +91,8 @@ def make_assets(work: Path, n_sites: int) -> tuple[Path, Path]:
 
         torch.manual_seed(0)
         config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=64, num_labels=2)
+                            intermediate_size=64, max_position_embeddings=64, num_labels=2,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         BertForSequenceClassification(config).save_pretrained(model)
         AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(model)
     from tests.helpers import synthetic_rows, write_csv

@@ -821,7 +821,6 @@ class TrainJob:
     the same random draws). The view may be shared by many sites' jobs (`shared_views`):
     `load` puts this job's starting point (the round's weights, the plan's centre) in it."""
 
-    site: str
     view: TrainView
     dataset: torch.utils.data.TensorDataset
     plan: LocalPlan
@@ -949,7 +948,7 @@ def local_update_steps(msg: Message, plan: protocol.Plan,
         proximal_mu=float(plan.proximal_mu or 0.0), sample_rate=q, expected_batch_size=max(1, round(q * n)),
     )
     t0 = time.time()
-    outcome = yield TrainJob(site.name, view, dataset, local, _seed(cfg, site, plan.server_round), device,
+    outcome = yield TrainJob(view, dataset, local, _seed(cfg, site, plan.server_round), device,
                              weights, center, shared=_SHARED_VIEWS is not None)
     try:
         if outcome.error is not None:

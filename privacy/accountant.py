@@ -136,15 +136,37 @@ def _grouped(history: Sequence[Spend]) -> Grouped | None:
 
 
 @functools.lru_cache(maxsize=4096)
+def _rdp_of_step(noise_multiplier: float, sample_rate: float) -> Any:
+    """Opacus' RDP curve of one step of (σ, q) at its default orders, computed once: every
+    history that uses (σ, q) scales it by its steps (RDP composes by addition)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    curve = analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                 orders=RDPAccountant.DEFAULT_ALPHAS)
+    curve.setflags(write=False)  # shared by every caller
+    return curve
+
+
+def _opacus_rdp(spends: Grouped, delta: float) -> float:
+    """Exactly `RDPAccountant(history=spends).get_epsilon(delta)`: the same per-order sum of
+    `compute_rdp(q, σ, steps)` (which is the one-step curve times steps), the same conversion,
+    to the last bit (tests/test_accountant.py), without recomputing a (σ, q)'s curve for
+    every new step count (each round of a run is one)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    rdp = sum([_rdp_of_step(sigma, q) * steps for sigma, q, steps in spends])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "optimal order is the largest alpha": still a valid bound
+        eps, _ = analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@functools.lru_cache(maxsize=4096)
 def _opacus_cached(spends: Grouped, delta: float, accountant: str) -> float:
     if accountant == "rdp":
-        from opacus.accountants import RDPAccountant
-
-        acc = RDPAccountant()
-        acc.history = list(spends)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "optimal order is the largest alpha": still a valid bound
-            return float(acc.get_epsilon(delta))
+        return _opacus_rdp(spends, delta)
     from opacus.accountants import PRVAccountant
 
     acc = PRVAccountant()

@@ -611,7 +611,7 @@ def verify_ledger(entries: list[Entry], public_keys: dict[str, signing.PublicKey
                         sig = base64.b64decode(str(e["signature"]), validate=True)
                     except (binascii.Error, ValueError):
                         sig = b""
-                    if sig and signing.verify(key, sig, str(e["hash"]).encode("ascii", "replace")):
+                    if sig and signing.verify_known(key, fp, sig, str(e["hash"]).encode("ascii", "replace")):
                         counts["signatures"] += 1
                     else:
                         bad(i, e, f"the signature does not verify under site {site}'s key")

@@ -62,7 +62,7 @@ from typing import Any
 from fedshield.privacy import signing
 from fedshield.privacy.accountant import ADD_REMOVE, epsilon, epsilon_opacus
 from fedshield.privacy.errors import LedgerError
-from fedshield.privacy.events import ONE_SHOT, RECORD_GAUSSIANS, LedgerEntry, shown
+from fedshield.privacy.events import ONE_SHOT, RECORD_GAUSSIANS, LedgerEntry, PrivacyEvent, shown
 from fedshield.privacy.ledger import verify_ledger
 
 TOLERANCE = 1e-6  # relative, as the audit's
@@ -139,6 +139,7 @@ class LedgerCheck:
         self.delta = float(delta)
         self.accountant = accountant
         self.accepted: dict[str, list[dict[str, Any]]] = {site: [] for site in self.public_keys}
+        self._events: dict[str, list[PrivacyEvent]] = {}  # site -> its accepted entries, parsed (_accepted_events)
         # On resume: site -> its entries in the run's ledger, for the sites that did not rejoin.
         self.absent: dict[str, list[dict[str, Any]]] = {}
         # Site -> (round, entries, plan) of a reply whose entries start after spends not yet
@@ -229,8 +230,19 @@ class LedgerCheck:
                                "lost, not a breach); its chain cannot be checked across them, so it is not asked "
                                "again in this run (its own ledger keeps the full account)", missing=True)
             return Verdict(problem)
+        parsed = self._accepted_events(site)
         accepted.extend(fresh)
+        parsed.extend(LedgerEntry.from_dict(e).event for e in fresh)
         return Verdict(None, tuple(fresh) + self._adopt(site))
+
+    def _accepted_events(self, site: str) -> list[PrivacyEvent]:
+        """`site`'s accepted entries, parsed once (every reply checks the whole chain of the
+        run; its accepted part does not change)."""
+        own = self.accepted.get(site, [])
+        parsed = self._events.get(site)
+        if parsed is None or len(parsed) != len(own):
+            parsed = self._events[site] = [LedgerEntry.from_dict(e).event for e in own]
+        return parsed
 
     def _adopt(self, site: str) -> tuple[dict[str, Any], ...]:
         """The held entries of `site` that now continue its chain, checked as of their own
@@ -289,8 +301,8 @@ class LedgerCheck:
         if not verified.ok:
             return f"{UNVERIFIED}: {verified.reason}"
         # Past verify_ledger every entry parses, and every number is within privacy.events' bounds.
-        events = [LedgerEntry.from_dict(e).event for e in history]
-        fresh_events = events[len(history) - len(fresh):]
+        fresh_events = [t.event for t in typed[len(typed) - len(fresh):]]
+        events = [*self._accepted_events(site), *fresh_events]
         spends = [t.event.spend() for t in typed if t.provenance.round == server_round]
         if expected is not None:
             if any(s.sample_rate != expected.sample_rate for s in spends) or \
@@ -349,7 +361,8 @@ class LedgerCheck:
         if not own:
             return 0.0
         try:
-            typed = [LedgerEntry.from_dict(e) for e in own]
-            return epsilon([t.event.spend() for t in typed], typed[-1].delta, self.accountant, self.neighbouring)
+            delta = LedgerEntry.from_dict(own[-1]).delta
+            return epsilon([ev.spend() for ev in self._accepted_events(site)], delta, self.accountant,
+                           self.neighbouring)
         except Exception:  # noqa: BLE001  accepted entries were computed once already; never the run
             return float(own[-1]["epsilon"])

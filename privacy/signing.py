@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import typing
 from pathlib import Path
 
@@ -137,3 +138,28 @@ def verify(pub: PublicKey, sig: bytes, data: bytes) -> bool:
         return True
     except (InvalidSignature, ValueError, TypeError):
         return False
+
+
+# Signatures that verified, under the fingerprint of the key they verified with: the
+# coordinator checks a site's whole chain of the run on every reply, and all but the newest
+# entries verified when they arrived. Only successes are kept (a failure is checked again),
+# the oldest dropped first past the bound.
+_VERIFIED: dict[tuple[str, bytes, bytes], None] = {}
+_VERIFIED_MAX = 1 << 17
+_VERIFIED_LOCK = threading.Lock()
+
+
+def verify_known(pub: PublicKey, key_fingerprint: str, sig: bytes, data: bytes) -> bool:
+    """`verify`, remembering successes. `key_fingerprint` must be `fingerprint(pub)` (the
+    SHA-256 of the key: two keys never share it), computed once by the caller."""
+    seen = (key_fingerprint, sig, data)
+    with _VERIFIED_LOCK:
+        if seen in _VERIFIED:
+            return True
+    if not verify(pub, sig, data):
+        return False
+    with _VERIFIED_LOCK:
+        if len(_VERIFIED) >= _VERIFIED_MAX:
+            del _VERIFIED[next(iter(_VERIFIED))]
+        _VERIFIED[seen] = None
+    return True

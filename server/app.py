@@ -16,7 +16,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,15 @@ from fedshield.server.export import export_model
 from fedshield.server.federation_books import open_books
 from fedshield.server.plots import plot_run
 from fedshield.server.report import summarize, write_report
-from fedshield.server.run_dir import LEDGER_KEYS, RUN_STOPPED, append_jsonl, existing_run_dir, new_run_dir, read_jsonl
+from fedshield.server.run_dir import (
+    LEDGER_KEYS,
+    RUN_STOPPED,
+    append_jsonl,
+    append_jsonl_all,
+    existing_run_dir,
+    new_run_dir,
+    read_jsonl,
+)
 from fedshield.server.settings import CoordinatorSettings, SecAggPolicy
 from fedshield.server.site_heads import FILE as SITE_HEADS
 from fedshield.server.site_heads import SiteHeads
@@ -279,6 +287,7 @@ def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict[s
     messages = [protocol.instruction(protocol.FEATURE_SUM, protocol.with_books_head(plan, rounds.head_of(s["site"])), n)
                 for n, s in sites.items()]
     sums, counts = [], []
+    spent: list[tuple[str, Sequence[dict[str, Any]]]] = []  # recorded together before any sum is used
     for reply in grid.send_and_receive(messages, timeout=timeout):
         name = sites.get(reply.metadata.src_node_id, {}).get("site", str(reply.metadata.src_node_id))
         got = protocol.read_feature_sum(reply, width)
@@ -294,7 +303,7 @@ def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict[s
                 rounds.keep_apart(name, got.ledger_entries)
                 say(f"  {name}: feature-mean reply rejected: {verdict.problem}; not used")
                 continue
-            rounds.record(name, verdict.new_entries)  # spent, whether or not the sum is usable
+            spent.append((name, verdict.new_entries))  # spent, whether or not the sum is usable
             declared = sites[reply.metadata.src_node_id]["n"]
             if isinstance(got, protocol.Rejected):
                 say(f"  {name}: feature-mean reply broke the protocol ({got.reason}); not used")
@@ -306,6 +315,7 @@ def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict[s
             else:
                 sums.append(got.feature_sum)
                 counts.append(got.num_examples)
+    rounds.record_all(spent)
     if not sums:
         say("feature centering: no site released a feature mean; training without centering")
         return None
@@ -347,12 +357,18 @@ class RoundLog:
 
     def record(self, site: str, entries: Iterable[dict[str, Any]]) -> None:
         """A site's verified spends into the run's ledger; its ε is the last entry's."""
-        entries = list(entries)
-        for entry in entries:
-            append_jsonl(self.run_dir / "privacy" / "ledger.jsonl", entry)
-            self.epsilon[site] = float(entry["epsilon"])
+        self.record_all([(site, entries)])
+
+    def record_all(self, spent: Iterable[tuple[str, Iterable[dict[str, Any]]]]) -> None:
+        """Sites' verified spends into the run's ledger, in their order, with one fsync for
+        all of them (and one write of the heads): durable before this returns, as before."""
+        spent = [(site, list(entries)) for site, entries in spent]
+        append_jsonl_all(self.run_dir / "privacy" / "ledger.jsonl", [e for _, entries in spent for e in entries])
+        for site, entries in spent:
+            for entry in entries:
+                self.epsilon[site] = float(entry["epsilon"])
         if self.heads is not None:
-            self.heads.advance(site, entries)
+            self.heads.advance_all(spent)
 
     def restore(self, ckpt: checkpoint.Checkpoint) -> None:
         """The round log as it was after the checkpoint's round: ε, declines and metrics
@@ -380,12 +396,14 @@ class RoundLog:
 
     def keep_apart(self, site: str, entries: Iterable[dict[str, Any]]) -> None:
         """Entries that did not verify: kept for the record, never in the run's ledger."""
-        for entry in entries:
-            append_jsonl(self.run_dir / "privacy" / REJECTED_ENTRIES, {"from_site": site, "entry": entry})
+        append_jsonl_all(self.run_dir / "privacy" / REJECTED_ENTRIES,
+                         [{"from_site": site, "entry": entry} for entry in entries])
 
     def on_round(self, report: RoundReport) -> None:
-        for r in report.late:  # first: the site's chain in the run's ledger continues from them
-            self.record(r.site, r.ledger_entries)
+        # The late replies' spends first (a site's chain in the run's ledger continues from
+        # them), then this round's, spent whether or not the update is used: one write for all.
+        self.record_all([(r.site, r.ledger_entries) for r in [*report.late, *report.replies]])
+        for r in report.late:
             self.keep_apart(r.site, r.rejected_entries)
             if r.status == "trained":
                 say(f"  {r.site}: its round-{r.late_round} reply came after that round's timeout: its spend is "
@@ -395,7 +413,6 @@ class RoundLog:
                     f"round {report.server_round}: its late round-{r.late_round} reply: rejected: {r.reason}")
                 say(f"  {r.site}: its late round-{r.late_round} reply was rejected: {r.reason}")
         for r in report.replies:
-            self.record(r.site, r.ledger_entries)  # spent whether or not the update is used
             self.keep_apart(r.site, r.rejected_entries)
             if r.status != "trained":
                 self.declines.setdefault(r.site, []).append(f"round {report.server_round}: {r.status}: {r.reason}")
@@ -578,8 +595,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
     rounds.heads = heads
     for site, entries in apart:
         rounds.keep_apart(site, entries)
-    for site, entries in counted:
-        rounds.record(site, entries)
+    rounds.record_all(counted)
     center: list[float] | np.ndarray[Any, Any] | None = None  # the checkpoint's, or the feature mean collected
     if ckpt is not None:
         rounds.restore(ckpt)

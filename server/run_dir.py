@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,17 @@ def existing_run_dir_named(base: Path, run_name: str) -> Path:
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """One line, flushed and fsynced: a crash loses at most the line being written."""
+    append_jsonl_all(path, [record])
+
+
+def append_jsonl_all(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Lines in one write and one fsync (a round's records: one fsync, not one per site); a
+    crash loses at most the lines of this call, the last of them possibly torn."""
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    if not text:
+        return
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 

@@ -87,6 +87,19 @@ class SiteHeads:
 
     def advance(self, site: str, entries: Iterable[dict[str, Any]]) -> None:
         """Take in `site`'s verified entries: its head moves to the newest (never back)."""
+        self.advance_all([(site, entries)])
+
+    def advance_all(self, spent: Iterable[tuple[str, Iterable[dict[str, Any]]]]) -> None:
+        """Take in the verified entries of many sites (a round's replies): each head moves to
+        its site's newest, and the file is written once, not once per site (it holds every
+        site's head: a write per site made a round cost sites x sites)."""
+        changed = False
+        for site, entries in spent:
+            changed = self._take(site, entries) or changed
+        if changed:
+            self._write()
+
+    def _take(self, site: str, entries: Iterable[dict[str, Any]]) -> bool:
         mark = self.heads.get(site)
         changed = False
         for e in entries:
@@ -98,7 +111,7 @@ class SiteHeads:
                 mark, changed = new, True
         if changed and mark is not None:
             self.heads[site] = mark
-            self._write()
+        return changed
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

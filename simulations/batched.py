@@ -33,14 +33,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from uuid import uuid4
 
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
@@ -50,7 +49,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedshield.client.app import Steps, TrainJob, TrainOutcome, shared_views
-from fedshield.task.cohort import CohortJob, can_vectorise, draws_dropout_alike, train_cohort
+from fedshield.task.cohort import CohortJob, can_vectorise, train_cohort
 
 log = logging.getLogger("fedshield.simulation")
 
@@ -86,7 +85,6 @@ class SiteHost:
                           state=RecordDict(), run_config={})
             for node in node_ids
         }
-        self.train_seconds = 0.0  # time in local training (train_jobs)
 
     def answer(self, messages: Sequence[Message]) -> list[Message]:
         """The replies to `messages`, in their order: queries one by one, TRAIN messages
@@ -122,9 +120,7 @@ class SiteHost:
                 replies[k] = stop.value
             except Exception as exc:
                 replies[k] = _error_reply(msg, exc)
-        t0 = time.perf_counter()
         outcomes = train_jobs([job for _, _, job in open_steps])
-        self.train_seconds += time.perf_counter() - t0
         for (k, steps, _), outcome in zip(open_steps, outcomes, strict=True):
             try:
                 steps.send(outcome)
@@ -182,12 +178,17 @@ class _WorkerProcess:
         why = RuntimeError(f"the worker process serving this virtual site ended (exit code {self.process.poll()})")
         return [_error_reply(m, why) for m in messages]
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Tell the worker to finish (`close` waits for it: all workers are told first)."""
         if self.alive and self._conn is not None:
             try:
                 self._conn.send(None)
             except (OSError, EOFError):
                 pass
+            self.alive = False
+
+    def close(self) -> None:
+        self.stop()
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -200,7 +201,6 @@ class _WorkerProcess:
 def _serve(conn: Connection) -> None:
     """A worker process: fedshield's own ClientApp for its share of the nodes, their TRAIN
     messages as steps, until the coordinator sends None."""
-    import torch
 
     from fedshield.client.app import app, train_steps_of
 
@@ -245,6 +245,8 @@ class BatchedGrid(Grid):
                     raise
 
     def close(self) -> None:
+        for worker in self._workers:
+            worker.stop()
         for worker in self._workers:
             worker.close()
 
@@ -304,8 +306,7 @@ def train_jobs(jobs: Sequence[TrainJob]) -> list[TrainOutcome]:
         groups.setdefault((id(job.view), job.center, str(job.device)), []).append(i)
     for members in groups.values():
         module = jobs[members[0]].view.module
-        alike = not has_dropout(module) or draws_dropout_alike(module)
-        together = [i for i in members if alike and can_vectorise(module, jobs[i].plan) is None]
+        together = [i for i in members if can_vectorise(module, jobs[i].plan) is None]
         for i in members:
             if i not in together:
                 outcomes[i] = jobs[i].run()
@@ -321,26 +322,9 @@ def train_jobs(jobs: Sequence[TrainJob]) -> list[TrainOutcome]:
     return [o if o is not None else TrainOutcome(None, RuntimeError("not trained")) for o in outcomes]
 
 
-def has_dropout(module: torch.nn.Module) -> bool:
-    """Whether training `module` draws dropout masks. Unless the cohort trainer draws them as
-    train_local does (`draws_dropout_alike`: the default view), such a module trains one site
-    at a time with `train_local`, where each site's masks come from its own seeded stream,
-    interleaved with its noise; masks drawn under a vmap over sites would depend on which
-    sites share a worker, so on the machine's core count."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.Dropout) and m.p > 0:
-            return True
-        # attention that calls the functional dropout with a rate it keeps as a number
-        for name in ("dropout_prob", "attention_dropout"):
-            rate = getattr(m, name, 0.0)
-            if isinstance(rate, float) and rate > 0:
-                return True
-    return False
-
-
 def _is_train(msg: Message) -> bool:
-    kind = msg.metadata.message_type
-    return kind == "train" or kind.startswith("train.")
+    """A TRAIN message ("train", or "train.<handler>"): Flower's category before the dot."""
+    return msg.metadata.message_type.split(".", 1)[0] == MessageType.TRAIN
 
 
 def _error_reply(msg: Message, exc: BaseException) -> Message:
@@ -393,6 +377,12 @@ def _worker_main() -> None:
         pass
     finally:
         conn.close()
+    # Done: every ledger and release was fsynced as it was written. Skip the interpreter's
+    # teardown of every site's objects (15 s at 500 sites a worker), as multiprocessing's
+    # own children end with os._exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

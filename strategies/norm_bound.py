@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedshield import protocol
 from fedshield.strategies.report import RoundReports, SiteReply
-from fedshield.strategies.wrapper import Wrapper, update_of, wrapped
+from fedshield.strategies.wrapper import Wrapper, update_of, weight_of, wrapped
 
 Weights = dict[str, np.ndarray[Any, Any]]
 
@@ -69,7 +69,7 @@ class NormBound(Wrapper):
         if base is None or not replies:
             return self.strategy.aggregate_train(server_round, replies)
         report = self.reports.get(server_round)
-        weights = [update_of(m)[1] for m in replies]
+        weights = [weight_of(m) for m in replies]
         total = sum(weights)
         kept: list[Message] = []
         for msg, weight in zip(replies, weights, strict=True):
@@ -78,12 +78,14 @@ class NormBound(Wrapper):
             # the average no more than an update of the bound at equal weights (bound / m).
             share = 1.0 if total <= 0 else weight * len(replies) / total
             try:
-                bounded = self._bound(reply, update_of(msg)[0], base, share)
+                update = update_of(msg)[0]
+                bounded = self._bound(reply, update, base, share)
             except Exception as exc:  # noqa: BLE001  a site's numbers never end the round
                 reply.status, reply.reason = "rejected", f"its update could not be measured ({type(exc).__name__})"
                 continue
             if bounded is not None:
-                msg.content[protocol.ARRAYS] = protocol.to_array_record(bounded)
+                if bounded is not update:  # clipped: the scaled weights go on (else they are as received)
+                    msg.content[protocol.ARRAYS] = protocol.to_array_record(bounded)
                 kept.append(msg)
         return self.strategy.aggregate_train(server_round, kept)
 

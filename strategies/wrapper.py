@@ -24,8 +24,12 @@ log = logging.getLogger("fedshield.strategy")
 def update_of(msg: Message) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
     """A checked reply as the reply gate hands it on (`protocol.aggregation_content`): its
     weights (or masked vector) and its FedAvg weight."""
-    weight = cast(int, msg.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES])
-    return protocol.from_array_record(msg.content.array_records[protocol.ARRAYS]), int(weight)
+    return protocol.from_array_record(msg.content.array_records[protocol.ARRAYS]), weight_of(msg)
+
+
+def weight_of(msg: Message) -> int:
+    """A checked reply's FedAvg weight (`update_of` without reading its arrays)."""
+    return int(cast(int, msg.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]))
 
 
 def wrapped(strategy: Strategy) -> list[Strategy]:

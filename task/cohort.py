@@ -41,9 +41,9 @@ too); equality with train_local there has not been checked on a GPU yet.
 Dropout: the default view's one dropout (between pooler and classifier) takes each site's
 masks from the site's own stream, one bernoulli_ per physical batch before that step's noise,
 as nn.Dropout draws them in `train_local` (`draws_dropout_alike`; tested equal). Any other
-module with active dropout trains under `vmap(randomness="different")`: fresh masks from the
-global generator, the same distribution, other draws; the engine trains those one site at
-a time with `train_local` instead (simulations/batched.py).
+module with active dropout is refused by `can_vectorise` (its masks would come from the
+shared generator under vmap, so a site's result would depend on its worker's other sites):
+the engine trains those one site at a time with `train_local` (simulations/batched.py).
 
 Which modules: the default view (trainable=last_layers: BERT-style top layers + head on
 the cached prefix), a BERT whose head alone trains (trainable=head), the tabular MLP.
@@ -108,13 +108,30 @@ def can_vectorise(module: nn.Module, plan: LocalPlan) -> str | None:
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     if not trainable:
         return "the module has no trainable weights"
-    if isinstance(module, (_BertSuffix, TabularMLP)):
-        return None
-    if isinstance(module, _FullBert):
-        if _bert_head(module) is None:
-            return "a whole BERT trains only with its head alone (training.trainable=head) in the cohort trainer"
-        return None
-    return f"{type(module).__name__}: only the last_layers and head views of BERT-style models and the tabular MLP"
+    if isinstance(module, _FullBert) and _bert_head(module) is None:
+        return "a whole BERT trains only with its head alone (training.trainable=head) in the cohort trainer"
+    if not isinstance(module, (_BertSuffix, TabularMLP, _FullBert)):
+        return f"{type(module).__name__}: only the last_layers and head views of BERT-style models and the tabular MLP"
+    if has_dropout(module) and not draws_dropout_alike(module):
+        # Masks drawn under vmap come from the shared generator: a site's result would depend
+        # on which sites share its worker (so on the core count). train_local draws them
+        # from the site's own stream, interleaved with its noise.
+        return ("its dropout masks would be drawn from the shared generator under vmap, not from each site's "
+                "own stream as train_local draws them")
+    return None
+
+
+def has_dropout(module: nn.Module) -> bool:
+    """Whether training `module` draws dropout masks (nn.Dropout, or attention that calls the
+    functional dropout with a rate it keeps as a number)."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            return True
+        for name in ("dropout_prob", "attention_dropout"):
+            rate = getattr(m, name, 0.0)
+            if isinstance(rate, float) and rate > 0:
+                return True
+    return False
 
 
 def _bert_head(module: nn.Module) -> nn.Module | None:

@@ -194,3 +194,22 @@ def test_pld_epsilon_is_dp_accountings_pld_accountant_to_the_last_bit(neighbouri
         for event in _events(_grouped(history)):
             reference.compose(event)
         assert epsilon_dp_accounting_pld(history, 1e-5, neighbouring=neighbouring) == reference.get_epsilon(1e-5)
+
+
+@pytest.mark.parametrize("history", [
+    [Spend(10.0, 1.0, 1), Spend(4.0, 1.0, 1), Spend(1.13, 128 / 222, 40), Spend(1.13, 128 / 222, 41)],
+    [Spend(0.8, 0.01, 500), Spend(2.0, 0.5, 3), Spend(0.8, 0.01, 7)],
+    [Spend(0.5, 0.1, 100)],
+])
+def test_rdp_epsilon_is_opacus_rdp_accountant_to_the_last_bit(history):
+    """The recorded RDP ε scales each (σ, q)'s one-step curve by its steps (privacy/accountant.py
+    _rdp_of_step): the very result of Opacus' RDPAccountant on the same history, not a close one."""
+    from fedshield.privacy.accountant import _grouped
+
+    reference = RDPAccountant()
+    reference.history = list(_grouped(history))
+    assert epsilon_opacus(history, DELTA, "rdp") == reference.get_epsilon(DELTA)
+    # A history the cache has seen a prefix of (a run's next round): still Opacus' number.
+    longer = [*history, Spend(history[0].noise_multiplier, history[0].sample_rate, 3)]
+    reference.history = list(_grouped(longer))
+    assert epsilon_opacus(longer, DELTA, "rdp") == reference.get_epsilon(DELTA)

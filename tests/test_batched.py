@@ -67,6 +67,56 @@ def test_a_handler_that_raises_gives_flowers_error_reply_and_the_others_answer(f
         grid.push_messages([_query(9)])
 
 
+def test_a_round_opens_at_most_sites_per_chunk_handlers_at_once(flower_task_identity, monkeypatch):
+    """The memory of a round is bounded: TRAIN handlers run to their training SITES_PER_CHUNK
+    at a time, whatever the round samples (their encoded records and state live until the
+    chunk finishes)."""
+    from fedshield.client.app import TrainOutcome
+    from fedshield.simulations import batched
+
+    monkeypatch.setattr(batched, "SITES_PER_CHUNK", 2)
+    open_now, most, trained = [0], [0], []
+
+    def steps(msg: Message, context: Context):
+        open_now[0] += 1
+        most[0] = max(most[0], open_now[0])
+        yield context.node_id
+        open_now[0] -= 1
+        return Message(RecordDict({"config": ConfigRecord({"node": context.node_id})}), reply_to=msg)
+
+    monkeypatch.setattr(batched, "train_jobs", lambda jobs: trained.append(list(jobs)) or
+                        [TrainOutcome(None) for _ in jobs])
+    grid = BatchedGrid(_echo_app(), 5, train_steps=steps)
+    train = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2, 3, 4, 5)]
+    replies = list(grid.send_and_receive([*train, _query(3)]))
+    assert sorted(int(r.content["config"]["node"]) for r in replies if "node" in r.content["config"]) == \
+        [1, 2, 3, 4, 5]
+    assert most[0] == 2 and [len(jobs) for jobs in trained] == [2, 2, 1]
+
+
+@pytest.mark.e2e
+def test_a_killed_worker_process_gives_each_of_its_sites_an_error_reply_and_the_other_worker_answers(
+        flower_task_identity):
+    """Node k is served by worker (k - 1) mod workers; a worker that dies answers nothing, and
+    the coordinator gets Flower's Error reply for each of its sites, not a hang."""
+    from fedshield.client.app import app, train_steps_of
+
+    grid = BatchedGrid(app, 4, workers=2, train_steps=train_steps_of(app))
+    try:
+        dead = grid._workers[0]
+        dead.process.kill()
+        dead.process.wait()
+        replies = {r.metadata.src_node_id: r for r in grid.send_and_receive([_query(n) for n in (1, 2, 3, 4)])}
+        assert set(replies) == {1, 2, 3, 4}
+        for node in (1, 3):  # worker 0's sites
+            assert replies[node].has_error()
+            assert "worker process serving this virtual site ended" in replies[node].error.reason
+        for node in (2, 4):  # worker 1 answers (this query is not a fedshield HELLO: its handler says so)
+            assert not replies[node].has_error() or "worker process" not in replies[node].error.reason
+    finally:
+        grid.close()
+
+
 def test_auto_takes_the_batched_engine_unless_a_ray_cluster_is_named_and_the_first_line_says_which():
     assert engine_of(Config.load([])) == "batched"
     assert engine_of(Config.load(["simulation.ray_address=127.0.0.1:6379"])) == "flower"
@@ -144,21 +194,3 @@ def test_flower_and_batched_engines_give_the_same_ledgers_and_models(dropout_fre
 
     initial = build_model(cfg).state_dict()["classifier.weight"].numpy()
     assert fm[-1]["trained"] == 3 and float(np.max(np.abs(b["classifier.weight"] - initial))) > 1e-3
-
-
-def test_a_module_with_dropout_trains_one_site_at_a_time_and_a_dropout_free_one_together():
-    """train_jobs vectorises only where the result is the one train_local gives each site:
-    dropout masks come from each site's own stream there, interleaved with its noise."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from fedshield.simulations.batched import has_dropout
-    from fedshield.task.model import make_train_view
-
-    def view(dropout: float):
-        config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=32, max_position_embeddings=32, num_labels=2,
-                            hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-        return make_train_view(BertForSequenceClassification(config), "last_layers", 1, 8, 16)
-
-    assert has_dropout(view(0.1).module)
-    assert not has_dropout(view(0.0).module)

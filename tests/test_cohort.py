@@ -251,6 +251,15 @@ def test_the_default_views_dropout_draws_the_masks_train_local_draws(rate):
     assert not module.training and not any(m.training for m in module.modules())
 
 
+def test_a_module_whose_dropout_the_cohort_cannot_draw_as_train_local_does_is_refused():
+    """The engine trains such a module one site at a time: under vmap its masks would come from
+    the shared generator, so a site's result would depend on which sites share its worker."""
+    plan = _plan()
+    assert "dropout" in str(can_vectorise(_view("last_layers", 1, dropout=0.1), plan))
+    assert can_vectorise(_view("last_layers", 1, dropout=0.0), plan) is None
+    assert can_vectorise(_view(dropout=0.1), plan) is None  # the default view: each site's own stream
+
+
 def test_can_vectorise_names_what_it_refuses():
     plan = _plan()
     assert can_vectorise(_view(), plan) is None

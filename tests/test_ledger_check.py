@@ -243,3 +243,24 @@ def test_a_forged_v2_entry_is_refused_on_arrival_with_one_line(tmp_path):
         problem = books(site).check(site.name, 1, [forged], PLAN).problem
         assert problem.startswith("its ledger entries do not verify: ledger entry of site 'st-marys' round 1: ")
         assert says in problem and "\n" not in problem
+
+
+def test_a_remembered_signature_never_vouches_for_other_bytes_or_another_key(tmp_path):
+    """signing.verify_known remembers successes only, keyed by (key fingerprint, signature,
+    bytes): the whole chain checked on every reply costs one verification per new entry,
+    and nothing else verifies because something once did."""
+    from fedshield.privacy import signing
+
+    signing.generate_site_key(tmp_path / "a.key")
+    signing.generate_site_key(tmp_path / "b.key")
+    a, b = signing.load_private_key(tmp_path / "a.key"), signing.load_private_key(tmp_path / "b.key")
+    pub_a, pub_b = a.public_key(), b.public_key()
+    fp_a, fp_b = signing.fingerprint(pub_a), signing.fingerprint(pub_b)
+    sig = signing.sign(a, b"entry hash 1")
+    assert signing.verify_known(pub_a, fp_a, sig, b"entry hash 1")
+    assert signing.verify_known(pub_a, fp_a, sig, b"entry hash 1")  # remembered
+    assert not signing.verify_known(pub_a, fp_a, sig, b"entry hash 2")
+    assert not signing.verify_known(pub_b, fp_b, sig, b"entry hash 1")
+    forged = bytes([sig[0] ^ 1]) + sig[1:]
+    assert not signing.verify_known(pub_a, fp_a, forged, b"entry hash 1")
+    assert not signing.verify_known(pub_a, fp_a, forged, b"entry hash 1")  # failures are checked again

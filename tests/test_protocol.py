@@ -199,3 +199,41 @@ def test_a_training_instruction_needs_its_round_and_weights():
         protocol.instruction(protocol.TRAIN, plan(), 4)
     with pytest.raises(ValueError, match="decline kind"):
         protocol.decline_reply(bare, site="a", kind="bored", reason="x")
+
+
+ARRAYS = [np.zeros((3, 4), np.float32), np.arange(7, dtype=np.int64), np.array(2.5), np.ones((2, 0, 3)),
+          np.array([True, False]), np.arange(6, dtype=">f4").reshape(2, 3), np.float16([1, 2, 3]),
+          np.arange(12.0).reshape(3, 4).T]  # the last is Fortran-ordered: sent C-ordered
+
+
+@pytest.mark.parametrize("value", ARRAYS, ids=lambda a: f"{a.dtype.str}{a.shape}")
+def test_arrays_are_flowers_bytes_and_read_back_as_flower_reads_them(value):
+    """protocol's fast (de)serialisation is Flower's `Array`, byte for byte, both ways."""
+    value = np.ascontiguousarray(value)  # as protocol sends it (a 0-d array goes as shape (1,))
+    ours, flowers = protocol.encode_array(value), Array(value)
+    assert (ours.dtype, tuple(ours.shape), ours.stype, ours.data) == \
+        (flowers.dtype, tuple(flowers.shape), flowers.stype, flowers.data)
+    back = protocol.decode_array(flowers)
+    assert back.dtype == value.dtype and back.shape == value.shape and np.array_equal(back, value)
+    assert back.flags.writeable and back.flags.c_contiguous
+
+
+@pytest.mark.parametrize("lie", ["shape", "dtype", "short", "long", "header", "negative"])
+def test_an_array_whose_bytes_do_not_match_what_it_declares_is_read_as_flower_reads_it(lie):
+    """A site's Array that declares one dtype or shape and carries other bytes is never read
+    the fast way: np.load decides from the bytes (and refuses what it must), as in Flower."""
+    good = Array(np.arange(6, dtype=np.float32).reshape(2, 3))
+    fields = {"dtype": good.dtype, "shape": tuple(good.shape), "stype": good.stype, "data": good.data}
+    fields.update({"shape": {"shape": (3, 2), "negative": (-2, -3)}.get(lie, fields["shape"]),
+                   "dtype": "int32" if lie == "dtype" else fields["dtype"],
+                   "data": {"short": good.data[:-4], "long": good.data + b"\0" * 4,
+                            "header": good.data.replace(b"(2, 3)", b"(6,)  ")}.get(lie, good.data)})
+    bad = Array(**fields)
+    try:
+        expected = bad.numpy()
+    except Exception as exc:  # noqa: BLE001  Flower's reading refuses it: so does ours, the same way
+        with pytest.raises(type(exc)):
+            protocol.decode_array(bad)
+        return
+    got = protocol.decode_array(bad)
+    assert got.dtype == expected.dtype and got.shape == expected.shape and np.array_equal(got, expected)

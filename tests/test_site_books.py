@@ -216,6 +216,27 @@ def test_the_coordinator_sends_each_site_the_head_of_its_books_it_holds(tmp_path
     state.check_head(1, entries[1]["hash"], "the coordinator")  # the site's books hold it
 
 
+def test_a_rounds_heads_are_written_once_and_each_moves_as_it_would_alone(tmp_path, monkeypatch):
+    """advance_all (a round's replies): one write of the file for every site, each head where
+    advancing it alone would put it (the newest entry, never back)."""
+    from fedshield.server.site_heads import SiteHeads
+
+    books = {name: [SiteState(tmp_path / name, name).record_spend({**spend(r), "site": name}) for r in (1, 2)]
+             for name in ("a", "b", "c")}
+    one_by_one = SiteHeads(tmp_path / "one.json")
+    for name, entries in books.items():
+        one_by_one.advance(name, entries)
+    together = SiteHeads(tmp_path / "all.json")
+    writes = []
+    monkeypatch.setattr(together, "_write", lambda: writes.append(dict(together.heads)))
+    together.advance_all([("a", books["a"]), ("b", books["b"][:1]), ("c", books["c"]), ("b", books["b"]),
+                          ("a", books["a"][:1])])
+    assert len(writes) == 1 and together.heads == one_by_one.heads
+    together.advance_all([("a", books["a"][:1])])  # nothing new: nothing written
+    assert len(writes) == 1
+
+
+# ------------------------------------------------------------ pending lines
 # ------------------------------------------------------------ pending lines
 
 
