@@ -351,11 +351,11 @@ class SiteState:
             return None
         try:
             with np.load(path, allow_pickle=False) as data:
-                blobs = {k: data[k] for k in data.files}
-            record = json.loads(bytes(blobs.pop("__release__")).decode())
+                record = json.loads(bytes(data["__release__"]).decode())
+                if (record.get("run_id"), record.get("round"), record.get("digest")) != (run_id, server_round, digest):
+                    return None  # another request's (the last round's, as a rule): its weights are not read
+                blobs = {k: data[k] for k in data.files if k != "__release__"}
         except Exception:  # a torn or damaged copy is never replayed
-            return None
-        if (record.get("run_id"), record.get("round"), record.get("digest")) != (run_id, server_round, digest):
             return None
         entries = [e for e in self.train_entries(run_id, server_round) if e.get("plan_digest") == digest]
         if dp and not entries:
