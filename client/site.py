@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives import serialization
 from fedshield.privacy.accountant import ADD_REMOVE, Spend, calibrate_noise_multiplier, epsilon, planned_epsilon
 from fedshield.privacy.errors import FedShieldError
 from fedshield.privacy.events import COUNT_RELEASE, TRAIN_RELEASE, neighbouring_of
-from fedshield.privacy.files import write_fully
+from fedshield.privacy.files import fsync, write_fully
 from fedshield.privacy.ledger import Entry, Ledger, site_history
 from fedshield.privacy.signing import generate_site_key, load_private_key, public_key_pem
 
@@ -166,7 +166,6 @@ class SiteState:
                 if size and os.pread(fd, 1, size - 1) != b"\n":  # a line torn by a crash stays apart
                     line = "\n" + line
                 write_fully(fd, line.encode("ascii"))
-                os.fsync(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -385,7 +384,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        fsync(f.fileno())
     os.replace(tmp, path)
 
 

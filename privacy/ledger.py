@@ -99,7 +99,7 @@ from fedshield.privacy.events import (
     neighbouring_of,
     shown,
 )
-from fedshield.privacy.files import write_fully
+from fedshield.privacy.files import fsync, write_fully
 from fedshield.privacy.skellam import skellam_history_epsilon
 
 # The mechanism names and fields live in privacy/events.py (typed events); their old names here.
@@ -502,7 +502,7 @@ def _fsync_dir(path: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
+        fsync(fd)
     except OSError:
         pass
     finally:

@@ -49,6 +49,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedshield.client.app import Steps, TrainJob, TrainOutcome, shared_views
+from fedshield.privacy.files import group_commit
 from fedshield.task.cohort import CohortJob, can_vectorise, train_cohort
 
 log = logging.getLogger("fedshield.simulation")
@@ -109,26 +110,46 @@ class SiteHost:
     def _train_chunk(self, messages: Sequence[Message]) -> list[Message]:
         """Every site's TRAIN steps up to its training, the training of all, then each
         site's finish: replies in the order of `messages`."""
+        try:
+            return self._train_chunk_durably(messages)
+        except OSError as exc:  # the last barrier failed: the kept releases may not be on disk
+            return [_error_reply(msg, exc) for msg in messages]
+
+    def _train_chunk_durably(self, messages: Sequence[Message]) -> list[Message]:
         assert self._train_steps is not None
         replies: dict[int, Message] = {}
         open_steps: list[tuple[int, Steps, TrainJob]] = []
-        for k, msg in enumerate(messages):
-            steps = self._train_steps(msg, self.contexts[msg.metadata.dst_node_id])
+        # The sites' writes (ledger entries, marks) are made durable together (group commit,
+        # privacy/files.py): all of them before the first training step, as each site's own
+        # fsyncs would have been (spend before compute), and the kept releases before any
+        # reply leaves this process.
+        with group_commit() as group:
+            for k, msg in enumerate(messages):
+                steps = self._train_steps(msg, self.contexts[msg.metadata.dst_node_id])
+                try:
+                    open_steps.append((k, steps, next(steps)))
+                except StopIteration as stop:  # declined, or a kept release sent again
+                    replies[k] = stop.value
+                except Exception as exc:
+                    replies[k] = _error_reply(msg, exc)
             try:
-                open_steps.append((k, steps, next(steps)))
-            except StopIteration as stop:  # declined, or a kept release sent again
-                replies[k] = stop.value
-            except Exception as exc:
-                replies[k] = _error_reply(msg, exc)
-        outcomes = train_jobs([job for _, _, job in open_steps])
-        for (k, steps, _), outcome in zip(open_steps, outcomes, strict=True):
-            try:
-                steps.send(outcome)
-                replies[k] = _error_reply(messages[k], RuntimeError("a site asked for a second training in one round"))
-            except StopIteration as stop:
-                replies[k] = stop.value
-            except Exception as exc:
-                replies[k] = _error_reply(messages[k], exc)
+                if group is not None:
+                    group.barrier()
+            except OSError as exc:  # spends not known to be on disk: nothing trains
+                for k, steps, _ in open_steps:
+                    steps.close()
+                    replies[k] = _error_reply(messages[k], exc)
+                open_steps = []
+            outcomes = train_jobs([job for _, _, job in open_steps]) if open_steps else []
+            for (k, steps, _), outcome in zip(open_steps, outcomes, strict=True):
+                try:
+                    steps.send(outcome)
+                    replies[k] = _error_reply(messages[k],
+                                              RuntimeError("a site asked for a second training in one round"))
+                except StopIteration as stop:
+                    replies[k] = stop.value
+                except Exception as exc:
+                    replies[k] = _error_reply(messages[k], exc)
         return [replies[k] for k in range(len(messages))]
 
 

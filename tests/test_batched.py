@@ -194,3 +194,43 @@ def test_flower_and_batched_engines_give_the_same_ledgers_and_models(dropout_fre
 
     initial = build_model(cfg).state_dict()["classifier.weight"].numpy()
     assert fm[-1]["trained"] == 3 and float(np.max(np.abs(b["classifier.weight"] - initial))) > 1e-3
+
+
+def test_a_chunks_spends_are_on_disk_before_any_site_trains_and_its_releases_before_any_reply(
+        flower_task_identity, monkeypatch, tmp_path):
+    """Group commit (privacy/files.py): the sites' fsyncs are deferred and made durable by one
+    syncfs per file system, before the chunk's training (spend before compute) and before the
+    replies leave; a barrier that fails trains nothing and answers each site with an Error."""
+    from fedshield.client.app import TrainOutcome
+    from fedshield.privacy import files
+    from fedshield.simulations import batched
+
+    events: list[str] = []
+    written = iter(range(100))
+    monkeypatch.setattr(files, "_SYNCFS", lambda fd: events.append("syncfs") or 0)
+    monkeypatch.setattr(files.os, "fsync", lambda fd: events.append("fsync"))
+
+    def steps(msg: Message, context: Context):
+        files.create_file(tmp_path / f"spend-{next(written)}", b"entry", private=False)  # its spend
+        events.append(f"spent {context.node_id}")
+        yield context.node_id
+        files.create_file(tmp_path / f"release-{next(written)}", b"kept", private=False)
+        events.append(f"kept {context.node_id}")
+        return Message(RecordDict({"config": ConfigRecord({"node": context.node_id})}), reply_to=msg)
+
+    def trained(jobs):
+        events.append("train")
+        return [TrainOutcome(None) for _ in jobs]
+
+    monkeypatch.setattr(batched, "train_jobs", trained)
+    grid = BatchedGrid(_echo_app(), 3, train_steps=steps)
+    replies = list(grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2)]))
+    assert not any(r.has_error() for r in replies)
+    assert "fsync" not in events  # deferred, every one
+    assert events == ["spent 1", "spent 2", "syncfs", "train", "kept 1", "kept 2", "syncfs"]
+
+    events.clear()
+    monkeypatch.setattr(files, "_SYNCFS", lambda fd: events.append("syncfs") or -1)  # the disk refuses
+    replies = list(grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2)]))
+    assert all(r.has_error() and "syncfs" in r.error.reason for r in replies)
+    assert "train" not in events and not any(e.startswith("kept") for e in events)
