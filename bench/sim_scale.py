@@ -10,7 +10,8 @@ the plain Flower app, fedshield on Flower's runtime, fedshield's batched engine,
 
 Task: a tiny text classifier, the bring-your-own-data task (text-file) on a synthetic CSV
 (two topics that share no words, tests/helpers.py), 8 training records per site, and a
-2-layer 32-wide random-weight BERT built in code (tests' `tiny_bert`), max_length 16,
+2-layer 32-wide random-weight BERT built in code (tests' `tiny_bert`, dropout off: so that the
+batched engine can vectorise its trained layer; every app trains the same model), max_length 16,
 trainable=last_layers k=1 (the frozen prefix cached, as a site trains), SGD (momentum 0.9,
 lr 0.5), batch 8, 1 local epoch, fraction_train=1 so all N sites train every round, 2 rounds.
 DP ("-dp" variants): fedshield `privacy=dp-sgd privacy.noise_multiplier=1.0` (record-level
