@@ -288,34 +288,36 @@ def collect_feature_mean(grid: Grid, plan: ConfigRecord, sites: dict[int, dict[s
                 for n, s in sites.items()]
     sums, counts = [], []
     spent: list[tuple[str, Sequence[dict[str, Any]]]] = []  # recorded together before any sum is used
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        name = sites.get(reply.metadata.src_node_id, {}).get("site", str(reply.metadata.src_node_id))
-        got = protocol.read_feature_sum(reply, width)
-        if isinstance(got, protocol.Failed):
-            say(f"  {name}: feature mean failed: {got.reason}")
-        elif got.site not in (None, name):
-            say(f"  {name}: feature-mean reply names site {got.site!r}; not used")
-        elif isinstance(got, protocol.Decline):
-            say(f"  {name}: no feature mean: {got.reason}")
-        else:
-            verdict = books.check(name, 0, got.ledger_entries, RELEASE_SPEND)
-            if verdict.problem:
-                rounds.keep_apart(name, got.ledger_entries)
-                say(f"  {name}: feature-mean reply rejected: {verdict.problem}; not used")
-                continue
-            spent.append((name, verdict.new_entries))  # spent, whether or not the sum is usable
-            declared = sites[reply.metadata.src_node_id]["n"]
-            if isinstance(got, protocol.Rejected):
-                say(f"  {name}: feature-mean reply broke the protocol ({got.reason}); not used")
-            elif got.num_examples != declared:
-                say(f"  {name}: feature-mean reply claims {got.num_examples} records, not the {declared} "
-                    "it declared; not used")
-            elif bound is not None and (problem := centering.sum_problem(got.feature_sum, bound(declared))):
-                say(f"  {name}: feature-mean reply not used: {problem}")
+    try:
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            name = sites.get(reply.metadata.src_node_id, {}).get("site", str(reply.metadata.src_node_id))
+            got = protocol.read_feature_sum(reply, width)
+            if isinstance(got, protocol.Failed):
+                say(f"  {name}: feature mean failed: {got.reason}")
+            elif got.site not in (None, name):
+                say(f"  {name}: feature-mean reply names site {got.site!r}; not used")
+            elif isinstance(got, protocol.Decline):
+                say(f"  {name}: no feature mean: {got.reason}")
             else:
-                sums.append(got.feature_sum)
-                counts.append(got.num_examples)
-    rounds.record_all(spent)
+                verdict = books.check(name, 0, got.ledger_entries, RELEASE_SPEND)
+                if verdict.problem:
+                    rounds.keep_apart(name, got.ledger_entries)
+                    say(f"  {name}: feature-mean reply rejected: {verdict.problem}; not used")
+                    continue
+                spent.append((name, verdict.new_entries))  # spent, whether or not the sum is usable
+                declared = sites[reply.metadata.src_node_id]["n"]
+                if isinstance(got, protocol.Rejected):
+                    say(f"  {name}: feature-mean reply broke the protocol ({got.reason}); not used")
+                elif got.num_examples != declared:
+                    say(f"  {name}: feature-mean reply claims {got.num_examples} records, not the {declared} "
+                        "it declared; not used")
+                elif bound is not None and (problem := centering.sum_problem(got.feature_sum, bound(declared))):
+                    say(f"  {name}: feature-mean reply not used: {problem}")
+                else:
+                    sums.append(got.feature_sum)
+                    counts.append(got.num_examples)
+    finally:  # what was spent is recorded, whatever happens to the rest
+        rounds.record_all(spent)
     if not sums:
         say("feature centering: no site released a feature mean; training without centering")
         return None

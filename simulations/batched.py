@@ -175,12 +175,9 @@ class _WorkerProcess:
         self._conn: Connection | None = None
         self.alive = True
 
-    def connect(self, listener: Listener) -> None:
-        """Take this worker's connection (workers connect in any order: each says its pid)."""
-        conn = listener.accept()
-        pid = conn.recv()
+    def attach(self, conn: Connection) -> None:
+        """Take this worker's connection and send it its share of the sites."""
         self._conn = conn
-        self._pid = pid
         conn.send(self._setup)
 
     def send(self, messages: Sequence[Message]) -> None:
@@ -222,7 +219,6 @@ class _WorkerProcess:
 def _serve(conn: Connection) -> None:
     """A worker process: fedshield's own ClientApp for its share of the nodes, their TRAIN
     messages as steps, until the coordinator sends None."""
-
     from fedshield.client.app import app, train_steps_of
 
     node_ids, num_sites, run_id, threads = conn.recv()
@@ -259,8 +255,17 @@ class BatchedGrid(Grid):
                     for w in range(workers):
                         self._workers.append(_WorkerProcess(listener, authkey, self._nodes[w::workers], num_sites,
                                                             run_id, threads))
-                    for worker in self._workers:
-                        worker.connect(listener)
+                    # Workers connect in any order: each says its pid, which names its process
+                    # (the one `close` waits for, and whose exit a dead worker's replies report).
+                    by_pid = {worker.process.pid: worker for worker in self._workers}
+                    for _ in self._workers:
+                        conn = listener.accept()
+                        worker = by_pid.pop(conn.recv(), None)
+                        if worker is None:
+                            conn.close()
+                            raise RuntimeError("the batched engine: a process that is not one of its workers "
+                                               "connected with the workers' key")
+                        worker.attach(conn)
                 except BaseException:
                     self.close()
                     raise
