@@ -601,6 +601,12 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
     center: list[float] | np.ndarray[Any, Any] | None = None  # the checkpoint's, or the feature mean collected
     if ckpt is not None:
         rounds.restore(ckpt)
+        # The run's ledger may hold spends past the checkpoint (recorded, then the coordinator
+        # died before its checkpoint): a site's ε is that of its newest entry there, or a
+        # round replayed after the resume (its entries known, none new) would leave it behind.
+        for site, own in books.accepted.items():
+            if own:
+                rounds.epsilon[site] = max(rounds.epsilon.get(site, 0.0), float(own[-1].get("epsilon", 0.0)))
         for site, own in books.absent.items():  # still in the run's books: its ε, and why it trains no more
             rounds.epsilon[site] = float(own[-1].get("epsilon", 0.0))
             rounds.declines.setdefault(site, []).append(
