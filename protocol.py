@@ -313,6 +313,17 @@ def _npy_header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes | None:
     return buf.getvalue()
 
 
+def npy_bytes(value: np.ndarray[Any, Any]) -> bytes:
+    """What `np.save(f, value)` writes, byte for byte (tests/test_protocol.py)."""
+    value = np.ascontiguousarray(value)
+    header = _npy_header(value.dtype, tuple(value.shape))
+    if header is None:
+        buf = io.BytesIO()
+        np.save(buf, value, allow_pickle=False)
+        return buf.getvalue()
+    return header + value.tobytes()
+
+
 def encode_array(value: np.ndarray[Any, Any]) -> Array:
     """`Array(value)`, byte for byte (tests/test_protocol.py), without np.save's per-call cost."""
     value = np.ascontiguousarray(value)

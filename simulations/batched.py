@@ -50,7 +50,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedshield.client.app import Steps, TrainJob, TrainOutcome, shared_views
 from fedshield.privacy.files import group_commit
-from fedshield.task.cohort import CohortJob, can_vectorise, train_cohort
+from fedshield.task.cohort import CohortJob, module_refusal, plan_refusal, train_cohort
 
 log = logging.getLogger("fedshield.simulation")
 
@@ -332,16 +332,19 @@ def train_jobs(jobs: Sequence[TrainJob]) -> list[TrainOutcome]:
         groups.setdefault((id(job.view), job.center, str(job.device)), []).append(i)
     for members in groups.values():
         module = jobs[members[0]].view.module
-        together = [i for i in members if can_vectorise(module, jobs[i].plan) is None]
+        vectorised = module_refusal(module) is None  # the same module for the whole group
+        together = [i for i in members if vectorised and plan_refusal(jobs[i].plan) is None]
+        chosen = set(together)
         for i in members:
-            if i not in together:
+            if i not in chosen:
                 outcomes[i] = jobs[i].run()
         if not together:
             continue
+        trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         cohort = []
         for i in together:
             jobs[i].load()  # its start, by the module's own parameter names
-            start = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+            start = {n: p.detach().clone() for n, p in trainable}
             cohort.append(CohortJob(start, jobs[i].dataset, jobs[i].plan, jobs[i].seed))
         for i, done in zip(together, train_cohort(module, cohort, jobs[together[0]].device), strict=True):
             outcomes[i] = TrainOutcome(done.result, done.error, params=done.params if done.error is None else None)

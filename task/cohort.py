@@ -97,14 +97,25 @@ class CohortResult:
 def can_vectorise(module: nn.Module, plan: LocalPlan) -> str | None:
     """None if `train_cohort` trains `module` under `plan` as train_local would; else why not
     (one line)."""
+    return module_refusal(module) or plan_refusal(plan)
+
+
+def plan_refusal(plan: LocalPlan) -> str | None:
+    """Why `train_cohort` cannot train under `plan` (one line); None if it can."""
+    if plan.optimizer not in ("sgd", "adamw"):
+        return f"optimizer {plan.optimizer!r}: the cohort trainer writes sgd and adamw"
+    return None
+
+
+def module_refusal(module: nn.Module) -> str | None:
+    """Why `train_cohort` cannot train `module` as train_local would (one line); None if it
+    can. A walk of the module: the batched engine asks once per view and round, not per site."""
     if isinstance(getattr(module, "criterion", None), nn.Module):
         return "the module brings its own loss (module.criterion); the cohort trainer uses cross-entropy"
     if getattr(module, "autograd_grad_sample_hooks", None):
         return "the module carries Opacus' per-sample hooks from an earlier train_local; build a fresh view"
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
         return "the module has BatchNorm layers (running statistics are per-batch state)"
-    if plan.optimizer not in ("sgd", "adamw"):
-        return f"optimizer {plan.optimizer!r}: the cohort trainer writes sgd and adamw"
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     if not trainable:
         return "the module has no trainable weights"
@@ -273,8 +284,9 @@ def train_cohort(module: nn.Module, jobs: Sequence[CohortJob], device: torch.dev
     Sites are grouped by (DP, optimizer, record shapes), sorted by step count and cut into
     chunks whose stacked per-sample gradients take about `max_chunk_bytes` at most
     (sites x physical batch x trainable weights x 4 bytes, plus the weights' own state)."""
+    refused = module_refusal(module)
     for job in jobs:
-        reason = can_vectorise(module, job.plan)
+        reason = refused or plan_refusal(job.plan)
         if reason is not None:
             raise TrainingError(f"the cohort trainer cannot train this module: {reason}")
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]

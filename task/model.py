@@ -32,7 +32,7 @@ import logging
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -523,17 +523,38 @@ class TrainView:
     trainable_names: list[str]  # full-model state-dict names of the trainable weights
     prefix_layers: int | None  # last_layers mode: encoder layers computed once and cached
     fingerprint: str = ""  # sha256 of the frozen weights (task.pipeline.build_view fills it)
+    _tensors: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def trainable_state(self) -> dict[str, np.ndarray]:
-        sd = self.model.state_dict()
-        return {k: sd[k].detach().cpu().numpy() for k in self.trainable_names}
+        """The trainable weights by state-dict name (views of the model's tensors, as
+        `state_dict()` gives them)."""
+        return {k: t.detach().cpu().numpy() for k, t in self._trainable_tensors().items()}
 
     def load_trainable(self, arrays: dict[str, np.ndarray]) -> None:
+        """Copy `arrays` into the trainable weights, as `load_state_dict(strict=False)` does;
+        a missing name or a shape other than the model's is refused (ModelError) before any
+        weight is changed."""
         missing = set(self.trainable_names) - set(arrays)
         if missing:
             raise ModelError(f"update lacks trainable weights: {sorted(missing)[:3]}")
-        sd = {k: torch.as_tensor(np.asarray(arrays[k])) for k in self.trainable_names}
-        self.model.load_state_dict(sd, strict=False)
+        tensors = self._trainable_tensors()
+        values = {k: torch.as_tensor(np.asarray(arrays[k])) for k in self.trainable_names}
+        for k, value in values.items():
+            if tuple(value.shape) != tuple(tensors[k].shape):
+                raise ModelError(f"weight {k}: shape {tuple(value.shape)}, the model's is {tuple(tensors[k].shape)}")
+        with torch.no_grad():
+            for k, value in values.items():
+                tensors[k].copy_(value)
+
+    def _trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's own trainable tensors by state-dict name, looked up once: a walk of
+        every submodule (state_dict) per load cost more than the load itself at 1,000
+        virtual sites a round. The model's parameters are never replaced after the view is
+        made (set_center, fold_center, Opacus' hooks and copies work in place or on copies)."""
+        if self._tensors is None:
+            every = self.model.state_dict(keep_vars=True)
+            self._tensors = {k: every[k] for k in self.trainable_names}
+        return self._tensors
 
 
 # weight * x / sqrt(mean(x^2) + variance_epsilon): what privacy.dpsgd.register_rms_norm computes

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedshield.task.cohort import CohortJob, _schedule, can_vectorise, train_cohort
-from fedshield.task.model import TabularMLP, make_train_view
+from fedshield.task.model import ModelError, TabularMLP, make_train_view
 from fedshield.task.trainer import LocalPlan, TrainingError, train_local
 
 CPU = torch.device("cpu")
@@ -292,3 +292,24 @@ def test_steps_and_rate_follow_the_plan_for_awkward_counts():
     assert out[0].result is not None
     assert out[0].result.steps == 93 and out[0].result.spends == [(0.8, 1 / 93, 93)]
     assert math.isfinite(out[0].result.mean_loss) and np.isfinite(out[0].result.mean_loss)
+
+
+def test_a_views_trainable_weights_load_and_read_back_as_load_state_dict_would():
+    """TrainView.load_trainable keeps the tensors it copies into (looked up once), refuses a
+    missing name or another shape before it changes any weight, and trainable_state reads
+    what was loaded."""
+    view = make_train_view(_bert(), "last_layers", 1, 4, 8)
+    state = view.trainable_state()
+    loaded = {k: np.full_like(v, 0.25) for k, v in state.items()}
+    view.load_trainable(loaded)
+    reference = view.model.state_dict()
+    for k in view.trainable_names:
+        assert np.array_equal(view.trainable_state()[k], loaded[k])
+        assert torch.equal(reference[k], torch.as_tensor(loaded[k]))
+    name = view.trainable_names[0]
+    with pytest.raises(ModelError, match="update lacks trainable weights"):
+        view.load_trainable({k: v for k, v in loaded.items() if k != name})
+    wrong = {**{k: np.zeros_like(v) for k, v in loaded.items()}, name: np.zeros((3, 3), dtype=np.float32)}
+    with pytest.raises(ModelError, match=f"weight {name}: shape"):
+        view.load_trainable(wrong)
+    assert all(np.array_equal(view.trainable_state()[k], loaded[k]) for k in view.trainable_names)  # none changed
