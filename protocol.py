@@ -867,13 +867,14 @@ def read_train_reply(msg: Message, expected: Mapping[str, ArraySpec]) -> TrainRe
     return result
 
 
-def aggregation_content(reply: TrainReply) -> RecordDict:
+def aggregation_content(reply: TrainReply, source: ArrayRecord | None = None) -> RecordDict:
     """What Flower's aggregation sees of a checked reply: the weights and the weighting count.
 
     Nothing else of the reply reaches Flower's strategy, so no extra or odd field a site
-    sends can change the aggregate or break Flower's reply-consistency checks.
+    sends can change the aggregate or break Flower's reply-consistency checks. `source`:
+    the ArrayRecord `reply.arrays` were read from (`read_train_reply`); its Arrays of
+    those names are handed on as they are instead of being encoded again (every Array
+    reads back as the values checked: `decode_array` reads it as np.load does).
     """
-    return RecordDict({
-        ARRAYS: to_array_record(reply.arrays),
-        METRICS: MetricRecord({NUM_EXAMPLES: reply.num_examples}),
-    })
+    arrays = ArrayRecord({k: source[k] for k in reply.arrays}) if source is not None else to_array_record(reply.arrays)
+    return RecordDict({ARRAYS: arrays, METRICS: MetricRecord({NUM_EXAMPLES: reply.num_examples})})

@@ -59,6 +59,10 @@ def _load_syncfs() -> Callable[[int], int] | None:
 _SYNCFS = _load_syncfs()
 
 
+class BarrierError(OSError):
+    """A group's barrier failed: what the group wrote may not be on disk."""
+
+
 class GroupCommit:
     """The file systems written to since the last barrier, each by an open descriptor."""
 
@@ -78,7 +82,7 @@ class GroupCommit:
             try:
                 if self._syncfs(fd) != 0:
                     err = ctypes.get_errno()
-                    raise OSError(err, f"syncfs failed: {os.strerror(err) if err else 'no reason given'}")
+                    raise BarrierError(err, f"syncfs failed: {os.strerror(err) if err else 'no reason given'}")
             finally:
                 del self._open[device]
                 os.close(fd)
@@ -90,7 +94,9 @@ _GROUP: ContextVar[GroupCommit | None] = ContextVar("fedshield_group_commit", de
 @contextlib.contextmanager
 def group_commit() -> Iterator[GroupCommit | None]:
     """Defer the fsyncs of `write_fully`/`fsync` made within to `barrier()` (and to the exit,
-    which always makes them durable). Yields None where there is no syncfs: nothing deferred."""
+    which always makes them durable: BarrierError if it cannot, unless the block raised, whose
+    exception is then the one that propagates). Yields None where there is no syncfs:
+    nothing deferred."""
     if _SYNCFS is None or _GROUP.get() is not None:
         yield _GROUP.get()
         return
@@ -98,9 +104,13 @@ def group_commit() -> Iterator[GroupCommit | None]:
     token = _GROUP.set(group)
     try:
         yield group
-    finally:
+    except BaseException:
         _GROUP.reset(token)
-        group.barrier()
+        with contextlib.suppress(OSError):  # still made durable if it can be; the block's error is the one told
+            group.barrier()
+        raise
+    _GROUP.reset(token)
+    group.barrier()
 
 
 def create_file(path: Path, data: bytes, *, private: bool, error: type[FedShieldError] = FedShieldError) -> None:

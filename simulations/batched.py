@@ -33,8 +33,8 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
-from multiprocessing.connection import Client, Connection, Listener
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from multiprocessing.connection import Client, Connection, Listener, wait
 from pathlib import Path
 from uuid import uuid4
 
@@ -49,7 +49,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedshield.client.app import Steps, TrainJob, TrainOutcome, shared_views
-from fedshield.privacy.files import group_commit
+from fedshield.privacy.files import BarrierError, group_commit
 from fedshield.task.cohort import CohortJob, module_refusal, plan_refusal, train_cohort
 
 log = logging.getLogger("fedshield.simulation")
@@ -60,6 +60,9 @@ PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
 # Sites whose TRAIN steps are open at once: bounds the memory of a round (their encoded
 # records and handlers' state) whatever federation.fraction_train asks of 10,000 sites.
 SITES_PER_CHUNK = 1024
+# Sites a worker trains, and answers, at a time: the coordinator checks one such slice's
+# replies while the next one trains (bench/RESULTS.md: the chunk size measured).
+STREAM_CHUNK = 128
 
 StepsFn = Callable[[Message, Context], Steps]
 
@@ -88,18 +91,26 @@ class SiteHost:
         }
 
     def answer(self, messages: Sequence[Message]) -> list[Message]:
-        """The replies to `messages`, in their order: queries one by one, TRAIN messages
-        in chunks of SITES_PER_CHUNK sites whose trainings run together."""
-        replies: dict[int, Message] = {}
-        train = [k for k, m in enumerate(messages) if self._train_steps is not None and _is_train(m)]
-        for k, msg in enumerate(messages):
-            if not (self._train_steps is not None and _is_train(msg)):
-                replies[k] = self._deliver(msg)
-        for start in range(0, len(train), SITES_PER_CHUNK):
-            chunk = train[start:start + SITES_PER_CHUNK]
-            for k, reply in zip(chunk, self._train_chunk([messages[k] for k in chunk]), strict=True):
-                replies[k] = reply
+        """The replies to `messages`, in their order (`answer_slices`, collected)."""
+        replies = dict(pair for part in self.answer_slices(messages) for pair in part)
         return [replies[k] for k in range(len(messages))]
+
+    def answer_slices(self, messages: Sequence[Message],
+                      chunk: int = SITES_PER_CHUNK) -> Iterator[list[tuple[int, Message]]]:
+        """(index in `messages`, reply) for every message, a slice at a time as they are
+        ready: the queries, answered one by one, then the TRAIN messages in chunks of
+        `chunk` sites (at most SITES_PER_CHUNK) whose trainings run together. A worker
+        sends each slice as it comes, so the coordinator checks one chunk's replies while
+        the next one trains."""
+        chunk = max(1, min(chunk, SITES_PER_CHUNK))
+        train = [k for k, m in enumerate(messages) if self._train_steps is not None and _is_train(m)]
+        chosen = set(train)
+        queries = [(k, self._deliver(msg)) for k, msg in enumerate(messages) if k not in chosen]
+        if queries:
+            yield queries
+        for start in range(0, len(train), chunk):
+            part = train[start:start + chunk]
+            yield list(zip(part, self._train_chunk([messages[k] for k in part]), strict=True))
 
     def _deliver(self, msg: Message) -> Message:
         try:
@@ -112,8 +123,8 @@ class SiteHost:
         site's finish: replies in the order of `messages`."""
         try:
             return self._train_chunk_durably(messages)
-        except OSError as exc:  # the last barrier failed: the kept releases may not be on disk
-            return [_error_reply(msg, exc) for msg in messages]
+        except BarrierError as exc:  # the exit barrier failed: the kept releases may not be on disk
+            return [_error_reply(msg, exc) for msg in messages]  # so no reply of the chunk leaves
 
     def _train_chunk_durably(self, messages: Sequence[Message]) -> list[Message]:
         assert self._train_steps is not None
@@ -135,7 +146,7 @@ class SiteHost:
             try:
                 if group is not None:
                     group.barrier()
-            except OSError as exc:  # spends not known to be on disk: nothing trains
+            except BarrierError as exc:  # spends not known to be on disk: nothing trains
                 for k, steps, _ in open_steps:
                     steps.close()
                     replies[k] = _error_reply(messages[k], exc)
@@ -180,19 +191,34 @@ class _WorkerProcess:
         self._conn = conn
         conn.send(self._setup)
 
+    @property
+    def connection(self) -> Connection | None:
+        return self._conn if self.alive else None
+
     def send(self, messages: Sequence[Message]) -> None:
+        """Hand the worker `messages`: it answers them in slices (`receive`), then None."""
         if self.alive and self._conn is not None:
             try:
                 self._conn.send([message_to_proto(m).SerializeToString() for m in messages])
             except (OSError, EOFError):
                 self.alive = False
 
-    def receive(self, messages: Sequence[Message]) -> list[Message]:
+    def receive(self) -> list[tuple[int, Message]] | None:
+        """The worker's next slice of replies, (index in what it was sent, reply); None when
+        it has answered everything, or is gone (its unanswered sites then get Error replies
+        from `lost`)."""
         if self.alive and self._conn is not None:
             try:
-                return [message_from_proto(ProtoMessage.FromString(b)) for b in self._conn.recv()]
+                part = self._conn.recv()
+                if part is None:
+                    return None
+                return [(int(k), message_from_proto(ProtoMessage.FromString(b))) for k, b in part]
             except (OSError, EOFError):
                 self.alive = False
+        return None
+
+    def lost(self, messages: Sequence[Message]) -> list[Message]:
+        """Error replies for `messages`, which this worker will never answer: it ended."""
         why = RuntimeError(f"the worker process serving this virtual site ended (exit code {self.process.poll()})")
         return [_error_reply(m, why) for m in messages]
 
@@ -228,7 +254,9 @@ def _serve(conn: Connection) -> None:
     with shared_views():
         while (batch := conn.recv()) is not None:
             messages = [message_from_proto(ProtoMessage.FromString(b)) for b in batch]
-            conn.send([message_to_proto(r).SerializeToString() for r in host.answer(messages)])
+            for part in host.answer_slices(messages, STREAM_CHUNK):
+                conn.send([(k, message_to_proto(r).SerializeToString()) for k, r in part])
+            conn.send(None)
 
 
 class BatchedGrid(Grid):
@@ -243,6 +271,7 @@ class BatchedGrid(Grid):
         self._run = Run.create_empty(run_id)
         self._nodes = list(range(1, num_sites + 1))
         self._replies: dict[str, Message] = {}
+        self._in_flight: Iterator[Message] | None = None  # the replies send_and_receive is handing out
         self._host: SiteHost | None = None
         self._workers: list[_WorkerProcess] = []
         if workers <= 1:
@@ -271,6 +300,11 @@ class BatchedGrid(Grid):
                     raise
 
     def close(self) -> None:
+        if self._workers:
+            try:
+                self._finish_in_flight()
+            except Exception:  # noqa: BLE001 - closing: the workers are stopped whatever is left
+                log.debug("unread replies at close", exc_info=True)
         for worker in self._workers:
             worker.stop()
         for worker in self._workers:
@@ -295,23 +329,8 @@ class BatchedGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Deliver `messages` and keep their replies for `pull_messages`: all of them are
         answered before this returns (a virtual site never times out)."""
-        batch = list(messages)
-        for msg in batch:
-            if not 1 <= msg.metadata.dst_node_id <= len(self._nodes):
-                raise ValueError(f"no virtual site has node id {msg.metadata.dst_node_id}")
-            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids set it
-        if self._host is not None:
-            replies = self._host.answer(batch)
-        else:
-            shares = [[m for m in batch if (m.metadata.dst_node_id - 1) % len(self._workers) == w]
-                      for w in range(len(self._workers))]
-            for worker, share in zip(self._workers, shares, strict=True):
-                if share:
-                    worker.send(share)
-            replies = [r for worker, share in zip(self._workers, shares, strict=True) if share
-                       for r in worker.receive(share)]
-        for reply in replies:
-            reply.metadata.__dict__["_message_id"] = str(uuid4())
+        batch = self._hand_out(messages)
+        for reply in self._replies_to(batch):
             self._replies[reply.metadata.reply_to_message_id] = reply
         return [m.metadata.message_id for m in batch]
 
@@ -319,7 +338,67 @@ class BatchedGrid(Grid):
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return list(self.pull_messages(list(self.push_messages(messages))))
+        """The replies to `messages`, as they come: the workers start at once, and the
+        caller (the strategy's aggregate_train: the reply gate's checks) reads each slice
+        while the next one trains. Read to its end, as Flower's round loop does; the next
+        call to this grid finishes it otherwise (its replies are then dropped)."""
+        batch = self._hand_out(messages)
+        self._in_flight = self._replies_to(batch)
+        return self._in_flight
+
+    def _hand_out(self, messages: Iterable[Message]) -> list[Message]:
+        """Stamp `messages` and hand them to their sites' workers (or this process's host)."""
+        self._finish_in_flight()
+        batch = list(messages)
+        for msg in batch:
+            if not 1 <= msg.metadata.dst_node_id <= len(self._nodes):
+                raise ValueError(f"no virtual site has node id {msg.metadata.dst_node_id}")
+            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids set it
+        for worker, share in zip(self._workers, self._shares(batch), strict=True):
+            if share:
+                worker.send(share)
+        return batch
+
+    def _shares(self, batch: Sequence[Message]) -> list[list[Message]]:
+        return [[m for m in batch if (m.metadata.dst_node_id - 1) % len(self._workers) == w]
+                for w in range(len(self._workers))]
+
+    def _replies_to(self, batch: list[Message]) -> Iterator[Message]:
+        """The replies to `batch` (handed out by `_hand_out`), each stamped as it comes."""
+        if self._host is not None:
+            stream: Iterator[Message] = iter(self._host.answer(batch))
+        else:
+            stream = self._from_workers(batch)
+        for reply in stream:
+            reply.metadata.__dict__["_message_id"] = str(uuid4())
+            yield reply
+
+    def _from_workers(self, batch: list[Message]) -> Iterator[Message]:
+        waiting = {id(w): (w, share, set(range(len(share))))
+                   for w, share in zip(self._workers, self._shares(batch), strict=True) if share}
+        while waiting:
+            live = [w.connection for w, _, _ in waiting.values() if w.connection is not None]
+            ready = {id(c) for c in wait(live)} if live else set()
+            for key, (worker, share, unanswered) in list(waiting.items()):
+                if worker.connection is not None and id(worker.connection) not in ready:
+                    continue
+                part = worker.receive()
+                if part is None:  # done, or gone: whatever it did not answer gets its Error reply
+                    del waiting[key]
+                    yield from worker.lost([share[k] for k in sorted(unanswered)])
+                    continue
+                for k, reply in part:
+                    if k in unanswered:
+                        unanswered.discard(k)
+                        yield reply
+
+    def _finish_in_flight(self) -> None:
+        """Read what is left of the last send_and_receive (dropped): the workers' pipes are
+        then empty for the next batch."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            for _ in in_flight:
+                pass
 
 
 def train_jobs(jobs: Sequence[TrainJob]) -> list[TrainOutcome]:

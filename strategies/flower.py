@@ -36,10 +36,11 @@ equal what each site declared at discovery); the median and the trimmed mean are
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, cast
 
-from flwr.app import RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdam,
@@ -57,6 +58,40 @@ from fedshield import protocol, rules
 
 STRATEGIES = rules.RULES
 ROBUST = rules.ROBUST_RULES
+
+
+class ReadFedAvg(FedAvg):
+    """Flower's FedAvg with its weighted mean of the replies' arrays (`average_arrayrecords`)
+    reading each Array with protocol.decode_array instead of `Array.numpy()`: np.load
+    parsed every array's header with ast.literal_eval, about 1 ms a reply at 1,000 sites a
+    round. The arithmetic, and its order, are Flower's own (tests/test_stack_aggregation.py
+    checks the two aggregates equal bit for bit)."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
+                                                                                       MetricRecord | None]:
+        valid_replies, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid_replies:
+            return None, None
+        contents = [msg.content for msg in valid_replies]
+        return (average_arrayrecords(contents, self.weighted_by_key),
+                self.train_metrics_aggr_fn(contents, self.weighted_by_key))
+
+
+def average_arrayrecords(records: list[RecordDict], weighting_metric_name: str) -> ArrayRecord:
+    """`flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords` (Flower 1.41), line for
+    line, its arrays read by protocol.decode_array."""
+    weights = [cast(float, next(iter(r.metric_records.values()))[weighting_metric_name]) for r in records]
+    total_weight = sum(weights)
+    weight_factors = [w / total_weight for w in weights]
+    aggregated: dict[str, np.ndarray[Any, Any]] = {}
+    for record, weight in zip(records, weight_factors, strict=True):
+        for record_item in record.array_records.values():
+            for key, value in record_item.items():
+                if key not in aggregated:
+                    aggregated[key] = protocol.decode_array(value) * weight
+                else:
+                    aggregated[key] += protocol.decode_array(value) * weight
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in aggregated.items()})
 
 
 class MultiKrumRest(MultiKrum):
@@ -97,7 +132,7 @@ def flower_strategy(
     if num_malicious < 0 or krum_select < 0:
         raise ValueError(f"num_malicious={num_malicious}, krum_select={krum_select}: must be >= 0")
     if name == "fedavg":
-        return FedAvg(**common)
+        return ReadFedAvg(**common)
     if name == "fedprox":
         return FedProx(proximal_mu=proximal_mu, **common)
     if name == "fedadam":

@@ -23,7 +23,7 @@ commits the round, before it does; here at the latest.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import replace
 from typing import Any
 
@@ -99,6 +99,7 @@ class ReplyGate(Wrapper):
         by_id = {msg_id: node for msg_id, node in sent if msg_id}
         usable: list[tuple[Message, SiteReply, protocol.TrainReply]] = []
         answered: set[int] = set()
+        cap = self._weight_cap()
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error() and node not in asked:  # Flower's own reply for an unreachable node
@@ -110,11 +111,11 @@ class ReplyGate(Wrapper):
             answered.add(node)
             reply, parsed = self._sort(server_round, node, msg)
             if parsed is not None:
+                # Reduced as it comes (the batched engine hands replies over while others train).
+                msg.content = protocol.aggregation_content(replace(parsed, num_examples=cap(parsed.num_examples)),
+                                                           msg.content.array_records[protocol.ARRAYS])
                 usable.append((msg, reply, parsed))
             report.replies.append(reply)
-        weights = self._weights([parsed for _, _, parsed in usable])
-        for (msg, _, parsed), weight in zip(usable, weights, strict=True):
-            msg.content = protocol.aggregation_content(replace(parsed, num_examples=weight))
         for msg_id, node in sent:
             if node in asked and node not in answered:
                 answered.add(node)
@@ -156,15 +157,15 @@ class ReplyGate(Wrapper):
             return reply, None
         return reply, parsed
 
-    def _weights(self, replies: list[protocol.TrainReply]) -> list[int]:
-        """Each usable reply's FedAvg weight: its declared count, capped at `MAX_WEIGHT_RATIO` x
-        the lower median of the counts all sites declared at discovery (the median of a
-        federation whose majority is honest is an honest count)."""
+    def _weight_cap(self) -> Callable[[int], int]:
+        """A usable reply's FedAvg weight from its count: the count, capped at
+        `MAX_WEIGHT_RATIO` x the lower median of the counts all sites declared at discovery
+        (the median of a federation whose majority is honest is an honest count)."""
         counts = sorted(self.records.values())
         if not self.cap_weights or not counts:
-            return [r.num_examples for r in replies]
+            return lambda n: n
         cap = MAX_WEIGHT_RATIO * counts[(len(counts) - 1) // 2]
-        return [min(r.num_examples, cap) for r in replies]
+        return lambda n: min(n, cap)
 
     def _late_replies(self) -> list[SiteReply]:
         """The replies owed from earlier rounds that have reached the SuperLink since, their

@@ -117,6 +117,46 @@ def test_a_killed_worker_process_gives_each_of_its_sites_an_error_reply_and_the_
         grid.close()
 
 
+def test_a_host_answers_queries_first_then_train_chunks_as_slices(flower_task_identity, monkeypatch):
+    """A worker sends each slice as it is ready (the coordinator checks one chunk's replies
+    while the next trains): the queries, then TRAIN messages `chunk` sites at a time."""
+    from fedshield.client.app import TrainOutcome
+    from fedshield.simulations import batched
+
+    def steps(msg: Message, context: Context):
+        yield context.node_id
+        return Message(RecordDict({"config": ConfigRecord({"node": context.node_id})}), reply_to=msg)
+
+    monkeypatch.setattr(batched, "train_jobs", lambda jobs: [TrainOutcome(None) for _ in jobs])
+    host = batched.SiteHost(_echo_app(), range(1, 6), 5, 1, steps)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2, 3, 4, 5)]
+    messages.insert(2, _query(3))
+    slices = [[k for k, _ in part] for part in host.answer_slices(messages, chunk=2)]
+    assert slices == [[2], [0, 1], [3, 4], [5]]
+    assert [r.metadata.src_node_id for r in host.answer(messages)] == [1, 2, 3, 3, 4, 5]  # in their order
+
+
+@pytest.mark.e2e
+def test_replies_come_as_the_workers_send_them_and_an_unread_batch_is_finished_before_the_next(
+        flower_task_identity):
+    """send_and_receive hands replies out as the workers stream them; a batch its caller did
+    not read to the end is read (and dropped) before the next is sent, so every reply
+    answers the message it names."""
+    from fedshield.client.app import app, train_steps_of
+
+    grid = BatchedGrid(app, 4, workers=2, train_steps=train_steps_of(app))
+    try:
+        first = [_query(n) for n in (1, 2, 3, 4)]
+        unread = iter(grid.send_and_receive(first))
+        next(unread)  # one reply read; three are still coming
+        second = [_query(n) for n in (1, 2, 3, 4)]
+        replies = list(grid.send_and_receive(second))
+        assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(m.metadata.message_id for m in second)
+        assert {r.metadata.src_node_id for r in replies} == {1, 2, 3, 4}
+    finally:
+        grid.close()
+
+
 def test_auto_takes_the_batched_engine_unless_a_ray_cluster_is_named_and_the_first_line_says_which():
     assert engine_of(Config.load([])) == "batched"
     assert engine_of(Config.load(["simulation.ray_address=127.0.0.1:6379"])) == "flower"
@@ -234,3 +274,20 @@ def test_a_chunks_spends_are_on_disk_before_any_site_trains_and_its_releases_bef
     replies = list(grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2)]))
     assert all(r.has_error() and "syncfs" in r.error.reason for r in replies)
     assert "train" not in events and not any(e.startswith("kept") for e in events)
+
+    events.clear()
+    verdicts = iter([0, -1])  # the barrier before training holds; the one before the replies fails
+    monkeypatch.setattr(files, "_SYNCFS", lambda fd: events.append("syncfs") or next(verdicts))
+    replies = list(grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2)]))
+    assert "train" in events and all(r.has_error() and "syncfs" in r.error.reason for r in replies)
+
+
+def test_a_failed_exit_barrier_does_not_hide_the_error_that_ended_the_group(monkeypatch, tmp_path):
+    from fedshield.privacy import files
+
+    monkeypatch.setattr(files, "_SYNCFS", lambda fd: -1)
+    with pytest.raises(ValueError, match="the block's own"), files.group_commit():
+        files.create_file(tmp_path / "a", b"1", private=False)
+        raise ValueError("the block's own")
+    with pytest.raises(files.BarrierError, match="syncfs failed"), files.group_commit():
+        files.create_file(tmp_path / "b", b"1", private=False)

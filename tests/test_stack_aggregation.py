@@ -219,3 +219,51 @@ def test_secure_aggregation_wrapper_checks():
         SecAggAggregation(flower_strategy("fedavg"), Stages(), reports,  # type: ignore[arg-type]
                           mechanism=mechanism(distributed=True), books=Spends([]))
     assert SecAggAggregation(flower_strategy("fedprox"), Stages(), reports).replaces_aggregation  # type: ignore[arg-type]
+
+
+def test_fedshields_fedavg_reads_the_arrays_faster_and_aggregates_as_flowers_own_bit_for_bit():
+    """ReadFedAvg (the fedavg rule) reads each Array with protocol.decode_array; its mean is
+    Flower's aggregate_arrayrecords to the last bit (the same products and sums, in the same
+    order), for odd weights, float32 and float64, and an Array np.save wrote itself."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from fedshield.strategies.flower import ReadFedAvg, average_arrayrecords
+
+    rng = np.random.default_rng(7)
+    contents = []
+    for i, weight in enumerate([3, 17, 1, 250, 9]):
+        arrays = {"a": rng.normal(size=(4, 5)).astype(np.float32), "b": rng.normal(size=(7,)),
+                  "c": rng.normal(size=(2, 3, 2)).astype(np.float32)}
+        record = {k: protocol.encode_array(v) for k, v in arrays.items()}
+        if i == 2:
+            record["b"] = Array(np.asfortranarray(arrays["b"]))  # np.save's own bytes
+        contents.append(RecordDict({protocol.ARRAYS: ArrayRecord(record),
+                                    protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: weight})}))
+    ours = average_arrayrecords(contents, protocol.NUM_EXAMPLES)
+    flowers = aggregate_arrayrecords(contents, protocol.NUM_EXAMPLES)
+    assert list(ours) == list(flowers)
+    for k in flowers:
+        assert ours[k].numpy().dtype == flowers[k].numpy().dtype
+        assert ours[k].numpy().tobytes() == flowers[k].numpy().tobytes()
+    rule = flower_strategy("fedavg")
+    assert isinstance(rule, ReadFedAvg) and isinstance(rule, FedAvg)
+    replies = [Message(c, dst_node_id=n + 1, message_type="train") for n, c in enumerate(contents)]
+    for n, m in enumerate(replies):
+        m.metadata.__dict__["_src_node_id"] = n + 1
+    got, _ = rule.aggregate_train(1, replies)
+    assert got is not None and all(got[k].numpy().tobytes() == flowers[k].numpy().tobytes() for k in flowers)
+
+
+def test_the_aggregation_content_hands_on_the_replys_own_arrays_of_the_checked_names_only():
+    from flwr.app import ArrayRecord
+
+    arrays = {"w": np.ones((2, 2), np.float32), "b": np.zeros(2, np.float32)}
+    source = ArrayRecord({**{k: protocol.encode_array(v) for k, v in arrays.items()},
+                          "extra": protocol.encode_array(np.ones(1))})
+    content = protocol.aggregation_content(protocol.TrainReply("alpha", 5, arrays, ()), source)
+    record = content.array_records[protocol.ARRAYS]
+    assert list(record) == ["w", "b"] and all(record[k].data is source[k].data for k in arrays)  # not re-encoded
+    assert content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES] == 5
+    rebuilt = protocol.aggregation_content(protocol.TrainReply("alpha", 5, arrays, ()))
+    assert all(rebuilt.array_records[protocol.ARRAYS][k].data == source[k].data for k in arrays)
