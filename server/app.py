@@ -16,7 +16,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -372,10 +372,19 @@ class RoundLog:
         if self.heads is not None:
             self.heads.advance_all(spent)
 
-    def restore(self, ckpt: checkpoint.Checkpoint) -> None:
+    def restore(self, ckpt: checkpoint.Checkpoint,
+                accepted: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> None:
         """The round log as it was after the checkpoint's round: ε, declines and metrics
-        rows (rows of a round after it, written before the crash, are dropped)."""
+        rows (rows of a round after it, written before the crash, are dropped).
+
+        `accepted`: each site's entries in the run's ledger. It may hold spends past the
+        checkpoint (recorded, then the coordinator died before its checkpoint): a site's ε
+        is then that of its newest entry there, or a round replayed after the resume (its
+        entries known, none new) would leave it one round behind."""
         self.epsilon.update({k: v for k, v in ckpt.epsilon.items() if k in self.epsilon})
+        for site, own in (accepted or {}).items():
+            if own:
+                self.epsilon[site] = max(self.epsilon.get(site, 0.0), float(own[-1].get("epsilon", 0.0)))
         self.declines = {k: list(v) for k, v in ckpt.declines.items()}
         path = self.run_dir / "metrics.jsonl"
         rows = read_jsonl(path)
@@ -600,13 +609,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, resume:
     rounds.record_all(counted)
     center: list[float] | np.ndarray[Any, Any] | None = None  # the checkpoint's, or the feature mean collected
     if ckpt is not None:
-        rounds.restore(ckpt)
-        # The run's ledger may hold spends past the checkpoint (recorded, then the coordinator
-        # died before its checkpoint): a site's ε is that of its newest entry there, or a
-        # round replayed after the resume (its entries known, none new) would leave it behind.
-        for site, own in books.accepted.items():
-            if own:
-                rounds.epsilon[site] = max(rounds.epsilon.get(site, 0.0), float(own[-1].get("epsilon", 0.0)))
+        rounds.restore(ckpt, books.accepted)
         for site, own in books.absent.items():  # still in the run's books: its ε, and why it trains no more
             rounds.epsilon[site] = float(own[-1].get("epsilon", 0.0))
             rounds.declines.setdefault(site, []).append(

@@ -632,3 +632,22 @@ def test_rounds_that_trained_nothing_are_reported_and_counted_in_a_row(tmp_path,
     assert "\n" not in line
     write_report(tmp_path, settings, log.rows, {"alpha": {}, "bravo": {}})
     assert "Rounds that aggregated nothing (the global model was kept): 2-3." in (tmp_path / "report.md").read_text()
+
+
+def test_a_resumed_sites_epsilon_is_its_newest_entry_in_the_runs_ledger_even_past_the_checkpoint(tmp_path):
+    """The coordinator recorded round 3's spends in the run's ledger and died before its
+    checkpoint of round 3: resumed from round 2's checkpoint, a site's ε is that of its
+    newest entry (round 3's, which the replayed round brings again and adds nothing new),
+    not the checkpoint's; a site the ledger holds nothing newer for keeps the checkpoint's."""
+    from fedshield.conf.config import Config
+    from fedshield.server.app import RoundLog
+    from fedshield.server.checkpoint import Checkpoint
+    from fedshield.server.settings import CoordinatorSettings
+
+    log = RoundLog(tmp_path, CoordinatorSettings.from_config(Config.load()),
+                   {1: {"site": "alpha"}, 2: {"site": "bravo"}, 3: {"site": "charlie"}})
+    ckpt = Checkpoint("run", "sha", 2, {}, epsilon={"alpha": 4.33, "bravo": 4.4, "charlie": 1.0})
+    ledger = {"alpha": [{"round": 2, "epsilon": 4.33}, {"round": 3, "epsilon": 5.22}],
+              "bravo": [{"round": 2, "epsilon": 4.4}], "charlie": []}
+    log.restore(ckpt, ledger)
+    assert log.epsilon == {"alpha": 5.22, "bravo": 4.4, "charlie": 1.0}
