@@ -327,10 +327,9 @@ def npy_bytes(value: np.ndarray[Any, Any]) -> bytes:
 def encode_array(value: np.ndarray[Any, Any]) -> Array:
     """`Array(value)`, byte for byte (tests/test_protocol.py), without np.save's per-call cost."""
     value = np.ascontiguousarray(value)
-    header = _npy_header(value.dtype, tuple(value.shape))
-    if header is None:
+    if _npy_header(value.dtype, tuple(value.shape)) is None:
         return Array(value)
-    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype=SType.NUMPY, data=header + value.tobytes())
+    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype=SType.NUMPY, data=npy_bytes(value))
 
 
 def decode_array(array: Array) -> np.ndarray[Any, Any]:

@@ -368,8 +368,9 @@ class BatchedGrid(Grid):
         return _stamped(self._host.answer(batch) if self._host is not None else self._from_workers(batch))
 
     def _from_workers(self, batch: list[Message]) -> Iterator[Message]:
-        waiting = {id(w): (w, share, set(range(len(share))))
-                   for w, share in zip(self._workers, self._shares(batch), strict=True) if share}
+        # worker index -> (the worker, its share of `batch`, the indices in it not answered yet)
+        waiting = {i: (w, share, set(range(len(share))))
+                   for i, (w, share) in enumerate(zip(self._workers, self._shares(batch), strict=True)) if share}
         while waiting:
             live = [w.connection for w, _, _ in waiting.values() if w.connection is not None]
             ready = {id(c) for c in wait(live)} if live else set()

@@ -3,6 +3,7 @@ can break the protocol is one line from a reader that never raises."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -213,6 +214,9 @@ def test_arrays_are_flowers_bytes_and_read_back_as_flower_reads_them(value):
     ours, flowers = protocol.encode_array(value), Array(value)
     assert (ours.dtype, tuple(ours.shape), ours.stype, ours.data) == \
         (flowers.dtype, tuple(flowers.shape), flowers.stype, flowers.data)
+    saved = io.BytesIO()
+    np.save(saved, value, allow_pickle=False)
+    assert protocol.npy_bytes(value) == saved.getvalue()  # what a kept release stores (client/site.py)
     back = protocol.decode_array(flowers)
     assert back.dtype == value.dtype and back.shape == value.shape and np.array_equal(back, value)
     assert back.flags.writeable and back.flags.c_contiguous
