@@ -91,7 +91,10 @@ class SiteState:
             (self.dir / "site.pub").write_bytes(pub)
         self.key = load_private_key(self.key_path)
         self._digest_key: bytes | None = None  # data_digest's HMAC key, derived from `key` once
+        self._kept: tuple[str, bytes, dict[str, Any]] | None = None  # the last kept release seen: run, sha256, request
         self.ledger = Ledger(self.dir / "ledger.jsonl")
+        self._entries: list[Entry] = []  # this site's entries, as of the last refresh and own appends
+        self._history: list[Spend] = []  # their spends
         self.refresh()
 
     def refresh(self) -> None:
@@ -103,10 +106,16 @@ class SiteState:
         if read.recovered:  # interrupted spends, now counted: the coordinator hears of them in the next reply
             marks = self._unreported_hashes() + [str(e.get("hash")) for e in read.recovered]
             _atomic_write(self._unreported_path(), json.dumps(marks) + "\n")
-        # The site's own books must verify, whole, before it decides anything with them.
+        # The site's own books must verify, whole, before it decides anything with them
+        # (the Ledger checks again only what it has not verified: privacy/ledger.py).
         self.ledger.check_own(self.site, self.key.public_key(), read.entries)
-        self._history = site_history(read.entries, self.site)
-        self._entries = [e for e in read.entries if e.get("site") == self.site]
+        own = [e for e in read.entries if e.get("site") == self.site]
+        known = self._entries
+        if len(own) >= len(known) and all(a is b or a == b for a, b in zip(own, known, strict=False)):
+            self._history = [*self._history, *site_history(own[len(known):], self.site)]  # the new ones parsed
+        else:
+            self._history = site_history(own, self.site)
+        self._entries = own
         if self.witness is not None:
             mark = self._witnessed()
             if mark is not None:
@@ -333,39 +342,56 @@ class SiteState:
 
     def save_release(self, run_id: str, server_round: int, digest: str, arrays: dict[str, np.ndarray],
                      meta: dict[str, Any]) -> None:
-        record = {"run_id": run_id, "round": server_round, "digest": digest, "meta": meta}
-        blobs = {f"w/{k}": v for k, v in arrays.items()}
-        blobs["__release__"] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
-        # What np.savez writes (a zip of .npy members, stored), with each member's bytes made
-        # as the reply's are (protocol.npy_bytes): np.savez's own per-array path was a
-        # tenth of a virtual site's round.
+        """Keep this reply's arrays (atomically replaced, fsynced) until the next release:
+        a zip of two .npy members, as np.savez writes, `__release__` (the request it
+        answers, the arrays' names, dtypes and shapes) and `data` (their bytes, in that
+        order); `stored_release` also reads the older form, one member per array."""
+        values = {k: np.asarray(v) for k, v in arrays.items()}  # tobytes() below: C order, whatever the layout
+        record = {"run_id": run_id, "round": server_round, "digest": digest, "meta": meta,
+                  "arrays": [[k, v.dtype.str, list(v.shape)] for k, v in values.items()]}
+        body = b"".join(v.tobytes() for v in values.values())
+        # Two members, not one per array: np.savez's per-array path was a tenth of a
+        # virtual site's round, and a member per array still most of what was left of it.
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for name, value in blobs.items():
-                archive.writestr(name + ".npy", npy_bytes(value))
-        _atomic_write_bytes(self._release_path(run_id), buf.getvalue())
+            archive.writestr("__release__.npy", npy_bytes(np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)))
+            archive.writestr("data.npy", npy_bytes(np.frombuffer(body, dtype=np.uint8)))
+        blob = buf.getvalue()
+        _atomic_write_bytes(self._release_path(run_id), blob)
+        self._kept = (run_id, hashlib.sha256(blob).digest(), record)
 
     def stored_release(self, run_id: str, server_round: int, digest: str,
                        dp: bool) -> tuple[dict[str, np.ndarray], dict[str, Any], list[Entry]] | None:
         """(arrays, meta, entries) of the kept release for exactly this request, with the
         spends this site's verified ledger holds for that request (entries of that run and
         round whose `plan_digest` is `digest`); None if there is no such release, or (DP) no
-        spend of this very request is recorded."""
-        path = self._release_path(run_id)
-        if not path.is_file():
-            return None
+        spend of this very request is recorded.
+
+        Every round asks, and every round but a restarted coordinator's finds the last
+        round's release: the file's request is known without reading the zip when its bytes
+        are the very ones this state wrote or read last (their sha256)."""
         try:
-            with np.load(path, allow_pickle=False) as data:
+            blob = self._release_path(run_id).read_bytes()
+        except OSError:  # none kept (or unreadable: never replayed)
+            return None
+        sha = hashlib.sha256(blob).digest()
+        known = self._kept if self._kept is not None and self._kept[:2] == (run_id, sha) else None
+        if known is not None and (known[2].get("run_id"), known[2].get("round"), known[2].get("digest")) \
+                != (run_id, server_round, digest):
+            return None  # another request's (the last round's, as a rule): its weights are not read
+        try:
+            with np.load(io.BytesIO(blob), allow_pickle=False) as data:
                 record = json.loads(bytes(data["__release__"]).decode())
+                self._kept = (run_id, sha, record)
                 if (record.get("run_id"), record.get("round"), record.get("digest")) != (run_id, server_round, digest):
-                    return None  # another request's (the last round's, as a rule): its weights are not read
-                blobs = {k: data[k] for k in data.files if k != "__release__"}
+                    return None
+                arrays = _kept_arrays(data, record)
         except Exception:  # a torn or damaged copy is never replayed
             return None
         entries = [e for e in self.train_entries(run_id, server_round) if e.get("plan_digest") == digest]
         if dp and not entries:
             return None
-        return {k[2:]: v for k, v in blobs.items() if k.startswith("w/")}, record.get("meta", {}), entries
+        return arrays, record.get("meta", {}), entries
 
     def mark_done(self, run_id: str) -> None:
         """The coordinator said the run ended (its report is written): `fedshield client`
@@ -374,6 +400,22 @@ class SiteState:
 
     def _release_path(self, run_id: str) -> Path:
         return self.dir / "runs" / f"{_safe(run_id)}.release.npz"
+
+
+def _kept_arrays(data: Any, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The arrays of a kept release (np.load's view of its zip): the `data` member cut as
+    `record["arrays"]` says, or one `w/<name>` member per array (the form written before)."""
+    if "arrays" not in record:
+        return {k[2:]: data[k] for k in data.files if k.startswith("w/")}
+    body, arrays, offset = data["data"], {}, 0
+    for name, dtype, shape in record["arrays"]:
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        arrays[str(name)] = np.frombuffer(body, dtype=dt, count=count, offset=offset).reshape(tuple(shape)).copy()
+        offset += count * dt.itemsize
+    if offset != body.nbytes:
+        raise ValueError("a kept release's data does not match its arrays")
+    return arrays
 
 
 def done_path(state_dir: Path, run_id: str) -> Path:

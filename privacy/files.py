@@ -91,6 +91,11 @@ class GroupCommit:
 _GROUP: ContextVar[GroupCommit | None] = ContextVar("fedshield_group_commit", default=None)
 
 
+def in_group_commit() -> bool:
+    """Whether fsyncs are deferred to a group's barrier here (`group_commit`)."""
+    return _GROUP.get() is not None
+
+
 @contextlib.contextmanager
 def group_commit() -> Iterator[GroupCommit | None]:
     """Defer the fsyncs of `write_fully`/`fsync` made within to `barrier()` (and to the exit,

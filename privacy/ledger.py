@@ -45,7 +45,8 @@ the site's own ledger is the authority.
 Durability: each entry is written with one write() to a file opened O_APPEND, then
 flush + fsync (and the directory is fsynced when the file is created): spend before
 release. Before that write, the whole signed line is saved in `<ledger>.pending` (atomic,
-fsynced), and removed once the line and the head record are on disk. A crash can only
+fsynced), and removed once the line and the head record are on disk (not within a group
+commit, whose barrier comes before anything the spend pays for: `Ledger.append`). A crash can only
 cut the last line; `read` keeps every whole line and reports the cut tail, `recover` sets
 the tail aside in `<ledger>.torn-<timestamp>`, rewrites the ledger atomically, and then
 **counts the interrupted spend as spent**: a pending line that the ledger does not hold is
@@ -99,7 +100,7 @@ from fedshield.privacy.events import (
     neighbouring_of,
     shown,
 )
-from fedshield.privacy.files import fsync, write_fully
+from fedshield.privacy.files import fsync, in_group_commit, write_fully
 from fedshield.privacy.skellam import skellam_history_epsilon
 
 # The mechanism names and fields live in privacy/events.py (typed events); their old names here.
@@ -148,9 +149,36 @@ class LedgerRead:
     recovered: list[Entry] = field(default_factory=list)  # interrupted spends booked by `recover`
 
 
+@dataclass(frozen=True)
+class _Parsed:
+    """A ledger file's bytes as last read whole and clean: their length, their sha256, their entries."""
+
+    size: int
+    digest: bytes
+    entries: tuple[Entry, ...]
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """A site's chain as `check_own` last verified it: the entries (the objects the read cache
+    handed out), the key's fingerprint, the chain state after them (`verify_ledger`)."""
+
+    fingerprint: str
+    entries: tuple[Entry, ...]
+    state: ChainState
+
+
 class Ledger:
+    """A ledger file. One object is kept for the life of a site or a run: it remembers the
+    file's bytes as last read (a sha256 of them) with their entries, and each site's chain as
+    last verified, so that a read parses, and `check_own` verifies, only the entries past
+    what it has seen: a file whose first bytes are not exactly those (edited, replaced, rolled
+    back) is read and checked whole, as before. Entries handed out are never modified."""
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._parsed: _Parsed | None = None
+        self._verified: dict[str, _Verified] = {}
 
     # -- reading -----------------------------------------------------------------
     def read(self) -> LedgerRead:
@@ -162,7 +190,29 @@ class Ledger:
             raise LedgerError(f"ledger {str(self.path)!r}: is a folder, not a ledger file") from None
         except OSError as exc:
             raise LedgerError(f"ledger {str(self.path)!r}: cannot read: {exc.strerror}") from None
-        return parse_ledger_bytes(data, str(self.path))
+        return self._parse(data)
+
+    def _parse(self, data: bytes) -> LedgerRead:
+        """parse_ledger_bytes(data), parsing only the bytes past the clean prefix read last
+        time when `data` starts with exactly those bytes (their sha256) and what follows is
+        whole lines: the same entries and message as a parse of the whole."""
+        known, name = self._parsed, str(self.path)
+        if known is not None and len(data) >= known.size:
+            head = hashlib.sha256(memoryview(data)[:known.size])
+            if head.digest() == known.digest:
+                try:
+                    tail = parse_ledger_bytes(data[known.size:], name)
+                except LedgerError:
+                    tail = None  # a damaged line: the whole parse names it
+                if tail is not None and not (tail.truncated_bytes or tail.missing_newline):
+                    entries = [*known.entries, *tail.entries]
+                    head.update(memoryview(data)[known.size:])
+                    self._parsed = _Parsed(len(data), head.digest(), tuple(entries))
+                    return LedgerRead(entries, 0, f"ledger {name}: {len(entries)} entries")
+        r = parse_ledger_bytes(data, name)
+        if not (r.truncated_bytes or r.missing_newline):
+            self._parsed = _Parsed(len(data), hashlib.sha256(data).digest(), tuple(r.entries))
+        return r
 
     def recover(self, public_key: signing.PublicKey | None = None) -> LedgerRead:
         """read(); if the last line was cut, keep its bytes aside and rewrite the ledger without
@@ -306,12 +356,20 @@ class Ledger:
             entry["time"] = entry_time(dt.datetime.now(dt.UTC))
             entry["key_fingerprint"] = fp
             entry["hash"] = entry_hash(entry)
-            entry["signature"] = base64.b64encode(signing.sign(key, entry["hash"].encode("ascii"))).decode("ascii")
+            entry["signature"] = base64.b64encode(signing.sign_known(key, fp, entry["hash"].encode("ascii"))).decode()
             line = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True) + "\n"
-            _write_atomic(self.pending_path, line.encode("ascii"))  # booked by `recover` if the write is cut
+            # The pending copy is booked by `recover` if the line's write is cut. Within a group
+            # commit (the batched engine, privacy/files.py) nothing is durable before the
+            # group's barrier, the copy no more than the line, and nothing the spend pays for
+            # runs or leaves before that barrier has made the line durable: a crash before it
+            # can cut the line of a spend that released nothing; after it, the line is whole.
+            pending = not in_group_commit()
+            if pending:
+                _write_atomic(self.pending_path, line.encode("ascii"))
             self._write_line(line.encode("ascii"))
             self._write_head(entry, key)
-            self.pending_path.unlink()
+            if pending:
+                self.pending_path.unlink()
         return entry
 
     # -- the head record: what the chain alone cannot show ---------------------------
@@ -328,7 +386,8 @@ class Ledger:
     def _write_head(self, entry: Entry, key: signing.PrivateKey) -> None:
         heads = self._read_heads() if self.head_path.is_file() else {}
         mark = {"site": entry["site"], "seq": entry["seq"], "hash": entry["hash"]}
-        mark["signature"] = base64.b64encode(signing.sign(key, canonical(mark))).decode("ascii")
+        signature = signing.sign_known(key, entry["key_fingerprint"], canonical(mark))
+        mark["signature"] = base64.b64encode(signature).decode("ascii")
         heads[str(entry["site"])] = mark
         _write_atomic(self.head_path, (json.dumps(heads, sort_keys=True) + "\n").encode("ascii"))
 
@@ -357,7 +416,7 @@ class Ledger:
         if own[0].get("seq") != 0:
             raise LedgerError(f"ledger {self.path}: site {site}'s chain starts at seq {own[0].get('seq')}, "
                               f"not 0: its first entries are missing; {repair}")
-        verified = verify_ledger(own, {site: public_key})
+        verified = self._verify_own(site, public_key, own)
         if not verified.ok:
             raise LedgerError(f"ledger {self.path}: {verified.reason}; {repair}")
         if not self.head_path.is_file():
@@ -370,7 +429,7 @@ class Ledger:
             sig = base64.b64decode(str(mark.get("signature", "")), validate=True)
         except (binascii.Error, ValueError):
             sig = b""
-        if not sig or not signing.verify(public_key, sig, canonical(body)):
+        if not sig or not signing.verify_known(public_key, signing.fingerprint(public_key), sig, canonical(body)):
             raise LedgerError(f"ledger {self.path}: its head record for site {site} is not signed by the "
                               f"site's key; {repair}")
         last = own[-1]
@@ -380,6 +439,21 @@ class Ledger:
         if own[body["seq"]].get("hash") != body["hash"]:
             raise LedgerError(f"ledger {self.path}: site {site}'s entry seq {body['seq']} is not the one its head "
                               f"record signed; {repair}")
+
+    def _verify_own(self, site: str, public_key: signing.PublicKey, own: list[Entry]) -> VerifyResult:
+        """verify_ledger(own, {site: public_key}); only the entries past those it verified last
+        time when `own` starts with those very entries (the same objects: the read cache hands
+        them out only for the same bytes) and the key is the same: the same verdict."""
+        fp, keys = signing.fingerprint(public_key), {site: public_key}
+        known = self._verified.get(site)
+        if known is not None and known.fingerprint == fp and len(own) >= len(known.entries) \
+                and all(a is b for a, b in zip(own, known.entries, strict=False)):
+            verified = verify_ledger(own[len(known.entries):], keys, known.state)
+        else:
+            verified = verify_ledger(own, keys)
+        if verified.ok and verified.state is not None:
+            self._verified[site] = _Verified(fp, tuple(own), verified.state)
+        return verified
 
     def _write_line(self, data: bytes) -> None:
         created = not self.path.exists()
@@ -522,31 +596,54 @@ class VerifyResult:
     signatures_checked: bool = False
     notes: list[str] = field(default_factory=list)  # not failures: partial histories, δ changes
     partial_sites: dict[str, int] = field(default_factory=dict)  # site -> seq of its first entry here
+    state: ChainState | None = None  # where the chains stand after the entries checked (`verify_ledger`)
+
+
+@dataclass
+class ChainState:
+    """What `verify_ledger` carries from one entry to the next: given the state after a
+    prefix that verified, the entries that follow are checked as they would be in a check
+    of the whole (the same problems, at the same indices). A caller that keeps it must pass
+    it only with the very entries it was made from before the new ones, under the same keys
+    (`Ledger.check_own`, privacy/ledger_check.py); the prefix's notes are not repeated."""
+
+    entries: int = 0  # entries checked so far: the index of the next one
+    last: dict[str, Entry] = field(default_factory=dict)  # site -> its last entry
+    last_round: dict[tuple[str, str], int] = field(default_factory=dict)  # (run, site) -> its latest round
+    run_seq: dict[tuple[str, str], int] = field(default_factory=dict)  # (run, site) -> its last run_seq
+
+    def copy(self) -> ChainState:
+        return ChainState(self.entries, dict(self.last), dict(self.last_round), dict(self.run_seq))
 
 
 def _where(i: int, e: Entry) -> str:
     return f"entry {i} (round {e.get('round')!r}, site {e.get('site')!r})"
 
 
-def verify_ledger(entries: list[Entry], public_keys: dict[str, signing.PublicKey] | None) -> VerifyResult:
+def verify_ledger(entries: list[Entry], public_keys: dict[str, signing.PublicKey] | None,
+                  start: ChainState | None = None) -> VerifyResult:
     """Check the per-site hash chains, the signatures, rounds and cumulative ε.
 
     `public_keys`: site -> public key. With keys, every entry's signature must verify under
     its site's key (a site without a key is a failure). With None, signatures are NOT
     checked and the result says so (`signatures_checked` False): anyone can recompute
     hashes, so an unsigned check shows accidents, not tampering.
+
+    `start`: the `VerifyResult.state` of a check of the entries that come before `entries`
+    (which verified): only `entries` are checked, continuing those chains. Every reply and
+    every round re-checked a site's whole chain; this checks what is new.
     """
     res = VerifyResult(ok=True, signatures_checked=public_keys is not None)
     counts = {"entries": len(entries), "hashes": 0, "links": 0, "signatures": 0, "sites": 0}
-    last: dict[str, Entry] = {}
-    last_round: dict[tuple[str, str], int] = {}
+    state = start.copy() if start is not None else ChainState()
+    offset = state.entries
+    last, last_round, run_seq = state.last, state.last_round, state.run_seq
     fps: dict[str, str] = {}
-    run_seq: dict[tuple[str, str], int] = {}
 
     def bad(i: int, e: Entry, why: str) -> None:
         res.problems.append((i, f"{_where(i, e)}: {why}"))
 
-    for i, e in enumerate(entries):
+    for i, e in enumerate(entries, start=offset):
         if not isinstance(e, dict):
             res.problems.append((i, f"entry {i}: not a JSON object"))
             continue
@@ -642,6 +739,8 @@ def verify_ledger(entries: list[Entry], public_keys: dict[str, signing.PublicKey
         last[site] = e
     counts["sites"] = len(last)
     res.checked = counts
+    state.entries = offset + len(entries)
+    res.state = state
     if res.problems:
         res.ok = False
         res.first_bad_index, res.reason = res.problems[0]

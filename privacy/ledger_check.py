@@ -63,7 +63,7 @@ from fedshield.privacy import signing
 from fedshield.privacy.accountant import ADD_REMOVE, epsilon, epsilon_opacus
 from fedshield.privacy.errors import LedgerError
 from fedshield.privacy.events import ONE_SHOT, RECORD_GAUSSIANS, LedgerEntry, PrivacyEvent, shown
-from fedshield.privacy.ledger import verify_ledger
+from fedshield.privacy.ledger import ChainState, verify_ledger
 
 TOLERANCE = 1e-6  # relative, as the audit's
 # A floor no honest plan goes under: one full-batch step at σ = 0.1 already costs ε ≈ 92
@@ -108,6 +108,16 @@ def plan_problem(expected: Expected) -> str | None:
     return None
 
 
+@dataclass
+class _Accepted:
+    """A site's accepted entries as the coordinator checked them (`LedgerCheck._accepted`)."""
+
+    last: dict[str, Any] | None  # the last accepted entry (the object), None if none
+    count: int
+    events: list[PrivacyEvent]  # the entries, parsed
+    state: ChainState | None  # the chain state after them (None: they did not verify)
+
+
 class LedgerCheck:
     """Per-run, per-site state of the entries accepted so far; `check` each reply's entries.
 
@@ -139,7 +149,8 @@ class LedgerCheck:
         self.delta = float(delta)
         self.accountant = accountant
         self.accepted: dict[str, list[dict[str, Any]]] = {site: [] for site in self.public_keys}
-        self._events: dict[str, list[PrivacyEvent]] = {}  # site -> its accepted entries, parsed (_accepted_events)
+        self._chains: dict[str, _Accepted] = {}  # site -> its accepted entries as checked (`_accepted`)
+        self._checked: ChainState | None = None  # the chain state after the entries `_problem` passed last
         # On resume: site -> its entries in the run's ledger, for the sites that did not rejoin.
         self.absent: dict[str, list[dict[str, Any]]] = {}
         # Site -> (round, entries, plan) of a reply whose entries start after spends not yet
@@ -230,19 +241,28 @@ class LedgerCheck:
                                "lost, not a breach); its chain cannot be checked across them, so it is not asked "
                                "again in this run (its own ledger keeps the full account)", missing=True)
             return Verdict(problem)
-        parsed = self._accepted_events(site)
+        chain, state = self._accepted(site), self._checked
         accepted.extend(fresh)
-        parsed.extend(LedgerEntry.from_dict(e).event for e in fresh)
+        chain.events.extend(LedgerEntry.from_dict(e).event for e in fresh)
+        self._chains[site] = _Accepted(accepted[-1] if accepted else None, len(accepted), chain.events, state)
         return Verdict(None, tuple(fresh) + self._adopt(site))
 
-    def _accepted_events(self, site: str) -> list[PrivacyEvent]:
-        """`site`'s accepted entries, parsed once (every reply checks the whole chain of the
-        run; its accepted part does not change)."""
+    def _accepted(self, site: str) -> _Accepted:
+        """`site`'s accepted entries as checked: parsed once, with the chain state after them,
+        so that a reply's new entries are checked continuing it (every reply used to check the
+        run's whole chain again). Built again from `accepted` when that is not the list it was
+        made from (its length and its last entry, the very object, tell: `restore`)."""
         own = self.accepted.get(site, [])
-        parsed = self._events.get(site)
-        if parsed is None or len(parsed) != len(own):
-            parsed = self._events[site] = [LedgerEntry.from_dict(e).event for e in own]
-        return parsed
+        chain = self._chains.get(site)
+        if chain is None or chain.count != len(own) or chain.last is not (own[-1] if own else None):
+            verified = verify_ledger(own, {site: self.public_keys[site]}) if site in self.public_keys else None
+            chain = self._chains[site] = _Accepted(
+                own[-1] if own else None, len(own), [LedgerEntry.from_dict(e).event for e in own],
+                verified.state if verified is not None and verified.ok else None)
+        return chain
+
+    def _accepted_events(self, site: str) -> list[PrivacyEvent]:
+        return self._accepted(site).events
 
     def _adopt(self, site: str) -> tuple[dict[str, Any], ...]:
         """The held entries of `site` that now continue its chain, checked as of their own
@@ -296,10 +316,14 @@ class LedgerCheck:
             if t.event.relation.value != self.neighbouring:
                 return (f"a ledger entry is accounted under {t.event.relation.value}; the run's relation is "
                         f"{self.neighbouring}")
-        history = [*self.accepted[site], *fresh]
-        verified = verify_ledger(history, {site: self.public_keys[site]})
+        chain, keys = self._accepted(site), {site: self.public_keys[site]}
+        if chain.state is not None:  # the accepted entries verified: the new ones continue them
+            verified = verify_ledger(fresh, keys, chain.state)
+        else:
+            verified = verify_ledger([*self.accepted[site], *fresh], keys)
         if not verified.ok:
             return f"{UNVERIFIED}: {verified.reason}"
+        self._checked = verified.state
         # Past verify_ledger every entry parses, and every number is within privacy.events' bounds.
         fresh_events = [t.event for t in typed[len(typed) - len(fresh):]]
         events = [*self._accepted_events(site), *fresh_events]

@@ -151,6 +151,23 @@ _VERIFIED_MAX = 1 << 17
 _VERIFIED_LOCK = threading.Lock()
 
 
+def _remember(seen: tuple[str, bytes, bytes]) -> None:
+    with _VERIFIED_LOCK:
+        if len(_VERIFIED) >= _VERIFIED_MAX:
+            del _VERIFIED[next(iter(_VERIFIED))]
+        _VERIFIED[seen] = None
+
+
+def sign_known(priv: PrivateKey, key_fingerprint: str, data: bytes) -> bytes:
+    """`sign`, the signature remembered as verified under `key_fingerprint`, which must be
+    `fingerprint(priv)`: a signature made here with the private key verifies under its
+    public half, so a site's next check of its own books does not verify it again (the
+    coordinator, another process, verifies it on arrival)."""
+    sig = sign(priv, data)
+    _remember((key_fingerprint, sig, data))
+    return sig
+
+
 def verify_known(pub: PublicKey, key_fingerprint: str, sig: bytes, data: bytes) -> bool:
     """`verify`, remembering successes. `key_fingerprint` must be `fingerprint(pub)` (the
     SHA-256 of the key: two keys never share it), computed once by the caller."""
@@ -161,8 +178,5 @@ def verify_known(pub: PublicKey, key_fingerprint: str, sig: bytes, data: bytes) 
             return True
     if not verify(pub, sig, data):
         return False
-    with _VERIFIED_LOCK:
-        if len(_VERIFIED) >= _VERIFIED_MAX:
-            del _VERIFIED[next(iter(_VERIFIED))]
-        _VERIFIED[seen] = None
+    _remember(seen)
     return True

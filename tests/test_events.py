@@ -5,6 +5,7 @@ forged entry is refused with one line."""
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import shutil
@@ -53,14 +54,18 @@ def test_a_v1_ledger_still_verifies_with_the_same_epsilon(name):
     assert all(VERSION_FIELD not in e for e in entries)  # version 1: written before the field
     assert verify_ledger(entries, _keys()).ok
     want = EXPECTED[name]
-    assert [chain_epsilon(entries[: i + 1], DELTA) for i in range(len(entries))] == want["chain_epsilon"]
+    # To 1e-9: the accountants' last digits move with numpy/scipy patch releases (a fresh
+    # install on 2026-12-03 moved them by up to 4e-12); a change of the accounting moves them by far more.
+    same = functools.partial(pytest.approx, rel=1e-9, abs=0.0)
+    assert [chain_epsilon(entries[: i + 1], DELTA) for i in range(len(entries))] == same(want["chain_epsilon"])
     result = audit(V1 / name, ledger_keys_dir=V1 / "keys")
     assert result.ok, result.flags
-    assert [row["reference"] for row in result.entries] == want["reference"]
+    assert [row["reference"] for row in result.entries] == same(want["reference"])
     for site, numbers in want["sites"].items():
         got = result.sites[site]
-        assert got.recorded_epsilon == numbers["recorded"]
-        assert (None if got.pld_epsilon != got.pld_epsilon else got.pld_epsilon) == numbers["pld"]
+        assert got.recorded_epsilon == numbers["recorded"]  # read from the entries as signed: exact
+        pld = None if got.pld_epsilon != got.pld_epsilon else got.pld_epsilon
+        assert pld == (None if numbers["pld"] is None else same(numbers["pld"]))
     for e in entries:  # the typed entry gives back the very bytes that were signed
         parsed = LedgerEntry.from_dict(e)
         assert canonical(parsed.to_dict()) == canonical(e) and entry_hash(parsed.to_dict()) == e["hash"]

@@ -1,0 +1,231 @@
+"""What a site and the coordinator remember of books they checked, and why it hides nothing.
+
+A virtual site re-reads and re-checks its own books before every decision, and the
+coordinator checks every reply's entries as the continuation of the site's chain. Both now
+check only what is new (privacy/ledger.py `Ledger`, `verify_ledger(start=...)`;
+privacy/ledger_check.py `LedgerCheck._accepted`): each test here changes the books behind
+their back (an edit, a rollback, a replaced file) and the change is still found, with the
+same message a check of the whole gives.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from fedshield.client.site import BooksBehind, SiteState
+from fedshield.privacy import signing
+from fedshield.privacy.errors import LedgerError
+from fedshield.privacy.files import group_commit
+from fedshield.privacy.ledger import Ledger, entry_hash, verify_ledger
+from fedshield.privacy.ledger_check import LedgerCheck
+from tests.test_torn_write import spend
+
+
+def _books(tmp_path, rounds: int = 3) -> SiteState:
+    state = SiteState(tmp_path / "state", "a")
+    for r in range(1, rounds + 1):
+        state.record_spend(spend(r))
+    return state
+
+
+def _lines(state: SiteState) -> list[dict]:
+    return [json.loads(x) for x in state.ledger.path.read_text().splitlines()]
+
+
+def _write(state: SiteState, entries: list[dict]) -> None:
+    state.ledger.path.write_text("".join(json.dumps(e, sort_keys=True, separators=(",", ":")) + "\n"
+                                         for e in entries))
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_checking_from_a_chain_state_finds_what_a_whole_check_finds(tmp_path, cut):
+    """verify_ledger(suffix, start=state after the prefix) == verify_ledger(whole), problems
+    and indices included, for an honest suffix and for each kind of tampering in it."""
+    state = _books(tmp_path, rounds=4)
+    key = {"a": state.key.public_key()}
+    entries = _lines(state)
+    start = verify_ledger(entries[:cut], key).state
+    assert verify_ledger(entries[cut:], key, start).ok
+    assert verify_ledger(entries[cut:], key, start).state.entries == len(entries)
+    edited = [dict(e) for e in entries]
+    edited[cut]["steps"] = 1  # an edit: the hash no longer covers it
+    dropped = entries[:cut] + entries[cut + 1:] if cut < len(entries) - 1 else None  # a removal: the link breaks
+    swapped = entries[:cut] + [entries[-1]] + entries[cut:-1] if cut < len(entries) - 1 else None
+    for books in (edited, dropped, swapped):
+        if books is None:
+            continue
+        whole = verify_ledger(books, key)
+        part = verify_ledger(books[cut:], key, verify_ledger(books[:cut], key).state)
+        assert not whole.ok and not part.ok
+        assert part.problems == whole.problems
+
+
+def test_a_site_reads_only_the_lines_past_what_it_has_read(tmp_path, monkeypatch):
+    state = _books(tmp_path)
+    parsed: list[bytes] = []
+    from fedshield.privacy import ledger as ledger_module
+
+    real = ledger_module.parse_ledger_bytes
+    monkeypatch.setattr(ledger_module, "parse_ledger_bytes", lambda data, name: parsed.append(data) or real(data, name))
+    state.refresh()
+    state.record_spend(spend(4))
+    state.refresh()
+    assert all(b.count(b"\n") <= 1 for b in parsed)  # never the whole file again
+    assert [e["round"] for e in state.entries()] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("change", ["edit a verified entry", "drop the last entry", "put back an older copy",
+                                    "replace the whole file"])
+def test_books_changed_behind_a_sites_back_are_checked_whole_again(tmp_path, change):
+    """The read cache keys on a sha256 of the bytes it read: an edit anywhere in them,
+    a rollback or a new file is read whole and verified whole."""
+    state = _books(tmp_path)
+    state.refresh()  # verified, remembered
+    entries = _lines(state)
+    if change == "edit a verified entry":
+        entries[0]["steps"] = 1
+        _write(state, entries)
+        with pytest.raises(LedgerError, match="hash does not match"):
+            state.refresh()
+    elif change == "drop the last entry":
+        _write(state, entries[:-1])
+        with pytest.raises(LedgerError, match="cut off"):
+            state.refresh()
+    elif change == "put back an older copy":
+        older = state.ledger.path.read_bytes()
+        head = state.ledger.head_path.read_bytes()
+        state.record_spend(spend(4))
+        state.ledger.path.write_bytes(older)
+        state.ledger.head_path.write_bytes(head)  # an older state, whole: it verifies
+        state.refresh()
+        assert [e["round"] for e in state.entries()] == [1, 2, 3]  # read as it is now, not as remembered
+        with pytest.raises(BooksBehind):  # and the coordinator's head finds it behind
+            state.check_head(3, _lines(state)[-1]["hash"], "the coordinator")
+    else:
+        other = SiteState(tmp_path / "other", "a")
+        other.record_spend(spend(1))
+        state.ledger.path.write_bytes(other.ledger.path.read_bytes())
+        with pytest.raises(LedgerError, match="signed with key"):
+            state.refresh()
+
+
+def test_an_entry_appended_behind_a_sites_back_is_verified(tmp_path):
+    """A line added by someone else past the verified prefix is parsed and verified (it is
+    not signed by the site's key: refused), never taken as verified because the prefix is."""
+    state = _books(tmp_path)
+    state.refresh()
+    last = _lines(state)[-1]
+    forged = dict(last, seq=3, round=4, run_seq=3, prev_hash=last["hash"])  # a spend the site never signed
+    forged["hash"] = entry_hash(forged)
+    with state.ledger.path.open("a") as f:
+        f.write(json.dumps(forged, sort_keys=True) + "\n")
+    with pytest.raises(LedgerError, match="signature does not verify"):
+        state.refresh()
+
+
+def test_own_signatures_are_known_and_a_forged_one_is_not(tmp_path):
+    key = SiteState(tmp_path / "s", "a").key
+    fp = signing.fingerprint(key)
+    sig = signing.sign_known(key, fp, b"data")
+    assert signing.verify(key.public_key(), sig, b"data")  # a real signature, not only remembered
+    assert signing.verify_known(key.public_key(), fp, sig, b"data")
+    assert not signing.verify_known(key.public_key(), fp, sig, b"other data")
+
+
+def test_the_coordinator_checks_only_new_entries_and_a_restored_chain_again(tmp_path):
+    state = _books(tmp_path, rounds=3)
+    entries = _lines(state)
+    check = LedgerCheck("r", {"a": state.key.public_key()}, dp=True, delta=1e-5, accountant="rdp")
+    seen: list[int] = []
+    from fedshield.privacy import ledger_check as module
+
+    real = module.verify_ledger
+
+    def counting(batch, keys, start=None):
+        seen.append(len(batch))
+        return real(batch, keys, start)
+
+    module.verify_ledger = counting
+    try:
+        for r, e in enumerate(entries, start=1):
+            assert check.check("a", r, [e], None).problem is None
+        assert seen == [0, 1, 1, 1]  # nothing accepted yet; then each reply: its own entry, continuing the chain
+        check.accepted["a"] = [dict(e) for e in entries]  # a resume: the run's ledger read back
+        forged = dict(entries[-1], seq=3, round=4, run_seq=3, prev_hash=entries[-1]["hash"])
+        forged["hash"] = entry_hash(forged)
+        verdict = check.check("a", 4, [forged], None)
+        assert verdict.problem is not None and "signature" in verdict.problem
+        assert seen[4:] == [3, 1]  # the restored chain checked whole once, then the new entry
+    finally:
+        module.verify_ledger = real
+
+
+def test_a_spend_in_a_group_commit_leaves_no_pending_copy_and_its_line_whole(tmp_path):
+    state = SiteState(tmp_path / "state", "a")
+    pending = state.ledger.pending_path
+    writes: list[str] = []
+    real = Ledger._write_line
+
+    def watch(self, data):
+        writes.append(str(pending.exists()))
+        real(self, data)
+
+    Ledger._write_line = watch  # type: ignore[method-assign]
+    try:
+        with group_commit():
+            state.record_spend(spend(1))
+        state.record_spend(spend(2))  # outside a group: the pending copy, as ever
+    finally:
+        Ledger._write_line = real  # type: ignore[method-assign]
+    assert writes == ["False", "True"]
+    assert not pending.exists()
+    state.refresh()
+    assert [e["round"] for e in state.entries()] == [1, 2]
+
+
+def test_a_kept_release_round_trips_every_dtype_and_the_older_form_is_still_read(tmp_path):
+    state = SiteState(tmp_path / "site", "s")
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1.5, -2.0], dtype=">f8"),
+              "h": np.ones(3, dtype=np.float16), "n": np.array([True, False]), "s": np.float32(3.0).reshape(())}
+    state.save_release("run-1", 1, "d", arrays, {"num_examples": 4})
+    got = SiteState(tmp_path / "site", "s").stored_release("run-1", 1, "d", dp=False)
+    assert got is not None and set(got[0]) == set(arrays)
+    for name, value in arrays.items():
+        assert got[0][name].dtype == value.dtype and got[0][name].shape == value.shape
+        np.testing.assert_array_equal(got[0][name], value)
+    path = tmp_path / "site" / "runs" / "run-1.release.npz"
+    with np.load(path) as data:  # what np.load reads: the record and the data
+        assert json.loads(bytes(data["__release__"]).decode())["round"] == 1
+    # The form written before: one w/<name> member per array.
+    record = {"run_id": "run-1", "round": 1, "digest": "d", "meta": {"num_examples": 4}}
+    np.savez(path.with_suffix(""), __release__=np.frombuffer(json.dumps(record).encode(), dtype=np.uint8),
+             **{f"w/{k}": v for k, v in arrays.items()})
+    got = SiteState(tmp_path / "site", "s").stored_release("run-1", 1, "d", dp=False)
+    assert got is not None
+    np.testing.assert_array_equal(got[0]["w"], arrays["w"])
+
+
+def test_a_kept_release_replaced_behind_a_sites_back_is_read_again(tmp_path):
+    """The site knows the request of the release it wrote without opening it, only while
+    the file holds those very bytes: another file there is read (and torn, never replayed)."""
+    state = SiteState(tmp_path / "site", "s")
+    state.save_release("run-1", 1, "d1", {"w": np.zeros(2, dtype=np.float32)}, {"num_examples": 4})
+    assert state.stored_release("run-1", 2, "d2", dp=False) is None  # the last round's: known unopened
+    other = SiteState(tmp_path / "other", "s")
+    other.save_release("run-1", 2, "d2", {"w": np.ones(2, dtype=np.float32)}, {"num_examples": 4})
+    path = tmp_path / "site" / "runs" / "run-1.release.npz"
+    path.write_bytes((tmp_path / "other" / "runs" / "run-1.release.npz").read_bytes())
+    got = state.stored_release("run-1", 2, "d2", dp=False)
+    assert got is not None
+    np.testing.assert_array_equal(got[0]["w"], np.ones(2, dtype=np.float32))
+    blob = path.read_bytes()
+    with zipfile.ZipFile(path) as z:
+        data = z.getinfo("data.npy")
+    damaged = bytearray(blob)
+    damaged[data.header_offset + 100] ^= 0xFF  # a flipped byte inside the weights: the CRC catches it
+    path.write_bytes(bytes(damaged))
+    assert state.stored_release("run-1", 2, "d2", dp=False) is None
