@@ -881,7 +881,7 @@ def local_update_steps(msg: Message, plan: protocol.Plan,
     cfg, priv, tr = site.cfg, site.cfg.privacy, site.cfg.training
     assert plan.server_round is not None  # read_plan requires it for TRAIN
     weights = protocol.train_weights(msg)
-    digest = _request_digest(plan, weights)
+    digest = _request_digest(plan, weights, msg.content[protocol.ARRAYS])
     dp = priv.mode == "dp-sgd"
     kept = site.state.stored_release(plan.run_id, plan.server_round, digest, dp)
     if kept is not None:  # this very request was released already (the coordinator restarted)
@@ -1017,19 +1017,34 @@ def _with_unreported(site: Site, run_id: str, entries: list[dict[str, Any]]) -> 
     return sorted(merged.values(), key=lambda e: int(e["seq"]))
 
 
-def _request_digest(plan: protocol.Plan, weights: Mapping[str, Any]) -> str:
+# The TRAIN messages of one push share one ArrayRecord (a batched worker receives it once,
+# simulations/batched.py): the digest of the last (record, head) is kept, with the record
+# itself, so that the object compared is the one hashed (never a new one at a reused id).
+_LAST_DIGEST: tuple[object, str, str] | None = None
+
+
+def _request_digest(plan: protocol.Plan, weights: Mapping[str, Any], record: object = None) -> str:
     """What identifies a training request (its entry's `plan_digest`): run, round, the
     plan's config, model fingerprint, classes, centre and proximal term, and the global
-    weights. A function of the coordinator's own message only: public."""
+    weights. A function of the coordinator's own message only: public. `record`: the
+    ArrayRecord `weights` were read from; the same record with the same head has the same
+    digest (nothing changes a message's content once received)."""
+    global _LAST_DIGEST
     head = json.dumps([plan.run_id, plan.server_round, plan.config_yaml, plan.frozen_fingerprint,
                        list(plan.class_names), None if plan.feature_center is None else list(plan.feature_center),
                        plan.proximal_mu])
+    last = _LAST_DIGEST
+    if record is not None and last is not None and last[0] is record and last[1] == head:
+        return last[2]
     h = hashlib.sha256(head.encode() + b"\0")
     for name in sorted(weights):
         arr = weights[name]
         h.update(f"{name}:{arr.dtype}:{arr.shape}\0".encode())
         h.update(arr.tobytes())
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if record is not None:
+        _LAST_DIGEST = (record, head, digest)
+    return digest
 
 
 # ------------------------------------------------------------ helpers

@@ -232,7 +232,7 @@ class SiteState:
     def run_history(self, run_id: str) -> list[Spend]:
         """This site's spends in run `run_id` (its count if released in it, its feature mean,
         its rounds), oldest first: what the run's target ε bounds."""
-        return site_history([e for e in self._entries if e.get("run_id") == run_id], self.site)
+        return [s for s, e in zip(self._history, self._entries, strict=True) if e.get("run_id") == run_id]
 
     def check_budget(self, planned: Spend, budget: float, delta: float, accountant: str,
                      neighbouring: str = ADD_REMOVE, *, run_id: str | None = None,

@@ -229,3 +229,22 @@ def test_a_kept_release_replaced_behind_a_sites_back_is_read_again(tmp_path):
     damaged[data.header_offset + 100] ^= 0xFF  # a flipped byte inside the weights: the CRC catches it
     path.write_bytes(bytes(damaged))
     assert state.stored_release("run-1", 2, "d2", dp=False) is None
+
+
+def test_a_request_digest_kept_for_a_shared_record_is_the_one_computed(flower_task_identity):
+    """The digest of a push's shared ArrayRecord is reused only for that very record and
+    plan head: the same value as computed afresh, and another plan or record is hashed."""
+    from dataclasses import replace
+
+    from fedshield import protocol
+    from fedshield.client import app as site_app
+    from tests.test_protocol import train_instruction
+
+    weights = {"w": np.arange(4, dtype=np.float32)}
+    record = protocol.to_array_record(weights)
+    p = protocol.read_plan(train_instruction())
+    first = site_app._request_digest(p, weights, record)
+    assert site_app._request_digest(p, weights, record) == first == site_app._request_digest(p, weights)
+    other = {"w": np.ones(4, dtype=np.float32)}
+    assert site_app._request_digest(p, other, protocol.to_array_record(other)) != first
+    assert site_app._request_digest(replace(p, server_round=p.server_round + 1), weights, record) != first
