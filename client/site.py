@@ -54,7 +54,7 @@ from cryptography.hazmat.primitives import serialization
 from fedshield.privacy.accountant import ADD_REMOVE, Spend, calibrate_noise_multiplier, epsilon, planned_epsilon
 from fedshield.privacy.errors import FedShieldError
 from fedshield.privacy.events import COUNT_RELEASE, TRAIN_RELEASE, neighbouring_of
-from fedshield.privacy.files import fsync, write_fully
+from fedshield.privacy.files import fsync, in_group_commit, write_fully
 from fedshield.privacy.ledger import Entry, Ledger, site_history
 from fedshield.privacy.signing import generate_site_key, load_private_key, public_key_pem
 from fedshield.protocol import npy_bytes
@@ -206,7 +206,7 @@ class SiteState:
         marks = self._unreported_hashes()
         new = [str(e.get("hash")) for e in entries if str(e.get("hash")) not in marks]
         if new:
-            _atomic_write(self._unreported_path(), json.dumps(marks + new) + "\n")
+            _group_write(self._unreported_path(), (json.dumps(marks + new) + "\n").encode(), fresh_only=True)
 
     def take_unreported(self, run_id: str) -> list[Entry]:
         """Spends that a crash interrupted and `refresh` counted, to go with the next reply of
@@ -357,7 +357,7 @@ class SiteState:
             archive.writestr("__release__.npy", npy_bytes(np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)))
             archive.writestr("data.npy", npy_bytes(np.frombuffer(body, dtype=np.uint8)))
         blob = buf.getvalue()
-        _atomic_write_bytes(self._release_path(run_id), blob)
+        _group_write(self._release_path(run_id), blob)
         self._kept = (run_id, hashlib.sha256(blob).digest(), record)
 
     def stored_release(self, run_id: str, server_round: int, digest: str,
@@ -434,6 +434,32 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _group_write(path: Path, data: bytes, *, fresh_only: bool = False) -> None:
+    """`_atomic_write_bytes`, or, within a group commit (the batched engine), `data` written
+    over the file in place (`fresh_only`: only a file that does not exist yet), without the
+    temporary copy and its rename (a third of a millisecond a file on ext4, twice a site a
+    round). Nothing of the group is known to be on disk before its barrier, renamed or not,
+    and nothing leaves before it; a crash before it can leave such a file torn, as it can
+    leave it missing: a torn kept release is never replayed (its zip's CRCs; the round's
+    spend, recorded before, stands: a decline), a torn list of unreported spends reads as
+    none, as a missing one does (a file that already holds some is replaced atomically)."""
+    if not in_group_commit():
+        _atomic_write_bytes(path, data)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if fresh_only else 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        _atomic_write_bytes(path, data)
+        return
+    try:
+        write_fully(fd, data)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -248,3 +248,27 @@ def test_a_request_digest_kept_for_a_shared_record_is_the_one_computed(flower_ta
     other = {"w": np.ones(4, dtype=np.float32)}
     assert site_app._request_digest(p, other, protocol.to_array_record(other)) != first
     assert site_app._request_digest(replace(p, server_round=p.server_round + 1), weights, record) != first
+
+
+def test_in_a_group_commit_a_kept_release_is_written_in_place_and_reads_back(tmp_path):
+    """Within a group (the batched engine) the kept release is overwritten where it is, no
+    temporary copy renamed; it reads back whole, and one torn by a crash is never replayed."""
+    state = SiteState(tmp_path / "site", "s")
+    path = tmp_path / "site" / "runs" / "run-1.release.npz"
+    state.save_release("run-1", 1, "d1", {"w": np.zeros(8, dtype=np.float32)}, {"num_examples": 4})
+    inode = path.stat().st_ino
+    with group_commit():
+        state.save_release("run-1", 2, "d2", {"w": np.ones(8, dtype=np.float32)}, {"num_examples": 4})
+        state.mark_unreported([{"hash": "h1"}])
+    assert path.stat().st_ino == inode  # in place
+    assert not list(path.parent.glob("*.tmp"))
+    got = SiteState(tmp_path / "site", "s").stored_release("run-1", 2, "d2", dp=False)
+    assert got is not None
+    np.testing.assert_array_equal(got[0]["w"], np.ones(8, dtype=np.float32))
+    assert state._unreported_hashes() == ["h1"]
+    with group_commit():
+        state.mark_unreported([{"hash": "h2"}])  # the list exists: replaced atomically
+    assert state._unreported_hashes() == ["h1", "h2"]
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2] + bytes(len(blob) - len(blob) // 2))  # torn: the rest never written
+    assert SiteState(tmp_path / "site", "s").stored_release("run-1", 2, "d2", dp=False) is None
