@@ -241,7 +241,9 @@ class LedgerCheck:
                                "lost, not a breach); its chain cannot be checked across them, so it is not asked "
                                "again in this run (its own ledger keeps the full account)", missing=True)
             return Verdict(problem)
-        chain, state = self._accepted(site), self._checked
+        # Nothing new (no entries, or only replayed ones): the chain state stays the site's own.
+        chain = self._accepted(site)
+        state = self._checked if fresh else chain.state
         accepted.extend(fresh)
         chain.events.extend(LedgerEntry.from_dict(e).event for e in fresh)
         self._chains[site] = _Accepted(accepted[-1] if accepted else None, len(accepted), chain.events, state)
@@ -286,6 +288,7 @@ class LedgerCheck:
 
     def _problem(self, site: str, server_round: int, entries: list[dict[str, Any]], fresh: list[dict[str, Any]],
                  expected: Expected | None) -> str | None:
+        self._checked = None  # set below once this site's chain verifies, never left from another check
         if site not in self.public_keys:
             return f"no ledger key for site {site!r} from discovery"
         if not entries:

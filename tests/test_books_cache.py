@@ -272,3 +272,23 @@ def test_in_a_group_commit_a_kept_release_is_written_in_place_and_reads_back(tmp
     blob = path.read_bytes()
     path.write_bytes(blob[: len(blob) // 2] + bytes(len(blob) - len(blob) // 2))  # torn: the rest never written
     assert SiteState(tmp_path / "site", "s").stored_release("run-1", 2, "d2", dp=False) is None
+
+
+def test_a_reply_without_entries_leaves_the_sites_chain_state_its_own(tmp_path):
+    """A reply with no new entry (a decline after a spend, a replay) is taken without a
+    chain check: the site's chain state must stay its own, not the one another site's check
+    left behind, or its next honest entry would be checked against the wrong chain."""
+    a, b = SiteState(tmp_path / "a", "a"), SiteState(tmp_path / "b", "b")
+    for r in (1, 2):
+        a.record_spend(spend(r))
+        b.record_spend({**spend(r), "site": "b"})
+    check = LedgerCheck("r", {"a": a.key.public_key(), "b": b.key.public_key()}, dp=True, delta=1e-5,
+                        accountant="rdp")
+    assert check.check("a", 1, _lines(a)[:1], None).problem is None
+    assert check.check("b", 1, _lines(b)[:1], None).problem is None
+    assert check.check("a", 2, _lines(a)[1:], None).problem is None
+    assert check.check("b", 2, [], None).problem is None  # nothing new, right after a's check
+    assert check.check("b", 2, _lines(b)[1:], None).problem is None  # checked against b's own chain
+    forged = dict(_lines(b)[1], seq=2, round=3, run_seq=2, prev_hash=_lines(a)[1]["hash"])
+    forged["hash"] = entry_hash(forged)
+    assert "do not verify" in check.check("b", 3, [forged], None).problem
