@@ -881,7 +881,8 @@ def local_update_steps(msg: Message, plan: protocol.Plan,
     cfg, priv, tr = site.cfg, site.cfg.privacy, site.cfg.training
     assert plan.server_round is not None  # read_plan requires it for TRAIN
     weights = protocol.train_weights(msg)
-    digest = _request_digest(plan, weights, msg.content[protocol.ARRAYS])
+    # Within a simulation's worker a push's sites share one ArrayRecord; a deployed site keeps none.
+    digest = _request_digest(plan, weights, msg.content[protocol.ARRAYS] if _SHARED_VIEWS is not None else None)
     dp = priv.mode == "dp-sgd"
     kept = site.state.stored_release(plan.run_id, plan.server_round, digest, dp)
     if kept is not None:  # this very request was released already (the coordinator restarted)

@@ -342,7 +342,8 @@ class SiteState:
 
     def save_release(self, run_id: str, server_round: int, digest: str, arrays: dict[str, np.ndarray],
                      meta: dict[str, Any]) -> None:
-        """Keep this reply's arrays (atomically replaced, fsynced) until the next release:
+        """Keep this reply's arrays (atomically replaced, fsynced; within a group commit
+        written in place, `_group_write`) until the next release:
         a zip of two .npy members, as np.savez writes, `__release__` (the request it
         answers, the arrays' names, dtypes and shapes) and `data` (their bytes, in that
         order); `stored_release` also reads the older form, one member per array."""
