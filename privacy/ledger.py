@@ -91,6 +91,7 @@ from fedshield.privacy.events import (
     UNIT,
     VERSION_FIELD,
     Mechanism,
+    PrivacyEvent,
     as_float,
     chain_kind,
     chain_problem,
@@ -105,6 +106,7 @@ from fedshield.privacy.skellam import skellam_history_epsilon
 
 # The mechanism names and fields live in privacy/events.py (typed events); their old names here.
 MECHANISM = Mechanism.DP_SGD.value
+_EVENTS_KEPT = 65_536  # parsed events a Ledger keeps (`_events_of`); past it, start over
 PRIVACY_UNIT = RECORD
 # The coordinator's own ledger under privacy.unit=site (strategies/site_dp.py): one entry per
 # round, the Poisson-subsampled Gaussian on the clipped sum of the sites' updates.
@@ -179,6 +181,7 @@ class Ledger:
         self.path = Path(path)
         self._parsed: _Parsed | None = None
         self._verified: dict[str, _Verified] = {}
+        self._events: dict[int, tuple[Entry, PrivacyEvent]] = {}  # id(entry) -> (entry, event_of(entry))
 
     # -- reading -----------------------------------------------------------------
     def read(self) -> LedgerRead:
@@ -301,6 +304,20 @@ class Ledger:
     def history(self, site: str) -> list[Spend]:
         return site_history(self.read().entries, site)
 
+    def _events_of(self, entries: list[Entry]) -> list[PrivacyEvent]:
+        """event_of each entry, each entry's parsed once while this object holds it (the
+        entries it hands out are never modified; the entry itself is kept, so an id is never
+        another object's)."""
+        events = []
+        for e in entries:
+            kept = self._events.get(id(e))
+            if kept is None or kept[0] is not e:
+                if len(self._events) >= _EVENTS_KEPT:
+                    self._events.clear()
+                kept = self._events[id(e)] = (e, event_of(e))
+            events.append(kept[1])
+        return events
+
     # -- writing -----------------------------------------------------------------
     def append(self, fields: dict[str, Any], key: signing.PrivateKey) -> Entry:
         """Sign and append one spend; fsynced before this returns. Returns the entry as written."""
@@ -347,7 +364,7 @@ class Ledger:
                 raise LedgerError(
                     f"ledger {self.path}: site {site}'s spends are of mechanism {mechanism_of(last)}; a "
                     f"{mechanism_of(entry)} spend cannot join them (one chain, one accountant)")
-            eps = chain_epsilon([*mine, entry], float(entry["delta"]))
+            eps = chain_epsilon([*mine, entry], float(entry["delta"]), [*self._events_of(mine), event_of(entry)])
             given = entry.get("epsilon")
             entry["epsilon"] = float(eps) if given is None else max(float(given), float(eps))
             entry["seq"] = int(last["seq"]) + 1 if last is not None else 0
@@ -543,13 +560,14 @@ def skellam_spend(e: Entry) -> tuple[float, float, float]:
     return (noise.variance, noise.l1, noise.l2)
 
 
-def chain_epsilon(chain: list[Entry], delta: float) -> float:
+def chain_epsilon(chain: list[Entry], delta: float, events: list[PrivacyEvent] | None = None) -> float:
     """ε at δ of one site's chain of spends (one kind of mechanism, one relation), from their
     events: the Skellam bound for a Skellam chain, else the Gaussian accountant of its last
-    entry (DP-SGD, the count and the feature sum compose in it, each a Spend(σ, q, steps))."""
+    entry (DP-SGD, the count and the feature sum compose in it, each a Spend(σ, q, steps)).
+    `events`: the chain's, `event_of` each entry, where the caller has them."""
     if not chain:
         return 0.0
-    events = [event_of(e) for e in chain]
+    events = [event_of(e) for e in chain] if events is None else events
     if events[-1].mechanism is Mechanism.SKELLAM:
         return skellam_history_epsilon([(n.variance, n.l1, n.l2) for ev in events if (n := ev.skellam)], delta)
     return epsilon([ev.spend() for ev in events], delta, chain[-1]["accountant"], events[-1].relation.value)

@@ -424,13 +424,25 @@ def train_jobs(jobs: Sequence[TrainJob]) -> list[TrainOutcome]:
             continue
         trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         cohort = []
+        start: dict[str, torch.Tensor] = {}
+        last: TrainJob | None = None
         for i in together:
-            jobs[i].load()  # its start, by the module's own parameter names
-            start = {n: p.detach().clone() for n, p in trainable}
+            if last is None or not _same_start(last, jobs[i]):
+                jobs[i].load()  # its start, by the module's own parameter names
+                start = {n: p.detach().clone() for n, p in trainable}
+                last = jobs[i]
             cohort.append(CohortJob(start, jobs[i].dataset, jobs[i].plan, jobs[i].seed))
         for i, done in zip(together, train_cohort(module, cohort, jobs[together[0]].device), strict=True):
             outcomes[i] = TrainOutcome(done.result, done.error, params=done.params if done.error is None else None)
     return [o if o is not None else TrainOutcome(None, RuntimeError("not trained")) for o in outcomes]
+
+
+def _same_start(a: TrainJob, b: TrainJob) -> bool:
+    """Whether two jobs of one group (one view, one centre) start from the very same weights:
+    the same read-only arrays (a push's sites share its global weights, protocol.array_value),
+    which nothing can change. Their start is then loaded and copied once, and shared."""
+    return a.weights.keys() == b.weights.keys() and all(
+        v is b.weights[k] and not v.flags.writeable for k, v in a.weights.items())
 
 
 def _is_train(msg: Message) -> bool:

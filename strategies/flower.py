@@ -62,7 +62,7 @@ ROBUST = rules.ROBUST_RULES
 
 class ReadFedAvg(FedAvg):
     """Flower's FedAvg with its weighted mean of the replies' arrays (`average_arrayrecords`)
-    reading each Array with protocol.decode_array instead of `Array.numpy()`: np.load
+    reading each Array with protocol.array_value instead of `Array.numpy()`: np.load
     parsed every array's header with ast.literal_eval, about 1 ms a reply at 1,000 sites a
     round. The arithmetic, and its order, are Flower's own (tests/test_stack_aggregation.py
     checks the two aggregates equal bit for bit)."""
@@ -79,7 +79,7 @@ class ReadFedAvg(FedAvg):
 
 def average_arrayrecords(records: list[RecordDict], weighting_metric_name: str) -> ArrayRecord:
     """`flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords` (Flower 1.41), line for
-    line, its arrays read by protocol.decode_array."""
+    line, its arrays read by protocol.array_value (once per Array: the reply gate read them already)."""
     weights = [cast(float, next(iter(r.metric_records.values()))[weighting_metric_name]) for r in records]
     total_weight = sum(weights)
     weight_factors = [w / total_weight for w in weights]
@@ -88,9 +88,9 @@ def average_arrayrecords(records: list[RecordDict], weighting_metric_name: str) 
         for record_item in record.array_records.values():
             for key, value in record_item.items():
                 if key not in aggregated:
-                    aggregated[key] = protocol.decode_array(value) * weight
+                    aggregated[key] = protocol.array_value(value) * weight
                 else:
-                    aggregated[key] += protocol.decode_array(value) * weight
+                    aggregated[key] += protocol.array_value(value) * weight
     return ArrayRecord({k: Array(np.asarray(v)) for k, v in aggregated.items()})
 
 

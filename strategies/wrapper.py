@@ -23,8 +23,8 @@ log = logging.getLogger("fedshield.strategy")
 
 def update_of(msg: Message) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
     """A checked reply as the reply gate hands it on (`protocol.aggregation_content`): its
-    weights (or masked vector) and its FedAvg weight."""
-    return protocol.from_array_record(msg.content.array_records[protocol.ARRAYS]), weight_of(msg)
+    weights (or masked vector), read-only, and its FedAvg weight."""
+    return protocol.array_values(msg.content.array_records[protocol.ARRAYS]), weight_of(msg)
 
 
 def weight_of(msg: Message) -> int:

@@ -538,13 +538,13 @@ class TrainView:
         if missing:
             raise ModelError(f"update lacks trainable weights: {sorted(missing)[:3]}")
         tensors = self._trainable_tensors()
-        values = {k: torch.as_tensor(np.asarray(arrays[k])) for k in self.trainable_names}
+        values = {k: np.asarray(arrays[k]) for k in self.trainable_names}
         for k, value in values.items():
             if tuple(value.shape) != tuple(tensors[k].shape):
                 raise ModelError(f"weight {k}: shape {tuple(value.shape)}, the model's is {tuple(tensors[k].shape)}")
         with torch.no_grad():
             for k, value in values.items():
-                tensors[k].copy_(value)
+                _copy_into(tensors[k], value)
 
     def _trainable_tensors(self) -> dict[str, torch.Tensor]:
         """The model's own trainable tensors by state-dict name, looked up once: a walk of
@@ -555,6 +555,21 @@ class TrainView:
             every = self.model.state_dict(keep_vars=True)
             self._tensors = {k: every[k] for k in self.trainable_names}
         return self._tensors
+
+
+def _copy_into(target: torch.Tensor, value: np.ndarray) -> None:
+    """target.copy_(value), for a read-only `value` too (protocol.array_value: torch cannot
+    wrap one without a warning): copied straight into a CPU tensor's memory where numpy has
+    its dtype, else through a writable copy."""
+    if not value.flags.writeable:
+        if target.device.type == "cpu" and target.is_contiguous():
+            try:
+                np.copyto(target.detach().numpy(), value, casting="same_kind")
+                return
+            except TypeError:  # a dtype numpy lacks (bfloat16), or a cast copy_ makes and numpy does not
+                pass
+        value = value.copy()
+    target.copy_(torch.as_tensor(value))
 
 
 # weight * x / sqrt(mean(x^2) + variance_epsilon): what privacy.dpsgd.register_rms_norm computes

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -220,6 +221,49 @@ def test_arrays_are_flowers_bytes_and_read_back_as_flower_reads_them(value):
     back = protocol.decode_array(flowers)
     assert back.dtype == value.dtype and back.shape == value.shape and np.array_equal(back, value)
     assert back.flags.writeable and back.flags.c_contiguous
+
+
+@pytest.mark.parametrize("value", ARRAYS, ids=lambda a: f"{a.dtype.str}{a.shape}")
+def test_an_encoded_array_is_the_object_flowers_constructor_makes(value):
+    """encode_array builds the Array without its constructor: the same fields, the same dirty
+    mark, the same pickle and protobuf form, and it behaves as one when a field is set."""
+    from flwr.common.serde import array_to_proto
+
+    value = np.ascontiguousarray(value)
+    ours = protocol.encode_array(value)
+    theirs = Array(dtype=str(value.dtype), shape=tuple(value.shape), stype=ours.stype, data=ours.data)
+    assert type(ours) is Array and ours == theirs and ours == Array(value)
+    assert ours.__dict__ == theirs.__dict__ and ours.is_dirty
+    assert array_to_proto(ours).SerializeToString() == array_to_proto(theirs).SerializeToString()
+    assert pickle.loads(pickle.dumps(ours)) == theirs
+    ours.data = theirs.data[:0]  # Flower's __setattr__ still runs on the fields
+    assert ours.data == b"" and ours.is_dirty
+
+
+def test_array_value_reads_each_array_once_read_only_and_never_a_stale_value():
+    """array_value: one read-only view per Array object, handed to every reader; an Array
+    given new bytes is read again; an Array that is gone takes its entry with it."""
+    import gc
+
+    first = protocol.encode_array(np.arange(6, dtype=np.float32).reshape(2, 3))
+    value = protocol.array_value(first)
+    assert np.array_equal(value, np.arange(6).reshape(2, 3)) and not value.flags.writeable
+    assert protocol.array_value(first) is value  # the same object: read once
+    with pytest.raises(ValueError, match="read-only"):
+        value[0, 0] = 9.0  # no reader can change what the next one reads
+    assert protocol.decode_array(first).flags.writeable  # decode_array still gives a copy of its own
+    first.data = protocol.encode_array(np.ones((2, 3), np.float32)).data
+    assert np.array_equal(protocol.array_value(first), np.ones((2, 3)))  # new bytes: read again
+    again = protocol.array_value(first)
+    first.shape = (3, 2)  # a declared shape its bytes do not have: read again, as Flower reads it
+    assert protocol.array_value(first) is not again
+    assert protocol.array_value(first).shape == first.numpy().shape
+    record = ArrayRecord({"w": protocol.encode_array(np.zeros(3, np.float32))})
+    assert all(not v.flags.writeable for v in protocol.array_values(record).values())
+    before = len(protocol._VALUES)
+    del first, record
+    gc.collect()
+    assert len(protocol._VALUES) == before - 2
 
 
 @pytest.mark.parametrize("lie", ["shape", "dtype", "short", "long", "header", "negative"])
