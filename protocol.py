@@ -933,5 +933,10 @@ def aggregation_content(reply: TrainReply, source: ArrayRecord | None = None) ->
     those names are handed on as they are instead of being encoded again (every Array
     reads back as the values checked: `decode_array` reads it as np.load does).
     """
-    arrays = array_record({k: source[k] for k in reply.arrays}) if source is not None else to_array_record(reply.arrays)
+    if source is None:
+        arrays = to_array_record(reply.arrays)
+    elif type(source) is ArrayRecord and source.keys() == reply.arrays.keys():
+        arrays = source  # exactly the Arrays checked, nothing else: handed on as it is
+    else:
+        arrays = array_record({k: source[k] for k in reply.arrays})
     return RecordDict({ARRAYS: arrays, METRICS: MetricRecord({NUM_EXAMPLES: reply.num_examples})})

@@ -663,9 +663,10 @@ class _Chunk:
                 self._proximal_step(here)
         weights = {n: t.detach().cpu() for n, t in self.params.items()}
         finite = torch.stack([torch.isfinite(w).flatten(1).all(1) for w in weights.values()]).all(0).tolist()
-        return [self._result(r, finite[r], weights) for r in range(len(self.sites))]
+        rows = {n: w.unbind(0) for n, w in weights.items()}  # each site's row, split once (not indexed a site at a time)
+        return [self._result(r, finite[r], rows) for r in range(len(self.sites))]
 
-    def _result(self, r: int, finite: bool, weights: dict[str, torch.Tensor]) -> CohortResult:
+    def _result(self, r: int, finite: bool, rows: dict[str, tuple[torch.Tensor, ...]]) -> CohortResult:
         site, plan = self.sites[r], self.plans[r]
         if not finite:
             return CohortResult({}, None, TrainingError(
@@ -675,5 +676,5 @@ class _Chunk:
         spends = ([(float(plan.noise_multiplier), 1.0 / steps_per_epoch(site.rate), steps)]
                   if plan.dp and site.rate is not None and steps else [])
         mean_loss = float(self.loss_sum[r] / self.loss_count[r]) if self.loss_count[r] else float("nan")
-        return CohortResult({n: w[r] for n, w in weights.items()},  # rows of one chunk-wide tensor
+        return CohortResult({n: w[r] for n, w in rows.items()},  # rows of one chunk-wide tensor
                             LocalResult(mean_loss=mean_loss, steps=steps, spends=spends), None)

@@ -274,6 +274,30 @@ def test_in_a_group_commit_a_kept_release_is_written_in_place_and_reads_back(tmp
     assert SiteState(tmp_path / "site", "s").stored_release("run-1", 2, "d2", dp=False) is None
 
 
+def test_in_a_group_commit_the_unreported_list_is_emptied_and_refilled_in_place(tmp_path):
+    """Within a group the list of unreported spends is emptied where it is when a reply takes
+    it (no unlink) and written over in place only while it holds none; one that holds some
+    is replaced atomically, so a torn write never loses a mark. Outside a group it goes."""
+    state = SiteState(tmp_path / "site", "s")
+    path = state._unreported_path()
+    entry = state.record_spend(spend(1))
+    with group_commit():
+        state.mark_unreported([entry])
+        inode = path.stat().st_ino
+        assert [e["hash"] for e in state.take_unreported("r")] == [entry["hash"]]
+        assert path.read_bytes() == b"[]\n" and state.take_unreported("r") == []  # taken once
+        state.mark_unreported([entry])
+        assert path.stat().st_ino == inode  # refilled in place: it held none
+        state.mark_unreported([{"hash": "h2"}])
+        assert path.stat().st_ino != inode  # it held a mark: replaced atomically
+    assert state._unreported_hashes() == [entry["hash"], "h2"]
+    path.write_bytes(b'["h2", "h')  # torn: reads as none, as a missing list does
+    assert state._unreported_hashes() == []
+    state.mark_unreported([entry])
+    assert [e["hash"] for e in state.take_unreported("r")] == [entry["hash"]]
+    assert not path.exists()  # outside a group: removed
+
+
 def test_a_reply_without_entries_leaves_the_sites_chain_state_its_own(tmp_path):
     """A reply with no new entry (a decline after a spend, a replay) is taken without a
     chain check: the site's chain state must stay its own, not the one another site's check

@@ -267,3 +267,6 @@ def test_the_aggregation_content_hands_on_the_replys_own_arrays_of_the_checked_n
     assert content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES] == 5
     rebuilt = protocol.aggregation_content(protocol.TrainReply("alpha", 5, arrays, ()))
     assert all(rebuilt.array_records[protocol.ARRAYS][k].data == source[k].data for k in arrays)
+    del source["extra"]  # exactly the checked names: the reply's own record goes on, nothing added
+    same = protocol.aggregation_content(protocol.TrainReply("alpha", 5, arrays, ()), source)
+    assert same.array_records[protocol.ARRAYS] is source and list(source) == ["w", "b"]
