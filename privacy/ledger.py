@@ -101,7 +101,7 @@ from fedshield.privacy.events import (
     neighbouring_of,
     shown,
 )
-from fedshield.privacy.files import fsync, in_group_commit, write_fully
+from fedshield.privacy.files import fsync, in_group_commit, write_by_exchange, write_fully
 from fedshield.privacy.skellam import skellam_history_epsilon
 
 # The mechanism names and fields live in privacy/events.py (typed events); their old names here.
@@ -406,7 +406,11 @@ class Ledger:
         signature = signing.sign_known(key, entry["key_fingerprint"], canonical(mark))
         mark["signature"] = base64.b64encode(signature).decode("ascii")
         heads[str(entry["site"])] = mark
-        _write_atomic(self.head_path, (json.dumps(heads, sort_keys=True) + "\n").encode("ascii"))
+        data = (json.dumps(heads, sort_keys=True) + "\n").encode("ascii")
+        if write_by_exchange(self.head_path, data):  # within a group commit (privacy/files.py)
+            _fsync_dir(self.path.parent)  # the exchange is durable at the group's barrier
+        else:
+            _write_atomic(self.head_path, data)
 
     def _read_heads(self) -> dict[str, Any]:
         try:

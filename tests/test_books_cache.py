@@ -274,6 +274,32 @@ def test_in_a_group_commit_a_kept_release_is_written_in_place_and_reads_back(tmp
     assert SiteState(tmp_path / "site", "s").stored_release("run-1", 2, "d2", dp=False) is None
 
 
+def test_in_a_group_commit_the_head_record_is_swapped_with_its_spare_and_always_whole(tmp_path):
+    """Within a group the head record is written over its spare copy and the two names
+    exchanged (renameat2 RENAME_EXCHANGE, no rename over it): the head always reads whole
+    and verifies, the spare holds the one before, and a truncation is still caught."""
+    from fedshield.privacy import files
+
+    state = SiteState(tmp_path / "site", "a")
+    ledger = state.ledger
+    state.record_spend(spend(1))  # the first head: no spare to exchange with yet
+    spare = ledger.head_path.with_name(f".{ledger.head_path.name}.spare")
+    for r in (2, 3, 4):
+        before = ledger.head_path.read_bytes()
+        with group_commit():
+            state.record_spend(spend(r))
+            if files._RENAME_EXCHANGE is not None:
+                assert spare.read_bytes() == before  # the previous head, whole
+        assert json.loads(ledger.head_path.read_bytes())["a"]["seq"] == r - 1
+        SiteState(tmp_path / "site", "a").refresh()  # verifies against the head
+    assert not list(ledger.path.parent.glob(".*.tmp-*"))
+    lines = ledger.path.read_bytes().splitlines(keepends=True)
+    ledger.path.write_bytes(b"".join(lines[:-1]))  # the last entry cut off
+    with pytest.raises(LedgerError, match="head"):
+        SiteState(tmp_path / "site", "a").refresh()
+    assert not files.write_by_exchange(ledger.head_path, b"{}\n")  # outside a group: not used
+
+
 def test_in_a_group_commit_the_unreported_list_is_emptied_and_refilled_in_place(tmp_path):
     """Within a group the list of unreported spends is emptied where it is when a reply takes
     it (no unlink) and written over in place only while it holds none; one that holds some
