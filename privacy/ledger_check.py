@@ -118,6 +118,14 @@ class _Accepted:
     state: ChainState | None  # the chain state after them (None: they did not verify)
 
 
+@dataclass
+class _Checked:
+    """What one `LedgerCheck._problem` call found besides its verdict: the chain state after
+    the entries it verified (None until they verify). One per call: never another check's."""
+
+    state: ChainState | None = None
+
+
 class LedgerCheck:
     """Per-run, per-site state of the entries accepted so far; `check` each reply's entries.
 
@@ -150,7 +158,6 @@ class LedgerCheck:
         self.accountant = accountant
         self.accepted: dict[str, list[dict[str, Any]]] = {site: [] for site in self.public_keys}
         self._chains: dict[str, _Accepted] = {}  # site -> its accepted entries as checked (`_accepted`)
-        self._checked: ChainState | None = None  # the chain state after the entries `_problem` passed last
         # On resume: site -> its entries in the run's ledger, for the sites that did not rejoin.
         self.absent: dict[str, list[dict[str, Any]]] = {}
         # Site -> (round, entries, plan) of a reply whose entries start after spends not yet
@@ -223,8 +230,9 @@ class LedgerCheck:
             if entries[: len(replayed)] != replayed or accepted[-len(replayed):] != replayed:
                 return Verdict("its ledger entries repeat accepted ones out of order or changed")
         fresh = entries[len(replayed):]
+        checked = _Checked()
         try:
-            problem = self._problem(site, server_round, entries, fresh, expected)
+            problem = self._problem(site, server_round, entries, fresh, expected, checked)
         except Exception as exc:  # noqa: BLE001  whatever a site signed, the run goes on
             problem = f"its ledger entries could not be checked ({type(exc).__name__})"
         if problem is not None:
@@ -243,7 +251,7 @@ class LedgerCheck:
             return Verdict(problem)
         # Nothing new (no entries, or only replayed ones): the chain state stays the site's own.
         chain = self._accepted(site)
-        state = self._checked if fresh else chain.state
+        state = checked.state if fresh else chain.state
         accepted.extend(fresh)
         chain.events.extend(LedgerEntry.from_dict(e).event for e in fresh)
         self._chains[site] = _Accepted(accepted[-1] if accepted else None, len(accepted), chain.events, state)
@@ -262,9 +270,6 @@ class LedgerCheck:
                 own[-1] if own else None, len(own), [LedgerEntry.from_dict(e).event for e in own],
                 verified.state if verified is not None and verified.ok else None)
         return chain
-
-    def _accepted_events(self, site: str) -> list[PrivacyEvent]:
-        return self._accepted(site).events
 
     def _adopt(self, site: str) -> tuple[dict[str, Any], ...]:
         """The held entries of `site` that now continue its chain, checked as of their own
@@ -287,8 +292,7 @@ class LedgerCheck:
         return (last, first) if first > last + 1 else None
 
     def _problem(self, site: str, server_round: int, entries: list[dict[str, Any]], fresh: list[dict[str, Any]],
-                 expected: Expected | None) -> str | None:
-        self._checked = None  # set below once this site's chain verifies, never left from another check
+                 expected: Expected | None, checked: _Checked) -> str | None:
         if site not in self.public_keys:
             return f"no ledger key for site {site!r} from discovery"
         if not entries:
@@ -326,10 +330,10 @@ class LedgerCheck:
             verified = verify_ledger([*self.accepted[site], *fresh], keys)
         if not verified.ok:
             return f"{UNVERIFIED}: {verified.reason}"
-        self._checked = verified.state
+        checked.state = verified.state
         # Past verify_ledger every entry parses, and every number is within privacy.events' bounds.
         fresh_events = [t.event for t in typed[len(typed) - len(fresh):]]
-        events = [*self._accepted_events(site), *fresh_events]
+        events = [*self._accepted(site).events, *fresh_events]
         spends = [t.event.spend() for t in typed if t.provenance.round == server_round]
         if expected is not None:
             if any(s.sample_rate != expected.sample_rate for s in spends) or \
@@ -389,7 +393,7 @@ class LedgerCheck:
             return 0.0
         try:
             delta = LedgerEntry.from_dict(own[-1]).delta
-            return epsilon([ev.spend() for ev in self._accepted_events(site)], delta, self.accountant,
+            return epsilon([ev.spend() for ev in self._accepted(site).events], delta, self.accountant,
                            self.neighbouring)
         except Exception:  # noqa: BLE001  accepted entries were computed once already; never the run
             return float(own[-1]["epsilon"])

@@ -663,7 +663,7 @@ class _Chunk:
                 self._proximal_step(here)
         weights = {n: t.detach().cpu() for n, t in self.params.items()}
         finite = torch.stack([torch.isfinite(w).flatten(1).all(1) for w in weights.values()]).all(0).tolist()
-        rows = {n: w.unbind(0) for n, w in weights.items()}  # each site's row, split once (not indexed a site at a time)
+        rows = {n: w.unbind(0) for n, w in weights.items()}  # the sites' rows, split once (not indexed one by one)
         return [self._result(r, finite[r], rows) for r in range(len(self.sites))]
 
     def _result(self, r: int, finite: bool, rows: dict[str, tuple[torch.Tensor, ...]]) -> CohortResult:

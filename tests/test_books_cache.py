@@ -274,6 +274,25 @@ def test_in_a_group_commit_a_kept_release_is_written_in_place_and_reads_back(tmp
     assert SiteState(tmp_path / "site", "s").stored_release("run-1", 2, "d2", dp=False) is None
 
 
+@pytest.mark.parametrize("shape", [[3], [9], [-1], [2, 5], [10 ** 12]])
+def test_a_kept_release_whose_record_lies_about_its_arrays_is_never_replayed(tmp_path, shape):
+    """A kept release's record names each array's dtype and shape; one whose shapes do not
+    cut its data exactly (too few, too many, negative, absurd) is not replayed."""
+    from fedshield.protocol import npy_bytes
+
+    state = SiteState(tmp_path / "site", "s")
+    state.save_release("run-1", 1, "d1", {"w": np.arange(8, dtype=np.float32)}, {"num_examples": 4})
+    path = tmp_path / "site" / "runs" / "run-1.release.npz"
+    with zipfile.ZipFile(path) as archive:
+        record = json.loads(bytes(np.load(archive.open("__release__.npy"))).decode())
+        data = archive.read("data.npy")
+    record["arrays"][0][2] = shape
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("__release__.npy", npy_bytes(np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)))
+        archive.writestr("data.npy", data)
+    assert SiteState(tmp_path / "site", "s").stored_release("run-1", 1, "d1", dp=False) is None
+
+
 def test_in_a_group_commit_the_head_record_is_swapped_with_its_spare_and_always_whole(tmp_path):
     """Within a group the head record is written over its spare copy and the two names
     exchanged (renameat2 RENAME_EXCHANGE, no rename over it): the head always reads whole
