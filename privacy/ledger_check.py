@@ -124,6 +124,7 @@ class _Checked:
     the entries it verified (None until they verify). One per call: never another check's."""
 
     state: ChainState | None = None
+    events: list[PrivacyEvent] | None = None  # the fresh entries' events, parsed once
 
 
 class LedgerCheck:
@@ -253,7 +254,8 @@ class LedgerCheck:
         chain = self._accepted(site)
         state = checked.state if fresh else chain.state
         accepted.extend(fresh)
-        chain.events.extend(LedgerEntry.from_dict(e).event for e in fresh)
+        chain.events.extend(checked.events if checked.events is not None and len(checked.events) == len(fresh)
+                            else [LedgerEntry.from_dict(e).event for e in fresh])
         self._chains[site] = _Accepted(accepted[-1] if accepted else None, len(accepted), chain.events, state)
         return Verdict(None, tuple(fresh) + self._adopt(site))
 
@@ -332,7 +334,7 @@ class LedgerCheck:
             return f"{UNVERIFIED}: {verified.reason}"
         checked.state = verified.state
         # Past verify_ledger every entry parses, and every number is within privacy.events' bounds.
-        fresh_events = [t.event for t in typed[len(typed) - len(fresh):]]
+        fresh_events = checked.events = [t.event for t in typed[len(typed) - len(fresh):]]
         events = [*self._accepted(site).events, *fresh_events]
         spends = [t.event.spend() for t in typed if t.provenance.round == server_round]
         if expected is not None:
