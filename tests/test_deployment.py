@@ -2,8 +2,8 @@
 
 Real processes: a SuperLink (TLS, SuperNode authentication), the ServerApp, three
 SuperNodes each with its own CSV and state folder, 2 rounds of a tiny BERT with DP-SGD.
-Then the refusals, all against one coordinator run that must still complete with its good
-sites: an unregistered key, a wrong CA, a plaintext client, bad data files; and a
+The refusals come in that same coordinator run, which must still complete with its good
+sites: an unregistered key, a wrong CA, a plaintext client, bad data files. Then a
 coordinator certificate that has expired or names another host. Last, crashes: a site's
 agent and then the coordinator killed with SIGKILL mid-run (no orphan Flower process, the
 site rejoins, each site's exit code and line say how the run ended).
@@ -86,14 +86,23 @@ def wait_listening(port: int, timeout: float) -> None:
 
 
 def finish_group(p: subprocess.Popen, timeout: float) -> tuple[int, str]:
-    """Wait up to `timeout`, then end the process's whole session; never raises."""
+    """Wait until the process itself exits (up to `timeout`; its exit code, else -SIGKILL),
+    then end what is left of its session (a child that outlives it holds its output open);
+    never raises. Its output is read all along, so that a full pipe never stalls it."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True)
+    reader.start()
     try:
-        out, _ = p.communicate(timeout=timeout)
-        return p.returncode, out
+        rc = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        rc = -signal.SIGKILL
+    try:
         os.killpg(p.pid, signal.SIGKILL)
-        out, _ = p.communicate(timeout=30)
-        return -signal.SIGKILL, out
+    except (ProcessLookupError, PermissionError):  # not a session leader, or nothing of it left
+        pass
+    p.wait()
+    reader.join(30)
+    return rc, "".join(lines)
 
 
 def finish(p: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str]:
@@ -137,60 +146,7 @@ def last_epsilon(ledger: Path) -> float:
     return float(lines[-1]["epsilon"])
 
 
-# ------------------------------------------------------------------ the happy path
-
-
-def test_three_sites_two_rounds_with_dp(pki_dir, tiny_bert, tmp_path):
-    t0 = time.time()
-    server_data = write_csv(tmp_path / "server.csv", synthetic_rows(120, seed=7))
-    port = free_port()
-    names = ("st-marys", "st-johns", "city-bank")
-    server = fedshield(*server_args(pki_dir, [pki_dir / f"{n}.pub" for n in names], port,
-                                    tiny_bert, server_data, tmp_path), cwd=tmp_path)
-    sites = {}
-    for i, n in enumerate(names):
-        data = write_csv(tmp_path / f"{n}.csv", synthetic_rows(60, seed=10 + i))
-        sites[n] = fedshield(*client_args(port, pki_dir / "ca.crt", pki_dir / f"{n}.key", data,
-                                          tmp_path / f"state-{n}"), cwd=tmp_path)
-    rc, out = finish(server)
-    outs = {n: finish(p, 120) for n, p in sites.items()}
-    assert rc == 0, out[-4000:]
-    run_dir = tmp_path / "runs" / "deploy"
-    assert f"run directory: {run_dir}" in out
-    for n, (crc, cout) in outs.items():
-        assert crc == 0, f"{n}:\n{cout[-3000:]}"
-        assert "admitted by the coordinator" in cout
-        fp = fingerprint(pki.load_connection_public_key(pki_dir / f"{n}.pub"))  # one format on both sides
-        assert f"admitted connection key {n}: {fp}" in out
-        assert f"connection key {fp}" in cout
-
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["round"] for m in metrics][-2:] == [1, 2]
-    assert metrics[-1]["trained"] == 3
-    ledger = [json.loads(x) for x in (run_dir / "privacy" / "ledger.jsonl").read_text().splitlines()]
-    summary = json.loads((run_dir / "privacy" / "sites.json").read_text())
-    for n in names:
-        own = tmp_path / f"state-{n}" / "ledger.jsonl"
-        own_entries = [json.loads(x) for x in own.read_text().splitlines() if x.strip()]
-        mine = [e for e in ledger if e["site"] == n]
-        # The protected record count and the feature-mean release (round 0), then one spend per round.
-        assert [(e["release"], e["round"]) for e in mine] == [
-            ("record-count", 0), ("feature-mean", 0), ("dp-sgd", 1), ("dp-sgd", 2)]
-        assert mine == own_entries[-4:]  # the coordinator's copy is the site's own entries
-        assert mine[0]["released_count"] == summary[n]["records"] and summary[n]["neighbouring"] == "add-remove"
-        assert summary[n]["epsilon"] == pytest.approx(last_epsilon(own))
-        # Calibrated so that the release and the 2 rounds together spend the target, not more.
-        assert 7.8 < summary[n]["epsilon"] <= 8.0
-        assert (run_dir / "privacy" / "ledger-keys" / f"{n}.pub").is_file()
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
-    assert model.config.num_labels == 2
-    assert (run_dir / "report.md").is_file()
-    print(f"deployment e2e: {time.time() - t0:.0f}s")
-
-
-# ------------------------------------------------------------------ refusals, one coordinator run
+# ------------------------------------------------------------ one coordinator run: the happy path, the refusals
 
 
 BAD_DATA = {
@@ -199,21 +155,27 @@ BAD_DATA = {
     "malformed": ('text,label\n"sunny rain",weather\n"stock,markets\n', "malformed.csv:3"),
     "label": ("text,label\nsunny rain,weather\nstock bank,sports\n", "label.csv:3: label 'sports'"),
 }
+NAMES = ("st-marys", "st-johns", "city-bank")  # the good sites: registered, with good data and the right CA
 
 
 @pytest.fixture(scope="module")
-def refusals(pki_dir, tiny_bert, tmp_path_factory) -> dict:
-    """A coordinator expecting 2 good sites, while intruders and broken sites try to join."""
-    tmp = tmp_path_factory.mktemp("refusals")
+def deployment(pki_dir, tiny_bert, tmp_path_factory) -> dict:
+    """A coordinator expecting 3 good sites for 2 rounds with DP, while intruders and broken
+    sites try to join: the happy path (test_three_sites_two_rounds_with_dp) and the refusals
+    share this one run (a coordinator run is the costly part; none of the intruders gets as
+    far as the coordinator's ServerApp, so none changes what the good sites do)."""
+    tmp = tmp_path_factory.mktemp("deployment")
+    t0 = time.time()
     server_data = write_csv(tmp / "server.csv", synthetic_rows(120, seed=7))
     port = free_port()
-    registered = [pki_dir / f"{n}.pub" for n in ("st-marys", "st-johns", "city-bank")]
-    server = fedshield(*server_args(pki_dir, registered, port, tiny_bert, server_data, tmp,
-                                    **{"federation.num_sites": 2, "federation.rounds": 1}), cwd=tmp)
+    registered = [pki_dir / f"{n}.pub" for n in NAMES]
+    server = fedshield(*server_args(pki_dir, registered, port, tiny_bert, server_data, tmp), cwd=tmp)
     ca = pki_dir / "ca.crt"
     procs: dict[str, subprocess.Popen] = {}
 
-    # intruders first, so that they are there while the coordinator waits for sites
+    # intruders first, so that they are there while the coordinator waits for sites. Those
+    # with a registered key (city-bank's) are refused for their CA, --insecure or their data,
+    # each before it connects: never for the key.
     other = tmp / "other-pki"
     pki.init_pki(other, "fl.example.org", ["127.0.0.1"])
     good_csv = write_csv(tmp / "good.csv", synthetic_rows(60, seed=3))
@@ -237,8 +199,8 @@ def refusals(pki_dir, tiny_bert, tmp_path_factory) -> dict:
         procs[f"data-{kind}"] = fedshield(*client_args(port, ca, pki_dir / "city-bank.key", path,
                                                        tmp / f"state-{kind}", "--labels", "markets,weather"), cwd=tmp)
     # the good sites
-    for i, n in enumerate(("st-marys", "st-johns")):
-        data = write_csv(tmp / f"{n}.csv", synthetic_rows(60, seed=20 + i))
+    for i, n in enumerate(NAMES):
+        data = write_csv(tmp / f"{n}.csv", synthetic_rows(60, seed=10 + i))
         procs[n] = fedshield(*client_args(port, ca, pki_dir / f"{n}.key", data, tmp / f"state-{n}"), cwd=tmp)
 
     # a raw plaintext HTTP request to the TLS port while the run goes on
@@ -263,50 +225,91 @@ def refusals(pki_dir, tiny_bert, tmp_path_factory) -> dict:
     results = {"server": finish(server)}
     for name, p in procs.items():
         results[name] = finish(p, 180)
-    # Flower's SuperNode logs "Giving up" but its SuperExec child keeps retrying: reap the
-    # whole group after a bounded wait (Flower's behaviour; the coordinator is unaffected).
+    # Flower's SuperNode gives up and exits, but its SuperExec child keeps retrying (and keeps
+    # the output open): reap the whole group once the SuperNode is gone (bounded; Flower's
+    # behaviour, the coordinator is unaffected).
     results["plaintext"] = finish_group(plaintext, 60)
     t.join()
     results["plain-http"] = plain_http.get("reply", b"")
     results["tmp"] = tmp
+    print(f"deployment e2e: {time.time() - t0:.0f}s")
     return results
 
 
-def test_refusal_run_completes_with_the_good_sites(refusals):
-    rc, out = refusals["server"]
+def test_three_sites_two_rounds_with_dp(deployment, pki_dir):
+    rc, out = deployment["server"]
+    tmp = deployment["tmp"]
+    outs = {n: deployment[n] for n in NAMES}
     assert rc == 0, out[-4000:]
-    run_dir = refusals["tmp"] / "runs" / "deploy"
+    run_dir = tmp / "runs" / "deploy"
+    assert f"run directory: {run_dir}" in out
+    for n, (crc, cout) in outs.items():
+        assert crc == 0, f"{n}:\n{cout[-3000:]}"
+        assert "admitted by the coordinator" in cout
+        fp = fingerprint(pki.load_connection_public_key(pki_dir / f"{n}.pub"))  # one format on both sides
+        assert f"admitted connection key {n}: {fp}" in out
+        assert f"connection key {fp}" in cout
+
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics][-2:] == [1, 2]
+    assert metrics[-1]["trained"] == 3
+    ledger = [json.loads(x) for x in (run_dir / "privacy" / "ledger.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "privacy" / "sites.json").read_text())
+    for n in NAMES:
+        own = tmp / f"state-{n}" / "ledger.jsonl"
+        own_entries = [json.loads(x) for x in own.read_text().splitlines() if x.strip()]
+        mine = [e for e in ledger if e["site"] == n]
+        # The protected record count and the feature-mean release (round 0), then one spend per round.
+        assert [(e["release"], e["round"]) for e in mine] == [
+            ("record-count", 0), ("feature-mean", 0), ("dp-sgd", 1), ("dp-sgd", 2)]
+        assert mine == own_entries[-4:]  # the coordinator's copy is the site's own entries
+        assert mine[0]["released_count"] == summary[n]["records"] and summary[n]["neighbouring"] == "add-remove"
+        assert summary[n]["epsilon"] == pytest.approx(last_epsilon(own))
+        # Calibrated so that the release and the 2 rounds together spend the target, not more.
+        assert 7.8 < summary[n]["epsilon"] <= 8.0
+        assert (run_dir / "privacy" / "ledger-keys" / f"{n}.pub").is_file()
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
+    assert model.config.num_labels == 2
+    assert (run_dir / "report.md").is_file()
+
+
+def test_refusal_run_completes_with_the_good_sites(deployment):
+    rc, out = deployment["server"]
+    assert rc == 0, out[-4000:]
+    run_dir = deployment["tmp"] / "runs" / "deploy"
     sites = json.loads((run_dir / "privacy" / "sites.json").read_text())
-    assert sorted(sites) == ["st-johns", "st-marys"]
-    for n in ("st-marys", "st-johns"):
-        assert refusals[n][0] == 0, refusals[n][1][-3000:]
+    assert sorted(sites) == sorted(NAMES)  # none of the intruders
+    for n in NAMES:
+        assert deployment[n][0] == 0, deployment[n][1][-3000:]
 
 
-def test_unregistered_connection_key_is_refused(refusals):
-    rc, out = refusals["rogue"]
+def test_unregistered_connection_key_is_refused(deployment):
+    rc, out = deployment["rogue"]
     assert rc == 2, out[-3000:]
     assert "error: site rogue: the coordinator refused connection key rogue.key (SHA256:" in out
     assert "not registered" in out
 
 
-def test_site_with_another_ca_is_refused(refusals):
-    rc, out = refusals["wrong-ca"]
+def test_site_with_another_ca_is_refused(deployment):
+    rc, out = deployment["wrong-ca"]
     assert rc == 2
     assert "its TLS certificate is not signed by" in out and "wrong CA" in out
 
 
-def test_plaintext_client_is_refused(refusals):
-    rc, out = refusals["insecure-cli"]
+def test_plaintext_client_is_refused(deployment):
+    rc, out = deployment["insecure-cli"]
     assert rc == 2 and "--insecure: refused" in out
-    rc, out = refusals["plaintext"]
+    rc, out = deployment["plaintext"]
     assert rc != 0  # Flower's own SuperNode over plaintext never gets in
     assert "SuperNode ID" not in out
-    assert b"HTTP/1.1 200" not in refusals["plain-http"]
+    assert b"HTTP/1.1 200" not in deployment["plain-http"]
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_DATA))
-def test_bad_data_file_is_refused(refusals, kind):
-    rc, out = refusals[f"data-{kind}"]
+def test_bad_data_file_is_refused(deployment, kind):
+    rc, out = deployment[f"data-{kind}"]
     assert rc == 2, out
     lines = [x for x in out.splitlines() if x.startswith("error: ")]
     assert len(lines) == 1 and BAD_DATA[kind][1] in lines[0], out
