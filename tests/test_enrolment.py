@@ -358,7 +358,10 @@ def test_deployed_enrolled_sites_train_and_an_impostor_is_refused(tmp_path, tiny
     over = [o for o in tiny_overrides(tiny_bert, write_csv(tmp_path / "server.csv", synthetic_rows(120, seed=7)),
                                       tmp_path, **{"federation.round_timeout_s": 120, "privacy.delta": 1e-5,
                                                    "output.run_name": "enrolled", "federation.num_sites": 3,
-                                                   "federation.min_sites": 2, "federation.rounds": 1})
+                                                   "federation.min_sites": 2, "federation.rounds": 1,
+                                                   # not under test here (tests/test_deployment.py's run has
+                                                   # it): a message round less
+                                                   "training.center_features": False})
             if not o.startswith("simulation.")]
     try:
         server = fedshield("server", "--pki", str(d), "--address", f"127.0.0.1:{port}", *over, cwd=tmp_path)
