@@ -33,6 +33,9 @@ When is the job over? A 1.41 SuperNode has no "stop after N runs" flag: it serve
 until its SuperLink goes away. `fedshield server` stops its SuperLink when the run ends,
 so the SuperNode runs with `--max-wait-time` (`--reconnect-s`, default 120 s): once the
 coordinator has been unreachable that long, the SuperNode gives up and this command ends.
+If the coordinator said the run completed (its DONE, after its report) and then went away,
+this command ends as soon as the SuperNode first fails to reach it, without waiting that
+long: the coordinator stops its SuperLink when the run ends, there is nothing to rejoin.
 To rejoin a coordinator that was restarted (a new SuperLink, a resumed run), start this
 command again with the same state folder.
 
@@ -490,12 +493,16 @@ def _run_site(opts: SiteAgent, p: _Prepared, stop: threading.Event | None) -> in
                 reader = threading.Thread(target=_follow, args=(log_path, offset, attempt, name, opts.verbose, done),
                                           daemon=True)
                 reader.start()
-                last_note = 0.0
+                last_note, lost, started = 0.0, 0, time.time()
                 while proc.poll() is None and not attempt.gone:
                     _pause(0.2, stop)
                     if attempt.joined and time.time() - last_note > AGENT_NOTE_S:
                         agent.seen()  # roughly the SuperNode's last heartbeat, for a restart's wait
                         last_note = time.time()
+                    if attempt.lost > lost:  # the SuperNode lost the coordinator and retries
+                        lost = attempt.lost
+                        if coordinator_closed(state, home, started):
+                            break  # it said the run completed, then went away: nothing to reconnect for
                 children.stop()
                 done.set()
                 reader.join(timeout=5)
@@ -542,6 +549,7 @@ class SupernodeLog:
 
     def __init__(self) -> None:
         self.joined = self.refused = self.gone = False
+        self.lost = 0  # the SuperNode's failed attempts to reach the coordinator (it retries)
         self.received: dict[int, int] = {}
         self.replied: dict[int, int] = {}
         self._run: int | None = None
@@ -556,6 +564,8 @@ class SupernodeLog:
             self.refused = True
         if "Giving up reconnection" in line and self.joined:
             self.gone = True  # the SuperNode logs this but keeps its process alive
+        if "Connection attempt failed" in line and self.joined:
+            self.lost += 1
         if m := _RUN.search(line):
             self._run, self._sending = int(m.group(1)), ""
         elif (m := _KIND.search(line)) and self._run is not None:
@@ -647,6 +657,22 @@ def rounds_trained(ledger: Path, site: str, run_id: str) -> int:
                 and e.get("release") == "dp-sgd" and isinstance(e.get("round"), int):
             last = max(last, e["round"])
     return last
+
+
+def coordinator_closed(state: Path, home: Path, since: float) -> bool:
+    """The coordinator told this site, in this session (`since`: when its SuperNode started),
+    that the run completed (client.app's DONE handler writes the marker after the
+    coordinator's report). A SuperNode that then loses the coordinator has nothing left to
+    reconnect for: `fedshield server` stops its SuperLink when the run ends."""
+    from fedshield.client.site import done_path
+
+    plan = installed_plan(home)
+    if plan is None:
+        return False
+    try:
+        return done_path(state, plan.run_id).stat().st_mtime >= since
+    except OSError:
+        return False
 
 
 def finish(name: str, state: Path, home: Path, session: SupernodeLog) -> int:

@@ -100,6 +100,32 @@ def test_the_plan_comes_from_the_app_the_supernode_installed(tmp_path):
     assert rounds_trained(state / "ledger.jsonl", "st-johns", "job-7") == 0
 
 
+def test_a_coordinator_that_said_done_and_went_away_is_not_waited_for(tmp_path):
+    """The agent ends at the SuperNode's first failed reconnection only if the coordinator
+    told this site, in this session, that the run completed (its DONE marker, written after
+    the coordinator's report); otherwise the SuperNode retries for --reconnect-s."""
+    import os
+    import time
+
+    from fedshield.client.site import done_path
+
+    log = feed(SESSION)
+    assert log.lost == 0
+    log.feed("WARNING :   Connection attempt failed, retrying in 0.84 seconds\n")
+    assert log.lost == 1 and not log.gone
+    state, home = state_folder(tmp_path, rounds=2, trained=2)
+    since = time.time()
+    assert not cli.coordinator_closed(state, home, since)  # no DONE: a lost coordinator, retried
+    marker = done_path(state, "job-7")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("job-7\n")
+    os.utime(marker, (since - 60, since - 60))
+    assert not cli.coordinator_closed(state, home, since)  # a DONE of an earlier session
+    os.utime(marker, (since + 1, since + 1))
+    assert cli.coordinator_closed(state, home, since)
+    assert not cli.coordinator_closed(state, tmp_path / "no-app", since)
+
+
 def test_exit_0_only_when_the_last_round_was_answered(tmp_path, capsys):
     state, home = state_folder(tmp_path, rounds=2, trained=2)
     log = feed(SESSION)
