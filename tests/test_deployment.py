@@ -184,6 +184,16 @@ def deployment(pki_dir, tiny_bert, tmp_path_factory) -> dict:
                                                tmp / "state-wrong-ca"), cwd=tmp)
     procs["insecure-cli"] = fedshield(*client_args(port, ca, pki_dir / "city-bank.key", good_csv,
                                                    tmp / "state-insecure", "--insecure"), cwd=tmp)
+    for kind, (content, _) in BAD_DATA.items():
+        path = tmp / f"{kind}.csv"
+        if content is not None:
+            path.write_text(content)
+        procs[f"data-{kind}"] = fedshield(*client_args(port, ca, pki_dir / "city-bank.key", path,
+                                                       tmp / f"state-{kind}", "--labels", "markets,weather"), cwd=tmp)
+    # the good sites (each waits up to --connect-timeout for the coordinator's port)
+    for i, n in enumerate(NAMES):
+        data = write_csv(tmp / f"{n}.csv", synthetic_rows(60, seed=10 + i))
+        procs[n] = fedshield(*client_args(port, ca, pki_dir / f"{n}.key", data, tmp / f"state-{n}"), cwd=tmp)
     bindir = Path(sys.executable).parent
     wait_listening(port, 240)  # plaintext against the live TLS port, not against nothing
     plaintext = subprocess.Popen(
@@ -192,16 +202,6 @@ def deployment(pki_dir, tiny_bert, tmp_path_factory) -> dict:
         cwd=tmp, env={**env(), "FLWR_HOME": str(tmp / "plain-home")}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     STARTED.append(plaintext)
-    for kind, (content, _) in BAD_DATA.items():
-        path = tmp / f"{kind}.csv"
-        if content is not None:
-            path.write_text(content)
-        procs[f"data-{kind}"] = fedshield(*client_args(port, ca, pki_dir / "city-bank.key", path,
-                                                       tmp / f"state-{kind}", "--labels", "markets,weather"), cwd=tmp)
-    # the good sites
-    for i, n in enumerate(NAMES):
-        data = write_csv(tmp / f"{n}.csv", synthetic_rows(60, seed=10 + i))
-        procs[n] = fedshield(*client_args(port, ca, pki_dir / f"{n}.key", data, tmp / f"state-{n}"), cwd=tmp)
 
     # a raw plaintext HTTP request to the TLS port while the run goes on
     plain_http = {}
