@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
+from typing import Any
 
 from fedshield.privacy.errors import FedShieldError
 
@@ -45,15 +46,22 @@ def fsync(fd: int) -> None:
 # any reply leaves (simulations/batched.py). Without syncfs (not Linux) every fsync is made
 # as it comes.
 
-def _load_syncfs() -> Callable[[int], int] | None:
+def _libc(name: str) -> Any | None:  # a ctypes function of the C library (untyped)
+    """Linux's C library function `name` (errno kept for ctypes.get_errno), or None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        call = ctypes.CDLL(None, use_errno=True).syncfs
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    call = _libc("syncfs")
+    if call is None:
+        return None
     call.argtypes, call.restype = [ctypes.c_int], ctypes.c_int
-    return call
+    return call  # type: ignore[no-any-return]
 
 
 _SYNCFS = _load_syncfs()
@@ -126,11 +134,8 @@ def group_commit() -> Iterator[GroupCommit | None]:
 # copy in place, and the two names swapped, so the spare then holds the previous record.
 
 def _load_renameat2() -> Callable[[bytes, bytes], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        call = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
+    call = _libc("renameat2")
+    if call is None:
         return None
     call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     call.restype = ctypes.c_int
