@@ -166,7 +166,10 @@ def write_by_exchange(path: Path, data: bytes) -> bool:
     except OSError:
         return False
     try:
-        if os.fstat(fd).st_size > len(data):
+        info = os.fstat(fd)
+        if info.st_nlink != 1:  # a spare linked to another file: never written through
+            return False
+        if info.st_size > len(data):
             os.ftruncate(fd, len(data))
         os.lseek(fd, 0, os.SEEK_SET)
         write_fully(fd, data)

@@ -11,6 +11,7 @@ same message a check of the whole gives.
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -317,6 +318,32 @@ def test_in_a_group_commit_the_head_record_is_swapped_with_its_spare_and_always_
     with pytest.raises(LedgerError, match="head"):
         SiteState(tmp_path / "site", "a").refresh()
     assert not files.write_by_exchange(ledger.head_path, b"{}\n")  # outside a group: not used
+
+
+def test_a_head_record_whose_exchange_cannot_be_made_is_renamed_as_before(tmp_path, monkeypatch):
+    """No RENAME_EXCHANGE (an older kernel, a file system without it: the call fails), or a
+    spare linked to another file (never written through): the head is replaced by a rename,
+    whole, and the other file is untouched."""
+    from fedshield.privacy import files
+
+    state = SiteState(tmp_path / "site", "a")
+    state.record_spend(spend(1))
+    head = state.ledger.head_path
+    monkeypatch.setattr(files, "_RENAME_EXCHANGE", lambda a, b: -1)
+    with group_commit():
+        state.record_spend(spend(2))
+    assert json.loads(head.read_bytes())["a"]["seq"] == 1
+    monkeypatch.undo()
+    other = tmp_path / "other"
+    other.write_bytes(b"not a head\n")
+    spare = head.with_name(f".{head.name}.spare")
+    spare.unlink(missing_ok=True)
+    os.link(other, spare)  # planted as a hard link to another file
+    with group_commit():
+        state.record_spend(spend(3))
+    assert other.read_bytes() == b"not a head\n"
+    assert json.loads(head.read_bytes())["a"]["seq"] == 2
+    SiteState(tmp_path / "site", "a").refresh()
 
 
 def test_in_a_group_commit_the_unreported_list_is_emptied_and_refilled_in_place(tmp_path):
