@@ -421,7 +421,7 @@ def update_problem(update: Mapping[str, np.ndarray[Any, Any]], expected: Mapping
             return f"tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}"
         if arr.dtype != dtype:
             return f"tensor {name!r} has dtype {arr.dtype}, expected {dtype}"
-        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # np.floating
             bad = int((~np.isfinite(arr)).sum())
             return f"tensor {name!r} has {bad} non-finite values (NaN/Inf)"
     return None

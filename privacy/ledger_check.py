@@ -62,7 +62,7 @@ from typing import Any
 from fedshield.privacy import signing
 from fedshield.privacy.accountant import ADD_REMOVE, epsilon, epsilon_opacus
 from fedshield.privacy.errors import LedgerError
-from fedshield.privacy.events import ONE_SHOT, RECORD_GAUSSIANS, LedgerEntry, PrivacyEvent, shown
+from fedshield.privacy.events import ONE_SHOT, RECORD_GAUSSIANS, LedgerEntry, PrivacyEvent, as_float, shown
 from fedshield.privacy.ledger import ChainState, verify_ledger
 
 TOLERANCE = 1e-6  # relative, as the audit's
@@ -394,7 +394,11 @@ class LedgerCheck:
         if not own:
             return 0.0
         try:
-            delta = LedgerEntry.from_dict(own[-1]).delta
+            # The entry was parsed and checked when it was accepted (delta in (0, 1)): its
+            # delta is read again, not the whole entry (once a site a round, for the metrics).
+            delta = as_float(own[-1].get("delta"))
+            if delta is None or not 0.0 < delta < 1.0:
+                delta = LedgerEntry.from_dict(own[-1]).delta
             return epsilon([ev.spend() for ev in self._accepted(site).events], delta, self.accountant,
                            self.neighbouring)
         except Exception:  # noqa: BLE001  accepted entries were computed once already; never the run

@@ -36,6 +36,7 @@ equal what each site declared at discovery); the median and the trimmed mean are
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
@@ -78,20 +79,71 @@ class ReadFedAvg(FedAvg):
 
 
 def average_arrayrecords(records: list[RecordDict], weighting_metric_name: str) -> ArrayRecord:
-    """`flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords` (Flower 1.41), line for
-    line, its arrays read by protocol.array_value (once per Array: the reply gate read them already)."""
-    weights = [cast(float, next(iter(r.metric_records.values()))[weighting_metric_name]) for r in records]
+    """`flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords` (Flower 1.41): the same
+    products and sums in the same order, bit for bit, its arrays read by protocol.array_value
+    (once per Array: the reply gate read them already). Where every record holds the same
+    float tensors, each tensor's products are computed in one operation over all records
+    (`_weighted_sum`): per record and tensor, a reply's 20 tensors at 1,000 replies a round
+    were a quarter of a second after the last reply came."""
+    # The records' MetricRecords and ArrayRecords as Flower's `metric_records` and
+    # `array_records` list them, without building those views (a typed dict a call).
+    weights = [cast(float, _of_kind(r, MetricRecord)[0][weighting_metric_name]) for r in records]
     total_weight = sum(weights)
     weight_factors = [w / total_weight for w in weights]
-    aggregated: dict[str, np.ndarray[Any, Any]] = {}
-    for record, weight in zip(records, weight_factors, strict=True):
-        for record_item in record.array_records.values():
-            for key, value in record_item.items():
+    values = [{k: protocol.array_value(v) for item in _of_kind(r, ArrayRecord) for k, v in item.items()}
+              for r in records]
+    aggregated = _weighted_sum(values, weight_factors)
+    if aggregated is None:
+        aggregated = {}
+        for value, weight in zip(values, weight_factors, strict=True):
+            for key, array in value.items():
                 if key not in aggregated:
-                    aggregated[key] = protocol.array_value(value) * weight
+                    aggregated[key] = array * weight
                 else:
-                    aggregated[key] += protocol.array_value(value) * weight
+                    aggregated[key] += array * weight
     return ArrayRecord({k: Array(np.asarray(v)) for k, v in aggregated.items()})
+
+
+def _of_kind(content: RecordDict, kind: type[Any]) -> list[Any]:
+    """The records of `content` of type `kind`, in its order (RecordDict.array_records and
+    metric_records, as a list)."""
+    return [record for record in content.values() if isinstance(record, kind)]
+
+
+def _weighted_sum(values: list[dict[str, np.ndarray[Any, Any]]],
+                  factors: list[float]) -> dict[str, np.ndarray[Any, Any]] | None:
+    """Flower's `x_0 * w_0 + x_1 * w_1 + ...`, summed left to right in place, for records that
+    hold the same float tensors (names, shapes, dtypes; else None): each product `x * w` (a
+    float array times a Python float: computed in the array's dtype, NEP 50) is one row of
+    `stack * w` with w cast to that dtype, and the rows are added one by one, in order."""
+    first = values[0]
+    if any(v.dtype.kind != "f" for v in first.values()):
+        return None
+    specs = [(k, v.shape, v.dtype) for k, v in first.items()]
+    for value in values[1:]:
+        if len(value) != len(specs) or any(
+                (got := value.get(k)) is None or got.shape != shape or got.dtype != dtype for k, shape, dtype in specs):
+            return None
+    out: dict[str, np.ndarray[Any, Any]] = {}
+    for key, shape, dtype in specs:
+        size = max(1, math.prod(shape))
+        block = max(1, _STACK_ELEMENTS // size)  # rows stacked at a time: memory stays bounded
+        total: np.ndarray[Any, Any] | None = None
+        for start in range(0, len(values), block):
+            part = values[start:start + block]
+            weights = np.asarray(factors[start:start + block], dtype=dtype).reshape((len(part),) + (1,) * len(shape))
+            rows = np.stack([value[key] for value in part]) * weights
+            for row in rows:
+                if total is None:
+                    total = row.copy()
+                else:
+                    total += row
+        assert total is not None
+        out[key] = total
+    return out
+
+
+_STACK_ELEMENTS = 1 << 22  # elements of one tensor stacked at once by `_weighted_sum` (16 MiB of float32)
 
 
 class MultiKrumRest(MultiKrum):

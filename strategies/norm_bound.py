@@ -72,6 +72,7 @@ class NormBound(Wrapper):
         weights = [weight_of(m) for m in replies]
         total = sum(weights)
         kept: list[Message] = []
+        flat_bases: dict[tuple[str, ...], np.ndarray[Any, Any]] = {}  # the round's base, flattened once
         for msg, weight in zip(replies, weights, strict=True):
             reply = report.by_node(msg.metadata.src_node_id)
             # Each update's bound is on its share of the step: (weight / total) x update moves
@@ -79,7 +80,7 @@ class NormBound(Wrapper):
             share = 1.0 if total <= 0 else weight * len(replies) / total
             try:
                 update = update_of(msg)[0]
-                bounded = self._bound(reply, update, base, share)
+                bounded = self._bound(reply, update, base, share, flat_bases)
             except Exception as exc:  # noqa: BLE001  a site's numbers never end the round
                 reply.status, reply.reason = "rejected", f"its update could not be measured ({type(exc).__name__})"
                 continue
@@ -89,12 +90,13 @@ class NormBound(Wrapper):
                 kept.append(msg)
         return self.strategy.aggregate_train(server_round, kept)
 
-    def _bound(self, reply: SiteReply, update: Weights, base: Weights, share: float) -> Weights | None:
+    def _bound(self, reply: SiteReply, update: Weights, base: Weights, share: float,
+               flat_bases: dict[tuple[str, ...], np.ndarray[Any, Any]]) -> Weights | None:
         """The update's norm into `reply`; the update as it may be aggregated (clipped to the
         bound), or None if it is refused (`reject`). `share`: the update's weight over the mean
         weight of the round's usable updates; the bound applies to share x norm."""
-        deltas = {k: v.astype(np.float64) - base[k] for k, v in update.items() if np.issubdtype(v.dtype, np.floating)}
-        norm = math.sqrt(sum(float(np.vdot(d, d)) for d in deltas.values()))
+        floats = tuple(k for k, v in update.items() if v.dtype.kind == "f")  # np.floating
+        norm = _distance(update, base, floats, flat_bases)
         reply.update_norm = norm
         if self.bound is None:
             return update
@@ -109,6 +111,24 @@ class NormBound(Wrapper):
         reply.clipped = True
         scale = bound / norm
         out = dict(update)
-        for k, d in deltas.items():
-            out[k] = (base[k] + d * scale).astype(update[k].dtype)
+        for k in floats:
+            out[k] = (base[k] + (update[k].astype(np.float64) - base[k]) * scale).astype(update[k].dtype)
         return out
+
+
+def _distance(update: Weights, base: Weights, names: tuple[str, ...],
+              flat_bases: dict[tuple[str, ...], np.ndarray[Any, Any]]) -> float:
+    """The L2 distance of `update` from `base` over `names`, in float64, with the update
+    flattened into one vector and `base` flattened once a round (`flat_bases`): one
+    subtraction and one dot product a reply, not one of each per tensor (at 1,000 replies a
+    round the per-tensor form took a quarter of a second after the last reply came)."""
+    if not names:
+        return 0.0
+    if any(update[k].shape != np.shape(base[k]) for k in names):
+        raise ValueError("an update's tensor differs in shape from the weights sent")
+    flat_base = flat_bases.get(names)
+    if flat_base is None:
+        flat_base = flat_bases[names] = np.concatenate([np.ravel(base[k]) for k in names], dtype=np.float64)
+    delta = np.concatenate([np.ravel(update[k]) for k in names], dtype=np.float64)
+    delta -= flat_base
+    return math.sqrt(float(np.dot(delta, delta)))

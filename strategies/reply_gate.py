@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -113,7 +113,7 @@ class ReplyGate(Wrapper):
             if parsed is not None:
                 # Reduced as it comes (the batched engine hands replies over while others train).
                 msg.content = protocol.aggregation_content(replace(parsed, num_examples=cap(parsed.num_examples)),
-                                                           msg.content.array_records[protocol.ARRAYS])
+                                                           cast(ArrayRecord, msg.content[protocol.ARRAYS]))
                 usable.append((msg, reply, parsed))
             report.replies.append(reply)
         for msg_id, node in sent:

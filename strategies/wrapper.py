@@ -24,12 +24,21 @@ log = logging.getLogger("fedshield.strategy")
 def update_of(msg: Message) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
     """A checked reply as the reply gate hands it on (`protocol.aggregation_content`): its
     weights (or masked vector), read-only, and its FedAvg weight."""
-    return protocol.array_values(msg.content.array_records[protocol.ARRAYS]), weight_of(msg)
+    return protocol.array_values(_record(msg, protocol.ARRAYS, ArrayRecord)), weight_of(msg)
 
 
 def weight_of(msg: Message) -> int:
     """A checked reply's FedAvg weight (`update_of` without reading its arrays)."""
-    return int(cast(int, msg.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]))
+    return int(cast(int, _record(msg, protocol.METRICS, MetricRecord)[protocol.NUM_EXAMPLES]))
+
+
+def _record(msg: Message, name: str, kind: type[Any]) -> Any:
+    """`msg.content.array_records[name]` (or metric_records) without building that view of
+    the whole RecordDict (a typed dict a call, twice a reply in each wrapper)."""
+    record = msg.content[name]
+    if not isinstance(record, kind):
+        raise KeyError(name)
+    return record
 
 
 def wrapped(strategy: Strategy) -> list[Strategy]:

@@ -255,6 +255,48 @@ def test_fedshields_fedavg_reads_the_arrays_faster_and_aggregates_as_flowers_own
     assert got is not None and all(got[k].numpy().tobytes() == flowers[k].numpy().tobytes() for k in flowers)
 
 
+@pytest.mark.parametrize("replies", [2, 3, 300])
+def test_the_stacked_weighted_sum_is_flowers_own_to_the_last_bit(replies, monkeypatch):
+    """Where every reply holds the same float tensors, average_arrayrecords stacks each
+    tensor's products (in blocks: the block made smaller than the replies here); its mean is
+    still Flower's left-to-right sum to the last bit, for 0-d, one-element, odd-sized and
+    float16/32/64 tensors and integer weights whose factors are not exact in float32. Records
+    that differ (a missing tensor, an integer tensor) take Flower's own loop."""
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from fedshield.strategies import flower as flower_module
+    from fedshield.strategies.flower import average_arrayrecords
+
+    monkeypatch.setattr(flower_module, "_STACK_ELEMENTS", 64)
+    rng = np.random.default_rng(replies)
+    shapes = {"scalar": (), "one": (1,), "odd": (7, 3), "wide": (1, 65), "half": (5,), "double": (2, 2)}
+    dtypes = {"half": np.float16, "double": np.float64}
+
+    def contents(extra: dict[str, np.ndarray] | None = None) -> list[RecordDict]:
+        out = []
+        for i in range(replies):
+            arrays = {k: (rng.normal(size=shape) * 10 ** rng.uniform(-3, 3)).astype(dtypes.get(k, np.float32))
+                      for k, shape in shapes.items()}
+            if extra is not None and i == replies - 1:
+                arrays.update(extra)
+            out.append(RecordDict({protocol.ARRAYS: protocol.to_array_record(arrays),
+                                   protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: int(rng.integers(1, 997))})}))
+        return out
+
+    for records in (contents(), contents({"counts": np.arange(3)})):
+        ours = average_arrayrecords(records, protocol.NUM_EXAMPLES)
+        flowers = aggregate_arrayrecords(records, protocol.NUM_EXAMPLES)
+        assert list(ours) == list(flowers)
+        for k in flowers:
+            assert ours[k].numpy().dtype == flowers[k].numpy().dtype
+            assert ours[k].numpy().tobytes() == flowers[k].numpy().tobytes(), k
+    f32, i64 = np.float32, np.int64
+    differing = ([{"a": np.ones(2, f32)}, {"b": np.ones(2, f32)}], [{"a": np.ones(2, f32)}, {"a": np.ones(3, f32)}],
+                 [{"a": np.ones(2, i64)}, {"a": np.ones(2, i64)}])
+    assert all(flower_module._weighted_sum(values, [0.5, 0.5]) is None for values in differing)
+
+
 def test_the_aggregation_content_hands_on_the_replys_own_arrays_of_the_checked_names_only():
     from flwr.app import ArrayRecord
 
@@ -270,3 +312,35 @@ def test_the_aggregation_content_hands_on_the_replys_own_arrays_of_the_checked_n
     del source["extra"]  # exactly the checked names: the reply's own record goes on, nothing added
     same = protocol.aggregation_content(protocol.TrainReply("alpha", 5, arrays, ()), source)
     assert same.array_records[protocol.ARRAYS] is source and list(source) == ["w", "b"]
+
+
+def test_a_reports_reply_by_node_follows_every_change_to_its_replies():
+    """RoundReport.by_node keeps an index of where each node's reply sits, checked on every
+    use: a sort, a replaced or an added reply is found as a scan would find it."""
+    report = RoundReport(1, ["a", "b", "c"], [SiteReply("c", 3, "trained"), SiteReply("a", 1, "trained")])
+    assert report.by_node(3).site == "c" and report.by_node(1).site == "a"
+    report.replies.sort(key=lambda r: r.site)
+    assert report.by_node(3).site == "c" and report.by_node(1).site == "a"
+    report.replies[1] = SiteReply("c", 3, "rejected")
+    assert report.by_node(3).status == "rejected"
+    report.replies.append(SiteReply("b", 2, "failed"))
+    assert report.by_node(2).status == "failed"
+    with pytest.raises(KeyError):
+        report.by_node(4)
+
+
+def test_the_norm_of_an_update_is_its_distance_from_the_weights_sent_over_all_float_tensors():
+    """One flat vector a reply (strategies/norm_bound.py `_distance`): the L2 distance over
+    every float tensor, float64; a tensor whose shape differs from the one sent is refused
+    even where its size is the same (the reply is then reported as not measurable)."""
+    from fedshield.strategies.norm_bound import _distance
+
+    base = {"w": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}
+    update = {"w": np.full((2, 3), 2.0, np.float32), "b": np.ones(4, np.float32) * 3}
+    flat: dict = {}
+    assert _distance(update, base, ("w", "b"), flat) == pytest.approx(np.sqrt(6 * 4 + 4 * 4))
+    assert _distance(update, base, ("w",), flat) == pytest.approx(np.sqrt(6 * 4))
+    assert set(flat) == {("w", "b"), ("w",)}  # the base flattened once per set of names
+    assert _distance(update, base, (), flat) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        _distance({"w": np.zeros((3, 2), np.float32), "b": update["b"]}, base, ("w", "b"), flat)
