@@ -364,6 +364,15 @@ def _state(state_dir: Path, name: str, key: Path | None, witness: Path | None = 
     return state
 
 
+def prepare_budget_checks(interrupted: Callable[[], bool]) -> None:
+    """`SiteState.prepare_next_check` for every site state this process holds, until
+    `interrupted()` says that work has come (a batched worker's wait between rounds)."""
+    for state in list(_STATES.values()):
+        if interrupted():
+            return
+        state.prepare_next_check()
+
+
 def resolve_site(plan: protocol.Plan, context: Context) -> Site:
     node = dict(context.node_config)
     # Only dotted keys are config (the site's own settings); the rest (partition-id, paths)

@@ -95,6 +95,10 @@ class SiteState:
         self.ledger = Ledger(self.dir / "ledger.jsonl")
         self._entries: list[Entry] = []  # this site's entries, as of the last refresh and own appends
         self._history: list[Spend] = []  # their spends
+        # The last budget check's arguments, and the history length its next ε was prepared
+        # for (`prepare_next_check`).
+        self._last_check: tuple[Any, ...] | None = None
+        self._prepared_at: int | None = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -245,6 +249,7 @@ class SiteState:
         (`run_history`, plus `run_assumed`: releases of the run counted as if made, e.g. a
         feature mean the site may not have been asked for: over-count, never under-count)
         after it within the run's target. Both hold whatever σ or rounds a plan states."""
+        self._last_check = (planned, delta, accountant, neighbouring, run_id, run_target, tuple(run_assumed))
         now = self.epsilon(delta, accountant, neighbouring)
         if run_id is not None and run_target is not None:
             run = [*self.run_history(run_id), *run_assumed]
@@ -264,6 +269,24 @@ class SiteState:
             )
             return BudgetDecision(False, now, after, budget, reason)
         return BudgetDecision(True, now, after, budget)
+
+    def prepare_next_check(self) -> None:
+        """Compute, ahead, the ε that the last budget check would compute if the same spend
+        were planned again on the history as it is now: what next round's check needs, if
+        its plan is the same. Only the accountant's cache keeps the result; the check itself
+        runs in full when it comes (and a plan that changed computes its own). A batched
+        worker calls this while it waits for the next round (simulations/batched.py), as
+        each ε is a few tens of milliseconds of dp-accounting a new history."""
+        if self._last_check is None or self._prepared_at == len(self._entries):
+            return
+        self._prepared_at = len(self._entries)
+        planned, delta, accountant, neighbouring, run_id, run_target, run_assumed = self._last_check
+        try:
+            if run_id is not None and run_target is not None:
+                planned_epsilon([*self.run_history(run_id), *run_assumed], planned, delta, accountant, neighbouring)
+            planned_epsilon(self.history(), planned, delta, accountant, neighbouring)
+        except Exception:  # noqa: BLE001  only a cache is at stake: the check raises it in its place
+            pass
 
     def noise_multiplier(
         self, run_id: str, target_epsilon: float, delta: float, sample_rate: float,

@@ -28,6 +28,7 @@ stated tolerance) is tested in tests/test_batched.py.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedshield.client.app import Steps, TrainJob, TrainOutcome, shared_views
+from fedshield.client.app import Steps, TrainJob, TrainOutcome, prepare_budget_checks, shared_views
 from fedshield.privacy.files import BarrierError, group_commit
 from fedshield.task.cohort import CohortJob, module_refusal, plan_refusal, train_cohort
 
@@ -107,8 +108,10 @@ class SiteHost:
         queries = [(k, self._deliver(msg)) for k, msg in enumerate(messages) if k not in chosen]
         if queries:
             yield queries
-        for start in range(0, len(train), chunk):
-            part = train[start:start + chunk]
+        start = 0
+        for size in chunk_sizes(len(train), chunk):
+            part = train[start:start + size]
+            start += size
             yield list(zip(part, self._train_chunk([messages[k] for k in part]), strict=True))
 
     def _deliver(self, msg: Message) -> Message:
@@ -161,6 +164,26 @@ class SiteHost:
                 except Exception as exc:
                     replies[k] = _error_reply(messages[k], exc)
         return [replies[k] for k in range(len(messages))]
+
+
+def chunk_sizes(n: int, chunk: int) -> list[int]:
+    """How `n` sites are cut into chunks of at most `chunk`: whole chunks, then, over the last
+    two chunks' worth, halves of what is left until half a chunk or less is left. The
+    coordinator checks a slice's replies while the next one trains, but the last slice's
+    while nothing trains: it is kept to half a chunk or less (two or three more chunks a
+    round)."""
+    sizes: list[int] = []
+    left = n
+    while left > 0:
+        if left > 2 * chunk:
+            size = chunk
+        elif left > chunk // 2:
+            size = -(-left // 2)
+        else:
+            size = left
+        sizes.append(size)
+        left -= size
+    return sizes
 
 
 class _WorkerProcess:
@@ -250,15 +273,24 @@ def _serve(conn: Connection) -> None:
     torch.set_num_threads(threads)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 0
     host = SiteHost(app, node_ids, num_sites, run_id, train_steps_of(app))
+    frozen = False
     with shared_views():
         # Messages travel as Flower's Message objects, pickled by the connection (whose peers
         # authenticated with the workers' key), as this process's own host hands them over
         # unserialised: Flower's protobuf form cost seven times as much each way (0.8 ms a
         # message), and one push's messages share one ArrayRecord, which pickle sends once.
         while (batch := conn.recv()) is not None:
+            trained = any(_is_train(m) for m in batch)
             for part in host.answer_slices(batch, STREAM_CHUNK):
                 conn.send(part)
             conn.send(None)
+            del batch
+            # While the coordinator aggregates, this process has nothing to do: it makes
+            # ready what the next round will need, until the next batch comes.
+            if trained and not frozen:
+                frozen = True
+                freeze_heap()
+            prepare_budget_checks(conn.poll)
 
 
 class BatchedGrid(Grid):
@@ -274,6 +306,7 @@ class BatchedGrid(Grid):
         self._nodes = list(range(1, num_sites + 1))
         self._replies: dict[str, Message] = {}
         self._in_flight: Iterator[Message] | None = None  # the replies send_and_receive is handing out
+        self._frozen: bool | None = None  # whether `freeze_heap` ran at the first TRAIN push (None: not yet)
         self._host: SiteHost | None = None
         self._workers: list[_WorkerProcess] = []
         if workers <= 1:
@@ -306,6 +339,9 @@ class BatchedGrid(Grid):
         batch (a run's last, DONE, is short), and one still busy after 30 s is killed: its
         sites' books are crash-safe, as a SuperNode's are."""
         self._in_flight = None
+        if self._frozen:
+            self._frozen = False
+            gc.unfreeze()
         for worker in self._workers:
             worker.stop()
         for worker in self._workers:
@@ -351,6 +387,13 @@ class BatchedGrid(Grid):
         """Stamp `messages` and hand them to their sites' workers (or this process's host)."""
         self._finish_in_flight()
         batch = list(messages)
+        if self._frozen is None and any(_is_train(m) for m in batch):  # the model and evaluator are built
+            # Not over someone else's freeze (this may run inside a researcher's own process):
+            # `close` unfreezes what this grid froze, so a process that runs many simulations
+            # collects each one's garbage once it is done.
+            self._frozen = gc.get_freeze_count() == 0
+            if self._frozen:
+                freeze_heap()
         for msg in batch:
             if not 1 <= msg.metadata.dst_node_id <= len(self._nodes):
                 raise ValueError(f"no virtual site has node id {msg.metadata.dst_node_id}")
@@ -396,6 +439,20 @@ class BatchedGrid(Grid):
         if in_flight is not None:
             for _ in in_flight:
                 pass
+
+
+def freeze_heap() -> None:
+    """Move every object alive now out of the cyclic garbage collector's reach (gc.freeze),
+    after one full collection. By its first TRAIN batch a process holds most of what it keeps
+    for the run (the torch and transformers modules, the model and its views, the evaluator;
+    a worker's sites' states and caches once it has trained: about 460,000 objects in a
+    worker, 640,000 in the coordinator), and each full collection scanned all of it again:
+    0.1-0.15 s, several times a round (5% of the CPU a virtual site costs; bench/RESULTS.md).
+    What becomes garbage later is still freed by its reference count; a worker keeps its
+    objects to its end, and the coordinator unfreezes them when the run ends
+    (`BatchedGrid.close`)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _stamped(replies: Iterable[Message]) -> Iterator[Message]:

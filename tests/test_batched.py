@@ -67,7 +67,7 @@ def test_a_handler_that_raises_gives_flowers_error_reply_and_the_others_answer(f
         grid.push_messages([_query(9)])
 
 
-def test_a_round_opens_at_most_sites_per_chunk_handlers_at_once(flower_task_identity, monkeypatch):
+def test_a_round_opens_at_most_sites_per_chunk_handlers_at_once(flower_task_identity, monkeypatch, request):
     """The memory of a round is bounded: TRAIN handlers run to their training SITES_PER_CHUNK
     at a time, whatever the round samples (their encoded records and state live until the
     chunk finishes)."""
@@ -87,6 +87,7 @@ def test_a_round_opens_at_most_sites_per_chunk_handlers_at_once(flower_task_iden
     monkeypatch.setattr(batched, "train_jobs", lambda jobs: trained.append(list(jobs)) or
                         [TrainOutcome(None) for _ in jobs])
     grid = BatchedGrid(_echo_app(), 5, train_steps=steps)
+    request.addfinalizer(grid.close)  # it froze this process's heap at its TRAIN push
     train = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2, 3, 4, 5)]
     replies = list(grid.send_and_receive([*train, _query(3)]))
     assert sorted(int(r.content["config"]["node"]) for r in replies if "node" in r.content["config"]) == \
@@ -237,7 +238,7 @@ def test_flower_and_batched_engines_give_the_same_ledgers_and_models(dropout_fre
 
 
 def test_a_chunks_spends_are_on_disk_before_any_site_trains_and_its_releases_before_any_reply(
-        flower_task_identity, monkeypatch, tmp_path):
+        flower_task_identity, monkeypatch, tmp_path, request):
     """Group commit (privacy/files.py): the sites' fsyncs are deferred and made durable by one
     syncfs per file system, before the chunk's training (spend before compute) and before the
     replies leave; a barrier that fails trains nothing and answers each site with an Error."""
@@ -264,6 +265,7 @@ def test_a_chunks_spends_are_on_disk_before_any_site_trains_and_its_releases_bef
 
     monkeypatch.setattr(batched, "train_jobs", trained)
     grid = BatchedGrid(_echo_app(), 3, train_steps=steps)
+    request.addfinalizer(grid.close)
     replies = list(grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2)]))
     assert not any(r.has_error() for r in replies)
     assert "fsync" not in events  # deferred, every one
@@ -291,3 +293,53 @@ def test_a_failed_exit_barrier_does_not_hide_the_error_that_ended_the_group(monk
         raise ValueError("the block's own")
     with pytest.raises(files.BarrierError, match="syncfs failed"), files.group_commit():
         files.create_file(tmp_path / "b", b"1", private=False)
+
+
+def test_a_workers_sites_are_cut_into_whole_chunks_then_halves_so_the_last_slice_is_small():
+    """The coordinator checks the last slice's replies while nothing trains: after whole
+    chunks, the last two chunks' worth is halved until half a chunk or less is left."""
+    from fedshield.simulations.batched import chunk_sizes
+
+    for chunk in (1, 2, 3, 128):
+        for n in range(0, 700):
+            sizes = chunk_sizes(n, chunk)
+            assert sum(sizes) == n and all(0 < s <= chunk for s in sizes)
+            if n > chunk:
+                assert sizes[-1] <= max(1, chunk // 2) + 1
+    assert chunk_sizes(500, 128) == [128, 128, 122, 61, 61]
+    assert chunk_sizes(64, 128) == [64]
+
+
+def test_the_coordinator_freezes_its_heap_at_the_first_train_push_and_unfreezes_it_when_the_run_ends(
+        flower_task_identity, monkeypatch):
+    """Python's collector stops rescanning what the run keeps to its end (gc.freeze) from the
+    first TRAIN push; `close` unfreezes it, so a process that runs many simulations collects
+    each one's garbage. Someone else's freeze is left as it is."""
+    import gc
+
+    from fedshield.client.app import TrainOutcome
+    from fedshield.simulations import batched
+
+    def steps(msg: Message, context: Context):
+        yield context.node_id
+        return Message(RecordDict({"config": ConfigRecord({"node": context.node_id})}), reply_to=msg)
+
+    monkeypatch.setattr(batched, "train_jobs", lambda jobs: [TrainOutcome(None) for _ in jobs])
+    assert gc.get_freeze_count() == 0
+    grid = BatchedGrid(_echo_app(), 2, train_steps=steps)
+    list(grid.send_and_receive([_query(1)]))
+    assert gc.get_freeze_count() == 0  # queries: the run's model may not be built yet
+    replies = list(grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2)]))
+    assert sorted(int(r.content["config"]["node"]) for r in replies) == [1, 2]
+    assert gc.get_freeze_count() > 0
+    grid.close()
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a process that froze its own heap
+    try:
+        frozen = gc.get_freeze_count()
+        grid = BatchedGrid(_echo_app(), 2, train_steps=steps)
+        list(grid.send_and_receive([Message(RecordDict(), dst_node_id=1, message_type="train")]))
+        grid.close()
+        assert gc.get_freeze_count() > frozen // 2  # not unfrozen by the grid (freed objects leave it)
+    finally:
+        gc.unfreeze()

@@ -287,3 +287,31 @@ def test_fedshield_audit_site_checks_the_books_are_whole(tmp_path, capsys):
     assert audit_main(["--site", str(state), "--out", str(tmp_path / "audit3")]) == 1
     assert "its last entries were cut off" in capsys.readouterr().err
     assert audit_main(["--site", str(state), str(state)]) == 2
+
+
+def test_a_site_prepares_the_next_rounds_budget_check_and_the_check_itself_is_unchanged(tmp_path):
+    """`prepare_next_check` (a batched worker's wait between rounds) computes the ε that the
+    last budget check would compute for the same spend on today's history: next round's
+    check finds it in the accountant's cache. A plan that changed computes its own, with
+    the same decision as a site that prepared nothing."""
+    from fedshield.privacy import accountant
+
+    spend = Spend(1.3, 0.3, 7)
+    state = SiteState(tmp_path / "site", "clinic")
+    state.prepare_next_check()  # no check yet: nothing to prepare
+    budget = 50.0
+    assert state.check_budget(spend, budget, 1e-5, "pld").ok
+    _spend_rounds(state, spend, range(1, 2))
+    before = accountant._dp_pld_cached.cache_info()
+    state.prepare_next_check()
+    prepared = accountant._dp_pld_cached.cache_info()
+    assert prepared.misses == before.misses + 1
+    state.prepare_next_check()  # once per history
+    assert accountant._dp_pld_cached.cache_info().misses == prepared.misses
+    decision = state.check_budget(spend, budget, 1e-5, "pld")
+    after = accountant._dp_pld_cached.cache_info()
+    assert after.misses == prepared.misses and after.hits > prepared.hits
+    assert decision.epsilon_after == epsilon([spend] * 2, 1e-5, "pld")
+    changed = Spend(0.9, 0.3, 7)
+    fresh = SiteState(tmp_path / "site", "clinic")
+    assert state.check_budget(changed, budget, 1e-5, "pld") == fresh.check_budget(changed, budget, 1e-5, "pld")
