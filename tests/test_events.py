@@ -160,6 +160,37 @@ def test_entry_fields_is_the_one_serialisation():
         entry_fields(event, site="s", run_id="r", round=0, delta=DELTA, accountant="rdp", release="feature-mean")
 
 
+@pytest.mark.parametrize("change", [
+    {"steps": True},  # == 1, but a bool: refused
+    {"steps": 1.0},  # == 1, but a float
+    {"noise_multiplier": float("nan")},
+    {"sample_rate": 2.0},
+    {"delta": None},
+    {"site": ""},
+])
+def test_an_entry_found_clean_is_checked_again_once_any_field_or_its_type_changes(change):
+    """field_problem remembers an entry it found clean (the same object, unchanged): an entry
+    changed in place after a clean verdict, even to an equal value of another type, is
+    checked again; a removed or an added field too."""
+    from fedshield.privacy.events import field_problem
+
+    event = PrivacyEvent(Mechanism.DP_SGD, 1.5, 0.25, 1, Neighbouring.ADD_REMOVE, 1.0)
+    fields = entry_fields(event, site="s", run_id="r", round=3, delta=DELTA, accountant="rdp", release="dp-sgd")
+    assert field_problem(fields, need_epsilon=False) == "" == field_problem(fields, need_epsilon=False)
+    assert field_problem(fields)  # need_epsilon is remembered apart: this entry has none
+    fields.update(change)
+    assert field_problem(fields, need_epsilon=False)
+    with pytest.raises(LedgerError):
+        LedgerEntry.from_dict(fields, signed=False)
+    fields = entry_fields(event, site="s", run_id="r", round=3, delta=DELTA, accountant="rdp", release="dp-sgd")
+    assert field_problem(fields, need_epsilon=False) == ""
+    del fields["delta"]
+    assert "delta" in field_problem(fields, need_epsilon=False)
+    fields["delta"] = DELTA
+    fields["epsilon"] = -1.0
+    assert "epsilon" in field_problem(fields, need_epsilon=False)
+
+
 def test_a_chain_keeps_one_kind_of_mechanism(tmp_path):
     """The count and the feature sum compose with DP-SGD; a site-level mechanism does not."""
     key = alpha_key()
