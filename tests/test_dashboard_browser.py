@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -105,14 +106,19 @@ def _text(driver: webdriver.Chrome, element_id: str) -> str:
 
 
 def _rounds(driver: webdriver.Chrome) -> list[str]:
-    return [str(tr.get_attribute("data-round")) for tr in driver.find_elements(By.CSS_SELECTOR, "#rounds tbody tr")]
+    """The table's rounds, read in one script: the page re-renders the table when a round
+    comes, so rows found by one WebDriver call may be gone (stale) by the next."""
+    rows = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#rounds tbody tr'), tr => tr.getAttribute('data-round'));")
+    return [str(r) for r in rows]
 
 
 def test_the_page_shows_the_run_and_a_new_round_without_a_reload(dashboard: tuple[Path, int],
                                                                  browser: webdriver.Chrome) -> None:
     run, port = dashboard
     browser.get(f"http://127.0.0.1:{port}/")
-    wait = WebDriverWait(browser, WAIT_S)
+    # A re-render between finding an element and reading it is not a failure: read it again.
+    wait = WebDriverWait(browser, WAIT_S, ignored_exceptions=(StaleElementReferenceException,))
     wait.until(lambda d: _text(d, "rounds-done") == "2 / 2")
     assert _rounds(browser) == ["2", "1", "0"]  # newest first
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
