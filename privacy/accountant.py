@@ -375,7 +375,12 @@ def calibrate_noise_multiplier(
 def _calibrate_recorded(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
                         neighbouring: str, before_tuples: tuple[tuple[float, float, int], ...]) -> float:
     """Bisection on the recorded ε itself (PLD: Opacus has no search for it), bracketed below
-    by halving the RDP σ until ε is above the target."""
+    by halving σ from 1 until ε is above the target.
+
+    The bracket costs a few PLD evaluations (~0.1 s each). It used to be half of Opacus' RDP
+    σ, whose own search (~15-40 RDP evaluations over fractional orders) took 1.6-5.5 s: a
+    deployed site pays its calibration in the ClientApp process of its first round, every
+    run (bench/RESULTS.md, "suite time")."""
     before = [Spend(*t) for t in before_tuples]
     spent = epsilon(before, delta, accountant, neighbouring) if before else 0.0
     if spent >= target_epsilon:
@@ -389,7 +394,7 @@ def _calibrate_recorded(target_epsilon: float, delta: float, sample_rate: float,
             step()
             return epsilon([*before, Spend(sigma, sample_rate, steps)], delta, accountant, neighbouring)
 
-        lo = _calibrate(target_epsilon, delta, sample_rate, steps, "rdp", ()) * 0.5
+        lo = 1.0  # above the target's σ: halved until below it; below it: _bisect_sigma climbs
         while eps_of(lo) <= target_epsilon and lo > 1e-3:
             lo *= 0.5
         sigma = _bisect_sigma(eps_of, target_epsilon, lo)
