@@ -63,7 +63,6 @@ from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
-from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
 from fedshield.privacy.errors import FedShieldError
 
@@ -159,6 +158,16 @@ def skellam_rdp(
     return result
 
 
+def _compute_epsilon(orders: list[float], rdp: list[float], delta: float) -> tuple[float, float]:
+    """dp-accounting's RDP-to-(ε, δ) conversion, imported on first use: dp-accounting pulls
+    in scipy (~0.9 s), and every process that reads a ledger imports this module, among
+    them each deployed ClientApp message, most of which never convert anything."""
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+    eps, order = compute_epsilon(orders, rdp, delta)
+    return float(eps), float(order)
+
+
 def skellam_epsilon(
     variance: float, l1: float, l2: float, rounds: int, delta: float,
     orders: Sequence[float] | npt.NDArray[np.generic] = DEFAULT_ORDERS,
@@ -173,7 +182,7 @@ def skellam_epsilon(
     d = _check_delta(delta)
     alphas = _check_orders(orders)
     rdp = skellam_rdp(alphas, variance, l1, l2) * n
-    eps, order = compute_epsilon(alphas.tolist(), rdp.tolist(), d)
+    eps, order = _compute_epsilon(alphas.tolist(), rdp.tolist(), d)
     return float(eps), float(order)
 
 
@@ -284,5 +293,5 @@ def skellam_history_epsilon(
     rdp = np.zeros(len(alphas))
     for variance, l1, l2 in spends:
         rdp = rdp + skellam_rdp(alphas, variance, l1, l2)
-    eps, _ = compute_epsilon(alphas.tolist(), rdp.tolist(), d)
+    eps, _ = _compute_epsilon(alphas.tolist(), rdp.tolist(), d)
     return float(eps)

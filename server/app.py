@@ -39,6 +39,7 @@ from fedshield.server.evaluate import CentralEvaluator
 from fedshield.server.export import export_model
 from fedshield.server.federation_books import open_books
 from fedshield.server.plots import plot_run
+from fedshield.server.prompt_grid import prompt
 from fedshield.server.report import summarize, write_report
 from fedshield.server.run_dir import (
     LEDGER_KEYS,
@@ -884,7 +885,8 @@ def build_server_app(cfg: Config | None = None, run_dir: Path | None = None, res
         try:
             identity = identity_from_run_config(run_config)
             run_cfg = cfg if cfg is not None else config_from_run_config(run_config)
-            run_federation(grid, run_cfg, run_dir, resume=again, identity=identity)
+            # Flower's deployment grid pulls replies every 3 s: polled promptly (server/prompt_grid.py)
+            run_federation(prompt(grid), run_cfg, run_dir, resume=again, identity=identity)
         except FedShieldError as exc:  # the cause, in one line the operator sees (server/cli.py quotes it)
             say(f"{RUN_STOPPED}{exc}")
             raise

@@ -164,7 +164,7 @@ def _check_weights(folder: Path, name: str, where: str) -> None:
             raise ModelError(f"{where}: {name} is empty or not a regular file")
 
 
-def check_model_folder(path: str | os.PathLike[str], where: str = "") -> Path:
+def check_model_folder(path: str | os.PathLike[str], where: str = "", check_type: bool = True) -> Path:
     """Check a text model folder without loading it; the folder, or `ModelError` (one line).
 
     What `AutoModelForSequenceClassification.from_pretrained` and `AutoTokenizer` need
@@ -173,6 +173,11 @@ def check_model_folder(path: str | os.PathLike[str], where: str = "") -> Path:
     vocabulary. Reads a few kilobytes, never follows a FIFO, takes milliseconds: the
     coordinator calls it before it starts Flower, the site before it joins. `where` starts
     the message (default: `task.model='<path>'`).
+
+    `check_type=False` leaves out the check of config.json's model_type against
+    transformers' table, whose import takes a second: a deployed site's per-message check
+    of its copy (task.pipeline.check_model_copy) compares the folder's digest with the
+    plan's, and whatever trains loads the model, which checks the type again.
     """
     p = Path(path)
     where = where or f"task.model={str(path)!r}"
@@ -186,7 +191,7 @@ def check_model_folder(path: str | os.PathLike[str], where: str = "") -> Path:
         raise ModelError(f"{where}: not a folder (a from_pretrained folder: config.json and weights)")
     config = _read_json(p / "config.json", where)
     model_type = config.get("model_type")
-    if not isinstance(model_type, str) or model_type not in sequence_classification_types():
+    if not isinstance(model_type, str) or (check_type and model_type not in sequence_classification_types()):
         raise ModelError(
             f"{where}: config.json has model_type {model_type!r}; the text tasks fine-tune a model that "
             "AutoModelForSequenceClassification loads (bert, roberta, gpt2, llama, ...)"
@@ -247,12 +252,14 @@ def check_trainable(folder: Path, trainable: str, last_layers: int, lora_r: int,
         raise ModelError(f"{where}: Opacus cannot train this model in training.trainable={trainable} mode: {found}")
 
 
-def text_model_path(model: str) -> Path:
-    """The folder of a text model: `task.model`, or the bundled one if "" (checked)."""
+def text_model_path(model: str, check_type: bool = True) -> Path:
+    """The folder of a text model: `task.model`, or the bundled one if "" (checked;
+    `check_type`: see check_model_folder)."""
     if model:
-        return check_model_folder(model)
+        return check_model_folder(model, check_type=check_type)
     path = bundled_model_path()
-    return check_model_folder(path, where=f"task.model='' (the bundled all-MiniLM-L6-v2 at {path})")
+    return check_model_folder(path, where=f"task.model='' (the bundled all-MiniLM-L6-v2 at {path})",
+                              check_type=check_type)
 
 
 def _quiet_transformers() -> None:

@@ -208,9 +208,9 @@ def check_task(cfg: Config) -> tuple[LabeledData, LabeledData, Path | None]:
     return pool, test, folder
 
 
-def model_folder(cfg: Config) -> Path | None:
+def model_folder(cfg: Config, check_type: bool = True) -> Path | None:
     """The model folder a task loads (checked), or None for models built in code
-    (the tabular MLP, plug-ins)."""
+    (the tabular MLP, plug-ins). `check_type`: see task.model.check_model_folder."""
     name = cfg.task.name
     if name in TABULAR_TASKS or is_plugin(name):
         return None
@@ -218,19 +218,22 @@ def model_folder(cfg: Config) -> Path | None:
         return causal_lm.decoder_path(cfg.task.model)
     if name == "image":  # "" = a small ResNet built in code (task/image.py)
         return image.image_model_folder(cfg.task.model) if cfg.task.model else None
-    return text_model_path(cfg.task.model)
+    return text_model_path(cfg.task.model, check_type)
 
 
-def model_digest(cfg: Config) -> str:
+def model_digest(cfg: Config, check_type: bool = True) -> str:
     """The digest of the task's model folder (task/model_digest.py; "" without a folder):
     what the coordinator's plan names and a deployed site checks its own copy against."""
-    folder = model_folder(cfg)
+    folder = model_folder(cfg, check_type)
     return "" if folder is None else folder_digest(folder)
 
 
 def check_model_copy(cfg: Config, where: str) -> None:
-    """A deployed site's copy of the model is the one the plan names (task.model_digest)."""
-    digest = model_digest(cfg)
+    """A deployed site's copy of the model is the one the plan names (task.model_digest).
+    On every message, so without the model_type check (a second of import, in each of a
+    deployed site's ClientApp processes): a copy with the plan's digest is the folder the
+    site checked whole before it joined (`fedshield client`), and loading it checks again."""
+    digest = model_digest(cfg, check_type=False)
     if digest != cfg.task.model_digest:
         shown = f"{cfg.task.model!r}" if cfg.task.model else "'' (the bundled all-MiniLM-L6-v2)"
         raise ModelCopyError(f"{where}: its model (task.model={shown}) has digest {digest[:16] or 'none'}..., the "
