@@ -347,13 +347,14 @@ def calibrate_noise_multiplier(
     composed after the spends `before` (another release of the same run, e.g. the feature
     mean): ε(before + these steps) <= target.
 
-    Without `before`: Opacus' binary search (`get_noise_multiplier`). With it: the same
-    bisection over σ with Opacus' accountant on the composed history. Then checked: the
-    returned σ gives `epsilon_opacus` <= target AND the recorded `epsilon` (the larger of
-    both implementations) <= target; σ is raised in 0.1% steps until it does, or this raises.
-    Replace-one: the same bisection with the recorded ε (dp-accounting PLD, REPLACE_ONE),
-    from the add-remove σ (replacing a record is removing one and adding another: it needs
-    at least as much noise).
+    RDP and PRV, add-remove. Without `before`: Opacus' binary search (`get_noise_multiplier`).
+    With it: the same bisection over σ with Opacus' accountant on the composed history. Then
+    checked: the returned σ gives `epsilon_opacus` <= target AND the recorded `epsilon` (the
+    larger of both implementations) <= target; σ is raised in 0.1% steps until it does, or
+    this raises.
+    PLD (the default), and replace-one under any accountant: a bisection to 0.1% on the
+    recorded ε itself (dp-accounting's PLD; REPLACE_ONE for replace-one), then checked
+    (`_calibrate_recorded`).
     """
     _check_delta(delta)
     _check_accountant(accountant)
