@@ -213,3 +213,22 @@ def test_rdp_epsilon_is_opacus_rdp_accountant_to_the_last_bit(history):
     longer = [*history, Spend(history[0].noise_multiplier, history[0].sample_rate, 3)]
     reference.history = list(_grouped(longer))
     assert epsilon_opacus(longer, DELTA, "rdp") == reference.get_epsilon(DELTA)
+
+
+@pytest.mark.parametrize("target", [8.0, 1.0])  # σ below 1 (the bracket halves) and above 1 (it climbs)
+def test_pld_calibration_is_the_smallest_sigma_to_a_thousandth_without_opacus_search(target, monkeypatch):
+    from opacus.accountants import utils as opacus_utils
+
+    from fedshield.privacy.accountant import _calibrate, _calibrate_recorded
+
+    def search(**_):
+        raise AssertionError("Opacus' RDP search ran for a PLD calibration")
+
+    monkeypatch.setattr(opacus_utils, "get_noise_multiplier", search)
+    _calibrate.cache_clear()  # no RDP σ kept from another test may stand in for the search
+    _calibrate_recorded.cache_clear()
+    q, steps = 0.1, 40
+    sigma = calibrate_noise_multiplier(target, DELTA, q, steps, "pld")
+    assert (sigma < 1.0) == (target == 8.0)
+    assert epsilon([Spend(sigma, q, steps)], DELTA, "pld") <= target
+    assert epsilon([Spend(sigma * 0.999, q, steps)], DELTA, "pld") > target  # no more noise than needed

@@ -118,3 +118,28 @@ def test_the_bundled_model_needs_no_site_setting(site_data, tmp_path):
                                 class_names=["markets", "weather"])
     got = hello(plan, deployed(tmp_path, site_data))
     assert isinstance(got, protocol.SiteHello), got
+
+
+def test_the_per_message_copy_check_compares_digests_without_transformers_model_table(tiny_bert, tmp_path,
+                                                                                      monkeypatch):
+    """check_model_copy runs in every deployed ClientApp process: it must not import
+    transformers' table (a second each); it still refuses a copy whose digest differs, and
+    the full folder check (fedshield client, the coordinator) still checks the type."""
+    from fedshield.task import model
+    from fedshield.task.pipeline import ModelCopyError, check_model_copy, model_digest
+
+    data = write_csv(tmp_path / "d.csv", synthetic_rows(20, seed=1))
+    cfg = Config.load(tiny_overrides(tiny_bert, data, tmp_path))
+    planned = cfg.with_values({"task.model_digest": model_digest(cfg)})
+
+    def table():
+        raise AssertionError("transformers' model table imported by the per-message check")
+
+    monkeypatch.setattr(model, "sequence_classification_types", table)
+    check_model_copy(planned, "site a")  # the same folder: accepted
+    other = shutil.copytree(tiny_bert, tmp_path / "other")
+    flip_one_byte(other / "model.safetensors")
+    with pytest.raises(ModelCopyError, match="site a: its model .* has digest"):
+        check_model_copy(planned.with_values({"task.model": str(other)}), "site a")
+    with pytest.raises(AssertionError, match="model table"):
+        model.check_model_folder(tiny_bert)  # the full check still asks the table
