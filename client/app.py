@@ -980,9 +980,8 @@ def local_update_steps(msg: Message, plan: protocol.Plan,
             f"round {plan.server_round} of run {plan.run_id}: training failed after its spend was recorded "
             f"(seq {entries[-1]['seq']}, ε={entries[-1]['epsilon']:.3f}; {type(exc).__name__}): the spend stands, "
             "nothing was released, and the details are in the site's log"), "error")
-    if outcome.params is not None:  # trained with other sites' jobs: the view holds another's weights
-        load_params(view.module, outcome.params)
-    arrays = view.trainable_state()
+    # Trained with other sites' jobs (outcome.params): the view holds another's weights.
+    arrays = view.trainable_state() if outcome.params is None else view.trained_state(outcome.params)
     site.state.save_release(plan.run_id, plan.server_round, digest, arrays, {"num_examples": n})
     # The loss and the time are noiseless functions of the private data: they stay here.
     memory = (f", {result.batch_memory[0] / 2**20:.1f} MiB a physical batch ({result.batch_memory[1]})"
@@ -1130,14 +1129,6 @@ def _prepare(site: Site, plan: protocol.Plan, device: torch.device) -> tuple[Tra
             _ENCODED.clear()
         _ENCODED[key] = (site.data, site.cfg, dataset)
     return view, dataset
-
-
-def load_params(module: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> None:
-    """Copy trained parameters (by `named_parameters` name) into `module`."""
-    own = dict(module.named_parameters())
-    with torch.no_grad():
-        for name, value in params.items():
-            own[name].copy_(value)
 
 
 def _budget(site: Site) -> float:

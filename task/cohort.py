@@ -11,9 +11,9 @@ What each site computes is `train_local`'s, up to float rounding (tests/test_coh
 compares weights, steps and spends for every supported module):
 - The same records in the same order: each site's index batches come from the samplers
   `train_local` uses (Opacus' `UniformWithReplacementSampler` for DP, a shuffling
-  `DataLoader` without), driven through a `DataLoader` with the site's generator, so that
-  the generator is consumed exactly as there (a base seed per epoch, then the masks or the
-  permutations).
+  `DataLoader` without), with the site's generator consumed exactly as there (a base seed
+  per epoch, then the masks or the permutations): without DP through that `DataLoader`,
+  with DP by the same draws made directly (`_schedule`).
 - DP: per-sample gradients of the cross-entropy, Opacus' clipping factor
   (C / (norm + 1e-6)).clamp(max=1) over the flat norm of all trainable weights, the sum,
   Gaussian noise of std sigma * C drawn per weight in parameter order from a generator seeded
@@ -227,16 +227,29 @@ def _schedule(n: int, plan: LocalPlan, generator: torch.Generator) -> tuple[Sche
     rate = plan.sample_rate if plan.sample_rate is not None else poisson_rate(n, plan.batch_size)
     sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=rate, generator=generator,
                                             steps=steps_per_epoch(rate))
-    dp_loader = DataLoader(_Indices(n), batch_sampler=sampler, collate_fn=_as_list, generator=generator)
     for _ in range(plan.epochs):
-        for batch in dp_loader:
-            if not batch:
-                steps.append([[]])
-                continue
-            # Opacus' BatchSplittingSampler: np.array_split into ceil(len / max) pieces.
-            pieces = np.array_split(batch, math.ceil(len(batch) / plan.max_physical_batch_size))
-            steps.append([[int(i) for i in piece] for piece in pieces])
+        # What `DataLoader(batch_sampler=sampler, generator=generator)` draws, without
+        # building that loader for every site (a tenth of a virtual site's round): each
+        # epoch's iterator first takes its base seed from the generator
+        # (torch/utils/data/dataloader.py), then the sampler draws its Poisson masks.
+        # tests/test_cohort.py checks the positions and the generator's state against the loader.
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        for batch in sampler:
+            steps.append(_split(batch, plan.max_physical_batch_size) if batch else [[]])
     return steps, rate
+
+
+def _split(batch: list[int], max_physical: int) -> list[list[int]]:
+    """Opacus' BatchSplittingSampler: `np.array_split(batch, ceil(len / max_physical))`, the
+    first pieces one longer where the length does not divide."""
+    pieces = math.ceil(len(batch) / max_physical)
+    size, longer = divmod(len(batch), pieces)
+    out, start = [], 0
+    for k in range(pieces):
+        end = start + size + (1 if k < longer else 0)
+        out.append(batch[start:end])
+        start = end
+    return out
 
 
 @dataclass

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
@@ -531,11 +531,43 @@ class TrainView:
     prefix_layers: int | None  # last_layers mode: encoder layers computed once and cached
     fingerprint: str = ""  # sha256 of the frozen weights (task.pipeline.build_view fills it)
     _tensors: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+    _names: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def trainable_state(self) -> dict[str, np.ndarray]:
         """The trainable weights by state-dict name (views of the model's tensors, as
         `state_dict()` gives them)."""
         return {k: t.detach().cpu().numpy() for k, t in self._trainable_tensors().items()}
+
+    def trained_state(self, params: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """What `trainable_state()` gives once `params` (trained weights by the module's own
+        parameter names, as the batched engine's cohort trainer hands them back) are copied
+        into the module: the same names, dtypes and values, here as views of `params`
+        (CPU tensors the caller keeps), with the module left as it is. A virtual site of a
+        batched worker no longer copies its weights in only to read them out again. Where
+        `params` and the trainable weights do not pair up name for name, shape for shape and
+        dtype for dtype, they are copied in and read out as before."""
+        names = self._module_names()
+        tensors = self._trainable_tensors()
+        if names is not None and params.keys() == names.keys() and all(
+                v.device.type == "cpu" and v.dtype == tensors[names[k]].dtype and v.shape == tensors[names[k]].shape
+                for k, v in params.items()):
+            by_name = {names[k]: v for k, v in params.items()}
+            return {k: by_name[k].detach().numpy() for k in self.trainable_names}  # trainable_state's order
+        own = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for name, value in params.items():
+                own[name].copy_(value)
+        return self.trainable_state()
+
+    def _module_names(self) -> dict[str, str] | None:
+        """The module's trainable parameter names -> their state-dict names in the full model
+        (one tensor each); None where they are not one to one."""
+        if self._names is None:
+            by_tensor = {id(t): k for k, t in self._trainable_tensors().items()}
+            names = {n: by_tensor.get(id(p), "") for n, p in self.module.named_parameters() if p.requires_grad}
+            paired = "" not in names.values() and sorted(names.values()) == sorted(self.trainable_names)
+            self._names = names if paired else {}
+        return self._names or None
 
     def load_trainable(self, arrays: dict[str, np.ndarray]) -> None:
         """Copy `arrays` into the trainable weights, as `load_state_dict(strict=False)` does;

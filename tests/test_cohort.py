@@ -123,6 +123,41 @@ def test_dp_sites_of_different_sizes_rates_and_optimizers_match_train_local():
     _assert_like_train_local(module, jobs)
 
 
+def _loader_schedule(n: int, plan: LocalPlan, generator: torch.Generator) -> list[list[list[int]]]:
+    """The DP positions as train_local's loader draws them: Opacus' Poisson sampler in a
+    DataLoader on the site's generator, each batch split as np.array_split splits it."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+    from torch.utils.data import DataLoader
+
+    from fedshield.task.trainer import steps_per_epoch
+
+    rate = float(plan.sample_rate)
+    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=rate, generator=generator,
+                                            steps=steps_per_epoch(rate))
+    loader = DataLoader(list(range(n)), batch_sampler=sampler, collate_fn=list, generator=generator)
+    steps: list[list[list[int]]] = []
+    for _ in range(plan.epochs):
+        for batch in loader:
+            pieces = np.array_split(batch, math.ceil(len(batch) / plan.max_physical_batch_size)) if batch else [[]]
+            steps.append([[int(i) for i in piece] for piece in pieces])
+    return steps
+
+
+@pytest.mark.parametrize("n, rate, epochs, physical", [
+    (1, 1.0, 1, 1), (5, 1 / 12, 3, 4), (13, 0.25, 2, 3), (64, 0.125, 1, 8), (100, 0.3, 2, 7), (257, 0.05, 1, 2),
+])
+def test_dp_schedule_draws_what_opacus_sampler_in_a_dataloader_draws(n, rate, epochs, physical):
+    """`_schedule` makes the loader's draws without the loader: the same positions, the same
+    pieces (empty batches, uneven splits), and the generator left in the same state."""
+    plan = _plan(sample_rate=rate, epochs=epochs, max_physical_batch_size=physical)
+    for seed in range(5):
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        got, got_rate = _schedule(n, plan, ours)
+        assert got == _loader_schedule(n, plan, theirs)
+        assert got_rate == rate
+        assert torch.equal(ours.get_state(), theirs.get_state())
+
+
 def test_non_private_sgd_and_adamw_with_proximal_term_match_train_local():
     module = _view()
     plans = [_plan(dp=False, proximal_mu=mu, optimizer=opt, learning_rate=lr, batch_size=bs, epochs=3)
@@ -313,3 +348,32 @@ def test_a_views_trainable_weights_load_and_read_back_as_load_state_dict_would()
     with pytest.raises(ModelError, match=f"weight {name}: shape"):
         view.load_trainable(wrong)
     assert all(np.array_equal(view.trainable_state()[k], loaded[k]) for k in view.trainable_names)  # none changed
+
+
+@pytest.mark.parametrize("trainable, last_layers", [("last_layers", 0), ("last_layers", 1), ("lora", 0),
+                                                    ("head", 0), ("all", 0)])
+def test_trained_state_is_what_copying_the_weights_in_and_reading_them_out_gives(trainable, last_layers):
+    """A batched worker's site reads its trained weights (by the module's parameter names)
+    straight into its reply's arrays: the same names, dtypes and values as copying them into
+    the view and taking `trainable_state()`, and the view is left as it was."""
+    view = make_train_view(_bert(), trainable, last_layers, 4, 8)
+    generator = torch.Generator().manual_seed(3)
+    params = {n: torch.randn(p.shape, generator=generator).to(p.dtype)
+              for n, p in view.module.named_parameters() if p.requires_grad}
+    before = {k: v.copy() for k, v in view.trainable_state().items()}
+    got = view.trained_state(params)
+    assert {k: v.tobytes() for k, v in view.trainable_state().items()} == {k: v.tobytes() for k, v in before.items()}
+    reference = copy.deepcopy(view)
+    with torch.no_grad():
+        own = dict(reference.module.named_parameters())
+        for name, value in params.items():
+            own[name].copy_(value)
+    expected = reference.trainable_state()
+    assert list(got) == list(expected)
+    for name, value in expected.items():
+        assert got[name].dtype == value.dtype and got[name].shape == value.shape
+        assert np.array_equal(got[name], value)
+    # weights that do not pair up with the view's (here another dtype) are copied in and read out
+    halves = {n: v.to(torch.float64) for n, v in params.items()}
+    assert all(np.array_equal(view.trained_state(halves)[k], v) for k, v in expected.items())
+    assert all(np.array_equal(a, b) for a, b in zip(view.trainable_state().values(), expected.values(), strict=True))
