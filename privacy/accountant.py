@@ -250,10 +250,79 @@ def _dp_pld_cached(spends: Grouped, delta: float, interval: float, neighbouring:
     return float(pld.get_epsilon_for_delta(delta))
 
 
+# -- dp-accounting's self-convolution bounds, each PLD's moment generating function computed once
+# A site's ε after round r is its (σ, q) PLD self-composed r x steps times. dp-accounting
+# 0.6.0's `common.self_convolve` first bounds where the result's mass lies (Chernoff bounds
+# from 40 log moment generating functions of the input PMF, `compute_self_convolve_bounds`),
+# then convolves by FFT; the 40 `scipy.special.logsumexp` calls were nineteen twentieths of
+# a composition, and they depend on the input PMF only, never on the number of times. The
+# function below is that one, line for line, with those 40 values kept per input PMF (by
+# the sha256 of its bytes): the same bounds, so the same PLD and the same ε to the last bit
+# (tests/test_accountant.py checks it against the library's own function and against
+# PLDAccountant). It replaces the library's only where the library's source is the one it
+# was written from (`_BOUNDS_SOURCE`); another version runs its own.
+_BOUNDS_SOURCE = "c27d543e03201f2da1ef98da42c035a39d4cb57681d3d26beb099ff32edf4b41"  # dp-accounting 0.6.0
+_LOG_MGFS: dict[tuple[bytes, int, str], list[float]] = {}
+_LOG_MGFS_KEPT = 1024  # input PMFs (two a (σ, q)); past it, start over
+
+
+def _kept_bounds() -> bool:
+    """Install `_self_convolve_bounds` in dp-accounting (once); whether it is in place."""
+    import hashlib
+    import inspect
+
+    from dp_accounting.pld import common
+
+    if getattr(common.compute_self_convolve_bounds, "_fedshield_kept", False):
+        return True
+    try:
+        source = inspect.getsource(common.compute_self_convolve_bounds)
+    except (OSError, TypeError):
+        return False
+    if hashlib.sha256(source.encode()).hexdigest() != _BOUNDS_SOURCE:
+        return False
+    original = common.compute_self_convolve_bounds
+
+    def _self_convolve_bounds(input_list: Any, num_times: int, tail_mass_truncation: float = 0,
+                              orders: Any = None) -> tuple[int, int]:
+        import numpy as np
+        from scipy import special
+
+        if tail_mass_truncation == 0 or orders is not None:
+            return original(input_list, num_times, tail_mass_truncation, orders)  # type: ignore[no-any-return]
+        upper_bound = (len(input_list) - 1) * num_times
+        lower_bound = 0
+        orders = np.concatenate((np.arange(-20, 0), np.arange(1, 21))) / len(input_list)
+        values = np.asarray(input_list)
+        key = (hashlib.sha256(np.ascontiguousarray(values).view(np.uint8)).digest(), len(input_list), values.dtype.str)
+        log_mgfs = _LOG_MGFS.get(key)
+        if log_mgfs is None:
+            log_mgfs = [special.logsumexp(np.arange(len(input_list)) * order, b=input_list) for order in orders]
+            if len(_LOG_MGFS) >= _LOG_MGFS_KEPT:
+                _LOG_MGFS.clear()
+            _LOG_MGFS[key] = log_mgfs
+        for order, log_mgf_value in zip(orders, log_mgfs, strict=True):
+            bound = (num_times * log_mgf_value + math.log(2 / tail_mass_truncation)) / order
+            if not math.isfinite(bound):
+                continue
+            if order > 0:
+                upper_bound = min(upper_bound, math.ceil(bound))
+            if order < 0:
+                lower_bound = max(lower_bound, math.floor(bound))
+        return lower_bound, upper_bound
+
+    _self_convolve_bounds._fedshield_kept = True  # type: ignore[attr-defined]
+    _self_convolve_bounds.__wrapped__ = original  # type: ignore[attr-defined]
+    common.compute_self_convolve_bounds = _self_convolve_bounds
+    return True
+
+
 @functools.lru_cache(maxsize=256)
 def _pld_of_step(sigma: float, q: float, interval: float, neighbouring: str) -> Any:  # PrivacyLossDistribution
     import dp_accounting
     from dp_accounting.pld import privacy_loss_distribution
+
+    _kept_bounds()
 
     relation = (dp_accounting.NeighboringRelation.REPLACE_ONE if neighbouring == REPLACE_ONE
                 else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)

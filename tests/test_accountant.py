@@ -178,22 +178,75 @@ def test_pld_records_dp_accountings_pessimistic_pld_and_calibrates_with_less_noi
 
 
 @pytest.mark.parametrize("neighbouring", ["add-remove", "replace-one"])
-def test_pld_epsilon_is_dp_accountings_pld_accountant_to_the_last_bit(neighbouring):
-    """The recorded PLD ε builds each (σ, q)'s PLD once (privacy/accountant.py _pld_of_step):
-    the very result of dp-accounting's PLDAccountant composing the same events, not a close one."""
+def test_pld_epsilon_is_dp_accountings_pld_accountant_to_the_last_bit(neighbouring, monkeypatch):
+    """The recorded PLD ε builds each (σ, q)'s PLD once (privacy/accountant.py _pld_of_step)
+    and keeps each PLD's self-convolution bounds' moments (`_kept_bounds`): the very result
+    of dp-accounting's own PLDAccountant, run with the library's own bounds, composing the
+    same events, not a close one; a run's next rounds (more steps of the same PLDs) too."""
     import dp_accounting
-    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.pld import PLDAccountant, common
 
     from fedshield.privacy.accountant import _events, _grouped
 
     relation = (dp_accounting.NeighboringRelation.REPLACE_ONE if neighbouring == "replace-one"
                 else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-    for history in ([Spend(10.0, 1.0, 1), Spend(4.0, 1.0, 1), Spend(1.13, 128 / 222, 40), Spend(1.13, 128 / 222, 40)],
-                    [Spend(0.8, 0.01, 500), Spend(2.0, 0.5, 3)]):
+    histories = [[Spend(10.0, 1.0, 1), Spend(4.0, 1.0, 1), Spend(1.13, 128 / 222, 40), Spend(1.13, 128 / 222, 40)],
+                 [Spend(0.8, 0.01, 500), Spend(2.0, 0.5, 3)]]
+    histories += [[*histories[0], Spend(1.13, 128 / 222, 40 * k)] for k in (1, 3)]
+    ours = [epsilon_dp_accounting_pld(h, 1e-5, neighbouring=neighbouring) for h in histories]
+    ours.append(epsilon([Spend(0.9, 0.25, 4 * r) for r in range(1, 4)], 1e-5, "pld", neighbouring))
+    kept = common.compute_self_convolve_bounds
+    assert getattr(kept, "_fedshield_kept", False)  # dp-accounting 0.6.0, as pinned: in place
+    monkeypatch.setattr(common, "compute_self_convolve_bounds", kept.__wrapped__)  # the library's own
+    for history, got in zip(histories, ours, strict=False):
         reference = PLDAccountant(neighboring_relation=relation, value_discretization_interval=1e-4)
         for event in _events(_grouped(history)):
             reference.compose(event)
-        assert epsilon_dp_accounting_pld(history, 1e-5, neighbouring=neighbouring) == reference.get_epsilon(1e-5)
+        assert got == reference.get_epsilon(1e-5)
+    reference = PLDAccountant(neighboring_relation=relation, value_discretization_interval=1e-3)
+    reference.compose(_events(((0.9, 0.25, 24),))[0])
+    assert ours[-1] == reference.get_epsilon(1e-5)
+
+
+def test_kept_self_convolution_bounds_are_dp_accountings_own():
+    """`_kept_bounds`' function gives dp-accounting's bounds for every input and number of
+    times, whether the input's moments were kept or not; other arguments go to the library's."""
+    import numpy as np
+    from dp_accounting.pld import common
+
+    from fedshield.privacy.accountant import _kept_bounds, _pld_of_step
+
+    assert _kept_bounds()
+    kept = common.compute_self_convolve_bounds
+    original = kept.__wrapped__
+    for sigma, q, interval in [(0.5, 0.1, 1e-3), (1.0, 0.25, 1e-3), (2.0, 1.0, 1e-4), (0.8, 0.01, 1e-3)]:
+        pld = _pld_of_step(sigma, q, interval, "add-remove")
+        for pmf in (pld._pmf_remove, pld._pmf_add):
+            probs = pmf._probs
+            for times in (1, 2, 7, 40, 41, 400, 10_000):
+                for tail in (1e-15, 1e-10):
+                    assert kept(probs, times, tail) == original(probs, times, tail)
+            assert kept(probs, 5, 0) == original(probs, 5, 0)
+            assert kept(list(probs), 5, 1e-15) == original(list(probs), 5, 1e-15)
+            orders = [0.5 / len(probs), -0.5 / len(probs)]
+            assert kept(probs, 9, 1e-15, orders) == original(probs, 9, 1e-15, orders)
+    noise = np.random.default_rng(0).random(300)
+    noise /= noise.sum()
+    assert kept(noise, 12, 1e-15) == original(noise, 12, 1e-15)
+    assert kept(noise[::2], 12, 1e-15) == original(noise[::2], 12, 1e-15)  # not contiguous
+
+
+def test_kept_bounds_stay_out_of_another_dp_accounting(monkeypatch):
+    """Written from dp-accounting 0.6.0's source: against any other, the library's own runs."""
+    from dp_accounting.pld import common
+
+    from fedshield.privacy import accountant
+
+    library = common.compute_self_convolve_bounds.__wrapped__
+    monkeypatch.setattr(common, "compute_self_convolve_bounds", library)
+    monkeypatch.setattr(accountant, "_BOUNDS_SOURCE", "0" * 64)
+    assert not accountant._kept_bounds()
+    assert common.compute_self_convolve_bounds is library
 
 
 @pytest.mark.parametrize("history", [
