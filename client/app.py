@@ -907,9 +907,17 @@ def local_update_steps(msg: Message, plan: protocol.Plan,
     device = _device(cfg)
     view, dataset = _prepare(site, plan, device)
     center = tuple(plan.feature_center) if plan.feature_center is not None and centering.applies(cfg, view) else None
-    view.load_trainable(weights)  # refused here, before any spend, if they are not the model's
-    if center is not None:
-        centering.set_center(view, list(center))
+    # Refused here, before any spend, if they are not the model's. A view shared by a batched
+    # worker's sites (TrainJob.shared) is loaded by the job when it trains (TrainJob.load):
+    # nothing reads its weights before, and a push's sites all start from the same ones.
+    if _SHARED_VIEWS is None:
+        view.load_trainable(weights)
+        if center is not None:
+            centering.set_center(view, list(center))
+    else:
+        view.check_trainable(weights)
+        if center is not None:
+            centering.check_center(view, list(center))
     count = _counted(msg, plan, site)
     if isinstance(count, Message):
         return count

@@ -106,8 +106,16 @@ def combine(sums: list[np.ndarray], counts: list[int]) -> np.ndarray:
 
 def set_center(view: TrainView, values: npt.ArrayLike) -> None:
     module = centered_module(view)
+    center = check_center(view, values)
+    module.center.copy_(center.to(module.center.device))
+
+
+def check_center(view: TrainView, values: npt.ArrayLike) -> torch.Tensor:
+    """What `set_center` refuses (ValueError), without setting anything: the centre as it
+    would set it."""
+    module = centered_module(view)
     center = torch.as_tensor(np.asarray(values, dtype=np.float32))
     if center.shape != module.center.shape or not torch.isfinite(center).all():
         raise ValueError(f"feature centre: expected {tuple(module.center.shape)} finite values, "
                          f"got shape {tuple(center.shape)}")
-    module.center.copy_(center.to(module.center.device))
+    return center

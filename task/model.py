@@ -572,7 +572,16 @@ class TrainView:
     def load_trainable(self, arrays: dict[str, np.ndarray]) -> None:
         """Copy `arrays` into the trainable weights, as `load_state_dict(strict=False)` does;
         a missing name or a shape other than the model's is refused (ModelError) before any
-        weight is changed."""
+        weight is changed (`check_trainable`)."""
+        values = self.check_trainable(arrays)
+        tensors = self._trainable_tensors()
+        with torch.no_grad():
+            for k, value in values.items():
+                _copy_into(tensors[k], value)
+
+    def check_trainable(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What `load_trainable` refuses, without loading anything: ModelError for a missing
+        name or a shape other than the model's. The arrays it would copy, by name."""
         missing = set(self.trainable_names) - set(arrays)
         if missing:
             raise ModelError(f"update lacks trainable weights: {sorted(missing)[:3]}")
@@ -581,9 +590,7 @@ class TrainView:
         for k, value in values.items():
             if tuple(value.shape) != tuple(tensors[k].shape):
                 raise ModelError(f"weight {k}: shape {tuple(value.shape)}, the model's is {tuple(tensors[k].shape)}")
-        with torch.no_grad():
-            for k, value in values.items():
-                _copy_into(tensors[k], value)
+        return values
 
     def _trainable_tensors(self) -> dict[str, torch.Tensor]:
         """The model's own trainable tensors by state-dict name, looked up once: a walk of

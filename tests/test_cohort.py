@@ -377,3 +377,27 @@ def test_trained_state_is_what_copying_the_weights_in_and_reading_them_out_gives
     halves = {n: v.to(torch.float64) for n, v in params.items()}
     assert all(np.array_equal(view.trained_state(halves)[k], v) for k, v in expected.items())
     assert all(np.array_equal(a, b) for a, b in zip(view.trainable_state().values(), expected.values(), strict=True))
+
+
+def test_a_shared_view_checks_a_sites_start_as_loading_it_would_without_loading_it():
+    """A batched worker's site checks the round's weights (and centre) against the shared view
+    before it spends, as loading them would, and leaves loading to its job."""
+    from fedshield.task import centering
+
+    view = make_train_view(_bert(), "last_layers", 1, 4, 8)
+    before = {k: v.copy() for k, v in view.trainable_state().items()}
+    other = {k: np.zeros_like(v) for k, v in before.items()}
+    assert list(view.check_trainable(other)) == list(before)
+    assert all(np.array_equal(view.trainable_state()[k], v) for k, v in before.items())  # nothing loaded
+    first = next(iter(other))
+    with pytest.raises(ModelError, match="lacks trainable weights"):
+        view.check_trainable({k: v for k, v in other.items() if k != first})
+    with pytest.raises(ModelError, match=f"weight {first}: shape"):
+        view.check_trainable({**other, first: np.zeros((3, 1), dtype=np.float32)})
+    center = centering.centered_module(view).center
+    kept = center.clone()
+    assert torch.equal(centering.check_center(view, [0.5] * HIDDEN), torch.full((HIDDEN,), 0.5))
+    assert torch.equal(center, kept)
+    for bad in ([0.5] * (HIDDEN - 1), [float("nan")] * HIDDEN):
+        with pytest.raises(ValueError, match="feature centre"):
+            centering.check_center(view, bad)
