@@ -340,6 +340,13 @@ def npy_bytes(value: np.ndarray[Any, Any]) -> bytes:
     return header + value.tobytes()
 
 
+@functools.lru_cache(maxsize=256)
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """`str(dtype)`, computed once per dtype (numpy's __str__ is Python code: a fifth of
+    encoding a small array)."""
+    return str(dtype)
+
+
 def encode_array(value: np.ndarray[Any, Any]) -> Array:
     """`Array(value)`, byte for byte (tests/test_protocol.py), without np.save's per-call cost."""
     value = np.ascontiguousarray(value)
@@ -351,7 +358,7 @@ def encode_array(value: np.ndarray[Any, Any]) -> Array:
     # made without its constructor's argument dispatch: a third of a reply's cost at 1,000
     # sites. tests/test_protocol.py checks the two are the same, field for field.
     array: Array = object.__new__(Array)
-    array.__dict__.update(_is_dirty=True, dtype=str(value.dtype), shape=shape, stype=SType.NUMPY,
+    array.__dict__.update(_is_dirty=True, dtype=dtype_name(value.dtype), shape=shape, stype=SType.NUMPY,
                           data=header + value.tobytes())
     return array
 
@@ -365,18 +372,48 @@ def decode_array(array: Array) -> np.ndarray[Any, Any]:
 
 def _decoded(array: Array, copy: bool) -> np.ndarray[Any, Any]:
     """decode_array; without `copy`, the fast way gives a read-only view of the Array's bytes."""
-    try:
-        dtype, shape = np.dtype(array.dtype), tuple(int(n) for n in array.shape)
-        plain = array.stype == SType.NUMPY and dtype.itemsize > 0 and all(n >= 0 for n in shape)
-        header = _npy_header(dtype, shape) if plain else None
-    except (TypeError, ValueError, OverflowError):
-        header = None
+    layout = None
+    if array.stype == SType.NUMPY:
+        try:
+            layout = _LAYOUTS.get((array.dtype, array.shape), _UNSEEN)
+            if layout is _UNSEEN:
+                layout = _layout(array.dtype, array.shape)
+        except (TypeError, ValueError, OverflowError):  # unhashable, or no dtype or shape at all
+            layout = None
     data = array.data
-    if header is None or not isinstance(data, bytes) or not data.startswith(header) \
-            or len(data) - len(header) != math.prod(shape) * dtype.itemsize:
+    if layout is None or not isinstance(data, bytes) or len(data) != layout.size or not data.startswith(layout.header):
         return array.numpy()
-    value = np.frombuffer(data, dtype=dtype, offset=len(header)).reshape(shape)
+    value = np.frombuffer(data, dtype=layout.dtype, offset=len(layout.header)).reshape(layout.shape)
     return value.copy() if copy else value
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the fast way reads for an Array declaring a dtype and shape: the .npy header that
+    np.save writes for them, and the size of the whole file."""
+
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    header: bytes
+    size: int
+
+
+# (declared dtype, declared shape) -> its _Layout, or None where the fast way does not apply:
+# a reply's 20 arrays repeat the same few, and working them out was half of reading one.
+# Keys compare as the values they convert to (2 == 2.0, "float32" == np.dtype("float32")).
+_LAYOUTS: dict[tuple[Any, Any], _Layout | None] = {}
+_LAYOUTS_KEPT = 4096
+_UNSEEN = object()
+
+
+def _layout(declared_dtype: Any, declared_shape: Any) -> _Layout | None:
+    dtype, shape = np.dtype(declared_dtype), tuple(int(n) for n in declared_shape)
+    header = _npy_header(dtype, shape) if dtype.itemsize > 0 and all(n >= 0 for n in shape) else None
+    layout = None if header is None else _Layout(dtype, shape, header, len(header) + math.prod(shape) * dtype.itemsize)
+    if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+        _LAYOUTS.clear()
+    _LAYOUTS[(declared_dtype, declared_shape)] = layout
+    return layout
 
 
 # A reply's Arrays are read by the reply gate, the norm bound and the aggregation in turn, and a

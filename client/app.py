@@ -916,8 +916,9 @@ def local_update_steps(msg: Message, plan: protocol.Plan,
             centering.set_center(view, list(center))
     else:
         view.check_trainable(weights)
-        if center is not None:
+        if center is not None and _CHECKED_CENTERS.get(id(view)) != (view, center):  # a push's sites share one
             centering.check_center(view, list(center))
+            _CHECKED_CENTERS[id(view)] = (view, center)
     count = _counted(msg, plan, site)
     if isinstance(count, Message):
         return count
@@ -1082,6 +1083,7 @@ def _device(cfg: Config) -> torch.device:
 _SHARED_VIEWS: dict[tuple[int, str], tuple[Config, TrainView]] | None = None
 _ENCODED: dict[tuple[str, int, int, str], tuple[LabeledData, Config, torch.utils.data.TensorDataset]] = {}
 _ENCODED_LIMIT = 20_000  # sites a worker keeps encoded (a few MB each at most); past it, start over
+_CHECKED_CENTERS: dict[int, tuple[TrainView, tuple[float, ...]]] = {}  # a shared view's last centre found fine
 
 
 @contextmanager
@@ -1100,6 +1102,7 @@ def shared_views() -> Iterator[None]:
     finally:
         _SHARED_VIEWS = None
         _ENCODED.clear()
+        _CHECKED_CENTERS.clear()
         _STATES.clear()
 
 

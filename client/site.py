@@ -90,6 +90,7 @@ class SiteState:
             pub = generate_site_key(self.key_path)
             (self.dir / "site.pub").write_bytes(pub)
         self.key = load_private_key(self.key_path)
+        self.public_key = self.key.public_key()  # one object: its fingerprint is computed once (privacy/signing.py)
         self._digest_key: bytes | None = None  # data_digest's HMAC key, derived from `key` once
         self._kept: tuple[str, bytes, dict[str, Any]] | None = None  # the last kept release seen: run, sha256, request
         self.ledger = Ledger(self.dir / "ledger.jsonl")
@@ -105,14 +106,14 @@ class SiteState:
         """Read the ledger (once per message): every decision until the next refresh uses
         this reading, and the entries this state appends. A torn last line from a crash is
         set aside and reported."""
-        read = self.ledger.recover(self.key.public_key())
+        read = self.ledger.recover(self.public_key)
         self.recovery_message = read.message if read.truncated_bytes or read.recovered else ""
         if read.recovered:  # interrupted spends, now counted: the coordinator hears of them in the next reply
             marks = self._unreported_hashes() + [str(e.get("hash")) for e in read.recovered]
             _atomic_write(self._unreported_path(), json.dumps(marks) + "\n")
         # The site's own books must verify, whole, before it decides anything with them
         # (the Ledger checks again only what it has not verified: privacy/ledger.py).
-        self.ledger.check_own(self.site, self.key.public_key(), read.entries)
+        self.ledger.check_own(self.site, self.public_key, read.entries)
         own = [e for e in read.entries if e.get("site") == self.site]
         known = self._entries
         if len(own) >= len(known) and all(a is b or a == b for a, b in zip(own, known, strict=False)):
@@ -347,7 +348,7 @@ class SiteState:
     def record_spend(self, fields: dict[str, Any]) -> Entry:
         """Append the signed entry and fsync it; returns the entry as written."""
         entry = self.ledger.append(fields, self.key)
-        self._history.extend(site_history([entry], self.site))
+        self._history.append(self.ledger.event(entry).spend())  # the event append computed
         self._entries.append(entry)
         if self.witness is not None:
             self._witness(entry)  # after the entry is fsynced: the witness never runs ahead of the books

@@ -294,7 +294,7 @@ def _kept_bounds() -> bool:
         lower_bound = 0
         orders = np.concatenate((np.arange(-20, 0), np.arange(1, 21))) / len(input_list)
         values = np.asarray(input_list)
-        key = (hashlib.sha256(np.ascontiguousarray(values).view(np.uint8)).digest(), len(input_list), values.dtype.str)
+        key = (hashlib.sha256(np.ascontiguousarray(values).tobytes()).digest(), len(input_list), values.dtype.str)
         log_mgfs = _LOG_MGFS.get(key)
         if log_mgfs is None:
             log_mgfs = [special.logsumexp(np.arange(len(input_list)) * order, b=input_list) for order in orders]

@@ -312,9 +312,8 @@ class Ledger:
         for e in entries:
             kept = self._events.get(id(e))
             if kept is None or kept[0] is not e:
-                if len(self._events) >= _EVENTS_KEPT:
-                    self._events.clear()
-                kept = self._events[id(e)] = (e, event_of(e))
+                kept = (e, event_of(e))
+                self._remember_event(e, kept[1])
             events.append(kept[1])
         return events
 
@@ -364,7 +363,8 @@ class Ledger:
                 raise LedgerError(
                     f"ledger {self.path}: site {site}'s spends are of mechanism {mechanism_of(last)}; a "
                     f"{mechanism_of(entry)} spend cannot join them (one chain, one accountant)")
-            eps = chain_epsilon([*mine, entry], float(entry["delta"]), [*self._events_of(mine), event_of(entry)])
+            new_event = event_of(entry)
+            eps = chain_epsilon([*mine, entry], float(entry["delta"]), [*self._events_of(mine), new_event])
             given = entry.get("epsilon")
             entry["epsilon"] = float(eps) if given is None else max(float(given), float(eps))
             entry["seq"] = int(last["seq"]) + 1 if last is not None else 0
@@ -387,7 +387,19 @@ class Ledger:
             self._write_head(entry, key)
             if pending:
                 self.pending_path.unlink()
+        # Its event as computed above: the fields added since (ε, seq, hashes, time, signature)
+        # are not the event's (privacy/events.py `_event`).
+        self._remember_event(entry, new_event)
         return entry
+
+    def event(self, entry: Entry) -> PrivacyEvent:
+        """`event_of(entry)`, computed once while this object holds the entry (`_events_of`)."""
+        return self._events_of([entry])[0]
+
+    def _remember_event(self, entry: Entry, event: PrivacyEvent) -> None:
+        if len(self._events) >= _EVENTS_KEPT:
+            self._events.clear()
+        self._events[id(entry)] = (entry, event)
 
     # -- the head record: what the chain alone cannot show ---------------------------
     # A chain shows an edited, removed or inserted entry, but not its last entries cut off.

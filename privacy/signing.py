@@ -122,10 +122,25 @@ def fingerprint(key: PublicKeyTypes | PrivateKeyTypes) -> str:
     have one fingerprint): ledger signing keys (P-256), connection keys (P-384), TLS keys.
     Ledger entries store it in `key_fingerprint`.
     """
+    kept = _FINGERPRINTS.get(id(key))
+    if kept is not None and kept[0] is key:
+        return kept[1]
     private_types = typing.get_args(PrivateKeyTypes)  # a runtime tuple: mypy cannot narrow on it, hence the cast
     pub = typing.cast(PublicKeyTypes, key.public_key() if isinstance(key, private_types) else key)
     der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return "SHA256:" + hashlib.sha256(der).hexdigest()
+    found = "SHA256:" + hashlib.sha256(der).hexdigest()
+    with _VERIFIED_LOCK:
+        if len(_FINGERPRINTS) >= _FINGERPRINTS_KEPT:
+            _FINGERPRINTS.clear()
+        _FINGERPRINTS[id(key)] = (key, found)
+    return found
+
+
+# Key objects (immutable) -> their fingerprint: a site's key is fingerprinted four times a
+# round (its entry, its head record, its chain's check), the coordinator's copy of each
+# site's key on every reply. The key is held with it, so its id is never another key's.
+_FINGERPRINTS: dict[int, tuple[object, str]] = {}
+_FINGERPRINTS_KEPT = 1 << 14
 
 
 def sign(priv: PrivateKey, data: bytes) -> bytes:

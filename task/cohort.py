@@ -608,13 +608,15 @@ class _Chunk:
         Opacus' torch.normal), added to the clipped sum, / expected batch size."""
         summed = self._select(self.summed, rows)
         noisy = {n: torch.empty_like(t) for n, t in summed.items()}
+        by_site = list(zip(*(noisy[n].unbind(0) for n in self.names), strict=True))  # [site][weight]: row views
         for k, i in enumerate(rows):
             std = self.plans[i].noise_multiplier * self.plans[i].max_grad_norm
-            for n in self.names:
+            generator = self.sites[i].noise
+            for row in by_site[k]:
                 if std == 0:  # Opacus draws nothing for a zero std
-                    noisy[n][k].zero_()
+                    row.zero_()
                 else:
-                    noisy[n][k].normal_(0.0, std, generator=self.sites[i].noise)
+                    row.normal_(0.0, std, generator=generator)
         divisor = [self.sites[i].expected_batch for i in rows]
         return {n: noisy[n].add_(summed[n]).div_(_column(divisor, summed[n])) for n in self.names}
 

@@ -135,6 +135,45 @@ def test_append_read_round_trip(world):
     assert canonical({"b": 1, "a": "é"}) == b'{"a":"\\u00e9","b":1}'
 
 
+def test_fingerprints_are_kept_per_key_object_and_never_cross_keys(tmp_path):
+    """A key's fingerprint is computed once per key object: the same string for the private
+    key and its public half, whichever is asked first, and never another key's."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    def by_hand(key):
+        der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        digest = hashes.Hash(hashes.SHA256())
+        digest.update(der)
+        return "SHA256:" + digest.finalize().hex()
+
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(3)]
+    for key in keys:
+        public = key.public_key()
+        assert fingerprint(public) == fingerprint(key) == by_hand(public)
+        assert fingerprint(key) == fingerprint(key) and fingerprint(public) == by_hand(public)
+    assert len({fingerprint(k) for k in keys}) == 3
+    fresh = [ec.generate_private_key(ec.SECP256R1()).public_key() for _ in range(50)]  # new objects, new ids
+    assert [fingerprint(k) for k in fresh] == [by_hand(k) for k in fresh]
+
+
+def test_an_appended_entrys_event_is_the_one_its_fields_give(tmp_path):
+    """The event `append` computed for a spend is the one `event_of` finds in the entry as
+    written (and as read back): what the site composes its history from."""
+    from fedshield.privacy.events import event_of
+
+    key_path = tmp_path / "site.key"
+    generate_site_key(key_path)
+    key = load_private_key(key_path)
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    for rnd in (1, 2):
+        entry = ledger.append(_fields("alpha", rnd), key)
+        assert ledger.event(entry) == event_of(entry)
+        assert ledger.event(entry).spend() == Spend(SIGMA, Q, STEPS)
+    read = Ledger(tmp_path / "ledger.jsonl").read().entries
+    assert [Ledger(tmp_path / "x.jsonl").event(e) for e in read] == [event_of(e) for e in read]
+
+
 def test_append_never_lowers_epsilon_and_refuses_bad_input(tmp_path):
     key_path = tmp_path / "site.key"
     generate_site_key(key_path)

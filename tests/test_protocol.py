@@ -286,3 +286,33 @@ def test_an_array_whose_bytes_do_not_match_what_it_declares_is_read_as_flower_re
         return
     got = protocol.decode_array(bad)
     assert got.dtype == expected.dtype and got.shape == expected.shape and np.array_equal(got, expected)
+
+
+def test_what_an_array_declares_is_worked_out_once_and_read_as_before_whatever_its_form():
+    """The fast way keeps what a declared (dtype, shape) needs (protocol._LAYOUTS); a shape
+    written with floats or numpy integers reads as its integers would, a list or another
+    stype as Flower reads it, and the same declaration with other bytes is read afresh."""
+    value = np.arange(6, dtype=np.float32).reshape(2, 3)
+    good = Array(value)
+    for declared in [(2, 3), (2.0, 3.0), (np.int64(2), np.int64(3)), [2, 3]]:
+        array = Array(dtype=good.dtype, shape=(2, 3), stype=good.stype, data=good.data)
+        array.shape = declared  # as an unpickled or hand-made Array may hold it
+        got = protocol.decode_array(array)
+        assert got.dtype == np.float32 and got.shape == (2, 3) and np.array_equal(got, value)
+    assert protocol._LAYOUTS[("float32", (2, 3))].shape == (2, 3)
+    other = Array(dtype="float32", shape=(2, 3), stype=good.stype, data=good.data[:-4])
+    with pytest.raises(Exception):  # noqa: B017  np.load refuses a short body, as Flower's reading does
+        other.numpy()
+    with pytest.raises(Exception):  # noqa: B017
+        protocol.decode_array(other)
+    unhashable, torch = (Array(dtype="float32", shape=(2, 3), stype=good.stype, data=good.data) for _ in range(2))
+    unhashable.dtype = ["float32"]
+    torch.stype = "torch.Tensor"
+    for odd in [unhashable, torch]:
+        try:
+            expected = odd.numpy()
+        except Exception as exc:  # noqa: BLE001
+            with pytest.raises(type(exc)):
+                protocol.decode_array(odd)
+        else:
+            assert np.array_equal(protocol.decode_array(odd), expected)
