@@ -340,7 +340,8 @@ def field_problem(e: Mapping[str, Any], need_epsilon: bool = True) -> str:
     found clean is not checked again while it is the same object holding the same fields,
     values and value types (only plain dicts of scalars are remembered)."""
     key = (id(e), need_epsilon)
-    kept = _CLEAN.get(key)
+    # Clean with ε required is clean without: the check without ε is the same, less one field.
+    kept = _CLEAN.get(key) or (None if need_epsilon else _CLEAN.get((id(e), True)))
     if kept is not None and kept[0] is e and len(kept[1]) == len(e) and all(
             (was := kept[1].get(k)) is not None and type(v) is was[0] and v == was[1] for k, v in e.items()):
         return ""

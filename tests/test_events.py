@@ -191,6 +191,34 @@ def test_an_entry_found_clean_is_checked_again_once_any_field_or_its_type_change
     assert "epsilon" in field_problem(fields, need_epsilon=False)
 
 
+def test_a_verdict_with_epsilon_required_answers_the_check_without_and_never_the_reverse():
+    """An entry found clean with ε required (a signed entry's check) is clean without it (an
+    event's); clean without ε says nothing of an entry that lacks it; a change is seen either way."""
+    from fedshield.privacy import events
+    from fedshield.privacy.events import _CLEAN, field_problem
+
+    event = PrivacyEvent(Mechanism.DP_SGD, 1.5, 0.25, 1, Neighbouring.ADD_REMOVE, 1.0)
+    fields = entry_fields(event, site="s", run_id="r", round=3, delta=DELTA, accountant="rdp", release="dp-sgd")
+    fields["epsilon"] = 0.5
+    assert field_problem(fields) == ""
+    _CLEAN.pop((id(fields), False), None)  # entry_fields' own verdict (before ε was added): gone
+    assert (id(fields), True) in _CLEAN
+    calls = []
+    real = events._field_problem
+    events._field_problem = lambda e, need: calls.append(need) or real(e, need)
+    try:
+        assert field_problem(fields, need_epsilon=False) == ""
+        assert calls == []  # answered by the verdict with ε required
+        fields["sample_rate"] = 2.0
+        assert field_problem(fields, need_epsilon=False)  # changed: checked again
+        assert calls == [False]
+    finally:
+        events._field_problem = real
+    bare = entry_fields(event, site="s", run_id="r", round=3, delta=DELTA, accountant="rdp", release="dp-sgd")
+    assert field_problem(bare, need_epsilon=False) == ""
+    assert "epsilon" in field_problem(bare)  # clean without ε is no verdict on ε
+
+
 def test_a_chain_keeps_one_kind_of_mechanism(tmp_path):
     """The count and the feature sum compose with DP-SGD; a site-level mechanism does not."""
     key = alpha_key()
