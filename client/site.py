@@ -54,7 +54,7 @@ from cryptography.hazmat.primitives import serialization
 from fedshield.privacy.accountant import ADD_REMOVE, Spend, calibrate_noise_multiplier, epsilon, planned_epsilon
 from fedshield.privacy.errors import FedShieldError
 from fedshield.privacy.events import COUNT_RELEASE, TRAIN_RELEASE, neighbouring_of
-from fedshield.privacy.files import fsync, in_group_commit, write_fully
+from fedshield.privacy.files import fsync, in_group_commit, open_in_folder, write_fully
 from fedshield.privacy.ledger import Entry, Ledger, site_history
 from fedshield.privacy.signing import generate_site_key, load_private_key, public_key_pem
 from fedshield.protocol import npy_bytes
@@ -476,8 +476,7 @@ def _group_write(path: Path, data: bytes, *, in_place: bool = True) -> None:
     if not (in_place and in_group_commit()):
         _atomic_write_bytes(path, data)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    fd = open_in_folder(path, os.O_WRONLY | os.O_CREAT)
     try:
         write_fully(fd, data)
         os.ftruncate(fd, len(data))

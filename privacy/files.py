@@ -27,6 +27,19 @@ def write_fully(fd: int, data: bytes) -> None:
     fsync(fd)
 
 
+def open_in_folder(path: Path, flags: int, mode: int = 0o644) -> int:
+    """os.open(path, flags, mode), making its folder (and parents) first if it is missing:
+    `mkdir(parents=True, exist_ok=True)` before every open was a failed system call and
+    an exception a write, several a virtual site a round."""
+    try:
+        return os.open(path, flags, mode)
+    except FileNotFoundError:
+        if not flags & os.O_CREAT:
+            raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, flags, mode)
+
+
 def fsync(fd: int) -> None:
     """os.fsync, or, inside `group_commit`, made durable at its barrier together with the
     other files written there."""

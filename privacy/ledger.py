@@ -101,7 +101,7 @@ from fedshield.privacy.events import (
     neighbouring_of,
     shown,
 )
-from fedshield.privacy.files import fsync, in_group_commit, write_by_exchange, write_fully
+from fedshield.privacy.files import fsync, in_group_commit, open_in_folder, write_by_exchange, write_fully
 from fedshield.privacy.skellam import skellam_history_epsilon
 
 # The mechanism names and fields live in privacy/events.py (typed events); their old names here.
@@ -489,9 +489,12 @@ class Ledger:
         return verified
 
     def _write_line(self, data: bytes) -> None:
-        created = not self.path.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        created = False
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:  # the first entry: the file (and its folder) made, the folder fsynced
+            created = True
+            fd = open_in_folder(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             write_fully(fd, data)
         finally:
@@ -510,8 +513,7 @@ class _FileLock:
         self.path = path
 
     def __enter__(self) -> _FileLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = open_in_folder(self.path, os.O_RDWR | os.O_CREAT)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 

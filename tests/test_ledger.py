@@ -464,3 +464,31 @@ def test_max_epsilon_fails_the_audit_and_a_weak_guarantee_is_said(tmp_path):
     assert not strict.ok and any("above --max-epsilon 5" in f for f in strict.flags)
     assert audit_main([str(state), "--max-epsilon", "5", "--out", str(tmp_path / "a")]) == 1
     assert audit_main([str(state), "--max-epsilon", "-1"]) == 2
+
+
+def test_files_are_opened_in_their_folder_made_only_when_missing(tmp_path):
+    """open_in_folder makes a missing folder (and parents) for a file it may create, never for
+    one it may only open; a ledger's first entry still creates its folder and file."""
+    from fedshield.privacy.files import open_in_folder
+
+    deep = tmp_path / "a" / "b" / "c.txt"
+    fd = open_in_folder(deep, os.O_WRONLY | os.O_CREAT)
+    os.close(fd)
+    assert deep.is_file() and stat.S_IMODE(deep.stat().st_mode) & 0o777 == 0o644 & ~_umask()
+    with pytest.raises(FileNotFoundError):
+        open_in_folder(tmp_path / "x" / "y.txt", os.O_RDONLY)
+    assert not (tmp_path / "x").exists()
+    fd = open_in_folder(deep, os.O_RDONLY)  # there: opened as it is
+    os.close(fd)
+    key_path = tmp_path / "site.key"
+    generate_site_key(key_path)
+    ledger = Ledger(tmp_path / "new" / "books" / "ledger.jsonl")
+    ledger.append(_fields("alpha", 1), load_private_key(key_path))
+    ledger.append(_fields("alpha", 2), load_private_key(key_path))
+    assert [e["round"] for e in ledger.read().entries] == [1, 2]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
