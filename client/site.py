@@ -92,7 +92,8 @@ class SiteState:
         self.key = load_private_key(self.key_path)
         self.public_key = self.key.public_key()  # one object: its fingerprint is computed once (privacy/signing.py)
         self._digest_key: bytes | None = None  # data_digest's HMAC key, derived from `key` once
-        self._kept: tuple[str, bytes, dict[str, Any]] | None = None  # the last kept release seen: run, sha256, request
+        # The last kept release seen: its run, its file's `_identity`, the request it answers.
+        self._kept: tuple[str, tuple[int, ...], dict[str, Any]] | None = None
         self.ledger = Ledger(self.dir / "ledger.jsonl")
         self._entries: list[Entry] = []  # this site's entries, as of the last refresh and own appends
         self._history: list[Spend] = []  # their spends
@@ -385,8 +386,9 @@ class SiteState:
             archive.writestr("__release__.npy", npy_bytes(np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)))
             archive.writestr("data.npy", npy_bytes(np.frombuffer(body, dtype=np.uint8)))
         blob = buf.getvalue()
-        _group_write(self._release_path(run_id), blob)
-        self._kept = (run_id, hashlib.sha256(blob).digest(), record)
+        path = self._release_path(run_id)
+        _group_write(path, blob)
+        self._kept = (run_id, _identity(path), record)
 
     def stored_release(self, run_id: str, server_round: int, digest: str,
                        dp: bool) -> tuple[dict[str, np.ndarray], dict[str, Any], list[Entry]] | None:
@@ -396,21 +398,28 @@ class SiteState:
         spend of this very request is recorded.
 
         Every round asks, and every round but a restarted coordinator's finds the last
-        round's release: the file's request is known without reading the zip when its bytes
-        are the very ones this state wrote or read last (their sha256)."""
+        round's release: the file's request is known without reading it when the file is
+        the very one this state wrote or read last (the same device, inode, size, and
+        modification and change times: `_identity`). Only a "not this request" is ever
+        decided so: a replay always reads the file, and a file changed behind this state's
+        back (which the change time shows) is read afresh."""
+        path = self._release_path(run_id)
         try:
-            blob = self._release_path(run_id).read_bytes()
+            identity = _identity(path)
         except OSError:  # none kept (or unreadable: never replayed)
             return None
-        sha = hashlib.sha256(blob).digest()
-        known = self._kept if self._kept is not None and self._kept[:2] == (run_id, sha) else None
+        known = self._kept if self._kept is not None and self._kept[:2] == (run_id, identity) else None
         if known is not None and (known[2].get("run_id"), known[2].get("round"), known[2].get("digest")) \
                 != (run_id, server_round, digest):
             return None  # another request's (the last round's, as a rule): its weights are not read
         try:
+            blob = path.read_bytes()
+        except OSError:
+            return None
+        try:
             with np.load(io.BytesIO(blob), allow_pickle=False) as data:
                 record = json.loads(bytes(data["__release__"]).decode())
-                self._kept = (run_id, sha, record)
+                self._kept = (run_id, identity, record)
                 if (record.get("run_id"), record.get("round"), record.get("digest")) != (run_id, server_round, digest):
                     return None
                 arrays = _kept_arrays(data, record)
@@ -428,6 +437,14 @@ class SiteState:
 
     def _release_path(self, run_id: str) -> Path:
         return self.dir / "runs" / f"{_safe(run_id)}.release.npz"
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    """What tells one state of a file from another without reading it: its device, inode,
+    size, modification time, and change time (set by the kernel on every write or rename,
+    never by a caller)."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _kept_arrays(data: Any, record: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,12 +211,20 @@ def test_a_kept_release_round_trips_every_dtype_and_the_older_form_is_still_read
     np.testing.assert_array_equal(got[0]["w"], arrays["w"])
 
 
-def test_a_kept_release_replaced_behind_a_sites_back_is_read_again(tmp_path):
+def test_a_kept_release_replaced_behind_a_sites_back_is_read_again(tmp_path, monkeypatch):
     """The site knows the request of the release it wrote without opening it, only while
-    the file holds those very bytes: another file there is read (and torn, never replayed)."""
+    the file is the one it wrote (device, inode, size, modification and change times):
+    another file there is read (and torn, never replayed)."""
     state = SiteState(tmp_path / "site", "s")
     state.save_release("run-1", 1, "d1", {"w": np.zeros(2, dtype=np.float32)}, {"num_examples": 4})
+    opened = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: opened.append(self.name) or real(self))
     assert state.stored_release("run-1", 2, "d2", dp=False) is None  # the last round's: known unopened
+    assert opened == []
+    replay = state.stored_release("run-1", 1, "d1", dp=False)  # the very request: always read
+    assert replay is not None and opened == ["run-1.release.npz"]
+    monkeypatch.setattr(Path, "read_bytes", real)
     other = SiteState(tmp_path / "other", "s")
     other.save_release("run-1", 2, "d2", {"w": np.ones(2, dtype=np.float32)}, {"num_examples": 4})
     path = tmp_path / "site" / "runs" / "run-1.release.npz"
