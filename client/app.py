@@ -365,12 +365,14 @@ def _state(state_dir: Path, name: str, key: Path | None, witness: Path | None = 
 
 
 def prepare_budget_checks(interrupted: Callable[[], bool]) -> None:
-    """`SiteState.prepare_next_check` for every site state this process holds, until
-    `interrupted()` says that work has come (a batched worker's wait between rounds)."""
+    """`SiteState.prepare_next_check` and `prepare_next_read` for every site state this
+    process holds, until `interrupted()` says that work has come (a batched worker's wait
+    between rounds)."""
     for state in list(_STATES.values()):
         if interrupted():
             return
         state.prepare_next_check()
+        state.prepare_next_read()
 
 
 def resolve_site(plan: protocol.Plan, context: Context) -> Site:

@@ -290,6 +290,21 @@ class SiteState:
         except Exception:  # noqa: BLE001  only a cache is at stake: the check raises it in its place
             pass
 
+    def prepare_next_read(self) -> None:
+        """Read and check the books ahead, as the next message's `refresh` will: the Ledger
+        keeps the bytes it parsed and the chain it verified, so that `refresh`, which reads
+        the file again when the message comes, finds those very bytes known and checks only
+        what changed since (a file changed in between is read and checked whole, as ever).
+        Nothing is decided or written here: recovering a torn line or an interrupted spend
+        is `refresh`'s, under the ledger's lock. A batched worker calls this while it waits
+        for the next round (simulations/batched.py)."""
+        try:
+            read = self.ledger.read()
+            if not (read.truncated_bytes or read.missing_newline):
+                self.ledger.check_own(self.site, self.public_key, read.entries)
+        except Exception:  # noqa: BLE001  only caches are at stake: refresh raises it in its place
+            pass
+
     def noise_multiplier(
         self, run_id: str, target_epsilon: float, delta: float, sample_rate: float,
         steps_per_round: int, rounds: int, accountant: str, before: list[Spend] | None = None,

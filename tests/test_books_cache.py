@@ -115,6 +115,62 @@ def test_books_changed_behind_a_sites_back_are_checked_whole_again(tmp_path, cha
             state.refresh()
 
 
+@pytest.mark.parametrize("change", [None, "edit a verified entry", "drop the last entry", "torn last line",
+                                    "an interrupted spend"])
+def test_books_read_ahead_between_rounds_decide_nothing_and_a_change_since_is_still_found(tmp_path, change,
+                                                                                          monkeypatch):
+    """A worker reads and checks its sites' books while it waits (`prepare_next_read`): the
+    next refresh parses and verifies nothing it found then, and decides exactly as without
+    it; the books changed after the read ahead are read and checked whole at the refresh;
+    nothing is recovered or written by the read ahead."""
+    from fedshield.privacy import ledger as ledger_module
+
+    state = _books(tmp_path)
+    state.record_spend(spend(4))  # appended this round: its line not yet read back
+    before = state.ledger.path.read_bytes()
+    state.prepare_next_read()
+    assert state.ledger.path.read_bytes() == before
+    if change is None:
+        parsed: list[bytes] = []
+        verified: list[int] = []
+        real_parse, real_verify = ledger_module.parse_ledger_bytes, ledger_module.verify_ledger
+        monkeypatch.setattr(ledger_module, "parse_ledger_bytes",
+                            lambda data, name: parsed.append(data) or real_parse(data, name))
+        monkeypatch.setattr(ledger_module, "verify_ledger",
+                            lambda entries, keys, start=None: verified.append(len(entries)) or real_verify(
+                                entries, keys, start))
+        state.refresh()
+        assert parsed == [b""] and verified == [0]  # nothing new since the read ahead
+        assert [e["round"] for e in state.entries()] == [1, 2, 3, 4]
+        return
+    entries = _lines(state)
+    if change == "edit a verified entry":
+        entries[1]["steps"] = 1
+        _write(state, entries)
+        with pytest.raises(LedgerError, match="hash does not match"):
+            state.refresh()
+    elif change == "drop the last entry":
+        _write(state, entries[:-1])
+        with pytest.raises(LedgerError, match="cut off"):
+            state.refresh()
+    elif change == "torn last line":
+        state.ledger.path.write_bytes(before[:-20])
+        state.prepare_next_read()  # a torn line is refresh's to set aside
+        assert state.ledger.path.read_bytes() == before[:-20]
+        with pytest.raises(LedgerError, match="cut off"):  # recovered, then found short of its head
+            state.refresh()
+    else:
+        pending = state.ledger.path.with_name("ledger.jsonl.pending")
+        extra = SiteState(tmp_path / "state", "a")
+        line = extra.ledger.path.read_bytes().splitlines(keepends=True)[-1]
+        state.ledger.path.write_bytes(before[: -len(line)])
+        pending.write_bytes(line)
+        state.prepare_next_read()
+        assert pending.exists() and state.ledger.path.read_bytes() == before[: -len(line)]
+        state.refresh()  # the interrupted spend is booked, by the refresh
+        assert not pending.exists() and [e["round"] for e in state.entries()] == [1, 2, 3, 4]
+
+
 def test_an_entry_appended_behind_a_sites_back_is_verified(tmp_path):
     """A line added by someone else past the verified prefix is parsed and verified (it is
     not signed by the site's key: refused), never taken as verified because the prefix is."""
