@@ -372,12 +372,11 @@ def decode_array(array: Array) -> np.ndarray[Any, Any]:
 
 def _decoded(array: Array, copy: bool) -> np.ndarray[Any, Any]:
     """decode_array; without `copy`, the fast way gives a read-only view of the Array's bytes."""
-    layout = None
+    layout: _Layout | None = None
     if array.stype == SType.NUMPY:
         try:
-            layout = _LAYOUTS.get((array.dtype, array.shape), _UNSEEN)
-            if layout is _UNSEEN:
-                layout = _layout(array.dtype, array.shape)
+            key = (array.dtype, array.shape)
+            layout = _LAYOUTS[key] if key in _LAYOUTS else _layout(array.dtype, array.shape)
         except (TypeError, ValueError, OverflowError):  # unhashable, or no dtype or shape at all
             layout = None
     data = array.data
@@ -403,7 +402,6 @@ class _Layout:
 # Keys compare as the values they convert to (2 == 2.0, "float32" == np.dtype("float32")).
 _LAYOUTS: dict[tuple[Any, Any], _Layout | None] = {}
 _LAYOUTS_KEPT = 4096
-_UNSEEN = object()
 
 
 def _layout(declared_dtype: Any, declared_shape: Any) -> _Layout | None:
