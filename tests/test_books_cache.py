@@ -43,6 +43,20 @@ def _write(state: SiteState, entries: list[dict]) -> None:
                                          for e in entries))
 
 
+def _refused_after(state: SiteState, change: str, edited: int) -> None:
+    """Edit entry `edited` of the books, or drop their last entry: the next refresh refuses them."""
+    entries = _lines(state)
+    if change == "edit a verified entry":
+        entries[edited]["steps"] = 1
+        _write(state, entries)
+        with pytest.raises(LedgerError, match="hash does not match"):
+            state.refresh()
+    else:
+        _write(state, entries[:-1])
+        with pytest.raises(LedgerError, match="cut off"):
+            state.refresh()
+
+
 @pytest.mark.parametrize("cut", [1, 2, 3])
 def test_checking_from_a_chain_state_finds_what_a_whole_check_finds(tmp_path, cut):
     """verify_ledger(suffix, start=state after the prefix) == verify_ledger(whole), problems
@@ -87,16 +101,8 @@ def test_books_changed_behind_a_sites_back_are_checked_whole_again(tmp_path, cha
     a rollback or a new file is read whole and verified whole."""
     state = _books(tmp_path)
     state.refresh()  # verified, remembered
-    entries = _lines(state)
-    if change == "edit a verified entry":
-        entries[0]["steps"] = 1
-        _write(state, entries)
-        with pytest.raises(LedgerError, match="hash does not match"):
-            state.refresh()
-    elif change == "drop the last entry":
-        _write(state, entries[:-1])
-        with pytest.raises(LedgerError, match="cut off"):
-            state.refresh()
+    if change in ("edit a verified entry", "drop the last entry"):
+        _refused_after(state, change, edited=0)
     elif change == "put back an older copy":
         older = state.ledger.path.read_bytes()
         head = state.ledger.head_path.read_bytes()
@@ -143,16 +149,8 @@ def test_books_read_ahead_between_rounds_decide_nothing_and_a_change_since_is_st
         assert parsed == [b""] and verified == [0]  # nothing new since the read ahead
         assert [e["round"] for e in state.entries()] == [1, 2, 3, 4]
         return
-    entries = _lines(state)
-    if change == "edit a verified entry":
-        entries[1]["steps"] = 1
-        _write(state, entries)
-        with pytest.raises(LedgerError, match="hash does not match"):
-            state.refresh()
-    elif change == "drop the last entry":
-        _write(state, entries[:-1])
-        with pytest.raises(LedgerError, match="cut off"):
-            state.refresh()
+    if change in ("edit a verified entry", "drop the last entry"):
+        _refused_after(state, change, edited=1)
     elif change == "torn last line":
         state.ledger.path.write_bytes(before[:-20])
         state.prepare_next_read()  # a torn line is refresh's to set aside
