@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedshield.privacy.dpsgd import register_rms_norm
 from fedshield.privacy.errors import FedShieldError
 from fedshield.privacy.progress import progress
 from fedshield.task import families
@@ -648,7 +647,11 @@ def make_train_view(model: nn.Module, trainable: str, last_layers: int, lora_r: 
             p.requires_grad_(name.split(".", 1)[0] in heads)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     # Llama-style RMSNorms get an exact per-sample gradient (privacy.dpsgd), not functorch's.
-    register_rms_norm(*{type(m) for m in model.modules() if type(m).__name__ in _RMS_NORMS})
+    rms_norms = {type(m) for m in model.modules() if type(m).__name__ in _RMS_NORMS}
+    if rms_norms:  # (Opacus is imported here only when there is one to register: task/trainer.py says why)
+        from fedshield.privacy.dpsgd import register_rms_norm
+
+        register_rms_norm(*rms_norms)
     if is_bert_like(model):
         return TrainView(model, _FullBert(model), names, None)
     fam = families.family_of(model_type)

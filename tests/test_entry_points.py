@@ -30,6 +30,19 @@ def test_importing_an_entry_point_turns_off_every_phone_home_before_flower_reads
     assert out.stdout.split() == ["0", "1", "0", "1"]
 
 
+def test_the_clientapp_module_leaves_opacus_transformers_and_dp_accounting_to_the_messages_that_use_them():
+    """Flower 1.41 starts one `flwr-clientapp` process per message, and each imports the
+    ClientApp module before it reads its message: a HELLO, a SecAgg+ stage or the end of
+    the run must not pay for Opacus (1.3 s), transformers' models or dp-accounting."""
+    code = "import sys, fedshield.client.app\nprint(*sorted({m.split('.')[0] for m in sys.modules}))\n"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded = set(out.stdout.split())
+    assert "torch" in loaded and "flwr" in loaded  # the check sees the imports
+    assert not loaded & {"opacus", "transformers", "dp_accounting", "scipy"}, loaded & {"opacus", "transformers",
+                                                                                      "dp_accounting", "scipy"}
+
+
 def test_flowers_run_config_the_yaml_wins_over_the_declared_default():
     from fedshield import conf
     from fedshield.server.app import RUN_CONFIG_YAML_KEY, config_from_run_config
