@@ -479,11 +479,13 @@ def test_crashes_leave_no_orphans_sites_rejoin_and_say_how_it_ended(pki_dir, tin
 
 @pytest.mark.timeout(900)
 def test_a_killed_coordinator_resumes_and_no_site_spends_a_round_twice(pki_dir, tiny_bert, tmp_path):
-    """kill -9 of the coordinator after round 2 of 5, then `fedshield server --resume deploy`
+    """kill -9 of the coordinator after round 1 of 3, then `fedshield server --resume deploy`
     and the two sites started again: the run completes; each site's ledger holds the release
     and exactly one spend per round (the round in flight is re-sent from the site's kept
     reply, or trained once), and its ε is the uninterrupted run's (calibrated to the target)."""
-    rounds = 5
+    # The kill comes once round 1 is logged: a whole round (seconds of SuperNode polling and
+    # a ClientApp process per site) still lies between it and the end of the run.
+    rounds = 3
     server_data = write_csv(tmp_path / "server.csv", synthetic_rows(120, seed=7))
     port = free_port()
     names = ("st-marys", "st-johns")
@@ -506,7 +508,7 @@ def test_a_killed_coordinator_resumes_and_no_site_spends_a_round_twice(pki_dir, 
         except (OSError, ValueError, KeyError):
             return -1
 
-    assert wait_for(lambda: rounds_logged() >= 2, 400), finish(server, 5)[1][-3000:]
+    assert wait_for(lambda: rounds_logged() >= 1, 400), finish(server, 5)[1][-3000:]
     server.kill()
     finish(server, 30)
     for n, p in sites.items():
