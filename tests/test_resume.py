@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +49,21 @@ def kept_round(site_dir: Path, run_id: str) -> int | None:
         return None
 
 
+def spent_after(run: Path, server_round: int) -> bool:
+    """Whether a virtual site's own ledger holds a spend of a round after `server_round`
+    (a line torn by the kill counts as one: it can only be the newest)."""
+    for ledger in (run / "sites").glob("*/ledger.jsonl"):
+        for line in ledger.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                if json.loads(line)["round"] > server_round:
+                    return True
+            except (ValueError, KeyError, TypeError):
+                return True
+    return False
+
+
 def own_ledgers(run: Path) -> dict[str, list[tuple]]:
     out = {}
     for ledger in sorted((run / "sites").glob("*/ledger.jsonl")):
@@ -66,19 +82,29 @@ def test_a_killed_coordinator_resumes_to_the_same_model_and_epsilon(tiny_bert, s
     assert whole.returncode == 0, out[-3000:]
 
     run = tmp_path / "runs" / "crashed"
-    crashed = fedshield(*overrides, "output.run_name=crashed")
     # The kill comes once round 3's sites (the same seed samples as the whole run's) have
     # trained it and kept their replies: the resumed run re-sends round 3 and gets those
     # replies back, never a second spend. (A kill in the middle of a site's training leaves
     # its spend standing and the round declined, by design: tests/test_site_spend.py.)
+    # Between that moment and round 4's first spend lie only the coordinator's aggregation
+    # and its next hand-out, a fraction of a second: on a loaded machine the kill can land
+    # after a round-4 spend, and that run is not the case under test (its resume declines
+    # the interrupted round, as it must): it is made again, at most three times.
     third = rows(tmp_path / "runs" / "whole")[3]["sampled"]
-    deadline = time.time() + 600
-    while time.time() < deadline and crashed.poll() is None and not (
-            len(rows(run)) >= 3 and all(kept_round(run / "sites" / s, "crashed") == 3 for s in third)):
-        time.sleep(0.05)
-    assert crashed.poll() is None, "the run ended before it could be killed"
-    os.killpg(crashed.pid, signal.SIGKILL)
-    crashed.wait(timeout=60)
+    for _ in range(3):
+        shutil.rmtree(run, ignore_errors=True)
+        crashed = fedshield(*overrides, "output.run_name=crashed")
+        deadline = time.time() + 600
+        while time.time() < deadline and crashed.poll() is None and not (
+                len(rows(run)) >= 3 and all(kept_round(run / "sites" / s, "crashed") == 3 for s in third)):
+            time.sleep(0.05)
+        assert crashed.poll() is None, "the run ended before it could be killed"
+        os.killpg(crashed.pid, signal.SIGKILL)
+        crashed.wait(timeout=60)
+        if not spent_after(run, 3):
+            break
+    else:
+        pytest.fail("three times the kill came after a site had spent for round 4")
     assert len(rows(run)) < 5 and (run / "checkpoint.npz").is_file() and not (run / "report.md").exists()
 
     resumed = fedshield(f"output.dir={tmp_path / 'runs'}", "output.run_name=crashed", "--resume")
