@@ -55,14 +55,23 @@ site whose books failed once cannot be accepted again in this run.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fedshield.privacy import signing
 from fedshield.privacy.accountant import ADD_REMOVE, epsilon, epsilon_opacus
 from fedshield.privacy.errors import LedgerError
-from fedshield.privacy.events import ONE_SHOT, RECORD_GAUSSIANS, LedgerEntry, PrivacyEvent, as_float, shown
+from fedshield.privacy.events import (
+    ONE_SHOT,
+    RECORD_GAUSSIANS,
+    LedgerEntry,
+    Mechanism,
+    PrivacyEvent,
+    as_float,
+    shown,
+)
 from fedshield.privacy.ledger import ChainState, verify_ledger
 
 TOLERANCE = 1e-6  # relative, as the audit's
@@ -73,6 +82,7 @@ MIN_NOISE_MULTIPLIER = 0.1
 # estimate above it refuses the entries. ε = 1000 is e^1000: no privacy left to account.
 MAX_CHECKED_EPSILON = 1000.0
 MAX_MECHANISMS = 16  # different (σ, q) in one site's spends of one run (an honest site uses 3)
+PREPARED_HISTORIES = 4  # different histories whose next ε `LedgerCheck.prepare` computes ahead, at most
 MAX_PLAN_STEPS = 10**6  # DP-SGD steps a round's plan may ask of one site (n ≈ 1.3e8 at batch 128)
 UNVERIFIED = "its ledger entries do not verify"
 
@@ -258,6 +268,29 @@ class LedgerCheck:
                             else [LedgerEntry.from_dict(e).event for e in fresh])
         self._chains[site] = _Accepted(accepted[-1] if accepted else None, len(accepted), chain.events, state)
         return Verdict(None, tuple(fresh) + self._adopt(site))
+
+    def prepare(self, sites: Iterable[str], limit: int = PREPARED_HISTORIES) -> None:
+        """Compute, ahead, the ε that checking replies from `sites` will compute if each site
+        spends as its last spend of this run did (a DP-SGD round's, again: a calibrated σ
+        stays): only the accountants' caches keep them. At most `limit` different histories,
+        the most common first (at 1,000 sites a round they are one or a few). The checks run
+        in full when the replies come; a site that spends otherwise computes its own. The
+        reply gate calls this while the round's sites train (strategies/reply_gate.py)."""
+        if not self.dp:
+            return
+        histories: Counter[tuple[PrivacyEvent, ...]] = Counter()
+        for site in sites:
+            if site in self.public_keys:
+                accepted = self._accepted(site).events
+                if accepted and accepted[-1].mechanism is Mechanism.DP_SGD:
+                    histories[(*accepted, accepted[-1])] += 1
+        for history, _ in histories.most_common(limit):
+            spends = [ev.spend() for ev in history]
+            try:  # `_problem`'s two, and its guard: the rough RDP bound, then the run's own accountant
+                if epsilon_opacus(spends, self.delta, "rdp") <= MAX_CHECKED_EPSILON:
+                    epsilon(spends, self.delta, self.accountant, self.neighbouring)
+            except Exception:  # noqa: BLE001  only a cache is at stake: a check raises it in its place
+                pass
 
     def _accepted(self, site: str) -> _Accepted:
         """`site`'s accepted entries as checked: parsed once, with the chain state after them,

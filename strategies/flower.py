@@ -54,6 +54,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 from flwr.serverapp.strategy.multikrum import select_multikrum
+from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
 from fedshield import protocol, rules
 
@@ -70,12 +71,39 @@ class ReadFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                        MetricRecord | None]:
-        valid_replies, _ = self._check_and_log_replies(replies, is_train=True)
+        # Flower's own checks and metric mean, run on `RecordsRead` views of the replies:
+        # the same reads, without Flower's typed views of a RecordDict, which rebuild every
+        # record of it at each read (two a reply in the check, one in the mean: a tenth of
+        # a second after the last reply at 1,000 replies a round).
+        valid_replies, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         if not valid_replies:
             return None, None
         contents = [msg.content for msg in valid_replies]
+        views = [RecordsRead(c) for c in contents]
+        validate_message_reply_consistency(views, self.weighted_by_key, check_arrayrecord=True)  # type: ignore[arg-type]
         return (average_arrayrecords(contents, self.weighted_by_key),
-                self.train_metrics_aggr_fn(contents, self.weighted_by_key))
+                self.train_metrics_aggr_fn(views, self.weighted_by_key))  # type: ignore[arg-type]
+
+
+class RecordsRead:
+    """A RecordDict as Flower's reply checks and metric mean read it (strategy_utils
+    `validate_message_reply_consistency`, `aggregate_metricrecords`): its `array_records`
+    and `metric_records` (plain dicts of its records of each type, in its order), and its
+    records by name. Flower's own properties build a typed view that assigns every record
+    back into the RecordDict: the same records, at many times the cost."""
+
+    __slots__ = ("_content", "array_records", "metric_records")
+
+    def __init__(self, content: RecordDict) -> None:
+        self._content = content
+        self.array_records = {k: v for k, v in content.items() if isinstance(v, ArrayRecord)}
+        self.metric_records = {k: v for k, v in content.items() if isinstance(v, MetricRecord)}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._content[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._content.get(key, default)
 
 
 def average_arrayrecords(records: list[RecordDict], weighting_metric_name: str) -> ArrayRecord:

@@ -23,7 +23,7 @@ commits the round, before it does; here at the latest.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import replace
 from typing import Any, cast
 
@@ -100,6 +100,11 @@ class ReplyGate(Wrapper):
         usable: list[tuple[Message, SiteReply, protocol.TrainReply]] = []
         answered: set[int] = set()
         cap = self._weight_cap()
+        prepare = getattr(self.ledger, "prepare", None)  # PlannedCheck's (a checker may have none)
+        if prepare is not None and not isinstance(replies, Sequence):
+            # A stream (the batched engine's): the sites are training now, and this process
+            # would only wait for their first replies. The ε their checks need is computed then.
+            prepare([self.sites[n] for n in asked])
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error() and node not in asked:  # Flower's own reply for an unreachable node

@@ -11,7 +11,7 @@ log implements it): nothing in the stack calls back into the code that built it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -132,6 +132,10 @@ class PlannedCheck:
 
     def check(self, site: str, server_round: int, entries: tuple[dict[str, Any], ...]) -> Verdict:
         return self.books.check(site, server_round, entries, self.plans[site])
+
+    def prepare(self, sites: Iterable[str]) -> None:
+        """LedgerCheck.prepare: the ε these sites' replies will be checked against, computed ahead."""
+        self.books.prepare(sites)
 
 
 class RoundReports:

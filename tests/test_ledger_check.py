@@ -264,3 +264,43 @@ def test_a_remembered_signature_never_vouches_for_other_bytes_or_another_key(tmp
     forged = bytes([sig[0] ^ 1]) + sig[1:]
     assert not signing.verify_known(pub_a, fp_a, forged, b"entry hash 1")
     assert not signing.verify_known(pub_a, fp_a, forged, b"entry hash 1")  # failures are checked again
+
+
+def test_prepare_computes_the_next_rounds_epsilon_ahead_and_decides_nothing(tmp_path):
+    """LedgerCheck.prepare (called by the reply gate while a streamed round trains) leaves the
+    ε of each site's history plus its last DP-SGD spend again in the accountants' caches:
+    the check of such a reply then computes no new ε. It accepts and refuses nothing (the
+    verdicts are those of books that were never prepared), a site whose spend differs
+    computes its own, and a site not known, or without a DP-SGD spend yet, is passed over."""
+    from fedshield.privacy import accountant
+
+    sites = [Site(tmp_path, f"site-{i}") for i in range(3)]
+    prepared, plain = books(*sites), books(*sites)
+    for site in sites:
+        entry = site.spend(1, sigma=1.37)
+        assert prepared.check(site.name, 1, [entry], PLAN).problem is None
+        assert plain.check(site.name, 1, [entry], PLAN).problem is None
+    nothing_yet = books(Site(tmp_path, "new"))
+    nothing_yet.prepare(["new", "nobody"])  # no spend to repeat, no such site: nothing to compute
+
+    round2 = [site.spend(2, sigma=1.37) for site in sites[:2]] + [sites[2].spend(2, sigma=2.9)]
+    caches = (accountant._opacus_cached, accountant._rdp_of_step)
+
+    def misses() -> list[int]:
+        return [c.cache_info().misses for c in caches]
+
+    for cache in caches:  # the sites' own appends computed them in this process: forgotten
+        cache.cache_clear()
+    prepared.prepare([s.name for s in sites])
+    before = misses()
+    verdicts = [prepared.check(s.name, 2, [e], PLAN).problem for s, e in zip(sites[:2], round2[:2], strict=True)]
+    assert verdicts == [None, None]
+    assert misses() == before  # the two sites' ε were ready
+    assert prepared.check(sites[2].name, 2, [round2[2]], PLAN).problem is None  # another σ: its own ε
+    assert misses()[0] > before[0]
+    for cache in caches:
+        cache.cache_clear()
+    before = misses()
+    assert [plain.check(s.name, 2, [e], PLAN).problem for s, e in zip(sites, round2, strict=True)] == [None] * 3
+    assert misses()[0] > before[0]  # unprepared books compute them as they check
+    assert prepared.accepted == plain.accepted

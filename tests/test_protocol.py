@@ -240,6 +240,36 @@ def test_an_encoded_array_is_the_object_flowers_constructor_makes(value):
     assert ours.data == b"" and ours.is_dirty
 
 
+def test_a_filled_record_is_the_object_flowers_item_assignment_makes():
+    """protocol.filled (array_record, a site's plan with its books head) fills a record's own
+    dict after the record's own checks: the same fields as the record filled item by item
+    (these very values, in order, an ArrayRecord's dirty mark), the same pickle and protobuf
+    form, and Flower's own refusal of a key or value of another type."""
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+    from flwr.common.serde import array_record_to_proto, config_record_to_proto, metric_record_to_proto
+
+    arrays = {f"t{i}": protocol.encode_array(np.ascontiguousarray(v)) for i, v in enumerate(ARRAYS)}
+    config = {"yaml": "a: 1", "names": ["x", "y"], "seq": 3, "on": True, "rate": 0.5, "blob": b"\x00"}
+    metrics = {"n": 8, "loss": 0.25, "curve": [0.5, 0.25]}
+    kinds = [(ArrayRecord, arrays, array_record_to_proto), (ConfigRecord, config, config_record_to_proto),
+             (MetricRecord, metrics, metric_record_to_proto)]
+    for kind, items, to_proto in kinds:
+        ours, theirs = protocol.filled(kind(), items.items()), kind()
+        for name, value in items.items():
+            theirs[name] = value
+        assert type(ours) is kind and ours.__dict__ == theirs.__dict__ and ours.is_dirty == theirs.is_dirty
+        assert list(ours) == list(items) and all(ours[k] is v for k, v in items.items())
+        assert to_proto(ours).SerializeToString() == to_proto(theirs).SerializeToString()
+        assert pickle.loads(pickle.dumps(ours)) == theirs
+    assert protocol.array_record(arrays).__dict__ == protocol.filled(ArrayRecord(), arrays.items()).__dict__
+    odd = [(ArrayRecord, {3: arrays["t0"]}), (ArrayRecord, {"t": np.zeros(2)}), (ArrayRecord, {"t": b"x"}),
+           (ConfigRecord, {"t": {"nested": 1}}), (ConfigRecord, {"t": None}), (MetricRecord, {"t": "text"}),
+           (MetricRecord, {"t": True})]
+    for kind, items in odd:
+        with pytest.raises(TypeError):
+            protocol.filled(kind(), items.items())  # type: ignore[arg-type]
+
+
 def test_array_value_reads_each_array_once_read_only_and_never_a_stale_value():
     """array_value: one read-only view per Array object, handed to every reader; an Array
     given new bytes is read again; an Array that is gone takes its entry with it."""

@@ -255,6 +255,54 @@ def test_fedshields_fedavg_reads_the_arrays_faster_and_aggregates_as_flowers_own
     assert got is not None and all(got[k].numpy().tobytes() == flowers[k].numpy().tobytes() for k in flowers)
 
 
+def test_fedshields_fedavg_checks_the_replies_and_averages_their_metrics_as_flowers_own():
+    """ReadFedAvg runs Flower's reply checks and metric mean on RecordsRead views: the same
+    metrics as Flower's FedAvg for consistent replies (the weighting key left out, a list
+    metric averaged item by item), and the same refusal for each inconsistency Flower's
+    check names (a second record of a kind, a missing key, a list as the weight)."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp.exception import InconsistentMessageReplies
+
+    from fedshield.strategies.flower import RecordsRead
+
+    rng = np.random.default_rng(3)
+
+    def reply(n: int, metrics: dict, arrays: dict | None = None, **extra) -> Message:
+        arrays = arrays if arrays is not None else {"a": rng.normal(size=(3,)).astype(np.float32)}
+        content = RecordDict({protocol.ARRAYS: protocol.to_array_record(arrays),
+                              protocol.METRICS: MetricRecord(metrics), **extra})
+        msg = Message(content, dst_node_id=n + 1, message_type="train")
+        msg.metadata.__dict__["_src_node_id"] = n + 1
+        return msg
+
+    def metrics(w: int) -> dict:
+        return {protocol.NUM_EXAMPLES: w, "loss": float(w) / 7, "curve": [1.0, float(w)]}
+
+    good = [reply(n, metrics(w)) for n, w in enumerate([3, 11, 5])]
+    ours = flower_strategy("fedavg")
+    flowers = FedAvg(fraction_evaluate=0.0, weighted_by_key=protocol.NUM_EXAMPLES, arrayrecord_key=protocol.ARRAYS)
+    got, want = ours.aggregate_train(1, good)[1], flowers.aggregate_train(1, good)[1]
+    assert got is not None and want is not None and dict(got) == dict(want) and protocol.NUM_EXAMPLES not in got
+    view = RecordsRead(good[0].content)
+    assert list(view.array_records) == list(good[0].content.array_records) == [protocol.ARRAYS]
+    assert list(view.metric_records) == list(good[0].content.metric_records) == [protocol.METRICS]
+
+    # Each odd reply fails one of Flower's checks only (the others it passes), as the last of three.
+    weight_list = {**metrics(2), protocol.NUM_EXAMPLES: [2, 3]}
+    odd = {
+        "a second MetricRecord": [reply(9, metrics(2), extra=MetricRecord({"x": 1}))],
+        "a second ArrayRecord": [reply(9, metrics(2), more=ArrayRecord())],
+        "other tensors": [reply(9, metrics(2), {"b": np.zeros(3, np.float32)})],
+        "other metrics": [reply(9, {**metrics(2), "acc": 0.5})],
+        "a list as the weight": [reply(n, weight_list) for n in range(3)],  # every reply so: one key set
+    }
+    for replies in odd.values():  # keyed by the check each fails
+        replies = replies if len(replies) == 3 else [*good[:2], *replies]
+        for rule in (ours, flowers):
+            with pytest.raises(InconsistentMessageReplies):
+                rule.aggregate_train(1, replies)
+
+
 @pytest.mark.parametrize("replies", [2, 3, 300])
 def test_the_stacked_weighted_sum_is_flowers_own_to_the_last_bit(replies, monkeypatch):
     """Where every reply holds the same float tensors, average_arrayrecords stacks each
