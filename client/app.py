@@ -37,6 +37,7 @@ import copy
 import hashlib
 import json
 import logging
+import struct
 import time
 import weakref
 from collections.abc import Callable, Generator, Iterator, Mapping
@@ -607,6 +608,10 @@ def public_count(site: Site, run_id: str) -> PublicCount | str:
 # id(data) -> (data, digest): a worker's site data objects are cached (_site_file, virtual_sites),
 # so each is hashed once, not on every message; the object is kept so that its id is not reused.
 _DIGESTS: dict[int, tuple[LabeledData, bytes]] = {}
+# A batched worker serves up to 5,000 sites (10,000 registered, 2 workers): each site's own
+# data object, kept by the worker anyway. At 64 the cache was emptied every 64 sites, and
+# every site's records were hashed again on every message.
+_DIGESTS_KEPT = 1 << 14
 
 
 def _data_bytes(data: LabeledData) -> bytes:
@@ -629,7 +634,7 @@ def _data_bytes(data: LabeledData) -> bytes:
     for tensor in plugin_inputs(data):  # a plug-in's rows: its input tensors
         h.update(f"{tensor.dtype}:{tuple(tensor.shape)}\0".encode())
         h.update(tensor.contiguous().numpy().tobytes())
-    if len(_DIGESTS) >= 64:
+    if len(_DIGESTS) >= _DIGESTS_KEPT:
         _DIGESTS.clear()
     _DIGESTS[id(data)] = (data, h.digest())
     return h.digest()
@@ -1040,7 +1045,7 @@ def _with_unreported(site: Site, run_id: str, entries: list[dict[str, Any]]) -> 
 # The TRAIN messages of one push share one ArrayRecord (a batched worker receives it once,
 # simulations/batched.py): the digest of the last (record, head) is kept, with the record
 # itself, so that the object compared is the one hashed (never a new one at a reused id).
-_LAST_DIGEST: tuple[object, str, str] | None = None
+_LAST_DIGEST: tuple[object, tuple[Any, ...], str] | None = None
 
 
 def _request_digest(plan: protocol.Plan, weights: Mapping[str, Any], record: object = None) -> str:
@@ -1050,12 +1055,19 @@ def _request_digest(plan: protocol.Plan, weights: Mapping[str, Any], record: obj
     ArrayRecord `weights` were read from; the same record with the same head has the same
     digest (nothing changes a message's content once received)."""
     global _LAST_DIGEST
+    # What the head below is made of, compared exactly (floats by their bits: -0.0 and NaN
+    # are written so, and are not == to what they were written as): its JSON, a long string
+    # escaped again for each of a push's sites, is made only when the digest is.
+    center = None if plan.feature_center is None else struct.pack(f"<{len(plan.feature_center)}d",
+                                                                   *plan.feature_center)
+    parts = (plan.run_id, plan.server_round, plan.config_yaml, plan.frozen_fingerprint, plan.class_names, center,
+             None if plan.proximal_mu is None else struct.pack("<d", plan.proximal_mu))
+    last = _LAST_DIGEST
+    if record is not None and last is not None and last[0] is record and last[1] == parts:
+        return last[2]
     head = json.dumps([plan.run_id, plan.server_round, plan.config_yaml, plan.frozen_fingerprint,
                        list(plan.class_names), None if plan.feature_center is None else list(plan.feature_center),
                        plan.proximal_mu])
-    last = _LAST_DIGEST
-    if record is not None and last is not None and last[0] is record and last[1] == head:
-        return last[2]
     h = hashlib.sha256(head.encode() + b"\0")
     for name in sorted(weights):
         arr = weights[name]
@@ -1063,7 +1075,7 @@ def _request_digest(plan: protocol.Plan, weights: Mapping[str, Any], record: obj
         h.update(arr.tobytes())
     digest = h.hexdigest()
     if record is not None:
-        _LAST_DIGEST = (record, head, digest)
+        _LAST_DIGEST = (record, parts, digest)
     return digest
 
 

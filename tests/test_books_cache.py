@@ -312,6 +312,20 @@ def test_a_request_digest_kept_for_a_shared_record_is_the_one_computed(flower_ta
     other = {"w": np.ones(4, dtype=np.float32)}
     assert site_app._request_digest(p, other, protocol.to_array_record(other)) != first
     assert site_app._request_digest(replace(p, server_round=p.server_round + 1), weights, record) != first
+    # Every field of the head, each changed on its own, is hashed afresh for the same record;
+    # floats by their bits (-0.0 is written "-0.0": not the digest of 0.0, though == 0.0).
+    variants = [replace(p, config_yaml=p.config_yaml + "\n"), replace(p, run_id="run-other"),
+                replace(p, frozen_fingerprint="other"), replace(p, class_names=(*p.class_names, "extra")),
+                replace(p, feature_center=(0.0, 1.5)), replace(p, feature_center=(-0.0, 1.5)),
+                replace(p, proximal_mu=0.0), replace(p, proximal_mu=-0.0)]
+    for variant in variants:
+        site_app._request_digest(p, weights, record)  # the kept digest is p's
+        assert site_app._request_digest(variant, weights, record) == site_app._request_digest(variant, weights)
+    for plus, minus in (variants[4:6], variants[6:8]):  # kept for 0.0, asked for -0.0: hashed afresh
+        site_app._request_digest(plus, weights, record)
+        assert site_app._request_digest(minus, weights, record) == site_app._request_digest(minus, weights)
+    digests = {site_app._request_digest(v, weights, record) for v in variants}
+    assert len(digests) == len(variants) and first not in digests
 
 
 def test_in_a_group_commit_a_kept_release_is_written_in_place_and_reads_back(tmp_path):
@@ -451,3 +465,27 @@ def test_a_reply_without_entries_leaves_the_sites_chain_state_its_own(tmp_path):
     forged = dict(_lines(b)[1], seq=2, round=3, run_seq=2, prev_hash=_lines(a)[1]["hash"])
     forged["hash"] = entry_hash(forged)
     assert "do not verify" in check.check("b", 3, [forged], None).problem
+
+
+def test_a_workers_sites_records_are_hashed_once_not_on_every_message(monkeypatch):
+    """The digest of a site's records (what its released count counts) is kept per data
+    object for as many sites as a batched worker serves (thousands), each computed once:
+    asked again, none is hashed again; another object of the same rows has the same digest."""
+    from fedshield.client import app as site_app
+    from fedshield.task.data import LabeledData
+
+    monkeypatch.setattr(site_app, "_DIGESTS", {})
+    sites = [LabeledData(labels=np.array([i % 2, 1], dtype=np.int64), class_names=["a", "b"], texts=[f"r{i}", "s"])
+             for i in range(600)]
+    first = [site_app._data_bytes(d) for d in sites]
+    assert len(set(first)) == len(sites)
+
+    class NoHashing:
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("hashed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(site_app.hashlib, "sha256", NoHashing())
+        assert [site_app._data_bytes(d) for d in sites] == first
+    copy = LabeledData(labels=sites[7].labels.copy(), class_names=["a", "b"], texts=list(sites[7].texts or []))
+    assert site_app._data_bytes(copy) == first[7]
