@@ -297,18 +297,24 @@ def array_record(arrays: Mapping[str, Array]) -> ArrayRecord:
     return filled(ArrayRecord(), arrays.items())
 
 
-FilledRecord = TypeVar("FilledRecord", ArrayRecord, ConfigRecord, MetricRecord)
+FilledRecord = TypeVar("FilledRecord", ArrayRecord, ConfigRecord, MetricRecord, RecordDict)
 
 
 def filled(record: FilledRecord, items: Iterable[tuple[str, Any]]) -> FilledRecord:
     """`record[key] = value` for every item, as Flower's item assignment does it for these
     records (its TypedDict's: the record's own key and value checks, then the value kept;
-    an ArrayRecord marked dirty), without the two typing casts Flower's builds at every
-    item: most of what filling a record cost (a reply's 20 arrays, a plan per site a round).
-    tests/test_protocol.py: the same objects, the same refusals."""
+    an ArrayRecord marked dirty; a RecordDict's key already held goes through its own
+    assignment, which warns when the type of record changes), without the two typing
+    casts Flower's builds at every item: most of what filling a record cost (a reply's 20
+    arrays and 4 records, a plan per site a round). tests/test_protocol.py: the same
+    objects, the same refusals."""
     fields = record.__dict__
     check_key, check_value, held = fields["_check_key_fn"], fields["_check_value_fn"], fields["_data"]
+    replaces = isinstance(record, RecordDict)
     for key, value in items:
+        if replaces and key in held:
+            record[key] = value
+            continue
         check_key(key)
         check_value(value)
         held[key] = value
@@ -694,9 +700,8 @@ def train_with_books_head(msg: Message, head: BooksHead | None) -> Message:
     if head is None:
         return msg
     # One RecordDict is shared by every TRAIN message of a round (as in `with_secagg`): a new one per site.
-    content = RecordDict(dict(msg.content.items()))
-    content[PLAN] = with_books_head(_record(msg.content, PLAN, ConfigRecord), head)
-    msg.content = content
+    plan = with_books_head(_record(msg.content, PLAN, ConfigRecord), head)
+    msg.content = filled(RecordDict(), [*msg.content.items(), (PLAN, plan)])
     return msg
 
 
@@ -801,7 +806,7 @@ def train_weights(msg: Message) -> dict[str, np.ndarray[Any, Any]]:
 
 
 def _reply(msg: Message, records: dict[str, Any]) -> Message:
-    return Message(content=RecordDict(records), reply_to=msg)
+    return Message(content=filled(RecordDict(), records.items()), reply_to=msg)
 
 
 def hello_reply(msg: Message, *, site: str, num_examples: int, ledger_public_key: str,
@@ -850,10 +855,10 @@ def train_reply(
     ledger_entries: Sequence[Mapping[str, Any]],
 ) -> Message:
     return _reply(msg, {
-        SITE: ConfigRecord({NAME: site}),
+        SITE: filled(ConfigRecord(), [(NAME, site)]),
         ARRAYS: to_array_record(arrays),
-        METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples)}),
-        LEDGER: ConfigRecord({ENTRIES: json.dumps(list(ledger_entries))}),
+        METRICS: filled(MetricRecord(), [(NUM_EXAMPLES, int(num_examples))]),
+        LEDGER: filled(ConfigRecord(), [(ENTRIES, json.dumps(list(ledger_entries)))]),
     })
 
 
@@ -989,4 +994,5 @@ def aggregation_content(reply: TrainReply, source: ArrayRecord | None = None) ->
         arrays = source  # exactly the Arrays checked, nothing else: handed on as it is
     else:
         arrays = array_record({k: source[k] for k in reply.arrays})
-    return RecordDict({ARRAYS: arrays, METRICS: MetricRecord({NUM_EXAMPLES: reply.num_examples})})
+    weight = filled(MetricRecord(), [(NUM_EXAMPLES, reply.num_examples)])
+    return filled(RecordDict(), [(ARRAYS, arrays), (METRICS, weight)])

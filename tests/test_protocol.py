@@ -245,14 +245,20 @@ def test_a_filled_record_is_the_object_flowers_item_assignment_makes():
     dict after the record's own checks: the same fields as the record filled item by item
     (these very values, in order, an ArrayRecord's dirty mark), the same pickle and protobuf
     form, and Flower's own refusal of a key or value of another type."""
-    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
-    from flwr.common.serde import array_record_to_proto, config_record_to_proto, metric_record_to_proto
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+    from flwr.common.serde import (
+        array_record_to_proto,
+        config_record_to_proto,
+        metric_record_to_proto,
+        recorddict_to_proto,
+    )
 
     arrays = {f"t{i}": protocol.encode_array(np.ascontiguousarray(v)) for i, v in enumerate(ARRAYS)}
     config = {"yaml": "a: 1", "names": ["x", "y"], "seq": 3, "on": True, "rate": 0.5, "blob": b"\x00"}
     metrics = {"n": 8, "loss": 0.25, "curve": [0.5, 0.25]}
+    records = {"plan": ConfigRecord(config), "arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}
     kinds = [(ArrayRecord, arrays, array_record_to_proto), (ConfigRecord, config, config_record_to_proto),
-             (MetricRecord, metrics, metric_record_to_proto)]
+             (MetricRecord, metrics, metric_record_to_proto), (RecordDict, records, recorddict_to_proto)]
     for kind, items, to_proto in kinds:
         ours, theirs = protocol.filled(kind(), items.items()), kind()
         for name, value in items.items():
@@ -262,9 +268,12 @@ def test_a_filled_record_is_the_object_flowers_item_assignment_makes():
         assert to_proto(ours).SerializeToString() == to_proto(theirs).SerializeToString()
         assert pickle.loads(pickle.dumps(ours)) == theirs
     assert protocol.array_record(arrays).__dict__ == protocol.filled(ArrayRecord(), arrays.items()).__dict__
+    # A RecordDict's key given again: its own assignment (the record replaced where it was).
+    again = protocol.filled(RecordDict(), [*records.items(), ("plan", ConfigRecord({"x": 1}))])
+    assert list(again) == list(records) and dict(again["plan"]) == {"x": 1}
     odd = [(ArrayRecord, {3: arrays["t0"]}), (ArrayRecord, {"t": np.zeros(2)}), (ArrayRecord, {"t": b"x"}),
            (ConfigRecord, {"t": {"nested": 1}}), (ConfigRecord, {"t": None}), (MetricRecord, {"t": "text"}),
-           (MetricRecord, {"t": True})]
+           (MetricRecord, {"t": True}), (RecordDict, {"t": {"a": 1}}), (RecordDict, {4: ConfigRecord()})]
     for kind, items in odd:
         with pytest.raises(TypeError):
             protocol.filled(kind(), items.items())  # type: ignore[arg-type]
