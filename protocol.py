@@ -473,6 +473,28 @@ def update_problem(update: Mapping[str, np.ndarray[Any, Any]], expected: Mapping
     extra = sorted(set(update) - set(expected))
     if extra:
         return f"unexpected tensor {extra[0]!r}"
+    if _sound(update, expected):
+        return None
+    return _first_problem(update, expected)
+
+
+def _sound(update: Mapping[str, np.ndarray[Any, Any]], expected: Mapping[str, ArraySpec]) -> bool:
+    """Whether every tensor has its expected shape and dtype and only finite values, the
+    values checked in one pass over all of them (a reply's 20 tensors, one check each, were
+    a tenth of reading a reply at 1,000 a round); `_first_problem` names what is not."""
+    floats = []
+    for name, (shape, dtype) in expected.items():
+        arr = update[name]
+        if tuple(arr.shape) != tuple(shape) or arr.dtype != dtype:
+            return False
+        if arr.dtype.kind == "f":  # np.floating
+            floats.append(arr.ravel())
+    # Joined in the widest of their dtypes (a widening: a finite value stays finite, a NaN or
+    # an infinity stays one).
+    return not floats or bool(np.isfinite(np.concatenate(floats)).all())
+
+
+def _first_problem(update: Mapping[str, np.ndarray[Any, Any]], expected: Mapping[str, ArraySpec]) -> str | None:
     for name, (shape, dtype) in expected.items():
         arr = update[name]
         if tuple(arr.shape) != tuple(shape):

@@ -355,3 +355,33 @@ def test_what_an_array_declares_is_worked_out_once_and_read_as_before_whatever_i
                 protocol.decode_array(odd)
         else:
             assert np.array_equal(protocol.decode_array(odd), expected)
+
+
+def test_an_updates_problem_is_the_first_one_in_tensor_order_whatever_else_is_wrong():
+    """update_problem checks every tensor's values in one pass (`_sound`) and names, when
+    something is wrong, the first problem in the expected order (`_first_problem`, tensor by
+    tensor): a NaN or infinity in any float dtype, a shape, a dtype, integer tensors left
+    alone, several problems at once; a sound update has none."""
+    rng = np.random.default_rng(5)
+    expected = {"a": ((3, 2), np.dtype(np.float32)), "b": ((4,), np.dtype(np.float16)),
+                "c": ((2,), np.dtype(np.float64)), "n": ((3,), np.dtype(np.int64))}
+
+    def sound() -> dict[str, np.ndarray]:
+        return {k: rng.normal(size=shape).astype(dtype) for k, (shape, dtype) in expected.items()}
+
+    assert protocol.update_problem(sound(), expected) is None
+    big = sound()
+    big["c"][:] = [1e308, 1e308]  # finite; their sum would not be
+    assert protocol.update_problem(big, expected) is None
+    faults = {"nan": lambda u, k: u[k].reshape(-1).__setitem__(0, np.nan),
+              "inf": lambda u, k: u[k].reshape(-1).__setitem__(-1, -np.inf),
+              "shape": lambda u, k: u.__setitem__(k, np.zeros(7, u[k].dtype)),
+              "dtype": lambda u, k: u.__setitem__(k, u[k].astype(np.float32 if u[k].dtype == "f8" else np.float64))}
+    names = [k for k in expected if k != "n"]
+    for _ in range(60):
+        update = sound()
+        for name in rng.choice(names, size=int(rng.integers(1, 4)), replace=False):
+            faults[str(rng.choice(list(faults)))](update, str(name))
+        got = protocol.update_problem(update, expected)
+        assert got is not None and got == protocol._first_problem(update, expected)
+    assert "non-finite" in protocol.update_problem({**sound(), "b": np.full(4, np.inf, np.float16)}, expected)
