@@ -310,6 +310,64 @@ def test_a_workers_sites_are_cut_into_whole_chunks_then_halves_so_the_last_slice
     assert chunk_sizes(64, 128) == [64]
 
 
+def test_with_workers_the_coordinator_collects_once_a_round_while_they_train_and_restores_the_collector(
+        flower_task_identity):
+    """With worker processes, the coordinator stops the collector's own full collections at
+    the first TRAIN push (frozen heap, generation 2 out of reach: `own_full_collections`)
+    and makes one itself each later TRAIN push, once its workers have the round; queries
+    trigger none. `close` gives the collector its thresholds back and unfreezes."""
+    import gc
+
+    class Worker:  # what `_hand_out` and `close` use of a worker process
+        def __init__(self) -> None:
+            self.sent: list[list[Message]] = []
+
+        def send(self, share: list[Message]) -> None:
+            events.append("send")
+            self.sent.append(share)
+
+        def stop(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    def train() -> list[Message]:
+        return [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2)]
+
+    events: list[str] = []
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "stop" and info["generation"] == 2:
+            events.append("full")
+
+    before = gc.get_threshold()
+    assert gc.get_freeze_count() == 0
+    grid = BatchedGrid(_echo_app(), 2)
+    workers = [Worker(), Worker()]
+    grid._workers = workers  # type: ignore[assignment]
+    gc.callbacks.append(count)
+    try:
+        grid._hand_out([_query(1), _query(2)])
+        assert gc.get_threshold() == before and "full" not in events and gc.get_freeze_count() == 0
+        events.clear()
+        grid._hand_out(train())
+        assert gc.get_threshold()[:2] == before[:2] and gc.get_threshold()[2] >= 1 << 30
+        assert gc.get_freeze_count() > 0 and events == ["full", "send", "send"]  # freeze_heap's, first
+        for _ in (2, 3):
+            events.clear()
+            grid._hand_out(train())
+            assert events == ["send", "send", "full"]  # one a round, once the round is handed out
+        events.clear()
+        grid._hand_out([_query(1)])
+        assert events == ["send"]
+        assert [len(w.sent) for w in workers] == [5, 4]  # node 1 to the first worker, node 2 to the second
+    finally:
+        gc.callbacks.remove(count)
+        grid.close()
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
 def test_the_coordinator_freezes_its_heap_at_the_first_train_push_and_unfreezes_it_when_the_run_ends(
         flower_task_identity, monkeypatch):
     """Python's collector stops rescanning what the run keeps to its end (gc.freeze) from the
