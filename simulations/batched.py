@@ -291,7 +291,7 @@ def _serve(conn: Connection) -> None:
             if trained and not frozen:
                 frozen = True
                 freeze_heap()
-                own_full_collections()
+                own_full_collections(young=_WORKER_YOUNG_COLLECTION)
             elif trained:
                 gc.collect()
             prepare_budget_checks(conn.poll)
@@ -473,17 +473,27 @@ def freeze_heap() -> None:
 _NO_FULL_COLLECTION = 1 << 30
 
 
-def own_full_collections() -> tuple[int, int, int]:
-    """Stop the cyclic collector's own full collections; returns the thresholds it had. The
+# A worker's young generation: collected after this many new container objects, about once a
+# round at 500 sites a worker (every 700 by default: 120-130 young and 11-13 middle
+# collections a worker round, 40-45 ms at 500 sites; bench/RESULTS.md). A worker's round
+# leaves few objects alive, its sites' own state, so that the collections found little;
+# its once-a-round collection takes the rest. Not in the coordinator: the round's replies
+# live until aggregated, and young collections of 100,000 of them took 60 ms each.
+_WORKER_YOUNG_COLLECTION = 100_000
+
+
+def own_full_collections(young: int | None = None) -> tuple[int, int, int]:
+    """Stop the cyclic collector's own full collections (and, with `young`, collect the
+    young generation only after that many new objects); returns the thresholds it had. The
     caller then collects once a round, when it would only wait (a worker after answering a
     round, the coordinator once it has handed a round out). A round's objects live until the
     round is done (the coordinator keeps every reply until it aggregates them), and the
     collector's own full collections, triggered as they pile up, found nothing to collect:
     at 1,000 sites a round, two in the coordinator of 65 and 94 ms and one or two in each
-    worker of 30-70 ms, while the workers train (bench/RESULTS.md). The young generations
-    are collected as before; garbage in a cycle waits at most a round."""
+    worker of 30-70 ms, while the workers train (bench/RESULTS.md). Garbage in a cycle
+    waits at most a round."""
     thresholds = gc.get_threshold()
-    gc.set_threshold(thresholds[0], thresholds[1], _NO_FULL_COLLECTION)
+    gc.set_threshold(thresholds[0] if young is None else young, thresholds[1], _NO_FULL_COLLECTION)
     return thresholds
 
 

@@ -160,15 +160,28 @@ def _weighted_sum(values: list[dict[str, np.ndarray[Any, Any]]],
         for start in range(0, len(values), block):
             part = values[start:start + block]
             weights = np.asarray(factors[start:start + block], dtype=dtype).reshape((len(part),) + (1,) * len(shape))
-            rows = np.stack([value[key] for value in part]) * weights
-            for row in rows:
-                if total is None:
-                    total = row.copy()
-                else:
-                    total += row
+            rows = np.stack([value[key] for value in part])
+            rows *= weights
+            if total is not None:
+                rows[0] += total  # total + row: the same bits as row + total (IEEE addition commutes)
+            total = _sum_in_order(rows.reshape(len(part), size)).reshape(shape)
         assert total is not None
         out[key] = total
     return out
+
+
+def _sum_in_order(rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """rows[0] + rows[1] + ... left to right, as `total += row` adds them, for an (n, m) array.
+    numpy sums pairwise only along the fast axis in memory (np.sum's notes): along axis 0 of
+    a C-ordered (n, m >= 2) array it adds row after row, in one call; a one-element tensor
+    (m = 1, where axis 0 is the fast one) is added row by row here."""
+    if rows.shape[1] >= 2:
+        summed: np.ndarray[Any, Any] = np.add.reduce(rows, axis=0)
+        return summed
+    total: np.ndarray[Any, Any] = rows[0].copy()
+    for row in rows[1:]:
+        total += row
+    return total
 
 
 _STACK_ELEMENTS = 1 << 22  # elements of one tensor stacked at once by `_weighted_sum` (16 MiB of float32)

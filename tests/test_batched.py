@@ -368,6 +368,26 @@ def test_with_workers_the_coordinator_collects_once_a_round_while_they_train_and
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
 
 
+def test_a_worker_collects_its_young_objects_about_once_a_round_and_the_coordinator_as_before():
+    """`own_full_collections(young=...)` (a worker's, after its first round) puts the young
+    generation's threshold at `young` and generation 2 out of reach, the middle one as it
+    was; without it (the coordinator's) the young threshold stays. Each returns the
+    thresholds it found, which `close` (or the worker's end) gives back."""
+    import gc
+
+    from fedshield.simulations import batched
+
+    before = gc.get_threshold()
+    try:
+        assert batched.own_full_collections(young=batched._WORKER_YOUNG_COLLECTION) == before
+        assert gc.get_threshold() == (batched._WORKER_YOUNG_COLLECTION, before[1], batched._NO_FULL_COLLECTION)
+        gc.set_threshold(*before)
+        assert batched.own_full_collections() == before
+        assert gc.get_threshold() == (before[0], before[1], batched._NO_FULL_COLLECTION)
+    finally:
+        gc.set_threshold(*before)
+
+
 def test_the_coordinator_freezes_its_heap_at_the_first_train_push_and_unfreezes_it_when_the_run_ends(
         flower_task_identity, monkeypatch):
     """Python's collector stops rescanning what the run keeps to its end (gc.freeze) from the

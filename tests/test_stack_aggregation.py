@@ -303,10 +303,12 @@ def test_fedshields_fedavg_checks_the_replies_and_averages_their_metrics_as_flow
                 rule.aggregate_train(1, replies)
 
 
+@pytest.mark.parametrize("stacked", [64, 1 << 22])
 @pytest.mark.parametrize("replies", [2, 3, 300])
-def test_the_stacked_weighted_sum_is_flowers_own_to_the_last_bit(replies, monkeypatch):
+def test_the_stacked_weighted_sum_is_flowers_own_to_the_last_bit(replies, stacked, monkeypatch):
     """Where every reply holds the same float tensors, average_arrayrecords stacks each
-    tensor's products (in blocks: the block made smaller than the replies here); its mean is
+    tensor's products (in blocks, made smaller than the replies here, or all at once) and
+    sums each block's rows in one call (np.add.reduce along axis 0); its mean is
     still Flower's left-to-right sum to the last bit, for 0-d, one-element, odd-sized and
     float16/32/64 tensors and integer weights whose factors are not exact in float32. Records
     that differ (a missing tensor, an integer tensor) take Flower's own loop."""
@@ -316,7 +318,7 @@ def test_the_stacked_weighted_sum_is_flowers_own_to_the_last_bit(replies, monkey
     from fedshield.strategies import flower as flower_module
     from fedshield.strategies.flower import average_arrayrecords
 
-    monkeypatch.setattr(flower_module, "_STACK_ELEMENTS", 64)
+    monkeypatch.setattr(flower_module, "_STACK_ELEMENTS", stacked)
     rng = np.random.default_rng(replies)
     shapes = {"scalar": (), "one": (1,), "odd": (7, 3), "wide": (1, 65), "half": (5,), "double": (2, 2)}
     dtypes = {"half": np.float16, "double": np.float64}
