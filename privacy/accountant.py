@@ -59,7 +59,7 @@ import logging
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -117,22 +117,55 @@ def _check_neighbouring(neighbouring: str) -> None:
         raise FedShieldError(f"neighbouring relation {neighbouring!r}: allowed values are {', '.join(NEIGHBOURING)}")
 
 
-def _grouped(history: Sequence[Spend]) -> Grouped | None:
+class SpendTotals:
+    """A history's spends as every accountant here reads them (`_grouped`): per (σ, q), its
+    steps added up, in first-seen order; spends of no cost (0 steps, or q = 0) left out; and
+    whether a spend was not private at all (σ = 0 with q > 0 and steps > 0: ε is ∞). Kept up
+    to date a spend at a time (`add`), so that the ε of a history that grows by a round's
+    spends costs the same in round 300 as in round 3: `epsilon(totals, ...)` gives exactly
+    `epsilon(history, ...)` (the same grouped spends, the same cached computation), and
+    reading it is one step per (σ, q), never per spend (tests/test_accountant.py)."""
+
+    __slots__ = ("_merged", "_private")
+
+    def __init__(self, history: Iterable[Spend] = ()) -> None:
+        self._merged: dict[tuple[float, float], int] = {}
+        self._private = True
+        for spend in history:
+            self.add(spend)
+
+    def add(self, spend: Spend) -> None:
+        if not isinstance(spend, Spend):
+            spend = Spend(*spend)
+        if spend.steps == 0 or spend.sample_rate == 0:
+            return
+        if spend.noise_multiplier == 0:
+            self._private = False
+            return
+        key = (float(spend.noise_multiplier), float(spend.sample_rate))
+        self._merged[key] = self._merged.get(key, 0) + int(spend.steps)
+
+    def copy(self) -> SpendTotals:
+        twin = SpendTotals()
+        twin._merged, twin._private = dict(self._merged), self._private
+        return twin
+
+    def grouped(self) -> Grouped | None:
+        """The spends as the accountants cache them; None if one was not private at all."""
+        if not self._private:
+            return None
+        return tuple((sig, q, t) for (sig, q), t in self._merged.items())
+
+
+History = Sequence[Spend] | SpendTotals  # what every ε below is computed over
+
+
+def _grouped(history: History) -> Grouped | None:
     """Spends that cost something, with equal (σ, q) merged (steps added), in first-seen order.
 
     None when one of them is not private at all (σ = 0 with q > 0 and steps > 0).
     """
-    merged: dict[tuple[float, float], int] = {}
-    for s in history:
-        if not isinstance(s, Spend):
-            s = Spend(*s)
-        if s.steps == 0 or s.sample_rate == 0:
-            continue
-        if s.noise_multiplier == 0:
-            return None
-        key = (float(s.noise_multiplier), float(s.sample_rate))
-        merged[key] = merged.get(key, 0) + int(s.steps)
-    return tuple((sig, q, t) for (sig, q), t in merged.items())
+    return (history if isinstance(history, SpendTotals) else SpendTotals(history)).grouped()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -181,7 +214,7 @@ def _opacus_cached(spends: Grouped, delta: float, accountant: str) -> float:
         ) from None
 
 
-def _compose(history: Sequence[Spend], delta: float, compute: Callable[[Grouped], float]) -> float:
+def _compose(history: History, delta: float, compute: Callable[[Grouped], float]) -> float:
     """The shared guard of every accountant: ∞ if any spend has σ=0, 0 for no spend."""
     _check_delta(delta)
     spends = _grouped(history)
@@ -192,7 +225,7 @@ def _compose(history: Sequence[Spend], delta: float, compute: Callable[[Grouped]
     return compute(spends)
 
 
-def epsilon_opacus(history: Sequence[Spend], delta: float, accountant: str = "rdp") -> float:
+def epsilon_opacus(history: History, delta: float, accountant: str = "rdp") -> float:
     """ε of the composed history with Opacus' accountant ("rdp" or "prv")."""
     if accountant not in OPACUS_ACCOUNTANTS:
         raise FedShieldError(f"Opacus has no accountant {accountant!r}: {', '.join(OPACUS_ACCOUNTANTS)}")
@@ -337,7 +370,7 @@ def _pld_of_steps(sigma: float, q: float, steps: int, interval: float, neighbour
 
 
 def epsilon_dp_accounting_rdp(
-    history: Sequence[Spend], delta: float, orders: Sequence[float] = OPACUS_RDP_ORDERS
+    history: History, delta: float, orders: Sequence[float] = OPACUS_RDP_ORDERS
 ) -> float:
     """ε with Google dp-accounting's RDP accountant over `orders` (Opacus' by default)."""
     grid = tuple(float(a) for a in orders)
@@ -348,7 +381,7 @@ PLD_DISCRETIZATION = 1e-4
 
 
 def epsilon_dp_accounting_pld(
-    history: Sequence[Spend], delta: float, value_discretization_interval: float = PLD_DISCRETIZATION,
+    history: History, delta: float, value_discretization_interval: float = PLD_DISCRETIZATION,
     neighbouring: str = ADD_REMOVE,
 ) -> float:
     """ε with dp-accounting's PLD accountant, under the `neighbouring` relation.
@@ -387,7 +420,7 @@ def describe_recorded(accountant: str, neighbouring: str = ADD_REMOVE) -> str:
     return f"the larger of Opacus' PRV and dp-accounting's {pld_words(PLD_DISCRETIZATION)})"
 
 
-def epsilon(history: Sequence[Spend], delta: float, accountant: str = "rdp", neighbouring: str = ADD_REMOVE) -> float:
+def epsilon(history: History, delta: float, accountant: str = "rdp", neighbouring: str = ADD_REMOVE) -> float:
     """The ε fedshield records and budgets with `accountant` (`describe_recorded` says it in words).
 
     Add-remove: "pld" (the config's default, conf/schema.py): dp-accounting PLD at

@@ -57,11 +57,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fedshield.privacy import signing
-from fedshield.privacy.accountant import ADD_REMOVE, epsilon, epsilon_opacus
+from fedshield.privacy.accountant import ADD_REMOVE, Grouped, SpendTotals, epsilon, epsilon_opacus
 from fedshield.privacy.errors import LedgerError
 from fedshield.privacy.events import (
     ONE_SHOT,
@@ -126,6 +126,18 @@ class _Accepted:
     count: int
     events: list[PrivacyEvent]  # the entries, parsed
     state: ChainState | None  # the chain state after them (None: they did not verify)
+    # What each reply's check reads of them, kept up to date as entries are accepted (a
+    # round's check then costs the same in round 300 as in round 3): their spends as the
+    # accountants group them, their (σ, q), their hashes.
+    totals: SpendTotals = field(default_factory=SpendTotals)
+    mechanisms: set[tuple[float, float]] = field(default_factory=set)
+    hashes: set[str] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, entries: list[dict[str, Any]], events: list[PrivacyEvent], state: ChainState | None) -> _Accepted:
+        return cls(entries[-1] if entries else None, len(entries), events, state,
+                   SpendTotals(ev.spend() for ev in events), {(ev.noise_multiplier, ev.sample_rate) for ev in events},
+                   {h for e in entries if isinstance(h := e.get("hash"), str)})
 
 
 @dataclass
@@ -135,6 +147,8 @@ class _Checked:
 
     state: ChainState | None = None
     events: list[PrivacyEvent] | None = None  # the fresh entries' events, parsed once
+    totals: SpendTotals | None = None  # the accepted entries' and the fresh ones' spends, grouped
+    mechanisms: set[tuple[float, float]] | None = None  # and their (σ, q)
 
 
 class LedgerCheck:
@@ -235,8 +249,8 @@ class LedgerCheck:
         `Verdict.new_entries` is what the run's ledger still lacks."""
         entries = list(entries)
         accepted = self.accepted.get(site, [])
-        known = {e.get("hash"): e for e in accepted}
-        replayed = [e for e in entries if e.get("hash") in known]
+        known = self._accepted(site).hashes
+        replayed = [e for e in entries if isinstance(h := e.get("hash"), str) and h in known]
         if replayed:
             if entries[: len(replayed)] != replayed or accepted[-len(replayed):] != replayed:
                 return Verdict("its ledger entries repeat accepted ones out of order or changed")
@@ -264,9 +278,15 @@ class LedgerCheck:
         chain = self._accepted(site)
         state = checked.state if fresh else chain.state
         accepted.extend(fresh)
-        chain.events.extend(checked.events if checked.events is not None and len(checked.events) == len(fresh)
-                            else [LedgerEntry.from_dict(e).event for e in fresh])
-        self._chains[site] = _Accepted(accepted[-1] if accepted else None, len(accepted), chain.events, state)
+        if fresh and checked.events is not None and len(checked.events) == len(fresh) \
+                and checked.totals is not None and checked.mechanisms is not None:
+            chain.events.extend(checked.events)
+            chain.hashes.update(e["hash"] for e in fresh)
+            self._chains[site] = _Accepted(accepted[-1], len(accepted), chain.events, state, checked.totals,
+                                           checked.mechanisms, chain.hashes)
+        elif fresh:  # not as checked (never, past a check that passed): parsed and counted again
+            chain.events.extend(LedgerEntry.from_dict(e).event for e in fresh)
+            self._chains[site] = _Accepted.of(accepted, chain.events, state)
         return Verdict(None, tuple(fresh) + self._adopt(site))
 
     def prepare(self, sites: Iterable[str], limit: int = PREPARED_HISTORIES) -> None:
@@ -278,14 +298,21 @@ class LedgerCheck:
         reply gate calls this while the round's sites train (strategies/reply_gate.py)."""
         if not self.dp:
             return
-        histories: Counter[tuple[PrivacyEvent, ...]] = Counter()
+        # Keyed by what the accountants read of a history (its spends grouped), not by the
+        # history itself: one step per (σ, q) a site, whatever the round.
+        histories: Counter[Grouped | None] = Counter()
+        nexts: dict[Grouped | None, SpendTotals] = {}
         for site in sites:
             if site in self.public_keys:
-                accepted = self._accepted(site).events
-                if accepted and accepted[-1].mechanism is Mechanism.DP_SGD:
-                    histories[(*accepted, accepted[-1])] += 1
-        for history, _ in histories.most_common(limit):
-            spends = [ev.spend() for ev in history]
+                chain = self._accepted(site)
+                if chain.events and chain.events[-1].mechanism is Mechanism.DP_SGD:
+                    following = chain.totals.copy()
+                    following.add(chain.events[-1].spend())
+                    key = following.grouped()
+                    histories[key] += 1
+                    nexts.setdefault(key, following)
+        for key, _ in histories.most_common(limit):
+            spends = nexts[key]
             try:  # `_problem`'s two, and its guard: the rough RDP bound, then the run's own accountant
                 if epsilon_opacus(spends, self.delta, "rdp") <= MAX_CHECKED_EPSILON:
                     epsilon(spends, self.delta, self.accountant, self.neighbouring)
@@ -301,9 +328,8 @@ class LedgerCheck:
         chain = self._chains.get(site)
         if chain is None or chain.count != len(own) or chain.last is not (own[-1] if own else None):
             verified = verify_ledger(own, {site: self.public_keys[site]}) if site in self.public_keys else None
-            chain = self._chains[site] = _Accepted(
-                own[-1] if own else None, len(own), [LedgerEntry.from_dict(e).event for e in own],
-                verified.state if verified is not None and verified.ok else None)
+            chain = self._chains[site] = _Accepted.of(own, [LedgerEntry.from_dict(e).event for e in own],
+                                                      verified.state if verified is not None and verified.ok else None)
         return chain
 
     def _adopt(self, site: str) -> tuple[dict[str, Any], ...]:
@@ -368,7 +394,10 @@ class LedgerCheck:
         checked.state = verified.state
         # Past verify_ledger every entry parses, and every number is within privacy.events' bounds.
         fresh_events = checked.events = [t.event for t in typed[len(typed) - len(fresh):]]
-        events = [*self._accepted(site).events, *fresh_events]
+        totals = chain.totals.copy()
+        for ev in fresh_events:
+            totals.add(ev.spend())
+        mechanisms = chain.mechanisms | {(ev.noise_multiplier, ev.sample_rate) for ev in fresh_events}
         spends = [t.event.spend() for t in typed if t.provenance.round == server_round]
         if expected is not None:
             if any(s.sample_rate != expected.sample_rate for s in spends) or \
@@ -384,18 +413,19 @@ class LedgerCheck:
         problem = self._late_problem(site, server_round, typed[len(typed) - len(fresh):], expected)
         if problem is not None:
             return problem
-        if len({(ev.noise_multiplier, ev.sample_rate) for ev in events}) > MAX_MECHANISMS:
+        if len(mechanisms) > MAX_MECHANISMS:
             return (f"its ledger entries of this run use more than {MAX_MECHANISMS} different (σ, q): more "
                     "than the coordinator checks")
         last = typed[-1]
-        rough = epsilon_opacus([ev.spend() for ev in events], last.delta, "rdp")
+        rough = epsilon_opacus(totals, last.delta, "rdp")
         if rough > MAX_CHECKED_EPSILON:
             return (f"its ledger entries of this run cost ε ≈ {rough:.4g} (RDP), above the {MAX_CHECKED_EPSILON:g} "
                     "the coordinator checks: no privacy left to account")
-        floor = epsilon([ev.spend() for ev in events], last.delta, self.accountant, self.neighbouring)
+        floor = epsilon(totals, last.delta, self.accountant, self.neighbouring)
         recorded = last.epsilon if last.epsilon is not None else -1.0
         if recorded < floor * (1 - TOLERANCE):
             return f"its ledger records ε={recorded:.6g}, below the {floor:.6g} that this run's entries alone cost"
+        checked.totals, checked.mechanisms = totals, mechanisms
         return None
 
     def _late_problem(self, site: str, server_round: int, fresh: list[LedgerEntry],
@@ -432,7 +462,6 @@ class LedgerCheck:
             delta = as_float(own[-1].get("delta"))
             if delta is None or not 0.0 < delta < 1.0:
                 delta = LedgerEntry.from_dict(own[-1]).delta
-            return epsilon([ev.spend() for ev in self._accepted(site).events], delta, self.accountant,
-                           self.neighbouring)
+            return epsilon(self._accepted(site).totals, delta, self.accountant, self.neighbouring)
         except Exception:  # noqa: BLE001  accepted entries were computed once already; never the run
             return float(own[-1]["epsilon"])

@@ -286,3 +286,29 @@ def test_pld_calibration_is_the_smallest_sigma_to_a_thousandth_without_opacus_se
     assert (sigma < 1.0) == (target == 8.0)
     assert epsilon([Spend(sigma, q, steps)], DELTA, "pld") <= target
     assert epsilon([Spend(sigma * 0.999, q, steps)], DELTA, "pld") > target  # no more noise than needed
+
+
+def test_spend_totals_group_a_history_as_the_accountants_do_and_give_the_same_epsilon():
+    """`SpendTotals`, kept a spend at a time (the coordinator's books, round after round),
+    groups a history exactly as `_grouped` reads a list: (σ, q) merged in first-seen order,
+    free spends (0 steps, q = 0) left out, σ = 0 making ε infinite whatever comes after; and
+    every accountant gives the very same ε for it as for the list. A copy grows apart."""
+    from fedshield.privacy.accountant import SpendTotals, _grouped
+
+    history = [Spend(1.1, 0.25, 4), Spend(2.0, 0.5, 1), Spend(1.1, 0.25, 0), Spend(0.0, 0.0, 3),
+               Spend(1.1, 0.25, 4), (2.0, 0.5, 2), Spend(1.3, 1.0, 1)]
+    totals = SpendTotals()
+    for n, spend in enumerate(history, start=1):
+        totals.add(spend)
+        assert totals.grouped() == _grouped(history[:n]) == SpendTotals(history[:n]).grouped()
+    assert totals.grouped() == ((1.1, 0.25, 8), (2.0, 0.5, 3), (1.3, 1.0, 1))
+    for accountant in ("rdp", "prv", "pld"):
+        assert epsilon(totals, 1e-5, accountant) == epsilon(history, 1e-5, accountant)
+    assert epsilon(totals, 1e-5, "pld", "replace-one") == epsilon(history, 1e-5, "pld", "replace-one")
+    twin = totals.copy()
+    twin.add(Spend(0.0, 0.5, 1))  # not private at all: ε is infinite, the original untouched
+    assert twin.grouped() is None and _grouped([*history, Spend(0.0, 0.5, 1)]) is None
+    assert epsilon(twin, 1e-5, "pld") == math.inf and epsilon(totals, 1e-5, "pld") < math.inf
+    twin.add(Spend(1.1, 0.25, 4))
+    assert twin.grouped() is None
+    assert SpendTotals().grouped() == () and epsilon(SpendTotals(), 1e-5, "rdp") == 0.0

@@ -304,3 +304,38 @@ def test_prepare_computes_the_next_rounds_epsilon_ahead_and_decides_nothing(tmp_
     assert [plain.check(s.name, 2, [e], PLAN).problem for s, e in zip(sites, round2, strict=True)] == [None] * 3
     assert misses()[0] > before[0]  # unprepared books compute them as they check
     assert prepared.accepted == plain.accepted
+
+
+def test_the_books_keep_each_sites_spends_grouped_as_they_accept_them(tmp_path):
+    """A reply's check reads the site's accepted spends as the accountants group them, kept up
+    to date entry by entry (`SpendTotals`), its (σ, q) and its hashes: after rounds of
+    different σ, a replayed entry and a restore, they are exactly what the accepted entries
+    give when counted afresh, and `run_epsilon` is the accountant's ε over those entries."""
+    from fedshield.privacy.accountant import SpendTotals
+    from fedshield.privacy.events import LedgerEntry
+
+    site = Site(tmp_path)
+    check = books(site)
+    for r in range(1, 9):
+        entry = site.spend(r, sigma=1.1 if r % 3 else 2.5)
+        assert check.check(site.name, r, [entry], PLAN).problem is None
+    assert check.check(site.name, 8, [entry], PLAN).new_entries == ()  # sent again: recognised, not counted twice
+
+    def afresh(books: LedgerCheck) -> tuple:
+        entries = books.accepted[site.name]
+        events = [LedgerEntry.from_dict(e).event for e in entries]
+        return (SpendTotals(ev.spend() for ev in events).grouped(),
+                {(ev.noise_multiplier, ev.sample_rate) for ev in events}, {e["hash"] for e in entries})
+
+    chain = check._accepted(site.name)
+    assert (chain.totals.grouped(), chain.mechanisms, chain.hashes) == afresh(check)
+    assert chain.totals.grouped() == ((1.1, 0.25, 24), (2.5, 0.25, 8))
+    spends = [Spend(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in check.accepted[site.name]]
+    assert check.run_epsilon(site.name) == epsilon(spends, DELTA, "rdp")
+
+    resumed = books(site)
+    assert resumed.restore(check.accepted[site.name]) is None
+    kept = resumed._accepted(site.name)
+    assert (kept.totals.grouped(), kept.mechanisms, kept.hashes) == afresh(check)
+    assert resumed.check(site.name, 9, [site.spend(9)], PLAN).problem is None
+    assert resumed._accepted(site.name).totals.grouped() == ((1.1, 0.25, 28), (2.5, 0.25, 8))
