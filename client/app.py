@@ -57,7 +57,7 @@ from fedshield.client import secagg
 from fedshield.client.site import BooksBehind, SiteState
 from fedshield.conf.config import Config
 from fedshield.conf.schema import TaskConfig, split_deidentify_pattern
-from fedshield.privacy.accountant import Spend, epsilon
+from fedshield.privacy.accountant import Spend
 from fedshield.privacy.errors import FedShieldError
 from fedshield.privacy.events import (
     COUNT_RELEASE,
@@ -1166,11 +1166,10 @@ def _record(site: Site, run_id: str, server_round: int, event: PrivacyEvent, rel
     """Append (signed, fsynced) the ledger entry of one spend (privacy.events.entry_fields,
     version 2); ε is over the whole history."""
     priv = site.cfg.privacy
-    history = [*site.state.history(), event.spend()]
     return site.state.record_spend(entry_fields(
         event, site=site.name, run_id=run_id, round=server_round, delta=priv.delta,
         accountant=priv.accountant, release=release,
-        epsilon=epsilon(history, priv.delta, priv.accountant, priv.neighbouring),
+        epsilon=site.state.epsilon_after(event.spend(), priv.delta, priv.accountant, priv.neighbouring),
         extra={"budget_epsilon": _budget(site), **(extra or {})},  # signed: an audit takes the site's budget from it
     ))
 

@@ -51,7 +51,14 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives import serialization
 
-from fedshield.privacy.accountant import ADD_REMOVE, Spend, calibrate_noise_multiplier, epsilon, planned_epsilon
+from fedshield.privacy.accountant import (
+    ADD_REMOVE,
+    Spend,
+    SpendTotals,
+    calibrate_noise_multiplier,
+    epsilon,
+    planned_epsilon,
+)
 from fedshield.privacy.errors import FedShieldError
 from fedshield.privacy.events import COUNT_RELEASE, TRAIN_RELEASE, neighbouring_of
 from fedshield.privacy.files import fsync, in_group_commit, open_in_folder, write_fully
@@ -97,6 +104,10 @@ class SiteState:
         self.ledger = Ledger(self.dir / "ledger.jsonl")
         self._entries: list[Entry] = []  # this site's entries, as of the last refresh and own appends
         self._history: list[Spend] = []  # their spends
+        # The same spends as the accountants group them, in all and per run (`_tally`): a
+        # budget check reads one step per (σ, q), whatever the number of rounds behind it.
+        self._totals = SpendTotals()
+        self._run_totals: dict[str, SpendTotals] = {}
         # The last budget check's arguments, and the history length its next ε was prepared
         # for (`prepare_next_check`).
         self._last_check: tuple[Any, ...] | None = None
@@ -118,9 +129,13 @@ class SiteState:
         own = [e for e in read.entries if e.get("site") == self.site]
         known = self._entries
         if len(own) >= len(known) and all(a is b or a == b for a, b in zip(own, known, strict=False)):
-            self._history = [*self._history, *site_history(own[len(known):], self.site)]  # the new ones parsed
+            new = site_history(own[len(known):], self.site)  # the new ones parsed
+            self._history = [*self._history, *new]
+            self._tally(own[len(known):], new)
         else:
             self._history = site_history(own, self.site)
+            self._totals, self._run_totals = SpendTotals(), {}
+            self._tally(own, self._history)
         self._entries = own
         if self.witness is not None:
             mark = self._witnessed()
@@ -195,6 +210,25 @@ class SiteState:
         """This site's spends, oldest first, as of the last `refresh` and own appends."""
         return list(self._history)
 
+    def _tally(self, entries: Sequence[Entry], spends: Sequence[Spend]) -> None:
+        """Count `spends` (those of `entries`, newly read or appended) into the totals."""
+        for entry, spend in zip(entries, spends, strict=True):
+            self._totals.add(spend)
+            run = entry.get("run_id")
+            if isinstance(run, str):  # `run_history` compares it with a run id
+                self._run_totals.setdefault(run, SpendTotals()).add(spend)
+
+    def epsilon_after(self, planned: Spend, delta: float, accountant: str, neighbouring: str = ADD_REMOVE) -> float:
+        """`planned_epsilon(self.history(), planned, ...)`, from the kept totals."""
+        return planned_epsilon(self._totals, planned, delta, accountant, neighbouring)
+
+    def _run_spends(self, run_id: str, assumed: Sequence[Spend]) -> SpendTotals:
+        """The totals of `run_history(run_id)` plus `assumed`."""
+        run = self._run_totals.get(run_id, SpendTotals()).copy()
+        for spend in assumed:
+            run.add(spend)
+        return run
+
     def _unreported_path(self) -> Path:
         return self.dir / "ledger.jsonl.unreported"
 
@@ -236,7 +270,7 @@ class SiteState:
         return neighbouring_of(self._entries[-1]) if self._entries else None
 
     def epsilon(self, delta: float, accountant: str, neighbouring: str = ADD_REMOVE) -> float:
-        return epsilon(self.history(), delta, accountant, neighbouring)
+        return epsilon(self._totals, delta, accountant, neighbouring)
 
     def run_history(self, run_id: str) -> list[Spend]:
         """This site's spends in run `run_id` (its count if released in it, its feature mean,
@@ -254,7 +288,7 @@ class SiteState:
         self._last_check = (planned, delta, accountant, neighbouring, run_id, run_target, tuple(run_assumed))
         now = self.epsilon(delta, accountant, neighbouring)
         if run_id is not None and run_target is not None:
-            run = [*self.run_history(run_id), *run_assumed]
+            run = self._run_spends(run_id, run_assumed)
             in_run = planned_epsilon(run, planned, delta, accountant, neighbouring)
             if in_run > run_target:
                 reason = (
@@ -263,7 +297,7 @@ class SiteState:
                     f"{run_target:g} (δ={delta:g})"
                 )
                 return BudgetDecision(False, now, in_run, run_target, reason)
-        after = planned_epsilon(self.history(), planned, delta, accountant, neighbouring)
+        after = self.epsilon_after(planned, delta, accountant, neighbouring)
         if after > budget:
             reason = (
                 f"this round would take ε from {now:.3f} to "
@@ -285,8 +319,8 @@ class SiteState:
         planned, delta, accountant, neighbouring, run_id, run_target, run_assumed = self._last_check
         try:
             if run_id is not None and run_target is not None:
-                planned_epsilon([*self.run_history(run_id), *run_assumed], planned, delta, accountant, neighbouring)
-            planned_epsilon(self.history(), planned, delta, accountant, neighbouring)
+                planned_epsilon(self._run_spends(run_id, run_assumed), planned, delta, accountant, neighbouring)
+            self.epsilon_after(planned, delta, accountant, neighbouring)
         except Exception:  # noqa: BLE001  only a cache is at stake: the check raises it in its place
             pass
 
@@ -364,8 +398,10 @@ class SiteState:
     def record_spend(self, fields: dict[str, Any]) -> Entry:
         """Append the signed entry and fsync it; returns the entry as written."""
         entry = self.ledger.append(fields, self.key)
-        self._history.append(self.ledger.event(entry).spend())  # the event append computed
+        spend = self.ledger.event(entry).spend()  # the event append computed
+        self._history.append(spend)
         self._entries.append(entry)
+        self._tally([entry], [spend])
         if self.witness is not None:
             self._witness(entry)  # after the entry is fsynced: the witness never runs ahead of the books
         return entry

@@ -568,8 +568,10 @@ def _bisect_sigma(eps_of: Callable[[float], float], target: float, lower: float)
 
 
 def planned_epsilon(
-    history: Sequence[Spend], planned: Spend, delta: float, accountant: str = "rdp", neighbouring: str = ADD_REMOVE,
+    history: History, planned: Spend, delta: float, accountant: str = "rdp", neighbouring: str = ADD_REMOVE,
 ) -> float:
     """The recorded ε (`epsilon`) after `history` plus the `planned` spend: what a site
     checks against its budget before it trains."""
-    return epsilon([*history, planned], delta, accountant, neighbouring)
+    after = history.copy() if isinstance(history, SpendTotals) else SpendTotals(history)
+    after.add(planned)
+    return epsilon(after, delta, accountant, neighbouring)

@@ -77,7 +77,7 @@ from types import TracebackType
 from typing import Any
 
 from fedshield.privacy import signing
-from fedshield.privacy.accountant import Spend, epsilon
+from fedshield.privacy.accountant import Spend, SpendTotals, epsilon
 from fedshield.privacy.errors import LedgerError
 from fedshield.privacy.events import (
     FILLED,
@@ -182,6 +182,9 @@ class Ledger:
         self._parsed: _Parsed | None = None
         self._verified: dict[str, _Verified] = {}
         self._events: dict[int, tuple[Entry, PrivacyEvent]] = {}  # id(entry) -> (entry, event_of(entry))
+        # Site -> (its entries, the hash of its last, their spends grouped) after its last
+        # append here (`_chain_totals`): the next append's ε reads one step per (σ, q).
+        self._totals: dict[str, tuple[int, str, SpendTotals]] = {}
 
     # -- reading -----------------------------------------------------------------
     def read(self) -> LedgerRead:
@@ -364,7 +367,11 @@ class Ledger:
                     f"ledger {self.path}: site {site}'s spends are of mechanism {mechanism_of(last)}; a "
                     f"{mechanism_of(entry)} spend cannot join them (one chain, one accountant)")
             new_event = event_of(entry)
-            eps = chain_epsilon([*mine, entry], float(entry["delta"]), [*self._events_of(mine), new_event])
+            totals = self._chain_totals(site, mine, new_event)
+            if totals is None:  # a Skellam chain: its own bound
+                eps = chain_epsilon([*mine, entry], float(entry["delta"]), [*self._events_of(mine), new_event])
+            else:  # = chain_epsilon([*mine, entry], ...): the Gaussian accountant of this entry
+                eps = epsilon(totals, float(entry["delta"]), entry["accountant"], new_event.relation.value)
             given = entry.get("epsilon")
             entry["epsilon"] = float(eps) if given is None else max(float(given), float(eps))
             entry["seq"] = int(last["seq"]) + 1 if last is not None else 0
@@ -387,10 +394,27 @@ class Ledger:
             self._write_head(entry, key)
             if pending:
                 self.pending_path.unlink()
+            if totals is not None:
+                self._totals[site] = (len(mine) + 1, entry["hash"], totals)
         # Its event as computed above: the fields added since (ε, seq, hashes, time, signature)
         # are not the event's (privacy/events.py `_event`).
         self._remember_event(entry, new_event)
         return entry
+
+    def _chain_totals(self, site: str, mine: list[Entry], new_event: PrivacyEvent) -> SpendTotals | None:
+        """The spends of `site`'s chain `mine` and the new one, grouped (None for a Skellam
+        chain): from the totals of this object's last append for the site when `mine` still
+        ends with that entry (its count and hash; the appends are serialised by the lock, and
+        the site's books were verified whole before it spends), else counted afresh."""
+        if new_event.mechanism is Mechanism.SKELLAM:
+            return None
+        kept = self._totals.get(site)
+        if kept is not None and mine and kept[0] == len(mine) and kept[1] == mine[-1].get("hash"):
+            totals = kept[2].copy()
+        else:
+            totals = SpendTotals(ev.spend() for ev in self._events_of(mine))
+        totals.add(new_event.spend())
+        return totals
 
     def event(self, entry: Entry) -> PrivacyEvent:
         """`event_of(entry)`, computed once while this object holds the entry (`_events_of`)."""

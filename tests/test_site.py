@@ -315,3 +315,39 @@ def test_a_site_prepares_the_next_rounds_budget_check_and_the_check_itself_is_un
     changed = Spend(0.9, 0.3, 7)
     fresh = SiteState(tmp_path / "site", "clinic")
     assert state.check_budget(changed, budget, 1e-5, "pld") == fresh.check_budget(changed, budget, 1e-5, "pld")
+
+
+def test_a_sites_books_keep_its_spends_grouped_as_the_accountants_read_them(tmp_path):
+    """A site's ε, its budget checks and each entry's recorded ε read its spends as the
+    accountants group them, kept up to date as entries are appended or read (client/site.py
+    `SiteState._tally`, privacy/ledger.py `Ledger._chain_totals`): over runs of different σ,
+    a restart, and an entry another process appended, they are exactly what the history
+    gives counted afresh, in all and per run."""
+    from fedshield.privacy.ledger import chain_epsilon
+
+    a, b, c = Spend(1.1, 0.25, 4), Spend(2.5, 0.5, 2), Spend(0.9, 1.0, 1)
+    state = SiteState(tmp_path / "site", "st-marys")
+    for r, (run, spend) in enumerate([("run-1", c), ("run-1", a), ("run-1", a), ("run-2", b), ("run-2", a)]):
+        state.record_spend(_entry(state.site, run, r, spend, 0.0))
+
+    def afresh(s: SiteState) -> None:
+        history = s.history()
+        for accountant in ("rdp", "pld"):
+            assert s.epsilon(1e-5, accountant) == epsilon(history, 1e-5, accountant)
+            assert s.epsilon_after(b, 1e-5, accountant) == epsilon([*history, b], 1e-5, accountant)
+        for run in ("run-1", "run-2", "run-9"):
+            decision = s.check_budget(b, 100.0, 1e-5, "rdp", run_id=run, run_target=1e-3, run_assumed=[c])
+            assert not decision.ok and decision.epsilon_after == epsilon([*s.run_history(run), c, b], 1e-5, "rdp")
+            assert decision.epsilon_now == epsilon(history, 1e-5, "rdp")
+        entries = s.entries()
+        for n in range(1, len(entries) + 1):  # each entry's ε: its chain up to it, counted afresh
+            assert entries[n - 1]["epsilon"] == chain_epsilon(entries[:n], 1e-5)
+
+    afresh(state)
+    restarted = SiteState(tmp_path / "site", "st-marys")  # read from the file: counted as read
+    afresh(restarted)
+    restarted.record_spend(_entry(state.site, "run-2", 6, b, 0.0))  # another process's append
+    state.refresh()
+    state.record_spend(_entry(state.site, "run-2", 7, c, 0.0))  # after it: the chain as on file
+    afresh(state)
+    assert state.entries()[-1]["epsilon"] == chain_epsilon(state.entries(), 1e-5)
