@@ -314,8 +314,9 @@ def test_with_workers_the_coordinator_collects_once_a_round_while_they_train_and
         flower_task_identity):
     """With worker processes, the coordinator stops the collector's own full collections at
     the first TRAIN push (frozen heap, generation 2 out of reach: `own_full_collections`)
-    and makes one itself each later TRAIN push, once its workers have the round; queries
-    trigger none. `close` gives the collector its thresholds back and unfreezes."""
+    and makes one itself each later TRAIN push, once its workers have the round, freezing
+    what survives it (`collect_and_freeze`); queries trigger none. `close` gives the
+    collector its thresholds back and unfreezes."""
     import gc
 
     class Worker:  # what `_hand_out` and `close` use of a worker process
@@ -355,9 +356,19 @@ def test_with_workers_the_coordinator_collects_once_a_round_while_they_train_and
         assert gc.get_threshold()[:2] == before[:2] and gc.get_threshold()[2] >= 1 << 30
         assert gc.get_freeze_count() > 0 and events == ["full", "send", "send"]  # freeze_heap's, first
         for _ in (2, 3):
+            kept, dropped = [[n] for n in range(1000)], [[n] for n in range(1000)]  # a round's books, its garbage
+            frozen = gc.get_freeze_count()
             events.clear()
             grid._hand_out(train())
             assert events == ["send", "send", "full"]  # one a round, once the round is handed out
+            # What survived it is frozen (the next collections do not scan the run's books
+            # again); what is frozen and then dropped is still freed, by its reference count.
+            assert gc.get_freeze_count() >= frozen + 2000
+            assert not {id(kept), id(dropped)} & {id(x) for x in gc.get_objects()}  # in no generation: frozen
+            grown = gc.get_freeze_count()
+            del dropped
+            assert gc.get_freeze_count() <= grown - 1000
+            assert kept[-1] == [999]
         events.clear()
         grid._hand_out([_query(1)])
         assert events == ["send"]
