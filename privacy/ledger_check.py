@@ -236,8 +236,10 @@ class LedgerCheck:
         return None
 
     def holds(self, site: str, entry: Mapping[str, Any]) -> bool:
-        """Whether this run's ledger already holds `entry` of `site` (by its hash)."""
-        return any(e.get("hash") == entry.get("hash") for e in self.accepted.get(site, []))
+        """Whether this run's ledger already holds `entry` of `site` (by its hash, among the
+        accepted hashes the books keep)."""
+        digest = entry.get("hash")
+        return isinstance(digest, str) and digest in self._accepted(site).hashes
 
     def check(self, site: str, server_round: int, entries: Sequence[dict[str, Any]],
               expected: Expected | None) -> Verdict:

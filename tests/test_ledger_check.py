@@ -320,6 +320,8 @@ def test_the_books_keep_each_sites_spends_grouped_as_they_accept_them(tmp_path):
         entry = site.spend(r, sigma=1.1 if r % 3 else 2.5)
         assert check.check(site.name, r, [entry], PLAN).problem is None
     assert check.check(site.name, 8, [entry], PLAN).new_entries == ()  # sent again: recognised, not counted twice
+    assert check.holds(site.name, entry) and not check.holds(site.name, {**entry, "hash": "0" * 64})
+    assert not check.holds(site.name, {"hash": ["not", "a", "hash"]}) and not check.holds("nobody", entry)
 
     def afresh(books: LedgerCheck) -> tuple:
         entries = books.accepted[site.name]
@@ -336,6 +338,7 @@ def test_the_books_keep_each_sites_spends_grouped_as_they_accept_them(tmp_path):
     resumed = books(site)
     assert resumed.restore(check.accepted[site.name]) is None
     kept = resumed._accepted(site.name)
+    assert resumed.holds(site.name, entry)  # a resumed run holds what its ledger had
     assert (kept.totals.grouped(), kept.mechanisms, kept.hashes) == afresh(check)
     assert resumed.check(site.name, 9, [site.spend(9)], PLAN).problem is None
     assert resumed._accepted(site.name).totals.grouped() == ((1.1, 0.25, 28), (2.5, 0.25, 8))
