@@ -1,7 +1,7 @@
 """kill -9 of the coordinator mid-run, then `--resume`: the run ends as if nothing happened.
 
 One uninterrupted simulation and one killed (its whole process group: the driver, Ray and
-the workers, as a machine crash would) once round 2 is logged, then continued with
+the workers, as a machine crash would) once round 3's replies are all in, then continued with
 `fedshield simulate output.run_name=RUN --resume`. The final model, every site's ε and
 every site's ledger must equal the uninterrupted run's: the checkpoint restored the model,
 FedAdam's moments and the sampler; a round the sites had already trained for is re-sent
@@ -73,6 +73,27 @@ def own_ledgers(run: Path) -> dict[str, list[tuple]]:
     return out
 
 
+# `python -c HOLD_AFTER_REPLIES ROUND MARKER simulate ...`: the simulation CLI whose coordinator,
+# once it has taken in every reply of round ROUND (and its books accepted them), touches
+# MARKER and waits there for ever, to be killed.
+HOLD_AFTER_REPLIES = """
+import sys, threading
+from pathlib import Path
+from fedshield.strategies.reply_gate import ReplyGate
+hold_round, marker = int(sys.argv[1]), Path(sys.argv[2])
+sort_replies = ReplyGate.sort_replies
+def holding(self, server_round, replies):
+    out = sort_replies(self, server_round, replies)
+    if server_round == hold_round:
+        marker.touch()
+        threading.Event().wait()
+    return out
+ReplyGate.sort_replies = holding
+from fedshield.simulations.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
 def test_a_killed_coordinator_resumes_to_the_same_model_and_epsilon(tiny_bert, synthetic_csv, tmp_path):
     overrides = tiny_overrides(tiny_bert, synthetic_csv, tmp_path, **{
         "federation.rounds": 4, "federation.strategy": "fedadam", "federation.fraction_train": 0.7,
@@ -83,34 +104,32 @@ def test_a_killed_coordinator_resumes_to_the_same_model_and_epsilon(tiny_bert, s
 
     run = tmp_path / "runs" / "crashed"
     # The kill comes once round 3's sites (the same seed samples as the whole run's) have
-    # trained it and kept their replies: the resumed run re-sends round 3 and gets those
+    # trained it, kept their replies and the coordinator has taken every reply in, before it
+    # aggregates and checkpoints round 3: the resumed run re-sends round 3 and gets those
     # replies back, never a second spend. (A kill in the middle of a site's training leaves
     # its spend standing and the round declined, by design: tests/test_site_spend.py.)
-    # Between that moment and round 4's first spend lie only the coordinator's aggregation
-    # and its next hand-out, a fraction of a second: on a loaded machine the kill can land
-    # after a round-4 spend, and that run is not the case under test (its resume declines
-    # the interrupted round, as it must): it is made again, at most three times.
+    # The coordinator holds there (HOLD_AFTER_REPLIES), so that no round-4 spend can race
+    # the kill on a loaded machine; it is killed as before, process group and all.
+    held = tmp_path / "held-at-round-3"
+    crashed = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AFTER_REPLIES, "3", str(held), "simulate", *overrides, "output.run_name=crashed"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and crashed.poll() is None and not held.exists():
+        time.sleep(0.05)
+    assert crashed.poll() is None, "the run ended before it could be killed: " + crashed.communicate()[0][-3000:]
+    os.killpg(crashed.pid, signal.SIGKILL)
+    crashed.wait(timeout=60)
+    assert held.exists(), "round 3's replies never all came in"
     third = rows(tmp_path / "runs" / "whole")[3]["sampled"]
-    for _ in range(3):
-        shutil.rmtree(run, ignore_errors=True)
-        crashed = fedshield(*overrides, "output.run_name=crashed")
-        deadline = time.time() + 600
-        while time.time() < deadline and crashed.poll() is None and not (
-                len(rows(run)) >= 3 and all(kept_round(run / "sites" / s, "crashed") == 3 for s in third)):
-            time.sleep(0.05)
-        assert crashed.poll() is None, "the run ended before it could be killed"
-        os.killpg(crashed.pid, signal.SIGKILL)
-        crashed.wait(timeout=60)
-        if not spent_after(run, 3):
-            break
-    else:
-        pytest.fail("three times the kill came after a site had spent for round 4")
-    assert len(rows(run)) < 5 and (run / "checkpoint.npz").is_file() and not (run / "report.md").exists()
+    assert all(kept_round(run / "sites" / s, "crashed") == 3 for s in third)
+    assert not spent_after(run, 3)
+    assert len(rows(run)) == 3 and (run / "checkpoint.npz").is_file() and not (run / "report.md").exists()
 
     resumed = fedshield(f"output.dir={tmp_path / 'runs'}", "output.run_name=crashed", "--resume")
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
-    assert "resuming after round" in out
+    assert "resuming after round 2 of 4" in out  # round 3 is asked again, of the sites that kept it
 
     a, b = tmp_path / "runs" / "whole", run
     assert [r["round"] for r in rows(b)] == [0, 1, 2, 3, 4]
@@ -142,8 +161,6 @@ def test_a_resume_goes_on_with_the_sites_that_rejoin_and_names_the_one_that_did_
     stop. The first run stops after round 1 (its sites' training fails: federation.max_empty_rounds=1),
     with each site's record-count release in the run's ledger; site-2 then loses its state
     folder, so it comes back with another ledger key and cannot rejoin."""
-    import shutil
-
     import fedshield.client.app
     from fedshield.simulations.cli import main
     from tests.test_hostile_sites import never_trains
