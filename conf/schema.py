@@ -337,20 +337,22 @@ class PrivacyConfig:
 
 
 # How virtual sites run (simulations/): `flower`, each site's message to a Ray actor through
-# Flower's simulation runtime; `batched`, all sites in this process, their training
-# vectorised across sites (simulations/batched.py; same handlers, same ledgers); `auto`, the
-# fastest that supports the config: batched, or flower when simulation.ray_address is set.
+# Flower's simulation runtime; `batched`, the sites shared among worker processes (Ray actors
+# on a cluster), their training vectorised across sites (simulations/batched.py; same
+# handlers, same ledgers); `auto`, the fastest that supports the config: batched.
 ENGINES = ("auto", "flower", "batched")
 
 
 @dataclass
 class SimulationConfig:
     engine: str = "auto"
-    # "" = start Ray locally; "HOST:PORT" = run on an existing Ray cluster (engine flower).
+    # "" = this machine (engine flower: a Ray of its own); "HOST:PORT" = an existing Ray cluster
+    # (engine batched: its worker actors; flower: Flower's runtime on it).
     ray_address: str = ""
     client_cpus: float = 1.0
     client_gpus: float = 0.0
-    # Parallel virtual sites when Ray runs locally (0 = one per client_cpus of this machine).
+    # CPUs the run takes (0 = all of this machine's, or of the Ray cluster's): batched, one
+    # worker per client_cpus of them; flower on its own local Ray, parallel virtual sites.
     num_cpus: int = 0
 
 
@@ -672,8 +674,6 @@ def validation_errors(cfg: FedShieldConfig) -> list[str]:
             p.min_noise_multiplier,
         ),
         _one_of("simulation.engine", s.engine, ENGINES),
-        _check("simulation.engine", not (s.engine == "batched" and s.ray_address), "flower or auto with "
-               "simulation.ray_address set (the batched engine runs in one process)", s.engine),
         _positive("simulation.client_cpus", s.client_cpus),
         _non_negative("simulation.client_gpus", s.client_gpus),
         _check("simulation.num_cpus", s.num_cpus >= 0, ">= 0", s.num_cpus),

@@ -1,5 +1,6 @@
-"""The batched simulation engine (`simulation.engine=batched`): many virtual sites in one
-process, their local training vectorised across sites.
+"""The batched simulation engine (`simulation.engine=batched`): many virtual sites in each
+worker (a process here, or a Ray actor on a cluster), their local training vectorised
+across sites.
 
 What stays the same as on Flower's runtime (`simulation.engine=flower`):
 - the coordinator: the very ServerApp, strategy stack and round loop (`Strategy.start`),
@@ -11,9 +12,10 @@ What stays the same as on Flower's runtime (`simulation.engine=flower`):
   delivered to the ClientApp one by one, as a SuperNode would.
 
 What changes is how messages travel and how TRAIN work is done:
-- no Ray, no SuperLink, no protobuf: a message is handed to the site's handler in this
-  process, or to a worker process as the Message object itself (pickled over an
-  authenticated local connection), and its reply is returned as it comes (no polling interval);
+- no SuperLink, no protobuf: a message is handed to the site's handler in this process, or
+  to a worker as the Message object itself (pickled over an authenticated connection: a
+  local socket to a worker process, or TCP to a worker actor on a Ray cluster), and its
+  reply is returned as it comes (no polling interval);
 - a round's TRAIN messages are run as steps (`client.app.train_steps`): every site runs its
   handler up to its local training (everything before it, its spend included, is done),
   then the jobs of all the sites are trained together (`train_jobs`: vectorised across
@@ -60,6 +62,8 @@ PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
 # Sites whose TRAIN steps are open at once: bounds the memory of a round (their encoded
 # records and handlers' state) whatever federation.fraction_train asks of 10,000 sites.
 SITES_PER_CHUNK = 1024
+# How often the coordinator, waiting for its workers' replies, checks that each is still there.
+_LIVENESS_CHECK_S = 5.0
 # Sites a worker trains, and answers, at a time: the coordinator checks one such slice's
 # replies while the next one trains (bench/RESULTS.md: the chunk size measured).
 STREAM_CHUNK = 128
@@ -186,25 +190,12 @@ def chunk_sizes(n: int, chunk: int) -> list[int]:
     return sizes
 
 
-class _WorkerProcess:
-    """A worker process serving a fixed share of the virtual sites (`_serve`): a site's
-    messages always go to the same worker, which keeps its Context and caches.
+class _Worker:
+    """The coordinator's end of one worker (`_serve` at the other end): a site's messages
+    always go to the same worker, which keeps its Context and caches."""
 
-    Started as `python -m fedshield.simulations.batched` (not multiprocessing's spawn, which
-    would run the caller's main script again in every worker; nor fork, unsafe once torch's
-    threads run); it connects back over a local socket that only a holder of the key
-    (sent on its stdin) can use."""
-
-    def __init__(self, listener: Listener, authkey: bytes, node_ids: list[int], num_sites: int, run_id: int,
-                 threads: int) -> None:
-        # The worker imports what this process imports: its module search path, as it is now.
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self.process = subprocess.Popen([sys.executable, "-m", "fedshield.simulations.batched"],
-                                        stdin=subprocess.PIPE, env=env)
-        assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps({"address": listener.address, "authkey": authkey.hex()}).encode())
-        self.process.stdin.close()
-        self._setup = (node_ids, num_sites, run_id, threads)
+    def __init__(self, setup: tuple[list[int], int, int, int]) -> None:
+        self._setup = setup  # (node ids, num_sites, run id, torch threads), sent on `attach`
         self._conn: Connection | None = None
         self.alive = True
 
@@ -239,9 +230,17 @@ class _WorkerProcess:
                 self.alive = False
         return None
 
+    def ended(self) -> bool:
+        """Whether the worker is known to have ended, whatever its connection says (a worker
+        on another machine that died leaves its TCP connection silent, not closed)."""
+        return False
+
+    def why_lost(self) -> str:
+        return "the worker serving this virtual site ended"
+
     def lost(self, messages: Sequence[Message]) -> list[Message]:
         """Error replies for `messages`, which this worker will never answer: it ended."""
-        why = RuntimeError(f"the worker process serving this virtual site ended (exit code {self.process.poll()})")
+        why = RuntimeError(self.why_lost())
         return [_error_reply(m, why) for m in messages]
 
     def stop(self) -> None:
@@ -255,13 +254,156 @@ class _WorkerProcess:
 
     def close(self) -> None:
         self.stop()
+        self._wait_or_kill()
+        if self._conn is not None:
+            self._conn.close()
+
+    def _wait_or_kill(self) -> None:
+        raise NotImplementedError
+
+
+class _WorkerProcess(_Worker):
+    """A worker process on this machine serving a fixed share of the virtual sites.
+
+    Started as `python -m fedshield.simulations.batched` (not multiprocessing's spawn, which
+    would run the caller's main script again in every worker; nor fork, unsafe once torch's
+    threads run); it connects back over a local socket that only a holder of the key
+    (sent on its stdin) can use."""
+
+    def __init__(self, listener: Listener, authkey: bytes, node_ids: list[int], num_sites: int, run_id: int,
+                 threads: int) -> None:
+        super().__init__((node_ids, num_sites, run_id, threads))
+        # The worker imports what this process imports: its module search path, as it is now.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.process = subprocess.Popen([sys.executable, "-m", "fedshield.simulations.batched"],
+                                        stdin=subprocess.PIPE, env=env)
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"address": listener.address, "authkey": authkey.hex()}).encode())
+        self.process.stdin.close()
+
+    def ended(self) -> bool:
+        return self.process.poll() is not None
+
+    def why_lost(self) -> str:
+        return f"the worker process serving this virtual site ended (exit code {self.process.poll()})"
+
+    def _wait_or_kill(self) -> None:
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        if self._conn is not None:
-            self._conn.close()
+
+
+class SiteWorkerActor:
+    """A worker of the batched engine as a Ray actor (`simulation.ray_address`): `_serve` on
+    a node of the cluster, for the share of the sites the coordinator sends it. It listens
+    on its node's address for one connection, authenticated with the run's worker key (the
+    coordinator's, passed in the actor call); the cluster's nodes reach the run folder, the
+    data and the model at the same paths, as Flower's runtime on Ray needs too."""
+
+    def __init__(self) -> None:
+        import fedshield.deploy.offline  # noqa: F401  (nothing phones home, in this process too)
+
+        self._listener: Listener | None = None
+
+    def listen(self, authkey: bytes) -> tuple[str, int]:
+        """Open this actor's listener on its node's address; (host, port) to connect to."""
+        import ray
+
+        host = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        self._listener = Listener((host, 0), family="AF_INET", authkey=authkey)
+        address: tuple[str, int] = self._listener.address
+        return address
+
+    def serve(self) -> None:
+        """Accept the coordinator's connection and serve it until it says None (or is gone)."""
+        assert self._listener is not None, "listen first"
+        with self._listener as listener:
+            conn = listener.accept()
+        _serve_until_gone(conn)
+
+
+# How long the worker actors of a run may take to be placed and started on a Ray cluster.
+ACTOR_START_TIMEOUT_S = 300.0
+
+
+class _WorkerActor(_Worker):
+    """A worker of the batched engine on a Ray cluster: a `SiteWorkerActor` holding
+    `resources` (Ray's num_cpus, num_gpus), its `_serve` reached over TCP."""
+
+    def __init__(self, authkey: bytes, resources: dict[str, float], node_ids: list[int], num_sites: int,
+                 run_id: int, threads: int) -> None:
+        import ray
+
+        super().__init__((node_ids, num_sites, run_id, threads))
+        self.actor = ray.remote(**resources)(SiteWorkerActor).remote()  # type: ignore[call-overload]
+        self.address_ref = self.actor.listen.remote(authkey)
+        self.serving: object | None = None  # the ObjectRef of its `serve` call
+
+    def start_serving(self, address: tuple[str, int], authkey: bytes) -> None:
+        self.serving = self.actor.serve.remote()
+        self.attach(Client(address, family="AF_INET", authkey=authkey))
+
+    def _outcome(self, timeout: float) -> BaseException | None | bool:
+        """The `serve` call's end: None (returned), its error, or False (not ended yet)."""
+        import ray
+
+        if self.serving is None:
+            return None
+        ready, _ = ray.wait([self.serving], timeout=timeout)
+        if not ready:
+            return False
+        try:
+            ray.get(ready[0])
+        except Exception as exc:  # noqa: BLE001  the actor's failure, said in `why_lost`
+            return exc
+        return None
+
+    def ended(self) -> bool:
+        return self._outcome(0) is not False
+
+    def why_lost(self) -> str:
+        outcome = self._outcome(0)
+        said = f": {type(outcome).__name__}" if isinstance(outcome, BaseException) else ""
+        return f"the Ray actor serving this virtual site ended{said}"
+
+    def _wait_or_kill(self) -> None:
+        import ray
+
+        if self._outcome(30) is False:
+            log.warning("a worker actor of the batched engine did not finish in 30 s: killed")
+        ray.kill(self.actor)
+
+
+def start_actor_workers(authkey: bytes, resources: dict[str, float], shares: list[list[int]], num_sites: int,
+                        run_id: int, threads: int) -> list[_Worker]:
+    """One `SiteWorkerActor` per share of the sites on the Ray cluster this process is
+    connected to, each connected to and sent its share; a cluster that cannot place them
+    all within ACTOR_START_TIMEOUT_S is one line (RuntimeError), the actors released."""
+    import ray
+
+    workers: list[_WorkerActor] = []
+    try:
+        for share in shares:
+            workers.append(_WorkerActor(authkey, resources, share, num_sites, run_id, threads))
+        refs = [w.address_ref for w in workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=ACTOR_START_TIMEOUT_S)
+        if len(ready) < len(refs):
+            free = ray.available_resources().get("CPU", 0)  # type: ignore[no-untyped-call]
+            raise RuntimeError(
+                f"the batched engine: {len(refs) - len(ready)} of its {len(refs)} worker actors "
+                f"({resources.get('num_cpus', 1):g} CPU each) did not start on the Ray cluster within "
+                f"{ACTOR_START_TIMEOUT_S:.0f} s (CPUs free now: {free:g}); set simulation.num_cpus to the "
+                "CPUs the run may take, or simulation.client_cpus lower")
+        for worker, address in zip(workers, ray.get(refs), strict=True):
+            worker.start_serving((str(address[0]), int(address[1])), authkey)
+    except BaseException:
+        for worker in workers:
+            worker.alive = False
+            ray.kill(worker.actor)
+        raise
+    return list(workers)
 
 
 def _serve(conn: Connection) -> None:
@@ -297,6 +439,16 @@ def _serve(conn: Connection) -> None:
             prepare_budget_checks(conn.poll)
 
 
+def _serve_until_gone(conn: Connection) -> None:
+    """`_serve` until the coordinator says None, or is gone; the connection closed."""
+    try:
+        _serve(conn)
+    except EOFError:  # the coordinator is gone: nothing to answer
+        pass
+    finally:
+        conn.close()
+
+
 class BatchedGrid(Grid):
     """The coordinator's Grid over virtual sites: in this process (`workers=1`), or spread
     over `workers` worker processes (node k to worker (k - 1) mod workers), each serving
@@ -305,7 +457,10 @@ class BatchedGrid(Grid):
     simulated = True  # server/app.py: the simulation's nodes, fixed, and their books in the run folder
 
     def __init__(self, app: ClientApp, num_sites: int, *, run_id: int = 1,
-                 train_steps: StepsFn | None = None, workers: int = 1, threads: int = 1) -> None:
+                 train_steps: StepsFn | None = None, workers: int = 1, threads: int = 1,
+                 actor_resources: dict[str, float] | None = None) -> None:
+        """`actor_resources` (Ray's num_cpus, num_gpus of each): the workers are Ray actors on
+        the cluster this process is connected to (`SiteWorkerActor`), else processes here."""
         self._run = Run.create_empty(run_id)
         self._nodes = list(range(1, num_sites + 1))
         self._replies: dict[str, Message] = {}
@@ -313,11 +468,15 @@ class BatchedGrid(Grid):
         self._frozen: bool | None = None  # whether `freeze_heap` ran at the first TRAIN push (None: not yet)
         self._thresholds: tuple[int, int, int] | None = None  # the collector's own, while this grid holds them
         self._host: SiteHost | None = None
-        self._workers: list[_WorkerProcess] = []
+        self._workers: list[_Worker] = []
+        authkey = os.urandom(32)
+        if actor_resources is not None:
+            shares = [self._nodes[w::workers] for w in range(max(1, workers))]
+            self._workers = start_actor_workers(authkey, actor_resources, shares, num_sites, run_id, threads)
+            return
         if workers <= 1:
             self._host = SiteHost(app, self._nodes, num_sites, run_id, train_steps)
             return
-        authkey = os.urandom(32)
         with tempfile.TemporaryDirectory(prefix="fedshield-workers-") as folder:
             with Listener(str(Path(folder) / "socket"), family="AF_UNIX", authkey=authkey) as listener:
                 try:
@@ -326,7 +485,7 @@ class BatchedGrid(Grid):
                                                             run_id, threads))
                     # Workers connect in any order: each says its pid, which names its process
                     # (the one `close` waits for, and whose exit a dead worker's replies report).
-                    by_pid = {worker.process.pid: worker for worker in self._workers}
+                    by_pid = {w.process.pid: w for w in self._workers if isinstance(w, _WorkerProcess)}
                     for _ in self._workers:
                         conn = listener.accept()
                         worker = by_pid.pop(conn.recv(), None)
@@ -432,10 +591,15 @@ class BatchedGrid(Grid):
                    for i, (w, share) in enumerate(zip(self._workers, self._shares(batch), strict=True)) if share}
         while waiting:
             live = [w.connection for w, _, _ in waiting.values() if w.connection is not None]
-            ready = {id(c) for c in wait(live)} if live else set()
+            ready = {id(c) for c in wait(live, timeout=_LIVENESS_CHECK_S)} if live else set()
             for key, (worker, share, unanswered) in list(waiting.items()):
-                if worker.connection is not None and id(worker.connection) not in ready:
-                    continue
+                conn = worker.connection
+                if conn is not None and id(conn) not in ready:
+                    # Silent: still training, or ended without its connection saying so (a
+                    # machine of the Ray cluster lost). What it sent before it ended is read.
+                    if not worker.ended() or conn.poll(0):
+                        continue
+                    worker.alive = False
                 part = worker.receive()
                 if part is None:  # done, or gone: whatever it did not answer gets its Error reply
                     del waiting[key]
@@ -566,22 +730,27 @@ def _error_reply(msg: Message, exc: BaseException) -> Message:
                    reply_to=msg)
 
 
-def worker_count(num_sites: int, num_cpus: int, client_cpus: float) -> int:
-    """Worker processes for the batched engine: one per `client_cpus` of `num_cpus` (0: this
-    machine's), at most one per site."""
-    cpus = num_cpus or os.cpu_count() or 1
+def worker_count(num_sites: int, num_cpus: int, client_cpus: float, cpus_here: int | None = None) -> int:
+    """Workers for the batched engine: one per `client_cpus` of `num_cpus` (0: all of
+    `cpus_here`, this machine's cores unless said), at most one per site."""
+    cpus = num_cpus or cpus_here or os.cpu_count() or 1
     return max(1, min(num_sites, int(cpus / client_cpus)))
 
 
 def run_batched(server_app: ServerApp, client_app: ClientApp, num_sites: int, train_steps: StepsFn | None,
-                workers: int = 1) -> None:
+                workers: int = 1, actor_resources: dict[str, float] | None = None) -> None:
     """Run `server_app` against `num_sites` virtual sites (the batched engine): served by
     `workers` worker processes when `client_app` is fedshield's own (`train_steps` given),
-    else by `client_app` in this process."""
-    cpus = os.cpu_count() or 1
-    workers = workers if train_steps is not None else 1
-    grid = BatchedGrid(client_app, num_sites, train_steps=train_steps, workers=workers,
-                       threads=max(1, cpus // workers))
+    else by `client_app` in this process. With `actor_resources` the workers are Ray actors
+    holding them, on the cluster this process is connected to (`ray.init`)."""
+    if train_steps is None:
+        workers, actor_resources = 1, None
+    if actor_resources is not None:
+        threads = max(1, int(actor_resources.get("num_cpus", 1)))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+    grid = BatchedGrid(client_app, num_sites, train_steps=train_steps, workers=workers, threads=threads,
+                       actor_resources=actor_resources)
     context = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
     # Flower stamps every Message with the process's run and task (its runtimes set them, as
     # its compat layer does for a grid it drives): the coordinator's, as on the SuperLink.
@@ -603,12 +772,7 @@ def _worker_main() -> None:
     setup = json.loads(sys.stdin.read())
     conn = Client(setup["address"], family="AF_UNIX", authkey=bytes.fromhex(setup["authkey"]))
     conn.send(os.getpid())
-    try:
-        _serve(conn)
-    except EOFError:  # the coordinator is gone: nothing to answer
-        pass
-    finally:
-        conn.close()
+    _serve_until_gone(conn)
     # Done: every ledger and release was fsynced as it was written. Skip the interpreter's
     # teardown of every site's objects (15 s at 500 sites a worker), as multiprocessing's
     # own children end with os._exit.

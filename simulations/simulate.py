@@ -2,10 +2,10 @@
 
 The very ServerApp and ClientApp of deployment run on one of two engines
 (`simulation.engine`, said on the run's first line):
-- `batched` (simulations/batched.py): all virtual sites in this process, behind a Grid of
-  their own; a round's local trainings run together, vectorised across sites;
-- `flower`: Flower's simulation runtime (Ray backend), one message per site to a Ray actor;
-  the engine for a Ray cluster (`simulation.ray_address`).
+- `batched` (simulations/batched.py): the virtual sites shared among worker processes (Ray
+  actors on the cluster `simulation.ray_address` names), behind a Grid of their own; a
+  round's local trainings run together, vectorised across sites;
+- `flower`: Flower's simulation runtime (Ray backend), one message per site to a Ray actor.
 `auto` (the default) takes the fastest that supports the config. Everything that can be
 wrong with the config or the data is checked here, before either starts: every virtual
 site's share is computed and its δ < 1/n verified.
@@ -83,11 +83,9 @@ def _only_what_new_run_dir_wrote(run_dir: Path) -> bool:
 
 def engine_of(cfg: Config) -> str:
     """The engine this config runs on: `simulation.engine`, or with `auto` the fastest that
-    supports it (batched, unless a Ray cluster is named: only Flower's runtime uses one)."""
+    supports it: batched (on this machine, or on the Ray cluster simulation.ray_address names)."""
     engine = cfg.simulation.engine
-    if engine == "auto":
-        return "flower" if cfg.simulation.ray_address else "batched"
-    return engine
+    return "batched" if engine == "auto" else engine
 
 
 def run_header(cfg: Config, resume: bool = False) -> str:
@@ -172,13 +170,30 @@ def _run_in_run_dir(cfg: Config, run_dir: Path, sizes: list[tuple[str, int]], *,
 def _run_batched(cfg: Config, run_dir: Path, *, resume: bool) -> None:
     from fedshield.client.app import app as client_app
     from fedshield.client.app import train_steps_of
-    from fedshield.server.app import build_server_app
+    from fedshield.server.app import build_server_app, say
     from fedshield.simulations.batched import run_batched, worker_count
 
-    sim = cfg.simulation
-    run_batched(build_server_app(cfg, run_dir, resume=resume), client_app, cfg.federation.num_sites,
-                train_steps_of(client_app), workers=worker_count(cfg.federation.num_sites, sim.num_cpus,
-                                                                 sim.client_cpus))
+    sim, num_sites = cfg.simulation, cfg.federation.num_sites
+    server_app = build_server_app(cfg, run_dir, resume=resume)
+    if not sim.ray_address:
+        run_batched(server_app, client_app, num_sites, train_steps_of(client_app),
+                    workers=worker_count(num_sites, sim.num_cpus, sim.client_cpus))
+        return
+    # On a Ray cluster: one worker actor per client_cpus of simulation.num_cpus (0: of the
+    # cluster's CPUs), each holding client_cpus and client_gpus.
+    import ray
+
+    _connect_ray(sim.ray_address)
+    try:
+        cluster_cpus = int(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
+        resources = {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus}
+        workers = worker_count(num_sites, sim.num_cpus, sim.client_cpus, cpus_here=cluster_cpus)
+        say(f"the batched engine: {workers} worker actor(s) of {sim.client_cpus:g} CPU on the Ray cluster at "
+            f"{sim.ray_address} ({cluster_cpus} CPUs)")
+        run_batched(server_app, client_app, num_sites, train_steps_of(client_app), workers=workers,
+                    actor_resources=resources)
+    finally:
+        ray.shutdown()
 
 
 def _run_flower(cfg: Config, run_dir: Path, *, verbose: bool, resume: bool) -> None:

@@ -4,6 +4,7 @@ process, and its equivalence with Flower's simulation runtime."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,96 @@ def test_a_killed_worker_process_gives_each_of_its_sites_an_error_reply_and_the_
         grid.close()
 
 
+@pytest.mark.e2e
+def test_on_a_ray_cluster_the_workers_are_actors_and_a_killed_actor_gives_its_sites_error_replies(
+        flower_task_identity):
+    """With actor_resources the grid's workers are Ray actors (simulation.ray_address), each
+    answering its share over its own authenticated connection; an actor that dies answers
+    nothing more, and its sites get Flower's Error reply, not a hang."""
+    import logging
+
+    import ray
+
+    from fedshield.client.app import app, train_steps_of
+    from fedshield.simulations.batched import SiteWorkerActor
+
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        grid = BatchedGrid(app, 4, workers=2, train_steps=train_steps_of(app),
+                           actor_resources={"num_cpus": 1, "num_gpus": 0})
+        try:
+            assert len(grid._workers) == 2 and grid._host is None
+            assert all(SiteWorkerActor.__name__ in repr(w.actor) for w in grid._workers)
+            assert ray.available_resources().get("CPU", 0) == 0  # each actor holds its CPU
+            replies = {r.metadata.src_node_id: r for r in grid.send_and_receive([_query(n) for n in (1, 2, 3, 4)])}
+            assert set(replies) == {1, 2, 3, 4}  # each answered by its site's handler
+            assert not any(r.has_error() and "Ray actor" in r.error.reason for r in replies.values())
+            dead = grid._workers[0]
+            ray.kill(dead.actor)
+            assert _eventually(dead.ended)
+            replies = {r.metadata.src_node_id: r for r in grid.send_and_receive([_query(n) for n in (1, 2, 3, 4)])}
+            assert set(replies) == {1, 2, 3, 4}
+            for node in (1, 3):  # the dead actor's sites
+                assert "Ray actor serving this virtual site ended" in replies[node].error.reason
+            for node in (2, 4):  # the other actor answers
+                assert not replies[node].has_error() or "Ray actor" not in replies[node].error.reason
+        finally:
+            grid.close()
+    finally:
+        ray.shutdown()
+
+
+def _eventually(condition, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_worker_that_ended_without_closing_its_connection_gives_its_sites_error_replies(
+        flower_task_identity, monkeypatch):
+    """A worker on a lost machine of a Ray cluster leaves its TCP connection silent, not
+    closed: the coordinator checks every _LIVENESS_CHECK_S that each silent worker is still
+    there, reads what it sent before it ended, and answers the rest with Error replies."""
+    import multiprocessing
+
+    import fedshield.simulations.batched as batched
+
+    monkeypatch.setattr(batched, "_LIVENESS_CHECK_S", 0.05)
+
+    class Silent(batched._Worker):
+        """A worker whose far end sent one reply, then went quiet; `ended` once told so."""
+
+        def __init__(self, conn, far):
+            super().__init__(([1, 2], 2, 1, 1))
+            self._conn, self.far, self.gone = conn, far, False
+
+        def send(self, messages):
+            self.far.send([(0, Message(RecordDict(), reply_to=messages[0]))])  # its first site's reply
+
+        def ended(self):
+            return self.gone
+
+        def why_lost(self):
+            return "gone quiet"
+
+    grid = BatchedGrid(_echo_app(), 2)
+    near, far = multiprocessing.Pipe()
+    worker = Silent(near, far)
+    grid._host, grid._workers, grid._nodes = None, [worker], [1, 2]
+    replies = iter(grid.send_and_receive([_query(1), _query(2)]))
+    first = next(replies)
+    assert first.metadata.src_node_id == 1 and not first.has_error()
+    worker.gone = True  # the machine is lost: the connection says nothing more
+    second = next(replies)
+    assert second.metadata.src_node_id == 2 and second.error.reason == "RuntimeError: gone quiet"
+    assert list(replies) == []
+    far.close()
+    near.close()
+
+
 def test_a_host_answers_queries_first_then_train_chunks_as_slices(flower_task_identity, monkeypatch):
     """A worker sends each slice as it is ready (the coordinator checks one chunk's replies
     while the next trains): the queries, then TRAIN messages `chunk` sites at a time."""
@@ -158,14 +249,14 @@ def test_replies_come_as_the_workers_send_them_and_an_unread_batch_is_finished_b
         grid.close()
 
 
-def test_auto_takes_the_batched_engine_unless_a_ray_cluster_is_named_and_the_first_line_says_which():
+def test_auto_takes_the_batched_engine_on_this_machine_and_on_a_ray_cluster_and_the_first_line_says_which():
     assert engine_of(Config.load([])) == "batched"
-    assert engine_of(Config.load(["simulation.ray_address=127.0.0.1:6379"])) == "flower"
+    assert engine_of(Config.load(["simulation.ray_address=127.0.0.1:6379"])) == "batched"
     assert engine_of(Config.load(["simulation.engine=flower"])) == "flower"
     assert "engine batched (auto)" in run_header(Config.load([]))
     assert "engine flower)" in run_header(Config.load(["simulation.engine=flower"]))
-    with pytest.raises(conf.ConfigError, match="simulation.engine='batched'.*ray_address"):
-        Config.load(["simulation.engine=batched", "simulation.ray_address=127.0.0.1:6379"])
+    cluster = Config.load(["simulation.engine=batched", "simulation.ray_address=127.0.0.1:6379"])
+    assert engine_of(cluster) == "batched"
     with pytest.raises(conf.ConfigError, match="simulation.engine"):
         Config.load(["simulation.engine=threads"])
 

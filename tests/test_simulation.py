@@ -105,8 +105,12 @@ def test_same_seed_same_partitions_and_sampling(tiny_bert, synthetic_csv, tmp_pa
     assert [r["accuracy"] for r in a] == [r["accuracy"] for r in b]
 
 
-def test_runs_on_an_existing_ray_cluster(tiny_bert, synthetic_csv, tmp_path):
-    """simulation.ray_address attaches to a Ray head started here, on loopback."""
+def test_runs_on_an_existing_ray_cluster_on_both_engines(tiny_bert, synthetic_csv, tmp_path, capsys):
+    """simulation.ray_address attaches to a Ray head started here, on loopback: the batched
+    engine (auto) serves the sites from worker actors placed on the cluster, Flower's runtime
+    (simulation.engine=flower) sends each site's message to its actors."""
+    import fedshield
+
     ray_bin = [sys.executable, "-m", "ray.scripts.scripts"]
     port = 6391
     start = subprocess.run(
@@ -116,11 +120,21 @@ def test_runs_on_an_existing_ray_cluster(tiny_bert, synthetic_csv, tmp_path):
     )
     assert start.returncode == 0, start.stderr[-2000:]
     try:
-        cfg = Config.load(tiny_overrides(
-            tiny_bert, synthetic_csv, tmp_path,
-            **{"simulation.ray_address": f"127.0.0.1:{port}", "privacy": "none", "output.save_model": False},
-        ))
-        run = run_simulation(cfg)
-        assert len(read_jsonl(run / "metrics.jsonl")) == 3
+        cluster = {"simulation.ray_address": f"127.0.0.1:{port}", "output.save_model": False}
+        batched = run_simulation(Config.load(tiny_overrides(
+            tiny_bert, synthetic_csv, tmp_path, **cluster, **{"output.run_name": "batched"})))
+        out = capsys.readouterr().out
+        assert "engine batched (auto)" in out
+        assert f"the batched engine: 2 worker actor(s) of 1 CPU on the Ray cluster at 127.0.0.1:{port}" in out
+        rows = read_jsonl(batched / "metrics.jsonl")
+        assert len(rows) == 3 and rows[-1]["trained"] == 3
+        assert fedshield.audit(batched, write_report=False).ok  # every site's spends, signed on the cluster
+        assert {p.parent.name for p in (batched / "sites").glob("*/ledger.jsonl")} == {"site-0", "site-1", "site-2"}
+
+        flower = run_simulation(Config.load(tiny_overrides(
+            tiny_bert, synthetic_csv, tmp_path, **cluster,
+            **{"simulation.engine": "flower", "privacy": "none", "output.run_name": "flower"})))
+        assert "engine flower)" in capsys.readouterr().out
+        assert len(read_jsonl(flower / "metrics.jsonl")) == 3
     finally:
         subprocess.run([*ray_bin, "stop", "--force"], capture_output=True, timeout=120)
