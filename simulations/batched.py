@@ -51,6 +51,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedshield.client.app import Steps, TrainJob, TrainOutcome, prepare_budget_checks, shared_views
+from fedshield.conf import ConfigError
 from fedshield.privacy.files import BarrierError, group_commit
 from fedshield.task.cohort import CohortJob, module_refusal, plan_refusal, train_cohort
 
@@ -380,7 +381,7 @@ def start_actor_workers(authkey: bytes, resources: dict[str, float], shares: lis
                         run_id: int, threads: int) -> list[_Worker]:
     """One `SiteWorkerActor` per share of the sites on the Ray cluster this process is
     connected to, each connected to and sent its share; a cluster that cannot place them
-    all within ACTOR_START_TIMEOUT_S is one line (RuntimeError), the actors released."""
+    all within ACTOR_START_TIMEOUT_S is one line (ConfigError), the actors released."""
     import ray
 
     workers: list[_WorkerActor] = []
@@ -391,7 +392,7 @@ def start_actor_workers(authkey: bytes, resources: dict[str, float], shares: lis
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=ACTOR_START_TIMEOUT_S)
         if len(ready) < len(refs):
             free = ray.available_resources().get("CPU", 0)  # type: ignore[no-untyped-call]
-            raise RuntimeError(
+            raise ConfigError(
                 f"the batched engine: {len(refs) - len(ready)} of its {len(refs)} worker actors "
                 f"({resources.get('num_cpus', 1):g} CPU each) did not start on the Ray cluster within "
                 f"{ACTOR_START_TIMEOUT_S:.0f} s (CPUs free now: {free:g}); set simulation.num_cpus to the "

@@ -158,6 +158,29 @@ def test_on_a_ray_cluster_the_workers_are_actors_and_a_killed_actor_gives_its_si
         ray.shutdown()
 
 
+@pytest.mark.e2e
+def test_worker_actors_the_ray_cluster_cannot_place_are_one_line_and_released(flower_task_identity, monkeypatch):
+    """More workers than the cluster has CPUs for: the run stops before round 1 with one line
+    naming the keys to change, and the actor that did start is released."""
+    import logging
+
+    import ray
+
+    import fedshield.simulations.batched as batched
+    from fedshield.client.app import app, train_steps_of
+
+    monkeypatch.setattr(batched, "ACTOR_START_TIMEOUT_S", 3.0)
+    ray.init(address="local", num_cpus=1, num_gpus=0, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        with pytest.raises(conf.ConfigError, match=r"1 of its 2 worker actors \(1 CPU each\) did not start.*"
+                                                   r"simulation.num_cpus.*simulation.client_cpus"):
+            BatchedGrid(app, 4, workers=2, train_steps=train_steps_of(app),
+                        actor_resources={"num_cpus": 1, "num_gpus": 0})
+        assert _eventually(lambda: ray.available_resources().get("CPU", 0) == 1)  # both actors gone
+    finally:
+        ray.shutdown()
+
+
 def _eventually(condition, timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
