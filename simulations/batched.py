@@ -34,6 +34,8 @@ import gc
 import json
 import logging
 import os
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -327,6 +329,22 @@ class SiteWorkerActor:
 
 # How long the worker actors of a run may take to be placed and started on a Ray cluster.
 ACTOR_START_TIMEOUT_S = 300.0
+# A send to a worker actor that makes no progress for this long (its node lost with the
+# connection's buffers full) ends that worker, as a closed connection does: its sites get
+# Error replies, and the coordinator goes on with the others.
+ACTOR_SEND_STALL_S = 60.0
+
+
+def bound_stalled_sends(conn: Connection, seconds: float) -> None:
+    """Make a send on the TCP connection `conn` that makes no progress for `seconds` fail
+    (OSError, SO_SNDTIMEO) instead of waiting for ever; receiving is not bounded."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))  # the same socket: its options are shared
+    try:
+        whole = int(seconds)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", whole, int(round((seconds - whole) * 1_000_000))))
+    finally:
+        sock.close()
 
 
 class _WorkerActor(_Worker):
@@ -344,7 +362,9 @@ class _WorkerActor(_Worker):
 
     def start_serving(self, address: tuple[str, int], authkey: bytes) -> None:
         self.serving = self.actor.serve.remote()
-        self.attach(Client(address, family="AF_INET", authkey=authkey))
+        conn = Client(address, family="AF_INET", authkey=authkey)
+        bound_stalled_sends(conn, ACTOR_SEND_STALL_S)
+        self.attach(conn)
 
     def _outcome(self, timeout: float) -> BaseException | None | bool:
         """The `serve` call's end: None (returned), its error, or False (not ended yet)."""

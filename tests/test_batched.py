@@ -181,6 +181,32 @@ def test_worker_actors_the_ray_cluster_cannot_place_are_one_line_and_released(fl
         ray.shutdown()
 
 
+@pytest.mark.timeout(120)
+def test_a_send_to_a_worker_actor_that_stops_reading_ends_that_worker_instead_of_waiting_for_ever():
+    """A worker actor on a lost node leaves the coordinator's send blocked once the
+    connection's buffers are full: with its sends bounded (`bound_stalled_sends`, as every
+    actor connection is), the send fails after the stall and the worker is lost, not waited for."""
+    import threading
+    from multiprocessing.connection import Client, Listener
+
+    import fedshield.simulations.batched as batched
+
+    key = b"k" * 32
+    with Listener(("127.0.0.1", 0), family="AF_INET", authkey=key) as listener:
+        accepted = []
+        accepting = threading.Thread(target=lambda: accepted.append(listener.accept()))
+        accepting.start()
+        conn = Client(listener.address, family="AF_INET", authkey=key)
+        accepting.join()
+    batched.bound_stalled_sends(conn, 0.2)
+    worker = batched._Worker(([1], 1, 1, 1))
+    worker._conn = conn  # its far end (`accepted`) never reads again
+    worker.send([b"x" * (256 << 20)])  # more than any socket buffer holds
+    assert not worker.alive and worker.connection is None
+    conn.close()
+    accepted[0].close()
+
+
 def _eventually(condition, timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
