@@ -139,7 +139,7 @@ def test_on_a_ray_cluster_the_workers_are_actors_and_a_killed_actor_gives_its_si
         try:
             assert len(grid._workers) == 2 and grid._host is None
             assert all(SiteWorkerActor.__name__ in repr(w.actor) for w in grid._workers)
-            assert ray.available_resources().get("CPU", 0) == 0  # each actor holds its CPU
+            assert _eventually(lambda: ray.available_resources().get("CPU", 0) == 0)  # each actor holds its CPU
             replies = {r.metadata.src_node_id: r for r in grid.send_and_receive([_query(n) for n in (1, 2, 3, 4)])}
             assert set(replies) == {1, 2, 3, 4}  # each answered by its site's handler
             assert not any(r.has_error() and "Ray actor" in r.error.reason for r in replies.values())
@@ -172,7 +172,8 @@ def test_worker_actors_the_ray_cluster_cannot_place_are_one_line_and_released(fl
     monkeypatch.setattr(batched, "ACTOR_START_TIMEOUT_S", 3.0)
     ray.init(address="local", num_cpus=1, num_gpus=0, include_dashboard=False, logging_level=logging.WARNING)
     try:
-        with pytest.raises(conf.ConfigError, match=r"1 of its 2 worker actors \(1 CPU each\) did not start.*"
+        # One of the two cannot be placed (the first may still be starting on a loaded machine).
+        with pytest.raises(conf.ConfigError, match=r"[12] of its 2 worker actors \(1 CPU each\) did not start.*"
                                                    r"simulation.num_cpus.*simulation.client_cpus"):
             BatchedGrid(app, 4, workers=2, train_steps=train_steps_of(app),
                         actor_resources={"num_cpus": 1, "num_gpus": 0})
