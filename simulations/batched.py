@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener, wait
 from pathlib import Path
 from uuid import uuid4
@@ -323,8 +324,18 @@ class SiteWorkerActor:
         """Accept the coordinator's connection and serve it until it says None (or is gone)."""
         assert self._listener is not None, "listen first"
         with self._listener as listener:
-            conn = listener.accept()
+            conn = accept_authenticated(listener)
         _serve_until_gone(conn)
+
+
+def accept_authenticated(listener: Listener) -> Connection:
+    """The first connection to `listener` that proves the key: one that fails the challenge
+    (anyone on the cluster's network may knock) is dropped and the next one awaited."""
+    while True:
+        try:
+            return listener.accept()
+        except (AuthenticationError, EOFError, OSError) as exc:
+            log.warning("a worker actor refused a connection that did not prove the run's key: %s", exc)
 
 
 # How long the worker actors of a run may take to be placed and started on a Ray cluster.
@@ -616,9 +627,10 @@ class BatchedGrid(Grid):
             for key, (worker, share, unanswered) in list(waiting.items()):
                 conn = worker.connection
                 if conn is not None and id(conn) not in ready:
-                    # Silent: still training, or ended without its connection saying so (a
-                    # machine of the Ray cluster lost). What it sent before it ended is read.
-                    if not worker.ended() or conn.poll(0):
+                    # Silent for _LIVENESS_CHECK_S (no worker sent anything): still training,
+                    # or ended without its connection saying so (a machine of the Ray cluster
+                    # lost). What it sent before it ended is read first.
+                    if ready or not worker.ended() or conn.poll(0):
                         continue
                     worker.alive = False
                 part = worker.receive()

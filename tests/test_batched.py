@@ -4,6 +4,7 @@ process, and its equivalence with Flower's simulation runtime."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -205,6 +206,34 @@ def test_a_send_to_a_worker_actor_that_stops_reading_ends_that_worker_instead_of
     worker.send([b"x" * (256 << 20)])  # more than any socket buffer holds
     assert not worker.alive and worker.connection is None
     conn.close()
+    accepted[0].close()
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_actor_refuses_a_connection_without_the_key_and_still_takes_the_coordinators():
+    """Anyone on a Ray cluster's network can reach an actor's listener first: a connection
+    with another key fails the challenge and is dropped, and the coordinator's, with the
+    run's key, is the one the actor serves."""
+    import threading
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Client, Listener
+
+    from fedshield.simulations.batched import accept_authenticated
+
+    key = os.urandom(32)
+    with Listener(("127.0.0.1", 0), family="AF_INET", authkey=key) as listener:
+        accepted = []
+        accepting = threading.Thread(target=lambda: accepted.append(accept_authenticated(listener)))
+        accepting.start()
+        with pytest.raises(AuthenticationError):
+            Client(listener.address, family="AF_INET", authkey=os.urandom(32))
+        assert accepting.is_alive() and not accepted  # still waiting for the coordinator
+        coordinator = Client(listener.address, family="AF_INET", authkey=key)
+        accepting.join(60)
+    assert len(accepted) == 1
+    coordinator.send(("plan", 1))
+    assert accepted[0].recv() == ("plan", 1)
+    coordinator.close()
     accepted[0].close()
 
 
