@@ -31,9 +31,16 @@ compares weights, steps and spends for every supported module):
 Speed. The default view (pooler + classifier on one [CLS] vector per record) is clipped
 without per-sample gradients: a linear layer's per-sample gradient is an outer product,
 so its norm and the clipped sum are matmuls (`_Chunk._pooler_head_sums`); the per-sample
-path would write sites x batch x 150k floats per step. Other modules take the generic
-per-sample vmap, chunked so that sites x physical batch x trainable weights x 4 bytes stay
-under `max_chunk_bytes`. The exact-noise rule costs one generator call per site, step and
+path would write sites x batch x 150k floats per step. BERT layers (last_layers >= 1) and
+the tabular MLP, whose trained weights are all linear layers' and layer norms', are clipped
+the same way in general form (`_Chunk._ghost_sums`: ghost norms, Li et al. 2022, as Opacus'
+fast gradient clipping computes them): one forward pass with each site's weights applied to
+its own records, one backward pass to the layers' outputs, the norms from those, the sums by
+one bmm per layer; at 128 sites of one 32-wide BERT layer, 1.7x the per-sample path.
+Anything else takes the generic per-sample vmap; so does a chunk whose forward reads a trained
+weight otherwise than once through F.linear / F.layer_norm (found as it runs). Chunks are
+sized for the per-sample path either way: sites x physical batch x trainable weights x 4
+bytes stay under `max_chunk_bytes`. The exact-noise rule costs one generator call per site, step and
 weight (as train_local pays). bench/cohort.py measures both against a loop of train_local.
 On a GPU the noise comes from a CUDA generator seeded alike (torch.manual_seed seeds it
 too); equality with train_local there has not been checked on a GPU yet.
@@ -64,6 +71,7 @@ import torch.nn.functional as F
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fedshield.task.model import TabularMLP, _BertSuffix, _FullBert, is_bert_like
@@ -170,6 +178,129 @@ def _is_pooler_head(module: nn.Module, names: list[str]) -> bool:
     return (pooler is not None and isinstance(pooler.get_submodule("dense"), nn.Linear)
             and isinstance(pooler.get_submodule("activation"), nn.Tanh)
             and isinstance(module.classifier, nn.Linear) and sorted(names) == sorted(_POOLER_HEAD))
+
+
+def _ghost_clippable(module: nn.Module, names: list[str]) -> bool:
+    """Whether DP's per-sample clipping of `module` can go without per-sample gradients
+    (`_Chunk._ghost_sums`): a last_layers view or the tabular MLP (modules whose records
+    never meet in the forward pass), every trainable weight the weight or bias of an
+    nn.Linear or nn.LayerNorm. That each is then read once, through F.linear or F.layer_norm
+    and nothing else, is checked as the forward runs (`_SiteWeights`)."""
+    if not isinstance(module, (_BertSuffix, TabularMLP)):
+        return False
+    owners = {name: type(m) for name, m in module.named_modules()}
+    for n in names:
+        owner, _, leaf = n.rpartition(".")
+        if owners.get(owner) not in (nn.Linear, nn.LayerNorm) or leaf not in ("weight", "bias"):
+            return False
+    return True
+
+
+class _NotGhostable(Exception):
+    """A trained weight is read otherwise than once by F.linear or F.layer_norm."""
+
+
+@dataclass
+class _Use:
+    """One F.linear / F.layer_norm call on sites' weights: their names (None: frozen), its
+    input (F.layer_norm's: normalised, before the affine map) and its output."""
+
+    kind: str  # "linear" | "norm"
+    weight: str | None
+    bias: str | None
+    inputs: torch.Tensor
+    output: torch.Tensor
+
+
+class _SiteWeights(TorchFunctionMode):
+    """The forward pass of `_Chunk._ghost_sums`: activations [sites x records, ...]
+    (site-major), each trained weight stacked [sites, ...]. F.linear and F.layer_norm apply
+    each site's weights to its own records (one bmm, one broadcast) and keep their inputs and
+    outputs; anything else that reads a trained weight, or a second read, raises _NotGhostable."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], sites: int, records: int) -> None:
+        super().__init__()
+        self.names = {id(t): n for n, t in weights.items()}
+        self.sites, self.records = sites, records
+        self.uses: list[_Use] = []
+        self.read: set[str] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            return self._linear(*args, **kwargs)
+        if func is F.layer_norm:
+            return self._layer_norm(*args, **kwargs)
+        if self._trained(*args, *kwargs.values()):
+            raise _NotGhostable(f"{getattr(func, '__name__', func)} reads a trained weight")
+        return func(*args, **kwargs)
+
+    def _trained(self, *values: Any) -> bool:
+        for v in values:
+            if id(v) in self.names:
+                return True
+            if isinstance(v, (list, tuple)) and any(id(x) in self.names for x in v):
+                return True
+        return False
+
+    def _take(self, t: torch.Tensor | None) -> str | None:
+        name = None if t is None else self.names.get(id(t))
+        if name is not None:
+            if name in self.read:
+                raise _NotGhostable(f"{name} is read twice")
+            self.read.add(name)
+        return name
+
+    def _site_major(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[0] != self.records:
+            raise _NotGhostable("an activation is not one row per record")
+        return x.reshape(self.sites, -1, x.shape[-1])
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        w, b = self._take(weight), self._take(bias)
+        if w is None and b is None:
+            return F.linear(x, weight, bias)
+        if w is None:
+            raise _NotGhostable("a frozen weight with a trained bias")
+        xs = self._site_major(x)
+        if bias is None:
+            z = torch.bmm(xs, weight.transpose(1, 2))
+        else:
+            z = torch.baddbmm(bias.unsqueeze(1) if b is not None else bias, xs, weight.transpose(1, 2))
+        out = z.reshape(*x.shape[:-1], weight.shape[1])
+        self.uses.append(_Use("linear", w, b, x.detach(), out))
+        return out
+
+    def _layer_norm(self, x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+        w, b = self._take(weight), self._take(bias)
+        if w is None and b is None:
+            return F.layer_norm(x, normalized_shape, weight, bias, eps)
+        if len(normalized_shape) != 1:
+            raise _NotGhostable("a layer norm over more than the last dimension")
+        normed = F.layer_norm(x, normalized_shape, None, None, eps)
+        z = self._site_major(normed)
+        scale = None if weight is None else weight.unsqueeze(1) if w is not None else weight
+        shift = None if bias is None else bias.unsqueeze(1) if b is not None else bias
+        if scale is not None and shift is not None:
+            z = torch.addcmul(shift, z, scale)
+        elif scale is not None:
+            z = z * scale
+        elif shift is not None:
+            z = z + shift
+        out = z.reshape(normed.shape)
+        self.uses.append(_Use("norm", w, b, normed.detach(), out))
+        return out
+
+
+def _live(inputs: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`inputs` and `grads` [records, positions, ...], only at the first position when the
+    gradient is zero at every other (the top BERT layer's parts after its attention: only
+    [CLS] is read), exactly: a zero row adds nothing to a norm or a sum."""
+    if grads.shape[1] > 1 and not bool(grads[:, 1:].any()):
+        return inputs[:, :1], grads[:, :1]
+    return inputs, grads
 
 
 def draws_dropout_alike(module: nn.Module) -> bool:
@@ -400,6 +531,7 @@ class _Chunk:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.bert = _bert_head(module)  # trainable=head: the encoder runs once, outside vmap
         self.pooler_head = _is_pooler_head(module, names)
+        self.ghost = self.dp and not self.pooler_head and self.bert is None and _ghost_clippable(module, names)
         dropout = getattr(module, "dropout", None) if self.pooler_head else None
         self.keep = 1.0 - float(dropout.p) if isinstance(dropout, nn.Dropout) else 1.0  # the head's dropout
         self.inputs = 1 if self.bert is not None else len(self.data) - 1
@@ -513,6 +645,12 @@ class _Chunk:
                 for n in self.names:
                     summed[n].add_(sums[n][part])
             batch_loss = torch.where(mask, losses, torch.zeros_like(losses)).sum(1) / mask.sum(1)
+        elif self.dp and self.ghost and (ghost := self._ghost_sums(params, inputs, labels, mask, clip)) is not None:
+            sums, losses = ghost
+            for part, (summed,) in self._blocks(rows, self.summed):
+                for n in self.names:
+                    summed[n].add_(sums[n][part])
+            batch_loss = torch.where(mask, losses, torch.zeros_like(losses)).sum(1) / mask.sum(1)
         elif self.dp:
             grads, losses = self._per_site(params, *inputs, labels)
             width = mask.shape[1]
@@ -566,6 +704,65 @@ class _Chunk:
             per_site = torch.where(mask, losses, torch.zeros_like(losses)).sum(1) / mask.sum(1)
             grads = torch.autograd.grad(per_site.sum(), [own[n] for n in self.names])
         return dict(zip(self.names, grads, strict=True)), per_site.detach()
+
+    def _ghost_sums(self, params: dict[str, torch.Tensor], inputs: list[torch.Tensor], labels: torch.Tensor,
+                    mask: torch.Tensor, clip: list[float]
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+        """DP's clipped per-sample gradient sums and the losses [sites, batch] without
+        per-sample gradients (`_ghost_clippable` modules; None, and the per-sample path from
+        then on, if the forward reads a trained weight otherwise: `_SiteWeights`).
+
+        One forward pass over every site's records (each site's weights applied to its own
+        rows), one backward pass to each linear layer's and layer norm's output, then per
+        record, from its input x and output gradient g (positions t): a linear layer's weight
+        gradient is sum_t g_t x_t^T, whose squared norm is sum_{t,t'} (g_t.g_t')(x_t.x_t')
+        (the "ghost norm", Li et al. 2022, Opacus' fast gradient clipping) or, where that is
+        the larger product, the norm of the gradient formed per record; a bias's is sum_t g_t;
+        a layer norm's weight's sum_t g_t * x_t. Clipped by Opacus' factor over the norm of all
+        of them, each site's sum is one bmm of its records' (factor x g) and x. The same
+        factors and sums as `_dp_gradients`' up to float rounding (tests/test_cohort.py)."""
+        sites, width = mask.shape
+        records = sites * width
+        weights = {n: params[n].detach().requires_grad_(True) for n in self.names}
+        mode = _SiteWeights(weights, sites, records)
+        try:
+            with torch.enable_grad():
+                with mode:
+                    logits = self._logits(weights, [x.flatten(0, 1) for x in inputs])
+                losses = F.cross_entropy(logits, labels.flatten(), reduction="none")
+                grads = torch.autograd.grad(losses.sum(), [u.output for u in mode.uses]) if mode.uses else ()
+        except _NotGhostable:
+            self.ghost = False
+            return None
+        pairs = [_live(u.inputs.reshape(records, -1, u.inputs.shape[-1]), g.reshape(records, -1, g.shape[-1]))
+                 for u, g in zip(mode.uses, grads, strict=True)]
+        squared = torch.zeros(records, dtype=logits.dtype, device=self.device)
+        for use, (x, g) in zip(mode.uses, pairs, strict=True):
+            if use.weight is not None and use.kind == "linear":
+                positions, fan = x.shape[1], x.shape[2] * g.shape[2]
+                if positions == 1:
+                    squared += g[:, 0].square().sum(-1) * x[:, 0].square().sum(-1)
+                elif positions * (x.shape[2] + g.shape[2]) <= fan:
+                    squared += (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+                else:
+                    squared += torch.bmm(g.transpose(1, 2), x).square().sum((1, 2))
+            elif use.weight is not None:
+                squared += (g * x).sum(1).square().sum(-1)
+            if use.bias is not None:
+                squared += g.sum(1).square().sum(-1)
+        norms = squared.sqrt().view(sites, width)
+        factor = (_column(clip, norms) / (norms + _NORM_EPS)).clamp(max=1.0)
+        factor = torch.where(mask, factor, torch.zeros_like(factor)).view(records, 1, 1)
+        sums = {n: torch.zeros_like(params[n]) for n in self.names}  # a weight the forward never read: 0
+        for use, (x, g) in zip(mode.uses, pairs, strict=True):
+            scaled = (g * factor).reshape(sites, -1, g.shape[-1])
+            if use.weight is not None:
+                by_site = x.reshape(sites, -1, x.shape[-1])
+                sums[use.weight] = (torch.bmm(scaled.transpose(1, 2), by_site) if use.kind == "linear"
+                                    else (scaled * by_site).sum(1))
+            if use.bias is not None:
+                sums[use.bias] = scaled.sum(1)
+        return sums, losses.detach().view(sites, width)
 
     def _pooler_head_sums(self, params: dict[str, torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor,
                           mask: torch.Tensor, clip: list[float], drop: torch.Tensor | None

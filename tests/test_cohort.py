@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedshield.task.cohort import CohortJob, _schedule, can_vectorise, train_cohort
+from fedshield.task.cohort import CohortJob, _ghost_clippable, _schedule, can_vectorise, train_cohort
 from fedshield.task.model import ModelError, TabularMLP, make_train_view
 from fedshield.task.trainer import LocalPlan, TrainingError, train_local
 
@@ -252,6 +252,86 @@ def test_the_default_views_matmul_clipping_equals_per_sample_gradients(monkeypat
         assert a.result.mean_loss == pytest.approx(b.result.mean_loss, rel=1e-5)
         for n in names:
             assert torch.allclose(a.params[n], b.params[n], atol=1e-6)
+
+
+_GHOST_CLIPPABLE = _ghost_clippable
+
+
+def _ghost_and_per_sample(module: nn.Module, jobs: list[CohortJob], monkeypatch) -> tuple[list, list, dict]:
+    """train_cohort twice: as it runs (counting which DP path each physical batch took), and
+    with the ghost clipping turned off (the per-sample vmap path)."""
+    from fedshield.task import cohort
+
+    taken = {"ghost": 0, "per-sample": 0}
+    real = cohort._Chunk._ghost_sums
+
+    def counted(self, *args):
+        out = real(self, *args)
+        taken["ghost" if out is not None else "per-sample"] += 1
+        return out
+
+    monkeypatch.setattr(cohort._Chunk, "_ghost_sums", counted)
+    monkeypatch.setattr(cohort, "_ghost_clippable", _GHOST_CLIPPABLE)  # as it is (a caller may have turned it off)
+    fast = train_cohort(module, jobs, CPU)
+    monkeypatch.setattr(cohort, "_ghost_clippable", lambda *_: False)
+    generic = train_cohort(module, jobs, CPU)
+    return fast, generic, taken
+
+
+@pytest.mark.parametrize("last_layers", [1, 2])
+def test_ghost_clipping_equals_per_sample_gradients(last_layers, monkeypatch):
+    """BERT layers and the tabular MLP are clipped from each linear layer's and layer norm's
+    inputs and output gradients (ghost norms), never forming per-sample gradients: the same
+    weights, losses and steps as the per-sample path. Two layers: the lower one's gradient
+    lives at every position (the Gram form of the norm); the top one's after its attention
+    only at [CLS] (the rest skipped, exactly)."""
+    module = _view(last_layers=last_layers)
+    start = _start(module)
+    jobs = [CohortJob(start, _features(n, 9, seed=n), _plan(max_physical_batch_size=3), seed=n) for n in (6, 17)]
+    fast, generic, taken = _ghost_and_per_sample(module, jobs, monkeypatch)
+    assert taken["ghost"] > 0 and taken["per-sample"] == 0
+    for a, b in zip(fast, generic, strict=True):
+        assert a.result is not None and b.result is not None and a.result.steps == b.result.steps
+        assert a.result.mean_loss == pytest.approx(b.result.mean_loss, rel=1e-5)
+        for n in b.params:
+            assert torch.allclose(a.params[n], b.params[n], atol=1e-6), n
+
+    torch.manual_seed(0)
+    mlp = TabularMLP(5, 3, 8)
+    rows = [TensorDataset(torch.randn(n, 5), torch.randint(0, 3, (n,))) for n in (9, 14)]
+    jobs = [CohortJob(_start(mlp), ds, _plan(max_physical_batch_size=4), seed=i) for i, ds in enumerate(rows)]
+    fast, generic, taken = _ghost_and_per_sample(mlp, jobs, monkeypatch)
+    assert taken["ghost"] > 0 and taken["per-sample"] == 0
+    for a, b in zip(fast, generic, strict=True):
+        for n in b.params:
+            assert torch.allclose(a.params[n], b.params[n], atol=1e-6), n
+
+
+class _ReadsAWeightTwice(TabularMLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out + 0.5 * self.net[2](self.net[1](self.net[0](x)))  # net[2]'s weight a second time
+
+
+class _ReadsAWeightOtherwise(TabularMLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + self.net[0].weight.sum() * 1e-3  # a trained weight outside F.linear
+
+
+@pytest.mark.parametrize("kind", [_ReadsAWeightTwice, _ReadsAWeightOtherwise])
+def test_a_module_that_reads_a_trained_weight_otherwise_takes_the_per_sample_path(kind, monkeypatch):
+    """A ghost norm holds for one F.linear / F.layer_norm read of each weight: a second read,
+    or any other, is seen as the forward runs and the chunk goes on per sample (the same
+    weights as the per-sample path throughout)."""
+    torch.manual_seed(0)
+    mlp = kind(5, 3, 8)
+    rows = [TensorDataset(torch.randn(n, 5), torch.randint(0, 3, (n,))) for n in (9, 14)]
+    jobs = [CohortJob(_start(mlp), ds, _plan(max_physical_batch_size=4), seed=i) for i, ds in enumerate(rows)]
+    fast, generic, taken = _ghost_and_per_sample(mlp, jobs, monkeypatch)
+    assert taken == {"ghost": 0, "per-sample": 1}  # tried once; the chunk's later batches go per sample
+    for a, b in zip(fast, generic, strict=True):
+        for n in b.params:
+            assert torch.equal(a.params[n], b.params[n]), n
 
 
 def test_chunking_changes_nothing():
