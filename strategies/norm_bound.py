@@ -19,6 +19,7 @@ update.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,6 +33,7 @@ from fedshield.strategies.report import RoundReports, SiteReply
 from fedshield.strategies.wrapper import Wrapper, update_of, weight_of, wrapped
 
 Weights = dict[str, np.ndarray[Any, Any]]
+_DATA = operator.attrgetter("data")
 
 
 class NormBound(Wrapper):
@@ -54,17 +56,43 @@ class NormBound(Wrapper):
         self.bound = None if bound is None else float(bound)
         self.action = action
         self._base: dict[int, Weights] = {}  # server round -> the weights it sent
+        self._flat_bases: dict[int, dict[tuple[str, ...], np.ndarray[Any, Any]]] = {}  # round -> its base, flat
+        # server round -> id(reply) -> (the reply, its ArrayRecord, `_arrays_of` it, its norm)
+        self._measured: dict[int, dict[int, tuple[Message, ArrayRecord, tuple[Any, ...], float]]] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._base[server_round] = protocol.from_array_record(arrays)  # what each update is measured from
+        for kept in (self._flat_bases, self._measured):  # a round that was never aggregated
+            for old in [r for r in kept if r < server_round]:
+                del kept[old]
         return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def reply_checked(self, server_round: int, msg: Message) -> None:
+        """Measure the update now, while other sites may still train (the norm is all that
+        needs only this reply; the bound's share needs every reply's weight). Used at
+        aggregation if the reply still holds the very same arrays; else measured again."""
+        base = self._base.get(server_round)
+        if base is not None:
+            try:
+                record = msg.content[protocol.ARRAYS]
+                if not isinstance(record, ArrayRecord):
+                    raise TypeError("no ArrayRecord")
+                update = update_of(msg)[0]
+                floats = tuple(k for k, v in update.items() if v.dtype.kind == "f")
+                norm = _distance(update, base, floats, self._flat_bases.setdefault(server_round, {}))
+                self._measured.setdefault(server_round, {})[id(msg)] = (msg, record, _arrays_of(record), norm)
+            except Exception:  # noqa: BLE001  measured (and refused) at aggregation, as any reply
+                pass
+        super().reply_checked(server_round, msg)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         base = self._base.pop(server_round, None)
+        flat_bases = self._flat_bases.pop(server_round, {})  # the round's base, flattened once
+        measured = self._measured.pop(server_round, {})
         replies = list(replies)
         if base is None or not replies:
             return self.strategy.aggregate_train(server_round, replies)
@@ -72,13 +100,17 @@ class NormBound(Wrapper):
         weights = [weight_of(m) for m in replies]
         total = sum(weights)
         kept: list[Message] = []
-        flat_bases: dict[tuple[str, ...], np.ndarray[Any, Any]] = {}  # the round's base, flattened once
         for msg, weight in zip(replies, weights, strict=True):
             reply = report.by_node(msg.metadata.src_node_id)
             # Each update's bound is on its share of the step: (weight / total) x update moves
             # the average no more than an update of the bound at equal weights (bound / m).
             share = 1.0 if total <= 0 else weight * len(replies) / total
             try:
+                norm = _still_measured(measured.get(id(msg)), msg)
+                if norm is not None and (self.bound is None or norm <= self.bound / max(1.0, share)):
+                    reply.update_norm = norm  # within the bound: passed on as received
+                    kept.append(msg)
+                    continue
                 update = update_of(msg)[0]
                 bounded = self._bound(reply, update, base, share, flat_bases)
             except Exception as exc:  # noqa: BLE001  a site's numbers never end the round
@@ -114,6 +146,25 @@ class NormBound(Wrapper):
         for k in floats:
             out[k] = (base[k] + (update[k].astype(np.float64) - base[k]) * scale).astype(update[k].dtype)
         return out
+
+
+def _arrays_of(record: ArrayRecord) -> tuple[Any, ...]:
+    """What tells a reply's arrays from any others: its Array objects, then their data objects
+    (kept with the norm, so that no id of them is another object's while it is kept)."""
+    arrays = tuple(record.values())
+    return (*arrays, *map(_DATA, arrays))
+
+
+def _still_measured(kept: tuple[Message, ArrayRecord, tuple[Any, ...], float] | None, msg: Message) -> float | None:
+    """The norm `reply_checked` measured for `msg`, if it still holds the very arrays measured."""
+    if kept is None or kept[0] is not msg:
+        return None
+    record = msg.content[protocol.ARRAYS] if protocol.ARRAYS in msg.content else None
+    if record is not kept[1] or not isinstance(record, ArrayRecord):
+        return None
+    if tuple(map(id, _arrays_of(record))) != tuple(map(id, kept[2])):
+        return None
+    return kept[3]
 
 
 def _distance(update: Weights, base: Weights, names: tuple[str, ...],

@@ -120,6 +120,7 @@ class ReplyGate(Wrapper):
                 msg.content = protocol.aggregation_content(replace(parsed, num_examples=cap(parsed.num_examples)),
                                                            cast(ArrayRecord, msg.content[protocol.ARRAYS]))
                 usable.append((msg, reply, parsed))
+                self.reply_checked(server_round, msg)  # the wrappers below may measure it now
             report.replies.append(reply)
         for msg_id, node in sent:
             if node in asked and node not in answered:

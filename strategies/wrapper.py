@@ -61,6 +61,15 @@ class Wrapper(Strategy):
         node forever (`sample_nodes`), so a wrapper never hands them an empty grid."""
         return not list(grid.get_node_ids())
 
+    def reply_checked(self, server_round: int, msg: Message) -> None:
+        """A reply the reply gate has just checked and will hand on to this round's
+        aggregation, as it comes (under the batched engine, while other sites still train):
+        a wrapper that has work of its own for each reply may do it now rather than after the
+        last reply (`NormBound` measures the update). Passed on down the stack."""
+        inner = getattr(self.strategy, "reply_checked", None)
+        if inner is not None:
+            inner(server_round, msg)
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:

@@ -81,6 +81,38 @@ def test_the_norm_bound_rejects_above_the_bound_and_refuses_a_replaced_aggregati
         NormBound(Minimal(), reports, action="drop")
 
 
+def test_the_norm_bound_measures_replies_as_they_come_and_again_any_whose_arrays_changed():
+    """The reply gate hands each checked reply to `reply_checked` as it comes (under the
+    batched engine, while others train): the norm bound measures it then, and at aggregation
+    uses that norm only for the very arrays it measured. The same norms, clips and aggregate
+    as measuring at the end; a reply whose arrays were swapped since is measured afresh."""
+    bound = 2.0 * float(np.linalg.norm(STEP))
+    outcomes = []
+    for streamed in (False, True):
+        inner, reports = Minimal(), RoundReports()
+        wrapper = NormBound(inner, reports, bound=bound)
+        replies = one_round(wrapper, reports, 1)
+        if streamed:
+            for msg in replies:
+                wrapper.reply_checked(1, msg)
+            assert len(wrapper._measured[1]) == 8
+            honest = next(m for m in replies if EIGHT[m.metadata.src_node_id] == "site-5")
+            arrays = protocol.from_array_record(honest.content[protocol.ARRAYS])
+            honest.content[protocol.ARRAYS] = protocol.to_array_record({k: v * 50 for k, v in arrays.items()})
+        wrapper.aggregate_train(1, replies)
+        report = reports.get(1)
+        got = {EIGHT[m.metadata.src_node_id]: protocol.from_array_record(m.content[protocol.ARRAYS])["w"]
+               for m in inner.aggregated[1]}
+        outcomes.append(({r.site: r.update_norm for r in report.replies}, report.clipped(), got))
+        assert wrapper._measured == {} and wrapper._flat_bases == {}
+    (norms, clipped, got), (norms_s, clipped_s, got_s) = outcomes
+    assert clipped == ["site-2"] and clipped_s == ["site-2", "site-5"]  # the swapped arrays, measured again
+    assert norms_s["site-5"] > bound and np.linalg.norm(got_s["site-5"]) == pytest.approx(bound, rel=1e-4)
+    for site in set(norms) - {"site-5"}:
+        assert norms_s[site] == norms[site]
+        assert np.array_equal(got_s[site], got[site])
+
+
 # ------------------------------------------------------------ robust-rule guard
 
 
