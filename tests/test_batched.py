@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from fedshield import conf
 from fedshield.conf.config import Config
-from fedshield.simulations.batched import BatchedGrid
+from fedshield.simulations.batched import WORKER_NICENESS, BatchedGrid
 from fedshield.simulations.simulate import engine_of, run_header
 from tests.helpers import tiny_overrides
 
@@ -106,6 +106,11 @@ def test_a_killed_worker_process_gives_each_of_its_sites_an_error_reply_and_the_
 
     grid = BatchedGrid(app, 4, workers=2, train_steps=train_steps_of(app))
     try:
+        # Each worker process runs WORKER_NICENESS nicer than the coordinator (its aggregation
+        # is what a round waits for once the replies are in).
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        assert [os.getpriority(os.PRIO_PROCESS, w.process.pid) for w in grid._workers] == \
+            [min(19, own + WORKER_NICENESS)] * 2
         dead = grid._workers[0]
         dead.process.kill()
         dead.process.wait()
