@@ -555,7 +555,7 @@ def test_with_workers_the_coordinator_collects_once_a_round_while_they_train_and
 
 
 def test_a_worker_collects_its_young_objects_about_once_a_round_and_the_coordinator_as_before():
-    """`own_full_collections(young=...)` (a worker's, after its first round) puts the young
+    """`own_full_collections(young=...)` (a worker's, after its first batch) puts the young
     generation's threshold at `young` and generation 2 out of reach, the middle one as it
     was; without it (the coordinator's) the young threshold stays. Each returns the
     thresholds it found, which `close` (or the worker's end) gives back."""
@@ -572,6 +572,51 @@ def test_a_worker_collects_its_young_objects_about_once_a_round_and_the_coordina
         assert gc.get_threshold() == (before[0], before[1], batched._NO_FULL_COLLECTION)
     finally:
         gc.set_threshold(*before)
+
+
+def test_a_worker_freezes_its_heap_after_its_first_batch_and_collects_after_each_train_batch(
+        flower_task_identity, monkeypatch):
+    """Between batches a worker first tends its heap, then prepares the next round's budget
+    checks until work comes: the heap frozen once, after the first batch (the query rounds,
+    in the long wait before the first TRAIN batch), then one collection after each TRAIN
+    batch; every batch answered and closed by None before any of it."""
+    from fedshield.simulations import batched
+
+    calls: list[str] = []
+    monkeypatch.setattr(batched, "freeze_heap", lambda: calls.append("freeze"))
+    monkeypatch.setattr(batched, "own_full_collections", lambda young=None: calls.append(f"young {young}"))
+    monkeypatch.setattr(batched, "collect_and_freeze", lambda: calls.append("collect"))
+    monkeypatch.setattr(batched, "prepare_budget_checks", lambda interrupted: calls.append("prepare"))
+
+    train = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="train")
+    inbox = [([1, 2], 2, 1, 1), [_query(1), _query(2)], [train], [_query(2)], [train], None]
+    sent: list[object] = []
+
+    class Conn:
+        def recv(self) -> object:
+            return inbox.pop(0)
+
+        def send(self, obj: object) -> None:
+            sent.append(obj)
+            if obj is None:
+                calls.append("answered")
+
+        def poll(self, timeout: float = 0.0) -> bool:
+            return False
+
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        batched._serve(Conn())  # type: ignore[arg-type]
+    finally:
+        torch.set_num_threads(threads)  # _serve sets the worker's
+    young = f"young {batched._WORKER_YOUNG_COLLECTION}"
+    assert calls == ["answered", "freeze", young, "prepare",  # the queries
+                     "answered", "collect", "prepare",  # the first TRAIN batch
+                     "answered", "prepare",  # a query batch: nothing to collect
+                     "answered", "collect", "prepare"]
+    assert sum(1 for x in sent if x is None) == 4 and not inbox
 
 
 def test_the_coordinator_freezes_its_heap_at_the_first_train_push_and_unfreezes_it_when_the_run_ends(
