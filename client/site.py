@@ -84,6 +84,8 @@ class SiteState:
     def __init__(self, state_dir: Path, site: str, key_path: Path | None = None,
                  witness: Path | None = None) -> None:
         self.dir = Path(state_dir)
+        self._unreported = self.dir / "ledger.jsonl.unreported"  # paths named once (pathlib's cost)
+        self._releases: dict[str, Path] = {}  # run id -> its kept release's path
         self.site = site
         self.witness = Path(witness) if witness is not None else None  # see the module docstring
         try:
@@ -230,7 +232,7 @@ class SiteState:
         return run
 
     def _unreported_path(self) -> Path:
-        return self.dir / "ledger.jsonl.unreported"
+        return self._unreported
 
     def _unreported_hashes(self) -> list[str]:
         try:
@@ -487,7 +489,10 @@ class SiteState:
         _atomic_write(done_path(self.dir, run_id), run_id + "\n")
 
     def _release_path(self, run_id: str) -> Path:
-        return self.dir / "runs" / f"{_safe(run_id)}.release.npz"
+        named = self._releases.get(run_id)
+        if named is None:
+            named = self._releases[run_id] = self.dir / "runs" / f"{_safe(run_id)}.release.npz"
+        return named
 
 
 def _identity(path: Path) -> tuple[int, ...]:

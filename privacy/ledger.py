@@ -179,6 +179,10 @@ class Ledger:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        # Its side files, named once (pathlib builds a new Path at each call: a dozen a spend).
+        self._pending_path = self.path.with_name(self.path.name + ".pending")
+        self._head_path = self.path.with_name(self.path.name + ".head")
+        self._lock_path = self.path.with_name(self.path.name + ".lock")
         self._parsed: _Parsed | None = None
         self._verified: dict[str, _Verified] = {}
         self._events: dict[int, tuple[Entry, PrivacyEvent]] = {}  # id(entry) -> (entry, event_of(entry))
@@ -245,7 +249,7 @@ class Ledger:
 
     @property
     def pending_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".pending")
+        return self._pending_path
 
     def pending_entry(self, entries: list[Entry],
                       public_key: signing.PublicKey | Mapping[str, signing.PublicKey] | None) -> Entry | None:
@@ -434,7 +438,7 @@ class Ledger:
 
     @property
     def head_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".head")
+        return self._head_path
 
     def _write_head(self, entry: Entry, key: signing.PrivateKey) -> None:
         heads = self._read_heads() if self.head_path.is_file() else {}
@@ -527,7 +531,7 @@ class Ledger:
             _fsync_dir(self.path.parent)
 
     def _lock(self) -> _FileLock:
-        return _FileLock(self.path.with_name(self.path.name + ".lock"))
+        return _FileLock(self._lock_path)
 
 
 class _FileLock:
