@@ -229,9 +229,10 @@ class _SiteWeights(TorchFunctionMode):
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if func is F.linear:
-            return self._linear(*args, **kwargs)
+            return self._linear(*_arguments(args, kwargs, ("input", "weight", "bias"), (None,)))
         if func is F.layer_norm:
-            return self._layer_norm(*args, **kwargs)
+            return self._layer_norm(*_arguments(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"),
+                                                (None, None, 1e-5)))
         if self._trained(*args, *kwargs.values()):
             raise _NotGhostable(f"{getattr(func, '__name__', func)} reads a trained weight")
         return func(*args, **kwargs)
@@ -292,6 +293,16 @@ class _SiteWeights(TorchFunctionMode):
         out = z.reshape(normed.shape)
         self.uses.append(_Use("norm", w, b, normed.detach(), out))
         return out
+
+
+def _arguments(args: Sequence[Any], kwargs: dict[str, Any], names: tuple[str, ...],
+               defaults: tuple[Any, ...]) -> list[Any]:
+    """A call's arguments in the order of `names` (positional or by keyword), the last
+    `len(defaults)` of them optional."""
+    given = dict(zip(names, args, strict=False))
+    given.update(kwargs)
+    optional = dict(zip(names[len(names) - len(defaults):], defaults, strict=True))
+    return [given[n] if n in given else optional[n] for n in names]
 
 
 def _live(inputs: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -731,7 +742,7 @@ class _Chunk:
                     logits = self._logits(weights, [x.flatten(0, 1) for x in inputs])
                 losses = F.cross_entropy(logits, labels.flatten(), reduction="none")
                 grads = torch.autograd.grad(losses.sum(), [u.output for u in mode.uses]) if mode.uses else ()
-        except _NotGhostable:
+        except Exception:  # noqa: BLE001  _NotGhostable, or anything else: the per-sample path says what
             self.ghost = False
             return None
         pairs = [_live(u.inputs.reshape(records, -1, u.inputs.shape[-1]), g.reshape(records, -1, g.shape[-1]))

@@ -296,15 +296,23 @@ def test_ghost_clipping_equals_per_sample_gradients(last_layers, monkeypatch):
         for n in b.params:
             assert torch.allclose(a.params[n], b.params[n], atol=1e-6), n
 
-    torch.manual_seed(0)
-    mlp = TabularMLP(5, 3, 8)
-    rows = [TensorDataset(torch.randn(n, 5), torch.randint(0, 3, (n,))) for n in (9, 14)]
-    jobs = [CohortJob(_start(mlp), ds, _plan(max_physical_batch_size=4), seed=i) for i, ds in enumerate(rows)]
-    fast, generic, taken = _ghost_and_per_sample(mlp, jobs, monkeypatch)
-    assert taken["ghost"] > 0 and taken["per-sample"] == 0
-    for a, b in zip(fast, generic, strict=True):
-        for n in b.params:
-            assert torch.allclose(a.params[n], b.params[n], atol=1e-6), n
+    for kind in (TabularMLP, _LinearByKeyword):  # F.linear called as nn.Linear calls it, and by keyword
+        torch.manual_seed(0)
+        mlp = kind(5, 3, 8)
+        rows = [TensorDataset(torch.randn(n, 5), torch.randint(0, 3, (n,))) for n in (9, 14)]
+        jobs = [CohortJob(_start(mlp), ds, _plan(max_physical_batch_size=4), seed=i) for i, ds in enumerate(rows)]
+        fast, generic, taken = _ghost_and_per_sample(mlp, jobs, monkeypatch)
+        assert taken["ghost"] > 0 and taken["per-sample"] == 0, kind
+        for a, b in zip(fast, generic, strict=True):
+            for n in b.params:
+                assert torch.allclose(a.params[n], b.params[n], atol=1e-6), n
+
+
+class _LinearByKeyword(TabularMLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.net[0]
+        hidden = torch.nn.functional.linear(input=x, weight=first.weight, bias=first.bias)
+        return self.net[2](self.net[1](hidden))
 
 
 class _ReadsAWeightTwice(TabularMLP):
