@@ -650,26 +650,15 @@ class _Chunk:
         clip = [self.plans[i].max_grad_norm for i in rows]
         drop = self._dropout_masks(rows, batches, inputs[0].shape[1], inputs[0].shape[-1]) if self.pooler_head \
             else None
-        if self.dp and self.pooler_head:
-            sums, losses = self._pooler_head_sums(params, inputs[0], labels, mask, clip, drop)
-            for part, (summed,) in self._blocks(rows, self.summed):
-                for n in self.names:
-                    summed[n].add_(sums[n][part])
-            batch_loss = torch.where(mask, losses, torch.zeros_like(losses)).sum(1) / mask.sum(1)
-        elif self.dp and self.ghost and (ghost := self._ghost_sums(params, inputs, labels, mask, clip)) is not None:
-            sums, losses = ghost
-            for part, (summed,) in self._blocks(rows, self.summed):
-                for n in self.names:
-                    summed[n].add_(sums[n][part])
-            batch_loss = torch.where(mask, losses, torch.zeros_like(losses)).sum(1) / mask.sum(1)
-        elif self.dp:
-            grads, losses = self._per_site(params, *inputs, labels)
-            width = mask.shape[1]
-            norms = torch.stack([grads[n].reshape(len(rows), width, -1).norm(2, dim=-1) for n in self.names],
-                                dim=-1).norm(2, dim=-1)
-            factor = (_column(clip, norms) / (norms + _NORM_EPS)).clamp(max=1.0)
-            factor = torch.where(mask, factor, torch.zeros_like(factor))
-            sums = {n: torch.einsum("sb,sb...->s...", factor, grads[n]) for n in self.names}
+        if self.dp:
+            # The clipped per-sample gradient sums, by the cheapest exact path the module allows.
+            ghost = self._ghost_sums(params, inputs, labels, mask, clip) if self.ghost else None
+            if self.pooler_head:
+                sums, losses = self._pooler_head_sums(params, inputs[0], labels, mask, clip, drop)
+            elif ghost is not None:
+                sums, losses = ghost
+            else:
+                sums, losses = self._per_sample_sums(params, inputs, labels, mask, clip)
             for part, (summed,) in self._blocks(rows, self.summed):
                 for n in self.names:
                     summed[n].add_(sums[n][part])
@@ -686,6 +675,18 @@ class _Chunk:
             self.loss_sum[r] += float(np.float32(value))
             self.loss_count[r] += 1
         return grads if not self.dp else {}
+
+    def _per_sample_sums(self, params: dict[str, torch.Tensor], inputs: list[torch.Tensor], labels: torch.Tensor,
+                         mask: torch.Tensor, clip: list[float]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """DP's clipped sums from per-sample gradients (`_dp_gradients`: any module the
+        cohort trains): Opacus' factor over each record's flat norm, then the weighted sum."""
+        grads, losses = self._per_site(params, *inputs, labels)
+        sites, width = mask.shape
+        norms = torch.stack([grads[n].reshape(sites, width, -1).norm(2, dim=-1) for n in self.names],
+                            dim=-1).norm(2, dim=-1)
+        factor = (_column(clip, norms) / (norms + _NORM_EPS)).clamp(max=1.0)
+        factor = torch.where(mask, factor, torch.zeros_like(factor))
+        return {n: torch.einsum("sb,sb...->s...", factor, grads[n]) for n in self.names}, losses
 
     def _dropout_masks(self, rows: list[int], batches: list[list[int]], width: int,
                        hidden: int) -> torch.Tensor | None:
