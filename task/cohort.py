@@ -36,7 +36,8 @@ the tabular MLP, whose trained weights are all linear layers' and layer norms', 
 the same way in general form (`_Chunk._ghost_sums`: ghost norms, Li et al. 2022, as Opacus'
 fast gradient clipping computes them): one forward pass with each site's weights applied to
 its own records, one backward pass to the layers' outputs, the norms from those, the sums by
-one bmm per layer; at 128 sites of one 32-wide BERT layer, 1.7x the per-sample path.
+one bmm per layer; at 128 sites of one 32-wide BERT layer, 1.5x the per-sample path
+(bench/ghost_clipping.py).
 Anything else takes the generic per-sample vmap; so does a chunk whose forward reads a trained
 weight otherwise than once through F.linear / F.layer_norm (found as it runs). Chunks are
 sized for the per-sample path either way: sites x physical batch x trainable weights x 4
